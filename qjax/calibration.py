@@ -1,0 +1,143 @@
+"""Calibration: pure functions from a tensor to (scale, zero_point) for a QuantSpec.
+
+Every method returns a scale of the spec's scale shape (see `qjax.granularity`) such that the chosen range
+[lo, hi] maps onto the format's grid: symmetric `scale = amax / grid_max`, asymmetric
+`scale = (hi - lo) / (qmax - qmin)` and `zero_point = round(qmin - lo / scale)` (so that 0.0 is exactly
+representable). Statistics ignore NaN and +-inf, and a range of zero gives scale 1, so all-zero and constant
+tensors quantize to finite values (no 0/0).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qjax import formats
+from qjax import granularity as gran
+from qjax.spec import QuantSpec
+
+# Clip ratios searched by calibration='mse' (fraction of the absmax or min/max range).
+MSE_RATIOS = tuple(float(r) for r in jnp.linspace(0.2, 1.0, 81))
+
+
+def _finite(x: jax.Array, fill: float = 0.0) -> jax.Array:
+  return jnp.where(jnp.isfinite(x), x, fill)
+
+
+def absmax(x: jax.Array, sshape: tuple[int, ...]) -> jax.Array:
+  """max |x| per scale group, non-finite values ignored."""
+  return gran.reduce(jnp.abs(_finite(x.astype(jnp.float32))), sshape, jnp.max)
+
+
+def minmax(x: jax.Array, sshape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """(min(min x, 0), max(max x, 0)) per scale group: the range always contains 0."""
+  x = _finite(x.astype(jnp.float32))
+  lo = jnp.minimum(gran.reduce(x, sshape, jnp.min), 0.0)
+  hi = jnp.maximum(gran.reduce(x, sshape, jnp.max), 0.0)
+  return lo, hi
+
+
+def _quantile(x: jax.Array, sshape: tuple[int, ...], q: float) -> jax.Array:
+  v = gran.group_view(jnp.where(jnp.isfinite(x), x, jnp.nan).astype(jnp.float32), sshape)
+  nd = x.ndim
+  v = jnp.moveaxis(v, gran.shared_axes(nd), tuple(range(nd, 2 * nd)))  # scale axes first, shared ones last
+  v = v.reshape(v.shape[:nd] + (-1,))
+  out = jnp.nanquantile(v, q / 100.0, axis=-1)
+  return jnp.nan_to_num(out, nan=0.0).reshape(sshape)
+
+
+def percentile(x: jax.Array, sshape: tuple[int, ...], p: float, *, symmetric: bool):
+  """Symmetric: the p-th percentile of |x|. Asymmetric: (percentile 100-p of x, percentile p of x)."""
+  if symmetric:
+    return _quantile(jnp.abs(x), sshape, p)
+  lo = jnp.minimum(_quantile(x, sshape, 100.0 - p), 0.0)
+  hi = jnp.maximum(_quantile(x, sshape, p), 0.0)
+  return lo, hi
+
+
+def po2(scale: jax.Array) -> jax.Array:
+  """Rounds scales up to the next power of two (never adds clipping)."""
+  return jnp.exp2(jnp.ceil(jnp.log2(scale)))
+
+
+def _safe(scale: jax.Array) -> jax.Array:
+  return jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+
+
+def symmetric_scale(amax: jax.Array, spec: QuantSpec) -> jax.Array:
+  """scale = amax / grid_max (MX: the power of two 2^(floor(log2 amax) - emax_elem))."""
+  fmt = spec.fmt
+  if isinstance(fmt, formats.MXFormat):
+    elem = fmt.element
+    emax = elem.emax if isinstance(elem, formats.FloatFormat) else elem.bits - 2  # MXINT8: 2^-6 implicit
+    e = jnp.clip(jnp.floor(jnp.log2(jnp.maximum(amax, 1e-38))) - emax, -127, 127)
+    return jnp.where(amax > 0, jnp.exp2(e), 1.0)
+  scale = _safe(amax / formats.grid_max(fmt))
+  return po2(scale) if spec.po2_scale else scale
+
+
+def asymmetric_params(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+  """scale = (hi - lo) / (qmax - qmin); zero_point = clip(round(qmin - lo / scale), qmin, qmax) as int32."""
+  fmt = spec.fmt
+  scale = _safe((hi - lo) / (fmt.qmax - fmt.qmin))
+  if spec.po2_scale:
+    scale = po2(scale)
+  zero_point = jnp.clip(jnp.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax)
+  return scale, zero_point.astype(jnp.int32)
+
+
+def _sq_error(x: jax.Array, scale: jax.Array, zero_point: jax.Array | None, spec: QuantSpec) -> jax.Array:
+  # Squared error of a nearest-rounding fake-quant, summed per scale group.
+  fmt = spec.fmt
+  s = gran.expand(scale, x.shape)
+  z = 0.0 if zero_point is None else gran.expand(zero_point, x.shape).astype(jnp.float32)
+  q = formats.to_grid(x / s + z, fmt)
+  err = (formats.from_grid(q, fmt) - z) * s - x
+  return gran.reduce(jnp.square(_finite(err)), scale.shape, jnp.sum)
+
+
+def mse_search(x: jax.Array, spec: QuantSpec, sshape: tuple[int, ...]):
+  """Picks, per scale group, the clip ratio r in MSE_RATIOS minimising ||x - fq(x; r * range)||^2."""
+  x = x.astype(jnp.float32)
+  sym = spec.scheme == 'symmetric'
+  if sym:
+    base = absmax(x, sshape)
+    params = lambda r: (symmetric_scale(base * r, spec), None)
+  else:
+    lo, hi = minmax(x, sshape)
+    params = lambda r: asymmetric_params(lo * r, hi * r, spec)
+
+  def step(best, r):
+    scale, zp = params(r)
+    err = _sq_error(x, scale, zp, spec)
+    better = err < best[0]
+    return (jnp.where(better, err, best[0]), jnp.where(better, r, best[1])), None
+
+  init = (jnp.full(sshape, jnp.inf, jnp.float32), jnp.ones(sshape, jnp.float32))
+  (_, ratio), _ = jax.lax.scan(step, init, jnp.asarray(MSE_RATIOS, jnp.float32))
+  return params(ratio)
+
+
+def calibrate(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+  """Returns (scale, zero_point) for x under spec; zero_point is None for symmetric specs.
+
+  Binary (int1) ignores the method's range and uses scale = mean|x|, the closed-form minimiser of
+  ||x - sign(x) * scale||^2 (XNOR-Net).
+  """
+  sshape = gran.scale_shape(x.shape, spec)
+  fmt = spec.fmt
+  if isinstance(fmt, formats.IntFormat) and fmt.binary:
+    return _safe(gran.reduce(jnp.abs(_finite(x.astype(jnp.float32))), sshape, jnp.mean)), None
+  if spec.calibration == 'mse':
+    return mse_search(x, spec, sshape)
+  if spec.scheme == 'symmetric':
+    if spec.calibration == 'percentile':
+      amax = percentile(x, sshape, spec.percentile, symmetric=True)
+    else:
+      amax = absmax(x, sshape)
+    return symmetric_scale(amax, spec), None
+  if spec.calibration == 'percentile':
+    lo, hi = percentile(x, sshape, spec.percentile, symmetric=False)
+  else:
+    lo, hi = minmax(x, sshape)
+  return asymmetric_params(lo, hi, spec)

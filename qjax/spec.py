@@ -1,0 +1,149 @@
+"""QuantSpec: how one tensor is quantized, as a frozen, hashable, serialisable value.
+
+A spec names a format, a granularity, a scheme, a calibration, a rounding mode and a gradient estimator. It
+holds only names and numbers so that configs and sweeps can carry it and results files can record it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from qjax import formats
+
+GRANULARITIES = ('per_tensor', 'per_channel', 'per_group')
+SCHEMES = ('symmetric', 'asymmetric')
+CALIBRATIONS = ('absmax', 'minmax', 'percentile', 'mse')
+ROUNDINGS = ('nearest', 'stochastic')
+ESTIMATORS = ('ste', 'clipped_ste', 'lsq', 'lsq_plus', 'pact', 'ewgs')
+
+
+def check_choice(field: str, value: Any, allowed: tuple[str, ...], where: str = '') -> None:
+  """Raises ValueError naming the field, the allowed values and the closest match."""
+  if value in allowed:
+    return
+  near = difflib.get_close_matches(str(value), allowed, n=1)
+  hint = f' (did you mean {near[0]!r}?)' if near else ''
+  raise ValueError(f'{where}{field}={value!r} is not one of {", ".join(allowed)}{hint}')
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How to quantize one tensor.
+
+  Attributes:
+    format: number format name, see `qjax.formats` (int1..int8, int8n, uint4, fp8_e4m3, nf4, mxfp4, ...).
+    granularity: 'per_tensor' (one scale), 'per_channel' (one scale per index of `axis`), or 'per_group'
+      (the dimension `axis` split into groups of `group_size`; every other dimension keeps its own scale).
+    axis: the channel axes (per_channel) or the grouped axis (per_group). Negative values count from the end.
+    group_size: elements per group along `axis` (per_group; MX formats force 32).
+    scheme: 'symmetric' (zero_point = 0) or 'asymmetric' (integer zero_point; integer formats only).
+    calibration: 'absmax', 'minmax' (asymmetric), 'percentile' or 'mse' (clip-ratio search minimising
+      ||x - fake_quant(x)||^2).
+    percentile: the percentile of |x| (or of x at both ends, asymmetric) for calibration='percentile'.
+    po2_scale: round scales up to a power of two.
+    rounding: 'nearest' (half to even) or 'stochastic' (unbiased; needs a PRNG key).
+    estimator: the gradient estimator of fake_quant: 'ste', 'clipped_ste', 'lsq', 'lsq_plus', 'pact', 'ewgs'.
+    ewgs_delta: EWGS's delta >= 0.
+    codebook: the levels of format='codebook' (within [-1, 1]).
+  """
+  format: str = 'int8'
+  granularity: str = 'per_tensor'
+  axis: int | tuple[int, ...] = -1
+  group_size: int = 0
+  scheme: str = 'symmetric'
+  calibration: str = 'absmax'
+  percentile: float = 99.9
+  po2_scale: bool = False
+  rounding: str = 'nearest'
+  estimator: str = 'ste'
+  ewgs_delta: float = 1e-3
+  codebook: tuple[float, ...] | None = None
+
+  def __post_init__(self):
+    axis = self.axis
+    if isinstance(axis, (list, tuple)):
+      axis = tuple(int(a) for a in axis)
+    else:
+      axis = int(axis)
+    object.__setattr__(self, 'axis', axis)
+    if self.codebook is not None:
+      object.__setattr__(self, 'codebook', tuple(float(v) for v in self.codebook))
+    fmt = self.fmt  # Validates the format name and bit-width.
+    check_choice('granularity', self.granularity, GRANULARITIES)
+    check_choice('scheme', self.scheme, SCHEMES)
+    check_choice('calibration', self.calibration, CALIBRATIONS)
+    check_choice('rounding', self.rounding, ROUNDINGS)
+    check_choice('estimator', self.estimator, ESTIMATORS)
+    if isinstance(fmt, formats.MXFormat):
+      if self.group_size not in (0, fmt.block):
+        raise ValueError(f'format={self.format!r} shares one scale per {fmt.block} elements; '
+                         f'group_size must be {fmt.block} (or 0), got {self.group_size}')
+      object.__setattr__(self, 'granularity', 'per_group')
+      object.__setattr__(self, 'group_size', fmt.block)
+    if self.granularity == 'per_group':
+      if self.group_size < 1:
+        raise ValueError(f'granularity="per_group" needs group_size >= 1, got group_size={self.group_size}')
+      if not isinstance(self.axis, int):
+        raise ValueError(f'granularity="per_group" groups along one axis; got axis={self.axis}')
+    is_int = isinstance(fmt, formats.IntFormat)
+    if self.scheme == 'asymmetric':
+      if not is_int or fmt.binary:
+        raise ValueError(f'scheme="asymmetric" needs an integer format of 2..8 bits (or uint1), '
+                         f'got format={self.format!r}')
+      if self.calibration == 'absmax':
+        raise ValueError('calibration="absmax" does not fit scheme="asymmetric"; '
+                         'use one of minmax, percentile, mse')
+    elif self.calibration == 'minmax':
+      raise ValueError('calibration="minmax" does not fit scheme="symmetric"; '
+                       'use scheme="asymmetric", or one of absmax, percentile, mse')
+    if self.estimator in ('lsq', 'lsq_plus', 'pact', 'ewgs') and not is_int:
+      raise ValueError(f'estimator={self.estimator!r} needs an integer format; format={self.format!r} '
+                       'supports ste, clipped_ste')
+    if self.estimator == 'lsq_plus' and self.scheme != 'asymmetric':
+      raise ValueError('estimator="lsq_plus" learns an offset: it needs scheme="asymmetric"')
+    if self.estimator in ('lsq', 'pact') and self.scheme != 'symmetric':
+      raise ValueError(f'estimator={self.estimator!r} needs scheme="symmetric" (use lsq_plus for asymmetric)')
+    if not 0.0 < self.percentile <= 100.0:
+      raise ValueError(f'percentile must be in (0, 100], got {self.percentile}')
+    if self.ewgs_delta < 0:
+      raise ValueError(f'ewgs_delta must be >= 0, got {self.ewgs_delta}')
+
+  @property
+  def fmt(self) -> formats.Format:
+    return formats.parse_format(self.format, self.codebook)
+
+  @property
+  def bits(self) -> int:
+    return self.fmt.bits
+
+  @property
+  def learned(self) -> tuple[str, ...]:
+    """Names of the learnable quantizer parameters this spec's estimator takes."""
+    return {'lsq': ('scale',), 'lsq_plus': ('scale', 'offset'), 'pact': ('alpha',)}.get(self.estimator, ())
+
+  def replace(self, **changes) -> QuantSpec:
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d['axis'] = list(self.axis) if isinstance(self.axis, tuple) else self.axis
+    if self.codebook is not None:
+      d['codebook'] = list(self.codebook)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+      if k not in fields:
+        check_choice('QuantSpec field', k, tuple(sorted(fields)))
+    return cls(**d)
+
+
+def int_spec(bits: int, **kwargs) -> QuantSpec:
+  """Shorthand: a signed integer spec of `bits` bits (ValueError outside 1..8)."""
+  if not isinstance(bits, int) or not 1 <= bits <= 8:
+    raise ValueError(f'bits must be an integer in 1..8, got {bits!r}')
+  return QuantSpec(format=f'int{bits}', **kwargs)
