@@ -1,0 +1,410 @@
+"""Quantized `dot_general`: a drop-in for `jax.lax.dot_general` with separately quantized fwd, dlhs and drhs.
+
+    out = dot_general(lhs, rhs, dimension_numbers, config=DotConfig(...))
+
+How it composes (each piece differentiable in its own right):
+  1. each operand goes through `fake_quant` with its fwd spec and estimator (STE, LSQ, PACT, ...), which gives
+     the operand's gradient mask and the gradients of learned quantizer parameters;
+  2. a `custom_vjp` matmul takes the fake-quantized operands (exactly on their grids) with their scales, runs
+     the forward in low precision (int8 x int8 -> int32, rescaled by the outer product of the scales) or as a
+     float matmul, and in its backward computes dlhs = g . rhs^T and drhs = lhs^T . g with their own configs.
+
+Real integer execution accumulates in int32 and applies scales after the contraction. Asymmetric operands
+run natively through zero-point cross terms:
+    sum_k (ql - zl)(qr - zr) = sum ql qr - zl sum_k qr - zr sum_k ql + K zl zr.
+Sub-channel (per-group) scales split the contraction dim K into K/g groups, run one int32 dot per group as
+a batch dimension, and sum the rescaled groups in f32. Widths below 8 bits live in int8 containers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.layout import Layout, with_layout_constraint
+
+from qjax import calibration, formats, quantizers
+from qjax import granularity as gran
+from qjax.ops.config import DotConfig, MatmulConfig
+from qjax.spec import QuantSpec
+
+log = logging.getLogger('qjax')
+_ROUTED: set = set()
+
+Dims = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+def canonical_dims(dimension_numbers) -> Dims:
+  (lc, rc), (lb, rb) = dimension_numbers
+  t = lambda a: tuple(int(i) for i in a)
+  return (t(lc), t(rc)), (t(lb), t(rb))
+
+
+def free_dims(ndim: int, contracting, batch) -> tuple[int, ...]:
+  return tuple(d for d in range(ndim) if d not in contracting and d not in batch)
+
+
+# ---------------------------------------------------------------------------------------- operand specs
+
+
+def resolve_spec(spec: QuantSpec | None, shape, contracting, batch, where: str) -> QuantSpec | None:
+  """Makes an op-relative spec concrete for one operand (see qjax.ops.config): per_channel keeps every
+  non-contracted dim, per_group groups along the (single) contracting dim."""
+  if spec is None:
+    return None
+  ndim = len(shape)
+  if spec.granularity == 'per_channel':
+    axes = tuple(d for d in range(ndim) if d not in contracting)
+    spec = spec.replace(axis=axes) if axes else spec.replace(granularity='per_tensor')
+  elif spec.granularity == 'per_group':
+    if len(contracting) != 1:
+      raise ValueError(f'{where}: granularity="per_group" groups along one contracting dim, but this operand '
+                       f'contracts dims {tuple(contracting)} (shape {tuple(shape)})')
+    spec = spec.replace(axis=contracting[0])
+  try:
+    gran.scale_shape(tuple(shape), spec)
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from None
+  return spec
+
+
+def native_kind(spec: QuantSpec | None) -> str | None:
+  """'int' or 'fp8' when the spec's qvalues can feed a low-precision matmul directly, else None."""
+  if spec is None or spec.estimator == 'lsq_plus':  # LSQ+'s float offset is not an integer zero point.
+    return None
+  fmt = formats.element_format(spec.fmt)
+  if isinstance(fmt, formats.IntFormat):
+    return 'int'
+  if isinstance(fmt, formats.FloatFormat) and fmt.bits == 8:
+    return 'fp8'
+  return None
+
+
+def _rows(shape, contracting) -> int:
+  return math.prod(n for d, n in enumerate(shape) if d not in contracting)
+
+
+def choose_mode(mcfg: MatmulConfig, lspec, rspec, lshape, dims: Dims, small_m: int, where: str) -> str:
+  """'real' or 'fake' for one matmul, raising when 'real' is asked of formats that cannot run natively."""
+  kl, kr = native_kind(lspec), native_kind(rspec)
+  native = kl is not None and kl == kr
+  if mcfg.mode == 'fake' or lspec is None or rspec is None:
+    return 'fake'
+  if mcfg.mode == 'real':
+    if not native:
+      raise ValueError(f'{where}: mode="real" needs both operands in integer (<= 8 bit) or both in fp8 formats; '
+                       f'got lhs format={lspec.format!r} ({lspec.estimator}), rhs format={rspec.format!r} '
+                       f'({rspec.estimator}); use mode="auto" or "fake"')
+    return 'real'
+  if not native:
+    return 'fake'
+  rows = _rows(lshape, dims[0][0])
+  if rows <= small_m:
+    key = (where, tuple(lshape))
+    if key not in _ROUTED:
+      _ROUTED.add(key)
+      log.info('qjax: %s has %d rows (<= small_m=%d): running it as a float matmul of the quantized values, '
+               'faster than int8 on XLA:CPU for matrix-vector shapes; set small_m=0 to force int8', where, rows,
+               small_m)
+    return 'fake'
+  return 'real'
+
+
+# ------------------------------------------------------------------------------------ operand quantization
+
+
+@dataclasses.dataclass(frozen=True)
+class _Q:
+  """An operand on its grid: value = (qvalue - zero_point) * scale; scale/zero_point of the scale shape."""
+  qvalue: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None  # int32
+
+
+def _to_signed_container(q: _Q, spec: QuantSpec) -> _Q:
+  """uint grids move into int8 containers: 8-bit ones by a shift of 128 of both qvalue and zero point."""
+  fmt = formats.element_format(spec.fmt)
+  if not isinstance(fmt, formats.IntFormat) or fmt.signed:
+    return q
+  if fmt.bits < 8:
+    return dataclasses.replace(q, qvalue=q.qvalue.astype(jnp.int8))
+  zp = jnp.zeros(q.scale.shape, jnp.int32) if q.zero_point is None else q.zero_point
+  return _Q((q.qvalue.astype(jnp.int32) - 128).astype(jnp.int8), q.scale, zp - 128)
+
+
+def quantize_operand(x, spec: QuantSpec, qparams=None, key=None) -> _Q:
+  """Quantizes x for a matmul; with qparams=(scale, zero_point) x must already be on that grid (exact)."""
+  if qparams is None:
+    qa = quantizers.quantize(x, spec, key=key)
+  else:
+    scale, zp = qparams
+    zp = None if zp is None else jnp.round(zp).astype(jnp.int32)
+    qa = quantizers.quantize(x, spec.replace(rounding='nearest'), scale=scale, zero_point=zp)
+  return _to_signed_container(_Q(qa.qvalue, qa.scale, qa.zero_point), spec)
+
+
+# ------------------------------------------------------------------------------------- real execution
+
+
+def _to_out(a, ndim, contracting, batch, side: str, n_other_free: int):
+  """Moves an operand-shaped array (size 1 on contracting dims) into the dot_general output layout
+  (batch..., lhs_free..., rhs_free...), with size-1 dims for the other operand's free dims."""
+  free = free_dims(ndim, contracting, batch)
+  a = jnp.transpose(a, tuple(batch) + free + tuple(contracting))
+  a = a.reshape(a.shape[:len(batch) + len(free)])
+  nb = len(batch)
+  if side == 'lhs':
+    return a.reshape(a.shape + (1,) * n_other_free)
+  return a.reshape(a.shape[:nb] + (1,) * n_other_free + a.shape[nb:])
+
+
+def _group(q: _Q, dims_side, g: int):
+  """Splits the contracting dim k into (K/g, g): the group index becomes a batch dim (appended last)."""
+  (c,), batch = dims_side
+  shape = q.qvalue.shape
+  new_shape = shape[:c] + (shape[c] // g, g) + shape[c + 1:]
+  remap = lambda d: d if d < c else d + 1
+  s_groups = q.scale.shape[c]  # K/g (per_group) or 1 (shared along K)
+  sshape = q.scale.shape[:c] + (s_groups, 1) + q.scale.shape[c + 1:]
+  zp = None if q.zero_point is None else q.zero_point.reshape(sshape)
+  newq = _Q(q.qvalue.reshape(new_shape), q.scale.reshape(sshape), zp)
+  return newq, ((c + 1,), tuple(remap(b) for b in batch) + (c,))
+
+
+def real_dot(lq: _Q, rq: _Q, dims: Dims, kind: str, group: int = 0) -> jax.Array:
+  """Low-precision dot_general of two quantized operands, rescaled to f32 in the output layout."""
+  (lc, rc), (lb, rb) = dims
+  if group:
+    lq, (lc, lb) = _group(lq, (lc, lb), group)
+    rq, (rc, rb) = _group(rq, (rc, rb), group)
+    dims = ((lc, rc), (lb, rb))
+  acc_t = jnp.int32 if kind == 'int' else jnp.float32
+  acc = lax.dot_general(lq.qvalue, rq.qvalue, dims, preferred_element_type=acc_t)
+  ln, rn = lq.qvalue.ndim, rq.qvalue.ndim
+  nlf, nrf = len(free_dims(ln, lc, lb)), len(free_dims(rn, rc, rb))
+  lout = lambda a: _to_out(a, ln, lc, lb, 'lhs', nrf)
+  rout = lambda a: _to_out(a, rn, rc, rb, 'rhs', nlf)
+  if lq.zero_point is not None or rq.zero_point is not None:
+    # Zero-point cross terms, all in int32 (exact).
+    if lq.zero_point is not None:
+      rsum = jnp.sum(rq.qvalue.astype(jnp.int32), axis=rc, keepdims=True)
+      acc = acc - lout(lq.zero_point) * rout(rsum)
+    if rq.zero_point is not None:
+      lsum = jnp.sum(lq.qvalue.astype(jnp.int32), axis=lc, keepdims=True)
+      acc = acc - lout(lsum) * rout(rq.zero_point)
+    if lq.zero_point is not None and rq.zero_point is not None:
+      k = math.prod(lq.qvalue.shape[d] for d in lc)
+      acc = acc + k * lout(lq.zero_point) * rout(rq.zero_point)
+  out = acc.astype(jnp.float32) * lout(lq.scale) * rout(rq.scale)
+  if group:
+    out = jnp.sum(out, axis=len(lb) - 1)  # The group batch dim was appended after the original batch dims.
+  return out
+
+
+def _group_size(lspec: QuantSpec, rspec: QuantSpec, where: str) -> int:
+  gl = lspec.group_size if lspec.granularity == 'per_group' else 0
+  gr = rspec.group_size if rspec.granularity == 'per_group' else 0
+  if gl and gr and gl != gr:
+    raise ValueError(f'{where}: lhs group_size={gl} and rhs group_size={gr} differ; real execution needs equal '
+                     'groups (or one operand per-channel)')
+  return gl or gr
+
+
+def _row_major_transpose(q: _Q, perm) -> _Q:
+  """Transposes an operand into a materialised row-major array. XLA:CPU otherwise folds the transpose into
+  the dot as a column-major operand, which it up-casts to int32 off the fast kernel (see docs/benchmarks.md)."""
+  v = lax.optimization_barrier(q.qvalue)  # Keep the quantization out of the transpose kernel.
+  v = with_layout_constraint(jnp.transpose(v, perm), Layout(major_to_minor=tuple(range(v.ndim))))
+  zp = None if q.zero_point is None else jnp.transpose(q.zero_point, perm)
+  return _Q(v, jnp.transpose(q.scale, perm), zp)
+
+
+def matmul(a, b, dims: Dims, mcfg: MatmulConfig, *, where: str, small_m: int = 0, a_qparams=None,
+           b_qparams=None, key=None, out_dtype=None, row_major_lhs: bool = False):
+  """One quantized matmul dot_general(a, b, dims) under `mcfg`; returns out_dtype (default a's dtype)."""
+  out_dtype = out_dtype or jnp.result_type(a.dtype, b.dtype)
+  (lc, rc), (lb, rb) = dims
+  lspec = resolve_spec(mcfg.lhs, a.shape, lc, lb, f'{where}.lhs')
+  rspec = resolve_spec(mcfg.rhs, b.shape, rc, rb, f'{where}.rhs')
+  if lspec is None and rspec is None:
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+  ka, kb = (None, None) if key is None else jax.random.split(key)
+  mode = choose_mode(mcfg, lspec, rspec, a.shape, dims, small_m, where)
+  if mode == 'fake':
+    fq = lambda x, spec, qp, k: x.astype(jnp.float32) if spec is None else (
+        quantizers.fake_quant(x.astype(jnp.float32), spec, key=k) if qp is None else x.astype(jnp.float32))
+    ah, bh = fq(a, lspec, a_qparams, ka), fq(b, rspec, b_qparams, kb)
+    return lax.dot_general(ah, bh, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+  group = _group_size(lspec, rspec, where)
+  lq = quantize_operand(a, lspec, a_qparams, ka)
+  rq = quantize_operand(b, rspec, b_qparams, kb)
+  if row_major_lhs and not group:
+    # lhs^T . g: put lhs's contracting dims last, so the dot contracts lhs on its minor dim.
+    free = free_dims(a.ndim, lc, lb)
+    perm = tuple(lb) + tuple(sorted(free)) + tuple(lc)
+    lq = _row_major_transpose(lq, perm)
+    pos = {d: i for i, d in enumerate(perm)}
+    dims = ((tuple(pos[d] for d in lc), rc), (tuple(range(len(lb))), rb))
+  return real_dot(lq, rq, dims, native_kind(lspec), group).astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------------- backward dimensions
+
+
+def dlhs_dims(dims: Dims, lhs_ndim: int, rhs_ndim: int):
+  """dimension numbers of g . rhs^T, and the permutation taking its result to lhs's layout."""
+  (lc, rc), (lb, rb) = dims
+  nb = len(lb)
+  lf, rf = free_dims(lhs_ndim, lc, lb), free_dims(rhs_ndim, rc, rb)
+  g_rf = tuple(range(nb + len(lf), nb + len(lf) + len(rf)))
+  d = ((g_rf, rf), (tuple(range(nb)), rb))
+  # Result: (batch, lf..., rc sorted...). lc[i] pairs with rc[i].
+  rc_sorted = sorted(rc)
+  src = {}
+  for i, b in enumerate(lb):
+    src[b] = i
+  for j, f in enumerate(lf):
+    src[f] = nb + j
+  for c_l, c_r in zip(lc, rc, strict=True):
+    src[c_l] = nb + len(lf) + rc_sorted.index(c_r)
+  return d, tuple(src[i] for i in range(lhs_ndim))
+
+
+def drhs_dims(dims: Dims, lhs_ndim: int, rhs_ndim: int):
+  """dimension numbers of lhs^T . g (lhs first), and the permutation taking its result to rhs's layout."""
+  (lc, rc), (lb, rb) = dims
+  nb = len(lb)
+  lf, rf = free_dims(lhs_ndim, lc, lb), free_dims(rhs_ndim, rc, rb)
+  g_lf = tuple(range(nb, nb + len(lf)))
+  d = ((lf, g_lf), (lb, tuple(range(nb))))
+  # Result: (batch, lc sorted..., rf...).
+  lc_sorted = sorted(lc)
+  src = {}
+  for i, b in enumerate(rb):
+    src[b] = i
+  for c_l, c_r in zip(lc, rc, strict=True):
+    src[c_r] = nb + lc_sorted.index(c_l)
+  for j, f in enumerate(rf):
+    src[f] = nb + len(lc) + j
+  return d, tuple(src[i] for i in range(rhs_ndim))
+
+
+# ---------------------------------------------------------------------------------------- the custom VJP
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  dims: Dims
+  config: DotConfig
+  out_dtype: object
+
+
+def _qdot_primal(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
+  return _qdot_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static)[0]
+
+
+def _qdot_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
+  cfg = static.config
+  out = matmul(lhs_hat, rhs_hat, static.dims, cfg.fwd, where='fwd', small_m=cfg.small_m, a_qparams=lqp,
+               b_qparams=rqp, out_dtype=static.out_dtype)
+  return out, (lhs_hat, rhs_hat, lqp, rqp, key)
+
+
+def _qdot_bwd(static: _Static, res, g):
+  lhs_hat, rhs_hat, lqp, rqp, key = res
+  cfg, dims = static.config, static.dims
+  k1, k2 = (None, None) if key is None else jax.random.split(key)
+  d1, perm1 = dlhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
+  dlhs = matmul(g, rhs_hat, d1, cfg.dlhs, where='dlhs', small_m=cfg.small_m, key=k1, out_dtype=lhs_hat.dtype)
+  d2, perm2 = drhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
+  drhs = matmul(lhs_hat, g, d2, cfg.drhs, where='drhs', small_m=cfg.small_m, key=k2, out_dtype=rhs_hat.dtype,
+                row_major_lhs=cfg.drhs_row_major)
+  zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+  return jnp.transpose(dlhs, perm1), jnp.transpose(drhs, perm2), zeros(lqp), zeros(rqp), None
+
+
+_qdot = jax.custom_vjp(_qdot_primal, nondiff_argnums=(5,))
+_qdot.defvjp(_qdot_fwd, _qdot_bwd)
+
+
+# ------------------------------------------------------------------------------------------ public op
+
+
+def _fq_operand(x, spec: QuantSpec | None, params: dict | None, key, where: str):
+  """fake_quant of one forward operand through its estimator; returns (x_hat f32, (scale, zero_point))."""
+  x32 = x.astype(jnp.float32)
+  if spec is None:
+    return x32, None
+  params = dict(params or {})
+  est = spec.estimator
+  missing = [p for p in spec.learned if p not in params]
+  if missing:
+    raise ValueError(f'{where}: estimator={est!r} needs learned {", ".join(missing)} in its params '
+                     '(see qjax.init_params)')
+  sshape = gran.scale_shape(x.shape, spec)
+  fit = lambda a: None if a is None else jnp.broadcast_to(jnp.asarray(a, jnp.float32), sshape)
+  scale, zp = fit(params.get('scale')), fit(params.get('zero_point'))
+  if est == 'pact':
+    alpha = fit(params['alpha'])
+    x_hat = quantizers.fake_quant(x32, spec, alpha=alpha, key=key)
+    return x_hat, (lax.stop_gradient(alpha / spec.fmt.qmax), None)
+  if est == 'lsq_plus':
+    x_hat = quantizers.fake_quant(x32, spec, scale=scale, offset=fit(params['offset']), key=key)
+    return x_hat, None
+  if scale is None:
+    scale, zp = calibration.calibrate(lax.stop_gradient(x32), spec)
+    zp = None if zp is None else zp.astype(jnp.float32)
+  x_hat = quantizers.fake_quant(x32, spec, scale=scale, zero_point=zp, key=key)
+  return x_hat, (lax.stop_gradient(scale), None if zp is None else lax.stop_gradient(zp))
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None, *,
+                config: DotConfig, lhs_params: dict | None = None, rhs_params: dict | None = None,
+                key: jax.Array | None = None):
+  """Quantized `lax.dot_general`: same arguments plus `config` (see qjax.ops.config).
+
+  Args:
+    lhs, rhs, dimension_numbers, precision, preferred_element_type: as `jax.lax.dot_general`.
+    out_sharding: accepted for signature compatibility (Flax passes it); the output sharding follows XLA.
+    config: the DotConfig of the forward and both gradient matmuls.
+    lhs_params, rhs_params: quantizer parameters of the forward operands: learned ones ('scale' for lsq,
+      'scale'/'offset' for lsq_plus, 'alpha' for pact) or a static range ('scale', optional 'zero_point').
+      Without them the operand is calibrated on the fly (dynamic range).
+    key: PRNG key for stochastic rounding (split across operands and the backward).
+  Returns:
+    lhs . rhs in `preferred_element_type` (default: the operands' result type), with
+    out ~ dequantize(q_lhs) . dequantize(q_rhs).
+  """
+  del precision, out_sharding
+  dims = canonical_dims(dimension_numbers)
+  out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
+  for name, x in (('lhs', lhs), ('rhs', rhs)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f'dot_general {name}: quantized ops take float operands, got dtype {x.dtype}')
+  (lc, rc), (lb, rb) = dims
+  if not (config.fwd.quantized or config.dlhs.quantized or config.drhs.quantized):
+    return lax.dot_general(lhs, rhs, dims, preferred_element_type=preferred_element_type)
+  lspec = resolve_spec(config.fwd.lhs, lhs.shape, lc, lb, 'fwd.lhs')
+  rspec = resolve_spec(config.fwd.rhs, rhs.shape, rc, rb, 'fwd.rhs')
+  keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+  lhs_hat, lqp = _fq_operand(lhs, lspec, lhs_params, keys[0], 'fwd.lhs')
+  rhs_hat, rqp = _fq_operand(rhs, rspec, rhs_params, keys[1], 'fwd.rhs')
+  fwd = config.fwd
+  if lqp is None or rqp is None:
+    fwd = dataclasses.replace(fwd, mode='fake') if fwd.mode != 'real' or lspec is None or rspec is None else fwd
+    if fwd.mode == 'real':
+      raise ValueError('fwd: mode="real" cannot run estimator lsq_plus natively (float offset); use "auto"')
+  cfg = dataclasses.replace(config, fwd=dataclasses.replace(fwd, lhs=lspec, rhs=rspec))
+  out = _qdot(lhs_hat, rhs_hat, lqp, rqp, keys[2], _Static(dims, cfg, jnp.dtype(out_dtype)))
+  return out.astype(out_dtype)
+
+
+def make_dot_general(config: DotConfig, **kwargs):
+  """A function with `lax.dot_general`'s signature running the quantized op, for Flax's `dot_general=`."""
+  def fn(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **unused):
+    return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, config=config, **kwargs)
+  return fn
