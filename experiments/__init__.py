@@ -1,0 +1,1 @@
+"""Experiment drivers, configs and datasets for qjax."""
