@@ -137,11 +137,16 @@ def _to_signed_container(q: _Q, spec: QuantSpec) -> _Q:
 
 
 def quantize_operand(x, spec: QuantSpec, qparams=None, key=None) -> _Q:
-  """Quantizes x for a matmul; with qparams=(scale, zero_point) x must already be on that grid (exact)."""
+  """Quantizes x for a matmul. With qparams=(scale, zero_point, qvalue) x is already on that grid: the given
+  qvalue (pre-quantized weights) is used as is, or x is re-quantized exactly with the given scale."""
   if qparams is None:
     qa = quantizers.quantize(x, spec, key=key)
+  elif qparams[2] is not None:
+    scale, zp, qvalue = qparams
+    zp = None if zp is None else jnp.round(zp).astype(jnp.int32)
+    qa = quantizers.QArray(qvalue, scale, zp, spec.format, spec.codebook)
   else:
-    scale, zp = qparams
+    scale, zp, _ = qparams
     zp = None if zp is None else jnp.round(zp).astype(jnp.int32)
     qa = quantizers.quantize(x, spec.replace(rounding='nearest'), scale=scale, zero_point=zp)
   return _to_signed_container(_Q(qa.qvalue, qa.scale, qa.zero_point), spec)
@@ -323,7 +328,8 @@ def _qdot_bwd(static: _Static, res, g):
   d2, perm2 = drhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
   drhs = matmul(lhs_hat, g, d2, cfg.drhs, where='drhs', small_m=cfg.small_m, key=k2, out_dtype=rhs_hat.dtype,
                 row_major_lhs=cfg.drhs_row_major)
-  zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+  zeros = lambda t: None if t is None else tuple(
+      None if a is None or not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a) for a in t)
   return jnp.transpose(dlhs, perm1), jnp.transpose(drhs, perm2), zeros(lqp), zeros(rqp), None
 
 
@@ -334,11 +340,25 @@ _qdot.defvjp(_qdot_fwd, _qdot_bwd)
 # ------------------------------------------------------------------------------------------ public op
 
 
-def _fq_operand(x, spec: QuantSpec | None, params: dict | None, key, where: str):
-  """fake_quant of one forward operand through its estimator; returns (x_hat f32, (scale, zero_point))."""
+def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
+  """fake_quant of one forward operand through its estimator.
+
+  Returns (x_hat f32, qparams) with qparams = (scale, zero_point, qvalue) when x_hat sits exactly on an integer
+  or fp8 grid (so the matmul can run natively), else None. `params` is a dict, or a callable
+  `(resolved_spec, x) -> dict` (how Flax layers fetch or create their quantizer state), or None (dynamic).
+  `x` may be a QArray (pre-quantized serving weights): then it is used as is.
+  """
+  if isinstance(x, quantizers.QArray):
+    if spec is None or spec.format != x.format:
+      raise ValueError(f'{where}: a pre-quantized operand of format {x.format!r} needs a spec of that format, '
+                       f'got {None if spec is None else spec.format!r}')
+    zp = None if x.zero_point is None else x.zero_point.astype(jnp.float32)
+    return quantizers.dequantize(x, jnp.float32), (x.scale, zp, x.qvalue)
   x32 = x.astype(jnp.float32)
   if spec is None:
     return x32, None
+  if callable(params):
+    params = params(spec, x)
   params = dict(params or {})
   est = spec.estimator
   missing = [p for p in spec.learned if p not in params]
@@ -351,15 +371,17 @@ def _fq_operand(x, spec: QuantSpec | None, params: dict | None, key, where: str)
   if est == 'pact':
     alpha = fit(params['alpha'])
     x_hat = quantizers.fake_quant(x32, spec, alpha=alpha, key=key)
-    return x_hat, (lax.stop_gradient(alpha / spec.fmt.qmax), None)
+    return x_hat, (lax.stop_gradient(alpha / spec.fmt.qmax), None, None)
   if est == 'lsq_plus':
     x_hat = quantizers.fake_quant(x32, spec, scale=scale, offset=fit(params['offset']), key=key)
     return x_hat, None
   if scale is None:
     scale, zp = calibration.calibrate(lax.stop_gradient(x32), spec)
     zp = None if zp is None else zp.astype(jnp.float32)
+  elif spec.scheme == 'asymmetric' and zp is None:
+    raise ValueError(f'{where}: an explicit scale for scheme="asymmetric" needs a zero_point too')
   x_hat = quantizers.fake_quant(x32, spec, scale=scale, zero_point=zp, key=key)
-  return x_hat, (lax.stop_gradient(scale), None if zp is None else lax.stop_gradient(zp))
+  return x_hat, (lax.stop_gradient(scale), None if zp is None else lax.stop_gradient(zp), None)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None, *,
@@ -372,8 +394,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     out_sharding: accepted for signature compatibility (Flax passes it); the output sharding follows XLA.
     config: the DotConfig of the forward and both gradient matmuls.
     lhs_params, rhs_params: quantizer parameters of the forward operands: learned ones ('scale' for lsq,
-      'scale'/'offset' for lsq_plus, 'alpha' for pact) or a static range ('scale', optional 'zero_point').
-      Without them the operand is calibrated on the fly (dynamic range).
+      'scale'/'offset' for lsq_plus, 'alpha' for pact) or a static range ('scale', optional 'zero_point'), or
+      a callable (resolved_spec, operand) -> such a dict. Without them the operand is calibrated on the fly.
+    lhs, rhs may also be QArrays (pre-quantized weights for serving): their qvalues feed the matmul directly.
     key: PRNG key for stochastic rounding (split across operands and the backward).
   Returns:
     lhs . rhs in `preferred_element_type` (default: the operands' result type), with
@@ -381,12 +404,15 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   """
   del precision, out_sharding
   dims = canonical_dims(dimension_numbers)
-  out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
+  dtype_of = lambda x: jnp.float32 if isinstance(x, quantizers.QArray) else x.dtype
+  out_dtype = preferred_element_type or jnp.result_type(dtype_of(lhs), dtype_of(rhs))
   for name, x in (('lhs', lhs), ('rhs', rhs)):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not isinstance(x, quantizers.QArray) and not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f'dot_general {name}: quantized ops take float operands, got dtype {x.dtype}')
   (lc, rc), (lb, rb) = dims
   if not (config.fwd.quantized or config.dlhs.quantized or config.drhs.quantized):
+    if isinstance(lhs, quantizers.QArray) or isinstance(rhs, quantizers.QArray):
+      raise ValueError('dot_general: a pre-quantized (QArray) operand needs a config whose fwd spec names its format')
     return lax.dot_general(lhs, rhs, dims, preferred_element_type=preferred_element_type)
   lspec = resolve_spec(config.fwd.lhs, lhs.shape, lc, lb, 'fwd.lhs')
   rspec = resolve_spec(config.fwd.rhs, rhs.shape, rc, rb, 'fwd.rhs')
@@ -394,10 +420,10 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   lhs_hat, lqp = _fq_operand(lhs, lspec, lhs_params, keys[0], 'fwd.lhs')
   rhs_hat, rqp = _fq_operand(rhs, rspec, rhs_params, keys[1], 'fwd.rhs')
   fwd = config.fwd
-  if lqp is None or rqp is None:
-    fwd = dataclasses.replace(fwd, mode='fake') if fwd.mode != 'real' or lspec is None or rspec is None else fwd
+  if (lspec is not None and lqp is None) or (rspec is not None and rqp is None):
     if fwd.mode == 'real':
       raise ValueError('fwd: mode="real" cannot run estimator lsq_plus natively (float offset); use "auto"')
+    fwd = dataclasses.replace(fwd, mode='fake')
   cfg = dataclasses.replace(config, fwd=dataclasses.replace(fwd, lhs=lspec, rhs=rspec))
   out = _qdot(lhs_hat, rhs_hat, lqp, rqp, keys[2], _Static(dims, cfg, jnp.dtype(out_dtype)))
   return out.astype(out_dtype)
