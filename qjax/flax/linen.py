@@ -1,0 +1,142 @@
+"""Linen: quantize an unmodified Linen model by rules, and convert it for int8 serving.
+
+    qmodel = qjax.flax.quantize_linen(model, rules)
+    variables = qmodel.init(key, x)                      # params + 'quant_stats'
+    y, upd = qmodel.apply(variables, x, mutable=['quant_stats'])   # training: statistics update
+    y = qmodel.apply(variables, x)                        # evaluation: statistics frozen
+    serving = qjax.flax.convert_linen(qmodel, variables, x)  # int8 (or packed int4) kernels, no float kernels
+    y = qmodel.serving().apply(serving, x)                # real int8 matmuls; equals the QAT eval output
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax.core import scope as scope_mod
+
+from qjax.flax import intercept
+from qjax.flax.rules import RuleSet
+
+
+class QuantizedLinen:
+  """A Linen model whose ops are quantized by rules. `init`/`apply` mirror the model's own."""
+
+  def __init__(self, model: nn.Module, rules, *, session: intercept.Session | None = None):
+    self.model = model
+    self.rules = rules if isinstance(rules, RuleSet) else RuleSet(rules)
+    self.session = session or intercept.Session(self.rules, 'linen')
+
+  def _interceptor(self, next_fun, args, kwargs, context):
+    module = context.module
+    path = '/'.join(str(p) for p in module.path)
+    if self.session.mode == 'serve' and hasattr(module, 'promote_dtype'):
+      object.__setattr__(module, 'promote_dtype', intercept.serving_promote_dtype)
+    with intercept.frame(module, path, self.session):
+      return next_fun(*args, **kwargs)
+
+  @contextlib.contextmanager
+  def _context(self):
+    with contextlib.ExitStack() as stack:
+      stack.enter_context(intercept.patched())
+      stack.enter_context(nn.intercept_methods(self._interceptor))
+      if self.session.mode == 'serve':
+        stack.enter_context(_serving_params())
+      yield
+
+  def init(self, rngs, *args, **kwargs):
+    with self._context():
+      return self.model.init(rngs, *args, **kwargs)
+
+  def apply(self, variables, *args, **kwargs):
+    with self._context():
+      return self.model.apply(variables, *args, **kwargs)
+
+  def serving(self) -> QuantizedLinen:
+    """The same model and rules, reading ServingWeights (see convert_linen)."""
+    s = intercept.Session(self.rules, 'linen')
+    s.mode = 'serve'
+    return QuantizedLinen(self.model, self.rules, session=s)
+
+  def report(self) -> str:
+    return self.rules.report()
+
+
+def quantize_linen(model: nn.Module, rules) -> QuantizedLinen:
+  """Quantizes an unmodified Linen model by an ordered list of QuantRules (first match wins)."""
+  return QuantizedLinen(model, rules)
+
+
+_orig_param = scope_mod.Scope.param
+
+
+@contextlib.contextmanager
+def _serving_params():
+  # Linen checks a stored param's shape against its initializer; a ServingWeight is not the float kernel's
+  # shape (packed int4 is half its size), so reading one skips that check.
+  def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+    if self.has_variable('params', name):
+      v = self.get_variable('params', name)
+      if isinstance(v, intercept.ServingWeight):
+        self.reserve(name, 'params')
+        return v
+    return _orig_param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+  scope_mod.Scope.param = param
+  try:
+    yield
+  finally:
+    scope_mod.Scope.param = _orig_param
+
+
+def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4_pack: bool = True,
+                  **kwargs) -> dict[str, Any]:
+  """PTQ conversion: a serving variable tree in which every quantized weight is a ServingWeight.
+
+  Runs the model abstractly on sample inputs to learn which params are weights of quantized ops and with which
+  spec, then quantizes them with the same calibration (or learned step) the QAT forward uses, so the serving
+  forward equals the QAT evaluation forward bit for bit. 4-bit (or narrower) integer weights are packed two
+  per byte when `int4_pack`. Statistics collections are kept; learned step params of weights are dropped.
+  """
+  session = intercept.Session(qmodel.rules, 'linen')
+  session.mode = 'record'
+  rec = QuantizedLinen(qmodel.model, qmodel.rules, session=session)
+  jax.eval_shape(lambda v: rec.apply(v, *args, **kwargs), variables)
+  params = jax.tree.map(lambda x: x, dict(variables['params']))  # shallow-copied nested dicts
+  params = _unfreeze(params)
+  for module, _, name, spec, state, prefix in session.records:
+    scope_path = module.path
+    node = params
+    for p in scope_path:
+      node = node[p]
+    w = node[name]
+    node[name] = _serving_weight(w, spec, state, int4_pack)
+    for learned in spec.learned:  # the weight's learned step is folded into the ServingWeight
+      node.pop(f'{prefix}_{learned}', None)
+  out = dict(variables)
+  out['params'] = params
+  return out
+
+
+def _unfreeze(tree):
+  if isinstance(tree, dict) or hasattr(tree, 'items'):
+    return {k: _unfreeze(v) for k, v in tree.items()}
+  return tree
+
+
+def _serving_weight(w, spec, state, int4_pack):
+  from qjax import formats, quantizers  # noqa: PLC0415
+  w = nn.meta.unbox(w)
+  if spec.estimator == 'pact':
+    q = quantizers.quantize(jax.numpy.clip(w, -state['alpha'], state['alpha']), spec,
+                            scale=state['alpha'] / spec.fmt.qmax)
+  elif 'scale' in state:
+    q = quantizers.quantize(w, spec, scale=state['scale'], zero_point=state.get('zero_point'))
+  else:
+    q = quantizers.quantize(w, spec)
+  fmt = spec.fmt
+  pack = (int4_pack and isinstance(fmt, formats.IntFormat) and fmt.signed and fmt.bits <= 4
+          and q.qvalue.ndim >= 1)
+  qv = intercept.pack_int4(q.qvalue) if pack else q.qvalue
+  return intercept.ServingWeight(qv, q.scale, q.zero_point, q.format, tuple(w.shape), pack)

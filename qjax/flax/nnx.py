@@ -1,0 +1,106 @@
+"""NNX: quantize an unmodified NNX model in place by rules, and convert it in place for int8 serving.
+
+    report = qjax.flax.quantize_nnx(model, rules, x)   # no copy of the model is made
+    y = model(x)                                        # QAT forward (statistics update unless model.eval())
+    qjax.flax.convert_nnx(model, x)                     # kernels become ServingWeights (int8 / packed int4)
+
+Every module of the model gets a quantized subclass (`__class__` swap) whose `__call__` pushes the module on
+qjax's interception stack; layers that keep their op as an attribute (LinearGeneral, Conv, Einsum) get qjax's
+hooks there. State lives on the modules as nnx.Param / QuantStat attributes named 'qjax_*', so nnx.jit,
+nnx.scan, optimizers and checkpoints see it like any other variable.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+from jax import lax
+
+from qjax.flax import intercept
+from qjax.flax.linen import _serving_weight
+from qjax.flax.rules import RuleSet
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _quantized_call(self, *args, **kwargs):
+  """__call__ of the quantized module classes: runs the original inside the interception context."""
+  parent = super(_SUBCLASSES[self._qjax_base], self).__call__
+  session = getattr(self, '_qjax_session', None)
+  if session is None:
+    return parent(*args, **kwargs)
+  with intercept.patched(), intercept.frame(self, self._qjax_path, session):
+    return parent(*args, **kwargs)
+
+
+def _quantized_class(cls: type) -> type:
+  # A plain subclass (no mixin base, no __slots__) keeps the object layout, so `__class__` can be swapped.
+  if getattr(cls, '_qjax_base', None) is not None:
+    return cls
+  if cls not in _SUBCLASSES:
+    _SUBCLASSES[cls] = type(cls.__name__, (cls,), {
+        '__module__': cls.__module__, '__qualname__': cls.__qualname__, '__call__': _quantized_call,
+        '_qjax_base': cls})
+  return _SUBCLASSES[cls]
+
+
+def _path_str(path) -> str:
+  return '/'.join(str(p) for p in path)
+
+
+def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None, **sample_kwargs) -> RuleSet:
+  """Quantizes an NNX model in place by rules; returns the RuleSet (its `report()` lists what was quantized).
+
+  With sample inputs the model runs once eagerly, creating the quantizer state (learned steps, statistics)
+  that jit-compiled steps then update. `seed` enables stochastic rounding (a 'quant' RNG stream per module).
+  """
+  ruleset = rules if isinstance(rules, RuleSet) else RuleSet(rules)
+  session = intercept.Session(ruleset, 'nnx')
+  for path, module in nnx.iter_modules(model):
+    module.__class__ = _quantized_class(type(module))
+    module._qjax_session = session
+    module._qjax_path = _path_str(path)
+    if hasattr(module, 'dot_general') and module.dot_general in (None, intercept._ORIG.get('dot_general'),
+                                                                lax.dot_general):
+      module.dot_general = intercept.HOOKS['dot_general']
+    if hasattr(module, 'conv_general_dilated'):
+      module.conv_general_dilated = intercept.HOOKS['conv_general_dilated']
+    if hasattr(module, 'einsum_op'):
+      module.einsum_op = intercept.HOOKS['einsum_op']
+    if not hasattr(module, 'use_running_average'):
+      module.use_running_average = False
+    if seed is not None:
+      module.qjax_rngs = nnx.Rngs(quant=hash((seed, module._qjax_path)) % (2 ** 31))
+  if sample_args or sample_kwargs:
+    model(*sample_args, **sample_kwargs)
+  return ruleset
+
+
+def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sample_kwargs) -> int:
+  """PTQ conversion in place: each quantized weight param becomes a ServingWeight; returns how many.
+
+  Runs the model once (eagerly, in eval mode) on sample inputs to learn which params are weights of quantized
+  ops and with which spec; quantizes them with the calibration (or learned step) the QAT forward uses.
+  """
+  sessions = {m._qjax_session for _, m in nnx.iter_modules(model) if getattr(m, '_qjax_session', None)}
+  if len(sessions) != 1:
+    raise ValueError('convert_nnx needs a model quantized by quantize_nnx')
+  (session,) = sessions
+  model.eval()
+  session.mode, session.records = 'record', []
+  try:
+    model(*sample_args, **sample_kwargs)
+  finally:
+    session.mode = 'train'
+  done = 0
+  for module, _, name, spec, state, prefix in session.records:
+    var = getattr(module, name)
+    if isinstance(var.get_value(), intercept.ServingWeight):
+      continue
+    setattr(module, name, nnx.Param(_serving_weight(var.get_value(), spec, state, int4_pack)))
+    for learned in spec.learned:
+      if hasattr(module, f'qjax_{prefix}_{learned}'):
+        delattr(module, f'qjax_{prefix}_{learned}')
+    module.promote_dtype = intercept.serving_promote_dtype
+    done += 1
+  session.mode = 'serve'
+  return done
