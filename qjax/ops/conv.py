@@ -1,0 +1,389 @@
+"""Quantized `conv_general_dilated`: a drop-in for `jax.lax.conv_general_dilated` with quantized fwd, dlhs, drhs.
+
+    y = conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'), config=cfg)
+    nn.Conv(..., conv_general_dilated=make_conv_general_dilated(cfg))     # Flax linen and nnx
+
+The same structure as `qjax.ops.dot_general`, with a convolution in place of the matmul:
+  1. each operand goes through `fake_quant` with its fwd spec and estimator (STE, LSQ, PACT, ...), which gives
+     the operand's gradient mask and the gradients of learned quantizer parameters;
+  2. a `custom_vjp` convolution takes the on-grid operands with their scales and runs the forward either as a
+     float conv of the on-grid values ('fake') or as int8 x int8 -> int32 (fp8 x fp8 -> f32) followed by the
+     rescale ('real'). Its backward computes both gradients as convolutions, each quantized with its own config:
+         dlhs = conv(g, rev(rhs)^T)     (the transpose of the conv in lhs; `config.dlhs`: lhs = g, rhs = kernel)
+         drhs = conv(lhs^T, g)          (the transpose of the conv in rhs; `config.drhs`: lhs = input, rhs = g)
+     built exactly like JAX's own transpose rules of `conv_general_dilated` (rev, padding, the swap of strides and
+     dilations, feature groups <-> batch groups), so the kernel gradient is a real quantized convolution and never
+     the exact zero of differentiating through `round` (AQT's conv).
+
+Granularity inside a conv. Scales must be constant along every contracted dimension (input features and the
+spatial window) to factor out of the integer accumulation, so 'per_channel' means one scale per index of the one
+non-contracted dimension of each operand of each convolution:
+    fwd    lhs (input):     per example (the lhs batch dim N)
+           rhs (kernel):    per output feature (O)
+    dlhs   lhs (g):         per example (the output batch dim N)
+           rhs (kernel):    per input feature (I; per (group, input feature) for feature_group_count > 1)
+    drhs   lhs (input):     per input feature (the lhs feature dim C)
+           rhs (g):         per output feature (the output feature dim)
+A spec's `axis` is ignored for 'per_channel' (the op sets it), and 'per_tensor' is always allowed.
+'per_group' (sub-channel groups) is rejected with a ValueError: a conv contracts features and window together.
+
+Asymmetric (and uint8) operands run natively in 'real' mode through zero-point cross terms, all in int32:
+    sum (ql - zl)(qr - zr) = conv(ql, qr) - zl conv(1, qr) - zr conv(ql, 1) + zl zr conv(1, 1)
+where conv(1, qr) convolves a ones-input (batch 1, or one per batch group) with the kernel, conv(ql, 1) the input
+with a ones-kernel with one output feature per group, and conv(1, 1) counts the in-bounds taps; padding and
+lhs dilation insert true zeros, which these terms account for exactly.
+
+XLA:CPU (jaxlib 0.12): an s8 x s8 -> s32 conv in NHWC/HWIO layout with two spatial dims runs natively (a
+YNNPACK `__ynn_fusion`), strides, rhs dilation and feature groups included. Other convs (NCHW, 1-D/3-D, lhs
+dilation, i.e. the dlhs of a strided conv, batch groups, depthwise) are up-cast to s32 x s32 on Eigen. fp8 convs
+are up-cast to f32. See tests/test_conv.py::test_compiled_hlo_int8_convs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from qjax import quantizers
+from qjax.ops.config import DotConfig, MatmulConfig
+from qjax.ops.dot_general import _fq_operand, native_kind, quantize_operand
+from qjax.spec import QuantSpec
+
+ConvDimensionNumbers = lax.ConvDimensionNumbers
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvParams:
+  """Everything of one `lax.conv_general_dilated` call but its operands (explicit padding, canonical dnums)."""
+  window_strides: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]
+  lhs_dilation: tuple[int, ...]
+  rhs_dilation: tuple[int, ...]
+  dnums: ConvDimensionNumbers
+  feature_group_count: int = 1
+  batch_group_count: int = 1
+
+  def conv(self, a, b, preferred_element_type=None):
+    return lax.conv_general_dilated(a, b, self.window_strides, self.padding, self.lhs_dilation, self.rhs_dilation,
+                                    self.dnums, self.feature_group_count, self.batch_group_count,
+                                    preferred_element_type=preferred_element_type)
+
+
+def _dilate(n: int, d: int) -> int:
+  return 0 if n == 0 else 1 + d * (n - 1)
+
+
+def conv_params(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, batch_group_count=1) -> ConvParams:
+  """Canonicalizes lax's conv arguments: ConvDimensionNumbers, explicit (lo, hi) padding, dilation tuples."""
+  dn = lax.conv_dimension_numbers(tuple(lhs_shape), tuple(rhs_shape), dimension_numbers)
+  nsp = len(lhs_shape) - 2
+  lhs_dilation = tuple(int(d) for d in (lhs_dilation or (1,) * nsp))
+  rhs_dilation = tuple(int(d) for d in (rhs_dilation or (1,) * nsp))
+  window_strides = tuple(int(s) for s in window_strides)
+  if isinstance(padding, str):
+    if any(d != 1 for d in lhs_dilation):
+      raise ValueError('conv_general_dilated: string padding is not implemented with lhs_dilation (transposed '
+                       'convolution); give explicit (low, high) pairs')
+    in_sp = [lhs_shape[d] for d in dn.lhs_spec[2:]]
+    k_sp = [_dilate(rhs_shape[d], r) for d, r in zip(dn.rhs_spec[2:], rhs_dilation, strict=True)]
+    padding = lax.padtype_to_pads(in_sp, k_sp, window_strides, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return ConvParams(window_strides, padding, lhs_dilation, rhs_dilation, dn, int(feature_group_count),
+                    int(batch_group_count))
+
+
+# ------------------------------------------------------------------------------- backward convolutions
+
+
+def _spec_t(spec):
+  return (spec[1], spec[0]) + tuple(spec[2:])
+
+
+def _axis_out_of(src: int, size1: int, x):
+  shape = list(x.shape)
+  shape[src:src + 1] = [size1, shape[src] // size1]
+  return x.reshape(shape)
+
+
+def _axis_into(src: int, dst: int, x):
+  """Merges axis src into axis dst (numbered after src's removal) as its major part."""
+  perm = [i for i in range(x.ndim) if i != src]
+  perm.insert(dst, src)
+  shape = list(np.delete(np.array(x.shape), src))
+  shape[dst] *= x.shape[src]
+  return jnp.transpose(x, perm).reshape(shape)
+
+
+def dlhs_conv(cp: ConvParams, lhs_shape, rhs, g_shape):
+  """The conv computing the lhs gradient as conv(g, rhs_t) (JAX's transpose rule of conv_general_dilated in lhs).
+
+  Returns (params, rhs_t, post) with post mapping the conv's output to lhs's layout."""
+  dn = cp.dnums
+  lhs_spec, rhs_spec, out_spec = dn
+  fg, bg = cp.feature_group_count, cp.batch_group_count
+  groups = fg if fg > 1 else bg
+  k_sp = [rhs.shape[d] for d in rhs_spec[2:]]
+  if groups > 1:  # Move the group out of the kernel's output features into its input features.
+    rhs = _axis_into(rhs_spec[0], rhs_spec[1], _axis_out_of(rhs_spec[0], groups, rhs))
+  in_sp = [lhs_shape[d] for d in lhs_spec[2:]]
+  out_sp = [g_shape[d] for d in out_spec[2:]]
+  padding = []
+  for i, k, s, o, (lo, _), ld, rd in zip(in_sp, k_sp, cp.window_strides, out_sp, cp.padding, cp.lhs_dilation,
+                                         cp.rhs_dilation, strict=True):
+    before = _dilate(k, rd) - lo - 1
+    padding.append((before, _dilate(i, ld) + _dilate(k, rd) - 1 - _dilate(o, s) - before))
+  params = ConvParams(cp.lhs_dilation, tuple(padding), cp.window_strides, cp.rhs_dilation,
+                      ConvDimensionNumbers(out_spec, _spec_t(rhs_spec), lhs_spec), groups, 1)
+
+  def post(out):
+    if bg > 1:
+      out = _axis_into(lhs_spec[1], lhs_spec[0], _axis_out_of(lhs_spec[1], bg, out))
+    return out
+  return params, lax.rev(rhs, tuple(rhs_spec[2:])), post
+
+
+def drhs_conv(cp: ConvParams, lhs_shape, rhs_shape, g_shape) -> ConvParams:
+  """The conv computing the kernel gradient as conv(lhs^T, g) (JAX's transpose rule in rhs)."""
+  dn = cp.dnums
+  lhs_spec, rhs_spec, out_spec = dn
+  fg, bg = cp.feature_group_count, cp.batch_group_count
+  fg, bg = (bg, 1) if bg > 1 else (1, fg)
+  in_sp = [lhs_shape[d] for d in lhs_spec[2:]]
+  k_sp = [rhs_shape[d] for d in rhs_spec[2:]]
+  out_sp = [g_shape[d] for d in out_spec[2:]]
+  padding = []
+  for i, k, s, o, (lo, _), ld, rd in zip(in_sp, k_sp, cp.window_strides, out_sp, cp.padding, cp.lhs_dilation,
+                                         cp.rhs_dilation, strict=True):
+    padding.append((lo, _dilate(o, s) - _dilate(i, ld) + _dilate(k, rd) - lo - 1))
+  return ConvParams(cp.rhs_dilation, tuple(padding), cp.lhs_dilation, cp.window_strides,
+                    ConvDimensionNumbers(_spec_t(lhs_spec), _spec_t(out_spec), _spec_t(rhs_spec)), fg, bg)
+
+
+# ------------------------------------------------------------------------------------------ operand specs
+
+
+def resolve_conv_spec(spec: QuantSpec | None, shape, channel_dim: int, where: str) -> QuantSpec | None:
+  """Makes a conv operand's spec concrete: per_channel along `channel_dim` (see the module docstring)."""
+  if spec is None:
+    return None
+  if spec.granularity == 'per_group':
+    raise ValueError(f'{where}: granularity="per_group" (group_size={spec.group_size}) is not supported by '
+                     'quantized convolutions, whose contraction mixes input features and the spatial window; '
+                     'use granularity="per_channel" or "per_tensor"')
+  if spec.granularity == 'per_channel':
+    spec = spec.replace(axis=channel_dim) if shape[channel_dim] > 1 else spec.replace(granularity='per_tensor')
+  return spec
+
+
+def _check_specs(config: DotConfig):
+  for name in ('fwd', 'dlhs', 'drhs'):
+    mcfg = getattr(config, name)
+    for side in ('lhs', 'rhs'):
+      resolve_conv_spec(getattr(mcfg, side), (2,), 0, f'conv_general_dilated {name}.{side}')
+
+
+def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str) -> str:
+  """'real' or 'fake' for one conv, raising when 'real' is asked of formats that cannot run natively."""
+  if mcfg.mode == 'fake' or aspec is None or bspec is None:
+    return 'fake'
+  ka, kb = native_kind(aspec), native_kind(bspec)
+  native = ka is not None and ka == kb
+  if mcfg.mode == 'real' and not native:
+    raise ValueError(f'{where}: mode="real" needs both operands in integer (<= 8 bit) or both in fp8 formats; '
+                     f'got lhs format={aspec.format!r} ({aspec.estimator}), rhs format={bspec.format!r} '
+                     f'({bspec.estimator}); use mode="auto" or "fake"')
+  return 'real' if native else 'fake'
+
+
+# ------------------------------------------------------------------------------------------ real execution
+
+
+def _place(v2, out_ndim: int, dn: ConvDimensionNumbers):
+  """(n, f) array -> broadcastable to the conv output (n on its batch dim, f on its feature dim)."""
+  ob, of = dn.out_spec[0], dn.out_spec[1]
+  shape = [1] * out_ndim
+  shape[ob], shape[of] = v2.shape
+  return (v2 if ob < of else v2.T).reshape(shape)
+
+
+def _lhs_to_out(v, cp: ConvParams, n_out_features: int, out_ndim: int):
+  """A per-lhs-batch (or scalar) array -> conv output layout. With batch groups, output feature o of group b
+  reads lhs batch b * N' + n."""
+  v = v.reshape(-1)
+  if v.size == 1:
+    return v.reshape((1,) * out_ndim)
+  bg = cp.batch_group_count
+  if bg > 1:
+    v2 = jnp.repeat(v.reshape(bg, -1).T, n_out_features // bg, axis=1)
+  else:
+    v2 = v[:, None]
+  return _place(v2, out_ndim, cp.dnums)
+
+
+def _rhs_to_out(v, cp: ConvParams, out_ndim: int):
+  """A per-kernel-output-feature (or scalar) array -> conv output layout."""
+  v = v.reshape(-1)
+  if v.size == 1:
+    return v.reshape((1,) * out_ndim)
+  return _place(v[None, :], out_ndim, cp.dnums)
+
+
+def real_conv(lq, rq, cp: ConvParams, kind: str) -> jax.Array:
+  """Low-precision conv of two quantized operands (see dot_general._Q), rescaled to f32."""
+  acc_t = jnp.int32 if kind == 'int' else jnp.float32
+  acc = cp.conv(lq.qvalue, rq.qvalue, acc_t)
+  dn = cp.dnums
+  nd = acc.ndim
+  n_out_f = rq.qvalue.shape[dn.rhs_spec[0]]
+  lout = lambda a: _lhs_to_out(a, cp, n_out_f, nd)
+  rout = lambda a: _rhs_to_out(a, cp, nd)
+  lz, rz = lq.zero_point, rq.zero_point
+  if lz is not None or rz is not None:
+    groups = cp.feature_group_count * cp.batch_group_count
+    ones_l = jnp.ones(tuple(cp.batch_group_count if d == dn.lhs_spec[0] else n
+                            for d, n in enumerate(lq.qvalue.shape)), jnp.int8)
+    ones_r = jnp.ones(tuple(groups if d == dn.rhs_spec[0] else n for d, n in enumerate(rq.qvalue.shape)), jnp.int8)
+    per_group = lambda a: jnp.repeat(a, n_out_f // groups, axis=dn.out_spec[1])  # group -> its features
+    if lz is not None:
+      acc = acc - lout(lz) * cp.conv(ones_l, rq.qvalue, jnp.int32)
+    if rz is not None:
+      acc = acc - per_group(cp.conv(lq.qvalue, ones_r, jnp.int32)) * rout(rz)
+    if lz is not None and rz is not None:
+      acc = acc + lout(lz) * rout(rz) * per_group(cp.conv(ones_l, ones_r, jnp.int32))
+  return acc.astype(jnp.float32) * lout(lq.scale) * rout(rq.scale)
+
+
+def qconv(a, b, cp: ConvParams, mcfg: MatmulConfig, *, where: str, a_qparams=None, b_qparams=None, key=None,
+          out_dtype=None):
+  """One quantized conv(a, b) under `mcfg`, per_channel resolved along a's batch and b's output-feature dims."""
+  out_dtype = out_dtype or jnp.result_type(a.dtype, b.dtype)
+  aspec = resolve_conv_spec(mcfg.lhs, a.shape, cp.dnums.lhs_spec[0], f'{where}.lhs')
+  bspec = resolve_conv_spec(mcfg.rhs, b.shape, cp.dnums.rhs_spec[0], f'{where}.rhs')
+  if aspec is None and bspec is None:
+    return cp.conv(a, b, jnp.float32).astype(out_dtype)
+  ka, kb = (None, None) if key is None else jax.random.split(key)
+  if choose_mode(mcfg, aspec, bspec, where) == 'fake':
+    fq = lambda x, spec, qp, k: x.astype(jnp.float32) if spec is None or qp is not None else (
+        quantizers.fake_quant(x.astype(jnp.float32), spec, key=k))
+    return cp.conv(fq(a, aspec, a_qparams, ka), fq(b, bspec, b_qparams, kb), jnp.float32).astype(out_dtype)
+  lq = quantize_operand(a, aspec, a_qparams, ka)
+  rq = quantize_operand(b, bspec, b_qparams, kb)
+  return real_conv(lq, rq, cp, native_kind(aspec)).astype(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------ the custom VJP
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  params: ConvParams
+  config: DotConfig
+  out_dtype: object
+
+
+def _qconv_primal(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
+  return _qconv_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static)[0]
+
+
+def _qconv_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
+  out = qconv(lhs_hat, rhs_hat, static.params, static.config.fwd, where='fwd', a_qparams=lqp, b_qparams=rqp,
+              out_dtype=static.out_dtype)
+  return out, (lhs_hat, rhs_hat, lqp, rqp, key)
+
+
+def _zero_cotangents(t):
+  if t is None:
+    return None
+  return tuple(None if a is None or not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a) for a in t)
+
+
+def _qconv_bwd(static: _Static, res, g):
+  lhs_hat, rhs_hat, lqp, rqp, key = res
+  cfg, cp = static.config, static.params
+  k1, k2 = (None, None) if key is None else jax.random.split(key)
+  if g.size == 0:
+    dlhs, drhs = jnp.zeros_like(lhs_hat), jnp.zeros_like(rhs_hat)
+  else:
+    p1, rhs_t, post = dlhs_conv(cp, lhs_hat.shape, rhs_hat, g.shape)
+    dlhs = post(qconv(g, rhs_t, p1, cfg.dlhs, where='dlhs', key=k1, out_dtype=lhs_hat.dtype))
+    p2 = drhs_conv(cp, lhs_hat.shape, rhs_hat.shape, g.shape)
+    drhs = qconv(lhs_hat, g, p2, cfg.drhs, where='drhs', key=k2, out_dtype=rhs_hat.dtype)
+  return dlhs, drhs, _zero_cotangents(lqp), _zero_cotangents(rqp), None
+
+
+_qconv = jax.custom_vjp(_qconv_primal, nondiff_argnums=(5,))
+_qconv.defvjp(_qconv_fwd, _qconv_bwd)
+
+
+# ------------------------------------------------------------------------------------------- public op
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                         preferred_element_type=None, out_sharding=None, *, config: DotConfig,
+                         lhs_params=None, rhs_params=None, key: jax.Array | None = None):
+  """Quantized `lax.conv_general_dilated`: same arguments plus `config` (see the module docstring).
+
+  Args:
+    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+      batch_group_count, preferred_element_type: as `jax.lax.conv_general_dilated`.
+    precision, out_sharding: accepted for signature compatibility (Flax passes them) and ignored.
+    config: the DotConfig of the forward conv and the two gradient convs (dlhs: g with the kernel, drhs: the
+      input with g). per_channel means per example / per output feature (see the module docstring);
+      `small_m` and `drhs_row_major` are matmul options and do not apply.
+    lhs_params, rhs_params: quantizer parameters of the forward operands, as for `qjax.ops.dot_general`
+      (learned 'scale' / 'offset' / 'alpha', or a static 'scale' and 'zero_point'), shaped like the resolved
+      scale: (N, 1, ..) in lhs's layout per example, (.., O, ..) in rhs's layout per output feature.
+    key: PRNG key for stochastic rounding (split across operands and the backward).
+  Returns:
+    conv(lhs, rhs) in `preferred_element_type` (default: the operands' result type), with
+    out ~ conv(dequantize(q_lhs), dequantize(q_rhs)).
+  """
+  del precision, out_sharding
+  dtype_of = lambda x: jnp.float32 if isinstance(x, quantizers.QArray) else x.dtype
+  for name, x in (('lhs', lhs), ('rhs', rhs)):
+    if not isinstance(x, quantizers.QArray) and not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f'conv_general_dilated {name}: quantized ops take float operands, got dtype {x.dtype}')
+  out_dtype = preferred_element_type or jnp.result_type(dtype_of(lhs), dtype_of(rhs))
+  cp = conv_params(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                   feature_group_count, batch_group_count)
+  if not (config.fwd.quantized or config.dlhs.quantized or config.drhs.quantized):
+    if isinstance(lhs, quantizers.QArray) or isinstance(rhs, quantizers.QArray):
+      raise ValueError('conv_general_dilated: a pre-quantized (QArray) operand needs a config whose fwd spec '
+                       'names its format')
+    return cp.conv(lhs, rhs, preferred_element_type)
+  _check_specs(config)
+  # Validate shapes and groups with lax's own messages before quantizing anything.
+  jax.eval_shape(lambda a, b: cp.conv(a, b), jax.ShapeDtypeStruct(lhs.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(rhs.shape, jnp.float32))
+  lspec = resolve_conv_spec(config.fwd.lhs, lhs.shape, cp.dnums.lhs_spec[0], 'conv_general_dilated fwd.lhs')
+  rspec = resolve_conv_spec(config.fwd.rhs, rhs.shape, cp.dnums.rhs_spec[0], 'conv_general_dilated fwd.rhs')
+  keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+  lhs_hat, lqp = _fq_operand(lhs, lspec, lhs_params, keys[0], 'conv_general_dilated fwd.lhs')
+  rhs_hat, rqp = _fq_operand(rhs, rspec, rhs_params, keys[1], 'conv_general_dilated fwd.rhs')
+  fwd = config.fwd
+  if (lspec is not None and lqp is None) or (rspec is not None and rqp is None):
+    if fwd.mode == 'real':
+      raise ValueError('conv_general_dilated fwd: mode="real" cannot run estimator lsq_plus natively (float '
+                       'offset); use mode="auto"')
+    fwd = dataclasses.replace(fwd, mode='fake')
+  cfg = dataclasses.replace(config, fwd=dataclasses.replace(fwd, lhs=lspec, rhs=rspec))
+  out = _qconv(lhs_hat, rhs_hat, lqp, rqp, keys[2], _Static(cp, cfg, jnp.dtype(out_dtype)))
+  return out.astype(out_dtype)
+
+
+def make_conv_general_dilated(config: DotConfig, **kwargs):
+  """A function with `lax.conv_general_dilated`'s signature running the quantized op, for Flax's
+  `nn.Conv(conv_general_dilated=...)` and `nnx.Conv(conv_general_dilated=...)`. kwargs: lhs_params, rhs_params,
+  key."""
+  def fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+         feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None, **unused):
+    return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                                feature_group_count, batch_group_count, precision, preferred_element_type,
+                                config=config, **kwargs)
+  return fn
