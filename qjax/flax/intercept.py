@@ -236,6 +236,18 @@ HOOKS = {'dot_general': _dot_general_hook, 'conv_general_dilated': _conv_hook, '
 # ------------------------------------------------------------------------------------------- the session
 
 
+@dataclasses.dataclass
+class Record:
+  """One forward operand of a quantized op, seen in 'record' mode (PTQ conversion, layer statistics)."""
+  module: Any
+  path: str
+  weight_name: str | None  # the param's name for weights, None for activations
+  spec: QuantSpec
+  state: dict              # the quantizer params used (learned step, static range), {} when dynamic
+  prefix: str              # '<op><index>_<side>'
+  x: Any                   # the operand
+
+
 class Session:
   """Rules plus the state backend of one quantized model (Linen or NNX), and its mode.
 
@@ -247,7 +259,7 @@ class Session:
     self.ruleset = ruleset
     self.backend = backend
     self.mode = 'train'
-    self.records: list[tuple[Any, str, str, QuantSpec, dict, str]] = []
+    self.records: list[Record] = []
 
   # ---- weights
 
@@ -340,8 +352,8 @@ class Session:
 
     def cb(spec: QuantSpec, x):
       out = self._state_for(fr, rule, prefix, spec, x, is_weight=weight_name is not None)
-      if self.mode == 'record' and weight_name is not None:
-        self.records.append((fr.module, fr.path, weight_name, spec, out, prefix))
+      if self.mode == 'record':
+        self.records.append(Record(fr.module, fr.path, weight_name, spec, out, prefix, x))
       return out
     return cb
 

@@ -105,7 +105,10 @@ def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4
   jax.eval_shape(lambda v: rec.apply(v, *args, **kwargs), variables)
   params = jax.tree.map(lambda x: x, dict(variables['params']))  # shallow-copied nested dicts
   params = _unfreeze(params)
-  for module, _, name, spec, state, prefix in session.records:
+  for r in session.records:
+    if r.weight_name is None:
+      continue
+    module, name, spec, state, prefix = r.module, r.weight_name, r.spec, r.state, r.prefix
     scope_path = module.path
     node = params
     for p in scope_path:

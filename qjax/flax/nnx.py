@@ -92,7 +92,10 @@ def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sampl
   finally:
     session.mode = 'train'
   done = 0
-  for module, _, name, spec, state, prefix in session.records:
+  for r in session.records:
+    if r.weight_name is None:
+      continue
+    module, name, spec, state, prefix = r.module, r.weight_name, r.spec, r.state, r.prefix
     var = getattr(module, name)
     if isinstance(var.get_value(), intercept.ServingWeight):
       continue
