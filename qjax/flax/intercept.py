@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax import calibration, quantizers
 from qjax import granularity as gran
@@ -259,6 +260,7 @@ class Session:
     self.ruleset = ruleset
     self.backend = backend
     self.mode = 'train'
+    self.creating = False  # quantize_nnx's first run: NNX transforms (nnx.scan, nnx.jit) carry new state out
     self.records: list[Record] = []
 
   # ---- weights
@@ -274,6 +276,11 @@ class Session:
     for name, v in params.items():  # a cast of a param (e.g. bf16 compute of f32 params) is still that param
       if hasattr(v, 'shape') and hasattr(x, 'shape') and tuple(v.shape) == tuple(x.shape) and v.dtype != x.dtype:
         return name
+    if not isinstance(x, jax.core.Tracer):  # eager calls on host (numpy) params: the operand is a converted copy
+      for name, v in params.items():
+        if (hasattr(v, 'shape') and not isinstance(v, jax.core.Tracer) and tuple(v.shape) == tuple(x.shape)
+            and np.array_equal(np.asarray(v), np.asarray(x))):
+          return name
     return None
 
   def _own_params(self, module) -> dict[str, Any]:
@@ -442,6 +449,8 @@ class _Var:
 
 def _require_eager(fr, attr):
   from flax import nnx  # noqa: PLC0415
+  if fr.session.creating:
+    return
   if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(nnx.state(fr.module))):
     raise ValueError(f'{fr.path}: quantizer state {attr!r} does not exist yet and cannot be created inside a '
                      'jax transform; call qjax.flax.quantize_nnx(model, rules, *sample_inputs) (it runs the '
