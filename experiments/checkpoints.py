@@ -1,0 +1,89 @@
+"""Checkpoints (orbax) and run files: resumable runs that never overwrite a finished result.
+
+    <workdir>/config.json     the resolved config, written at the start
+    <workdir>/checkpoints/    orbax checkpoints every N steps (the last few kept)
+    <workdir>/result.json     written atomically (temp file + rename) when the run finishes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON to a temp file in the same directory, then renames it over `path` (never half-written)."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix='.json')
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _json_default(o):
+  if isinstance(o, (np.integer,)):
+    return int(o)
+  if isinstance(o, (np.floating,)):
+    return float(o)
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  if isinstance(o, tuple):
+    return list(o)
+  return str(o)
+
+
+def read_json(path: str) -> Any | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+class Checkpoints:
+  """An orbax CheckpointManager over a pytree of arrays, keyed by step."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, tree: Any) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(tree))
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, like: Any) -> Any:
+    abstract = _abstract(like)
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def _abstract(tree):
+  import jax  # noqa: PLC0415
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=getattr(a, 'sharding', None))
+                      if hasattr(a, 'dtype') else a, tree)
+
+
+def dir_bytes(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    for f in files:
+      total += os.path.getsize(os.path.join(root, f))
+  return total

@@ -1,0 +1,137 @@
+"""Config files and command-line overrides.
+
+    --config=configs/fmnist_cnn.py[:arg]     a file whose get_config(arg) returns an ml_collections.ConfigDict
+    --config.quant.weight.format=int4        override a leaf; the value is parsed to the leaf's type
+
+An unknown key is rejected with the nearest valid key in the message; a value that does not parse to the
+leaf's type names the key and the expected type. Everything else on the command line is returned to the
+runner as its own flags (--workdir=..., --root=...).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+import sys
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config file or override that cannot be applied; the message says why and what would work."""
+
+
+def load_module(spec: str):
+  """Imports the config file of 'path.py[:arg]'; returns (module, arg or None)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'--config={spec}: no such file {path!r}')
+  name = 'qjax_config_' + os.path.splitext(os.path.basename(path))[0]
+  mod_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} defines no get_config(arg)')
+  return module, (arg or None)
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads 'path.py' or 'path.py:arg' and returns get_config(arg)."""
+  module, arg = load_module(spec)
+  return module.get_config(arg)
+
+
+def _keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  out = []
+  for k, v in config.items():
+    full = f'{prefix}{k}'
+    out.append(full)
+    if isinstance(v, ml_collections.ConfigDict):
+      out += _keys(v, full + '.')
+  return out
+
+
+def valid_keys(config) -> list[str]:
+  return _keys(config)
+
+
+def _parse(value: Any, current: Any, key: str):
+  if not isinstance(value, str):
+    return value
+  if isinstance(current, bool):
+    low = value.lower()
+    if low in ('true', '1', 'yes'):
+      return True
+    if low in ('false', '0', 'no'):
+      return False
+    raise ConfigError(f'--config.{key}={value}: expected a bool (true/false)')
+  if isinstance(current, str) or current is None:
+    return value
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    raise ConfigError(f'--config.{key}={value}: expected {type(current).__name__}, like {current!r}') from None
+  if isinstance(current, float) and isinstance(parsed, int):
+    parsed = float(parsed)
+  if isinstance(current, tuple) and isinstance(parsed, list):
+    parsed = tuple(parsed)
+  if isinstance(current, (int, float, tuple)) and type(parsed) is not type(current):
+    raise ConfigError(f'--config.{key}={value}: expected {type(current).__name__}, like {current!r}')
+  return parsed
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets a dotted key that must exist; the error names the nearest valid key."""
+  parts = key.split('.')
+  node = config
+  for i, p in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+      near = difflib.get_close_matches(key, valid_keys(config), n=1, cutoff=0.5)
+      hint = f'; did you mean {near[0]!r}?' if near else ''
+      raise ConfigError(f'unknown config key {key!r}{hint}')
+    if i < len(parts) - 1:
+      node = node[p]
+  current = node[parts[-1]]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise ConfigError(f'config key {key!r} is a group; set one of its fields ({", ".join(current.keys())})')
+  node[parts[-1]] = _parse(value, current, key)
+
+
+def parse_argv(argv: list[str]) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
+  """Returns (config with overrides applied, the other --flag=value pairs)."""
+  config_spec, overrides, flags = None, [], {}
+  for a in argv:
+    if not a.startswith('--'):
+      raise ConfigError(f'unexpected argument {a!r}; flags look like --name=value')
+    name, eq, value = a[2:].partition('=')
+    if not eq:
+      value = 'true'
+    if name == 'config':
+      config_spec = value
+    elif name.startswith('config.'):
+      overrides.append((name[len('config.'):], value))
+    else:
+      flags[name] = value
+  if config_spec is None:
+    raise ConfigError('missing --config=configs/<name>.py')
+  config = load_file(config_spec)
+  for k, v in overrides:
+    set_key(config, k, v)
+  return config, flags
+
+
+def to_dict(config) -> dict:
+  d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  return {k: (to_dict(v) if isinstance(v, (dict, ml_collections.ConfigDict)) else v) for k, v in d.items()}
+
+
+def main_guard(fn):
+  """Runs fn(argv) and turns ConfigErrors into a clean message and exit code 2."""
+  try:
+    return fn(sys.argv[1:])
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2

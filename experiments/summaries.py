@@ -1,0 +1,203 @@
+"""What a run reports: per-layer quantization statistics, serving size and speed checks, one-line summaries.
+
+Per quantized layer (from one probe batch run in qjax's 'record' mode): SQNR in dB of weights and
+activations against float, the clipped fraction, histograms of weights and scales, learned quantizer
+parameters (do LSQ steps and PACT clips move?), and an image of the per-layer SQNR.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import configlib, input_pipeline
+from qjax import metrics as qmetrics
+from qjax.flax import convert_linen, convert_nnx
+from qjax.ops import inspect_matmuls
+
+
+class NullWriter:
+  """The writer of non-leading processes: writes nothing."""
+
+  def __getattr__(self, name):
+    return lambda *a, **k: None
+
+
+def hparams_of(config) -> dict[str, Any]:
+  flat = {}
+
+  def walk(d, prefix=''):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(v, f'{prefix}{k}.')
+      elif isinstance(v, (str, int, float, bool)):
+        flat[f'{prefix}{k}'] = v
+  walk(configlib.to_dict(config))
+  return flat
+
+
+def one_line(result: dict) -> str:
+  m = result.get('metrics', {})
+  parts = [f'{result.get("mode")} {result.get("model")}/{result.get("dataset")}']
+  for k in ('eval/accuracy', 'eval/bits_per_char', 'eval/loss'):
+    if k in m:
+      parts.append(f'{k.split("/")[1]}={m[k]:.4f}')
+  if 'serving_bytes' in result:
+    parts.append(f'serving={result["serving_bytes"] / 1024:.1f} KiB')
+  mm = result.get('matmuls') or {}
+  if mm:
+    parts.append(f'int8 matmuls={mm.get("int8", 0)}/{mm.get("total", 0)}')
+  parts.append(f'{result.get("wall_time_sec", 0):.0f}s')
+  return 'done: ' + ', '.join(parts)
+
+
+def _probe_records(run, state):
+  """Runs one small eval batch eagerly in record mode; returns the session's records."""
+  x, _, _ = next(input_pipeline.eval_batches(run.data, min(run.config.eval_batch_size, 64)))
+  x = jnp.asarray(x)
+  tr = run.trainer
+  if run.md.api == 'linen':
+    session = tr.q.session
+    session.mode, session.records = 'record', []
+    try:
+      tr.q.apply(tr.variables(state), x, train=False)
+    finally:
+      session.mode = 'train'
+    return session.records
+  model = tr.module(state)
+  model.eval()
+  session = next(m._qjax_session for _, m in _iter(model) if getattr(m, '_qjax_session', None))
+  session.mode, session.records = 'record', []
+  try:
+    model(x)
+  finally:
+    session.mode = 'train'
+  return session.records
+
+
+def _iter(model):
+  from flax import nnx  # noqa: PLC0415
+  return nnx.iter_modules(model)
+
+
+def layer_stats(run, state) -> list[dict[str, Any]]:
+  rows = []
+  for r in _probe_records(run, state):
+    x = jnp.asarray(r.x, jnp.float32)
+    x_hat = qmetrics.fake_quant_with(x, r.spec, r.state)
+    rows.append({
+        'layer': f'{r.path}/{r.prefix}', 'operand': r.weight_name or 'act', 'format': r.spec.format,
+        'sqnr_db': float(qmetrics.sqnr_db(x, x_hat)),
+        'clip_fraction': float(qmetrics.clip_fraction(x, r.spec, r.state)),
+        'learned': {k: float(jnp.mean(jnp.asarray(r.state[k]))) for k in r.spec.learned},
+        '_x': x if r.weight_name else None, '_scale': r.state.get('scale', r.state.get('alpha')),
+    })
+  return rows
+
+
+def quant_summaries(run, state, step: int) -> list[dict[str, Any]]:
+  """Writes the per-layer statistics to TensorBoard; returns them (without arrays) for result.json."""
+  if run.trainer.__class__.__name__ == 'LinenTrainer' and run.trainer.q is None:
+    return []
+  if run.md.api == 'nnx' and not run.trainer.rules:
+    return []
+  if not run.config.quant_summaries:
+    return []
+  rows = layer_stats(run, state)
+  w = run.writer
+  for row in rows:
+    tag = f'{row["layer"]}_{row["operand"]}'
+    w.scalar(f'quant_sqnr_db/{tag}', row['sqnr_db'], step)
+    w.scalar(f'quant_clip_fraction/{tag}', row['clip_fraction'], step)
+    for k, v in row['learned'].items():
+      w.scalar(f'quant_learned/{tag}_{k}', v, step)
+    if row['_x'] is not None:
+      w.histogram(f'weights/{tag}', np.asarray(row['_x']), step)
+    if row['_scale'] is not None:
+      w.histogram(f'scales/{tag}', np.asarray(row['_scale']).ravel(), step)
+  if rows:
+    w.image('quant/sqnr_per_layer', sqnr_chart(rows), step)
+  return [{k: v for k, v in r.items() if not k.startswith('_')} for r in rows]
+
+
+def sqnr_chart(rows) -> bytes:
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  layers = sorted({r['layer'] for r in rows}, key=[r['layer'] for r in rows].index)
+  fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(layers) + 2), 3.5), dpi=100)
+  width = 0.4
+  for i, kind in enumerate(('weight', 'act')):
+    vals = []
+    for layer in layers:
+      v = [r['sqnr_db'] for r in rows if r['layer'] == layer and (r['operand'] == 'act') == (kind == 'act')]
+      vals.append(min(v[0], 99.0) if v else 0.0)
+    ax.bar(np.arange(len(layers)) + (i - 0.5) * width, vals, width, label=kind)
+  ax.set_xticks(np.arange(len(layers)), layers, rotation=30, ha='right', fontsize=7)
+  ax.set_ylabel('SQNR (dB)')
+  ax.set_title('quantization SQNR per layer (higher is better)')
+  ax.legend()
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png')
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def _nbytes(tree) -> int:
+  return int(sum(np.asarray(a).nbytes for a in jax.tree.leaves(tree) if hasattr(a, 'shape')))
+
+
+def serving_summary(run, state, rules) -> dict[str, Any]:
+  """Serving size, serving accuracy (the converted int8 model) and how many of its matmuls run in int8."""
+  tr = run.trainer
+  state = jax.device_get(state)
+  x, y, w = next(input_pipeline.eval_batches(run.data, run.config.eval_batch_size))
+  x = jnp.asarray(x)
+  if run.md.api == 'linen':
+    float_bytes = _nbytes(state['params'])
+    serving_bytes = float_bytes
+    if rules is None:
+      fwd, args = (lambda v, x: tr.md.module.apply(v, x, train=False)), (tr.variables(state),)
+    else:
+      sv = convert_linen(tr.q, tr.variables(state), x)
+      srv = tr.q.serving()
+      fwd, args = (lambda v, x: srv.apply(v, x, train=False)), (sv,)
+      serving_bytes = _nbytes(sv['params'])
+  else:
+    from flax import nnx  # noqa: PLC0415
+    model = tr.module(state)
+    model.eval()
+    float_bytes = _nbytes(nnx.state(model, nnx.Param))
+    serving_bytes = float_bytes
+    if rules is not None:
+      convert_nnx(model, x)
+      serving_bytes = _nbytes(nnx.state(model, nnx.Param))
+    graphdef, mstate = nnx.split(model)
+    fwd, args = (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,)
+  jfwd = jax.jit(fwd)
+  out = {'serving_bytes': serving_bytes}
+  report = inspect_matmuls(fwd, *args, x)
+  out['matmuls'] = {'total': report.n_compiled, 'int8': report.n_int8, 'int8_fast': report.n_int8_fast,
+                    'int8_slow': report.n_int8_slow, 'batch': int(x.shape[0])}
+  if rules is not None:
+    out['serving_metrics'] = _eval_fwd(run, jfwd, args)
+    out['float_param_bytes'] = float_bytes
+  return out
+
+
+def _eval_fwd(run, jfwd, args) -> dict[str, float]:
+  from experiments.trainers import loss_fn  # noqa: PLC0415
+  sums = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+  for x, y, w in input_pipeline.eval_batches(run.data, run.config.eval_batch_size, run.config.eval_examples):
+    logits = jfwd(*args, jnp.asarray(x))
+    _, ce, hits = loss_fn(logits, jnp.asarray(y), run.md.task)
+    sums['loss'] += float(jnp.sum(ce * w))
+    sums['correct'] += float(jnp.sum(hits * w))
+    sums['count'] += float(np.sum(w))
+  n = max(sums['count'], 1.0)
+  return {'eval/loss': sums['loss'] / n, 'eval/accuracy': sums['correct'] / n}

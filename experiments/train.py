@@ -1,0 +1,349 @@
+"""The experiment runner: float training, QAT, PTQ and quantized training from one config.
+
+    python -m experiments.train --config=configs/fmnist_cnn.py --workdir=runs/cnn [--config.key=value ...]
+
+config.mode:
+  float                train the float model
+  qat                  quantization-aware training by config.quant's rules (from scratch, or fine-tuned from
+                       a float run given by config.init_from)
+  ptq                  calibrate a float run's model on config.quant.calibration_batches batches, convert
+                       (int8 / packed int4 weights), evaluate the serving model; the float run is
+                       config.init_from, or trained (once, shared) under <workdir>/../_pretrained/
+  quantized_training   QAT with int8 gradients in the backward matmuls too (config.quant.grad, default int8)
+
+Rerunning the same command resumes from the last checkpoint; a finished run is never overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from experiments import checkpoints as ckpt_lib
+from experiments import configlib, distributed, input_pipeline, models, quant_config, summaries, trainers
+from experiments.progress import Progress
+from experiments.tb import SummaryWriter
+
+MODES = ('float', 'qat', 'ptq', 'quantized_training')
+
+
+class RunError(RuntimeError):
+  """A run that cannot proceed; the message says why and what is kept."""
+
+
+class NonFiniteLoss(RunError):
+  pass
+
+
+# ------------------------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, Any]:
+  o, steps = config.optimizer, config.num_train_steps
+  lr = o.learning_rate
+  if o.schedule == 'constant':
+    sched = optax.constant_schedule(lr)
+  elif o.schedule == 'cosine':
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(o.warmup_steps, steps - 1), max(steps, 1))
+  else:
+    raise configlib.ConfigError(f'config.optimizer.schedule={o.schedule!r} is not one of constant, cosine')
+  if o.name == 'adam':
+    tx = optax.adam(sched)
+  elif o.name == 'adamw':
+    tx = optax.adamw(sched, weight_decay=o.weight_decay)
+  elif o.name == 'sgd':
+    tx = optax.sgd(sched, momentum=o.momentum)
+  else:
+    raise configlib.ConfigError(f'config.optimizer.name={o.name!r} is not one of adam, adamw, sgd')
+  if o.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+  return tx, sched
+
+
+# ------------------------------------------------------------------------------------------ run files
+
+
+def _check_workdir(config_dict: dict, workdir: str) -> dict | None:
+  """Returns the finished result when this exact run is done; refuses to reuse a workdir for another config."""
+  result = ckpt_lib.read_json(os.path.join(workdir, 'result.json'))
+  if result is not None:
+    if result.get('config') == config_dict:
+      return result
+    raise RunError(f'{workdir} holds a finished run with a different config; it is kept as is. '
+                   'Use another --workdir (or delete that directory) to run this config.')
+  prior = ckpt_lib.read_json(os.path.join(workdir, 'config.json'))
+  has_ckpt = os.path.isdir(os.path.join(workdir, 'checkpoints')) and os.listdir(os.path.join(workdir, 'checkpoints'))
+  if prior is not None and prior != config_dict and has_ckpt:
+    changed = sorted(k for k in set(_flat(prior)) | set(_flat(config_dict))
+                     if _flat(prior).get(k) != _flat(config_dict).get(k))
+    raise RunError(f'{workdir} holds checkpoints of a run with a different config (changed: {", ".join(changed)}); '
+                   'resuming would mix the two. Use another --workdir.')
+  return None
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def environment() -> dict[str, Any]:
+  import flax  # noqa: PLC0415
+  import jaxlib  # noqa: PLC0415
+  flags = os.environ.get('XLA_FLAGS', '')
+  env = {'python': platform.python_version(), 'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
+         'flax': flax.__version__, 'device_kind': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
+         'devices': jax.device_count(), 'processes': jax.process_count(), 'xla_flags': flags}
+  warning = distributed.xla_flag_warning(flags)
+  if warning:
+    env['xla_flags_warning'] = warning
+  return env
+
+
+# ------------------------------------------------------------------------------------------- pretrain
+
+
+def float_config(config):
+  """The float run a PTQ or fine-tuning run starts from (same data, model, seed, schedule)."""
+  f = config.copy_and_resolve_references()
+  with f.unlocked():
+    f.mode = 'float'
+    f.init_from = ''
+    f.quant = quant_config.default_quant_config()
+    f.num_train_steps = config.pretrain_steps if config.pretrain_steps > 0 else config.num_train_steps
+  return f
+
+
+def _pretrained_dir(config, workdir: str) -> str:
+  fc = configlib.to_dict(float_config(config))
+  key = hashlib.sha256(json.dumps(fc, sort_keys=True, default=str).encode()).hexdigest()[:12]
+  return os.path.join(os.path.dirname(os.path.abspath(workdir)), '_pretrained', f'{config.model.name}-{key}')
+
+
+def load_float_state(config, workdir: str, trainer_float, sample_x, log) -> Any:
+  """The final state of the float run this run starts from (training it first when needed)."""
+  src = config.init_from
+  if not src:
+    src = _pretrained_dir(config, workdir)
+    os.makedirs(src, exist_ok=True)
+    with open(os.path.join(src, '.lock'), 'w') as lock:  # one trainer of a shared float model at a time
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      log(f'float model for this run: {src}')
+      train_and_evaluate(float_config(config), src, log=log)
+  result = ckpt_lib.read_json(os.path.join(src, 'result.json'))
+  if result is None:
+    raise RunError(f'config.init_from={src!r} is not a finished run (no result.json)')
+  template = trainer_float.init(jax.random.key(0), sample_x)
+  mgr = ckpt_lib.Checkpoints(os.path.join(src, 'checkpoints'))
+  step = mgr.latest_step()
+  if step is None:
+    raise RunError(f'config.init_from={src!r} has no checkpoint')
+  restored = mgr.restore(step, trainer_float.to_pure(template))
+  mgr.close()
+  return restored
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Run:
+  config: Any
+  workdir: str
+  data: input_pipeline.Dataset
+  md: models.ModelDef
+  trainer: Any
+  mesh: Any
+  writer: Any
+  log: Any
+
+  def batch(self, step: int):
+    x, y = input_pipeline.train_batch(self.data, self.config.seed, step, self.config.batch_size)
+    return distributed.shard_batch(self.mesh, x), distributed.shard_batch(self.mesh, y)
+
+  def evaluate(self, state, eval_step) -> dict[str, float]:
+    c = self.config
+    sums = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+    for x, y, w in input_pipeline.eval_batches(self.data, c.eval_batch_size, c.eval_examples):
+      out = eval_step(state, *(distributed.shard_batch(self.mesh, a) for a in (x, y, w)))
+      for k in sums:
+        sums[k] += float(out[k])
+    n = max(sums['count'], 1.0)
+    metrics = {'eval/loss': sums['loss'] / n, 'eval/accuracy': sums['correct'] / n}
+    if self.md.task == 'lm':
+      metrics['eval/bits_per_char'] = metrics['eval/loss'] / math.log(2)
+    return metrics
+
+
+def _setup(config, workdir, log):
+  if config.mode not in MODES:
+    raise configlib.ConfigError(f'config.mode={config.mode!r} is not one of {", ".join(MODES)}')
+  mesh = distributed.make_mesh(config.mesh)
+  if config.batch_size % mesh.shape['data'] or config.eval_batch_size % mesh.shape['data']:
+    raise configlib.ConfigError(f'config.batch_size={config.batch_size} and eval_batch_size='
+                                f'{config.eval_batch_size} must divide over {mesh.shape["data"]} data-parallel devices')
+  data = input_pipeline.load(config)
+  md = models.build(config.model, num_classes=data.num_classes, vocab_size=len(data.vocab), seq_len=data.seq_len)
+  return mesh, data, md
+
+
+def train_and_evaluate(config, workdir: str, *, log=print) -> dict[str, Any]:
+  """Runs (or resumes, or returns the finished result of) the run that `config` describes in `workdir`."""
+  workdir = os.path.abspath(workdir)
+  config_dict = configlib.to_dict(config)
+  done = _check_workdir(config_dict, workdir)
+  if done is not None:
+    log(f'{workdir}: finished already (result.json kept); {summaries.one_line(done)}')
+    return done
+  lead = jax.process_index() == 0
+  if lead:
+    os.makedirs(workdir, exist_ok=True)
+    ckpt_lib.write_json_atomic(os.path.join(workdir, 'config.json'), config_dict)
+  t_start = time.time()
+  mesh, data, md = _setup(config, workdir, log)
+  tx, sched = make_optimizer(config)
+  mode = config.mode
+  rules = None
+  if mode != 'float':
+    quant = config.quant
+    if mode == 'quantized_training' and not quant.grad.format:
+      quant = quant.copy_and_resolve_references()
+      quant.grad.format = 'int8'
+    rules = quant_config.build_rules(quant, ptq=mode == 'ptq')
+  sample_x = input_pipeline.sample_input(data, config.batch_size)
+  float_pure = None
+  if mode == 'ptq' or config.init_from:
+    float_pure = load_float_state(config, workdir, trainers.make(md, tx), sample_x, log)
+  trainer = trainers.make(md, tx, rules)
+  state = trainer.init(jax.random.key(config.seed), jnp.asarray(sample_x), float_pure)
+  state = distributed.place_state(mesh, state, config.mesh)
+  writer = SummaryWriter(workdir) if lead else summaries.NullWriter()
+  run = Run(config, workdir, data, md, trainer, mesh, writer, log)
+  try:
+    if mode == 'ptq':
+      state, train_info = _calibrate(run, state), {'steps': 0, 'steps_per_sec': 0.0}
+    else:
+      state, train_info = _train(run, state, sched)
+    result = _finish(run, state, train_info, rules, t_start)
+  except BaseException:
+    writer.close(status='failure')
+    raise
+  writer.close(status='success')
+  if lead:
+    ckpt_lib.write_json_atomic(os.path.join(workdir, 'result.json'), {**result, 'config': config_dict})
+  log(summaries.one_line(result))
+  return {**result, 'config': config_dict}
+
+
+def _train(run: Run, state, sched):
+  c = run.config
+  total = c.num_train_steps
+  mgr = ckpt_lib.Checkpoints(os.path.join(run.workdir, 'checkpoints'), max_to_keep=c.checkpoint_keep)
+  start = mgr.latest_step() or 0
+  if start:
+    pure = mgr.restore(start, run.trainer.to_pure(state))
+    state = distributed.place_state(run.mesh, run.trainer.from_pure(state, pure), c.mesh)
+    run.log(f'resuming {run.workdir} from step {start}')
+  elif jax.process_index() == 0:
+    run.writer.hparams(summaries.hparams_of(c), group_name=None)
+  train_step = jax.jit(run.trainer.train_step, donate_argnums=0)
+  eval_step = jax.jit(run.trainer.eval_step)
+  progress = Progress(total, start)
+  t0, step_times = time.time(), []
+  loss = float('nan')
+  with contextlib.closing(mgr):
+    for step in range(start, total):
+      x, y = run.batch(step)
+      ts = time.time()
+      state, m = train_step(state, x, y)
+      last = step + 1 == total
+      if (step + 1) % c.log_every_steps == 0 or last or (step + 1) % c.checkpoint_every_steps == 0:
+        loss = float(m['loss'])  # waits for the step: also the non-finite check before any checkpoint
+        if not math.isfinite(loss):
+          kept = mgr.latest_step()
+          raise NonFiniteLoss(f'non-finite loss ({loss}) at step {step + 1}: the run stops here. The last good '
+                              f'checkpoint (step {kept}) is kept in {mgr.directory}; rerunning resumes from it, so '
+                              'change the config (e.g. a lower optimizer.learning_rate) in a new --workdir.')
+        step_times.append(time.time() - ts)
+        rate = (step + 1 - start) / (time.time() - t0)
+        run.writer.scalars({'train/loss': loss, 'train/accuracy': float(m['accuracy']),
+                            'train/learning_rate': float(sched(step)), 'time/steps_per_sec': rate}, step + 1)
+        progress.update(step + 1, loss=loss)
+      if (step + 1) % c.eval_every_steps == 0 or last:
+        metrics = run.evaluate(state, eval_step)
+        run.writer.scalars(metrics, step + 1)
+        summaries.quant_summaries(run, state, step + 1)
+      if (step + 1) % c.checkpoint_every_steps == 0 or last:
+        mgr.save(step + 1, run.trainer.to_pure(state))
+  progress.close()
+  elapsed = time.time() - t0
+  return state, {'steps': total - start, 'steps_per_sec': (total - start) / elapsed if elapsed > 0 else 0.0,
+                 'final_train_loss': loss}
+
+
+def _calibrate(run: Run, state):
+  """PTQ: range statistics from calibration batches (no parameter changes)."""
+  c = run.config
+  step_fn = jax.jit(run.trainer.calibrate_step)
+  for i in range(c.quant.calibration_batches):
+    x, _ = run.batch(i)
+    state = step_fn(state, x)
+  run.writer.hparams(summaries.hparams_of(c), group_name=None)
+  return state
+
+
+def _finish(run: Run, state, train_info, rules, t_start) -> dict[str, Any]:
+  c = run.config
+  eval_step = jax.jit(run.trainer.eval_step)
+  metrics = run.evaluate(state, eval_step)
+  step = c.num_train_steps if c.mode != 'ptq' else 0
+  run.writer.scalars(metrics, step)
+  serving = summaries.serving_summary(run, state, rules)
+  layers = summaries.quant_summaries(run, state, step)
+  if serving.get('serving_metrics'):
+    run.writer.scalars({f'serving/{k.split("/")[-1]}': v for k, v in serving['serving_metrics'].items()}, step)
+  return {
+      'mode': c.mode, 'model': c.model.name, 'dataset': c.dataset,
+      'metrics': metrics, **serving, 'layers': layers,
+      'train': train_info, 'wall_time_sec': time.time() - t_start,
+      'environment': environment(), 'rules': [r.to_dict() for r in rules] if rules else [],
+  }
+
+
+def main(argv: list[str]) -> int:
+  config, flags = configlib.parse_argv(argv)
+  workdir = flags.pop('workdir', None)
+  if not workdir:
+    raise configlib.ConfigError('missing --workdir=<dir>')
+  distributed.initialize(flags)
+  if flags:
+    raise configlib.ConfigError(f'unknown flags: {", ".join("--" + k for k in flags)}; '
+                                'known: --config, --config.<key>, --workdir, --coordinator_address, '
+                                '--num_processes, --process_id')
+  try:
+    train_and_evaluate(config, workdir)
+  except RunError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 3
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(configlib.main_guard(main))

@@ -1,0 +1,164 @@
+"""Train/eval steps for Linen and NNX models behind one interface, with or without qjax rules.
+
+A trainer owns the model and the optimizer and exposes pure, jitted functions over a state pytree:
+
+    state = trainer.init(rng, sample_x)
+    state, metrics = trainer.train_step(state, x, y)          # metrics: loss (and accuracy)
+    sums = trainer.eval_step(state, x, y, w)                   # weighted sums: loss, correct, count
+    trainer.calibrate_step(state, x) -> state                  # PTQ: update range statistics only
+
+State is a plain pytree of arrays (checkpointable with orbax): Linen {'params', 'opt', 'vars'}; NNX the
+pure dict of the model's and optimizer's nnx.State.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from experiments.models import ModelDef
+from qjax import flax as qflax
+from qjax.flax.intercept import STATS
+
+
+def loss_fn(logits, y, task: str):
+  """Mean cross-entropy over examples (and positions for LMs); also per-example losses and hits."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)  # (batch[, seq])
+  hits = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+  if task == 'lm':
+    ce, hits = ce.mean(-1), hits.mean(-1)
+  return ce.mean(), ce, hits
+
+
+class LinenTrainer:
+  def __init__(self, md: ModelDef, tx: optax.GradientTransformation, rules=None):
+    self.md, self.tx = md, tx
+    self.q = qflax.quantize_linen(md.module, rules) if rules else None
+
+  def _apply(self, variables, x, train, mutable=False):
+    fn = self.q.apply if self.q is not None else self.md.module.apply
+    return fn(variables, x, train=train, mutable=mutable)
+
+  def init(self, rng, x, float_pure=None) -> dict[str, Any]:
+    """Fresh state; with `float_pure` (a float run's state) its params and collections are loaded first,
+    so learned quantizer parameters initialise from the pretrained weights."""
+    fn = self.q.init if self.q is not None else self.md.module.init
+    variables = dict(fn(rng, x, train=False))
+    if float_pure is not None:
+      float_vars = {'params': float_pure['params'],
+                    **{k: v for k, v in float_pure['vars'].items() if k != STATS}}
+      if self.q is not None:  # creates the missing quantizer params/stats from the loaded weights
+        _, variables = self.q.apply(float_vars, x, train=False, mutable=True)
+        variables = dict(variables)
+      else:
+        variables = float_vars
+    params = variables.pop('params')
+    return {'params': params, 'opt': self.tx.init(params), 'vars': dict(variables)}
+
+  def to_pure(self, state) -> dict:
+    return state
+
+  def from_pure(self, template, pure):
+    return pure
+
+  def train_step(self, state, x, y):
+    mutable = list(state['vars'].keys())
+
+    def loss(params):
+      logits, upd = self._apply({'params': params, **state['vars']}, x, True, mutable)
+      mean, _, hits = loss_fn(logits, y, self.md.task)
+      return mean, (upd, hits.mean())
+    (value, (upd, acc)), grads = jax.value_and_grad(loss, has_aux=True)(state['params'])
+    updates, opt = self.tx.update(grads, state['opt'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    return {'params': params, 'opt': opt, 'vars': {**state['vars'], **upd}}, {'loss': value, 'accuracy': acc}
+
+  def eval_step(self, state, x, y, w):
+    logits = self._apply({'params': state['params'], **state['vars']}, x, False)
+    _, ce, hits = loss_fn(logits, y, self.md.task)
+    return {'loss': jnp.sum(ce * w), 'correct': jnp.sum(hits * w), 'count': jnp.sum(w)}
+
+  def calibrate_step(self, state, x):
+    _, upd = self._apply({'params': state['params'], **state['vars']}, x, False, [STATS])
+    return {**state, 'vars': {**state['vars'], **upd}}
+
+  def variables(self, state):
+    return {'params': state['params'], **state['vars']}
+
+  def float_variables(self, state):
+    return {'params': state['params'], **{k: v for k, v in state['vars'].items() if k != STATS}}
+
+
+class NnxTrainer:
+  """NNX models as (graphdef, state): steps merge, run, and split again, so state is an nnx.State pytree."""
+
+  def __init__(self, md: ModelDef, tx: optax.GradientTransformation, rules=None):
+    self.md, self.tx, self.rules = md, tx, rules
+    self.graphdef = None
+    self.ruleset = None
+
+  def init(self, rng, x, float_pure=None):
+    """Fresh state; with `float_pure` (a float run's pure state) the weights are loaded before quantizing,
+    so learned quantizer parameters initialise from the pretrained weights."""
+    seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
+    model = self.md.make(nnx.Rngs(seed))
+    if float_pure is not None:
+      graphdef, st = nnx.split(model)
+      pure = _overlay(nnx.to_pure_dict(st), float_pure[0])
+      nnx.replace_by_pure_dict(st, pure)
+      model = nnx.merge(graphdef, st)
+    if self.rules:
+      self.ruleset = qflax.quantize_nnx(model, self.rules, jnp.asarray(x))
+    self.graphdef, state = nnx.split((model, nnx.Optimizer(model, self.tx, wrt=nnx.Param)))
+    return state
+
+  def to_pure(self, state) -> dict:
+    return nnx.to_pure_dict(state)
+
+  def from_pure(self, template, pure):
+    s = jax.tree.map(lambda a: a, template)
+    nnx.replace_by_pure_dict(s, pure)
+    return s
+
+  def train_step(self, state, x, y):
+    model, opt = nnx.merge(self.graphdef, state)
+    model.train()
+
+    def loss(m):
+      mean, _, hits = loss_fn(m(x), y, self.md.task)
+      return mean, hits.mean()
+    (value, acc), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    opt.update(model, grads)
+    return nnx.state((model, opt)), {'loss': value, 'accuracy': acc}
+
+  def eval_step(self, state, x, y, w):
+    model, _ = nnx.merge(self.graphdef, state)
+    model.eval()
+    _, ce, hits = loss_fn(model(x), y, self.md.task)
+    return {'loss': jnp.sum(ce * w), 'correct': jnp.sum(hits * w), 'count': jnp.sum(w)}
+
+  def calibrate_step(self, state, x):
+    model, opt = nnx.merge(self.graphdef, state)
+    model.train()  # range statistics update in training mode; no optimizer step, so nothing else changes
+    model(x)
+    return nnx.state((model, opt))
+
+  def module(self, state):
+    return nnx.merge(self.graphdef, state)[0]
+
+
+def _overlay(dst, src):
+  """dst with every leaf that src also has (same path) replaced by src's."""
+  if isinstance(dst, dict):
+    return {k: (_overlay(v, src[k]) if isinstance(src, dict) and k in src else v) for k, v in dst.items()}
+  return src
+
+
+def make(md: ModelDef, tx, rules=None):
+  return LinenTrainer(md, tx, rules) if md.api == 'linen' else NnxTrainer(md, tx, rules)
+
+
