@@ -71,7 +71,11 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
     if seed is not None:
       module.qjax_rngs = nnx.Rngs(quant=hash((seed, module._qjax_path)) % (2 ** 31))
   if sample_args or sample_kwargs:
-    model(*sample_args, **sample_kwargs)
+    session.creating = True
+    try:
+      model(*sample_args, **sample_kwargs)
+    finally:
+      session.creating = False
   return ruleset
 
 
