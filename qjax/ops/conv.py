@@ -33,20 +33,25 @@ where conv(1, qr) convolves a ones-input (batch 1, or one per batch group) with 
 with a ones-kernel with one output feature per group, and conv(1, 1) counts the in-bounds taps; padding and
 lhs dilation insert true zeros, which these terms account for exactly.
 
-XLA:CPU (jaxlib 0.12): an s8 x s8 -> s32 conv in NHWC/HWIO layout with two spatial dims runs natively (a
-YNNPACK `__ynn_fusion`), strides, rhs dilation and feature groups included. Other convs (NCHW, 1-D/3-D, lhs
-dilation, i.e. the dlhs of a strided conv, batch groups, depthwise) are up-cast to s32 x s32 on Eigen. fp8 convs
-are up-cast to f32. See tests/test_conv.py::test_compiled_hlo_int8_convs.
+XLA:CPU (jaxlib 0.12) runs an s8 x s8 -> s32 conv natively (a YNNPACK `__ynn_fusion`) only in NHWC/HWIO/NHWC
+layout with two spatial dims (strides, rhs dilation, feature groups included); any other layout is up-cast to
+s32 x s32 on Eigen, 10-20x slower than f32. So on CPU 'real' int convs of one or two spatial dims are moved to
+NHWC/HWIO first (int8 transposes pinned row-major; 1-D convs get a size-1 spatial dim), which keeps the forward
+and both gradient convs on YNNPACK whatever the user's dimension numbers. Still up-cast: lhs-dilated convs (the
+dlhs of a strided conv: 'auto' runs them as 'fake'), batch-grouped ones (the drhs of a grouped conv; still
+faster than XLA:CPU's f32 version), 3-D convs. fp8 convs are up-cast to f32. See tests/test_conv.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from qjax import quantizers
 from qjax.ops.config import DotConfig, MatmulConfig
@@ -54,6 +59,8 @@ from qjax.ops.dot_general import _fq_operand, native_kind, quantize_operand
 from qjax.spec import QuantSpec
 
 ConvDimensionNumbers = lax.ConvDimensionNumbers
+log = logging.getLogger('qjax')
+_ROUTED: set = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,8 +194,10 @@ def _check_specs(config: DotConfig):
       resolve_conv_spec(getattr(mcfg, side), (2,), 0, f'conv_general_dilated {name}.{side}')
 
 
-def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str) -> str:
-  """'real' or 'fake' for one conv, raising when 'real' is asked of formats that cannot run natively."""
+def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str, cp: ConvParams | None = None) -> str:
+  """'real' or 'fake' for one conv, raising when 'real' is asked of formats that cannot run natively. In 'auto'
+  mode on XLA:CPU an int conv with lhs dilation (the dlhs of a strided conv, transposed convs) runs as 'fake':
+  XLA:CPU up-casts it to an s32 conv on Eigen, measured 27x slower than f32."""
   if mcfg.mode == 'fake' or aspec is None or bspec is None:
     return 'fake'
   ka, kb = native_kind(aspec), native_kind(bspec)
@@ -197,7 +206,16 @@ def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str) -> str:
     raise ValueError(f'{where}: mode="real" needs both operands in integer (<= 8 bit) or both in fp8 formats; '
                      f'got lhs format={aspec.format!r} ({aspec.estimator}), rhs format={bspec.format!r} '
                      f'({bspec.estimator}); use mode="auto" or "fake"')
-  return 'real' if native else 'fake'
+  if not native:
+    return 'fake'
+  if (mcfg.mode == 'auto' and ka == 'int' and cp is not None and any(d != 1 for d in cp.lhs_dilation)
+      and jax.default_backend() == 'cpu'):
+    if where not in _ROUTED:
+      _ROUTED.add(where)
+      log.info('qjax: %s is an lhs-dilated conv, which XLA:CPU runs as a slow s32 conv; running it as a float '
+               'conv of the quantized values (mode="auto"; use mode="real" to force int8)', where)
+    return 'fake'
+  return 'real'
 
 
 # ------------------------------------------------------------------------------------------ real execution
@@ -233,8 +251,43 @@ def _rhs_to_out(v, cp: ConvParams, out_ndim: int):
   return _place(v[None, :], out_ndim, cp.dnums)
 
 
-def real_conv(lq, rq, cp: ConvParams, kind: str) -> jax.Array:
-  """Low-precision conv of two quantized operands (see dot_general._Q), rescaled to f32."""
+def _row_major(q, perm, expand_at: int | None):
+  """Transposes an operand (qvalue, scale, zero point) by perm into a materialised row-major array, with a
+  size-1 spatial dim inserted at `expand_at` (1-D convs). Without the layout constraint XLA:CPU folds the
+  transpose back into the conv's dim labels and up-casts the s8 conv to s32 (see the module docstring)."""
+  fix = lambda a: a if expand_at is None else jnp.expand_dims(a, expand_at)
+  v = fix(jnp.transpose(lax.optimization_barrier(q.qvalue), perm))
+  v = with_layout_constraint(v, Layout(major_to_minor=tuple(range(v.ndim))))
+  zp = None if q.zero_point is None else fix(jnp.transpose(q.zero_point, perm))
+  return dataclasses.replace(q, qvalue=v, scale=fix(jnp.transpose(q.scale, perm)), zero_point=zp)
+
+
+def to_nhwc(lq, rq, cp: ConvParams):
+  """Moves a conv with one or two spatial dims into NHWC/HWIO/NHWC (1-D gets a size-1 leading spatial dim),
+  the layout of XLA:CPU's native s8 conv. Returns (lq, rq, params, back) with back(out) in cp's output layout."""
+  lhs_spec, rhs_spec, out_spec = cp.dnums
+  nsp = len(lhs_spec) - 2
+  one = nsp == 1
+  lq = _row_major(lq, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]), 1 if one else None)
+  rq = _row_major(rq, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]), 0 if one else None)
+  pad1 = lambda t, v: ((v,) + tuple(t)) if one else tuple(t)
+  n = nsp + one
+  dn = ConvDimensionNumbers((0, n + 1, *range(1, n + 1)), (n + 1, n, *range(n)), (0, n + 1, *range(1, n + 1)))
+  params = ConvParams(pad1(cp.window_strides, 1), pad1(cp.padding, (0, 0)), pad1(cp.lhs_dilation, 1),
+                      pad1(cp.rhs_dilation, 1), dn, cp.feature_group_count, cp.batch_group_count)
+  out_perm = (out_spec[0], *out_spec[2:], out_spec[1])
+
+  def back(out):
+    return jnp.transpose(out[:, 0] if one else out, tuple(np.argsort(out_perm)))
+  return lq, rq, params, back
+
+
+def real_conv(lq, rq, cp: ConvParams, kind: str, nhwc: bool = False) -> jax.Array:
+  """Low-precision conv of two quantized operands (see dot_general._Q), rescaled to f32. nhwc=True runs it
+  in NHWC/HWIO layout (see `to_nhwc`)."""
+  if nhwc:
+    lq, rq, cp, back = to_nhwc(lq, rq, cp)
+    return back(real_conv(lq, rq, cp, kind))
   acc_t = jnp.int32 if kind == 'int' else jnp.float32
   acc = cp.conv(lq.qvalue, rq.qvalue, acc_t)
   dn = cp.dnums
@@ -258,6 +311,15 @@ def real_conv(lq, rq, cp: ConvParams, kind: str) -> jax.Array:
   return acc.astype(jnp.float32) * lout(lq.scale) * rout(rq.scale)
 
 
+def _want_nhwc(cp: ConvParams, kind: str) -> bool:
+  """Whether an int conv should move to NHWC/HWIO: on XLA:CPU, for 1-D and 2-D convs not already there."""
+  lhs_spec, rhs_spec, out_spec = cp.dnums
+  nsp = len(lhs_spec) - 2
+  canonical = (lhs_spec == (0, nsp + 1, *range(1, nsp + 1)) and out_spec == lhs_spec
+               and rhs_spec == (nsp + 1, nsp, *range(nsp)))
+  return kind == 'int' and nsp in (1, 2) and not (canonical and nsp == 2) and jax.default_backend() == 'cpu'
+
+
 def qconv(a, b, cp: ConvParams, mcfg: MatmulConfig, *, where: str, a_qparams=None, b_qparams=None, key=None,
           out_dtype=None):
   """One quantized conv(a, b) under `mcfg`, per_channel resolved along a's batch and b's output-feature dims."""
@@ -267,13 +329,14 @@ def qconv(a, b, cp: ConvParams, mcfg: MatmulConfig, *, where: str, a_qparams=Non
   if aspec is None and bspec is None:
     return cp.conv(a, b, jnp.float32).astype(out_dtype)
   ka, kb = (None, None) if key is None else jax.random.split(key)
-  if choose_mode(mcfg, aspec, bspec, where) == 'fake':
+  if choose_mode(mcfg, aspec, bspec, where, cp) == 'fake':
     fq = lambda x, spec, qp, k: x.astype(jnp.float32) if spec is None or qp is not None else (
         quantizers.fake_quant(x.astype(jnp.float32), spec, key=k))
     return cp.conv(fq(a, aspec, a_qparams, ka), fq(b, bspec, b_qparams, kb), jnp.float32).astype(out_dtype)
   lq = quantize_operand(a, aspec, a_qparams, ka)
   rq = quantize_operand(b, bspec, b_qparams, kb)
-  return real_conv(lq, rq, cp, native_kind(aspec)).astype(out_dtype)
+  kind = native_kind(aspec)
+  return real_conv(lq, rq, cp, kind, nhwc=_want_nhwc(cp, kind)).astype(out_dtype)
 
 
 # ------------------------------------------------------------------------------------------ the custom VJP
@@ -372,6 +435,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       raise ValueError('conv_general_dilated fwd: mode="real" cannot run estimator lsq_plus natively (float '
                        'offset); use mode="auto"')
     fwd = dataclasses.replace(fwd, mode='fake')
+  # An operand without grid parameters (lsq_plus) is already fake-quantized: the conv takes it as is.
+  lspec, rspec = (lspec if lqp is not None else None), (rspec if rqp is not None else None)
   cfg = dataclasses.replace(config, fwd=dataclasses.replace(fwd, lhs=lspec, rhs=rspec))
   out = _qconv(lhs_hat, rhs_hat, lqp, rqp, keys[2], _Static(cp, cfg, jnp.dtype(out_dtype)))
   return out.astype(out_dtype)
