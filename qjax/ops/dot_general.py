@@ -424,7 +424,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     if fwd.mode == 'real':
       raise ValueError('fwd: mode="real" cannot run estimator lsq_plus natively (float offset); use "auto"')
     fwd = dataclasses.replace(fwd, mode='fake')
-  cfg = dataclasses.replace(config, fwd=dataclasses.replace(fwd, lhs=lspec, rhs=rspec))
+  # An operand without qparams (LSQ+) is already fake-quantized: the forward matmul takes it as a float.
+  fwd = dataclasses.replace(fwd, lhs=lspec if lqp is not None else None, rhs=rspec if rqp is not None else None)
+  cfg = dataclasses.replace(config, fwd=fwd)
   out = _qdot(lhs_hat, rhs_hat, lqp, rqp, keys[2], _Static(dims, cfg, jnp.dtype(out_dtype)))
   return out.astype(out_dtype)
 
