@@ -94,21 +94,27 @@ def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4
                   **kwargs) -> dict[str, Any]:
   """PTQ conversion: a serving variable tree in which every quantized weight is a ServingWeight.
 
-  Runs the model abstractly on sample inputs to learn which params are weights of quantized ops and with which
-  spec, then quantizes them with the same calibration (or learned step) the QAT forward uses, so the serving
-  forward equals the QAT evaluation forward bit for bit. 4-bit (or narrower) integer weights are packed two
-  per byte when `int4_pack`. Statistics collections are kept; learned step params of weights are dropped.
+  Runs the model (jit-compiled, in evaluation mode) on sample inputs to learn which params are weights of
+  quantized ops, with which spec and quantizer state, then quantizes them with the same calibration (or learned
+  step) the QAT forward uses, so the serving forward equals the QAT evaluation forward bit for bit. 4-bit (or
+  narrower) integer weights are packed two per byte when `int4_pack`. Statistics collections are kept; learned
+  step params of weights are dropped.
   """
   session = intercept.Session(qmodel.rules, 'linen')
   session.mode = 'record'
   rec = QuantizedLinen(qmodel.model, qmodel.rules, session=session)
-  jax.eval_shape(lambda v: rec.apply(v, *args, **kwargs), variables)
+
+  def run(v):  # Returns the weights' quantizer state (learned steps, delayed-scaling scales) as values.
+    session.records = []
+    rec.apply(v, *args, **kwargs)
+    return [r.state if r.weight_name is not None else {} for r in session.records]
+  states = jax.jit(run)(variables)
   params = jax.tree.map(lambda x: x, dict(variables['params']))  # shallow-copied nested dicts
   params = _unfreeze(params)
-  for r in session.records:
+  for r, state in zip(session.records, states, strict=True):
     if r.weight_name is None:
       continue
-    module, name, spec, state, prefix = r.module, r.weight_name, r.spec, r.state, r.prefix
+    module, name, spec, prefix = r.module, r.weight_name, r.spec, r.prefix
     scope_path = module.path
     node = params
     for p in scope_path:
