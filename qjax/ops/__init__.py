@@ -2,5 +2,7 @@
 
 from qjax.ops.config import DotConfig, MatmulConfig, fp8, int8_dynamic
 from qjax.ops.dot_general import dot_general, make_dot_general
+from qjax.ops.inspect import MatmulOp, MatmulReport, inspect_matmuls
 
-__all__ = ['DotConfig', 'MatmulConfig', 'dot_general', 'fp8', 'int8_dynamic', 'make_dot_general']
+__all__ = ['DotConfig', 'MatmulConfig', 'MatmulOp', 'MatmulReport', 'dot_general', 'fp8', 'inspect_matmuls',
+           'int8_dynamic', 'make_dot_general']
