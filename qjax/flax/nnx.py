@@ -6,13 +6,18 @@
 
 Every module of the model gets a quantized subclass (`__class__` swap) whose `__call__` pushes the module on
 qjax's interception stack; layers that keep their op as an attribute (LinearGeneral, Conv, Einsum) get qjax's
-hooks there. State lives on the modules as nnx.Param / QuantStat attributes named 'qjax_*', so nnx.jit,
-nnx.scan, optimizers and checkpoints see it like any other variable.
+hooks there, and MultiHeadAttention's default attention_fn runs its einsums where qjax sees them (instead
+of the fused jax.nn.dot_product_attention) when a rule quantizes them. State lives on the modules as nnx.Param
+/ QuantStat attributes named 'qjax_*', so nnx.jit, nnx.scan, optimizers and checkpoints see it like any other
+variable.
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import attention as nnx_attention
+from flax.nnx.nn import dtypes
 from jax import lax
 
 from qjax.flax import intercept
@@ -47,6 +52,38 @@ def _path_str(path) -> str:
   return '/'.join(str(p) for p in path)
 
 
+def _is_default(fn, attr: str, current) -> bool:
+  orig = intercept._ORIG.get('einsum' if attr == 'einsum_op' else attr)
+  return fn is None or fn is current or fn is intercept.HOOKS[attr] or (orig is not None and fn is orig)
+
+
+def _attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
+                  dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
+                  promote_dtype=dtypes.promote_dtype, is_causal=False, **kwargs):
+  """nnx.dot_product_attention through its two jnp.einsum calls when a rule quantizes this module's einsums.
+
+  Without dropout and sown weights, nnx.dot_product_attention calls the fused jax.nn.dot_product_attention,
+  whose einsums are out of qjax's reach; this runs Flax's explicit path instead (the same math).
+  """
+  fr = intercept.current()
+  rule = None if fr is None else fr.session.ruleset.peek(fr.path, 'einsum')
+  if rule is None or rule.float or kwargs:
+    return nnx.dot_product_attention(query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
+                                     dropout_rng=dropout_rng, dropout_rate=dropout_rate,
+                                     deterministic=deterministic, dtype=dtype, precision=precision, module=module,
+                                     promote_dtype=promote_dtype, is_causal=is_causal, **kwargs)
+  query, key, value = promote_dtype((query, key, value), dtype=dtype)
+  weights = nnx_attention.dot_product_attention_weights(
+      query, key, bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic, query.dtype, precision,
+      module, promote_dtype, is_causal)
+  if weights.shape[-3] != value.shape[-2]:  # grouped-query attention, as in Flax
+    q_heads, v_heads = weights.shape[-3], value.shape[-2]
+    weights = weights.reshape(weights.shape[:-3] + (v_heads, q_heads // v_heads) + weights.shape[-2:])
+    out = jnp.einsum('...hgqk,...kh1d->...qhgd', weights, jnp.expand_dims(value, -2), precision=precision)
+    return out.reshape(out.shape[:-3] + (q_heads, out.shape[-1]))
+  return jnp.einsum('...hqk,...khd->...qhd', weights, value, precision=precision)
+
+
 def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None, **sample_kwargs) -> RuleSet:
   """Quantizes an NNX model in place by rules; returns the RuleSet (its `report()` lists what was quantized).
 
@@ -59,21 +96,23 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
     module.__class__ = _quantized_class(type(module))
     module._qjax_session = session
     module._qjax_path = _path_str(path)
-    if hasattr(module, 'dot_general') and module.dot_general in (None, intercept._ORIG.get('dot_general'),
-                                                                lax.dot_general):
-      module.dot_general = intercept.HOOKS['dot_general']
-    if hasattr(module, 'conv_general_dilated'):
-      module.conv_general_dilated = intercept.HOOKS['conv_general_dilated']
-    if hasattr(module, 'einsum_op'):
-      module.einsum_op = intercept.HOOKS['einsum_op']
+    # Default ops become qjax's hooks; an op the user plugged in explicitly (a qjax op with its own config)
+    # is left alone.
+    for attr, default in (('dot_general', lambda: lax.dot_general),
+                          ('conv_general_dilated', lambda: lax.conv_general_dilated),
+                          ('einsum_op', lambda: jnp.einsum)):
+      if hasattr(module, attr) and _is_default(getattr(module, attr), attr, default()):
+        setattr(module, attr, intercept.HOOKS[attr])
+    if getattr(module, 'attention_fn', None) is nnx.dot_product_attention:
+      module.attention_fn = _attention_fn
     if not hasattr(module, 'use_running_average'):
       module.use_running_average = False
     if seed is not None:
       module.qjax_rngs = nnx.Rngs(quant=hash((seed, module._qjax_path)) % (2 ** 31))
   if sample_args or sample_kwargs:
     session.creating = True
-    try:
-      model(*sample_args, **sample_kwargs)
+    try:  # under nnx.jit: eager ops would each compile on their own (slow); new Variables propagate out
+      nnx.jit(lambda m, a, k: m(*a, **k))(model, sample_args, sample_kwargs)
     finally:
       session.creating = False
   return ruleset

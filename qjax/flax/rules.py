@@ -142,6 +142,10 @@ class RuleSet:
         return i, rule
     return None
 
+  def peek(self, path: str, op: str) -> QuantRule | None:
+    """The rule that decides (path, op), without marking it used."""
+    return next((r for r in self.rules if r.matches(path, op)), None)
+
   def record(self, path: str, op: str, index: int, rule: QuantRule, weights: tuple[str, ...], config) -> None:
     desc = 'float' if config is None else _describe(config)
     self.matches[(path, op, index)] = Match(path, op, rule.label, weights, desc)
