@@ -333,7 +333,7 @@ class Session:
     weights = tuple(n for n in (lw, rw) if n)
     if found is None or found[1].float:
       if found is not None:
-        self.ruleset.record(fr.path, op, index, found[1], weights, None)
+        self.ruleset.record(fr.path, op, index, found[1], weights, None, (lw or 'act', rw or 'act'))
       if _is_serving(lhs) or _is_serving(rhs):
         raise ValueError(f'{fr.path}: a serving (quantized) weight reached an op that no rule quantizes')
       with _inside_op():
@@ -343,7 +343,7 @@ class Session:
       cfg = rule.dot_config(lw is not None, rw is not None)
     except ValueError as e:
       raise ValueError(f'rule {rule.label!r} at {fr.path} ({op}): {e}') from None
-    self.ruleset.record(fr.path, op, index, rule, weights, cfg)
+    self.ruleset.record(fr.path, op, index, rule, weights, cfg, (lw or 'act', rw or 'act'))
     prefix = f'{op}{index}'
     lp = self._params_cb(fr, rule, f'{prefix}_lhs', lw, lhs)
     rp = self._params_cb(fr, rule, f'{prefix}_rhs', rw, rhs)

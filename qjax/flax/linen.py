@@ -48,11 +48,15 @@ class QuantizedLinen:
 
   def init(self, rngs, *args, **kwargs):
     with self._context():
-      return self.model.init(rngs, *args, **kwargs)
+      out = self.model.init(rngs, *args, **kwargs)
+    self.rules.check_first_run()
+    return out
 
   def apply(self, variables, *args, **kwargs):
     with self._context():
-      return self.model.apply(variables, *args, **kwargs)
+      out = self.model.apply(variables, *args, **kwargs)
+    self.rules.check_first_run()
+    return out
 
   def serving(self) -> QuantizedLinen:
     """The same model and rules, reading ServingWeights (see convert_linen)."""

@@ -34,7 +34,10 @@ def _quantized_call(self, *args, **kwargs):
   if session is None:
     return parent(*args, **kwargs)
   with intercept.patched(), intercept.frame(self, self._qjax_path, session):
-    return parent(*args, **kwargs)
+    out = parent(*args, **kwargs)
+  if not intercept._stack():  # the outermost quantized module returned: the model ran once
+    session.ruleset.check_first_run()
+  return out
 
 
 def _quantized_class(cls: type) -> type:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from qjax.ops.config import MODES, DotConfig, MatmulConfig
@@ -65,7 +67,7 @@ class QuantRule:
     object.__setattr__(self, 'op_names', ops)
     for field in ('weight', 'act', 'grad'):
       v = getattr(self, field)
-      if isinstance(v, dict):
+      if _is_mapping(v):  # a dict, or an ml_collections ConfigDict
         try:
           object.__setattr__(self, field, QuantSpec.from_dict(dict(v)))
         except ValueError as e:
@@ -114,28 +116,61 @@ class QuantRule:
     return d
 
 
+def _is_mapping(v) -> bool:
+  return isinstance(v, Mapping) or (hasattr(v, 'keys') and hasattr(v, '__getitem__') and not isinstance(v, type))
+
+
+def _to_rule(i: int, r) -> QuantRule:
+  """A QuantRule from a QuantRule or a dict of its fields (as a config holds it)."""
+  if isinstance(r, QuantRule):
+    return r
+  if not _is_mapping(r):
+    raise ValueError(f'rule {i}: a rule is a QuantRule or a dict of its fields, got {type(r).__name__} {r!r}')
+  d = dict(r)
+  fields = tuple(sorted(f.name for f in dataclasses.fields(QuantRule)))
+  for k in d:
+    check_choice('QuantRule field', k, fields, where=f'rule {i} ({d.get("name") or d.get("module_path", ".*")!r}): ')
+  return QuantRule(**d)
+
+
 @dataclasses.dataclass
 class Match:
-  """One op that a rule decided, for reports."""
+  """One op that a rule decided, for reports.
+
+  Attributes:
+    path, op: the module path and the op ('dot_general', 'conv', 'einsum').
+    rule: the deciding rule's label.
+    weight_operands: names of the operands that are the module's params (e.g. ('kernel',)); () for an op of two
+      activations (attention scores).
+    config: a one-line description of the forward (and backward) quantization, or 'float'.
+    lhs, rhs: what each operand is: 'act', or the weight param's name.
+    dot_config: the DotConfig the op runs with (None: float).
+  """
   path: str
   op: str
   rule: str
   weight_operands: tuple[str, ...]
   config: str
+  lhs: str = 'act'
+  rhs: str = 'act'
+  dot_config: DotConfig | None = None
 
 
 class RuleSet:
   """An ordered rule list with bookkeeping: which rules matched, and what was quantized how."""
 
   def __init__(self, rules):
-    rules = [r if isinstance(r, QuantRule) else QuantRule(**dict(r)) for r in rules]
+    rules = [_to_rule(i, r) for i, r in enumerate(rules)]
     if not rules:
       raise ValueError('the rule list is empty: nothing would be quantized')
     self.rules = tuple(rules)
     self.used: set[int] = set()
     self.matches: dict[tuple[str, str, int], Match] = {}
+    self.seen: dict[tuple[str, str], None] = {}  # every (module path, op) looked up, in order
+    self._checked = False
 
   def find(self, path: str, op: str) -> tuple[int, QuantRule] | None:
+    self.seen[(path, op)] = None
     for i, rule in enumerate(self.rules):
       if rule.matches(path, op):
         self.used.add(i)
@@ -146,15 +181,32 @@ class RuleSet:
     """The rule that decides (path, op), without marking it used."""
     return next((r for r in self.rules if r.matches(path, op)), None)
 
-  def record(self, path: str, op: str, index: int, rule: QuantRule, weights: tuple[str, ...], config) -> None:
+  def record(self, path: str, op: str, index: int, rule: QuantRule, weights: tuple[str, ...], config,
+             operands: tuple[str, str] = ('act', 'act')) -> None:
     desc = 'float' if config is None else _describe(config)
-    self.matches[(path, op, index)] = Match(path, op, rule.label, weights, desc)
+    self.matches[(path, op, index)] = Match(path, op, rule.label, weights, desc, operands[0], operands[1], config)
+
+  def check_first_run(self) -> None:
+    """Called after a model's first run: warns (once) about rules that matched no op, naming them, and when no
+    op was quantized at all."""
+    if self._checked:
+      return
+    self._checked = True
+    unused = ', '.join(repr(r.label) for r in self.unused_rules())
+    seen = ', '.join(f'{p or "<root>"} ({op})' for p, op in self.seen) or 'none'
+    if not self.quantized():
+      warnings.warn(f'qjax: the rules quantized no op of the model (rules that matched no op: {unused or "none"}; '
+                    f'the ops the model ran: {seen})', stacklevel=3)
+    elif unused:
+      warnings.warn(f'qjax: rules that matched no op: {unused}; check their module_path regex and op_names '
+                    'against the paths in RuleSet.report()', stacklevel=3)
 
   def unused_rules(self) -> list[QuantRule]:
     return [r for i, r in enumerate(self.rules) if i not in self.used]
 
   def report(self) -> str:
-    lines = [f'{m.path:40s} {m.op:12s} rule={m.rule!r:20s} {m.config}' for m in self.matches.values()]
+    lines = [f'{m.path or "<root>":40s} {m.op:12s} rule={m.rule!r:20s} lhs={m.lhs} rhs={m.rhs}  {m.config}'
+             for m in self.matches.values()]
     unused = self.unused_rules()
     if unused:
       lines.append('rules that matched nothing: ' + ', '.join(repr(r.label) for r in unused))
