@@ -7,6 +7,7 @@ parameters (do LSQ steps and PACT clips move?), and an image of the per-layer SQ
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import Any
 
@@ -56,45 +57,65 @@ def one_line(result: dict) -> str:
 
 
 def _probe_records(run, state):
-  """Runs one small eval batch eagerly in record mode; returns the session's records."""
+  """Runs one small eval batch in qjax's record mode, inside jit (eager ops would compile one by one).
+
+  Returns (records, arrays): the records' static metadata, and per record the operand and quantizer state.
+  """
   x, _, _ = next(input_pipeline.eval_batches(run.data, min(run.config.eval_batch_size, 64)))
-  x = jnp.asarray(x)
   tr = run.trainer
   if run.md.api == 'linen':
     session = tr.q.session
+    forward = lambda st, x: tr.q.apply(tr.variables(st), x, train=False)
+  else:
+    from flax import nnx  # noqa: PLC0415
+    session = next(m._qjax_session for _, m in nnx.iter_modules(tr.module(state))
+                   if getattr(m, '_qjax_session', None))
+
+    def forward(st, x):
+      model = tr.module(st)
+      model.eval()
+      return model(x)
+  cache = run.__dict__.setdefault('_probe_cache', {})
+  if 'probe' in cache:
+    meta, jprobe = cache['probe']
+    return meta, jprobe(state, jnp.asarray(x))
+  meta = []
+
+  def probe(st, x):
     session.mode, session.records = 'record', []
     try:
-      tr.q.apply(tr.variables(state), x, train=False)
+      forward(st, x)
     finally:
       session.mode = 'train'
-    return session.records
-  model = tr.module(state)
-  model.eval()
-  session = next(m._qjax_session for _, m in _iter(model) if getattr(m, '_qjax_session', None))
-  session.mode, session.records = 'record', []
-  try:
-    model(x)
-  finally:
-    session.mode = 'train'
-  return session.records
-
-
-def _iter(model):
-  from flax import nnx  # noqa: PLC0415
-  return nnx.iter_modules(model)
+    meta[:] = [dataclasses.replace(r, x=None, state={}, module=None) for r in session.records]
+    return [(r.x, r.state) for r in session.records]
+  jprobe = jax.jit(probe)
+  arrays = jprobe(state, jnp.asarray(x))
+  cache['probe'] = (meta, jprobe)
+  return meta, arrays
 
 
 def layer_stats(run, state) -> list[dict[str, Any]]:
+  meta, arrays = _probe_records(run, state)
+
+  def stats(arrays):
+    out = []
+    for r, (x, st) in zip(meta, arrays, strict=True):
+      x = x.astype(jnp.float32)
+      x_hat = qmetrics.fake_quant_with(x, r.spec, st)
+      out.append((qmetrics.sqnr_db(x, x_hat), qmetrics.clip_fraction(x, r.spec, st)))
+    return out
+  cache = run.__dict__.setdefault('_probe_cache', {})
+  if 'stats' not in cache:
+    cache['stats'] = jax.jit(stats)
+  values = cache['stats'](arrays)
   rows = []
-  for r in _probe_records(run, state):
-    x = jnp.asarray(r.x, jnp.float32)
-    x_hat = qmetrics.fake_quant_with(x, r.spec, r.state)
+  for r, (x, st), (sqnr, clip) in zip(meta, arrays, values, strict=True):
     rows.append({
         'layer': f'{r.path}/{r.prefix}', 'operand': r.weight_name or 'act', 'format': r.spec.format,
-        'sqnr_db': float(qmetrics.sqnr_db(x, x_hat)),
-        'clip_fraction': float(qmetrics.clip_fraction(x, r.spec, r.state)),
-        'learned': {k: float(jnp.mean(jnp.asarray(r.state[k]))) for k in r.spec.learned},
-        '_x': x if r.weight_name else None, '_scale': r.state.get('scale', r.state.get('alpha')),
+        'sqnr_db': float(sqnr), 'clip_fraction': float(clip),
+        'learned': {k: float(jnp.mean(jnp.asarray(st[k]))) for k in r.spec.learned},
+        '_x': x if r.weight_name else None, '_scale': st.get('scale', st.get('alpha')),
     })
   return rows
 

@@ -47,12 +47,12 @@ class LinenTrainer:
     """Fresh state; with `float_pure` (a float run's state) its params and collections are loaded first,
     so learned quantizer parameters initialise from the pretrained weights."""
     fn = self.q.init if self.q is not None else self.md.module.init
-    variables = dict(fn(rng, x, train=False))
+    variables = dict(jax.jit(lambda rng, x: fn(rng, x, train=False))(rng, x))
     if float_pure is not None:
       float_vars = {'params': float_pure['params'],
                     **{k: v for k, v in float_pure['vars'].items() if k != STATS}}
       if self.q is not None:  # creates the missing quantizer params/stats from the loaded weights
-        _, variables = self.q.apply(float_vars, x, train=False, mutable=True)
+        _, variables = jax.jit(lambda v, x: self.q.apply(v, x, train=False, mutable=True))(float_vars, x)
         variables = dict(variables)
       else:
         variables = float_vars

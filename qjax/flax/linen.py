@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -85,7 +87,7 @@ def _serving_params():
       v = self.get_variable('params', name)
       if isinstance(v, intercept.ServingWeight):
         self.reserve(name, 'params')
-        return v
+        return nn.meta.unbox(v) if unbox else v  # its arrays may carry partitioning boxes
     return _orig_param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
   scope_mod.Scope.param = param
   try:
@@ -138,9 +140,28 @@ def _unfreeze(tree):
   return tree
 
 
-def _serving_weight(w, spec, state, int4_pack):
-  from qjax import formats, quantizers  # noqa: PLC0415
+def _serving_weight(w, spec, state, int4_pack, names=None):
+  """The ServingWeight of float weight w. Its sharding names come from a Linen partitioning box on w (then its
+  arrays get boxes too: qvalue w's names, scale and zero_point None on reduced axes) or from `names` (NNX)."""
+  from qjax import formats  # noqa: PLC0415
+  box = w if isinstance(w, nn.meta.Partitioned) else None
   w = nn.meta.unbox(w)
+  fmt = spec.fmt
+  pack = (int4_pack and isinstance(fmt, formats.IntFormat) and fmt.signed and fmt.bits <= 4 and w.ndim >= 1)
+  qv, scale, zp = _quantize_weight(w, dict(state), spec, pack)  # one compiled program, not one per op
+  names = box.names if box is not None else names
+  names = tuple(names) if names and len(names) == w.ndim else None
+  sw = intercept.ServingWeight(qv, scale, zp, spec.format, tuple(w.shape), pack, names)
+  if box is not None and names is not None:
+    sn = intercept.scale_names(names, w.shape, scale.shape)
+    sw = dataclasses.replace(sw, qvalue=box.replace(value=qv), scale=box.replace(value=scale, names=sn),
+                             zero_point=None if zp is None else box.replace(value=zp, names=sn))
+  return sw
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _quantize_weight(w, state, spec, pack):
+  from qjax import quantizers  # noqa: PLC0415
   if spec.estimator == 'pact':
     q = quantizers.quantize(jax.numpy.clip(w, -state['alpha'], state['alpha']), spec,
                             scale=state['alpha'] / spec.fmt.qmax)
@@ -148,8 +169,5 @@ def _serving_weight(w, spec, state, int4_pack):
     q = quantizers.quantize(w, spec, scale=state['scale'], zero_point=state.get('zero_point'))
   else:
     q = quantizers.quantize(w, spec)
-  fmt = spec.fmt
-  pack = (int4_pack and isinstance(fmt, formats.IntFormat) and fmt.signed and fmt.bits <= 4
-          and q.qvalue.ndim >= 1)
   qv = intercept.pack_int4(q.qvalue) if pack else q.qvalue
-  return intercept.ServingWeight(qv, q.scale, q.zero_point, q.format, tuple(w.shape), pack)
+  return qv, q.scale, q.zero_point

@@ -145,7 +145,8 @@ def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sampl
     var = getattr(module, name)
     if isinstance(var.get_value(), intercept.ServingWeight):
       continue
-    setattr(module, name, nnx.Param(_serving_weight(var.get_value(), spec, state, int4_pack)))
+    names = var.get_metadata().get('out_sharding')  # carried by the ServingWeight (see partition_specs)
+    setattr(module, name, nnx.Param(_serving_weight(var.get_value(), spec, state, int4_pack, names)))
     for learned in spec.learned:
       if hasattr(module, f'qjax_{prefix}_{learned}'):
         delattr(module, f'qjax_{prefix}_{learned}')
