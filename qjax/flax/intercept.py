@@ -55,6 +55,17 @@ class ServingWeight:
   format: str = dataclasses.field(metadata=dict(static=True))
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  names: tuple | None = dataclasses.field(default=None, metadata=dict(static=True))  # the weight's sharding
+
+  def partition_specs(self) -> ServingWeight:
+    """A ServingWeight of PartitionSpecs (for jax.device_put / jit shardings) from the float weight's sharding
+    names: qvalue keeps them, scale and zero_point have None on their reduced (size-1) axes."""
+    P = jax.sharding.PartitionSpec
+    if self.names is None:
+      return dataclasses.replace(self, qvalue=P(), scale=P(), zero_point=None if self.zero_point is None else P())
+    sn = P(*scale_names(self.names, self.shape, _shape(self.scale)))
+    return dataclasses.replace(self, qvalue=P(*self.names), scale=sn, zero_point=None if self.zero_point is None
+                               else sn)
 
   def __getitem__(self, idx):  # nnx layers read kernels as `self.kernel[...]`
     if idx is Ellipsis:
@@ -72,6 +83,15 @@ class ServingWeight:
   def to_qarray(self) -> quantizers.QArray:
     q = unpack_int4(self.qvalue, self.shape) if self.packed else self.qvalue
     return quantizers.QArray(q, self.scale, self.zero_point, self.format)
+
+
+def _shape(a) -> tuple[int, ...]:
+  return tuple(getattr(a, 'value', a).shape)  # a Linen Partitioned box holds its array as .value
+
+
+def scale_names(names, weight_shape, scale_shape) -> tuple:
+  """Sharding names of a weight's scale: the weight's names, None on the axes the scale reduces (size 1)."""
+  return tuple(None if s == 1 and w != 1 else n for n, w, s in zip(names, weight_shape, scale_shape, strict=True))
 
 
 def pack_int4(q: jax.Array) -> jax.Array:
@@ -383,16 +403,18 @@ class Session:
       return None
 
     def cb(spec: QuantSpec, x):
-      out = self._state_for(fr, rule, prefix, spec, x, is_weight=weight_name is not None)
+      out = self._state_for(fr, rule, prefix, spec, x, weight_name=weight_name)
       if self.mode == 'record':
         self.records.append(Record(fr.module, fr.path, weight_name, spec, out, prefix, x))
       return out
     return cb
 
-  def _state_for(self, fr, rule, prefix, spec, x, *, is_weight):
+  def _state_for(self, fr, rule, prefix, spec, x, *, weight_name):
     x = jax.lax.stop_gradient(x)
+    is_weight = weight_name is not None
     if spec.learned:
-      return {name: self._param(fr, f'{prefix}_{name}', lambda n=name: quantizers.init_params(x, spec)[n])
+      return {name: self._param(fr, f'{prefix}_{name}', lambda n=name: quantizers.init_params(x, spec)[n],
+                                weight_name, x.shape)
               for name in spec.learned}
     if rule.delayed_scaling:
       return self._delayed(fr, rule, prefix, spec, x)
@@ -440,17 +462,50 @@ class Session:
 
   # ---- backends
 
-  def _param(self, fr, name, init):
+  def _param(self, fr, name, init, weight_name=None, x_shape=()):
+    """A learned quantizer param. The param of a weight's quantizer inherits the weight's sharding annotation
+    (Linen nn.with_partitioning box, NNX out_sharding metadata), with None on the axes its shape reduces."""
     if self.backend == 'linen':
-      return fr.module.param(name, lambda rng: init())
+      box = self._linen_box(fr, weight_name, x_shape)
+      if box is None:
+        return fr.module.param(name, lambda rng: init())
+
+      def boxed(rng):
+        v = init()
+        return box.replace(value=v, names=scale_names(box.names, x_shape, v.shape))
+      return fr.module.param(name, boxed)
     from flax import nnx  # noqa: PLC0415
     attr = f'qjax_{name}'
     var = getattr(fr.module, attr, None)
     if var is None:
       _require_eager(fr, attr)
-      var = nnx.Param(init())
+      v = init()
+      var = nnx.Param(v, **self._nnx_sharding(fr, weight_name, x_shape, v.shape))
       setattr(fr.module, attr, var)
     return var.get_value()
+
+  def _linen_box(self, fr, weight_name, x_shape):
+    """The Linen weight's partitioning box (nn.Partitioned / nn.LogicallyPartitioned), if it has one."""
+    if weight_name is None or fr.module.scope is None:
+      return None
+    from flax.core import meta  # noqa: PLC0415
+    box = fr.module.variables.get('params', {}).get(weight_name)
+    if not isinstance(box, meta.Partitioned) or len(box.names) != len(x_shape):
+      return None
+    return box
+
+  def _nnx_sharding(self, fr, weight_name, x_shape, shape) -> dict:
+    """Metadata of an NNX weight quantizer's Param: the weight's out_sharding with None on reduced axes."""
+    var = vars(fr.module).get(weight_name) if weight_name is not None else None
+    if var is None or not hasattr(var, 'get_metadata'):
+      return {}
+    md = var.get_metadata()
+    names = md.get('out_sharding')
+    if not names or len(names) != len(x_shape):
+      return {}
+    out = {'out_sharding': scale_names(names, x_shape, shape)}
+    out.update({k: md[k] for k in ('mesh', 'sharding_rules') if md.get(k) is not None})
+    return out
 
   def _stat(self, fr, name, init) -> _Var:
     if self.backend == 'linen':

@@ -14,6 +14,7 @@ variable.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import attention as nnx_attention
@@ -145,8 +146,12 @@ def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sampl
     var = getattr(module, name)
     if isinstance(var.get_value(), intercept.ServingWeight):
       continue
-    names = var.get_metadata().get('out_sharding')  # carried by the ServingWeight (see partition_specs)
-    setattr(module, name, nnx.Param(_serving_weight(var.get_value(), spec, state, int4_pack, names)))
+    md = var.get_metadata()
+    sw = _serving_weight(var.get_value(), spec, state, int4_pack, md.get('out_sharding'))
+    if md.get('mesh') is not None and sw.names is not None:  # placed as the float weight was, scales included
+      sw = jax.tree.map(lambda a, p, m=md['mesh']: jax.device_put(a, jax.sharding.NamedSharding(m, p)), sw,
+                        sw.partition_specs())
+    setattr(module, name, nnx.Param(sw))
     for learned in spec.learned:
       if hasattr(module, f'qjax_{prefix}_{learned}'):
         delattr(module, f'qjax_{prefix}_{learned}')
