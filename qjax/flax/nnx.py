@@ -14,6 +14,8 @@ variable.
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -112,7 +114,7 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
     if not hasattr(module, 'use_running_average'):
       module.use_running_average = False
     if seed is not None:
-      module.qjax_rngs = nnx.Rngs(quant=hash((seed, module._qjax_path)) % (2 ** 31))
+      module.qjax_rngs = nnx.Rngs(quant=zlib.crc32(f'{seed}/{module._qjax_path}'.encode()))  # not hash(): salted
   if sample_args or sample_kwargs:
     session.creating = True
     try:  # under nnx.jit: eager ops would each compile on their own (slow); new Variables propagate out
