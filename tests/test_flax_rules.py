@@ -1,0 +1,208 @@
+"""qjax.flax rules: plain-data rule lists (dicts, ml_collections ConfigDicts), first-match order, float
+exclusions, reports (what was quantized with which spec, rules that matched nothing), the warning after a
+model's first run, and clear errors naming the rule for bad regexes, bad fields and specs that cannot apply.
+"""
+
+import re
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+from flax import nnx
+
+from qjax import QuantSpec
+from qjax.flax import QuantRule, RuleSet, quantize_linen, quantize_nnx
+
+W8 = {'format': 'int8', 'granularity': 'per_channel'}
+A8 = {'format': 'int8', 'granularity': 'per_tensor'}
+
+
+class TwoDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(8, name='body')(x))
+    return nn.Dense(3, name='head')(x)
+
+
+class NTwo(nnx.Module):
+  def __init__(self, rngs):
+    self.body = nnx.Linear(6, 8, rngs=rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.body(x)))
+
+
+X = jax.random.normal(jax.random.key(0), (4, 6))
+
+
+def _messages(record):
+  return [str(w.message) for w in record if 'qjax' in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------- plain data
+
+
+def test_rules_as_dicts_and_configdicts_equal_quantrules():
+  want = [QuantRule(module_path='enc/.*', op_names=('dot_general',), weight=QuantSpec('int4', 'per_channel'),
+                    act=QuantSpec('int8'), grad=QuantSpec('int8', rounding='stochastic'), name='enc'),
+          QuantRule(module_path='head', float=True)]
+  as_dicts = [{'module_path': 'enc/.*', 'op_names': ['dot_general'], 'name': 'enc',
+               'weight': {'format': 'int4', 'granularity': 'per_channel'}, 'act': {'format': 'int8'},
+               'grad': {'format': 'int8', 'rounding': 'stochastic'}},
+              {'module_path': 'head', 'float': True}]
+  cfg = ml_collections.ConfigDict({'rules': as_dicts})  # a ConfigDict holds a rule list as a list of dicts
+  per_rule = [ml_collections.ConfigDict(d) for d in as_dicts]  # ... or one ConfigDict per rule (nested specs)
+  for rules in (as_dicts, cfg.rules, per_rule, [r.to_dict() for r in want]):
+    assert RuleSet(rules).rules == tuple(want)
+  # to_dict is JSON-friendly plain data and round-trips.
+  assert [QuantRule(**r.to_dict()) for r in want] == want
+  assert want[0].to_dict()['weight'] == QuantSpec('int4', 'per_channel').to_dict()
+
+
+def test_first_matching_rule_decides_and_float_rules_exclude():
+  rules = [{'module_path': 'head', 'float': True, 'name': 'keep-head-float'},
+           {'module_path': '.*', 'weight': W8, 'act': A8, 'name': 'all'},
+           {'module_path': 'body', 'weight': {'format': 'int2'}, 'name': 'shadowed'}]
+  qm = quantize_linen(TwoDense(), rules)
+  with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter('always')
+    v = qm.init(jax.random.key(1), X)
+  by_path = {m.path: m for m in qm.rules.matches.values()}
+  assert by_path['body'].rule == 'all' and by_path['body'].rhs == 'kernel' and by_path['body'].lhs == 'act'
+  assert by_path['body'].dot_config.fwd.rhs.format == 'int8'
+  assert by_path['head'].rule == 'keep-head-float' and by_path['head'].config == 'float'
+  assert [m.path for m in qm.rules.quantized()] == ['body']
+  assert _messages(rec) == ["qjax: rules that matched no op: 'shadowed'; check their module_path regex and "
+                            'op_names against the paths in RuleSet.report()']
+  assert not jnp.array_equal(qm.apply(v, X), TwoDense().apply(v, X))
+  # Float rules alone leave the model's output exactly as it is.
+  with warnings.catch_warnings(record=True):
+    warnings.simplefilter('always')
+    all_float = quantize_linen(TwoDense(), [{'module_path': '.*', 'float': True}])
+    assert jnp.array_equal(all_float.apply(v, X), TwoDense().apply(v, X))
+
+
+def test_report_lists_specs_operands_and_unused_rules():
+  rules = [{'module_path': 'body', 'weight': {'format': 'int4', 'granularity': 'per_channel', 'estimator': 'lsq'},
+            'act': {'format': 'int8'}, 'grad': {'format': 'int8'}, 'name': 'body4'},
+           {'module_path': 'head', 'weight': W8, 'act': A8},
+           {'module_path': 'decoder/.*', 'weight': W8, 'name': 'decoder'},
+           {'module_path': '.*', 'op_names': ['conv'], 'weight': W8, 'name': 'convs'}]
+  model = NTwo(nnx.Rngs(0))
+  with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter('always')
+    rs = quantize_nnx(model, rules, X)
+  report = rs.report().splitlines()
+  assert len(report) == 3
+  assert re.match(r"body\s+dot_general\s+rule='body4'\s+lhs=act rhs=kernel\s+"
+                  r'fwd\[int8/tensor/ste x int4/channel/lsq, auto\] bwd\[g=int8/tensor/ste, auto\]$', report[0])
+  assert re.match(r"head\s+dot_general\s+rule='head'\s+lhs=act rhs=kernel\s+"
+                  r'fwd\[int8/tensor/ste x int8/channel/ste, auto\]$', report[1])
+  assert report[2] == "rules that matched nothing: 'decoder', 'convs'"
+  assert [r.label for r in rs.unused_rules()] == ['decoder', 'convs']
+  assert _messages(rec) == ["qjax: rules that matched no op: 'decoder', 'convs'; check their module_path regex "
+                            'and op_names against the paths in RuleSet.report()']
+  body = rs.quantized()[0]
+  assert body.weight_operands == ('kernel',)
+  assert body.dot_config.fwd.rhs == QuantSpec('int4', 'per_channel', estimator='lsq')  # op-relative (unresolved)
+
+
+# ---------------------------------------------------------------------------------- rules that do nothing
+
+
+def test_rules_that_quantize_nothing_warn_once_after_the_first_run():
+  rules = [{'module_path': 'encoder/.*', 'weight': W8, 'name': 'enc'},
+           {'module_path': '.*', 'op_names': 'conv', 'weight': W8, 'name': 'convs'}]
+  want = ("qjax: the rules quantized no op of the model (rules that matched no op: 'enc', 'convs'; the ops the "
+          'model ran: body (dot_general), head (dot_general))')
+  qm = quantize_linen(TwoDense(), rules)
+  with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter('always')
+    v = qm.init(jax.random.key(1), X)
+    assert _messages(rec) == [want]
+    qm.apply(v, X)
+    assert len(_messages(rec)) == 1  # once, after the first run
+  model = NTwo(nnx.Rngs(0))
+  with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter('always')
+    quantize_nnx(model, rules)  # no sample inputs: the warning comes after the model's first call
+    assert not _messages(rec)
+    model(X)
+    model(X)
+  assert _messages(rec) == [want]
+  # Only float rules that match: nothing is quantized either.
+  with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter('always')
+    quantize_nnx(NTwo(nnx.Rngs(0)), [{'module_path': '.*', 'float': True, 'name': 'all-float'}], X)
+  assert _messages(rec) == ['qjax: the rules quantized no op of the model (rules that matched no op: none; the ops '
+                            'the model ran: body (dot_general), head (dot_general))']
+
+
+def test_empty_rule_list_is_an_error():
+  for empty in ([], ()):
+    with pytest.raises(ValueError, match='the rule list is empty: nothing would be quantized'):
+      RuleSet(empty)
+  with pytest.raises(ValueError, match='rule list is empty'):
+    quantize_linen(TwoDense(), [])
+  with pytest.raises(ValueError, match='rule list is empty'):
+    quantize_nnx(NTwo(nnx.Rngs(0)), [])
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize('rule, message', [
+    ({'module_path': 'enc/(layers', 'weight': W8, 'name': 'encoder'},
+     re.escape("rule 'encoder': module_path='enc/(layers' is not a valid regex: missing ), unterminated")),
+    ({'module_path': 'enc/[', 'weight': W8}, "rule 'enc/\\[': module_path='enc/\\[' is not a valid regex"),
+    ({'module_path': 'x', 'wieght': W8}, "rule 0 \\('x'\\): QuantRule field='wieght' is not one of .*did you "
+                                         "mean 'weight'"),
+    ({'module_path': 'x', 'weight': {'format': 'int8', 'granularty': 'per_channel'}},
+     "rule 'x': weight: QuantSpec field='granularty' .*did you mean 'granularity'"),
+    ({'module_path': 'x', 'act': {'format': 'int9'}}, "rule 'x': act: .*bits must be in 1..8, got 9"),
+    ({'module_path': 'x', 'op_names': ['dot', 'conv'], 'weight': W8}, "rule 'x': op_names='dot' is not one of"),
+    ({'module_path': 'x', 'weight': W8, 'mode': 'fast'}, "rule 'x': mode='fast' is not one of fake, real, auto"),
+    ({'module_path': 'x', 'name': 'nothing'}, "rule 'nothing': quantizes nothing .*set float=True"),
+    ({'module_path': 'x', 'grad': {'format': 'int8', 'estimator': 'lsq'}}, "rule 'x': grad uses estimator='lsq'"),
+    ({'module_path': 'x', 'act': {'format': 'int8', 'estimator': 'lsq'}, 'act_static': True},
+     "rule 'x': act_static keeps range statistics; it cannot be combined with the learned estimator 'lsq'"),
+    ('body', "rule 0: a rule is a QuantRule or a dict of its fields, got str 'body'"),
+])
+def test_bad_rules_raise_naming_the_rule(rule, message):
+  with pytest.raises(ValueError, match=message):
+    RuleSet([rule])
+
+
+def test_spec_that_cannot_apply_to_its_op_names_the_rule():
+  # per_group with a group size that does not divide the contraction (Dense: K = 6).
+  rules = [{'module_path': 'body', 'weight': {'format': 'int4', 'granularity': 'per_group', 'group_size': 4},
+            'name': 'grouped'}, {'module_path': '.*', 'weight': W8}]
+  with pytest.raises(ValueError, match="rule 'grouped' at body \\(dot_general\\): fwd.rhs: .*group_size=4.* 6"):
+    quantize_linen(TwoDense(), rules).init(jax.random.key(0), X)
+  with pytest.raises(ValueError, match="rule 'grouped' at body \\(dot_general\\): fwd.rhs: .*group_size=4.* 6"):
+    quantize_nnx(NTwo(nnx.Rngs(0)), rules, X)
+
+  # per_group on a convolution, and per-channel activation statistics.
+  class Conv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(4, (3, 3), name='conv')(x)
+  x = jnp.ones((2, 8, 8, 16))
+  bad = [{'module_path': 'conv', 'weight': {'format': 'int8', 'granularity': 'per_group', 'group_size': 8},
+          'name': 'conv-groups'}]
+  with pytest.raises(ValueError, match="rule 'conv-groups' at conv \\(conv\\): .*per_group.* not supported by "
+                                       'quantized convolutions'):
+    quantize_linen(Conv(), bad).init(jax.random.key(0), x)
+  bad = [{'module_path': '.*', 'act': {'format': 'int8', 'granularity': 'per_channel'}, 'act_static': True,
+          'name': 'static'}]
+  with pytest.raises(ValueError, match="rule 'static' at body \\(dot_general\\): rule 'static': act_static keeps one "
+                                       'range per tensor; act granularity must be "per_tensor"'):
+    quantize_linen(TwoDense(), bad).init(jax.random.key(0), X)
+  # mode='real' for formats that cannot run natively.
+  bad = [{'module_path': '.*', 'weight': {'format': 'nf4'}, 'act': A8, 'mode': 'real', 'name': 'nf4-real'}]
+  with pytest.raises(ValueError, match="rule 'nf4-real' at body \\(dot_general\\): .*mode=\"real\" needs both"):
+    quantize_linen(TwoDense(), bad).init(jax.random.key(0), jnp.ones((40, 6)))
