@@ -56,8 +56,9 @@ def percentile(x: jax.Array, sshape: tuple[int, ...], p: float, *, symmetric: bo
 
 
 def po2(scale: jax.Array) -> jax.Array:
-  """Rounds scales up to the next power of two (never adds clipping)."""
-  return jnp.exp2(jnp.ceil(jnp.log2(scale)))
+  """Rounds scales up to the next power of two (never adds clipping). Exact: from the exponent bits."""
+  mant, e = jnp.frexp(scale)  # scale = mant * 2^e, mant in [0.5, 1): already a power of two when mant == 0.5.
+  return formats.exp2_int(jnp.where(mant == 0.5, e - 1, e))
 
 
 def _safe(scale: jax.Array) -> jax.Array:
@@ -70,16 +71,19 @@ def symmetric_scale(amax: jax.Array, spec: QuantSpec) -> jax.Array:
   if isinstance(fmt, formats.MXFormat):
     elem = fmt.element
     emax = elem.emax if isinstance(elem, formats.FloatFormat) else elem.bits - 2  # MXINT8: 2^-6 implicit
-    e = jnp.clip(jnp.floor(jnp.log2(jnp.maximum(amax, 1e-38))) - emax, -127, 127)
-    return jnp.where(amax > 0, jnp.exp2(e), 1.0)
-  scale = _safe(amax / formats.grid_max(fmt))
+    # E8M0 reaches 2^-127, but f32 subnormals flush to zero on XLA:CPU: stop at 2^-126.
+    e = jnp.clip(formats.floor_log2(jnp.maximum(amax, 2.0 ** -126)) - emax, -126, 127)
+    return jnp.where(amax > 0, formats.exp2_int(e), 1.0)
+  # Multiplying by the reciprocal (not dividing by a constant) gives the same bits eagerly and under jit:
+  # XLA rewrites x / constant into x * (1 / constant).
+  scale = _safe(amax * (1.0 / formats.grid_max(fmt)))
   return po2(scale) if spec.po2_scale else scale
 
 
 def asymmetric_params(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
   """scale = (hi - lo) / (qmax - qmin); zero_point = clip(round(qmin - lo / scale), qmin, qmax) as int32."""
   fmt = spec.fmt
-  scale = _safe((hi - lo) / (fmt.qmax - fmt.qmin))
+  scale = _safe((hi - lo) * (1.0 / (fmt.qmax - fmt.qmin)))
   if spec.po2_scale:
     scale = po2(scale)
   zero_point = jnp.clip(jnp.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax)
@@ -91,7 +95,7 @@ def _sq_error(x: jax.Array, scale: jax.Array, zero_point: jax.Array | None, spec
   fmt = spec.fmt
   s = gran.expand(scale, x.shape)
   z = 0.0 if zero_point is None else gran.expand(zero_point, x.shape).astype(jnp.float32)
-  q = formats.to_grid(x / s + z, fmt)
+  q = formats.to_grid(x * gran.expand(1.0 / scale, x.shape) + z, fmt)
   err = (formats.from_grid(q, fmt) - z) * s - x
   return gran.reduce(jnp.square(_finite(err)), scale.shape, jnp.sum)
 

@@ -31,12 +31,26 @@ from qjax import formats
 from qjax import granularity as gran
 
 
+@jax.jit
+def grid_units(x, scale, zero_point=None):
+  """y = x / scale + zero_point in f32, the value that gets rounded onto the grid.
+
+  Written as x * (1 / scale) (+ zero_point) and compiled as one unit, so that eager calls and calls inside a
+  larger jit give the same bits: XLA rewrites a division by a broadcast scale into a multiplication by its
+  reciprocal, and contracts the multiply-add into an FMA, under jit only.
+  """
+  y = x.astype(jnp.float32) * gran.expand(1.0 / scale.astype(jnp.float32), x.shape)
+  if zero_point is not None:
+    y = y + gran.expand(zero_point.astype(jnp.float32), x.shape)
+  return y
+
+
 def _fq(x, scale, zero_point, noise, fmt):
   """The shared forward: returns (x_hat in f32, y, q in grid units as f32, inside mask)."""
   xf = x.astype(jnp.float32)
   s = gran.expand(scale.astype(jnp.float32), x.shape)
   z = 0.0 if zero_point is None else gran.expand(zero_point.astype(jnp.float32), x.shape)
-  y = xf / s + z
+  y = grid_units(x, scale, zero_point)
   q = formats.from_grid(formats.to_grid(y, fmt, noise), fmt)
   lo, hi = formats.grid_range(fmt)
   inside = (y >= lo) & (y <= hi)
@@ -141,7 +155,7 @@ def lsq(x, scale, noise=None, *, fmt):
 def lsq_init(x, sshape, fmt):
   """LSQ's initial step s0 = 2 * mean|x| / sqrt(Q_P) per scale group."""
   mean = gran.reduce(jnp.abs(x.astype(jnp.float32)), tuple(sshape), jnp.mean)
-  return jnp.where(mean > 0, 2.0 * mean / math.sqrt(formats.grid_max(fmt)), 1.0)
+  return jnp.where(mean > 0, mean * (2.0 / math.sqrt(formats.grid_max(fmt))), 1.0)
 
 
 # --------------------------------------------------------------------------------------------------- LSQ+
@@ -192,7 +206,7 @@ def _pact_fwd(x, alpha, noise, fmt):
   a = gran.expand(alpha.astype(jnp.float32), x.shape)
   lo = -a if fmt.qmin < 0 else jnp.zeros_like(a)
   clipped = jnp.clip(xf, lo, a)
-  x_hat = _fq(clipped, alpha / fmt.qmax, None, noise, fmt)[0]
+  x_hat = _fq(clipped, alpha * (1.0 / fmt.qmax), None, noise, fmt)[0]
   return x_hat.astype(x.dtype), (xf, a, lo, alpha, noise)
 
 

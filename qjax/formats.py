@@ -209,11 +209,23 @@ def round_to_grid(y: jax.Array, noise: jax.Array | None) -> jax.Array:
   return round_nearest(y) if noise is None else jnp.floor(y + noise)
 
 
+def floor_log2(a: jax.Array) -> jax.Array:
+  """floor(log2(a)) for a > 0, exactly (from the exponent bits; XLA:CPU's log2 gives 12.999999 for 2^13)."""
+  return (jnp.frexp(a.astype(jnp.float32))[1] - 1).astype(jnp.float32)
+
+
+def exp2_int(e: jax.Array) -> jax.Array:
+  """2^e for integer-valued e, exactly (XLA:CPU's exp2 is off by an ulp for |e| >= 13). f32 subnormals flush
+  to zero on CPU, so keep e >= -126."""
+  e = jnp.asarray(e)
+  return jnp.ldexp(jnp.ones(e.shape, jnp.float32), e.astype(jnp.int32))
+
+
 def float_ulp(y: jax.Array, fmt: FloatFormat) -> jax.Array:
   """Spacing of `fmt`'s grid around |y| (subnormal spacing below the smallest normal)."""
-  e = jnp.floor(jnp.log2(jnp.maximum(jnp.abs(y), 1e-30)))
+  e = floor_log2(jnp.maximum(jnp.abs(y), 1e-30))
   e = jnp.maximum(e, fmt.min_normal_exp)
-  return jnp.exp2(e - fmt.mantissa_bits)
+  return exp2_int(e - fmt.mantissa_bits)
 
 
 def cast_float(y: jax.Array, fmt: FloatFormat, noise: jax.Array | None = None) -> jax.Array:

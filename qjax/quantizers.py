@@ -81,9 +81,7 @@ def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
   if zero_point is not None:
     zero_point = jnp.broadcast_to(jnp.round(jnp.asarray(zero_point)).astype(jnp.int32), sshape)
   noise = formats.uniform_noise(key, x.shape, spec.rounding)
-  y = x.astype(jnp.float32) / gran.expand(scale, x.shape)
-  if zero_point is not None:
-    y = y + gran.expand(zero_point, x.shape).astype(jnp.float32)
+  y = estimators.grid_units(x, scale, zero_point)  # The same y as fake_quant's, eagerly and under jit.
   qvalue = formats.to_grid(y, spec.fmt, noise)
   return QArray(qvalue, scale, zero_point, spec.format, spec.codebook)
 
