@@ -27,8 +27,8 @@ def initialize(flags: dict[str, str]) -> None:
   pid = flags.pop('process_id', None) or os.environ.get('JAX_PROCESS_ID')
   if addr is None and 'SLURM_JOB_ID' not in os.environ:
     return
-  if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # CPU devices of different processes talk through gloo (set before the backend starts; no effect on GPU/TPU).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=addr, num_processes=None if nproc is None else int(nproc),
                              process_id=None if pid is None else int(pid))
 

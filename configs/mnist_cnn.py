@@ -1,0 +1,23 @@
+r"""LeNet-5-style CNN on MNIST: the sanity check of the Fashion-MNIST results (same modes and overrides).
+
+Run:   python -m experiments.train --config=configs/mnist_cnn.py --workdir=runs/mnist_cnn/float
+Smoke: python -m experiments.train --config=configs/mnist_cnn.py:runlocal --workdir=/tmp/mnist_smoke
+
+Expected: float >= 98.5% test accuracy; W8A8 QAT/PTQ within a few tenths of a point.
+"""
+
+from experiments.config_base import base_config, runlocal
+
+
+def get_config(arg=None):
+  c = base_config()
+  c.dataset = 'mnist'
+  c.model.name = 'lenet5'
+  c.num_train_steps = 3000
+  if arg == 'runlocal':
+    runlocal(c)
+  return c
+
+
+def metrics():
+  return ['eval/accuracy', 'eval/loss']

@@ -1,0 +1,73 @@
+r"""Quickstart sweep: LeNet-5 on Fashion-MNIST, float vs W8A8 / W4A4 / W2A2, by QAT and by PTQ.
+
+    python -m experiments.sweep --config=configs/quickstart.py --root=runs/quickstart
+    python -m experiments.board runs/quickstart          # TensorBoard on 127.0.0.1 (HParams, Pareto images)
+    cat runs/quickstart/report.md                        # the table, the Pareto fronts (PNG beside it)
+
+Seven trials: `mode=float` once; `mode=qat` (trained from scratch with fake quantization) and `mode=ptq`
+(calibrated from the float trial's model and converted, no training) for each of w8a8, w4a4 and w2a2 (W2A2
+uses the LSQ estimator, learned step sizes, for weights and activations). Fashion-MNIST is fetched into the
+dataset cache on first use (experiments.data); rerunning the command skips finished trials.
+
+Args (`configs/quickstart.py:ARGS`, comma-separated): `seeds=N` repeats every configuration over N seeds;
+`runlocal` shrinks everything to the committed fixtures (a smoke test).
+
+Measured: see TIMING below (filled in from measured runs).
+"""
+
+import os
+
+import ml_collections
+
+from experiments import configlib, sweeps
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _args(arg):
+  out = {'runlocal': False, 'seeds': 1}
+  for part in filter(None, (arg or '').split(',')):
+    k, eq, v = part.partition('=')
+    if k == 'runlocal':
+      out['runlocal'] = True
+    elif k == 'seeds' and eq:
+      out['seeds'] = int(v)
+    else:
+      raise configlib.ConfigError(f'configs/quickstart.py:{arg}: unknown arg {part!r} (known: runlocal, seeds=N)')
+  return out
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  a = _args(arg)
+  c = configlib.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  if not a['runlocal']:
+    c.num_train_steps = 1000
+    c.eval_every_steps = 1000
+    c.checkpoint_every_steps = 250
+    c.log_every_steps = 50
+    c.optimizer.warmup_steps = 50
+    c.eval_examples = 0           # the whole test set (10k)
+    c.quant.calibration_batches = 8
+  return c
+
+
+def get_sweep(arg=None) -> sweeps.Sweep:
+  a = _args(arg)
+  formats = {'w8a8': 'int8', 'w4a4': 'int4', 'w2a2': 'int2'}
+  bits = {k: {'quant.weight.format': f, 'quant.act.format': f} for k, f in formats.items()}
+  # QAT at 2 bits learns its step sizes (LSQ); PTQ trains nothing, so its estimator is moot.
+  qat_bits = {k: dict(v, **({'quant.weight.estimator': 'lsq', 'quant.act.estimator': 'lsq'} if k == 'w2a2' else {}))
+              for k, v in bits.items()}
+  sweep = sweeps.chain(
+      sweeps.axis('mode', {'float': {'mode': 'float', 'quant.weight.format': '', 'quant.act.format': ''}}),
+      sweeps.product(sweeps.axis('mode', {'qat': {'mode': 'qat'}}), sweeps.axis('bits', qat_bits)),
+      sweeps.product(sweeps.axis('mode', {'ptq': {'mode': 'ptq', 'init_from': sweeps.trial_ref('mode=float')}}),
+                     sweeps.axis('bits', bits)),
+  )
+  if a['seeds'] > 1:
+    sweep = sweeps.product(sweep, sweeps.axis('seed', list(range(a['seeds']))))
+  return sweep
+
+
+def metrics():
+  return ['eval/accuracy', 'eval/loss']
