@@ -1,0 +1,552 @@
+"""qjax.ops.dot_general: real-integer execution vs fake quant, estimator gradients, backward dimension numbers,
+XLA:CPU's fast kernel (via qjax.ops.inspect_matmuls), small-M routing, stochastic rounding and input checks.
+
+Exactness: with power-of-two scales every fake-quantized value is q * 2^e, so as long as each output's partial
+sums stay below 2^24 units (K * qrange^2 * scale ratio < 2^24) the f32 matmul of fake quant is exact and equals
+the int32 matmul rescaled. Operand data is U[-1, 1] times 2^e per channel and per contraction block, so scales
+differ across channels and groups (a mixed-up scale layout shows) while the ratio inside one output stays <= 4.
+"""
+
+import dataclasses
+import functools
+import importlib
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import qjax
+from qjax import QuantSpec, ops
+from qjax.ops import DotConfig, MatmulConfig
+from qjax.ops.inspect import parse_lowered
+
+dg = importlib.import_module('qjax.ops.dot_general')  # the module (qjax.ops.dot_general is the function)
+
+
+def dn(lc, rc, lb=(), rb=()):
+  return ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+
+
+# name: (lhs shape, rhs shape, dimension numbers). Every dim size differs, so a wrong permutation cannot hide.
+LAYOUTS = {
+    'mk_kn': ((16, 64), (64, 24), dn((1,), (0,))),
+    'km_kn': ((64, 16), (64, 24), dn((0,), (0,))),
+    'mk_nk': ((16, 64), (24, 64), dn((1,), (1,))),
+    'bmk_bkn': ((3, 16, 64), (3, 64, 24), dn((2,), (1,), (0,), (0,))),
+    'odd': ((3, 64, 5), (7, 3, 64), dn((1,), (2,), (0,), (1,))),  # contract 1 <-> 2, batch 0 <-> 1
+    'two_batch': ((2, 3, 6, 32), (3, 2, 32, 5), dn((3,), (2,), (0, 1), (1, 0))),
+    'two_contract': ((4, 6, 8), (8, 5, 4), dn((0, 2), (2, 0))),  # K = 4 * 8 = 32
+}
+SINGLE_K = [k for k, (_, _, d) in LAYOUTS.items() if len(d[0][0]) == 1]
+
+
+def operand(seed, shape, contracting, block=16, dtype=jnp.float32, nonneg=False):
+  """U[-1, 1] (U[0, 1] if nonneg) times 2^e, e in -2..2 per non-contracted index and 0..1 per contraction block."""
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(0 if nonneg else -1, 1, shape)
+  e_shape = tuple(1 if d in contracting else n for d, n in enumerate(shape))
+  x = x * np.exp2(rng.integers(-2, 3, e_shape))
+  for d in contracting:
+    nb = max(shape[d] // block, 1)
+    e = np.repeat(rng.integers(0, 2, nb), shape[d] // nb)
+    x = x * np.exp2(e).reshape([-1 if i == d else 1 for i in range(len(shape))])
+  return jnp.asarray(x, dtype)
+
+
+def out_shape(ls, rs, dims):
+  (lc, rc), (lb, rb) = dims
+  lf = [n for d, n in enumerate(ls) if d not in lc and d not in lb]
+  rf = [n for d, n in enumerate(rs) if d not in rc and d not in rb]
+  return tuple(ls[d] for d in lb) + tuple(lf) + tuple(rf)
+
+
+def data(layout, seed=0, dtype=jnp.float32, nonneg_lhs=False, block=16):
+  ls, rs, dims = LAYOUTS[layout]
+  (lc, rc), _ = dims
+  lhs = operand(seed, ls, lc, block, dtype, nonneg_lhs)
+  rhs = operand(seed + 1, rs, rc, block, dtype)
+  os_ = out_shape(ls, rs, dims)
+  ct = operand(seed + 2, os_, (len(os_) - 1,), block, dtype)
+  return lhs, rhs, ct, dims
+
+
+@functools.partial(jax.jit, static_argnames=('dims', 'cfg'))
+def fwd_bwd(lhs, rhs, ct, lhs_params=None, rhs_params=None, *, dims, cfg):
+  """(out, dlhs, drhs, dlhs_params, drhs_params) of the quantized op for cotangent ct."""
+  f = lambda a, b, pa, pb: ops.dot_general(a, b, dims, config=cfg, lhs_params=pa, rhs_params=pb)
+  out, vjp = jax.vjp(f, lhs, rhs, lhs_params, rhs_params)
+  return (out, *vjp(ct))
+
+
+def config(lspec, rspec, mode, bspec='same', **kw):
+  """fwd (lspec, rspec) and both gradient matmuls with bspec (default: the lhs spec), all in `mode`."""
+  b = lspec if bspec == 'same' else bspec
+  return DotConfig(fwd=MatmulConfig(lspec, rspec, mode), dlhs=MatmulConfig(b, b, mode),
+                   drhs=MatmulConfig(b, b, mode), small_m=0, **kw)
+
+
+def spec(fmt='int8', gran='per_channel', scheme='symmetric', group=16, **kw):
+  kw.setdefault('po2_scale', True)
+  if scheme == 'asymmetric':
+    kw.setdefault('calibration', 'minmax')
+  if gran == 'per_group':
+    kw['group_size'] = group
+  return QuantSpec(format=fmt, granularity=gran, scheme=scheme, **kw)
+
+
+def qrange(s: QuantSpec) -> int:
+  fmt = s.fmt
+  return fmt.qmax - fmt.qmin if s.scheme == "asymmetric" else fmt.qmax  # absmax maps onto +-qmax
+
+
+def _ratio(s: QuantSpec) -> int:
+  return 4 if s.granularity == 'per_group' else 1  # po2 scales of groups differ by <= 4x in this data
+
+
+def _check_exact_range(lhs, rhs, dims, lspec, rspec, b):
+  """Every partial sum of every matmul stays below 2^24 units of its smallest scale product."""
+  (lc, rc), (lb, rb) = dims
+  size = lambda x, ds: int(np.prod([x.shape[d] for d in ds]))
+  k_fwd = size(lhs, lc)
+  k_dlhs = size(rhs, [d for d in range(rhs.ndim) if d not in rc and d not in rb])
+  k_drhs = size(lhs, [d for d in range(lhs.ndim) if d not in lc and d not in lb])
+  for k, a, c in ((k_fwd, lspec, rspec), (k_dlhs, b, b), (k_drhs, b, b)):
+    assert k * qrange(a) * qrange(c) * _ratio(a) * _ratio(c) < 2 ** 24, 'test data leaves the exact f32 range'
+
+
+def assert_real_equals_fake(lhs, rhs, ct, dims, lspec, rspec, bspec='same', nontrivial=True, **kw):
+  """Forward and both gradients of mode='real' equal mode='fake' bit for bit (and real lowers to int8 dots)."""
+  b = lspec if bspec == 'same' else bspec
+  _check_exact_range(lhs, rhs, dims, lspec, rspec, b)
+  lowered = fwd_bwd.lower(lhs, rhs, ct, dims=dims, cfg=config(lspec, rspec, 'real', bspec, **kw))
+  # The real config really lowers to integer matmuls (forward and both gradients).
+  low = parse_lowered(lowered.as_text())
+  assert [m.signature for m in low] == ['s8 x s8 -> s32'] * 3, [m.signature for m in low]
+  real = lowered.compile()(lhs, rhs, ct)
+  fake = fwd_bwd(lhs, rhs, ct, dims=dims, cfg=config(lspec, rspec, 'fake', bspec, **kw))
+  for name, r, f in zip(('out', 'dlhs', 'drhs'), real[:3], fake[:3], strict=True):
+    assert r.dtype == f.dtype, name
+    assert r.shape == f.shape, name
+    np.testing.assert_array_equal(np.asarray(r, np.float32), np.asarray(f, np.float32), err_msg=name)
+  if nontrivial:  # The quantization is not the identity (the test would then prove nothing).
+    exact = lax.dot_general(lhs, rhs, dims)
+    assert not np.array_equal(np.asarray(real[0], np.float32), np.asarray(exact, np.float32))
+
+
+# ------------------------------------------------------------------------------ real == fake, exactly
+
+
+@pytest.mark.parametrize('bits', range(2, 9))
+def test_real_equals_fake_bits_schemes(bits):
+  """Every width with a symmetric and an asymmetric operand forward, and both operands asymmetric in dlhs and
+  drhs (all three zero-point cross terms)."""
+  lhs, rhs, ct, dims = data('mk_kn', seed=bits)
+  assert_real_equals_fake(lhs, rhs, ct, dims, spec(f'int{bits}'), spec(f'int{bits}', scheme='asymmetric'),
+                          spec(f'int{bits}', scheme='asymmetric'))
+
+
+# (layout, granularity, scheme): every layout, every granularity x scheme at least once.
+LAYOUT_CASES = [
+    ('mk_kn', 'per_group', 'asymmetric'),
+    ('km_kn', 'per_channel', 'asymmetric'),
+    ('mk_nk', 'per_tensor', 'symmetric'),
+    ('bmk_bkn', 'per_group', 'symmetric'),
+    ('odd', 'per_group', 'asymmetric'),
+    ('odd', 'per_channel', 'symmetric'),
+    ('two_batch', 'per_tensor', 'asymmetric'),
+    ('two_contract', 'per_channel', 'symmetric'),
+    ('two_contract', 'per_tensor', 'asymmetric'),
+]
+
+
+@pytest.mark.parametrize('layout,gran,scheme', LAYOUT_CASES, ids=['-'.join(c) for c in LAYOUT_CASES])
+def test_real_equals_fake_layouts(layout, gran, scheme):
+  lhs, rhs, ct, dims = data(layout, seed=7)
+  bits = 7 if scheme == 'asymmetric' and gran == 'per_group' else 8  # keeps K * qrange^2 * 16 < 2^24
+  s = spec(f'int{bits}', gran, scheme, group=16)
+  b = spec('int8', 'per_channel', scheme)  # gradient contractions (N, M) need not divide by 16
+  assert_real_equals_fake(lhs, rhs, ct, dims, s, s, b)
+
+
+def test_real_equals_fake_per_group_everywhere():
+  """Sub-channel groups in all three matmuls: K = 64, N = 24, M = 16 all split into groups of 8."""
+  lhs, rhs, ct, dims = data('mk_kn', seed=3, block=8)
+  s = spec('int8', 'per_group', group=8)
+  assert_real_equals_fake(lhs, rhs, ct, dims, s, s)
+
+
+def test_real_equals_fake_mixed_granularity_and_schemes():
+  lhs, rhs, ct, dims = data('odd', seed=4)
+  assert_real_equals_fake(lhs, rhs, ct, dims, spec('int6', 'per_group', 'asymmetric'), spec('int8', 'per_channel'),
+                          spec('int7', 'per_tensor', 'asymmetric'))
+
+
+@pytest.mark.parametrize('scheme', ['symmetric', 'asymmetric'])
+def test_real_equals_fake_uint8(scheme):
+  """uint8 moves into int8 containers (a shift by 128 of qvalue and zero point)."""
+  lhs, rhs, ct, dims = data('bmk_bkn', seed=5, nonneg_lhs=True)
+  u = spec('uint8', 'per_channel', scheme)
+  assert_real_equals_fake(lhs, rhs, ct, dims, u, spec('uint8', 'per_channel', 'asymmetric'),
+                          spec('int8', 'per_channel', 'asymmetric'))
+
+
+def test_real_equals_fake_uint4_narrow():
+  lhs, rhs, ct, dims = data('two_batch', seed=6, nonneg_lhs=True)
+  assert_real_equals_fake(lhs, rhs, ct, dims, spec('uint4', 'per_channel'), spec('int8n', 'per_channel'))
+
+
+def test_real_equals_fake_int1():
+  """Binary {-1, +1} with scale mean|x|: exact when mean|x| is a power of two (values +-2^e per channel)."""
+  ls, rs, dims = LAYOUTS['mk_kn']
+  rng = np.random.default_rng(8)
+  lhs = jnp.asarray(rng.choice([-1.0, 1.0], ls) * np.exp2(rng.integers(-2, 3, (ls[0], 1))), jnp.float32)
+  rhs = jnp.asarray(rng.choice([-1.0, 1.0], rs) * np.exp2(rng.integers(-2, 3, (1, rs[1]))), jnp.float32)
+  ct = operand(9, out_shape(ls, rs, dims), ())
+  b = spec('int8', 'per_channel')
+  assert_real_equals_fake(lhs, rhs, ct, dims, spec('int1', 'per_channel'), spec('int1', 'per_channel'), b,
+                          nontrivial=False)
+  # And int1 values reproduce the operands exactly: the forward is the float product.
+  out = fwd_bwd(lhs, rhs, ct, dims=dims, cfg=config(spec('int1'), spec('int1'), 'real', b))[0]
+  np.testing.assert_array_equal(out, lhs @ rhs)
+
+
+@pytest.mark.parametrize('layout', ['mk_kn', 'odd'])
+def test_real_equals_fake_bf16(layout):
+  lhs, rhs, ct, dims = data(layout, seed=10, dtype=jnp.bfloat16)
+  s = spec('int8', 'per_channel')
+  assert_real_equals_fake(lhs, rhs, ct, dims, s, s)
+  out, dl, dr = fwd_bwd(lhs, rhs, ct, dims=dims, cfg=config(s, s, 'real'))[:3]
+  assert out.dtype == dl.dtype == dr.dtype == jnp.bfloat16
+
+
+def test_real_equals_fake_without_row_major_drhs():
+  """drhs_row_major=False (every other test runs the default True) computes the same weight gradient."""
+  lhs, rhs, ct, dims = data('bmk_bkn', seed=11)
+  s = spec('int8', 'per_channel', 'asymmetric')
+  assert_real_equals_fake(lhs, rhs, ct, dims, s, s, drhs_row_major=False)
+
+
+# ------------------------------------------------------------------------ estimator gradients vs references
+
+
+def _sg_round(y):
+  return y + lax.stop_gradient(jnp.round(y) - y)
+
+
+def _grad_scale(s, gs):
+  return lax.stop_gradient(s - s * gs) + s * gs
+
+
+def sg_reference(x, s: QuantSpec, p: dict):
+  """Each estimator written the way its paper's code does, with stop_gradient (an independent formulation)."""
+  fmt = s.fmt
+  lo, hi = float(fmt.qmin), float(fmt.qmax)
+  sshape = p['scale'].shape if 'scale' in p else p['alpha'].shape if 'alpha' in p else None
+  expand = lambda a: qjax.granularity.expand(a, x.shape)
+  if s.estimator in ('ste', 'clipped_ste'):
+    scale, zp = qjax.calibrate(lax.stop_gradient(x), s)
+    z = 0.0 if zp is None else expand(zp).astype(jnp.float32)
+    y = x / expand(scale) + z
+    xq = (jnp.clip(jnp.round(y), lo, hi) - z) * expand(scale)
+    keep = 1.0 if s.estimator == 'ste' else lax.stop_gradient(((y >= lo) & (y <= hi)).astype(jnp.float32))
+    return x * keep + lax.stop_gradient(xq - x * keep)
+  n = x.size // int(np.prod(sshape))
+  gs = 1.0 / np.sqrt(n * hi)
+  if s.estimator == 'lsq':
+    scale = expand(_grad_scale(p['scale'], gs))
+    return _sg_round(jnp.clip(x / scale, lo, hi)) * scale
+  if s.estimator == 'lsq_plus':
+    scale, off = expand(_grad_scale(p['scale'], gs)), expand(_grad_scale(p['offset'], gs))
+    return _sg_round(jnp.clip((x - off) / scale, lo, hi)) * scale + off
+  assert s.estimator == 'pact'
+  a = expand(p['alpha'])
+  low = -a if fmt.qmin < 0 else jnp.zeros_like(a)
+  xc = jnp.where(x >= a, a, jnp.where(x <= low, low, x))
+  step = lax.stop_gradient(a / hi)
+  return xc + lax.stop_gradient(jnp.round(xc / step) * step - xc)
+
+
+ESTIMATORS = {
+    # estimator: (lhs spec, rhs spec, lhs params, rhs params); lhs per-tensor, rhs per-channel (N = 24).
+    'ste': (spec('int4', 'per_tensor', po2_scale=False), spec('int4', 'per_channel', axis=(1,), po2_scale=False)),
+    'clipped_ste': (spec('int4', 'per_tensor', 'asymmetric', po2_scale=False, estimator='clipped_ste',
+                         calibration='percentile', percentile=90.0),
+                    spec('int4', 'per_channel', axis=(1,), po2_scale=False, estimator='clipped_ste',
+                         calibration='percentile', percentile=80.0)),
+    'lsq': (spec('int4', 'per_tensor', po2_scale=False, estimator='lsq'),
+            spec('int4', 'per_channel', axis=(1,), po2_scale=False, estimator='lsq')),
+    'lsq_plus': (spec('uint4', 'per_tensor', 'asymmetric', po2_scale=False, estimator='lsq_plus'),
+                 spec('int4', 'per_channel', 'asymmetric', axis=(1,), po2_scale=False, estimator='lsq_plus')),
+    'pact': (spec('uint4', 'per_tensor', po2_scale=False, estimator='pact'),
+             spec('int4', 'per_channel', axis=(1,), po2_scale=False, estimator='pact')),
+    'ewgs': (spec('int4', 'per_tensor', po2_scale=False, estimator='ewgs', ewgs_delta=0.2),
+             spec('int4', 'per_channel', axis=(1,), po2_scale=False, estimator='ewgs', ewgs_delta=0.2)),
+}
+
+
+def _params(est, x, s, shrink):
+  """Learned parameters with a range that clips part of x (so masks and clip gradients matter)."""
+  p = qjax.init_params(x, s)
+  if est in ('lsq', 'lsq_plus'):
+    p['scale'] = p['scale'] * shrink
+  if est == 'lsq_plus':
+    p['offset'] = p['offset'] + 0.1
+  if est == 'pact':
+    p['alpha'] = p['alpha'] * shrink
+  return p
+
+
+@pytest.mark.parametrize('est', list(ESTIMATORS))
+def test_estimator_gradients_match_references(est):
+  lspec, rspec = ESTIMATORS[est]
+  dims = LAYOUTS['mk_kn'][2]
+  rng = np.random.default_rng(12)
+  lhs = jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)
+  rhs = jnp.asarray(rng.standard_normal((64, 24)) * np.exp2(rng.integers(-2, 3, (1, 24))), jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((16, 24)), jnp.float32)
+  lp, rp = _params(est, lhs, lspec, 0.6), _params(est, rhs, rspec, 0.5)
+  # The op: estimator specs forward (relative to the contraction), float gradient matmuls.
+  op_l = lspec.replace(axis=-1)
+  op_r = rspec.replace(axis=-1)
+  cfg = DotConfig(fwd=MatmulConfig(op_l, op_r, 'auto'), small_m=0)
+
+  def loss_op(a, b, pa, pb):
+    return jnp.vdot(ct, ops.dot_general(a, b, dims, config=cfg, lhs_params=pa or None, rhs_params=pb or None))
+
+  def fq_ref(x, s, p):
+    kw = {k: v for k, v in p.items()}
+    return qjax.fake_quant(x, s, **kw)
+
+  def loss_fq(a, b, pa, pb):
+    return jnp.vdot(ct, lax.dot_general(fq_ref(a, lspec, pa), fq_ref(b, rspec, pb), dims))
+
+  argnums = (0, 1, 2, 3)
+  got = jax.jit(jax.grad(loss_op, argnums))(lhs, rhs, lp, rp)
+  refs = {'fake_quant': jax.jit(jax.grad(loss_fq, argnums))(lhs, rhs, lp, rp)}
+  if est != 'ewgs':  # EWGS scales by sign(g): no stop_gradient form without the cotangent.
+    def loss_sg(a, b, pa, pb):
+      return jnp.vdot(ct, lax.dot_general(sg_reference(a, lspec, pa), sg_reference(b, rspec, pb), dims))
+    refs['stop_gradient'] = jax.jit(jax.grad(loss_sg, argnums))(lhs, rhs, lp, rp)
+  for ref_name, ref in refs.items():
+    for name, g, r in zip(('lhs', 'rhs', 'lhs_params', 'rhs_params'), got, ref, strict=True):
+      for leaf_g, leaf_r in zip(jax.tree.leaves(g), jax.tree.leaves(r), strict=True):
+        tol = 2e-5 * float(jnp.max(jnp.abs(leaf_r))) + 1e-6
+        np.testing.assert_allclose(leaf_g, leaf_r, rtol=2e-5, atol=tol, err_msg=f'{est} {name} vs {ref_name}')
+  # Masks and parameter gradients are exercised: some gradients are zero, learned params get a gradient.
+  if est not in ('ste', 'ewgs'):  # those two never zero a gradient with a calibrated (absmax) range
+    assert float(jnp.mean(got[0] == 0)) > 0.01 or float(jnp.mean(got[1] == 0)) > 0.01
+  for p in jax.tree.leaves((got[2], got[3])):
+    assert float(jnp.max(jnp.abs(p))) > 0
+
+
+# ----------------------------------------------------------------------------- backward dimension numbers
+
+
+BWD_CASES = [(layout, 'fake') for layout in LAYOUTS] + [('odd', 'real'), ('two_contract', 'real')]
+
+
+@pytest.mark.parametrize('layout,mode', BWD_CASES, ids=['-'.join(c) for c in BWD_CASES])
+def test_backward_dims_match_float_grad(layout, mode):
+  """Quantized dlhs/drhs (8-bit po2) with a float forward: gradients within quantization error of jax.grad."""
+  lhs, rhs, ct, dims = data(layout, seed=13)
+  b = spec('int8', 'per_channel')
+  cfg = DotConfig(dlhs=MatmulConfig(b, b, mode), drhs=MatmulConfig(b, b, mode), small_m=0)
+  out, dl, dr = fwd_bwd(lhs, rhs, ct, dims=dims, cfg=cfg)[:3]
+  ref_out, vjp = jax.vjp(lambda a, c: lax.dot_general(a, c, dims), lhs, rhs)
+  rl, rr = vjp(ct)
+  np.testing.assert_array_equal(out, ref_out)  # float forward
+  for name, g, r in (('dlhs', dl, rl), ('drhs', dr, rr)):
+    assert g.shape == r.shape, name
+    err = float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r))
+    assert 0 < err < 0.02, f'{layout} {name}: relative error {err}'
+
+
+# -------------------------------------------------------------------------------- XLA:CPU fast kernel
+
+
+def _dense_loss(cfg):
+  def loss(x, w):
+    y = ops.dot_general(x, w, dn((1,), (0,)), config=cfg)
+    return jnp.mean(jnp.square(y))
+  return jax.grad(loss, argnums=(0, 1))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the YNN fast kernel is XLA:CPU')
+def test_int8_dynamic_dense_runs_all_three_matmuls_int8_on_ynn():
+  x = operand(14, (256, 512), (1,))
+  w = operand(15, (512, 256), (0,))
+  rep = ops.inspect_matmuls(_dense_loss(ops.int8_dynamic(8)), x, w)
+  assert rep.lowered_int8 == rep.n_lowered == 3, rep.summary()
+  assert all(m.signature == 's8 x s8 -> s32' for m in rep.lowered), rep.summary()
+  assert rep.n_compiled == rep.n_int8 == rep.n_int8_fast == 3, rep.summary()
+  assert rep.n_widened == rep.n_int8_slow == 0, rep.summary()
+  assert sorted(m.out_shape for m in rep.compiled) == [(256, 256), (256, 512), (512, 256)]
+  names = sorted(m.op_name.split('/', 1)[1] for m in rep.compiled)
+  assert names == ['jvp()/dot_general', 'transpose(jvp())/dot_general', 'transpose(jvp())/dot_general']
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the YNN fast kernel is XLA:CPU')
+def test_naive_weight_gradient_is_off_the_fast_kernel():
+  """Documents why drhs_row_major exists: x^T . g as written (contract dim 0) is up-cast to s32 x s32 by XLA:CPU
+  and leaves YNN. If this starts failing, XLA learned the form and the row-major transpose may be dropped."""
+  x = operand(14, (256, 512), (1,))
+  w = operand(15, (512, 256), (0,))
+  cfg = dataclasses.replace(ops.int8_dynamic(8), drhs_row_major=False)
+  rep = ops.inspect_matmuls(_dense_loss(cfg), x, w)
+  assert rep.lowered_int8 == 3, rep.summary()
+  drhs = [m for m in rep.compiled if m.out_shape == (512, 256)]
+  assert len(drhs) == 1, rep.summary()
+  assert not drhs[0].fast and drhs[0].source_category == 'int8', rep.summary()
+  assert drhs[0].widened and drhs[0].signature == 's32<-s8 x s32<-s8 -> s32', rep.summary()
+  assert rep.n_int8_fast == 2 and rep.n_int8_slow == 1, rep.summary()
+
+
+# ----------------------------------------------------------------------------------------- small-M routing
+
+
+def test_small_m_routes_to_float_and_logs_once(monkeypatch, caplog):
+  monkeypatch.setattr(dg, '_ROUTED', set())
+  caplog.set_level(logging.INFO, logger='qjax')
+  x = operand(16, (8, 64), (1,))
+  w = operand(17, (64, 48), (0,))
+  s = spec('int8', 'per_channel')
+  fwd = lambda cfg: (lambda a, b: ops.dot_general(a, b, dn((1,), (0,)), config=cfg))
+  routed = DotConfig(fwd=MatmulConfig(s, s), small_m=32)
+  forced = DotConfig(fwd=MatmulConfig(s, s), small_m=0)
+  rep = ops.inspect_matmuls(fwd(routed), x, w)
+  assert rep.n_lowered == 1 and rep.lowered_int8 == 0 and rep.lowered_f32 == 1, rep.summary()
+  assert rep.n_int8 == 0, rep.summary()
+  rep0 = ops.inspect_matmuls(fwd(forced), x, w)
+  assert rep0.lowered_int8 == 1 and rep0.n_int8 == 1, rep0.summary()
+  y_routed = jax.jit(fwd(routed))(x, w)  # Traced again: the routing message is not repeated.
+  y_int8 = jax.jit(fwd(forced))(x, w)
+  np.testing.assert_array_equal(y_routed, y_int8)  # po2 scales: float of quantized values == int8, exactly
+  msgs = [r.getMessage() for r in caplog.records if r.name == 'qjax' and 'small_m' in r.getMessage()]
+  assert len(msgs) == 1, msgs
+  assert 'fwd' in msgs[0] and '8 rows' in msgs[0]
+
+
+# ----------------------------------------------------------------------------------- stochastic rounding
+
+
+def _on_grid(seed, shape):
+  """int8 grid values times 2^-7 with +-127 in every row and column: every absmax scale is exactly 2^-7."""
+  rng = np.random.default_rng(seed)
+  q = rng.integers(-127, 128, shape)
+  q[np.arange(shape[0]), rng.integers(0, shape[1], shape[0])] = 127
+  q[rng.integers(0, shape[0], shape[1]), np.arange(shape[1])] = -127
+  return jnp.asarray(q * 2.0 ** -7, jnp.float32)
+
+
+def test_stochastic_gradients_need_a_key():
+  cfg = ops.int8_dynamic(8, stochastic_grads=True)
+  x, w = _on_grid(18, (16, 32)), _on_grid(19, (32, 24))
+  loss = lambda a, b, key: jnp.sum(jnp.sin(ops.dot_general(a, b, dn((1,), (0,)), config=cfg, key=key)))
+  with pytest.raises(ValueError, match='key'):
+    jax.eval_shape(jax.grad(loss), x, w, None)
+  grad = jax.jit(jax.grad(loss))
+  g1, g2, g3 = (grad(x, w, jax.random.key(k)) for k in (0, 0, 1))
+  np.testing.assert_array_equal(g1, g2)
+  assert not np.array_equal(g1, g3)
+
+
+def test_stochastic_gradients_are_unbiased():
+  """Operands on the int8 grid (their quantization is exact), so E[dlhs] = g . rhs^T and E[drhs] = lhs^T . g
+  exactly; the mean over T keys must be within 5 standard errors (per element) of those."""
+  cfg = ops.int8_dynamic(8, stochastic_grads=True)
+  dims = dn((1,), (0,))
+  x, w = _on_grid(20, (16, 32)), _on_grid(21, (32, 24))
+  g = jnp.asarray(np.random.default_rng(22).standard_normal((16, 24)), jnp.float32)
+
+  def grads(key):
+    _, vjp = jax.vjp(lambda a, b: ops.dot_general(a, b, dims, config=cfg, key=key), x, w)
+    return vjp(g)
+
+  t = 512
+  dl, dr = jax.jit(jax.vmap(grads))(jax.random.split(jax.random.key(3), t))
+  _, vjp = jax.vjp(lambda a, b: lax.dot_general(a, b, dims), x, w)
+  el, er = vjp(g)
+  # SR of g: per element variance <= step^2 / 4, step = per-row (dlhs) or per-column (drhs) absmax / 127.
+  step_rows = jnp.max(jnp.abs(g), axis=1, keepdims=True) / 127
+  step_cols = jnp.max(jnp.abs(g), axis=0, keepdims=True) / 127
+  sd_l = jnp.sqrt(jnp.broadcast_to(step_rows ** 2 / 4, g.shape) @ jnp.square(w).T / t)
+  sd_r = jnp.sqrt(jnp.square(x).T @ jnp.broadcast_to(step_cols ** 2 / 4, g.shape) / t)
+  for name, samples, expect, sd in (('dlhs', dl, el, sd_l), ('drhs', dr, er, sd_r)):
+    z = jnp.abs(jnp.mean(samples, 0) - expect) / sd
+    assert float(jnp.max(z)) < 5.5, f'{name}: max |z| = {float(jnp.max(z))}'
+    # Each single draw is noisy (SR is on), yet its error is bounded by one step per term.
+    assert float(jnp.std(samples, 0).max()) > 0, name
+  # Nearest rounding of the same gradients is biased in comparison: the SR mean is closer to the truth.
+  near = ops.int8_dynamic(8)
+  nl, _ = jax.jit(lambda: jax.vjp(lambda a, b: ops.dot_general(a, b, dims, config=near), x, w)[1](g))()
+  assert float(jnp.abs(jnp.mean(dl, 0) - el).mean()) < float(jnp.abs(nl - el).mean())
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def _trace(cfg, lshape=(16, 64), rshape=(64, 24), dims=dn((1,), (0,)), grad=False, dtype=jnp.float32, **kw):
+  x, w = jnp.ones(lshape, dtype), jnp.ones(rshape, dtype)
+  f = lambda a, b: jnp.sum(ops.dot_general(a, b, dims, config=cfg, **kw))
+  return jax.eval_shape(jax.grad(f, argnums=(0, 1)) if grad else f, x, w)
+
+
+def test_bad_config_group_size_not_dividing():
+  cfg = DotConfig(fwd=MatmulConfig(spec('int8', 'per_group', group=24), spec('int8')))
+  with pytest.raises(ValueError, match=r'fwd\.lhs.*group_size=24'):
+    _trace(cfg)
+
+
+def test_bad_config_group_size_in_backward_names_drhs_rhs():
+  g = spec('int8', 'per_group', group=5)  # drhs contracts M = 16 (g's rows): 5 does not divide it
+  cfg = DotConfig(drhs=MatmulConfig(spec('int8'), g))
+  _trace(cfg)  # forward alone is fine
+  with pytest.raises(ValueError, match=r'drhs\.rhs.*group_size=5'):
+    _trace(cfg, grad=True)
+
+
+def test_bad_config_per_group_with_two_contracting_dims():
+  ls, rs, dims = LAYOUTS['two_contract']
+  cfg = DotConfig(fwd=MatmulConfig(spec('int8'), spec('int8', 'per_group', group=4)))
+  with pytest.raises(ValueError, match=r'fwd\.rhs.*per_group.*contracts dims'):
+    _trace(cfg, ls, rs, dims)
+
+
+def test_bad_config_real_mode_with_nf4():
+  cfg = DotConfig(fwd=MatmulConfig(QuantSpec(format='nf4'), spec('int8'), mode='real'))
+  with pytest.raises(ValueError, match=r'fwd.*mode="real".*nf4'):
+    _trace(cfg)
+  cfg = DotConfig(dlhs=MatmulConfig(spec('int8'), QuantSpec(format='fp8_e4m3'), mode='real'))
+  with pytest.raises(ValueError, match=r'dlhs.*mode="real".*fp8_e4m3'):
+    _trace(cfg, grad=True)
+
+
+def test_bad_config_real_mode_with_lsq_plus():
+  s = spec('int8', 'per_tensor', 'asymmetric', estimator='lsq_plus', po2_scale=False)
+  cfg = DotConfig(fwd=MatmulConfig(s, spec('int8'), mode='real'))
+  params = {'scale': jnp.ones((1, 1)), 'offset': jnp.zeros((1, 1))}
+  with pytest.raises(ValueError, match=r'fwd.*mode="real".*lsq_plus'):
+    _trace(cfg, lhs_params=params)
+
+
+@pytest.mark.parametrize('dtype', [jnp.int8, jnp.int32])
+def test_bad_input_int_operand(dtype):
+  cfg = ops.int8_dynamic(8)
+  with pytest.raises(ValueError, match=r'lhs.*float operands.*int'):
+    _trace(cfg, dtype=dtype)
+
+
+def test_bad_config_learned_param_missing():
+  cfg = DotConfig(fwd=MatmulConfig(spec('int8', 'per_tensor', estimator='lsq', po2_scale=False), spec('int8')))
+  with pytest.raises(ValueError, match=r'fwd\.lhs.*lsq.*scale'):
+    _trace(cfg)
+
+
+def test_bad_config_unequal_groups_in_real_mode():
+  cfg = DotConfig(fwd=MatmulConfig(spec('int8', 'per_group', group=16), spec('int8', 'per_group', group=32),
+                                   mode='real'))
+  with pytest.raises(ValueError, match=r'fwd.*group_size=16.*group_size=32'):
+    _trace(cfg)
