@@ -207,7 +207,7 @@ def _setup(config, workdir, log):
 def train_and_evaluate(config, workdir: str, *, log=print) -> dict[str, Any]:
   """Runs (or resumes, or returns the finished result of) the run that `config` describes in `workdir`."""
   workdir = os.path.abspath(workdir)
-  config_dict = configlib.to_dict(config)
+  config_dict = json.loads(json.dumps(configlib.to_dict(config)))  # as result.json will hold it (tuples -> lists)
   done = _check_workdir(config_dict, workdir)
   if done is not None:
     log(f'{workdir}: finished already (result.json kept); {summaries.one_line(done)}')

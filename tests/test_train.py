@@ -1,0 +1,209 @@
+"""The experiment runner end to end on the committed fixtures: modes, run files, resume, failures, devices."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments import configlib, tb, train
+from experiments.checkpoints import read_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mlp_config(**overrides):
+  c = configlib.load_file(os.path.join(ROOT, 'configs/fmnist_mlp.py:runlocal'))
+  c.num_train_steps = 10
+  c.eval_every_steps = 10
+  c.checkpoint_every_steps = 5
+  c.model.hidden = (64,)
+  c.quant_summaries = False
+  for k, v in overrides.items():
+    configlib.set_key(c, k, v)
+  return c
+
+
+def run_cli(args, env=None, timeout=600):
+  return subprocess.run([sys.executable, '-m', 'experiments.train', *args], cwd=ROOT, capture_output=True,
+                        text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def test_unknown_key_names_the_nearest_valid_key():
+  c = mlp_config()
+  with pytest.raises(configlib.ConfigError, match="did you mean 'quant.weight.format'"):
+    configlib.set_key(c, 'quant.weigth.format', 'int4')
+  with pytest.raises(configlib.ConfigError, match="did you mean 'num_train_steps'"):
+    configlib.set_key(c, 'num_train_step', 5)
+
+
+def test_override_types_and_groups():
+  c = mlp_config()
+  configlib.set_key(c, 'optimizer.learning_rate', '3e-4')
+  configlib.set_key(c, 'quant.weight.po2_scale', 'true')
+  configlib.set_key(c, 'model.hidden', '(32, 16)')
+  assert c.optimizer.learning_rate == 3e-4 and c.quant.weight.po2_scale is True and c.model.hidden == (32, 16)
+  with pytest.raises(configlib.ConfigError, match='expected int'):
+    configlib.set_key(c, 'batch_size', 'lots')
+  with pytest.raises(configlib.ConfigError, match='is a group'):
+    configlib.set_key(c, 'quant.weight', 'int8')
+
+
+def test_cli_rejects_unknown_key_with_exit_code_2(tmp_path):
+  p = run_cli(['--config=configs/fmnist_mlp.py:runlocal', f'--workdir={tmp_path}', '--config.batchsize=3'])
+  assert p.returncode == 2
+  assert "unknown config key 'batchsize'; did you mean 'batch_size'?" in p.stderr
+  assert not os.path.exists(tmp_path / 'result.json')
+
+
+def test_bad_quant_field_names_the_config_key():
+  c = mlp_config(mode='qat')
+  configlib.set_key(c, 'quant.weight.format', 'int9')
+  with pytest.raises(ValueError, match=r'config.quant.weight: .*bits must be in 1..8'):
+    train.train_and_evaluate(c, '/tmp/never-written', log=lambda *a: None)
+
+
+# ------------------------------------------------------------------------------------------ every mode
+
+
+@pytest.mark.parametrize('mode', ['float', 'qat', 'ptq', 'quantized_training'])
+def test_mode_end_to_end_writes_run_files(tmp_path, mode):
+  c = mlp_config(mode=mode, quant_summaries=mode in ('qat', 'ptq'))
+  work = tmp_path / mode
+  result = train.train_and_evaluate(c, str(work), log=lambda *a: None)
+  assert json.load(open(work / 'config.json'))['mode'] == mode
+  on_disk = read_json(str(work / 'result.json'))
+  assert on_disk['metrics'] == result['metrics']
+  assert 0.3 < result['metrics']['eval/accuracy'] <= 1.0  # 10 classes: chance is 0.1
+  assert result['environment']['jax'] and 'xla_flags' in result['environment']
+  tags = tb.read_tags(str(work))
+  scalars = tags.get('scalars', set())
+  assert {'eval/loss', 'eval/accuracy'} <= scalars
+  if mode != 'ptq':
+    assert {'train/loss', 'train/learning_rate', 'time/steps_per_sec'} <= scalars
+  if mode == 'float':
+    assert result['matmuls']['int8'] == 0
+    assert result['serving_bytes'] == sum(4 * n for n in (784 * 64, 64, 64 * 10, 10))
+  else:
+    # The serving model holds int8 kernels: about a quarter of the float bytes (biases stay f32).
+    assert result['serving_bytes'] < 0.3 * result['float_param_bytes']
+    assert result['serving_metrics']['eval/accuracy'] == pytest.approx(result['metrics']['eval/accuracy'], abs=0.01)
+  if mode in ('qat', 'ptq'):
+    assert any(t.startswith('quant_sqnr_db/') for t in scalars)
+    assert 'quant/sqnr_per_layer' in tags.get('images', set())
+    weights = [row for row in result['layers'] if row['operand'] == 'kernel']
+    assert weights and all(row['sqnr_db'] > 30 for row in weights)  # int8 per-channel weights
+  if mode == 'ptq':
+    assert os.path.isdir(tmp_path / '_pretrained')  # the float model it calibrated was trained once, beside it
+
+
+def test_quantized_training_runs_int8_in_all_three_matmuls(tmp_path):
+  from experiments import input_pipeline, models, quant_config, trainers  # noqa: PLC0415
+  from qjax.ops import inspect_matmuls  # noqa: PLC0415
+  c = mlp_config(mode='quantized_training')
+  c.quant.grad.format = 'int8'
+  data = input_pipeline.load(c)
+  md = models.build(c.model)
+  tx, _ = train.make_optimizer(c)
+  tr = trainers.make(md, tx, quant_config.build_rules(c.quant))
+  x, y = input_pipeline.train_batch(data, 0, 0, c.batch_size)
+  state = tr.init(__import__('jax').random.key(0), x)
+  report = inspect_matmuls(tr.train_step, state, x, y)
+  # 2 layers: 2 forward + 2 weight-gradient + 1 input-gradient (the first layer's is dead code) matmuls.
+  assert report.n_int8 >= 5 and report.n_int8_slow == 0, report.summary()
+
+
+# ------------------------------------------------------------------------------- run files and failures
+
+
+def test_finished_run_is_never_overwritten(tmp_path):
+  c = mlp_config(num_train_steps=5, checkpoint_every_steps=5, eval_every_steps=5)
+  first = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  before = open(tmp_path / 'result.json').read()
+  again = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)  # the same run: returns its result
+  assert again['metrics'] == first['metrics']
+  other = mlp_config(num_train_steps=5, checkpoint_every_steps=5, eval_every_steps=5, seed=1)
+  with pytest.raises(train.RunError, match='finished run with a different config'):
+    train.train_and_evaluate(other, str(tmp_path), log=lambda *a: None)
+  assert open(tmp_path / 'result.json').read() == before
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  c = mlp_config(num_train_steps=10, log_every_steps=1, checkpoint_every_steps=1)
+  c.optimizer.name, c.optimizer.schedule, c.optimizer.learning_rate = 'sgd', 'constant', 1e30
+  with pytest.raises(train.NonFiniteLoss, match=r'non-finite loss .* at step (\d+).*last good checkpoint') as e:
+    train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  bad_step = int(e.value.args[0].split('at step ')[1].split(':')[0])
+  steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  assert steps and max(steps) == bad_step - 1  # nothing saved from the bad step on
+  assert not os.path.exists(tmp_path / 'result.json')
+
+
+def test_kill_9_then_rerun_finishes_with_uninterrupted_metrics(tmp_path):
+  args = ['--config=configs/fmnist_mlp.py:runlocal', '--config.num_train_steps=40', '--config.model.hidden=(64,)',
+          '--config.checkpoint_every_steps=10', '--config.eval_every_steps=40', '--config.quant_summaries=false',
+          '--config.mode=qat', '--config.quant.act_static=true']
+  ref = run_cli([*args, f'--workdir={tmp_path / "ref"}'])
+  assert ref.returncode == 0, ref.stderr
+  work = tmp_path / 'killed'
+  proc = subprocess.Popen([sys.executable, '-m', 'experiments.train', *args, f'--workdir={work}'], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  ckpt = work / 'checkpoints'
+  while time.time() < deadline and not (ckpt.exists() and any(d.isdigit() for d in os.listdir(ckpt))):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (work / 'result.json').exists(), 'the run finished before it could be killed'
+  resumed = run_cli([*args, f'--workdir={work}'])
+  assert resumed.returncode == 0, resumed.stderr
+  assert 'resuming' in resumed.stdout
+  a, b = read_json(str(tmp_path / 'ref' / 'result.json')), read_json(str(work / 'result.json'))
+  for k in a['metrics']:
+    assert b['metrics'][k] == pytest.approx(a['metrics'][k], rel=1e-5, abs=1e-6)
+  assert b['train']['final_train_loss'] == pytest.approx(a['train']['final_train_loss'], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- beyond one device
+
+
+COMMON = ['--config=configs/fmnist_mlp.py:runlocal', '--config.num_train_steps=6', '--config.eval_every_steps=6',
+          '--config.checkpoint_every_steps=6', '--config.quant_summaries=false', '--config.eval_batch_size=200',
+          '--config.model.hidden=(64,)']
+
+
+def test_eight_simulated_devices_match_one_device(tmp_path):
+  one = run_cli([*COMMON, f'--workdir={tmp_path / "one"}'], env={'JAX_NUM_CPU_DEVICES': '1'})
+  eight = run_cli([*COMMON, f'--workdir={tmp_path / "eight"}'], env={'JAX_NUM_CPU_DEVICES': '8'})
+  assert one.returncode == 0 and eight.returncode == 0, (one.stderr, eight.stderr)
+  a, b = read_json(str(tmp_path / 'one/result.json')), read_json(str(tmp_path / 'eight/result.json'))
+  assert b['environment']['devices'] == 8 and a['environment']['devices'] == 1
+  assert b['train']['final_train_loss'] == pytest.approx(a['train']['final_train_loss'], rel=1e-4)
+  assert b['metrics']['eval/loss'] == pytest.approx(a['metrics']['eval/loss'], rel=1e-4)
+
+
+def test_two_processes_on_loopback_form_one_run(tmp_path):
+  s = socket.socket()
+  s.bind(('127.0.0.1', 0))
+  port = s.getsockname()[1]
+  s.close()
+  work = tmp_path / 'mp'
+  procs = [subprocess.Popen([sys.executable, '-m', 'experiments.train', *COMMON, f'--workdir={work}',
+                             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'JAX_NUM_CPU_DEVICES': '1'}) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+  single = run_cli([*COMMON, f'--workdir={tmp_path / "single"}'], env={'JAX_NUM_CPU_DEVICES': '2'})
+  assert single.returncode == 0, single.stderr
+  a, b = read_json(str(tmp_path / 'single/result.json')), read_json(str(work / 'result.json'))
+  assert b['environment']['processes'] == 2 and b['environment']['devices'] == 2
+  assert b['train']['final_train_loss'] == pytest.approx(a['train']['final_train_loss'], rel=1e-4)
+  assert b['metrics']['eval/accuracy'] == pytest.approx(a['metrics']['eval/accuracy'], abs=1e-6)
