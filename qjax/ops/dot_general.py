@@ -314,8 +314,9 @@ def _qdot_primal(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
 
 def _qdot_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
   cfg = static.config
-  out = matmul(lhs_hat, rhs_hat, static.dims, cfg.fwd, where='fwd', small_m=cfg.small_m, a_qparams=lqp,
-               b_qparams=rqp, out_dtype=static.out_dtype)
+  with jax.named_scope('fwd'):  # names the matmul in HLO metadata (qjax.ops.inspect_matmuls shows it)
+    out = matmul(lhs_hat, rhs_hat, static.dims, cfg.fwd, where='fwd', small_m=cfg.small_m, a_qparams=lqp,
+                 b_qparams=rqp, out_dtype=static.out_dtype)
   return out, (lhs_hat, rhs_hat, lqp, rqp, key)
 
 
@@ -324,10 +325,12 @@ def _qdot_bwd(static: _Static, res, g):
   cfg, dims = static.config, static.dims
   k1, k2 = (None, None) if key is None else jax.random.split(key)
   d1, perm1 = dlhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
-  dlhs = matmul(g, rhs_hat, d1, cfg.dlhs, where='dlhs', small_m=cfg.small_m, key=k1, out_dtype=lhs_hat.dtype)
+  with jax.named_scope('dlhs'):
+    dlhs = matmul(g, rhs_hat, d1, cfg.dlhs, where='dlhs', small_m=cfg.small_m, key=k1, out_dtype=lhs_hat.dtype)
   d2, perm2 = drhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
-  drhs = matmul(lhs_hat, g, d2, cfg.drhs, where='drhs', small_m=cfg.small_m, key=k2, out_dtype=rhs_hat.dtype,
-                row_major_lhs=cfg.drhs_row_major)
+  with jax.named_scope('drhs'):
+    drhs = matmul(lhs_hat, g, d2, cfg.drhs, where='drhs', small_m=cfg.small_m, key=k2, out_dtype=rhs_hat.dtype,
+                  row_major_lhs=cfg.drhs_row_major)
   zeros = lambda t: None if t is None else tuple(
       None if a is None or not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a) for a in t)
   return jnp.transpose(dlhs, perm1), jnp.transpose(drhs, perm2), zeros(lqp), zeros(rqp), None
