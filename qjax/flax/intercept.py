@@ -126,6 +126,24 @@ def serving_promote_dtype(*args, dtype=None, inexact=True):
   return tuple(items) if nnx_style else items
 
 
+def tracking_promote_dtype(fn):
+  """Wraps a layer's promote_dtype so that its outputs stay known as the params they came from: under eager
+  jax.grad (linearize) even a same-dtype cast returns a new tracer, which identity alone would take for an
+  activation."""
+  if getattr(fn, '_qjax_tracking', False):
+    return fn
+
+  def promote(*args, **kwargs):
+    out = fn(*args, **kwargs)
+    fr = current()
+    ins = args[0] if len(args) == 1 and isinstance(args[0], tuple) else args
+    if fr is not None and isinstance(out, (tuple, list)) and len(out) == len(ins):
+      fr.casts.extend((a, b) for a, b in zip(ins, out, strict=True) if a is not None and b is not a)
+    return out
+  promote._qjax_tracking = True
+  return promote
+
+
 # ------------------------------------------------------------------------------------------- the stack
 
 
@@ -135,6 +153,7 @@ class Frame:
   path: str
   session: Session
   counters: dict[str, int] = dataclasses.field(default_factory=dict)
+  casts: list = dataclasses.field(default_factory=list)  # (param, its promote_dtype output) pairs
 
 
 def _stack() -> list[Frame]:
@@ -316,6 +335,11 @@ class Session:
     for name, v in params.items():
       if x is v:
         return name
+    for a, b in fr.casts:  # x came out of the layer's promote_dtype: the param that went in
+      if x is b:
+        name = next((n for n, v in params.items() if a is v), None)
+        if name is not None:
+          return name
     if _is_serving(x):
       return None
     for name, v in params.items():  # a cast of a param (e.g. bf16 compute of f32 params) is still that param

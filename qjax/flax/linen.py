@@ -34,8 +34,9 @@ class QuantizedLinen:
   def _interceptor(self, next_fun, args, kwargs, context):
     module = context.module
     path = '/'.join(str(p) for p in module.path)
-    if self.session.mode == 'serve' and hasattr(module, 'promote_dtype'):
-      object.__setattr__(module, 'promote_dtype', intercept.serving_promote_dtype)
+    if hasattr(module, 'promote_dtype'):
+      fn = intercept.serving_promote_dtype if self.session.mode == 'serve' else module.promote_dtype
+      object.__setattr__(module, 'promote_dtype', intercept.tracking_promote_dtype(fn))
     with intercept.frame(module, path, self.session):
       return next_fun(*args, **kwargs)
 

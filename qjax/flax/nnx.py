@@ -109,6 +109,8 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
                           ('einsum_op', lambda: jnp.einsum)):
       if hasattr(module, attr) and _is_default(getattr(module, attr), attr, default()):
         setattr(module, attr, intercept.HOOKS[attr])
+    if callable(getattr(module, 'promote_dtype', None)):
+      module.promote_dtype = intercept.tracking_promote_dtype(module.promote_dtype)
     if getattr(module, 'attention_fn', None) is nnx.dot_product_attention:
       module.attention_fn = _attention_fn
     if not hasattr(module, 'use_running_average'):
@@ -157,7 +159,7 @@ def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sampl
     for learned in spec.learned:
       if hasattr(module, f'qjax_{prefix}_{learned}'):
         delattr(module, f'qjax_{prefix}_{learned}')
-    module.promote_dtype = intercept.serving_promote_dtype
+    module.promote_dtype = intercept.tracking_promote_dtype(intercept.serving_promote_dtype)
     done += 1
   session.mode = 'serve'
   return done
