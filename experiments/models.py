@@ -40,18 +40,21 @@ class MLP(nnx.Module):
 
 class LeNet5(nn.Module):
   num_classes: int = 10
+  features: tuple[int, int] = (6, 16)   # conv channels (LeNet-5's own: 6, 16)
+  hidden: tuple[int, int] = (120, 84)   # dense widths
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
+    c1, c2 = self.features
     x = x[..., None]  # (batch, 28, 28, 1)
-    x = nn.relu(nn.Conv(6, (5, 5), padding='SAME', name='conv1')(x))  # (batch, 28, 28, 6)
-    x = nn.max_pool(x, (2, 2), (2, 2))  # (batch, 14, 14, 6)
-    x = nn.relu(nn.Conv(16, (5, 5), padding='VALID', name='conv2')(x))  # (batch, 10, 10, 16)
-    x = nn.max_pool(x, (2, 2), (2, 2))  # (batch, 5, 5, 16)
-    x = x.reshape(x.shape[0], -1)  # (batch, 400)
-    x = nn.relu(nn.Dense(120, name='fc1')(x))
-    x = nn.relu(nn.Dense(84, name='fc2')(x))
+    x = nn.relu(nn.Conv(c1, (5, 5), padding='SAME', name='conv1')(x))  # (batch, 28, 28, c1)
+    x = nn.max_pool(x, (2, 2), (2, 2))  # (batch, 14, 14, c1)
+    x = nn.relu(nn.Conv(c2, (5, 5), padding='VALID', name='conv2')(x))  # (batch, 10, 10, c2)
+    x = nn.max_pool(x, (2, 2), (2, 2))  # (batch, 5, 5, c2)
+    x = x.reshape(x.shape[0], -1)  # (batch, 25 * c2)
+    x = nn.relu(nn.Dense(self.hidden[0], name='fc1')(x))
+    x = nn.relu(nn.Dense(self.hidden[1], name='fc2')(x))
     return nn.Dense(self.num_classes, name='head')(x)
 
 
@@ -150,7 +153,8 @@ def build(model_config: Any, *, num_classes: int = 10, vocab_size: int = 0, seq_
     hidden = tuple(model_config.get('hidden', (256, 256)))
     return ModelDef(name, 'nnx', 'classify', make=lambda rngs: MLP(hidden, num_classes, rngs=rngs))
   if name == 'lenet5':
-    return ModelDef(name, 'linen', 'classify', module=LeNet5(num_classes))
+    return ModelDef(name, 'linen', 'classify', module=LeNet5(
+        num_classes, tuple(model_config.get('features', (6, 16))), tuple(model_config.get('hidden', (120, 84)))))
   if name == 'resnet':
     return ModelDef(name, 'linen', 'classify', module=ResNet(tuple(model_config.get('stage_sizes', (1, 1, 1))),
                                                               model_config.get('width', 16), num_classes))
