@@ -34,12 +34,15 @@ with a ones-kernel with one output feature per group, and conv(1, 1) counts the 
 lhs dilation insert true zeros, which these terms account for exactly.
 
 XLA:CPU (jaxlib 0.12) runs an s8 x s8 -> s32 conv natively (a YNNPACK `__ynn_fusion`) only in NHWC/HWIO/NHWC
-layout with two spatial dims (strides, rhs dilation, feature groups included); any other layout is up-cast to
-s32 x s32 on Eigen, 10-20x slower than f32. So on CPU 'real' int convs of one or two spatial dims are moved to
-NHWC/HWIO first (int8 transposes pinned row-major; 1-D convs get a size-1 spatial dim), which keeps the forward
-and both gradient convs on YNNPACK whatever the user's dimension numbers. Still up-cast: lhs-dilated convs (the
-dlhs of a strided conv: 'auto' runs them as 'fake'), batch-grouped ones (the drhs of a grouped conv; still
-faster than XLA:CPU's f32 version), 3-D convs. fp8 convs are up-cast to f32. See tests/test_conv.py.
+layout with two spatial dims and more than 16 input or output features (strides, rhs dilation and feature groups
+are fine); every other int8 conv is up-cast to s32 x s32 on Eigen, 9-27x slower than f32. So on CPU:
+  - 'real' int convs of one or two spatial dims are moved to NHWC/HWIO first (int8 transposes pinned row-major;
+    1-D convs get a size-1 spatial dim), which keeps the forward and both gradient convs on YNNPACK whatever the
+    user's dimension numbers;
+  - 'auto' runs the convs XLA:CPU would up-cast (lhs-dilated ones, i.e. the input gradient of a strided conv, and
+    those with <= 16 input and output features) as 'fake' (`cpu_slow_reason`); 'real' keeps them int8.
+Batch-grouped convs (the kernel gradient of a grouped conv) are up-cast too but still beat XLA:CPU's f32 version,
+so they stay int8; 3-D convs are up-cast. fp8 convs are up-cast to f32. See tests/test_conv.py.
 """
 
 from __future__ import annotations
@@ -194,10 +197,24 @@ def _check_specs(config: DotConfig):
       resolve_conv_spec(getattr(mcfg, side), (2,), 0, f'conv_general_dilated {name}.{side}')
 
 
-def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str, cp: ConvParams | None = None) -> str:
+# XLA:CPU (jaxlib 0.12) keeps an s8 conv on YNNPACK only when the lhs or rhs has more than this many features.
+CPU_MIN_FEATURES = 16
+
+
+def cpu_slow_reason(cp: ConvParams, lhs_shape, rhs_shape) -> str | None:
+  """Why XLA:CPU would up-cast this int8 conv to a slow s32 conv (measured 9-27x slower than f32), or None."""
+  if any(d != 1 for d in cp.lhs_dilation):
+    return 'is lhs-dilated (the input gradient of a strided conv)'
+  c, o = lhs_shape[cp.dnums.lhs_spec[1]], rhs_shape[cp.dnums.rhs_spec[0]]
+  if max(c, o) <= CPU_MIN_FEATURES:
+    return f'has {c} input and {o} output features (<= {CPU_MIN_FEATURES})'
+  return None
+
+
+def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str, cp: ConvParams | None = None, lhs_shape=None,
+                rhs_shape=None) -> str:
   """'real' or 'fake' for one conv, raising when 'real' is asked of formats that cannot run natively. In 'auto'
-  mode on XLA:CPU an int conv with lhs dilation (the dlhs of a strided conv, transposed convs) runs as 'fake':
-  XLA:CPU up-casts it to an s32 conv on Eigen, measured 27x slower than f32."""
+  mode on XLA:CPU, int convs that XLA would up-cast to s32 (see `cpu_slow_reason`) run as 'fake'."""
   if mcfg.mode == 'fake' or aspec is None or bspec is None:
     return 'fake'
   ka, kb = native_kind(aspec), native_kind(bspec)
@@ -208,13 +225,15 @@ def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str, cp: ConvParams | N
                      f'({bspec.estimator}); use mode="auto" or "fake"')
   if not native:
     return 'fake'
-  if (mcfg.mode == 'auto' and ka == 'int' and cp is not None and any(d != 1 for d in cp.lhs_dilation)
-      and jax.default_backend() == 'cpu'):
-    if where not in _ROUTED:
-      _ROUTED.add(where)
-      log.info('qjax: %s is an lhs-dilated conv, which XLA:CPU runs as a slow s32 conv; running it as a float '
-               'conv of the quantized values (mode="auto"; use mode="real" to force int8)', where)
-    return 'fake'
+  if mcfg.mode == 'auto' and ka == 'int' and cp is not None and jax.default_backend() == 'cpu':
+    reason = cpu_slow_reason(cp, lhs_shape, rhs_shape)
+    if reason:
+      key = (where, reason)
+      if key not in _ROUTED:
+        _ROUTED.add(key)
+        log.info('qjax: conv %s %s, which XLA:CPU runs as a slow s32 conv: running it as a float conv of the '
+                 'quantized values (mode="auto"; mode="real" forces int8)', where, reason)
+      return 'fake'
   return 'real'
 
 
@@ -329,7 +348,7 @@ def qconv(a, b, cp: ConvParams, mcfg: MatmulConfig, *, where: str, a_qparams=Non
   if aspec is None and bspec is None:
     return cp.conv(a, b, jnp.float32).astype(out_dtype)
   ka, kb = (None, None) if key is None else jax.random.split(key)
-  if choose_mode(mcfg, aspec, bspec, where, cp) == 'fake':
+  if choose_mode(mcfg, aspec, bspec, where, cp, a.shape, b.shape) == 'fake':
     fq = lambda x, spec, qp, k: x.astype(jnp.float32) if spec is None or qp is not None else (
         quantizers.fake_quant(x.astype(jnp.float32), spec, key=k))
     return cp.conv(fq(a, aspec, a_qparams, ka), fq(b, bspec, b_qparams, kb), jnp.float32).astype(out_dtype)
