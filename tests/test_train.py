@@ -207,3 +207,36 @@ def test_two_processes_on_loopback_form_one_run(tmp_path):
   assert b['environment']['processes'] == 2 and b['environment']['devices'] == 2
   assert b['train']['final_train_loss'] == pytest.approx(a['train']['final_train_loss'], rel=1e-4)
   assert b['metrics']['eval/accuracy'] == pytest.approx(a['metrics']['eval/accuracy'], abs=1e-6)
+
+
+def test_layer_groups_pick_format_granularity_and_estimator_by_config(tmp_path):
+  import ml_collections  # noqa: PLC0415
+  c = mlp_config(mode='qat', quant_summaries=True)
+  c.model.hidden = (64, 32)
+  c.quant.groups = ml_collections.ConfigDict({
+      'first': {'module_path': 'hidden/0', 'weight': {'format': 'int4', 'granularity': 'per_group', 'group_size': 16,
+                                                      'estimator': 'lsq'},
+                'act': {'format': 'fp8_e4m3'}},
+      'last': {'module_path': 'head', 'float': True}})
+  result = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  assert [r['name'] for r in result['rules']] == ['first', 'last', 'default']
+  layers = {(row['layer'].split('/dot_general')[0], row['operand']): row for row in result['layers']}
+  assert layers[('hidden/0', 'kernel')]['format'] == 'int4' and layers[('hidden/0', 'act')]['format'] == 'fp8_e4m3'
+  assert 'scale' in layers[('hidden/0', 'kernel')]['learned']  # LSQ's step, logged as it trains
+  assert layers[('hidden/1', 'kernel')]['format'] == 'int8'      # the default rule
+  assert not any(path == 'head' for path, _ in layers)            # left in float
+  with pytest.raises(ValueError, match=r'config.quant.groups.first.weight: .*group_size=48 does not divide|'
+                                       r'group_size=48'):
+    bad = mlp_config(mode='qat')
+    bad.quant.groups = ml_collections.ConfigDict({'first': {'module_path': 'hidden/0',
+                                                            'weight': {'granularity': 'per_group', 'group_size': 48}}})
+    train.train_and_evaluate(bad, str(tmp_path / 'bad'), log=lambda *a: None)
+
+
+def test_model_axis_sharding_matches_data_parallel(tmp_path):
+  base = run_cli([*COMMON, f'--workdir={tmp_path / "dp"}'], env={'JAX_NUM_CPU_DEVICES': '4'})
+  tp = run_cli([*COMMON, '--config.mesh.model=2', f'--workdir={tmp_path / "tp"}'], env={'JAX_NUM_CPU_DEVICES': '4'})
+  assert base.returncode == 0 and tp.returncode == 0, (base.stderr[-2000:], tp.stderr[-2000:])
+  a, b = read_json(str(tmp_path / 'dp/result.json')), read_json(str(tmp_path / 'tp/result.json'))
+  assert b['config']['mesh']['model'] == 2
+  assert b['train']['final_train_loss'] == pytest.approx(a['train']['final_train_loss'], rel=1e-4)
