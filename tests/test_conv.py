@@ -401,3 +401,13 @@ def test_shape_mismatch_uses_lax_message():
   with pytest.raises((TypeError, ValueError), match='feature'):
     qc.conv_general_dilated(jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 5, 8)), (1, 1), 'SAME', dimension_numbers=NHWC,
                             config=int8_dynamic(8))
+
+
+def test_pre_quantized_kernel():
+  """A QArray kernel (serving weights) quantized per output feature equals quantizing the float kernel in the op."""
+  x, w, _, kw = operands('nhwc_same', seed=8)
+  s = QuantSpec(format='int8', granularity='per_channel')
+  cfg = DotConfig(fwd=MatmulConfig(s, s, 'real'))
+  qw = quantizers.quantize(w, s.replace(axis=3))  # HWIO: O is dim 3
+  np.testing.assert_array_equal(np.asarray(qc.conv_general_dilated(x, qw, config=cfg, **kw)),
+                                np.asarray(qc.conv_general_dilated(x, w, config=cfg, **kw)))

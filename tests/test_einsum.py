@@ -5,6 +5,8 @@ Exactness as in test_dot_general: po2 scales constant along the contraction make
 of fake quant (product of scales) * (an integer sum below 2^24), equal to the int32 contraction rescaled.
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +16,9 @@ from jax import lax
 
 from qjax import calibration, formats, quantizers
 from qjax.ops import DotConfig, MatmulConfig, dot_general, int8_dynamic
-from qjax.ops import einsum as qe
 from qjax.spec import QuantSpec
+
+qe = importlib.import_module('qjax.ops.einsum')  # the module (qjax.ops.einsum is the function)
 
 
 def arr(seed, shape, po2_dims=()):
@@ -243,3 +246,15 @@ def test_per_group_on_two_contracting_dims_is_rejected():
   cfg = DotConfig(fwd=MatmulConfig(g, None))
   with pytest.raises(ValueError, match=r'fwd\.lhs: granularity="per_group" groups along one contracting dim'):
     qe.einsum('bhd,hdf->bf', jnp.ones((2, 4, 8)), jnp.ones((4, 8, 3)), config=cfg)
+
+
+def test_pre_quantized_operand():
+  """A QArray (serving weights) quantized like the op would quantize the float array gives the same result."""
+  s = QuantSpec(format='int8', granularity='per_channel')
+  cfg = DotConfig(fwd=MatmulConfig(s, s, 'real'), small_m=0)
+  x, w = arr(20, (2, 3, 8)), arr(21, (8, 4, 5), (1, 2))
+  qw = quantizers.quantize(w, s.replace(axis=(1, 2)))  # 'dhk': per_channel keeps the non-contracted h, k
+  np.testing.assert_array_equal(np.asarray(qe.einsum('bld,dhk->blhk', x, qw, config=cfg)),
+                                np.asarray(qe.einsum('bld,dhk->blhk', x, w, config=cfg)))
+  with pytest.raises(ValueError, match="index 'h' of a pre-quantized .QArray. operand needs a sum"):
+    qe.einsum('bld,dhk->bl', x, qw, config=cfg)

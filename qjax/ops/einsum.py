@@ -26,6 +26,7 @@ import string
 import jax
 import jax.numpy as jnp
 
+from qjax import quantizers
 from qjax.ops.config import DotConfig
 from qjax.ops.dot_general import dot_general
 
@@ -85,10 +86,17 @@ def parse(subscripts: str, lhs_ndim: int, rhs_ndim: int) -> tuple[str, str, str]
   return lhs_s, rhs_s, out_s
 
 
+def _no_qarray(x, what: str, c: str):
+  if isinstance(x, quantizers.QArray):
+    raise ValueError(f'einsum: index {c!r} of a pre-quantized (QArray) operand needs {what} before the '
+                     'contraction, which quantized values do not allow; pass the float array instead')
+
+
 def _diagonals(x, s: str):
   """Takes the diagonal of every index repeated within one operand."""
   while len(set(s)) < len(s):
     c = next(c for c in s if s.count(c) > 1)
+    _no_qarray(x, 'a diagonal', c)
     i = s.index(c)
     j = s.index(c, i + 1)
     if x.shape[i] != x.shape[j]:
@@ -102,6 +110,7 @@ def _sum_out(x, s: str, drop: set):
   axes = tuple(i for i, c in enumerate(s) if c in drop)
   if not axes:
     return x, s
+  _no_qarray(x, 'a sum or a broadcast', s[axes[0]])
   return jnp.sum(x, axis=axes), ''.join(c for c in s if c not in drop)
 
 
@@ -111,16 +120,18 @@ def einsum(subscripts: str, lhs, rhs, *, config: DotConfig, lhs_params=None, rhs
 
   Args:
     subscripts: e.g. 'bld,dhk->blhk', '...d,df->...f', 'bhqd,bhkd->bhqk'; implicit output allowed.
-    lhs, rhs: float arrays.
+    lhs, rhs: float arrays, or QArrays (pre-quantized serving weights, see `qjax.ops.dot_general`) when no
+      diagonal, broadcast or sum is needed on them before the contraction.
     config: the DotConfig of the forward and both gradient matmuls.
     lhs_params, rhs_params, key: as `qjax.ops.dot_general`.
     preferred_element_type: the output dtype (default: the operands' result type).
   """
+  is_q = lambda x: isinstance(x, quantizers.QArray)
+  lhs, rhs = (x if is_q(x) else jnp.asarray(x) for x in (lhs, rhs))
   for name, x in (('lhs', lhs), ('rhs', rhs)):
-    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
-      raise ValueError(f'einsum {name}: quantized ops take float operands, got dtype {jnp.asarray(x).dtype}')
-  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-  ls, rs, os_ = parse(subscripts, lhs.ndim, rhs.ndim)
+    if not is_q(x) and not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f'einsum {name}: quantized ops take float operands, got dtype {x.dtype}')
+  ls, rs, os_ = parse(subscripts, len(lhs.shape), len(rhs.shape))
   lhs, ls = _diagonals(lhs, ls)
   rhs, rs = _diagonals(rhs, rs)
   sizes = {}
