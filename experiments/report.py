@@ -1,0 +1,447 @@
+r"""The report of a sweep root: a table per configuration, Pareto fronts, and the same in TensorBoard.
+
+    python -m experiments.report runs/quickstart
+
+reads every trial's result.json (and config.json, error.json) under the root and writes
+
+  results.csv          one row per configuration (seeds grouped): swept values, metric mean and std over
+                       seeds, serving bytes, training step time, inference latency, int8 matmuls, Pareto flags
+  report.md            the same table, the Pareto fronts, failed trials, notes on each column
+  pareto_<x>.png       accuracy (or -bits/char) against weight bits, serving bytes and inference latency,
+                       the front highlighted, points labelled
+  TensorBoard          the HParams experiment summary at the root (swept keys as columns; each trial's run,
+                       written by the runner, is one session, grouped over seeds) and the Pareto plots as images
+                       (tags pareto/*), so `python -m experiments.board <root>` shows both
+
+Inference latency is taken from result['latency'] (ms, or a dict with 'ms' / 'median_ms' / 'serving_ms') when a
+benchmark harness (experiments.bench) has added it; this module measures nothing and reports 'n/a' otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fcntl
+import glob
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from experiments import sweeps
+
+__all__ = ['Config', 'load_trials', 'main', 'pareto_front', 'summarize', 'write_report']
+
+PLOT_AXES = (('weight_bits', 'weight bits'), ('serving_bytes', 'serving size (bytes)'),
+             ('latency_ms', 'inference latency (ms)'))
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _read(path: str) -> Any | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _get(d: dict, key: str, default=None):
+  for part in key.split('.'):
+    if not isinstance(d, dict) or part not in d:
+      return default
+    d = d[part]
+  return d
+
+
+def load_trials(root: str) -> tuple[list[dict], dict]:
+  """The trials under `root` (from sweep.json, else every sub-directory with a config.json) and the manifest."""
+  manifest = _read(os.path.join(root, 'sweep.json')) or {}
+  listed = manifest.get('trials') or []
+  if not listed:
+    names = sorted(d for d in os.listdir(root) if not d.startswith(('.', '_'))
+                   and os.path.exists(os.path.join(root, d, 'config.json')))
+    listed = [{'name': n, 'index': i, 'labels': None} for i, n in enumerate(names)]
+  trials = []
+  for t in listed:
+    workdir = os.path.join(root, t['name'])
+    result = _read(os.path.join(workdir, 'result.json'))
+    config = (result or {}).get('config') or _read(os.path.join(workdir, 'config.json'))
+    error = _read(os.path.join(workdir, 'error.json'))
+    status = 'done' if result else 'failed' if error else 'running' if _held(workdir) else 'not run'
+    trials.append({'name': t['name'], 'index': t.get('index', 0), 'labels': _ordered(t['name'], t.get('labels')),
+                   'config': config,
+                   'result': result, 'error': error, 'status': status})
+  if any(t['labels'] is None for t in trials):
+    _derive_labels(trials)
+  return trials, manifest
+
+
+def _ordered(name: str, labels: dict | list | None) -> dict | None:
+  """Labels in the order the trial's name gives them (JSON files may have sorted the keys)."""
+  if labels is None:
+    return None
+  labels = dict(labels)
+  order = [part.partition('=')[0] for part in name.split(',')]
+  return {k: labels[k] for k in sorted(labels, key=lambda k: order.index(k) if k in order else len(order))}
+
+
+def _held(workdir: str) -> bool:
+  if not os.path.exists(os.path.join(workdir, '.claim')):
+    return False
+  from experiments.sweep import Claim  # noqa: PLC0415
+  return Claim.is_held(workdir)
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in (d or {}).items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _derive_labels(trials: list[dict]) -> None:
+  """Without a manifest: the labels are the config leaves that differ between trials (last key segment)."""
+  flats = [_flat(t['config']) for t in trials]
+  keys = sorted({k for f in flats for k in f if len({json.dumps(g.get(k), default=str) for g in flats}) > 1})
+  short = sweeps.short_names([sweeps._Axis(k, None, False) for k in keys])
+  for t, f in zip(trials, flats, strict=True):
+    t['labels'] = {short[k]: sweeps._label(f.get(k)) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+
+
+def weight_bits(config: dict | None) -> float:
+  """Bits per weight: 32 for float runs, else the weight format's bits (int4 -> 4, fp8_e4m3 -> 8)."""
+  if not config or config.get('mode') == 'float':
+    return 32.0
+  fmt = _get(config, 'quant.weight.format', '')
+  if not fmt:
+    return 32.0
+  try:
+    from qjax import formats  # noqa: PLC0415
+    return float(formats.parse_format(fmt).bits)
+  except Exception:  # noqa: BLE001 - an unknown name: read the digits
+    m = re.search(r'(\d+)', fmt)
+    return float(m.group(1)) if m else float('nan')
+
+
+def latency_ms(result: dict) -> float:
+  lat = result.get('latency')
+  if isinstance(lat, (int, float)):
+    return float(lat)
+  if isinstance(lat, dict):
+    for k in ('serving_ms', 'median_ms', 'ms'):
+      if isinstance(lat.get(k), (int, float)):
+        return float(lat[k])
+  return float('nan')
+
+
+def _metric_name(results: list[dict]) -> tuple[str, bool]:
+  """The headline metric and whether higher is better: accuracy for classifiers, bits/char for LMs."""
+  for r in results:
+    if 'eval/accuracy' in (r.get('metrics') or {}) and 'eval/bits_per_char' not in r['metrics']:
+      return 'eval/accuracy', True
+    if 'eval/bits_per_char' in (r.get('metrics') or {}):
+      return 'eval/bits_per_char', False
+  return 'eval/loss', False
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+  xs = [x for x in xs if x is not None and not math.isnan(x)]
+  if not xs:
+    return float('nan'), float('nan')
+  m = sum(xs) / len(xs)
+  sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+  return m, sd
+
+
+@dataclasses.dataclass
+class Config:
+  """One configuration: its trials over seeds, summarized."""
+  label: str
+  values: dict[str, str]
+  trials: list[str]
+  seeds: int
+  metric: tuple[float, float]
+  serving_metric: tuple[float, float]
+  loss: tuple[float, float]
+  weight_bits: float
+  serving_bytes: float
+  train_step_ms: float
+  latency_ms: float
+  int8_matmuls: str
+  wall_time_s: float
+  front: dict[str, bool] = dataclasses.field(default_factory=dict)
+
+  @property
+  def score(self) -> float:
+    """What the fronts rank: the served model's metric when the run converted one, else the eval metric."""
+    return self.serving_metric[0] if not math.isnan(self.serving_metric[0]) else self.metric[0]
+
+  def cost(self, axis: str) -> float:
+    return getattr(self, axis)
+
+
+def summarize(trials: list[dict]) -> tuple[list[Config], str, bool]:
+  """Finished trials grouped into configurations (labels without the seed); returns (configs, metric, higher)."""
+  done = [t for t in trials if t['result']]
+  metric, higher = _metric_name([t['result'] for t in done])
+  groups: dict[str, list[dict]] = {}
+  for t in done:
+    values = {k: v for k, v in (t['labels'] or {}).items() if not sweeps.is_seed_key(k)}
+    groups.setdefault(json.dumps(values), []).append(t)
+  configs = []
+  for key, ts in groups.items():
+    values = json.loads(key)
+    rs = [t['result'] for t in ts]
+    steps = [r.get('train', {}).get('steps_per_sec') or 0 for r in rs]
+    step_ms = [1000.0 / s for s in steps if s > 0]
+    mm = rs[0].get('matmuls') or {}
+    configs.append(Config(
+        label=','.join(f'{k}={v}' for k, v in values.items()) or 'default', values=values,
+        trials=[t['name'] for t in ts], seeds=len(ts),
+        metric=_mean_std([_get(r, 'metrics', {}).get(metric) for r in rs]),
+        serving_metric=_mean_std([(r.get('serving_metrics') or {}).get(metric, float('nan')) for r in rs]),
+        loss=_mean_std([_get(r, 'metrics', {}).get('eval/loss') for r in rs]),
+        weight_bits=weight_bits(rs[0].get('config') or ts[0]['config']),
+        serving_bytes=float(rs[0].get('serving_bytes', float('nan'))),
+        train_step_ms=_mean_std(step_ms)[0],
+        latency_ms=_mean_std([latency_ms(r) for r in rs])[0],
+        int8_matmuls=f'{mm["int8"]}/{mm["total"]}' if 'int8' in mm and 'total' in mm else 'n/a',
+        wall_time_s=_mean_std([r.get('wall_time_sec') for r in rs])[0]))
+  for axis, _ in PLOT_AXES:
+    flags = pareto_front([c.cost(axis) for c in configs], [c.score for c in configs], higher=higher)
+    for c, f in zip(configs, flags, strict=True):
+      c.front[axis] = f
+  return configs, metric, higher
+
+
+def pareto_front(costs: list[float], values: list[float], *, higher: bool = True) -> list[bool]:
+  """Which points are Pareto-optimal for (lower cost, better value); NaN points are never on the front.
+
+  A point is dominated when another costs no more and scores no worse, and is strictly better in one.
+  """
+  sign = 1.0 if higher else -1.0
+  pts = [(c, sign * v) for c, v in zip(costs, values, strict=True)]
+  ok = [not (math.isnan(c) or math.isnan(v)) for c, v in pts]
+  out = []
+  for i, (ci, vi) in enumerate(pts):
+    dominated = any(ok[j] and cj <= ci and vj >= vi and (cj < ci or vj > vi)
+                    for j, (cj, vj) in enumerate(pts) if j != i)
+    out.append(ok[i] and not dominated)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _pm(ms: tuple[float, float], digits: int = 4) -> str:
+  m, s = ms
+  if math.isnan(m):
+    return 'n/a'
+  return f'{m:.{digits}f} ± {s:.{digits}f}'
+
+
+def _num(x: float, fmt: str = '{:.0f}') -> str:
+  return 'n/a' if x is None or math.isnan(x) else fmt.format(x)
+
+
+def plot_front(configs: list[Config], axis: str, xlabel: str, metric: str, higher: bool) -> bytes | None:
+  """A PNG of score against one cost, the front drawn as a step line; None when no config has that cost."""
+  pts = [c for c in configs if not math.isnan(c.cost(axis)) and not math.isnan(c.score)]
+  if not pts:
+    return None
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+  for c in pts:
+    on = c.front[axis]
+    std = c.serving_metric[1] if not math.isnan(c.serving_metric[0]) else c.metric[1]
+    ax.errorbar(c.cost(axis), c.score, yerr=std or None, fmt='o', ms=8 if on else 5,
+                color='tab:red' if on else 'tab:gray', capsize=3, zorder=3)
+    ax.annotate(c.label, (c.cost(axis), c.score), textcoords='offset points', xytext=(5, 4), fontsize=7)
+  front = sorted((c for c in pts if c.front[axis]), key=lambda c: c.cost(axis))
+  if front:
+    ax.step([c.cost(axis) for c in front], [c.score for c in front], where='post', color='tab:red', alpha=0.6,
+            label='Pareto front')
+    ax.legend(loc='lower right' if higher else 'upper right', fontsize=8)
+  if axis in ('weight_bits', 'serving_bytes') and min(c.cost(axis) for c in pts) > 0:
+    ax.set_xscale('log', base=2)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(f'{metric} ({"higher" if higher else "lower"} is better)')
+  ax.set_title(f'{metric.split("/")[-1]} vs {xlabel}')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png')
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def _write_csv(path: str, configs: list[Config], metric: str) -> None:
+  keys = list(dict.fromkeys(k for c in configs for k in c.values))
+  m = metric.split('/')[-1]
+  cols = keys + ['seeds', 'weight_bits', f'{m}_mean', f'{m}_std', f'serving_{m}_mean', f'serving_{m}_std',
+                 'loss_mean', 'loss_std', 'serving_bytes', 'train_step_ms', 'latency_ms', 'int8_matmuls',
+                 'wall_time_s', 'front_weight_bits', 'front_serving_bytes', 'front_latency_ms', 'trials']
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(cols)
+    for c in configs:
+      w.writerow([c.values.get(k, '') for k in keys] + [
+          c.seeds, c.weight_bits, *c.metric, *c.serving_metric, *c.loss, c.serving_bytes, c.train_step_ms,
+          c.latency_ms, c.int8_matmuls, c.wall_time_s, c.front['weight_bits'], c.front['serving_bytes'],
+          c.front['latency_ms'], ' '.join(c.trials)])
+  os.replace(tmp, path)
+
+
+def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str, higher: bool,
+              plots: dict[str, str], manifest: dict) -> str:
+  counts = {s: sum(t['status'] == s for t in trials) for s in ('done', 'failed', 'running', 'not run')}
+  m = metric.split('/')[-1]
+  keys = list(dict.fromkeys(k for c in configs for k in c.values))
+  lines = [f'# Sweep report: {root}', '',
+           f'Config `{manifest.get("config", "?")}`; {len(trials)} trials: {counts["done"]} finished, '
+           f'{counts["failed"]} failed, {counts["running"]} running, {counts["not run"]} not run. '
+           f'Written {time.strftime("%Y-%m-%d %H:%M:%S")} by `python -m experiments.report {root}`.', '',
+           f'## Results (one row per configuration; mean ± std over seeds; {"higher" if higher else "lower"} '
+           f'{m} is better)', '']
+  head = keys + ['seeds', 'weight bits', m, f'served {m}', 'loss', 'serving bytes', 'train step (ms)',
+                 'inference latency (ms)', 'int8 matmuls', 'front']
+  lines.append('| ' + ' | '.join(head) + ' |')
+  lines.append('|' + '---|' * len(head))
+  for c in sorted(configs, key=lambda c: (-c.weight_bits, c.label)):
+    fronts = ', '.join(a.replace('_', ' ') for a, _ in PLOT_AXES if c.front[a]) or ''
+    row = [c.values.get(k, '') for k in keys] + [
+        str(c.seeds), _num(c.weight_bits), _pm(c.metric), _pm(c.serving_metric), _pm(c.loss),
+        _num(c.serving_bytes, '{:,.0f}'), _num(c.train_step_ms, '{:.1f}'), _num(c.latency_ms, '{:.3f}'),
+        c.int8_matmuls, fronts]
+    lines.append('| ' + ' | '.join(row) + ' |')
+  lines.append('')
+  lines.append('## Pareto fronts')
+  lines.append('')
+  for axis, xlabel in PLOT_AXES:
+    front = sorted((c for c in configs if c.front[axis]), key=lambda c: c.cost(axis))
+    if axis in plots:
+      lines.append(f'{m} vs {xlabel}: ' + ' → '.join(f'`{c.label}`' for c in front))
+      lines.append('')
+      lines.append(f'![{m} vs {xlabel}]({plots[axis]})')
+    else:
+      lines.append(f'{m} vs {xlabel}: no trial has this measurement yet.')
+    lines.append('')
+  failed = [t for t in trials if t['status'] == 'failed']
+  if failed:
+    lines += ['## Failed trials', '']
+    for t in failed:
+      msg = f'{t["error"].get("type")}: {t["error"].get("message", "")}'.splitlines()[0][:300]
+      lines.append(f'- `{t["name"]}`: {msg} (`{t["name"]}/error.json`, log `{t["name"]}/train.log`)')
+    lines += ['', 'Rerun them with the sweep command plus `--retry_failed`.', '']
+  pending = [t['name'] for t in trials if t['status'] in ('running', 'not run')]
+  if pending:
+    lines += ['## Not finished', '', ', '.join(f'`{n}`' for n in pending), '']
+  lines += [
+      '## Columns', '',
+      f'- `{m}`: the trained model evaluated as it trained (QAT: fake-quantized); `served {m}`: the model '
+      'converted for serving (int8 / packed int4 weights), evaluated through that serving forward; the fronts '
+      'rank the served value where there is one.',
+      '- `serving bytes`: bytes of the parameters as served (float32 for float runs).',
+      '- `train step (ms)`: 1 / result.train.steps_per_sec, the training loop\'s average (its evals and '
+      'checkpoints included); n/a for PTQ, which trains nothing.',
+      '- `inference latency (ms)`: result.latency, which the benchmark harness (experiments.bench) adds; '
+      'this report measures nothing itself, so it is n/a until then.',
+      '- `int8 matmuls`: matmuls and convolutions of the serving forward that XLA compiled with int8 operands, '
+      'of all of them (result.matmuls).',
+      '', f'TensorBoard (HParams table, Pareto images): `python -m experiments.board {root}`', '']
+  return '\n'.join(lines)
+
+
+def _write_tensorboard(root: str, trials: list[dict], manifest: dict, pngs: dict[str, bytes],
+                       text: str, metric: str) -> None:
+  from experiments import tb  # noqa: PLC0415
+  keys = manifest.get('hparam_keys') or []
+  domains = {}
+  for k in keys:
+    values = []
+    for t in trials:
+      v = _get(t['config'] or {}, k)
+      if v is None:
+        continue
+      v = str(v) if isinstance(v, (list, tuple)) else v
+      if v not in values:
+        values.append(v)
+    if values:
+      domains[k] = values
+  metrics = list(dict.fromkeys(manifest.get('metrics') or ['eval/accuracy', 'eval/loss']))
+  tb.write_hparams_experiment(root, domains, metrics,
+                              description=f'Sweep `{manifest.get("config", root)}`; one session per trial, '
+                                          'sessions grouped over seeds. Report: report.md at the root.')
+  for old in glob.glob(os.path.join(glob.escape(root), 'events.out.tfevents.*.report')):
+    os.remove(old)
+  step = sum(t['status'] == 'done' for t in trials)
+  with tb.SummaryWriter(root, filename_suffix='.report') as w:
+    for axis, png in pngs.items():
+      w.image(f'pareto/{metric.split("/")[-1]}_vs_{axis}', png, step)
+    w.text('report', text, step)
+
+
+def write_report(root: str) -> dict[str, str]:
+  """Writes results.csv, report.md, the Pareto PNGs and the TensorBoard summaries; returns their paths."""
+  root = os.path.abspath(root)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f'no such sweep root: {root}')
+  with open(os.path.join(root, '.report.lock'), 'w') as lock:  # one writer at a time (e.g. Slurm array tasks)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    trials, manifest = load_trials(root)
+    configs, metric, higher = summarize(trials)
+    plots, pngs = {}, {}
+    for axis, xlabel in PLOT_AXES:
+      png = plot_front(configs, axis, xlabel, metric, higher)
+      if png is not None:
+        pngs[axis] = png
+        plots[axis] = f'pareto_{axis}.png'
+        with open(os.path.join(root, plots[axis]), 'wb') as f:
+          f.write(png)
+      elif os.path.exists(os.path.join(root, f'pareto_{axis}.png')):
+        os.remove(os.path.join(root, f'pareto_{axis}.png'))
+    paths = {'csv': os.path.join(root, 'results.csv'), 'report': os.path.join(root, 'report.md')}
+    _write_csv(paths['csv'], configs, metric)
+    text = _markdown(root, trials, configs, metric, higher, plots, manifest)
+    with open(paths['report'] + '.tmp', 'w') as f:
+      f.write(text)
+    os.replace(paths['report'] + '.tmp', paths['report'])
+    _write_tensorboard(root, trials, manifest, pngs, text, metric)
+  paths.update({axis: os.path.join(root, p) for axis, p in plots.items()})
+  return paths
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) != 1 or argv[0].startswith('-'):
+    print('usage: python -m experiments.report <sweep root>', file=sys.stderr)
+    return 2
+  try:
+    paths = write_report(argv[0])
+  except FileNotFoundError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'report: {paths["report"]}\ntable:  {paths["csv"]}')
+  for axis, _ in PLOT_AXES:
+    if axis in paths:
+      print(f'plot:   {paths[axis]}')
+  print(f'TensorBoard: python -m experiments.board {os.path.abspath(argv[0])}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

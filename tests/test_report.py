@@ -1,0 +1,137 @@
+"""experiments.report on a hand-made sweep root: the per-configuration table, Pareto fronts, plots, TensorBoard."""
+
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from experiments import report, sweeps, tb
+
+
+def _trial(root, name, labels, config, result=None, error=None):
+  workdir = os.path.join(root, name)
+  os.makedirs(workdir)
+  sweeps.write_json_atomic(os.path.join(workdir, 'config.json'), config)
+  if result is not None:
+    sweeps.write_json_atomic(os.path.join(workdir, 'result.json'), {**result, 'config': config})
+  if error is not None:
+    sweeps.write_json_atomic(os.path.join(workdir, 'error.json'), error)
+  return {'name': name, 'labels': labels, 'index': 0}
+
+
+def _config(mode, fmt, seed):
+  return {'mode': mode, 'seed': seed, 'quant': {'weight': {'format': fmt}, 'act': {'format': fmt}}}
+
+
+def _result(acc, serving_acc=None, nbytes=1000, sps=50.0, latency=None):
+  r = {'metrics': {'eval/accuracy': acc, 'eval/loss': 1 - acc}, 'serving_bytes': nbytes,
+       'train': {'steps_per_sec': sps}, 'matmuls': {'int8': 3, 'total': 5}, 'wall_time_sec': 10.0}
+  if serving_acc is not None:
+    r['serving_metrics'] = {'eval/accuracy': serving_acc, 'eval/loss': 1 - serving_acc}
+  if latency is not None:
+    r['latency'] = latency
+  return r
+
+
+@pytest.fixture
+def root(tmp_path):
+  """float (2 seeds), qat w8 (2 seeds), qat w4, ptq w4 (worse than qat w4 at equal cost), ptq w2 (failed)."""
+  root = str(tmp_path)
+  listed = [
+      _trial(root, 'mode=float,seed=0', {'mode': 'float', 'bits': 'w32', 'seed': '0'}, _config('float', '', 0),
+             _result(0.90, nbytes=4000, sps=100.0, latency=2.0)),
+      _trial(root, 'mode=float,seed=1', {'mode': 'float', 'bits': 'w32', 'seed': '1'}, _config('float', '', 1),
+             _result(0.92, nbytes=4000, sps=100.0, latency={'median_ms': 4.0})),
+      _trial(root, 'mode=qat,bits=w8,seed=0', {'mode': 'qat', 'bits': 'w8', 'seed': '0'}, _config('qat', 'int8', 0),
+             _result(0.89, 0.88, nbytes=1000, sps=40.0)),
+      _trial(root, 'mode=qat,bits=w8,seed=1', {'mode': 'qat', 'bits': 'w8', 'seed': '1'}, _config('qat', 'int8', 1),
+             _result(0.91, 0.90, nbytes=1000, sps=60.0)),
+      _trial(root, 'mode=qat,bits=w4,seed=0', {'mode': 'qat', 'bits': 'w4', 'seed': '0'}, _config('qat', 'int4', 0),
+             _result(0.85, 0.84, nbytes=600)),
+      _trial(root, 'mode=ptq,bits=w4,seed=0', {'mode': 'ptq', 'bits': 'w4', 'seed': '0'}, _config('ptq', 'int4', 0),
+             _result(0.70, 0.60, nbytes=600, sps=0.0)),
+      _trial(root, 'mode=ptq,bits=w2,seed=0', {'mode': 'ptq', 'bits': 'w2', 'seed': '0'}, _config('ptq', 'int2', 0),
+             error={'type': 'RunError', 'message': 'config.init_from is not a finished run'}),
+      {'name': 'mode=qat,bits=w2,seed=0', 'labels': {'mode': 'qat', 'bits': 'w2', 'seed': '0'}, 'index': 7},
+  ]
+  sweeps.write_json_atomic(os.path.join(root, 'sweep.json'), {
+      'config': 'configs/hand.py', 'metrics': ['eval/accuracy', 'eval/loss'], 'trials': listed,
+      'hparam_keys': ['mode', 'quant.weight.format']})
+  return root
+
+
+def test_pareto_front():
+  # cost, value: (1, .5) front; (2, .5) dominated by it; (2, .9) front; (3, .9) dominated (tie in value);
+  # (4, .95) front; NaN never on the front.
+  costs = [1, 2, 2, 3, 4, float('nan'), 5]
+  values = [0.5, 0.5, 0.9, 0.9, 0.95, 0.99, float('nan')]
+  assert report.pareto_front(costs, values) == [True, False, True, False, True, False, False]
+  # Lower is better (bits/char): the same points mirrored.
+  assert report.pareto_front([1, 2, 3], [2.0, 1.5, 1.6], higher=False) == [True, True, False]
+  assert report.pareto_front([1, 1], [0.5, 0.5]) == [True, True]  # equal points do not dominate each other
+  assert report.pareto_front([], []) == []
+
+
+def test_summary_groups_seeds_and_computes_fronts(root):
+  trials, manifest = report.load_trials(root)
+  assert [t['status'] for t in trials] == ['done'] * 6 + ['failed', 'not run']
+  configs, metric, higher = report.summarize(trials)
+  assert (metric, higher) == ('eval/accuracy', True)
+  by = {c.label: c for c in configs}
+  assert set(by) == {'mode=float,bits=w32', 'mode=qat,bits=w8', 'mode=qat,bits=w4', 'mode=ptq,bits=w4'}
+  f = by['mode=float,bits=w32']
+  assert f.seeds == 2 and f.metric[0] == pytest.approx(0.91) and f.metric[1] == pytest.approx(math.sqrt(2e-4))
+  assert math.isnan(f.serving_metric[0]) and f.score == pytest.approx(0.91) and f.weight_bits == 32
+  assert f.latency_ms == pytest.approx(3.0) and f.train_step_ms == pytest.approx(10.0)
+  q8 = by['mode=qat,bits=w8']
+  assert q8.score == pytest.approx(0.89) and q8.weight_bits == 8 and q8.int8_matmuls == '3/5'
+  assert q8.train_step_ms == pytest.approx((25.0 + 1000 / 60) / 2) and math.isnan(q8.latency_ms)
+  assert math.isnan(by['mode=ptq,bits=w4'].train_step_ms)  # PTQ trains nothing
+  fronts = {c.label: c.front for c in configs}
+  assert fronts['mode=qat,bits=w4']['weight_bits'] and fronts['mode=qat,bits=w8']['weight_bits']
+  assert fronts['mode=float,bits=w32']['weight_bits'] and not fronts['mode=ptq,bits=w4']['weight_bits']
+  assert fronts['mode=qat,bits=w4']['serving_bytes'] and not fronts['mode=ptq,bits=w4']['serving_bytes']
+  assert fronts['mode=float,bits=w32']['latency_ms'] and not fronts['mode=qat,bits=w8']['latency_ms']
+
+
+def test_report_files_and_tensorboard(root):
+  paths = report.write_report(root)
+  rows = list(csv.DictReader(open(paths['csv'])))
+  assert len(rows) == 4  # one per configuration
+  row = next(r for r in rows if r['mode'] == 'qat' and r['bits'] == 'w8')
+  assert row['seeds'] == '2' and float(row['accuracy_mean']) == pytest.approx(0.90)
+  assert float(row['serving_accuracy_mean']) == pytest.approx(0.89) and row['serving_bytes'] == '1000.0'
+  assert row['front_weight_bits'] == 'True' and row['trials'] == 'mode=qat,bits=w8,seed=0 mode=qat,bits=w8,seed=1'
+  md = open(paths['report']).read()
+  assert '| qat | w8 | 2 | 8 | 0.9000 ± 0.0141 | 0.8900 ± 0.0141 |' in md
+  assert '| ptq | w4 | 1 | 4 | 0.7000 ± 0.0000 | 0.6000 ± 0.0000 |' in md
+  assert 'accuracy vs weight bits: `mode=qat,bits=w4` → `mode=qat,bits=w8` → `mode=float,bits=w32`' in md
+  assert '`mode=ptq,bits=w2,seed=0`: RunError: config.init_from is not a finished run' in md
+  assert '## Not finished' in md and '`mode=qat,bits=w2,seed=0`' in md
+  assert 'experiments.bench' in md and 'python -m experiments.board' in md
+  for axis in ('weight_bits', 'serving_bytes', 'latency_ms'):
+    assert open(paths[axis], 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+  tags = tb.read_tags(root)
+  assert tags['images'] == {'pareto/accuracy_vs_weight_bits', 'pareto/accuracy_vs_serving_bytes',
+                            'pareto/accuracy_vs_latency_ms'}
+  assert tags['text'] == {'report'} and tags['hparams'] == {'_hparams_/experiment'}
+  # Rewriting replaces the root summaries instead of adding to them.
+  report.write_report(root)
+  events = sorted(f for f in os.listdir(root) if f.startswith('events.out.tfevents'))
+  assert len(events) == 2 and events[0].endswith(('.hparams_experiment', '.report'))
+
+
+def test_without_manifest_labels_come_from_differing_keys(tmp_path):
+  root = str(tmp_path)
+  for fmt in ('int8', 'int4'):
+    for seed in (0, 1):
+      _trial(root, f'{fmt}-{seed}', None, _config('qat', fmt, seed), _result(0.8 + (fmt == 'int8') * 0.1))
+  trials, _ = report.load_trials(root)
+  assert trials[0]['labels'] == {'act.format': 'int4', 'weight.format': 'int4', 'seed': '0'}
+  configs, _, _ = report.summarize(trials)
+  assert sorted((c.label, c.seeds) for c in configs) == [('act.format=int4,weight.format=int4', 2),
+                                                         ('act.format=int8,weight.format=int8', 2)]
+  assert report.main([root]) == 0 and report.main([]) == 2 and report.main([str(tmp_path / 'nope')]) == 2
+  json.load(open(os.path.join(root, 'int8-0', 'result.json')))  # the trials' files are untouched
