@@ -19,7 +19,7 @@ from flax import nnx
 from jax import lax
 
 from qjax import calibration, formats, quantizers
-from qjax.ops import DotConfig, MatmulConfig, int8_dynamic
+from qjax.ops import DotConfig, MatmulConfig, fp8, int8_dynamic
 from qjax.ops import conv as qc
 from qjax.spec import QuantSpec
 
@@ -411,3 +411,14 @@ def test_pre_quantized_kernel():
   qw = quantizers.quantize(w, s.replace(axis=3))  # HWIO: O is dim 3
   np.testing.assert_array_equal(np.asarray(qc.conv_general_dilated(x, qw, config=cfg, **kw)),
                                 np.asarray(qc.conv_general_dilated(x, w, config=cfg, **kw)))
+
+
+def test_fp8_real_conv():
+  """fp8: e4m3 x e4m3 forward, e5m2 gradients against e4m3 operands (a mixed pair runs as exact bf16)."""
+  x, w, ct, kw = operands('nhwc_same', seed=9)
+  real = grads(fp8('real'), x, w, ct, kw)
+  fake = grads(fp8('fake'), x, w, ct, kw)
+  for a, b in zip(real, fake, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+  txt = jax.jit(lambda a, b: qc.conv_general_dilated(a, b, config=fp8('real'), **kw)).lower(x, w).as_text()
+  assert _lowered_convs(txt) == [('f8E4M3FN', 'f8E4M3FN', 'f32')]

@@ -308,6 +308,8 @@ def real_conv(lq, rq, cp: ConvParams, kind: str, nhwc: bool = False) -> jax.Arra
     lq, rq, cp, back = to_nhwc(lq, rq, cp)
     return back(real_conv(lq, rq, cp, kind))
   acc_t = jnp.int32 if kind == 'int' else jnp.float32
+  if lq.qvalue.dtype != rq.qvalue.dtype:  # e4m3 x e5m2: lax convs take one dtype; bf16 holds both exactly.
+    lq, rq = (dataclasses.replace(q, qvalue=q.qvalue.astype(jnp.bfloat16)) for q in (lq, rq))
   acc = cp.conv(lq.qvalue, rq.qvalue, acc_t)
   dn = cp.dnums
   nd = acc.ndim
