@@ -13,6 +13,8 @@ def get_config(arg=None):
   c = base_config()
   c.dataset = 'mnist'
   c.model.name = 'lenet5'
+  c.model.features = (6, 16)
+  c.model.hidden = (120, 84)
   c.num_train_steps = 3000
   if arg == 'runlocal':
     runlocal(c)
