@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import threading
 from typing import Any
 
@@ -190,8 +191,21 @@ def _inside_op():
 # ------------------------------------------------------------------------------------------- the hooks
 
 
-def _dot_general_hook(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+def _hooked_frame() -> Frame | None:
+  """The module frame that a call of a hooked op belongs to. None for calls made by qjax's own op code, which
+  must run the original op: JAX may trace that code after run_op returned but while the module still runs
+  (a custom_vjp's forward when jax.grad linearizes an nnx.scan body)."""
   fr = current()
+  if fr is None:
+    return None
+  caller = sys._getframe(2).f_globals.get('__name__', '')
+  if caller.startswith('qjax.') and not caller.startswith('qjax.flax'):
+    return None
+  return fr
+
+
+def _dot_general_hook(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+  fr = _hooked_frame()
   if fr is None:
     return _ORIG['dot_general'](lhs, rhs, dimension_numbers, precision=precision,
                                 preferred_element_type=preferred_element_type, **kw)
@@ -209,7 +223,7 @@ def _conv_hook(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
                feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None, **kw):
   args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
           batch_group_count, precision, preferred_element_type)
-  fr = current()
+  fr = _hooked_frame()
   orig = lambda: _ORIG['conv_general_dilated'](lhs, rhs, *args, **kw)
   if fr is None:
     return orig()
@@ -221,7 +235,7 @@ def _conv_hook(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
 
 
 def _einsum_hook(subscripts, *operands, precision=None, preferred_element_type=None, _dot_general=None, **kw):
-  fr = current()
+  fr = _hooked_frame()
   if _dot_general is not None:  # Linen attention passes `_dot_general=jax.lax.dot_general` (or its own)
     kw['_dot_general'] = _ORIG.get('dot_general') if _dot_general is _dot_general_hook else _dot_general
   orig = lambda: _ORIG['einsum'](subscripts, *operands, precision=precision,

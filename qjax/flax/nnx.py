@@ -118,12 +118,31 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
     if seed is not None:
       module.qjax_rngs = nnx.Rngs(quant=zlib.crc32(f'{seed}/{module._qjax_path}'.encode()))  # not hash(): salted
   if sample_args or sample_kwargs:
-    session.creating = True
-    try:  # under nnx.jit: eager ops would each compile on their own (slow); new Variables propagate out
-      nnx.jit(lambda m, a, k: m(*a, **k))(model, sample_args, sample_kwargs)
-    finally:
-      session.creating = False
+    _create_state(model, session, sample_args, sample_kwargs)
   return ruleset
+
+
+def _is_qjax_state(path, _) -> bool:
+  return str(path[-1]).startswith('qjax_')
+
+
+def _create_state(model: nnx.Module, session: intercept.Session, args, kwargs) -> None:
+  """Runs the model once, jit-compiled (eager ops would each compile on their own), and adds the quantizer
+  state it created to the model. Only that new state leaves the compiled function: the model's own arrays stay
+  the same objects and are never copied (nnx.jit would return every variable as a new buffer, doubling the
+  model's memory), and nothing else the run changed (batch statistics, RNG counts) is kept."""
+  graphdef, state = nnx.split(model)
+
+  def run(state):
+    m = nnx.merge(graphdef, state)
+    m(*args, **kwargs)
+    return nnx.state(m, _is_qjax_state)
+  session.creating = True
+  try:
+    new = jax.jit(run)(state)
+  finally:
+    session.creating = False
+  nnx.update(model, new)
 
 
 def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sample_kwargs) -> int:
