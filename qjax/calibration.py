@@ -24,17 +24,28 @@ def _finite(x: jax.Array, fill: float = 0.0) -> jax.Array:
   return jnp.where(jnp.isfinite(x), x, fill)
 
 
+def _unless_finite(stats, x: jax.Array, fn):
+  """`stats` (computed from x as is) when all of them are finite, else fn(x with non-finite values zeroed).
+
+  The common case then reads x once in one fused reduction: masking first would materialise a masked copy of
+  x (XLA:CPU's YNN reduce does not fuse the select), a full extra write and read (benchmarks.md)."""
+  ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in jax.tree_util.tree_leaves(stats)]))
+  return jax.lax.cond(ok, lambda: stats, lambda: fn(_finite(x)))
+
+
 def absmax(x: jax.Array, sshape: tuple[int, ...]) -> jax.Array:
   """max |x| per scale group, non-finite values ignored."""
-  return gran.reduce(jnp.abs(_finite(x.astype(jnp.float32))), sshape, jnp.max)
+  x = x.astype(jnp.float32)
+  fn = lambda v: gran.reduce(jnp.abs(v), sshape, jnp.max)
+  return _unless_finite(fn(x), x, fn)
 
 
 def minmax(x: jax.Array, sshape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """(min(min x, 0), max(max x, 0)) per scale group: the range always contains 0."""
-  x = _finite(x.astype(jnp.float32))
-  lo = jnp.minimum(gran.reduce(x, sshape, jnp.min), 0.0)
-  hi = jnp.maximum(gran.reduce(x, sshape, jnp.max), 0.0)
-  return lo, hi
+  """(min(min x, 0), max(max x, 0)) per scale group: the range always contains 0. Non-finite values ignored."""
+  x = x.astype(jnp.float32)
+  fn = lambda v: (gran.reduce(v, sshape, jnp.min), gran.reduce(v, sshape, jnp.max))
+  lo, hi = _unless_finite(fn(x), x, fn)
+  return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
 
 
 def _quantile(x: jax.Array, sshape: tuple[int, ...], q: float) -> jax.Array:
