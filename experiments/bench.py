@@ -12,9 +12,10 @@ name that is not registered yet is imported from the module `experiments.bench_<
 when set), which registers it on import; so a new suite lives in its own module and needs no edit here.
 A Suite holds zero-argument callables (close over inputs, jit inside the suite), the baseline's name and a
 `meta` dict recorded as is (shapes, specs, HLO notes). All variants are timed by `timing.time_interleaved`
-with `config.timing.{warmup, rounds, min_time}`. A suite function may instead return an object with its own
-`run(config, workdir, *, info, echo) -> dict` (several groups, each timed interleaved against its own
-baseline: experiments/bench_suites.py); bench prints the machine's warnings and hands over to it.
+with `config.timing.{warmup, rounds, min_time, clock}` (clock: 'wall' or 'process', see timing.CLOCKS).
+A suite function may instead return an object with its own `run(config, workdir, *, info, echo) -> dict`
+(several groups, each timed interleaved against its own baseline: experiments/bench_suites.py); bench prints
+the machine's warnings and hands over to it.
 
 bench.json: {schema: 1, suite, command, config, machine (timing.machine_info()), baseline, timing,
 results: {variant: {median_s, min_s, max_s, spread, samples_s, calls_per_sample, page_faults_per_call,
@@ -81,7 +82,7 @@ def run(config, workdir: str | None = None, *, echo: Callable[[str], Any] = prin
   if suite.baseline not in suite.fns:
     raise ValueError(f'suite {config.suite!r}: baseline {suite.baseline!r} is not one of {", ".join(suite.fns)}')
   t = config.get('timing') or {}
-  kw = {k: t[k] for k in ('warmup', 'rounds', 'min_time') if k in t}
+  kw = {k: t[k] for k in ('warmup', 'rounds', 'min_time', 'clock') if k in t}
   stats = timing.time_interleaved(suite.fns, **kw)
   r_med = timing.ratios(stats, suite.baseline)
   r_min = timing.ratios(stats, suite.baseline, field='min')

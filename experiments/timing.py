@@ -31,6 +31,10 @@ from typing import Any, NamedTuple
 MALLOC_ENV = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_ARENA_MAX', 'MALLOC_TOP_PAD_',
               'GLIBC_TUNABLES')
 YNN_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
+# 'wall': elapsed time. 'process': CPU time of this process (all its threads, user + system, so page faults
+# count): on a machine loaded by other processes it leaves out the time this one waits to be scheduled, and
+# with one core (taskset) it equals the elapsed time of an unloaded machine.
+CLOCKS = {'wall': time.perf_counter, 'process': time.process_time}
 
 
 class Stats(NamedTuple):
@@ -68,7 +72,7 @@ def _block(out):
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, rounds: int = 9,
                      min_time: float = 0.05, sync: Callable[[Any], Any] | None = None,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, Stats]:
+                     clock: str | Callable[[], float] = 'wall') -> dict[str, Stats]:
   """Times zero-argument callables round-robin; returns {name: Stats} in the order of `fns`.
 
   Args:
@@ -78,13 +82,18 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, roun
     min_time: target seconds per sample; the inner loop count of each variant is set from its last warm-up
       call (at least 1), so fast variants are repeated more often than slow ones.
     sync: called on each result (default `jax.block_until_ready`).
-    clock: seconds as a float (default `time.perf_counter`).
+    clock: 'wall' (time.perf_counter), 'process' (time.process_time: CPU time, steadier on a loaded
+      machine; see CLOCKS) or a callable returning seconds.
   """
   if not fns:
     raise ValueError('fns is empty: pass {name: callable}')
   if rounds < 1 or warmup < 0 or min_time < 0:
     raise ValueError(f'need rounds >= 1, warmup >= 0, min_time >= 0; got {rounds}, {warmup}, {min_time}')
   sync = sync or _block
+  if isinstance(clock, str):
+    if clock not in CLOCKS:
+      raise ValueError(f'clock={clock!r} is not one of {", ".join(CLOCKS)} (or a callable)')
+    clock = CLOCKS[clock]
   calls = {}
   for name, fn in fns.items():
     dt = 0.0

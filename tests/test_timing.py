@@ -97,9 +97,17 @@ def test_page_faults_are_counted():
   assert stats['noop'].page_faults_per_call < stats['alloc'].page_faults_per_call
 
 
+def test_process_clock():
+  stats = timing.time_interleaved({'sum': lambda: sum(range(20000))}, warmup=1, rounds=2, min_time=0.0,
+                                  sync=lambda o: o, clock='process')
+  assert stats['sum'].median > 0
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match='fns is empty'):
     timing.time_interleaved({})
+  with pytest.raises(ValueError, match="clock='cpu' is not one of wall, process"):
+    timing.time_interleaved({'a': lambda: None}, clock='cpu')
   with pytest.raises(ValueError, match='rounds >= 1'):
     timing.time_interleaved({'a': lambda: None}, rounds=0)
   stats = {'a': timing.make_stats([1.0], 1, 0)}
@@ -188,7 +196,7 @@ def test_bench_fake_quant_json_schema(tmp_path):
   assert data['results']['x * 1.0']['ratio'] == 1.0
   assert data['meta']['shape'] == [64, 32] and data['meta']['spec']['format'] == 'int8'
   assert any(op.startswith('fusion') for op in data['meta']['entry_ops']['fake_quant'])
-  assert data['timing'] == {'warmup': 1, 'rounds': 2, 'min_time': 0.001}
+  assert data['timing'] == {'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'}
   assert data['machine']['cpu_count'] >= 1
   md = (tmp_path / 'bench.md').read_text()
   assert md.startswith('## fake_quant') and '| fake_quant |' in md and 'cpu_model' in md
