@@ -265,12 +265,16 @@ def plot_front(configs: list[Config], axis: str, xlabel: str, metric: str, highe
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
   fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-  for c in pts:
+  shared: dict[float, int] = {}  # points at one x: labels alternate above and below
+  for c in sorted(pts, key=lambda c: (c.cost(axis), -c.score)):
     on = c.front[axis]
     std = c.serving_metric[1] if not math.isnan(c.serving_metric[0]) else c.metric[1]
     ax.errorbar(c.cost(axis), c.score, yerr=std or None, fmt='o', ms=8 if on else 5,
                 color='tab:red' if on else 'tab:gray', capsize=3, zorder=3)
-    ax.annotate(c.label, (c.cost(axis), c.score), textcoords='offset points', xytext=(5, 4), fontsize=7)
+    k = shared[c.cost(axis)] = shared.get(c.cost(axis), -1) + 1
+    label = ','.join(c.values.values()) or c.label
+    ax.annotate(label, (c.cost(axis), c.score), textcoords='offset points', xytext=(6, 5 if k % 2 == 0 else -11),
+                fontsize=7, color='black' if on else 'dimgray')
   front = sorted((c for c in pts if c.front[axis]), key=lambda c: c.cost(axis))
   if front:
     ax.step([c.cost(axis) for c in front], [c.score for c in front], where='post', color='tab:red', alpha=0.6,

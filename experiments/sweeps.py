@@ -356,6 +356,9 @@ def write_json_atomic(path: str, obj: Any) -> None:
       json.dump(obj, f, indent=2, sort_keys=True, default=str)
       f.flush()
       os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

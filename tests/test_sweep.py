@@ -1,0 +1,434 @@
+"""experiments.sweeps (declarations, expansion) and experiments.sweep (executors, claims, resume, failures).
+
+Most tests run a fake trial function (`--trial_fn=test_sweep:fake_trial`) that counts its runs in marker
+files; one runs the real runner on the committed Fashion-MNIST fixtures, and one a local Ray.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import pytest
+
+from experiments import board, configlib, sweep, sweeps, tb
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([TESTS, REPO]), 'JAX_PLATFORMS': 'cpu'}
+
+FAKE_CONFIG = '''
+import ml_collections
+from experiments import sweeps
+
+def get_config(arg=None):
+  return ml_collections.ConfigDict({
+      'seed': 0, 'mode': 'qat', 'steps': 3, 'sleep': 0.0, 'fail': '', 'crash': '', 'init_from': '',
+      'quant': {'weight': {'format': 'int8'}, 'act': {'format': 'int8'}}})
+
+def get_sweep(arg=None):
+  bits = sweeps.zipped(sweeps.axis('quant.weight.format', ['int8', 'int4'], name='w'),
+                       sweeps.axis('quant.act.format', ['int8', 'int4'], name='a'))
+  return sweeps.product(bits, sweeps.axis('seed', [0, 1]))
+
+def metrics():
+  return ['eval/accuracy']
+'''
+
+
+def _accuracy(config) -> float:
+  return {'int8': 0.9, 'int4': 0.8, '': 0.95}[config.quant.weight.format] + 0.01 * config.seed
+
+
+def fake_trial(config, workdir, log=print):
+  """A resumable stand-in for train_and_evaluate: `steps` steps of `sleep` s, each recorded once."""
+  with open(os.path.join(workdir, 'runs.txt'), 'a') as f:
+    f.write(f'start {os.getpid()}\n')
+  log(f'fake trial in {workdir}')
+  ckpt = os.path.join(workdir, 'ckpt.json')  # the steps done so far, written atomically after each step
+  steps = json.load(open(ckpt)) if os.path.exists(ckpt) else []
+  name = os.path.basename(workdir)
+  if config.crash and config.crash == name:
+    os._exit(3)
+  while len(steps) < config.steps:
+    time.sleep(config.sleep)
+    steps.append(len(steps) + 1)
+    sweeps.write_json_atomic(ckpt, steps)
+  if config.fail and config.fail == name:
+    raise ValueError(f'injected failure in {name}')
+  c = configlib.to_dict(config)
+  result = {'metrics': {'eval/accuracy': _accuracy(config), 'eval/loss': 1 - _accuracy(config)},
+            'serving_bytes': 1000 if config.quant.weight.format == 'int8' else 500,
+            'train': {'steps_per_sec': 20.0}, 'matmuls': {'int8': 2, 'total': 3}, 'mode': config.mode, 'config': c}
+  with tb.SummaryWriter(workdir) as w:  # what the runner writes: every config leaf (the seed left out)
+    w.hparams(c)
+    w.scalar('eval/accuracy', result['metrics']['eval/accuracy'], config.steps)
+  sweeps.write_json_atomic(os.path.join(workdir, 'result.json'), result)
+  return result
+
+
+@pytest.fixture
+def fake_cfg(tmp_path):
+  path = tmp_path / 'fake.py'
+  path.write_text(FAKE_CONFIG)
+  return str(path)
+
+
+def _sweep(args, lines=None):
+  out = [] if lines is None else lines
+  rc = sweep.run_sweep(args, out=out.append)
+  return rc, out
+
+
+def _runs(root, name):
+  return sum(1 for line in open(os.path.join(root, name, 'runs.txt')) if line.startswith('start'))
+
+
+def _steps(root, name):
+  return json.load(open(os.path.join(root, name, 'ckpt.json')))
+
+
+# -------------------------------------------------------------------------------------- expansion, naming
+
+
+def test_expansion_names_ids_and_overrides(fake_cfg, tmp_path):
+  module, arg = configlib.load_module(fake_cfg)
+  trials = sweeps.expand(module, arg, str(tmp_path / 'root'))
+  assert [t.name for t in trials] == ['w=int8,a=int8,seed=0', 'w=int8,a=int8,seed=1',
+                                      'w=int4,a=int4,seed=0', 'w=int4,a=int4,seed=1']
+  assert trials[2].config.quant.act.format == 'int4' and trials[2].config.seed == 0
+  assert trials[2].overrides == {'quant.weight.format': 'int4', 'quant.act.format': 'int4', 'seed': 0}
+  again = sweeps.expand(*configlib.load_module(fake_cfg), str(tmp_path / 'root'))
+  assert [t.id for t in trials] == [t.id for t in again]  # deterministic
+  assert len({t.id for t in trials}) == 4
+  assert trials[0].id == sweeps.config_id(trials[0].config)
+  assert sweeps.hparam_domains(trials) == {'quant.weight.format': ['int8', 'int4'],
+                                           'quant.act.format': ['int8', 'int4']}  # no seed
+  # --config.* overrides reach every trial; a swept key cannot be overridden; typos name the nearest key.
+  assert all(t.config.steps == 7 for t in sweeps.expand(module, arg, str(tmp_path), [('steps', '7')]))
+  with pytest.raises(configlib.ConfigError, match='swept'):
+    sweeps.expand(module, arg, str(tmp_path), [('seed', '3')])
+  with pytest.raises(configlib.ConfigError, match="did you mean 'steps'"):
+    sweeps.expand(module, arg, str(tmp_path), [('stesp', '3')])
+
+
+def test_axis_forms_short_names_and_refs(tmp_path):
+  s = sweeps.chain(
+      sweeps.axis('mode', {'float': {'mode': 'float', 'quant.weight.format': ''}}),
+      sweeps.product(sweeps.axis('mode', [{'mode': 'ptq', 'init_from': sweeps.trial_ref('mode=float')}]),
+                     sweeps.axis('quant.weight.format', ['int8', 'int4']),
+                     sweeps.axis('quant.act.format', ['int8'])),
+  )
+  short = sweeps.short_names(s.axes)
+  assert short == {'mode': 'mode', 'quant.weight.format': 'weight.format', 'quant.act.format': 'act.format'}
+  module = type('M', (), {})()
+  module.get_config = lambda arg=None: configlib.load_file(os.path.join(REPO, 'configs/fmnist_cnn.py'))
+  module.get_sweep = lambda arg=None: s
+  trials = sweeps.expand(module, None, str(tmp_path))
+  assert [t.name for t in trials] == ['mode=float', 'mode=ptq,weight.format=int8,act.format=int8',
+                                      'mode=ptq,weight.format=int4,act.format=int8']
+  assert trials[1].deps == [0] and trials[1].config.init_from == os.path.join(str(tmp_path), 'mode=float')
+  assert trials[1].refs == {'init_from': 'mode=float'}
+  assert 'init_from' not in sweeps.hparam_domains(trials)
+  with pytest.raises(configlib.ConfigError, match='one length'):
+    sweeps.zipped(sweeps.axis('seed', [0, 1]), sweeps.axis('mode', ['qat']))
+  with pytest.raises(configlib.ConfigError, match='twice'):
+    sweeps.product(sweeps.axis('seed', [0]), sweeps.axis('seed', [1]))
+  with pytest.raises(configlib.ConfigError, match='label'):
+    sweeps.axis('bits', [{'quant.weight.format': 'int4'}])
+  module.get_sweep = lambda arg=None: sweeps.axis('mode', ['qat', 'qat'])
+  with pytest.raises(configlib.ConfigError, match='both named'):
+    sweeps.expand(module, None, str(tmp_path))
+
+
+def test_quickstart_sweep_expands():
+  module, arg = configlib.load_module(os.path.join(REPO, 'configs/quickstart.py'))
+  trials = sweeps.expand(module, arg, '/tmp/qs')
+  assert [t.name for t in trials] == ['mode=float', 'mode=qat,bits=w8a8', 'mode=qat,bits=w4a4',
+                                      'mode=qat,bits=w2a2', 'mode=ptq,bits=w8a8', 'mode=ptq,bits=w4a4',
+                                      'mode=ptq,bits=w2a2']
+  by = {t.name: t for t in trials}
+  assert by['mode=qat,bits=w2a2'].config.quant.weight.estimator == 'lsq'
+  assert by['mode=ptq,bits=w4a4'].config.init_from == '/tmp/qs/mode=float'
+  assert all(t.deps == [0] for t in trials if t.config.mode == 'ptq')
+  seeds = sweeps.expand(*configlib.load_module(os.path.join(REPO, 'configs/quickstart.py:seeds=2')), '/tmp/qs')
+  assert len(seeds) == 14 and seeds[-1].name == 'mode=ptq,bits=w2a2,seed=1' and seeds[-1].deps == [1]
+
+
+def test_dry_run_and_index(fake_cfg, tmp_path, monkeypatch):
+  root = str(tmp_path / 'root')
+  rc, out = _sweep([f'--config={fake_cfg}', f'--root={root}', '--dry_run'])
+  assert rc == 0 and len(out) == 4 and 'w=int4,a=int4,seed=1' in out[3] and out[3].split()[0] == '3'
+  assert not os.path.exists(root)
+  monkeypatch.setenv('SLURM_ARRAY_TASK_ID', '2')
+  rc, out = _sweep([f'--config={fake_cfg}', f'--root={root}', '--index=env', '--trial_fn=test_sweep:fake_trial'])
+  assert rc == 0, out
+  assert os.listdir(root) and os.path.exists(os.path.join(root, 'w=int4,a=int4,seed=0', 'result.json'))
+  assert not os.path.exists(os.path.join(root, 'w=int8,a=int8,seed=0'))
+  assert any('start  w=int4,a=int4,seed=0' in line for line in out)
+  assert any(line.startswith('tally: 1 done, 0 skipped, 0 failed') for line in out)
+  with pytest.raises(configlib.ConfigError, match='0..3'):
+    _sweep([f'--config={fake_cfg}', f'--root={root}', '--index=4'])
+  with pytest.raises(configlib.ConfigError, match='unknown flag --workres'):
+    _sweep([f'--config={fake_cfg}', f'--root={root}', '--workres=2'])
+
+
+# ------------------------------------------------------------------------------ failures, retry, crashes
+
+
+def test_failing_trial_is_recorded_and_retried_alone(fake_cfg, tmp_path):
+  root = str(tmp_path / 'root')
+  bad = 'w=int4,a=int4,seed=0'
+  args = [f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=2',
+          '--start_method=spawn']
+  rc, out = _sweep(args + [f'--config.fail={bad}'])
+  assert rc == 1
+  assert any(line.startswith('tally: 3 done, 0 skipped, 1 failed') for line in out), out
+  err = json.load(open(os.path.join(root, bad, 'error.json')))
+  assert err['type'] == 'ValueError' and 'injected failure' in err['message'] and 'Traceback' in err['traceback']
+  assert not os.path.exists(os.path.join(root, bad, 'result.json'))
+  # A plain rerun runs nothing: finished ones are kept, the failed one waits for --retry_failed.
+  rc, out = _sweep(args + [f'--config.fail={bad}'])
+  assert rc == 0 and any(line.startswith('tally: 0 done, 4 skipped') for line in out), out
+  rc, out = _sweep(args + [f'--config.fail={bad}', '--retry_failed', '--config.steps=4'])
+  assert rc == 1  # still failing (its steps changed: it resumed from its checkpoint at 3)
+  rc, out = _sweep(args + ['--retry_failed', '--config.steps=4'])
+  assert rc == 0 and any(line.startswith('tally: 1 done, 3 skipped, 0 failed') for line in out), out
+  assert not os.path.exists(os.path.join(root, bad, 'error.json'))
+  assert _runs(root, bad) == 3 and _steps(root, bad) == [1, 2, 3, 4]
+  for t in sweeps.expand(*configlib.load_module(fake_cfg), root):
+    if t.name != bad:
+      assert _runs(root, t.name) == 1 and _steps(root, t.name) == [1, 2, 3]
+  report = open(os.path.join(root, 'report.md')).read()
+  assert '| int4 | int4 | 2 |' in report
+
+
+def test_dead_worker_fails_its_trial_only(fake_cfg, tmp_path):
+  root = str(tmp_path / 'root')
+  crash = 'w=int8,a=int8,seed=1'
+  rc, out = _sweep([f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=2',
+                    '--start_method=spawn', f'--config.crash={crash}', '--config.sleep=0.2'])
+  assert rc == 1
+  assert any(line.startswith('tally: 3 done, 0 skipped, 1 failed') for line in out), '\n'.join(out)
+  err = json.load(open(os.path.join(root, crash, 'error.json')))
+  assert 'exit code 3' in err['message']
+  for t in sweeps.expand(*configlib.load_module(fake_cfg), root):
+    if t.name != crash:
+      assert os.path.exists(os.path.join(root, t.name, 'result.json'))
+      assert _steps(root, t.name) == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------- kills and concurrency
+
+
+def _popen(args):
+  return subprocess.Popen([sys.executable, '-m', 'experiments.sweep', *args], cwd=REPO, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for(cond, timeout, what):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if cond():
+      return
+    time.sleep(0.1)
+  raise AssertionError(f'timed out waiting for {what}')
+
+
+def _group_gone(pgid):
+  try:
+    os.killpg(pgid, 0)
+  except ProcessLookupError:
+    return True
+  return False
+
+
+def test_resume_after_the_sweep_is_killed(fake_cfg, tmp_path):
+  root = str(tmp_path / 'root')
+  names = [t.name for t in sweeps.expand(*configlib.load_module(fake_cfg), root)]
+  args = [f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=1',
+          '--config.sleep=0.3', '--config.steps=5']
+  proc = _popen(args)
+  try:
+    done = lambda n: os.path.exists(os.path.join(root, n, 'result.json'))  # noqa: E731
+    mid = lambda: os.path.exists(os.path.join(root, names[2], 'ckpt.json'))  # noqa: E731
+    _wait_for(lambda: done(names[0]) and done(names[1]) and mid(), 120, 'two trials and a step of the third')
+    os.kill(proc.pid, signal.SIGKILL)  # the sweep only: its worker must notice and exit by itself
+    proc.wait(timeout=10)
+    _wait_for(lambda: not sweep.Claim.is_held(os.path.join(root, names[2])), 20, 'the orphaned worker to exit')
+    _wait_for(lambda: _group_gone(proc.pid), 30, 'every process of the killed sweep to exit')
+  finally:
+    if not _group_gone(proc.pid):  # only on failure: end what is left of the sweep this test started
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert not done(names[2]) and not os.path.exists(os.path.join(root, names[3]))
+  rc, out = _sweep(args)
+  assert rc == 0 and any(line.startswith('tally: 2 done, 2 skipped, 0 failed') for line in out), out
+  for n in names:  # no trial lost, none run twice, no step run twice
+    assert done(n) and _steps(root, n) == [1, 2, 3, 4, 5], n
+  assert [_runs(root, n) for n in names] == [1, 1, 2, 1]
+
+
+def test_claims_exclude_other_processes_and_die_with_them(tmp_path):
+  workdir = str(tmp_path / 'trial')
+  claim = sweep.Claim.acquire(workdir)
+  assert claim is not None and sweep.Claim.acquire(workdir) is None and sweep.Claim.is_held(workdir)
+  assert f'pid {os.getpid()}' in sweep.Claim.holder(workdir)
+  claim.release()
+  assert not sweep.Claim.is_held(workdir)
+  code = f'from experiments import sweep; c = sweep.Claim.acquire({workdir!r}); print(c is not None, flush=True); ' \
+         'import time; time.sleep(60)'
+  holder = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'True'
+    assert sweep.Claim.acquire(workdir) is None and f'pid {holder.pid}' in sweep.Claim.holder(workdir)
+  finally:
+    holder.kill()
+    holder.wait()
+  claim = sweep.Claim.acquire(workdir)  # the kernel released the dead holder's claim: never stale
+  assert claim is not None
+  claim.release()
+
+
+def test_two_sweeps_on_one_root_run_each_trial_once(fake_cfg, tmp_path):
+  root = str(tmp_path / 'root')
+  args = [f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=1',
+          '--config.sleep=0.4', '--config.steps=3']
+  procs = [_popen(args), _popen(args)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  tallies = [next(line for line in o.splitlines() if line.startswith('tally:')) for o in outs]
+  done = [int(t.split()[1]) for t in tallies]
+  assert sum(done) == 4 and all('0 failed' in t for t in tallies), tallies
+  for t in sweeps.expand(*configlib.load_module(fake_cfg), root):
+    assert _runs(root, t.name) == 1 and _steps(root, t.name) == [1, 2, 3]
+
+
+# -------------------------------------------------------------------------------------------- TensorBoard
+
+
+def _post(url, path, body):
+  req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method='POST',
+                               headers={'Content-Type': 'application/json', 'X-XSRF-Protected': '1'})
+  with urllib.request.urlopen(req, timeout=20) as r:
+    return json.load(r)
+
+
+def test_tensorboard_lists_trials_with_swept_hparams_and_groups_seeds(fake_cfg, tmp_path):
+  root = str(tmp_path / 'root')
+  rc, out = _sweep([f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=1',
+                    '--start_method=spawn'])
+  assert rc == 0, out
+  assert out[-1] == f'TensorBoard: python -m experiments.board {root}'
+  url, server = board.start(root, host='127.0.0.1', port=0, timeout=90, reload_interval=1)
+  try:
+    assert url.startswith('http://127.0.0.1:')
+    experiment = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not experiment.get('hparamInfos'):
+      experiment = _post(url, 'data/plugin/hparams/experiment', {'experimentName': ''})
+      time.sleep(0.5)
+    infos = {i['name']: i for i in experiment['hparamInfos']}
+    assert set(infos) == {'quant.weight.format', 'quant.act.format'}
+    assert infos['quant.weight.format']['domainDiscrete'] == ['int4', 'int8']
+    assert [m['name']['tag'] for m in experiment['metricInfos']] == ['eval/accuracy']
+    request = {'experimentName': '', 'startIndex': 0, 'sliceSize': 1000,
+               'allowedStatuses': ['STATUS_FAILURE', 'STATUS_RUNNING', 'STATUS_SUCCESS', 'STATUS_UNKNOWN'],
+               'colParams': [{'hparam': 'quant.weight.format'}, {'hparam': 'quant.act.format'},
+                             {'metric': {'tag': 'eval/accuracy', 'group': ''}}]}
+    groups = _post(url, 'data/plugin/hparams/session_groups', request)
+    assert groups['totalSize'] == 2  # 4 trials, 2 configurations: the seeds are repeats
+    by_w = {g['hparams']['quant.weight.format']: g for g in groups['sessionGroups']}
+    assert set(by_w) == {'int8', 'int4'}
+    for w, g in by_w.items():
+      assert 'seed' not in g['hparams']
+      assert sorted(s['name'] for s in g['sessions']) == [f'w={w},a={w},seed=0', f'w={w},a={w},seed=1']
+      mean = {'int8': 0.905, 'int4': 0.805}[w]
+      assert g['metricValues'][0]['value'] == pytest.approx(mean, abs=1e-5)
+      assert g['name'] == tb.group_name_for(json.load(open(os.path.join(root, g['sessions'][0]['name'],
+                                                                        'result.json')))['config'])
+    tags = tb.read_tags(root)
+    assert {'pareto/accuracy_vs_weight_bits', 'pareto/accuracy_vs_serving_bytes'} <= tags['images']
+  finally:
+    server.stop()
+
+
+# ------------------------------------------------------------------------------------------ real runner
+
+
+RUNNER_CONFIG = '''
+import os
+from experiments import configlib, sweeps
+
+def get_config(arg=None):
+  c = configlib.load_file(os.path.join({repo!r}, 'configs/fmnist_cnn.py:runlocal'))
+  c.num_train_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 2, 1, 2, 2
+  c.eval_examples, c.quant.calibration_batches, c.quant_summaries = 125, 1, False
+  return c
+
+def get_sweep(arg=None):
+  return sweeps.chain(
+      sweeps.axis('mode', {{'float': {{'mode': 'float'}}}}),
+      sweeps.axis('mode', {{'ptq': {{'mode': 'ptq', 'init_from': sweeps.trial_ref('mode=float')}}}}))
+'''
+
+
+def test_real_runner_ptq_from_the_float_trial(tmp_path):
+  cfg = tmp_path / 'tiny.py'
+  cfg.write_text(RUNNER_CONFIG.format(repo=REPO))
+  root = str(tmp_path / 'root')
+  rc, out = _sweep([f'--config={cfg}', f'--root={root}', '--workers=2'])
+  assert rc == 0, out
+  text = '\n'.join(out)
+  assert 'running 2 on 2 worker process(es) (forkserver)' in text
+  assert text.index('done   mode=float') < text.index('start  mode=ptq')  # the PTQ trial waited for it
+  ptq = json.load(open(os.path.join(root, 'mode=ptq', 'result.json')))
+  assert ptq['config']['init_from'] == os.path.join(root, 'mode=float') and ptq['matmuls']['int8'] > 0
+  assert not os.path.exists(os.path.join(root, '_pretrained'))  # no second float training
+  assert os.listdir(os.path.join(root, '.jax_cache'))  # the shared persistent compilation cache
+  assert 'resuming' not in open(os.path.join(root, 'mode=ptq', 'train.log')).read()
+  rows = open(os.path.join(root, 'results.csv')).read().splitlines()
+  assert len(rows) == 3 and rows[0].startswith('mode,seeds,weight_bits,accuracy_mean')
+  rc, out = _sweep([f'--config={cfg}', f'--root={root}'])
+  assert rc == 0 and any(line.startswith('tally: 0 done, 2 skipped') for line in out)
+
+
+# ------------------------------------------------------------------------------------------------- Ray
+
+
+@pytest.mark.skipif(importlib.util.find_spec('ray') is None,
+                    reason="ray is not installed (pip install 'ray[default]'); the executor then exits 3 saying so")
+def test_ray_executor_runs_a_two_trial_sweep(tmp_path, monkeypatch):
+  monkeypatch.setenv('PYTHONPATH', ENV['PYTHONPATH'])
+  monkeypatch.setenv('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
+  ray_cfg = tmp_path / 'two.py'
+  ray_cfg.write_text(FAKE_CONFIG.replace("sweeps.product(bits, sweeps.axis('seed', [0, 1]))", 'bits'))
+  rc, out = _sweep([f'--config={ray_cfg}', f'--root={tmp_path / "ray"}', '--trial_fn=test_sweep:fake_trial',
+                    '--executor=ray', '--workers=2'])
+  assert rc == 0, out
+  assert any('on Ray (local, 127.0.0.1, 2 CPUs)' in line for line in out), out
+  assert any(line.startswith('tally: 2 done, 0 skipped, 0 failed') for line in out), out
+  for name in ('w=int8,a=int8', 'w=int4,a=int4'):
+    assert os.path.exists(tmp_path / 'ray' / name / 'result.json')
+
+
+def test_ray_missing_is_a_clear_error(fake_cfg, tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'ray', None)  # import ray -> ImportError
+  with pytest.raises(sweep.SweepError, match=r"pip install 'ray\[default\]'"):
+    _sweep([f'--config={fake_cfg}', f'--root={tmp_path}', '--executor=ray', '--trial_fn=test_sweep:fake_trial'])
+
+
+def test_cli_exit_codes(fake_cfg, tmp_path):
+  bad = subprocess.run([sys.executable, '-m', 'experiments.sweep', f'--config={fake_cfg}'], cwd=REPO, env=ENV,
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and 'missing --root' in bad.stderr
+  code = textwrap.dedent(f'''
+      import sys; sys.modules['ray'] = None
+      from experiments import sweep; sys.exit(sweep.main(['--config={fake_cfg}', '--root={tmp_path}',
+                                                         '--executor=ray']))''')
+  ray_missing = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=ENV, capture_output=True, text=True)
+  assert ray_missing.returncode == 3 and 'needs Ray' in ray_missing.stderr
