@@ -1,0 +1,47 @@
+r"""Benchmark: the experiments' models quantized by qjax.flax rules against the float model, end to end.
+
+Steady figures (one core; malloc pinned, drhs.md 5; see docs/benchmarks.md):
+  MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1 taskset -c 1 \
+    python -m experiments.bench --config=configs/bench_e2e.py --workdir=runs/bench/e2e_1c
+Both cores: the same without `taskset -c 1`. One model: --config.models="('mlp',)". Smoke (tests): `:runlocal`.
+
+Models: the NNX MLP 784-2048-2048-10 and the Linen LeNet-5 of experiments/models.py, unmodified, quantized by
+rules built from experiments.quant_config's defaults (int8 weights per channel, int8 activations per tensor) the
+way `python -m experiments.train` builds them; adam; steps jitted with the state donated. Groups:
+  <model> train b256   float step vs QAT (real int8 forward), QAT (fake-quant forward), int8 training (forward
+                       and both backward matmuls int8: mode quantized_training)
+  <model> serve b<B>   float forward vs the PTQ int8 serving forward (calibrated static activation ranges,
+                       weights converted to int8 by convert_nnx / convert_linen), per batch in serve_batches
+Issue targets (time ratios to float): QAT int8 forward <= 0.75x, QAT fake-quant <= 1.1x, int8 training <= 0.53x
+(>= 1.9x faster), PTQ serving at batch >= 256 <= 0.27x. Peers measured on this CPU (research notes): Qwix QAT
+0.86x, Qwix PTQ forward 0.30x, AQT int8-forward 0.88x, AQT fully quantized 2.8x, Qwix fully quantized 1.8-1.9x.
+Takes ~5 min.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """arg: None or 'runlocal' (a tiny MLP, batches of 8)."""
+  c = ml_collections.ConfigDict()
+  c.suite = 'e2e'
+  c.module = 'experiments.bench_suites'
+  c.models = ('mlp', 'lenet5')
+  c.mlp_hidden = (2048, 2048)
+  c.train_batch = 256
+  c.serve_batches = (64, 256, 1024)
+  c.calibration_batches = 2
+  c.quant_overrides = ml_collections.ConfigDict()   # e.g. {'act__granularity': 'per_channel'} ('__' for '.')
+  c.seed = 0
+  c.inspect = True
+  c.flag_tolerance = 0.0
+  c.timing = ml_collections.ConfigDict({'warmup': 3, 'rounds': 9, 'min_time': 0.3})
+  if arg == 'runlocal':
+    c.mlp_hidden = (32,)
+    c.train_batch = 8
+    c.serve_batches = (4, 8)
+    c.calibration_batches = 1
+    c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001})
+  elif arg:
+    raise ValueError(f'unknown config arg {arg!r}: use runlocal')
+  return c

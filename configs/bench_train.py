@@ -1,0 +1,35 @@
+r"""Benchmark: a training-style matmul (forward + dlhs + drhs) with int8 in all three, vs the f32 fwd + bwd.
+
+Steady figures (one core; malloc pinned, drhs.md 5; see docs/benchmarks.md):
+  MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1 taskset -c 1 \
+    python -m experiments.bench --config=configs/bench_train.py --workdir=runs/bench/train_1c
+Both cores: the same without `taskset -c 1`. Smoke (tests): `:runlocal`.
+
+(256 x 2048) . (2048 x 2048) through jax.vjp, jitted. Variants:
+  int8 x3               int8_dynamic(): forward, dlhs = g.W^T and drhs = x^T.g all int8 x int8 -> int32, drhs with
+                        a row-major x^T (drhs.md) so all three stay on XLA's fast kernel (recorded per matmul)
+  int8 x3, naive drhs   (contrast) drhs_row_major=False: XLA up-casts the transposed int8 operand to int32
+  int8 fwd, f32 bwd     only the forward in int8
+Issue target: int8 x3 <= 0.35x the f32 fwd+bwd time. Expected (drhs.md): each int8 matmul ~4.2x f32 on one core;
+the naive drhs ~0.4x. Takes ~1 min.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """arg: None or 'runlocal' (tiny shape)."""
+  c = ml_collections.ConfigDict()
+  c.suite = 'train_matmul'
+  c.module = 'experiments.bench_suites'
+  c.train_shape = (256, 2048, 2048)   # B, K, N: x (B, K), w (K, N)
+  c.seed = 0
+  c.inspect = True
+  c.flag_tolerance = 0.0
+  c.timing = ml_collections.ConfigDict({'warmup': 2, 'rounds': 11, 'min_time': 0.2})
+  if arg == 'runlocal':
+    c.train_shape = (64, 64, 64)   # rows > small_m (32) in all three matmuls: int8, not routed to float
+    c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001})
+  elif arg:
+    raise ValueError(f'unknown config arg {arg!r}: use runlocal')
+  return c

@@ -1,0 +1,289 @@
+"""experiments.bench_suites: the speed suites' harness logic at tiny sizes (never asserts speed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import bench, bench_suites, configlib, timing
+from experiments.bench_suites import Group, Target, Variant
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {name: os.path.join(REPO, 'configs', f'bench_{name}.py')
+           for name in ('raw_dot', 'qmatmul', 'train', 'e2e', 'memory')}
+RESULT_KEYS = {'role', 'median_s', 'min_s', 'max_s', 'spread', 'samples_s', 'calls_per_sample',
+               'page_faults_per_call', 'ratio', 'ratio_min', 'speedup', 'info'}
+TOP_KEYS = {'schema', 'kind', 'suite', 'command', 'config', 'machine', 'timing', 'groups', 'targets', 'flags',
+            'records', 'meta', 'warnings'}
+ON_CPU = os.environ.get('JAX_PLATFORMS', 'cpu') == 'cpu'
+
+
+def run_cli(tmp_path, name, *overrides):
+  """The suite through the CLI's code path (bench.main), at its runlocal size; returns bench.json's content."""
+  rounds = [] if name == 'memory' else ['--config.timing.rounds=2']  # memory times nothing
+  rc = bench.main([f'--config={CONFIGS[name]}:runlocal', *overrides, *rounds, f'--workdir={tmp_path}'])
+  assert rc == 0
+  with open(tmp_path / 'bench.json') as f:
+    return json.load(f)
+
+
+def check_schema(data):
+  assert set(data) == TOP_KEYS
+  assert data['schema'] == bench.SCHEMA and data['kind'] == 'groups'
+  for k in ('cpu_model', 'cpu_count', 'python', 'jax', 'jaxlib', 'device_kind', 'xla_flags', 'warnings'):
+    assert k in data['machine'], k
+  for g in data['groups']:
+    assert set(g) == {'name', 'baseline', 'meta', 'results'}
+    base = g['results'][g['baseline']]
+    assert base['role'] == 'baseline' and base['ratio'] == 1.0
+    for name, r in g['results'].items():
+      assert set(r) == RESULT_KEYS, name
+      assert r['role'] in bench_suites.ROLES
+      assert len(r['samples_s']) == 2 and r['min_s'] <= r['median_s'] <= r['max_s']
+      assert r['ratio'] == pytest.approx(r['median_s'] / base['median_s'])
+      assert r['ratio_min'] == pytest.approx(r['min_s'] / base['min_s'])
+      assert r['speedup'] == pytest.approx(1.0 / r['ratio'])
+  for t in data['targets']:
+    assert set(t) == {'group', 'variant', 'text', 'max_ratio', 'ratio', 'met'}
+    assert t['met'] == (t['ratio'] <= t['max_ratio'])
+
+
+# ------------------------------------------------------------------------------------------- suites, CLI
+
+
+def test_raw_dot_cli_json_markdown_and_tensorboard(tmp_path, capsys):
+  data = run_cli(tmp_path, 'raw_dot', "--config.small_m=(1,)")
+  check_schema(data)
+  assert data['suite'] == 'raw_dot'
+  assert [g['name'] for g in data['groups']] == ['32x32x32', '16x32x64', '1x64x64']
+  assert list(data['groups'][0]['results']) == ['f32', 'bf16 -> f32', 'int8 -> int32', 'fp8 e4m3 -> f32']
+  assert data['groups'][0]['meta']['shape'] == [32, 32, 32]
+  insp = data['groups'][0]['results']['int8 -> int32']['info']['inspect']
+  assert insp['matmuls'] == 1 and insp['lowered_int8'] == 1
+  if ON_CPU:  # XLA:CPU runs the square int8 dot on YNN, and refuses a matrix-vector product (M = 1).
+    assert insp['int8'] == 1 and insp['int8_fast'] == 1
+    m1 = data['groups'][2]['results']['int8 -> int32']['info']['inspect']
+    assert m1['int8_fast'] == 0 and m1['int8_gemm_slow'] == 0  # M = 1 is not a GEMM: no warning for it
+  assert data['timing'] == {'warmup': 1, 'rounds': 2, 'min_time': 0.001}
+  assert data['config']['small_m'] == [1]
+  md = (tmp_path / 'bench.md').read_text()
+  assert md.startswith('## raw_dot') and '### 1x64x64' in md and '| int8 -> int32 |' in md and 'cpu_model' in md
+  assert '## raw_dot' in capsys.readouterr().out
+  from experiments import tb
+  scalars = tb.read_scalars(tmp_path)
+  assert 'raw_dot/32x32x32/f32/ratio' in scalars and 'raw_dot/1x64x64/int8_-_int32/median_ms' in scalars
+  assert scalars['raw_dot/32x32x32/f32/ratio'][0][1] == pytest.approx(1.0)
+
+
+def test_qmatmul_small_m_routing_in_result(tmp_path):
+  data = run_cli(tmp_path, 'qmatmul', "--config.squares=(64,)", "--config.mlp_shapes=()", "--config.small_m=(1,)",
+                 "--config.dynamic_target_shapes=('64x64x64',)")
+  check_schema(data)
+  big, small = data['groups']
+  assert big['name'] == '64x64x64' and small['name'] == '1x64x64'
+  assert big['meta']['routed_to_float'] is False and small['meta']['routed_to_float'] is True
+  assert list(big['results']) == ['f32', 'dynamic int8', 'serving int8 W', 'int8 dot alone']
+  assert list(small['results']) == ['f32', 'dynamic int8', 'serving int8 W', 'dynamic int8, small_m=0',
+                                    'serving int8 W, small_m=0', 'int8 dot alone']
+  for name in ('dynamic int8', 'serving int8 W'):
+    r = small['results'][name]
+    assert r['role'] == 'quantized' and r['info']['routed_to_float'] is True
+    assert r['info']['route'].startswith('float (rows 1 <= small_m=32)')
+    assert r['info']['inspect']['lowered_int8'] == 0  # routed: no int8 matmul at all
+    assert big['results'][name]['info']['route'] == 'int8'
+    assert big['results'][name]['info']['inspect']['lowered_int8'] == 1
+    forced = small['results'][f'{name}, small_m=0']
+    assert forced['role'] == 'contrast' and forced['info']['inspect']['lowered_int8'] == 1
+    if ON_CPU:
+      assert big['results'][name]['info']['inspect']['int8_fast'] == 1
+  assert [(t['group'], t['variant']) for t in data['targets']] == [('64x64x64', 'dynamic int8')]
+  # Flags are exactly the quantized variants slower than f32 (contrast and reference variants never flag).
+  expect = [(g['name'], n) for g in data['groups'] for n, r in g['results'].items()
+            if r['role'] == 'quantized' and r['ratio'] > 1.0]
+  assert [(f['group'], f['variant']) for f in data['flags']] == expect
+
+
+def test_train_matmul_keeps_all_three_int8_matmuls_fast(tmp_path):
+  data = run_cli(tmp_path, 'train')
+  check_schema(data)
+  (g,) = data['groups']
+  assert g['meta']['shape'] == [64, 64, 64] and g['baseline'] == 'f32'
+  res = g['results']
+  assert res['int8 x3, naive drhs']['role'] == 'contrast'
+  assert res['int8 x3']['info']['config']['drhs_row_major'] is True
+  assert res['int8 x3, naive drhs']['info']['config']['drhs_row_major'] is False
+  assert res['int8 x3']['info']['inspect']['lowered_int8'] == 3
+  assert res['int8 fwd, f32 bwd']['info']['matmuls_by_scope'] == {
+      'fwd': 'int8 fast' if ON_CPU else res['int8 fwd, f32 bwd']['info']['matmuls_by_scope']['fwd'],
+      'dlhs': 'f32', 'drhs': 'f32'}
+  if ON_CPU:
+    assert res['int8 x3']['info']['matmuls_by_scope'] == {'fwd': 'int8 fast', 'dlhs': 'int8 fast', 'drhs': 'int8 fast'}
+    assert res['int8 x3']['info']['inspect']['int8_fast'] == 3
+    assert res['int8 x3, naive drhs']['info']['matmuls_by_scope']['drhs'] == 'int8 SLOW'
+  (t,) = data['targets']
+  assert t['variant'] == 'int8 x3' and t['max_ratio'] == 0.35
+  assert not any('off XLA:CPU' in w for w in data['warnings'])  # the contrast's slow drhs does not warn
+
+
+def test_e2e_mlp_runlocal(tmp_path):
+  data = run_cli(tmp_path, 'e2e', "--config.models=('mlp',)", '--config.serve_batches=(8,)')
+  check_schema(data)
+  train, serve = data['groups']
+  assert train['name'] == 'mlp train b8' and serve['name'] == 'mlp serve b8'
+  assert list(train['results']) == ['float step', 'QAT, int8 forward', 'QAT, fake-quant forward',
+                                    'int8 training (fwd + bwd int8)']
+  assert list(serve['results']) == ['float forward', 'PTQ int8 serving']
+  ins = lambda g, n: g['results'][n]['info']['inspect']
+  assert ins(train, 'float step')['lowered_int8'] == 0
+  assert ins(train, 'QAT, fake-quant forward')['lowered_int8'] == 0
+  assert ins(train, 'QAT, int8 forward')['lowered_int8'] == 0  # batch 8 <= small_m: routed to float
+  srv = serve['results']['PTQ int8 serving']['info']
+  assert srv['param_bytes'] < 0.5 * srv['float_param_bytes']  # int8 kernels served
+  assert {t['variant'] for t in data['targets']} == {'QAT, int8 forward', 'QAT, fake-quant forward',
+                                                     'int8 training (fwd + bwd int8)'}  # serving target: b >= 256
+  assert data['meta']['peers_time_ratio']['Qwix PTQ int8 forward'] == 0.30
+  assert data['meta']['rules']['int8_train'][-1]['grad']['format'] == 'int8'
+  assert data['meta']['rules']['ptq'][-1]['act_static'] is True
+
+
+def test_e2e_int8_at_batch_above_small_m(tmp_path):
+  """At batch 64 (> small_m) the QAT forward runs its matmuls in int8 (the runlocal batch of 8 is routed)."""
+  data = run_cli(tmp_path, 'e2e', "--config.models=('mlp',)", '--config.serve_batches=(64,)',
+                 '--config.train_batch=64', '--config.mlp_hidden=(64,)')
+  train, serve = data['groups']
+  qat = train['results']['QAT, int8 forward']['info']['inspect']
+  assert qat['lowered_int8'] == 2  # both Linear layers' forward matmuls
+  full = train['results']['int8 training (fwd + bwd int8)']['info']['inspect']
+  assert full['lowered_int8'] >= 5  # 2 forward + dlhs of the head + 2 drhs (the first dlhs is dead code)
+  assert serve['results']['PTQ int8 serving']['info']['inspect']['lowered_int8'] == 2
+  if ON_CPU:
+    assert full['int8_gemm_slow'] == 0 and qat['int8_fast'] == qat['int8']
+
+
+def test_memory_records(tmp_path):
+  data = run_cli(tmp_path, 'memory')
+  check_schema(data)
+  rec = data['records']
+  assert data['groups'] == [] and rec['model'] == 'mlp 784-32-10'
+  served = rec['served_param_bytes']
+  assert served['float32'] > served['int8'] > served['int4 packed'] > 0
+  assert rec['served_param_ratio_to_float']['int8'] < 0.3 and rec['served_param_ratio_to_float']['int4 packed'] < 0.16
+  for label in ('float', 'QAT int8 forward', 'int8 training'):
+    m = rec['train_step_memory'][label]
+    assert m['argument_size_in_bytes'] > 0 and m['state_bytes'] > 0 and 'temp_size_in_bytes' in m
+  q = rec['quantize_nnx_live_bytes']
+  assert q['model_alone'] > 0 and q['after_quantize'] >= q['model_alone']
+  assert q['ratio_after'] == pytest.approx(q['after_quantize'] / q['model_alone'])
+  (t,) = data['targets']
+  assert t['variant'] == 'quantize_nnx' and t['max_ratio'] == 1.3
+  assert '### records' in (tmp_path / 'bench.md').read_text()
+
+
+def test_module_cli_and_fast_kernel_switched_off(tmp_path):
+  """`python -m experiments.bench` finds suites of other modules; a run whose XLA_FLAGS turn YNN off warns from
+  the flags (machine info) and from what the inspection saw (int8 GEMMs off the fast kernel), in log and JSON."""
+  env = dict(os.environ, XLA_FLAGS='--xla_cpu_experimental_ynn_fusion_type=', JAX_PLATFORMS='cpu')
+  cmd = [sys.executable, '-m', 'experiments.bench', f'--config={CONFIGS["raw_dot"]}:runlocal',
+         '--config.small_m=()', '--config.mlp_shapes=()', "--config.dtypes=('int8',)", '--config.timing.rounds=1',
+         f'--workdir={tmp_path}']
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr
+  assert 'WARNING: XLA_FLAGS sets --xla_cpu_experimental_ynn_fusion_type=' in out.stdout
+  assert "WARNING: 32x32x32 / int8 -> int32: 1 int8 matmul(s) off XLA:CPU's fast (YNN) kernel" in out.stdout
+  data = json.loads((tmp_path / 'bench.json').read_text())
+  assert data['command'].startswith('python -m experiments.bench --config=')
+  assert any('8x slower' in w for w in data['warnings'])
+  assert any("off XLA:CPU's fast" in w for w in data['warnings'])
+  assert data['groups'][0]['results']['int8 -> int32']['info']['inspect']['int8_gemm_slow'] == 1
+
+
+# -------------------------------------------------------------------------------------------- pure logic
+
+
+def stats(*samples):
+  return timing.make_stats(list(samples), 1, 0)
+
+
+def synthetic_group():
+  noop = lambda: None
+  group = Group('g', {'f32': Variant(noop, 'baseline'), 'fast q': Variant(noop), 'slow q': Variant(noop),
+                      'edge q': Variant(noop), 'contrast': Variant(noop, 'contrast'),
+                      'ref': Variant(noop, 'reference', {'inspect': {'int8_gemm_slow': 2}})},
+                'f32', targets=(Target('fast q', 0.5, 'fast'), Target('slow q', 0.9, 'slow')))
+  st = {'f32': stats(1.0, 1.0, 1.0), 'fast q': stats(0.4, 0.5, 0.6), 'slow q': stats(1.5, 1.5, 2.0),
+        'edge q': stats(1.04, 1.04, 1.04), 'contrast': stats(3.0, 3.0, 3.0), 'ref': stats(0.9, 0.9, 0.9)}
+  return group, st
+
+
+def test_group_result_ratios_and_flags_on_synthetic_stats():
+  group, st = synthetic_group()
+  g = bench_suites.group_result(st, group)
+  r = g['results']
+  assert r['fast q']['ratio'] == 0.5 and r['fast q']['speedup'] == 2.0 and r['fast q']['ratio_min'] == 0.4
+  assert r['slow q']['ratio'] == 1.5 and r['contrast']['role'] == 'contrast'
+  flags = bench_suites.slower_than_baseline([g])
+  assert [f['variant'] for f in flags] == ['slow q', 'edge q']
+  assert flags[0]['text'] == 'slow q is 1.50x the time of f32 on g (slower)'
+  assert [f['variant'] for f in bench_suites.slower_than_baseline([g], tolerance=0.05)] == ['slow q']
+  both = bench_suites.slower_than_baseline([g], roles=('quantized', 'contrast'))
+  assert [f['variant'] for f in both] == ['slow q', 'edge q', 'contrast']
+  targets = bench_suites.check_targets(group, g)
+  assert [(t['variant'], t['met']) for t in targets] == [('fast q', True), ('slow q', False)]
+  assert targets[1]['ratio'] == 1.5 and targets[1]['max_ratio'] == 0.9
+  warns = bench_suites.slow_int8_warnings([g])
+  assert len(warns) == 1 and warns[0].startswith("g / ref: 2 int8 matmul(s) off XLA:CPU's fast")
+
+
+def test_markdown_summary_and_targets():
+  group, st = synthetic_group()
+  g = bench_suites.group_result(st, group)
+  result = {'suite': 's', 'warnings': ['w1'], 'groups': [g], 'targets': bench_suites.check_targets(group, g),
+            'flags': bench_suites.slower_than_baseline([g]), 'records': {'a': {'b': 1.5}},
+            'machine': {'cpu_model': 'x'}, 'command': 'c'}
+  md = bench_suites.result_markdown(result)
+  assert md.startswith('## s\n\n**WARNING:** w1')
+  assert '| g | 1 s | 1.00x | 0.50x | 1.50x | 1.04x | 3.00x | 0.90x |' in md
+  assert '| g | slow q | slow | <= 0.9x | 1.50x | NOT met |' in md
+  assert '| g | fast q | fast | <= 0.5x | 0.50x | met |' in md
+  assert 'Quantized configurations slower than float: 2' in md and '- FLAG: slow q is 1.50x' in md
+  assert '### g' in md and '- a:\n  - b: 1.5' in md
+
+
+def test_data_model_errors():
+  noop = lambda: None
+  with pytest.raises(ValueError, match="role='fast'"):
+    Variant(noop, 'fast')
+  with pytest.raises(ValueError, match="baseline 'x' is not one of a"):
+    Group('g', {'a': Variant(noop, 'baseline')}, 'x')
+  with pytest.raises(ValueError, match="target variant 'b'"):
+    Group('g', {'a': Variant(noop, 'baseline')}, 'a', targets=(Target('b', 1.0, ''),))
+
+
+def test_shapes_and_tags():
+  assert bench_suites.parse_shape('256x1024x4096') == (256, 1024, 4096)
+  with pytest.raises(ValueError, match='MxKxN'):
+    bench_suites.parse_shape('256x1024')
+  config = configlib.load_file(CONFIGS['raw_dot'])
+  shapes = bench_suites.matmul_shapes(config)
+  assert shapes[:4] == [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048)]
+  assert (256, 1024, 4096) in shapes and (4096, 4096, 1024) in shapes and (1, 4096, 4096) in shapes
+  assert (4096, 4096, 4096) not in shapes
+  assert (4096, 4096, 4096) in bench_suites.matmul_shapes(configlib.load_file(f"{CONFIGS['raw_dot']}:full"))
+  config.squares, config.small_m, config.small_m_kn = (32,), (32,), 32
+  assert bench_suites.matmul_shapes(config).count((32, 32, 32)) == 1
+  assert bench_suites.sanitize_tag('serving int8 W, small_m=0') == 'serving_int8_W_small_m=0'
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_configs(name):
+  mod, _ = configlib.load_module(CONFIGS[name])
+  assert 'python -m experiments.bench --config=configs/bench_' in mod.__doc__ and 'runlocal' in mod.__doc__
+  full, local = mod.get_config(None), mod.get_config('runlocal')
+  assert full.module == 'experiments.bench_suites' and full.suite in bench.SUITES
+  assert bench.get_suite(full.suite, full.module) is bench_suites.SUITE_FNS[full.suite]
+  if 'timing' in full:
+    assert full.timing.rounds >= 7 and full.timing.warmup >= 1 and local.timing.rounds < full.timing.rounds
+  with pytest.raises(ValueError, match='unknown config arg'):
+    mod.get_config('nope')
