@@ -417,7 +417,10 @@ def _run_local(run, make, workers: int, start_method: str, emit, gpus: int):
 
 def _recover(lost, pool, started, sched, make):
   """After a worker died: the trial it ran is recorded as failed; the others it took down run again."""
-  codes = {pid: p.exitcode for pid, p in getattr(pool, '_processes', {}).items()}
+  procs = dict(getattr(pool, '_processes', None) or {})
+  for p in procs.values():  # the pool terminates the others: wait, so every exit code is known
+    p.join(timeout=15)
+  codes = {pid: p.exitcode for pid, p in procs.items()}
   term = -signal.SIGTERM
   culprits = [t for t in lost if t.index in started and codes.get(started[t.index]) not in (term, None, 0)]
   if not culprits:  # cannot tell which one: every trial that had started is suspect
