@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import time
 from typing import Any
 
 import jax
@@ -201,7 +202,7 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
     graphdef, mstate = nnx.split(model)
     fwd, args = (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,)
   jfwd = jax.jit(fwd)
-  out = {'serving_bytes': serving_bytes}
+  out = {'serving_bytes': serving_bytes, 'latency': _latency(jfwd, args, x)}
   report = inspect_matmuls(fwd, *args, x)
   out['matmuls'] = {'total': report.n_compiled, 'int8': report.n_int8, 'int8_fast': report.n_int8_fast,
                     'int8_slow': report.n_int8_slow, 'batch': int(x.shape[0])}
@@ -209,6 +210,18 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
     out['serving_metrics'] = _eval_fwd(run, jfwd, args)
     out['float_param_bytes'] = float_bytes
   return out
+
+
+def _latency(jfwd, args, x, repeats: int = 7) -> dict[str, float]:
+  """Median wall time of the serving forward on one eval batch (after a warm-up call)."""
+  jax.block_until_ready(jfwd(*args, x))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(jfwd(*args, x))
+    times.append(time.perf_counter() - t)
+  return {'serving_ms': 1e3 * float(np.median(times)), 'batch': int(x.shape[0]),
+          'spread': float((max(times) - min(times)) / np.median(times))}
 
 
 def _eval_fwd(run, jfwd, args) -> dict[str, float]:

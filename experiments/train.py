@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from experiments import checkpoints as ckpt_lib
@@ -146,7 +147,7 @@ def load_float_state(config, workdir: str, trainer_float, sample_x, log) -> Any:
     with open(os.path.join(src, '.lock'), 'w') as lock:  # one trainer of a shared float model at a time
       fcntl.flock(lock, fcntl.LOCK_EX)
       log(f'float model for this run: {src}')
-      train_and_evaluate(float_config(config), src, log=log)
+      train_and_evaluate(float_config(config), src, log=log, write_hparams=False)
   result = ckpt_lib.read_json(os.path.join(src, 'result.json'))
   if result is None:
     raise RunError(f'config.init_from={src!r} is not a finished run (no result.json)')
@@ -173,6 +174,7 @@ class Run:
   mesh: Any
   writer: Any
   log: Any
+  write_hparams: bool = True
 
   def batch(self, step: int):
     x, y = input_pipeline.train_batch(self.data, self.config.seed, step, self.config.batch_size)
@@ -204,8 +206,11 @@ def _setup(config, workdir, log):
   return mesh, data, md
 
 
-def train_and_evaluate(config, workdir: str, *, log=print) -> dict[str, Any]:
-  """Runs (or resumes, or returns the finished result of) the run that `config` describes in `workdir`."""
+def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool = True) -> dict[str, Any]:
+  """Runs (or resumes, or returns the finished result of) the run that `config` describes in `workdir`.
+
+  write_hparams=False keeps the run out of TensorBoard's HParams dashboard (a helper float run of a PTQ trial).
+  """
   workdir = os.path.abspath(workdir)
   config_dict = json.loads(json.dumps(configlib.to_dict(config)))  # as result.json will hold it (tuples -> lists)
   done = _check_workdir(config_dict, workdir)
@@ -235,7 +240,7 @@ def train_and_evaluate(config, workdir: str, *, log=print) -> dict[str, Any]:
   state = trainer.init(jax.random.key(config.seed), jnp.asarray(sample_x), float_pure)
   state = distributed.place_state(mesh, state, config.mesh)
   writer = SummaryWriter(workdir) if lead else summaries.NullWriter()
-  run = Run(config, workdir, data, md, trainer, mesh, writer, log)
+  run = Run(config, workdir, data, md, trainer, mesh, writer, log, write_hparams)
   try:
     if mode == 'ptq':
       state, train_info = _calibrate(run, state), {'steps': 0, 'steps_per_sec': 0.0}
@@ -261,7 +266,7 @@ def _train(run: Run, state, sched):
     pure = mgr.restore(start, run.trainer.to_pure(state))
     state = distributed.place_state(run.mesh, run.trainer.from_pure(state, pure), c.mesh)
     run.log(f'resuming {run.workdir} from step {start}')
-  elif jax.process_index() == 0:
+  elif jax.process_index() == 0 and run.write_hparams:
     run.writer.hparams(summaries.hparams_of(c), group_name=None)
   train_step = jax.jit(run.trainer.train_step, donate_argnums=0)
   eval_step = jax.jit(run.trainer.eval_step)
@@ -294,8 +299,9 @@ def _train(run: Run, state, sched):
         mgr.save(step + 1, run.trainer.to_pure(state))
   progress.close()
   elapsed = time.time() - t0
+  steady = step_times[1:] or step_times  # the first timed step may include compilation
   return state, {'steps': total - start, 'steps_per_sec': (total - start) / elapsed if elapsed > 0 else 0.0,
-                 'final_train_loss': loss}
+                 'final_train_loss': loss, 'step_time_ms': 1e3 * float(np.median(steady)) if steady else None}
 
 
 def _calibrate(run: Run, state):
@@ -305,7 +311,8 @@ def _calibrate(run: Run, state):
   for i in range(c.quant.calibration_batches):
     x, _ = run.batch(i)
     state = step_fn(state, x)
-  run.writer.hparams(summaries.hparams_of(c), group_name=None)
+  if run.write_hparams:
+    run.writer.hparams(summaries.hparams_of(c), group_name=None)
   return state
 
 
