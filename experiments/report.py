@@ -204,8 +204,9 @@ def summarize(trials: list[dict]) -> tuple[list[Config], str, bool]:
   for key, ts in groups.items():
     values = json.loads(key)
     rs = [t['result'] for t in ts]
-    steps = [r.get('train', {}).get('steps_per_sec') or 0 for r in rs]
-    step_ms = [1000.0 / s for s in steps if s > 0]
+    # The runner's median step time; older results only have the loop average (evals included).
+    step_ms = [r['train']['step_time_ms'] if r.get('train', {}).get('step_time_ms')
+               else 1000.0 / r['train']['steps_per_sec'] for r in rs if (r.get('train') or {}).get('steps_per_sec')]
     mm = rs[0].get('matmuls') or {}
     configs.append(Config(
         label=','.join(f'{k}={v}' for k, v in values.items()) or 'default', values=values,
@@ -361,10 +362,10 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
       'converted for serving (int8 / packed int4 weights), evaluated through that serving forward; the fronts '
       'rank the served value where there is one.',
       '- `serving bytes`: bytes of the parameters as served (float32 for float runs).',
-      '- `train step (ms)`: 1 / result.train.steps_per_sec, the training loop\'s average (its evals and '
-      'checkpoints included); n/a for PTQ, which trains nothing.',
-      '- `inference latency (ms)`: result.latency, which the benchmark harness (experiments.bench) adds; '
-      'this report measures nothing itself, so it is n/a until then.',
+      '- `train step (ms)`: result.train.step_time_ms, the median time of a training step as the runner timed '
+      'it (compilation excluded); n/a for PTQ, which trains nothing.',
+      '- `inference latency (ms)`: result.latency.serving_ms, the median time of the serving forward on one '
+      'evaluation batch, measured by the runner at the end of the run (same machine, noisy: compare ratios).',
       '- `int8 matmuls`: matmuls and convolutions of the serving forward that XLA compiled with int8 operands, '
       'of all of them (result.matmuls).',
       '', f'TensorBoard (HParams table, Pareto images): `python -m experiments.board {root}`', '']
