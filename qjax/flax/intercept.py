@@ -145,6 +145,21 @@ def tracking_promote_dtype(fn):
   return promote
 
 
+def jit_call(fn, state, args, kwargs):
+  """jax.jit of fn(state, *args, **kwargs) with the array leaves of the sample inputs traced, not closed over
+  (XLA would constant-fold the model over constant inputs, slowly) and their other leaves static."""
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  idx = [i for i, a in enumerate(leaves) if isinstance(a, (jax.Array, np.ndarray))]
+
+  def call(state, arrays):
+    full = list(leaves)
+    for i, a in zip(idx, arrays, strict=True):
+      full[i] = a
+    a, k = jax.tree.unflatten(treedef, full)
+    return fn(state, *a, **k)
+  return jax.jit(call)(state, [leaves[i] for i in idx])
+
+
 # ------------------------------------------------------------------------------------------- the stack
 
 

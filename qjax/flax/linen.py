@@ -111,11 +111,11 @@ def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4
   session.mode = 'record'
   rec = QuantizedLinen(qmodel.model, qmodel.rules, session=session)
 
-  def run(v):  # Returns the weights' quantizer state (learned steps, delayed-scaling scales) as values.
+  def run(v, *args, **kwargs):  # Returns the weights' quantizer state (learned steps, delayed scales) as values.
     session.records = []
     rec.apply(v, *args, **kwargs)
     return [r.state if r.weight_name is not None else {} for r in session.records]
-  states = jax.jit(run)(variables)
+  states = intercept.jit_call(run, variables, args, kwargs)
   params = jax.tree.map(lambda x: x, dict(variables['params']))  # shallow-copied nested dicts
   params = _unfreeze(params)
   for r, state in zip(session.records, states, strict=True):

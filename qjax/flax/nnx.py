@@ -133,13 +133,13 @@ def _create_state(model: nnx.Module, session: intercept.Session, args, kwargs) -
   model's memory), and nothing else the run changed (batch statistics, RNG counts) is kept."""
   graphdef, state = nnx.split(model)
 
-  def run(state):
+  def run(state, *args, **kwargs):
     m = nnx.merge(graphdef, state)
     m(*args, **kwargs)
     return nnx.state(m, _is_qjax_state)
   session.creating = True
   try:
-    new = jax.jit(run)(state)
+    new = intercept.jit_call(run, state, args, kwargs)
   finally:
     session.creating = False
   nnx.update(model, new)
