@@ -148,27 +148,51 @@ def _create_state(model: nnx.Module, session: intercept.Session, args, kwargs) -
 def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sample_kwargs) -> int:
   """PTQ conversion in place: each quantized weight param becomes a ServingWeight; returns how many.
 
-  Runs the model once (eagerly, in eval mode) on sample inputs to learn which params are weights of quantized
-  ops and with which spec; quantizes them with the calibration (or learned step) the QAT forward uses.
+  Runs the model once (jit-compiled, in eval mode) on sample inputs to learn which params are weights of quantized
+  ops, with which spec and quantizer state; quantizes them with the calibration (or learned step) the QAT forward
+  uses, so that the serving forward equals the QAT evaluation forward bit for bit.
   """
   sessions = {m._qjax_session for _, m in nnx.iter_modules(model) if getattr(m, '_qjax_session', None)}
   if len(sessions) != 1:
     raise ValueError('convert_nnx needs a model quantized by quantize_nnx')
   (session,) = sessions
   model.eval()
-  session.mode, session.records = 'record', []
+  modules = {_path_str(p): m for p, m in nnx.iter_modules(model)}
+  graphdef, state = nnx.split(model)
+
+  def own(r):  # a weight of the model as the op saw it (not one layer of stacked weights inside nnx.scan)
+    var = vars(modules[r.path]).get(r.weight_name) if r.weight_name and r.path in modules else None
+    return isinstance(var, nnx.Variable) and tuple(var.shape) == tuple(r.x.shape)
+
+  def run(state, *args, **kwargs):  # the weights' quantizer state (learned steps, delayed scales) as values
+    session.records = []
+    nnx.merge(graphdef, state)(*args, **kwargs)
+    return [r.state if own(r) else {} for r in session.records]
+  session.mode = 'record'
   try:
-    model(*sample_args, **sample_kwargs)
+    states = intercept.jit_call(run, state, sample_args, sample_kwargs)
   finally:
     session.mode = 'train'
-  done = 0
-  for r in session.records:
+  todo = []  # checked before anything changes
+  for r, state in zip(session.records, states, strict=True):
     if r.weight_name is None:
       continue
-    module, name, spec, state, prefix = r.module, r.weight_name, r.spec, r.state, r.prefix
-    var = getattr(module, name)
+    module = modules.get(r.path)
+    var = vars(module).get(r.weight_name) if module is not None else None
+    if not isinstance(var, nnx.Variable):
+      raise ValueError(f'convert_nnx: the weight {r.path}/{r.weight_name} that a quantized op used is not a param '
+                       'of the model')
+    if not isinstance(var.get_value(), intercept.ServingWeight) and tuple(var.shape) != tuple(r.x.shape):
+      raise ValueError(f'convert_nnx: {r.path}/{r.weight_name} has shape {tuple(var.shape)} but its op saw '
+                       f'{tuple(r.x.shape)}: weights used inside an NNX transform over stacked layers (nnx.scan, '
+                       'nnx.vmap) cannot be converted to ServingWeights yet')
+    todo.append((module, r, state))
+  done = 0
+  for module, r, state in todo:
+    name, spec, prefix = r.weight_name, r.spec, r.prefix
+    var = vars(module)[name]
     if isinstance(var.get_value(), intercept.ServingWeight):
-      continue
+      continue  # already converted, or a weight used by several ops
     md = var.get_metadata()
     sw = _serving_weight(var.get_value(), spec, state, int4_pack, md.get('out_sharding'))
     if md.get('mesh') is not None and sw.names is not None:  # placed as the float weight was, scales included
