@@ -190,6 +190,10 @@ def test_weights_inside_nn_scan_are_weights():
     h = jax.nn.relu(ops.dot_general(h, p['kernel'][i], MM, config=cfg, lhs_params=lhs,
                                     rhs_params={'scale': p['dot_general0_rhs_scale'][i]}) + p['bias'][i])
   assert jnp.array_equal(y, h)
+  # Gradients through the scan reach every layer's learned step.
+  loss = lambda params: jnp.mean(qm.apply({**v, 'params': params}, x) ** 2)
+  g = jax.jit(jax.grad(loss))(v['params'])['layers']['fc']['dot_general0_rhs_scale']
+  assert g.shape == (3, 1, 16) and bool(jnp.all(jnp.abs(g).max(axis=(1, 2)) > 0))
 
 
 # ------------------------------------------------------------------------------------------ quantizer state

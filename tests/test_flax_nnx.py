@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -216,6 +217,11 @@ def test_weights_inside_nnx_scan_are_weights():
     return loss
   step(model, opt)
   assert not jnp.array_equal(fc.qjax_dot_general0_rhs_scale[...], s0)
+  # Serving conversion of stacked weights is not supported: a clear error, and the model is left as it was.
+  with pytest.raises(ValueError, match='layers/fc/kernel has shape \\(3, 16, 16\\) but its op saw \\(16, 16\\): '
+                                       'weights used inside an NNX transform over stacked layers'):
+    convert_nnx(model, x)
+  assert fc.kernel[...].dtype == jnp.float32 and hasattr(fc, 'qjax_dot_general0_rhs_scale')
 
 
 # ------------------------------------------------------------------------------------------ quantizer state
