@@ -61,8 +61,9 @@ def operands(name, seed=0):
 
 
 def grads(cfg, x, w, ct, kw, **extra):
-  loss = lambda a, b: jnp.sum(qc.conv_general_dilated(a, b, config=cfg, **kw, **extra) * ct)
-  return qc.conv_general_dilated(x, w, config=cfg, **kw, **extra), *jax.grad(loss, (0, 1))(x, w)
+  """out and the gradients of sum(out * ct) in lhs and rhs."""
+  out, vjp = jax.vjp(lambda a, b: qc.conv_general_dilated(a, b, config=cfg, **kw, **extra), x, w)
+  return out, *vjp(ct)
 
 
 def float_grads(x, w, ct, kw):

@@ -375,8 +375,9 @@ def _qconv_primal(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
 
 
 def _qconv_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
-  out = qconv(lhs_hat, rhs_hat, static.params, static.config.fwd, where='fwd', a_qparams=lqp, b_qparams=rqp,
-              out_dtype=static.out_dtype)
+  with jax.named_scope('fwd'):  # names the conv in HLO metadata (qjax.ops.inspect_matmuls shows it)
+    out = qconv(lhs_hat, rhs_hat, static.params, static.config.fwd, where='fwd', a_qparams=lqp, b_qparams=rqp,
+                out_dtype=static.out_dtype)
   return out, (lhs_hat, rhs_hat, lqp, rqp, key)
 
 
@@ -393,10 +394,12 @@ def _qconv_bwd(static: _Static, res, g):
   if g.size == 0:
     dlhs, drhs = jnp.zeros_like(lhs_hat), jnp.zeros_like(rhs_hat)
   else:
-    p1, rhs_t, post = dlhs_conv(cp, lhs_hat.shape, rhs_hat, g.shape)
-    dlhs = post(qconv(g, rhs_t, p1, cfg.dlhs, where='dlhs', key=k1, out_dtype=lhs_hat.dtype))
-    p2 = drhs_conv(cp, lhs_hat.shape, rhs_hat.shape, g.shape)
-    drhs = qconv(lhs_hat, g, p2, cfg.drhs, where='drhs', key=k2, out_dtype=rhs_hat.dtype)
+    with jax.named_scope('dlhs'):
+      p1, rhs_t, post = dlhs_conv(cp, lhs_hat.shape, rhs_hat, g.shape)
+      dlhs = post(qconv(g, rhs_t, p1, cfg.dlhs, where='dlhs', key=k1, out_dtype=lhs_hat.dtype))
+    with jax.named_scope('drhs'):
+      p2 = drhs_conv(cp, lhs_hat.shape, rhs_hat.shape, g.shape)
+      drhs = qconv(lhs_hat, g, p2, cfg.drhs, where='drhs', key=k2, out_dtype=rhs_hat.dtype)
   return dlhs, drhs, _zero_cotangents(lqp), _zero_cotangents(rqp), None
 
 
