@@ -15,16 +15,18 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 def get_config(arg=None):
   c = configlib.load_file(os.path.join(_HERE, 'shakespeare_charlm.py') + (':runlocal' if arg == 'runlocal' else ''))
-  if arg != 'runlocal':
-    c.num_train_steps = 2000
-    c.eval_every_steps = 1000
-    c.checkpoint_every_steps = 500
+  if arg != 'runlocal':  # sized for 2 CPU cores
+    c.model.seq_len = 64
+    c.eval_examples = 256
+    c.num_train_steps = 1200
+    c.eval_every_steps = 600
+    c.checkpoint_every_steps = 300
   return c
 
 
 def get_sweep(arg=None):
   runlocal = arg == 'runlocal'
-  steps = 20 if runlocal else 500
+  steps = 20 if runlocal else 300
   fine_tune = {'init_from': sweeps.trial_ref('mode=float'), 'num_train_steps': steps,
                'optimizer.learning_rate': 3e-4, 'optimizer.warmup_steps': 0, 'eval_every_steps': steps}
   bits = {'w8a8': {'quant.weight.format': 'int8', 'quant.act.format': 'int8'},
