@@ -287,3 +287,38 @@ def test_configs(name):
     assert full.timing.rounds >= 7 and full.timing.warmup >= 1 and local.timing.rounds < full.timing.rounds
   with pytest.raises(ValueError, match='unknown config arg'):
     mod.get_config('nope')
+
+
+def test_small_m_blocked_float_product_is_the_routed_float_matmul():
+  """The speed change behind the qmatmul suite's small-M serving figures (qjax.ops.dot_general): a routed float
+  matmul of few rows against a large rhs runs blockwise over K, dequantizing a pre-quantized weight block by
+  block; it stays an f32 matmul, equals the dynamic (fake-quantized) route bit for bit and the one-shot product
+  within f32 rounding (exactly with power-of-two scales)."""
+  import jax
+  import numpy as np
+
+  import qjax
+  from qjax.ops import dot_general, inspect_matmuls, int8_dynamic
+  dg = sys.modules['qjax.ops.dot_general']
+  k, n = 1024, 1024
+  assert dg._float_block_rows((2, k), (k, n), bench_suites.DN) == 512
+  assert dg._float_block_rows((33, k), (k, n), bench_suites.DN) == 0  # more rows than _BLOCK_MAX_ROWS
+  assert dg._float_block_rows((2, 64), (64, 48), bench_suites.DN) == 0  # a small rhs: one plain dot
+  assert dg._float_block_rows((1, 4096), (4096, 4096), bench_suites.DN) == 256
+  x = jax.random.normal(jax.random.key(0), (2, k))
+  w = jax.random.normal(jax.random.key(1), (k, n))
+  for po2 in (False, True):
+    wspec = qjax.QuantSpec(granularity='per_channel', axis=1, po2_scale=po2)
+    cfg = int8_dynamic(bwd_bits=None, po2_scale=po2)
+    f = jax.jit(lambda x, w, cfg=cfg: dot_general(x, w, bench_suites.DN, config=cfg))
+    wq = qjax.quantize(w, wspec)
+    served, dynamic = f(x, wq), f(x, w)
+    np.testing.assert_array_equal(served, dynamic)
+    xh = qjax.fake_quant(x, qjax.QuantSpec(granularity='per_channel', axis=0, po2_scale=po2))
+    ref = xh @ qjax.dequantize(wq)
+    if po2:
+      np.testing.assert_array_equal(served, ref)
+    else:
+      np.testing.assert_allclose(served, ref, rtol=1e-5, atol=1e-4)
+    rep = inspect_matmuls(f, x, wq)
+    assert rep.counts('lowered') == {'f32': 1} and rep.n_int8 == 0

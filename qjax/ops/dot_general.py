@@ -228,6 +228,67 @@ def _row_major_transpose(q: _Q, perm) -> _Q:
   return _Q(v, jnp.transpose(q.scale, perm), zp)
 
 
+# A float matmul of few rows (a matrix-vector product: small-M routing, fake mode) against a large 2-D rhs runs
+# blockwise over the contraction: each block of rhs rows is made float (sliced, or dequantized from int8 for a
+# pre-quantized weight) in cache and multiplied at once. Dequantizing a whole int8 weight first writes (and
+# page-faults) a fresh f32 copy 4x its size, several times the cost of the product itself (docs/benchmarks.md).
+# Every float matmul of these shapes takes this path, so a served (pre-quantized) and a QAT (fake-quantized)
+# forward multiply the same block values in the same order: their outputs stay bitwise equal.
+_BLOCK_MAX_ROWS = 32            # lhs rows (non-contracted size) up to which the blocked product is used
+_BLOCK_MIN_ELEMENTS = 1 << 20   # rhs elements (K * N) from which it pays (a 4 MiB f32 rhs)
+_BLOCK_ELEMENTS = 1 << 20       # target rhs elements per block (kb * N)
+
+
+def _float_block_rows(lshape, rshape, dims: Dims) -> int:
+  """Rows kb of rhs per block for a blocked float matmul of lhs (..., K) . rhs (K, N), or 0 (a plain dot)."""
+  (lc, rc), (lb, rb) = dims
+  if lb or rb or len(rshape) != 2 or rc != (0,) or lc != (len(lshape) - 1,):
+    return 0
+  k, n = rshape
+  if _rows(lshape, lc) > _BLOCK_MAX_ROWS or k * n < _BLOCK_MIN_ELEMENTS:
+    return 0
+  kb = 1 << max(0, min(max(1, _BLOCK_ELEMENTS // n), k // 2).bit_length() - 1)  # a power of two, 2+ blocks
+  while kb >= 16 and k % kb:
+    kb //= 2
+  return kb if 16 <= kb < k else 0
+
+
+def _prequantized(qparams, spec: QuantSpec) -> quantizers.QArray | None:
+  """The QArray of a pre-quantized operand (qparams carry its qvalue) whose scale (and zero point) is constant
+  along the contraction dim 0 (per channel or per tensor), else None."""
+  if qparams is None or qparams[2] is None:
+    return None
+  scale, zp, qvalue = qparams
+  if scale.shape[0] != 1 or (zp is not None and zp.shape[0] != 1):
+    return None
+  zp = None if zp is None else jnp.round(zp).astype(jnp.int32)
+  return quantizers.QArray(qvalue, scale, zp, spec.format, spec.codebook)
+
+
+def _blocked_float_dot(a, b, kb: int):
+  """f32 a (..., K) . b (K, N) as a sum over blocks of kb rows of b; b is an f32 array or a QArray (dequantized
+  block by block, to the same values as `quantizers.dequantize`)."""
+  k = a.shape[-1]
+  n = b.shape[1]
+  lead = a.shape[:-1]
+  a2 = a.reshape(-1, k)
+  ab = jnp.transpose(a2.reshape(a2.shape[0], k // kb, kb), (1, 0, 2))  # (K/kb, rows, kb)
+  if isinstance(b, quantizers.QArray):
+    blocks = (b.qvalue.reshape(k // kb, kb, n), b.scale, b.zero_point)
+    make = lambda blk: quantizers.dequantize(quantizers.QArray(blk[0], blk[1], blk[2], b.format, b.codebook))
+    xs = (ab, blocks[0])
+
+    def body(acc, x):
+      return acc + lax.dot(x[0], make((x[1], blocks[1], blocks[2])), preferred_element_type=jnp.float32), None
+  else:
+    xs = (ab, b.reshape(k // kb, kb, n))
+
+    def body(acc, x):
+      return acc + lax.dot(x[0], x[1], preferred_element_type=jnp.float32), None
+  acc, _ = lax.scan(body, jnp.zeros((a2.shape[0], n), jnp.float32), xs)
+  return acc.reshape(lead + (n,))
+
+
 def matmul(a, b, dims: Dims, mcfg: MatmulConfig, *, where: str, small_m: int = 0, a_qparams=None,
            b_qparams=None, key=None, out_dtype=None, row_major_lhs: bool = False):
   """One quantized matmul dot_general(a, b, dims) under `mcfg`; returns out_dtype (default a's dtype)."""
@@ -242,7 +303,14 @@ def matmul(a, b, dims: Dims, mcfg: MatmulConfig, *, where: str, small_m: int = 0
   if mode == 'fake':
     fq = lambda x, spec, qp, k: x.astype(jnp.float32) if spec is None else (
         quantizers.fake_quant(x.astype(jnp.float32), spec, key=k) if qp is None else x.astype(jnp.float32))
-    ah, bh = fq(a, lspec, a_qparams, ka), fq(b, rspec, b_qparams, kb)
+    ah = fq(a, lspec, a_qparams, ka)
+    block = _float_block_rows(a.shape, b.shape, dims)
+    if block:
+      src = _prequantized(b_qparams, rspec) if rspec is not None else None
+      if src is None:
+        src = fq(b, rspec, b_qparams, kb)
+      return _blocked_float_dot(ah, src, block).astype(out_dtype)
+    bh = fq(b, rspec, b_qparams, kb)
     return lax.dot_general(ah, bh, dims, preferred_element_type=jnp.float32).astype(out_dtype)
   group = _group_size(lspec, rspec, where)
   lq = quantize_operand(a, lspec, a_qparams, ka)
