@@ -25,7 +25,7 @@ RULES = [
      'mode': 'real'},  # auto would run a conv this narrow (<= 16 features) in float on XLA:CPU
     {'module_path': 'dense4', 'weight': {'format': 'int4', 'granularity': 'per_channel'}, 'act_static': True,
      'act': {'format': 'int8', 'scheme': 'asymmetric', 'calibration': 'minmax'}},
-    {'module_path': 'ein', 'weight': {'format': 'int8', 'granularity': 'per_channel'},
+    {'module_path': 'ein', 'weight': {'format': 'int8', 'granularity': 'per_channel', 'estimator': 'lsq'},
      'act': {'format': 'int8', 'granularity': 'per_channel'}},
     {'module_path': 'dg', 'weight': {'format': 'int4', 'granularity': 'per_group', 'group_size': 8,
                                      'estimator': 'lsq'}, 'act': {'format': 'int8'}},
@@ -93,7 +93,9 @@ def test_convert_linen_serving_equals_qat_eval_bit_for_bit():
   for name, (shape, packed) in KERNELS.items():
     check_serving_weight(sv['params'][name]['kernel'], shape, packed)
   # No float kernel, and the weights' learned steps are folded into their ServingWeights.
-  assert 'conv0_rhs_scale' not in sv['params']['conv'] and 'dot_general0_rhs_scale' not in sv['params']['dg']
+  assert 'conv0_rhs_scale' in v['params']['conv'] and 'einsum0_rhs_scale' in v['params']['ein']
+  assert not {'conv0_rhs_scale', 'einsum0_rhs_scale', 'dot_general0_rhs_scale'} & {
+      k for m in sv['params'].values() for k in m}
   assert 'conv0_lhs_alpha' in sv['params']['conv']  # activation quantizers keep theirs
   check_no_float_kernel(jax.tree.leaves(sv))
   assert jax.tree.structure(sv['quant_stats']) == jax.tree.structure(v['quant_stats'])
@@ -138,6 +140,7 @@ def test_convert_nnx_serving_equals_qat_eval_bit_for_bit():
   model = NNet(nnx.Rngs(0))
   x = images(0, 40)
   quantize_nnx(model, RULES, x)
+  assert hasattr(model.ein, 'qjax_einsum0_rhs_scale') and hasattr(model.conv, 'qjax_conv0_rhs_scale')
   model(images(1, 40))  # a training step for the statistics
   model.eval()
   fwd = nnx.jit(lambda m, x: m(x))
@@ -146,7 +149,9 @@ def test_convert_nnx_serving_equals_qat_eval_bit_for_bit():
   assert convert_nnx(model, x) == 5
   for name, (shape, packed) in KERNELS.items():
     check_serving_weight(getattr(model, name).kernel[...], shape, packed)
-  assert not hasattr(model.conv, 'qjax_conv0_rhs_scale') and not hasattr(model.dg, 'qjax_dot_general0_rhs_scale')
+  for name, learned in (('conv', 'qjax_conv0_rhs_scale'), ('ein', 'qjax_einsum0_rhs_scale'),
+                        ('dg', 'qjax_dot_general0_rhs_scale')):
+    assert not hasattr(getattr(model, name), learned)
   assert hasattr(model.conv, 'qjax_conv0_lhs_alpha')
   check_no_float_kernel(jax.tree.leaves(nnx.state(model)))
   for batch, xb in xs.items():

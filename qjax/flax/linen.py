@@ -34,7 +34,7 @@ class QuantizedLinen:
   def _interceptor(self, next_fun, args, kwargs, context):
     module = context.module
     path = '/'.join(str(p) for p in module.path)
-    if hasattr(module, 'promote_dtype'):
+    if callable(getattr(module, 'promote_dtype', None)):
       fn = intercept.serving_promote_dtype if self.session.mode == 'serve' else module.promote_dtype
       object.__setattr__(module, 'promote_dtype', intercept.tracking_promote_dtype(fn))
     with intercept.frame(module, path, self.session):
