@@ -51,7 +51,7 @@ def _fq(x, scale, zero_point, noise, fmt):
   s = gran.expand(scale.astype(jnp.float32), x.shape)
   z = 0.0 if zero_point is None else gran.expand(zero_point.astype(jnp.float32), x.shape)
   y = grid_units(x, scale, zero_point)
-  q = formats.from_grid(formats.to_grid(y, fmt, noise), fmt)
+  q = formats.grid_values(y, fmt, noise)
   lo, hi = formats.grid_range(fmt)
   inside = (y >= lo) & (y <= hi)
   x_hat = jnp.where(jnp.isnan(xf), xf, (q - z) * s)  # NaN in, NaN out (never silently zero).

@@ -221,6 +221,20 @@ def test_asymmetric_zero_exact(case):
   assert np.all(f64(fake_quant(zeros, r['spec'], scale=r['q'].scale, zero_point=r['q'].zero_point)) == 0.0)
 
 
+@pytest.mark.parametrize('spec', [QuantSpec(), QuantSpec(format='int4', granularity='per_channel'),
+                                  QuantSpec(format='int1'),
+                                  QuantSpec(format='uint8', scheme='asymmetric', calibration='minmax')],
+                         ids=['int8', 'int4', 'int1', 'uint8-asym'])
+def test_fake_quant_bits_equal_dequantize(spec):
+  # Including the sign of zero: small negative inputs round to +0.0, as through the integer container.
+  x = jnp.asarray([[-0.3, -0.0, 0.0, 0.2, -1e-9, 5.0, -7.5, np.nan]], jnp.float32)
+  for f in (fake_quant, jax.jit(fake_quant, static_argnums=1)):
+    fq = np.asarray(f(x, spec))
+    deq = np.asarray(dequantize(quantize(x, spec)))
+    deq = np.where(np.isnan(np.asarray(x)), np.asarray(x), deq)  # fake_quant keeps NaN; qvalue 0 dequantizes to 0.
+    np.testing.assert_array_equal(fq.view(np.uint32), deq.view(np.uint32))
+
+
 def test_scale_shapes():
   x = jnp.ones(SHAPE)
   assert quantize(x, QuantSpec()).scale.shape == (1, 1)
