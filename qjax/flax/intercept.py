@@ -259,33 +259,10 @@ def _einsum_hook(subscripts, *operands, precision=None, preferred_element_type=N
     return orig()
   from qjax.ops.einsum import einsum as q_einsum  # noqa: PLC0415
 
-  def q(lhs, rhs, cfg, lp, rp, key):
-    fn = _einsum_qarray if isinstance(lhs, quantizers.QArray) or isinstance(rhs, quantizers.QArray) else q_einsum
-    return fn(subscripts, lhs, rhs, config=cfg, lhs_params=lp, rhs_params=rp, key=key,
-              preferred_element_type=preferred_element_type)
+  def q(lhs, rhs, cfg, lp, rp, key):  # serving weights arrive as QArrays, which qjax.ops.einsum takes
+    return q_einsum(subscripts, lhs, rhs, config=cfg, lhs_params=lp, rhs_params=rp, key=key,
+                    preferred_element_type=preferred_element_type)
   return fr.session.run_op(fr, 'einsum', operands[0], operands[1], orig, q)
-
-
-def _einsum_qarray(subscripts, lhs, rhs, *, config, lhs_params, rhs_params, key, preferred_element_type):
-  """An einsum with a pre-quantized (serving) operand, which `qjax.ops.einsum` does not take: one dot_general
-  when no operand needs a diagonal, a broadcast or a sum before the contraction (true of Flax's Einsum layers)."""
-  from qjax.ops import einsum as einsum_mod  # noqa: PLC0415
-  from qjax.ops.dot_general import dot_general as q_dot_general  # noqa: PLC0415
-  ls, rs, os_ = einsum_mod.parse(subscripts, len(lhs.shape), len(rhs.shape))
-  size = lambda c: {*(n for s, x in ((ls, lhs), (rs, rhs)) for d, n in zip(s, x.shape, strict=True) if d == c)}
-  for s, other in ((ls, rs), (rs, ls)):
-    for c in s:
-      if s.count(c) > 1 or (c not in other and c not in os_) or len(size(c)) > 1:
-        raise ValueError(f'einsum {subscripts!r} with a pre-quantized operand: index {c!r} needs a diagonal, a '
-                         'broadcast or a sum before the contraction, which serving weights do not support')
-  batch = [c for c in ls if c in rs and c in os_]
-  contract = [c for c in ls if c in rs and c not in os_]
-  dims = ((tuple(ls.index(c) for c in contract), tuple(rs.index(c) for c in contract)),
-          (tuple(ls.index(c) for c in batch), tuple(rs.index(c) for c in batch)))
-  out = q_dot_general(lhs, rhs, dims, preferred_element_type=preferred_element_type, config=config,
-                      lhs_params=lhs_params, rhs_params=rhs_params, key=key)
-  got = ''.join(batch) + ''.join(c for c in ls if c not in rs) + ''.join(c for c in rs if c not in ls)
-  return jnp.transpose(out, tuple(got.index(c) for c in os_)) if got != os_ else out
 
 
 def _install():
