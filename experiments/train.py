@@ -276,10 +276,13 @@ def _train(run: Run, state, sched):
   with contextlib.closing(mgr):
     for step in range(start, total):
       x, y = run.batch(step)
+      last = step + 1 == total
+      sync = (step + 1) % c.log_every_steps == 0 or last or (step + 1) % c.checkpoint_every_steps == 0
+      if sync:  # time this one step alone: wait for the steps dispatched before it
+        jax.block_until_ready(state)
       ts = time.time()
       state, m = train_step(state, x, y)
-      last = step + 1 == total
-      if (step + 1) % c.log_every_steps == 0 or last or (step + 1) % c.checkpoint_every_steps == 0:
+      if sync:
         loss = float(m['loss'])  # waits for the step: also the non-finite check before any checkpoint
         if not math.isfinite(loss):
           kept = mgr.latest_step()

@@ -52,7 +52,8 @@ class LinenTrainer:
       float_vars = {'params': float_pure['params'],
                     **{k: v for k, v in float_pure['vars'].items() if k != STATS}}
       if self.q is not None:  # creates the missing quantizer params/stats from the loaded weights
-        _, variables = jax.jit(lambda v, x: self.q.apply(v, x, train=False, mutable=True))(float_vars, x)
+        create = lambda v, x, rng: self.q.apply(v, x, train=False, mutable=True, rngs={'params': rng})
+        _, variables = jax.jit(create)(float_vars, x, rng)
         variables = dict(variables)
       else:
         variables = float_vars
