@@ -123,11 +123,7 @@ def layer_stats(run, state) -> list[dict[str, Any]]:
 
 def quant_summaries(run, state, step: int) -> list[dict[str, Any]]:
   """Writes the per-layer statistics to TensorBoard; returns them (without arrays) for result.json."""
-  if run.trainer.__class__.__name__ == 'LinenTrainer' and run.trainer.q is None:
-    return []
-  if run.md.api == 'nnx' and not run.trainer.rules:
-    return []
-  if not run.config.quant_summaries:
+  if not run.trainer.quantized or not run.config.quant_summaries:
     return []
   rows = layer_stats(run, state)
   w = run.writer

@@ -39,6 +39,10 @@ class LinenTrainer:
     self.md, self.tx = md, tx
     self.q = qflax.quantize_linen(md.module, rules) if rules else None
 
+  @property
+  def quantized(self) -> bool:
+    return self.q is not None
+
   def _apply(self, variables, x, train, mutable=False):
     fn = self.q.apply if self.q is not None else self.md.module.apply
     return fn(variables, x, train=train, mutable=mutable)
@@ -101,6 +105,10 @@ class NnxTrainer:
     self.md, self.tx, self.rules = md, tx, rules
     self.graphdef = None
     self.ruleset = None
+
+  @property
+  def quantized(self) -> bool:
+    return bool(self.rules)
 
   def init(self, rng, x, float_pure=None):
     """Fresh state; with `float_pure` (a float run's pure state) the weights are loaded before quantizing,
