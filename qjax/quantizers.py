@@ -152,6 +152,9 @@ def fake_quant(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
     return estimators.lsq_plus(x, scale, offset, noise, fmt=fmt)
   if scale is None:
     scale, zero_point = calibration.calibrate(jax.lax.stop_gradient(x), spec)
+    # Materialise the small calibrated scale: else XLA fuses its producer (a few selects) into the elementwise
+    # pass and recomputes it for every element (~8% of per-channel fake_quant's time, docs/benchmarks.md).
+    scale, zero_point = jax.lax.optimization_barrier((scale, zero_point))
   elif spec.scheme == 'asymmetric' and zero_point is None:
     raise ValueError('scheme="asymmetric" with an explicit scale needs zero_point too')
   scale = jax.lax.stop_gradient(scale)
