@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -128,8 +129,8 @@ def report_markdown(result: dict[str, Any], stats: dict[str, timing.Stats]) -> s
 
 
 def entry_ops(compiled_text: str) -> list[str]:
-  """The top-level operations of a compiled HLO module's ENTRY computation (fusions, custom calls, ...): a
-  rough count of the passes a program makes over memory."""
+  """The top-level operations of a compiled HLO module's ENTRY computation (fusions, custom calls, ...) with
+  their output shapes, e.g. 'fusion:kLoop f32[4096,4096]': a rough count of the passes over memory."""
   entry = compiled_text.split('\nENTRY ', 1)[-1]
   ops = []
   for line in entry.splitlines()[1:]:
@@ -147,7 +148,8 @@ def entry_ops(compiled_text: str) -> list[str]:
       kind = ':' + rhs.split('kind=', 1)[1].split(',', 1)[0].split('}', 1)[0]
     if '__ynn_fusion' in rhs:
       kind += ':ynn'
-    ops.append(op + kind)
+    shape = re.sub(r'\{[^}]*\}', '', parts[0]) if len(parts) > 1 else ''  # Layouts dropped.
+    ops.append(f'{op}{kind} {shape}'.strip())
   return ops
 
 

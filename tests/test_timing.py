@@ -288,7 +288,9 @@ ENTRY %main (x.1: f32[4]) -> f32[4] {
   %x.1 = f32[4]{0} parameter(0)
   %f = f32[4]{0} fusion(%x.1), kind=kLoop, calls=%fused
   %y = f32[1]{0} fusion(%f), kind=kCustom, calls=%fused, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  %c = (f32[4]{0}) conditional(%p, %t, %t), branch_computations={%a, %b}
   ROOT %r = f32[4]{0} copy(%f)
 }
 '''
-  assert bench.entry_ops(text) == ['fusion:kLoop', 'fusion:kCustom:ynn', 'copy']
+  assert bench.entry_ops(text) == ['fusion:kLoop f32[4]', 'fusion:kCustom:ynn f32[1]', 'conditional (f32[4])',
+                                   'copy f32[4]']
