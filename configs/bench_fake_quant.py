@@ -8,8 +8,9 @@ Both cores: the same without `taskset -c 1`. Smoke: --config=configs/bench_fake_
 Both variants are jitted and timed interleaved in one run. `x * 1.0` is folded by XLA into a copy (read 64 MiB,
 write 64 MiB); fake_quant with calibration='absmax' must also read x once more to find the per-channel
 scales, so about 1.5x is the memory-traffic floor. Aim: fake_quant <= 2x `x * 1.0`.
-Expected (docs/benchmarks.md, AMD EPYC Zen 5, jax 0.12): ~1.6-1.8x on one core; it was ~2.9x before the
-absmax reduction stopped materialising a masked copy of x. Takes ~20 s.
+Expected (docs/benchmarks.md; AMD EPYC Zen 3, AVX2, jax 0.12, 2026-11-25): fake_quant 1.65-1.8x on one core
+(calibration ~0.55x, the elementwise pass ~1.1-1.2x); 2.45x before the speed-ups (--config.before=true times
+that forward too). Page faults hide it all without huge pages: ~1.1x, both ~60 ms. Takes ~30 s.
 """
 
 import ml_collections
@@ -28,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.quant.calibration = 'absmax'
   config.quant.estimator = 'ste'
   config.extra_variants = True      # Also time calibration alone and fake_quant at a given scale.
+  config.before = False             # Also time the forward as of commit e1c5dff (before/after, benchmarks.md).
   config.timing = ml_collections.ConfigDict()
   config.timing.warmup = 2
   config.timing.rounds = 15

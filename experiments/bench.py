@@ -157,7 +157,8 @@ def entry_ops(compiled_text: str) -> list[str]:
 def fake_quant_suite(config) -> Suite:
   """fake_quant(x, QuantSpec(**config.quant)) against `x * 1.0` (XLA folds it to a copy: one read, one write),
   both jitted, on an f32 array of config.shape. With config.extra_variants also the two halves of
-  fake_quant: calibration alone and fake_quant at a given scale."""
+  fake_quant: calibration alone and fake_quant at a given scale; with config.before the forward as it was
+  before the speed-ups of docs/benchmarks.md."""
   import jax
   import jax.numpy as jnp
 
@@ -177,10 +178,34 @@ def fake_quant_suite(config) -> Suite:
     jits['fake_quant, scale given'] = jax.jit(lambda x, s, z: qjax.fake_quant(x, spec, scale=s, zero_point=z))
     args['calibrate only'] = (x,)
     args['fake_quant, scale given'] = (x, scale, zero_point)
+  if config.get('before', False):
+    jits['fake_quant before (e1c5dff)'] = jax.jit(lambda x: _fake_quant_before(x, spec))
+    args['fake_quant before (e1c5dff)'] = (x,)
   meta = {'shape': list(shape), 'dtype': 'float32', 'spec': spec.to_dict(), 'array_mib': x.nbytes / 2 ** 20,
           'entry_ops': {name: entry_ops(f.lower(*args[name]).compile().as_text()) for name, f in jits.items()}}
   fns = {name: (lambda f=f, a=args[name]: f(*a)) for name, f in jits.items()}
   return Suite(fns, baseline='x * 1.0', meta=meta)
+
+
+def _fake_quant_before(x, spec):
+  """The forward of fake_quant as of commit e1c5dff (symmetric absmax, integer formats), for before/after
+  timings: absmax over a masked copy of x, x / scale, and a round trip through the int8 container."""
+  import jax.numpy as jnp
+
+  from qjax import formats
+  from qjax import granularity as gran
+
+  fmt = spec.fmt
+  if not isinstance(fmt, formats.IntFormat) or spec.scheme != 'symmetric' or spec.calibration != 'absmax':
+    raise ValueError('config.before needs a symmetric absmax integer spec')
+  sshape = gran.scale_shape(x.shape, spec)
+  amax = gran.reduce(jnp.abs(jnp.where(jnp.isfinite(x), x, 0.0)), sshape, jnp.max)
+  scale = amax / fmt.qmax
+  scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+  s = gran.expand(scale, x.shape)
+  y = x / s
+  q = jnp.where(jnp.isnan(y), 0.0, jnp.clip(jnp.round(y), fmt.qmin, fmt.qmax)).astype(fmt.container)
+  return jnp.where(jnp.isnan(x), x, q.astype(jnp.float32) * s)
 
 
 # ------------------------------------------------------------------------------------------------- main

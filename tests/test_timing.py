@@ -203,6 +203,19 @@ def test_bench_fake_quant_json_schema(tmp_path):
   assert lines and lines[-1] == md.rstrip('\n')
 
 
+def test_bench_before_variant_matches(tmp_path):
+  import jax.numpy as jnp
+
+  from qjax import QuantSpec, fake_quant
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 32)), jnp.float32).at[0, 0].set(np.nan)
+  spec = QuantSpec(granularity='per_channel')
+  np.testing.assert_array_equal(bench._fake_quant_before(x, spec), fake_quant(x, spec))
+  config, _ = configlib.parse_argv([f'--config={CONFIG}:runlocal', '--config.before=true', '--config.timing.rounds=1',
+                                    '--config.extra_variants=false'])
+  result = bench.run(config, echo=lambda s: None)
+  assert set(result['results']) == {'x * 1.0', 'fake_quant', 'fake_quant before (e1c5dff)'}
+
+
 def test_bench_cli(tmp_path, capsys):
   rc = bench.main([f'--config={CONFIG}:runlocal', '--config.shape=(32, 32)', '--config.extra_variants=false',
                    '--config.timing.rounds=1', f'--workdir={tmp_path}'])
