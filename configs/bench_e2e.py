@@ -1,9 +1,11 @@
 r"""Benchmark: the experiments' models quantized by qjax.flax rules against the float model, end to end.
 
-Steady figures (one core; malloc pinned, drhs.md 5; see docs/benchmarks.md):
-  MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1 taskset -c 1 \
-    python -m experiments.bench --config=configs/bench_e2e.py --workdir=runs/bench/e2e_1c
-Both cores: the same without `taskset -c 1`. One model: --config.models="('mlp',)". Smoke (tests): `:runlocal`.
+Steady figures (one core; malloc pinned and huge pages against page faults, drhs.md 5; docs/benchmarks.md):
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \
+  MALLOC_ARENA_MAX=1 taskset -c 1 python -m experiments.bench \
+    --config=configs/bench_e2e.py --workdir=runs/bench/e2e_1c
+Both cores: the same without `taskset -c 1`. Loaded machine: add --config.timing.clock=process.
+One model: --config.models="('mlp',)". Smoke (tests): `:runlocal`.
 
 Models: the NNX MLP 784-2048-2048-10 and the Linen LeNet-5 of experiments/models.py, unmodified, quantized by
 rules built from experiments.quant_config's defaults (int8 weights per channel, int8 activations per tensor) the
@@ -29,19 +31,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.models = ('mlp', 'lenet5')
   c.mlp_hidden = (2048, 2048)
   c.train_batch = 256
-  c.serve_batches = (64, 256, 1024)
+  c.serve_batches = (8, 64, 256, 1024)   # 8 rows <= small_m: the small-batch (float, blockwise) path
   c.calibration_batches = 2
   c.quant_overrides = ml_collections.ConfigDict()   # e.g. {'act__granularity': 'per_channel'} ('__' for '.')
   c.seed = 0
   c.inspect = True
   c.flag_tolerance = 0.0
-  c.timing = ml_collections.ConfigDict({'warmup': 3, 'rounds': 9, 'min_time': 0.3})
+  c.timing = ml_collections.ConfigDict({'warmup': 3, 'rounds': 9, 'min_time': 0.3, 'clock': 'wall'})
   if arg == 'runlocal':
     c.mlp_hidden = (32,)
     c.train_batch = 8
     c.serve_batches = (4, 8)
     c.calibration_batches = 1
-    c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001})
+    c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'})
   elif arg:
     raise ValueError(f'unknown config arg {arg!r}: use runlocal')
   return c

@@ -1,9 +1,11 @@
 r"""Benchmark: qjax's quantized matmul forward (dynamic int8, serving with pre-quantized int8 weights) vs f32.
 
-Steady figures (one core; malloc pinned, drhs.md 5; see docs/benchmarks.md):
-  MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1 taskset -c 1 \
-    python -m experiments.bench --config=configs/bench_qmatmul.py --workdir=runs/bench/qmatmul_1c
-Both cores: the same without `taskset -c 1`. With 4096^3: `:full`. Smoke (tests): `:runlocal`.
+Steady figures (one core; malloc pinned and huge pages against page faults, drhs.md 5; docs/benchmarks.md):
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \
+  MALLOC_ARENA_MAX=1 taskset -c 1 python -m experiments.bench \
+    --config=configs/bench_qmatmul.py --workdir=runs/bench/qmatmul_1c
+Both cores: the same without `taskset -c 1`. Loaded machine: add --config.timing.clock=process.
+With 4096^3: `:full`. Smoke (tests): `:runlocal`.
 
 Variants per shape (one group each, timed interleaved against the f32 dot of that shape):
   dynamic int8          qjax.ops.dot_general with int8_dynamic(bwd_bits=None): absmax scales of both operands in
@@ -33,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.inspect = True
   c.flag_tolerance = 0.0
-  c.timing = ml_collections.ConfigDict({'warmup': 2, 'rounds': 9, 'min_time': 0.1})
+  c.timing = ml_collections.ConfigDict({'warmup': 2, 'rounds': 9, 'min_time': 0.1, 'clock': 'wall'})
   if arg == 'full':
     c.squares = (256, 512, 1024, 2048, 4096)
   elif arg == 'runlocal':
@@ -42,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.small_m = (1, 4)
     c.small_m_kn = 64
     c.dynamic_target_shapes = ('32x32x32',)
-    c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001})
+    c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'})
   elif arg:
     raise ValueError(f'unknown config arg {arg!r}: use full or runlocal')
   return c

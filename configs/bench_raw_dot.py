@@ -1,9 +1,11 @@
 r"""Benchmark: lax.dot_general in f32, bf16 -> f32, int8 -> int32 and fp8 -> f32 (the kernels XLA gives).
 
-Steady figures (one core; malloc pinned, drhs.md 5; see docs/benchmarks.md):
-  MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1 taskset -c 1 \
-    python -m experiments.bench --config=configs/bench_raw_dot.py --workdir=runs/bench/raw_dot_1c
-Both cores: the same without `taskset -c 1`. With 4096^3: --config=configs/bench_raw_dot.py:full.
+Steady figures (one core; malloc pinned and huge pages against page faults, drhs.md 5; docs/benchmarks.md):
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \
+  MALLOC_ARENA_MAX=1 taskset -c 1 python -m experiments.bench \
+    --config=configs/bench_raw_dot.py --workdir=runs/bench/raw_dot_1c
+Both cores: the same without `taskset -c 1`. Loaded machine: add --config.timing.clock=process.
+With 4096^3: --config=configs/bench_raw_dot.py:full.
 Smoke (tests): --config=configs/bench_raw_dot.py:runlocal. Sizes: --config.squares='(256,1024)'.
 
 Shapes (M x K x N): squares 256..2048 (4096 in `full`), MLP-like 256x1024x4096 and 4096x4096x1024, small M
@@ -29,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.inspect = True               # record the compiled matmuls of every variant (int8 / fast kernel counts)
   c.flag_tolerance = 0.0
-  c.timing = ml_collections.ConfigDict({'warmup': 2, 'rounds': 9, 'min_time': 0.1})
+  c.timing = ml_collections.ConfigDict({'warmup': 2, 'rounds': 9, 'min_time': 0.1, 'clock': 'wall'})
   if arg == 'full':
     c.squares = (256, 512, 1024, 2048, 4096)
   elif arg == 'runlocal':
@@ -37,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mlp_shapes = ('16x32x64',)
     c.small_m = (1, 4)
     c.small_m_kn = 64
-    c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001})
+    c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'})
   elif arg:
     raise ValueError(f'unknown config arg {arg!r}: use full or runlocal')
   return c

@@ -1,9 +1,11 @@
 r"""Benchmark: a training-style matmul (forward + dlhs + drhs) with int8 in all three, vs the f32 fwd + bwd.
 
-Steady figures (one core; malloc pinned, drhs.md 5; see docs/benchmarks.md):
-  MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1 taskset -c 1 \
-    python -m experiments.bench --config=configs/bench_train.py --workdir=runs/bench/train_1c
-Both cores: the same without `taskset -c 1`. Smoke (tests): `:runlocal`.
+Steady figures (one core; malloc pinned and huge pages against page faults, drhs.md 5; docs/benchmarks.md):
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \
+  MALLOC_ARENA_MAX=1 taskset -c 1 python -m experiments.bench \
+    --config=configs/bench_train.py --workdir=runs/bench/train_1c
+Both cores: the same without `taskset -c 1`. Loaded machine: add --config.timing.clock=process.
+Smoke (tests): `:runlocal`.
 
 (256 x 2048) . (2048 x 2048) through jax.vjp, jitted. Variants:
   int8 x3               int8_dynamic(): forward, dlhs = g.W^T and drhs = x^T.g all int8 x int8 -> int32, drhs with
@@ -26,10 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.inspect = True
   c.flag_tolerance = 0.0
-  c.timing = ml_collections.ConfigDict({'warmup': 2, 'rounds': 11, 'min_time': 0.2})
+  c.timing = ml_collections.ConfigDict({'warmup': 2, 'rounds': 11, 'min_time': 0.2, 'clock': 'wall'})
   if arg == 'runlocal':
     c.train_shape = (64, 64, 64)   # rows > small_m (32) in all three matmuls: int8, not routed to float
-    c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001})
+    c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'})
   elif arg:
     raise ValueError(f'unknown config arg {arg!r}: use runlocal')
   return c

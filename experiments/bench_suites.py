@@ -299,7 +299,7 @@ def run_grouped(suite: GroupedSuite, config, workdir: str | None = None, *, info
   """Times every group of the suite, writes bench.json, bench.md and TensorBoard scalars to workdir."""
   info = info if info is not None else timing.machine_info()
   t = config.get('timing') or {}
-  kw = {k: t[k] for k in ('warmup', 'rounds', 'min_time') if k in t}
+  kw = {k: t[k] for k in ('warmup', 'rounds', 'min_time', 'clock') if k in t}
   groups, targets = [], []
   for group in suite.groups():
     t0 = time.perf_counter()

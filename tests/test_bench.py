@@ -66,7 +66,7 @@ def test_raw_dot_cli_json_markdown_and_tensorboard(tmp_path, capsys):
     assert insp['int8'] == 1 and insp['int8_fast'] == 1
     m1 = data['groups'][2]['results']['int8 -> int32']['info']['inspect']
     assert m1['int8_fast'] == 0 and m1['int8_gemm_slow'] == 0  # M = 1 is not a GEMM: no warning for it
-  assert data['timing'] == {'warmup': 1, 'rounds': 2, 'min_time': 0.001}
+  assert data['timing'] == {'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'}
   assert data['config']['small_m'] == [1]
   md = (tmp_path / 'bench.md').read_text()
   assert md.startswith('## raw_dot') and '### 1x64x64' in md and '| int8 -> int32 |' in md and 'cpu_model' in md
