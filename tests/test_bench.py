@@ -279,7 +279,8 @@ def test_shapes_and_tags():
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_configs(name):
   mod, _ = configlib.load_module(CONFIGS[name])
-  assert 'python -m experiments.bench --config=configs/bench_' in mod.__doc__ and 'runlocal' in mod.__doc__
+  assert 'python -m experiments.bench' in mod.__doc__ and '--config=configs/bench_' in mod.__doc__
+  assert 'runlocal' in mod.__doc__
   full, local = mod.get_config(None), mod.get_config('runlocal')
   assert full.module == 'experiments.bench_suites' and full.suite in bench.SUITES
   assert bench.get_suite(full.suite, full.module) is bench_suites.SUITE_FNS[full.suite]
