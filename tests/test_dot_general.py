@@ -384,8 +384,9 @@ def test_int8_dynamic_dense_runs_all_three_matmuls_int8_on_ynn():
   assert rep.n_compiled == rep.n_int8 == rep.n_int8_fast == 3, rep.summary()
   assert rep.n_widened == rep.n_int8_slow == 0, rep.summary()
   assert sorted(m.out_shape for m in rep.compiled) == [(256, 256), (256, 512), (512, 256)]
-  origins = sorted(m.op_name.split('/')[1] for m in rep.compiled)  # 'jit(loss)/jvp()/dot_general' -> 'jvp()'
-  assert origins == ['jvp()', 'transpose(jvp())', 'transpose(jvp())'], rep.summary()
+  # 'jit(loss)/jvp(fwd)/dot_general' -> 'jvp(fwd)': each matmul carries its fwd/dlhs/drhs scope name.
+  origins = sorted(m.op_name.split('/')[1] for m in rep.compiled)
+  assert origins == ['jvp(fwd)', 'transpose(jvp(dlhs))', 'transpose(jvp(drhs))'], rep.summary()
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the YNN fast kernel is XLA:CPU')
