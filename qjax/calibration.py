@@ -142,7 +142,9 @@ def calibrate(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | Non
   sshape = gran.scale_shape(x.shape, spec)
   fmt = spec.fmt
   if isinstance(fmt, formats.IntFormat) and fmt.binary:
-    return _safe(gran.reduce(jnp.abs(_finite(x.astype(jnp.float32))), sshape, jnp.mean)), None
+    # A group of zeros keeps scale 0 (its least-squares scale): it dequantizes to exactly 0, not to +-1.
+    mean = gran.reduce(jnp.abs(_finite(x.astype(jnp.float32))), sshape, jnp.mean)
+    return jnp.where(jnp.isfinite(mean), mean, 1.0), None
   if spec.calibration == 'mse':
     return mse_search(x, spec, sshape)
   if spec.scheme == 'symmetric':
