@@ -365,7 +365,9 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
       '- `train step (ms)`: result.train.step_time_ms, the median time of a training step as the runner timed '
       'it (compilation excluded); n/a for PTQ, which trains nothing.',
       '- `inference latency (ms)`: result.latency.serving_ms, the median time of the serving forward on one '
-      'evaluation batch, measured by the runner at the end of the run (same machine, noisy: compare ratios).',
+      'evaluation batch, measured by the runner at the end of the run (same machine, noisy: compare ratios); '
+      'for speed figures measured side by side against float use the benchmark harness, `python -m '
+      'experiments.bench --config=configs/bench_e2e.py`.',
       '- `int8 matmuls`: matmuls and convolutions of the serving forward that XLA compiled with int8 operands, '
       'of all of them (result.matmuls).',
       '', f'TensorBoard (HParams table, Pareto images): `python -m experiments.board {root}`', '']

@@ -25,12 +25,12 @@ def _finite(x: jax.Array, fill: float = 0.0) -> jax.Array:
 
 
 def _unless_finite(stats, x: jax.Array, fn):
-  """`stats` (computed from x as is) when all of them are finite, else fn(x with non-finite values zeroed).
+  """Per scale group: `stats` (computed from x as is) where finite, else fn(x with non-finite values zeroed).
 
-  The common case then reads x once in one fused reduction: masking first would materialise a masked copy of
-  x (XLA:CPU's YNN reduce does not fuse the select), a full extra write and read (benchmarks.md)."""
-  ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in jax.tree_util.tree_leaves(stats)]))
-  return jax.lax.cond(ok, lambda: stats, lambda: fn(_finite(x)))
+  Decided group by group (a select, not a global `cond`): a global predicate would need a cross-device
+  reduction when the groups are sharded (e.g. per-output-channel weight scales), adding a collective."""
+  masked = fn(_finite(x))
+  return jax.tree.map(lambda s, m: jnp.where(jnp.isfinite(s), s, m), stats, masked)
 
 
 def absmax(x: jax.Array, sshape: tuple[int, ...]) -> jax.Array:
