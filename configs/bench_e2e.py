@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.models = ('mlp', 'lenet5')
   c.mlp_hidden = (2048, 2048)
   c.train_batch = 256
-  c.serve_batches = (8, 64, 256, 1024)   # 8 rows <= small_m: the small-batch (float, blockwise) path
+  c.serve_batches = (1, 8, 64, 256, 1024)   # 1 row <= small_m: the matrix-vector (float, blockwise) path
   c.calibration_batches = 2
   c.quant_overrides = ml_collections.ConfigDict()   # e.g. {'act__granularity': 'per_channel'} ('__' for '.')
   c.seed = 0
@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == 'runlocal':
     c.mlp_hidden = (32,)
     c.train_batch = 8
-    c.serve_batches = (4, 8)
+    c.serve_batches = (1, 8)
     c.calibration_batches = 1
     c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'})
   elif arg:

@@ -450,7 +450,8 @@ def qmatmul_suite(config) -> GroupedSuite:
     serving int8 W     the weight pre-quantized outside the jit (a QArray, int8 per output column); only the
                        activations are quantized in the call
     int8 dot alone     (reference) the bare int8 x int8 -> int32 dot of pre-quantized operands, no rescale
-  and for shapes with rows <= small_m also both qjax variants with small_m=0 (forced int8, 'contrast')."""
+  and for the small-M shapes (config.small_m rows) also both qjax variants on the other side of the routing
+  decision ('contrast'): forced int8 (small_m=0) where rows <= small_m, else routed to float (small_m=rows)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from jax import lax  # noqa: PLC0415
@@ -464,6 +465,7 @@ def qmatmul_suite(config) -> GroupedSuite:
     cfg = dataclasses.replace(cfg, small_m=int(config.small_m_threshold))
   wspec = qjax.QuantSpec(format='int8', granularity='per_channel', axis=1)
   dyn_target = {parse_shape(s) for s in config.get('dynamic_target_shapes', ())}
+  small_rows = set(config.get('small_m', ()))
 
   def qfn(c):
     return jax.jit(lambda x, w: qdot_general(x, w, DN, config=c))
@@ -487,17 +489,21 @@ def qmatmul_suite(config) -> GroupedSuite:
       variants['serving int8 W'] = Variant(lambda x=x, w=wq, f=fs: f(x, w), 'quantized',
                                            {'inspect': _maybe_inspect(config, fs, x, wq), 'route': route,
                                             'routed_to_float': routed, 'small_m': cfg.small_m})
+      # Small-M shapes also time the other side of the routing decision ('contrast'), so the benchmark shows
+      # whether the threshold picks the faster path on this machine.
       if routed:
-        forced = dataclasses.replace(cfg, small_m=0)
-        gd, gs = qfn(forced), qfn(forced)
-        variants['dynamic int8, small_m=0'] = Variant(
-            lambda x=x, w=w, f=gd: f(x, w), 'contrast',
-            {'inspect': _maybe_inspect(config, gd, x, w), 'route': 'int8 (forced)', 'routed_to_float': False,
-             'small_m': 0})
-        variants['serving int8 W, small_m=0'] = Variant(
-            lambda x=x, w=wq, f=gs: f(x, w), 'contrast',
-            {'inspect': _maybe_inspect(config, gs, x, wq), 'route': 'int8 (forced)', 'routed_to_float': False,
-             'small_m': 0})
+        alt, alt_name, alt_route = dataclasses.replace(cfg, small_m=0), 'small_m=0', 'int8 (forced)'
+      elif m in small_rows:
+        alt, alt_name, alt_route = dataclasses.replace(cfg, small_m=m), f'small_m={m}', f'float (rows {m}, forced)'
+      else:
+        alt = None
+      if alt is not None:
+        gd, gs = qfn(alt), qfn(alt)
+        for name, f, wv in (('dynamic int8', gd, w), ('serving int8 W', gs, wq)):
+          variants[f'{name}, {alt_name}'] = Variant(
+              lambda x=x, w=wv, f=f: f(x, w), 'contrast',
+              {'inspect': _maybe_inspect(config, f, x, wv), 'route': alt_route, 'routed_to_float': not routed,
+               'small_m': alt.small_m})
       variants['int8 dot alone'] = Variant(lambda a=xq.qvalue, b=wq.qvalue, f=i8: f(a, b), 'reference',
                                            {'inspect': _maybe_inspect(config, i8, xq.qvalue, wq.qvalue)})
       targets = []

@@ -78,10 +78,10 @@ def test_raw_dot_cli_json_markdown_and_tensorboard(tmp_path, capsys):
 
 
 def test_qmatmul_small_m_routing_in_result(tmp_path):
-  data = run_cli(tmp_path, 'qmatmul', "--config.squares=(64,)", "--config.mlp_shapes=()", "--config.small_m=(1,)",
+  data = run_cli(tmp_path, 'qmatmul', "--config.squares=(64,)", "--config.mlp_shapes=()", "--config.small_m=(1,4)",
                  "--config.dynamic_target_shapes=('64x64x64',)")
   check_schema(data)
-  big, small = data['groups']
+  big, small, four = data['groups']
   assert big['name'] == '64x64x64' and small['name'] == '1x64x64'
   assert big['meta']['routed_to_float'] is False and small['meta']['routed_to_float'] is True
   assert list(big['results']) == ['f32', 'dynamic int8', 'serving int8 W', 'int8 dot alone']
@@ -90,12 +90,18 @@ def test_qmatmul_small_m_routing_in_result(tmp_path):
   for name in ('dynamic int8', 'serving int8 W'):
     r = small['results'][name]
     assert r['role'] == 'quantized' and r['info']['routed_to_float'] is True
-    assert r['info']['route'].startswith('float (rows 1 <= small_m=32)')
+    assert r['info']['route'].startswith('float (rows 1 <= small_m=1)')
     assert r['info']['inspect']['lowered_int8'] == 0  # routed: no int8 matmul at all
     assert big['results'][name]['info']['route'] == 'int8'
     assert big['results'][name]['info']['inspect']['lowered_int8'] == 1
     forced = small['results'][f'{name}, small_m=0']
     assert forced['role'] == 'contrast' and forced['info']['inspect']['lowered_int8'] == 1
+    # 4 rows > small_m=1 run in int8; the contrast routes them to float to show what the threshold decided.
+    assert four['results'][name]['info']['route'] == 'int8'
+    assert four['results'][name]['info']['inspect']['lowered_int8'] == 1
+    alt = four['results'][f'{name}, small_m=4']
+    assert alt['role'] == 'contrast' and alt['info']['routed_to_float'] is True
+    assert alt['info']['inspect']['lowered_int8'] == 0
     if ON_CPU:
       assert big['results'][name]['info']['inspect']['int8_fast'] == 1
   assert [(t['group'], t['variant']) for t in data['targets']] == [('64x64x64', 'dynamic int8')]
@@ -138,7 +144,7 @@ def test_e2e_mlp_runlocal(tmp_path):
   ins = lambda g, n: g['results'][n]['info']['inspect']
   assert ins(train, 'float step')['lowered_int8'] == 0
   assert ins(train, 'QAT, fake-quant forward')['lowered_int8'] == 0
-  assert ins(train, 'QAT, int8 forward')['lowered_int8'] == 0  # batch 8 <= small_m: routed to float
+  assert ins(train, 'QAT, int8 forward')['lowered_int8'] == 2  # batch 8 > small_m=1: both Linear layers in int8
   srv = serve['results']['PTQ int8 serving']['info']
   assert srv['param_bytes'] < 0.5 * srv['float_param_bytes']  # int8 kernels served
   assert {t['variant'] for t in data['targets']} == {'QAT, int8 forward', 'QAT, fake-quant forward',
@@ -148,18 +154,16 @@ def test_e2e_mlp_runlocal(tmp_path):
   assert data['meta']['rules']['ptq'][-1]['act_static'] is True
 
 
-def test_e2e_int8_at_batch_above_small_m(tmp_path):
-  """At batch 64 (> small_m) the QAT forward runs its matmuls in int8 (the runlocal batch of 8 is routed)."""
-  data = run_cli(tmp_path, 'e2e', "--config.models=('mlp',)", '--config.serve_batches=(64,)',
-                 '--config.train_batch=64', '--config.mlp_hidden=(64,)')
+def test_e2e_matrix_vector_batch_is_routed_to_float(tmp_path):
+  """At batch 1 (<= small_m) the forward matmuls run as float matmuls of the quantized values; the backward
+  matmuls of the int8 training step (rows = features, not batch) stay int8."""
+  data = run_cli(tmp_path, 'e2e', "--config.models=('mlp',)", '--config.serve_batches=(1,)',
+                 '--config.train_batch=1', '--config.mlp_hidden=(64,)')
   train, serve = data['groups']
-  qat = train['results']['QAT, int8 forward']['info']['inspect']
-  assert qat['lowered_int8'] == 2  # both Linear layers' forward matmuls
+  assert train['results']['QAT, int8 forward']['info']['inspect']['lowered_int8'] == 0
   full = train['results']['int8 training (fwd + bwd int8)']['info']['inspect']
-  assert full['lowered_int8'] >= 5  # 2 forward + dlhs of the head + 2 drhs (the first dlhs is dead code)
-  assert serve['results']['PTQ int8 serving']['info']['inspect']['lowered_int8'] == 2
-  if ON_CPU:
-    assert full['int8_gemm_slow'] == 0 and qat['int8_fast'] == qat['int8']
+  assert full['lowered_int8'] >= 2  # drhs = x^T . g of both layers: rows = input features
+  assert serve['results']['PTQ int8 serving']['info']['inspect']['lowered_int8'] == 0
 
 
 def test_memory_records(tmp_path):
@@ -306,7 +310,7 @@ def test_small_m_blocked_float_product_is_the_routed_float_matmul():
   assert dg._float_block_rows((33, k), (k, n), bench_suites.DN) == 0  # more rows than _BLOCK_MAX_ROWS
   assert dg._float_block_rows((2, 64), (64, 48), bench_suites.DN) == 0  # a small rhs: one plain dot
   assert dg._float_block_rows((1, 4096), (4096, 4096), bench_suites.DN) == 256
-  x = jax.random.normal(jax.random.key(0), (2, k))
+  x = jax.random.normal(jax.random.key(0), (1, k))  # one row: routed (small_m=1)
   w = jax.random.normal(jax.random.key(1), (k, n))
   for po2 in (False, True):
     wspec = qjax.QuantSpec(granularity='per_channel', axis=1, po2_scale=po2)

@@ -430,6 +430,17 @@ def test_small_m_routes_to_float_and_logs_once(monkeypatch, caplog):
   assert 'fwd' in msgs[0] and '8 rows' in msgs[0]
 
 
+def test_default_small_m_routes_only_matrix_vector_products():
+  """Default small_m=1: XLA:CPU's fast kernel refuses single-row dots, but from 2 rows int8 is not slower."""
+  s = spec('int8', 'per_channel')
+  cfg = DotConfig(fwd=MatmulConfig(s, s))
+  assert cfg.small_m == 1
+  w = operand(17, (64, 48), (0,))
+  f = lambda a, b: ops.dot_general(a, b, dn((1,), (0,)), config=cfg)
+  assert ops.inspect_matmuls(f, operand(16, (1, 64), (1,)), w).lowered_int8 == 0
+  assert ops.inspect_matmuls(f, operand(16, (2, 64), (1,)), w).lowered_int8 == 1
+
+
 # ----------------------------------------------------------------------------------- stochastic rounding
 
 
