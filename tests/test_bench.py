@@ -180,8 +180,14 @@ def test_memory_records(tmp_path):
   q = rec['quantize_nnx_live_bytes']
   assert q['model_alone'] > 0 and q['after_quantize'] >= q['model_alone']
   assert q['ratio_after'] == pytest.approx(q['after_quantize'] / q['model_alone'])
-  (t,) = data['targets']
+  disk = rec['checkpoint_bytes']
+  assert disk['float32'] > disk['int8'] > disk['int4 packed'] > 0
+  assert rec['checkpoint_ratio_to_float']['int8'] == pytest.approx(disk['int8'] / disk['float32'])
+  t, t8, t4 = data['targets']
   assert t['variant'] == 'quantize_nnx' and t['max_ratio'] == 1.3
+  assert (t8['variant'], t8['max_ratio'], t4['variant'], t4['max_ratio']) == (
+      'int8 checkpoint', 0.27, 'int4 packed checkpoint', 0.15)
+  assert t8['met'] == (t8['ratio'] <= 0.27)
   assert '### records' in (tmp_path / 'bench.md').read_text()
 
 
