@@ -13,8 +13,9 @@ reads every trial's result.json (and config.json, error.json) under the root and
                        written by the runner, is one session, grouped over seeds) and the Pareto plots as images
                        (tags pareto/*), so `python -m experiments.board <root>` shows both
 
-Inference latency is taken from result['latency'] (ms, or a dict with 'ms' / 'median_ms' / 'serving_ms') when a
-benchmark harness (experiments.bench) has added it; this module measures nothing and reports 'n/a' otherwise.
+Inference latency is taken from result['latency'] (ms, or a dict with 'ms' / 'median_ms' / 'serving_ms', and
+'ratio_to_float'), which the runner times with the benchmark harness (experiments.timing) interleaved with the
+float model's forward; this module measures nothing and reports 'n/a' where a result has none.
 """
 
 from __future__ import annotations
@@ -135,6 +136,14 @@ def weight_bits(config: dict | None) -> float:
     return float(m.group(1)) if m else float('nan')
 
 
+def latency_ratio(result: dict) -> float:
+  """Serving forward time / the float model's forward time, timed interleaved in one run (the runner's
+  result.latency.ratio_to_float); nan when the result has none."""
+  lat = result.get('latency')
+  v = lat.get('ratio_to_float') if isinstance(lat, dict) else None
+  return float(v) if isinstance(v, (int, float)) else float('nan')
+
+
 def latency_ms(result: dict) -> float:
   lat = result.get('latency')
   if isinstance(lat, (int, float)):
@@ -181,6 +190,7 @@ class Config:
   latency_ms: float
   int8_matmuls: str
   wall_time_s: float
+  latency_ratio: float = float('nan')
   front: dict[str, bool] = dataclasses.field(default_factory=dict)
 
   @property
@@ -219,6 +229,7 @@ def summarize(trials: list[dict]) -> tuple[list[Config], str, bool]:
         train_step_ms=_mean_std(step_ms)[0],
         latency_ms=_mean_std([latency_ms(r) for r in rs])[0],
         int8_matmuls=f'{mm["int8"]}/{mm["total"]}' if 'int8' in mm and 'total' in mm else 'n/a',
+        latency_ratio=_mean_std([latency_ratio(r) for r in rs])[0],
         wall_time_s=_mean_std([r.get('wall_time_sec') for r in rs])[0]))
   for axis, _ in PLOT_AXES:
     flags = pareto_front([c.cost(axis) for c in configs], [c.score for c in configs], higher=higher)
@@ -298,8 +309,9 @@ def _write_csv(path: str, configs: list[Config], metric: str) -> None:
   keys = list(dict.fromkeys(k for c in configs for k in c.values))
   m = metric.split('/')[-1]
   cols = keys + ['seeds', 'weight_bits', f'{m}_mean', f'{m}_std', f'serving_{m}_mean', f'serving_{m}_std',
-                 'loss_mean', 'loss_std', 'serving_bytes', 'train_step_ms', 'latency_ms', 'int8_matmuls',
-                 'wall_time_s', 'front_weight_bits', 'front_serving_bytes', 'front_latency_ms', 'trials']
+                 'loss_mean', 'loss_std', 'serving_bytes', 'train_step_ms', 'latency_ms', 'latency_vs_float',
+                 'int8_matmuls', 'wall_time_s', 'front_weight_bits', 'front_serving_bytes', 'front_latency_ms',
+                 'trials']
   tmp = path + '.tmp'
   with open(tmp, 'w', newline='') as f:
     w = csv.writer(f)
@@ -307,8 +319,8 @@ def _write_csv(path: str, configs: list[Config], metric: str) -> None:
     for c in configs:
       w.writerow([c.values.get(k, '') for k in keys] + [
           c.seeds, c.weight_bits, *c.metric, *c.serving_metric, *c.loss, c.serving_bytes, c.train_step_ms,
-          c.latency_ms, c.int8_matmuls, c.wall_time_s, c.front['weight_bits'], c.front['serving_bytes'],
-          c.front['latency_ms'], ' '.join(c.trials)])
+          c.latency_ms, c.latency_ratio, c.int8_matmuls, c.wall_time_s, c.front['weight_bits'],
+          c.front['serving_bytes'], c.front['latency_ms'], ' '.join(c.trials)])
   os.replace(tmp, path)
 
 
@@ -324,7 +336,7 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
            f'## Results (one row per configuration; mean ± std over seeds; {"higher" if higher else "lower"} '
            f'{m} is better)', '']
   head = keys + ['seeds', 'weight bits', m, f'served {m}', 'loss', 'serving bytes', 'train step (ms)',
-                 'inference latency (ms)', 'int8 matmuls', 'front']
+                 'inference latency (ms)', 'vs float', 'int8 matmuls', 'front']
   lines.append('| ' + ' | '.join(head) + ' |')
   lines.append('|' + '---|' * len(head))
   for c in sorted(configs, key=lambda c: (-c.weight_bits, c.label)):
@@ -332,7 +344,7 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
     row = [c.values.get(k, '') for k in keys] + [
         str(c.seeds), _num(c.weight_bits), _pm(c.metric), _pm(c.serving_metric), _pm(c.loss),
         _num(c.serving_bytes, '{:,.0f}'), _num(c.train_step_ms, '{:.1f}'), _num(c.latency_ms, '{:.3f}'),
-        c.int8_matmuls, fronts]
+        _num(c.latency_ratio, '{:.2f}x'), c.int8_matmuls, fronts]
     lines.append('| ' + ' | '.join(row) + ' |')
   lines.append('')
   lines.append('## Pareto fronts')
@@ -365,9 +377,10 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
       '- `train step (ms)`: result.train.step_time_ms, the median time of a training step as the runner timed '
       'it (compilation excluded); n/a for PTQ, which trains nothing.',
       '- `inference latency (ms)`: result.latency.serving_ms, the median time of the serving forward on one '
-      'evaluation batch, measured by the runner at the end of the run (same machine, noisy: compare ratios); '
-      'for speed figures measured side by side against float use the benchmark harness, `python -m '
-      'experiments.bench --config=configs/bench_e2e.py`.',
+      'evaluation batch, timed by the benchmark harness (experiments.timing) at the end of the run; trials ran '
+      'at different moments, so compare across rows with `vs float`: that forward time divided by the float '
+      'model\'s forward, timed interleaved with it in the same run (result.latency.ratio_to_float). For the '
+      'full speed picture use `python -m experiments.bench --config=configs/bench_e2e.py`.',
       '- `int8 matmuls`: matmuls and convolutions of the serving forward that XLA compiled with int8 operands, '
       'of all of them (result.matmuls).',
       '', f'TensorBoard (HParams table, Pareto images): `python -m experiments.board {root}`', '']

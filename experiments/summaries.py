@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import time
 from typing import Any
 
 import jax
@@ -198,7 +197,8 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
     graphdef, mstate = nnx.split(model)
     fwd, args = (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,)
   jfwd = jax.jit(fwd)
-  out = {'serving_bytes': serving_bytes, 'latency': _latency(jfwd, args, x)}
+  ffwd, fargs = (jfwd, args) if rules is None else _float_forward(run, x)
+  out = {'serving_bytes': serving_bytes, 'latency': _latency(jfwd, args, jax.jit(ffwd), fargs, x, rules is None)}
   report = inspect_matmuls(fwd, *args, x)
   out['matmuls'] = {'total': report.n_compiled, 'int8': report.n_int8, 'int8_fast': report.n_int8_fast,
                     'int8_slow': report.n_int8_slow, 'batch': int(x.shape[0])}
@@ -208,16 +208,36 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
   return out
 
 
-def _latency(jfwd, args, x, repeats: int = 7) -> dict[str, float]:
-  """Median wall time of the serving forward on one eval batch (after a warm-up call)."""
-  jax.block_until_ready(jfwd(*args, x))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(jfwd(*args, x))
-    times.append(time.perf_counter() - t)
-  return {'serving_ms': 1e3 * float(np.median(times)), 'batch': int(x.shape[0]),
-          'spread': float((max(times) - min(times)) / np.median(times))}
+def _float_forward(run, x):
+  """(forward, args) of the float model of the same architecture (fresh weights: only its speed is used)."""
+  import optax  # noqa: PLC0415
+
+  from experiments import trainers  # noqa: PLC0415
+  tr = trainers.make(run.md, optax.sgd(0.0), None)
+  state = tr.init(jax.random.key(0), x)
+  if run.md.api == 'linen':
+    return (lambda v, x: tr.md.module.apply(v, x, train=False)), (tr.variables(state),)
+  from flax import nnx  # noqa: PLC0415
+  model = tr.module(state)
+  model.eval()
+  graphdef, mstate = nnx.split(model)
+  return (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,)
+
+
+def _latency(jfwd, args, ffwd, fargs, x, is_float: bool) -> dict[str, Any]:
+  """The serving forward on one eval batch timed by the benchmark harness (experiments.timing), interleaved with
+  the float model's forward, so `ratio_to_float` compares samples of the same moment (absolute times of trials
+  that ran at different times or loads do not compare; their ratios do)."""
+  from experiments import timing  # noqa: PLC0415
+  fns = {'serving': lambda: jfwd(*args, x)}
+  if not is_float:
+    fns['float'] = lambda: ffwd(*fargs, x)
+  st = timing.time_interleaved(fns, warmup=2, rounds=7, min_time=0.05)
+  serving = st['serving']
+  base = st.get('float', serving)
+  return {'serving_ms': 1e3 * serving.median, 'float_ms': 1e3 * base.median,
+          'ratio_to_float': serving.median / base.median, 'batch': int(x.shape[0]), 'spread': serving.spread,
+          'method': 'experiments.timing.time_interleaved (wall clock, 7 interleaved samples, median)'}
 
 
 def _eval_fwd(run, jfwd, args) -> dict[str, float]:

@@ -45,7 +45,7 @@ def root(tmp_path):
       _trial(root, 'mode=float,seed=1', {'mode': 'float', 'bits': 'w32', 'seed': '1'}, _config('float', '', 1),
              _result(0.92, nbytes=4000, sps=100.0, latency={'median_ms': 4.0})),
       _trial(root, 'mode=qat,bits=w8,seed=0', {'mode': 'qat', 'bits': 'w8', 'seed': '0'}, _config('qat', 'int8', 0),
-             _result(0.89, 0.88, nbytes=1000, sps=40.0)),
+             _result(0.89, 0.88, nbytes=1000, sps=40.0, latency={'serving_ms': 1.0, 'ratio_to_float': 0.5})),
       _trial(root, 'mode=qat,bits=w8,seed=1', {'mode': 'qat', 'bits': 'w8', 'seed': '1'}, _config('qat', 'int8', 1),
              _result(0.91, 0.90, nbytes=1000, sps=60.0)),
       _trial(root, 'mode=qat,bits=w4,seed=0', {'mode': 'qat', 'bits': 'w4', 'seed': '0'}, _config('qat', 'int4', 0),
@@ -87,13 +87,15 @@ def test_summary_groups_seeds_and_computes_fronts(root):
   assert f.latency_ms == pytest.approx(3.0) and f.train_step_ms == pytest.approx(10.0)
   q8 = by['mode=qat,bits=w8']
   assert q8.score == pytest.approx(0.89) and q8.weight_bits == 8 and q8.int8_matmuls == '3/5'
-  assert q8.train_step_ms == pytest.approx((25.0 + 1000 / 60) / 2) and math.isnan(q8.latency_ms)
+  assert q8.train_step_ms == pytest.approx((25.0 + 1000 / 60) / 2)
+  assert q8.latency_ms == pytest.approx(1.0) and q8.latency_ratio == pytest.approx(0.5)  # one seed has it
+  assert math.isnan(f.latency_ratio)  # results without a side-by-side float timing
   assert math.isnan(by['mode=ptq,bits=w4'].train_step_ms)  # PTQ trains nothing
   fronts = {c.label: c.front for c in configs}
   assert fronts['mode=qat,bits=w4']['weight_bits'] and fronts['mode=qat,bits=w8']['weight_bits']
   assert fronts['mode=float,bits=w32']['weight_bits'] and not fronts['mode=ptq,bits=w4']['weight_bits']
   assert fronts['mode=qat,bits=w4']['serving_bytes'] and not fronts['mode=ptq,bits=w4']['serving_bytes']
-  assert fronts['mode=float,bits=w32']['latency_ms'] and not fronts['mode=qat,bits=w8']['latency_ms']
+  assert fronts['mode=qat,bits=w8']['latency_ms'] and fronts['mode=float,bits=w32']['latency_ms']  # faster | better
 
 
 def test_report_files_and_tensorboard(root):

@@ -88,9 +88,13 @@ def test_mode_end_to_end_writes_run_files(tmp_path, mode):
   assert {'eval/loss', 'eval/accuracy'} <= scalars
   if mode != 'ptq':
     assert {'train/loss', 'train/learning_rate', 'time/steps_per_sec'} <= scalars
+  lat = result['latency']
+  assert lat['serving_ms'] > 0 and lat['float_ms'] > 0
+  assert lat['ratio_to_float'] == pytest.approx(lat['serving_ms'] / lat['float_ms'])
   if mode == 'float':
     assert result['matmuls']['int8'] == 0
     assert result['serving_bytes'] == sum(4 * n for n in (784 * 64, 64, 64 * 10, 10))
+    assert lat['ratio_to_float'] == 1.0  # timed against itself
   else:
     # The serving model holds int8 kernels: about a quarter of the float bytes (biases stay f32).
     assert result['serving_bytes'] < 0.3 * result['float_param_bytes']
