@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import tempfile
 from typing import Any
 
 import jax
@@ -165,6 +167,26 @@ def sqnr_chart(rows) -> bytes:
   return buf.getvalue()
 
 
+def checkpoint_bytes(tree, path: str | None = None) -> int | None:
+  """Bytes on disk of `tree` saved by orbax's StandardCheckpointer (its defaults: OCDBT, zstd) at `path`
+  (replaced if present), or in a temporary directory. None in multi-process runs, where every process would have
+  to join the save."""
+  if jax.process_count() > 1:
+    return None
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  def save(p: str) -> int:
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.abspath(p), tree, force=True)
+    ckpt.wait_until_finished()
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs)
+
+  if path is not None:
+    return save(path)
+  with tempfile.TemporaryDirectory() as tmp:
+    return save(os.path.join(tmp, 'ckpt'))
+
+
 def _nbytes(tree) -> int:
   return int(sum(np.asarray(a).nbytes for a in jax.tree.leaves(tree) if hasattr(a, 'shape')))
 
@@ -175,8 +197,10 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
   state = jax.device_get(state)
   x, y, w = next(input_pipeline.eval_batches(run.data, run.config.eval_batch_size))
   x = jnp.asarray(x)
+  serving_tree = None
   if run.md.api == 'linen':
     float_bytes = _nbytes(state['params'])
+    float_ckpt = checkpoint_bytes(state['params'])
     serving_bytes = float_bytes
     if rules is None:
       fwd, args = (lambda v, x: tr.md.module.apply(v, x, train=False)), (tr.variables(state),)
@@ -185,20 +209,31 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
       srv = tr.q.serving()
       fwd, args = (lambda v, x: srv.apply(v, x, train=False)), (sv,)
       serving_bytes = _nbytes(sv['params'])
+      serving_tree = sv
   else:
     from flax import nnx  # noqa: PLC0415
     model = tr.module(state)
     model.eval()
     float_bytes = _nbytes(nnx.state(model, nnx.Param))
+    float_ckpt = checkpoint_bytes(nnx.state(model, nnx.Param))
     serving_bytes = float_bytes
     if rules is not None:
       convert_nnx(model, x)
       serving_bytes = _nbytes(nnx.state(model, nnx.Param))
     graphdef, mstate = nnx.split(model)
     fwd, args = (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,)
+    if rules is not None:
+      serving_tree = mstate
+  ckpt = {'float_bytes': float_ckpt}
+  if serving_tree is not None and float_ckpt is not None:
+    # The serving model as a deployable orbax checkpoint: <workdir>/serving (restores with the serving model).
+    ckpt['serving_dir'] = 'serving'
+    ckpt['serving_bytes'] = checkpoint_bytes(serving_tree, os.path.join(run.workdir, 'serving'))
+    ckpt['ratio_to_float'] = ckpt['serving_bytes'] / float_ckpt
   jfwd = jax.jit(fwd)
   ffwd, fargs = (jfwd, args) if rules is None else _float_forward(run, x)
-  out = {'serving_bytes': serving_bytes, 'latency': _latency(jfwd, args, jax.jit(ffwd), fargs, x, rules is None)}
+  latency = _latency(jfwd, args, jax.jit(ffwd), fargs, x, rules is None)
+  out = {'serving_bytes': serving_bytes, 'checkpoint': ckpt, 'latency': latency}
   report = inspect_matmuls(fwd, *args, x)
   out['matmuls'] = {'total': report.n_compiled, 'int8': report.n_int8, 'int8_fast': report.n_int8_fast,
                     'int8_slow': report.n_int8_slow, 'batch': int(x.shape[0])}

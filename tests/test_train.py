@@ -95,7 +95,13 @@ def test_mode_end_to_end_writes_run_files(tmp_path, mode):
     assert result['matmuls']['int8'] == 0
     assert result['serving_bytes'] == sum(4 * n for n in (784 * 64, 64, 64 * 10, 10))
     assert lat['ratio_to_float'] == 1.0  # timed against itself
+    assert result['checkpoint']['float_bytes'] > 0 and 'serving_dir' not in result['checkpoint']
+    assert not (work / 'serving').exists()
   else:
+    # The converted model is saved as an orbax checkpoint beside the run; int8 kernels: ~a quarter on disk.
+    ck = result['checkpoint']
+    assert (work / ck['serving_dir']).is_dir() and ck['ratio_to_float'] == ck['serving_bytes'] / ck['float_bytes']
+    assert ck['ratio_to_float'] < 0.35, ck
     # The serving model holds int8 kernels: about a quarter of the float bytes (biases stay f32).
     assert result['serving_bytes'] < 0.3 * result['float_param_bytes']
     assert result['serving_metrics']['eval/accuracy'] == pytest.approx(result['metrics']['eval/accuracy'], abs=0.01)
