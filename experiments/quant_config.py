@@ -3,7 +3,7 @@
     config.quant.weight / act / grad    QuantSpec fields; format '' leaves that operand in float
     config.quant.float_layers           regex of module paths kept in float ('' for none)
     config.quant.groups.<name>          per-layer-group overrides: module_path plus partial weight/act/grad fields
-    config.quant.mode, bwd_mode, act_static, ema_decay, delayed_scaling
+    config.quant.mode, bwd_mode, act_static, ema_decay, delayed_scaling, small_m (QuantRule fields)
 
 Rules are built in order: float_layers, then the groups (in their order), then the default rule '.*'.
 """
@@ -42,6 +42,7 @@ def default_quant_config() -> ml_collections.ConfigDict:
   q.act_static = False
   q.ema_decay = 0.99
   q.delayed_scaling = 0
+  q.small_m = 1   # forward matmuls with <= this many rows run as float matmuls of quantized values; 0: int8
   q.calibration_batches = 16
   return q
 
@@ -64,7 +65,7 @@ def build_rules(quant: ml_collections.ConfigDict, *, ptq: bool = False) -> list[
   """The ordered rule list for config.quant (PTQ uses static activation ranges)."""
   q = quant.to_dict()
   common = dict(mode=q['mode'], bwd_mode=q['bwd_mode'], act_static=q['act_static'] or ptq,
-                ema_decay=q['ema_decay'], delayed_scaling=q['delayed_scaling'])
+                ema_decay=q['ema_decay'], delayed_scaling=q['delayed_scaling'], small_m=q['small_m'])
   rules = []
   if q['float_layers']:
     rules.append(QuantRule(q['float_layers'], float=True, name='float_layers'))

@@ -168,6 +168,7 @@ def test_empty_rule_list_is_an_error():
     ({'module_path': 'x', 'weight': W8, 'mode': 'fast'}, "rule 'x': mode='fast' is not one of fake, real, auto"),
     ({'module_path': 'x', 'name': 'nothing'}, "rule 'nothing': quantizes nothing .*set float=True"),
     ({'module_path': 'x', 'grad': {'format': 'int8', 'estimator': 'lsq'}}, "rule 'x': grad uses estimator='lsq'"),
+    ({'module_path': 'x', 'weight': W8, 'small_m': -1}, "rule 'x': small_m must be >= 0, got -1"),
     ({'module_path': 'x', 'act': {'format': 'int8', 'estimator': 'lsq'}, 'act_static': True},
      "rule 'x': act_static keeps range statistics; it cannot be combined with the learned estimator 'lsq'"),
     ('body', "rule 0: a rule is a QuantRule or a dict of its fields, got str 'body'"),
@@ -175,6 +176,14 @@ def test_empty_rule_list_is_an_error():
 def test_bad_rules_raise_naming_the_rule(rule, message):
   with pytest.raises(ValueError, match=message):
     RuleSet([rule])
+
+
+def test_rule_small_m_reaches_the_op_config():
+  """A rule's small_m overrides the matrix-vector routing of the ops it matches (0 forces int8)."""
+  r = QuantRule('.*', weight=W8, act=W8, grad=W8)
+  assert r.dot_config(False, True).small_m == 1
+  assert QuantRule('.*', weight=W8, act=W8, small_m=0).dot_config(False, True).small_m == 0
+  assert QuantRule('.*', weight=W8, act=W8, grad=W8, small_m=8).dot_config(False, True).small_m == 8
 
 
 def test_spec_that_cannot_apply_to_its_op_names_the_rule():

@@ -40,6 +40,8 @@ class QuantRule:
     delayed_scaling: > 0 keeps an amax history of this length per forward operand and scales with its
       maximum (fp8 delayed scaling, as in Transformer Engine); the current amax is rolled in after use.
     float: leave matched ops unquantized (a rule that excludes, e.g., the first and last layers).
+    small_m: DotConfig.small_m of matched ops: forward matmuls with at most this many rows run as float
+      matmuls of the quantized values in 'auto' mode (default 1: matrix-vector products); 0 forces int8.
     name: shown in reports and errors (default: the regex).
   """
   module_path: str = '.*'
@@ -53,6 +55,7 @@ class QuantRule:
   ema_decay: float = 0.99
   delayed_scaling: int = 0
   float: bool = False
+  small_m: int = 1
   name: str = ''
 
   def __post_init__(self):
@@ -81,6 +84,8 @@ class QuantRule:
                        'learned quantizer parameters (use ste)')
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f'rule {label!r}: ema_decay must be in [0, 1), got {self.ema_decay}')
+    if self.small_m < 0:
+      raise ValueError(f'rule {label!r}: small_m must be >= 0, got {self.small_m}')
     if self.delayed_scaling < 0:
       raise ValueError(f'rule {label!r}: delayed_scaling must be >= 0, got {self.delayed_scaling}')
     if self.act_static and self.act is not None and self.act.learned:
@@ -103,10 +108,10 @@ class QuantRule:
     rw = self.weight if rhs_is_weight else self.act
     fwd = MatmulConfig(lw, rw, self.mode)
     if self.grad is None:
-      return DotConfig(fwd=fwd)
+      return DotConfig(fwd=fwd, small_m=self.small_m)
     strip = lambda s: None if s is None else s.replace(estimator='ste')  # bwd matmuls learn nothing
     return DotConfig(fwd=fwd, dlhs=MatmulConfig(self.grad, strip(rw), self.bwd_mode),
-                     drhs=MatmulConfig(strip(lw), self.grad, self.bwd_mode))
+                     drhs=MatmulConfig(strip(lw), self.grad, self.bwd_mode), small_m=self.small_m)
 
   def to_dict(self) -> dict[str, Any]:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
