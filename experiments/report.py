@@ -95,8 +95,7 @@ def _ordered(name: str, labels: dict | list | None) -> dict | None:
 def _held(workdir: str) -> bool:
   if not os.path.exists(os.path.join(workdir, '.claim')):
     return False
-  from experiments.sweep import Claim  # noqa: PLC0415
-  return Claim.is_held(workdir)
+  return sweeps.Claim.is_held(workdir)
 
 
 def _flat(d: dict, prefix: str = '') -> dict:
