@@ -24,21 +24,51 @@ def _finite(x: jax.Array, fill: float = 0.0) -> jax.Array:
   return jnp.where(jnp.isfinite(x), x, fill)
 
 
-# Statistics mask non-finite values first (one select pass, then one reduction). Two cheaper-looking forms were
-# measured and rejected (docs/benchmarks.md, fake_quant): reducing x as is and redoing the reduction only when a
-# statistic is non-finite needs a global `lax.cond`, whose predicate is a cross-device all-reduce when the scale
-# groups are sharded; choosing per group with a select always pays both reductions (2.1-3.1x a copy vs 1.3x).
+# absmax and minmax ignore non-finite values without a masked copy of x. Their statistics are reduced as int32
+# keys of the float bits (monotonic in the value; NaN and +-inf map to the key of +0.0), first over blocks of
+# _BLOCK elements along one long reduced axis, then the rest. XLA:CPU fuses the masking into that short first
+# reduction and reads x once, as fast as an unmasked reduction (docs/benchmarks.md, fake_quant). Its fast
+# (YNN) reductions take no compare or select, and a long reduction is split by XLA into reduce-windows that do
+# not fuse their producer, so both plainer forms write a masked copy of x first. A global `lax.cond` (reduce as
+# is, mask only when a statistic is non-finite) is avoided on purpose: its predicate is a cross-device
+# all-reduce when the scale groups are sharded.
+_BLOCK = 32          # elements per first-stage block
+_BLOCK_MIN = 1024    # axes at least this long are blocked (shorter ones: one plain reduction; x is small)
+
+
+def _keys(x: jax.Array, signed: bool) -> jax.Array:
+  """int32 keys ordered as the float values of x (|x| unless signed); non-finite values get the key of +0.0."""
+  b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  mag = b & 0x7FFFFFFF
+  key = jnp.where(b < 0, b ^ 0x7FFFFFFF, b) if signed else mag  # negative floats: larger |x|, smaller key
+  return jnp.where(mag < 0x7F800000, key, 0)
+
+
+def _from_keys(k: jax.Array, signed: bool) -> jax.Array:
+  return jax.lax.bitcast_convert_type(jnp.where(k < 0, k ^ 0x7FFFFFFF, k) if signed else k, jnp.float32)
+
+
+def _reduce_keys(k: jax.Array, sshape: tuple[int, ...], fn) -> jax.Array:
+  """gran.reduce(k, sshape, fn), in two stages when a reduced axis is long (see the comment above)."""
+  cands = [d for d, (n, s) in enumerate(zip(k.shape, sshape, strict=True))
+           if n >= _BLOCK_MIN and (n // s) % _BLOCK == 0]
+  if cands:
+    d = max(cands, key=lambda d: k.shape[d] // sshape[d])
+    k = k.reshape(k.shape[:d] + (k.shape[d] // _BLOCK, _BLOCK) + k.shape[d + 1:])
+    k = jax.lax.optimization_barrier(fn(k, axis=d + 1))  # keeps XLA from merging the two stages back
+  return gran.reduce(k, sshape, fn)
 
 
 def absmax(x: jax.Array, sshape: tuple[int, ...]) -> jax.Array:
   """max |x| per scale group, non-finite values ignored."""
-  return gran.reduce(jnp.abs(_finite(x.astype(jnp.float32))), sshape, jnp.max)
+  return _from_keys(_reduce_keys(_keys(x, False), sshape, jnp.max), False)
 
 
 def minmax(x: jax.Array, sshape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
   """(min(min x, 0), max(max x, 0)) per scale group: the range always contains 0. Non-finite values ignored."""
-  v = _finite(x.astype(jnp.float32))
-  lo, hi = gran.reduce(v, sshape, jnp.min), gran.reduce(v, sshape, jnp.max)
+  k = _keys(x, True)
+  lo = _from_keys(_reduce_keys(k, sshape, jnp.min), True)
+  hi = _from_keys(_reduce_keys(k, sshape, jnp.max), True)
   return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
 
 
