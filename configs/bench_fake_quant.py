@@ -8,8 +8,8 @@ Both cores: the same without `taskset -c 1`. Smoke: --config=configs/bench_fake_
 Both variants are jitted and timed interleaved in one run. `x * 1.0` is folded by XLA into a copy (read 64 MiB,
 write 64 MiB); fake_quant with calibration='absmax' must also read x once more to find the per-channel
 scales, so about 1.5x is the memory-traffic floor. Aim: fake_quant <= 2x `x * 1.0`.
-Expected (docs/benchmarks.md; AMD EPYC Zen 3, AVX2, jax 0.12, 2026-11-25): fake_quant ~2.2x on one core
-(calibration with its masked copy ~1.6x, the elementwise pass ~1.2x); 2.45x before the speed-ups
+Expected (docs/benchmarks.md; AMD EPYC Zen 3, AVX2, jax 0.12, 2026-11-26): fake_quant ~1.7x on one core
+(calibration ~0.55x, the elementwise pass ~1.15x); 2.45x before the speed-ups
 (--config.before=true times that forward too). Page faults hide it all without huge pages: ~1.1x, both ~60 ms.
 Takes ~30 s.
 """
