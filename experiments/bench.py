@@ -213,10 +213,8 @@ def _fake_quant_before(x, spec):
 
 def main(argv: list[str]) -> int:
   config, flags = configlib.parse_argv(argv)
+  configlib.check_flags(flags, ('workdir',))
   workdir = flags.pop('workdir', None)
-  if flags:
-    raise configlib.ConfigError(f'unknown flags: {", ".join("--" + k for k in flags)}; '
-                                'known: --config, --config.<key>, --workdir')
   try:
     run(config, workdir)
   except ValueError as e:

@@ -100,6 +100,17 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   node[parts[-1]] = _parse(value, current, key)
 
 
+def check_flags(flags, known: tuple[str, ...]) -> None:
+  """Rejects a runner flag not in `known`, naming the nearest known one."""
+  for name in flags:
+    if name not in known:
+      near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+      hint = f'; did you mean --{near[0]}?' if near else ''
+      names = [k for k in known if k != 'config']
+      raise ConfigError(f'unknown flag --{name}{hint} (known: --config, --config.<key>'
+                        + ''.join(f', --{k}' for k in names) + ')')
+
+
 def parse_argv(argv: list[str]) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   """Returns (config with overrides applied, the other --flag=value pairs)."""
   config_spec, overrides, flags = None, [], {}

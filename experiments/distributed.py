@@ -20,6 +20,9 @@ from jax.sharding import PartitionSpec as P
 _FAST_KERNEL_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
 
 
+FLAGS = ('coordinator_address', 'num_processes', 'process_id')
+
+
 def initialize(flags: dict[str, str]) -> None:
   """Joins a multi-process run when a coordinator is given (flags win over the environment)."""
   addr = flags.pop('coordinator_address', None) or os.environ.get('JAX_COORDINATOR_ADDRESS')

@@ -498,11 +498,9 @@ def _parse(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
     name, eq, value = a[2:].partition('=')
     if name.startswith('config.'):
       overrides.append((name[len('config.'):], value if eq else 'true'))
-    elif name in FLAGS:
-      flags[name] = value if eq else 'true'
     else:
-      raise configlib.ConfigError(f'unknown flag --{name}; known: ' + ', '.join('--' + f for f in FLAGS)
-                                  + ', --config.<key>')
+      configlib.check_flags([name], FLAGS)
+      flags[name] = value if eq else 'true'
   for req in ('config', 'root'):
     if not flags.get(req):
       raise configlib.ConfigError(f'missing --{req}=...')

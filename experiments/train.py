@@ -339,14 +339,11 @@ def _finish(run: Run, state, train_info, rules, t_start) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
   config, flags = configlib.parse_argv(argv)
+  configlib.check_flags(flags, ('workdir',) + distributed.FLAGS)
   workdir = flags.pop('workdir', None)
   if not workdir:
     raise configlib.ConfigError('missing --workdir=<dir>')
   distributed.initialize(flags)
-  if flags:
-    raise configlib.ConfigError(f'unknown flags: {", ".join("--" + k for k in flags)}; '
-                                'known: --config, --config.<key>, --workdir, --coordinator_address, '
-                                '--num_processes, --process_id')
   try:
     train_and_evaluate(config, workdir)
   except RunError as e:

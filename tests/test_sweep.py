@@ -174,7 +174,7 @@ def test_dry_run_and_index(fake_cfg, tmp_path, monkeypatch):
   assert any(line.startswith('tally: 1 done, 0 skipped, 0 failed') for line in out)
   with pytest.raises(configlib.ConfigError, match='0..3'):
     _sweep([f'--config={fake_cfg}', f'--root={root}', '--index=4'])
-  with pytest.raises(configlib.ConfigError, match='unknown flag --workres'):
+  with pytest.raises(configlib.ConfigError, match="unknown flag --workres; did you mean --workers\\?"):
     _sweep([f'--config={fake_cfg}', f'--root={root}', '--workres=2'])
 
 

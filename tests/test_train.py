@@ -63,6 +63,18 @@ def test_cli_rejects_unknown_key_with_exit_code_2(tmp_path):
   assert not os.path.exists(tmp_path / 'result.json')
 
 
+def test_unknown_runner_flag_names_the_nearest_known_flag(tmp_path):
+  from experiments import bench  # noqa: PLC0415
+  with pytest.raises(configlib.ConfigError, match='unknown flag --work_dir; did you mean --workdir\\?'):
+    train.main(['--config=configs/fmnist_mlp.py:runlocal', f'--work_dir={tmp_path}'])
+  with pytest.raises(configlib.ConfigError, match='did you mean --num_processes\\?'):
+    train.main(['--config=configs/fmnist_mlp.py:runlocal', f'--workdir={tmp_path}', '--num_process=2'])
+  with pytest.raises(configlib.ConfigError, match=r'unknown flag --wrkdir; did you mean --workdir\? \(known: '
+                                                  r'--config, --config.<key>, --workdir\)'):
+    bench.main(['--config=configs/bench_fake_quant.py:runlocal', f'--wrkdir={tmp_path}'])
+  assert not os.listdir(tmp_path)  # nothing ran
+
+
 def test_bad_quant_field_names_the_config_key():
   c = mlp_config(mode='qat')
   configlib.set_key(c, 'quant.weight.format', 'int9')
