@@ -203,7 +203,7 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
     float_ckpt = checkpoint_bytes(state['params'])
     serving_bytes = float_bytes
     if rules is None:
-      fwd, args = (lambda v, x: tr.md.module.apply(v, x, train=False)), (tr.variables(state),)
+      fwd, args = _float_fwd(tr, state)
     else:
       sv = convert_linen(tr.q, tr.variables(state), x)
       srv = tr.q.serving()
@@ -231,8 +231,7 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
     ckpt['serving_bytes'] = checkpoint_bytes(serving_tree, os.path.join(run.workdir, 'serving'))
     ckpt['ratio_to_float'] = ckpt['serving_bytes'] / float_ckpt
   jfwd = jax.jit(fwd)
-  ffwd, fargs = (jfwd, args) if rules is None else _float_forward(run, x)
-  latency = _latency(jfwd, args, jax.jit(ffwd), fargs, x, rules is None)
+  latency = _latency(jfwd, args, x, None if rules is None else _float_forward(run, x))
   out = {'serving_bytes': serving_bytes, 'checkpoint': ckpt, 'latency': latency}
   report = inspect_matmuls(fwd, *args, x)
   out['matmuls'] = {'total': report.n_compiled, 'int8': report.n_int8, 'int8_fast': report.n_int8_fast,
@@ -243,14 +242,9 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
   return out
 
 
-def _float_forward(run, x):
-  """(forward, args) of the float model of the same architecture (fresh weights: only its speed is used)."""
-  import optax  # noqa: PLC0415
-
-  from experiments import trainers  # noqa: PLC0415
-  tr = trainers.make(run.md, optax.sgd(0.0), None)
-  state = tr.init(jax.random.key(0), x)
-  if run.md.api == 'linen':
+def _float_fwd(tr, state):
+  """(forward(args..., x), args) of a float trainer's model in evaluation mode."""
+  if tr.md.api == 'linen':
     return (lambda v, x: tr.md.module.apply(v, x, train=False)), (tr.variables(state),)
   from flax import nnx  # noqa: PLC0415
   model = tr.module(state)
@@ -259,13 +253,24 @@ def _float_forward(run, x):
   return (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,)
 
 
-def _latency(jfwd, args, ffwd, fargs, x, is_float: bool) -> dict[str, Any]:
+def _float_forward(run, x):
+  """(forward, args) of the float model of the same architecture (fresh weights: only its speed is used)."""
+  import optax  # noqa: PLC0415
+
+  from experiments import trainers  # noqa: PLC0415
+  tr = trainers.make(run.md, optax.sgd(0.0), None)
+  return _float_fwd(tr, tr.init(jax.random.key(0), x))
+
+
+def _latency(jfwd, args, x, float_fwd=None) -> dict[str, Any]:
   """The serving forward on one eval batch timed by the benchmark harness (experiments.timing), interleaved with
-  the float model's forward, so `ratio_to_float` compares samples of the same moment (absolute times of trials
-  that ran at different times or loads do not compare; their ratios do)."""
+  the float model's forward (`float_fwd`: (forward, args); None for a float run, its own baseline), so
+  `ratio_to_float` compares samples of the same moment (absolute times of trials that ran at different times or
+  loads do not compare; their ratios do)."""
   from experiments import timing  # noqa: PLC0415
   fns = {'serving': lambda: jfwd(*args, x)}
-  if not is_float:
+  if float_fwd is not None:
+    ffwd, fargs = jax.jit(float_fwd[0]), float_fwd[1]
     fns['float'] = lambda: ffwd(*fargs, x)
   st = timing.time_interleaved(fns, warmup=2, rounds=7, min_time=0.05)
   serving = st['serving']
