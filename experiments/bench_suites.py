@@ -803,7 +803,7 @@ def memory_records(config) -> dict[str, Any]:
   import optax  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
-  from experiments import trainers  # noqa: PLC0415
+  from experiments import summaries, trainers  # noqa: PLC0415
   from qjax import flax as qflax  # noqa: PLC0415
 
   md = _model_def('mlp', config)
@@ -815,7 +815,7 @@ def memory_records(config) -> dict[str, Any]:
   for label, kind in (('float32', None), ('int8', 'ptq'), ('int4 packed', 'ptq_int4')):
     _, variables = _serving_forward(md, None if kind is None else quant_rules(kind, config), x, config)
     served[label] = _tree_bytes(variables)
-    on_disk[label] = _orbax_bytes(variables)
+    on_disk[label] = summaries.checkpoint_bytes(variables)
   out['served_param_bytes'] = served
   out['served_param_ratio_to_float'] = {k: v / served['float32'] for k, v in served.items()}
   out['checkpoint_bytes'] = on_disk
@@ -848,19 +848,6 @@ def memory_records(config) -> dict[str, Any]:
               'thread (XLA temporaries inside the jitted creation run are not counted)'}
   del model
   return out
-
-
-def _orbax_bytes(tree) -> int:
-  """Bytes on disk of `tree` saved by orbax's StandardCheckpointer with its defaults."""
-  import tempfile  # noqa: PLC0415
-
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, 'ckpt')
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(path, tree)
-    ckpt.wait_until_finished()
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def memory_targets(records: dict[str, Any]) -> list[dict[str, Any]]:
