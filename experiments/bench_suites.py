@@ -672,29 +672,16 @@ def _serving_forward(md, rules, x, config):
   on x (static activation ranges) and converted for int8 serving."""
   import jax  # noqa: PLC0415
   import optax  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
 
-  from experiments import trainers  # noqa: PLC0415
-  from qjax import flax as qflax  # noqa: PLC0415
+  from experiments import summaries, trainers  # noqa: PLC0415
   trainer = trainers.make(md, optax.adam(1e-3), rules)
   state = trainer.init(jax.random.key(config.get('seed', 0)), x)
   if rules is not None:
     cal = jax.jit(trainer.calibrate_step)
     for _ in range(int(config.get('calibration_batches', 2))):
       state = cal(state, x)
-  if md.api == 'nnx':
-    model = trainer.module(state)
-    if rules is not None:
-      qflax.convert_nnx(model, x)
-    model.eval()
-    gd, st = nnx.split(model)
-    return jax.jit(lambda st, x: nnx.merge(gd, st)(x)), st
-  variables = trainer.variables(state)
-  if rules is None:
-    return jax.jit(lambda v, x: md.module.apply(v, x, train=False)), variables
-  serving = qflax.convert_linen(trainer.q, variables, x, train=False)
-  srv = trainer.q.serving()
-  return jax.jit(lambda v, x: srv.apply(v, x, train=False)), serving
+  fwd, args, _, _ = summaries.serving_forward(trainer, state, x, rules)
+  return jax.jit(fwd), args[0]
 
 
 def e2e_suite(config) -> GroupedSuite:

@@ -197,33 +197,15 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
   state = jax.device_get(state)
   x, y, w = next(input_pipeline.eval_batches(run.data, run.config.eval_batch_size))
   x = jnp.asarray(x)
-  serving_tree = None
   if run.md.api == 'linen':
-    float_bytes = _nbytes(state['params'])
-    float_ckpt = checkpoint_bytes(state['params'])
-    serving_bytes = float_bytes
-    if rules is None:
-      fwd, args = _float_fwd(tr, state)
-    else:
-      sv = convert_linen(tr.q, tr.variables(state), x)
-      srv = tr.q.serving()
-      fwd, args = (lambda v, x: srv.apply(v, x, train=False)), (sv,)
-      serving_bytes = _nbytes(sv['params'])
-      serving_tree = sv
+    float_params = state['params']
   else:
     from flax import nnx  # noqa: PLC0415
-    model = tr.module(state)
-    model.eval()
-    float_bytes = _nbytes(nnx.state(model, nnx.Param))
-    float_ckpt = checkpoint_bytes(nnx.state(model, nnx.Param))
-    serving_bytes = float_bytes
-    if rules is not None:
-      convert_nnx(model, x)
-      serving_bytes = _nbytes(nnx.state(model, nnx.Param))
-    graphdef, mstate = nnx.split(model)
-    fwd, args = (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,)
-    if rules is not None:
-      serving_tree = mstate
+    float_params = nnx.state(tr.module(state), nnx.Param)
+  float_bytes = _nbytes(float_params)
+  float_ckpt = checkpoint_bytes(float_params)
+  fwd, args, served_params, serving_tree = serving_forward(tr, state, x, rules)
+  serving_bytes = float_bytes if served_params is None else _nbytes(served_params)
   ckpt = {'float_bytes': float_ckpt}
   if serving_tree is not None and float_ckpt is not None:
     # The serving model as a deployable orbax checkpoint: <workdir>/serving (restores with the serving model).
@@ -240,6 +222,25 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
     out['serving_metrics'] = _eval_fwd(run, jfwd, args)
     out['float_param_bytes'] = float_bytes
   return out
+
+
+def serving_forward(tr, state, x, rules):
+  """The forward a trained run serves, in evaluation mode: (forward(*args, x), args, served params, serving tree).
+
+  Quantized runs are converted for serving (int8 / packed int4 ServingWeights; convert_linen / convert_nnx run
+  the model once on x); the serving tree is what `<workdir>/serving` holds. A float run serves its own model:
+  served params and serving tree are None."""
+  if rules is None:
+    return *_float_fwd(tr, state), None, None
+  if tr.md.api == 'linen':
+    sv = convert_linen(tr.q, tr.variables(state), x, train=False)
+    srv = tr.q.serving()
+    return (lambda v, x: srv.apply(v, x, train=False)), (sv,), sv['params'], sv
+  from flax import nnx  # noqa: PLC0415
+  model = tr.module(state)
+  convert_nnx(model, x)  # also puts the model in evaluation mode
+  graphdef, mstate = nnx.split(model)
+  return (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,), nnx.state(model, nnx.Param), mstate
 
 
 def _float_fwd(tr, state):
