@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from experiments import bench, configlib, timing
+from experiments.checkpoints import write_json_atomic
 
 ROLES = ('baseline', 'quantized', 'contrast', 'reference')
 DN = (((1,), (0,)), ((), ()))  # (M, K) . (K, N)
@@ -156,7 +157,10 @@ def slow_int8_warnings(groups: list[dict[str, Any]]) -> list[str]:
     for name, r in g['results'].items():
       insp = (r.get('info') or {}).get('inspect') or {}
       n = insp.get('int8_gemm_slow', 0)
-      if r['role'] in ('quantized', 'reference') and n:
+      if r['role'] in ('quantized', 'reference') and n and insp.get('platform', 'cpu') != 'cpu':
+        out.append(f"{g['name']} / {name}: {n} int8 matmul(s) off the tensor-core GEMM kernel or widened by the "
+                   f"compiler: {'; '.join(insp.get('fallbacks') or [])}")
+      elif r['role'] in ('quantized', 'reference') and n:
         out.append(f"{g['name']} / {name}: {n} int8 matmul(s) off XLA:CPU's fast (YNN) kernel or widened by the "
                    'compiler; check XLA_FLAGS (perf-cpu.md: an empty --xla_cpu_experimental_ynn_fusion_type makes '
                    'int8 ~8x slower)')
@@ -299,7 +303,7 @@ def run_grouped(suite: GroupedSuite, config, workdir: str | None = None, *, info
   """Times every group of the suite, writes bench.json, bench.md and TensorBoard scalars to workdir."""
   info = info if info is not None else timing.machine_info()
   t = config.get('timing') or {}
-  kw = {k: t[k] for k in ('warmup', 'rounds', 'min_time', 'clock') if k in t}
+  kw = {k: t[k] for k in ('warmup', 'rounds', 'min_time', 'clock', 'sync_each') if k in t}
   groups, targets = [], []
   for group in suite.groups():
     t0 = time.perf_counter()
@@ -310,6 +314,9 @@ def run_grouped(suite: GroupedSuite, config, workdir: str | None = None, *, info
     targets += check_targets(group, g)
     echo(f"{suite.name} / {g['name']}: " + ', '.join(
         f"{n} {_fmt_ratio(r['ratio'])}" for n, r in g['results'].items() if n != g['baseline']))
+    if workdir:  # A run stopped later (time limit, lost machine) still leaves the groups measured so far.
+      write_json_atomic(os.path.join(workdir, 'bench.partial.json'),
+                        {'suite': suite.name, 'machine': info, 'groups': groups, 'targets': targets})
     del group, stats
     gc.collect()
   records = suite.records() if suite.records is not None else {}
@@ -342,7 +349,11 @@ def run_grouped(suite: GroupedSuite, config, workdir: str | None = None, *, info
   echo(md)
   if workdir:
     write_outputs(result, md, workdir)
+    partial = os.path.join(workdir, 'bench.partial.json')
+    if os.path.exists(partial):
+      os.remove(partial)
   return result
+
 
 
 def write_outputs(result: dict[str, Any], md: str, workdir: str) -> None:
@@ -383,9 +394,11 @@ def inspect_info(fn, *args) -> dict[str, Any]:
     if m.op == 'dot' and slow and len(m.out_shape) >= 2 and min(m.out_shape[-2:]) > 1:
       gemm_slow += 1
     ops.append({'op': m.op, 'scope': scope, 'signature': m.signature, 'fast': m.fast, 'widened': m.widened,
-                'out_shape': list(m.out_shape)})
-  return {'matmuls': rep.n_compiled, 'int8': rep.n_int8, 'int8_fast': rep.n_int8_fast, 'int8_slow': rep.n_int8_slow,
-          'fast': rep.n_fast, 'lowered_int8': rep.lowered_int8, 'int8_gemm_slow': gemm_slow, 'ops': ops}
+                'out_shape': list(m.out_shape), 'kernel': m.fusion, 'fallback': m.fallback})
+  return {'platform': rep.platform, 'matmuls': rep.n_compiled, 'int8': rep.n_int8, 'int8_fast': rep.n_int8_fast,
+          'int8_slow': rep.n_int8_slow, 'fp8': rep.n_fp8, 'fp8_fast': rep.n_fp8_fast, 'fast': rep.n_fast,
+          'lowered_int8': rep.lowered_int8, 'lowered_fp8': rep.lowered_fp8, 'int8_gemm_slow': gemm_slow,
+          'fallbacks': rep.fallbacks(), 'ops': ops}
 
 
 def _maybe_inspect(config, fn, *args) -> dict[str, Any]:

@@ -100,12 +100,12 @@ class ResNet(nn.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs):
-    self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(num_heads, d_model, decode=False, rngs=rngs)
-    self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
-    self.up = nnx.Linear(d_model, 4 * d_model, rngs=rngs)
-    self.down = nnx.Linear(4 * d_model, d_model, rngs=rngs)
+  def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.ln1 = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(num_heads, d_model, decode=False, dtype=dtype, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+    self.up = nnx.Linear(d_model, 4 * d_model, dtype=dtype, rngs=rngs)
+    self.down = nnx.Linear(4 * d_model, d_model, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, mask):  # x: (batch, seq, d_model)
     x = x + self.attn(self.ln1(x), mask=mask)
@@ -113,13 +113,15 @@ class Block(nnx.Module):
 
 
 class CharLM(nnx.Module):
+  """Parameters are f32; `dtype` is the compute dtype (bfloat16 for mixed-precision training on accelerators)."""
+
   def __init__(self, vocab_size: int, seq_len: int, d_model: int, num_heads: int, num_layers: int, *,
-               rngs: nnx.Rngs):
-    self.tok = nnx.Embed(vocab_size, d_model, rngs=rngs)
-    self.pos = nnx.Embed(seq_len, d_model, rngs=rngs)
-    self.blocks = nnx.List([Block(d_model, num_heads, rngs=rngs) for _ in range(num_layers)])
-    self.ln_f = nnx.LayerNorm(d_model, rngs=rngs)
-    self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
+               rngs: nnx.Rngs, dtype=jnp.float32):
+    self.tok = nnx.Embed(vocab_size, d_model, dtype=dtype, rngs=rngs)
+    self.pos = nnx.Embed(seq_len, d_model, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([Block(d_model, num_heads, rngs=rngs, dtype=dtype) for _ in range(num_layers)])
+    self.ln_f = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+    self.head = nnx.Linear(d_model, vocab_size, dtype=dtype, rngs=rngs)
 
   def __call__(self, tokens):  # tokens: (batch, seq) int32
     seq = tokens.shape[1]
@@ -160,6 +162,6 @@ def build(model_config: Any, *, num_classes: int = 10, vocab_size: int = 0, seq_
                                                               model_config.get('width', 16), num_classes))
   if name == 'char_lm':
     kw = dict(d_model=model_config.get('d_model', 128), num_heads=model_config.get('num_heads', 4),
-              num_layers=model_config.get('num_layers', 2))
+              num_layers=model_config.get('num_layers', 2), dtype=jnp.dtype(model_config.get('dtype', 'float32')))
     return ModelDef(name, 'nnx', 'lm', make=lambda rngs: CharLM(vocab_size, seq_len, rngs=rngs, **kw))
   raise ValueError(f'model.name={name!r} is not one of {", ".join(MODELS)}')

@@ -227,23 +227,78 @@ GPU_HLO = '\n'.join([
 
 
 def test_parse_gpu_style_hlo():
-  """GPU: Triton fusions and cuBLAS custom calls are matmuls; fast-kernel counts are None."""
+  """GPU: Triton GEMM fusions and cuBLAS custom calls are matmuls on the fast (tensor-core) kernel."""
   ms = qi.parse_compiled(GPU_HLO, 'gpu')
   assert [m.op for m in ms] == ['dot', 'dot']
   tri, cublas = ms
-  assert tri.signature == 's8 x s8 -> s32' and tri.fusion == '__triton_gemm' and tri.fast is None
-  assert tri.op_name == 'jit(f)/jvp()/dot_general' and tri.source.endswith('model.py:12')
+  assert tri.signature == 's8 x s8 -> s32' and tri.fusion == '__triton_gemm' and tri.fast is True
+  assert tri.op_name == 'jit(f)/jvp()/dot_general' and tri.source.endswith('model.py:12') and tri.fallback == ''
   assert cublas.fusion == '__cublas$gemm' and cublas.signature == 'f32<-s8 x f32 -> f32' and cublas.widened
-  assert cublas.out_shape == (64, 16) and cublas.fast is None
+  assert cublas.out_shape == (64, 16) and cublas.fast is True
   (c,) = qi.parse_collectives(GPU_HLO)
   assert c.op == 'all-reduce' and c.operands == (('s32', (128, 64)),) and str(c) == 'all-reduce(s32[128,64])'
   rep = qi.MatmulReport('gpu', (), tuple(ms), (c,), ('note',))
-  assert rep.n_fast is None and rep.n_int8_fast is None and rep.n_int8_off_fast is None
+  assert rep.n_fast == 2 and rep.n_int8_fast == 1 and rep.n_int8_off_fast == 0
   assert rep.n_int8 == 1 and rep.n_widened == 1 and rep.n_int8_widened == rep.n_int8_slow == 0  # s8 x f32: mixed
-  assert rep.collective_counts() == {'all-reduce': 1}
+  assert rep.collective_counts() == {'all-reduce': 1} and rep.fallbacks() == []
   s = rep.summary()
-  assert 'n/a on gpu' in s and '__cublas$gemm' in s and 'collectives (1): all-reduce(s32[128,64])' in s
+  assert 'on a tensor-core GEMM kernel: 1' in s and '__cublas$gemm' in s
+  assert 'collectives (1): all-reduce(s32[128,64])' in s
   json.dumps(rep.to_dict())
+
+
+GPU_FALLBACK_HLO = '\n'.join([
+    'HloModule jit_g',
+    '',
+    '%wide_gemm (p0: s8[128,256], p1: s8[256,64]) -> f32[128,64] {',
+    '  %p0 = s8[128,256]{1,0} parameter(0)',
+    '  %p1 = s8[256,64]{1,0} parameter(1)',
+    '  %c0 = bf16[128,256]{1,0} convert(s8[128,256]{1,0} %p0)',
+    '  %c1 = bf16[256,64]{1,0} convert(s8[256,64]{1,0} %p1)',
+    '  ROOT %dot.2 = f32[128,64]{1,0} dot(bf16[128,256]{1,0} %c0, bf16[256,64]{1,0} %c1),'
+    ' lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(g)/fwd/dot_general"}',
+    '}',
+    '',
+    '%loop_dot (q0: s8[30,100], q1: s8[100,6]) -> s32[30,6] {',
+    '  %q0 = s8[30,100]{1,0} parameter(0)',
+    '  %q1 = s8[100,6]{1,0} parameter(1)',
+    '  ROOT %dot.3 = s32[30,6]{1,0} dot(s8[30,100]{1,0} %q0, s8[100,6]{1,0} %q1),'
+    ' lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(g)/dlhs/dot_general"}',
+    '}',
+    '',
+    'ENTRY %main (a: s8[128,256], b: s8[256,64], c: s8[30,100], d: s8[100,6], e: f8e4m3fn[32,64],'
+    ' f: f8e4m3fn[64,16]) -> f32[128,64] {',
+    '  %a = s8[128,256]{1,0} parameter(0)',
+    '  %b = s8[256,64]{1,0} parameter(1)',
+    '  %c = s8[30,100]{1,0} parameter(2)',
+    '  %d = s8[100,6]{1,0} parameter(3)',
+    '  %e = f8e4m3fn[32,64]{1,0} parameter(4)',
+    '  %f = f8e4m3fn[64,16]{1,0} parameter(5)',
+    '  %w = f32[128,64]{1,0} fusion(s8[128,256]{1,0} %a, s8[256,64]{1,0} %b), kind=kCustom, calls=%wide_gemm,'
+    ' backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}',
+    '  %l = s32[30,6]{1,0} fusion(s8[30,100]{1,0} %c, s8[100,6]{1,0} %d), kind=kLoop, calls=%loop_dot',
+    '  %g = (f32[32,16]{1,0}, s8[0]{0}) custom-call(f8e4m3fn[32,64]{1,0} %e, f8e4m3fn[64,16]{1,0} %f),'
+    ' custom_call_target="__cublas$lt$matmul$f8", metadata={op_name="jit(g)/drhs/dot_general"}',
+    '  ROOT %r = f32[128,64]{1,0} copy(f32[128,64]{1,0} %w)',
+    '}',
+    '',
+])
+
+
+def test_gpu_fallbacks_are_named():
+  """GPU: an int8 dot widened inside its GEMM fusion, and one left to the loop emitter (dims off cuBLAS's
+  alignment), are slow with a reason; a cuBLASLt fp8 call is fast."""
+  wide, loop, f8 = qi.parse_compiled(GPU_FALLBACK_HLO, 'gpu')
+  assert wide.fast and wide.widened and wide.signature == 'bf16<-s8 x bf16<-s8 -> f32'
+  assert wide.fallback == 'widened by the compiler'
+  assert not loop.fast and loop.category == 'int8'
+  assert loop.fallback == ('not on a tensor-core GEMM kernel (kLoop); int8 dims not multiples of 4: '
+                           'lhs [30,100], rhs [100,6]')
+  assert f8.fast and f8.category == 'fp8' and f8.fallback == '' and f8.fusion == '__cublas$lt$matmul$f8'
+  rep = qi.MatmulReport('gpu', (), (wide, loop, f8))
+  assert rep.n_int8_slow == 2 and rep.n_fp8 == rep.n_fp8_fast == 1 and len(rep.fallbacks()) == 2
+  assert 'int8 dims not multiples of 4' in rep.summary()
+  assert qi.parse_compiled(GPU_FALLBACK_HLO, 'tpu')[1].fast is None  # no fast notion on TPU
 
 
 def test_parse_lowered_locations():

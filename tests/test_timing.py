@@ -76,6 +76,23 @@ def test_samples_vary_and_spread():
   assert s.spread == pytest.approx((4.0 - 2.0) / 3.0)
 
 
+def test_sync_each_false_syncs_once_per_sample():
+  """sync_each=False: the calls of one sample are queued and only the last result is synchronised."""
+  clock = FakeClock()
+  synced, calls = [], []
+
+  def fn():
+    clock.t += 0.25
+    calls.append(len(calls))
+    return calls[-1]
+
+  (s,) = timing.time_interleaved({'f': fn}, warmup=1, rounds=2, min_time=1.0, sync=synced.append, clock=clock,
+                                 sync_each=False).values()
+  assert s.calls_per_sample == 4 and len(calls) == 1 + 2 * 4
+  assert synced == [0, 4, 8]  # the warm-up call, then the last call of each sample
+  assert s.median == pytest.approx(0.25)
+
+
 def test_real_clock_and_jax_sync():
   import jax.numpy as jnp
   x = jnp.ones((8, 8))

@@ -58,7 +58,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 
 from qjax import quantizers
 from qjax.ops.config import DotConfig, MatmulConfig
-from qjax.ops.dot_general import _fq_operand, native_kind, quantize_operand
+from qjax.ops.dot_general import _fq_operand, native_kind, operand_result_type, quantize_operand
 from qjax.spec import QuantSpec
 
 ConvDimensionNumbers = lax.ConvDimensionNumbers
@@ -432,11 +432,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     out ~ conv(dequantize(q_lhs), dequantize(q_rhs)).
   """
   del precision, out_sharding
-  dtype_of = lambda x: jnp.float32 if isinstance(x, quantizers.QArray) else x.dtype
   for name, x in (('lhs', lhs), ('rhs', rhs)):
     if not isinstance(x, quantizers.QArray) and not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f'conv_general_dilated {name}: quantized ops take float operands, got dtype {x.dtype}')
-  out_dtype = preferred_element_type or jnp.result_type(dtype_of(lhs), dtype_of(rhs))
+  out_dtype = preferred_element_type or operand_result_type(lhs, rhs)
   cp = conv_params(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                    feature_group_count, batch_group_count)
   if not (config.fwd.quantized or config.dlhs.quantized or config.drhs.quantized):

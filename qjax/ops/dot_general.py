@@ -180,7 +180,57 @@ def _group(q: _Q, dims_side, g: int):
   return newq, ((c + 1,), tuple(remap(b) for b in batch) + (c,))
 
 
-def real_dot(lq: _Q, rq: _Q, dims: Dims, kind: str, group: int = 0) -> jax.Array:
+# cuBLAS(Lt) runs int8 GEMMs only when the matrices' leading dims are multiples of 4, and fp8 ones at multiples of
+# 16; XLA:GPU otherwise widens the operands or leaves the dot to a slower kernel (qjax.ops.inspect names such a
+# fallback). Zero rows and columns change no sum of products, so padding to 16 keeps real execution exact.
+GPU_PAD_MULTIPLE = 16
+
+
+def pad_multiple() -> int:
+  """The multiple that low-precision dot dims are zero-padded to on this backend (16 on GPU, 0: no padding)."""
+  return GPU_PAD_MULTIPLE if jax.default_backend() == 'gpu' else 0
+
+
+def low_precision_dot(a, b, dims: Dims, acc_t, multiple: int | None = None, precision=None) -> jax.Array:
+  """lax.dot_general(a, b, dims) of int8 / fp8 operands accumulating in acc_t. With multiple > 0 (default: 16
+  on GPU, see pad_multiple) every contracting dim and the minor-most free dim of each operand are zero-padded
+  to that multiple, and the result is sliced back: the same values, on the library kernel. `precision` goes to
+  lax.dot_general (for fp8 on GPU it selects the accumulation, see FP8_PRECISION)."""
+  multiple = pad_multiple() if multiple is None else multiple
+  (lc, rc), (lb, rb) = dims
+  if multiple:
+    pad_a, pad_b = [0] * a.ndim, [0] * b.ndim
+    for cl, cr in zip(lc, rc, strict=True):
+      pad_a[cl] = pad_b[cr] = -a.shape[cl] % multiple
+    lf, rf = free_dims(a.ndim, lc, lb), free_dims(b.ndim, rc, rb)
+    if lf:
+      pad_a[lf[-1]] = -a.shape[lf[-1]] % multiple
+    if rf:
+      pad_b[rf[-1]] = -b.shape[rf[-1]] % multiple
+    if any(pad_a) or any(pad_b):
+      zero = lambda x: jnp.zeros((), x.dtype)
+      a = lax.pad(a, zero(a), [(0, p, 0) for p in pad_a])
+      b = lax.pad(b, zero(b), [(0, p, 0) for p in pad_b])
+      out = lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc_t)
+      limit = list(out.shape)
+      nb = len(lb)
+      if lf:
+        limit[nb + len(lf) - 1] -= pad_a[lf[-1]]
+      if rf:
+        limit[-1] -= pad_b[rf[-1]]
+      return lax.slice(out, (0,) * out.ndim, tuple(limit))
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc_t)
+
+
+# fp8 accumulation per matmul, as Transformer Engine, torchao's float8 training and XLA's own FP8 recipe choose it:
+# XLA:GPU runs an fp8 dot of DEFAULT precision with cuBLASLt's fast accumulation (Hopper's fp8 tensor cores then
+# keep about 14 bits of each product and promote to f32 rarely: faster, less exact), and one of HIGHEST precision
+# with periodic promotion to f32. The forward takes the fast mode; the gradient matmuls, whose sums over the
+# batch cancel more, the exact one. Other backends ignore it.
+FP8_PRECISION = {'fwd': lax.Precision.DEFAULT, 'dlhs': lax.Precision.HIGHEST, 'drhs': lax.Precision.HIGHEST}
+
+
+def real_dot(lq: _Q, rq: _Q, dims: Dims, kind: str, group: int = 0, precision=None) -> jax.Array:
   """Low-precision dot_general of two quantized operands, rescaled to f32 in the output layout."""
   (lc, rc), (lb, rb) = dims
   if group:
@@ -188,7 +238,7 @@ def real_dot(lq: _Q, rq: _Q, dims: Dims, kind: str, group: int = 0) -> jax.Array
     rq, (rc, rb) = _group(rq, (rc, rb), group)
     dims = ((lc, rc), (lb, rb))
   acc_t = jnp.int32 if kind == 'int' else jnp.float32
-  acc = lax.dot_general(lq.qvalue, rq.qvalue, dims, preferred_element_type=acc_t)
+  acc = low_precision_dot(lq.qvalue, rq.qvalue, dims, acc_t, precision=precision)
   ln, rn = lq.qvalue.ndim, rq.qvalue.ndim
   nlf, nrf = len(free_dims(ln, lc, lb)), len(free_dims(rn, rc, rb))
   lout = lambda a: _to_out(a, ln, lc, lb, 'lhs', nrf)
@@ -290,14 +340,18 @@ def _blocked_float_dot(a, b, kb: int):
 
 
 def matmul(a, b, dims: Dims, mcfg: MatmulConfig, *, where: str, small_m: int = 0, a_qparams=None,
-           b_qparams=None, key=None, out_dtype=None, row_major_lhs: bool = False):
-  """One quantized matmul dot_general(a, b, dims) under `mcfg`; returns out_dtype (default a's dtype)."""
+           b_qparams=None, key=None, out_dtype=None, row_major_lhs: bool = False, float_dtype=jnp.float32):
+  """One quantized matmul dot_general(a, b, dims) under `mcfg`; returns out_dtype (default a's dtype).
+
+  A matmul left in float (both specs None) runs in `float_dtype`: the op's own compute dtype, so that the float
+  backward of a bfloat16 model runs in bfloat16 as the unquantized model's does (accumulating in f32)."""
   out_dtype = out_dtype or jnp.result_type(a.dtype, b.dtype)
   (lc, rc), (lb, rb) = dims
   lspec = resolve_spec(mcfg.lhs, a.shape, lc, lb, f'{where}.lhs')
   rspec = resolve_spec(mcfg.rhs, b.shape, rc, rb, f'{where}.rhs')
   if lspec is None and rspec is None:
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+    return lax.dot_general(a.astype(float_dtype), b.astype(float_dtype), dims,
+                           preferred_element_type=jnp.float32).astype(out_dtype)
   ka, kb = (None, None) if key is None else jax.random.split(key)
   mode = choose_mode(mcfg, lspec, rspec, a.shape, dims, small_m, where)
   if mode == 'fake':
@@ -322,7 +376,9 @@ def matmul(a, b, dims: Dims, mcfg: MatmulConfig, *, where: str, small_m: int = 0
     lq = _row_major_transpose(lq, perm)
     pos = {d: i for i, d in enumerate(perm)}
     dims = ((tuple(pos[d] for d in lc), rc), (tuple(range(len(lb))), rb))
-  return real_dot(lq, rq, dims, native_kind(lspec), group).astype(out_dtype)
+  kind = native_kind(lspec)
+  precision = FP8_PRECISION.get(where) if kind == 'fp8' else None
+  return real_dot(lq, rq, dims, kind, group, precision).astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------------- backward dimensions
@@ -374,6 +430,7 @@ class _Static:
   dims: Dims
   config: DotConfig
   out_dtype: object
+  float_dtype: object = jnp.float32  # dtype of matmuls left in float (the operands' own: bf16 models stay bf16)
 
 
 def _qdot_primal(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
@@ -384,7 +441,7 @@ def _qdot_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
   cfg = static.config
   with jax.named_scope('fwd'):  # names the matmul in HLO metadata (qjax.ops.inspect_matmuls shows it)
     out = matmul(lhs_hat, rhs_hat, static.dims, cfg.fwd, where='fwd', small_m=cfg.small_m, a_qparams=lqp,
-                 b_qparams=rqp, out_dtype=static.out_dtype)
+                 b_qparams=rqp, out_dtype=static.out_dtype, float_dtype=static.float_dtype)
   return out, (lhs_hat, rhs_hat, lqp, rqp, key)
 
 
@@ -394,11 +451,12 @@ def _qdot_bwd(static: _Static, res, g):
   k1, k2 = (None, None) if key is None else jax.random.split(key)
   d1, perm1 = dlhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
   with jax.named_scope('dlhs'):
-    dlhs = matmul(g, rhs_hat, d1, cfg.dlhs, where='dlhs', small_m=cfg.small_m, key=k1, out_dtype=lhs_hat.dtype)
+    dlhs = matmul(g, rhs_hat, d1, cfg.dlhs, where='dlhs', small_m=cfg.small_m, key=k1, out_dtype=lhs_hat.dtype,
+                  float_dtype=static.float_dtype)
   d2, perm2 = drhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
   with jax.named_scope('drhs'):
     drhs = matmul(lhs_hat, g, d2, cfg.drhs, where='drhs', small_m=cfg.small_m, key=k2, out_dtype=rhs_hat.dtype,
-                  row_major_lhs=cfg.drhs_row_major)
+                  row_major_lhs=cfg.drhs_row_major, float_dtype=static.float_dtype)
   zeros = lambda t: None if t is None else tuple(
       None if a is None or not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a) for a in t)
   return jnp.transpose(dlhs, perm1), jnp.transpose(drhs, perm2), zeros(lqp), zeros(rqp), None
@@ -455,6 +513,14 @@ def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
   return x_hat, (lax.stop_gradient(scale), None if zp is None else lax.stop_gradient(zp), None)
 
 
+def operand_result_type(lhs, rhs):
+  """The float dtype of an op's result: the operands' result type, where a pre-quantized (QArray) operand takes
+  the other operand's dtype (a bfloat16 model served with int8 weights keeps bfloat16 activations); f32 when
+  both are QArrays."""
+  dtypes = [x.dtype for x in (lhs, rhs) if not isinstance(x, quantizers.QArray)]
+  return jnp.result_type(*dtypes) if dtypes else jnp.dtype(jnp.float32)
+
+
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None, *,
                 config: DotConfig, lhs_params: dict | None = None, rhs_params: dict | None = None,
                 key: jax.Array | None = None):
@@ -475,8 +541,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   """
   del precision, out_sharding
   dims = canonical_dims(dimension_numbers)
-  dtype_of = lambda x: jnp.float32 if isinstance(x, quantizers.QArray) else x.dtype
-  out_dtype = preferred_element_type or jnp.result_type(dtype_of(lhs), dtype_of(rhs))
+  out_dtype = preferred_element_type or operand_result_type(lhs, rhs)
   for name, x in (('lhs', lhs), ('rhs', rhs)):
     if not isinstance(x, quantizers.QArray) and not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f'dot_general {name}: quantized ops take float operands, got dtype {x.dtype}')
@@ -498,7 +563,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   # An operand without qparams (LSQ+) is already fake-quantized: the forward matmul takes it as a float.
   fwd = dataclasses.replace(fwd, lhs=lspec if lqp is not None else None, rhs=rspec if rqp is not None else None)
   cfg = dataclasses.replace(config, fwd=fwd)
-  out = _qdot(lhs_hat, rhs_hat, lqp, rqp, keys[2], _Static(dims, cfg, jnp.dtype(out_dtype)))
+  in_dtype = operand_result_type(lhs, rhs)
+  float_dtype = in_dtype if in_dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+  out = _qdot(lhs_hat, rhs_hat, lqp, rqp, keys[2], _Static(dims, cfg, jnp.dtype(out_dtype), jnp.dtype(float_dtype)))
   return out.astype(out_dtype)
 
 

@@ -14,8 +14,12 @@ Two views of the same function:
             `__ynn_fusion` (YNNPACK), the only kernel where int8 beats f32. An s8 dot off YNN runs on XLA's
             generic loop at a fraction of f32 speed.
 
-On GPU and TPU the "fast kernel" notion differs (cuBLAS/Triton/MXU): the compiled operand types, widening and the
-enclosing fusion kind or custom-call target are reported; fast-kernel counts are None.
+On GPU a matmul is 'fast' when it runs on a tensor-core library or generated GEMM kernel: a cuBLAS / cuBLASLt /
+cuDNN custom call (`__cublas$gemm`, `__cublas$lt$matmul`, `__cublas$lt$matmul$f8`, ...) or a Triton GEMM fusion
+(`__triton_gemm`, ...). A dot left as a plain HLO `dot` (XLA's elemental loop emitter) or one whose int8 / fp8
+operands the compiler widened lost the low-precision speed; `MatmulOp.fallback` then says the likely reason
+(cuBLAS wants int8 dims that are multiples of 4 and fp8 dims that are multiples of 16; qjax's real matmuls pad
+to 16 on GPU, see qjax.ops.dot_general). On TPU (MXU) fast-kernel counts are None.
 
 The report also lists the compiled program's cross-device collectives (all-reduce, all-gather, ...), so a
 sharded quantized matmul can be checked for collectives the quantization added.
@@ -38,6 +42,14 @@ import jax
 STAGES = ('lowered', 'compiled')
 # Fusion kinds (backend_config fusion_config.kind) on XLA:CPU whose dots run on a low-precision library kernel.
 CPU_FAST_KINDS = ('__ynn_fusion',)
+# XLA:GPU fusion kinds and custom-call targets of tensor-core GEMM kernels (Triton-generated, cuBLAS(Lt), cuDNN).
+GPU_FAST_KINDS = ('__triton_gemm', '__triton_nested_gemm_fusion', '__triton_scaled_dot_fusion', '__cudnn$fusion',
+                  '__triton')
+_GPU_LIBRARY_TARGET = re.compile(r'cublas|cudnn', re.I)
+# Platforms where MatmulOp.fast is defined (True/False); None elsewhere.
+FAST_PLATFORMS = ('cpu', 'gpu', 'cuda', 'rocm')
+# Alignment that cuBLAS(Lt) asks of low-precision GEMM dims: int8 leading dims multiples of 4, fp8 of 16.
+GPU_ALIGN = {'int8': 4, 'fp8': 16}
 # Custom-call targets that are matmuls or convolutions (GPU cuBLAS/cuDNN, CPU oneDNN).
 _MATMUL_TARGET = re.compile(r'gemm|matmul', re.I)
 _CONV_TARGET = re.compile(r'conv', re.I)
@@ -103,7 +115,9 @@ class MatmulOp:
       when the compiler did not widen the operand).
     fusion: compiled only: the kernel around the op: the fusion kind ('__ynn_fusion', 'kLoop', '__triton_gemm',
       ...) or a custom call's target ('__cublas$gemm'); None for a plain op outside any fusion.
-    fast: compiled on CPU only: inside a YNN fusion (XLA:CPU's low-precision kernel); None elsewhere.
+    fast: compiled only: CPU: inside a YNN fusion (XLA's low-precision kernel); GPU: on a tensor-core GEMM kernel
+      (a cuBLAS/cuBLASLt/cuDNN custom call or a Triton GEMM fusion); None elsewhere.
+    platform: compiled only: the backend platform ('cpu', 'gpu', ...).
   """
   stage: str
   op: str
@@ -119,6 +133,7 @@ class MatmulOp:
   rhs_from: str | None = None
   fusion: str | None = None
   fast: bool | None = None
+  platform: str | None = None
 
   @property
   def category(self) -> str:
@@ -141,11 +156,31 @@ class MatmulOp:
     side = lambda run, src: run if not src or src == run else f'{run}<-{src}'
     return f'{side(self.lhs, self.lhs_from)} x {side(self.rhs, self.rhs_from)} -> {self.out}'
 
+  @property
+  def fallback(self) -> str:
+    """Why a low-precision (int8 / fp8) compiled matmul runs slower than it could, '' when it does not (or when
+    the notion does not apply). On GPU the likely cause is named: dims off cuBLAS's alignment, widening."""
+    src = self.source_category
+    if self.stage != 'compiled' or src not in ('int8', 'fp8') or self.fast is None:
+      return ''
+    if not self.widened and self.fast:
+      return ''
+    if self.platform == 'cpu':
+      return ('widened by the compiler (run in a wider type)' if self.widened else
+              "off XLA:CPU's fast (YNN) kernel")
+    align = GPU_ALIGN[src]
+    dims = {'lhs': self.lhs_shape, 'rhs': self.rhs_shape}
+    odd = [f'{side} {_dims(shape)}' for side, shape in dims.items() if any(n % align for n in shape[-2:])]
+    what = 'widened by the compiler' if self.widened else f'not on a tensor-core GEMM kernel ({self.fusion or "plain"})'
+    if odd:
+      return f'{what}; {src} dims not multiples of {align}: {", ".join(odd)}'
+    return what
+
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     for k in ('lhs_shape', 'rhs_shape', 'out_shape'):
       d[k] = list(d[k])
-    d.update(category=self.category, widened=self.widened, signature=self.signature)
+    d.update(category=self.category, widened=self.widened, signature=self.signature, fallback=self.fallback)
     return d
 
 
@@ -186,10 +221,11 @@ def _short_name(op_name: str) -> str:
 class MatmulReport:
   """Matmuls (dot_general and convolution) of one jitted function, as lowered and as compiled.
 
-  Counts of the compiled program: `n_int8` ops with 8-bit integer operands as run; on CPU `n_fast` of all ops and
-  `n_int8_fast` of the int8 ones inside YNN fusions, `n_int8_off_fast` int8 ops outside them (slow); `n_widened`
-  ops the compiler up-cast (`n_int8_widened` of them from <= 8-bit integers, e.g. an s8 dot run as s32 x s32).
-  `n_int8_slow` = int8 ops that lost their speed: widened from int8, or (CPU) int8 off the fast kernel.
+  Counts of the compiled program: `n_int8` ops with 8-bit integer operands as run; on CPU and GPU `n_fast` of all
+  ops and `n_int8_fast` of the int8 ones on the fast kernel (CPU: YNN fusions; GPU: cuBLAS/cuDNN/Triton GEMMs),
+  `n_int8_off_fast` int8 ops off it (slow); `n_widened` ops the compiler up-cast (`n_int8_widened` of them from
+  <= 8-bit integers, e.g. an s8 dot run as s32 x s32). `n_int8_slow` = int8 ops that lost their speed: widened
+  from int8, or int8 off the fast kernel. `n_fp8`, `n_fp8_fast`: the same for fp8 operands.
   """
   platform: str
   lowered: tuple[MatmulOp, ...]
@@ -200,6 +236,11 @@ class MatmulReport:
   @property
   def on_cpu(self) -> bool:
     return self.platform == 'cpu'
+
+  @property
+  def has_fast(self) -> bool:
+    """Whether fast-kernel counts are defined on this platform (CPU and GPU)."""
+    return self.platform in FAST_PLATFORMS
 
   def counts(self, stage: str = 'lowered') -> dict[str, int]:
     """Matmuls per precision category ('int8', 'fp8', 'bf16', 'f32', ...) of a stage (operands as run)."""
@@ -247,18 +288,33 @@ class MatmulReport:
 
   @property
   def n_fast(self) -> int | None:
-    """CPU: compiled matmuls inside a YNN fusion (any dtype). None on other platforms."""
-    return sum(bool(m.fast) for m in self.compiled) if self.on_cpu else None
+    """Compiled matmuls on the fast kernel (any dtype; CPU: YNN, GPU: tensor-core GEMM). None on other platforms."""
+    return sum(bool(m.fast) for m in self.compiled) if self.has_fast else None
 
   @property
   def n_int8_fast(self) -> int | None:
-    """CPU: int8 matmuls on the YNN kernel. None on other platforms."""
-    return sum(m.category == 'int8' and bool(m.fast) for m in self.compiled) if self.on_cpu else None
+    """int8 matmuls on the fast kernel (CPU and GPU). None on other platforms."""
+    return sum(m.category == 'int8' and bool(m.fast) for m in self.compiled) if self.has_fast else None
 
   @property
   def n_int8_off_fast(self) -> int | None:
-    """CPU: int8 matmuls outside YNN fusions (XLA's generic loop, slower than f32). None on other platforms."""
-    return sum(m.category == 'int8' and not m.fast for m in self.compiled) if self.on_cpu else None
+    """int8 matmuls off the fast kernel (CPU: XLA's generic loop, slower than f32; GPU: the elemental emitter).
+    None on other platforms."""
+    return sum(m.category == 'int8' and not m.fast for m in self.compiled) if self.has_fast else None
+
+  @property
+  def n_fp8(self) -> int:
+    """Compiled matmuls that run with fp8 operands."""
+    return sum(m.category == 'fp8' for m in self.compiled)
+
+  @property
+  def n_fp8_fast(self) -> int | None:
+    """fp8 matmuls on the fast kernel (GPU: cuBLASLt fp8 or Triton). None where fast is undefined."""
+    return sum(m.category == 'fp8' and bool(m.fast) for m in self.compiled) if self.has_fast else None
+
+  def fallbacks(self) -> list[str]:
+    """One line per int8 / fp8 matmul that runs slower than it could, with the likely reason."""
+    return [f'{_short_name(m.op_name)} {m.signature}: {m.fallback}' for m in self.compiled if m.fallback]
 
   @property
   def n_widened(self) -> int:
@@ -288,6 +344,10 @@ class MatmulReport:
       head.append(f'  compiled int8: {self.n_int8}, on the YNN fast kernel: {self.n_int8_fast}, int8 off the fast '
                   f'kernel: {self.n_int8_off_fast}; widened by the compiler: {self.n_widened} '
                   f'({self.n_int8_widened} from int8)')
+    elif self.has_fast:
+      head.append(f'  compiled int8: {self.n_int8}, on a tensor-core GEMM kernel: {self.n_int8_fast}, int8 off it: '
+                  f'{self.n_int8_off_fast}; fp8: {self.n_fp8} ({self.n_fp8_fast} on a GEMM kernel); widened by the '
+                  f'compiler: {self.n_widened} ({self.n_int8_widened} from int8)')
     else:
       head.append(f'  compiled int8: {self.n_int8}; widened by the compiler: {self.n_widened} '
                   f'({self.n_int8_widened} from int8); fast-kernel counts: n/a on {self.platform}')
@@ -306,6 +366,8 @@ class MatmulReport:
           status = f'NOT fast ({kernel})'
         if m.widened:
           status += ', widened by the compiler'
+        if m.fallback and m.platform != 'cpu':
+          status += f' [{m.fallback}]'
       where = f'  @ {m.source}' if m.source else ''
       rows.append(f'  {m.stage:<8} {m.op:<4} {_short_name(m.op_name):<34} {m.signature:<26} {shapes:<30} '
                   f'{status}{where}'.rstrip())
@@ -323,7 +385,8 @@ class MatmulReport:
         'compiled': {'n': self.n_compiled, 'counts': self.counts('compiled'),
                      'signatures': self.signatures('compiled'), 'int8': self.n_int8, 'fast': self.n_fast,
                      'int8_fast': self.n_int8_fast, 'int8_off_fast': self.n_int8_off_fast,
-                     'widened': self.n_widened, 'int8_widened': self.n_int8_widened, 'int8_slow': self.n_int8_slow},
+                     'widened': self.n_widened, 'int8_widened': self.n_int8_widened, 'int8_slow': self.n_int8_slow,
+                     'fp8': self.n_fp8, 'fp8_fast': self.n_fp8_fast, 'fallbacks': self.fallbacks()},
         'matmuls': [m.to_dict() for m in self.lowered + self.compiled],
         'collectives': [c.to_dict() for c in self.collectives],
         'notes': list(self.notes),
@@ -629,7 +692,7 @@ class _Module:
 
 
 def _is_fast_kind(kind: str | None) -> bool:
-  return kind in CPU_FAST_KINDS
+  return kind in CPU_FAST_KINDS or kind in GPU_FAST_KINDS
 
 
 def _stack_frames(text: str) -> dict[int, list[tuple[str, int, str]]]:
@@ -683,7 +746,12 @@ def parse_compiled(text: str, platform: str = 'cpu') -> list[MatmulOp]:
       fusions = mod.enclosing_fusions(ins)
       kinds = [f.fusion_kind for f in fusions]
       fusion = kinds[0] if kinds else None
-      fast = any(_is_fast_kind(k) for k in kinds) if platform == 'cpu' else None
+      if platform == 'cpu':
+        fast = any(k in CPU_FAST_KINDS for k in kinds)
+      elif platform in FAST_PLATFORMS:  # GPU: a dot inside a Triton / cuDNN GEMM fusion, else the loop emitter
+        fast = any(k in GPU_FAST_KINDS for k in kinds)
+      else:
+        fast = None
     elif ins.opcode == 'custom-call':
       target = ins.attr('custom_call_target') or ''
       if _MATMUL_TARGET.search(target):
@@ -692,7 +760,13 @@ def parse_compiled(text: str, platform: str = 'cpu') -> list[MatmulOp]:
         op = 'conv'
       else:
         continue
-      fusion, fast = target, (False if platform == 'cpu' else None)
+      if platform == 'cpu':
+        fast = False  # oneDNN custom calls: not the int8 YNN kernel
+      elif platform in FAST_PLATFORMS:
+        fast = bool(_GPU_LIBRARY_TARGET.search(target))
+      else:
+        fast = None
+      fusion = target
     else:
       continue
     if len(ins.operands) < 2:
@@ -705,7 +779,7 @@ def parse_compiled(text: str, platform: str = 'cpu') -> list[MatmulOp]:
     source = _user_frame(mod.frames.get(sid, [])) if sid is not None else meta.source_line
     out.append(MatmulOp('compiled', op, op_name, source, lhs.dtype, rhs.dtype, ins.dtype, lhs.shape, rhs.shape,
                         ins.shape, mod.source_type(lhs.name) or lhs.dtype, mod.source_type(rhs.name) or rhs.dtype,
-                        fusion, fast))
+                        fusion, fast, platform))
   return out
 
 
@@ -762,6 +836,8 @@ def inspect_matmuls(fn, *args, **kwargs) -> MatmulReport:
   notes = []
   if platform == 'cpu':
     notes.append('fast = inside a __ynn_fusion (YNNPACK), the XLA:CPU kernel where int8 x int8 -> int32 beats f32')
+  elif platform in FAST_PLATFORMS:
+    notes.append('fast = a tensor-core GEMM kernel: cuBLAS/cuBLASLt/cuDNN custom call or Triton GEMM fusion')
   else:
     notes.append(f'on {platform} the fast-kernel notion differs (cuBLAS/Triton/MXU): compiled operand types and the '
                  'kernel (fusion kind or custom-call target) are reported, fast-kernel counts are None')
