@@ -154,6 +154,20 @@ def xla_flags_warning(flags: str | None) -> str | None:
           '(an empty value makes int8 ~8x slower, perf-cpu.md)')
 
 
+def simd_warning(cpu_flags, platform: str) -> str | None:
+  """A warning when the CPU lacks the int8 dot-product instructions (VNNI) that XLA:CPU's fast int8 GEMM needs
+  for its 3-4x over f32: without them (AVX2 only) that kernel runs at ~1.2-1.55x f32, which bounds every int8
+  speed-up measured here (docs/benchmarks.md). None on accelerators or with VNNI / AMX."""
+  if platform != 'cpu':
+    return None
+  flags = set(cpu_flags)
+  if flags & {'avx512_vnni', 'avx_vnni', 'amx_int8'}:
+    return None
+  return ('this CPU has no VNNI (avx512_vnni / avx_vnni) or AMX: XLA:CPU\'s int8 GEMM runs at ~1.2-1.55x f32 on '
+          'AVX2 alone (3.4-4.1x with VNNI), so int8 speed-ups here are bounded by that; compare quantized rows '
+          'with the bare int8 kernel of the same run')
+
+
 def _cpuinfo() -> dict[str, str]:
   """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
   out = {}
@@ -217,7 +231,7 @@ def machine_info() -> dict[str, Any]:
       'device_count': jax.device_count(),
       'xla_flags': flags,
       'malloc_env': {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
-      'warnings': [warning] if warning else [],
+      'warnings': [w for w in (warning, simd_warning(cpu_flags, dev.platform)) if w],
   }
 
 

@@ -178,10 +178,17 @@ def test_machine_info(monkeypatch):
             'xla_flags', 'malloc_env', 'warnings'):
     assert k in info
   assert info['malloc_env'] == {'MALLOC_ARENA_MAX': '1'} or 'MALLOC_ARENA_MAX' in info['malloc_env']
-  assert len(info['warnings']) == 1 and '8x' in info['warnings'][0]
+  assert sum('8x' in w for w in info['warnings']) == 1  # plus the VNNI warning on CPUs without it
   assert set(info['affinity']) <= set(range(os.cpu_count()))
   json.dumps(info)  # Serialisable as is.
   assert 'cpu_model' in timing.machine_table(info)
+
+
+def test_simd_warning():
+  assert timing.simd_warning(['avx2', 'fma'], 'cpu') is not None and 'VNNI' in timing.simd_warning(['avx2'], 'cpu')
+  assert timing.simd_warning(['avx2', 'avx512_vnni'], 'cpu') is None
+  assert timing.simd_warning(['avx2', 'avx_vnni'], 'cpu') is None
+  assert timing.simd_warning(['avx2'], 'gpu') is None
 
 
 # ------------------------------------------------------------------------------------------------- bench

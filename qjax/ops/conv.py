@@ -57,6 +57,7 @@ from jax import lax
 from jax.experimental.layout import Layout, with_layout_constraint
 
 from qjax import quantizers
+from qjax.ops import conv_gemm
 from qjax.ops.config import DotConfig, MatmulConfig
 from qjax.ops.dot_general import _fq_operand, native_kind, operand_result_type, quantize_operand
 from qjax.spec import QuantSpec
@@ -206,15 +207,46 @@ def cpu_slow_reason(cp: ConvParams, lhs_shape, rhs_shape) -> str | None:
   if any(d != 1 for d in cp.lhs_dilation):
     return 'is lhs-dilated (the input gradient of a strided conv)'
   c, o = lhs_shape[cp.dnums.lhs_spec[1]], rhs_shape[cp.dnums.rhs_spec[0]]
-  if max(c, o) <= CPU_MIN_FEATURES:
+  # One input feature is the exception: XLA's int8 conv then beats f32 (0.85x on a Xeon with VNNI at 28x28,
+  # 1 -> 6 features, 5x5; 0.59-0.67x on a Zen 4), see GEMM_MAX_IN_FEATURES.
+  if max(c, o) <= CPU_MIN_FEATURES and c > 1:
     return f'has {c} input and {o} output features (<= {CPU_MIN_FEATURES})'
   return None
 
 
+# Where XLA:CPU's int8 conv is slow (cpu_slow_reason), the patches + int8 matmul lowering (qjax.ops.conv_gemm)
+# is exact and much faster than XLA's up-cast s32 conv, so mode='real' uses it. Whether it also beats the f32 conv
+# (what 'auto' would need) depends on the CPU. Time ratios to the f32 conv forward of the same shape, batch 256,
+# NHWC, SAME, one pinned core, process clock, int8 operands (`python -m experiments.bench
+# --config=configs/bench_conv.py`, docs/benchmarks.md):
+#   shape (H, C_in -> C_out, k)   XLA int8 conv   patches + int8 dot   patches alone
+#   Intel Xeon, AVX-512 VNNI + AMX (family 6 model 167), jax 0.12.0.1, 2026-12-04:
+#   28, 1 -> 6, 5x5                0.85x           1.15x                1.01x
+#   14, 6 -> 16, 5x5               4.23x           1.22x                0.76x
+#   28, 16 -> 16, 3x3              8.14x           1.76x                1.56x
+#   14, 32 -> 32, 3x3              0.41x           0.70x                0.52x
+#   AMD Zen 4, AVX-512 VNNI (the same formulation, measured earlier): 6 -> 16 at 0.74-0.82x, 16 -> 16 at
+#   1.26-1.56x.
+# On the Xeon building the k*k shifted copies costs most of the f32 conv's time, so 'auto' keeps the float
+# route for these shapes; set GEMM_MAX_IN_FEATURES (e.g. 8, where the Zen 4 figures hold) to let 'auto' take the
+# lowering up to that many input features.
+GEMM_MAX_IN_FEATURES = 0
+
+
+def gemm_route(cp: ConvParams, lhs_shape, rhs_shape) -> bool:
+  """Whether 'auto' runs this slow-on-XLA int conv as patches + int8 matmul (else as a float conv): few input
+  features, and more than one output feature (a matrix-vector product is off XLA:CPU's fast int8 kernel)."""
+  return (conv_gemm.supported(cp, lhs_shape) and lhs_shape[cp.dnums.lhs_spec[1]] <= GEMM_MAX_IN_FEATURES
+          and rhs_shape[cp.dnums.rhs_spec[0]] > 1)
+
+
 def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str, cp: ConvParams | None = None, lhs_shape=None,
                 rhs_shape=None) -> str:
-  """'real' or 'fake' for one conv, raising when 'real' is asked of formats that cannot run natively. In 'auto'
-  mode on XLA:CPU, int convs that XLA would up-cast to s32 (see `cpu_slow_reason`) run as 'fake'."""
+  """'real', 'gemm' or 'fake' for one conv, raising when 'real' is asked of formats that cannot run natively.
+
+  On XLA:CPU an int conv that XLA would up-cast to s32 (`cpu_slow_reason`) runs as 'gemm' (patches + one int8
+  matmul, qjax.ops.conv_gemm: exact, on the fast kernel) when the lowering covers it; in 'auto' mode only where
+  that beats the f32 conv (`gemm_route`), else as 'fake'."""
   if mcfg.mode == 'fake' or aspec is None or bspec is None:
     return 'fake'
   ka, kb = native_kind(aspec), native_kind(bspec)
@@ -225,15 +257,19 @@ def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str, cp: ConvParams | N
                      f'({bspec.estimator}); use mode="auto" or "fake"')
   if not native:
     return 'fake'
-  if mcfg.mode == 'auto' and ka == 'int' and cp is not None and jax.default_backend() == 'cpu':
+  if ka == 'int' and cp is not None and jax.default_backend() == 'cpu':
     reason = cpu_slow_reason(cp, lhs_shape, rhs_shape)
+    if reason and mcfg.mode == 'real':
+      return 'gemm' if conv_gemm.supported(cp, lhs_shape) else 'real'
     if reason:
-      key = (where, reason)
+      mode = 'gemm' if gemm_route(cp, lhs_shape, rhs_shape) else 'fake'
+      key = (where, reason, mode)
       if key not in _ROUTED:
         _ROUTED.add(key)
-        log.info('qjax: conv %s %s, which XLA:CPU runs as a slow s32 conv: running it as a float conv of the '
-                 'quantized values (mode="auto"; mode="real" forces int8)', where, reason)
-      return 'fake'
+        how = 'patches + one int8 matmul' if mode == 'gemm' else 'a float conv of the quantized values'
+        log.info('qjax: conv %s %s, which XLA:CPU runs as a slow s32 conv: running it as %s (mode="auto")',
+                 where, reason, how)
+      return mode
   return 'real'
 
 
@@ -301,16 +337,18 @@ def to_nhwc(lq, rq, cp: ConvParams):
   return lq, rq, params, back
 
 
-def real_conv(lq, rq, cp: ConvParams, kind: str, nhwc: bool = False) -> jax.Array:
+def real_conv(lq, rq, cp: ConvParams, kind: str, nhwc: bool = False, gemm: bool = False) -> jax.Array:
   """Low-precision conv of two quantized operands (see dot_general._Q), rescaled to f32. nhwc=True runs it
-  in NHWC/HWIO layout (see `to_nhwc`)."""
+  in NHWC/HWIO layout (see `to_nhwc`); gemm=True computes every integer conv as patches + one int8 matmul
+  (qjax.ops.conv_gemm), the same integers."""
   if nhwc:
     lq, rq, cp, back = to_nhwc(lq, rq, cp)
-    return back(real_conv(lq, rq, cp, kind))
+    return back(real_conv(lq, rq, cp, kind, gemm=gemm))
   acc_t = jnp.int32 if kind == 'int' else jnp.float32
+  conv = (lambda a, b, t: conv_gemm.conv(a, b, cp, t)) if gemm else cp.conv
   if lq.qvalue.dtype != rq.qvalue.dtype:  # e4m3 x e5m2: lax convs take one dtype; bf16 holds both exactly.
     lq, rq = (dataclasses.replace(q, qvalue=q.qvalue.astype(jnp.bfloat16)) for q in (lq, rq))
-  acc = cp.conv(lq.qvalue, rq.qvalue, acc_t)
+  acc = conv(lq.qvalue, rq.qvalue, acc_t)
   dn = cp.dnums
   nd = acc.ndim
   n_out_f = rq.qvalue.shape[dn.rhs_spec[0]]
@@ -324,11 +362,11 @@ def real_conv(lq, rq, cp: ConvParams, kind: str, nhwc: bool = False) -> jax.Arra
     ones_r = jnp.ones(tuple(groups if d == dn.rhs_spec[0] else n for d, n in enumerate(rq.qvalue.shape)), jnp.int8)
     per_group = lambda a: jnp.repeat(a, n_out_f // groups, axis=dn.out_spec[1])  # group -> its features
     if lz is not None:
-      acc = acc - lout(lz) * cp.conv(ones_l, rq.qvalue, jnp.int32)
+      acc = acc - lout(lz) * conv(ones_l, rq.qvalue, jnp.int32)
     if rz is not None:
-      acc = acc - per_group(cp.conv(lq.qvalue, ones_r, jnp.int32)) * rout(rz)
+      acc = acc - per_group(conv(lq.qvalue, ones_r, jnp.int32)) * rout(rz)
     if lz is not None and rz is not None:
-      acc = acc + lout(lz) * rout(rz) * per_group(cp.conv(ones_l, ones_r, jnp.int32))
+      acc = acc + lout(lz) * rout(rz) * per_group(conv(ones_l, ones_r, jnp.int32))
   return acc.astype(jnp.float32) * lout(lq.scale) * rout(rq.scale)
 
 
@@ -342,22 +380,54 @@ def _want_nhwc(cp: ConvParams, kind: str) -> bool:
 
 
 def qconv(a, b, cp: ConvParams, mcfg: MatmulConfig, *, where: str, a_qparams=None, b_qparams=None, key=None,
-          out_dtype=None):
-  """One quantized conv(a, b) under `mcfg`, per_channel resolved along a's batch and b's output-feature dims."""
+          out_dtype=None, fwd_params: ConvParams | None = None, kernel_shape=None):
+  """One quantized conv(a, b) under `mcfg`, per_channel resolved along a's batch and b's output-feature dims.
+
+  For the kernel gradient (where='drhs'), `fwd_params` and `kernel_shape` describe the forward conv: when that
+  conv runs as patches + int8 matmul, so does its kernel gradient (patches^T . g, qjax.ops.conv_gemm)."""
   out_dtype = out_dtype or jnp.result_type(a.dtype, b.dtype)
   aspec = resolve_conv_spec(mcfg.lhs, a.shape, cp.dnums.lhs_spec[0], f'{where}.lhs')
   bspec = resolve_conv_spec(mcfg.rhs, b.shape, cp.dnums.rhs_spec[0], f'{where}.rhs')
   if aspec is None and bspec is None:
     return cp.conv(a, b, jnp.float32).astype(out_dtype)
   ka, kb = (None, None) if key is None else jax.random.split(key)
-  if choose_mode(mcfg, aspec, bspec, where, cp, a.shape, b.shape) == 'fake':
+  mode = choose_mode(mcfg, aspec, bspec, where, cp, a.shape, b.shape)
+  if fwd_params is not None and _kernel_grad_by_patches(mcfg, aspec, bspec, fwd_params, a.shape, kernel_shape):
+    return _patch_kernel_grad(a, b, aspec, bspec, fwd_params, kernel_shape, a_qparams, b_qparams, ka, kb,
+                              out_dtype)
+  if fwd_params is not None and mode == 'gemm' and mcfg.mode == 'auto':
+    mode = 'fake'  # The kernel-gradient conv's window is the output's size: its patches would be huge.
+  if mode == 'fake':
     fq = lambda x, spec, qp, k: x.astype(jnp.float32) if spec is None or qp is not None else (
         quantizers.fake_quant(x.astype(jnp.float32), spec, key=k))
     return cp.conv(fq(a, aspec, a_qparams, ka), fq(b, bspec, b_qparams, kb), jnp.float32).astype(out_dtype)
   lq = quantize_operand(a, aspec, a_qparams, ka)
   rq = quantize_operand(b, bspec, b_qparams, kb)
   kind = native_kind(aspec)
-  return real_conv(lq, rq, cp, kind, nhwc=_want_nhwc(cp, kind)).astype(out_dtype)
+  gemm = mode == 'gemm'
+  return real_conv(lq, rq, cp, kind, nhwc=_want_nhwc(cp, kind) and not gemm, gemm=gemm).astype(out_dtype)
+
+
+def _kernel_grad_by_patches(mcfg: MatmulConfig, aspec, bspec, fwd: ConvParams, lhs_shape, kernel_shape) -> bool:
+  """The kernel gradient runs as patches^T . g when the forward conv takes the patches route on this backend
+  and both operands are symmetric integers (zero points would need in-bounds tap counts per row)."""
+  if native_kind(aspec) != 'int' or native_kind(bspec) != 'int' or jax.default_backend() != 'cpu':
+    return False
+  if aspec.scheme != 'symmetric' or bspec.scheme != 'symmetric' or not conv_gemm.supported(fwd, lhs_shape):
+    return False
+  return mcfg.mode != 'fake' and bool(cpu_slow_reason(fwd, lhs_shape, kernel_shape)) and (
+      mcfg.mode == 'real' or gemm_route(fwd, lhs_shape, kernel_shape))
+
+
+def _patch_kernel_grad(a, g, aspec, gspec, fwd: ConvParams, kernel_shape, a_qparams, g_qparams, ka, kg, out_dtype):
+  """dw = patches(a)^T . g in int8 (a per input feature, g per output feature), rescaled, in the kernel's layout."""
+  lq = quantize_operand(a, aspec, a_qparams, ka)
+  gq = quantize_operand(g, gspec, g_qparams, kg)
+  rhs_spec = fwd.dnums.rhs_spec
+  k_sp = tuple(kernel_shape[d] for d in rhs_spec[2:])
+  acc = conv_gemm.kernel_grad(lq.qvalue, gq.qvalue, fwd, k_sp)      # (KH, KW, C, O) int32
+  dw = acc.astype(jnp.float32) * lq.scale.reshape(-1)[:, None] * gq.scale.reshape(-1)
+  return jnp.transpose(dw, tuple(np.argsort((*rhs_spec[2:], rhs_spec[1], rhs_spec[0])))).astype(out_dtype)
 
 
 # ------------------------------------------------------------------------------------------ the custom VJP
@@ -399,7 +469,8 @@ def _qconv_bwd(static: _Static, res, g):
       dlhs = post(qconv(g, rhs_t, p1, cfg.dlhs, where='dlhs', key=k1, out_dtype=lhs_hat.dtype))
     with jax.named_scope('drhs'):
       p2 = drhs_conv(cp, lhs_hat.shape, rhs_hat.shape, g.shape)
-      drhs = qconv(lhs_hat, g, p2, cfg.drhs, where='drhs', key=k2, out_dtype=rhs_hat.dtype)
+      drhs = qconv(lhs_hat, g, p2, cfg.drhs, where='drhs', key=k2, out_dtype=rhs_hat.dtype, fwd_params=cp,
+                   kernel_shape=rhs_hat.shape)
   return dlhs, drhs, _zero_cotangents(lqp), _zero_cotangents(rqp), None
 
 

@@ -1,0 +1,33 @@
+r"""Benchmark: int8 convolutions on XLA:CPU: XLA's int8 conv vs patches + one int8 matmul, against the f32 conv.
+
+Steady figures (one core; malloc pinned and huge pages, docs/benchmarks.md):
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \
+  MALLOC_ARENA_MAX=1 taskset -c 1 python -m experiments.bench --config=configs/bench_conv.py \
+    --workdir=runs/bench/conv --config.timing.clock=process
+Smoke (tests): `:runlocal`.
+
+Shapes (batch x H x C_in x C_out x k): LeNet-5's convs (1 -> 6 and 6 -> 16 at 5x5), the ResNet's 16 -> 16 3x3 at
+28x28 and 32 -> 32 at 14x14. Expected (Intel Xeon with VNNI, 2026-12-04): XLA's int8 conv 0.84x for one input
+feature and 6-8x (up-cast to s32) for 6 and 16 features; the patch lowering 1.2-3x, its patch copies alone
+about the f32 conv's time. About 1 minute.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """arg: None or 'runlocal' (tiny shapes)."""
+  c = ml_collections.ConfigDict()
+  c.suite = 'conv'
+  c.module = 'experiments.bench_conv'
+  c.shapes = ('256x28x1x6x5', '256x14x6x16x5', '256x28x16x16x3', '256x14x32x32x3')
+  c.seed = 0
+  c.inspect = True
+  c.flag_tolerance = 0.0
+  c.timing = ml_collections.ConfigDict({'warmup': 2, 'rounds': 7, 'min_time': 0.1, 'clock': 'wall'})
+  if arg == 'runlocal':
+    c.shapes = ('4x8x1x6x5', '4x8x6x16x3')
+    c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'})
+  elif arg:
+    raise ValueError(f'unknown config arg {arg!r}: use runlocal')
+  return c

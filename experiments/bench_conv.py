@@ -1,0 +1,66 @@
+r"""The conv suite: XLA's int8 conv against the patches + int8 matmul lowering, per conv shape, against f32.
+
+    python -m experiments.bench --config=configs/bench_conv.py [--workdir=runs/bench/conv]
+
+One group per shape (batch, H=W, C_in -> C_out, k x k, NHWC/HWIO, stride 1), timed interleaved against the f32
+conv forward of that shape: XLA's int8 conv (s8 x s8 -> s32; up-cast to s32 by XLA:CPU below 17 features),
+qjax.ops.conv_gemm.conv (k*k shifted slices of the padded input, then one int8 matmul) and the patch
+construction alone (what the lowering pays before its matmul). The measurements behind
+qjax.ops.conv.GEMM_MAX_IN_FEATURES and cpu_slow_reason come from this suite.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import bench
+from experiments import bench_suites as bs
+from qjax.ops import conv as qconv
+from qjax.ops import conv_gemm
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def parse_conv_shape(s: str) -> tuple[int, int, int, int, int]:
+  """'256x28x1x6x5' -> (batch, H=W, C_in, C_out, k)."""
+  parts = str(s).lower().split('x')
+  if len(parts) != 5 or not all(p.strip().isdigit() for p in parts):
+    raise ValueError(f'conv shape {s!r}: expected BATCHxHxCINxCOUTxK, like 256x28x1x6x5')
+  return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> bs.Group:
+  rng = np.random.default_rng(config.get('seed', 0))
+  x = jnp.asarray(rng.standard_normal((b, h, h, cin)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
+  xq = jnp.asarray(rng.integers(-127, 128, x.shape), jnp.int8)
+  wq = jnp.asarray(rng.integers(-127, 128, w.shape), jnp.int8)
+  cp = qconv.conv_params(x.shape, w.shape, (1, 1), 'SAME', None, None, NHWC)
+  f32 = jax.jit(lambda x, w: cp.conv(x, w))
+  i8 = jax.jit(lambda x, w: cp.conv(x, w, jnp.int32))
+  gemm = jax.jit(lambda x, w: conv_gemm.conv(x, w, cp))
+  patches = jax.jit(lambda x: conv_gemm.patches(x, cp, (k, k)))
+  variants = {
+      'f32 conv': bs.Variant(lambda: f32(x, w), 'baseline', {'inspect': bs._maybe_inspect(config, f32, x, w)}),
+      'XLA int8 conv': bs.Variant(lambda: i8(xq, wq), 'reference', {'inspect': bs._maybe_inspect(config, i8, xq, wq)}),
+      'patches + int8 dot': bs.Variant(lambda: gemm(xq, wq), 'reference',
+                                       {'inspect': bs._maybe_inspect(config, gemm, xq, wq)}),
+      'patches alone': bs.Variant(lambda: patches(xq), 'reference'),
+  }
+  slow = qconv.cpu_slow_reason(cp, x.shape, w.shape)
+  meta = {'shape': [b, h, cin, cout, k], 'xla_slow_reason': slow,
+          'auto_route': ('patches + int8 dot' if slow and qconv.gemm_route(cp, x.shape, w.shape)
+                         else 'float' if slow else 'XLA int8 conv')}
+  return bs.Group(f'conv {b}x{h}x{h} {cin}->{cout} {k}x{k}', variants, 'f32 conv', meta)
+
+
+def conv_suite(config) -> bs.GroupedSuite:
+  def groups():
+    for s in config.shapes:
+      yield conv_group(config, *parse_conv_shape(s))
+  return bs.GroupedSuite('conv', groups, meta={'layout': 'NHWC/HWIO, stride 1, SAME'})
+
+
+bench.register('conv')(conv_suite)

@@ -1,0 +1,132 @@
+"""qjax.ops.conv_gemm: integer convs as patches + one int8 matmul, and the conv op's use of it on XLA:CPU.
+
+The lowering must equal XLA's integer conv bit for bit for every conv parameter it accepts (strides, padding
+including negative, lhs and rhs dilation, layouts), its kernel gradient must equal the exact gradient, and the
+quantized op in 'real' / 'auto' mode must equal fake quant (power-of-two scales) in the forward and both
+gradients on the shapes where it is chosen (LeNet-5's convs).
+"""
+
+import importlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qjax import QuantSpec, ops
+from qjax.ops import DotConfig, MatmulConfig
+
+conv = importlib.import_module('qjax.ops.conv')
+cg = importlib.import_module('qjax.ops.conv_gemm')
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+CASES = {  # lhs shape, rhs shape, strides, padding, lhs dilation, rhs dilation, dimension numbers
+    'lenet1': ((4, 12, 12, 1), (5, 5, 1, 6), (1, 1), 'SAME', None, None, NHWC),
+    'strided_rhs_dilated': ((2, 11, 9, 6), (3, 3, 6, 16), (2, 2), 'VALID', None, (2, 1), NHWC),
+    'nchw_asym_pad': ((2, 6, 10, 9), (16, 6, 3, 3), (1, 2), [(1, 2), (0, 1)], None, None, ('NCHW', 'OIHW', 'NCHW')),
+    'lhs_dilated_negative_pad': ((2, 7, 7, 4), (3, 3, 4, 5), (1, 1), [(2, 1), (1, -1)], (2, 2), None, NHWC),
+}
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_patch_conv_and_kernel_grad_are_exact(name):
+  ls, rs, st, pad, ld, rd, dn = CASES[name]
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.integers(-128, 128, ls), jnp.int8)
+  b = jnp.asarray(rng.integers(-128, 128, rs), jnp.int8)
+  cp = conv.conv_params(ls, rs, st, pad, ld, rd, dn)
+  want = cp.conv(a.astype(jnp.int32), b.astype(jnp.int32), jnp.int32)
+  got = jax.jit(lambda a, b: cg.conv(a, b, cp))(a, b)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, want)
+  g = jnp.asarray(rng.integers(-128, 128, want.shape), jnp.int8)
+  exact = jax.grad(lambda w: jnp.sum(cp.conv(a.astype(jnp.float32), w, jnp.float32) * g))(b.astype(jnp.float32))
+  rhs_spec = cp.dnums.rhs_spec
+  dw = cg.kernel_grad(a, g, cp, tuple(rs[d] for d in rhs_spec[2:]))   # (KH, KW, C, O)
+  dw = jnp.transpose(dw, np.argsort((*rhs_spec[2:], rhs_spec[1], rhs_spec[0])))
+  np.testing.assert_array_equal(dw.astype(jnp.float32), exact)
+
+
+def _config(mode):
+  s = QuantSpec(format='int8', granularity='per_channel', po2_scale=True)
+  m = MatmulConfig(s, s, mode)
+  return DotConfig(fwd=m, dlhs=m, drhs=m)
+
+
+def _operand(rng, shape, channel_axis):
+  e = [1] * len(shape)
+  e[channel_axis] = shape[channel_axis]
+  return jnp.asarray(rng.uniform(-1, 1, shape) * np.exp2(rng.integers(-2, 3, e)), jnp.float32)
+
+
+def _fwd_bwd(cfg, strides, padding):
+  def run(x, w):
+    f = lambda x, w: ops.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC, config=cfg)
+    y, vjp = jax.vjp(f, x, w)
+    return (y, *vjp(jnp.cos(y)))
+  return jax.jit(run)
+
+
+OP_CASES = {  # input, kernel, strides, padding
+    'lenet conv1 1->6': ((8, 28, 28, 1), (5, 5, 1, 6), (1, 1), 'SAME'),
+    'lenet conv2 6->16': ((8, 14, 14, 6), (5, 5, 6, 16), (1, 1), 'VALID'),
+    'strided 6->4': ((4, 9, 9, 6), (3, 3, 6, 4), (2, 2), 'SAME'),
+}
+
+
+@pytest.mark.parametrize('name', list(OP_CASES))
+@pytest.mark.parametrize('mode', ['real', 'auto'])
+def test_patch_route_equals_fake_quant(name, mode, monkeypatch):
+  monkeypatch.setattr(conv, 'GEMM_MAX_IN_FEATURES', 8)  # 'auto' takes the patch route up to 8 input features
+  jax.clear_caches()
+  xs, ws, st, pad = OP_CASES[name]
+  rng = np.random.default_rng(1)
+  x, w = _operand(rng, xs, 0), _operand(rng, ws, 3)
+  want = _fwd_bwd(_config('fake'), st, pad)(x, w)
+  got = _fwd_bwd(_config(mode), st, pad)(x, w)
+  for a, b, what in zip(got, want, ('fwd', 'dlhs', 'drhs'), strict=True):
+    np.testing.assert_array_equal(a, b, err_msg=what)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU routing')
+def test_auto_routes_lenet_convs(monkeypatch):
+  """LeNet-5's conv2 (6 -> 16 features; XLA would up-cast its int8 conv to s32): by default 'auto' keeps it in
+  float (on the measured Xeon the patch copies cost as much as the f32 conv); with GEMM_MAX_IN_FEATURES = 8 the
+  forward and the kernel gradient run as int8 matmuls on the YNN kernel and the input gradient (16 -> 6) stays
+  float. conv1 (one input feature) runs XLA's own int8 conv, which beats f32 there."""
+  xs, ws, st, pad = OP_CASES['lenet conv2 6->16']
+  rep = ops.inspect_matmuls(_fwd_bwd(_config('auto'), st, pad), jnp.ones(xs), jnp.ones(ws))
+  assert rep.counts('lowered') == {'f32': 3}, rep.summary()
+  monkeypatch.setattr(conv, 'GEMM_MAX_IN_FEATURES', 8)
+  jax.clear_caches()
+  rep = ops.inspect_matmuls(_fwd_bwd(_config('auto'), st, pad), jnp.ones(xs), jnp.ones(ws))
+  assert rep.n_int8 == rep.n_int8_fast == 2 and rep.n_int8_slow == 0, rep.summary()
+  assert {m.op for m in rep.compiled if m.category == 'int8'} == {'dot'}
+  assert [m.op for m in rep.compiled if m.category == 'f32'] == ['conv'], rep.summary()
+  xs, ws, st, pad = OP_CASES['lenet conv1 1->6']
+  rep = ops.inspect_matmuls(_fwd_bwd(_config('auto'), st, pad), jnp.ones(xs), jnp.ones(ws))
+  fwd = [m for m in rep.lowered if 'fwd' in m.op_name]
+  assert [(m.op, m.category) for m in fwd] == [('conv', 'int8')], rep.summary()
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU routing')
+def test_auto_keeps_16_features_in_float():
+  """16 -> 16 features at 3x3: the patch copies cost more than the f32 conv, so 'auto' keeps all three in float."""
+  rep = ops.inspect_matmuls(_fwd_bwd(_config('auto'), (1, 1), 'SAME'), jnp.ones((2, 8, 8, 16)),
+                            jnp.ones((3, 3, 16, 16)))
+  assert rep.counts('lowered') == {'f32': 3}, rep.summary()
+
+
+def test_conv_bench_suite_runlocal(tmp_path):
+  from experiments import bench
+  config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'bench_conv.py')
+  assert bench.main([f'--config={config}:runlocal', f'--workdir={tmp_path}']) == 0
+  data = json.loads((tmp_path / 'bench.json').read_text())
+  one, six = data['groups']
+  assert set(one['results']) == {'f32 conv', 'XLA int8 conv', 'patches + int8 dot', 'patches alone'}
+  assert one['meta']['xla_slow_reason'] is None and one['meta']['auto_route'] == 'XLA int8 conv'
+  assert six['meta']['xla_slow_reason'] and six['meta']['auto_route'] == 'float'
+  gemm = six['results']['patches + int8 dot']['info']['inspect']
+  assert gemm['int8'] == gemm['int8_fast'] == 1
