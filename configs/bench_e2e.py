@@ -7,7 +7,8 @@ Steady figures (one core; malloc pinned and huge pages against page faults, drhs
 Both cores: the same without `taskset -c 1`. Loaded machine: add --config.timing.clock=process.
 One model: --config.models="('mlp',)". Smoke (tests): `:runlocal`.
 
-Models: the NNX MLP 784-2048-2048-10 and the Linen LeNet-5 of experiments/models.py, unmodified, quantized by
+Models: the NNX MLP 784-2048-2048-10, the Linen LeNet-5 and ResNet, and the NNX char-LM Transformer of
+experiments/models.py, unmodified, quantized by
 rules built from experiments.quant_config's defaults (int8 weights per channel, int8 activations per tensor) the
 way `python -m experiments.train` builds them; adam; steps jitted with the state donated. Groups:
   <model> train b256   float step vs QAT (real int8 forward), QAT (fake-quant forward), int8 training (forward
@@ -17,7 +18,7 @@ way `python -m experiments.train` builds them; adam; steps jitted with the state
 Issue targets (time ratios to float): QAT int8 forward <= 0.75x, QAT fake-quant <= 1.1x, int8 training <= 0.53x
 (>= 1.9x faster), PTQ serving at batch >= 256 <= 0.27x. Peers measured on this CPU (research notes): Qwix QAT
 0.86x, Qwix PTQ forward 0.30x, AQT int8-forward 0.88x, AQT fully quantized 2.8x, Qwix fully quantized 1.8-1.9x.
-Takes ~5 min.
+Takes ~15 min (one model: --config.models="('char_lm',)").
 """
 
 import ml_collections
@@ -28,7 +29,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.suite = 'e2e'
   c.module = 'experiments.bench_suites'
-  c.models = ('mlp', 'lenet5')
+  c.models = ('mlp', 'lenet5', 'resnet', 'char_lm')
+  # The char-LM (experiments.bench_suites.CHARLM: d_model 128, 2 layers, 128-character windows) trains at 32
+  # sequences and serves 1, 8, 64 and 256 sequences; override any of its sizes here.
+  c.charlm = ml_collections.ConfigDict({'train_batch': 32, 'serve_batches': (1, 8, 64, 256)})
   c.mlp_hidden = (2048, 2048)
   c.train_batch = 256
   c.serve_batches = (1, 8, 64, 256, 1024)   # 1 row <= small_m: the matrix-vector (float, blockwise) path
@@ -40,6 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.timing = ml_collections.ConfigDict({'warmup': 3, 'rounds': 9, 'min_time': 0.3, 'clock': 'wall'})
   if arg == 'runlocal':
     c.mlp_hidden = (32,)
+    c.models = ('mlp', 'lenet5', 'char_lm')
+    c.charlm = ml_collections.ConfigDict({'d_model': 16, 'num_heads': 2, 'num_layers': 1, 'seq_len': 8,
+                                          'train_batch': 2, 'serve_batches': (1, 2)})
     c.train_batch = 8
     c.serve_batches = (1, 8)
     c.calibration_batches = 1

@@ -38,7 +38,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from jax import lax
 
@@ -125,16 +124,11 @@ def qdot_group(config, m: int, k: int, n: int) -> bs.Group:
 
 
 def charlm_def(config) -> models.ModelDef:
-  c = config.charlm
-  mc = ml_collections.ConfigDict({'name': 'char_lm', 'd_model': c.d_model, 'num_heads': c.num_heads,
-                                  'num_layers': c.num_layers, 'dtype': c.dtype})
-  return models.build(mc, vocab_size=c.vocab_size, seq_len=c.seq_len)
+  return bs._model_def('char_lm', config)
 
 
 def charlm_batch(config, batch: int, seed: int = 0):
-  c = config.charlm
-  tok = jax.random.randint(jax.random.key(seed), (batch, c.seq_len + 1), 0, c.vocab_size)
-  return tok[:, :-1], tok[:, 1:]   # (batch, seq) inputs and next-token targets
+  return bs._batch(batch, seed, 'char_lm', config)   # (batch, seq) inputs and next-token targets
 
 
 def gpu_rules(kind: str, config):

@@ -639,6 +639,16 @@ def quant_rules(kind: str, config=None):
   return quant_config.build_rules(q, ptq=kind.startswith('ptq'))
 
 
+# The char-LM of the e2e suite: the Shakespeare config's size (configs/shakespeare_charlm.py), 65 characters;
+# config.charlm overrides any of these (bench_gpu's also sets dtype, batches and sizes).
+CHARLM = {'d_model': 128, 'num_heads': 4, 'num_layers': 2, 'seq_len': 128, 'vocab_size': 65, 'dtype': 'float32',
+          'train_batch': 32, 'serve_batches': (1, 8, 64, 256)}
+
+
+def charlm_config(config) -> dict:
+  return {**CHARLM, **dict((config.get('charlm') if config is not None else None) or {})}
+
+
 def _model_def(name: str, config):
   import ml_collections  # noqa: PLC0415
 
@@ -646,12 +656,21 @@ def _model_def(name: str, config):
   mc = ml_collections.ConfigDict({'name': name})
   if name == 'mlp':
     mc.hidden = tuple(config.mlp_hidden)
+  if name == 'char_lm':
+    c = charlm_config(config)
+    mc.update({k: c[k] for k in ('d_model', 'num_heads', 'num_layers', 'dtype')})
+    return models.build(mc, vocab_size=c['vocab_size'], seq_len=c['seq_len'])
   return models.build(mc, num_classes=10)
 
 
-def _batch(b: int, seed: int = 0):
+def _batch(b: int, seed: int = 0, name: str = 'mlp', config=None):
+  """A random batch for model `name`: 28x28 images and labels, or (char_lm) token windows and next tokens."""
   import jax  # noqa: PLC0415
   kx, ky = jax.random.split(jax.random.key(seed))
+  if name == 'char_lm':
+    c = charlm_config(config)
+    tok = jax.random.randint(kx, (b, c['seq_len'] + 1), 0, c['vocab_size'])
+    return tok[:, :-1], tok[:, 1:]  # (batch, seq) inputs, (batch, seq) targets
   return jax.random.uniform(kx, (b, 28, 28)), jax.random.randint(ky, (b,), 0, 10)
 
 
@@ -699,14 +718,17 @@ def _serving_forward(md, rules, x, config):
 
 def e2e_suite(config) -> GroupedSuite:
   """Per model in config.models: a training group at config.train_batch (float step baseline; QAT int8 forward,
-  QAT fake-quant forward, int8 training) and a serving group per batch in config.serve_batches (float forward
+  QAT fake-quant forward, int8 training) and a serving group per batch in config.serve_batches (the char-LM:
+  config.charlm's train_batch and serve_batches, in sequences; see CHARLM) (float forward
   baseline; PTQ int8 serving forward). Steps are jitted with the state donated, as experiments.train runs them."""
   import jax  # noqa: PLC0415
 
   def groups():
     for name in config.models:
       md = _model_def(name, config)
-      x, y = _batch(config.train_batch, config.get('seed', 0))
+      train_batch = charlm_config(config)['train_batch'] if name == 'char_lm' else config.train_batch
+      serve_batches = charlm_config(config)['serve_batches'] if name == 'char_lm' else config.serve_batches
+      x, y = _batch(train_batch, config.get('seed', 0), name, config)
       variants = {'float step': _train_variant(md, None, x, y, config, 'baseline')}
       variants['QAT, int8 forward'] = _train_variant(md, quant_rules('qat', config), x, y, config, 'quantized')
       variants['QAT, fake-quant forward'] = _train_variant(md, quant_rules('qat_fake', config), x, y, config,
@@ -717,13 +739,13 @@ def e2e_suite(config) -> GroupedSuite:
                  Target('QAT, fake-quant forward', 1.1, 'QAT step with fake-quant forward <= 1.1x float step'),
                  Target('int8 training (fwd + bwd int8)', 0.53,
                         'int8 fwd + quantized bwd step >= 1.9x faster than float (<= 0.53x)'))
-      yield Group(f'{name} train b{config.train_batch}', variants, 'float step',
-                  {'model': name, 'batch': config.train_batch, 'hidden': list(config.mlp_hidden) if name == 'mlp'
+      yield Group(f'{name} train b{train_batch}', variants, 'float step',
+                  {'model': name, 'batch': train_batch, 'hidden': list(config.mlp_hidden) if name == 'mlp'
                    else None}, targets)
       del variants
       gc.collect()
-      for b in config.serve_batches:
-        xs, _ = _batch(b, config.get('seed', 0) + 1)
+      for b in serve_batches:
+        xs, _ = _batch(b, config.get('seed', 0) + 1, name, config)
         ff, fv = _serving_forward(md, None, xs, config)
         qf, qv = _serving_forward(md, quant_rules('ptq', config), xs, config)
         variants = {

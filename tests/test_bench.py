@@ -154,6 +154,20 @@ def test_e2e_mlp_runlocal(tmp_path):
   assert data['meta']['rules']['ptq'][-1]['act_static'] is True
 
 
+def test_e2e_char_lm_runlocal(tmp_path):
+  """The char-LM Transformer end to end: training variants and serving groups at its own batches (sequences),
+  with int8 matmuls in the quantized programs (the attention einsums and the dense layers)."""
+  data = run_cli(tmp_path, 'e2e', "--config.models=('char_lm',)")
+  check_schema(data)
+  names = [g['name'] for g in data['groups']]
+  assert names == ['char_lm train b2', 'char_lm serve b1', 'char_lm serve b2']
+  train = data['groups'][0]['results']
+  assert train['QAT, int8 forward']['info']['inspect']['lowered_int8'] > 0
+  assert train['int8 training (fwd + bwd int8)']['info']['inspect']['lowered_int8'] > \
+      train['QAT, int8 forward']['info']['inspect']['lowered_int8']
+  assert data['groups'][2]['results']['PTQ int8 serving']['info']['inspect']['lowered_int8'] > 0
+
+
 def test_e2e_matrix_vector_batch_is_routed_to_float(tmp_path):
   """At batch 1 (<= small_m) the forward matmuls run as float matmuls of the quantized values; the backward
   matmuls of the int8 training step (rows = features, not batch) stay int8."""
