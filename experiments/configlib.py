@@ -134,6 +134,24 @@ def parse_argv(argv: list[str]) -> tuple[ml_collections.ConfigDict, dict[str, st
   return config, flags
 
 
+def flatten(d: dict, prefix: str = '') -> dict[str, Any]:
+  """A nested dict as {dotted key: leaf}, the form config keys take on the command line."""
+  out = {}
+  for k, v in (d or {}).items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+  """The dotted keys whose values differ between two nested config dicts (a key in only one of them included)."""
+  a, b = flatten(old), flatten(new)
+  missing = object()
+  return sorted(k for k in set(a) | set(b) if a.get(k, missing) != b.get(k, missing))
+
+
 def to_dict(config) -> dict:
   d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   return {k: (to_dict(v) if isinstance(v, (dict, ml_collections.ConfigDict)) else v) for k, v in d.items()}

@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any
 
-from experiments import sweeps
+from experiments import configlib, sweeps
 
 __all__ = ['Config', 'load_trials', 'main', 'pareto_front', 'summarize', 'write_report']
 
@@ -98,19 +98,9 @@ def _held(workdir: str) -> bool:
   return sweeps.Claim.is_held(workdir)
 
 
-def _flat(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in (d or {}).items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def _derive_labels(trials: list[dict]) -> None:
   """Without a manifest: the labels are the config leaves that differ between trials (last key segment)."""
-  flats = [_flat(t['config']) for t in trials]
+  flats = [configlib.flatten(t['config']) for t in trials]
   keys = sorted({k for f in flats for k in f if len({json.dumps(g.get(k), default=str) for g in flats}) > 1})
   short = sweeps.short_names([sweeps._Axis(k, None, False) for k in keys])
   for t, f in zip(trials, flats, strict=True):

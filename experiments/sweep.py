@@ -1,7 +1,7 @@
 r"""Run the sweep a config file declares (`get_sweep`, see experiments/sweeps.py), one workdir per trial.
 
     python -m experiments.sweep --config=configs/quickstart.py --root=runs/quickstart
-        [--executor=local|ray] [--workers=N] [--index=i|env] [--dry_run] [--retry_failed]
+        [--executor=local|ray] [--workers=N] [--index=i|env] [--dry_run] [--retry_failed] [--rerun_changed]
         [--ray_address=host:port] [--start_method=forkserver|spawn] [--trial_fn=module:function]
         [--config.key=value ...]
 
@@ -25,7 +25,10 @@ Executors:
                    SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX. `--dry_run` lists the trials with their indices.
 
 Reruns: finished trials (result.json) are skipped, interrupted ones resume from their checkpoints, failed ones
-(error.json: exception and traceback) are skipped unless --retry_failed, which reruns only them. A trial is
+(error.json: exception and traceback) are skipped unless --retry_failed, which reruns only them. A rerun whose
+config or overrides give a finished or interrupted trial another config than the one it ran is refused, listing
+the keys that differ: use a new --root, or --rerun_changed, which moves those trials (and the ones starting from
+them) to <root>/_replaced/ and runs them again. A trial is
 claimed with an flock on <root>/<name>/.claim while it runs (released by the kernel if its process dies), so
 two sweeps on one root never run the same trial twice; the second one skips it. A trial whose config refers to
 another trial (sweeps.trial_ref, e.g. PTQ from the float trial) runs after it.
@@ -57,8 +60,9 @@ from experiments.sweeps import Claim
 
 DEFAULT_TRIAL_FN = 'experiments.train:train_and_evaluate'
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ('config', 'root', 'executor', 'workers', 'index', 'dry_run', 'retry_failed', 'ray_address',
-         'start_method', 'trial_fn')
+FLAGS = ('config', 'root', 'executor', 'workers', 'index', 'dry_run', 'retry_failed', 'rerun_changed',
+         'ray_address', 'start_method', 'trial_fn')
+REPLACED = '_replaced'  # <root>/_replaced/<name>-<id>: trials moved aside by --rerun_changed
 
 
 class SweepError(RuntimeError):
@@ -263,6 +267,78 @@ def plan(trials: list[sweeps.Trial], root: str, *, index: int | None = None, ret
     else:
       run.append(t)
   return Plan(trials, run, skipped)
+
+
+def stored_config(root: str, trial: sweeps.Trial) -> dict | None:
+  """The config a trial's workdir already holds: its finished result's, else config.json beside checkpoints."""
+  workdir = trial.workdir(root)
+  for name in ('result.json', 'config.json'):
+    data = _read_json(os.path.join(workdir, name))
+    if isinstance(data, dict) and name == 'result.json' and isinstance(data.get('config'), dict):
+      return data['config']
+    if isinstance(data, dict) and name == 'config.json' and os.path.isdir(os.path.join(workdir, 'checkpoints')):
+      return data
+  return None
+
+
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def changed_trials(trials: list[sweeps.Trial], chosen: list[sweeps.Trial], root: str) -> dict[str, list[str]]:
+  """Trial name -> the config keys its stored run differs in from the config it would run now.
+
+  A trial starting from a changed trial (sweeps.trial_ref) counts as changed too: its stored run derives from
+  the old one.
+  """
+  changed = {}
+  for t in chosen:
+    stored = stored_config(root, t)
+    if stored is not None:
+      keys = configlib.changed_keys(stored, json.loads(json.dumps(configlib.to_dict(t.config), default=str)))
+      if keys:
+        changed[t.name] = keys
+  grew = True
+  while grew:
+    grew = False
+    for t in chosen:
+      if t.name not in changed and stored_config(root, t) is not None:
+        bad = [trials[d].name for d in t.deps if trials[d].name in changed]
+        if bad:
+          changed[t.name], grew = [f'(starts from {bad[0]})'], True
+  return changed
+
+
+def _changed_message(changed: dict[str, list[str]], root: str) -> str:
+  lines = [f'{len(changed)} trial(s) under {root} hold runs of a different config than this command gives them '
+           '(kept as they are):']
+  for name, keys in list(changed.items())[:10]:
+    more = f' and {len(keys) - 6} more' if len(keys) > 6 else ''
+    lines.append(f'  {name}: {", ".join(keys[:6])}{more}')
+  if len(changed) > 10:
+    lines.append(f'  ... and {len(changed) - 10} more')
+  lines.append(f'Use a new --root for the new settings, or add --rerun_changed to move those trials to '
+               f'{os.path.join(root, REPLACED)}/ and run them again.')
+  return '\n'.join(lines)
+
+
+def replace_changed(root: str, names: list[str]) -> list[str]:
+  """Moves the changed trials' workdirs to <root>/_replaced/ (nothing is deleted); returns where each went."""
+  held = [n for n in names if Claim.is_held(os.path.join(root, n))]
+  if held:
+    raise configlib.ConfigError(f'--rerun_changed: {", ".join(held)} is running in another process; rerun when '
+                                'it has ended')
+  os.makedirs(os.path.join(root, REPLACED), exist_ok=True)
+  moved = []
+  for n in names:
+    dest = os.path.join(root, REPLACED, f'{n}-{time.strftime("%Y%m%d-%H%M%S")}')
+    os.replace(os.path.join(root, n), dest)
+    moved.append(dest)
+  return moved
 
 
 def make_task(trial: sweeps.Trial, trials: list[sweeps.Trial], root: str, trial_fn: str, retry: bool) -> dict:
@@ -554,6 +630,12 @@ def run_sweep(argv: list[str], out=print) -> int:
                                 'a process that has started JAX)')
   trial_fn = flags.get('trial_fn', DEFAULT_TRIAL_FN)
   retry = _truthy(flags.get('retry_failed'))
+  chosen = trials if index is None else [trials[index]]
+  changed = changed_trials(trials, chosen, root)
+  if changed and not _truthy(flags.get('rerun_changed')):
+    raise configlib.ConfigError(_changed_message(changed, root))
+  for dest in replace_changed(root, list(changed)):
+    out(f'moved {os.path.basename(dest)} (a run of an earlier config) to {os.path.dirname(dest)}/; it runs again')
   os.makedirs(root, exist_ok=True)
   write_manifest(root, flags['config'], cli, trials, metrics)
   p = plan(trials, root, index=index, retry_failed=retry)

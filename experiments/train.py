@@ -88,21 +88,10 @@ def _check_workdir(config_dict: dict, workdir: str) -> dict | None:
   prior = ckpt_lib.read_json(os.path.join(workdir, 'config.json'))
   has_ckpt = os.path.isdir(os.path.join(workdir, 'checkpoints')) and os.listdir(os.path.join(workdir, 'checkpoints'))
   if prior is not None and prior != config_dict and has_ckpt:
-    changed = sorted(k for k in set(_flat(prior)) | set(_flat(config_dict))
-                     if _flat(prior).get(k) != _flat(config_dict).get(k))
+    changed = configlib.changed_keys(prior, config_dict)
     raise RunError(f'{workdir} holds checkpoints of a run with a different config (changed: {", ".join(changed)}); '
                    'resuming would mix the two. Use another --workdir.')
   return None
-
-
-def _flat(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
 
 
 def environment() -> dict[str, Any]:

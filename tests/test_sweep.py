@@ -59,7 +59,7 @@ def fake_trial(config, workdir, log=print):
     time.sleep(config.sleep)
     steps.append(len(steps) + 1)
     sweeps.write_json_atomic(ckpt, steps)
-  if config.fail and config.fail == name:
+  if config.fail and config.fail == name and not os.path.exists(os.path.join(workdir, 'healed')):
     raise ValueError(f'injected failure in {name}')
   c = configlib.to_dict(config)
   result = {'metrics': {'eval/accuracy': _accuracy(config), 'eval/loss': 1 - _accuracy(config)},
@@ -195,17 +195,53 @@ def test_failing_trial_is_recorded_and_retried_alone(fake_cfg, tmp_path):
   # A plain rerun runs nothing: finished ones are kept, the failed one waits for --retry_failed.
   rc, out = _sweep(args + [f'--config.fail={bad}'])
   assert rc == 0 and any(line.startswith('tally: 0 done, 4 skipped') for line in out), out
-  rc, out = _sweep(args + [f'--config.fail={bad}', '--retry_failed', '--config.steps=4'])
-  assert rc == 1  # still failing (its steps changed: it resumed from its checkpoint at 3)
-  rc, out = _sweep(args + ['--retry_failed', '--config.steps=4'])
+  rc, out = _sweep(args + [f'--config.fail={bad}', '--retry_failed'])
+  assert rc == 1  # still failing (it resumed from its checkpoint at 3)
+  open(os.path.join(root, bad, 'healed'), 'w').close()  # what fixes it is outside its config
+  rc, out = _sweep(args + [f'--config.fail={bad}', '--retry_failed'])
   assert rc == 0 and any(line.startswith('tally: 1 done, 3 skipped, 0 failed') for line in out), out
   assert not os.path.exists(os.path.join(root, bad, 'error.json'))
-  assert _runs(root, bad) == 3 and _steps(root, bad) == [1, 2, 3, 4]
+  assert _runs(root, bad) == 3 and _steps(root, bad) == [1, 2, 3]
   for t in sweeps.expand(*configlib.load_module(fake_cfg), root):
     if t.name != bad:
       assert _runs(root, t.name) == 1 and _steps(root, t.name) == [1, 2, 3]
   report = open(os.path.join(root, 'report.md')).read()
   assert '| int4 | int4 | 2 |' in report
+
+
+def test_rerun_with_changed_overrides_is_refused_then_rerun_on_request(fake_cfg, tmp_path):
+  root = str(tmp_path / 'root')
+  args = [f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=1']
+  assert _sweep(args)[0] == 0
+  manifest = open(os.path.join(root, 'sweep.json')).read()
+  with pytest.raises(configlib.ConfigError, match=r'(?s)4 trial\(s\).*w=int8,a=int8,seed=0: steps.*--rerun_changed'):
+    _sweep(args + ['--config.steps=4'])
+  assert open(os.path.join(root, 'sweep.json')).read() == manifest  # nothing relabelled
+  names = [t.name for t in sweeps.expand(*configlib.load_module(fake_cfg), root)]
+  assert all(_steps(root, n) == [1, 2, 3] for n in names)
+  rc, out = _sweep(args + ['--config.steps=4', '--rerun_changed'])
+  assert rc == 0 and any(line.startswith('tally: 4 done, 0 skipped') for line in out), out
+  assert all(_steps(root, n) == [1, 2, 3, 4] for n in names)
+  kept = os.listdir(os.path.join(root, sweep.REPLACED))  # the old runs, moved aside, not deleted
+  assert sorted(k.rsplit('-', 2)[0] for k in kept) == sorted(names)
+  assert all(json.load(open(os.path.join(root, sweep.REPLACED, k, 'result.json')))['config']['steps'] == 3
+             for k in kept)
+  assert _sweep(args + ['--config.steps=4'])[0] == 0  # now the same config: finished, skipped
+
+
+def test_a_trial_starting_from_a_changed_trial_counts_as_changed(tmp_path):
+  root = str(tmp_path)
+  module, arg = configlib.load_module(os.path.join(REPO, 'configs/quickstart.py:runlocal'))
+  trials = sweeps.expand(module, arg, root)
+  for t in trials:  # every trial finished with the config it has now, except the float one
+    stored = configlib.to_dict(t.config)
+    if t.name == 'mode=float':
+      stored['num_train_steps'] += 1
+    sweeps.write_json_atomic(os.path.join(root, t.name, 'result.json'), {'config': stored})
+  changed = sweep.changed_trials(trials, trials, root)
+  assert changed['mode=float'] == ['num_train_steps']
+  assert sorted(changed) == ['mode=float'] + sorted(t.name for t in trials if t.name.startswith('mode=ptq'))
+  assert changed['mode=ptq,bits=w8a8'] == ['(starts from mode=float)']
 
 
 def test_dead_worker_fails_its_trial_only(fake_cfg, tmp_path):
