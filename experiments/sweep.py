@@ -227,7 +227,7 @@ def run_trial(task: dict) -> dict:
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(workdir, 'error.json'))
     return {**out, 'metrics': _metrics_of(result or {}), 'elapsed': time.time() - t0,
-            'cpu': time.process_time() - cpu0}
+            'cpu': time.process_time() - cpu0, 'warnings': ((result or {}).get('train') or {}).get('warnings') or []}
   finally:
     claim.release()
 
@@ -687,6 +687,8 @@ def run_sweep(argv: list[str], out=print) -> int:
       else:
         counts['done'] += 1
         text = _metric_text(o['metrics'], metrics)
+        if o.get('warnings'):
+          text += f'  warning: {o["warnings"][0]} (see {trials[o["index"]].name}/train.log)'
       elapsed = o['elapsed'] or (time.time() - starts[o['index']] if o['index'] in starts else 0.0)
       cpu = f' (cpu {_fmt_time(o["cpu"])})' if o.get('cpu') else ''
       out(f'[{time.strftime("%H:%M:%S")}] {status:<6s} {o["name"]}  {text}  {_fmt_time(elapsed)}{cpu}  ({k}/{n})')

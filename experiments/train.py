@@ -262,22 +262,22 @@ def _train(run: Run, state, sched):
   progress = Progress(total, start)
   t0, step_times = time.time(), []
   loss = float('nan')
+  watch = LossWatch(run.log)
   with contextlib.closing(mgr):
     for step in range(start, total):
       x, y = run.batch(step)
       last = step + 1 == total
-      sync = (step + 1) % c.log_every_steps == 0 or last or (step + 1) % c.checkpoint_every_steps == 0
+      save = (step + 1) % c.checkpoint_every_steps == 0 or last
+      sync = (step + 1) % c.log_every_steps == 0 or last or save or step == start  # the first: where it starts
       if sync:  # time this one step alone: wait for the steps dispatched before it
         jax.block_until_ready(state)
       ts = time.time()
       state, m = train_step(state, x, y)
       if sync:
-        loss = float(m['loss'])  # waits for the step: also the non-finite check before any checkpoint
+        loss = float(m['loss'])  # waits for the step
         if not math.isfinite(loss):
-          kept = mgr.latest_step()
-          raise NonFiniteLoss(f'non-finite loss ({loss}) at step {step + 1}: the run stops here. The last good '
-                              f'checkpoint (step {kept}) is kept in {mgr.directory}; rerunning resumes from it, so '
-                              'change the config (e.g. a lower optimizer.learning_rate) in a new --workdir.')
+          raise _non_finite(f'non-finite loss ({loss})', step + 1, mgr)
+        watch.update(step + 1, loss)
         step_times.append(time.time() - ts)
         rate = (step + 1 - start) / (time.time() - t0)
         run.writer.scalars({'train/loss': loss, 'train/accuracy': float(m['accuracy']),
@@ -287,13 +287,67 @@ def _train(run: Run, state, sched):
         metrics = run.evaluate(state, eval_step)
         run.writer.scalars(metrics, step + 1)
         summaries.quant_summaries(run, state, step + 1)
-      if (step + 1) % c.checkpoint_every_steps == 0 or last:
-        mgr.save(step + 1, run.trainer.to_pure(state))
+      if save:
+        pure = run.trainer.to_pure(state)
+        bad = non_finite_leaves(pure)
+        if bad:  # the loss was computed before the update; the state saved is the one after it
+          raise _non_finite(f'{len(bad)} non-finite parameter or state arrays ({", ".join(bad[:3])})', step + 1, mgr)
+        mgr.save(step + 1, pure)
   progress.close()
   elapsed = time.time() - t0
   steady = step_times[1:] or step_times  # the first timed step may include compilation
   return state, {'steps': total - start, 'steps_per_sec': (total - start) / elapsed if elapsed > 0 else 0.0,
-                 'final_train_loss': loss, 'step_time_ms': 1e3 * float(np.median(steady)) if steady else None}
+                 'final_train_loss': loss, 'step_time_ms': 1e3 * float(np.median(steady)) if steady else None,
+                 'warnings': watch.finish(loss)}
+
+
+def non_finite_leaves(tree) -> list[str]:
+  """The paths of the floating-point arrays in `tree` holding a NaN or an infinity."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if hasattr(leaf, 'dtype') and jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.isfinite(leaf).all()):
+      bad.append(jax.tree_util.keystr(path, simple=True, separator='/'))
+  return bad
+
+
+def _non_finite(what: str, step: int, mgr) -> NonFiniteLoss:
+  """The error of a run that diverged at `step`: what is kept and how to go on."""
+  kept = mgr.latest_step()
+  where = (f'The last good checkpoint (step {kept}) is kept in {mgr.directory}; rerunning resumes from it, so '
+           if kept is not None else f'No checkpoint was saved before it (nothing in {mgr.directory}); ')
+  return NonFiniteLoss(f'{what} at step {step}: the run stops here. {where}change the config (e.g. a lower '
+                       'optimizer.learning_rate) in a new --workdir.')
+
+
+class LossWatch:
+  """Warns (once each) when the training loss grows by orders of magnitude, or ends far above where it began.
+
+  A finite but exploding loss otherwise ends as a finished run at chance accuracy without a word.
+  """
+
+  GROWTH = 1e3   # a logged loss this many times the first one: diverging
+  WORSE = 2.0    # a final loss this many times the first one: the run ended far worse than it started
+
+  def __init__(self, log):
+    self.log, self.first, self.warnings = log, None, []
+
+  def update(self, step: int, loss: float) -> None:
+    if self.first is None:
+      self.first = (step, loss)
+    elif not self.warnings and self.first[1] > 0 and loss > self.GROWTH * self.first[1]:
+      self._warn(f'the training loss grew from {self.first[1]:.4g} (step {self.first[0]}) to {loss:.4g} (step '
+                 f'{step}), by {math.log10(loss / self.first[1]):.0f} orders of magnitude: the run is diverging; '
+                 'a lower optimizer.learning_rate (or optimizer.grad_clip) may help')
+
+  def finish(self, loss: float) -> list[str]:
+    if self.first is not None and self.first[0] > 0 and self.first[1] > 0 and loss > self.WORSE * self.first[1]:
+      self._warn(f'the run ends far worse than it started: final training loss {loss:.4g}, first logged '
+                 f'{self.first[1]:.4g} (step {self.first[0]}); its results are likely at chance')
+    return self.warnings
+
+  def _warn(self, text: str) -> None:
+    self.warnings.append(text)
+    self.log(f'warning: {text}')
 
 
 def _calibrate(run: Run, state):

@@ -168,6 +168,28 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert not os.path.exists(tmp_path / 'result.json')
 
 
+def test_the_checkpoint_kept_is_finite_and_the_message_names_a_step(tmp_path):
+  # lr 1e39: the loss of step 1 (before the update) is finite, the state after it is not.
+  c = mlp_config(num_train_steps=10, log_every_steps=5, checkpoint_every_steps=1)
+  c.optimizer.schedule, c.optimizer.learning_rate = 'constant', 1e39
+  with pytest.raises(train.NonFiniteLoss, match=r'non-finite .* at step 1\b') as e:
+    train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  assert 'step None' not in str(e.value) and 'No checkpoint was saved' in str(e.value)
+  assert not [d for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]
+
+
+def test_an_exploding_finite_loss_is_reported(tmp_path):
+  c = mlp_config(num_train_steps=20)
+  c.optimizer.schedule, c.optimizer.learning_rate = 'constant', 1e6
+  lines = []
+  result = train.train_and_evaluate(c, str(tmp_path), log=lines.append)
+  warnings = result['train']['warnings']
+  assert any('orders of magnitude' in w for w in warnings) and any('far worse' in w for w in warnings), warnings
+  assert any(str(line).startswith('warning: the training loss grew') for line in lines)
+  calm = train.train_and_evaluate(mlp_config(num_train_steps=20), str(tmp_path / 'calm'), log=lambda *a: None)
+  assert calm['train']['warnings'] == []
+
+
 def test_kill_9_then_rerun_finishes_with_uninterrupted_metrics(tmp_path):
   args = ['--config=configs/fmnist_mlp.py:runlocal', '--config.num_train_steps=40', '--config.model.hidden=(64,)',
           '--config.checkpoint_every_steps=10', '--config.eval_every_steps=40', '--config.quant_summaries=false',
