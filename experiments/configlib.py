@@ -1,6 +1,8 @@
 """Config files and command-line overrides.
 
-    --config=configs/fmnist_cnn.py[:arg]     a file whose get_config(arg) returns an ml_collections.ConfigDict
+    --config=configs/fmnist_cnn.py[:arg]     a file whose get_config(arg) returns an ml_collections.ConfigDict;
+                                             arg ('runlocal', 'seeds=2,runlocal') is parsed by config_args,
+                                             which rejects an arg the file does not know
     --config.quant.weight.format=int4        override a leaf; the value is parsed to the leaf's type
 
 An unknown key is rejected with the nearest valid key in the message; a value that does not parse to the
@@ -41,7 +43,40 @@ def load_module(spec: str):
 def load_file(spec: str) -> ml_collections.ConfigDict:
   """Loads 'path.py' or 'path.py:arg' and returns get_config(arg)."""
   module, arg = load_module(spec)
-  return module.get_config(arg)
+  try:
+    return module.get_config(arg)
+  except ConfigError as e:
+    raise ConfigError(f'--config={spec}: {e}') from None
+
+
+def config_args(arg: str | None, **known: Any) -> dict[str, Any]:
+  """Parses a config file's argument ('runlocal', 'seeds=2,runlocal') against the args it knows.
+
+  `known` maps each arg to its default: a bool default makes a bare name ('runlocal'), any other default takes
+  name=value parsed to the default's type. An unknown name or a bad value is a ConfigError naming the known args,
+  so a typo (':runlcoal') never silently runs the full config. The one parser every file under configs/ uses.
+  """
+  out = dict(known)
+  usage = ', '.join(k if isinstance(v, bool) else f'{k}={type(v).__name__.upper()}' for k, v in known.items())
+  for part in filter(None, (p.strip() for p in (arg or '').split(','))):
+    name, eq, value = part.partition('=')
+    if name not in known:
+      near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+      hint = f'; did you mean {near[0]!r}?' if near else ''
+      raise ConfigError(f'unknown config arg {part!r}{hint} (known: {usage or "none"})')
+    if isinstance(known[name], bool):
+      if eq:
+        raise ConfigError(f'config arg {name!r} takes no value (known: {usage})')
+      out[name] = True
+      continue
+    try:
+      out[name] = type(known[name])(value) if eq else None
+    except ValueError:
+      out[name] = None
+    if out[name] is None:
+      raise ConfigError(f'config arg {part!r}: expected {name}=<{type(known[name]).__name__}>, like '
+                        f'{name}={known[name]!r}')
+  return out
 
 
 def _keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:

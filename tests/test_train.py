@@ -75,6 +75,33 @@ def test_unknown_runner_flag_names_the_nearest_known_flag(tmp_path):
   assert not os.listdir(tmp_path)  # nothing ran
 
 
+CONFIG_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, 'configs')) if f.endswith('.py'))
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_every_config_file_rejects_an_unknown_arg_naming_the_known_ones(name):
+  path = os.path.join(ROOT, 'configs', name)
+  with pytest.raises(configlib.ConfigError, match=r"unknown config arg 'runlcoal'; did you mean 'runlocal'\? "
+                                                  r"\(known: (.*, )?runlocal"):
+    configlib.load_file(f'{path}:runlcoal')
+  assert configlib.load_file(f'{path}:runlocal') is not None
+
+
+def test_config_arg_values_are_parsed_and_checked():
+  assert configlib.config_args('seeds=3,runlocal', runlocal=False, seeds=1) == {'runlocal': True, 'seeds': 3}
+  assert configlib.config_args(None, runlocal=False, seeds=1) == {'runlocal': False, 'seeds': 1}
+  with pytest.raises(configlib.ConfigError, match=r"'seeds=abc': expected seeds=<int>"):
+    configlib.load_file(os.path.join(ROOT, 'configs/quickstart.py:seeds=abc'))
+  with pytest.raises(configlib.ConfigError, match=r"'runlocal' takes no value"):
+    configlib.config_args('runlocal=1', runlocal=False)
+
+
+def test_cli_rejects_a_config_arg_typo_before_running(tmp_path):
+  r = run_cli(['--config=configs/fmnist_cnn.py:runlcoal', f'--workdir={tmp_path}'])
+  assert r.returncode == 2 and "did you mean 'runlocal'" in r.stderr and 'Traceback' not in r.stderr
+  assert not os.listdir(tmp_path)
+
+
 def test_bad_quant_field_names_the_config_key():
   c = mlp_config(mode='qat')
   configlib.set_key(c, 'quant.weight.format', 'int9')
