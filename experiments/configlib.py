@@ -146,6 +146,34 @@ def check_flags(flags, known: tuple[str, ...]) -> None:
                         + ''.join(f', --{k}' for k in names) + ')')
 
 
+def override_keys(argv: list[str]) -> list[str]:
+  """The dotted keys a command line sets with --config.<key>=value."""
+  return [a[len('--config.'):].partition('=')[0] for a in argv if a.startswith('--config.')]
+
+
+def unused_in_float(config, keys) -> str | None:
+  """A warning when `keys` set quant options that a float run (config.mode='float') ignores, else None.
+
+  A format set to '' (no quantization) agrees with a float run and is left out. The warning names the modes that
+  would use the options, so a forgotten --config.mode=qat does not pass for a quantized result.
+  """
+  if config.get('mode') != 'float':
+    return None
+  unused = [k for k in dict.fromkeys(keys) if k.startswith('quant.') and _get_key(config, k) != '']
+  if not unused:
+    return None
+  shown = ', '.join(f'config.{k}={_get_key(config, k)!r}' for k in unused[:3]) + (' ...' if len(unused) > 3 else '')
+  return (f'{shown} has no effect: config.mode=\'float\' trains the float model; --config.mode=qat (or ptq, '
+          'quantized_training) would use it')
+
+
+def _get_key(config, key: str):
+  node = config
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
 def parse_argv(argv: list[str]) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   """Returns (config with overrides applied, the other --flag=value pairs)."""
   config_spec, overrides, flags = None, [], {}

@@ -55,7 +55,7 @@ def one_line(result: dict) -> str:
   if mm:
     parts.append(f'int8 matmuls={mm.get("int8", 0)}/{mm.get("total", 0)}')
   parts.append(f'{result.get("wall_time_sec", 0):.0f}s')
-  warnings = (result.get('train') or {}).get('warnings') or []
+  warnings = result.get('warnings') or []
   if warnings:
     parts.append(f'{len(warnings)} warning(s), first: {warnings[0]}')
   return 'done: ' + ', '.join(parts)

@@ -227,7 +227,7 @@ def run_trial(task: dict) -> dict:
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(workdir, 'error.json'))
     return {**out, 'metrics': _metrics_of(result or {}), 'elapsed': time.time() - t0,
-            'cpu': time.process_time() - cpu0, 'warnings': ((result or {}).get('train') or {}).get('warnings') or []}
+            'cpu': time.process_time() - cpu0, 'warnings': (result or {}).get('warnings') or []}
   finally:
     claim.release()
 
@@ -615,6 +615,10 @@ def run_sweep(argv: list[str], out=print) -> int:
   trials = sweeps.expand(module, arg, root, cli)
   metrics = list(module.metrics()) if hasattr(module, 'metrics') else ['eval/accuracy', 'eval/loss']
   index = _index(flags['index'], len(trials)) if flags.get('index') else None
+  for t in trials:
+    unused = configlib.unused_in_float(t.config, [k for k, _ in cli] + list(t.overrides))
+    if unused:
+      out(f'warning: trial {t.name}: {unused}')
   if _truthy(flags.get('dry_run')):
     for t in trials:
       deps = f'  after {",".join(trials[d].name for d in t.deps)}' if t.deps else ''

@@ -211,6 +211,7 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
     os.makedirs(workdir, exist_ok=True)
     ckpt_lib.write_json_atomic(os.path.join(workdir, 'config.json'), config_dict)
   t_start = time.time()
+  warnings = []
   mesh, data, md = _setup(config, workdir, log)
   tx, sched = make_optimizer(config)
   mode = config.mode
@@ -235,7 +236,8 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
       state, train_info = _calibrate(run, state), {'steps': 0, 'steps_per_sec': 0.0}
     else:
       state, train_info = _train(run, state, sched)
-    result = _finish(run, state, train_info, rules, t_start)
+    warnings += train_info.pop('warnings', [])
+    result = {**_finish(run, state, train_info, rules, t_start), 'warnings': warnings}
   except BaseException:
     writer.close(status='failure')
     raise
@@ -383,6 +385,9 @@ def _finish(run: Run, state, train_info, rules, t_start) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
   config, flags = configlib.parse_argv(argv)
   configlib.check_flags(flags, ('workdir',) + distributed.FLAGS)
+  unused = configlib.unused_in_float(config, configlib.override_keys(argv))
+  if unused:
+    print(f'warning: {unused}', file=sys.stderr)
   workdir = flags.pop('workdir', None)
   if not workdir:
     raise configlib.ConfigError('missing --workdir=<dir>')

@@ -165,6 +165,8 @@ def test_dry_run_and_index(fake_cfg, tmp_path, monkeypatch):
   rc, out = _sweep([f'--config={fake_cfg}', f'--root={root}', '--dry_run'])
   assert rc == 0 and len(out) == 4 and 'w=int4,a=int4,seed=1' in out[3] and out[3].split()[0] == '3'
   assert not os.path.exists(root)
+  rc, out = _sweep([f'--config={fake_cfg}', f'--root={root}', '--dry_run', '--config.mode=float'])
+  assert "warning: trial w=int4,a=int4,seed=0: config.quant.weight.format='int4'" in out[2], out
   monkeypatch.setenv('SLURM_ARRAY_TASK_ID', '2')
   rc, out = _sweep([f'--config={fake_cfg}', f'--root={root}', '--index=env', '--trial_fn=test_sweep:fake_trial'])
   assert rc == 0, out

@@ -210,11 +210,26 @@ def test_an_exploding_finite_loss_is_reported(tmp_path):
   c.optimizer.schedule, c.optimizer.learning_rate = 'constant', 1e6
   lines = []
   result = train.train_and_evaluate(c, str(tmp_path), log=lines.append)
-  warnings = result['train']['warnings']
+  warnings = result['warnings']
   assert any('orders of magnitude' in w for w in warnings) and any('far worse' in w for w in warnings), warnings
   assert any(str(line).startswith('warning: the training loss grew') for line in lines)
   calm = train.train_and_evaluate(mlp_config(num_train_steps=20), str(tmp_path / 'calm'), log=lambda *a: None)
-  assert calm['train']['warnings'] == []
+  assert calm['warnings'] == []
+
+
+def test_quant_options_in_a_float_run_warn_naming_the_mode_that_uses_them(tmp_path):
+  c = mlp_config(mode='float')
+  configlib.set_key(c, 'quant.weight.format', 'int4')
+  text = configlib.unused_in_float(c, ['quant.weight.format', 'seed'])
+  assert "config.quant.weight.format='int4' has no effect" in text and '--config.mode=qat' in text
+  assert configlib.unused_in_float(c, ['seed']) is None  # the config file's own quant settings are not a mistake
+  configlib.set_key(c, 'quant.act.format', '')  # no quantization: agrees with a float run
+  assert configlib.unused_in_float(c, ['quant.act.format']) is None
+  configlib.set_key(c, 'mode', 'qat')
+  assert configlib.unused_in_float(c, ['quant.weight.format']) is None
+  r = run_cli(['--config=configs/fmnist_mlp.py:runlocal', '--config.quant.weight.format=int4',
+               '--config.num_train_steps=2', '--config.model.hidden=(8,)', f'--workdir={tmp_path}'])
+  assert r.returncode == 0 and "warning: config.quant.weight.format='int4' has no effect" in r.stderr
 
 
 def test_kill_9_then_rerun_finishes_with_uninterrupted_metrics(tmp_path):
