@@ -7,8 +7,9 @@ reads every trial's result.json (and config.json, error.json) under the root and
   results.csv          one row per configuration (seeds grouped): swept values, metric mean and std over
                        seeds, serving bytes, training step time, inference latency, int8 matmuls, Pareto flags
   report.md            the same table, the Pareto fronts, failed trials, notes on each column
-  pareto_<x>.png       accuracy (or -bits/char) against weight bits, serving bytes and inference latency,
-                       the front highlighted, points labelled
+  pareto_<x>.png       accuracy (or -bits/char) against weight bits, serving bytes and inference latency as a
+                       ratio to the float model timed side by side, the front highlighted, points labelled;
+                       configurations far below the float model (FAR_BELOW_FLOAT) are marked x, never on a front
   TensorBoard          the HParams experiment summary at the root (swept keys as columns; each trial's run,
                        written by the runner, is one session, grouped over seeds) and the Pareto plots as images
                        (tags pareto/*), so `python -m experiments.board <root>` shows both
@@ -38,7 +39,8 @@ from experiments import configlib, sweeps
 __all__ = ['Config', 'load_trials', 'main', 'pareto_front', 'summarize', 'write_report']
 
 PLOT_AXES = (('weight_bits', 'weight bits'), ('serving_bytes', 'serving size (bytes)'),
-             ('latency_ms', 'inference latency (ms)'))
+             ('latency_ratio', 'inference latency vs float (x)'))
+FAR_BELOW_FLOAT = 0.5  # a score under half the float model's (or a loss over twice it): collapsed, off the fronts
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -180,6 +182,8 @@ class Config:
   int8_matmuls: str
   wall_time_s: float
   latency_ratio: float = float('nan')
+  mode: str = ''
+  far_below_float: bool = False
   front: dict[str, bool] = dataclasses.field(default_factory=dict)
 
   @property
@@ -219,12 +223,27 @@ def summarize(trials: list[dict]) -> tuple[list[Config], str, bool]:
         latency_ms=_mean_std([latency_ms(r) for r in rs])[0],
         int8_matmuls=f'{mm["int8"]}/{mm["total"]}' if 'int8' in mm and 'total' in mm else 'n/a',
         latency_ratio=_mean_std([latency_ratio(r) for r in rs])[0],
-        wall_time_s=_mean_std([r.get('wall_time_sec') for r in rs])[0]))
-  for axis, _ in PLOT_AXES:
-    flags = pareto_front([c.cost(axis) for c in configs], [c.score for c in configs], higher=higher)
+        wall_time_s=_mean_std([r.get('wall_time_sec') for r in rs])[0],
+        mode=str(rs[0].get('mode') or (ts[0]['config'] or {}).get('mode') or '')))
+  mark_far_below_float(configs, higher)
+  for axis, _ in PLOT_AXES:  # a collapsed configuration is cheap at no use: it never sits on a front
+    flags = pareto_front([c.cost(axis) for c in configs],
+                         [float('nan') if c.far_below_float else c.score for c in configs], higher=higher)
     for c, f in zip(configs, flags, strict=True):
       c.front[axis] = f
   return configs, metric, higher
+
+
+def mark_far_below_float(configs: list[Config], higher: bool) -> None:
+  """Marks the configurations whose score is far from the float model's (FAR_BELOW_FLOAT): e.g. PTQ W2A2 at
+  chance accuracy, which would otherwise sit on every front as the cheapest point."""
+  floats = [c.score for c in configs if c.mode == 'float' and not math.isnan(c.score)]
+  if not floats:
+    return
+  best = max(floats) if higher else min(floats)
+  for c in configs:
+    if c.mode != 'float' and not math.isnan(c.score):
+      c.far_below_float = c.score < FAR_BELOW_FLOAT * best if higher else c.score > best / FAR_BELOW_FLOAT
 
 
 def pareto_front(costs: list[float], values: list[float], *, higher: bool = True) -> list[bool]:
@@ -270,7 +289,7 @@ def plot_front(configs: list[Config], axis: str, xlabel: str, metric: str, highe
   for c in sorted(pts, key=lambda c: (c.cost(axis), -c.score)):
     on = c.front[axis]
     std = c.serving_metric[1] if not math.isnan(c.serving_metric[0]) else c.metric[1]
-    ax.errorbar(c.cost(axis), c.score, yerr=std or None, fmt='o', ms=8 if on else 5,
+    ax.errorbar(c.cost(axis), c.score, yerr=std or None, fmt='x' if c.far_below_float else 'o', ms=8 if on else 5,
                 color='tab:red' if on else 'tab:gray', capsize=3, zorder=3)
     k = shared[c.cost(axis)] = shared.get(c.cost(axis), -1) + 1
     label = ','.join(c.values.values()) or c.label
@@ -299,8 +318,8 @@ def _write_csv(path: str, configs: list[Config], metric: str) -> None:
   m = metric.split('/')[-1]
   cols = keys + ['seeds', 'weight_bits', f'{m}_mean', f'{m}_std', f'serving_{m}_mean', f'serving_{m}_std',
                  'loss_mean', 'loss_std', 'serving_bytes', 'train_step_ms', 'latency_ms', 'latency_vs_float',
-                 'int8_matmuls', 'wall_time_s', 'front_weight_bits', 'front_serving_bytes', 'front_latency_ms',
-                 'trials']
+                 'int8_matmuls', 'wall_time_s', 'far_below_float', 'front_weight_bits', 'front_serving_bytes',
+                 'front_latency_ratio', 'trials']
   tmp = path + '.tmp'
   with open(tmp, 'w', newline='') as f:
     w = csv.writer(f)
@@ -308,8 +327,8 @@ def _write_csv(path: str, configs: list[Config], metric: str) -> None:
     for c in configs:
       w.writerow([c.values.get(k, '') for k in keys] + [
           c.seeds, c.weight_bits, *c.metric, *c.serving_metric, *c.loss, c.serving_bytes, c.train_step_ms,
-          c.latency_ms, c.latency_ratio, c.int8_matmuls, c.wall_time_s, c.front['weight_bits'],
-          c.front['serving_bytes'], c.front['latency_ms'], ' '.join(c.trials)])
+          c.latency_ms, c.latency_ratio, c.int8_matmuls, c.wall_time_s, c.far_below_float, c.front['weight_bits'],
+          c.front['serving_bytes'], c.front['latency_ratio'], ' '.join(c.trials)])
   os.replace(tmp, path)
 
 
@@ -330,6 +349,8 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
   lines.append('|' + '---|' * len(head))
   for c in sorted(configs, key=lambda c: (-c.weight_bits, c.label)):
     fronts = ', '.join(a.replace('_', ' ') for a, _ in PLOT_AXES if c.front[a]) or ''
+    if c.far_below_float:
+      fronts = 'none: far below float'
     row = [c.values.get(k, '') for k in keys] + [
         str(c.seeds), _num(c.weight_bits), _pm(c.metric), _pm(c.serving_metric), _pm(c.loss),
         _num(c.serving_bytes, '{:,.0f}'), _num(c.train_step_ms, '{:.1f}'), _num(c.latency_ms, '{:.3f}'),
@@ -347,6 +368,10 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
     else:
       lines.append(f'{m} vs {xlabel}: no trial has this measurement yet.')
     lines.append('')
+  collapsed = [c for c in configs if c.far_below_float]
+  if collapsed:
+    lines += [f'Kept off the fronts, {m} far below the float model\'s (under {FAR_BELOW_FLOAT:g}x of it, or a loss '
+              f'over {1 / FAR_BELOW_FLOAT:g}x): ' + ', '.join(f'`{c.label}`' for c in collapsed) + '.', '']
   failed = [t for t in trials if t['status'] == 'failed']
   if failed:
     lines += ['## Failed trials', '']
@@ -367,8 +392,9 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
       'it (compilation excluded); n/a for PTQ, which trains nothing.',
       '- `inference latency (ms)`: result.latency.serving_ms, the median time of the serving forward on one '
       'evaluation batch, timed by the benchmark harness (experiments.timing) at the end of the run; trials ran '
-      'at different moments, so compare across rows with `vs float`: that forward time divided by the float '
-      'model\'s forward, timed interleaved with it in the same run (result.latency.ratio_to_float). For the '
+      'at different moments, so compare across rows with `vs float` (and its front uses it): that forward time '
+      'divided by the float model\'s forward, timed interleaved with it in the same run '
+      '(result.latency.ratio_to_float). For the '
       'full speed picture use `python -m experiments.bench --config=configs/bench_e2e.py`.',
       '- `int8 matmuls`: matmuls and convolutions of the serving forward that XLA compiled with int8 operands, '
       'of all of them (result.matmuls).',
