@@ -45,13 +45,6 @@ def _json_default(o):
   return str(o)
 
 
-def read_json(path: str) -> Any | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 class Checkpoints:
   """An orbax CheckpointManager over a pytree of arrays, keyed by step."""
 

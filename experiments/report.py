@@ -32,7 +32,6 @@ import os
 import re
 import sys
 import time
-from typing import Any
 
 from experiments import configlib, sweeps
 
@@ -46,14 +45,6 @@ FAR_BELOW_FLOAT = 0.5  # a score under half the float model's (or a loss over tw
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _read(path: str) -> Any | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def _get(d: dict, key: str, default=None):
   for part in key.split('.'):
     if not isinstance(d, dict) or part not in d:
@@ -64,7 +55,7 @@ def _get(d: dict, key: str, default=None):
 
 def load_trials(root: str) -> tuple[list[dict], dict]:
   """The trials under `root` (from sweep.json, else every sub-directory with a config.json) and the manifest."""
-  manifest = _read(os.path.join(root, 'sweep.json')) or {}
+  manifest = sweeps.read_json(os.path.join(root, 'sweep.json')) or {}
   listed = manifest.get('trials') or []
   if not listed:
     names = sorted(d for d in os.listdir(root) if not d.startswith(('.', '_'))
@@ -73,9 +64,9 @@ def load_trials(root: str) -> tuple[list[dict], dict]:
   trials = []
   for t in listed:
     workdir = os.path.join(root, t['name'])
-    result = _read(os.path.join(workdir, 'result.json'))
-    config = (result or {}).get('config') or _read(os.path.join(workdir, 'config.json'))
-    error = _read(os.path.join(workdir, 'error.json'))
+    result = sweeps.read_result(workdir)
+    config = (result or {}).get('config') or sweeps.read_json(os.path.join(workdir, 'config.json'))
+    error = sweeps.read_json(os.path.join(workdir, 'error.json'))
     status = 'done' if result else 'failed' if error else 'running' if _held(workdir) else 'not run'
     trials.append({'name': t['name'], 'index': t.get('index', 0), 'labels': _ordered(t['name'], t.get('labels')),
                    'config': config,

@@ -176,7 +176,7 @@ def _ensure_deps(task: dict) -> None:
   for dep in task.get('dep_tasks', []):
     workdir = os.path.join(dep['root'], dep['name'])
     while True:
-      if os.path.exists(os.path.join(workdir, 'result.json')):
+      if sweeps.read_result(workdir) is not None:
         break
       if os.path.exists(os.path.join(workdir, 'error.json')) and not task.get('retry'):
         raise DependencyFailed(f'trial {dep["name"]!r}, which this trial starts from, failed (see '
@@ -203,10 +203,9 @@ def run_trial(task: dict) -> dict:
   if claim is None:
     return {**out, 'status': 'claimed', 'error': f'claimed by {Claim.holder(workdir)}'}
   try:
-    result_path = os.path.join(workdir, 'result.json')
-    if os.path.exists(result_path):
-      with open(result_path) as f:
-        return {**out, 'status': 'skipped', 'metrics': _metrics_of(json.load(f))}
+    finished = sweeps.read_result(workdir)
+    if finished is not None:
+      return {**out, 'status': 'skipped', 'metrics': _metrics_of(finished)}
     if os.path.exists(os.path.join(workdir, 'error.json')) and not task.get('retry'):
       return {**out, 'status': 'skipped', 'error': 'failed earlier (--retry_failed reruns it)'}
     t0, cpu0 = time.time(), time.process_time()
@@ -244,7 +243,7 @@ class Plan:
 
 def trial_status(root: str, trial: sweeps.Trial) -> str:
   workdir = trial.workdir(root)
-  if os.path.exists(os.path.join(workdir, 'result.json')):
+  if sweeps.read_result(workdir) is not None:
     return 'done'
   if os.path.exists(os.path.join(workdir, 'error.json')):
     return 'failed'
@@ -272,21 +271,11 @@ def plan(trials: list[sweeps.Trial], root: str, *, index: int | None = None, ret
 def stored_config(root: str, trial: sweeps.Trial) -> dict | None:
   """The config a trial's workdir already holds: its finished result's, else config.json beside checkpoints."""
   workdir = trial.workdir(root)
-  for name in ('result.json', 'config.json'):
-    data = _read_json(os.path.join(workdir, name))
-    if isinstance(data, dict) and name == 'result.json' and isinstance(data.get('config'), dict):
-      return data['config']
-    if isinstance(data, dict) and name == 'config.json' and os.path.isdir(os.path.join(workdir, 'checkpoints')):
-      return data
-  return None
-
-
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  result = sweeps.read_result(workdir)
+  if result is not None and isinstance(result.get('config'), dict):
+    return result['config']
+  data = sweeps.read_json(os.path.join(workdir, 'config.json'))
+  return data if isinstance(data, dict) and os.path.isdir(os.path.join(workdir, 'checkpoints')) else None
 
 
 def changed_trials(trials: list[sweeps.Trial], chosen: list[sweeps.Trial], root: str) -> dict[str, list[str]]:

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from experiments import checkpoints as ckpt_lib
-from experiments import configlib, distributed, input_pipeline, models, quant_config, summaries, trainers
+from experiments import configlib, distributed, input_pipeline, models, quant_config, summaries, sweeps, trainers
 from experiments.progress import Progress
 from experiments.tb import SummaryWriter
 
@@ -79,13 +79,13 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, Any]:
 
 def _check_workdir(config_dict: dict, workdir: str) -> dict | None:
   """Returns the finished result when this exact run is done; refuses to reuse a workdir for another config."""
-  result = ckpt_lib.read_json(os.path.join(workdir, 'result.json'))
+  result = sweeps.read_result(workdir)
   if result is not None:
     if result.get('config') == config_dict:
       return result
     raise RunError(f'{workdir} holds a finished run with a different config; it is kept as is. '
                    'Use another --workdir (or delete that directory) to run this config.')
-  prior = ckpt_lib.read_json(os.path.join(workdir, 'config.json'))
+  prior = sweeps.read_json(os.path.join(workdir, 'config.json'))
   has_ckpt = os.path.isdir(os.path.join(workdir, 'checkpoints')) and os.listdir(os.path.join(workdir, 'checkpoints'))
   if prior is not None and prior != config_dict and has_ckpt:
     changed = configlib.changed_keys(prior, config_dict)
@@ -137,9 +137,8 @@ def load_float_state(config, workdir: str, trainer_float, sample_x, log) -> Any:
       fcntl.flock(lock, fcntl.LOCK_EX)
       log(f'float model for this run: {src}')
       train_and_evaluate(float_config(config), src, log=log, write_hparams=False)
-  result = ckpt_lib.read_json(os.path.join(src, 'result.json'))
-  if result is None:
-    raise RunError(f'config.init_from={src!r} is not a finished run (no result.json)')
+  if sweeps.read_result(src) is None:
+    raise RunError(f'config.init_from={src!r} is not a finished run (no valid result.json)')
   template = trainer_float.init(jax.random.key(0), sample_x)
   mgr = ckpt_lib.Checkpoints(os.path.join(src, 'checkpoints'))
   step = mgr.latest_step()

@@ -231,6 +231,24 @@ def test_rerun_with_changed_overrides_is_refused_then_rerun_on_request(fake_cfg,
   assert _sweep(args + ['--config.steps=4'])[0] == 0  # now the same config: finished, skipped
 
 
+def test_a_truncated_result_is_not_finished_for_the_sweep_and_the_report(fake_cfg, tmp_path, capsys):
+  from experiments import report  # noqa: PLC0415
+  root = str(tmp_path / 'root')
+  args = [f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=1']
+  assert _sweep(args)[0] == 0
+  cut = 'w=int4,a=int4,seed=1'
+  path = os.path.join(root, cut, 'result.json')
+  text = open(path).read()
+  open(path, 'w').write(text[:len(text) // 2])  # a disk that filled up mid-write
+  capsys.readouterr()
+  status = {t['name']: t['status'] for t in report.load_trials(root)[0]}
+  assert status[cut] == 'not run' and list(status.values()).count('done') == 3
+  assert f'warning: {path} is not a valid result' in capsys.readouterr().err
+  rc, out = _sweep(args)
+  assert rc == 0 and any(line.startswith('tally: 1 done, 3 skipped') for line in out), out
+  assert json.load(open(path))['metrics'] and _runs(root, cut) == 2
+
+
 def test_a_trial_starting_from_a_changed_trial_counts_as_changed(tmp_path):
   root = str(tmp_path)
   module, arg = configlib.load_module(os.path.join(REPO, 'configs/quickstart.py:runlocal'))

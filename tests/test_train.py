@@ -11,7 +11,7 @@ import time
 import pytest
 
 from experiments import configlib, tb, train
-from experiments.checkpoints import read_json
+from experiments.sweeps import read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,6 +182,15 @@ def test_finished_run_is_never_overwritten(tmp_path):
   with pytest.raises(train.RunError, match='finished run with a different config'):
     train.train_and_evaluate(other, str(tmp_path), log=lambda *a: None)
   assert open(tmp_path / 'result.json').read() == before
+
+
+def test_a_truncated_result_is_a_run_to_finish_not_a_traceback(tmp_path, capsys):
+  c = mlp_config(num_train_steps=5, checkpoint_every_steps=5, eval_every_steps=5)
+  first = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  (tmp_path / 'result.json').write_text('{"metrics": {"eval/acc')
+  again = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)  # resumes at its last step
+  assert 'is not a valid result' in capsys.readouterr().err
+  assert again['metrics'] == first['metrics'] and read_json(str(tmp_path / 'result.json'))['metrics']
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
