@@ -297,7 +297,9 @@ def _train(run: Run, state, sched):
   progress.close()
   elapsed = time.time() - t0
   steady = step_times[1:] or step_times  # the first timed step may include compilation
-  return state, {'steps': total - start, 'steps_per_sec': (total - start) / elapsed if elapsed > 0 else 0.0,
+  # steps: the run's total (a resumed run included); steps_per_sec: of this process's segment, which it timed.
+  return state, {'steps': total, 'resumed_from': start,
+                 'steps_per_sec': (total - start) / elapsed if elapsed > 0 else 0.0,
                  'final_train_loss': loss, 'step_time_ms': 1e3 * float(np.median(steady)) if steady else None,
                  'warnings': watch.finish(loss)}
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from experiments import checkpoints as ckpt_lib
 from experiments import configlib, tb, train
 from experiments.sweeps import read_json
 
@@ -191,6 +192,23 @@ def test_a_truncated_result_is_a_run_to_finish_not_a_traceback(tmp_path, capsys)
   again = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)  # resumes at its last step
   assert 'is not a valid result' in capsys.readouterr().err
   assert again['metrics'] == first['metrics'] and read_json(str(tmp_path / 'result.json'))['metrics']
+
+
+def test_a_resumed_run_reports_its_total_steps(tmp_path, monkeypatch):
+  c = mlp_config(num_train_steps=10, checkpoint_every_steps=5)
+  save = ckpt_lib.Checkpoints.save
+
+  def save_then_stop(self, step, tree):  # Ctrl-C right after the checkpoint of step 5
+    save(self, step, tree)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(ckpt_lib.Checkpoints, 'save', save_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  monkeypatch.setattr(ckpt_lib.Checkpoints, 'save', save)
+  result = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  assert result['train']['steps'] == 10 and result['train']['resumed_from'] == 5
+  assert read_json(str(tmp_path / 'result.json'))['train']['steps'] == 10
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
