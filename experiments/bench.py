@@ -215,6 +215,8 @@ def main(argv: list[str]) -> int:
   config, flags = configlib.parse_argv(argv)
   configlib.check_flags(flags, ('workdir',))
   workdir = flags.pop('workdir', None)
+  if workdir:
+    workdir = configlib.writable_dir(workdir, 'workdir')
   try:
     run(config, workdir)
   except ValueError as e:

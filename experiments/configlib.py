@@ -12,11 +12,13 @@ runner as its own flags (--workdir=..., --root=...).
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib.util
 import os
 import sys
+import tempfile
 from typing import Any
 
 import ml_collections
@@ -220,10 +222,80 @@ def to_dict(config) -> dict:
   return {k: (to_dict(v) if isinstance(v, (dict, ml_collections.ConfigDict)) else v) for k, v in d.items()}
 
 
-def main_guard(fn):
-  """Runs fn(argv) and turns ConfigErrors into a clean message and exit code 2."""
+DEBUG_ENV = 'QJAX_DEBUG'
+
+
+def debug_requested(argv: list[str] = ()) -> bool:
+  """--debug on the command line or QJAX_DEBUG=1 in the environment: show tracebacks of user errors."""
+  return '--debug' in argv or os.environ.get(DEBUG_ENV, '').lower() in ('1', 'true', 'yes')
+
+
+def os_error_text(e: OSError) -> str:
+  """One line for an OSError: what failed and on which path ('No space left on device: /runs/x/result.json')."""
+  what = e.strerror or str(e) or type(e).__name__
+  paths = [p for p in (e.filename, getattr(e, 'filename2', None)) if p]
+  return what + (f': {" -> ".join(map(str, paths))}' if paths else '')
+
+
+def main_guard(fn, *user_errors: type[BaseException], argv: list[str] | None = None) -> int:
+  """Runs a command line's fn(argv) so that a person's mistake ends in one `error: ...` line and a non-zero exit.
+
+  ConfigError exits 2; the command's own `user_errors` (its data, run and executor errors) and OSErrors (a full
+  disk, a path that is a file or read-only) exit 1; Ctrl-C exits 130 with the KeyboardInterrupt's message (what
+  was saved, how to resume) when fn gave one. None of them prints a traceback unless --debug (taken out of argv
+  here) or QJAX_DEBUG=1 asks for it. Any other exception is a bug and keeps its traceback.
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  debug = debug_requested(argv)
+  if debug:  # what fn calls asks debug_requested() too
+    os.environ[DEBUG_ENV] = '1'
+  argv = [a for a in argv if a != '--debug']
+  hint = '' if debug else f' (--debug or {DEBUG_ENV}=1 shows the traceback)'
   try:
-    return fn(sys.argv[1:])
+    return fn(argv)
   except ConfigError as e:
+    if debug:
+      raise
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except KeyboardInterrupt as e:
+    if debug:
+      raise
+    print(f'interrupted: {e}' if str(e) else 'interrupted', file=sys.stderr)
+    return 130
+  except (OSError, *user_errors) as e:
+    if debug:
+      raise
+    text = os_error_text(e) if isinstance(e, OSError) else str(e)
+    print(f'error: {text}{hint if isinstance(e, OSError) else ""}', file=sys.stderr)
+    return 1
+
+
+class ArgParser(argparse.ArgumentParser):
+  """argparse for the commands that take positional arguments: a usage error is a ConfigError (one line, exit 2
+  through main_guard), and --debug is accepted everywhere."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.add_argument('--debug', action='store_true', help=f'show tracebacks of errors (or set {DEBUG_ENV}=1)')
+
+  def error(self, message: str):
+    raise ConfigError(f'{message} (see {self.prog} --help)')
+
+
+def writable_dir(path: str, flag: str) -> str:
+  """Creates directory `path` when needed and checks a file can be written in it; a ConfigError names the flag.
+
+  Run before any work, so a workdir that is a file, read-only or on a full disk fails in a second, not at the
+  first checkpoint.
+  """
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f'--{flag}={path} is a file, not a directory; give a directory')
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix='.write-check-'):
+      pass
+  except OSError as e:
+    raise ConfigError(f'--{flag}={path}: cannot write there ({os_error_text(e)})') from None
+  return path

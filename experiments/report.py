@@ -452,22 +452,25 @@ def write_report(root: str) -> dict[str, str]:
   return paths
 
 
-def main(argv: list[str]) -> int:
-  if len(argv) != 1 or argv[0].startswith('-'):
-    print('usage: python -m experiments.report <sweep root>', file=sys.stderr)
-    return 2
-  try:
-    paths = write_report(argv[0])
-  except FileNotFoundError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+def main(argv: list[str] | None = None) -> int:
+  """The command line; a mistake (no such root, a full disk) is one `error:` line (configlib.main_guard)."""
+  return configlib.main_guard(_main, argv=argv)
+
+
+def _main(argv: list[str]) -> int:
+  parser = configlib.ArgParser(prog='python -m experiments.report', description=__doc__.split('\n')[0])
+  parser.add_argument('root', help='the sweep root (or a directory of run directories)')
+  root = parser.parse_args(argv).root
+  if not os.path.isdir(root):
+    raise configlib.ConfigError(f'no such sweep root: {os.path.abspath(root)}')
+  paths = write_report(root)
   print(f'report: {paths["report"]}\ntable:  {paths["csv"]}')
   for axis, _ in PLOT_AXES:
     if axis in paths:
       print(f'plot:   {paths[axis]}')
-  print(f'TensorBoard: python -m experiments.board {os.path.abspath(argv[0])}')
+  print(f'TensorBoard: python -m experiments.board {os.path.abspath(root)}')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(main())

@@ -167,7 +167,11 @@ def record_failure(workdir: str, task: dict, exc: BaseException | None, message:
       'host': socket.gethostname(), 'pid': os.getpid(), 'time': time.time(),
       'log': os.path.join(workdir, 'train.log'),
   }
-  sweeps.write_json_atomic(os.path.join(workdir, 'error.json'), err)
+  try:
+    sweeps.write_json_atomic(os.path.join(workdir, 'error.json'), err)
+  except OSError as e:  # a full disk: the sweep still reports the failure (its line and tally say it)
+    err['message'] += f' (error.json not written: {e.strerror or e})'
+    err['unwritten'] = True
   return err
 
 
@@ -220,8 +224,11 @@ def run_trial(task: dict) -> dict:
               f'on {socket.gethostname()}', flush=True)
         result = fn(config, workdir, log=lambda *a: print(*a, file=log_file, flush=True))
     except Exception as e:  # noqa: BLE001 - a trial's failure is recorded, the sweep goes on
+      if isinstance(e, OSError):  # a full disk or a permission: one line naming the path, not a traceback
+        e = OSError(e.errno, f'{configlib.os_error_text(e)}; its checkpoints so far are kept')
       err = record_failure(workdir, task, e)
-      return {**out, 'status': 'failed', 'error': f'{err["type"]}: {err["message"]}'.splitlines()[0][:300],
+      return {**out, 'status': 'failed', 'error': f'{err["type"]}: {err["message"]}'.splitlines()[0][:500],
+              'unwritten': err.get('unwritten', False),
               'elapsed': time.time() - t0, 'cpu': time.process_time() - cpu0}
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(workdir, 'error.json'))
@@ -420,6 +427,9 @@ def _run_local(run, make, workers: int, start_method: str, emit, gpus: int):
         except concurrent.futures.process.BrokenProcessPool:
           broken.append(t)
           continue
+        except Exception as e:  # noqa: BLE001 - run_trial itself failed (e.g. its claim on a full disk)
+          out = {'index': t.index, 'name': t.name, 'status': 'failed', 'metrics': {}, 'elapsed': 0.0,
+                 'error': f'{type(e).__name__}: {e}'.splitlines()[0][:300]}
         sched.finished.add(t.index)
         yield out
       if broken:
@@ -539,6 +549,20 @@ def _metric_text(metrics: dict, names: list[str]) -> str:
   return ' '.join(parts)
 
 
+def validate_trials(trials: list[sweeps.Trial]) -> None:
+  """Checks every trial's config as the runner will (mode, optimizer, QuantSpec fields) before any trial starts."""
+  from experiments import train  # noqa: PLC0415 - JAX; the pool's workers start by forkserver, unaffected
+  for t in trials:
+    try:
+      train.validate(t.config)
+    except configlib.ConfigError as e:
+      raise configlib.ConfigError(f'trial {t.name}: {e}') from None
+    except (AttributeError, KeyError) as e:
+      key = str(e).strip('"\' ')
+      raise configlib.ConfigError(f'trial {t.name}: the config lacks {key!r}, which {DEFAULT_TRIAL_FN} needs (a '
+                                  'config built on experiments.config_base, or give --trial_fn)') from None
+
+
 def write_manifest(root: str, spec: str, cli: list[tuple[str, str]], trials: list[sweeps.Trial],
                    metrics: list[str]) -> None:
   """<root>/sweep.json: the trials (merged by name with an earlier sweep's), swept keys and metrics."""
@@ -589,6 +613,20 @@ def _index(value: str, n: int) -> int:
   return i
 
 
+def _count(flags: dict[str, str], name: str) -> int | None:
+  """A positive integer flag (--workers=2), None when not given; anything else is a ConfigError."""
+  value = flags.get(name)
+  if not value:
+    return None
+  try:
+    n = int(value)
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise configlib.ConfigError(f'--{name}={value}: expected a positive integer, like --{name}=2')
+  return n
+
+
 def _truthy(v: str | None) -> bool:
   return (v or 'false').lower() in ('1', 'true', 'yes')
 
@@ -623,13 +661,16 @@ def run_sweep(argv: list[str], out=print) -> int:
                                 'a process that has started JAX)')
   trial_fn = flags.get('trial_fn', DEFAULT_TRIAL_FN)
   retry = _truthy(flags.get('retry_failed'))
+  _count(flags, 'workers')
+  if trial_fn == DEFAULT_TRIAL_FN:
+    validate_trials(trials)
+  configlib.writable_dir(root, 'root')
   chosen = trials if index is None else [trials[index]]
   changed = changed_trials(trials, chosen, root)
   if changed and not _truthy(flags.get('rerun_changed')):
     raise configlib.ConfigError(_changed_message(changed, root))
   for dest in replace_changed(root, list(changed)):
     out(f'moved {os.path.basename(dest)} (a run of an earlier config) to {os.path.dirname(dest)}/; it runs again')
-  os.makedirs(root, exist_ok=True)
   write_manifest(root, flags['config'], cli, trials, metrics)
   p = plan(trials, root, index=index, retry_failed=retry)
   make = lambda t: make_task(t, trials, root, trial_fn, retry)  # noqa: E731
@@ -654,13 +695,13 @@ def run_sweep(argv: list[str], out=print) -> int:
       outcomes = iter([run_trial({**make(p.run[0]), 'on_event': emit})])
       where = 'this process'
     elif executor == 'ray':
-      workers = int(flags.get('workers') or cores())
+      workers = _count(flags, 'workers') or cores()
       outcomes = _run_ray(p.run, make, workers, flags.get('ray_address') or None, emit)
       where = f'Ray ({flags.get("ray_address") or f"local, 127.0.0.1, {workers} CPUs"})'
     else:
       gpus = local_gpus()
       default = min(gpus or cores(), n)
-      workers = max(1, int(flags.get('workers') or default))
+      workers = _count(flags, 'workers') or default
       outcomes = _run_local(p.run, make, workers, start_method, emit, gpus)
       where = f'{workers} worker process(es) ({start_method}' + (f', {gpus} GPUs)' if gpus else ')')
     out(f'sweep {flags["config"]}: {len(trials)} trials, running {n} on {where}; root {root}')
@@ -676,7 +717,7 @@ def run_sweep(argv: list[str], out=print) -> int:
         text = o['error'] or 'finished elsewhere'
       elif status == 'failed':
         counts['failed'] += 1
-        text = f'{o["error"]}  (see {os.path.join(trials[o["index"]].name, "error.json")})'
+        text = o['error'] + ('' if o.get('unwritten') else f'  (see {trials[o["index"]].name}/error.json)')
       else:
         counts['done'] += 1
         text = _metric_text(o['metrics'], metrics)
@@ -705,11 +746,13 @@ def main(argv: list[str]) -> int:
   try:
     return run_sweep(argv, out=lambda s: print(s, flush=True))
   except SweepError as e:
+    if configlib.debug_requested():
+      raise
     print(f'error: {e}', file=sys.stderr)
     return 3
   except KeyboardInterrupt:
-    print('interrupted: finished trials are kept; rerun the same command to resume the others', file=sys.stderr)
-    return 130
+    raise KeyboardInterrupt('finished trials are kept, the running ones keep their checkpoints; rerun the same '
+                            'command to resume the others') from None
 
 
 if __name__ == '__main__':

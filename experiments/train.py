@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import fcntl
 import hashlib
 import json
@@ -35,6 +36,7 @@ import optax
 
 from experiments import checkpoints as ckpt_lib
 from experiments import configlib, distributed, input_pipeline, models, quant_config, summaries, sweeps, trainers
+from experiments.data import DataError
 from experiments.progress import Progress
 from experiments.tb import SummaryWriter
 
@@ -182,9 +184,28 @@ class Run:
     return metrics
 
 
-def _setup(config, workdir, log):
+def validate(config):
+  """Checks what can be checked before any data loads or file is written: the mode, the optimizer and the quant
+  rules (QuantSpec fields); returns (rules or None, optimizer, schedule). A mistake is a ConfigError naming the key.
+  """
   if config.mode not in MODES:
-    raise configlib.ConfigError(f'config.mode={config.mode!r} is not one of {", ".join(MODES)}')
+    near = difflib.get_close_matches(str(config.mode), MODES, n=1)
+    hint = f'; did you mean {near[0]!r}?' if near else ''
+    raise configlib.ConfigError(f'config.mode={config.mode!r} is not one of {", ".join(MODES)}{hint}')
+  tx, sched = make_optimizer(config)
+  if config.mode == 'float':
+    return None, tx, sched
+  quant = config.quant
+  if config.mode == 'quantized_training' and not quant.grad.format:
+    quant = quant.copy_and_resolve_references()
+    quant.grad.format = 'int8'
+  try:
+    return quant_config.build_rules(quant, ptq=config.mode == 'ptq'), tx, sched
+  except ValueError as e:
+    raise configlib.ConfigError(str(e)) from None
+
+
+def _setup(config, workdir, log):
   mesh = distributed.make_mesh(config.mesh)
   if config.batch_size % mesh.shape['data'] or config.eval_batch_size % mesh.shape['data']:
     raise configlib.ConfigError(f'config.batch_size={config.batch_size} and eval_batch_size='
@@ -205,6 +226,7 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
   if done is not None:
     log(f'{workdir}: finished already (result.json kept); {summaries.one_line(done)}')
     return done
+  rules, tx, sched = validate(config)
   lead = jax.process_index() == 0
   if lead:
     os.makedirs(workdir, exist_ok=True)
@@ -212,15 +234,7 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
   t_start = time.time()
   warnings = []
   mesh, data, md = _setup(config, workdir, log)
-  tx, sched = make_optimizer(config)
   mode = config.mode
-  rules = None
-  if mode != 'float':
-    quant = config.quant
-    if mode == 'quantized_training' and not quant.grad.format:
-      quant = quant.copy_and_resolve_references()
-      quant.grad.format = 'int8'
-    rules = quant_config.build_rules(quant, ptq=mode == 'ptq')
   sample_x = input_pipeline.sample_input(data, config.batch_size)
   float_pure = None
   if mode == 'ptq' or config.init_from:
@@ -392,14 +406,36 @@ def main(argv: list[str]) -> int:
   workdir = flags.pop('workdir', None)
   if not workdir:
     raise configlib.ConfigError('missing --workdir=<dir>')
+  validate(config)
+  workdir = configlib.writable_dir(workdir, 'workdir')
   distributed.initialize(flags)
   try:
     train_and_evaluate(config, workdir)
   except RunError as e:
     print(f'error: {e}', file=sys.stderr)
     return 3
+  except KeyboardInterrupt:
+    raise KeyboardInterrupt(f'{saved(workdir)}; rerun the same command to resume') from None
+  except OSError as e:
+    if configlib.debug_requested():
+      raise
+    print(f'error: {configlib.os_error_text(e)}; {saved(workdir)}; rerun the same command to resume once that is '
+          'fixed', file=sys.stderr)
+    return 1
   return 0
 
 
+def saved(workdir: str) -> str:
+  """What a stopped run left in `workdir`, in words: its finished result, or its last checkpoint."""
+  if sweeps.read_result(workdir) is not None:
+    return f'the finished result is kept in {workdir}/result.json'
+  ckpts = os.path.join(workdir, 'checkpoints')
+  steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+  if steps:
+    return f'checkpoints up to step {max(steps)} are kept in {ckpts}'
+  return f'no checkpoint was saved yet in {workdir}'
+
+
+
 if __name__ == '__main__':
-  sys.exit(configlib.main_guard(main))
+  sys.exit(configlib.main_guard(main, RunError, DataError))

@@ -485,6 +485,9 @@ def test_cli_exit_codes(fake_cfg, tmp_path):
   code = textwrap.dedent(f'''
       import sys; sys.modules['ray'] = None
       from experiments import sweep; sys.exit(sweep.main(['--config={fake_cfg}', '--root={tmp_path}',
-                                                         '--executor=ray']))''')
+                                                         '--executor=ray', '--trial_fn=test_sweep:fake_trial']))''')
   ray_missing = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=ENV, capture_output=True, text=True)
   assert ray_missing.returncode == 3 and 'needs Ray' in ray_missing.stderr
+  not_a_run = subprocess.run([sys.executable, '-m', 'experiments.sweep', f'--config={fake_cfg}', f'--root={tmp_path}'],
+                             cwd=REPO, env=ENV, capture_output=True, text=True)
+  assert not_a_run.returncode == 2 and "lacks 'optimizer'" in not_a_run.stderr and 'Traceback' not in not_a_run.stderr
