@@ -17,6 +17,7 @@ import ast
 import difflib
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 from typing import Any
@@ -197,6 +198,62 @@ def parse_argv(argv: list[str]) -> tuple[ml_collections.ConfigDict, dict[str, st
   for k, v in overrides:
     set_key(config, k, v)
   return config, flags
+
+
+COMMON_FLAGS = {
+    'config': 'configs/<name>.py[:arg], the config file (and its arg, e.g. runlocal)',
+    'config.<key>': '=value: override one config key (--list_config lists them all)',
+    'list_config': 'print every key of --config with its value and comment, then exit',
+    'debug': f'show the traceback of an error (or set {"QJAX_DEBUG"}=1)',
+    'help': 'this text',
+}
+_COMMENTED = re.compile(r'^\s*(c|config|q)\.([A-Za-z_][\w.]*)\s*=[^#]*#\s*(.+)$')
+_PREFIX = {'c': '', 'config': '', 'q': 'quant.'}
+
+
+def wants_help(argv: list[str]) -> bool:
+  return any(a in ('--help', '-h', '--list_config') for a in argv)
+
+
+def help_text(doc: str, flags: dict[str, str], argv: list[str]) -> str:
+  """A command's --help: its doc and flags, and with --config=<file> every key of that config (list_config).
+
+  `--list_config` alone prints just the keys, so a researcher finds `quant.act.format` without reading source.
+  """
+  lines = [] if '--list_config' in argv else [doc.strip(), '', 'flags:'] + [
+      f'  --{name:<22s} {what}' for name, what in {**flags, **COMMON_FLAGS}.items()]
+  spec = next((a.partition('=')[2] for a in argv if a.startswith('--config=')), None)
+  if spec is None:
+    lines.append('' if lines else 'error: --list_config needs --config=<file>')
+    lines.append('--config=<file> --help (or --list_config) lists every key of that config with its value.')
+    return '\n'.join(lines)
+  config, _ = parse_argv([a for a in argv if a.startswith('--config')])
+  module, _ = load_module(spec)
+  if lines:
+    lines += ['', f'config keys of {spec} (override any with --config.<key>=value):']
+  return '\n'.join(lines + list_config(config, comments(module.__file__)))
+
+
+def comments(*paths: str) -> dict[str, str]:
+  """Config key -> the '# comment' after its assignment in the config file, experiments/config_base.py (the
+  runner's defaults) and experiments/quant_config.py (config.quant), the files that set the keys."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  out = {}
+  for path in (os.path.join(here, 'quant_config.py'), os.path.join(here, 'config_base.py'), *paths):
+    with open(path) as f:
+      for line in f:
+        m = _COMMENTED.match(line)
+        if m:
+          out[_PREFIX[m.group(1)] + m.group(2)] = m.group(3).strip()
+  return out
+
+
+def list_config(config, notes: dict[str, str] | None = None) -> list[str]:
+  """'key = value  # comment' for every leaf of a config, in its order."""
+  flat = flatten(to_dict(config))
+  width = max((len(k) for k in flat), default=0)
+  notes = notes or {}
+  return [f'  {k:<{width}s} = {v!r}' + (f'   # {notes[k]}' if k in notes else '') for k, v in flat.items()]
 
 
 def flatten(d: dict, prefix: str = '') -> dict[str, Any]:

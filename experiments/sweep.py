@@ -633,8 +633,8 @@ def _truthy(v: str | None) -> bool:
 
 def run_sweep(argv: list[str], out=print) -> int:
   """The command line, as a function (returns the exit status; `out` receives the progress lines)."""
-  if '--help' in argv or '-h' in argv:
-    out(__doc__)
+  if configlib.wants_help(argv):
+    out(configlib.help_text(__doc__, {}, argv))
     return 0
   flags, cli = _parse(argv)
   module, arg = configlib.load_module(flags['config'])

@@ -397,7 +397,16 @@ def _finish(run: Run, state, train_info, rules, t_start) -> dict[str, Any]:
   }
 
 
+FLAGS = {
+    'workdir': '=<dir>: the run directory (created; rerunning the command resumes the run there)',
+    'coordinator_address': '=host:port, --num_processes=N, --process_id=i: join a multi-process run',
+}
+
+
 def main(argv: list[str]) -> int:
+  if configlib.wants_help(argv):
+    print(configlib.help_text(__doc__, FLAGS, argv))
+    return 0
   config, flags = configlib.parse_argv(argv)
   configlib.check_flags(flags, ('workdir',) + distributed.FLAGS)
   unused = configlib.unused_in_float(config, configlib.override_keys(argv))

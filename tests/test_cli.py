@@ -130,3 +130,26 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path):
   assert proc.returncode == 130 and 'Traceback' not in err, err
   line = err.strip().splitlines()[-1]
   assert line.startswith('interrupted: checkpoints up to step ') and 'rerun the same command to resume' in line
+
+
+def test_help_of_every_command_lists_its_flags():
+  expected = {'train': ['--workdir', '--config.<key>', '--list_config', '--debug'], 'bench': ['--workdir', '--debug'],
+              'sweep': ['--root', '--rerun_changed', '--list_config'], 'data': ['fetch', 'info', '--debug'],
+              'report': ['root', '--debug'], 'board': ['--port', '--host', '--debug']}
+  for module, flags in expected.items():
+    r = cli(module, '--help')
+    assert r.returncode == 0 and 'Traceback' not in r.stderr, (module, r.stderr)
+    for flag in flags:
+      assert flag in r.stdout, (module, flag, r.stdout)
+
+
+def test_config_help_lists_every_key_with_value_and_comment():
+  r = cli('train', '--config=configs/fmnist_cnn.py', '--config.quant.act.format=int4', '--help')
+  assert r.returncode == 0 and '--workdir' in r.stdout
+  lines = {line.split('=')[0].strip(): line for line in r.stdout.splitlines() if ' = ' in line}
+  assert "'int4'" in lines['quant.act.format'] and '6000' in lines['num_train_steps']  # overrides applied
+  assert "# 'auto' (cache, then fetch)" in lines['data_source'] and '# conv channels' in lines['model.features']
+  assert len(lines) == len(configlib.flatten(configlib.to_dict(configlib.load_file('configs/fmnist_cnn.py'))))
+  only = cli('sweep', '--config=configs/quickstart.py:runlocal', '--list_config')
+  assert only.returncode == 0 and only.stdout.lstrip().startswith('batch_size') and 'quant.weight.format' in only.stdout
+
