@@ -2,6 +2,7 @@
 line and a non-zero exit without a traceback (--debug or QJAX_DEBUG=1 shows it), and --help lists the flags."""
 
 import errno
+import io
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import time
 
 from experiments import checkpoints as ckpt_lib
-from experiments import configlib, sweep, train
+from experiments import configlib, progress, sweep, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
@@ -153,3 +154,15 @@ def test_config_help_lists_every_key_with_value_and_comment():
   only = cli('sweep', '--config=configs/quickstart.py:runlocal', '--list_config')
   assert only.returncode == 0 and only.stdout.lstrip().startswith('batch_size') and 'quant.weight.format' in only.stdout
 
+
+def test_the_first_eta_excludes_compilation(monkeypatch):
+  clock = [0.0]
+  monkeypatch.setattr(progress.time, 'time', lambda: clock[0])
+  stream = io.StringIO()
+  bar = progress.Progress(1000, 0, stream=stream)
+  clock[0] = 30.0  # the first step took 30 s: compilation
+  bar.update(1)
+  clock[0] = 40.0  # then 100 steps in 10 s: 10 steps/s, 899 steps left
+  bar.update(101)
+  last = stream.getvalue().splitlines()[-1]
+  assert '10.0 steps/s' in last and 'eta 1:29' in last, last
