@@ -409,7 +409,7 @@ def _write_tensorboard(root: str, trials: list[dict], manifest: dict, pngs: dict
         values.append(v)
     if values:
       domains[k] = values
-  metrics = list(dict.fromkeys(manifest.get('metrics') or ['eval/accuracy', 'eval/loss']))
+  metrics = list(dict.fromkeys((manifest.get('metrics') or ['eval/accuracy', 'eval/loss']) + serving_tags(trials)))
   tb.write_hparams_experiment(root, domains, metrics,
                               description=f'Sweep `{manifest.get("config", root)}`; one session per trial, '
                                           'sessions grouped over seeds. Report: report.md at the root.')
@@ -420,6 +420,19 @@ def _write_tensorboard(root: str, trials: list[dict], manifest: dict, pngs: dict
     for axis, png in pngs.items():
       w.image(f'pareto/{metric.split("/")[-1]}_vs_{axis}', png, step)
     w.text('report', text, step)
+
+
+def serving_tags(trials: list[dict]) -> list[str]:
+  """The serving scalars the runner writes (experiments.train.serving_scalars) that some finished trial has, as
+  HParams metrics: served metrics, bytes, latency ratio to float, int8 matmuls."""
+  tags = {}
+  for t in trials:
+    r = t['result'] or {}
+    tags.update(dict.fromkeys(f'serving/{k.split("/")[-1]}' for k in (r.get('serving_metrics') or {})))
+    present = {'serving/bytes': 'serving_bytes' in r, 'serving/latency_vs_float': not math.isnan(latency_ratio(r)),
+               'serving/int8_matmuls': 'int8' in (r.get('matmuls') or {})}
+    tags.update(dict.fromkeys(k for k, ok in present.items() if ok))
+  return list(tags)
 
 
 def write_report(root: str) -> dict[str, str]:

@@ -42,6 +42,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -222,7 +223,8 @@ def run_trial(task: dict) -> dict:
       with _output_to(os.path.join(workdir, 'train.log')) as log_file:
         print(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")} trial {task["name"]} (id {task["id"]}) pid {os.getpid()} '
               f'on {socket.gethostname()}', flush=True)
-        result = fn(config, workdir, log=lambda *a: print(*a, file=log_file, flush=True))
+        named = {'group_name': task['group']} if 'group_name' in inspect.signature(fn).parameters else {}
+        result = fn(config, workdir, log=lambda *a: print(*a, file=log_file, flush=True), **named)
     except Exception as e:  # noqa: BLE001 - a trial's failure is recorded, the sweep goes on
       if isinstance(e, OSError):  # a full disk or a permission: one line naming the path, not a traceback
         e = OSError(e.errno, f'{configlib.os_error_text(e)}; its checkpoints so far are kept')
@@ -337,9 +339,15 @@ def replace_changed(root: str, names: list[str]) -> list[str]:
   return moved
 
 
+def group_name(trial: sweeps.Trial) -> str:
+  """The trial's HParams session group: its labels without the seed ('mode=qat,bits=w4a4'), so TensorBoard names
+  a configuration as the sweep does and groups its seeds."""
+  return ','.join(f'{k}={v}' for k, v in trial.labels.items() if not sweeps.is_seed_key(k)) or trial.name
+
+
 def make_task(trial: sweeps.Trial, trials: list[sweeps.Trial], root: str, trial_fn: str, retry: bool) -> dict:
   return {
-      'index': trial.index, 'name': trial.name, 'id': trial.id, 'root': root,
+      'index': trial.index, 'name': trial.name, 'id': trial.id, 'root': root, 'group': group_name(trial),
       'config': configlib.to_dict(trial.config), 'trial_fn': trial_fn, 'retry': retry,
       'cache_dir': os.path.join(root, '.jax_cache'),
       'dep_tasks': [make_task(trials[d], trials, root, trial_fn, retry) for d in trial.deps],

@@ -165,6 +165,7 @@ class Run:
   writer: Any
   log: Any
   write_hparams: bool = True
+  group_name: str | None = None   # the HParams session group (a sweep's labels); None: a hash of the hparams
 
   def batch(self, step: int):
     x, y = input_pipeline.train_batch(self.data, self.config.seed, step, self.config.batch_size)
@@ -215,10 +216,12 @@ def _setup(config, workdir, log):
   return mesh, data, md
 
 
-def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool = True) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool = True,
+                       group_name: str | None = None) -> dict[str, Any]:
   """Runs (or resumes, or returns the finished result of) the run that `config` describes in `workdir`.
 
-  write_hparams=False keeps the run out of TensorBoard's HParams dashboard (a helper float run of a PTQ trial).
+  write_hparams=False keeps the run out of TensorBoard's HParams dashboard (a helper float run of a PTQ trial);
+  group_name names its HParams session group (a sweep passes the trial's labels without the seed).
   """
   workdir = os.path.abspath(workdir)
   config_dict = json.loads(json.dumps(configlib.to_dict(config)))  # as result.json will hold it (tuples -> lists)
@@ -243,7 +246,7 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
   state = trainer.init(jax.random.key(config.seed), jnp.asarray(sample_x), float_pure)
   state = distributed.place_state(mesh, state, config.mesh)
   writer = SummaryWriter(workdir) if lead else summaries.NullWriter()
-  run = Run(config, workdir, data, md, trainer, mesh, writer, log, write_hparams)
+  run = Run(config, workdir, data, md, trainer, mesh, writer, log, write_hparams, group_name)
   try:
     if mode == 'ptq':
       state, train_info = _calibrate(run, state), {'steps': 0, 'steps_per_sec': 0.0}
@@ -271,7 +274,7 @@ def _train(run: Run, state, sched):
     state = distributed.place_state(run.mesh, run.trainer.from_pure(state, pure), c.mesh)
     run.log(f'resuming {run.workdir} from step {start}')
   elif jax.process_index() == 0 and run.write_hparams:
-    run.writer.hparams(summaries.hparams_of(c), group_name=None)
+    run.writer.hparams(summaries.hparams_of(c), group_name=run.group_name)
   train_step = jax.jit(run.trainer.train_step, donate_argnums=0)
   eval_step = jax.jit(run.trainer.eval_step)
   progress = Progress(total, start)
@@ -375,7 +378,7 @@ def _calibrate(run: Run, state):
     x, _ = run.batch(i)
     state = step_fn(state, x)
   if run.write_hparams:
-    run.writer.hparams(summaries.hparams_of(c), group_name=None)
+    run.writer.hparams(summaries.hparams_of(c), group_name=run.group_name)
   return state
 
 
@@ -387,8 +390,8 @@ def _finish(run: Run, state, train_info, rules, t_start) -> dict[str, Any]:
   run.writer.scalars(metrics, step)
   serving = summaries.serving_summary(run, state, rules)
   layers = summaries.quant_summaries(run, state, step)
-  if serving.get('serving_metrics'):
-    run.writer.scalars({f'serving/{k.split("/")[-1]}': v for k, v in serving['serving_metrics'].items()}, step)
+  if serving_scalars(serving):
+    run.writer.scalars(serving_scalars(serving), step)
   return {
       'mode': c.mode, 'model': c.model.name, 'dataset': c.dataset,
       'metrics': metrics, **serving, 'layers': layers,
@@ -401,6 +404,20 @@ FLAGS = {
     'workdir': '=<dir>: the run directory (created; rerunning the command resumes the run there)',
     'coordinator_address': '=host:port, --num_processes=N, --process_id=i: join a multi-process run',
 }
+
+
+def serving_scalars(serving: dict[str, Any]) -> dict[str, float]:
+  """The served model's figures as scalars (HParams metrics beside eval/*): its metrics, bytes, latency as a ratio
+  to the float model timed side by side, and the number of int8 matmuls."""
+  out = {f'serving/{k.split("/")[-1]}': v for k, v in (serving.get('serving_metrics') or {}).items()}
+  if serving.get('serving_bytes') is not None:
+    out['serving/bytes'] = serving['serving_bytes']
+  ratio = (serving.get('latency') or {}).get('ratio_to_float')
+  if ratio is not None:
+    out['serving/latency_vs_float'] = ratio
+  if 'int8' in (serving.get('matmuls') or {}):
+    out['serving/int8_matmuls'] = serving['matmuls']['int8']
+  return out
 
 
 def main(argv: list[str]) -> int:

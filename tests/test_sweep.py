@@ -391,7 +391,8 @@ def test_tensorboard_lists_trials_with_swept_hparams_and_groups_seeds(fake_cfg, 
     infos = {i['name']: i for i in experiment['hparamInfos']}
     assert set(infos) == {'quant.weight.format', 'quant.act.format'}
     assert infos['quant.weight.format']['domainDiscrete'] == ['int4', 'int8']
-    assert [m['name']['tag'] for m in experiment['metricInfos']] == ['eval/accuracy']
+    assert [m['name']['tag'] for m in experiment['metricInfos']] == ['eval/accuracy', 'serving/bytes',
+                                                                     'serving/int8_matmuls']
     request = {'experimentName': '', 'startIndex': 0, 'sliceSize': 1000,
                'allowedStatuses': ['STATUS_FAILURE', 'STATUS_RUNNING', 'STATUS_SUCCESS', 'STATUS_UNKNOWN'],
                'colParams': [{'hparam': 'quant.weight.format'}, {'hparam': 'quant.act.format'},
@@ -449,8 +450,38 @@ def test_real_runner_ptq_from_the_float_trial(tmp_path):
   assert 'resuming' not in open(os.path.join(root, 'mode=ptq', 'train.log')).read()
   rows = open(os.path.join(root, 'results.csv')).read().splitlines()
   assert len(rows) == 3 and rows[0].startswith('mode,seeds,weight_bits,accuracy_mean')
+  _check_review_in_tensorboard(root)
   rc, out = _sweep([f'--config={cfg}', f'--root={root}'])
   assert rc == 0 and any(line.startswith('tally: 0 done, 2 skipped') for line in out)
+
+
+def _check_review_in_tensorboard(root):
+  """Through TensorBoard's HTTP API (what its browser UI reads): session groups named by the sweep's labels with
+  the serving metrics, the Pareto images and the runs' scalars."""
+  url, server = board.start(root, host='127.0.0.1', port=0, timeout=90, reload_interval=1)
+  try:
+    experiment, deadline = {}, time.monotonic() + 60
+    while time.monotonic() < deadline and not experiment.get('metricInfos'):
+      experiment = _post(url, 'data/plugin/hparams/experiment', {'experimentName': ''})
+      time.sleep(0.5)
+    tags = [m['name']['tag'] for m in experiment['metricInfos']]
+    serving = ['serving/accuracy', 'serving/loss', 'serving/bytes', 'serving/latency_vs_float', 'serving/int8_matmuls']
+    assert tags[:2] == ['eval/accuracy', 'eval/loss'] and set(serving) <= set(tags), tags
+    request = {'experimentName': '', 'startIndex': 0, 'sliceSize': 100,
+               'allowedStatuses': ['STATUS_FAILURE', 'STATUS_RUNNING', 'STATUS_SUCCESS', 'STATUS_UNKNOWN'],
+               'colParams': [{'metric': {'tag': t, 'group': ''}} for t in tags]}
+    groups = _post(url, 'data/plugin/hparams/session_groups', request)['sessionGroups']
+    assert sorted(g['name'] for g in groups) == ['mode=float', 'mode=ptq']  # the sweep's labels, not hashes
+    ptq = next(g for g in groups if g['name'] == 'mode=ptq')
+    values = {v['name']['tag']: v['value'] for v in ptq['metricValues']}
+    assert values['serving/int8_matmuls'] > 0 and 0 < values['serving/latency_vs_float']
+    assert 0 <= values['serving/accuracy'] <= 1 and values['serving/bytes'] > 0
+    images = json.load(urllib.request.urlopen(f'{url}data/plugin/images/tags', timeout=30))
+    assert any(t.startswith('pareto/') for run in images.values() for t in run), images
+    scalars = json.load(urllib.request.urlopen(f'{url}data/plugin/scalars/tags', timeout=30))
+    assert 'eval/accuracy' in scalars.get('mode=float', {}) and 'serving/bytes' in scalars.get('mode=ptq', {})
+  finally:
+    server.stop()
 
 
 # ------------------------------------------------------------------------------------------------- Ray
