@@ -204,7 +204,7 @@ COMMON_FLAGS = {
     'config': 'configs/<name>.py[:arg], the config file (and its arg, e.g. runlocal)',
     'config.<key>': '=value: override one config key (--list_config lists them all)',
     'list_config': 'print every key of --config with its value and comment, then exit',
-    'debug': f'show the traceback of an error (or set {"QJAX_DEBUG"}=1)',
+    'debug': 'show the traceback of an error (or set QJAX_DEBUG=1)',
     'help': 'this text',
 }
 _COMMENTED = re.compile(r'^\s*(c|config|q)\.([A-Za-z_][\w.]*)\s*=[^#]*#\s*(.+)$')

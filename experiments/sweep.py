@@ -63,7 +63,7 @@ DEFAULT_TRIAL_FN = 'experiments.train:train_and_evaluate'
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ('config', 'root', 'executor', 'workers', 'index', 'dry_run', 'retry_failed', 'rerun_changed',
          'ray_address', 'start_method', 'trial_fn')
-REPLACED = '_replaced'  # <root>/_replaced/<name>-<id>: trials moved aside by --rerun_changed
+REPLACED = '_replaced'  # <root>/_replaced/<name>-<time>: trials moved aside by --rerun_changed
 
 
 class SweepError(RuntimeError):

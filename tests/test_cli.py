@@ -36,6 +36,8 @@ def test_user_errors_of_every_command_are_one_line(tmp_path):
   a_file.write_text('')
   cases = [
       (('train', '--config=configs/fmnist_cnn.py:runlocal', f'--workdir={a_file}'), 'is a file, not a directory'),
+      (('train', '--config=configs/fmnist_cnn.py:runlocal', '--workdir=/proc/qjax-not-writable'),
+       'cannot write there'),
       (('train', '--config=configs/fmnist_cnn.py:runlocal', f'--workdir={tmp_path}/w', '--config.mode=qat',
         '--config.quant.act.granularity=per_row'), "config.quant.act: granularity='per_row'"),
       (('train', '--config=configs/fmnist_cnn.py:runlocal', f'--workdir={tmp_path}/w', '--config.mode=qta'),
