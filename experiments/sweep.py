@@ -326,6 +326,8 @@ def _changed_message(changed: dict[str, list[str]], root: str) -> str:
 
 def replace_changed(root: str, names: list[str]) -> list[str]:
   """Moves the changed trials' workdirs to <root>/_replaced/ (nothing is deleted); returns where each went."""
+  if not names:
+    return []
   held = [n for n in names if Claim.is_held(os.path.join(root, n))]
   if held:
     raise configlib.ConfigError(f'--rerun_changed: {", ".join(held)} is running in another process; rerun when '

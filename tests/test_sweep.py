@@ -215,6 +215,7 @@ def test_rerun_with_changed_overrides_is_refused_then_rerun_on_request(fake_cfg,
   root = str(tmp_path / 'root')
   args = [f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=1']
   assert _sweep(args)[0] == 0
+  assert not os.path.exists(os.path.join(root, sweep.REPLACED))  # made only when something moves there
   manifest = open(os.path.join(root, 'sweep.json')).read()
   with pytest.raises(configlib.ConfigError, match=r'(?s)4 trial\(s\).*w=int8,a=int8,seed=0: steps.*--rerun_changed'):
     _sweep(args + ['--config.steps=4'])
