@@ -117,7 +117,8 @@ def layer_stats(run, state) -> list[dict[str, Any]]:
   rows = []
   for r, (x, st), (sqnr, clip) in zip(meta, arrays, values, strict=True):
     rows.append({
-        'layer': f'{r.path}/{r.prefix}', 'path': r.path, 'operand': r.weight_name or 'act', 'format': r.spec.format,
+        'layer': f'{r.path}/{r.prefix}', 'path': r.path, 'op': r.prefix.rsplit('_', 1)[0],  # '<op><i>_<side>'
+        'operand': r.weight_name or 'act', 'format': r.spec.format,
         'sqnr_db': float(sqnr), 'clip_fraction': float(clip),
         'learned': {k: float(jnp.mean(jnp.asarray(st[k]))) for k in r.spec.learned},
         '_x': x if r.weight_name else None, '_scale': st.get('scale', st.get('alpha')),
@@ -156,13 +157,18 @@ def sqnr_chart(rows) -> bytes:
   return buf.getvalue()
 
 
+def _op_key(row) -> str:
+  """A row's quantized op ('conv1/conv0'): both operands of one op (its _lhs and _rhs rows) share it."""
+  return f'{row["path"]}/{row["op"]}' if 'op' in row else row['layer']
+
+
 def layer_names(rows) -> dict[str, str]:
-  """Row layer ('hidden/dot_general') -> the name the rules report gives it: its module path ('hidden'), with the
-  op only where a path holds several quantized ops."""
-  paths = {}
+  """Op key -> the name the rules report gives its layer: the module path ('conv1'), with the op only where a
+  path holds several quantized ops ('block/conv0', 'block/dot_general0')."""
+  ops = {}
   for r in rows:
-    paths.setdefault(r.get('path', r['layer']), set()).add(r['layer'])
-  return {r['layer']: r['layer'] if len(paths[r.get('path', r['layer'])]) > 1 else r.get('path', r['layer'])
+    ops.setdefault(r.get('path', r['layer']), set()).add(_op_key(r))
+  return {_op_key(r): _op_key(r) if len(ops[r.get('path', r['layer'])]) > 1 else r.get('path', r['layer'])
           for r in rows}
 
 
@@ -173,12 +179,12 @@ def sqnr_figure(rows):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
   names = layer_names(rows)
-  layers = list(dict.fromkeys(r['layer'] for r in rows))
+  layers = list(dict.fromkeys(_op_key(r) for r in rows))
   fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(layers) + 3), 3.5), dpi=100)
   width, colors = 0.38, {'weight': 'tab:blue', 'act': 'tab:orange'}
   for i, layer in enumerate(layers):
     have = [(kind, r['sqnr_db']) for kind in ('weight', 'act') for r in rows
-            if r['layer'] == layer and (r['operand'] == 'act') == (kind == 'act')][:2]
+            if _op_key(r) == layer and (r['operand'] == 'act') == (kind == 'act')][:2]
     for j, (kind, v) in enumerate(have):
       ax.bar(i + (j - (len(have) - 1) / 2) * width, min(v, 99.0), width, color=colors[kind], label=kind)
   handles, labels = ax.get_legend_handles_labels()

@@ -9,13 +9,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from experiments import report, summaries  # noqa: E402
 
 
-def _rows():
+def _rows():  # as summaries.layer_stats gives them: one row per quantized operand ('<op><i>_lhs' / '_rhs')
+  def row(path, op, side, operand, sqnr):
+    return {'layer': f'{path}/{op}_{side}', 'path': path, 'op': op, 'operand': operand, 'sqnr_db': sqnr}
   return [
-      {'layer': 'hidden/dot_general', 'path': 'hidden', 'operand': 'kernel', 'sqnr_db': 30.0},
-      {'layer': 'hidden/dot_general', 'path': 'hidden', 'operand': 'act', 'sqnr_db': 20.0},
-      {'layer': 'head/dot_general', 'path': 'head', 'operand': 'act', 'sqnr_db': 25.0},   # activations only
-      {'layer': 'block/conv', 'path': 'block', 'operand': 'kernel', 'sqnr_db': 140.0},   # off the scale: capped
-      {'layer': 'block/dot_general', 'path': 'block', 'operand': 'kernel', 'sqnr_db': 12.0},
+      row('hidden', 'dot_general0', 'lhs', 'act', 20.0), row('hidden', 'dot_general0', 'rhs', 'kernel', 30.0),
+      row('head', 'dot_general0', 'lhs', 'act', 25.0),                                   # activations only
+      row('block', 'conv0', 'rhs', 'kernel', 140.0),                                     # off the scale: capped
+      row('block', 'dot_general0', 'rhs', 'kernel', 12.0),
   ]
 
 
@@ -26,7 +27,7 @@ def test_sqnr_bars_are_centred_on_their_ticks_with_the_legend_off_the_data():
   ticks = list(ax.get_xticks())
   labels = [t.get_text() for t in ax.get_xticklabels()]
   # Named as the rules report names layers: the module path, with the op where a path has several.
-  assert labels == ['hidden', 'head', 'block/conv', 'block/dot_general']
+  assert labels == ['hidden', 'head', 'block/conv0', 'block/dot_general0']
   centres = {}
   for bar in ax.patches:  # each bar lies within half a tick of its own
     centre = bar.get_x() + bar.get_width() / 2
