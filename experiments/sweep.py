@@ -22,7 +22,8 @@ Executors:
                    that cluster (the code and --root must be on every node). One GPU per trial when the
                    cluster has GPUs.
   --index=i        runs trial i alone in this process (Slurm arrays, Kubernetes indexed jobs); --index=env reads
-                   SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX. `--dry_run` lists the trials with their indices.
+                   SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX. `--dry_run` lists the trials with their indices
+                   and status (done, failed, interrupted, pending; changed: its stored run has another config).
 
 Reruns: finished trials (result.json) are skipped, interrupted ones resume from their checkpoints, failed ones
 (error.json: exception and traceback) are skipped unless --retry_failed, which reruns only them. A rerun whose
@@ -657,9 +658,11 @@ def run_sweep(argv: list[str], out=print) -> int:
     if unused:
       out(f'warning: trial {t.name}: {unused}')
   if _truthy(flags.get('dry_run')):
+    changed = changed_trials(trials, trials, root)
     for t in trials:
       deps = f'  after {",".join(trials[d].name for d in t.deps)}' if t.deps else ''
-      out(f'{t.index:3d}  {t.id}  {t.name:<40s} {trial_status(root, t):<12s}'
+      status = 'changed' if t.name in changed else trial_status(root, t)
+      out(f'{t.index:3d}  {t.id}  {t.name:<40s} {status:<12s}'
           f'{json.dumps(t.overrides, default=str)}{deps}')
     return 0
   executor = flags.get('executor', 'local')

@@ -220,6 +220,8 @@ def test_rerun_with_changed_overrides_is_refused_then_rerun_on_request(fake_cfg,
   with pytest.raises(configlib.ConfigError, match=r'(?s)4 trial\(s\).*w=int8,a=int8,seed=0: steps.*--rerun_changed'):
     _sweep(args + ['--config.steps=4'])
   assert open(os.path.join(root, 'sweep.json')).read() == manifest  # nothing relabelled
+  rc, out = _sweep(args + ['--config.steps=4', '--dry_run'])
+  assert rc == 0 and all(line.split()[3] == 'changed' for line in out), out
   names = [t.name for t in sweeps.expand(*configlib.load_module(fake_cfg), root)]
   assert all(_steps(root, n) == [1, 2, 3] for n in names)
   rc, out = _sweep(args + ['--config.steps=4', '--rerun_changed'])
