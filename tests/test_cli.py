@@ -116,7 +116,7 @@ def disk_full_trial(config, workdir, log=print):
 def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path):
   work = tmp_path / 'w'
   proc = subprocess.Popen([sys.executable, '-m', 'experiments.train', '--config=configs/fmnist_mlp.py:runlocal',
-                           '--config.num_train_steps=20000', '--config.checkpoint_every_steps=10',
+                           '--config.num_train_steps=20000', '--config.checkpoint_every_steps=1',
                            '--config.eval_every_steps=20000', '--config.quant_summaries=false',
                            '--config.model.hidden=(8,)', f'--workdir={work}'], cwd=ROOT, env=ENV,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
