@@ -650,7 +650,10 @@ def run_sweep(argv: list[str], out=print) -> int:
   flags, cli = _parse(argv)
   module, arg = configlib.load_module(flags['config'])
   root = os.path.abspath(flags['root'])
-  trials = sweeps.expand(module, arg, root, cli)
+  try:
+    trials = sweeps.expand(module, arg, root, cli)
+  except configlib.ConfigError as e:
+    raise configlib.ConfigError(f'--config={flags["config"]}: {e}') from None
   metrics = list(module.metrics()) if hasattr(module, 'metrics') else ['eval/accuracy', 'eval/loss']
   index = _index(flags['index'], len(trials)) if flags.get('index') else None
   for t in trials:
