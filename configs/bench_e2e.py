@@ -23,9 +23,12 @@ Takes ~15 min (one model: --config.models="('char_lm',)").
 
 import ml_collections
 
+from experiments import configlib
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: None or 'runlocal' (a tiny MLP, batches of 8)."""
+  a = configlib.config_args(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   c.suite = 'e2e'
   c.module = 'experiments.bench_suites'
@@ -42,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.inspect = True
   c.flag_tolerance = 0.0
   c.timing = ml_collections.ConfigDict({'warmup': 3, 'rounds': 9, 'min_time': 0.3, 'clock': 'wall'})
-  if arg == 'runlocal':
+  if a['runlocal']:
     c.mlp_hidden = (32,)
     c.models = ('mlp', 'lenet5', 'char_lm')
     c.charlm = ml_collections.ConfigDict({'d_model': 16, 'num_heads': 2, 'num_layers': 1, 'seq_len': 8,
@@ -51,6 +54,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.serve_batches = (1, 8)
     c.calibration_batches = 1
     c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'})
-  elif arg:
-    raise ValueError(f'unknown config arg {arg!r}: use runlocal')
   return c

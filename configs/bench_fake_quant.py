@@ -16,9 +16,12 @@ Takes ~30 s.
 
 import ml_collections
 
+from experiments import configlib
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg='runlocal'` shrinks it to a (256, 256) array and a few short samples."""
+  a = configlib.config_args(arg, runlocal=False)
   config = ml_collections.ConfigDict()
   config.suite = 'fake_quant'       # Registered in experiments/bench.py.
   config.shape = (4096, 4096)
@@ -36,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.timing.rounds = 15
   config.timing.min_time = 0.2      # Seconds per sample.
   config.timing.clock = 'wall'      # 'process': CPU time, steadier when other processes load the machine.
-  if arg == 'runlocal':
+  if a['runlocal']:
     config.shape = (256, 256)
     config.timing.warmup = 1
     config.timing.rounds = 3

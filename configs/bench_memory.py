@@ -15,9 +15,12 @@ adds only scales and statistics. Takes ~1 min.
 
 import ml_collections
 
+from experiments import configlib
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: None or 'runlocal' (a tiny MLP)."""
+  a = configlib.config_args(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   c.suite = 'memory'
   c.module = 'experiments.bench_suites'
@@ -26,9 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.calibration_batches = 1
   c.quant_overrides = ml_collections.ConfigDict()
   c.seed = 0
-  if arg == 'runlocal':
+  if a['runlocal']:
     c.mlp_hidden = (32,)
     c.train_batch = 8
-  elif arg:
-    raise ValueError(f'unknown config arg {arg!r}: use runlocal')
   return c

@@ -20,9 +20,12 @@ Takes ~4 min.
 
 import ml_collections
 
+from experiments import configlib
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: None, 'full' (adds 4096^3) or 'runlocal' (tiny shapes)."""
+  a = configlib.config_args(arg, full=False, runlocal=False)
   c = ml_collections.ConfigDict()
   c.suite = 'qmatmul'
   c.module = 'experiments.bench_suites'
@@ -36,15 +39,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.inspect = True
   c.flag_tolerance = 0.0
   c.timing = ml_collections.ConfigDict({'warmup': 2, 'rounds': 9, 'min_time': 0.1, 'clock': 'wall'})
-  if arg == 'full':
+  if a['full']:
     c.squares = (256, 512, 1024, 2048, 4096)
-  elif arg == 'runlocal':
+  elif a['runlocal']:
     c.squares = (32,)
     c.mlp_shapes = ('16x32x64',)
     c.small_m = (1, 4)
     c.small_m_kn = 64
     c.dynamic_target_shapes = ('32x32x32',)
     c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'})
-  elif arg:
-    raise ValueError(f'unknown config arg {arg!r}: use full or runlocal')
   return c

@@ -18,9 +18,12 @@ the naive drhs ~0.4x. Takes ~1 min.
 
 import ml_collections
 
+from experiments import configlib
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: None or 'runlocal' (tiny shape)."""
+  a = configlib.config_args(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   c.suite = 'train_matmul'
   c.module = 'experiments.bench_suites'
@@ -29,9 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.inspect = True
   c.flag_tolerance = 0.0
   c.timing = ml_collections.ConfigDict({'warmup': 2, 'rounds': 11, 'min_time': 0.2, 'clock': 'wall'})
-  if arg == 'runlocal':
+  if a['runlocal']:
     c.train_shape = (64, 64, 64)   # rows > small_m (1) in all three matmuls: int8, not routed to float
     c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'})
-  elif arg:
-    raise ValueError(f'unknown config arg {arg!r}: use runlocal')
   return c

@@ -10,10 +10,12 @@ Expected: float >= 91% test accuracy (docs/results.md has the measured figures a
 runlocal: 20 steps on the committed fixtures, well under a minute.
 """
 
+from experiments import configlib
 from experiments.config_base import base_config, runlocal
 
 
 def get_config(arg=None):
+  a = configlib.config_args(arg, runlocal=False)
   c = base_config()
   c.dataset = 'fashion_mnist'
   c.model.name = 'lenet5'
@@ -23,7 +25,7 @@ def get_config(arg=None):
   c.num_train_steps = 6000
   c.eval_every_steps = 1000
   c.optimizer.learning_rate = 2e-3
-  if arg == 'runlocal':
+  if a['runlocal']:
     runlocal(c)
   return c
 

@@ -9,10 +9,12 @@ Smoke: python -m experiments.train --config=configs/fmnist_mlp.py:runlocal --wor
 Expected: float ~88-89% test accuracy (an MLP; the CNN is the accuracy model); a few minutes on 2 CPU cores.
 """
 
+from experiments import configlib
 from experiments.config_base import base_config, runlocal
 
 
 def get_config(arg=None):
+  a = configlib.config_args(arg, runlocal=False)
   c = base_config()
   c.dataset = 'fashion_mnist'
   c.model.name = 'mlp'
@@ -21,7 +23,7 @@ def get_config(arg=None):
   c.num_train_steps = 3000
   c.eval_every_steps = 1000
   c.optimizer.learning_rate = 1e-3
-  if arg == 'runlocal':
+  if a['runlocal']:
     runlocal(c)
   return c
 

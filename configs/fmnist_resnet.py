@@ -6,10 +6,12 @@ Smoke: python -m experiments.train --config=configs/fmnist_resnet.py:runlocal --
 Expected: float ~92-93% test accuracy; slower than the CNN on CPU (tens of minutes on 2 cores).
 """
 
+from experiments import configlib
 from experiments.config_base import base_config, runlocal
 
 
 def get_config(arg=None):
+  a = configlib.config_args(arg, runlocal=False)
   c = base_config()
   c.dataset = 'fashion_mnist'
   c.model.name = 'resnet'
@@ -17,7 +19,7 @@ def get_config(arg=None):
   c.model.width = 16
   c.num_train_steps = 4000
   c.quant.float_layers = 'stem|head'   # first and last layers in float, as is customary
-  if arg == 'runlocal':
+  if a['runlocal']:
     runlocal(c)
   return c
 

@@ -6,17 +6,19 @@ Smoke: python -m experiments.train --config=configs/mnist_cnn.py:runlocal --work
 Expected: float >= 98.5% test accuracy; W8A8 QAT/PTQ within a few tenths of a point.
 """
 
+from experiments import configlib
 from experiments.config_base import base_config, runlocal
 
 
 def get_config(arg=None):
+  a = configlib.config_args(arg, runlocal=False)
   c = base_config()
   c.dataset = 'mnist'
   c.model.name = 'lenet5'
   c.model.features = (6, 16)
   c.model.hidden = (120, 84)
   c.num_train_steps = 3000
-  if arg == 'runlocal':
+  if a['runlocal']:
     runlocal(c)
   return c
 

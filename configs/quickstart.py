@@ -32,16 +32,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _args(arg):
-  out = {'runlocal': False, 'seeds': 1}
-  for part in filter(None, (arg or '').split(',')):
-    k, eq, v = part.partition('=')
-    if k == 'runlocal':
-      out['runlocal'] = True
-    elif k == 'seeds' and eq:
-      out['seeds'] = int(v)
-    else:
-      raise configlib.ConfigError(f'configs/quickstart.py:{arg}: unknown arg {part!r} (known: runlocal, seeds=N)')
-  return out
+  a = configlib.config_args(arg, runlocal=False, seeds=1)
+  if a['seeds'] < 1:
+    raise configlib.ConfigError(f'config arg seeds={a["seeds"]}: expected a positive number of seeds')
+  return a
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:

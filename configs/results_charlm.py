@@ -14,8 +14,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-  c = configlib.load_file(os.path.join(_HERE, 'shakespeare_charlm.py') + (':runlocal' if arg == 'runlocal' else ''))
-  if arg != 'runlocal':  # sized for 2 CPU cores
+  a = configlib.config_args(arg, runlocal=False)
+  c = configlib.load_file(os.path.join(_HERE, 'shakespeare_charlm.py') + (':runlocal' if a['runlocal'] else ''))
+  if not a['runlocal']:  # sized for 2 CPU cores
     c.model.seq_len = 64
     c.eval_examples = 256
     c.num_train_steps = 1200
@@ -25,7 +26,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  runlocal = arg == 'runlocal'
+  runlocal = configlib.config_args(arg, runlocal=False)['runlocal']
   steps = 20 if runlocal else 300
   fine_tune = {'init_from': sweeps.trial_ref('mode=float'), 'num_train_steps': steps,
                'optimizer.learning_rate': 3e-4, 'optimizer.warmup_steps': 0, 'eval_every_steps': steps}

@@ -18,8 +18,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-  c = configlib.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if arg == 'runlocal' else ''))
-  if arg != 'runlocal':
+  a = configlib.config_args(arg, runlocal=False)
+  c = configlib.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  if not a['runlocal']:
     c.num_train_steps = 6000
     c.eval_every_steps = 2000
     c.checkpoint_every_steps = 1000
@@ -28,7 +29,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  runlocal = arg == 'runlocal'
+  runlocal = configlib.config_args(arg, runlocal=False)['runlocal']
   fine_tune = {'init_from': sweeps.trial_ref('mode=float'), 'num_train_steps': 20 if runlocal else 1500,
                'optimizer.learning_rate': 5e-4, 'optimizer.warmup_steps': 0 if runlocal else 50,
                'eval_every_steps': 20 if runlocal else 1500}

@@ -13,15 +13,16 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-  c = configlib.load_file(os.path.join(_HERE, 'mnist_cnn.py') + (':runlocal' if arg == 'runlocal' else ''))
-  if arg != 'runlocal':
+  a = configlib.config_args(arg, runlocal=False)
+  c = configlib.load_file(os.path.join(_HERE, 'mnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  if not a['runlocal']:
     c.num_train_steps = 3000
     c.eval_every_steps = 3000
   return c
 
 
 def get_sweep(arg=None):
-  runlocal = arg == 'runlocal'
+  runlocal = configlib.config_args(arg, runlocal=False)['runlocal']
   steps = 20 if runlocal else 500
   fine_tune = {'init_from': sweeps.trial_ref('mode=float'), 'num_train_steps': steps,
                'optimizer.learning_rate': 5e-4, 'optimizer.warmup_steps': 0, 'eval_every_steps': steps}

@@ -7,10 +7,12 @@ Smoke:    python -m experiments.train --config=configs/shakespeare_charlm.py:run
 Metric: eval/loss (nats per character) and eval/bits_per_char on the held-out plays.
 """
 
+from experiments import configlib
 from experiments.config_base import base_config, runlocal
 
 
 def get_config(arg=None):
+  a = configlib.config_args(arg, runlocal=False)
   c = base_config()
   c.dataset = 'shakespeare'
   c.model.name = 'char_lm'
@@ -26,7 +28,7 @@ def get_config(arg=None):
   c.optimizer.learning_rate = 1e-3
   c.quant.weight.granularity = 'per_channel'
   c.quant.act.granularity = 'per_channel'  # per token
-  if arg == 'runlocal':
+  if a['runlocal']:
     runlocal(c)
     c.model.seq_len = 32
     c.batch_size = 8

@@ -212,9 +212,14 @@ def _fake_quant_before(x, spec):
 
 
 def main(argv: list[str]) -> int:
+  if configlib.wants_help(argv):
+    print(configlib.help_text(__doc__, {'workdir': '=<dir>: also write bench.json and bench.md there'}, argv))
+    return 0
   config, flags = configlib.parse_argv(argv)
   configlib.check_flags(flags, ('workdir',))
   workdir = flags.pop('workdir', None)
+  if workdir:
+    workdir = configlib.writable_dir(workdir, 'workdir')
   try:
     run(config, workdir)
   except ValueError as e:

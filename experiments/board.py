@@ -12,7 +12,6 @@ answers HTTP, for tests and notebooks; `Board.stop()` ends that process (and onl
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
@@ -24,6 +23,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from experiments import configlib
 
 __all__ = ['Board', 'main', 'serve', 'start']
 
@@ -77,7 +78,12 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m experiments.board', description=__doc__.split('\n')[0])
+  """The command line; a mistake (no such logdir, a bad --port, a port in use) is one `error:` line."""
+  return configlib.main_guard(_main, argv=argv)
+
+
+def _main(argv: list[str]) -> int:
+  parser = configlib.ArgParser(prog='python -m experiments.board', description=__doc__.split('\n')[0])
   parser.add_argument('logdir', help='sweep root or single run directory')
   parser.add_argument('--host', default='127.0.0.1', help='address to bind (default: 127.0.0.1, loopback only)')
   parser.add_argument('--port', type=int, default=0, help='port (default: 0, a free port)')
@@ -86,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument('--reload_interval', type=float, default=5.0, help='seconds between logdir rescans')
   args = parser.parse_args(argv)
+  if not os.path.isdir(args.logdir):
+    raise configlib.ConfigError(f'no such logdir: {os.path.abspath(args.logdir)} (a sweep root or a run directory)')
   try:
     serve(args.logdir, args.host, args.port, load_fast=args.load_fast, reload_interval=args.reload_interval)
-  except FileNotFoundError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  except Exception as e:
+    if type(e).__name__ == 'TensorBoardPortInUseError':  # tensorboard.program's; its message names the port
+      raise configlib.ConfigError(f'{e}; --port=0 takes a free one') from None
+    raise
   return 0
 
 

@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from typing import Any
 
 import numpy as np
@@ -45,13 +48,6 @@ def _json_default(o):
   return str(o)
 
 
-def read_json(path: str) -> Any | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 class Checkpoints:
   """An orbax CheckpointManager over a pytree of arrays, keyed by step."""
 
@@ -64,8 +60,9 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, tree: Any) -> None:
-    self.manager.save(step, args=ocp.args.StandardSave(tree))
-    self.manager.wait_until_finished()
+    with _ctrl_c_deferred():  # never a half-written checkpoint: Ctrl-C takes effect once this one is complete
+      self.manager.save(step, args=ocp.args.StandardSave(tree))
+      self.manager.wait_until_finished()
 
   def restore(self, step: int, like: Any) -> Any:
     abstract = _abstract(like)
@@ -73,6 +70,23 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+  """Holds SIGINT until the block ends, then hands it to the handler that was in place (KeyboardInterrupt by
+  default; nothing where it was ignored). Only the main thread can install signal handlers."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  caught = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if caught and callable(previous):
+    previous(signal.SIGINT, None)
 
 
 def _abstract(tree):

@@ -35,8 +35,8 @@ never with ``pickle.load``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import difflib
 import gzip
 import hashlib
 import importlib.util
@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments import configlib
 from experiments._pickle import restricted_loads
 
 IMAGE_DATASETS = ('fashion_mnist', 'mnist')
@@ -868,7 +869,13 @@ def info() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m experiments.data', description=(__doc__ or '').split('\n\n')[0])
+  """The command line; a mistake (an unknown name, a dataset no source delivers) is one `error:` line and its
+  fix steps, never a traceback (configlib.main_guard)."""
+  return configlib.main_guard(_main, DataError, argv=argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+  parser = configlib.ArgParser(prog='python -m experiments.data', description=(__doc__ or '').split('\n\n')[0])
   sub = parser.add_subparsers(dest='command', required=True)
   p_fetch = sub.add_parser('fetch', help='get datasets into the cache (sha256 verified)')
   p_fetch.add_argument('names', nargs='*', default=['all'], metavar='NAME',
@@ -902,7 +909,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   names = list(DATASETS) if 'all' in args.names else args.names
   for n in names:
     if n not in DATASETS:
-      parser.error(f'unknown dataset name {n!r}; allowed names: {", ".join(DATASETS)}, all')
+      near = difflib.get_close_matches(n, list(DATASETS), n=1)
+      hint = f'did you mean {near[0]!r}? ' if near else ''
+      parser.error(f'unknown dataset name {n!r}; {hint}allowed names: {", ".join(DATASETS)}, all')
   kinds = [k.strip() for k in args.sources.split(',') if k.strip()]
   bad = [k for k in kinds if k not in SOURCE_KINDS]
   if bad:

@@ -7,19 +7,26 @@ import time
 
 
 class Progress:
+  """The rate and ETA count from the first update on: the step before it includes the compilation, which would
+  make the first ETA many times too long."""
+
   def __init__(self, total: int, start: int = 0, stream=None, min_interval: float = 0.5):
     self.total, self.start, self.stream = total, start, stream or sys.stderr
-    self.t0 = time.time()
+    self.t0 = None
     self.last = 0.0
     self.min_interval = min_interval
     self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
 
   def rate(self, step: int) -> float:
+    if self.t0 is None:
+      return 0.0
     dt = time.time() - self.t0
     return (step - self.start) / dt if dt > 0 else 0.0
 
   def update(self, step: int, **metrics) -> None:
     now = time.time()
+    if self.t0 is None:  # the steps so far paid for compiling: time from here
+      self.t0, self.start = now, step
     if now - self.last < (self.min_interval if self.tty else 10.0) and step < self.total:
       return
     self.last = now

@@ -7,8 +7,9 @@ reads every trial's result.json (and config.json, error.json) under the root and
   results.csv          one row per configuration (seeds grouped): swept values, metric mean and std over
                        seeds, serving bytes, training step time, inference latency, int8 matmuls, Pareto flags
   report.md            the same table, the Pareto fronts, failed trials, notes on each column
-  pareto_<x>.png       accuracy (or -bits/char) against weight bits, serving bytes and inference latency,
-                       the front highlighted, points labelled
+  pareto_<x>.png       accuracy (or -bits/char) against weight bits, serving bytes and inference latency as a
+                       ratio to the float model timed side by side, the front highlighted, points labelled;
+                       configurations far below the float model (FAR_BELOW_FLOAT) are marked x, never on a front
   TensorBoard          the HParams experiment summary at the root (swept keys as columns; each trial's run,
                        written by the runner, is one session, grouped over seeds) and the Pareto plots as images
                        (tags pareto/*), so `python -m experiments.board <root>` shows both
@@ -31,25 +32,19 @@ import os
 import re
 import sys
 import time
-from typing import Any
 
-from experiments import sweeps
+from experiments import configlib, sweeps
 
 __all__ = ['Config', 'load_trials', 'main', 'pareto_front', 'summarize', 'write_report']
 
-PLOT_AXES = (('weight_bits', 'weight bits'), ('serving_bytes', 'serving size (bytes)'),
-             ('latency_ms', 'inference latency (ms)'))
+PLOT_AXES = (('weight_bits', 'weight bits'), ('serving_bytes', 'serving size'),
+             ('latency_ratio', 'inference latency vs float'))
+AXIS_UNITS = {'weight_bits': 'bits per weight', 'serving_bytes': 'bytes, log scale',
+              'latency_ratio': "x the float model's time, timed side by side"}
+FAR_BELOW_FLOAT = 0.5  # a score under half the float model's (or a loss over twice it): collapsed, off the fronts
 
 
 # ------------------------------------------------------------------------------------------------ loading
-
-
-def _read(path: str) -> Any | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def _get(d: dict, key: str, default=None):
@@ -62,7 +57,7 @@ def _get(d: dict, key: str, default=None):
 
 def load_trials(root: str) -> tuple[list[dict], dict]:
   """The trials under `root` (from sweep.json, else every sub-directory with a config.json) and the manifest."""
-  manifest = _read(os.path.join(root, 'sweep.json')) or {}
+  manifest = sweeps.read_json(os.path.join(root, 'sweep.json')) or {}
   listed = manifest.get('trials') or []
   if not listed:
     names = sorted(d for d in os.listdir(root) if not d.startswith(('.', '_'))
@@ -71,9 +66,9 @@ def load_trials(root: str) -> tuple[list[dict], dict]:
   trials = []
   for t in listed:
     workdir = os.path.join(root, t['name'])
-    result = _read(os.path.join(workdir, 'result.json'))
-    config = (result or {}).get('config') or _read(os.path.join(workdir, 'config.json'))
-    error = _read(os.path.join(workdir, 'error.json'))
+    result = sweeps.read_result(workdir)
+    config = (result or {}).get('config') or sweeps.read_json(os.path.join(workdir, 'config.json'))
+    error = sweeps.read_json(os.path.join(workdir, 'error.json'))
     status = 'done' if result else 'failed' if error else 'running' if _held(workdir) else 'not run'
     trials.append({'name': t['name'], 'index': t.get('index', 0), 'labels': _ordered(t['name'], t.get('labels')),
                    'config': config,
@@ -98,19 +93,9 @@ def _held(workdir: str) -> bool:
   return sweeps.Claim.is_held(workdir)
 
 
-def _flat(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in (d or {}).items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def _derive_labels(trials: list[dict]) -> None:
   """Without a manifest: the labels are the config leaves that differ between trials (last key segment)."""
-  flats = [_flat(t['config']) for t in trials]
+  flats = [configlib.flatten(t['config']) for t in trials]
   keys = sorted({k for f in flats for k in f if len({json.dumps(g.get(k), default=str) for g in flats}) > 1})
   short = sweeps.short_names([sweeps._Axis(k, None, False) for k in keys])
   for t, f in zip(trials, flats, strict=True):
@@ -190,6 +175,8 @@ class Config:
   int8_matmuls: str
   wall_time_s: float
   latency_ratio: float = float('nan')
+  mode: str = ''
+  far_below_float: bool = False
   front: dict[str, bool] = dataclasses.field(default_factory=dict)
 
   @property
@@ -229,12 +216,27 @@ def summarize(trials: list[dict]) -> tuple[list[Config], str, bool]:
         latency_ms=_mean_std([latency_ms(r) for r in rs])[0],
         int8_matmuls=f'{mm["int8"]}/{mm["total"]}' if 'int8' in mm and 'total' in mm else 'n/a',
         latency_ratio=_mean_std([latency_ratio(r) for r in rs])[0],
-        wall_time_s=_mean_std([r.get('wall_time_sec') for r in rs])[0]))
-  for axis, _ in PLOT_AXES:
-    flags = pareto_front([c.cost(axis) for c in configs], [c.score for c in configs], higher=higher)
+        wall_time_s=_mean_std([r.get('wall_time_sec') for r in rs])[0],
+        mode=str(rs[0].get('mode') or (ts[0]['config'] or {}).get('mode') or '')))
+  mark_far_below_float(configs, higher)
+  for axis, _ in PLOT_AXES:  # a collapsed configuration is cheap at no use: it never sits on a front
+    flags = pareto_front([c.cost(axis) for c in configs],
+                         [float('nan') if c.far_below_float else c.score for c in configs], higher=higher)
     for c, f in zip(configs, flags, strict=True):
       c.front[axis] = f
   return configs, metric, higher
+
+
+def mark_far_below_float(configs: list[Config], higher: bool) -> None:
+  """Marks the configurations whose score is far from the float model's (FAR_BELOW_FLOAT): e.g. PTQ W2A2 at
+  chance accuracy, which would otherwise sit on every front as the cheapest point."""
+  floats = [c.score for c in configs if c.mode == 'float' and not math.isnan(c.score)]
+  if not floats:
+    return
+  best = max(floats) if higher else min(floats)
+  for c in configs:
+    if c.mode != 'float' and not math.isnan(c.score):
+      c.far_below_float = c.score < FAR_BELOW_FLOAT * best if higher else c.score > best / FAR_BELOW_FLOAT
 
 
 def pareto_front(costs: list[float], values: list[float], *, higher: bool = True) -> list[bool]:
@@ -267,25 +269,41 @@ def _num(x: float, fmt: str = '{:.0f}') -> str:
   return 'n/a' if x is None or math.isnan(x) else fmt.format(x)
 
 
+METRIC_UNITS = {'accuracy': 'fraction of the test set', 'loss': 'nats', 'bits_per_char': 'bits per character'}
+
+
 def plot_front(configs: list[Config], axis: str, xlabel: str, metric: str, higher: bool) -> bytes | None:
-  """A PNG of score against one cost, the front drawn as a step line; None when no config has that cost."""
+  """A PNG of `pareto_figure`; None when no configuration has that cost."""
+  fig = pareto_figure(configs, axis, xlabel, metric, higher)
+  if fig is None:
+    return None
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', bbox_inches='tight')
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def pareto_figure(configs: list[Config], axis: str, xlabel: str, metric: str, higher: bool):
+  """Score against one cost: the front as a step line, error bars over seeds, units on both axes, labels placed
+  so none overlaps another (one that finds no free place is left out) and the front named in a caption below."""
   pts = [c for c in configs if not math.isnan(c.cost(axis)) and not math.isnan(c.score)]
   if not pts:
     return None
   import matplotlib  # noqa: PLC0415
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
-  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-  shared: dict[float, int] = {}  # points at one x: labels alternate above and below
+  fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
+  labels = []
   for c in sorted(pts, key=lambda c: (c.cost(axis), -c.score)):
     on = c.front[axis]
     std = c.serving_metric[1] if not math.isnan(c.serving_metric[0]) else c.metric[1]
-    ax.errorbar(c.cost(axis), c.score, yerr=std or None, fmt='o', ms=8 if on else 5,
-                color='tab:red' if on else 'tab:gray', capsize=3, zorder=3)
-    k = shared[c.cost(axis)] = shared.get(c.cost(axis), -1) + 1
-    label = ','.join(c.values.values()) or c.label
-    ax.annotate(label, (c.cost(axis), c.score), textcoords='offset points', xytext=(6, 5 if k % 2 == 0 else -11),
-                fontsize=7, color='black' if on else 'dimgray')
+    ax.errorbar(c.cost(axis), c.score, yerr=std if c.seeds > 1 and std else None,
+                fmt='x' if c.far_below_float else 'o', ms=8 if on else 5, color='tab:red' if on else 'tab:gray',
+                capsize=3, zorder=3)
+    labels.append((not on, ax.annotate(','.join(c.values.values()) or c.label, (c.cost(axis), c.score),
+                              textcoords='offset points', xytext=(6, 4), fontsize=7,
+                              color='black' if on else 'dimgray')))
   front = sorted((c for c in pts if c.front[axis]), key=lambda c: c.cost(axis))
   if front:
     ax.step([c.cost(axis) for c in front], [c.score for c in front], where='post', color='tab:red', alpha=0.6,
@@ -293,15 +311,42 @@ def plot_front(configs: list[Config], axis: str, xlabel: str, metric: str, highe
     ax.legend(loc='lower right' if higher else 'upper right', fontsize=8)
   if axis in ('weight_bits', 'serving_bytes') and min(c.cost(axis) for c in pts) > 0:
     ax.set_xscale('log', base=2)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(f'{metric} ({"higher" if higher else "lower"} is better)')
-  ax.set_title(f'{metric.split("/")[-1]} vs {xlabel}')
+  name = metric.split('/')[-1]
+  ax.set_xlabel(f'{xlabel} ({AXIS_UNITS.get(axis, axis)})')
+  ax.set_ylabel(f'{name} ({METRIC_UNITS.get(name, metric)}; {"higher" if higher else "lower"} is better)')
+  ax.set_title(f'{name} vs {xlabel}')
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png')
-  plt.close(fig)
-  return buf.getvalue()
+  caption = 'Pareto front, cheapest first: ' + (' → '.join(c.label for c in front) or 'none')
+  collapsed = [c.label for c in pts if c.far_below_float]
+  if collapsed:
+    caption += f'\nx: far below the float model, kept off the front: {", ".join(collapsed)}'
+  fig.text(0.01, 0.005, caption, fontsize=7, va='bottom', ha='left', wrap=True)
+  fig.tight_layout(rect=(0, 0.06 + 0.03 * bool(collapsed), 1, 1))
+  place_labels(fig, sorted(labels, key=lambda p: p[0]))  # the front's labels first
+  return fig
+
+
+def place_labels(fig, labels) -> None:
+  """Moves each annotation of (thin, label) pairs to the first of a few offsets around its point where it overlaps
+  no label placed before it and stays inside the axes; one that finds no such place is hidden (a `thin` label, off
+  the front, only tries the places next to its point), so labels never lie on top of each other.
+  """
+  renderer = fig.canvas.get_renderer()
+  ax_box = labels[0][1].axes.get_window_extent(renderer) if labels else None
+  near = [(6, 4), (6, -11), (-6, 4), (-6, -11)]
+  far = [(6, 15), (6, -22), (6, 26), (6, -33)]
+  placed = []
+  for thin, label in labels:
+    for dx, dy in near if thin else near + far:
+      label.set_position((dx, dy))
+      label.set_horizontalalignment('left' if dx > 0 else 'right')
+      box = label.get_window_extent(renderer)
+      inside = ax_box.x0 <= box.x0 and box.x1 <= ax_box.x1 and ax_box.y0 <= box.y0 and box.y1 <= ax_box.y1
+      if inside and not any(box.overlaps(other) for other in placed):
+        placed.append(box)
+        break
+    else:
+      label.set_visible(False)
 
 
 def _write_csv(path: str, configs: list[Config], metric: str) -> None:
@@ -309,8 +354,8 @@ def _write_csv(path: str, configs: list[Config], metric: str) -> None:
   m = metric.split('/')[-1]
   cols = keys + ['seeds', 'weight_bits', f'{m}_mean', f'{m}_std', f'serving_{m}_mean', f'serving_{m}_std',
                  'loss_mean', 'loss_std', 'serving_bytes', 'train_step_ms', 'latency_ms', 'latency_vs_float',
-                 'int8_matmuls', 'wall_time_s', 'front_weight_bits', 'front_serving_bytes', 'front_latency_ms',
-                 'trials']
+                 'int8_matmuls', 'wall_time_s', 'far_below_float', 'front_weight_bits', 'front_serving_bytes',
+                 'front_latency_ratio', 'trials']
   tmp = path + '.tmp'
   with open(tmp, 'w', newline='') as f:
     w = csv.writer(f)
@@ -318,8 +363,8 @@ def _write_csv(path: str, configs: list[Config], metric: str) -> None:
     for c in configs:
       w.writerow([c.values.get(k, '') for k in keys] + [
           c.seeds, c.weight_bits, *c.metric, *c.serving_metric, *c.loss, c.serving_bytes, c.train_step_ms,
-          c.latency_ms, c.latency_ratio, c.int8_matmuls, c.wall_time_s, c.front['weight_bits'],
-          c.front['serving_bytes'], c.front['latency_ms'], ' '.join(c.trials)])
+          c.latency_ms, c.latency_ratio, c.int8_matmuls, c.wall_time_s, c.far_below_float, c.front['weight_bits'],
+          c.front['serving_bytes'], c.front['latency_ratio'], ' '.join(c.trials)])
   os.replace(tmp, path)
 
 
@@ -340,6 +385,8 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
   lines.append('|' + '---|' * len(head))
   for c in sorted(configs, key=lambda c: (-c.weight_bits, c.label)):
     fronts = ', '.join(a.replace('_', ' ') for a, _ in PLOT_AXES if c.front[a]) or ''
+    if c.far_below_float:
+      fronts = 'none: far below float'
     row = [c.values.get(k, '') for k in keys] + [
         str(c.seeds), _num(c.weight_bits), _pm(c.metric), _pm(c.serving_metric), _pm(c.loss),
         _num(c.serving_bytes, '{:,.0f}'), _num(c.train_step_ms, '{:.1f}'), _num(c.latency_ms, '{:.3f}'),
@@ -357,6 +404,10 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
     else:
       lines.append(f'{m} vs {xlabel}: no trial has this measurement yet.')
     lines.append('')
+  collapsed = [c for c in configs if c.far_below_float]
+  if collapsed:
+    lines += [f'Kept off the fronts, {m} far below the float model\'s (under {FAR_BELOW_FLOAT:g}x of it, or a loss '
+              f'over {1 / FAR_BELOW_FLOAT:g}x): ' + ', '.join(f'`{c.label}`' for c in collapsed) + '.', '']
   failed = [t for t in trials if t['status'] == 'failed']
   if failed:
     lines += ['## Failed trials', '']
@@ -377,8 +428,9 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
       'it (compilation excluded); n/a for PTQ, which trains nothing.',
       '- `inference latency (ms)`: result.latency.serving_ms, the median time of the serving forward on one '
       'evaluation batch, timed by the benchmark harness (experiments.timing) at the end of the run; trials ran '
-      'at different moments, so compare across rows with `vs float`: that forward time divided by the float '
-      'model\'s forward, timed interleaved with it in the same run (result.latency.ratio_to_float). For the '
+      'at different moments, so compare across rows with `vs float` (and its front uses it): that forward time '
+      'divided by the float model\'s forward, timed interleaved with it in the same run '
+      '(result.latency.ratio_to_float). For the '
       'full speed picture use `python -m experiments.bench --config=configs/bench_e2e.py`.',
       '- `int8 matmuls`: matmuls and convolutions of the serving forward that XLA compiled with int8 operands, '
       'of all of them (result.matmuls).',
@@ -402,7 +454,7 @@ def _write_tensorboard(root: str, trials: list[dict], manifest: dict, pngs: dict
         values.append(v)
     if values:
       domains[k] = values
-  metrics = list(dict.fromkeys(manifest.get('metrics') or ['eval/accuracy', 'eval/loss']))
+  metrics = list(dict.fromkeys((manifest.get('metrics') or ['eval/accuracy', 'eval/loss']) + serving_tags(trials)))
   tb.write_hparams_experiment(root, domains, metrics,
                               description=f'Sweep `{manifest.get("config", root)}`; one session per trial, '
                                           'sessions grouped over seeds. Report: report.md at the root.')
@@ -413,6 +465,19 @@ def _write_tensorboard(root: str, trials: list[dict], manifest: dict, pngs: dict
     for axis, png in pngs.items():
       w.image(f'pareto/{metric.split("/")[-1]}_vs_{axis}', png, step)
     w.text('report', text, step)
+
+
+def serving_tags(trials: list[dict]) -> list[str]:
+  """The serving scalars the runner writes (experiments.train.serving_scalars) that some finished trial has, as
+  HParams metrics: served metrics, bytes, latency ratio to float, int8 matmuls."""
+  tags = {}
+  for t in trials:
+    r = t['result'] or {}
+    tags.update(dict.fromkeys(f'serving/{k.split("/")[-1]}' for k in (r.get('serving_metrics') or {})))
+    present = {'serving/bytes': 'serving_bytes' in r, 'serving/latency_vs_float': not math.isnan(latency_ratio(r)),
+               'serving/int8_matmuls': 'int8' in (r.get('matmuls') or {})}
+    tags.update(dict.fromkeys(k for k, ok in present.items() if ok))
+  return list(tags)
 
 
 def write_report(root: str) -> dict[str, str]:
@@ -445,22 +510,25 @@ def write_report(root: str) -> dict[str, str]:
   return paths
 
 
-def main(argv: list[str]) -> int:
-  if len(argv) != 1 or argv[0].startswith('-'):
-    print('usage: python -m experiments.report <sweep root>', file=sys.stderr)
-    return 2
-  try:
-    paths = write_report(argv[0])
-  except FileNotFoundError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+def main(argv: list[str] | None = None) -> int:
+  """The command line; a mistake (no such root, a full disk) is one `error:` line (configlib.main_guard)."""
+  return configlib.main_guard(_main, argv=argv)
+
+
+def _main(argv: list[str]) -> int:
+  parser = configlib.ArgParser(prog='python -m experiments.report', description=__doc__.split('\n')[0])
+  parser.add_argument('root', help='the sweep root (or a directory of run directories)')
+  root = parser.parse_args(argv).root
+  if not os.path.isdir(root):
+    raise configlib.ConfigError(f'no such sweep root: {os.path.abspath(root)}')
+  paths = write_report(root)
   print(f'report: {paths["report"]}\ntable:  {paths["csv"]}')
   for axis, _ in PLOT_AXES:
     if axis in paths:
       print(f'plot:   {paths[axis]}')
-  print(f'TensorBoard: python -m experiments.board {os.path.abspath(argv[0])}')
+  print(f'TensorBoard: python -m experiments.board {os.path.abspath(root)}')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(main())

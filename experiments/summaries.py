@@ -55,6 +55,9 @@ def one_line(result: dict) -> str:
   if mm:
     parts.append(f'int8 matmuls={mm.get("int8", 0)}/{mm.get("total", 0)}')
   parts.append(f'{result.get("wall_time_sec", 0):.0f}s')
+  warnings = result.get('warnings') or []
+  if warnings:
+    parts.append(f'{len(warnings)} warning(s), first: {warnings[0]}')
   return 'done: ' + ', '.join(parts)
 
 
@@ -114,7 +117,8 @@ def layer_stats(run, state) -> list[dict[str, Any]]:
   rows = []
   for r, (x, st), (sqnr, clip) in zip(meta, arrays, values, strict=True):
     rows.append({
-        'layer': f'{r.path}/{r.prefix}', 'operand': r.weight_name or 'act', 'format': r.spec.format,
+        'layer': f'{r.path}/{r.prefix}', 'path': r.path, 'op': r.prefix.rsplit('_', 1)[0],  # '<op><i>_<side>'
+        'operand': r.weight_name or 'act', 'format': r.spec.format,
         'sqnr_db': float(sqnr), 'clip_fraction': float(clip),
         'learned': {k: float(jnp.mean(jnp.asarray(st[k]))) for k in r.spec.learned},
         '_x': x if r.weight_name else None, '_scale': st.get('scale', st.get('alpha')),
@@ -144,27 +148,54 @@ def quant_summaries(run, state, step: int) -> list[dict[str, Any]]:
 
 
 def sqnr_chart(rows) -> bytes:
+  """The per-layer SQNR image (PNG) of `sqnr_figure`."""
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig = sqnr_figure(rows)
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', bbox_inches='tight')
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def _op_key(row) -> str:
+  """A row's quantized op ('conv1/conv0'): both operands of one op (its _lhs and _rhs rows) share it."""
+  return f'{row["path"]}/{row["op"]}' if 'op' in row else row['layer']
+
+
+def layer_names(rows) -> dict[str, str]:
+  """Op key -> the name the rules report gives its layer: the module path ('conv1'), with the op only where a
+  path holds several quantized ops ('block/conv0', 'block/dot_general0')."""
+  ops = {}
+  for r in rows:
+    ops.setdefault(r.get('path', r['layer']), set()).add(_op_key(r))
+  return {_op_key(r): _op_key(r) if len(ops[r.get('path', r['layer'])]) > 1 else r.get('path', r['layer'])
+          for r in rows}
+
+
+def sqnr_figure(rows):
+  """Bars of SQNR (dB) per layer, weights and activations side by side, each layer's bars centred on its tick (a
+  layer with one quantized operand has one bar), the legend outside the plot area."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
-  layers = sorted({r['layer'] for r in rows}, key=[r['layer'] for r in rows].index)
-  fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(layers) + 2), 3.5), dpi=100)
-  width = 0.4
-  for i, kind in enumerate(('weight', 'act')):
-    vals = []
-    for layer in layers:
-      v = [r['sqnr_db'] for r in rows if r['layer'] == layer and (r['operand'] == 'act') == (kind == 'act')]
-      vals.append(min(v[0], 99.0) if v else 0.0)
-    ax.bar(np.arange(len(layers)) + (i - 0.5) * width, vals, width, label=kind)
-  ax.set_xticks(np.arange(len(layers)), layers, rotation=30, ha='right', fontsize=7)
+  names = layer_names(rows)
+  layers = list(dict.fromkeys(_op_key(r) for r in rows))
+  fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(layers) + 3), 3.5), dpi=100)
+  width, colors = 0.38, {'weight': 'tab:blue', 'act': 'tab:orange'}
+  for i, layer in enumerate(layers):
+    have = [(kind, r['sqnr_db']) for kind in ('weight', 'act') for r in rows
+            if _op_key(r) == layer and (r['operand'] == 'act') == (kind == 'act')][:2]
+    for j, (kind, v) in enumerate(have):
+      ax.bar(i + (j - (len(have) - 1) / 2) * width, min(v, 99.0), width, color=colors[kind], label=kind)
+  handles, labels = ax.get_legend_handles_labels()
+  unique = dict(zip(labels, handles, strict=True))
+  ax.set_xticks(np.arange(len(layers)), [names[layer] for layer in layers], rotation=30, ha='right', fontsize=7)
+  ax.set_xlim(-0.6, len(layers) - 0.4)
   ax.set_ylabel('SQNR (dB)')
   ax.set_title('quantization SQNR per layer (higher is better)')
-  ax.legend()
+  ax.legend(unique.values(), unique.keys(), loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png')
-  plt.close(fig)
-  return buf.getvalue()
+  return fig
 
 
 def checkpoint_bytes(tree, path: str | None = None) -> int | None:

@@ -1,7 +1,7 @@
 r"""Run the sweep a config file declares (`get_sweep`, see experiments/sweeps.py), one workdir per trial.
 
     python -m experiments.sweep --config=configs/quickstart.py --root=runs/quickstart
-        [--executor=local|ray] [--workers=N] [--index=i|env] [--dry_run] [--retry_failed]
+        [--executor=local|ray] [--workers=N] [--index=i|env] [--dry_run] [--retry_failed] [--rerun_changed]
         [--ray_address=host:port] [--start_method=forkserver|spawn] [--trial_fn=module:function]
         [--config.key=value ...]
 
@@ -22,10 +22,14 @@ Executors:
                    that cluster (the code and --root must be on every node). One GPU per trial when the
                    cluster has GPUs.
   --index=i        runs trial i alone in this process (Slurm arrays, Kubernetes indexed jobs); --index=env reads
-                   SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX. `--dry_run` lists the trials with their indices.
+                   SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX. `--dry_run` lists the trials with their indices
+                   and status (done, failed, interrupted, pending; changed: its stored run has another config).
 
 Reruns: finished trials (result.json) are skipped, interrupted ones resume from their checkpoints, failed ones
-(error.json: exception and traceback) are skipped unless --retry_failed, which reruns only them. A trial is
+(error.json: exception and traceback) are skipped unless --retry_failed, which reruns only them. A rerun whose
+config or overrides give a finished or interrupted trial another config than the one it ran is refused, listing
+the keys that differ: use a new --root, or --rerun_changed, which moves those trials (and the ones starting from
+them) to <root>/_replaced/ and runs them again. A trial is
 claimed with an flock on <root>/<name>/.claim while it runs (released by the kernel if its process dies), so
 two sweeps on one root never run the same trial twice; the second one skips it. A trial whose config refers to
 another trial (sweeps.trial_ref, e.g. PTQ from the float trial) runs after it.
@@ -39,6 +43,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -57,8 +62,9 @@ from experiments.sweeps import Claim
 
 DEFAULT_TRIAL_FN = 'experiments.train:train_and_evaluate'
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ('config', 'root', 'executor', 'workers', 'index', 'dry_run', 'retry_failed', 'ray_address',
-         'start_method', 'trial_fn')
+FLAGS = ('config', 'root', 'executor', 'workers', 'index', 'dry_run', 'retry_failed', 'rerun_changed',
+         'ray_address', 'start_method', 'trial_fn')
+REPLACED = '_replaced'  # <root>/_replaced/<name>-<time>: trials moved aside by --rerun_changed
 
 
 class SweepError(RuntimeError):
@@ -163,7 +169,11 @@ def record_failure(workdir: str, task: dict, exc: BaseException | None, message:
       'host': socket.gethostname(), 'pid': os.getpid(), 'time': time.time(),
       'log': os.path.join(workdir, 'train.log'),
   }
-  sweeps.write_json_atomic(os.path.join(workdir, 'error.json'), err)
+  try:
+    sweeps.write_json_atomic(os.path.join(workdir, 'error.json'), err)
+  except OSError as e:  # a full disk: the sweep still reports the failure (its line and tally say it)
+    err['message'] += f' (error.json not written: {e.strerror or e})'
+    err['unwritten'] = True
   return err
 
 
@@ -172,7 +182,7 @@ def _ensure_deps(task: dict) -> None:
   for dep in task.get('dep_tasks', []):
     workdir = os.path.join(dep['root'], dep['name'])
     while True:
-      if os.path.exists(os.path.join(workdir, 'result.json')):
+      if sweeps.read_result(workdir) is not None:
         break
       if os.path.exists(os.path.join(workdir, 'error.json')) and not task.get('retry'):
         raise DependencyFailed(f'trial {dep["name"]!r}, which this trial starts from, failed (see '
@@ -199,10 +209,9 @@ def run_trial(task: dict) -> dict:
   if claim is None:
     return {**out, 'status': 'claimed', 'error': f'claimed by {Claim.holder(workdir)}'}
   try:
-    result_path = os.path.join(workdir, 'result.json')
-    if os.path.exists(result_path):
-      with open(result_path) as f:
-        return {**out, 'status': 'skipped', 'metrics': _metrics_of(json.load(f))}
+    finished = sweeps.read_result(workdir)
+    if finished is not None:
+      return {**out, 'status': 'skipped', 'metrics': _metrics_of(finished)}
     if os.path.exists(os.path.join(workdir, 'error.json')) and not task.get('retry'):
       return {**out, 'status': 'skipped', 'error': 'failed earlier (--retry_failed reruns it)'}
     t0, cpu0 = time.time(), time.process_time()
@@ -215,15 +224,19 @@ def run_trial(task: dict) -> dict:
       with _output_to(os.path.join(workdir, 'train.log')) as log_file:
         print(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")} trial {task["name"]} (id {task["id"]}) pid {os.getpid()} '
               f'on {socket.gethostname()}', flush=True)
-        result = fn(config, workdir, log=lambda *a: print(*a, file=log_file, flush=True))
+        named = {'group_name': task['group']} if 'group_name' in inspect.signature(fn).parameters else {}
+        result = fn(config, workdir, log=lambda *a: print(*a, file=log_file, flush=True), **named)
     except Exception as e:  # noqa: BLE001 - a trial's failure is recorded, the sweep goes on
+      if isinstance(e, OSError):  # a full disk or a permission: one line naming the path, not a traceback
+        e = OSError(e.errno, f'{configlib.os_error_text(e)}; its checkpoints so far are kept')
       err = record_failure(workdir, task, e)
-      return {**out, 'status': 'failed', 'error': f'{err["type"]}: {err["message"]}'.splitlines()[0][:300],
+      return {**out, 'status': 'failed', 'error': f'{err["type"]}: {err["message"]}'.splitlines()[0][:500],
+              'unwritten': err.get('unwritten', False),
               'elapsed': time.time() - t0, 'cpu': time.process_time() - cpu0}
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(workdir, 'error.json'))
     return {**out, 'metrics': _metrics_of(result or {}), 'elapsed': time.time() - t0,
-            'cpu': time.process_time() - cpu0}
+            'cpu': time.process_time() - cpu0, 'warnings': (result or {}).get('warnings') or []}
   finally:
     claim.release()
 
@@ -240,7 +253,7 @@ class Plan:
 
 def trial_status(root: str, trial: sweeps.Trial) -> str:
   workdir = trial.workdir(root)
-  if os.path.exists(os.path.join(workdir, 'result.json')):
+  if sweeps.read_result(workdir) is not None:
     return 'done'
   if os.path.exists(os.path.join(workdir, 'error.json')):
     return 'failed'
@@ -265,9 +278,79 @@ def plan(trials: list[sweeps.Trial], root: str, *, index: int | None = None, ret
   return Plan(trials, run, skipped)
 
 
+def stored_config(root: str, trial: sweeps.Trial) -> dict | None:
+  """The config a trial's workdir already holds: its finished result's, else config.json beside checkpoints."""
+  workdir = trial.workdir(root)
+  result = sweeps.read_result(workdir)
+  if result is not None and isinstance(result.get('config'), dict):
+    return result['config']
+  data = sweeps.read_json(os.path.join(workdir, 'config.json'))
+  return data if isinstance(data, dict) and os.path.isdir(os.path.join(workdir, 'checkpoints')) else None
+
+
+def changed_trials(trials: list[sweeps.Trial], chosen: list[sweeps.Trial], root: str) -> dict[str, list[str]]:
+  """Trial name -> the config keys its stored run differs in from the config it would run now.
+
+  A trial starting from a changed trial (sweeps.trial_ref) counts as changed too: its stored run derives from
+  the old one.
+  """
+  changed = {}
+  for t in chosen:
+    stored = stored_config(root, t)
+    if stored is not None:
+      keys = configlib.changed_keys(stored, json.loads(json.dumps(configlib.to_dict(t.config), default=str)))
+      if keys:
+        changed[t.name] = keys
+  grew = True
+  while grew:
+    grew = False
+    for t in chosen:
+      if t.name not in changed and stored_config(root, t) is not None:
+        bad = [trials[d].name for d in t.deps if trials[d].name in changed]
+        if bad:
+          changed[t.name], grew = [f'(starts from {bad[0]})'], True
+  return changed
+
+
+def _changed_message(changed: dict[str, list[str]], root: str) -> str:
+  lines = [f'{len(changed)} trial(s) under {root} hold runs of a different config than this command gives them '
+           '(kept as they are):']
+  for name, keys in list(changed.items())[:10]:
+    more = f' and {len(keys) - 6} more' if len(keys) > 6 else ''
+    lines.append(f'  {name}: {", ".join(keys[:6])}{more}')
+  if len(changed) > 10:
+    lines.append(f'  ... and {len(changed) - 10} more')
+  lines.append(f'Use a new --root for the new settings, or add --rerun_changed to move those trials to '
+               f'{os.path.join(root, REPLACED)}/ and run them again.')
+  return '\n'.join(lines)
+
+
+def replace_changed(root: str, names: list[str]) -> list[str]:
+  """Moves the changed trials' workdirs to <root>/_replaced/ (nothing is deleted); returns where each went."""
+  if not names:
+    return []
+  held = [n for n in names if Claim.is_held(os.path.join(root, n))]
+  if held:
+    raise configlib.ConfigError(f'--rerun_changed: {", ".join(held)} is running in another process; rerun when '
+                                'it has ended')
+  os.makedirs(os.path.join(root, REPLACED), exist_ok=True)
+  moved = []
+  for n in names:
+    dest = os.path.join(root, REPLACED, f'{n}-{time.strftime("%Y%m%d-%H%M%S")}')
+    os.replace(os.path.join(root, n), dest)
+    moved.append(dest)
+  return moved
+
+
+def group_name(trial: sweeps.Trial) -> str:
+  """The trial's HParams session group: its labels without the seed ('mode=qat,bits=w4a4'), so TensorBoard names
+  a configuration as the sweep does and groups its seeds."""
+  return ','.join(f'{k}={v}' for k, v in trial.labels.items() if not sweeps.is_seed_key(k)) or trial.name
+
+
 def make_task(trial: sweeps.Trial, trials: list[sweeps.Trial], root: str, trial_fn: str, retry: bool) -> dict:
   return {
-      'index': trial.index, 'name': trial.name, 'id': trial.id, 'root': root,
+      'index': trial.index, 'name': trial.name, 'id': trial.id, 'root': root, 'group': group_name(trial),
       'config': configlib.to_dict(trial.config), 'trial_fn': trial_fn, 'retry': retry,
       'cache_dir': os.path.join(root, '.jax_cache'),
       'dep_tasks': [make_task(trials[d], trials, root, trial_fn, retry) for d in trial.deps],
@@ -355,6 +438,9 @@ def _run_local(run, make, workers: int, start_method: str, emit, gpus: int):
         except concurrent.futures.process.BrokenProcessPool:
           broken.append(t)
           continue
+        except Exception as e:  # noqa: BLE001 - run_trial itself failed (e.g. its claim on a full disk)
+          out = {'index': t.index, 'name': t.name, 'status': 'failed', 'metrics': {}, 'elapsed': 0.0,
+                 'error': f'{type(e).__name__}: {e}'.splitlines()[0][:300]}
         sched.finished.add(t.index)
         yield out
       if broken:
@@ -474,6 +560,20 @@ def _metric_text(metrics: dict, names: list[str]) -> str:
   return ' '.join(parts)
 
 
+def validate_trials(trials: list[sweeps.Trial]) -> None:
+  """Checks every trial's config as the runner will (mode, optimizer, QuantSpec fields) before any trial starts."""
+  from experiments import train  # noqa: PLC0415 - JAX; the pool's workers start by forkserver, unaffected
+  for t in trials:
+    try:
+      train.validate(t.config)
+    except configlib.ConfigError as e:
+      raise configlib.ConfigError(f'trial {t.name}: {e}') from None
+    except (AttributeError, KeyError) as e:
+      key = str(e).strip('"\' ')
+      raise configlib.ConfigError(f'trial {t.name}: the config lacks {key!r}, which {DEFAULT_TRIAL_FN} needs (a '
+                                  'config built on experiments.config_base, or give --trial_fn)') from None
+
+
 def write_manifest(root: str, spec: str, cli: list[tuple[str, str]], trials: list[sweeps.Trial],
                    metrics: list[str]) -> None:
   """<root>/sweep.json: the trials (merged by name with an earlier sweep's), swept keys and metrics."""
@@ -524,25 +624,48 @@ def _index(value: str, n: int) -> int:
   return i
 
 
+def _count(flags: dict[str, str], name: str) -> int | None:
+  """A positive integer flag (--workers=2), None when not given; anything else is a ConfigError."""
+  value = flags.get(name)
+  if not value:
+    return None
+  try:
+    n = int(value)
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise configlib.ConfigError(f'--{name}={value}: expected a positive integer, like --{name}=2')
+  return n
+
+
 def _truthy(v: str | None) -> bool:
   return (v or 'false').lower() in ('1', 'true', 'yes')
 
 
 def run_sweep(argv: list[str], out=print) -> int:
   """The command line, as a function (returns the exit status; `out` receives the progress lines)."""
-  if '--help' in argv or '-h' in argv:
-    out(__doc__)
+  if configlib.wants_help(argv):
+    out(configlib.help_text(__doc__, {}, argv))
     return 0
   flags, cli = _parse(argv)
   module, arg = configlib.load_module(flags['config'])
   root = os.path.abspath(flags['root'])
-  trials = sweeps.expand(module, arg, root, cli)
+  try:
+    trials = sweeps.expand(module, arg, root, cli)
+  except configlib.ConfigError as e:
+    raise configlib.ConfigError(f'--config={flags["config"]}: {e}') from None
   metrics = list(module.metrics()) if hasattr(module, 'metrics') else ['eval/accuracy', 'eval/loss']
   index = _index(flags['index'], len(trials)) if flags.get('index') else None
+  for t in trials:
+    unused = configlib.unused_in_float(t.config, [k for k, _ in cli] + list(t.overrides))
+    if unused:
+      out(f'warning: trial {t.name}: {unused}')
   if _truthy(flags.get('dry_run')):
+    changed = changed_trials(trials, trials, root)
     for t in trials:
       deps = f'  after {",".join(trials[d].name for d in t.deps)}' if t.deps else ''
-      out(f'{t.index:3d}  {t.id}  {t.name:<40s} {trial_status(root, t):<12s}'
+      status = 'changed' if t.name in changed else trial_status(root, t)
+      out(f'{t.index:3d}  {t.id}  {t.name:<40s} {status:<12s}'
           f'{json.dumps(t.overrides, default=str)}{deps}')
     return 0
   executor = flags.get('executor', 'local')
@@ -554,7 +677,16 @@ def run_sweep(argv: list[str], out=print) -> int:
                                 'a process that has started JAX)')
   trial_fn = flags.get('trial_fn', DEFAULT_TRIAL_FN)
   retry = _truthy(flags.get('retry_failed'))
-  os.makedirs(root, exist_ok=True)
+  _count(flags, 'workers')
+  if trial_fn == DEFAULT_TRIAL_FN:
+    validate_trials(trials)
+  configlib.writable_dir(root, 'root')
+  chosen = trials if index is None else [trials[index]]
+  changed = changed_trials(trials, chosen, root)
+  if changed and not _truthy(flags.get('rerun_changed')):
+    raise configlib.ConfigError(_changed_message(changed, root))
+  for dest in replace_changed(root, list(changed)):
+    out(f'moved {os.path.basename(dest)} (a run of an earlier config) to {os.path.dirname(dest)}/; it runs again')
   write_manifest(root, flags['config'], cli, trials, metrics)
   p = plan(trials, root, index=index, retry_failed=retry)
   make = lambda t: make_task(t, trials, root, trial_fn, retry)  # noqa: E731
@@ -579,13 +711,13 @@ def run_sweep(argv: list[str], out=print) -> int:
       outcomes = iter([run_trial({**make(p.run[0]), 'on_event': emit})])
       where = 'this process'
     elif executor == 'ray':
-      workers = int(flags.get('workers') or cores())
+      workers = _count(flags, 'workers') or cores()
       outcomes = _run_ray(p.run, make, workers, flags.get('ray_address') or None, emit)
       where = f'Ray ({flags.get("ray_address") or f"local, 127.0.0.1, {workers} CPUs"})'
     else:
       gpus = local_gpus()
       default = min(gpus or cores(), n)
-      workers = max(1, int(flags.get('workers') or default))
+      workers = _count(flags, 'workers') or default
       outcomes = _run_local(p.run, make, workers, start_method, emit, gpus)
       where = f'{workers} worker process(es) ({start_method}' + (f', {gpus} GPUs)' if gpus else ')')
     out(f'sweep {flags["config"]}: {len(trials)} trials, running {n} on {where}; root {root}')
@@ -601,10 +733,12 @@ def run_sweep(argv: list[str], out=print) -> int:
         text = o['error'] or 'finished elsewhere'
       elif status == 'failed':
         counts['failed'] += 1
-        text = f'{o["error"]}  (see {os.path.join(trials[o["index"]].name, "error.json")})'
+        text = o['error'] + ('' if o.get('unwritten') else f'  (see {trials[o["index"]].name}/error.json)')
       else:
         counts['done'] += 1
         text = _metric_text(o['metrics'], metrics)
+        if o.get('warnings'):
+          text += f'  warning: {o["warnings"][0]} (see {trials[o["index"]].name}/train.log)'
       elapsed = o['elapsed'] or (time.time() - starts[o['index']] if o['index'] in starts else 0.0)
       cpu = f' (cpu {_fmt_time(o["cpu"])})' if o.get('cpu') else ''
       out(f'[{time.strftime("%H:%M:%S")}] {status:<6s} {o["name"]}  {text}  {_fmt_time(elapsed)}{cpu}  ({k}/{n})')
@@ -628,11 +762,13 @@ def main(argv: list[str]) -> int:
   try:
     return run_sweep(argv, out=lambda s: print(s, flush=True))
   except SweepError as e:
+    if configlib.debug_requested():
+      raise
     print(f'error: {e}', file=sys.stderr)
     return 3
   except KeyboardInterrupt:
-    print('interrupted: finished trials are kept; rerun the same command to resume the others', file=sys.stderr)
-    return 130
+    raise KeyboardInterrupt('finished trials are kept, the running ones keep their checkpoints; rerun the same '
+                            'command to resume the others') from None
 
 
 if __name__ == '__main__':

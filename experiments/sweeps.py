@@ -36,6 +36,7 @@ import json
 import os
 import re
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -367,6 +368,43 @@ def write_json_atomic(path: str, obj: Any) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+_WARNED: set[str] = set()
+
+
+def read_json(path: str) -> Any | None:
+  """The JSON in `path`, or None when it is missing or unreadable (a run file being written, or cut short)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def read_result(workdir: str) -> dict | None:
+  """The run's result.json, or None when the run is not finished: no file, or one that is not a valid result
+  (truncated by a full disk or a copy, edited by hand), which is warned about on stderr once per path.
+
+  The one rule of "finished" the runner, the sweep and the report share: an invalid result is not finished.
+  """
+  path = os.path.join(workdir, 'result.json')
+  try:
+    with open(path) as f:
+      result = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    problem = f'{type(e).__name__}: {e}'
+  else:
+    if isinstance(result, dict):
+      return result
+    problem = f'a JSON {type(result).__name__}, not an object'
+  if path not in _WARNED:
+    _WARNED.add(path)
+    print(f'warning: {path} is not a valid result ({problem}); the run counts as not finished: rerunning resumes '
+          'it from its checkpoints and replaces the file when it finishes', file=sys.stderr, flush=True)
+  return None
 
 
 # ------------------------------------------------------------------------------------------ trial claims

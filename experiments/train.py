@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import fcntl
 import hashlib
 import json
@@ -34,7 +35,8 @@ import numpy as np
 import optax
 
 from experiments import checkpoints as ckpt_lib
-from experiments import configlib, distributed, input_pipeline, models, quant_config, summaries, trainers
+from experiments import configlib, distributed, input_pipeline, models, quant_config, summaries, sweeps, trainers
+from experiments.data import DataError
 from experiments.progress import Progress
 from experiments.tb import SummaryWriter
 
@@ -79,30 +81,19 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, Any]:
 
 def _check_workdir(config_dict: dict, workdir: str) -> dict | None:
   """Returns the finished result when this exact run is done; refuses to reuse a workdir for another config."""
-  result = ckpt_lib.read_json(os.path.join(workdir, 'result.json'))
+  result = sweeps.read_result(workdir)
   if result is not None:
     if result.get('config') == config_dict:
       return result
     raise RunError(f'{workdir} holds a finished run with a different config; it is kept as is. '
                    'Use another --workdir (or delete that directory) to run this config.')
-  prior = ckpt_lib.read_json(os.path.join(workdir, 'config.json'))
+  prior = sweeps.read_json(os.path.join(workdir, 'config.json'))
   has_ckpt = os.path.isdir(os.path.join(workdir, 'checkpoints')) and os.listdir(os.path.join(workdir, 'checkpoints'))
   if prior is not None and prior != config_dict and has_ckpt:
-    changed = sorted(k for k in set(_flat(prior)) | set(_flat(config_dict))
-                     if _flat(prior).get(k) != _flat(config_dict).get(k))
+    changed = configlib.changed_keys(prior, config_dict)
     raise RunError(f'{workdir} holds checkpoints of a run with a different config (changed: {", ".join(changed)}); '
                    'resuming would mix the two. Use another --workdir.')
   return None
-
-
-def _flat(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
 
 
 def environment() -> dict[str, Any]:
@@ -148,9 +139,8 @@ def load_float_state(config, workdir: str, trainer_float, sample_x, log) -> Any:
       fcntl.flock(lock, fcntl.LOCK_EX)
       log(f'float model for this run: {src}')
       train_and_evaluate(float_config(config), src, log=log, write_hparams=False)
-  result = ckpt_lib.read_json(os.path.join(src, 'result.json'))
-  if result is None:
-    raise RunError(f'config.init_from={src!r} is not a finished run (no result.json)')
+  if sweeps.read_result(src) is None:
+    raise RunError(f'config.init_from={src!r} is not a finished run (no valid result.json)')
   template = trainer_float.init(jax.random.key(0), sample_x)
   mgr = ckpt_lib.Checkpoints(os.path.join(src, 'checkpoints'))
   step = mgr.latest_step()
@@ -175,6 +165,7 @@ class Run:
   writer: Any
   log: Any
   write_hparams: bool = True
+  group_name: str | None = None   # the HParams session group (a sweep's labels); None: a hash of the hparams
 
   def batch(self, step: int):
     x, y = input_pipeline.train_batch(self.data, self.config.seed, step, self.config.batch_size)
@@ -194,9 +185,28 @@ class Run:
     return metrics
 
 
-def _setup(config, workdir, log):
+def validate(config):
+  """Checks what can be checked before any data loads or file is written: the mode, the optimizer and the quant
+  rules (QuantSpec fields); returns (rules or None, optimizer, schedule). A mistake is a ConfigError naming the key.
+  """
   if config.mode not in MODES:
-    raise configlib.ConfigError(f'config.mode={config.mode!r} is not one of {", ".join(MODES)}')
+    near = difflib.get_close_matches(str(config.mode), MODES, n=1)
+    hint = f'; did you mean {near[0]!r}?' if near else ''
+    raise configlib.ConfigError(f'config.mode={config.mode!r} is not one of {", ".join(MODES)}{hint}')
+  tx, sched = make_optimizer(config)
+  if config.mode == 'float':
+    return None, tx, sched
+  quant = config.quant
+  if config.mode == 'quantized_training' and not quant.grad.format:
+    quant = quant.copy_and_resolve_references()
+    quant.grad.format = 'int8'
+  try:
+    return quant_config.build_rules(quant, ptq=config.mode == 'ptq'), tx, sched
+  except ValueError as e:
+    raise configlib.ConfigError(str(e)) from None
+
+
+def _setup(config, workdir, log):
   mesh = distributed.make_mesh(config.mesh)
   if config.batch_size % mesh.shape['data'] or config.eval_batch_size % mesh.shape['data']:
     raise configlib.ConfigError(f'config.batch_size={config.batch_size} and eval_batch_size='
@@ -206,10 +216,12 @@ def _setup(config, workdir, log):
   return mesh, data, md
 
 
-def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool = True) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool = True,
+                       group_name: str | None = None) -> dict[str, Any]:
   """Runs (or resumes, or returns the finished result of) the run that `config` describes in `workdir`.
 
-  write_hparams=False keeps the run out of TensorBoard's HParams dashboard (a helper float run of a PTQ trial).
+  write_hparams=False keeps the run out of TensorBoard's HParams dashboard (a helper float run of a PTQ trial);
+  group_name names its HParams session group (a sweep passes the trial's labels without the seed).
   """
   workdir = os.path.abspath(workdir)
   config_dict = json.loads(json.dumps(configlib.to_dict(config)))  # as result.json will hold it (tuples -> lists)
@@ -217,21 +229,15 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
   if done is not None:
     log(f'{workdir}: finished already (result.json kept); {summaries.one_line(done)}')
     return done
+  rules, tx, sched = validate(config)
   lead = jax.process_index() == 0
   if lead:
     os.makedirs(workdir, exist_ok=True)
     ckpt_lib.write_json_atomic(os.path.join(workdir, 'config.json'), config_dict)
   t_start = time.time()
+  warnings = []
   mesh, data, md = _setup(config, workdir, log)
-  tx, sched = make_optimizer(config)
   mode = config.mode
-  rules = None
-  if mode != 'float':
-    quant = config.quant
-    if mode == 'quantized_training' and not quant.grad.format:
-      quant = quant.copy_and_resolve_references()
-      quant.grad.format = 'int8'
-    rules = quant_config.build_rules(quant, ptq=mode == 'ptq')
   sample_x = input_pipeline.sample_input(data, config.batch_size)
   float_pure = None
   if mode == 'ptq' or config.init_from:
@@ -240,13 +246,14 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
   state = trainer.init(jax.random.key(config.seed), jnp.asarray(sample_x), float_pure)
   state = distributed.place_state(mesh, state, config.mesh)
   writer = SummaryWriter(workdir) if lead else summaries.NullWriter()
-  run = Run(config, workdir, data, md, trainer, mesh, writer, log, write_hparams)
+  run = Run(config, workdir, data, md, trainer, mesh, writer, log, write_hparams, group_name)
   try:
     if mode == 'ptq':
       state, train_info = _calibrate(run, state), {'steps': 0, 'steps_per_sec': 0.0}
     else:
       state, train_info = _train(run, state, sched)
-    result = _finish(run, state, train_info, rules, t_start)
+    warnings += train_info.pop('warnings', [])
+    result = {**_finish(run, state, train_info, rules, t_start), 'warnings': warnings}
   except BaseException:
     writer.close(status='failure')
     raise
@@ -267,28 +274,28 @@ def _train(run: Run, state, sched):
     state = distributed.place_state(run.mesh, run.trainer.from_pure(state, pure), c.mesh)
     run.log(f'resuming {run.workdir} from step {start}')
   elif jax.process_index() == 0 and run.write_hparams:
-    run.writer.hparams(summaries.hparams_of(c), group_name=None)
+    run.writer.hparams(summaries.hparams_of(c), group_name=run.group_name)
   train_step = jax.jit(run.trainer.train_step, donate_argnums=0)
   eval_step = jax.jit(run.trainer.eval_step)
   progress = Progress(total, start)
   t0, step_times = time.time(), []
   loss = float('nan')
+  watch = LossWatch(run.log)
   with contextlib.closing(mgr):
     for step in range(start, total):
       x, y = run.batch(step)
       last = step + 1 == total
-      sync = (step + 1) % c.log_every_steps == 0 or last or (step + 1) % c.checkpoint_every_steps == 0
+      save = (step + 1) % c.checkpoint_every_steps == 0 or last
+      sync = (step + 1) % c.log_every_steps == 0 or last or save or step == start  # the first: where it starts
       if sync:  # time this one step alone: wait for the steps dispatched before it
         jax.block_until_ready(state)
       ts = time.time()
       state, m = train_step(state, x, y)
       if sync:
-        loss = float(m['loss'])  # waits for the step: also the non-finite check before any checkpoint
+        loss = float(m['loss'])  # waits for the step
         if not math.isfinite(loss):
-          kept = mgr.latest_step()
-          raise NonFiniteLoss(f'non-finite loss ({loss}) at step {step + 1}: the run stops here. The last good '
-                              f'checkpoint (step {kept}) is kept in {mgr.directory}; rerunning resumes from it, so '
-                              'change the config (e.g. a lower optimizer.learning_rate) in a new --workdir.')
+          raise _non_finite(f'non-finite loss ({loss})', step + 1, mgr)
+        watch.update(step + 1, loss)
         step_times.append(time.time() - ts)
         rate = (step + 1 - start) / (time.time() - t0)
         run.writer.scalars({'train/loss': loss, 'train/accuracy': float(m['accuracy']),
@@ -298,13 +305,69 @@ def _train(run: Run, state, sched):
         metrics = run.evaluate(state, eval_step)
         run.writer.scalars(metrics, step + 1)
         summaries.quant_summaries(run, state, step + 1)
-      if (step + 1) % c.checkpoint_every_steps == 0 or last:
-        mgr.save(step + 1, run.trainer.to_pure(state))
+      if save:
+        pure = run.trainer.to_pure(state)
+        bad = non_finite_leaves(pure)
+        if bad:  # the loss was computed before the update; the state saved is the one after it
+          raise _non_finite(f'{len(bad)} non-finite parameter or state arrays ({", ".join(bad[:3])})', step + 1, mgr)
+        mgr.save(step + 1, pure)
   progress.close()
   elapsed = time.time() - t0
   steady = step_times[1:] or step_times  # the first timed step may include compilation
-  return state, {'steps': total - start, 'steps_per_sec': (total - start) / elapsed if elapsed > 0 else 0.0,
-                 'final_train_loss': loss, 'step_time_ms': 1e3 * float(np.median(steady)) if steady else None}
+  # steps: the run's total (a resumed run included); steps_per_sec: of this process's segment, which it timed.
+  return state, {'steps': total, 'resumed_from': start,
+                 'steps_per_sec': (total - start) / elapsed if elapsed > 0 else 0.0,
+                 'final_train_loss': loss, 'step_time_ms': 1e3 * float(np.median(steady)) if steady else None,
+                 'warnings': watch.finish(loss)}
+
+
+def non_finite_leaves(tree) -> list[str]:
+  """The paths of the floating-point arrays in `tree` holding a NaN or an infinity."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if hasattr(leaf, 'dtype') and jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.isfinite(leaf).all()):
+      bad.append(jax.tree_util.keystr(path, simple=True, separator='/'))
+  return bad
+
+
+def _non_finite(what: str, step: int, mgr) -> NonFiniteLoss:
+  """The error of a run that diverged at `step`: what is kept and how to go on."""
+  kept = mgr.latest_step()
+  where = (f'The last good checkpoint (step {kept}) is kept in {mgr.directory}; rerunning resumes from it, so '
+           if kept is not None else f'No checkpoint was saved before it (nothing in {mgr.directory}); ')
+  return NonFiniteLoss(f'{what} at step {step}: the run stops here. {where}change the config (e.g. a lower '
+                       'optimizer.learning_rate) in a new --workdir.')
+
+
+class LossWatch:
+  """Warns (once each) when the training loss grows by orders of magnitude, or ends far above where it began.
+
+  A finite but exploding loss otherwise ends as a finished run at chance accuracy without a word.
+  """
+
+  GROWTH = 1e3   # a logged loss this many times the first one: diverging
+  WORSE = 2.0    # a final loss this many times the first one: the run ended far worse than it started
+
+  def __init__(self, log):
+    self.log, self.first, self.warnings = log, None, []
+
+  def update(self, step: int, loss: float) -> None:
+    if self.first is None:
+      self.first = (step, loss)
+    elif not self.warnings and self.first[1] > 0 and loss > self.GROWTH * self.first[1]:
+      self._warn(f'the training loss grew from {self.first[1]:.4g} (step {self.first[0]}) to {loss:.4g} (step '
+                 f'{step}), by {math.log10(loss / self.first[1]):.0f} orders of magnitude: the run is diverging; '
+                 'a lower optimizer.learning_rate (or optimizer.grad_clip) may help')
+
+  def finish(self, loss: float) -> list[str]:
+    if self.first is not None and self.first[0] > 0 and self.first[1] > 0 and loss > self.WORSE * self.first[1]:
+      self._warn(f'the run ends far worse than it started: final training loss {loss:.4g}, first logged '
+                 f'{self.first[1]:.4g} (step {self.first[0]}); its results are likely at chance')
+    return self.warnings
+
+  def _warn(self, text: str) -> None:
+    self.warnings.append(text)
+    self.log(f'warning: {text}')
 
 
 def _calibrate(run: Run, state):
@@ -315,7 +378,7 @@ def _calibrate(run: Run, state):
     x, _ = run.batch(i)
     state = step_fn(state, x)
   if run.write_hparams:
-    run.writer.hparams(summaries.hparams_of(c), group_name=None)
+    run.writer.hparams(summaries.hparams_of(c), group_name=run.group_name)
   return state
 
 
@@ -327,8 +390,8 @@ def _finish(run: Run, state, train_info, rules, t_start) -> dict[str, Any]:
   run.writer.scalars(metrics, step)
   serving = summaries.serving_summary(run, state, rules)
   layers = summaries.quant_summaries(run, state, step)
-  if serving.get('serving_metrics'):
-    run.writer.scalars({f'serving/{k.split("/")[-1]}': v for k, v in serving['serving_metrics'].items()}, step)
+  if serving_scalars(serving):
+    run.writer.scalars(serving_scalars(serving), step)
   return {
       'mode': c.mode, 'model': c.model.name, 'dataset': c.dataset,
       'metrics': metrics, **serving, 'layers': layers,
@@ -337,20 +400,68 @@ def _finish(run: Run, state, train_info, rules, t_start) -> dict[str, Any]:
   }
 
 
+FLAGS = {
+    'workdir': '=<dir>: the run directory (created; rerunning the command resumes the run there)',
+    'coordinator_address': '=host:port, --num_processes=N, --process_id=i: join a multi-process run',
+}
+
+
+def serving_scalars(serving: dict[str, Any]) -> dict[str, float]:
+  """The served model's figures as scalars (HParams metrics beside eval/*): its metrics, bytes, latency as a ratio
+  to the float model timed side by side, and the number of int8 matmuls."""
+  out = {f'serving/{k.split("/")[-1]}': v for k, v in (serving.get('serving_metrics') or {}).items()}
+  if serving.get('serving_bytes') is not None:
+    out['serving/bytes'] = serving['serving_bytes']
+  ratio = (serving.get('latency') or {}).get('ratio_to_float')
+  if ratio is not None:
+    out['serving/latency_vs_float'] = ratio
+  if 'int8' in (serving.get('matmuls') or {}):
+    out['serving/int8_matmuls'] = serving['matmuls']['int8']
+  return out
+
+
 def main(argv: list[str]) -> int:
+  if configlib.wants_help(argv):
+    print(configlib.help_text(__doc__, FLAGS, argv))
+    return 0
   config, flags = configlib.parse_argv(argv)
   configlib.check_flags(flags, ('workdir',) + distributed.FLAGS)
+  unused = configlib.unused_in_float(config, configlib.override_keys(argv))
+  if unused:
+    print(f'warning: {unused}', file=sys.stderr)
   workdir = flags.pop('workdir', None)
   if not workdir:
     raise configlib.ConfigError('missing --workdir=<dir>')
+  validate(config)
+  workdir = configlib.writable_dir(workdir, 'workdir')
   distributed.initialize(flags)
   try:
     train_and_evaluate(config, workdir)
   except RunError as e:
     print(f'error: {e}', file=sys.stderr)
     return 3
+  except KeyboardInterrupt:
+    raise KeyboardInterrupt(f'{saved(workdir)}; rerun the same command to resume') from None
+  except OSError as e:
+    if configlib.debug_requested():
+      raise
+    print(f'error: {configlib.os_error_text(e)}; {saved(workdir)}; rerun the same command to resume once that is '
+          'fixed', file=sys.stderr)
+    return 1
   return 0
 
 
+def saved(workdir: str) -> str:
+  """What a stopped run left in `workdir`, in words: its finished result, or its last checkpoint."""
+  if sweeps.read_result(workdir) is not None:
+    return f'the finished result is kept in {workdir}/result.json'
+  ckpts = os.path.join(workdir, 'checkpoints')
+  steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+  if steps:
+    return f'checkpoints up to step {max(steps)} are kept in {ckpts}'
+  return f'no checkpoint was saved yet in {workdir}'
+
+
+
 if __name__ == '__main__':
-  sys.exit(configlib.main_guard(main))
+  sys.exit(configlib.main_guard(main, RunError, DataError))

@@ -95,7 +95,8 @@ def test_summary_groups_seeds_and_computes_fronts(root):
   assert fronts['mode=qat,bits=w4']['weight_bits'] and fronts['mode=qat,bits=w8']['weight_bits']
   assert fronts['mode=float,bits=w32']['weight_bits'] and not fronts['mode=ptq,bits=w4']['weight_bits']
   assert fronts['mode=qat,bits=w4']['serving_bytes'] and not fronts['mode=ptq,bits=w4']['serving_bytes']
-  assert fronts['mode=qat,bits=w8']['latency_ms'] and fronts['mode=float,bits=w32']['latency_ms']  # faster | better
+  # Only the ratio to float ranks latency: the float rows have none here, qat w8 has one.
+  assert fronts['mode=qat,bits=w8']['latency_ratio'] and not fronts['mode=float,bits=w32']['latency_ratio']
 
 
 def test_report_files_and_tensorboard(root):
@@ -113,16 +114,41 @@ def test_report_files_and_tensorboard(root):
   assert '`mode=ptq,bits=w2,seed=0`: RunError: config.init_from is not a finished run' in md
   assert '## Not finished' in md and '`mode=qat,bits=w2,seed=0`' in md
   assert 'experiments.bench' in md and 'python -m experiments.board' in md
-  for axis in ('weight_bits', 'serving_bytes', 'latency_ms'):
+  for axis in ('weight_bits', 'serving_bytes', 'latency_ratio'):
     assert open(paths[axis], 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
   tags = tb.read_tags(root)
   assert tags['images'] == {'pareto/accuracy_vs_weight_bits', 'pareto/accuracy_vs_serving_bytes',
-                            'pareto/accuracy_vs_latency_ms'}
+                            'pareto/accuracy_vs_latency_ratio'}
   assert tags['text'] == {'report'} and tags['hparams'] == {'_hparams_/experiment'}
   # Rewriting replaces the root summaries instead of adding to them.
   report.write_report(root)
   events = sorted(f for f in os.listdir(root) if f.startswith('events.out.tfevents'))
   assert len(events) == 2 and events[0].endswith(('.hparams_experiment', '.report'))
+
+
+def test_latency_front_uses_the_ratio_to_float_and_keeps_collapsed_trials_off(tmp_path):
+  root = str(tmp_path)
+  # Absolute times come from different moments (the float trial ran on a busy machine): only ratios compare.
+  listed = [
+      _trial(root, 'mode=float', {'mode': 'float'}, _config('float', '', 0),
+             _result(0.90, nbytes=4000, latency={'serving_ms': 5.0, 'ratio_to_float': 1.0})),
+      _trial(root, 'mode=qat,bits=w8', {'mode': 'qat', 'bits': 'w8'}, _config('qat', 'int8', 0),
+             _result(0.89, 0.89, nbytes=1000, latency={'serving_ms': 6.0, 'ratio_to_float': 0.6})),
+      _trial(root, 'mode=ptq,bits=w2', {'mode': 'ptq', 'bits': 'w2'}, _config('ptq', 'int2', 0),
+             _result(0.11, 0.10, nbytes=300, latency={'serving_ms': 0.5, 'ratio_to_float': 0.3})),
+  ]
+  sweeps.write_json_atomic(os.path.join(root, 'sweep.json'), {'config': 'configs/hand.py', 'trials': listed})
+  configs, _, _ = report.summarize(report.load_trials(root)[0])
+  by = {c.label: c for c in configs}
+  assert by['mode=qat,bits=w8'].front['latency_ratio'] and by['mode=float'].front['latency_ratio']
+  w2 = by['mode=ptq,bits=w2']
+  assert w2.far_below_float and not any(w2.front.values())  # cheapest and fastest, but at chance
+  assert not by['mode=qat,bits=w8'].far_below_float and not by['mode=float'].far_below_float
+  paths = report.write_report(root)
+  md = open(paths['report']).read()
+  assert 'far below the float model' in md and '`mode=ptq,bits=w2`' in md.split('far below the float model')[1]
+  row = next(r for r in csv.DictReader(open(paths['csv'])) if r['bits'] == 'w2')
+  assert row['far_below_float'] == 'True' and row['front_serving_bytes'] == 'False'
 
 
 def test_without_manifest_labels_come_from_differing_keys(tmp_path):

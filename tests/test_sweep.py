@@ -59,7 +59,7 @@ def fake_trial(config, workdir, log=print):
     time.sleep(config.sleep)
     steps.append(len(steps) + 1)
     sweeps.write_json_atomic(ckpt, steps)
-  if config.fail and config.fail == name:
+  if config.fail and config.fail == name and not os.path.exists(os.path.join(workdir, 'healed')):
     raise ValueError(f'injected failure in {name}')
   c = configlib.to_dict(config)
   result = {'metrics': {'eval/accuracy': _accuracy(config), 'eval/loss': 1 - _accuracy(config)},
@@ -165,6 +165,8 @@ def test_dry_run_and_index(fake_cfg, tmp_path, monkeypatch):
   rc, out = _sweep([f'--config={fake_cfg}', f'--root={root}', '--dry_run'])
   assert rc == 0 and len(out) == 4 and 'w=int4,a=int4,seed=1' in out[3] and out[3].split()[0] == '3'
   assert not os.path.exists(root)
+  rc, out = _sweep([f'--config={fake_cfg}', f'--root={root}', '--dry_run', '--config.mode=float'])
+  assert "warning: trial w=int4,a=int4,seed=0: config.quant.weight.format='int4'" in out[2], out
   monkeypatch.setenv('SLURM_ARRAY_TASK_ID', '2')
   rc, out = _sweep([f'--config={fake_cfg}', f'--root={root}', '--index=env', '--trial_fn=test_sweep:fake_trial'])
   assert rc == 0, out
@@ -195,17 +197,74 @@ def test_failing_trial_is_recorded_and_retried_alone(fake_cfg, tmp_path):
   # A plain rerun runs nothing: finished ones are kept, the failed one waits for --retry_failed.
   rc, out = _sweep(args + [f'--config.fail={bad}'])
   assert rc == 0 and any(line.startswith('tally: 0 done, 4 skipped') for line in out), out
-  rc, out = _sweep(args + [f'--config.fail={bad}', '--retry_failed', '--config.steps=4'])
-  assert rc == 1  # still failing (its steps changed: it resumed from its checkpoint at 3)
-  rc, out = _sweep(args + ['--retry_failed', '--config.steps=4'])
+  rc, out = _sweep(args + [f'--config.fail={bad}', '--retry_failed'])
+  assert rc == 1  # still failing (it resumed from its checkpoint at 3)
+  open(os.path.join(root, bad, 'healed'), 'w').close()  # what fixes it is outside its config
+  rc, out = _sweep(args + [f'--config.fail={bad}', '--retry_failed'])
   assert rc == 0 and any(line.startswith('tally: 1 done, 3 skipped, 0 failed') for line in out), out
   assert not os.path.exists(os.path.join(root, bad, 'error.json'))
-  assert _runs(root, bad) == 3 and _steps(root, bad) == [1, 2, 3, 4]
+  assert _runs(root, bad) == 3 and _steps(root, bad) == [1, 2, 3]
   for t in sweeps.expand(*configlib.load_module(fake_cfg), root):
     if t.name != bad:
       assert _runs(root, t.name) == 1 and _steps(root, t.name) == [1, 2, 3]
   report = open(os.path.join(root, 'report.md')).read()
   assert '| int4 | int4 | 2 |' in report
+
+
+def test_rerun_with_changed_overrides_is_refused_then_rerun_on_request(fake_cfg, tmp_path):
+  root = str(tmp_path / 'root')
+  args = [f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=1']
+  assert _sweep(args)[0] == 0
+  assert not os.path.exists(os.path.join(root, sweep.REPLACED))  # made only when something moves there
+  manifest = open(os.path.join(root, 'sweep.json')).read()
+  with pytest.raises(configlib.ConfigError, match=r'(?s)4 trial\(s\).*w=int8,a=int8,seed=0: steps.*--rerun_changed'):
+    _sweep(args + ['--config.steps=4'])
+  assert open(os.path.join(root, 'sweep.json')).read() == manifest  # nothing relabelled
+  rc, out = _sweep(args + ['--config.steps=4', '--dry_run'])
+  assert rc == 0 and all(line.split()[3] == 'changed' for line in out), out
+  names = [t.name for t in sweeps.expand(*configlib.load_module(fake_cfg), root)]
+  assert all(_steps(root, n) == [1, 2, 3] for n in names)
+  rc, out = _sweep(args + ['--config.steps=4', '--rerun_changed'])
+  assert rc == 0 and any(line.startswith('tally: 4 done, 0 skipped') for line in out), out
+  assert all(_steps(root, n) == [1, 2, 3, 4] for n in names)
+  kept = os.listdir(os.path.join(root, sweep.REPLACED))  # the old runs, moved aside, not deleted
+  assert sorted(k.rsplit('-', 2)[0] for k in kept) == sorted(names)
+  assert all(json.load(open(os.path.join(root, sweep.REPLACED, k, 'result.json')))['config']['steps'] == 3
+             for k in kept)
+  assert _sweep(args + ['--config.steps=4'])[0] == 0  # now the same config: finished, skipped
+
+
+def test_a_truncated_result_is_not_finished_for_the_sweep_and_the_report(fake_cfg, tmp_path, capsys):
+  from experiments import report  # noqa: PLC0415
+  root = str(tmp_path / 'root')
+  args = [f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=1']
+  assert _sweep(args)[0] == 0
+  cut = 'w=int4,a=int4,seed=1'
+  path = os.path.join(root, cut, 'result.json')
+  text = open(path).read()
+  open(path, 'w').write(text[:len(text) // 2])  # a disk that filled up mid-write
+  capsys.readouterr()
+  status = {t['name']: t['status'] for t in report.load_trials(root)[0]}
+  assert status[cut] == 'not run' and list(status.values()).count('done') == 3
+  assert f'warning: {path} is not a valid result' in capsys.readouterr().err
+  rc, out = _sweep(args)
+  assert rc == 0 and any(line.startswith('tally: 1 done, 3 skipped') for line in out), out
+  assert json.load(open(path))['metrics'] and _runs(root, cut) == 2
+
+
+def test_a_trial_starting_from_a_changed_trial_counts_as_changed(tmp_path):
+  root = str(tmp_path)
+  module, arg = configlib.load_module(os.path.join(REPO, 'configs/quickstart.py:runlocal'))
+  trials = sweeps.expand(module, arg, root)
+  for t in trials:  # every trial finished with the config it has now, except the float one
+    stored = configlib.to_dict(t.config)
+    if t.name == 'mode=float':
+      stored['num_train_steps'] += 1
+    sweeps.write_json_atomic(os.path.join(root, t.name, 'result.json'), {'config': stored})
+  changed = sweep.changed_trials(trials, trials, root)
+  assert changed['mode=float'] == ['num_train_steps']
+  assert sorted(changed) == ['mode=float'] + sorted(t.name for t in trials if t.name.startswith('mode=ptq'))
+  assert changed['mode=ptq,bits=w8a8'] == ['(starts from mode=float)']
 
 
 def test_dead_worker_fails_its_trial_only(fake_cfg, tmp_path):
@@ -335,7 +394,8 @@ def test_tensorboard_lists_trials_with_swept_hparams_and_groups_seeds(fake_cfg, 
     infos = {i['name']: i for i in experiment['hparamInfos']}
     assert set(infos) == {'quant.weight.format', 'quant.act.format'}
     assert infos['quant.weight.format']['domainDiscrete'] == ['int4', 'int8']
-    assert [m['name']['tag'] for m in experiment['metricInfos']] == ['eval/accuracy']
+    assert [m['name']['tag'] for m in experiment['metricInfos']] == ['eval/accuracy', 'serving/bytes',
+                                                                     'serving/int8_matmuls']
     request = {'experimentName': '', 'startIndex': 0, 'sliceSize': 1000,
                'allowedStatuses': ['STATUS_FAILURE', 'STATUS_RUNNING', 'STATUS_SUCCESS', 'STATUS_UNKNOWN'],
                'colParams': [{'hparam': 'quant.weight.format'}, {'hparam': 'quant.act.format'},
@@ -393,8 +453,38 @@ def test_real_runner_ptq_from_the_float_trial(tmp_path):
   assert 'resuming' not in open(os.path.join(root, 'mode=ptq', 'train.log')).read()
   rows = open(os.path.join(root, 'results.csv')).read().splitlines()
   assert len(rows) == 3 and rows[0].startswith('mode,seeds,weight_bits,accuracy_mean')
+  _check_review_in_tensorboard(root)
   rc, out = _sweep([f'--config={cfg}', f'--root={root}'])
   assert rc == 0 and any(line.startswith('tally: 0 done, 2 skipped') for line in out)
+
+
+def _check_review_in_tensorboard(root):
+  """Through TensorBoard's HTTP API (what its browser UI reads): session groups named by the sweep's labels with
+  the serving metrics, the Pareto images and the runs' scalars."""
+  url, server = board.start(root, host='127.0.0.1', port=0, timeout=90, reload_interval=1)
+  try:
+    experiment, deadline = {}, time.monotonic() + 60
+    while time.monotonic() < deadline and not experiment.get('metricInfos'):
+      experiment = _post(url, 'data/plugin/hparams/experiment', {'experimentName': ''})
+      time.sleep(0.5)
+    tags = [m['name']['tag'] for m in experiment['metricInfos']]
+    serving = ['serving/accuracy', 'serving/loss', 'serving/bytes', 'serving/latency_vs_float', 'serving/int8_matmuls']
+    assert tags[:2] == ['eval/accuracy', 'eval/loss'] and set(serving) <= set(tags), tags
+    request = {'experimentName': '', 'startIndex': 0, 'sliceSize': 100,
+               'allowedStatuses': ['STATUS_FAILURE', 'STATUS_RUNNING', 'STATUS_SUCCESS', 'STATUS_UNKNOWN'],
+               'colParams': [{'metric': {'tag': t, 'group': ''}} for t in tags]}
+    groups = _post(url, 'data/plugin/hparams/session_groups', request)['sessionGroups']
+    assert sorted(g['name'] for g in groups) == ['mode=float', 'mode=ptq']  # the sweep's labels, not hashes
+    ptq = next(g for g in groups if g['name'] == 'mode=ptq')
+    values = {v['name']['tag']: v['value'] for v in ptq['metricValues']}
+    assert values['serving/int8_matmuls'] > 0 and 0 < values['serving/latency_vs_float']
+    assert 0 <= values['serving/accuracy'] <= 1 and values['serving/bytes'] > 0
+    images = json.load(urllib.request.urlopen(f'{url}data/plugin/images/tags', timeout=30))
+    assert any(t.startswith('pareto/') for run in images.values() for t in run), images
+    scalars = json.load(urllib.request.urlopen(f'{url}data/plugin/scalars/tags', timeout=30))
+    assert 'eval/accuracy' in scalars.get('mode=float', {}) and 'serving/bytes' in scalars.get('mode=ptq', {})
+  finally:
+    server.stop()
 
 
 # ------------------------------------------------------------------------------------------------- Ray
@@ -429,6 +519,9 @@ def test_cli_exit_codes(fake_cfg, tmp_path):
   code = textwrap.dedent(f'''
       import sys; sys.modules['ray'] = None
       from experiments import sweep; sys.exit(sweep.main(['--config={fake_cfg}', '--root={tmp_path}',
-                                                         '--executor=ray']))''')
+                                                         '--executor=ray', '--trial_fn=test_sweep:fake_trial']))''')
   ray_missing = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=ENV, capture_output=True, text=True)
   assert ray_missing.returncode == 3 and 'needs Ray' in ray_missing.stderr
+  not_a_run = subprocess.run([sys.executable, '-m', 'experiments.sweep', f'--config={fake_cfg}', f'--root={tmp_path}'],
+                             cwd=REPO, env=ENV, capture_output=True, text=True)
+  assert not_a_run.returncode == 2 and "lacks 'optimizer'" in not_a_run.stderr and 'Traceback' not in not_a_run.stderr

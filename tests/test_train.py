@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from experiments import checkpoints as ckpt_lib
 from experiments import configlib, tb, train
-from experiments.checkpoints import read_json
+from experiments.sweeps import read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,6 +74,33 @@ def test_unknown_runner_flag_names_the_nearest_known_flag(tmp_path):
                                                   r'--config, --config.<key>, --workdir\)'):
     bench.main(['--config=configs/bench_fake_quant.py:runlocal', f'--wrkdir={tmp_path}'])
   assert not os.listdir(tmp_path)  # nothing ran
+
+
+CONFIG_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, 'configs')) if f.endswith('.py'))
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_every_config_file_rejects_an_unknown_arg_naming_the_known_ones(name):
+  path = os.path.join(ROOT, 'configs', name)
+  with pytest.raises(configlib.ConfigError, match=r"unknown config arg 'runlcoal'; did you mean 'runlocal'\? "
+                                                  r"\(known: (.*, )?runlocal"):
+    configlib.load_file(f'{path}:runlcoal')
+  assert configlib.load_file(f'{path}:runlocal') is not None
+
+
+def test_config_arg_values_are_parsed_and_checked():
+  assert configlib.config_args('seeds=3,runlocal', runlocal=False, seeds=1) == {'runlocal': True, 'seeds': 3}
+  assert configlib.config_args(None, runlocal=False, seeds=1) == {'runlocal': False, 'seeds': 1}
+  with pytest.raises(configlib.ConfigError, match=r"'seeds=abc': expected seeds=<int>"):
+    configlib.load_file(os.path.join(ROOT, 'configs/quickstart.py:seeds=abc'))
+  with pytest.raises(configlib.ConfigError, match=r"'runlocal' takes no value"):
+    configlib.config_args('runlocal=1', runlocal=False)
+
+
+def test_cli_rejects_a_config_arg_typo_before_running(tmp_path):
+  r = run_cli(['--config=configs/fmnist_cnn.py:runlcoal', f'--workdir={tmp_path}'])
+  assert r.returncode == 2 and "did you mean 'runlocal'" in r.stderr and 'Traceback' not in r.stderr
+  assert not os.listdir(tmp_path)
 
 
 def test_bad_quant_field_names_the_config_key():
@@ -157,6 +185,32 @@ def test_finished_run_is_never_overwritten(tmp_path):
   assert open(tmp_path / 'result.json').read() == before
 
 
+def test_a_truncated_result_is_a_run_to_finish_not_a_traceback(tmp_path, capsys):
+  c = mlp_config(num_train_steps=5, checkpoint_every_steps=5, eval_every_steps=5)
+  first = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  (tmp_path / 'result.json').write_text('{"metrics": {"eval/acc')
+  again = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)  # resumes at its last step
+  assert 'is not a valid result' in capsys.readouterr().err
+  assert again['metrics'] == first['metrics'] and read_json(str(tmp_path / 'result.json'))['metrics']
+
+
+def test_a_resumed_run_reports_its_total_steps(tmp_path, monkeypatch):
+  c = mlp_config(num_train_steps=10, checkpoint_every_steps=5)
+  save = ckpt_lib.Checkpoints.save
+
+  def save_then_stop(self, step, tree):  # Ctrl-C right after the checkpoint of step 5
+    save(self, step, tree)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(ckpt_lib.Checkpoints, 'save', save_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  monkeypatch.setattr(ckpt_lib.Checkpoints, 'save', save)
+  result = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  assert result['train']['steps'] == 10 and result['train']['resumed_from'] == 5
+  assert read_json(str(tmp_path / 'result.json'))['train']['steps'] == 10
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   c = mlp_config(num_train_steps=10, log_every_steps=1, checkpoint_every_steps=1)
   c.optimizer.name, c.optimizer.schedule, c.optimizer.learning_rate = 'sgd', 'constant', 1e30
@@ -166,6 +220,43 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
   assert steps and max(steps) == bad_step - 1  # nothing saved from the bad step on
   assert not os.path.exists(tmp_path / 'result.json')
+
+
+def test_the_checkpoint_kept_is_finite_and_the_message_names_a_step(tmp_path):
+  # lr 1e39: the loss of step 1 (before the update) is finite, the state after it is not.
+  c = mlp_config(num_train_steps=10, log_every_steps=5, checkpoint_every_steps=1)
+  c.optimizer.schedule, c.optimizer.learning_rate = 'constant', 1e39
+  with pytest.raises(train.NonFiniteLoss, match=r'non-finite .* at step 1\b') as e:
+    train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  assert 'step None' not in str(e.value) and 'No checkpoint was saved' in str(e.value)
+  assert not [d for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]
+
+
+def test_an_exploding_finite_loss_is_reported(tmp_path):
+  c = mlp_config(num_train_steps=20)
+  c.optimizer.schedule, c.optimizer.learning_rate = 'constant', 1e6
+  lines = []
+  result = train.train_and_evaluate(c, str(tmp_path), log=lines.append)
+  warnings = result['warnings']
+  assert any('orders of magnitude' in w for w in warnings) and any('far worse' in w for w in warnings), warnings
+  assert any(str(line).startswith('warning: the training loss grew') for line in lines)
+  calm = train.train_and_evaluate(mlp_config(num_train_steps=20), str(tmp_path / 'calm'), log=lambda *a: None)
+  assert calm['warnings'] == []
+
+
+def test_quant_options_in_a_float_run_warn_naming_the_mode_that_uses_them(tmp_path):
+  c = mlp_config(mode='float')
+  configlib.set_key(c, 'quant.weight.format', 'int4')
+  text = configlib.unused_in_float(c, ['quant.weight.format', 'seed'])
+  assert "config.quant.weight.format='int4' has no effect" in text and '--config.mode=qat' in text
+  assert configlib.unused_in_float(c, ['seed']) is None  # the config file's own quant settings are not a mistake
+  configlib.set_key(c, 'quant.act.format', '')  # no quantization: agrees with a float run
+  assert configlib.unused_in_float(c, ['quant.act.format']) is None
+  configlib.set_key(c, 'mode', 'qat')
+  assert configlib.unused_in_float(c, ['quant.weight.format']) is None
+  r = run_cli(['--config=configs/fmnist_mlp.py:runlocal', '--config.quant.weight.format=int4',
+               '--config.num_train_steps=2', '--config.model.hidden=(8,)', f'--workdir={tmp_path}'])
+  assert r.returncode == 0 and "warning: config.quant.weight.format='int4' has no effect" in r.stderr
 
 
 def test_kill_9_then_rerun_finishes_with_uninterrupted_metrics(tmp_path):
