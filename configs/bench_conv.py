@@ -14,9 +14,12 @@ about the f32 conv's time. About 1 minute.
 
 import ml_collections
 
+from experiments import configlib
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: None or 'runlocal' (tiny shapes)."""
+  a = configlib.config_args(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   c.suite = 'conv'
   c.module = 'experiments.bench_conv'
@@ -25,9 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.inspect = True
   c.flag_tolerance = 0.0
   c.timing = ml_collections.ConfigDict({'warmup': 2, 'rounds': 7, 'min_time': 0.1, 'clock': 'wall'})
-  if arg == 'runlocal':
+  if a['runlocal']:
     c.shapes = ('4x8x1x6x5', '4x8x6x16x3')
     c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'})
-  elif arg:
-    raise ValueError(f'unknown config arg {arg!r}: use runlocal')
   return c
