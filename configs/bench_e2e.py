@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.charlm = ml_collections.ConfigDict({'train_batch': 32, 'serve_batches': (1, 8, 64, 256)})
   c.mlp_hidden = (2048, 2048)
   c.train_batch = 256
-  c.serve_batches = (1, 8, 64, 256, 1024)   # 1 row <= small_m: the matrix-vector (float, blockwise) path
+  c.serve_batches = (1, 8, 64, 256, 1024)   # 1 row: int8, padded to two rows on CPU (decode)
   c.calibration_batches = 2
   c.quant_overrides = ml_collections.ConfigDict()   # e.g. {'act__granularity': 'per_channel'} ('__' for '.')
   c.seed = 0

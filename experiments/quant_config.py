@@ -42,7 +42,7 @@ def default_quant_config() -> ml_collections.ConfigDict:
   q.act_static = False
   q.ema_decay = 0.99
   q.delayed_scaling = 0
-  q.small_m = 1   # forward matmuls with <= this many rows run as float matmuls of quantized values; 0: int8
+  q.small_m = 0   # forward matmuls with <= this many rows run as float matmuls of quantized values; 0: int8
   q.calibration_batches = 16
   return q
 

@@ -430,15 +430,22 @@ def test_small_m_routes_to_float_and_logs_once(monkeypatch, caplog):
   assert 'fwd' in msgs[0] and '8 rows' in msgs[0]
 
 
-def test_default_small_m_routes_only_matrix_vector_products():
-  """Default small_m=1: XLA:CPU's fast kernel refuses single-row dots, but from 2 rows int8 is not slower."""
+def test_default_one_row_dot_runs_int8_padded_to_two_rows():
+  """Default small_m=0: nothing is routed to float. XLA:CPU's fast kernel refuses single-row dots, so on CPU the
+  int8 dot of one row is padded to two (a zero row) and sliced back: on the fast kernel, the same values."""
   s = spec('int8', 'per_channel')
   cfg = DotConfig(fwd=MatmulConfig(s, s))
-  assert cfg.small_m == 1
+  assert cfg.small_m == 0
   w = operand(17, (64, 48), (0,))
   f = lambda a, b: ops.dot_general(a, b, dn((1,), (0,)), config=cfg)
-  assert ops.inspect_matmuls(f, operand(16, (1, 64), (1,)), w).lowered_int8 == 0
-  assert ops.inspect_matmuls(f, operand(16, (2, 64), (1,)), w).lowered_int8 == 1
+  x1 = operand(16, (1, 64), (1,))
+  rep = ops.inspect_matmuls(f, x1, w)
+  assert rep.lowered_int8 == 1
+  if jax.default_backend() == 'cpu':
+    (m,) = rep.compiled
+    assert m.lhs_shape == (2, 64) and m.fast, rep.summary()
+  fake = DotConfig(fwd=MatmulConfig(s, s, 'fake'))
+  np.testing.assert_array_equal(jax.jit(f)(x1, w), ops.dot_general(x1, w, dn((1,), (0,)), config=fake))
 
 
 # ----------------------------------------------------------------------------------- stochastic rounding

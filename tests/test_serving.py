@@ -1,6 +1,6 @@
 """QAT -> PTQ serving: convert_linen / convert_nnx replace every quantized kernel with a ServingWeight (int8, or
 int4 packed two per byte), the serving forward equals the QAT evaluation forward bit for bit (on the real int8
-path for batches above small_m, and on the matrix-vector path of a single row), and the orbax serving checkpoint
+path, also for a single row, which runs int8 padded to two rows on CPU), and the orbax serving checkpoint
 is a fraction of the float one.
 """
 
@@ -101,12 +101,12 @@ def test_convert_linen_serving_equals_qat_eval_bit_for_bit():
   assert jax.tree.structure(sv['quant_stats']) == jax.tree.structure(v['quant_stats'])
 
   qat, srv = jax.jit(qm.apply), jax.jit(qm.serving().apply)
-  for batch in (40, 1):  # 40 rows > small_m=1: real int8 matmuls; 1 row: the matrix-vector (float) path
+  for batch in (40, 1):  # real int8 matmuls; 1 row: padded to two rows on CPU (small_m=0 routes nothing to float)
     xb = images(2 + batch, batch)
     y = srv(sv, xb)
     assert y.shape == (batch, 10) and jnp.array_equal(y, qat(v, xb))
   assert lowered_categories(qm.serving().apply, sv, images(0, 40)) == ['int8'] * 5
-  assert lowered_categories(qm.serving().apply, sv, images(0, 1)) == ['f32'] * 4 + ['int8']  # convs: no small_m
+  assert lowered_categories(qm.serving().apply, sv, images(0, 1)) == ['int8'] * 5
 
 
 def test_serving_weight_outside_a_quantizing_rule_is_an_error():
@@ -160,7 +160,7 @@ def test_convert_nnx_serving_equals_qat_eval_bit_for_bit():
   graphdef, state = nnx.split(model)
   serve = lambda state, x: nnx.merge(graphdef, state)(x)
   assert lowered_categories(serve, state, images(0, 40)) == ['int8'] * 5
-  assert lowered_categories(serve, state, images(0, 1)) == ['f32'] * 4 + ['int8']
+  assert lowered_categories(serve, state, images(0, 1)) == ['int8'] * 5
 
 
 # ------------------------------------------------------------------------------------------ checkpoint size

@@ -41,7 +41,7 @@ class QuantRule:
       maximum (fp8 delayed scaling, as in Transformer Engine); the current amax is rolled in after use.
     float: leave matched ops unquantized (a rule that excludes, e.g., the first and last layers).
     small_m: DotConfig.small_m of matched ops: forward matmuls with at most this many rows run as float
-      matmuls of the quantized values in 'auto' mode (default 1: matrix-vector products); 0 forces int8.
+      matmuls of the quantized values in 'auto' mode (default 0: none; one-row dots are padded to two on CPU).
     name: shown in reports and errors (default: the regex).
   """
   module_path: str = '.*'
@@ -55,7 +55,7 @@ class QuantRule:
   ema_decay: float = 0.99
   delayed_scaling: int = 0
   float: bool = False
-  small_m: int = 1
+  small_m: int = 0
   name: str = ''
 
   def __post_init__(self):

@@ -67,16 +67,16 @@ class DotConfig:
     drhs_row_major: compute drhs as (row-major lhs^T) . g, so that XLA:CPU keeps the int8 weight-gradient
       matmul on its fast kernel (a transposed operand would otherwise be up-cast to int32).
     small_m: route forward matmuls whose non-contracted lhs size (rows) is at most this to 'fake' (float)
-      execution in 'auto' mode. The default 1 routes matrix-vector products: XLA:CPU's fast (YNNPACK) kernel
-      refuses dots with a single row, and the generic int8 loop it falls back to is ~4x slower than f32
-      (docs/benchmarks.md). From 2 rows on int8 is as fast as or faster than f32 there (measured 1.5x at 2 rows,
-      2.2x at 8-32 rows with pre-quantized weights), so routing more rows loses speed. 0 disables.
+      execution in 'auto' mode. The default 0 routes nothing: XLA:CPU's fast (YNNPACK) kernel refuses a dot with a
+      single row, so qjax pads such a dot to two rows (qjax.ops.dot_general.low_precision_dot), which with
+      pre-quantized int8 weights runs at 0.73x the f32 matrix-vector product (1 and 2 cores, 4096x4096, Intel
+      Xeon with VNNI), where the float route ran at 1.54-1.67x (docs/benchmarks.md, decode).
   """
   fwd: MatmulConfig = MatmulConfig()
   dlhs: MatmulConfig = MatmulConfig()
   drhs: MatmulConfig = MatmulConfig()
   drhs_row_major: bool = True
-  small_m: int = 1
+  small_m: int = 0
 
   def __post_init__(self):
     for name in ('fwd', 'dlhs', 'drhs'):

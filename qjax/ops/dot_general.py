@@ -191,34 +191,48 @@ def pad_multiple() -> int:
   return GPU_PAD_MULTIPLE if jax.default_backend() == 'gpu' else 0
 
 
-def low_precision_dot(a, b, dims: Dims, acc_t, multiple: int | None = None, precision=None) -> jax.Array:
+def min_free() -> int:
+  """The fewest rows (and columns) an int8 dot gets on this backend: 2 on CPU, where XLA's fast (YNNPACK) kernel
+  refuses a matrix-vector product and the generic loop it falls back to is several times slower than f32; a
+  second, zero row puts it back on the fast kernel (docs/benchmarks.md, decode). 0 elsewhere."""
+  return 2 if jax.default_backend() == 'cpu' else 0
+
+
+def low_precision_dot(a, b, dims: Dims, acc_t, multiple: int | None = None, precision=None,
+                      min_rows: int | None = None) -> jax.Array:
   """lax.dot_general(a, b, dims) of int8 / fp8 operands accumulating in acc_t. With multiple > 0 (default: 16
   on GPU, see pad_multiple) every contracting dim and the minor-most free dim of each operand are zero-padded
-  to that multiple, and the result is sliced back: the same values, on the library kernel. `precision` goes to
-  lax.dot_general (for fp8 on GPU it selects the accumulation, see FP8_PRECISION)."""
+  to that multiple; with min_rows > 1 (default: 2 on CPU, see min_free) a single row (column) of an operand is
+  zero-padded to min_rows. The result is sliced back: the same values, on the library kernel. `precision` goes
+  to lax.dot_general (for fp8 on GPU it selects the accumulation, see FP8_PRECISION)."""
   multiple = pad_multiple() if multiple is None else multiple
+  min_rows = min_free() if min_rows is None else min_rows
   (lc, rc), (lb, rb) = dims
+  lf, rf = free_dims(a.ndim, lc, lb), free_dims(b.ndim, rc, rb)
+  pad_a, pad_b = [0] * a.ndim, [0] * b.ndim
   if multiple:
-    pad_a, pad_b = [0] * a.ndim, [0] * b.ndim
     for cl, cr in zip(lc, rc, strict=True):
       pad_a[cl] = pad_b[cr] = -a.shape[cl] % multiple
-    lf, rf = free_dims(a.ndim, lc, lb), free_dims(b.ndim, rc, rb)
     if lf:
       pad_a[lf[-1]] = -a.shape[lf[-1]] % multiple
     if rf:
       pad_b[rf[-1]] = -b.shape[rf[-1]] % multiple
-    if any(pad_a) or any(pad_b):
-      zero = lambda x: jnp.zeros((), x.dtype)
-      a = lax.pad(a, zero(a), [(0, p, 0) for p in pad_a])
-      b = lax.pad(b, zero(b), [(0, p, 0) for p in pad_b])
-      out = lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc_t)
-      limit = list(out.shape)
-      nb = len(lb)
-      if lf:
-        limit[nb + len(lf) - 1] -= pad_a[lf[-1]]
-      if rf:
-        limit[-1] -= pad_b[rf[-1]]
-      return lax.slice(out, (0,) * out.ndim, tuple(limit))
+  if min_rows > 1 and jnp.issubdtype(a.dtype, jnp.integer):
+    for x, free, pad in ((a, lf, pad_a), (b, rf, pad_b)):
+      if free and math.prod(x.shape[d] for d in free) == 1:
+        pad[free[-1]] = min_rows - 1
+  if any(pad_a) or any(pad_b):
+    zero = lambda x: jnp.zeros((), x.dtype)
+    a = lax.pad(a, zero(a), [(0, p, 0) for p in pad_a])
+    b = lax.pad(b, zero(b), [(0, p, 0) for p in pad_b])
+    out = lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc_t)
+    limit = list(out.shape)
+    nb = len(lb)
+    if lf:
+      limit[nb + len(lf) - 1] -= pad_a[lf[-1]]
+    if rf:
+      limit[-1] -= pad_b[rf[-1]]
+    return lax.slice(out, (0,) * out.ndim, tuple(limit))
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc_t)
 
 
