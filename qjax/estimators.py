@@ -37,12 +37,21 @@ def grid_units(x, scale, zero_point=None):
 
   Written as x * (1 / scale) (+ zero_point) and compiled as one unit, so that eager calls and calls inside a
   larger jit give the same bits: XLA rewrites a division by a broadcast scale into a multiplication by its
-  reciprocal, and contracts the multiply-add into an FMA, under jit only.
+  reciprocal, and contracts the multiply-add into an FMA, under jit only. A zero scale (an all-zero int1 group)
+  maps every element to the zero point (reciprocal 0, not inf: 0 * inf would be NaN).
   """
-  y = x.astype(jnp.float32) * gran.expand(1.0 / scale.astype(jnp.float32), x.shape)
+  scale = scale.astype(jnp.float32)
+  y = x.astype(jnp.float32) * gran.expand(jnp.where(scale == 0, 0.0, 1.0 / scale), x.shape)
   if zero_point is not None:
     y = y + gran.expand(zero_point.astype(jnp.float32), x.shape)
   return y
+
+
+def keep_nonfinite(xf, x_hat, dtype):
+  """x_hat where x is finite, clipped to the finite range of `dtype` (a grid end of an asymmetric range may
+  overshoot it: f16, or f32 for ranges near the f32 max); NaN and +-inf of x pass through unchanged."""
+  m = float(jnp.finfo(dtype).max)
+  return jnp.where(jnp.isfinite(xf), jnp.clip(x_hat, -m, m), xf)
 
 
 def _fq(x, scale, zero_point, noise, fmt):
@@ -54,7 +63,7 @@ def _fq(x, scale, zero_point, noise, fmt):
   q = formats.grid_values(y, fmt, noise)
   lo, hi = formats.grid_range(fmt)
   inside = (y >= lo) & (y <= hi)
-  x_hat = jnp.where(jnp.isnan(xf), xf, (q - z) * s)  # NaN in, NaN out (never silently zero).
+  x_hat = keep_nonfinite(xf, (q - z) * s, x.dtype)  # NaN / inf in, NaN / inf out (never silently finite).
   return x_hat, y, q, inside
 
 
@@ -119,7 +128,7 @@ def clipped_ste(x, scale, zero_point=None, noise=None, *, fmt):
 def lsq_grad_scale(x_shape, scale_shape, fmt) -> float:
   """LSQ's gradient scale g = 1 / sqrt(N * Q_P), N = elements sharing one scale, Q_P = qmax."""
   n = gran.elements_per_scale(tuple(x_shape), tuple(scale_shape))
-  return 1.0 / math.sqrt(n * max(formats.grid_max(fmt), 1.0))
+  return 1.0 / math.sqrt(max(n, 1) * max(formats.grid_max(fmt), 1.0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -169,7 +178,7 @@ def _lsq_plus(x, scale, offset, noise, fmt):
 def _lsq_plus_fwd(x, scale, offset, noise, fmt):
   b = gran.expand(offset.astype(jnp.float32), x.shape)
   x_hat, y, q, inside = _fq(x.astype(jnp.float32) - b, scale, None, noise, fmt)
-  return (x_hat + b).astype(x.dtype), (y, q, inside, scale, offset, noise)
+  return keep_nonfinite(x, x_hat + b, x.dtype).astype(x.dtype), (y, q, inside, scale, offset, noise)
 
 
 def _lsq_plus_bwd(fmt, res, g):
@@ -206,7 +215,7 @@ def _pact_fwd(x, alpha, noise, fmt):
   a = gran.expand(alpha.astype(jnp.float32), x.shape)
   lo = -a if fmt.qmin < 0 else jnp.zeros_like(a)
   clipped = jnp.clip(xf, lo, a)
-  x_hat = _fq(clipped, alpha * (1.0 / fmt.qmax), None, noise, fmt)[0]
+  x_hat = keep_nonfinite(xf, _fq(clipped, alpha * (1.0 / fmt.qmax), None, noise, fmt)[0], x.dtype)
   return x_hat.astype(x.dtype), (xf, a, lo, alpha, noise)
 
 

@@ -87,11 +87,14 @@ def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
 
 
 def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
-  """(qvalue - zero_point) * scale (codebooks: levels[qvalue] * scale), in `dtype`."""
+  """(qvalue - zero_point) * scale (codebooks: levels[qvalue] * scale), in `dtype`, saturating at dtype's finite
+  range (the end of an asymmetric grid may overshoot it by part of a step). A NaN scale gives NaN."""
   v = formats.from_grid(q.qvalue, q.fmt)
   if q.zero_point is not None:
     v = v - gran.expand(q.zero_point, q.shape).astype(jnp.float32)
-  return (v * gran.expand(q.scale, q.shape)).astype(dtype)
+  v = v * gran.expand(q.scale, q.shape)
+  m = float(jnp.finfo(dtype).max)
+  return jnp.clip(v, -m, m).astype(dtype)
 
 
 def init_params(x: jax.Array, spec: QuantSpec) -> dict[str, jax.Array]:

@@ -303,7 +303,8 @@ def test_calibration_must_fit_scheme():
     QuantSpec(calibration='minmax')
   with pytest.raises(ValueError, match=r'calibration="absmax" does not fit scheme="asymmetric".*minmax'):
     QuantSpec(scheme='asymmetric', format='uint8')
-  with pytest.raises(ValueError, match=r"calibration='max' is not one of absmax, minmax, percentile, mse"):
+  with pytest.raises(ValueError,
+                     match=r"calibration='max' is not one of absmax, absmax_half_step, minmax, percentile, mse"):
     QuantSpec(calibration='max')
 
 

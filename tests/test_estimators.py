@@ -287,7 +287,7 @@ def test_ewgs_scales_with_residual_in_grid_units():
 
 
 def test_ewgs_bad_delta():
-  with pytest.raises(ValueError, match='ewgs_delta must be >= 0'):
+  with pytest.raises(ValueError, match='ewgs_delta must be a finite number >= 0'):
     QuantSpec(estimator='ewgs', ewgs_delta=-0.1)
 
 
@@ -369,3 +369,4 @@ def test_grid_range_used_by_masks():
   assert formats.grid_range(formats.parse_format('int4')) == (-8.0, 7.0)
   assert formats.grid_range(formats.parse_format('uint4')) == (0.0, 15.0)
   assert formats.grid_range(formats.parse_format('fp4_e2m1')) == (-6.0, 6.0)
+

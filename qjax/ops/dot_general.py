@@ -19,8 +19,10 @@ a batch dimension, and sum the rescaled groups in f32. Widths below 8 bits live 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -139,8 +141,9 @@ def _to_signed_container(q: _Q, spec: QuantSpec) -> _Q:
 def quantize_operand(x, spec: QuantSpec, qparams=None, key=None) -> _Q:
   """Quantizes x for a matmul. With qparams=(scale, zero_point, qvalue) x is already on that grid: the given
   qvalue (pre-quantized weights) is used as is, or x is re-quantized exactly with the given scale."""
-  if qparams is None:
-    qa = quantizers.quantize(x, spec, key=key)
+  if qparams is None:  # A group holding a NaN / inf gets scale NaN: its row / column of the product is NaN.
+    scale, zp = calibration.calibrate(lax.stop_gradient(x), spec, poison=True)
+    qa = quantizers.quantize(x, spec, scale=scale, zero_point=zp, key=key)
   elif qparams[2] is not None:
     scale, zp, qvalue = qparams
     zp = None if zp is None else jnp.round(zp).astype(jnp.int32)
@@ -428,6 +431,7 @@ def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
   x32 = x.astype(jnp.float32)
   if spec is None:
     return x32, None
+  warn_if_clipping_negatives(x32, spec, where if where.startswith('conv') else f'dot_general {where}')
   if callable(params):
     params = params(spec, x)
   params = dict(params or {})
@@ -439,20 +443,51 @@ def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
   sshape = gran.scale_shape(x.shape, spec)
   fit = lambda a: None if a is None else jnp.broadcast_to(jnp.asarray(a, jnp.float32), sshape)
   scale, zp = fit(params.get('scale')), fit(params.get('zero_point'))
+  # A scale group of x holding a NaN / inf gets scale NaN in the grid handed to the matmul, so that real
+  # (integer) execution, whose qvalues cannot hold a NaN, returns NaN for that row / column as fake mode does.
+  poison = lambda s: jnp.where(gran.reduce(~jnp.isfinite(lax.stop_gradient(x32)), sshape, jnp.any), jnp.nan, s)
   if est == 'pact':
     alpha = fit(params['alpha'])
     x_hat = quantizers.fake_quant(x32, spec, alpha=alpha, key=key)
-    return x_hat, (lax.stop_gradient(alpha / spec.fmt.qmax), None, None)
+    return x_hat, (poison(lax.stop_gradient(alpha / spec.fmt.qmax)), None, None)
   if est == 'lsq_plus':
     x_hat = quantizers.fake_quant(x32, spec, scale=scale, offset=fit(params['offset']), key=key)
     return x_hat, None
-  if scale is None:
-    scale, zp = calibration.calibrate(lax.stop_gradient(x32), spec)
+  if scale is None:  # Dynamic: the calibration's own reduction flags non-finite groups (no extra pass).
+    scale, zp = calibration.calibrate(lax.stop_gradient(x32), spec, poison=True)
     zp = None if zp is None else zp.astype(jnp.float32)
   elif spec.scheme == 'asymmetric' and zp is None:
     raise ValueError(f'{where}: an explicit scale for scheme="asymmetric" needs a zero_point too')
+  else:
+    scale = poison(scale)
   x_hat = quantizers.fake_quant(x32, spec, scale=scale, zero_point=zp, key=key)
   return x_hat, (lax.stop_gradient(scale), None if zp is None else lax.stop_gradient(zp), None)
+
+
+_WARNED: set = set()
+
+
+def _warn_negatives(where: str, fmt: str, negative) -> None:
+  if bool(negative) and (where, fmt) not in _WARNED:
+    _WARNED.add((where, fmt))
+    warnings.warn(f'qjax: {where} is quantized on the unsigned symmetric grid {fmt!r}, which clips its negative '
+                  'values to 0; use a signed format, scheme="asymmetric", or make the input non-negative (e.g. a '
+                  'ReLU before it)', stacklevel=2)
+
+
+def warn_if_clipping_negatives(x, spec: QuantSpec, where: str) -> None:
+  """Warns once per op operand when a symmetric unsigned grid (uint formats, scheme='symmetric', not PACT, whose
+  clip at 0 is its ReLU) meets negative values. A concrete x is checked now; a traced one by a host callback that
+  reports only when a negative value actually arrives (input known non-negative: no warning)."""
+  fmt = formats.element_format(spec.fmt)
+  if (not isinstance(fmt, formats.IntFormat) or fmt.signed or spec.scheme != 'symmetric'
+      or spec.estimator == 'pact' or (where, spec.format) in _WARNED):
+    return
+  negative = jnp.any(lax.stop_gradient(x) < 0)
+  if isinstance(negative, jax.core.Tracer):
+    jax.debug.callback(functools.partial(_warn_negatives, where, spec.format), negative)
+  else:
+    _warn_negatives(where, spec.format, negative)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None, *,
