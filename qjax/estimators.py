@@ -17,6 +17,12 @@ qmin <= y <= qmax, and sums over a scale's group reduce full-shape terms to the 
 
 Scales and offsets enter and leave as ordinary arrays of the scale's shape, so Flax layers can hold them as
 params and optax can train them. Inputs may be bf16, f16 or f32; arithmetic runs in f32.
+
+Learned steps and clips stay positive by construction: lsq, lsq_plus and pact use `positive(s)` =
+max(s, STEP_FLOOR) in the forward with a straight-through gradient (d positive(s) / ds = 1), the clamp of the
+reference LSQ and PACT implementations without its zero gradient below the floor: an optimizer step that drives a
+step size to zero or below (Adam at a high learning rate) leaves a tiny positive step in the forward, and the
+gradient, computed at that step, pushes the parameter back up. Serving conversion and the ops use the same value.
 """
 
 from __future__ import annotations
@@ -122,6 +128,21 @@ def clipped_ste(x, scale, zero_point=None, noise=None, *, fmt):
   return _clipped_ste(x, scale, zero_point, noise, fmt)
 
 
+# ------------------------------------------------------------------------------------------ positive steps
+
+STEP_FLOOR = 1e-8  # the smallest learned step / clip a forward uses (f32 x / 1e-8 stays finite up to 3e30)
+
+
+def positive(s):
+  """max(s, STEP_FLOOR) in the forward, identity in the backward (straight-through clamp): learned steps and
+  clips can never be zero or negative where they are used, and a parameter below the floor still gets its
+  gradient."""
+  s = jnp.asarray(s)
+  # (s - sg(s)) is exactly 0 in the forward, so the result is exactly max(s, floor) (s + sg(max - s) would
+  # cancel to 0 for s = -1).
+  return (s - jax.lax.stop_gradient(s)) + jax.lax.stop_gradient(jnp.maximum(s, STEP_FLOOR))
+
+
 # ---------------------------------------------------------------------------------------------------- LSQ
 
 
@@ -157,8 +178,9 @@ def lsq(x, scale, noise=None, *, fmt):
 
   x_hat = clip(round(x / s), -Q_N, Q_P) * s. Gradients: dx = g * inside; per element
   d x_hat / ds = round(x/s) - x/s inside, -Q_N below, Q_P above, times g = 1 / sqrt(N * Q_P).
+  The step used is `positive(scale)` (see the module docstring).
   """
-  return _lsq(x, scale, noise, fmt)
+  return _lsq(x, positive(scale), noise, fmt)
 
 
 def lsq_init(x, sshape, fmt):
@@ -198,8 +220,9 @@ def lsq_plus(x, scale, offset, noise=None, *, fmt):
   """LSQ+ (Bhalgat et al., 2020): learned step s and offset b. x_hat = clip(round((x-b)/s), qmin, qmax) s + b.
 
   Gradients: dx = g * inside; ds as LSQ on y = (x - b) / s; db = g * (1 - inside) (times LSQ's gradient scale).
+  The step used is `positive(scale)`.
   """
-  return _lsq_plus(x, scale, offset, noise, fmt)
+  return _lsq_plus(x, positive(scale), offset, noise, fmt)
 
 
 # --------------------------------------------------------------------------------------------------- PACT
@@ -235,8 +258,9 @@ _pact.defvjp(_pact_fwd, _pact_bwd)
 
 def pact(x, alpha, noise=None, *, fmt):
   """PACT (Choi et al., 2018): clip to [0, alpha] (unsigned grids) or [-alpha, alpha] (signed), then quantize
-  with s = alpha / qmax. dx = g * 1[lo < x < alpha]; d alpha = g * 1[x >= alpha] (- g * 1[x <= -alpha])."""
-  return _pact(x, alpha, noise, fmt)
+  with s = alpha / qmax. dx = g * 1[lo < x < alpha]; d alpha = g * 1[x >= alpha] (- g * 1[x <= -alpha]).
+  The clip used is `positive(alpha)`."""
+  return _pact(x, positive(alpha), noise, fmt)
 
 
 # --------------------------------------------------------------------------------------------------- EWGS

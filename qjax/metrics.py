@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qjax import calibration, formats, quantizers
+from qjax import calibration, estimators, formats, quantizers
 from qjax import granularity as gran
 from qjax.spec import QuantSpec
 
@@ -25,9 +25,10 @@ def _range(x, spec: QuantSpec, params: dict):
   """(scale, zero_point) the quantizer uses for x given its params (learned, static, or calibrated)."""
   params = params or {}
   if 'alpha' in params:
-    return jnp.asarray(params['alpha']) / spec.fmt.qmax, None
+    return estimators.positive(params['alpha']) / spec.fmt.qmax, None
   if 'scale' in params:
-    return jnp.asarray(params['scale']), params.get('zero_point')
+    scale = jnp.asarray(params['scale'])
+    return (estimators.positive(scale) if 'scale' in spec.learned else scale), params.get('zero_point')
   return calibration.calibrate(x, spec)
 
 
@@ -46,7 +47,7 @@ def clip_fraction(x: jax.Array, spec: QuantSpec, params: dict | None = None) -> 
   """Fraction of finite elements of x beyond the representable range [(lo - z) s, (hi - z) s]."""
   x = x.astype(jnp.float32)
   if spec.estimator == 'lsq_plus':
-    scale, zp = jnp.asarray(params['scale']), None
+    scale, zp = estimators.positive(params['scale']), None
     x = x - gran.expand(jnp.broadcast_to(params['offset'], scale.shape), x.shape)
   else:
     scale, zp = _range(x, spec, params)

@@ -370,3 +370,65 @@ def test_grid_range_used_by_masks():
   assert formats.grid_range(formats.parse_format('uint4')) == (0.0, 15.0)
   assert formats.grid_range(formats.parse_format('fp4_e2m1')) == (-6.0, 6.0)
 
+
+# ------------------------------------------------------------------------ learned steps stay positive
+
+
+def test_positive_clamps_forward_and_passes_gradient_straight_through():
+  s = jnp.asarray([-1.0, 0.0, 1e-9, 0.5])
+  np.testing.assert_array_equal(estimators.positive(s), np.float32([1e-8, 1e-8, 1e-8, 0.5]))
+  np.testing.assert_array_equal(jax.grad(lambda s: jnp.sum(estimators.positive(s) * 3.0))(s), [3.0] * 4)
+
+
+def test_lsq_negative_step_uses_the_floor_with_its_gradient():
+  spec = QuantSpec('int4', estimator='lsq')
+  x = jnp.asarray([1.0, -1.0, 0.0])
+  f = lambda s: fake_quant(x, spec, scale=s)
+  np.testing.assert_array_equal(f(-0.5), f(1e-8))
+  np.testing.assert_allclose(f(-0.5), [7e-8, -8e-8, 0.0], rtol=1e-6)
+  # y = x / 1e-8: above Q_P -> d x_hat / ds = Q_P = 7; below -Q_N -> -8; x = 0 inside -> round(0) - 0 = 0;
+  # times LSQ's gradient scale 1 / sqrt(N Q_P) = 1 / sqrt(3 * 7).
+  ds = jax.grad(lambda s: jnp.sum(f(s)))(-0.5)
+  np.testing.assert_allclose(ds, (7 - 8) / np.sqrt(21.0), rtol=1e-6)
+
+
+def test_pact_negative_clip_uses_the_floor_with_its_gradient():
+  spec = QuantSpec('int8', estimator='pact')
+  x = jnp.asarray([2.0, -3.0, 0.0, 1.0])
+  f = lambda a: fake_quant(x, spec, alpha=a)
+  np.testing.assert_array_equal(f(-1.0), f(1e-8))
+  assert np.all(np.abs(np.asarray(f(-1.0))) <= 1e-8 * (1 + 1e-6))
+  # d alpha = sum(g 1[x >= alpha]) - sum(g 1[x <= -alpha]) at alpha = 1e-8: 2 above, 1 below.
+  np.testing.assert_allclose(jax.grad(lambda a: jnp.sum(f(a)))(-1.0), 2.0 - 1.0)
+
+
+def test_adam_drives_negative_lsq_steps_back_up():
+  import optax  # noqa: PLC0415
+  spec = QuantSpec('int4', granularity='per_channel', axis=1, estimator='lsq')
+  w = jax.random.normal(jax.random.key(0), (64, 16))
+  s = jnp.full((1, 16), -0.05)  # as if Adam had pushed every per-channel step below zero
+  opt = optax.adam(1e-2)
+  state = opt.init(s)
+  loss = lambda s: jnp.mean(jnp.square(fake_quant(w, spec, scale=s) - w))
+  first = float(loss(s))
+  for _ in range(40):
+    g = jax.grad(loss)(s)
+    assert np.isfinite(np.asarray(g)).all()
+    upd, state = opt.update(g, state)
+    s = optax.apply_updates(s, upd)
+  assert np.all(np.asarray(s) > 0), s
+  assert float(loss(s)) < 0.5 * first
+
+
+def test_ops_real_and_fake_use_the_same_clamped_step():
+  from qjax import ops  # noqa: PLC0415
+  from qjax.ops.config import DotConfig, MatmulConfig  # noqa: PLC0415
+  s = QuantSpec('int8', granularity='per_channel', estimator='lsq', po2_scale=True)
+  w = QuantSpec('int8', granularity='per_channel', po2_scale=True)
+  x = jax.random.normal(jax.random.key(1), (4, 32))
+  k = jax.random.normal(jax.random.key(2), (32, 8))
+  params = {'scale': jnp.asarray([[-1.0], [0.0], [2.0 ** -4], [2.0 ** -5]])}
+  y = {m: ops.dot_general(x, k, (((1,), (0,)), ((), ())), config=DotConfig(fwd=MatmulConfig(s, w, m), small_m=0),
+                          lhs_params=params) for m in ('fake', 'real')}
+  assert np.isfinite(np.asarray(y['real'])).all()
+  np.testing.assert_allclose(y['fake'], y['real'], rtol=1e-6, atol=1e-12)

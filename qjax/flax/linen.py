@@ -162,12 +162,13 @@ def _serving_weight(w, spec, state, int4_pack, names=None):
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _quantize_weight(w, state, spec, pack):
-  from qjax import quantizers  # noqa: PLC0415
+  from qjax import estimators, quantizers  # noqa: PLC0415
   if spec.estimator == 'pact':
-    q = quantizers.quantize(jax.numpy.clip(w, -state['alpha'], state['alpha']), spec,
-                            scale=state['alpha'] / spec.fmt.qmax)
+    alpha = estimators.positive(state['alpha'])
+    q = quantizers.quantize(jax.numpy.clip(w, -alpha, alpha), spec, scale=alpha / spec.fmt.qmax)
   elif 'scale' in state:
-    q = quantizers.quantize(w, spec, scale=state['scale'], zero_point=state.get('zero_point'))
+    scale = estimators.positive(state['scale']) if 'scale' in spec.learned else state['scale']
+    q = quantizers.quantize(w, spec, scale=scale, zero_point=state.get('zero_point'))
   else:
     q = quantizers.quantize(w, spec)
   qv = intercept.pack_int4(q.qvalue) if pack else q.qvalue

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.layout import Layout, with_layout_constraint
 
-from qjax import calibration, formats, quantizers
+from qjax import calibration, estimators, formats, quantizers
 from qjax import granularity as gran
 from qjax.ops.config import DotConfig, MatmulConfig
 from qjax.spec import QuantSpec
@@ -449,7 +449,7 @@ def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
   if est == 'pact':
     alpha = fit(params['alpha'])
     x_hat = quantizers.fake_quant(x32, spec, alpha=alpha, key=key)
-    return x_hat, (poison(lax.stop_gradient(alpha / spec.fmt.qmax)), None, None)
+    return x_hat, (poison(lax.stop_gradient(estimators.positive(alpha) / spec.fmt.qmax)), None, None)
   if est == 'lsq_plus':
     x_hat = quantizers.fake_quant(x32, spec, scale=scale, offset=fit(params['offset']), key=key)
     return x_hat, None
@@ -459,7 +459,7 @@ def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
   elif spec.scheme == 'asymmetric' and zp is None:
     raise ValueError(f'{where}: an explicit scale for scheme="asymmetric" needs a zero_point too')
   else:
-    scale = poison(scale)
+    scale = poison(estimators.positive(scale) if 'scale' in spec.learned else scale)
   x_hat = quantizers.fake_quant(x32, spec, scale=scale, zero_point=zp, key=key)
   return x_hat, (lax.stop_gradient(scale), None if zp is None else lax.stop_gradient(zp), None)
 
