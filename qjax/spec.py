@@ -13,13 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from qjax import formats
+from qjax import formats, registry
 
 GRANULARITIES = ('per_tensor', 'per_channel', 'per_group')
 SCHEMES = ('symmetric', 'asymmetric')
 CALIBRATIONS = ('absmax', 'absmax_half_step', 'minmax', 'percentile', 'mse')
 ROUNDINGS = ('nearest', 'stochastic')
-ESTIMATORS = ('ste', 'clipped_ste', 'lsq', 'lsq_plus', 'pact', 'ewgs')
 
 
 def check_choice(field: str, value: Any, allowed: tuple[str, ...], where: str = '') -> None:
@@ -48,7 +47,8 @@ class QuantSpec:
     percentile: the percentile of |x| (or of x at both ends, asymmetric) for calibration='percentile'.
     po2_scale: round scales up to a power of two.
     rounding: 'nearest' (half to even) or 'stochastic' (unbiased; needs a PRNG key).
-    estimator: the gradient estimator of fake_quant: 'ste', 'clipped_ste', 'lsq', 'lsq_plus', 'pact', 'ewgs'.
+    estimator: the quantizer method, by its registered name (`qjax.registry.names()`, `qjax.registered`): 'ste',
+      'clipped_ste', 'lsq', 'lsq_plus', 'pact', 'ewgs', ..., or one you registered.
     ewgs_delta: EWGS's delta >= 0 (finite).
     codebook: the levels of format='codebook' (within [-1, 1]); only with format='codebook'.
 
@@ -94,7 +94,7 @@ class QuantSpec:
     check_choice('scheme', self.scheme, SCHEMES)
     check_choice('calibration', self.calibration, CALIBRATIONS)
     check_choice('rounding', self.rounding, ROUNDINGS)
-    check_choice('estimator', self.estimator, ESTIMATORS)
+    method = registry.get(self.estimator)  # ValueError naming the registered methods
     if isinstance(fmt, formats.MXFormat):
       if self.group_size not in (0, fmt.block):
         raise ValueError(f'format={self.format!r} shares one scale per {fmt.block} elements; '
@@ -120,13 +120,7 @@ class QuantSpec:
     elif self.calibration == 'minmax':
       raise ValueError('calibration="minmax" does not fit scheme="symmetric"; '
                        'use scheme="asymmetric", or one of absmax, percentile, mse')
-    if self.estimator in ('lsq', 'lsq_plus', 'pact', 'ewgs') and not is_int:
-      raise ValueError(f'estimator={self.estimator!r} needs an integer format; format={self.format!r} '
-                       'supports ste, clipped_ste')
-    if self.estimator == 'lsq_plus' and self.scheme != 'asymmetric':
-      raise ValueError('estimator="lsq_plus" learns an offset: it needs scheme="asymmetric"')
-    if self.estimator in ('lsq', 'pact') and self.scheme != 'symmetric':
-      raise ValueError(f'estimator={self.estimator!r} needs scheme="symmetric" (use lsq_plus for asymmetric)')
+    method.check(self)  # the method's own constraints (integer formats only, one scheme, ...)
     if self.calibration == 'absmax_half_step' and not (is_int and fmt.signed and not fmt.narrow and fmt.bits > 1
                                                        and self.scheme == 'symmetric'):
       raise ValueError(f'calibration="absmax_half_step" uses the -(qmax + 1) end of a full-range signed integer '
@@ -146,9 +140,14 @@ class QuantSpec:
     return self.fmt.bits
 
   @property
+  def method(self):
+    """The registered quantizer method named by `estimator` (see `qjax.methods`)."""
+    return registry.get(self.estimator)
+
+  @property
   def learned(self) -> tuple[str, ...]:
-    """Names of the learnable quantizer parameters this spec's estimator takes."""
-    return {'lsq': ('scale',), 'lsq_plus': ('scale', 'offset'), 'pact': ('alpha',)}.get(self.estimator, ())
+    """Names of the learnable quantizer parameters this spec's method declares."""
+    return tuple(p.name for p in self.method.learned)
 
   def replace(self, **changes) -> QuantSpec:
     return dataclasses.replace(self, **changes)
