@@ -3,7 +3,7 @@
 Config names (`QuantSpec.estimator`) map to these objects through `qjax.registry`.
 """
 
-from qjax import methods, registry
+from qjax import dorefa, dsq, methods, qdrop, registry
 
 registry.register(methods.STE)
 registry.register(methods.CLIPPED_STE)
@@ -11,3 +11,6 @@ registry.register(methods.LSQ_METHOD)
 registry.register(methods.LSQ_PLUS)
 registry.register(methods.PACT_METHOD)
 registry.register(methods.EWGS)
+registry.register(dsq.DSQ('dsq'))
+registry.register(dorefa.DoReFa('dorefa'))
+registry.register(qdrop.QDrop('qdrop'))
