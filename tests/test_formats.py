@@ -23,7 +23,7 @@ def q1(x, fmt, **kw):
 
 def fq1(x, fmt, **kw):
   x = jnp.asarray(x, jnp.float32)
-  return np.asarray(fake_quant(x, QuantSpec(format=fmt, **kw), scale=1.0))
+  return np.asarray(fake_quant(x, QuantSpec(format=fmt, **kw), {'scale': 1.0}))
 
 
 # -------------------------------------------------------------------------------------------- integers
@@ -152,8 +152,8 @@ def test_float_nan():
 
 def test_float_scaled():
   x = jnp.array([0.5, 1000.0, -3.0], jnp.float32)
-  np.testing.assert_array_equal(fake_quant(x, QuantSpec(format='fp4_e2m1'), scale=0.5), [0.5, 3.0, -3.0])
-  np.testing.assert_array_equal(fake_quant(x, QuantSpec(format='fp8_e4m3'), scale=2.0), [0.5, 896.0, -3.0])
+  np.testing.assert_array_equal(fake_quant(x, QuantSpec(format='fp4_e2m1'), {'scale': 0.5}), [0.5, 3.0, -3.0])
+  np.testing.assert_array_equal(fake_quant(x, QuantSpec(format='fp8_e4m3'), {'scale': 2.0}), [0.5, 896.0, -3.0])
 
 
 # ------------------------------------------------------------------------------------------- codebooks

@@ -110,7 +110,7 @@ def test_conv_real_int8_keeps_nan_in_its_example():
 def test_fake_quant_keeps_inf_and_nan():
   x = jnp.asarray([np.inf, -np.inf, np.nan, 2.0, 1e30])
   for fmt in ('int8', 'uint4', 'int1', 'fp8_e4m3', 'fp4_e2m1', 'nf4'):
-    y = np.asarray(fake_quant(x, QuantSpec(fmt), scale=1.0))
+    y = np.asarray(fake_quant(x, QuantSpec(fmt), {'scale': 1.0}))
     assert np.isposinf(y[0]) and np.isneginf(y[1]) and np.isnan(y[2]), fmt
     assert np.isfinite(y[3:]).all(), fmt
   q = quantize(x, QuantSpec('int8'), scale=1.0)  # qvalues stay on the grid: +-inf at the edges, NaN at 0
