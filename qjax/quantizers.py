@@ -31,7 +31,8 @@ class QArray:
 
   Attributes:
     qvalue: int8/uint8 for integer formats, float8/float4 dtypes for float formats, uint8 level indices for
-      codebooks, element-format values for MX blocks. Same shape as x.
+      codebooks, element-format values for MX blocks. Same shape as x. None in a grid-only QArray (inside the
+      ops: the scale and zero point an operand's fake quant used, handed to the low-precision matmul).
     scale: f32 of the scale shape (same rank as qvalue; each dimension 1, full, or size // group_size).
     zero_point: int32 of the scale shape, or None (symmetric).
     format: the format name (static).
