@@ -1,6 +1,7 @@
 """qjax: quantization research toolkit for JAX and Flax.
 
-Layers, bottom up: formats -> spec -> granularity/calibration -> estimators -> quantizers -> ops -> flax.
+Layers, bottom up: formats -> registry (names only) -> spec -> granularity/calibration -> estimators -> methods
+(one object per quantizer method; dsq, dorefa, qdrop; registered in qjax.registered) -> quantizers -> ops -> flax.
 """
 
 from qjax.calibration import calibrate

@@ -4,13 +4,31 @@ Every method returns a scale of the spec's scale shape (see `qjax.granularity`) 
 [lo, hi] maps onto the format's grid: symmetric `scale = amax / grid_max`, asymmetric
 `scale = (hi - lo) / (qmax - qmin)` and `zero_point = round(qmin - lo / scale)` (so that 0.0 is exactly
 representable). Statistics ignore NaN and +-inf, and a range of zero gives scale 1, so all-zero and constant
-tensors quantize to finite values (no 0/0).
+tensors quantize to finite values (no 0/0). With `poison=True` (what the quantized ops use) a scale group that
+holds a non-finite value gets scale NaN instead, so that a real (integer) matmul, whose int8 qvalues cannot hold a
+NaN, still returns NaN for that row / column after the rescale (see `qjax.ops.dot_general`).
+
+Two symmetric integer conventions (`QuantSpec.calibration`):
+
+  absmax            scale = absmax / qmax: +-absmax land exactly on +-qmax; the -(qmax + 1) end of a full-range
+                    signed grid (e.g. -128 of int8) is never used.
+  absmax_half_step  scale = absmax / (qmax + 1/2) (times 1 - 2^-20, so that f32 rounding cannot move the end
+                    points): -absmax lands on -(qmax + 1), +absmax rounds to qmax + 1 and is clipped to qmax.
+                    Every grid point is used and the step is smaller by qmax / (qmax + 1/2) (int4: 7 / 7.5), at
+                    the price of a clipping error of scale / 2 at +absmax (Qwix's convention). Trade-off: lower
+                    error for wide, symmetric distributions (per-channel int4 on N(0, 1) weights: MSE ratio
+                    0.88 for int4, 1.00 for int8; tests/test_numerics_edges.py), but the positive maximum is not
+                    representable (an outlier at +absmax loses half a step) and real matmuls see the -(qmax + 1)
+                    products. Needs a full-range signed integer format (int2..int8, not narrow).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax import formats
 from qjax import granularity as gran
@@ -18,6 +36,9 @@ from qjax.spec import QuantSpec
 
 # Clip ratios searched by calibration='mse' (fraction of the absmax or min/max range).
 MSE_RATIOS = tuple(0.2 + 0.01 * i for i in range(81))  # 0.20, 0.21, ..., 1.00 (no JAX at import time)
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _finite(x: jax.Array, fill: float = 0.0) -> jax.Array:
@@ -36,12 +57,13 @@ _BLOCK = 32          # elements per first-stage block
 _BLOCK_MIN = 1024    # axes at least this long are blocked (shorter ones: one plain reduction; x is small)
 
 
-def _keys(x: jax.Array, signed: bool) -> jax.Array:
-  """int32 keys ordered as the float values of x (|x| unless signed); non-finite values get the key of +0.0."""
+def _keys(x: jax.Array, signed: bool, poison: bool = False) -> jax.Array:
+  """int32 keys ordered as the float values of x (|x| unless signed); non-finite values get the key of +0.0, or
+  with `poison` keep their own key (beyond every finite key, so a group's max (or min) is non-finite)."""
   b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
   mag = b & 0x7FFFFFFF
   key = jnp.where(b < 0, b ^ 0x7FFFFFFF, b) if signed else mag  # negative floats: larger |x|, smaller key
-  return jnp.where(mag < 0x7F800000, key, 0)
+  return key if poison else jnp.where(mag < 0x7F800000, key, 0)
 
 
 def _from_keys(k: jax.Array, signed: bool) -> jax.Array:
@@ -50,6 +72,8 @@ def _from_keys(k: jax.Array, signed: bool) -> jax.Array:
 
 def _reduce_keys(k: jax.Array, sshape: tuple[int, ...], fn) -> jax.Array:
   """gran.reduce(k, sshape, fn), in two stages when a reduced axis is long (see the comment above)."""
+  # initial=0 (the key of +0.0): every statistic here includes 0, and empty groups reduce to it.
+  fn = functools.partial(fn, initial=0)
   cands = [d for d, (n, s) in enumerate(zip(k.shape, sshape, strict=True))
            if n >= _BLOCK_MIN and (n // s) % _BLOCK == 0]
   if cands:
@@ -59,14 +83,15 @@ def _reduce_keys(k: jax.Array, sshape: tuple[int, ...], fn) -> jax.Array:
   return gran.reduce(k, sshape, fn)
 
 
-def absmax(x: jax.Array, sshape: tuple[int, ...]) -> jax.Array:
-  """max |x| per scale group, non-finite values ignored."""
-  return _from_keys(_reduce_keys(_keys(x, False), sshape, jnp.max), False)
+def absmax(x: jax.Array, sshape: tuple[int, ...], poison: bool = False) -> jax.Array:
+  """max |x| per scale group, non-finite values ignored (poison: a group holding one gives a non-finite max)."""
+  return _from_keys(_reduce_keys(_keys(x, False, poison), sshape, jnp.max), False)
 
 
-def minmax(x: jax.Array, sshape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """(min(min x, 0), max(max x, 0)) per scale group: the range always contains 0. Non-finite values ignored."""
-  k = _keys(x, True)
+def minmax(x: jax.Array, sshape: tuple[int, ...], poison: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(min(min x, 0), max(max x, 0)) per scale group: the range always contains 0. Non-finite values ignored
+  (poison: a group holding one gives a non-finite end)."""
+  k = _keys(x, True, poison)
   lo = _from_keys(_reduce_keys(k, sshape, jnp.min), True)
   hi = _from_keys(_reduce_keys(k, sshape, jnp.max), True)
   return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
@@ -91,36 +116,56 @@ def percentile(x: jax.Array, sshape: tuple[int, ...], p: float, *, symmetric: bo
 
 
 def po2(scale: jax.Array) -> jax.Array:
-  """Rounds scales up to the next power of two (never adds clipping). Exact: from the exponent bits."""
+  """Rounds scales up to the next power of two (never adds clipping). Exact: from the exponent bits. Non-finite
+  scales stay as they are."""
   mant, e = jnp.frexp(scale)  # scale = mant * 2^e, mant in [0.5, 1): already a power of two when mant == 0.5.
-  return formats.exp2_int(jnp.where(mant == 0.5, e - 1, e))
+  return jnp.where(jnp.isfinite(scale), formats.exp2_int(jnp.where(mant == 0.5, e - 1, e)), scale)
 
 
 def _safe(scale: jax.Array) -> jax.Array:
-  return jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+  """A zero scale (an all-zero group, or a range that underflows) becomes 1; a non-finite one (poison) NaN."""
+  return jnp.where(scale == 0, 1.0, jnp.where(jnp.isfinite(scale), scale, jnp.nan))
+
+
+# absmax_half_step divides by qmax + 1/2 and then by (1 - 2^-20): without that nudge, f32 rounding of the scale and
+# of x / scale leaves -absmax at -(qmax + 0.5) +- 1 ulp, which rounds to -qmax about half of the time.
+_HALF_STEP_NUDGE = 1.0 - 2.0 ** -20
+
+
+def _grid_steps(spec: QuantSpec) -> float:
+  """The number of steps from 0 to the end of a symmetric grid that absmax maps to (see the module docstring)."""
+  qmax = formats.grid_max(spec.fmt)
+  return (qmax + 0.5) / _HALF_STEP_NUDGE if spec.calibration == 'absmax_half_step' else qmax
 
 
 def symmetric_scale(amax: jax.Array, spec: QuantSpec) -> jax.Array:
-  """scale = amax / grid_max (MX: the power of two 2^(floor(log2 amax) - emax_elem))."""
+  """scale = amax / grid_max (absmax_half_step: amax / (qmax + 1/2); MX: the power of two
+  2^(floor(log2 amax) - emax_elem)). A non-finite amax (poison) gives NaN."""
   fmt = spec.fmt
   if isinstance(fmt, formats.MXFormat):
     elem = fmt.element
     emax = elem.emax if isinstance(elem, formats.FloatFormat) else elem.bits - 2  # MXINT8: 2^-6 implicit
     # E8M0 reaches 2^-127, but f32 subnormals flush to zero on XLA:CPU: stop at 2^-126.
     e = jnp.clip(formats.floor_log2(jnp.maximum(amax, 2.0 ** -126)) - emax, -126, 127)
-    return jnp.where(amax > 0, formats.exp2_int(e), 1.0)
+    return jnp.where(jnp.isfinite(amax), jnp.where(amax > 0, formats.exp2_int(e), 1.0), jnp.nan)
   # Multiplying by the reciprocal (not dividing by a constant) gives the same bits eagerly and under jit:
   # XLA rewrites x / constant into x * (1 / constant).
-  scale = _safe(amax * (1.0 / formats.grid_max(fmt)))
+  scale = _safe(amax * (1.0 / _grid_steps(spec)))
   return po2(scale) if spec.po2_scale else scale
 
 
 def asymmetric_params(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
-  """scale = (hi - lo) / (qmax - qmin); zero_point = clip(round(qmin - lo / scale), qmin, qmax) as int32."""
+  """scale = (hi - lo) / (qmax - qmin); zero_point = clip(round(qmin - lo / scale), qmin, qmax) as int32.
+
+  Computed as (hi / 2 - lo / 2) * (2 / n), so a range wider than the float range (hi - lo > f32 max) still gives
+  its finite scale (a single step wider than f32 max, possible only for uint1, is capped at f32 max). Halving is
+  exact, so these are the bits of (hi - lo) * (1 / n) for every other range, eagerly and under jit (no FMA).
+  """
   fmt = spec.fmt
-  scale = _safe((hi - lo) * (1.0 / (fmt.qmax - fmt.qmin)))
+  width = (hi * 0.5 - lo * 0.5) * (2.0 / (fmt.qmax - fmt.qmin))
+  scale = _safe(jnp.where(jnp.isfinite(lo) & jnp.isfinite(hi), jnp.minimum(width, _F32_MAX), width))
   if spec.po2_scale:
-    scale = po2(scale)
+    scale = _safe(jnp.minimum(po2(scale), 2.0 ** 127))
   zero_point = jnp.clip(jnp.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax)
   return scale, zero_point.astype(jnp.int32)
 
@@ -157,28 +202,35 @@ def mse_search(x: jax.Array, spec: QuantSpec, sshape: tuple[int, ...]):
   return params(ratio)
 
 
-def calibrate(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+def calibrate(x: jax.Array, spec: QuantSpec, *, poison: bool = False) -> tuple[jax.Array, jax.Array | None]:
   """Returns (scale, zero_point) for x under spec; zero_point is None for symmetric specs.
 
   Binary (int1) ignores the method's range and uses scale = mean|x|, the closed-form minimiser of
-  ||x - sign(x) * scale||^2 (XNOR-Net).
+  ||x - sign(x) * scale||^2 (XNOR-Net). With `poison`, a scale group holding a NaN or +-inf gets scale NaN (see
+  the module docstring); absmax and minmax get that flag from their own reduction, at no extra pass over x.
   """
   sshape = gran.scale_shape(x.shape, spec)
   fmt = spec.fmt
+  if x.size == 0:  # Nothing to calibrate on: the neutral grid (scale 1, zero point 0).
+    return jnp.ones(sshape, jnp.float32), None if spec.scheme == 'symmetric' else jnp.zeros(sshape, jnp.int32)
+  flag = lambda: gran.reduce(~jnp.isfinite(x), sshape, jnp.any)
+  poisoned = lambda s: jnp.where(flag(), jnp.nan, s) if poison else s
   if isinstance(fmt, formats.IntFormat) and fmt.binary:
     # A group of zeros keeps scale 0 (its least-squares scale): it dequantizes to exactly 0, not to +-1.
-    mean = gran.reduce(jnp.abs(_finite(x.astype(jnp.float32))), sshape, jnp.mean)
-    return jnp.where(jnp.isfinite(mean), mean, 1.0), None
+    xf = x.astype(jnp.float32)
+    mean = gran.reduce(jnp.abs(xf if poison else _finite(xf)), sshape, jnp.mean)
+    return jnp.where(jnp.isfinite(mean), mean, jnp.nan if poison else 1.0), None
   if spec.calibration == 'mse':
-    return mse_search(x, spec, sshape)
+    scale, zero_point = mse_search(x, spec, sshape)
+    return poisoned(scale), zero_point
   if spec.scheme == 'symmetric':
     if spec.calibration == 'percentile':
-      amax = percentile(x, sshape, spec.percentile, symmetric=True)
-    else:
-      amax = absmax(x, sshape)
-    return symmetric_scale(amax, spec), None
+      return poisoned(symmetric_scale(percentile(x, sshape, spec.percentile, symmetric=True), spec)), None
+    return symmetric_scale(absmax(x, sshape, poison), spec), None
   if spec.calibration == 'percentile':
     lo, hi = percentile(x, sshape, spec.percentile, symmetric=False)
-  else:
-    lo, hi = minmax(x, sshape)
-  return asymmetric_params(lo, hi, spec)
+    scale, zero_point = asymmetric_params(lo, hi, spec)
+    return poisoned(scale), zero_point
+  lo, hi = minmax(x, sshape, poison)
+  scale, zero_point = asymmetric_params(lo, hi, spec)
+  return scale, jnp.where(jnp.isfinite(scale), zero_point, 0)

@@ -17,6 +17,12 @@ qmin <= y <= qmax, and sums over a scale's group reduce full-shape terms to the 
 
 Scales and offsets enter and leave as ordinary arrays of the scale's shape, so Flax layers can hold them as
 params and optax can train them. Inputs may be bf16, f16 or f32; arithmetic runs in f32.
+
+Learned steps and clips stay positive by construction: lsq, lsq_plus and pact use `positive(s)` =
+max(s, STEP_FLOOR) in the forward with a straight-through gradient (d positive(s) / ds = 1), the clamp of the
+reference LSQ and PACT implementations without its zero gradient below the floor: an optimizer step that drives a
+step size to zero or below (Adam at a high learning rate) leaves a tiny positive step in the forward, and the
+gradient, computed at that step, pushes the parameter back up. Serving conversion and the ops use the same value.
 """
 
 from __future__ import annotations
@@ -37,12 +43,21 @@ def grid_units(x, scale, zero_point=None):
 
   Written as x * (1 / scale) (+ zero_point) and compiled as one unit, so that eager calls and calls inside a
   larger jit give the same bits: XLA rewrites a division by a broadcast scale into a multiplication by its
-  reciprocal, and contracts the multiply-add into an FMA, under jit only.
+  reciprocal, and contracts the multiply-add into an FMA, under jit only. A zero scale (an all-zero int1 group)
+  maps every element to the zero point (reciprocal 0, not inf: 0 * inf would be NaN).
   """
-  y = x.astype(jnp.float32) * gran.expand(1.0 / scale.astype(jnp.float32), x.shape)
+  scale = scale.astype(jnp.float32)
+  y = x.astype(jnp.float32) * gran.expand(jnp.where(scale == 0, 0.0, 1.0 / scale), x.shape)
   if zero_point is not None:
     y = y + gran.expand(zero_point.astype(jnp.float32), x.shape)
   return y
+
+
+def keep_nonfinite(xf, x_hat, dtype):
+  """x_hat where x is finite, clipped to the finite range of `dtype` (a grid end of an asymmetric range may
+  overshoot it: f16, or f32 for ranges near the f32 max); NaN and +-inf of x pass through unchanged."""
+  m = float(jnp.finfo(dtype).max)
+  return jnp.where(jnp.isfinite(xf), jnp.clip(x_hat, -m, m), xf)
 
 
 def _fq(x, scale, zero_point, noise, fmt):
@@ -54,7 +69,7 @@ def _fq(x, scale, zero_point, noise, fmt):
   q = formats.grid_values(y, fmt, noise)
   lo, hi = formats.grid_range(fmt)
   inside = (y >= lo) & (y <= hi)
-  x_hat = jnp.where(jnp.isnan(xf), xf, (q - z) * s)  # NaN in, NaN out (never silently zero).
+  x_hat = keep_nonfinite(xf, (q - z) * s, x.dtype)  # NaN / inf in, NaN / inf out (never silently finite).
   return x_hat, y, q, inside
 
 
@@ -113,13 +128,28 @@ def clipped_ste(x, scale, zero_point=None, noise=None, *, fmt):
   return _clipped_ste(x, scale, zero_point, noise, fmt)
 
 
+# ------------------------------------------------------------------------------------------ positive steps
+
+STEP_FLOOR = 1e-8  # the smallest learned step / clip a forward uses (f32 x / 1e-8 stays finite up to 3e30)
+
+
+def positive(s):
+  """max(s, STEP_FLOOR) in the forward, identity in the backward (straight-through clamp): learned steps and
+  clips can never be zero or negative where they are used, and a parameter below the floor still gets its
+  gradient."""
+  s = jnp.asarray(s)
+  # (s - sg(s)) is exactly 0 in the forward, so the result is exactly max(s, floor) (s + sg(max - s) would
+  # cancel to 0 for s = -1).
+  return (s - jax.lax.stop_gradient(s)) + jax.lax.stop_gradient(jnp.maximum(s, STEP_FLOOR))
+
+
 # ---------------------------------------------------------------------------------------------------- LSQ
 
 
 def lsq_grad_scale(x_shape, scale_shape, fmt) -> float:
   """LSQ's gradient scale g = 1 / sqrt(N * Q_P), N = elements sharing one scale, Q_P = qmax."""
   n = gran.elements_per_scale(tuple(x_shape), tuple(scale_shape))
-  return 1.0 / math.sqrt(n * max(formats.grid_max(fmt), 1.0))
+  return 1.0 / math.sqrt(max(n, 1) * max(formats.grid_max(fmt), 1.0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -148,8 +178,9 @@ def lsq(x, scale, noise=None, *, fmt):
 
   x_hat = clip(round(x / s), -Q_N, Q_P) * s. Gradients: dx = g * inside; per element
   d x_hat / ds = round(x/s) - x/s inside, -Q_N below, Q_P above, times g = 1 / sqrt(N * Q_P).
+  The step used is `positive(scale)` (see the module docstring).
   """
-  return _lsq(x, scale, noise, fmt)
+  return _lsq(x, positive(scale), noise, fmt)
 
 
 def lsq_init(x, sshape, fmt):
@@ -169,7 +200,7 @@ def _lsq_plus(x, scale, offset, noise, fmt):
 def _lsq_plus_fwd(x, scale, offset, noise, fmt):
   b = gran.expand(offset.astype(jnp.float32), x.shape)
   x_hat, y, q, inside = _fq(x.astype(jnp.float32) - b, scale, None, noise, fmt)
-  return (x_hat + b).astype(x.dtype), (y, q, inside, scale, offset, noise)
+  return keep_nonfinite(x, x_hat + b, x.dtype).astype(x.dtype), (y, q, inside, scale, offset, noise)
 
 
 def _lsq_plus_bwd(fmt, res, g):
@@ -189,8 +220,9 @@ def lsq_plus(x, scale, offset, noise=None, *, fmt):
   """LSQ+ (Bhalgat et al., 2020): learned step s and offset b. x_hat = clip(round((x-b)/s), qmin, qmax) s + b.
 
   Gradients: dx = g * inside; ds as LSQ on y = (x - b) / s; db = g * (1 - inside) (times LSQ's gradient scale).
+  The step used is `positive(scale)`.
   """
-  return _lsq_plus(x, scale, offset, noise, fmt)
+  return _lsq_plus(x, positive(scale), offset, noise, fmt)
 
 
 # --------------------------------------------------------------------------------------------------- PACT
@@ -206,7 +238,7 @@ def _pact_fwd(x, alpha, noise, fmt):
   a = gran.expand(alpha.astype(jnp.float32), x.shape)
   lo = -a if fmt.qmin < 0 else jnp.zeros_like(a)
   clipped = jnp.clip(xf, lo, a)
-  x_hat = _fq(clipped, alpha * (1.0 / fmt.qmax), None, noise, fmt)[0]
+  x_hat = keep_nonfinite(xf, _fq(clipped, alpha * (1.0 / fmt.qmax), None, noise, fmt)[0], x.dtype)
   return x_hat.astype(x.dtype), (xf, a, lo, alpha, noise)
 
 
@@ -226,8 +258,9 @@ _pact.defvjp(_pact_fwd, _pact_bwd)
 
 def pact(x, alpha, noise=None, *, fmt):
   """PACT (Choi et al., 2018): clip to [0, alpha] (unsigned grids) or [-alpha, alpha] (signed), then quantize
-  with s = alpha / qmax. dx = g * 1[lo < x < alpha]; d alpha = g * 1[x >= alpha] (- g * 1[x <= -alpha])."""
-  return _pact(x, alpha, noise, fmt)
+  with s = alpha / qmax. dx = g * 1[lo < x < alpha]; d alpha = g * 1[x >= alpha] (- g * 1[x <= -alpha]).
+  The clip used is `positive(alpha)`."""
+  return _pact(x, positive(alpha), noise, fmt)
 
 
 # --------------------------------------------------------------------------------------------------- EWGS

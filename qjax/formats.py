@@ -20,8 +20,11 @@ Edge cases (written down, as they are easy to get wrong):
   |------------|---------------------------------|----------------------------|------------------|
   | |x| > max  | clipped to qmin / qmax          | saturated to +-max         | nearest (edge)   |
   | +-inf      | qmax / qmin                     | +-max                      | edge level       |
-  | NaN        | qvalue 0 (fake_quant keeps NaN) | NaN (fp4: 0, keeps NaN)    | level 0 / NaN    |
+  | NaN        | qvalue 0                        | NaN (fp4: 0)               | level 0          |
   | ties       | half to even                    | half to even (XLA convert) | lower index      |
+
+fake_quant keeps NaN and +-inf as they are in every format (a diverging run must not look finite), and the
+quantized ops carry a non-finite operand group into their result as NaN (see `qjax.ops.dot_general`).
 """
 
 from __future__ import annotations

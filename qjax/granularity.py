@@ -42,9 +42,10 @@ def scale_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
 
 def _split(shape: tuple[int, ...], sshape: tuple[int, ...]) -> tuple[int, ...]:
   # (n0, n1, ...) -> (s0, n0/s0, s1, n1/s1, ...): even positions index scales, odd ones the shared elements.
+  # A zero-size dimension has zero scales (sshape 0): its group size is taken as 1.
   out = []
   for n, s in zip(shape, sshape, strict=True):
-    out += [s, n // s]
+    out += [s, n // s if s else 1]
   return tuple(out)
 
 
@@ -82,5 +83,5 @@ def sum_to(g: jax.Array, sshape: tuple[int, ...]) -> jax.Array:
 def elements_per_scale(shape: tuple[int, ...], sshape: tuple[int, ...]) -> int:
   n = 1
   for a, b in zip(shape, sshape, strict=True):
-    n *= a // b
+    n *= a // b if b else 1
   return n

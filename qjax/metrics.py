@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qjax import calibration, formats, quantizers
+from qjax import formats, quantizers
 from qjax import granularity as gran
 from qjax.spec import QuantSpec
 
@@ -21,35 +21,18 @@ def sqnr_db(x: jax.Array, x_hat: jax.Array) -> jax.Array:
   return 10.0 * jnp.log10(signal / noise)
 
 
-def _range(x, spec: QuantSpec, params: dict):
-  """(scale, zero_point) the quantizer uses for x given its params (learned, static, or calibrated)."""
-  params = params or {}
-  if 'alpha' in params:
-    return jnp.asarray(params['alpha']) / spec.fmt.qmax, None
-  if 'scale' in params:
-    return jnp.asarray(params['scale']), params.get('zero_point')
-  return calibration.calibrate(x, spec)
-
-
 def fake_quant_with(x, spec: QuantSpec, params: dict | None) -> jax.Array:
-  """The forward value of fake_quant(x) under the quantizer's params (any estimator)."""
-  params = params or {}
-  if spec.estimator == 'pact':
-    return quantizers.fake_quant(x, spec, alpha=params['alpha'])
-  if spec.estimator == 'lsq_plus':
-    return quantizers.fake_quant(x, spec, scale=params['scale'], offset=params['offset'])
-  scale, zp = _range(x, spec, params)
-  return quantizers.fake_quant(x, spec.replace(estimator='ste'), scale=scale, zero_point=zp)
+  """The forward value of fake_quant(x) under the quantizer's params (any method; without a key, so methods
+  that draw random numbers draw none)."""
+  return quantizers.fake_quant(x, spec, params)
 
 
 def clip_fraction(x: jax.Array, spec: QuantSpec, params: dict | None = None) -> jax.Array:
-  """Fraction of finite elements of x beyond the representable range [(lo - z) s, (hi - z) s]."""
+  """Fraction of finite elements of x beyond the representable range [(lo - z) s, (hi - z) s] of the grid the
+  method uses for x under params (`Method.grid`: learned, static, or calibrated)."""
   x = x.astype(jnp.float32)
-  if spec.estimator == 'lsq_plus':
-    scale, zp = jnp.asarray(params['scale']), None
-    x = x - gran.expand(jnp.broadcast_to(params['offset'], scale.shape), x.shape)
-  else:
-    scale, zp = _range(x, spec, params)
+  method = spec.method
+  scale, zp = method.grid(x, spec, method.prepare(x, spec, params))
   sshape = gran.scale_shape(x.shape, spec)
   s = gran.expand(jnp.broadcast_to(jnp.asarray(scale, jnp.float32), sshape), x.shape)
   z = 0.0 if zp is None else gran.expand(jnp.broadcast_to(jnp.asarray(zp, jnp.float32), sshape), x.shape)

@@ -126,7 +126,7 @@ def test_binary_uses_mean_abs():
 
 
 def _sq_err(x, spec, scale, zero_point=None):
-  return float(jnp.sum(jnp.square(fake_quant(x, spec, scale=scale, zero_point=zero_point) - x)))
+  return float(jnp.sum(jnp.square(fake_quant(x, spec, {'scale': scale, 'zero_point': zero_point}) - x)))
 
 
 @pytest.mark.parametrize('fmt', ['int4', 'int8', 'fp4_e2m1', 'nf4'])
@@ -163,7 +163,7 @@ def test_mse_asymmetric_and_per_channel():
   s_mm, z_mm = calibrate(x, spec)
   s_mse, z_mse = calibrate(x, spec.replace(calibration='mse'))
   assert s_mse.shape == z_mse.shape == (8, 1)
-  err = lambda s, z: np.sum(np.square(np.asarray(fake_quant(x, spec, scale=s, zero_point=z) - x)), axis=1)
+  err = lambda s, z: np.sum(np.square(np.asarray(fake_quant(x, spec, {'scale': s, 'zero_point': z}) - x)), axis=1)
   e_mm, e_mse = err(s_mm, z_mm), err(s_mse, z_mse)
   assert np.all(e_mse <= e_mm * (1 + 1e-6))
   assert np.all(e_mse < e_mm)  # Heavy tails in every row.
@@ -303,7 +303,8 @@ def test_calibration_must_fit_scheme():
     QuantSpec(calibration='minmax')
   with pytest.raises(ValueError, match=r'calibration="absmax" does not fit scheme="asymmetric".*minmax'):
     QuantSpec(scheme='asymmetric', format='uint8')
-  with pytest.raises(ValueError, match=r"calibration='max' is not one of absmax, minmax, percentile, mse"):
+  with pytest.raises(ValueError,
+                     match=r"calibration='max' is not one of absmax, absmax_half_step, minmax, percentile, mse"):
     QuantSpec(calibration='max')
 
 

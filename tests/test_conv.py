@@ -222,7 +222,7 @@ def test_learned_lsq_scale_gets_its_gradient():
     return jnp.sum(qc.conv_general_dilated(x, b, config=cfg, rhs_params=p, **kw) * ct)
 
   def ref(p, b):
-    return jnp.sum(lax.conv_general_dilated(x, quantizers.fake_quant(b, ws, scale=p['scale']), **kw) * ct)
+    return jnp.sum(lax.conv_general_dilated(x, quantizers.fake_quant(b, ws, {'scale': p['scale']}), **kw) * ct)
   gp, gw = jax.grad(loss, (0, 1))(p, w)
   rp, rw = jax.grad(ref, (0, 1))(p, w)
   assert gp['scale'].shape == (1, 1, 1, 6) and float(jnp.max(jnp.abs(gp['scale']))) > 0

@@ -317,8 +317,7 @@ def test_estimator_gradients_match_references(est):
     return jnp.vdot(ct, ops.dot_general(a, b, dims, config=cfg, lhs_params=pa or None, rhs_params=pb or None))
 
   def fq_ref(x, s, p):
-    kw = {k: v for k, v in p.items()}
-    return qjax.fake_quant(x, s, **kw)
+    return qjax.fake_quant(x, s, p)
 
   def loss_fq(a, b, pa, pb):
     return jnp.vdot(ct, lax.dot_general(fq_ref(a, lspec, pa), fq_ref(b, rspec, pb), dims))

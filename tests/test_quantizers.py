@@ -76,7 +76,7 @@ def run(case):
   fq_jit = jax.jit(fake_quant, static_argnums=1)(x, spec)
   q_jit = jax.jit(quantize, static_argnums=1)(x, spec)
   # Idempotence at the same scale and zero point, and with both recalibrated on fq(x).
-  fq2 = fake_quant(fq, spec, scale=q.scale, zero_point=q.zero_point)
+  fq2 = fake_quant(fq, spec, {'scale': q.scale, 'zero_point': q.zero_point})
   q2 = quantize(fq, spec)
   return dict(spec=spec, x=x, q=q, fq=fq, fq_jit=fq_jit, q_jit=q_jit, fq2=fq2, q2=q2, fq2_recal=fake_quant(fq, spec),
               deq=dequantize(q, x.dtype))
@@ -218,7 +218,7 @@ def test_asymmetric_zero_exact(case):
   np.testing.assert_array_equal(np.asarray(qz.qvalue, np.int64),
                                 np.broadcast_to(np.repeat(np.repeat(zp, SHAPE[0] // zp.shape[0], 0),
                                                           SHAPE[1] // zp.shape[1], 1), SHAPE))
-  assert np.all(f64(fake_quant(zeros, r['spec'], scale=r['q'].scale, zero_point=r['q'].zero_point)) == 0.0)
+  assert np.all(f64(fake_quant(zeros, r['spec'], {'scale': r['q'].scale, 'zero_point': r['q'].zero_point})) == 0.0)
 
 
 @pytest.mark.parametrize('spec', [QuantSpec(), QuantSpec(format='int4', granularity='per_channel'),
@@ -331,15 +331,15 @@ def test_stochastic_rounding_unbiased(fmt, value, lo, hi, scale):
   n = 20000
   x = jnp.full((n,), value, jnp.float32)
   spec = QuantSpec(format=fmt, rounding='stochastic')
-  out = np.asarray(fake_quant(x, spec, scale=scale, key=jax.random.key(0)), np.float64)
+  out = np.asarray(fake_quant(x, spec, {'scale': scale}, key=jax.random.key(0)), np.float64)
   # The two outcomes are the neighbouring grid points (lo, hi), and both occur.
   assert set(np.unique(out).tolist()) == {float(lo), float(hi)}
   p = (value - lo) / (hi - lo)
   stderr = (hi - lo) * np.sqrt(p * (1 - p) / n)
   assert abs(out.mean() - value) <= 5 * stderr, (out.mean(), value, stderr)
   # Different keys give different draws; the same key the same draws.
-  out2 = np.asarray(fake_quant(x, spec, scale=scale, key=jax.random.key(1)))
-  out3 = np.asarray(fake_quant(x, spec, scale=scale, key=jax.random.key(0)))
+  out2 = np.asarray(fake_quant(x, spec, {'scale': scale}, key=jax.random.key(1)))
+  out3 = np.asarray(fake_quant(x, spec, {'scale': scale}, key=jax.random.key(0)))
   assert np.any(out2 != out) and np.array_equal(out3, out)
 
 
@@ -347,7 +347,7 @@ def test_stochastic_rounding_on_grid_is_exact():
   x = jnp.asarray([-3.0, 0.0, 2.0, 127.0, -128.0], jnp.float32)
   spec = QuantSpec(rounding='stochastic')
   for k in range(5):
-    np.testing.assert_array_equal(fake_quant(x, spec, scale=1.0, key=jax.random.key(k)), x)
+    np.testing.assert_array_equal(fake_quant(x, spec, {'scale': 1.0}, key=jax.random.key(k)), x)
 
 
 def test_stochastic_rounding_needs_key():
@@ -409,7 +409,7 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match='rank >= 1'):
     quantize(jnp.float32(1.0), QuantSpec())
   with pytest.raises(ValueError, match='zero_point'):
-    fake_quant(jnp.ones((4,)), QuantSpec(format='uint8', scheme='asymmetric', calibration='minmax'), scale=1.0)
+    fake_quant(jnp.ones((4,)), QuantSpec(format='uint8', scheme='asymmetric', calibration='minmax'), {'scale': 1.0})
   with pytest.raises(ValueError, match='zero_point'):
     quantize(jnp.ones((4,)), QuantSpec(format='uint8', scheme='asymmetric', calibration='minmax'), scale=1.0)
   with pytest.raises(ValueError, match=r'percentile must be in \(0, 100\]'):

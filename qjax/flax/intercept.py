@@ -46,7 +46,9 @@ _installed = 0
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ServingWeight:
-  """A weight stored quantized for serving: int8 qvalues (or int4 packed two per byte) plus scales.
+  """The storage form of a weight's QArray for serving: its int8 qvalues (or int4 packed two per byte), scale,
+  zero point and format, plus the weight's shape and sharding names. `from_qarray` packs, `to_qarray` unpacks:
+  inside the ops a served weight is the QArray again (x ~ (qvalue - zero_point) * scale).
 
   Replaces a float kernel in a converted parameter tree, so that no float kernel is left.
   """
@@ -80,6 +82,12 @@ class ServingWeight:
   @property
   def dtype(self):
     return jnp.float32
+
+  @classmethod
+  def from_qarray(cls, q: quantizers.QArray, pack: bool = False, names: tuple | None = None) -> ServingWeight:
+    """Stores QArray q (packing 4-bit qvalues two per byte along axis 0 when `pack`)."""
+    qvalue = pack_int4(q.qvalue) if pack else q.qvalue
+    return cls(qvalue, q.scale, q.zero_point, q.format, tuple(q.qvalue.shape), pack, names)
 
   def to_qarray(self) -> quantizers.QArray:
     q = unpack_int4(self.qvalue, self.shape) if self.packed else self.qvalue

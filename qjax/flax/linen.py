@@ -149,10 +149,11 @@ def _serving_weight(w, spec, state, int4_pack, names=None):
   w = nn.meta.unbox(w)
   fmt = spec.fmt
   pack = (int4_pack and isinstance(fmt, formats.IntFormat) and fmt.signed and fmt.bits <= 4 and w.ndim >= 1)
-  qv, scale, zp = _quantize_weight(w, dict(state), spec, pack)  # one compiled program, not one per op
+  q = _quantize_weight(w, dict(state), spec)  # one compiled program, not one per op
   names = box.names if box is not None else names
   names = tuple(names) if names and len(names) == w.ndim else None
-  sw = intercept.ServingWeight(qv, scale, zp, spec.format, tuple(w.shape), pack, names)
+  sw = intercept.ServingWeight.from_qarray(q, pack, names)
+  qv, scale, zp = sw.qvalue, sw.scale, sw.zero_point
   if box is not None and names is not None:
     sn = intercept.scale_names(names, w.shape, scale.shape)
     sw = dataclasses.replace(sw, qvalue=box.replace(value=qv), scale=box.replace(value=scale, names=sn),
@@ -160,15 +161,9 @@ def _serving_weight(w, spec, state, int4_pack, names=None):
   return sw
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _quantize_weight(w, state, spec, pack):
+@functools.partial(jax.jit, static_argnums=(2,))
+def _quantize_weight(w, state, spec):
+  """The weight's QArray on the grid the QAT forward used: its method's (learned step, PACT clip, static range,
+  delayed scale), or the spec's calibration when the op kept no state."""
   from qjax import quantizers  # noqa: PLC0415
-  if spec.estimator == 'pact':
-    q = quantizers.quantize(jax.numpy.clip(w, -state['alpha'], state['alpha']), spec,
-                            scale=state['alpha'] / spec.fmt.qmax)
-  elif 'scale' in state:
-    q = quantizers.quantize(w, spec, scale=state['scale'], zero_point=state.get('zero_point'))
-  else:
-    q = quantizers.quantize(w, spec)
-  qv = intercept.pack_int4(q.qvalue) if pack else q.qvalue
-  return qv, q.scale, q.zero_point
+  return quantizers.quantize(w, spec, state or None)

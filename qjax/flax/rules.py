@@ -109,7 +109,7 @@ class QuantRule:
     fwd = MatmulConfig(lw, rw, self.mode)
     if self.grad is None:
       return DotConfig(fwd=fwd, small_m=self.small_m)
-    strip = lambda s: None if s is None else s.replace(estimator='ste')  # bwd matmuls learn nothing
+    strip = lambda s: None if s is None else s.replace(estimator=QuantSpec.estimator)  # bwd: the default (STE)
     return DotConfig(fwd=fwd, dlhs=MatmulConfig(self.grad, strip(rw), self.bwd_mode),
                      drhs=MatmulConfig(strip(lw), self.grad, self.bwd_mode), small_m=self.small_m)
 

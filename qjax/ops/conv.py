@@ -59,7 +59,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 from qjax import quantizers
 from qjax.ops import conv_gemm
 from qjax.ops.config import DotConfig, MatmulConfig
-from qjax.ops.dot_general import _fq_operand, native_kind, operand_result_type, quantize_operand
+from qjax.ops.dot_general import _fq_operand, native_kind, operand_result_type, quantize_operand, zero_cotangent
 from qjax.spec import QuantSpec
 
 ConvDimensionNumbers = lax.ConvDimensionNumbers
@@ -338,7 +338,7 @@ def to_nhwc(lq, rq, cp: ConvParams):
 
 
 def real_conv(lq, rq, cp: ConvParams, kind: str, nhwc: bool = False, gemm: bool = False) -> jax.Array:
-  """Low-precision conv of two quantized operands (see dot_general._Q), rescaled to f32. nhwc=True runs it
+  """Low-precision conv of two quantized operands (`quantizers.QArray`s), rescaled to f32. nhwc=True runs it
   in NHWC/HWIO layout (see `to_nhwc`); gemm=True computes every integer conv as patches + one int8 matmul
   (qjax.ops.conv_gemm), the same integers."""
   if nhwc:
@@ -451,12 +451,6 @@ def _qconv_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
   return out, (lhs_hat, rhs_hat, lqp, rqp, key)
 
 
-def _zero_cotangents(t):
-  if t is None:
-    return None
-  return tuple(None if a is None or not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a) for a in t)
-
-
 def _qconv_bwd(static: _Static, res, g):
   lhs_hat, rhs_hat, lqp, rqp, key = res
   cfg, cp = static.config, static.params
@@ -471,7 +465,7 @@ def _qconv_bwd(static: _Static, res, g):
       p2 = drhs_conv(cp, lhs_hat.shape, rhs_hat.shape, g.shape)
       drhs = qconv(lhs_hat, g, p2, cfg.drhs, where='drhs', key=k2, out_dtype=rhs_hat.dtype, fwd_params=cp,
                    kernel_shape=rhs_hat.shape)
-  return dlhs, drhs, _zero_cotangents(lqp), _zero_cotangents(rqp), None
+  return dlhs, drhs, zero_cotangent(lqp), zero_cotangent(rqp), None
 
 
 _qconv = jax.custom_vjp(_qconv_primal, nondiff_argnums=(5,))
@@ -526,10 +520,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   fwd = config.fwd
   if (lspec is not None and lqp is None) or (rspec is not None and rqp is None):
     if fwd.mode == 'real':
-      raise ValueError('conv_general_dilated fwd: mode="real" cannot run estimator lsq_plus natively (float '
-                       'offset); use mode="auto"')
+      est = (lspec if lqp is None else rspec).estimator
+      raise ValueError(f'conv_general_dilated fwd: mode="real" cannot run estimator {est!r} natively (its output '
+                       'is off an integer grid); use mode="auto"')
     fwd = dataclasses.replace(fwd, mode='fake')
-  # An operand without grid parameters (lsq_plus) is already fake-quantized: the conv takes it as is.
+  # An operand without grid parameters (not native, e.g. lsq_plus) is already fake-quantized: the conv takes it.
   lspec, rspec = (lspec if lqp is not None else None), (rspec if rqp is not None else None)
   cfg = dataclasses.replace(config, fwd=dataclasses.replace(fwd, lhs=lspec, rhs=rspec))
   out = _qconv(lhs_hat, rhs_hat, lqp, rqp, keys[2], _Static(cp, cfg, jnp.dtype(out_dtype)))

@@ -19,8 +19,10 @@ a batch dimension, and sum the rescaled groups in f32. Widths below 8 bits live 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -73,8 +75,9 @@ def resolve_spec(spec: QuantSpec | None, shape, contracting, batch, where: str) 
 
 
 def native_kind(spec: QuantSpec | None) -> str | None:
-  """'int' or 'fp8' when the spec's qvalues can feed a low-precision matmul directly, else None."""
-  if spec is None or spec.estimator == 'lsq_plus':  # LSQ+'s float offset is not an integer zero point.
+  """'int' or 'fp8' when the spec's qvalues can feed a low-precision matmul directly, else None (also for
+  methods whose output is off their grid, e.g. LSQ+'s float offset: `Method.native`)."""
+  if spec is None or not spec.method.native:
     return None
   fmt = formats.element_format(spec.fmt)
   if isinstance(fmt, formats.IntFormat):
@@ -117,39 +120,40 @@ def choose_mode(mcfg: MatmulConfig, lspec, rspec, lshape, dims: Dims, small_m: i
 # ------------------------------------------------------------------------------------ operand quantization
 
 
-@dataclasses.dataclass(frozen=True)
-class _Q:
-  """An operand on its grid: value = (qvalue - zero_point) * scale; scale/zero_point of the scale shape."""
-  qvalue: jax.Array
-  scale: jax.Array
-  zero_point: jax.Array | None  # int32
+# A quantized operand is a `quantizers.QArray` everywhere in the ops: x ~ (qvalue - zero_point) * scale. An
+# operand's grid handed from the forward fake quant to the matmul (qparams) is a QArray too: with qvalue None
+# (x_hat is re-quantized on it, exactly), or with the qvalue of a pre-quantized (serving) weight.
 
 
-def _to_signed_container(q: _Q, spec: QuantSpec) -> _Q:
-  """uint grids move into int8 containers: 8-bit ones by a shift of 128 of both qvalue and zero point."""
+def _to_signed_container(q: quantizers.QArray, spec: QuantSpec) -> quantizers.QArray:
+  """uint grids move into int8 containers: 8-bit ones by a shift of 128 of both qvalue and zero point (then
+  the values are an int8 grid: format 'int8')."""
   fmt = formats.element_format(spec.fmt)
   if not isinstance(fmt, formats.IntFormat) or fmt.signed:
     return q
   if fmt.bits < 8:
     return dataclasses.replace(q, qvalue=q.qvalue.astype(jnp.int8))
   zp = jnp.zeros(q.scale.shape, jnp.int32) if q.zero_point is None else q.zero_point
-  return _Q((q.qvalue.astype(jnp.int32) - 128).astype(jnp.int8), q.scale, zp - 128)
+  return quantizers.QArray((q.qvalue.astype(jnp.int32) - 128).astype(jnp.int8), q.scale, zp - 128, 'int8')
 
 
-def quantize_operand(x, spec: QuantSpec, qparams=None, key=None) -> _Q:
-  """Quantizes x for a matmul. With qparams=(scale, zero_point, qvalue) x is already on that grid: the given
-  qvalue (pre-quantized weights) is used as is, or x is re-quantized exactly with the given scale."""
-  if qparams is None:
-    qa = quantizers.quantize(x, spec, key=key)
-  elif qparams[2] is not None:
-    scale, zp, qvalue = qparams
-    zp = None if zp is None else jnp.round(zp).astype(jnp.int32)
-    qa = quantizers.QArray(qvalue, scale, zp, spec.format, spec.codebook)
+def grid_of(scale, zero_point, spec: QuantSpec) -> quantizers.QArray:
+  """A grid-only QArray (qvalue None): the scale and integer zero point an operand is quantized with."""
+  zp = None if zero_point is None else jnp.round(zero_point).astype(jnp.int32)
+  return quantizers.QArray(None, scale, zp, spec.format, spec.codebook)
+
+
+def quantize_operand(x, spec: QuantSpec, qparams: quantizers.QArray | None = None, key=None) -> quantizers.QArray:
+  """Quantizes x for a matmul. With qparams (a QArray) x is already on that grid: a given qvalue (pre-quantized
+  weights) is used as is, else x is re-quantized exactly with the given scale and zero point."""
+  if qparams is None:  # A group holding a NaN / inf gets scale NaN: its row / column of the product is NaN.
+    scale, zp = calibration.calibrate(lax.stop_gradient(x), spec, poison=True)
+    qa = quantizers.quantize(x, spec, key=key, scale=scale, zero_point=zp)
+  elif qparams.qvalue is not None:
+    qa = qparams
   else:
-    scale, zp, _ = qparams
-    zp = None if zp is None else jnp.round(zp).astype(jnp.int32)
-    qa = quantizers.quantize(x, spec.replace(rounding='nearest'), scale=scale, zero_point=zp)
-  return _to_signed_container(_Q(qa.qvalue, qa.scale, qa.zero_point), spec)
+    qa = quantizers.quantize(x, spec.replace(rounding='nearest'), scale=qparams.scale, zero_point=qparams.zero_point)
+  return _to_signed_container(qa, spec)
 
 
 # ------------------------------------------------------------------------------------- real execution
@@ -167,7 +171,7 @@ def _to_out(a, ndim, contracting, batch, side: str, n_other_free: int):
   return a.reshape(a.shape[:nb] + (1,) * n_other_free + a.shape[nb:])
 
 
-def _group(q: _Q, dims_side, g: int):
+def _group(q: quantizers.QArray, dims_side, g: int):
   """Splits the contracting dim k into (K/g, g): the group index becomes a batch dim (appended last)."""
   (c,), batch = dims_side
   shape = q.qvalue.shape
@@ -176,7 +180,7 @@ def _group(q: _Q, dims_side, g: int):
   s_groups = q.scale.shape[c]  # K/g (per_group) or 1 (shared along K)
   sshape = q.scale.shape[:c] + (s_groups, 1) + q.scale.shape[c + 1:]
   zp = None if q.zero_point is None else q.zero_point.reshape(sshape)
-  newq = _Q(q.qvalue.reshape(new_shape), q.scale.reshape(sshape), zp)
+  newq = dataclasses.replace(q, qvalue=q.qvalue.reshape(new_shape), scale=q.scale.reshape(sshape), zero_point=zp)
   return newq, ((c + 1,), tuple(remap(b) for b in batch) + (c,))
 
 
@@ -244,7 +248,8 @@ def low_precision_dot(a, b, dims: Dims, acc_t, multiple: int | None = None, prec
 FP8_PRECISION = {'fwd': lax.Precision.DEFAULT, 'dlhs': lax.Precision.HIGHEST, 'drhs': lax.Precision.HIGHEST}
 
 
-def real_dot(lq: _Q, rq: _Q, dims: Dims, kind: str, group: int = 0, precision=None) -> jax.Array:
+def real_dot(lq: quantizers.QArray, rq: quantizers.QArray, dims: Dims, kind: str, group: int = 0,
+             precision=None) -> jax.Array:
   """Low-precision dot_general of two quantized operands, rescaled to f32 in the output layout."""
   (lc, rc), (lb, rb) = dims
   if group:
@@ -283,13 +288,13 @@ def _group_size(lspec: QuantSpec, rspec: QuantSpec, where: str) -> int:
   return gl or gr
 
 
-def _row_major_transpose(q: _Q, perm) -> _Q:
+def _row_major_transpose(q: quantizers.QArray, perm) -> quantizers.QArray:
   """Transposes an operand into a materialised row-major array. XLA:CPU otherwise folds the transpose into
   the dot as a column-major operand, which it up-casts to int32 off the fast kernel (see docs/benchmarks.md)."""
   v = lax.optimization_barrier(q.qvalue)  # Keep the quantization out of the transpose kernel.
   v = with_layout_constraint(jnp.transpose(v, perm), Layout(major_to_minor=tuple(range(v.ndim))))
   zp = None if q.zero_point is None else jnp.transpose(q.zero_point, perm)
-  return _Q(v, jnp.transpose(q.scale, perm), zp)
+  return dataclasses.replace(q, qvalue=v, scale=jnp.transpose(q.scale, perm), zero_point=zp)
 
 
 # A float matmul of few rows (a matrix-vector product: small-M routing, fake mode) against a large 2-D rhs runs
@@ -317,16 +322,14 @@ def _float_block_rows(lshape, rshape, dims: Dims) -> int:
   return kb if 16 <= kb < k else 0
 
 
-def _prequantized(qparams, spec: QuantSpec) -> quantizers.QArray | None:
+def _prequantized(qparams: quantizers.QArray | None, spec: QuantSpec) -> quantizers.QArray | None:
   """The QArray of a pre-quantized operand (qparams carry its qvalue) whose scale (and zero point) is constant
   along the contraction dim 0 (per channel or per tensor), else None."""
-  if qparams is None or qparams[2] is None:
+  if qparams is None or qparams.qvalue is None:
     return None
-  scale, zp, qvalue = qparams
-  if scale.shape[0] != 1 or (zp is not None and zp.shape[0] != 1):
+  if qparams.scale.shape[0] != 1 or (qparams.zero_point is not None and qparams.zero_point.shape[0] != 1):
     return None
-  zp = None if zp is None else jnp.round(zp).astype(jnp.int32)
-  return quantizers.QArray(qvalue, scale, zp, spec.format, spec.codebook)
+  return qparams
 
 
 def _blocked_float_dot(a, b, kb: int):
@@ -471,9 +474,15 @@ def _qdot_bwd(static: _Static, res, g):
   with jax.named_scope('drhs'):
     drhs = matmul(lhs_hat, g, d2, cfg.drhs, where='drhs', small_m=cfg.small_m, key=k2, out_dtype=rhs_hat.dtype,
                   row_major_lhs=cfg.drhs_row_major, float_dtype=static.float_dtype)
-  zeros = lambda t: None if t is None else tuple(
-      None if a is None or not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a) for a in t)
-  return jnp.transpose(dlhs, perm1), jnp.transpose(drhs, perm2), zeros(lqp), zeros(rqp), None
+  return jnp.transpose(dlhs, perm1), jnp.transpose(drhs, perm2), zero_cotangent(lqp), zero_cotangent(rqp), None
+
+
+def zero_cotangent(q: quantizers.QArray | None):
+  """The (zero) cotangent of a grid / pre-quantized operand: zeros for its float scale, None for integers."""
+  if q is None:
+    return None
+  zero = lambda a: None if a is None or not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a)
+  return dataclasses.replace(q, qvalue=zero(q.qvalue), scale=zero(q.scale), zero_point=zero(q.zero_point))
 
 
 _qdot = jax.custom_vjp(_qdot_primal, nondiff_argnums=(5,))
@@ -484,47 +493,66 @@ _qdot.defvjp(_qdot_fwd, _qdot_bwd)
 
 
 def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
-  """fake_quant of one forward operand through its estimator.
+  """fake_quant of one forward operand through its method (`spec.method`, see qjax.methods).
 
-  Returns (x_hat f32, qparams) with qparams = (scale, zero_point, qvalue) when x_hat sits exactly on an integer
-  or fp8 grid (so the matmul can run natively), else None. `params` is a dict, or a callable
-  `(resolved_spec, x) -> dict` (how Flax layers fetch or create their quantizer state), or None (dynamic).
-  `x` may be a QArray (pre-quantized serving weights): then it is used as is.
+  Returns (x_hat f32, qparams) with qparams a QArray of the grid x_hat sits on exactly (qvalue None) when the
+  method is native (an integer or fp8 grid, so the matmul can run in low precision), else None. `params` is a
+  dict, or a callable `(resolved_spec, x) -> dict` (how Flax layers fetch or create their quantizer state), or
+  None (dynamic). `x` may be a QArray (pre-quantized serving weights): then it is used as is.
   """
   if isinstance(x, quantizers.QArray):
     if spec is None or spec.format != x.format:
       raise ValueError(f'{where}: a pre-quantized operand of format {x.format!r} needs a spec of that format, '
                        f'got {None if spec is None else spec.format!r}')
-    zp = None if x.zero_point is None else x.zero_point.astype(jnp.float32)
-    return quantizers.dequantize(x, jnp.float32), (x.scale, zp, x.qvalue)
+    return quantizers.dequantize(x, jnp.float32), x
   x32 = x.astype(jnp.float32)
   if spec is None:
     return x32, None
+  warn_if_clipping_negatives(x32, spec, where if where.startswith('conv') else f'dot_general {where}')
   if callable(params):
     params = params(spec, x)
-  params = dict(params or {})
-  est = spec.estimator
-  missing = [p for p in spec.learned if p not in params]
-  if missing:
-    raise ValueError(f'{where}: estimator={est!r} needs learned {", ".join(missing)} in its params '
-                     '(see qjax.init_params)')
-  sshape = gran.scale_shape(x.shape, spec)
-  fit = lambda a: None if a is None else jnp.broadcast_to(jnp.asarray(a, jnp.float32), sshape)
-  scale, zp = fit(params.get('scale')), fit(params.get('zero_point'))
-  if est == 'pact':
-    alpha = fit(params['alpha'])
-    x_hat = quantizers.fake_quant(x32, spec, alpha=alpha, key=key)
-    return x_hat, (lax.stop_gradient(alpha / spec.fmt.qmax), None, None)
-  if est == 'lsq_plus':
-    x_hat = quantizers.fake_quant(x32, spec, scale=scale, offset=fit(params['offset']), key=key)
+  method = spec.method
+  params = method.prepare(x32, spec, params, where=f'{where}: ')
+  if not method.learned and 'scale' not in params:
+    # Dynamic: one calibration for the fake quant and the matmul. Its own reduction flags a scale group holding
+    # a NaN / inf with scale NaN, so that real (integer) execution, whose qvalues cannot hold a NaN, returns NaN
+    # for that row / column as fake mode does (no extra pass over x). Static and learned scales are not flagged
+    # in the forward: that would take a reduction over the contraction, a cross-device all-reduce when it is
+    # sharded; the non-finite value still reaches the drhs matmul (lhs^T . g), whose dynamic grid flags it.
+    scale, zp = calibration.calibrate(lax.stop_gradient(x32), spec, poison=True)
+    params = {'scale': scale} if zp is None else {'scale': scale, 'zero_point': zp.astype(jnp.float32)}
+  x_hat = method.fake_quant(x32, spec, params, key)
+  if not method.native:
     return x_hat, None
-  if scale is None:
-    scale, zp = calibration.calibrate(lax.stop_gradient(x32), spec)
-    zp = None if zp is None else zp.astype(jnp.float32)
-  elif spec.scheme == 'asymmetric' and zp is None:
-    raise ValueError(f'{where}: an explicit scale for scheme="asymmetric" needs a zero_point too')
-  x_hat = quantizers.fake_quant(x32, spec, scale=scale, zero_point=zp, key=key)
-  return x_hat, (lax.stop_gradient(scale), None if zp is None else lax.stop_gradient(zp), None)
+  scale, zp = method.grid(x32, spec, params, poison=True)
+  return x_hat, grid_of(lax.stop_gradient(scale), None if zp is None else lax.stop_gradient(zp), spec)
+
+
+_WARNED: set = set()
+
+
+def _warn_negatives(where: str, fmt: str, negative) -> None:
+  if bool(negative) and (where, fmt) not in _WARNED:
+    _WARNED.add((where, fmt))
+    warnings.warn(f'qjax: {where} is quantized on the unsigned symmetric grid {fmt!r}, which clips its negative '
+                  'values to 0; use a signed format, scheme="asymmetric", or make the input non-negative (e.g. a '
+                  'ReLU before it)', stacklevel=2)
+
+
+def warn_if_clipping_negatives(x, spec: QuantSpec, where: str) -> None:
+  """Warns once per op operand when a symmetric unsigned grid (uint formats, scheme='symmetric'; not a method
+  that clips its input itself, like PACT, whose clip at 0 is its ReLU) meets negative values. A concrete x is
+  checked now; a traced one by a host callback that reports only when a negative value actually arrives (input
+  known non-negative: no warning)."""
+  fmt = formats.element_format(spec.fmt)
+  if (not isinstance(fmt, formats.IntFormat) or fmt.signed or spec.scheme != 'symmetric'
+      or spec.method.clips_input or (where, spec.format) in _WARNED):
+    return
+  negative = jnp.any(lax.stop_gradient(x) < 0)
+  if isinstance(negative, jax.core.Tracer):
+    jax.debug.callback(functools.partial(_warn_negatives, where, spec.format), negative)
+  else:
+    _warn_negatives(where, spec.format, negative)
 
 
 def operand_result_type(lhs, rhs):
@@ -544,9 +572,10 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     lhs, rhs, dimension_numbers, precision, preferred_element_type: as `jax.lax.dot_general`.
     out_sharding: accepted for signature compatibility (Flax passes it); the output sharding follows XLA.
     config: the DotConfig of the forward and both gradient matmuls.
-    lhs_params, rhs_params: quantizer parameters of the forward operands: learned ones ('scale' for lsq,
-      'scale'/'offset' for lsq_plus, 'alpha' for pact) or a static range ('scale', optional 'zero_point'), or
-      a callable (resolved_spec, operand) -> such a dict. Without them the operand is calibrated on the fly.
+    lhs_params, rhs_params: quantizer parameters of the forward operands, the mapping their method declares
+      (`qjax.methods`: learned ones, 'scale' for lsq, 'scale'/'offset' for lsq_plus, 'alpha' for pact,
+      or for methods that learn nothing a static range 'scale', optional 'zero_point'), or a callable
+      (resolved_spec, operand) -> such a dict. Without them the operand is calibrated on the fly.
     lhs, rhs may also be QArrays (pre-quantized weights for serving): their qvalues feed the matmul directly.
     key: PRNG key for stochastic rounding (split across operands and the backward).
   Returns:
@@ -572,9 +601,12 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   fwd = config.fwd
   if (lspec is not None and lqp is None) or (rspec is not None and rqp is None):
     if fwd.mode == 'real':
-      raise ValueError('fwd: mode="real" cannot run estimator lsq_plus natively (float offset); use "auto"')
+      est = (lspec if lqp is None else rspec).estimator
+      raise ValueError(f'fwd: mode="real" cannot run estimator {est!r} natively (its output is off an integer '
+                       'grid); use "auto"')
     fwd = dataclasses.replace(fwd, mode='fake')
-  # An operand without qparams (LSQ+) is already fake-quantized: the forward matmul takes it as a float.
+  # An operand without qparams (not native, e.g. LSQ+) is already fake-quantized: the forward matmul takes it as a
+  # float.
   fwd = dataclasses.replace(fwd, lhs=lspec if lqp is not None else None, rhs=rspec if rqp is not None else None)
   cfg = dataclasses.replace(config, fwd=fwd)
   in_dtype = operand_result_type(lhs, rhs)

@@ -1,0 +1,73 @@
+"""QDrop (Wei et al., ICLR 2022): randomly drop quantization during training.
+
+Each element is fake-quantized with probability 1 - p and passed through in float with probability p (the paper
+drops activation quantization this way to flatten the loss landscape for low-bit PTQ / QAT). On the calibrated
+(or static) grid, with drop ~ Bernoulli(p) per element:
+
+    out = drop ? x : x_hat,        x_hat = (clip(round(x / s + z), qmin, qmax) - z) s
+    dx  = g * (drop ? 1 : 1[qmin <= y <= qmax])          (clipped STE on the quantized elements)
+
+The drop mask needs a PRNG key (`fake_quant(..., key=...)`, the ops' `key=`); without one nothing is dropped
+and QDrop is the clipped STE, which is also its evaluation / serving behaviour (`quantize` uses the plain grid).
+p is a field of the method: the registered 'qdrop' uses the paper's 0.5; register `QDrop('qdrop_p25', p=0.25)`
+for another. Learns nothing. The ops run it in fake mode (dropped elements are off the grid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qjax import estimators, formats, methods
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _qdrop(x, scale, zero_point, noise, drop, fmt):
+  return _qdrop_fwd(x, scale, zero_point, noise, drop, fmt)[0]
+
+
+def _qdrop_fwd(x, scale, zero_point, noise, drop, fmt):
+  x_hat, _, _, inside = estimators._fq(x, scale, zero_point, noise, fmt)
+  out = jnp.where(drop > 0, x.astype(jnp.float32), x_hat)
+  return out.astype(x.dtype), (inside, drop, scale, zero_point, noise)
+
+
+def _qdrop_bwd(fmt, res, g):
+  inside, drop, scale, zero_point, noise = res
+  dx = jnp.where((drop > 0) | inside, g, jnp.zeros_like(g))
+  z = lambda a: None if a is None else jnp.zeros_like(a)
+  return dx, jnp.zeros_like(scale), z(zero_point), z(noise), jnp.zeros_like(drop)
+
+
+_qdrop.defvjp(_qdrop_fwd, _qdrop_bwd)
+
+
+def qdrop(x, scale, zero_point, noise, drop, *, fmt):
+  """QDrop fake quant: `drop` (f32 0/1 of x's shape) marks the elements left in float."""
+  return _qdrop(x, scale, zero_point, noise, drop, fmt)
+
+
+@dataclasses.dataclass(frozen=True)
+class QDrop(methods.Method):
+  """QDrop on the calibrated grid (see the module docstring)."""
+  p: float = 0.5
+  native: bool = False
+
+  def __post_init__(self):
+    if not 0.0 <= self.p < 1.0:
+      raise ValueError(f'QDrop: the drop probability p must be in [0, 1), got {self.p}')
+
+  def fake_quant(self, x, spec, params, key):
+    scale, zero_point = methods._calibrated_grid(self, x, spec, params)
+    if key is None:
+      noise, drop = None, jnp.zeros(x.shape, jnp.float32)
+    else:
+      kr, kd = jax.random.split(key)
+      noise = formats.uniform_noise(kr, x.shape, spec.rounding)
+      drop = jax.random.bernoulli(kd, self.p, x.shape).astype(jnp.float32)
+    if spec.rounding == 'stochastic' and noise is None:
+      formats.uniform_noise(None, x.shape, spec.rounding)  # raises: stochastic rounding needs a key
+    return qdrop(x, scale, zero_point, noise, drop, fmt=spec.fmt)
