@@ -179,10 +179,10 @@ def test_bad_rules_raise_naming_the_rule(rule, message):
 
 
 def test_rule_small_m_reaches_the_op_config():
-  """A rule's small_m overrides the matrix-vector routing of the ops it matches (0 forces int8)."""
+  """A rule's small_m overrides the small-M routing of the ops it matches (default 0: nothing to float)."""
   r = QuantRule('.*', weight=W8, act=W8, grad=W8)
-  assert r.dot_config(False, True).small_m == 1
-  assert QuantRule('.*', weight=W8, act=W8, small_m=0).dot_config(False, True).small_m == 0
+  assert r.dot_config(False, True).small_m == 0
+  assert QuantRule('.*', weight=W8, act=W8, small_m=1).dot_config(False, True).small_m == 1
   assert QuantRule('.*', weight=W8, act=W8, grad=W8, small_m=8).dot_config(False, True).small_m == 8
 
 
