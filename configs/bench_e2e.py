@@ -1,6 +1,6 @@
 r"""Benchmark: the experiments' models quantized by qjax.flax rules against the float model, end to end.
 
-Steady figures (one core; malloc pinned and huge pages against page faults, drhs.md 5; docs/benchmarks.md):
+Steady figures (one core; malloc pinned and huge pages against page faults; docs/benchmarks.md):
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \
   MALLOC_ARENA_MAX=1 taskset -c 1 python -m experiments.bench \
     --config=configs/bench_e2e.py --workdir=runs/bench/e2e_1c
@@ -16,7 +16,7 @@ way `python -m experiments.train` builds them; adam; steps jitted with the state
   <model> serve b<B>   float forward vs the PTQ int8 serving forward (calibrated static activation ranges,
                        weights converted to int8 by convert_nnx / convert_linen), per batch in serve_batches
 Issue targets (time ratios to float): QAT int8 forward <= 0.75x, QAT fake-quant <= 1.1x, int8 training <= 0.53x
-(>= 1.9x faster), PTQ serving at batch >= 256 <= 0.27x. Peers measured on this CPU (research notes): Qwix QAT
+(>= 1.9x faster), PTQ serving at batch >= 256 <= 0.27x. Peers as measured on an AVX-512 VNNI EPYC (jax 0.10.2): Qwix QAT
 0.86x, Qwix PTQ forward 0.30x, AQT int8-forward 0.88x, AQT fully quantized 2.8x, Qwix fully quantized 1.8-1.9x.
 Takes ~15 min (one model: --config.models="('char_lm',)").
 """

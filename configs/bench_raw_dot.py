@@ -1,6 +1,6 @@
 r"""Benchmark: lax.dot_general in f32, bf16 -> f32, int8 -> int32 and fp8 -> f32 (the kernels XLA gives).
 
-Steady figures (one core; malloc pinned and huge pages against page faults, drhs.md 5; docs/benchmarks.md):
+Steady figures (one core; malloc pinned and huge pages against page faults; docs/benchmarks.md):
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \
   MALLOC_ARENA_MAX=1 taskset -c 1 python -m experiments.bench \
     --config=configs/bench_raw_dot.py --workdir=runs/bench/raw_dot_1c
@@ -10,7 +10,7 @@ Smoke (tests): --config=configs/bench_raw_dot.py:runlocal. Sizes: --config.squar
 
 Shapes (M x K x N): squares 256..2048 (4096 in `full`), MLP-like 256x1024x4096 and 4096x4096x1024, small M
 (1, 2, 8, 32 rows with K = N = 4096). Each shape is one group timed interleaved against its f32 dot.
-Expected on the 2-core AMD Zen 5 with jax 0.12 (perf-cpu.md addendum): int8 -> int32 ~3.4-4.1x faster than f32
+Expected on a 2-core AMD Zen 5 with jax 0.12 (measured earlier there): int8 -> int32 ~3.4-4.1x faster than f32
 and bf16 -> f32 ~2x for M >= 256; at M = 1 every low-precision dtype is ~10x slower than f32 (XLA's YNN kernel
 refuses matrix-vector products); fp8 runs up-cast to f32. Takes ~3 min (~6 min with `full`).
 """

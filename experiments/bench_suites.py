@@ -162,7 +162,7 @@ def slow_int8_warnings(groups: list[dict[str, Any]]) -> list[str]:
                    f"compiler: {'; '.join(insp.get('fallbacks') or [])}")
       elif r['role'] in ('quantized', 'reference') and n:
         out.append(f"{g['name']} / {name}: {n} int8 matmul(s) off XLA:CPU's fast (YNN) kernel or widened by the "
-                   'compiler; check XLA_FLAGS (perf-cpu.md: an empty --xla_cpu_experimental_ynn_fusion_type makes '
+                   'compiler; check XLA_FLAGS (an empty --xla_cpu_experimental_ynn_fusion_type makes '
                    'int8 ~8x slower)')
   return out
 
@@ -327,7 +327,8 @@ def run_grouped(suite: GroupedSuite, config, workdir: str | None = None, *, info
   warnings = list(info.get('warnings', [])) + slow_int8_warnings(groups)
   if not info.get('malloc_env'):
     warnings.append('malloc settings not pinned: set MALLOC_MMAP_THRESHOLD_=33554432 '
-                    'MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1 (drhs.md 5: page faults on fresh outputs)')
+                    'MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1 '
+                    '(page faults on fresh outputs: docs/benchmarks.md)')
   result = {
       'schema': bench.SCHEMA,
       'kind': 'groups',
@@ -601,8 +602,8 @@ def train_matmul_suite(config) -> GroupedSuite:
 
 # -------------------------------------------------------------------------------------------------- e2e
 
-# Peer figures as the issue quotes them (time ratio to the float step / forward). The research notes measured their
-# own ranges (qwix.md 7, aqt.md 6) with jax 0.10.2 on an AVX-512 VNNI EPYC; none of them is rerun by this suite.
+# Peer figures as the issue quotes them (time ratio to the float step / forward). Separate measurements of the
+# same peers gave the ranges in PEERS_NOTE (jax 0.10.2, AVX-512 VNNI EPYC); none of them is rerun by this suite.
 PEERS = {
     'Qwix QAT step (w8a8)': 0.86,
     'Qwix PTQ int8 forward': 0.30,
@@ -610,7 +611,7 @@ PEERS = {
     'AQT fully quantized (fwd + bwd int8)': 2.8,
     'Qwix fully quantized (QT w8a8g8)': '1.8-1.9',
 }
-PEERS_NOTE = ('as quoted by the issue; the research notes measured Qwix QAT 0.72-1.08x, Qwix PTQ forward 0.59-0.77x, '
+PEERS_NOTE = ('as quoted by the issue; separate measurements gave Qwix QAT 0.72-1.08x, Qwix PTQ forward 0.59-0.77x, '
               'Qwix QT 2.25-2.79x, AQT config_v4 0.77-0.93x, AQT fully_quantized 3.1-3.8x (jax 0.10.2, AVX-512 VNNI '
               'EPYC, not this suite\'s machine)')
 

@@ -12,7 +12,7 @@ Summaries are built from the `tensorboard` package's own protos and plugin metad
   hparams    hparams plugin: `Experiment` at the sweep root (`write_hparams_experiment`),
              `SessionStartInfo` / `SessionEndInfo` in each trial run (`SummaryWriter.hparams`/`close`).
 
-Sweep layout (style.md §3.4): `tensorboard --logdir <root>` where `<root>` holds the experiment
+Sweep layout: `tensorboard --logdir <root>` where `<root>` holds the experiment
 summary and one sub-directory (run) per trial. Sessions are grouped by `SessionStartInfo.group_name`;
 `SummaryWriter.hparams` records, and `group_name_for` hashes, the hparams *without* the seed, so seeds
 show as repeats of one group and TensorBoard averages their metrics. Read back with `read_scalars` /

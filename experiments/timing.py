@@ -4,7 +4,7 @@
     print(markdown_table(stats, baseline='x*1.0'))
 
 Variants are sampled round-robin, so that every ratio compares samples taken at the same moment: load from
-other processes, clock changes and the per-process page-fault state (drhs.md 5) hit all variants alike. A
+other processes, clock changes and the per-process page-fault state (docs/benchmarks.md) hit all variants alike. A
 sample is an inner loop of calls lasting about `min_time` seconds, each call synchronised with
 `jax.block_until_ready`; its value is the mean time of one call. `Stats` keeps the median, min, max and the
 spread (max - min) / median of the samples, and the minor page faults per call (`resource.getrusage`), which
@@ -137,7 +137,7 @@ def ratios(stats: dict[str, Stats], baseline: str, *, field: str = 'median') -> 
 
 def xla_flags_warning(flags: str | None) -> str | None:
   """A warning when XLA_FLAGS overrides the YNN fusion type (an empty value turns YNN off: int8 dots ~8x
-  slower on XLA:CPU, perf-cpu.md), else None."""
+  slower on XLA:CPU), else None."""
   if not flags or YNN_FLAG not in flags:
     return None
   value = None
@@ -149,9 +149,9 @@ def xla_flags_warning(flags: str | None) -> str | None:
     value = '?'
   if value.strip() in ('', '""', "''"):
     return (f'XLA_FLAGS sets --{YNN_FLAG}= (empty): YNNPACK fusions are off, int8 dots run ~8x slower on '
-            'XLA:CPU (perf-cpu.md); these timings do not show the default configuration')
+            'XLA:CPU; these timings do not show the default configuration')
   return (f'XLA_FLAGS overrides --{YNN_FLAG}={value}: timings may differ from the default configuration '
-          '(an empty value makes int8 ~8x slower, perf-cpu.md)')
+          '(an empty value makes int8 ~8x slower)')
 
 
 def simd_warning(cpu_flags, platform: str) -> str | None:

@@ -1,6 +1,6 @@
 """qjax.estimators: each estimator's gradients against numbers derived by hand from the formulas.
 
-Every expected value below is written from the update rules (ecosystem.md 2; Esser et al. 2020 for LSQ,
+Every expected value below is written from the update rules (Esser et al. 2020 for LSQ,
 Bhalgat et al. 2020 for LSQ+, Choi et al. 2018 for PACT, Lee et al. 2021 for EWGS), not by calling qjax.
 The cotangent is a weight vector w (loss = sum(w * fake_quant(x))), so each element's gradient shows up.
 """

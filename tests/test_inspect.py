@@ -51,7 +51,7 @@ def test_int8_dot_is_counted_and_fast():
 
 @on_cpu
 def test_weight_gradient_form_is_widened_off_the_fast_kernel():
-  """s8 x^T . g written with contraction dim 0 on both sides: XLA:CPU up-casts it to s32 x s32 (drhs.md)."""
+  """s8 x^T . g written with contraction dim 0 on both sides: XLA:CPU up-casts it to s32 x s32."""
   x, g = jnp.ones((256, 128), jnp.int8), jnp.ones((256, 64), jnp.int8)
   f = lambda a, b: lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.int32)
   rep = ops.inspect_matmuls(f, x, g)

@@ -1,6 +1,6 @@
 """qjax.quantizers: properties over formats x granularities x schemes x dtypes, transforms, and input checks.
 
-Properties (style.md 3.5): qvalue in range, fq(fq(x)) == fq(x), |x - fq(x)| <= scale/2 inside the clip range,
+Properties: qvalue in range, fq(fq(x)) == fq(x), |x - fq(x)| <= scale/2 inside the clip range,
 jit == eager, output dtype == input dtype, x ~ (qvalue - zero_point) * scale, asymmetric zero exact.
 """
 

@@ -9,7 +9,7 @@ count); the child prints its findings as JSON and the tests below assert on them
     with dynamic (calibrated) scales the only other collectives are scale-sized max-reductions of the
     calibration, never an f32 reduction of the matmul output;
   - sub-channel (per-group) scales with the contraction sharded: each group is rescaled before the cross-shard
-    sum, so that reduction is f32 (scale.md rule 2);
+    sum, so that reduction is f32;
   - a training step: every reduction the float step does in f32 runs in s32, plus scale-sized reductions;
   - Explicit sharding mode (jax.make_mesh's default): the output-sharded forward works; contraction-sharded
     matmuls (also the backward of any sharded-batch layer) need out_sharding, which the op drops (xfail).
