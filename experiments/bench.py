@@ -175,7 +175,8 @@ def fake_quant_suite(config) -> Suite:
   if config.get('extra_variants', False):
     scale, zero_point = jax.jit(lambda x: qjax.calibrate(x, spec))(x)
     jits['calibrate only'] = jax.jit(lambda x: qjax.calibrate(x, spec))
-    jits['fake_quant, scale given'] = jax.jit(lambda x, s, z: qjax.fake_quant(x, spec, scale=s, zero_point=z))
+    jits['fake_quant, scale given'] = jax.jit(
+        lambda x, s, z: qjax.fake_quant(x, spec, {'scale': s, **({} if z is None else {'zero_point': z})}))
     args['calibrate only'] = (x,)
     args['fake_quant, scale given'] = (x, scale, zero_point)
   if config.get('before', False):
