@@ -42,12 +42,21 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> bs.Group:
   i8 = jax.jit(lambda x, w: cp.conv(x, w, jnp.int32))
   gemm = jax.jit(lambda x, w: conv_gemm.conv(x, w, cp))
   patches = jax.jit(lambda x: conv_gemm.patches(x, cp, (k, k)))
+  c32 = max(cin, cout, int(config.get('pad_features', 32)))
+
+  def padded(x, w):  # channels zero-padded so that XLA:CPU's fast int8 conv applies; output sliced back
+    xp = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, c32 - cin)))
+    wp = jnp.pad(w, ((0, 0), (0, 0), (0, c32 - cin), (0, c32 - cout)))
+    return cp.conv(xp, wp, jnp.int32)[..., :cout]
+  pad_conv = jax.jit(padded)
   variants = {
       'f32 conv': bs.Variant(lambda: f32(x, w), 'baseline', {'inspect': bs._maybe_inspect(config, f32, x, w)}),
       'XLA int8 conv': bs.Variant(lambda: i8(xq, wq), 'reference', {'inspect': bs._maybe_inspect(config, i8, xq, wq)}),
       'patches + int8 dot': bs.Variant(lambda: gemm(xq, wq), 'reference',
                                        {'inspect': bs._maybe_inspect(config, gemm, xq, wq)}),
       'patches alone': bs.Variant(lambda: patches(xq), 'reference'),
+      f'int8 conv, features padded to {c32}': bs.Variant(lambda: pad_conv(xq, wq), 'reference',
+                                                      {'inspect': bs._maybe_inspect(config, pad_conv, xq, wq)}),
   }
   slow = qconv.cpu_slow_reason(cp, x.shape, w.shape)
   meta = {'shape': [b, h, cin, cout, k], 'xla_slow_reason': slow,
