@@ -125,7 +125,8 @@ def test_conv_bench_suite_runlocal(tmp_path):
   assert bench.main([f'--config={config}:runlocal', f'--workdir={tmp_path}']) == 0
   data = json.loads((tmp_path / 'bench.json').read_text())
   one, six = data['groups']
-  assert set(one['results']) == {'f32 conv', 'XLA int8 conv', 'patches + int8 dot', 'patches alone'}
+  assert set(one['results']) == {'f32 conv', 'XLA int8 conv', 'patches + int8 dot', 'patches alone',
+                                 'int8 conv, features padded to 32'}
   assert one['meta']['xla_slow_reason'] is None and one['meta']['auto_route'] == 'XLA int8 conv'
   assert six['meta']['xla_slow_reason'] and six['meta']['auto_route'] == 'float'
   gemm = six['results']['patches + int8 dot']['info']['inspect']
