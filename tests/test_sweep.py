@@ -7,6 +7,8 @@ files; one runs the real runner on the committed Fashion-MNIST fixtures, and one
 import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -483,8 +485,25 @@ def _check_review_in_tensorboard(root):
     assert any(t.startswith('pareto/') for run in images.values() for t in run), images
     scalars = json.load(urllib.request.urlopen(f'{url}data/plugin/scalars/tags', timeout=30))
     assert 'eval/accuracy' in scalars.get('mode=float', {}) and 'serving/bytes' in scalars.get('mode=ptq', {})
+    _check_review_in_a_browser(url)
   finally:
     server.stop()
+
+
+def _check_review_in_a_browser(url):
+  """A real browser (headless Chromium, installed by .ci/run) loads TensorBoard's page and runs its JavaScript:
+  the rendered DOM lists the dashboards the review uses (hparams, images, scalars), as a person would see them.
+  Skipped where Chromium is not installed (the HTTP API checks above still ran)."""
+  chromium = shutil.which('chromium') or shutil.which('chromium-browser') or shutil.which('google-chrome')
+  if chromium is None:
+    pytest.skip('no Chromium on PATH (.ci/run installs it): the review was checked through the HTTP API only')
+  out = subprocess.run([chromium, '--headless', '--no-sandbox', '--disable-gpu', '--virtual-time-budget=20000',
+                        '--dump-dom', f'{url}#hparams'], capture_output=True, text=True, timeout=180)
+  assert out.returncode == 0, out.stderr[-2000:]
+  text = re.sub(r'\s+', ' ', re.sub(r'<[^>]+>', ' ', re.sub(r'<(style|script)\b.*?</\1>', ' ', out.stdout,
+                                                                 flags=re.S)))
+  for dashboard in ('hparams', 'images', 'scalars'):
+    assert dashboard in text, text[:2000]
 
 
 # ------------------------------------------------------------------------------------------------- Ray
