@@ -77,19 +77,23 @@ def test_nan_survives_whatever_the_batch_size_in_auto_mode(rows):
   assert not np.isfinite(np.asarray(dw)).any()  # drhs = X^T . g: the NaN row of X reaches every entry
 
 
-def test_learned_step_real_mode_nan_reaches_the_weight_gradient():
-  # A learned (or static) forward scale is not flagged: that would take a reduction over the contraction, a
-  # cross-device all-reduce when it is sharded (tests/test_sharding.py). The NaN reaches the drhs matmul
-  # (X^T . g), whose dynamic grid flags it: row 0 of dW (X's column 0 held the NaN) is NaN in real mode too.
-  s = QuantSpec('int8', granularity='per_channel', estimator='lsq')
+@pytest.mark.parametrize('kind', ['lsq', 'static'])
+def test_learned_or_static_scale_real_mode_keeps_the_nan_row(kind):
+  """A learned (LSQ) or static (PTQ) forward scale: the op reduces the operand's non-finite flag per scale group,
+  so the NaN row of the product is NaN in real mode as in fake mode, and row 0 of dW (X's column 0 held the
+  NaN) too; the other rows of the product stay finite."""
+  s = QuantSpec('int8', granularity='per_channel', estimator='lsq' if kind == 'lsq' else 'ste')
   x = X.at[2, 0].set(jnp.nan)
-  grads = {}
+  outs = {}
   for mode in ('fake', 'real'):
     cfg = DotConfig(MatmulConfig(s, PC, mode), MatmulConfig(PC, PC, mode), MatmulConfig(PC, PC, mode), small_m=0)
     f = lambda w, cfg=cfg: ops.dot_general(x, w, DIMS, config=cfg, lhs_params={'scale': jnp.full((4, 1), 0.05)})
     y, vjp = jax.vjp(f, W)
-    (grads[mode],) = vjp(jnp.ones_like(y))
-  assert _bad(grads['real'])[0] == _bad(grads['fake'])[0] == [0]
+    outs[mode] = (y, vjp(jnp.ones_like(y))[0])
+  for mode in ('fake', 'real'):
+    y, dw = outs[mode]
+    assert _bad(y)[0] == [2] and np.isfinite(np.asarray(y)[[0, 1, 3]]).all(), mode
+    assert _bad(dw)[0] == [0], mode
 
 
 def test_conv_real_int8_keeps_nan_in_its_example():

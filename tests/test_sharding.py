@@ -5,7 +5,8 @@ count); the child prints its findings as JSON and the tests below assert on them
 
   - weights sharded along the output dim, per-channel (and sub-channel) scales sharded the same way: the
     quantized forward compiles with no collective at all, like the float matmul;
-  - contraction dim sharded: int8 partial sums are all-reduced in int32 before the scales are applied (exact);
+  - contraction dim sharded: int8 partial sums are all-reduced in int32 before the scales are applied (exact),
+    plus a scale-sized all-reduce of the operands' non-finite flags;
     with dynamic (calibrated) scales the only other collectives are scale-sized max-reductions of the
     calibration, never an f32 reduction of the matmul output;
   - sub-channel (per-group) scales with the contraction sharded: each group is rescaled before the cross-shard
@@ -166,9 +167,12 @@ def test_output_sharded_weights_add_no_collective(res, case):
 
 
 def test_contraction_sharded_int8_reduces_in_int32(res):
-  """Static scales: the one collective is an s32 all-reduce of the local int32 matmul output (16 x 32)."""
+  """Static scales: the matmul output is all-reduced as the local int32 sums (16 x 32, s32); the only other
+  collective is the scale-sized all-reduce of each operand's non-finite flag ((16, 1) per row of x, (1, 32) per
+  column of w, pred), which keeps a NaN row / column NaN in real execution (qjax.ops.dot_general)."""
   r = res['k_static']
-  assert r['collectives'] == [['all-reduce', [['s32', [16, 32]]]]], r['collectives']
+  assert sorted(r['collectives']) == [['all-reduce', [['pred', [16, 1]], ['pred', [1, 32]]]],
+                                      ['all-reduce', [['s32', [16, 32]]]]], r['collectives']
   assert r['matmuls'] == [['s8 x s8 -> s32', [16, 64], [64, 32], [16, 32], True]]
   assert r['max_abs_diff'] == 0.0  # integer partial sums: exact
 
