@@ -154,6 +154,18 @@ def test_mode_end_to_end_writes_run_files(tmp_path, mode):
     assert os.path.isdir(tmp_path / '_pretrained')  # the float model it calibrated was trained once, beside it
 
 
+def test_first_last_8bit_reaches_the_rules_and_the_per_layer_report(tmp_path):
+  c = mlp_config(mode='qat', quant_summaries=True, **{'quant.weight.format': 'int4', 'quant.act.format': 'int4',
+                                                      'quant.first_last_8bit': True, 'model.hidden': (64, 32)})
+  result = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  assert result['rules'] and all(r['first_last_8bit'] for r in result['rules'])
+  # Three Dense layers: the first and the last (execution order) ran at 8 bits, the middle one at 4.
+  weights = [row for row in result['layers'] if row['operand'] == 'kernel']
+  acts = [row for row in result['layers'] if row['operand'] == 'act']
+  for rows in (weights, acts):
+    assert [(row['format'], row['kept_8bit']) for row in rows] == [('int8', True), ('int4', False), ('int8', True)]
+
+
 def test_quantized_training_runs_int8_in_all_three_matmuls(tmp_path):
   from experiments import input_pipeline, models, quant_config, trainers  # noqa: PLC0415
   from qjax.ops import inspect_matmuls  # noqa: PLC0415

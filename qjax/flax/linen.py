@@ -49,13 +49,22 @@ class QuantizedLinen:
         stack.enter_context(_serving_params())
       yield
 
+  def _probe(self, fn) -> None:
+    """Learns the model's op order when a rule keeps the first and last ops at 8 bits (RuleSet.needs_probe):
+    runs fn abstractly (jax.eval_shape: nothing is computed or created) in the session's probe mode."""
+    if self.rules.needs_probe:
+      with self.session.probing(), self._context():
+        jax.eval_shape(fn)
+
   def init(self, rngs, *args, **kwargs):
+    self._probe(lambda: self.model.init(rngs, *args, **kwargs))
     with self._context():
       out = self.model.init(rngs, *args, **kwargs)
     self.rules.check_first_run()
     return out
 
   def apply(self, variables, *args, **kwargs):
+    self._probe(lambda: self.model.apply(variables, *args, **kwargs))
     with self._context():
       out = self.model.apply(variables, *args, **kwargs)
     self.rules.check_first_run()

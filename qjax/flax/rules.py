@@ -9,6 +9,13 @@ quantizes the weight and `act` the activation; an op of two activations (attenti
 both. `grad` quantizes the incoming gradient of the two backward matmuls (dlhs = g.W^T, drhs = X^T.g); the
 other operand of each backward matmul reuses the forward spec (learned parameters aside). `grad=None` keeps
 the backward in float.
+
+Rules with `first_last_8bit=True` keep the model's first and last quantized ops (in execution order, over all
+rules: the convention of LSQ, PACT, DoReFa and most low-bit papers) at 8 bits. Execution order is only known
+once the model has run, so a RuleSet whose rules ask for it is probed first: the model runs once in float
+(abstractly where the backend allows) while the rule set records which ops it would quantize, in order; the
+first and last of them then run with `eight_bit(spec)` for their weight and activation specs from the very
+first real run on (so learned steps are initialised for the 8-bit grid).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from qjax import formats
 from qjax.ops.config import MODES, DotConfig, MatmulConfig
 from qjax.spec import QuantSpec, check_choice
 
@@ -42,6 +50,8 @@ class QuantRule:
     float: leave matched ops unquantized (a rule that excludes, e.g., the first and last layers).
     small_m: DotConfig.small_m of matched ops: forward matmuls with at most this many rows run as float
       matmuls of the quantized values in 'auto' mode (default 0: none; one-row dots are padded to two on CPU).
+    first_last_8bit: when the model's first or last quantized op (execution order, over all rules) is decided
+      by this rule, its weight and act specs are raised to 8 bits (`eight_bit`); see the module docstring.
     name: shown in reports and errors (default: the regex).
   """
   module_path: str = '.*'
@@ -56,6 +66,7 @@ class QuantRule:
   delayed_scaling: int = 0
   float: bool = False
   small_m: int = 0
+  first_last_8bit: bool = False
   name: str = ''
 
   def __post_init__(self):
@@ -113,12 +124,30 @@ class QuantRule:
     return DotConfig(fwd=fwd, dlhs=MatmulConfig(self.grad, strip(rw), self.bwd_mode),
                      drhs=MatmulConfig(strip(lw), self.grad, self.bwd_mode), small_m=self.small_m)
 
+  def at_8bit(self) -> QuantRule:
+    """This rule with its weight and act specs at 8 bits (for a first or last op); grad is unchanged."""
+    return dataclasses.replace(self, weight=eight_bit(self.weight), act=eight_bit(self.act))
+
   def to_dict(self) -> dict[str, Any]:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     for k in ('weight', 'act', 'grad'):
       d[k] = d[k] and d[k].to_dict()
     d['op_names'] = list(self.op_names)
     return d
+
+
+def eight_bit(spec: QuantSpec | None) -> QuantSpec | None:
+  """The 8-bit version of a spec, keeping granularity, scheme, calibration and estimator: an integer grid of
+  fewer bits becomes int8 (uint8 when unsigned, int8n when narrow), an MX format mxint8, any other format of
+  fewer than 8 bits (fp4, nf4, codebook) int8. Specs of 8 bits or more are returned as they are."""
+  if spec is None or spec.bits >= 8:
+    return spec
+  fmt = spec.fmt
+  if isinstance(fmt, formats.IntFormat):
+    name = 'int8n' if fmt.narrow else 'int8' if fmt.signed else 'uint8'
+  else:
+    name = 'mxint8' if isinstance(fmt, formats.MXFormat) else 'int8'
+  return dataclasses.replace(spec, format=name, codebook=None)
 
 
 def _is_mapping(v) -> bool:
@@ -150,6 +179,7 @@ class Match:
     config: a one-line description of the forward (and backward) quantization, or 'float'.
     lhs, rhs: what each operand is: 'act', or the weight param's name.
     dot_config: the DotConfig the op runs with (None: float).
+    kept_8bit: the op is the model's first or last quantized op, kept at 8 bits by its rule's first_last_8bit.
   """
   path: str
   op: str
@@ -159,6 +189,7 @@ class Match:
   lhs: str = 'act'
   rhs: str = 'act'
   dot_config: DotConfig | None = None
+  kept_8bit: bool = False
 
 
 class RuleSet:
@@ -173,6 +204,26 @@ class RuleSet:
     self.matches: dict[tuple[str, str, int], Match] = {}
     self.seen: dict[tuple[str, str], None] = {}  # every (module path, op) looked up, in order
     self._checked = False
+    self.kept_8bit: set[tuple[str, str, int]] = set()  # (path, op, index) of the first and last quantized ops
+    self.order_known = not any(r.first_last_8bit for r in self.rules)
+
+  @property
+  def needs_probe(self) -> bool:
+    """A rule asks for first_last_8bit and the model's op order is not known yet (see the module docstring)."""
+    return not self.order_known
+
+  def fix_order(self) -> None:
+    """Called after a probe run: takes the first and last quantized ops it recorded as the ops kept at 8 bits
+    (where their rule has first_last_8bit), and forgets the probe's bookkeeping so reports describe real runs."""
+    q = [k for k, m in self.matches.items() if m.config != 'float']
+    ends = {q[0], q[-1]} if q else set()
+    self.kept_8bit = {k for k in ends if self.peek(k[0], k[1]).first_last_8bit}
+    self.order_known = True
+    self.used, self.matches, self.seen = set(), {}, {}
+
+  def effective(self, path: str, op: str, index: int, rule: QuantRule) -> QuantRule:
+    """The rule an op runs with: `rule`, or its 8-bit version for a first or last op it keeps at 8 bits."""
+    return rule.at_8bit() if (path, op, index) in self.kept_8bit else rule
 
   def find(self, path: str, op: str) -> tuple[int, QuantRule] | None:
     self.seen[(path, op)] = None
@@ -189,7 +240,8 @@ class RuleSet:
   def record(self, path: str, op: str, index: int, rule: QuantRule, weights: tuple[str, ...], config,
              operands: tuple[str, str] = ('act', 'act')) -> None:
     desc = 'float' if config is None else _describe(config)
-    self.matches[(path, op, index)] = Match(path, op, rule.label, weights, desc, operands[0], operands[1], config)
+    self.matches[(path, op, index)] = Match(path, op, rule.label, weights, desc, operands[0], operands[1], config,
+                                            (path, op, index) in self.kept_8bit)
 
   def check_first_run(self) -> None:
     """Called after a model's first run: warns (once) about rules that matched no op, naming them, and when no
@@ -211,7 +263,7 @@ class RuleSet:
 
   def report(self) -> str:
     lines = [f'{m.path or "<root>":40s} {m.op:12s} rule={m.rule!r:20s} lhs={m.lhs} rhs={m.rhs}  {m.config}'
-             for m in self.matches.values()]
+             + ('  (first/last op: kept at 8 bits)' if m.kept_8bit else '') for m in self.matches.values()]
     unused = self.unused_rules()
     if unused:
       lines.append('rules that matched nothing: ' + ', '.join(repr(r.label) for r in unused))
