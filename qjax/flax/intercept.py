@@ -335,8 +335,7 @@ class Session:
 
   mode: 'train' (QAT/calibration; statistics update where mutable), 'record' (collects, per weight operand,
   the spec it is quantized with, for PTQ conversion), 'serve' (weights arrive as ServingWeights), 'probe'
-  (every op runs in float and only the rule set's record of quantized ops, in execution order, is kept: see
-  `probing`).
+  (every op runs in float; only the order of quantized ops and activation minima are kept: see `probe`).
   """
 
   def __init__(self, ruleset: RuleSet, backend: str):
@@ -345,17 +344,21 @@ class Session:
     self.mode = 'train'
     self.creating = False  # quantize_nnx's first run: NNX transforms (nnx.scan, nnx.jit) carry new state out
     self.records: list[Record] = []
+    self.probe_mins: dict[tuple[str, str, int, str], Any] = {}  # probe mode: activation minima (act_signedness)
 
-  @contextlib.contextmanager
-  def probing(self):
-    """Within: a probe run (mode 'probe'). After it, the rule set fixes which ops are the model's first and
-    last quantized ones (RuleSet.fix_order), for rules with first_last_8bit."""
+  def probe(self, run) -> None:
+    """Runs the model once in probe mode (every op in float, no quantizer state) so that the rule set learns the
+    order of its quantized ops (first_last_8bit) and, where a rule has act_signedness='auto', each activation
+    operand's minimum; then RuleSet.fix_order. `run(abstract)` runs the model, returning `self.probe_mins`
+    from inside its trace: traced only (jax.eval_shape) when no minimum is wanted, else jit-compiled on the
+    sample inputs."""
     mode, self.mode = self.mode, 'probe'
+    self.probe_mins = {}
     try:
-      yield
+      mins = run(not self.ruleset.needs_data)
     finally:
-      self.mode = mode
-    self.ruleset.fix_order()
+      self.mode, self.probe_mins = mode, {}
+    self.ruleset.fix_order(None if not self.ruleset.needs_data else mins)
 
   # ---- weights
 
@@ -415,11 +418,17 @@ class Session:
     i, rule = found
     rule = self.ruleset.effective(fr.path, op, index, rule)
     try:
-      cfg = rule.dot_config(lw is not None, rw is not None)
+      cfg = rule.dot_config(lw is not None, rw is not None, *self.ruleset.act_specs(fr.path, op, index, rule))
     except ValueError as e:
       raise ValueError(f'rule {rule.label!r} at {fr.path} ({op}): {e}') from None
     self.ruleset.record(fr.path, op, index, rule, weights, cfg, (lw or 'act', rw or 'act'))
-    if self.mode == 'probe':  # only the op order is wanted: run in float, create no quantizer state
+    if self.mode == 'probe':  # the op order and activation minima are wanted: run in float, create no state
+      if rule.act_signedness == 'auto':
+        for side, name, x in (('lhs', lw, lhs), ('rhs', rw, rhs)):
+          if name is None and not _is_serving(x):
+            k = (fr.path, op, index, side)
+            m = jnp.min(jax.lax.stop_gradient(x)).astype(jnp.float32)
+            self.probe_mins[k] = jnp.minimum(self.probe_mins[k], m) if k in self.probe_mins else m
       with _inside_op():
         return orig()
     prefix = f'{op}{index}'

@@ -118,8 +118,9 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
     if seed is not None:
       module.qjax_rngs = nnx.Rngs(quant=zlib.crc32(f'{seed}/{module._qjax_path}'.encode()))  # not hash(): salted
   if ruleset.needs_probe and not (sample_args or sample_kwargs):
-    raise ValueError('a rule has first_last_8bit=True: quantize_nnx needs sample inputs to learn which ops run '
-                     'first and last (quantize_nnx(model, rules, *sample_inputs))')
+    raise ValueError('a rule has first_last_8bit=True or act_signedness="auto": quantize_nnx needs sample inputs '
+                     'to learn which ops run first and last and which activations are non-negative '
+                     '(quantize_nnx(model, rules, *sample_inputs))')
   if sample_args or sample_kwargs:
     _create_state(model, session, sample_args, sample_kwargs)
   return ruleset
@@ -140,9 +141,12 @@ def _create_state(model: nnx.Module, session: intercept.Session, args, kwargs) -
     m = nnx.merge(graphdef, state)
     m(*args, **kwargs)
     return nnx.state(m, _is_qjax_state)
-  if session.ruleset.needs_probe:  # first_last_8bit: the op order, from an abstract float run, before any state
-    with session.probing():
-      intercept.jit_call(run, state, args, kwargs, abstract=True)
+  if session.ruleset.needs_probe:  # first_last_8bit, act_signedness='auto': a float run before any state
+
+    def probe(state, *args, **kwargs):
+      nnx.merge(graphdef, state)(*args, **kwargs)
+      return dict(session.probe_mins)
+    session.probe(lambda abstract: intercept.jit_call(probe, state, args, kwargs, abstract=abstract))
   session.creating = True
   try:
     new = intercept.jit_call(run, state, args, kwargs)
