@@ -4,6 +4,10 @@
     config.quant.float_layers           regex of module paths kept in float ('' for none)
     config.quant.groups.<name>          per-layer-group overrides: module_path plus partial weight/act/grad fields
     config.quant.mode, bwd_mode, act_static, ema_decay, delayed_scaling, small_m (QuantRule fields)
+    config.quant.first_last_8bit        keep the model's first and last quantized ops (execution order) at 8 bits,
+                                        the convention of LSQ, PACT and DoReFa (QuantRule.first_last_8bit)
+    config.quant.act_signedness         'format' (act format as written) | 'auto' (unsigned grid for activations
+                                        that are non-negative on the first batch) | 'signed' | 'unsigned'
 
 Rules are built in order: float_layers, then the groups (in their order), then the default rule '.*'.
 """
@@ -43,6 +47,8 @@ def default_quant_config() -> ml_collections.ConfigDict:
   q.ema_decay = 0.99
   q.delayed_scaling = 0
   q.small_m = 0   # forward matmuls with <= this many rows run as float matmuls of quantized values; 0: int8
+  q.first_last_8bit = False  # the first and last quantized ops at 8 bits (low-bit literature's convention)
+  q.act_signedness = 'format'  # 'auto': unsigned act grids where the first batch's activations are >= 0
   q.calibration_batches = 16
   return q
 
@@ -65,7 +71,8 @@ def build_rules(quant: ml_collections.ConfigDict, *, ptq: bool = False) -> list[
   """The ordered rule list for config.quant (PTQ uses static activation ranges)."""
   q = quant.to_dict()
   common = dict(mode=q['mode'], bwd_mode=q['bwd_mode'], act_static=q['act_static'] or ptq,
-                ema_decay=q['ema_decay'], delayed_scaling=q['delayed_scaling'], small_m=q['small_m'])
+                ema_decay=q['ema_decay'], delayed_scaling=q['delayed_scaling'], small_m=q['small_m'],
+                first_last_8bit=q['first_last_8bit'], act_signedness=q['act_signedness'])
   rules = []
   if q['float_layers']:
     rules.append(QuantRule(q['float_layers'], float=True, name='float_layers'))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import configlib, input_pipeline
+from qjax import formats
 from qjax import metrics as qmetrics
 from qjax.flax import convert_linen, convert_nnx
 from qjax.ops import inspect_matmuls
@@ -118,12 +119,21 @@ def layer_stats(run, state) -> list[dict[str, Any]]:
   for r, (x, st), (sqnr, clip) in zip(meta, arrays, values, strict=True):
     rows.append({
         'layer': f'{r.path}/{r.prefix}', 'path': r.path, 'op': r.prefix.rsplit('_', 1)[0],  # '<op><i>_<side>'
-        'operand': r.weight_name or 'act', 'format': r.spec.format,
+        'operand': r.weight_name or 'act', 'format': r.spec.format, 'kept_8bit': r.kept_8bit,
+        'grid': _grid(r.spec),
         'sqnr_db': float(sqnr), 'clip_fraction': float(clip),
         'learned': {k: float(jnp.mean(jnp.asarray(st[k]))) for k in r.spec.learned},
         '_x': x if r.weight_name else None, '_scale': st.get('scale', st.get('alpha')),
     })
   return rows
+
+
+def _grid(spec) -> str:
+  """'signed' or 'unsigned' for an integer grid (the act_signedness choice), else the format's kind."""
+  fmt = spec.fmt
+  if isinstance(fmt, formats.IntFormat):
+    return 'signed' if fmt.signed else 'unsigned'
+  return type(fmt).__name__.removesuffix('Format').lower()
 
 
 def quant_summaries(run, state, step: int) -> list[dict[str, Any]]:

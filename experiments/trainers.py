@@ -51,10 +51,16 @@ class LinenTrainer:
     """Fresh state; with `float_pure` (a float run's state) its params and collections are loaded first,
     so learned quantizer parameters initialise from the pretrained weights."""
     fn = self.q.init if self.q is not None else self.md.module.init
-    variables = dict(jax.jit(lambda rng, x: fn(rng, x, train=False))(rng, x))
     if float_pure is not None:
       float_vars = {'params': float_pure['params'],
                     **{k: v for k, v in float_pure['vars'].items() if k != STATS}}
+    if self.q is not None:  # on concrete data, outside jit (act_signedness='auto' measures activations)
+      if float_pure is None:
+        self.q.prepare('init', rng, x, train=False)
+      else:
+        self.q.prepare('apply', float_vars, x, train=False)
+    variables = dict(jax.jit(lambda rng, x: fn(rng, x, train=False))(rng, x))
+    if float_pure is not None:
       if self.q is not None:  # creates the missing quantizer params/stats from the loaded weights
         create = lambda v, x, rng: self.q.apply(v, x, train=False, mutable=True, rngs={'params': rng})
         _, variables = jax.jit(create)(float_vars, x, rng)

@@ -13,7 +13,7 @@ import ml_collections
 import pytest
 from flax import nnx
 
-from qjax import QuantSpec
+from qjax import QuantSpec, quantizers
 from qjax.flax import QuantRule, RuleSet, quantize_linen, quantize_nnx
 
 W8 = {'format': 'int8', 'granularity': 'per_channel'}
@@ -215,3 +215,170 @@ def test_spec_that_cannot_apply_to_its_op_names_the_rule():
   bad = [{'module_path': '.*', 'weight': {'format': 'nf4'}, 'act': A8, 'mode': 'real', 'name': 'nf4-real'}]
   with pytest.raises(ValueError, match="rule 'nf4-real' at body \\(dot_general\\): .*mode=\"real\" needs both"):
     quantize_linen(TwoDense(), bad).init(jax.random.key(0), jnp.ones((40, 6)))
+
+
+# ------------------------------------------------------------------------- first and last ops at 8 bits
+
+
+class ThreeDense(nn.Module):
+  """Module names sort in the opposite order to execution ('z_in' runs first, 'a_out' last)."""
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(8, name='z_in')(x))
+    x = nn.relu(nn.Dense(8, name='mid')(x))
+    return nn.Dense(3, name='a_out')(x)
+
+
+class NThree(nnx.Module):
+  def __init__(self, rngs):
+    self.z_in = nnx.Linear(6, 8, rngs=rngs)
+    self.mid = nnx.Linear(8, 8, rngs=rngs)
+    self.a_out = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.a_out(nnx.relu(self.mid(nnx.relu(self.z_in(x)))))
+
+
+LOW = {'weight': {'format': 'int2', 'granularity': 'per_channel', 'estimator': 'lsq'},
+       'act': {'format': 'int2', 'estimator': 'lsq'}}
+
+
+def _formats(rs):
+  return {m.path: (m.dot_config.fwd.lhs.format, m.dot_config.fwd.rhs.format, m.kept_8bit) for m in rs.quantized()}
+
+
+@pytest.mark.parametrize('backend', ['linen', 'nnx'])
+def test_first_last_8bit_keeps_the_first_and_last_ops_in_execution_order_at_8_bits(backend):
+  rules = [{'module_path': '.*', **LOW, 'first_last_8bit': True}]
+  if backend == 'linen':
+    qm = quantize_linen(ThreeDense(), rules)
+    v = qm.init(jax.random.key(1), X)
+    rs, params = qm.rules, v['params']
+    step = lambda layer, side: params[layer][f'dot_general0_{side}_scale']
+    kernel = lambda layer: params[layer]['kernel']
+  else:
+    model = NThree(nnx.Rngs(0))
+    rs = quantize_nnx(model, rules, X)
+    step = lambda layer, side: getattr(model, layer).__dict__[f'qjax_dot_general0_{side}_scale'].get_value()
+    kernel = lambda layer: getattr(model, layer).kernel.get_value()
+  # The first (z_in) and last (a_out) ops run with int8 weights and activations, with the same granularity and
+  # estimator; the middle op stays at 2 bits.
+  assert _formats(rs) == {'z_in': ('int8', 'int8', True), 'mid': ('int2', 'int2', False),
+                          'a_out': ('int8', 'int8', True)}
+  first = rs.quantized()[0].dot_config.fwd
+  assert first.rhs == QuantSpec('int8', 'per_channel', estimator='lsq')
+  # The learned steps were initialised for the grid the op runs with, from the first real run on.
+  for layer, fmt in (('z_in', 'int8'), ('mid', 'int2'), ('a_out', 'int8')):
+    want = quantizers.init_params(kernel(layer), QuantSpec(fmt, 'per_channel', estimator='lsq'))['scale']
+    assert jnp.allclose(step(layer, 'rhs'), want)
+  report = rs.report().splitlines()
+  assert [('kept at 8 bits' in line) for line in report] == [True, False, True]
+  assert report[0].startswith('z_in') and report[2].startswith('a_out')
+
+
+def test_first_last_8bit_only_applies_where_the_deciding_rule_asks_and_skips_float_ops():
+  # z_in is float: the first quantized op is mid. a_out's rule does not ask: it stays at 2 bits.
+  rules = [{'module_path': 'z_in', 'float': True},
+           {'module_path': 'a_out', **LOW, 'name': 'head'},
+           {'module_path': '.*', **LOW, 'first_last_8bit': True}]
+  qm = quantize_linen(ThreeDense(), rules)
+  qm.init(jax.random.key(1), X)
+  assert _formats(qm.rules) == {'mid': ('int8', 'int8', True), 'a_out': ('int2', 'int2', False)}
+
+
+def test_first_last_8bit_nnx_needs_sample_inputs():
+  with pytest.raises(ValueError, match='first_last_8bit=True or act_signedness="auto": quantize_nnx needs sample'):
+    quantize_nnx(NThree(nnx.Rngs(0)), [{'module_path': '.*', **LOW, 'first_last_8bit': True}])
+  # Without the option no sample inputs are needed.
+  quantize_nnx(NThree(nnx.Rngs(0)), [{'module_path': '.*', **LOW}])
+
+
+@pytest.mark.parametrize('fmt, want', [('int4', 'int8'), ('int3n', 'int8n'), ('uint2', 'uint8'), ('fp4_e2m1', 'int8'),
+                                       ('mxfp4', 'mxint8'), ('int8', 'int8'), ('fp8_e4m3', 'fp8_e4m3')])
+def test_eight_bit_keeps_the_grid_kind(fmt, want):
+  from qjax.flax.rules import eight_bit  # noqa: PLC0415
+  spec = QuantSpec(fmt)
+  assert eight_bit(spec).format == want
+  assert eight_bit(None) is None
+
+
+# ------------------------------------------------------------------------- activation signedness
+
+
+A4 = {'weight': {'format': 'int4', 'granularity': 'per_channel'}, 'act': {'format': 'int4'}}
+
+
+def _act_formats(rs):
+  return {m.path: m.dot_config.fwd.lhs.format for m in rs.quantized()}
+
+
+@pytest.mark.parametrize('backend', ['linen', 'nnx'])
+def test_auto_signedness_gives_non_negative_activations_an_unsigned_grid(backend):
+  rules = [{'module_path': '.*', **A4, 'act_signedness': 'auto'}]
+  if backend == 'linen':
+    qm = quantize_linen(TwoDense(), rules)
+    v = qm.init(jax.random.key(1), X)
+    rs = qm.rules
+    apply = lambda x: qm.apply(v, x)
+  else:
+    model = NTwo(nnx.Rngs(0))
+    rs = quantize_nnx(model, rules, X)
+    apply = model
+  # body's input X has both signs: signed grid; head's input is a ReLU output (>= 0): unsigned, same bits.
+  assert bool(jnp.min(X) < 0)
+  assert _act_formats(rs) == {'body': 'int4', 'head': 'uint4'}
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # an unsigned grid that clipped negatives would warn
+    apply(X)
+  report = rs.report().splitlines()
+  assert 'fwd[uint4/tensor/ste x int4/channel/ste' in report[1] and '(act grid: auto)' in report[1]
+  # A non-negative model input gets the unsigned grid too.
+  rs2 = quantize_nnx(NTwo(nnx.Rngs(0)), rules, jnp.abs(X))
+  assert _act_formats(rs2) == {'body': 'uint4', 'head': 'uint4'}
+
+
+def test_auto_signedness_is_per_operand_for_ops_of_two_activations():
+  class Scores(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return jnp.einsum('bi,bj->bij', jax.nn.softmax(x), x)  # non-negative x mixed-sign
+  qm = quantize_linen(Scores(), [{'module_path': '.*', 'act': {'format': 'int8'}, 'act_signedness': 'auto'}])
+  qm.init(jax.random.key(0), X)
+  (m,) = qm.rules.quantized()
+  assert (m.dot_config.fwd.lhs.format, m.dot_config.fwd.rhs.format) == ('uint8', 'int8')
+
+
+@pytest.mark.parametrize('mode, act, want', [('format', 'int4', ('int4', 'int4')),
+                                             ('format', 'uint4', ('uint4', 'uint4')),
+                                             ('signed', 'uint4', ('int4', 'int4')),
+                                             ('unsigned', 'int4', ('uint4', 'uint4'))])
+def test_the_config_can_keep_or_force_the_act_grid(mode, act, want):
+  rules = [{'module_path': '.*', 'weight': W8, 'act': {'format': act}, 'act_signedness': mode}]
+  qm = quantize_linen(TwoDense(), rules)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # an unsigned grid on body's mixed-sign input warns: that is the point
+    qm.init(jax.random.key(1), X)
+  assert tuple(_act_formats(qm.rules).values()) == want
+  assert qm.rules.order_known and (('(act grid:' in qm.rules.report()) == (mode != 'format'))
+
+
+def test_act_signedness_errors_name_the_valid_choices():
+  with pytest.raises(ValueError, match=r"act_signedness='unsinged' is not one of format, auto, signed, unsigned "
+                                       r"\(did you mean 'unsigned'\?\)"):
+    QuantRule(act=QuantSpec('int4'), act_signedness='unsinged')
+  with pytest.raises(ValueError, match="act_signedness='unsigned' needs an integer act format; 'fp8_e4m3'"):
+    QuantRule(act=QuantSpec('fp8_e4m3'), act_signedness='unsigned')
+  with pytest.raises(ValueError, match='the unsigned act grid is not a valid spec: calibration="absmax_half_step"'):
+    QuantRule(act=QuantSpec('int4', calibration='absmax_half_step'), act_signedness='auto')
+
+
+def test_auto_signedness_inside_jit_asks_for_a_concrete_prepare_first():
+  rules = [{'module_path': '.*', **A4, 'act_signedness': 'auto'}]
+  qm = quantize_linen(TwoDense(), rules)
+  with pytest.raises(ValueError, match='call QuantizedLinen.prepare \\(or init\\) on concrete inputs outside'):
+    jax.jit(lambda k, x: qm.init(k, x))(jax.random.key(1), X)
+  qm.prepare('init', jax.random.key(1), X)  # measured here, so the jitted init needs no data
+  jax.jit(lambda k, x: qm.init(k, x))(jax.random.key(1), X)
+  assert _act_formats(qm.rules) == {'body': 'int4', 'head': 'uint4'}
+  with pytest.raises(ValueError, match="method='run' is not one of init, apply"):
+    qm.prepare('run', jax.random.key(1), X)

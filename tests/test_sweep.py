@@ -544,3 +544,11 @@ def test_cli_exit_codes(fake_cfg, tmp_path):
   not_a_run = subprocess.run([sys.executable, '-m', 'experiments.sweep', f'--config={fake_cfg}', f'--root={tmp_path}'],
                              cwd=REPO, env=ENV, capture_output=True, text=True)
   assert not_a_run.returncode == 2 and "lacks 'optimizer'" in not_a_run.stderr and 'Traceback' not in not_a_run.stderr
+
+
+def test_results_fmnist_keeps_the_first_and_last_layers_at_8_bits_in_its_low_bit_qat_trials():
+  module, arg = configlib.load_module(os.path.join(REPO, 'configs/results_fmnist.py'))
+  trials = sweeps.expand(module, arg, '/tmp/rf')
+  kept = {t.name for t in trials if t.config.quant.first_last_8bit}
+  low_bit_qat = {t.name for t in trials if t.config.mode == 'qat' and t.config.quant.weight.format != 'int8'}
+  assert low_bit_qat and kept == low_bit_qat  # PTQ's per-channel vs per-tensor study quantizes every layer

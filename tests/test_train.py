@@ -154,6 +154,51 @@ def test_mode_end_to_end_writes_run_files(tmp_path, mode):
     assert os.path.isdir(tmp_path / '_pretrained')  # the float model it calibrated was trained once, beside it
 
 
+def test_first_last_8bit_reaches_the_rules_and_the_per_layer_report(tmp_path):
+  c = mlp_config(mode='qat', quant_summaries=True, **{'quant.weight.format': 'int4', 'quant.act.format': 'int4',
+                                                      'quant.first_last_8bit': True, 'model.hidden': (64, 32)})
+  result = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  assert result['rules'] and all(r['first_last_8bit'] for r in result['rules'])
+  # Three Dense layers: the first and the last (execution order) ran at 8 bits, the middle one at 4.
+  weights = [row for row in result['layers'] if row['operand'] == 'kernel']
+  acts = [row for row in result['layers'] if row['operand'] == 'act']
+  for rows in (weights, acts):
+    assert [(row['format'], row['kept_8bit']) for row in rows] == [('int8', True), ('int4', False), ('int8', True)]
+
+
+def test_auto_act_signedness_reaches_the_rules_and_the_per_layer_report(tmp_path):
+  c = mlp_config(mode='qat', quant_summaries=True, **{'quant.act.format': 'int4', 'quant.act_signedness': 'auto'})
+  result = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  assert result['rules'] and all(r['act_signedness'] == 'auto' for r in result['rules'])
+  acts = [row for row in result['layers'] if row['operand'] == 'act']
+  assert len(acts) == 2
+  # The second layer's input is a ReLU output: unsigned. Each row names the grid its format has.
+  assert (acts[1]['format'], acts[1]['grid']) == ('uint4', 'unsigned')
+  assert acts[0]['grid'] == ('unsigned' if acts[0]['format'] == 'uint4' else 'signed')
+
+
+@pytest.mark.parametrize('fine_tune', [False, True])
+def test_linen_trainer_decides_auto_signedness_on_concrete_data_before_its_jitted_init(fine_tune):
+  import jax  # noqa: PLC0415
+
+  from experiments import input_pipeline, models, quant_config, trainers  # noqa: PLC0415
+  c = configlib.load_file(os.path.join(ROOT, 'configs/fmnist_cnn.py:runlocal'))
+  c.mode, c.quant.act.format, c.quant.act_signedness = 'qat', 'int4', 'auto'
+  data = input_pipeline.load(c)
+  md = models.build(c.model)
+  tx, _ = train.make_optimizer(c)
+  x, _ = input_pipeline.train_batch(data, 0, 0, c.batch_size)
+  float_pure = None
+  if fine_tune:  # the pretrained model's variables are the ones measured
+    v = md.module.init(jax.random.key(0), x, train=False)
+    float_pure = {'params': v['params'], 'vars': {k: val for k, val in v.items() if k != 'params'}}
+  tr = trainers.make(md, tx, quant_config.build_rules(c.quant))
+  tr.init(jax.random.key(0), x, float_pure)
+  formats = [m.dot_config.fwd.lhs.format for m in tr.q.rules.quantized()]
+  assert len(formats) >= 3 and all(f == 'uint4' for f in formats[1:])  # every layer after the first follows a ReLU
+  assert formats[0] == ('uint4' if float(x.min()) >= 0 else 'int4')
+
+
 def test_quantized_training_runs_int8_in_all_three_matmuls(tmp_path):
   from experiments import input_pipeline, models, quant_config, trainers  # noqa: PLC0415
   from qjax.ops import inspect_matmuls  # noqa: PLC0415

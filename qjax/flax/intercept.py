@@ -153,9 +153,10 @@ def tracking_promote_dtype(fn):
   return promote
 
 
-def jit_call(fn, state, args, kwargs):
+def jit_call(fn, state, args, kwargs, abstract: bool = False):
   """jax.jit of fn(state, *args, **kwargs) with the array leaves of the sample inputs traced, not closed over
-  (XLA would constant-fold the model over constant inputs, slowly) and their other leaves static."""
+  (XLA would constant-fold the model over constant inputs, slowly) and their other leaves static.
+  `abstract=True` only traces it (jax.eval_shape): nothing runs and only output shapes come back."""
   leaves, treedef = jax.tree.flatten((args, kwargs))
   idx = [i for i, a in enumerate(leaves) if isinstance(a, (jax.Array, np.ndarray))]
 
@@ -165,7 +166,8 @@ def jit_call(fn, state, args, kwargs):
       full[i] = a
     a, k = jax.tree.unflatten(treedef, full)
     return fn(state, *a, **k)
-  return jax.jit(call)(state, [leaves[i] for i in idx])
+  arrays = [leaves[i] for i in idx]
+  return jax.eval_shape(call, state, arrays) if abstract else jax.jit(call)(state, arrays)
 
 
 # ------------------------------------------------------------------------------------------- the stack
@@ -325,13 +327,15 @@ class Record:
   state: dict              # the quantizer params used (learned step, static range), {} when dynamic
   prefix: str              # '<op><index>_<side>'
   x: Any                   # the operand
+  kept_8bit: bool = False  # the op is the model's first or last quantized op, kept at 8 bits (first_last_8bit)
 
 
 class Session:
   """Rules plus the state backend of one quantized model (Linen or NNX), and its mode.
 
   mode: 'train' (QAT/calibration; statistics update where mutable), 'record' (collects, per weight operand,
-  the spec it is quantized with, for PTQ conversion), 'serve' (weights arrive as ServingWeights).
+  the spec it is quantized with, for PTQ conversion), 'serve' (weights arrive as ServingWeights), 'probe'
+  (every op runs in float; only the order of quantized ops and activation minima are kept: see `probe`).
   """
 
   def __init__(self, ruleset: RuleSet, backend: str):
@@ -340,6 +344,21 @@ class Session:
     self.mode = 'train'
     self.creating = False  # quantize_nnx's first run: NNX transforms (nnx.scan, nnx.jit) carry new state out
     self.records: list[Record] = []
+    self.probe_mins: dict[tuple[str, str, int, str], Any] = {}  # probe mode: activation minima (act_signedness)
+
+  def probe(self, run) -> None:
+    """Runs the model once in probe mode (every op in float, no quantizer state) so that the rule set learns the
+    order of its quantized ops (first_last_8bit) and, where a rule has act_signedness='auto', each activation
+    operand's minimum; then RuleSet.fix_order. `run(abstract)` runs the model, returning `self.probe_mins`
+    from inside its trace: traced only (jax.eval_shape) when no minimum is wanted, else jit-compiled on the
+    sample inputs."""
+    mode, self.mode = self.mode, 'probe'
+    self.probe_mins = {}
+    try:
+      mins = run(not self.ruleset.needs_data)
+    finally:
+      self.mode, self.probe_mins = mode, {}
+    self.ruleset.fix_order(None if not self.ruleset.needs_data else mins)
 
   # ---- weights
 
@@ -397,14 +416,25 @@ class Session:
       with _inside_op():
         return orig()
     i, rule = found
+    rule = self.ruleset.effective(fr.path, op, index, rule)
     try:
-      cfg = rule.dot_config(lw is not None, rw is not None)
+      cfg = rule.dot_config(lw is not None, rw is not None, *self.ruleset.act_specs(fr.path, op, index, rule))
     except ValueError as e:
       raise ValueError(f'rule {rule.label!r} at {fr.path} ({op}): {e}') from None
     self.ruleset.record(fr.path, op, index, rule, weights, cfg, (lw or 'act', rw or 'act'))
+    if self.mode == 'probe':  # the op order and activation minima are wanted: run in float, create no state
+      if rule.act_signedness == 'auto':
+        for side, name, x in (('lhs', lw, lhs), ('rhs', rw, rhs)):
+          if name is None and not _is_serving(x):
+            k = (fr.path, op, index, side)
+            m = jnp.min(jax.lax.stop_gradient(x)).astype(jnp.float32)
+            self.probe_mins[k] = jnp.minimum(self.probe_mins[k], m) if k in self.probe_mins else m
+      with _inside_op():
+        return orig()
     prefix = f'{op}{index}'
-    lp = self._params_cb(fr, rule, f'{prefix}_lhs', lw, lhs)
-    rp = self._params_cb(fr, rule, f'{prefix}_rhs', rw, rhs)
+    kept = (fr.path, op, index) in self.ruleset.kept_8bit
+    lp = self._params_cb(fr, rule, f'{prefix}_lhs', lw, lhs, kept)
+    rp = self._params_cb(fr, rule, f'{prefix}_rhs', rw, rhs, kept)
     lhs = lhs.to_qarray() if _is_serving(lhs) else lhs
     rhs = rhs.to_qarray() if _is_serving(rhs) else rhs
     key = self._key(fr, rule, cfg)
@@ -435,7 +465,7 @@ class Session:
 
   # ---- quantizer state
 
-  def _params_cb(self, fr: Frame, rule, prefix: str, weight_name: str | None, operand):
+  def _params_cb(self, fr: Frame, rule, prefix: str, weight_name: str | None, operand, kept: bool = False):
     """The params callable handed to the op for one forward operand (see qjax.ops.dot_general)."""
     if _is_serving(operand):
       return None
@@ -443,7 +473,7 @@ class Session:
     def cb(spec: QuantSpec, x):
       out = self._state_for(fr, rule, prefix, spec, x, weight_name=weight_name)
       if self.mode == 'record':
-        self.records.append(Record(fr.module, fr.path, weight_name, spec, out, prefix, x))
+        self.records.append(Record(fr.module, fr.path, weight_name, spec, out, prefix, x, kept))
       return out
     return cb
 

@@ -21,6 +21,7 @@ from flax.core import scope as scope_mod
 
 from qjax.flax import intercept
 from qjax.flax.rules import RuleSet
+from qjax.spec import check_choice
 
 
 class QuantizedLinen:
@@ -49,13 +50,39 @@ class QuantizedLinen:
         stack.enter_context(_serving_params())
       yield
 
+  def prepare(self, method: str, state, *args, **kwargs) -> None:
+    """Runs the probe the rules need (first_last_8bit, act_signedness='auto'; see qjax.flax.rules) now, with
+    model.init(state=rngs, ...) or model.apply(state=variables, ...) (`method` 'init' | 'apply'). init and
+    apply probe by themselves when needed; call this first when they run inside jax.jit, since
+    act_signedness='auto' measures activations and needs concrete inputs (and pass the pretrained variables
+    with 'apply' when fine-tuning, so that they are measured on the model that will be quantized)."""
+    check_choice('method', method, ('init', 'apply'))
+    self._probe(getattr(self.model, method), state, args, kwargs)
+
+  def _probe(self, fn, state, args, kwargs) -> None:
+    """When the rules need it (RuleSet.needs_probe: first_last_8bit, act_signedness='auto'), runs
+    fn(state, *args, **kwargs) once in the session's probe mode (Session.probe): float ops, no state kept."""
+    if not self.rules.needs_probe:
+      return
+
+    def run(state, *args, **kwargs):
+      fn(state, *args, **kwargs)
+      return dict(self.session.probe_mins)
+
+    def go(abstract):
+      with self._context():
+        return intercept.jit_call(run, state, args, kwargs, abstract=abstract)
+    self.session.probe(go)
+
   def init(self, rngs, *args, **kwargs):
+    self._probe(self.model.init, rngs, args, kwargs)
     with self._context():
       out = self.model.init(rngs, *args, **kwargs)
     self.rules.check_first_run()
     return out
 
   def apply(self, variables, *args, **kwargs):
+    self._probe(self.model.apply, variables, args, kwargs)
     with self._context():
       out = self.model.apply(variables, *args, **kwargs)
     self.rules.check_first_run()

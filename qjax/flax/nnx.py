@@ -38,7 +38,7 @@ def _quantized_call(self, *args, **kwargs):
     return parent(*args, **kwargs)
   with intercept.patched(), intercept.frame(self, self._qjax_path, session):
     out = parent(*args, **kwargs)
-  if not intercept._stack():  # the outermost quantized module returned: the model ran once
+  if not intercept._stack() and session.mode != 'probe':  # the outermost quantized module returned: it ran once
     session.ruleset.check_first_run()
   return out
 
@@ -117,6 +117,10 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
       module.use_running_average = False
     if seed is not None:
       module.qjax_rngs = nnx.Rngs(quant=zlib.crc32(f'{seed}/{module._qjax_path}'.encode()))  # not hash(): salted
+  if ruleset.needs_probe and not (sample_args or sample_kwargs):
+    raise ValueError('a rule has first_last_8bit=True or act_signedness="auto": quantize_nnx needs sample inputs '
+                     'to learn which ops run first and last and which activations are non-negative '
+                     '(quantize_nnx(model, rules, *sample_inputs))')
   if sample_args or sample_kwargs:
     _create_state(model, session, sample_args, sample_kwargs)
   return ruleset
@@ -137,6 +141,12 @@ def _create_state(model: nnx.Module, session: intercept.Session, args, kwargs) -
     m = nnx.merge(graphdef, state)
     m(*args, **kwargs)
     return nnx.state(m, _is_qjax_state)
+  if session.ruleset.needs_probe:  # first_last_8bit, act_signedness='auto': a float run before any state
+
+    def probe(state, *args, **kwargs):
+      nnx.merge(graphdef, state)(*args, **kwargs)
+      return dict(session.probe_mins)
+    session.probe(lambda abstract: intercept.jit_call(probe, state, args, kwargs, abstract=abstract))
   session.creating = True
   try:
     new = intercept.jit_call(run, state, args, kwargs)

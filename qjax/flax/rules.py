@@ -9,6 +9,21 @@ quantizes the weight and `act` the activation; an op of two activations (attenti
 both. `grad` quantizes the incoming gradient of the two backward matmuls (dlhs = g.W^T, drhs = X^T.g); the
 other operand of each backward matmul reuses the forward spec (learned parameters aside). `grad=None` keeps
 the backward in float.
+
+Rules with `first_last_8bit=True` keep the model's first and last quantized ops (in execution order, over all
+rules: the convention of LSQ, PACT, DoReFa and most low-bit papers) at 8 bits. Execution order is only known
+once the model has run, so a RuleSet whose rules ask for it is probed first: the model runs once in float
+(abstractly where the backend allows) while the rule set records which ops it would quantize, in order; the
+first and last of them then run with `eight_bit(spec)` for their weight and activation specs from the very
+first real run on (so learned steps are initialised for the 8-bit grid).
+
+`act_signedness` chooses the activation grid's sign: 'format' (the default) uses the act format as written;
+'signed' / 'unsigned' force int<b> / uint<b> of the same bit-width; 'auto' decides per activation operand from
+data: the probe run (on the sample inputs of the first init / quantize_nnx call, i.e. the first batch) records
+each activation operand's minimum, and an operand whose minimum is >= 0 (after ReLU, softmax) gets the unsigned
+grid, any other the signed one. It is decided from calibration statistics, not from the producing op, because
+the hooks see only the tensor, not the op that made it. 'auto' changes symmetric integer grids only
+(asymmetric grids already place their zero point from the data; float formats have no unsigned form).
 """
 
 from __future__ import annotations
@@ -19,10 +34,14 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+
+from qjax import formats
 from qjax.ops.config import MODES, DotConfig, MatmulConfig
 from qjax.spec import QuantSpec, check_choice
 
 OP_NAMES = ('dot_general', 'conv', 'einsum')
+ACT_SIGNEDNESS = ('format', 'auto', 'signed', 'unsigned')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +61,9 @@ class QuantRule:
     float: leave matched ops unquantized (a rule that excludes, e.g., the first and last layers).
     small_m: DotConfig.small_m of matched ops: forward matmuls with at most this many rows run as float
       matmuls of the quantized values in 'auto' mode (default 0: none; one-row dots are padded to two on CPU).
+    first_last_8bit: when the model's first or last quantized op (execution order, over all rules) is decided
+      by this rule, its weight and act specs are raised to 8 bits (`eight_bit`); see the module docstring.
+    act_signedness: 'format' | 'auto' | 'signed' | 'unsigned': the activation grid's sign (module docstring).
     name: shown in reports and errors (default: the regex).
   """
   module_path: str = '.*'
@@ -56,6 +78,8 @@ class QuantRule:
   delayed_scaling: int = 0
   float: bool = False
   small_m: int = 0
+  first_last_8bit: bool = False
+  act_signedness: str = 'format'
   name: str = ''
 
   def __post_init__(self):
@@ -91,6 +115,18 @@ class QuantRule:
     if self.act_static and self.act is not None and self.act.learned:
       raise ValueError(f'rule {label!r}: act_static keeps range statistics; it cannot be combined with the '
                        f'learned estimator {self.act.estimator!r}')
+    check_choice('act_signedness', self.act_signedness, ACT_SIGNEDNESS, where=f'rule {label!r}: ')
+    if self.act is not None and self.act_signedness in ('signed', 'unsigned') and not isinstance(
+        self.act.fmt, formats.IntFormat):
+      raise ValueError(f'rule {label!r}: act_signedness={self.act_signedness!r} needs an integer act format; '
+                       f'{self.act.format!r} has no signed/unsigned forms (use act_signedness="format")')
+    if self.act is not None and self.act_signedness != 'format':
+      for signed in (False, True):  # the grids the rule may pick must be valid specs: say so now, not mid-run
+        try:
+          with_signedness(self.act, signed)
+        except ValueError as e:
+          raise ValueError(f'rule {label!r}: act_signedness={self.act_signedness!r}: the '
+                           f'{"signed" if signed else "unsigned"} act grid is not a valid spec: {e}') from None
     if not self.float and self.weight is None and self.act is None and self.grad is None:
       raise ValueError(f'rule {label!r}: quantizes nothing (weight, act and grad are all None); '
                        'set float=True to keep matched ops in float')
@@ -102,10 +138,12 @@ class QuantRule:
   def matches(self, path: str, op: str) -> bool:
     return op in self.op_names and self._regex.fullmatch(path) is not None
 
-  def dot_config(self, lhs_is_weight: bool, rhs_is_weight: bool) -> DotConfig:
-    """The DotConfig of one op given which operands are weights."""
-    lw = self.weight if lhs_is_weight else self.act
-    rw = self.weight if rhs_is_weight else self.act
+  def dot_config(self, lhs_is_weight: bool, rhs_is_weight: bool, lhs_act: QuantSpec | None = None,
+                 rhs_act: QuantSpec | None = None) -> DotConfig:
+    """The DotConfig of one op given which operands are weights; lhs_act / rhs_act replace `act` for that side
+    (the grid act_signedness chose for it; the backward matmuls reuse it, like every forward spec)."""
+    lw = self.weight if lhs_is_weight else lhs_act or self.act
+    rw = self.weight if rhs_is_weight else rhs_act or self.act
     fwd = MatmulConfig(lw, rw, self.mode)
     if self.grad is None:
       return DotConfig(fwd=fwd, small_m=self.small_m)
@@ -113,12 +151,39 @@ class QuantRule:
     return DotConfig(fwd=fwd, dlhs=MatmulConfig(self.grad, strip(rw), self.bwd_mode),
                      drhs=MatmulConfig(strip(lw), self.grad, self.bwd_mode), small_m=self.small_m)
 
+  def at_8bit(self) -> QuantRule:
+    """This rule with its weight and act specs at 8 bits (for a first or last op); grad is unchanged."""
+    return dataclasses.replace(self, weight=eight_bit(self.weight), act=eight_bit(self.act))
+
   def to_dict(self) -> dict[str, Any]:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     for k in ('weight', 'act', 'grad'):
       d[k] = d[k] and d[k].to_dict()
     d['op_names'] = list(self.op_names)
     return d
+
+
+def eight_bit(spec: QuantSpec | None) -> QuantSpec | None:
+  """The 8-bit version of a spec, keeping granularity, scheme, calibration and estimator: an integer grid of
+  fewer bits becomes int8 (uint8 when unsigned, int8n when narrow), an MX format mxint8, any other format of
+  fewer than 8 bits (fp4, nf4, codebook) int8. Specs of 8 bits or more are returned as they are."""
+  if spec is None or spec.bits >= 8:
+    return spec
+  fmt = spec.fmt
+  if isinstance(fmt, formats.IntFormat):
+    name = 'int8n' if fmt.narrow else 'int8' if fmt.signed else 'uint8'
+  else:
+    name = 'mxint8' if isinstance(fmt, formats.MXFormat) else 'int8'
+  return dataclasses.replace(spec, format=name, codebook=None)
+
+
+def with_signedness(spec: QuantSpec | None, signed: bool) -> QuantSpec | None:
+  """spec on the signed (int<b>) or unsigned (uint<b>) integer grid of the same bit-width; other formats, and
+  grids that already have that sign, are returned as they are."""
+  fmt = None if spec is None else spec.fmt
+  if not isinstance(fmt, formats.IntFormat) or fmt.signed == signed:
+    return spec
+  return dataclasses.replace(spec, format=f'int{fmt.bits}' if signed else f'uint{fmt.bits}')
 
 
 def _is_mapping(v) -> bool:
@@ -150,6 +215,8 @@ class Match:
     config: a one-line description of the forward (and backward) quantization, or 'float'.
     lhs, rhs: what each operand is: 'act', or the weight param's name.
     dot_config: the DotConfig the op runs with (None: float).
+    kept_8bit: the op is the model's first or last quantized op, kept at 8 bits by its rule's first_last_8bit.
+    act_signedness: how the activation grids were chosen (the rule's act_signedness).
   """
   path: str
   op: str
@@ -159,6 +226,8 @@ class Match:
   lhs: str = 'act'
   rhs: str = 'act'
   dot_config: DotConfig | None = None
+  kept_8bit: bool = False
+  act_signedness: str = 'format'
 
 
 class RuleSet:
@@ -173,6 +242,51 @@ class RuleSet:
     self.matches: dict[tuple[str, str, int], Match] = {}
     self.seen: dict[tuple[str, str], None] = {}  # every (module path, op) looked up, in order
     self._checked = False
+    self.kept_8bit: set[tuple[str, str, int]] = set()  # (path, op, index) of the first and last quantized ops
+    self.act_min: dict[tuple[str, str, int, str], float] = {}  # (path, op, index, side) -> probe minimum
+    self.needs_data = any(r.act_signedness == 'auto' for r in self.rules)
+    self.order_known = not (self.needs_data or any(r.first_last_8bit for r in self.rules))
+
+  @property
+  def needs_probe(self) -> bool:
+    """A rule asks for first_last_8bit or act_signedness='auto' and no probe has run yet (module docstring).
+    `needs_data`: the probe must run on real inputs (for the activations' minima), not only be traced."""
+    return not self.order_known
+
+  def fix_order(self, act_min: Mapping[tuple[str, str, int, str], float] | None = None) -> None:
+    """Called after a probe run: takes the first and last quantized ops it recorded as the ops kept at 8 bits
+    (where their rule has first_last_8bit) and keeps the activation minima it measured (act_signedness='auto'),
+    then forgets the probe's bookkeeping so reports describe real runs."""
+    q = [k for k, m in self.matches.items() if m.config != 'float']
+    ends = {q[0], q[-1]} if q else set()
+    self.kept_8bit = {k for k in ends if self.peek(k[0], k[1]).first_last_8bit}
+    try:
+      self.act_min = {k: float(v) for k, v in (act_min or {}).items()}
+    except jax.errors.ConcretizationTypeError:
+      raise ValueError("act_signedness='auto' decides each activation grid from data, which a jax transform "
+                       'hides: call QuantizedLinen.prepare (or init) on concrete inputs outside jax.jit first, or '
+                       'quantize_nnx with sample inputs') from None
+    self.order_known = True
+    self.used, self.matches, self.seen = set(), {}, {}
+
+  def act_specs(self, path: str, op: str, index: int, rule: QuantRule) -> tuple[QuantSpec | None, QuantSpec | None]:
+    """The act spec of each side (lhs, rhs) of an op, by the rule's act_signedness (module docstring). Under
+    'auto', an operand the probe did not see (or measured no minimum for) keeps the format as written."""
+    mode = rule.act_signedness
+    if mode in ('signed', 'unsigned'):
+      spec = with_signedness(rule.act, mode == 'signed')
+      return spec, spec
+    if mode == 'format' or rule.act is None or rule.act.scheme != 'symmetric':
+      return rule.act, rule.act
+    out = []
+    for side in ('lhs', 'rhs'):
+      m = self.act_min.get((path, op, index, side))
+      out.append(rule.act if m is None else with_signedness(rule.act, m < 0))
+    return out[0], out[1]
+
+  def effective(self, path: str, op: str, index: int, rule: QuantRule) -> QuantRule:
+    """The rule an op runs with: `rule`, or its 8-bit version for a first or last op it keeps at 8 bits."""
+    return rule.at_8bit() if (path, op, index) in self.kept_8bit else rule
 
   def find(self, path: str, op: str) -> tuple[int, QuantRule] | None:
     self.seen[(path, op)] = None
@@ -189,7 +303,8 @@ class RuleSet:
   def record(self, path: str, op: str, index: int, rule: QuantRule, weights: tuple[str, ...], config,
              operands: tuple[str, str] = ('act', 'act')) -> None:
     desc = 'float' if config is None else _describe(config)
-    self.matches[(path, op, index)] = Match(path, op, rule.label, weights, desc, operands[0], operands[1], config)
+    self.matches[(path, op, index)] = Match(path, op, rule.label, weights, desc, operands[0], operands[1], config,
+                                            (path, op, index) in self.kept_8bit, rule.act_signedness)
 
   def check_first_run(self) -> None:
     """Called after a model's first run: warns (once) about rules that matched no op, naming them, and when no
@@ -211,6 +326,8 @@ class RuleSet:
 
   def report(self) -> str:
     lines = [f'{m.path or "<root>":40s} {m.op:12s} rule={m.rule!r:20s} lhs={m.lhs} rhs={m.rhs}  {m.config}'
+             + ('  (first/last op: kept at 8 bits)' if m.kept_8bit else '')
+             + (f'  (act grid: {m.act_signedness})' if m.act_signedness != 'format' and m.config != 'float' else '')
              for m in self.matches.values()]
     unused = self.unused_rules()
     if unused:
