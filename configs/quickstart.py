@@ -13,13 +13,15 @@ Args (`configs/quickstart.py:ARGS`, comma-separated): `seeds=N` repeats every co
 `runlocal` shrinks everything to the committed fixtures (a smoke test).
 
 What it reaches (1000 steps of batch 128, about 2 epochs; test accuracy on all 10k test images; measured on
-2026-11-25 with this command, the same in two runs):
+2026-12-04 with this command, one run):
 
-  float 88.4% | W8A8 QAT 88.5%, PTQ 88.3% | W4A4 QAT 86.4%, PTQ 85.7% | W2A2 QAT (LSQ) 82.4%, PTQ 10.8% (chance)
+  float 88.3% | W8A8 QAT 88.3%, PTQ 88.3% | W4A4 QAT 85.5%, PTQ 85.8% | W2A2 QAT (LSQ) 83.1%, PTQ 10.5% (chance)
 
-How long, from a fresh clone with an empty dataset cache on an idle 2-core AMD EPYC (Zen 3), README command 1:
-4 min 48 s in all: setup 1 min 16 s (pip's download cache warm), then the seven trials on 2 workers in 3 min 39 s
-(Fashion-MNIST fetch included; float 70 s, QAT 81-108 s, PTQ 17-28 s each).
+(2026-11-25, before this session's changes, two runs: float 88.4%, W4A4 QAT 86.4%, PTQ 85.7%, W2A2 QAT 82.4%.)
+
+How long, from a fresh clone with an empty dataset cache on a 2-core Intel Xeon (AVX-512 VNNI, AMX) with other
+jobs running, README command 1: 4 min 5 s in all (pip's download cache warm), the seven trials on 2 workers in
+3 min 15 s (Fashion-MNIST fetch included; float 96 s, QAT 51-112 s, PTQ 15-20 s each).
 """
 
 import os
