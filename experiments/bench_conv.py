@@ -6,7 +6,7 @@ One group per shape (batch, H=W, C_in -> C_out, k x k, NHWC/HWIO, stride 1), tim
 conv forward of that shape: XLA's int8 conv (s8 x s8 -> s32; up-cast to s32 by XLA:CPU below 17 features),
 qjax.ops.conv_gemm.conv (k*k shifted slices of the padded input, then one int8 matmul) and the patch
 construction alone (what the lowering pays before its matmul). The measurements behind
-qjax.ops.conv.GEMM_MAX_IN_FEATURES and cpu_slow_reason come from this suite.
+qjax.ops.conv.GEMM_MAX_PATCH_BYTES and cpu_slow_reason come from this suite.
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> bs.Group:
                                                       {'inspect': bs._maybe_inspect(config, pad_conv, xq, wq)}),
   }
   slow = qconv.cpu_slow_reason(cp, x.shape, w.shape)
+  patch_route = qconv.gemm_route(cp, x.shape, w.shape) and bool(slow or cin == 1)
   meta = {'shape': [b, h, cin, cout, k], 'xla_slow_reason': slow,
-          'auto_route': ('patches + int8 dot' if slow and qconv.gemm_route(cp, x.shape, w.shape)
-                         else 'float' if slow else 'XLA int8 conv')}
+          'patch_bytes': qconv.patch_bytes(cp, x.shape, w.shape),
+          'auto_route': 'patches + int8 dot' if patch_route else 'float' if slow else 'XLA int8 conv'}
   return bs.Group(f'conv {b}x{h}x{h} {cin}->{cout} {k}x{k}', variants, 'f32 conv', meta)
 
 

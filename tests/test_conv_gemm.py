@@ -78,10 +78,8 @@ OP_CASES = {  # input, kernel, strides, padding
 
 @pytest.mark.parametrize('name', list(OP_CASES))
 @pytest.mark.parametrize('mode', ['real', 'auto'])
-def test_patch_route_equals_fake_quant(name, mode, monkeypatch):
-  monkeypatch.setattr(conv, 'GEMM_MAX_IN_FEATURES', 8)  # 'auto' takes the patch route up to 8 input features
-  jax.clear_caches()
-  xs, ws, st, pad = OP_CASES[name]
+def test_patch_route_equals_fake_quant(name, mode):
+  xs, ws, st, pad = OP_CASES[name]  # small batches: 'auto' takes the patch route too (patch matrix < 2 MiB)
   rng = np.random.default_rng(1)
   x, w = _operand(rng, xs, 0), _operand(rng, ws, 3)
   want = _fwd_bwd(_config('fake'), st, pad)(x, w)
@@ -91,32 +89,31 @@ def test_patch_route_equals_fake_quant(name, mode, monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU routing')
-def test_auto_routes_lenet_convs(monkeypatch):
-  """LeNet-5's conv2 (6 -> 16 features; XLA would up-cast its int8 conv to s32): by default 'auto' keeps it in
-  float (on the measured Xeon the patch copies cost as much as the f32 conv); with GEMM_MAX_IN_FEATURES = 8 the
-  forward and the kernel gradient run as int8 matmuls on the YNN kernel and the input gradient (16 -> 6) stays
-  float. conv1 (one input feature) runs XLA's own int8 conv, which beats f32 there."""
+def test_auto_routes_lenet_convs_by_patch_size(monkeypatch):
+  """LeNet-5's conv2 (6 -> 16 features; XLA would up-cast its int8 conv to s32) at batch 8: the patch matrix is
+  small, so 'auto' runs the forward, the input gradient and the kernel gradient as int8 matmuls on the YNN
+  kernel. Past GEMM_MAX_PATCH_BYTES (a large batch) all three stay float. conv1 (one input feature) takes the
+  patch route while small, else XLA's own int8 conv (which beats f32 there)."""
   xs, ws, st, pad = OP_CASES['lenet conv2 6->16']
   rep = ops.inspect_matmuls(_fwd_bwd(_config('auto'), st, pad), jnp.ones(xs), jnp.ones(ws))
-  assert rep.counts('lowered') == {'f32': 3}, rep.summary()
-  monkeypatch.setattr(conv, 'GEMM_MAX_IN_FEATURES', 8)
+  assert rep.n_int8 == rep.n_int8_fast == 3 and rep.n_int8_slow == 0, rep.summary()
+  assert {m.op for m in rep.compiled} == {'dot'}
+  conv1 = OP_CASES['lenet conv1 1->6']
+  rep1 = ops.inspect_matmuls(_fwd_bwd(_config('auto'), conv1[2], conv1[3]), jnp.ones(conv1[0]), jnp.ones(conv1[1]))
+  assert [(m.op, m.category) for m in rep1.lowered if 'fwd' in m.op_name] == [('dot', 'int8')], rep1.summary()
+  monkeypatch.setattr(conv, 'GEMM_MAX_PATCH_BYTES', 0)  # as for a batch whose patches leave the cache
   jax.clear_caches()
   rep = ops.inspect_matmuls(_fwd_bwd(_config('auto'), st, pad), jnp.ones(xs), jnp.ones(ws))
-  assert rep.n_int8 == rep.n_int8_fast == 2 and rep.n_int8_slow == 0, rep.summary()
-  assert {m.op for m in rep.compiled if m.category == 'int8'} == {'dot'}
-  assert [m.op for m in rep.compiled if m.category == 'f32'] == ['conv'], rep.summary()
-  xs, ws, st, pad = OP_CASES['lenet conv1 1->6']
-  rep = ops.inspect_matmuls(_fwd_bwd(_config('auto'), st, pad), jnp.ones(xs), jnp.ones(ws))
-  fwd = [m for m in rep.lowered if 'fwd' in m.op_name]
-  assert [(m.op, m.category) for m in fwd] == [('conv', 'int8')], rep.summary()
-
-
-@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU routing')
-def test_auto_keeps_16_features_in_float():
-  """16 -> 16 features at 3x3: the patch copies cost more than the f32 conv, so 'auto' keeps all three in float."""
-  rep = ops.inspect_matmuls(_fwd_bwd(_config('auto'), (1, 1), 'SAME'), jnp.ones((2, 8, 8, 16)),
-                            jnp.ones((3, 3, 16, 16)))
   assert rep.counts('lowered') == {'f32': 3}, rep.summary()
+  rep1 = ops.inspect_matmuls(_fwd_bwd(_config('auto'), conv1[2], conv1[3]), jnp.ones(conv1[0]), jnp.ones(conv1[1]))
+  assert [(m.op, m.category) for m in rep1.lowered if 'fwd' in m.op_name] == [('conv', 'int8')], rep1.summary()
+
+
+def test_patch_bytes():
+  cp = conv.conv_params((256, 14, 14, 6), (5, 5, 6, 16), (1, 1), 'SAME', None, None, NHWC)
+  assert conv.patch_bytes(cp, (256, 14, 14, 6), (5, 5, 6, 16)) == 256 * 14 * 14 * 25 * 6
+  cp = conv.conv_params((2, 9, 9, 3), (3, 3, 3, 4), (2, 2), 'VALID', None, None, NHWC)
+  assert conv.patch_bytes(cp, (2, 9, 9, 3), (3, 3, 3, 4)) == 2 * 4 * 4 * 9 * 3
 
 
 def test_conv_bench_suite_runlocal(tmp_path):
@@ -127,7 +124,7 @@ def test_conv_bench_suite_runlocal(tmp_path):
   one, six = data['groups']
   assert set(one['results']) == {'f32 conv', 'XLA int8 conv', 'patches + int8 dot', 'patches alone',
                                  'int8 conv, features padded to 32'}
-  assert one['meta']['xla_slow_reason'] is None and one['meta']['auto_route'] == 'XLA int8 conv'
-  assert six['meta']['xla_slow_reason'] and six['meta']['auto_route'] == 'float'
+  assert one['meta']['xla_slow_reason'] is None and one['meta']['auto_route'] == 'patches + int8 dot'  # small
+  assert six['meta']['xla_slow_reason'] and six['meta']['auto_route'] == 'patches + int8 dot'
   gemm = six['results']['patches + int8 dot']['info']['inspect']
   assert gemm['int8'] == gemm['int8_fast'] == 1

@@ -208,7 +208,7 @@ def cpu_slow_reason(cp: ConvParams, lhs_shape, rhs_shape) -> str | None:
     return 'is lhs-dilated (the input gradient of a strided conv)'
   c, o = lhs_shape[cp.dnums.lhs_spec[1]], rhs_shape[cp.dnums.rhs_spec[0]]
   # One input feature is the exception: XLA's int8 conv then beats f32 (0.85x on a Xeon with VNNI at 28x28,
-  # 1 -> 6 features, 5x5; 0.59-0.67x on a Zen 4), see GEMM_MAX_IN_FEATURES.
+  # 1 -> 6 features, 5x5; 0.59-0.67x on a Zen 4), see GEMM_MAX_PATCH_BYTES.
   if max(c, o) <= CPU_MIN_FEATURES and c > 1:
     return f'has {c} input and {o} output features (<= {CPU_MIN_FEATURES})'
   return None
@@ -216,28 +216,42 @@ def cpu_slow_reason(cp: ConvParams, lhs_shape, rhs_shape) -> str | None:
 
 # Where XLA:CPU's int8 conv is slow (cpu_slow_reason), the patches + int8 matmul lowering (qjax.ops.conv_gemm)
 # is exact and much faster than XLA's up-cast s32 conv, so mode='real' uses it. Whether it also beats the f32 conv
-# (what 'auto' would need) depends on the CPU. Time ratios to the f32 conv forward of the same shape, batch 256,
-# NHWC, SAME, one pinned core, process clock, int8 operands (`python -m experiments.bench
-# --config=configs/bench_conv.py`, docs/benchmarks.md):
-#   shape (H, C_in -> C_out, k)   XLA int8 conv   patches + int8 dot   patches alone
-#   Intel Xeon, AVX-512 VNNI + AMX (family 6 model 167), jax 0.12.0.1, 2026-12-04:
-#   28, 1 -> 6, 5x5                0.85x           1.15x                1.01x
-#   14, 6 -> 16, 5x5               4.23x           1.22x                0.76x
-#   28, 16 -> 16, 3x3              8.14x           1.76x                1.56x
-#   14, 32 -> 32, 3x3              0.41x           0.70x                0.52x
-#   AMD Zen 4, AVX-512 VNNI (the same formulation, measured earlier): 6 -> 16 at 0.74-0.82x, 16 -> 16 at
-#   1.26-1.56x.
-# On the Xeon building the k*k shifted copies costs most of the f32 conv's time, so 'auto' keeps the float
-# route for these shapes; set GEMM_MAX_IN_FEATURES (e.g. 8, where the Zen 4 figures hold) to let 'auto' take the
-# lowering up to that many input features.
-GEMM_MAX_IN_FEATURES = 0
+# (what 'auto' needs) depends on the size of the patch matrix (N * OH * OW * KH * KW * C_in int8 bytes): while it
+# stays in cache the k*k shifted copies are cheap. Time ratios to the f32 conv forward of the same shape, NHWC,
+# SAME, one pinned core, process clock, int8 operands (`python -m experiments.bench --config=configs/bench_conv.py
+# "--config.shapes=(...)"`, docs/benchmarks.md), Intel Xeon, AVX-512 VNNI + AMX, jax 0.12.0.1, 2026-12-04:
+#   batch x H, C_in -> C_out, k     patch bytes   XLA int8 conv   patches + int8 dot
+#   8 x 14, 6 -> 16, 5x5             0.2 MiB        4.27x           0.56x
+#   64 x 14, 6 -> 16, 5x5            1.8 MiB        4.44x           0.65x
+#   256 x 14, 6 -> 16, 5x5           7.2 MiB        4.23x           1.22x
+#   16 x 28, 16 -> 16, 3x3           1.7 MiB        8.50x           0.62x
+#   256 x 28, 16 -> 16, 3x3          27.6 MiB       8.14x           1.76x
+#   64 x 28, 1 -> 6, 5x5             1.2 MiB        0.83x           0.50x
+#   128 x 28, 1 -> 6, 5x5            2.4 MiB        0.85x           0.87x
+#   256 x 28, 1 -> 6, 5x5            4.8 MiB        0.85x           1.15x
+# So 'auto' takes the lowering for these convs (XLA's slow ones, and one input feature, where XLA's conv is
+# 0.85x) while the patch matrix is at most GEMM_MAX_PATCH_BYTES, and otherwise a float conv (slow ones) or XLA's
+# int8 conv. (On an AMD Zen 4 the lowering measured 0.74-0.82x at 6 -> 16 even at batch 256.)
+GEMM_MAX_PATCH_BYTES = 2 << 20
+
+
+def patch_bytes(cp: ConvParams, lhs_shape, rhs_shape) -> int:
+  """Bytes of the int8 patch matrix of this conv (qjax.ops.conv_gemm): N * out spatial * kernel spatial * C."""
+  lhs_spec, rhs_spec, _ = cp.dnums
+  k_sp = [rhs_shape[d] for d in rhs_spec[2:]]
+  out = 1
+  for d, k, s, (lo, hi), ld, rd in zip(lhs_spec[2:], k_sp, cp.window_strides, cp.padding, cp.lhs_dilation,
+                                       cp.rhs_dilation, strict=True):
+    out *= max(0, (_dilate(lhs_shape[d], ld) + lo + hi - _dilate(k, rd)) // s + 1)
+  return lhs_shape[lhs_spec[0]] * out * int(np.prod(k_sp)) * lhs_shape[lhs_spec[1]]
 
 
 def gemm_route(cp: ConvParams, lhs_shape, rhs_shape) -> bool:
-  """Whether 'auto' runs this slow-on-XLA int conv as patches + int8 matmul (else as a float conv): few input
-  features, and more than one output feature (a matrix-vector product is off XLA:CPU's fast int8 kernel)."""
-  return (conv_gemm.supported(cp, lhs_shape) and lhs_shape[cp.dnums.lhs_spec[1]] <= GEMM_MAX_IN_FEATURES
-          and rhs_shape[cp.dnums.rhs_spec[0]] > 1)
+  """Whether 'auto' runs this int conv as patches + int8 matmul: the lowering covers it, its patch matrix fits
+  GEMM_MAX_PATCH_BYTES, and it has more than one output feature (a matrix-vector product is off XLA:CPU's fast
+  int8 kernel)."""
+  return (conv_gemm.supported(cp, lhs_shape) and rhs_shape[cp.dnums.rhs_spec[0]] > 1
+          and patch_bytes(cp, lhs_shape, rhs_shape) <= GEMM_MAX_PATCH_BYTES)
 
 
 def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str, cp: ConvParams | None = None, lhs_shape=None,
@@ -246,7 +260,8 @@ def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str, cp: ConvParams | N
 
   On XLA:CPU an int conv that XLA would up-cast to s32 (`cpu_slow_reason`) runs as 'gemm' (patches + one int8
   matmul, qjax.ops.conv_gemm: exact, on the fast kernel) when the lowering covers it; in 'auto' mode only where
-  that beats the f32 conv (`gemm_route`), else as 'fake'."""
+  that beats the f32 conv (`gemm_route`: the patch matrix stays small), else as 'fake'. A conv of one input
+  feature takes the lowering in 'auto' on the same condition, else XLA's int8 conv."""
   if mcfg.mode == 'fake' or aspec is None or bspec is None:
     return 'fake'
   ka, kb = native_kind(aspec), native_kind(bspec)
@@ -270,6 +285,8 @@ def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str, cp: ConvParams | N
         log.info('qjax: conv %s %s, which XLA:CPU runs as a slow s32 conv: running it as %s (mode="auto")',
                  where, reason, how)
       return mode
+    if mcfg.mode == 'auto' and lhs_shape[cp.dnums.lhs_spec[1]] == 1 and gemm_route(cp, lhs_shape, rhs_shape):
+      return 'gemm'
   return 'real'
 
 

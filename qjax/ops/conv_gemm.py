@@ -43,6 +43,9 @@ def to_nhwc(x, spec):
 def patches(x, cp, k_sp) -> jax.Array:
   """(N, OH, OW, k_h * k_w * C) patches of an NHWC array for a conv with params cp and kernel spatial size k_sp,
   in (i, j, c) order along the last dim."""
+  # The barrier materialises x once: without it XLA fuses x's producer (the quantization of a float activation)
+  # into each of the k*k slices and recomputes it k*k times.
+  x = lax.optimization_barrier(x)
   zero = jnp.zeros((), x.dtype)
   spatial = [(lo, hi, ld - 1) for (lo, hi), ld in zip(cp.padding, cp.lhs_dilation, strict=True)]
   pads = [(0, 0, 0), *spatial, (0, 0, 0)]
