@@ -37,6 +37,7 @@ import optax
 from experiments import checkpoints as ckpt_lib
 from experiments import configlib, distributed, input_pipeline, models, quant_config, summaries, sweeps, trainers
 from experiments.data import DataError
+from experiments.fileio import write_json_atomic
 from experiments.progress import Progress
 from experiments.tb import SummaryWriter
 
@@ -233,7 +234,7 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
   lead = jax.process_index() == 0
   if lead:
     os.makedirs(workdir, exist_ok=True)
-    ckpt_lib.write_json_atomic(os.path.join(workdir, 'config.json'), config_dict)
+    write_json_atomic(os.path.join(workdir, 'config.json'), config_dict)
   t_start = time.time()
   warnings = []
   mesh, data, md = _setup(config, workdir, log)
@@ -259,7 +260,7 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
     raise
   writer.close(status='success')
   if lead:
-    ckpt_lib.write_json_atomic(os.path.join(workdir, 'result.json'), {**result, 'config': config_dict})
+    write_json_atomic(os.path.join(workdir, 'result.json'), {**result, 'config': config_dict})
   log(summaries.one_line(result))
   return {**result, 'config': config_dict}
 
