@@ -32,16 +32,8 @@ class NullWriter:
 
 
 def hparams_of(config) -> dict[str, Any]:
-  flat = {}
-
-  def walk(d, prefix=''):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        walk(v, f'{prefix}{k}.')
-      elif isinstance(v, (str, int, float, bool)):
-        flat[f'{prefix}{k}'] = v
-  walk(configlib.to_dict(config))
-  return flat
+  """The config's scalar leaves as {dotted key: value}, the hparams a run reports to TensorBoard."""
+  return configlib.flatten(configlib.to_dict(config), keep=(str, int, float, bool))
 
 
 def one_line(result: dict) -> str:
