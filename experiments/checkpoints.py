@@ -62,11 +62,3 @@ def _abstract(tree):
   import jax  # noqa: PLC0415
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=getattr(a, 'sharding', None))
                       if hasattr(a, 'dtype') else a, tree)
-
-
-def dir_bytes(path: str) -> int:
-  total = 0
-  for root, _, files in os.walk(path):
-    for f in files:
-      total += os.path.getsize(os.path.join(root, f))
-  return total

@@ -47,3 +47,8 @@ def _json_default(o):
   if isinstance(o, np.ndarray):
     return o.tolist()
   return str(o)
+
+
+def dir_bytes(path: str | os.PathLike) -> int:
+  """Bytes of all files under `path` (recursively): what a checkpoint or run directory takes on disk."""
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)

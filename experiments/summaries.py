@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import configlib, input_pipeline
+from experiments import configlib, fileio, input_pipeline
 from qjax import formats
 from qjax import metrics as qmetrics
 from qjax.flax import convert_linen, convert_nnx
@@ -212,7 +212,7 @@ def checkpoint_bytes(tree, path: str | None = None) -> int | None:
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.abspath(p), tree, force=True)
     ckpt.wait_until_finished()
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs)
+    return fileio.dir_bytes(p)
 
   if path is not None:
     return save(path)
