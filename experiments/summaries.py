@@ -315,13 +315,9 @@ def _latency(jfwd, args, x, float_fwd=None) -> dict[str, Any]:
 
 
 def _eval_fwd(run, jfwd, args) -> dict[str, float]:
-  from experiments.trainers import loss_fn  # noqa: PLC0415
-  sums = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
-  for x, y, w in input_pipeline.eval_batches(run.data, run.config.eval_batch_size, run.config.eval_examples):
-    logits = jfwd(*args, jnp.asarray(x))
-    _, ce, hits = loss_fn(logits, jnp.asarray(y), run.md.task)
-    sums['loss'] += float(jnp.sum(ce * w))
-    sums['correct'] += float(jnp.sum(hits * w))
-    sums['count'] += float(np.sum(w))
-  n = max(sums['count'], 1.0)
-  return {'eval/loss': sums['loss'] / n, 'eval/accuracy': sums['correct'] / n}
+  from experiments import trainers  # noqa: PLC0415
+
+  def batch_sums(x, y, w):
+    _, ce, hits = trainers.loss_fn(jfwd(*args, jnp.asarray(x)), jnp.asarray(y), run.md.task)
+    return {'loss': jnp.sum(ce * w), 'correct': jnp.sum(hits * w), 'count': np.sum(w)}
+  return trainers.evaluate(run.data, run.config, batch_sums)

@@ -173,14 +173,9 @@ class Run:
     return distributed.shard_batch(self.mesh, x), distributed.shard_batch(self.mesh, y)
 
   def evaluate(self, state, eval_step) -> dict[str, float]:
-    c = self.config
-    sums = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
-    for x, y, w in input_pipeline.eval_batches(self.data, c.eval_batch_size, c.eval_examples):
-      out = eval_step(state, *(distributed.shard_batch(self.mesh, a) for a in (x, y, w)))
-      for k in sums:
-        sums[k] += float(out[k])
-    n = max(sums['count'], 1.0)
-    metrics = {'eval/loss': sums['loss'] / n, 'eval/accuracy': sums['correct'] / n}
+    metrics = trainers.evaluate(
+        self.data, self.config,
+        lambda x, y, w: eval_step(state, *(distributed.shard_batch(self.mesh, a) for a in (x, y, w))))
     if self.md.task == 'lm':
       metrics['eval/bits_per_char'] = metrics['eval/loss'] / math.log(2)
     return metrics
