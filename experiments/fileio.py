@@ -50,5 +50,6 @@ def _json_default(o):
 
 
 def dir_bytes(path: str | os.PathLike) -> int:
-  """Bytes of all files under `path` (recursively): what a checkpoint or run directory takes on disk."""
+  """Bytes of all files under `path` (recursively): what a checkpoint, run or dataset directory takes on disk; 0 when
+  `path` is missing or not a directory."""
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
