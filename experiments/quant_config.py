@@ -15,6 +15,7 @@ Rules are built in order: float_layers, then the groups (in their order), then t
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import ml_collections
 
@@ -24,9 +25,7 @@ from qjax.spec import QuantSpec
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(QuantSpec) if f.name not in ('axis', 'codebook'))
 
 # The QuantRule fields config.quant carries as plain keys, with QuantRule's own defaults (read from the dataclass,
-# so the config cannot drift from the library). small_m: forward matmuls with <= this many rows run as float
-# matmuls of quantized values (0: int8); first_last_8bit: the first and last quantized ops at 8 bits (the low-bit
-# literature's convention); act_signedness 'auto': unsigned act grids where the first batch's activations are >= 0.
+# so the config cannot drift from the library).
 RULE_FIELDS = ('mode', 'bwd_mode', 'act_static', 'ema_decay', 'delayed_scaling', 'small_m', 'first_last_8bit',
                'act_signedness')
 RULE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(QuantRule) if f.name in RULE_FIELDS}
@@ -49,8 +48,16 @@ def default_quant_config() -> ml_collections.ConfigDict:
   q.grad = spec_config(format='')
   q.float_layers = ''
   q.groups = ml_collections.ConfigDict()
-  for k in RULE_FIELDS:  # in this order, as the config prints
-    q[k] = RULE_DEFAULTS[k]
+  # One line per key: --list_config shows the '# comment' after each assignment (configlib.comments).
+  d = types.SimpleNamespace(**RULE_DEFAULTS)
+  q.mode = d.mode
+  q.bwd_mode = d.bwd_mode
+  q.act_static = d.act_static
+  q.ema_decay = d.ema_decay
+  q.delayed_scaling = d.delayed_scaling
+  q.small_m = d.small_m  # forward matmuls with <= this many rows run as float matmuls of quantized values; 0: int8
+  q.first_last_8bit = d.first_last_8bit  # the first and last quantized ops at 8 bits (low-bit literature's convention)
+  q.act_signedness = d.act_signedness  # 'auto': unsigned act grids where the first batch's activations are >= 0
   q.calibration_batches = 16
   return q
 
