@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from experiments import bench, configlib, timing
-from experiments.checkpoints import write_json_atomic
+from experiments.fileio import write_json_atomic
 
 ROLES = ('baseline', 'quantized', 'contrast', 'reference')
 DN = (((1,), (0,)), ((), ()))  # (M, K) . (K, N)

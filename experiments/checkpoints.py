@@ -8,44 +8,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import tempfile
 import threading
 from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes JSON to a temp file in the same directory, then renames it over `path` (never half-written)."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix='.json')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def _json_default(o):
-  if isinstance(o, (np.integer,)):
-    return int(o)
-  if isinstance(o, (np.floating,)):
-    return float(o)
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  if isinstance(o, tuple):
-    return list(o)
-  return str(o)
 
 
 class Checkpoints:
@@ -93,11 +62,3 @@ def _abstract(tree):
   import jax  # noqa: PLC0415
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=getattr(a, 'sharding', None))
                       if hasattr(a, 'dtype') else a, tree)
-
-
-def dir_bytes(path: str) -> int:
-  total = 0
-  for root, _, files in os.walk(path):
-    for f in files:
-      total += os.path.getsize(os.path.join(root, f))
-  return total

@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -256,13 +257,18 @@ def list_config(config, notes: dict[str, str] | None = None) -> list[str]:
   return [f'  {k:<{width}s} = {v!r}' + (f'   # {notes[k]}' if k in notes else '') for k, v in flat.items()]
 
 
-def flatten(d: dict, prefix: str = '') -> dict[str, Any]:
-  """A nested dict as {dotted key: leaf}, the form config keys take on the command line."""
+def flatten(d: Mapping[str, Any] | None, prefix: str = '', *, keep: tuple[type, ...] | None = None) -> dict[str, Any]:
+  """A nested mapping as {dotted key: leaf}, the form config keys take on the command line (and TensorBoard's
+  hparams keys). The one flattening the config layer, the sweep, the report and the TensorBoard writer share.
+
+  keep: when given, only leaves of these types are kept (the others dropped), e.g. the scalars an hparams table
+  can show; None keeps every leaf. An empty nested mapping contributes no key.
+  """
   out = {}
   for k, v in (d or {}).items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f'{prefix}{k}.'))
-    else:
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f'{prefix}{k}.', keep=keep))
+    elif keep is None or isinstance(v, keep):
       out[f'{prefix}{k}'] = v
   return out
 

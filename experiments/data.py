@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import configlib
+from experiments import configlib, fileio
 from experiments._pickle import restricted_loads
 
 IMAGE_DATASETS = ('fashion_mnist', 'mnist')
@@ -840,10 +840,6 @@ def make_fixtures(out: Path = FIXTURES_DIR, *, train_per_class: int = FIXTURE_TR
 # Command line
 
 
-def _dir_size(path: Path) -> int:
-  return sum(p.stat().st_size for p in path.rglob('*') if p.is_file()) if path.is_dir() else 0
-
-
 def _status(directory: Path, pins: Mapping[str, str]) -> str:
   try:
     read_verified_dir(directory, pins)
@@ -852,7 +848,7 @@ def _status(directory: Path, pins: Mapping[str, str]) -> str:
     return f'missing ({have}/{len(pins)} files present)'
   except ChecksumError as e:
     return f'CORRUPT: {e}'
-  return f'ok, {len(pins)} files, sha256 verified, {_dir_size(directory) / 1e6:.1f} MB'
+  return f'ok, {len(pins)} files, sha256 verified, {fileio.dir_bytes(directory) / 1e6:.1f} MB'
 
 
 def info() -> str:
@@ -902,7 +898,7 @@ def _main(argv: Sequence[str]) -> int:
     for name, pins in hashes.items():
       for f, sha in pins.items():
         print(f'{name}/{f}  {sha}')
-    print(f'wrote fixtures to {args.out} ({_dir_size(args.out) / 1e3:.0f} kB); content '
+    print(f'wrote fixtures to {args.out} ({fileio.dir_bytes(args.out) / 1e3:.0f} kB); content '
           + ('matches the pins in FIXTURE_SHA256' if same else 'DIFFERS from FIXTURE_SHA256: update the pins'))
     return 0
 

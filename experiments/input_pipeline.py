@@ -14,8 +14,6 @@ import numpy as np
 
 from experiments import data as data_lib
 
-IMAGE_SETS = ('fashion_mnist', 'mnist')
-
 
 @dataclasses.dataclass
 class Dataset:
@@ -38,7 +36,7 @@ class Dataset:
 def load(config) -> Dataset:
   """Loads config.dataset from config.data_source ('auto': the cache/fetch chain; 'fixtures')."""
   fixtures = config.data_source == 'fixtures'
-  if config.dataset in IMAGE_SETS:
+  if config.dataset in data_lib.IMAGE_DATASETS:
     tx, ty = data_lib.load_images(config.dataset, 'train', fixtures=fixtures)
     ex, ey = data_lib.load_images(config.dataset, 'test', fixtures=fixtures)
     if config.get('train_examples', 0) > 0:
@@ -53,7 +51,7 @@ def load(config) -> Dataset:
     enc = lambda t: np.fromiter((index[c] for c in t), np.int32, len(t))
     return Dataset('lm', enc(train_text), None, enc(test_text), None, vocab=tuple(vocab),
                    seq_len=config.model.seq_len)
-  raise ValueError(f'config.dataset={config.dataset!r} is not one of {", ".join(IMAGE_SETS)}, shakespeare')
+  raise ValueError(f'config.dataset={config.dataset!r} is not one of {", ".join(data_lib.DATASETS)}')
 
 
 def _images(ds: Dataset, x: np.ndarray) -> np.ndarray:

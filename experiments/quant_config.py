@@ -15,6 +15,7 @@ Rules are built in order: float_layers, then the groups (in their order), then t
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import ml_collections
 
@@ -22,6 +23,12 @@ from qjax.flax import QuantRule
 from qjax.spec import QuantSpec
 
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(QuantSpec) if f.name not in ('axis', 'codebook'))
+
+# The QuantRule fields config.quant carries as plain keys, with QuantRule's own defaults (read from the dataclass,
+# so the config cannot drift from the library).
+RULE_FIELDS = ('mode', 'bwd_mode', 'act_static', 'ema_decay', 'delayed_scaling', 'small_m', 'first_last_8bit',
+               'act_signedness')
+RULE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(QuantRule) if f.name in RULE_FIELDS}
 
 
 def spec_config(**overrides) -> ml_collections.ConfigDict:
@@ -41,14 +48,16 @@ def default_quant_config() -> ml_collections.ConfigDict:
   q.grad = spec_config(format='')
   q.float_layers = ''
   q.groups = ml_collections.ConfigDict()
-  q.mode = 'auto'
-  q.bwd_mode = 'auto'
-  q.act_static = False
-  q.ema_decay = 0.99
-  q.delayed_scaling = 0
-  q.small_m = 0   # forward matmuls with <= this many rows run as float matmuls of quantized values; 0: int8
-  q.first_last_8bit = False  # the first and last quantized ops at 8 bits (low-bit literature's convention)
-  q.act_signedness = 'format'  # 'auto': unsigned act grids where the first batch's activations are >= 0
+  # One line per key: --list_config shows the '# comment' after each assignment (configlib.comments).
+  d = types.SimpleNamespace(**RULE_DEFAULTS)
+  q.mode = d.mode
+  q.bwd_mode = d.bwd_mode
+  q.act_static = d.act_static
+  q.ema_decay = d.ema_decay
+  q.delayed_scaling = d.delayed_scaling
+  q.small_m = d.small_m  # forward matmuls with <= this many rows run as float matmuls of quantized values; 0: int8
+  q.first_last_8bit = d.first_last_8bit  # the first and last quantized ops at 8 bits (low-bit literature's convention)
+  q.act_signedness = d.act_signedness  # 'auto': unsigned act grids where the first batch's activations are >= 0
   q.calibration_batches = 16
   return q
 
@@ -70,9 +79,8 @@ def _spec(base: dict, override: dict | None, where: str, ptq: bool = False) -> Q
 def build_rules(quant: ml_collections.ConfigDict, *, ptq: bool = False) -> list[QuantRule]:
   """The ordered rule list for config.quant (PTQ uses static activation ranges)."""
   q = quant.to_dict()
-  common = dict(mode=q['mode'], bwd_mode=q['bwd_mode'], act_static=q['act_static'] or ptq,
-                ema_decay=q['ema_decay'], delayed_scaling=q['delayed_scaling'], small_m=q['small_m'],
-                first_last_8bit=q['first_last_8bit'], act_signedness=q['act_signedness'])
+  common = {k: q[k] for k in RULE_FIELDS}
+  common['act_static'] = q['act_static'] or ptq
   rules = []
   if q['float_layers']:
     rules.append(QuantRule(q['float_layers'], float=True, name='float_layers'))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import configlib, input_pipeline
+from experiments import configlib, fileio, input_pipeline
 from qjax import formats
 from qjax import metrics as qmetrics
 from qjax.flax import convert_linen, convert_nnx
@@ -32,16 +32,8 @@ class NullWriter:
 
 
 def hparams_of(config) -> dict[str, Any]:
-  flat = {}
-
-  def walk(d, prefix=''):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        walk(v, f'{prefix}{k}.')
-      elif isinstance(v, (str, int, float, bool)):
-        flat[f'{prefix}{k}'] = v
-  walk(configlib.to_dict(config))
-  return flat
+  """The config's scalar leaves as {dotted key: value}, the hparams a run reports to TensorBoard."""
+  return configlib.flatten(configlib.to_dict(config), keep=(str, int, float, bool))
 
 
 def one_line(result: dict) -> str:
@@ -220,7 +212,7 @@ def checkpoint_bytes(tree, path: str | None = None) -> int | None:
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.abspath(p), tree, force=True)
     ckpt.wait_until_finished()
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs)
+    return fileio.dir_bytes(p)
 
   if path is not None:
     return save(path)
@@ -323,13 +315,9 @@ def _latency(jfwd, args, x, float_fwd=None) -> dict[str, Any]:
 
 
 def _eval_fwd(run, jfwd, args) -> dict[str, float]:
-  from experiments.trainers import loss_fn  # noqa: PLC0415
-  sums = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
-  for x, y, w in input_pipeline.eval_batches(run.data, run.config.eval_batch_size, run.config.eval_examples):
-    logits = jfwd(*args, jnp.asarray(x))
-    _, ce, hits = loss_fn(logits, jnp.asarray(y), run.md.task)
-    sums['loss'] += float(jnp.sum(ce * w))
-    sums['correct'] += float(jnp.sum(hits * w))
-    sums['count'] += float(np.sum(w))
-  n = max(sums['count'], 1.0)
-  return {'eval/loss': sums['loss'] / n, 'eval/accuracy': sums['correct'] / n}
+  from experiments import trainers  # noqa: PLC0415
+
+  def batch_sums(x, y, w):
+    _, ce, hits = trainers.loss_fn(jfwd(*args, jnp.asarray(x)), jnp.asarray(y), run.md.task)
+    return {'loss': jnp.sum(ce * w), 'correct': jnp.sum(hits * w), 'count': np.sum(w)}
+  return trainers.evaluate(run.data, run.config, batch_sums)

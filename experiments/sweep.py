@@ -57,7 +57,7 @@ import time
 import traceback
 from typing import Any
 
-from experiments import configlib, sweeps
+from experiments import configlib, fileio, sweeps
 from experiments.sweeps import Claim
 
 DEFAULT_TRIAL_FN = 'experiments.train:train_and_evaluate'
@@ -170,7 +170,7 @@ def record_failure(workdir: str, task: dict, exc: BaseException | None, message:
       'log': os.path.join(workdir, 'train.log'),
   }
   try:
-    sweeps.write_json_atomic(os.path.join(workdir, 'error.json'), err)
+    fileio.write_json_atomic(os.path.join(workdir, 'error.json'), err)
   except OSError as e:  # a full disk: the sweep still reports the failure (its line and tally say it)
     err['message'] += f' (error.json not written: {e.strerror or e})'
     err['unwritten'] = True
@@ -585,7 +585,7 @@ def write_manifest(root: str, spec: str, cli: list[tuple[str, str]], trials: lis
   merged = {t['name']: t for t in old.get('trials', [])}
   merged.update({t.name: t.manifest() for t in trials})
   keys = list(dict.fromkeys(old.get('hparam_keys', []) + list(sweeps.hparam_domains(trials))))
-  sweeps.write_json_atomic(path, {
+  fileio.write_json_atomic(path, {
       'config': spec, 'overrides': dict(cli), 'metrics': metrics, 'hparam_keys': keys,
       'trials': sorted(merged.values(), key=lambda t: t['index']), 'updated': time.time()})
 

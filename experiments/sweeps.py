@@ -37,7 +37,6 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -348,26 +347,6 @@ def hparam_domains(trials: Sequence[Trial]) -> dict[str, list[Any]]:
         values.append(v)
     out[k] = values
   return out
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  """JSON written to a temp file in the same directory, then renamed over `path`."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix='.json')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(obj, f, indent=2, sort_keys=True, default=str)
-      f.flush()
-      os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 _WARNED: set[str] = set()

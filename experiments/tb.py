@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import collections.abc
 import glob
 import hashlib
 import json
@@ -51,6 +50,8 @@ from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
+
+from experiments import configlib
 
 __all__ = [
   'SummaryWriter',
@@ -250,16 +251,9 @@ def _normalize_hparam(name: str, value: Any) -> HParamValue:
   raise TypeError(f'hparams[{name!r}] = {value!r}: unsupported type {type(value).__name__}')
 
 
-def _flatten(hparams: Mapping[str, Any], prefix: str = '') -> dict[str, HParamValue]:
-  """Nested mappings flattened with '.'-joined keys (clu's convention), values normalized."""
-  out: dict[str, HParamValue] = {}
-  for key, value in hparams.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, collections.abc.Mapping):
-      out.update(_flatten(value, prefix=f'{name}.'))
-    else:
-      out[name] = _normalize_hparam(name, value)
-  return out
+def _flatten(hparams: Mapping[str, Any]) -> dict[str, HParamValue]:
+  """Nested mappings flattened with '.'-joined keys (clu's convention, configlib.flatten), values normalized."""
+  return {name: _normalize_hparam(name, value) for name, value in configlib.flatten(hparams).items()}
 
 
 def _excluded(name: str, exclude: Iterable[str]) -> bool:

@@ -37,6 +37,7 @@ import optax
 from experiments import checkpoints as ckpt_lib
 from experiments import configlib, distributed, input_pipeline, models, quant_config, summaries, sweeps, trainers
 from experiments.data import DataError
+from experiments.fileio import write_json_atomic
 from experiments.progress import Progress
 from experiments.tb import SummaryWriter
 
@@ -172,14 +173,9 @@ class Run:
     return distributed.shard_batch(self.mesh, x), distributed.shard_batch(self.mesh, y)
 
   def evaluate(self, state, eval_step) -> dict[str, float]:
-    c = self.config
-    sums = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
-    for x, y, w in input_pipeline.eval_batches(self.data, c.eval_batch_size, c.eval_examples):
-      out = eval_step(state, *(distributed.shard_batch(self.mesh, a) for a in (x, y, w)))
-      for k in sums:
-        sums[k] += float(out[k])
-    n = max(sums['count'], 1.0)
-    metrics = {'eval/loss': sums['loss'] / n, 'eval/accuracy': sums['correct'] / n}
+    metrics = trainers.evaluate(
+        self.data, self.config,
+        lambda x, y, w: eval_step(state, *(distributed.shard_batch(self.mesh, a) for a in (x, y, w))))
     if self.md.task == 'lm':
       metrics['eval/bits_per_char'] = metrics['eval/loss'] / math.log(2)
     return metrics
@@ -233,7 +229,7 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
   lead = jax.process_index() == 0
   if lead:
     os.makedirs(workdir, exist_ok=True)
-    ckpt_lib.write_json_atomic(os.path.join(workdir, 'config.json'), config_dict)
+    write_json_atomic(os.path.join(workdir, 'config.json'), config_dict)
   t_start = time.time()
   warnings = []
   mesh, data, md = _setup(config, workdir, log)
@@ -259,7 +255,7 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
     raise
   writer.close(status='success')
   if lead:
-    ckpt_lib.write_json_atomic(os.path.join(workdir, 'result.json'), {**result, 'config': config_dict})
+    write_json_atomic(os.path.join(workdir, 'result.json'), {**result, 'config': config_dict})
   log(summaries.one_line(result))
   return {**result, 'config': config_dict}
 

@@ -13,6 +13,7 @@ pure dict of the model's and optimizer's nnx.State.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from experiments import input_pipeline
 from experiments.models import ModelDef
 from qjax import flax as qflax
 from qjax.flax.intercept import STATS
@@ -32,6 +34,21 @@ def loss_fn(logits, y, task: str):
   if task == 'lm':
     ce, hits = ce.mean(-1), hits.mean(-1)
   return ce.mean(), ce, hits
+
+
+def evaluate(data, config, batch_sums: Callable[[Any, Any, Any], Mapping[str, Any]]) -> dict[str, float]:
+  """Mean eval loss and accuracy over the eval split: `batch_sums(x, y, w)` gives one batch's weighted sums
+  {'loss', 'correct', 'count'} (an `eval_step`, or a serving forward's), added up in float over
+  `input_pipeline.eval_batches(data, config.eval_batch_size, config.eval_examples)`. The one eval loop the training
+  run and the serving summary share, so both read the same examples and divide the same way.
+  """
+  sums = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+  for x, y, w in input_pipeline.eval_batches(data, config.eval_batch_size, config.eval_examples):
+    out = batch_sums(x, y, w)
+    for k in sums:
+      sums[k] += float(out[k])
+  n = max(sums['count'], 1.0)
+  return {'eval/loss': sums['loss'] / n, 'eval/accuracy': sums['correct'] / n}
 
 
 class LinenTrainer:

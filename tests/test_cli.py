@@ -92,14 +92,14 @@ def test_a_full_disk_in_a_sweep_fails_the_trial_and_still_tallies(tmp_path, monk
   root = str(tmp_path / 'root')
   cfg = tmp_path / 'one.py'
   cfg.write_text('import ml_collections\n\ndef get_config(arg=None):\n  return ml_collections.ConfigDict({"x": 1})\n')
-  write = sweep.sweeps.write_json_atomic
+  write = sweep.fileio.write_json_atomic
 
   def full_for_errors(path, obj):  # the disk is full by the time the trial's error.json is written
     if path.endswith('error.json'):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
     write(path, obj)
 
-  monkeypatch.setattr(sweep.sweeps, 'write_json_atomic', full_for_errors)
+  monkeypatch.setattr(sweep.fileio, 'write_json_atomic', full_for_errors)
   out = []
   rc = sweep.run_sweep([f'--config={cfg}', f'--root={root}', '--index=0', '--trial_fn=test_cli:disk_full_trial'],
                        out=out.append)

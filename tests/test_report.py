@@ -7,17 +7,17 @@ import os
 
 import pytest
 
-from experiments import report, sweeps, tb
+from experiments import fileio, report, tb
 
 
 def _trial(root, name, labels, config, result=None, error=None):
   workdir = os.path.join(root, name)
   os.makedirs(workdir)
-  sweeps.write_json_atomic(os.path.join(workdir, 'config.json'), config)
+  fileio.write_json_atomic(os.path.join(workdir, 'config.json'), config)
   if result is not None:
-    sweeps.write_json_atomic(os.path.join(workdir, 'result.json'), {**result, 'config': config})
+    fileio.write_json_atomic(os.path.join(workdir, 'result.json'), {**result, 'config': config})
   if error is not None:
-    sweeps.write_json_atomic(os.path.join(workdir, 'error.json'), error)
+    fileio.write_json_atomic(os.path.join(workdir, 'error.json'), error)
   return {'name': name, 'labels': labels, 'index': 0}
 
 
@@ -56,7 +56,7 @@ def root(tmp_path):
              error={'type': 'RunError', 'message': 'config.init_from is not a finished run'}),
       {'name': 'mode=qat,bits=w2,seed=0', 'labels': {'mode': 'qat', 'bits': 'w2', 'seed': '0'}, 'index': 7},
   ]
-  sweeps.write_json_atomic(os.path.join(root, 'sweep.json'), {
+  fileio.write_json_atomic(os.path.join(root, 'sweep.json'), {
       'config': 'configs/hand.py', 'metrics': ['eval/accuracy', 'eval/loss'], 'trials': listed,
       'hparam_keys': ['mode', 'quant.weight.format']})
   return root
@@ -137,7 +137,7 @@ def test_latency_front_uses_the_ratio_to_float_and_keeps_collapsed_trials_off(tm
       _trial(root, 'mode=ptq,bits=w2', {'mode': 'ptq', 'bits': 'w2'}, _config('ptq', 'int2', 0),
              _result(0.11, 0.10, nbytes=300, latency={'serving_ms': 0.5, 'ratio_to_float': 0.3})),
   ]
-  sweeps.write_json_atomic(os.path.join(root, 'sweep.json'), {'config': 'configs/hand.py', 'trials': listed})
+  fileio.write_json_atomic(os.path.join(root, 'sweep.json'), {'config': 'configs/hand.py', 'trials': listed})
   configs, _, _ = report.summarize(report.load_trials(root)[0])
   by = {c.label: c for c in configs}
   assert by['mode=qat,bits=w8'].front['latency_ratio'] and by['mode=float'].front['latency_ratio']

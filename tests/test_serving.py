@@ -4,8 +4,6 @@ path, also for a single row, which runs int8 padded to two rows on CPU), and the
 is a fraction of the float one.
 """
 
-import pathlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from experiments.fileio import dir_bytes
 from experiments.models import MLP
 from qjax.flax import ServingWeight, convert_linen, convert_nnx, quantize_linen, quantize_nnx
 from qjax.flax.intercept import pack_int4, unpack_int4
@@ -164,10 +163,6 @@ def test_convert_nnx_serving_equals_qat_eval_bit_for_bit():
 
 
 # ------------------------------------------------------------------------------------------ checkpoint size
-
-
-def dir_bytes(path: pathlib.Path) -> int:
-  return sum(f.stat().st_size for f in path.rglob('*') if f.is_file())
 
 
 def save(tree, path, compress=True):

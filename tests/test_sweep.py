@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from experiments import board, configlib, sweep, sweeps, tb
+from experiments import board, configlib, fileio, sweep, sweeps, tb
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -60,7 +60,7 @@ def fake_trial(config, workdir, log=print):
   while len(steps) < config.steps:
     time.sleep(config.sleep)
     steps.append(len(steps) + 1)
-    sweeps.write_json_atomic(ckpt, steps)
+    fileio.write_json_atomic(ckpt, steps)
   if config.fail and config.fail == name and not os.path.exists(os.path.join(workdir, 'healed')):
     raise ValueError(f'injected failure in {name}')
   c = configlib.to_dict(config)
@@ -70,7 +70,7 @@ def fake_trial(config, workdir, log=print):
   with tb.SummaryWriter(workdir) as w:  # what the runner writes: every config leaf (the seed left out)
     w.hparams(c)
     w.scalar('eval/accuracy', result['metrics']['eval/accuracy'], config.steps)
-  sweeps.write_json_atomic(os.path.join(workdir, 'result.json'), result)
+  fileio.write_json_atomic(os.path.join(workdir, 'result.json'), result)
   return result
 
 
@@ -262,7 +262,7 @@ def test_a_trial_starting_from_a_changed_trial_counts_as_changed(tmp_path):
     stored = configlib.to_dict(t.config)
     if t.name == 'mode=float':
       stored['num_train_steps'] += 1
-    sweeps.write_json_atomic(os.path.join(root, t.name, 'result.json'), {'config': stored})
+    fileio.write_json_atomic(os.path.join(root, t.name, 'result.json'), {'config': stored})
   changed = sweep.changed_trials(trials, trials, root)
   assert changed['mode=float'] == ['num_train_steps']
   assert sorted(changed) == ['mode=float'] + sorted(t.name for t in trials if t.name.startswith('mode=ptq'))

@@ -1,0 +1,55 @@
+"""Run files on disk: the one atomic JSON writer and the one directory-size count.
+
+A leaf module (it imports nothing from `experiments`) so that every layer that writes run files, from the sweep
+language to checkpoints and the bench, can import it without cycles or without pulling orbax in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """JSON written to a temp file in the same directory, then renamed over `path`, so a reader never sees a
+  half-written file. Keys are sorted (run files diff cleanly); numpy scalars and arrays become JSON numbers and
+  lists, anything else unknown its `str`. The file gets the permissions a plain `open` would give (0o666 less the
+  umask), not mkstemp's private 0o600, so other users of a shared run directory can read it.
+  """
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix='.json')
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+      f.flush()
+      os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _json_default(o):
+  """JSON for what `json` cannot write: numpy numbers and arrays as numbers and lists, the rest as `str`."""
+  if isinstance(o, np.integer):
+    return int(o)
+  if isinstance(o, np.floating):
+    return float(o)
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  return str(o)
+
+
+def dir_bytes(path: str | os.PathLike) -> int:
+  """Bytes of all files under `path` (recursively): what a checkpoint, run or dataset directory takes on disk; 0 when
+  `path` is missing or not a directory."""
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
