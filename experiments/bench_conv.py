@@ -59,10 +59,10 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> bs.Group:
                                                       {'inspect': bs._maybe_inspect(config, pad_conv, xq, wq)}),
   }
   slow = qconv.cpu_slow_reason(cp, x.shape, w.shape)
-  patch_route = qconv.gemm_route(cp, x.shape, w.shape) and bool(slow or cin == 1)
+  route = {'gemm': 'patches + int8 dot', 'fake': 'float', 'real': 'XLA int8 conv'}
   meta = {'shape': [b, h, cin, cout, k], 'xla_slow_reason': slow,
           'patch_bytes': qconv.patch_bytes(cp, x.shape, w.shape),
-          'auto_route': 'patches + int8 dot' if patch_route else 'float' if slow else 'XLA int8 conv'}
+          'auto_route': route[qconv.cpu_int_route('auto', cp, x.shape, w.shape)]}
   return bs.Group(f'conv {b}x{h}x{h} {cin}->{cout} {k}x{k}', variants, 'f32 conv', meta)
 
 

@@ -273,20 +273,28 @@ def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str, cp: ConvParams | N
   if not native:
     return 'fake'
   if ka == 'int' and cp is not None and jax.default_backend() == 'cpu':
+    mode = cpu_int_route(mcfg.mode, cp, lhs_shape, rhs_shape)
     reason = cpu_slow_reason(cp, lhs_shape, rhs_shape)
-    if reason and mcfg.mode == 'real':
-      return 'gemm' if conv_gemm.supported(cp, lhs_shape) else 'real'
-    if reason:
-      mode = 'gemm' if gemm_route(cp, lhs_shape, rhs_shape) else 'fake'
-      key = (where, reason, mode)
-      if key not in _ROUTED:
-        _ROUTED.add(key)
-        how = 'patches + one int8 matmul' if mode == 'gemm' else 'a float conv of the quantized values'
-        log.info('qjax: conv %s %s, which XLA:CPU runs as a slow s32 conv: running it as %s (mode="auto")',
-                 where, reason, how)
-      return mode
-    if mcfg.mode == 'auto' and lhs_shape[cp.dnums.lhs_spec[1]] == 1 and gemm_route(cp, lhs_shape, rhs_shape):
-      return 'gemm'
+    if reason and mcfg.mode == 'auto' and (where, reason, mode) not in _ROUTED:
+      _ROUTED.add((where, reason, mode))
+      how = 'patches + one int8 matmul' if mode == 'gemm' else 'a float conv of the quantized values'
+      log.info('qjax: conv %s %s, which XLA:CPU runs as a slow s32 conv: running it as %s (mode="auto")',
+               where, reason, how)
+    return mode
+  return 'real'
+
+
+def cpu_int_route(mode: str, cp: ConvParams, lhs_shape, rhs_shape) -> str:
+  """How an int8 conv runs on XLA:CPU under mode 'real' or 'auto': 'real' (XLA's int8 conv), 'gemm' (patches +
+  one int8 matmul) or 'fake' (a float conv of the quantized values). The one rule for the forward, the input
+  gradient and (through `_kernel_grad_by_patches`) the kernel gradient."""
+  slow = cpu_slow_reason(cp, lhs_shape, rhs_shape)
+  if mode == 'real':
+    return 'gemm' if slow and conv_gemm.supported(cp, lhs_shape) else 'real'
+  if slow:
+    return 'gemm' if gemm_route(cp, lhs_shape, rhs_shape) else 'fake'
+  if lhs_shape[cp.dnums.lhs_spec[1]] == 1 and gemm_route(cp, lhs_shape, rhs_shape):
+    return 'gemm'
   return 'real'
 
 
@@ -432,8 +440,7 @@ def _kernel_grad_by_patches(mcfg: MatmulConfig, aspec, bspec, fwd: ConvParams, l
     return False
   if aspec.scheme != 'symmetric' or bspec.scheme != 'symmetric' or not conv_gemm.supported(fwd, lhs_shape):
     return False
-  return mcfg.mode != 'fake' and bool(cpu_slow_reason(fwd, lhs_shape, kernel_shape)) and (
-      mcfg.mode == 'real' or gemm_route(fwd, lhs_shape, kernel_shape))
+  return mcfg.mode != 'fake' and cpu_int_route(mcfg.mode, fwd, lhs_shape, kernel_shape) == 'gemm'
 
 
 def _patch_kernel_grad(a, g, aspec, gspec, fwd: ConvParams, kernel_shape, a_qparams, g_qparams, ka, kg, out_dtype):
