@@ -13,9 +13,10 @@ Args (`configs/quickstart.py:ARGS`, comma-separated): `seeds=N` repeats every co
 `runlocal` shrinks everything to the committed fixtures (a smoke test).
 
 What it reaches (1000 steps of batch 128, about 2 epochs; test accuracy on all 10k test images; measured on
-2026-12-04 with this command, one run):
+2026-12-04 with this command; two runs, the second after the conv routing changes of that day):
 
-  float 88.3% | W8A8 QAT 88.3%, PTQ 88.3% | W4A4 QAT 85.5%, PTQ 85.8% | W2A2 QAT (LSQ) 83.1%, PTQ 10.5% (chance)
+  float 88.3% | W8A8 QAT 88.3%, PTQ 88.3% | W4A4 QAT 85.5 / 85.7%, PTQ 85.8% | W2A2 QAT (LSQ) 83.1 / 82.7%,
+  PTQ 10.5% (chance)
 
 (2026-11-25, before this session's changes, two runs: float 88.4%, W4A4 QAT 86.4%, PTQ 85.7%, W2A2 QAT 82.4%.)
 
