@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one command: tests/gpu, then the GPU benchmark suite (configs/bench_gpu.py). Everything it
-# prints and writes lands in one folder: environment.txt (nvidia-smi, jax's environment), tests.txt,
-# bench.log, bench/bench.json, bench/bench.md and bench/ TensorBoard events.
+# prints and writes lands in one folder: environment.txt (nvidia-smi, jax's environment), tests.txt (and
+# tests_no_triton.txt: the exactness tests with XLA's Triton GEMMs off), hlo*/ (the tested programs' optimised
+# HLO), bench.log, bench/bench.json, bench/bench.md and bench/ TensorBoard events.
 #
 #   bash experiments/gpu.sh [OUTDIR] [--config.key=value ...]     (default OUTDIR: runs/gpu)
 #
@@ -22,8 +23,14 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENT
 start=$(date +%s)
 { nvidia-smi; "$py" -c 'import jax; jax.print_environment_info()'; } > "$out/environment.txt" 2>&1
 echo "gpu.sh: tests/gpu"
-"$py" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$out/tests.txt"
+# -rA prints the measured errors of the passing tests too; QJAX_GPU_OUT receives the optimised HLO of the
+# exactness tests' programs, so a failure can be read after the machine is gone.
+QJAX_GPU_OUT="$out/hlo" "$py" -m pytest -q -rA -p no:cacheprovider tests/gpu 2>&1 | tee "$out/tests.txt"
 tests_rc=${PIPESTATUS[0]}
+echo "gpu.sh: the exactness tests again with XLA's Triton GEMMs off (cuBLAS(Lt) kernels only)"
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" QJAX_GPU_OUT="$out/hlo_no_triton" \
+  "$py" -m pytest -q -rA -p no:cacheprovider tests/gpu -k "exact or equals or matches" 2>&1 \
+  | tee "$out/tests_no_triton.txt"
 echo "gpu.sh: benchmark ($(( $(date +%s) - start )) s so far)"
 "$py" -m experiments.bench --config=configs/bench_gpu.py --workdir="$out/bench" "$@" 2>&1 | tee "$out/bench.log"
 bench_rc=${PIPESTATUS[0]}

@@ -10,15 +10,20 @@ accumulator width of the fp8 tensor cores: compared with a tolerance of 2^-10 re
 """
 
 import dataclasses
+import importlib
+import os
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+from jax import lax
 
 import qjax
 from qjax import QuantSpec, ops
 from qjax.ops import DotConfig, MatmulConfig
+from qjax.ops.dot_general import low_precision_dot
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU (JAX_PLATFORMS=cuda)')
 
@@ -47,6 +52,49 @@ def int8_config(mode):
   return DotConfig(fwd=mm, dlhs=mm, drhs=mm, small_m=0)
 
 
+def save_hlo(name, f, *args):
+  """With QJAX_GPU_OUT set (experiments/gpu.sh sets it), write f's optimised HLO there: a failure on the device
+  can then be read after the machine is gone."""
+  if out := os.environ.get('QJAX_GPU_OUT'):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f'{name}.hlo.txt'), 'w') as fh:
+      fh.write(f.lower(*args).compile().as_text())
+
+
+@pytest.mark.parametrize('shape', list(SHAPES))
+@pytest.mark.parametrize('pad', [False, True])
+def test_int8_gemm_is_exact_on_gpu(shape, pad):
+  """The bare kernel: int8 x int8 -> int32 on the device equals the int64 product on the host, with and without
+  qjax's padding (low_precision_dot). If this fails, the GEMM kernel itself is wrong; if it passes and the real
+  quantized dot does not, the rescale around it is."""
+  m, k, n = SHAPES[shape]
+  rng = np.random.default_rng(5)
+  a = rng.integers(-127, 128, (m, k), dtype=np.int8)
+  b = rng.integers(-127, 128, (k, n), dtype=np.int8)
+  if pad:
+    f = jax.jit(lambda a, b: low_precision_dot(a, b, DN, jnp.int32))
+  else:
+    f = jax.jit(lambda a, b: lax.dot_general(a, b, DN, preferred_element_type=jnp.int32))
+  save_hlo(f'int8_gemm_{shape}_{"pad" if pad else "bare"}', f, a, b)
+  got = np.asarray(f(a, b))
+  np.testing.assert_array_equal(got.astype(np.int64), a.astype(np.int64) @ b.astype(np.int64))
+
+
+@pytest.mark.parametrize('shape', list(SHAPES))
+def test_int8_quantize_then_rescale_on_host(shape):
+  """The real path in pieces: qjax.quantize on the device (qvalues and po2 scales), the int32 product on the
+  device, the rescale on the host in float64: equals the exact product of the fake-quantized operands."""
+  x, w = operands(*SHAPES[shape])
+  xs = QuantSpec(format='int8', granularity='per_channel', axis=0, po2_scale=True)
+  ws = QuantSpec(format='int8', granularity='per_channel', axis=1, po2_scale=True)
+  xq, wq = jax.jit(lambda x: qjax.quantize(x, xs))(x), jax.jit(lambda w: qjax.quantize(w, ws))(w)
+  acc = np.asarray(jax.jit(lambda a, b: lax.dot_general(a, b, DN, preferred_element_type=jnp.int32))(
+      xq.qvalue, wq.qvalue), np.float64)
+  got = acc * np.asarray(xq.scale, np.float64).reshape(-1, 1) * np.asarray(wq.scale, np.float64).reshape(1, -1)
+  ref = np.asarray(qjax.fake_quant(x, xs), np.float64) @ np.asarray(qjax.fake_quant(w, ws), np.float64)
+  np.testing.assert_array_equal(got, ref)
+
+
 @pytest.mark.parametrize('shape', list(SHAPES))
 def test_real_int8_equals_fake_on_gpu(shape):
   """Forward: real and fake each against the exact product of the quantized operands, computed in float64 on the
@@ -55,6 +103,7 @@ def test_real_int8_equals_fake_on_gpu(shape):
   Seen on an H200 (jax 0.11.2, 2026-12-04): at 256x512x128 the real forward came out exactly 2x the fake one;
   the reference check tells which side is wrong."""
   x, w = operands(*SHAPES[shape])
+  save_hlo(f'int8_real_{shape}', fwd_bwd(int8_config('real')), x, w)
   real = fwd_bwd(int8_config('real'))(x, w)
   fake = fwd_bwd(int8_config('fake'))(x, w)
   xs = QuantSpec(format='int8', granularity='per_channel', axis=0, po2_scale=True)  # per row of x
@@ -98,7 +147,50 @@ def test_real_fp8_matches_fake_on_gpu(shape):
   for r, f, what in zip(real, fake, ('fwd', 'dlhs', 'drhs'), strict=True):
     r, f = np.asarray(r, np.float64), np.asarray(f, np.float64)
     assert np.all(np.isfinite(r)), what
+    print(f'fp8 real vs fake {shape} {what}: max |diff| / max |fake| = {np.max(np.abs(r - f)) / np.max(np.abs(f)):.3g}')
     np.testing.assert_allclose(r, f, rtol=0, atol=FP8_ATOL[what] * np.max(np.abs(f)), err_msg=what)
+
+
+@pytest.mark.parametrize('precision', ['DEFAULT', 'HIGHEST'])
+def test_fp8_gemm_accumulation_on_gpu(precision):
+  """The bare fp8 kernel on e4m3 operands made on the host (ml_dtypes): every product is exact in f32, so the
+  only error is the accumulation's. HIGHEST (f32 accumulation) stays within K * 2^-23 of the sum of |products|;
+  DEFAULT (Hopper's fast accumulation) is bounded loosely and its measured error printed (pytest -rA shows it)."""
+  m, k, n = SHAPES['aligned']
+  rng = np.random.default_rng(6)
+  a = rng.normal(size=(m, k)).astype(ml_dtypes.float8_e4m3fn)
+  b = rng.normal(size=(k, n)).astype(ml_dtypes.float8_e4m3fn)
+  a64, b64 = a.astype(np.float64), b.astype(np.float64)
+  ref, mag = a64 @ b64, np.abs(a64) @ np.abs(b64)
+  f = jax.jit(lambda a, b: lax.dot_general(a, b, DN, precision=getattr(lax.Precision, precision),
+                                           preferred_element_type=jnp.float32))
+  save_hlo(f'fp8_gemm_{precision}', f, a, b)
+  err = np.abs(np.asarray(f(a, b), np.float64) - ref) / mag
+  print(f'fp8 e4m3 {m}x{k}x{n} precision={precision}: max |err| / sum|products| = {err.max():.3g}')
+  assert err.max() <= (k * 2.0 ** -23 if precision == 'HIGHEST' else 2.0 ** -6), err.max()
+
+
+def test_fp8_conversion_matches_host():
+  """f32 -> e4m3 / e5m2 on the device rounds as ml_dtypes does on the host (nearest-even, saturating at the
+  format's max is qjax's clip, not the cast's), over values that span both formats' ranges and ties."""
+  rng = np.random.default_rng(7)
+  x = (rng.normal(size=65536) * np.exp2(rng.integers(-12, 9, 65536))).astype(np.float32)
+  for dt, mx in ((jnp.float8_e4m3fn, 448.0), (jnp.float8_e5m2, 57344.0)):
+    xc = np.clip(x, -mx, mx)
+    got = np.asarray(jax.jit(lambda v, dt=dt: v.astype(dt))(xc)).astype(np.float32)
+    np.testing.assert_array_equal(got, xc.astype(dt).astype(np.float32), err_msg=str(dt))
+
+
+def test_real_fp8_forward_at_highest_matches_fake(monkeypatch):
+  """The forward with exact (HIGHEST) accumulation: what is left of real vs fake is not the fast accumulation."""
+  dg = importlib.import_module('qjax.ops.dot_general')   # the module (qjax.ops.dot_general is the function)
+  monkeypatch.setitem(dg.FP8_PRECISION, 'fwd', lax.Precision.HIGHEST)
+  x, w = operands(*SHAPES['aligned'], seed=1)
+  real = jax.jit(lambda x, w: ops.dot_general(x, w, DN, config=fp8_config('real')))(x, w)
+  fake = jax.jit(lambda x, w: ops.dot_general(x, w, DN, config=fp8_config('fake')))(x, w)
+  r, f = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+  print(f'fp8 real (HIGHEST) vs fake fwd: max |diff| / max |fake| = {np.max(np.abs(r - f)) / np.max(np.abs(f)):.3g}')
+  np.testing.assert_allclose(r, f, rtol=0, atol=2.0 ** -10 * np.max(np.abs(f)))
 
 
 def test_fp8_matmuls_run_in_fp8():
