@@ -152,3 +152,21 @@ def test_fp8_accumulation_per_matmul():
   assert len(dots) == 3
   assert sum('precision = [HIGHEST, HIGHEST]' in d for d in dots) == 2, dots
   assert sum('HIGHEST' not in d for d in dots) == 1, dots  # the forward: DEFAULT (printed as no precision)
+
+
+@pytest.mark.parametrize('fmt', ['fp8_e4m3', 'fp8_e5m2', 'fp4_e2m1'])
+def test_float_cast_kept_on_gpu(monkeypatch, fmt):
+  """XLA:GPU drops an f32 -> float8 -> f32 round trip (excess precision), which made fake fp8 an identity on an
+  H200: on the GPU path the cast sits behind an optimization barrier, and the fake-quant values are unchanged."""
+  from qjax import fake_quant
+  formats = importlib.import_module('qjax.formats')
+  spec = QuantSpec(format=fmt, po2_scale=True)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(64, 48)), jnp.float32)
+  f = jax.jit(lambda x: fake_quant(x, spec))
+  want = np.asarray(f(x))
+  barriers = lambda: str(jax.make_jaxpr(lambda x: fake_quant(x, spec))(x)).count('optimization_barrier')
+  on_cpu = barriers()
+  monkeypatch.setattr(formats.jax, 'default_backend', lambda: 'gpu')
+  assert barriers() == on_cpu + 1
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: fake_quant(x, spec))(x)), want)
+  assert np.any(want != np.asarray(x))  # the cast rounds: fake quant is not the identity
