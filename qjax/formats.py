@@ -35,9 +35,9 @@ import re
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import ml_dtypes
 import numpy as np
+from jax import lax
 
 # The 16 NormalFloat-4 levels (QLoRA, arXiv:2305.14314, appendix E): quantiles of N(0, 1) rescaled to [-1, 1],
 # with an exact zero.

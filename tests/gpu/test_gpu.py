@@ -10,7 +10,6 @@ accumulator width of the fp8 tensor cores: compared with a tolerance of 2^-10 re
 """
 
 import dataclasses
-import importlib
 import os
 
 import jax
