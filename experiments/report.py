@@ -178,6 +178,12 @@ class Config:
   mode: str = ''
   far_below_float: bool = False
   front: dict[str, bool] = dataclasses.field(default_factory=dict)
+  vs_float: tuple[float, str] = (float('nan'), '')  # (score - float's score, significance; see compare_to_float)
+
+  @property
+  def score_spread(self) -> float:
+    """The seed std of what `score` reports."""
+    return self.serving_metric[1] if not math.isnan(self.serving_metric[0]) else self.metric[1]
 
   @property
   def score(self) -> float:
@@ -219,6 +225,7 @@ def summarize(trials: list[dict]) -> tuple[list[Config], str, bool]:
         wall_time_s=_mean_std([r.get('wall_time_sec') for r in rs])[0],
         mode=str(rs[0].get('mode') or (ts[0]['config'] or {}).get('mode') or '')))
   mark_far_below_float(configs, higher)
+  compare_to_float(configs)
   for axis, _ in PLOT_AXES:  # a collapsed configuration is cheap at no use: it never sits on a front
     flags = pareto_front([c.cost(axis) for c in configs],
                          [float('nan') if c.far_below_float else c.score for c in configs], higher=higher)
@@ -239,6 +246,34 @@ def mark_far_below_float(configs: list[Config], higher: bool) -> None:
       c.far_below_float = c.score < FAR_BELOW_FLOAT * best if higher else c.score > best / FAR_BELOW_FLOAT
 
 
+def significance(delta: float, seeds: tuple[int, int], spreads: tuple[float, float]) -> str:
+  """'n.s.' when a difference between two configurations is within the seed spread, max(std_a, std_b) (the std
+  over seeds of each); '1 seed' when either has one seed, so there is no spread to compare with; '' otherwise
+  (the difference exceeds the seed-to-seed variation of both)."""
+  if math.isnan(delta):
+    return ''
+  if min(seeds) < 2:
+    return '1 seed'
+  return 'n.s.' if abs(delta) <= max(spreads) else ''
+
+
+def compare_to_float(configs: list[Config]) -> None:
+  """Each quantized configuration's score minus its float configuration's, with its significance. Its float
+  configuration: the only one, or where several were swept (over models, datasets, ...) the one that shares the
+  configuration's values on the keys in which the float ones differ; none when that is ambiguous."""
+  floats = [c for c in configs if c.mode == 'float' and not math.isnan(c.score)]
+  varying = {k for f in floats for k in f.values if len({g.values.get(k) for g in floats}) > 1}
+  for c in configs:
+    if c.mode == 'float' or math.isnan(c.score):
+      continue
+    refs = [f for f in floats if all(c.values.get(k) == f.values.get(k) for k in varying)]
+    if len(refs) != 1:
+      continue
+    ref = refs[0]
+    d = c.score - ref.score
+    c.vs_float = (d, significance(d, (c.seeds, ref.seeds), (c.score_spread, ref.score_spread)))
+
+
 def pareto_front(costs: list[float], values: list[float], *, higher: bool = True) -> list[bool]:
   """Which points are Pareto-optimal for (lower cost, better value); NaN points are never on the front.
 
@@ -256,6 +291,11 @@ def pareto_front(costs: list[float], values: list[float], *, higher: bool = True
 
 
 # ------------------------------------------------------------------------------------------------ outputs
+
+
+def _delta(v: tuple[float, str]) -> str:
+  d, sig = v
+  return '' if math.isnan(d) else f'{d:+.4g}' + (f' ({sig})' if sig else '')
 
 
 def _pm(ms: tuple[float, float], digits: int = 4) -> str:
@@ -353,7 +393,7 @@ def _write_csv(path: str, configs: list[Config], metric: str) -> None:
   keys = list(dict.fromkeys(k for c in configs for k in c.values))
   m = metric.split('/')[-1]
   cols = keys + ['seeds', 'weight_bits', f'{m}_mean', f'{m}_std', f'serving_{m}_mean', f'serving_{m}_std',
-                 'loss_mean', 'loss_std', 'serving_bytes', 'train_step_ms', 'latency_ms', 'latency_vs_float',
+                 f'{m}_minus_float', 'significance', 'loss_mean', 'loss_std', 'serving_bytes', 'train_step_ms', 'latency_ms', 'latency_vs_float',
                  'int8_matmuls', 'wall_time_s', 'far_below_float', 'front_weight_bits', 'front_serving_bytes',
                  'front_latency_ratio', 'trials']
   tmp = path + '.tmp'
@@ -362,7 +402,7 @@ def _write_csv(path: str, configs: list[Config], metric: str) -> None:
     w.writerow(cols)
     for c in configs:
       w.writerow([c.values.get(k, '') for k in keys] + [
-          c.seeds, c.weight_bits, *c.metric, *c.serving_metric, *c.loss, c.serving_bytes, c.train_step_ms,
+          c.seeds, c.weight_bits, *c.metric, *c.serving_metric, *c.vs_float, *c.loss, c.serving_bytes, c.train_step_ms,
           c.latency_ms, c.latency_ratio, c.int8_matmuls, c.wall_time_s, c.far_below_float, c.front['weight_bits'],
           c.front['serving_bytes'], c.front['latency_ratio'], ' '.join(c.trials)])
   os.replace(tmp, path)
@@ -378,9 +418,12 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
            f'{counts["failed"]} failed, {counts["running"]} running, {counts["not run"]} not run. '
            f'Written {time.strftime("%Y-%m-%d %H:%M:%S")} by `python -m experiments.report {root}`.', '',
            f'## Results (one row per configuration; mean ± std over seeds; {"higher" if higher else "lower"} '
-           f'{m} is better)', '']
-  head = keys + ['seeds', 'weight bits', m, f'served {m}', 'loss', 'serving bytes', 'train step (ms)',
-                 'inference latency (ms)', 'vs float', 'int8 matmuls', 'front']
+           f'{m} is better)', '',
+           f'`{m} - float`: the difference from the float configuration; (n.s.): not significant, within the seed '
+           'spread (the larger std over seeds of the two); (1 seed): no spread to judge it by (run with more seeds).',
+           '']
+  head = keys + ['seeds', 'weight bits', m, f'served {m}', f'{m} - float', 'loss', 'serving bytes',
+                 'train step (ms)', 'inference latency (ms)', 'vs float', 'int8 matmuls', 'front']
   lines.append('| ' + ' | '.join(head) + ' |')
   lines.append('|' + '---|' * len(head))
   for c in sorted(configs, key=lambda c: (-c.weight_bits, c.label)):
@@ -388,7 +431,7 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
     if c.far_below_float:
       fronts = 'none: far below float'
     row = [c.values.get(k, '') for k in keys] + [
-        str(c.seeds), _num(c.weight_bits), _pm(c.metric), _pm(c.serving_metric), _pm(c.loss),
+        str(c.seeds), _num(c.weight_bits), _pm(c.metric), _pm(c.serving_metric), _delta(c.vs_float), _pm(c.loss),
         _num(c.serving_bytes, '{:,.0f}'), _num(c.train_step_ms, '{:.1f}'), _num(c.latency_ms, '{:.3f}'),
         _num(c.latency_ratio, '{:.2f}x'), c.int8_matmuls, fronts]
     lines.append('| ' + ' | '.join(row) + ' |')

@@ -95,6 +95,11 @@ def test_summary_groups_seeds_and_computes_fronts(root):
   assert fronts['mode=qat,bits=w4']['weight_bits'] and fronts['mode=qat,bits=w8']['weight_bits']
   assert fronts['mode=float,bits=w32']['weight_bits'] and not fronts['mode=ptq,bits=w4']['weight_bits']
   assert fronts['mode=qat,bits=w4']['serving_bytes'] and not fronts['mode=ptq,bits=w4']['serving_bytes']
+  # Differences from float, with their significance: qat w8 (2 seeds) is 0.02 below float (2 seeds), more
+  # than either's seed std (0.0141): significant; qat w4 has one seed.
+  assert q8.vs_float[0] == pytest.approx(0.89 - 0.91) and q8.vs_float[1] == ''
+  assert by['mode=qat,bits=w4'].vs_float == (pytest.approx(0.84 - 0.91), '1 seed')
+  assert math.isnan(f.vs_float[0])
   # Only the ratio to float ranks latency: the float rows have none here, qat w8 has one.
   assert fronts['mode=qat,bits=w8']['latency_ratio'] and not fronts['mode=float,bits=w32']['latency_ratio']
 
@@ -108,7 +113,8 @@ def test_report_files_and_tensorboard(root):
   assert float(row['serving_accuracy_mean']) == pytest.approx(0.89) and row['serving_bytes'] == '1000.0'
   assert row['front_weight_bits'] == 'True' and row['trials'] == 'mode=qat,bits=w8,seed=0 mode=qat,bits=w8,seed=1'
   md = open(paths['report']).read()
-  assert '| qat | w8 | 2 | 8 | 0.9000 ± 0.0141 | 0.8900 ± 0.0141 |' in md
+  assert '| qat | w8 | 2 | 8 | 0.9000 ± 0.0141 | 0.8900 ± 0.0141 | -0.02 |' in md
+  assert float(row['accuracy_minus_float']) == pytest.approx(-0.02) and row['significance'] == ''
   assert '| ptq | w4 | 1 | 4 | 0.7000 ± 0.0000 | 0.6000 ± 0.0000 |' in md
   assert 'accuracy vs weight bits: `mode=qat,bits=w4` → `mode=qat,bits=w8` → `mode=float,bits=w32`' in md
   assert '`mode=ptq,bits=w2,seed=0`: RunError: config.init_from is not a finished run' in md
@@ -163,3 +169,23 @@ def test_without_manifest_labels_come_from_differing_keys(tmp_path):
                                                          ('act.format=int8,weight.format=int8', 2)]
   assert report.main([root]) == 0 and report.main([]) == 2 and report.main([str(tmp_path / 'nope')]) == 2
   json.load(open(os.path.join(root, 'int8-0', 'result.json')))  # the trials' files are untouched
+
+
+def test_significance_is_judged_by_the_seed_spread():
+  assert report.significance(0.3, (3, 3), (0.2, 0.4)) == 'n.s.'    # within the larger spread
+  assert report.significance(-0.5, (3, 3), (0.2, 0.4)) == ''       # beyond both
+  assert report.significance(0.5, (1, 3), (0.0, 0.1)) == '1 seed'
+  assert report.significance(float('nan'), (3, 3), (0.1, 0.1)) == ''
+
+
+def test_each_model_is_compared_with_its_own_float_run():
+  def cfg(model, mode, acc, std, seeds=3):
+    return report.Config(label=f'{model},{mode}', values={'model': model, 'mode': mode}, trials=[], seeds=seeds,
+                         metric=(acc, std), serving_metric=(float('nan'), float('nan')), loss=(0.0, 0.0),
+                         weight_bits=8, serving_bytes=1.0, train_step_ms=1.0, latency_ms=1.0, int8_matmuls='',
+                         wall_time_s=1.0, mode=mode)
+  cs = [cfg('cnn', 'float', 0.90, 0.01), cfg('resnet', 'float', 0.93, 0.01),
+        cfg('cnn', 'qat', 0.895, 0.01), cfg('resnet', 'qat', 0.90, 0.01)]
+  report.compare_to_float(cs)
+  assert cs[2].vs_float == (pytest.approx(-0.005), 'n.s.')
+  assert cs[3].vs_float == (pytest.approx(-0.03), '')
