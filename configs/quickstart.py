@@ -59,14 +59,16 @@ def get_sweep(arg=None) -> sweeps.Sweep:
   a = _args(arg)
   formats = {'w8a8': 'int8', 'w4a4': 'int4', 'w2a2': 'int2'}
   bits = {k: {'quant.weight.format': f, 'quant.act.format': f} for k, f in formats.items()}
-  # QAT at 2 bits learns its step sizes (LSQ); PTQ trains nothing, so its estimator is moot.
-  qat_bits = {k: dict(v, **({'quant.weight.estimator': 'lsq', 'quant.act.estimator': 'lsq'} if k == 'w2a2' else {}))
-              for k, v in bits.items()}
+  # Below 8 bits, the low-bit literature's recipe (LSQ, Esser et al. 2020): the first and last layers at 8 bits,
+  # and QAT learns its step sizes; PTQ trains nothing, so its estimator is moot.
+  low = {k: dict(v, **({'quant.first_last_8bit': True} if k != 'w8a8' else {})) for k, v in bits.items()}
+  qat_bits = {k: dict(v, **({'quant.weight.estimator': 'lsq', 'quant.act.estimator': 'lsq'} if k != 'w8a8' else {}))
+              for k, v in low.items()}
   sweep = sweeps.chain(
       sweeps.axis('mode', {'float': {'mode': 'float', 'quant.weight.format': '', 'quant.act.format': ''}}),
       sweeps.product(sweeps.axis('mode', {'qat': {'mode': 'qat'}}), sweeps.axis('bits', qat_bits)),
       sweeps.product(sweeps.axis('mode', {'ptq': {'mode': 'ptq', 'init_from': sweeps.trial_ref('mode=float')}}),
-                     sweeps.axis('bits', bits)),
+                     sweeps.axis('bits', low)),
   )
   if a['seeds'] > 1:
     sweep = sweeps.product(sweep, sweeps.axis('seed', list(range(a['seeds']))))

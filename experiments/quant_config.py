@@ -6,8 +6,9 @@
     config.quant.mode, bwd_mode, act_static, ema_decay, delayed_scaling, small_m (QuantRule fields)
     config.quant.first_last_8bit        keep the model's first and last quantized ops (execution order) at 8 bits,
                                         the convention of LSQ, PACT and DoReFa (QuantRule.first_last_8bit)
-    config.quant.act_signedness         'format' (act format as written) | 'auto' (unsigned grid for activations
-                                        that are non-negative on the first batch) | 'signed' | 'unsigned'
+    config.quant.act_signedness         'auto' (default here: unsigned grid for activations that are non-negative
+                                        on the first batch) | 'format' (act format as written) | 'signed' |
+                                        'unsigned'
 
 Rules are built in order: float_layers, then the groups (in their order), then the default rule '.*'.
 """
@@ -57,7 +58,9 @@ def default_quant_config() -> ml_collections.ConfigDict:
   q.delayed_scaling = d.delayed_scaling
   q.small_m = d.small_m  # forward matmuls with <= this many rows run as float matmuls of quantized values; 0: int8
   q.first_last_8bit = d.first_last_8bit  # the first and last quantized ops at 8 bits (low-bit literature's convention)
-  q.act_signedness = d.act_signedness  # 'auto': unsigned act grids where the first batch's activations are >= 0
+  # The runner always has data, so its activation grids follow it (the library's QuantRule defaults to 'format':
+  # 'auto' needs a float probe run on sample inputs). After ReLU a signed grid wastes half its levels.
+  q.act_signedness = 'auto'  # unsigned act grids where the first batch's activations are >= 0; 'format' as written
   q.calibration_batches = 16
   return q
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import inspect
 import itertools
 import json
 import os
@@ -225,10 +226,10 @@ def get_sweep(module, arg: str | None) -> Sweep | None:
   fn = getattr(module, 'get_sweep', None)
   if fn is None:
     return None
-  try:
-    sweep = fn(arg)
-  except TypeError:
-    sweep = fn()
+  # get_sweep(arg=None) or get_sweep(): chosen by the signature, so a TypeError raised inside a user's sweep
+  # function surfaces as itself.
+  takes_arg = bool(inspect.signature(fn).parameters)
+  sweep = fn(arg) if takes_arg else fn()
   if not isinstance(sweep, Sweep):
     raise configlib.ConfigError(f'get_sweep() must return a sweep built with experiments.sweeps, got {sweep!r}')
   return sweep

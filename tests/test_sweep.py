@@ -552,3 +552,17 @@ def test_results_fmnist_keeps_the_first_and_last_layers_at_8_bits_in_its_low_bit
   kept = {t.name for t in trials if t.config.quant.first_last_8bit}
   low_bit_qat = {t.name for t in trials if t.config.mode == 'qat' and t.config.quant.weight.format != 'int8'}
   assert low_bit_qat and kept == low_bit_qat  # PTQ's per-channel vs per-tensor study quantizes every layer
+
+
+def test_get_sweep_errors_are_not_swallowed():
+  """A TypeError inside a user's get_sweep(arg) surfaces as itself (it used to be retried as get_sweep())."""
+  import types
+
+  from experiments import sweeps
+
+  def broken(arg=None):
+    return sweeps.axis('seed', [0, 1]) + 1   # a bug in the user's function
+  with pytest.raises(TypeError):
+    sweeps.get_sweep(types.SimpleNamespace(get_sweep=broken), None)
+  no_arg = types.SimpleNamespace(get_sweep=lambda: sweeps.product(sweeps.axis('seed', [0, 1])))
+  assert len(sweeps.get_sweep(no_arg, None).points) == 2
