@@ -75,9 +75,6 @@ class DependencyFailed(RuntimeError):
   pass
 
 
-# ------------------------------------------------------------------------------------------------ claims
-
-
 # ------------------------------------------------------------------------------------------ worker side
 
 _WORKER: dict[str, Any] = {'events': None, 'cache_dir': None}
@@ -381,11 +378,10 @@ def local_gpus() -> int:
 class _Scheduler:
   """Submits trials whose referenced trials are finished, in sweep order; yields outcomes as they end."""
 
-  def __init__(self, run: list[sweeps.Trial], make: callable):
+  def __init__(self, run: list[sweeps.Trial]):
     self.waiting = list(run)
     self.selected = {t.index for t in run}
     self.finished: set[int] = set()
-    self.make = make
 
   def ready(self) -> list[sweeps.Trial]:
     out = [t for t in self.waiting if all(d not in self.selected or d in self.finished for d in t.deps)]
@@ -397,7 +393,7 @@ class _Scheduler:
 def _run_local(run, make, workers: int, start_method: str, emit, gpus: int):
   """Process-pool executor: yields each trial's outcome; rebuilds the pool if a worker dies."""
   ctx = multiprocessing.get_context(start_method)
-  sched = _Scheduler(run, make)
+  sched = _Scheduler(run)
   cache_dir = make(run[0])['cache_dir']
   started: dict[int, int] = {}  # trial index -> worker pid
   queues = {}
@@ -516,7 +512,7 @@ def _run_ray(run, make, workers: int, address: str | None, emit):
     if gpus:  # one GPU per trial; a fresh worker each time, as JAX binds its GPU once per process
       options.update(num_gpus=1, max_calls=1)
     remote = ray.remote(**options)(run_trial)
-    sched = _Scheduler(run, make)
+    sched = _Scheduler(run)
     running = {}
     while sched.waiting or running:
       for t in sched.ready():
