@@ -5,24 +5,29 @@ r"""Quickstart sweep: LeNet-5 on Fashion-MNIST, float vs W8A8 / W4A4 / W2A2, by 
     cat runs/quickstart/report.md                        # the table, the Pareto fronts (PNG beside it)
 
 Seven trials: `mode=float` once; `mode=qat` (trained from scratch with fake quantization) and `mode=ptq`
-(calibrated from the float trial's model and converted, no training) for each of w8a8, w4a4 and w2a2 (W2A2
-uses the LSQ estimator, learned step sizes, for weights and activations). Fashion-MNIST is fetched into the
-dataset cache on first use (experiments.data); rerunning the command skips finished trials.
+(calibrated from the float trial's model and converted, no training) for each of w8a8, w4a4 and w2a2. Below 8
+bits the trials follow the low-bit literature's recipe (LSQ, Esser et al. 2020): the first and last layers at 8
+bits and, in QAT, learned step sizes (the LSQ estimator) for weights and activations. As in every experiments
+config, activation grids are unsigned where the first batch's activations are non-negative (after ReLU;
+`quant.act_signedness='auto'`). Fashion-MNIST is fetched into the dataset cache on first use
+(experiments.data); rerunning the command skips finished trials.
 
 Args (`configs/quickstart.py:ARGS`, comma-separated): `seeds=N` repeats every configuration over N seeds;
 `runlocal` shrinks everything to the committed fixtures (a smoke test).
 
-What it reaches (1000 steps of batch 128, about 2 epochs; test accuracy on all 10k test images; measured on
-2026-12-04 with this command; two runs, the second after the conv routing changes of that day):
+What it reaches (1000 steps of batch 128, about 2 epochs; test accuracy on all 10k test images), measured on
+2026-12-04 with `seeds=3` (mean ± std over 3 seeds; the report marks differences within the seed spread n.s.):
 
-  float 88.3% | W8A8 QAT 88.3%, PTQ 88.3% | W4A4 QAT 85.5 / 85.7%, PTQ 85.8% | W2A2 QAT (LSQ) 83.1 / 82.7%,
-  PTQ 10.5% (chance)
+  float 88.0 ± 0.3% | W8A8 QAT 88.0 ± 0.5%, PTQ 88.0 ± 0.3% | W4A4 QAT 87.9 ± 0.6%, PTQ 87.3 ± 0.3% |
+  W2A2 QAT 87.0 ± 0.2%, PTQ 54.9 ± 11.5%
 
-(2026-11-25, before this session's changes, two runs: float 88.4%, W4A4 QAT 86.4%, PTQ 85.7%, W2A2 QAT 82.4%.)
+(Before the recipe, signed activation grids and every layer at the nominal bits, one seed: W4A4 QAT 85.5%,
+PTQ 85.8%; W2A2 QAT 82.7%, PTQ 10.5%, against float 88.3%.)
 
-How long, from a fresh clone with an empty dataset cache on a 2-core Intel Xeon (AVX-512 VNNI, AMX) with other
-jobs running, README command 1: 4 min 5 s in all (pip's download cache warm), the seven trials on 2 workers in
-3 min 15 s (Fashion-MNIST fetch included; float 96 s, QAT 51-112 s, PTQ 15-20 s each).
+How long: before the recipe, from a fresh clone with an empty dataset cache on a 2-core Intel Xeon (AVX-512
+VNNI, AMX) with other jobs running, README command 1 took 4 min 5 s in all (pip's download cache warm), the seven
+trials on 2 workers 3 min 15 s (Fashion-MNIST fetch included). With it, on the same machine under a load average
+of about 14 from other jobs, the seven trials took 7 min 44 s (not comparable: the machine was saturated).
 """
 
 import os
