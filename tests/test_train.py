@@ -156,7 +156,8 @@ def test_mode_end_to_end_writes_run_files(tmp_path, mode):
 
 def test_first_last_8bit_reaches_the_rules_and_the_per_layer_report(tmp_path):
   c = mlp_config(mode='qat', quant_summaries=True, **{'quant.weight.format': 'int4', 'quant.act.format': 'int4',
-                                                      'quant.first_last_8bit': True, 'model.hidden': (64, 32)})
+                                                      'quant.first_last_8bit': True, 'model.hidden': (64, 32),
+                                                      'quant.act_signedness': 'format'})
   result = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
   assert result['rules'] and all(r['first_last_8bit'] for r in result['rules'])
   # Three Dense layers: the first and the last (execution order) ran at 8 bits, the middle one at 4.
@@ -166,8 +167,19 @@ def test_first_last_8bit_reaches_the_rules_and_the_per_layer_report(tmp_path):
     assert [(row['format'], row['kept_8bit']) for row in rows] == [('int8', True), ('int4', False), ('int8', True)]
 
 
+def test_experiments_default_to_auto_act_signedness():
+  """The runner decides activation grids from data by default; the library's rules keep the format as written
+  (its 'auto' needs a probe run on sample inputs)."""
+  from experiments import quant_config  # noqa: PLC0415
+  from qjax import QuantSpec  # noqa: PLC0415
+  from qjax.flax import QuantRule  # noqa: PLC0415
+  assert quant_config.default_quant_config().act_signedness == 'auto'
+  assert QuantRule('.*', weight=QuantSpec(format='int8')).act_signedness == 'format'
+  assert all(r.act_signedness == 'auto' for r in quant_config.build_rules(quant_config.default_quant_config()))
+
+
 def test_auto_act_signedness_reaches_the_rules_and_the_per_layer_report(tmp_path):
-  c = mlp_config(mode='qat', quant_summaries=True, **{'quant.act.format': 'int4', 'quant.act_signedness': 'auto'})
+  c = mlp_config(mode='qat', quant_summaries=True, **{'quant.act.format': 'int4'})  # 'auto': the default
   result = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
   assert result['rules'] and all(r['act_signedness'] == 'auto' for r in result['rules'])
   acts = [row for row in result['layers'] if row['operand'] == 'act']
