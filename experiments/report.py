@@ -393,7 +393,8 @@ def _write_csv(path: str, configs: list[Config], metric: str) -> None:
   keys = list(dict.fromkeys(k for c in configs for k in c.values))
   m = metric.split('/')[-1]
   cols = keys + ['seeds', 'weight_bits', f'{m}_mean', f'{m}_std', f'serving_{m}_mean', f'serving_{m}_std',
-                 f'{m}_minus_float', 'significance', 'loss_mean', 'loss_std', 'serving_bytes', 'train_step_ms', 'latency_ms', 'latency_vs_float',
+                 f'{m}_minus_float', 'significance', 'loss_mean', 'loss_std', 'serving_bytes', 'train_step_ms',
+                 'latency_ms', 'latency_vs_float',
                  'int8_matmuls', 'wall_time_s', 'far_below_float', 'front_weight_bits', 'front_serving_bytes',
                  'front_latency_ratio', 'trials']
   tmp = path + '.tmp'
