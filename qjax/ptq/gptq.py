@@ -32,6 +32,7 @@ import numpy as np
 from jax import lax
 
 from qjax import calibration, formats, quantizers
+from qjax.ptq import registry
 from qjax import granularity as gran
 from qjax.spec import QuantSpec
 
@@ -188,3 +189,17 @@ def _gptq_loop(w, u, spec: QuantSpec, bsz: int, g: int, row_s, row_z):
   init = (w, zeros.astype(jnp.int32), zeros, zeros, zeros.astype(jnp.int32) if asym else None)
   _, qv, wq, rs, rz = lax.fori_loop(0, n // bsz, block, init)
   return qv, wq, rs, rz
+
+
+def _run(layer, *, block_size: int, damp: float, act_order: bool, static_groups: bool):
+  from qjax.ptq import layer as L  # noqa: PLC0415
+  if layer.spec.granularity == 'per_tensor':
+    raise ValueError('GPTQ fits one grid per output channel or group; the weight granularity is per_tensor '
+                     '(use per_channel or per_group)')
+  res = gptq(L.as_array(layer.w), layer.stats.hessian, layer.spec, block_size=block_size, damp=damp,
+             act_order=act_order, static_groups=static_groups)
+  return layer.replace(q=res.q, notes=layer.notes + (('gptq_damp', res.damp),))
+
+
+registry.register(registry.PTQMethod('gptq', _run, {'block_size': 128, 'damp': 0.01, 'act_order': False,
+                                                    'static_groups': False}, rounds=True))
