@@ -71,6 +71,8 @@ def _check(w, spec: QuantSpec, block_size: int):
     raise ValueError(f'GPTQ quantizes a 2-D kernel (in, out); got shape {w.shape}')
   if not isinstance(spec.fmt, formats.IntFormat):
     raise ValueError(f'GPTQ needs an integer format, got {spec.format!r}')
+  if not 2 <= spec.fmt.bits <= 8:
+    raise ValueError(f'GPTQ quantizes to 2..8 bits, got {spec.format!r} ({spec.fmt.bits} bits)')
   if spec.granularity not in ('per_channel', 'per_group'):
     raise ValueError(f'GPTQ grids are per output channel or per group along the input; got '
                      f'granularity={spec.granularity!r}')
