@@ -10,8 +10,11 @@ and sums each target layer's input statistics; (2) each layer's methods run (qja
 and biases become the methods' (rotated / scaled kernels, corrected biases), layers with a rotation or scale get
 their online input op (qjax.ptq.online), and the methods' integer kernels are kept for serving
 (`patch_serving` puts them in the converted tree); (4) activation ranges are calibrated as for RTN, then the run
-evaluates the serving model. Kernels of other shapes (convs, attention projections, einsums) stay RTN; the
-result's ptq.skipped lists them.
+evaluates the serving model. Convolutions (2-D, one feature group, per-channel or per-tensor weights) are solved
+on their im2col inputs with the kernel flattened to (kh kw in, out); methods that add an online input op
+(rotation, SmoothQuant, AWQ) do not apply to them (their input op would act on patches) and are left out there
+(ptq.conv_methods_left_out). Kernels of other shapes (attention projections, einsums) stay RTN; the result's
+ptq.skipped lists them.
 """
 
 from __future__ import annotations
@@ -102,24 +105,47 @@ def _kernels(tr, state) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
 
 
 def targets(tr, state):
-  """({path: (kernel, bias, weight spec)} of the 2-D kernels a rule quantizes, [paths left to RTN])."""
+  """({path: (kernel, bias, weight spec)} of the dense (2-D) and conv (4-D HWIO) kernels a rule quantizes,
+  [paths left to RTN])."""
   todo, skipped = {}, []
   for path, (w, b) in _kernels(tr, state).items():
     spec = _weight_spec(tr, path)
     if spec is None:
       continue
-    if w.ndim != 2 or (b is not None and b.shape != (w.shape[1],)):
+    if b is not None and b.shape != (w.shape[-1],):
       skipped.append(path)
-    else:
+    elif w.ndim == 2 or (w.ndim == 4 and spec.granularity != 'per_group'):
       todo[path] = (w, b, spec)
+    else:
+      skipped.append(path)
   return todo, skipped
 
 
 # --------------------------------------------------------------------------------------------- statistics
 
 
+def _rows(x, module):
+  """A module input as rows of its kernel's contraction: x itself (dense), or im2col patches (conv), whose
+  features are ordered (kh, kw, in) like the flattened HWIO kernel."""
+  ks = getattr(module, 'kernel_size', None)
+  if ks is None or x.ndim != 4:
+    return x.reshape(-1, x.shape[-1])
+  ks = tuple(ks) if isinstance(ks, (tuple, list)) else (ks, ks)
+  if getattr(module, 'feature_group_count', 1) != 1 or (getattr(module, 'input_dilation', None) or 1) not in (1, (1, 1)):
+    raise ValueError('grouped or input-dilated convs are not supported')
+  pair = lambda v: (1, 1) if v is None else (tuple(v) if isinstance(v, (tuple, list)) else (v, v))
+  pad = module.padding if isinstance(module.padding, str) else [tuple(p) if isinstance(p, (tuple, list)) else (p, p)
+                                                                for p in module.padding]
+  p = jax.lax.conv_general_dilated_patches(x, ks, pair(module.strides), pad,
+                                           rhs_dilation=pair(getattr(module, 'kernel_dilation', None)),
+                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))   # features (in, kh, kw)
+  c = x.shape[-1]
+  p = p.reshape(p.shape[:3] + (c, ks[0] * ks[1]))
+  return jnp.swapaxes(p, -1, -2).reshape(-1, ks[0] * ks[1] * c)                     # (rows, kh kw in)
+
+
 def _batch_stats(x, max_sample: int) -> dict[str, jax.Array]:
-  x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  x = x.astype(jnp.float32)
   idx = np.linspace(0, x.shape[0] - 1, min(max_sample, x.shape[0])).astype(int)
   return {'xtx': x.T @ x, 'x_sum': x.sum(0), 'x_abs_sum': jnp.abs(x).sum(0), 'x_absmax': jnp.abs(x).max(0),
           'sample': x[idx], 'n': jnp.asarray(x.shape[0])}
@@ -144,9 +170,10 @@ def gather_stats(run, state, paths, max_sample: int = 512) -> dict[str, L.Stats]
   @jax.jit
   def step(args, x):
     got = {}
-    with online.capture(lambda p, v: got.setdefault(p, v), paths):
+    with online.capture(lambda p, v, m: got.setdefault(p, (v, m)), paths):
       fwd(args, x)
-    return {p: _batch_stats(v, max_sample) for p, v in got.items()}
+    # After the forward: qjax no longer intercepts these ops (the im2col is a conv).
+    return {p: _batch_stats(_rows(v, m), max_sample) for p, (v, m) in got.items()}
 
   stats: dict[str, L.Stats] = {}
   for i in range(run.config.quant.calibration_batches):
@@ -180,16 +207,19 @@ def apply(run, state):
   stats = gather_stats(run, state, tuple(todo), c.ptq.max_sample)
   done, layers, transforms, qs = {}, {}, {}, {}
   progress = Progress(len(todo), 0)
+  conv_left_out = sorted({n for n, _ in ms if registry.get(n).changes_input})
   for i, (path, (w, b, spec)) in enumerate(todo.items()):
     if path not in stats:
       skipped.append(path)
       continue
+    conv = w.ndim == 4
+    w = w.reshape(-1, w.shape[-1])
     start = L.Layer(w, spec, stats[path], bias=b)
-    lay = qjax.ptq.run(start, ms)
+    lay = qjax.ptq.run(start, [m for m in ms if not (conv and m[0] in conv_left_out)])
     rtn = qjax.ptq.run(start, ['rtn'])
     x = stats[path].sample.astype(np.float64)
     layers[path] = {'rel_output_mse': _rel_error(lay, x, w, b), 'rtn_rel_output_mse': _rel_error(rtn, x, w, b)}
-    done[path], qs[path] = lay, lay.q
+    done[path], qs[path] = lay, _reshaped(lay.q, todo[path][0].shape)
     if lay.rotation is not None or lay.scale is not None:
       transforms[path] = (lay.rotation, lay.scale)
     progress.update(i + 1)
@@ -201,7 +231,8 @@ def apply(run, state):
                         f'ptq/{path}/rtn_rel_output_mse': m['rtn_rel_output_mse']}, 0)
   info = {'methods': [[n, {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}] for n, p in ms],
           'wall_time_sec': time.time() - t0, 'layers': layers, 'skipped': sorted(skipped),
-          'online_ops': sorted(transforms)}
+          'online_ops': sorted(transforms),
+          'conv_methods_left_out': conv_left_out if any(w.ndim == 4 for w, _, _ in todo.values()) else []}
   run.log(f'ptq {"+".join(n for n, _ in ms)}: {len(done)} layers in {info["wall_time_sec"]:.1f}s'
           + (f', {len(skipped)} left to RTN ({", ".join(sorted(skipped)[:4])})' if skipped else ''))
   return state, info
@@ -215,7 +246,7 @@ def _set_params(tr, state, done, transforms):
       node = params
       for p in path.split('/'):
         node = node[p]
-      node['kernel'] = jnp.asarray(lay.w, node['kernel'].dtype)
+      node['kernel'] = jnp.asarray(lay.w, node['kernel'].dtype).reshape(node['kernel'].shape)
       if lay.bias is not None:
         node['bias'] = jnp.asarray(lay.bias, node['bias'].dtype)
     tr.q = QuantizedLinen(online.InputOps(tr.q.model.model, transforms), tr.q.rules)
@@ -225,12 +256,21 @@ def _set_params(tr, state, done, transforms):
   mods = {'/'.join(map(str, p)): m for p, m in nnx.iter_modules(model)}
   for path, lay in done.items():
     m = mods[path]
-    m.kernel.set_value(jnp.asarray(lay.w, m.kernel.get_value().dtype))
+    m.kernel.set_value(jnp.asarray(lay.w, m.kernel.get_value().dtype).reshape(m.kernel.get_value().shape))
     if lay.bias is not None:
       m.bias.set_value(jnp.asarray(lay.bias, m.bias.get_value().dtype))
   online.install_nnx(model, (), transforms)
   tr.graphdef, state = nnx.split((model, opt))
   return state
+
+
+def _reshaped(q, shape):
+  """A QArray of a flattened (kh kw in, out) conv kernel as one of the HWIO kernel (scales per output channel)."""
+  if len(shape) == 2:
+    return q
+  sshape = (1,) * (len(shape) - 1) + (q.scale.shape[-1],)
+  return qjax.quantizers.QArray(q.qvalue.reshape(shape), q.scale.reshape(sshape),
+                                None if q.zero_point is None else q.zero_point.reshape(sshape), q.format, q.codebook)
 
 
 def _plain(tree):

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from experiments import configlib, train
+from experiments import ptq as ptq_runner
 from qjax.ptq import online, rotation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,8 +71,12 @@ def test_linen_lenet_with_online_ops(root, method):
                      f'--config.ptq.method={method}', '--config.quant_summaries=False']) == 0
   r = json.load(open(work / 'result.json'))
   info = r['train']['ptq']
-  assert set(info['layers']) == {'fc1', 'fc2', 'head'} and info['skipped'] == ['conv1', 'conv2']
-  assert info['online_ops'] == ['fc1', 'fc2', 'head']
+  assert set(info['layers']) == {'conv1', 'conv2', 'fc1', 'fc2', 'head'} and info['skipped'] == []
+  assert info['online_ops'] == ['fc1', 'fc2', 'head']  # convs get the rounding method only
+  assert info['conv_methods_left_out'] == {'smoothquant,gptq': ['smoothquant'], 'rotation,awq': ['awq', 'rotation']}[method]
+  for name in ('conv1', 'conv2'):
+    m = info['layers'][name]
+    assert m['rel_output_mse'] <= m['rtn_rel_output_mse'] * (1 + 1e-4)
   assert r['metrics']['eval/accuracy'] > 0.3
 
 
@@ -123,3 +128,32 @@ def test_nnx_rotation_through_the_online_op_is_exact():
   np.testing.assert_allclose(model(x), want, rtol=1e-5, atol=1e-5)
   graphdef, state = nnx.split(model)  # survives split / merge (jit, checkpoints)
   np.testing.assert_allclose(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('padding,strides', [('SAME', 1), ('VALID', 2), (((1, 2), (0, 1)), (2, 1))])
+def test_im2col_rows_times_the_flat_kernel_is_the_conv(padding, strides):
+  conv = nn.Conv(5, (3, 2), strides=strides, padding=padding, use_bias=False)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 4))
+  v = conv.init(jax.random.key(1), x)
+  k = v['params']['kernel']
+  rows = ptq_runner._rows(x, conv)
+  y = conv.apply(v, x)
+  np.testing.assert_allclose(rows @ k.reshape(-1, 5), y.reshape(-1, 5), rtol=1e-5, atol=1e-5)
+
+
+def test_ptq_table_from_result_files(tmp_path):
+  from experiments import ptq_table  # noqa: PLC0415
+
+  def write(name, mode, fmt, acc, nbytes, info=None):
+    os.makedirs(tmp_path / name)
+    r = {'mode': mode, 'config': {'quant': {'weight': {'format': fmt}}, 'ptq': {'method': 'rtn'}},
+         'metrics': {'eval/accuracy': acc}, 'serving_bytes': nbytes, 'train': {} if info is None else {'ptq': info}}
+    json.dump(r, open(tmp_path / name / 'result.json', 'w'))
+  write('float', 'float', 'int8', 0.91, 1000)
+  write('rtn4', 'ptq', 'int4', 0.90, 300)
+  write('rtn2', 'ptq', 'int2', 0.50, 200)
+  write('g4', 'ptq', 'int4', 0.905, 300, {'methods': [['gptq', {'act_order': True}]], 'wall_time_sec': 1.25})
+  t = ptq_table.table(str(tmp_path))
+  assert 'float eval/accuracy: 0.9100 (1,000 bytes)' in t
+  assert '| rtn | 0.9000 / 300 / 0.0 | 0.5000 / 200 / 0.0 |' in t
+  assert '| gptq (act-order) | 0.9050 / 300 / 1.2 | — |' in t

@@ -6,7 +6,7 @@ Linen: `InputOps(model, transforms)` wraps a Linen module (init / apply as the m
 `nn.intercept_methods`, rewrites the first argument of `__call__` of the modules at the given paths. NNX:
 `install_nnx(model, transforms)` gives those modules a subclass whose `__call__` does the same, with the rotation
 and scale held as `OnlineInput` variables (so jit, checkpoints and nnx.split see them). While `capture(sink)` is
-active, both also hand each such module's (original) input to `sink(path, x)`: the calibration inputs the PTQ
+active, both also hand each such module's (original) input to `sink(path, x, module)`: the calibration inputs the PTQ
 methods need. The matmul of the rotation calls `jax.lax.dot_general` from inside qjax (not from a module), so
 qjax's interception runs it as the plain float op it is.
 """
@@ -36,7 +36,7 @@ def transform_input(x, rotation=None, scale=None):
 
 @contextlib.contextmanager
 def capture(sink, paths):
-  """While active, `sink(path, x)` receives the input of every call of a module at one of `paths`."""
+  """While active, `sink(path, x, module)` receives the input of every call of a module at one of `paths`."""
   _tls.capture = (sink, frozenset(paths))
   try:
     yield
@@ -44,10 +44,10 @@ def capture(sink, paths):
     _tls.capture = None
 
 
-def _captured(path, x):
+def _captured(path, x, module):
   c = getattr(_tls, 'capture', None)
   if c is not None and path in c[1]:
-    c[0](path, x)
+    c[0](path, x, module)
 
 
 class InputOps:
@@ -65,7 +65,7 @@ class InputOps:
     if context.method_name == '__call__' and args:
       path = '/'.join(str(p) for p in context.module.path)
       if path in self.paths:
-        _captured(path, args[0])
+        _captured(path, args[0], context.module)
         t = self.transforms.get(path)
         if t is not None:
           args = (transform_input(args[0], *t),) + tuple(args[1:])
@@ -88,7 +88,7 @@ _SUBCLASSES: dict[type, type] = {}
 
 
 def _call(self, x, *args, **kwargs):
-  _captured(self._ptq_path, x)
+  _captured(self._ptq_path, x, self)
   r, s = getattr(self, 'ptq_rotation', None), getattr(self, 'ptq_scale', None)
   x = transform_input(x, None if r is None else r.get_value(), None if s is None else s.get_value())
   return super(_SUBCLASSES[self._ptq_base], self).__call__(x, *args, **kwargs)
