@@ -10,11 +10,13 @@ and sums each target layer's input statistics; (2) each layer's methods run (qja
 and biases become the methods' (rotated / scaled kernels, corrected biases), layers with a rotation or scale get
 their online input op (qjax.ptq.online), and the methods' integer kernels are kept for serving
 (`patch_serving` puts them in the converted tree); (4) activation ranges are calibrated as for RTN, then the run
-evaluates the serving model. Convolutions (2-D, one feature group, per-channel or per-tensor weights) are solved
-on their im2col inputs with the kernel flattened to (kh kw in, out); methods that add an online input op
-(rotation, SmoothQuant, AWQ) do not apply to them (their input op would act on patches) and are left out there
-(ptq.conv_methods_left_out). Kernels of other shapes (attention projections, einsums) stay RTN; the result's
-ptq.skipped lists them.
+evaluates the serving model. Kernels are flattened to (contracted, rest): DenseGeneral / LinearGeneral over their
+`axis` (attention q/k/v and output projections), convolutions (2-D, one feature group, per-channel or per-tensor
+weights) over (kh, kw, in) with im2col inputs. Methods that add an online input op (rotation, SmoothQuant, AWQ)
+apply only where the kernel contracts the input's last axis alone; elsewhere they are left out
+(ptq.input_op_methods_left_out lists those layers) and the rest of the list runs. Layers whose input could not be
+matched to their kernel (einsums) stay RTN: ptq.skipped. Each layer gets its own scale or rotation (SmoothQuant's
+shared scale over q, k and v is not used: each projection has its own online op).
 """
 
 from __future__ import annotations
@@ -105,19 +107,17 @@ def _kernels(tr, state) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
 
 
 def targets(tr, state):
-  """({path: (kernel, bias, weight spec)} of the dense (2-D) and conv (4-D HWIO) kernels a rule quantizes,
-  [paths left to RTN])."""
+  """({path: (kernel, bias, weight spec)} of the kernels a rule quantizes, [paths left to RTN]). Which axes of a
+  kernel are contracted is learned when its inputs are captured (`_rows`)."""
   todo, skipped = {}, []
   for path, (w, b) in _kernels(tr, state).items():
     spec = _weight_spec(tr, path)
     if spec is None:
       continue
-    if b is not None and b.shape != (w.shape[-1],):
+    if w.ndim < 2 or (b is not None and tuple(b.shape) != tuple(w.shape[w.ndim - b.ndim:])):
       skipped.append(path)
-    elif w.ndim == 2 or (w.ndim == 4 and spec.granularity != 'per_group'):
-      todo[path] = (w, b, spec)
     else:
-      skipped.append(path)
+      todo[path] = (w, b, spec)
   return todo, skipped
 
 
@@ -125,11 +125,15 @@ def targets(tr, state):
 
 
 def _rows(x, module):
-  """A module input as rows of its kernel's contraction: x itself (dense), or im2col patches (conv), whose
+  """(rows, n_in): a module input as rows of its kernel's contraction, and how many leading kernel axes that
+  contraction covers: x over its last axis (Dense / Linear), or its last len(axis) axes (DenseGeneral /
+  LinearGeneral, e.g. an attention output projection over (heads, head_dim)), or im2col patches (conv), whose
   features are ordered (kh, kw, in) like the flattened HWIO kernel."""
   ks = getattr(module, 'kernel_size', None)
   if ks is None or x.ndim != 4:
-    return x.reshape(-1, x.shape[-1])
+    axis = getattr(module, 'axis', -1)
+    n_in = len(axis) if isinstance(axis, (tuple, list)) else 1
+    return x.reshape((-1, int(np.prod(x.shape[x.ndim - n_in:])))), n_in
   ks = tuple(ks) if isinstance(ks, (tuple, list)) else (ks, ks)
   if getattr(module, 'feature_group_count', 1) != 1 or (getattr(module, 'input_dilation', None) or 1) not in (1, (1, 1)):
     raise ValueError('grouped or input-dilated convs are not supported')
@@ -141,7 +145,7 @@ def _rows(x, module):
                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))   # features (in, kh, kw)
   c = x.shape[-1]
   p = p.reshape(p.shape[:3] + (c, ks[0] * ks[1]))
-  return jnp.swapaxes(p, -1, -2).reshape(-1, ks[0] * ks[1] * c)                     # (rows, kh kw in)
+  return jnp.swapaxes(p, -1, -2).reshape(-1, ks[0] * ks[1] * c), 3                  # (rows, kh kw in)
 
 
 def _batch_stats(x, max_sample: int) -> dict[str, jax.Array]:
@@ -151,8 +155,9 @@ def _batch_stats(x, max_sample: int) -> dict[str, jax.Array]:
           'sample': x[idx], 'n': jnp.asarray(x.shape[0])}
 
 
-def gather_stats(run, state, paths, max_sample: int = 512) -> dict[str, L.Stats]:
-  """Input statistics of the modules at `paths` over the calibration batches, one jitted forward per batch.
+def gather_stats(run, state, paths, max_sample: int = 512) -> tuple[dict[str, L.Stats], dict[str, int]]:
+  """Input statistics of the modules at `paths` over the calibration batches, one jitted forward per batch, and
+  the number of leading kernel axes each module contracts (`_rows`).
 
   The one place calibration inputs are captured (module inputs, through qjax.ptq.online's capture point on the
   quantized model in evaluation mode): swap it for the Flax capture API once that lands."""
@@ -167,13 +172,17 @@ def gather_stats(run, state, paths, max_sample: int = 512) -> dict[str, L.Stats]
     graphdef, mstate = nnx.split(model)
     fwd, args = (lambda s, x: nnx.merge(graphdef, s)(x)), mstate
 
+  n_in = {}
+
   @jax.jit
   def step(args, x):
-    got = {}
+    got, out = {}, {}
     with online.capture(lambda p, v, m: got.setdefault(p, (v, m)), paths):
       fwd(args, x)
-    # After the forward: qjax no longer intercepts these ops (the im2col is a conv).
-    return {p: _batch_stats(_rows(v, m), max_sample) for p, (v, m) in got.items()}
+    for p, (v, m) in got.items():  # after the forward: qjax no longer intercepts these ops (the im2col is a conv)
+      rows, n_in[p] = _rows(v, m)
+      out[p] = _batch_stats(rows, max_sample)
+    return out
 
   stats: dict[str, L.Stats] = {}
   for i in range(run.config.quant.calibration_batches):
@@ -182,7 +191,7 @@ def gather_stats(run, state, paths, max_sample: int = 512) -> dict[str, L.Stats]
       s = L.Stats(int(d['n']), *(np.asarray(d[k], np.float64) for k in ('xtx', 'x_sum', 'x_abs_sum', 'x_absmax')),
                   np.asarray(d['sample'], np.float32))
       stats[p] = L.merge(stats.get(p), s, max_sample)
-  return stats
+  return stats, n_in
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -204,22 +213,27 @@ def apply(run, state):
   todo, skipped = targets(tr, state)
   if tr.md.api == 'linen':
     tr.q = QuantizedLinen(online.InputOps(tr.q.model, {}, tuple(todo)), tr.q.rules)
-  stats = gather_stats(run, state, tuple(todo), c.ptq.max_sample)
-  done, layers, transforms, qs = {}, {}, {}, {}
+  stats, n_ins = gather_stats(run, state, tuple(todo), c.ptq.max_sample)
+  done, layers, transforms, qs, left_out = {}, {}, {}, {}, []
   progress = Progress(len(todo), 0)
-  conv_left_out = sorted({n for n, _ in ms if registry.get(n).changes_input})
-  for i, (path, (w, b, spec)) in enumerate(todo.items()):
-    if path not in stats:
+  input_ops = {n for n, _ in ms if registry.get(n).changes_input}
+  for i, (path, (w0, b0, spec)) in enumerate(todo.items()):
+    n_in = n_ins.get(path)
+    w = None if n_in is None else w0.reshape((int(np.prod(w0.shape[:n_in])), -1))
+    if w is None or w.shape[0] != len(stats[path].x_sum) or (n_in > 1 and spec.granularity == 'per_group'):
       skipped.append(path)
       continue
-    conv = w.ndim == 4
-    w = w.reshape(-1, w.shape[-1])
+    b = None if b0 is None else b0.reshape(-1)
+    # An online input op acts on the module's input: only where the kernel contracts its last axis alone.
+    drop = input_ops if (n_in > 1 or w0.ndim == 4) else set()
+    if drop & {n for n, _ in ms}:
+      left_out.append(path)
     start = L.Layer(w, spec, stats[path], bias=b)
-    lay = qjax.ptq.run(start, [m for m in ms if not (conv and m[0] in conv_left_out)])
+    lay = qjax.ptq.run(start, [m for m in ms if m[0] not in drop])
     rtn = qjax.ptq.run(start, ['rtn'])
     x = stats[path].sample.astype(np.float64)
     layers[path] = {'rel_output_mse': _rel_error(lay, x, w, b), 'rtn_rel_output_mse': _rel_error(rtn, x, w, b)}
-    done[path], qs[path] = lay, _reshaped(lay.q, todo[path][0].shape)
+    done[path], qs[path] = lay, _reshaped(lay.q, w0.shape, n_in)
     if lay.rotation is not None or lay.scale is not None:
       transforms[path] = (lay.rotation, lay.scale)
     progress.update(i + 1)
@@ -231,8 +245,7 @@ def apply(run, state):
                         f'ptq/{path}/rtn_rel_output_mse': m['rtn_rel_output_mse']}, 0)
   info = {'methods': [[n, {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}] for n, p in ms],
           'wall_time_sec': time.time() - t0, 'layers': layers, 'skipped': sorted(skipped),
-          'online_ops': sorted(transforms),
-          'conv_methods_left_out': conv_left_out if any(w.ndim == 4 for w, _, _ in todo.values()) else []}
+          'online_ops': sorted(transforms), 'input_op_methods_left_out': sorted(left_out)}
   run.log(f'ptq {"+".join(n for n, _ in ms)}: {len(done)} layers in {info["wall_time_sec"]:.1f}s'
           + (f', {len(skipped)} left to RTN ({", ".join(sorted(skipped)[:4])})' if skipped else ''))
   return state, info
@@ -248,7 +261,7 @@ def _set_params(tr, state, done, transforms):
         node = node[p]
       node['kernel'] = jnp.asarray(lay.w, node['kernel'].dtype).reshape(node['kernel'].shape)
       if lay.bias is not None:
-        node['bias'] = jnp.asarray(lay.bias, node['bias'].dtype)
+        node['bias'] = jnp.asarray(lay.bias, node['bias'].dtype).reshape(node['bias'].shape)
     tr.q = QuantizedLinen(online.InputOps(tr.q.model.model, transforms), tr.q.rules)
     return {**state, 'params': params}
   from flax import nnx  # noqa: PLC0415
@@ -258,17 +271,20 @@ def _set_params(tr, state, done, transforms):
     m = mods[path]
     m.kernel.set_value(jnp.asarray(lay.w, m.kernel.get_value().dtype).reshape(m.kernel.get_value().shape))
     if lay.bias is not None:
-      m.bias.set_value(jnp.asarray(lay.bias, m.bias.get_value().dtype))
+      m.bias.set_value(jnp.asarray(lay.bias, m.bias.get_value().dtype).reshape(m.bias.get_value().shape))
   online.install_nnx(model, (), transforms)
   tr.graphdef, state = nnx.split((model, opt))
   return state
 
 
-def _reshaped(q, shape):
-  """A QArray of a flattened (kh kw in, out) conv kernel as one of the HWIO kernel (scales per output channel)."""
+def _reshaped(q, shape, n_in: int):
+  """A QArray of a flattened (prod(shape[:n_in]), prod(shape[n_in:])) kernel as one of the kernel's own shape:
+  scales (groups or 1, outputs or 1) -> (groups or 1, 1, ..., output shape or 1s), as the ops expect."""
   if len(shape) == 2:
     return q
-  sshape = (1,) * (len(shape) - 1) + (q.scale.shape[-1],)
+  g, o = q.scale.shape
+  out = tuple(shape[n_in:]) if o > 1 else (1,) * (len(shape) - n_in)
+  sshape = (g,) + (1,) * (n_in - 1) + out
   return qjax.quantizers.QArray(q.qvalue.reshape(shape), q.scale.reshape(sshape),
                                 None if q.zero_point is None else q.zero_point.reshape(sshape), q.format, q.codebook)
 

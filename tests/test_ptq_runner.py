@@ -73,7 +73,7 @@ def test_linen_lenet_with_online_ops(root, method):
   info = r['train']['ptq']
   assert set(info['layers']) == {'conv1', 'conv2', 'fc1', 'fc2', 'head'} and info['skipped'] == []
   assert info['online_ops'] == ['fc1', 'fc2', 'head']  # convs get the rounding method only
-  assert info['conv_methods_left_out'] == {'smoothquant,gptq': ['smoothquant'], 'rotation,awq': ['awq', 'rotation']}[method]
+  assert info['input_op_methods_left_out'] == ['conv1', 'conv2']
   for name in ('conv1', 'conv2'):
     m = info['layers'][name]
     assert m['rel_output_mse'] <= m['rtn_rel_output_mse'] * (1 + 1e-4)
@@ -136,7 +136,8 @@ def test_im2col_rows_times_the_flat_kernel_is_the_conv(padding, strides):
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 4))
   v = conv.init(jax.random.key(1), x)
   k = v['params']['kernel']
-  rows = ptq_runner._rows(x, conv)
+  rows, n_in = ptq_runner._rows(x, conv)
+  assert n_in == 3
   y = conv.apply(v, x)
   np.testing.assert_allclose(rows @ k.reshape(-1, 5), y.reshape(-1, 5), rtol=1e-5, atol=1e-5)
 
@@ -157,3 +158,22 @@ def test_ptq_table_from_result_files(tmp_path):
   assert 'float eval/accuracy: 0.9100 (1,000 bytes)' in t
   assert '| rtn | 0.9000 / 300 / 0.0 | 0.5000 / 200 / 0.0 |' in t
   assert '| gptq (act-order) | 0.9050 / 300 / 1.2 | — |' in t
+
+
+def test_char_lm_every_projection_including_attention(root):
+  """NNX char-LM: q/k/v (3-D kernels) and the attention output (contracting heads x head_dim) are solved too;
+  the output projection gets no online input op (its input is (heads, head_dim))."""
+  work = root / 'char_lm'
+  assert train.main(['--config=configs/shakespeare_charlm.py:runlocal', '--config.mode=ptq', f'--workdir={work}',
+                     '--config.ptq.method=rotation,smoothquant,gptq,bias_correction', '--config.quant_summaries=False',
+                     '--config.quant.weight.format=int4', '--config.quant.act.granularity=per_tensor']) == 0
+  r = json.load(open(work / 'result.json'))
+  info = r['train']['ptq']
+  per_block = ['attn/key', 'attn/out', 'attn/query', 'attn/value', 'down', 'up']
+  assert sorted(info['layers']) == [f'blocks/{i}/{n}' for i in (0, 1) for n in per_block] + ['head']
+  assert info['skipped'] == [] and info['input_op_methods_left_out'] == ['blocks/0/attn/out', 'blocks/1/attn/out']
+  for m in info['layers'].values():
+    assert m['rel_output_mse'] < m['rtn_rel_output_mse']
+  float_dir = next((root / '_pretrained').glob('char_lm-*'))
+  float_loss = json.load(open(float_dir / 'result.json'))['metrics']['eval/loss']
+  assert r['metrics'] == r['serving_metrics'] and r['metrics']['eval/loss'] < float_loss + 0.5
