@@ -16,6 +16,8 @@ def rows(root: str, metric: str = 'eval/accuracy'):
   """(float result or None, [(method, weight format, metric, serving bytes, method seconds)]) of the trials."""
   float_r, out = None, []
   for name in sorted(os.listdir(root)):
+    if not os.path.isfile(os.path.join(root, name, 'result.json')):
+      continue
     r = sweeps.read_result(os.path.join(root, name))
     if r is None:
       continue
@@ -35,7 +37,7 @@ def rows(root: str, metric: str = 'eval/accuracy'):
 def table(root: str, metric: str = 'eval/accuracy') -> str:
   float_r, rs = rows(root, metric)
   fmts = sorted({f for _, f, *_ in rs}, key=lambda f: -int(''.join(ch for ch in f if ch.isdigit())))
-  methods = list(dict.fromkeys(m for m, *_ in rs))
+  methods = sorted(dict.fromkeys(m for m, *_ in rs), key=lambda m: (m != 'rtn', m))  # the baseline first
   by = {(m, f): (v, b, t) for m, f, v, b, t in rs}
   ref = f'{float_r["metrics"][metric]:.4f} ({float_r["serving_bytes"]:,} bytes)' if float_r else 'n/a'
   head = f'float {metric}: {ref}\n\n| method | ' + ' | '.join(f'{f}: {metric} / bytes / method s' for f in fmts) + ' |'

@@ -151,6 +151,7 @@ def test_ptq_table_from_result_files(tmp_path):
          'metrics': {'eval/accuracy': acc}, 'serving_bytes': nbytes, 'train': {} if info is None else {'ptq': info}}
     json.dump(r, open(tmp_path / name / 'result.json', 'w'))
   write('float', 'float', 'int8', 0.91, 1000)
+  open(tmp_path / 'report.md', 'w').write('not a run')
   write('rtn4', 'ptq', 'int4', 0.90, 300)
   write('rtn2', 'ptq', 'int2', 0.50, 200)
   write('g4', 'ptq', 'int4', 0.905, 300, {'methods': [['gptq', {'act_order': True}]], 'wall_time_sec': 1.25})
@@ -158,6 +159,7 @@ def test_ptq_table_from_result_files(tmp_path):
   assert 'float eval/accuracy: 0.9100 (1,000 bytes)' in t
   assert '| rtn | 0.9000 / 300 / 0.0 | 0.5000 / 200 / 0.0 |' in t
   assert '| gptq (act-order) | 0.9050 / 300 / 1.2 | — |' in t
+  assert t.index('| rtn |') < t.index('| gptq')
 
 
 def test_char_lm_every_projection_including_attention(root):
