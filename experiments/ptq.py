@@ -232,7 +232,8 @@ def apply(run, state):
     lay = qjax.ptq.run(start, [m for m in ms if m[0] not in drop])
     rtn = qjax.ptq.run(start, ['rtn'])
     x = stats[path].sample.astype(np.float64)
-    layers[path] = {'rel_output_mse': _rel_error(lay, x, w, b), 'rtn_rel_output_mse': _rel_error(rtn, x, w, b)}
+    layers[path] = {'rel_output_mse': _rel_error(lay, x, w, b), 'rtn_rel_output_mse': _rel_error(rtn, x, w, b),
+                    **({'notes': {k: v for k, v in lay.notes}} if lay.notes else {})}
     done[path], qs[path] = lay, _reshaped(lay.q, w0.shape, n_in)
     if lay.rotation is not None or lay.scale is not None:
       transforms[path] = (lay.rotation, lay.scale)

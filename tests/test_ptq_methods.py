@@ -205,3 +205,12 @@ def test_statistics_merge_equals_one_pass():
   np.testing.assert_allclose(a.xtx, b.xtx, rtol=1e-10)
   np.testing.assert_allclose(a.x_absmax, b.x_absmax)
   assert a.n == 300 and len(a.sample) == 64
+
+
+def test_gptq_falls_back_to_rtn_when_no_dampening_helps():
+  x, w = data(12, n_in=8, n_out=4)
+  st = layer.stats_of(x)
+  bad = layer.Stats(st.n, -np.eye(8) * st.n, st.x_sum, st.x_abs_sum, st.x_absmax, st.sample)  # negative definite
+  lay = pipeline.run(layer.Layer(w, INT4, bad), [('gptq', {})])
+  np.testing.assert_array_equal(np.asarray(lay.q.qvalue), np.asarray(layer.rtn(w, INT4).qvalue))
+  assert 'fell back to RTN' in dict(lay.notes)['gptq']

@@ -198,8 +198,13 @@ def _run(layer, *, block_size: int, damp: float, act_order: bool, static_groups:
   if layer.spec.granularity == 'per_tensor':
     raise ValueError('GPTQ fits one grid per output channel or group; the weight granularity is per_tensor '
                      '(use per_channel or per_group)')
-  res = gptq(L.as_array(layer.w), layer.stats.hessian, layer.spec, block_size=block_size, damp=damp,
-             act_order=act_order, static_groups=static_groups)
+  try:
+    res = gptq(L.as_array(layer.w), layer.stats.hessian, layer.spec, block_size=block_size, damp=damp,
+               act_order=act_order, static_groups=static_groups)
+  except ValueError as e:  # a Hessian no dampening makes positive definite: round to nearest (as llm-compressor)
+    if 'not positive definite' not in str(e):
+      raise
+    return layer.replace(q=L.rtn(layer.w, layer.spec), notes=layer.notes + (('gptq', f'fell back to RTN: {e}'),))
   return layer.replace(q=res.q, notes=layer.notes + (('gptq_damp', res.damp),))
 
 
