@@ -4,10 +4,10 @@ r"""PTQ methods on Fashion-MNIST (LeNet-5 CNN): method x weight bits, weight-onl
     python -m experiments.ptq_table runs/results_ptq_fmnist
 
 Trials: the float CNN (6000 steps, as configs/results_fmnist.py), then PTQ from it with per-channel int4 / int3 /
-int2 weights in every layer (convs included) and float activations, calibrated on 16 batches of 128 images (AWQ and AdaRound
-see 2048 rows per layer), by
-each method: rtn, gptq, gptq with act-order, awq, adaround (10k iterations per layer, the paper's default),
-bias_correction, and gptq followed by bias_correction. `:runlocal` shrinks it to a smoke test on the fixtures.
+int2 weights in every layer (convs included) and float activations, calibrated on 16 batches of 128 images
+(AWQ and AdaRound see 2048 rows per layer), by each method: rtn, gptq, gptq with act-order, awq, adaround (10k
+iterations per layer, the paper's default), bias_correction, and gptq followed by bias_correction. `:runlocal`
+shrinks it to a smoke test on the fixtures.
 """
 
 import os

@@ -135,7 +135,8 @@ def _rows(x, module):
     n_in = len(axis) if isinstance(axis, (tuple, list)) else 1
     return x.reshape((-1, int(np.prod(x.shape[x.ndim - n_in:])))), n_in
   ks = tuple(ks) if isinstance(ks, (tuple, list)) else (ks, ks)
-  if getattr(module, 'feature_group_count', 1) != 1 or (getattr(module, 'input_dilation', None) or 1) not in (1, (1, 1)):
+  dilated = (getattr(module, 'input_dilation', None) or 1) not in (1, (1, 1))
+  if getattr(module, 'feature_group_count', 1) != 1 or dilated:
     raise ValueError('grouped or input-dilated convs are not supported')
   pair = lambda v: (1, 1) if v is None else (tuple(v) if isinstance(v, (tuple, list)) else (v, v))
   pad = module.padding if isinstance(module.padding, str) else [tuple(p) if isinstance(p, (tuple, list)) else (p, p)

@@ -37,8 +37,8 @@ import numpy as np
 import optax
 
 from experiments import checkpoints as ckpt_lib
-from experiments import ptq as ptq_runner
 from experiments import configlib, distributed, input_pipeline, models, quant_config, summaries, sweeps, trainers
+from experiments import ptq as ptq_runner
 from experiments.data import DataError
 from experiments.fileio import write_json_atomic
 from experiments.progress import Progress

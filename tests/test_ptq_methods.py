@@ -176,7 +176,8 @@ def test_registry_names_and_parameter_errors():
 
 @pytest.mark.parametrize('methods', [['rtn'], ['gptq'], ['awq'], ['smoothquant', 'gptq'], ['rotation', 'gptq'],
                                      ['rotation', 'smoothquant', 'gptq', 'bias_correction'],
-                                     [('adaround', {'iters': 2000, 'lr': 1e-2, 'reg_weight': 1.0})], ['gptq', 'bias_correction']])
+                                     [('adaround', {'iters': 2000, 'lr': 1e-2, 'reg_weight': 1.0})],
+                                     ['gptq', 'bias_correction']])
 def test_composed_methods_keep_the_float_layer_and_give_an_integer_kernel(methods):
   x, w = data(9)
   b = np.zeros(24, np.float32)

@@ -1,5 +1,5 @@
 """Post-training quantization algorithms over captured calibration data, one module per method, each registered
-by its config name in `qjax.ptq.registry` (one import line below per method):
+by its config name in `qjax.ptq.registry` (its module imported below):
 
   rtn              round to nearest on the calibrated grid (the baseline)
   gptq             Frantar et al. 2022: Hessian-weighted error feedback, column by column
@@ -10,14 +10,9 @@ by its config name in `qjax.ptq.registry` (one import line below per method):
   bias_correction  Nagel et al. 2019: b += E[x] (w - w_hat)
 """
 
-from qjax.ptq import registry
-from qjax.ptq import rtn  # noqa: F401  (each import registers its method)
+# Importing a method's module registers it: a new method adds its name here.
+from qjax.ptq import adaround, awq, bias_correction, registry, rotation, rtn, smoothquant  # noqa: F401
 from qjax.ptq import gptq as _gptq  # noqa: F401
-from qjax.ptq import awq  # noqa: F401
-from qjax.ptq import smoothquant  # noqa: F401
-from qjax.ptq import rotation  # noqa: F401
-from qjax.ptq import adaround  # noqa: F401
-from qjax.ptq import bias_correction  # noqa: F401
 from qjax.ptq.gptq import GPTQResult, gptq, hessian, inverse_factor
 from qjax.ptq.layer import Layer, Stats, merge, stats_of
 from qjax.ptq.pipeline import run

@@ -32,8 +32,8 @@ import numpy as np
 from jax import lax
 
 from qjax import calibration, formats, quantizers
-from qjax.ptq import registry
 from qjax import granularity as gran
+from qjax.ptq import registry
 from qjax.spec import QuantSpec
 
 
