@@ -12,8 +12,16 @@ import sys
 from experiments import sweeps
 
 
+def setting(quant) -> str:
+  """A trial's quantization in a few characters: 'W4', 'W3 g64' (groups of 64), 'W8A8'."""
+  w, a = quant['weight'], quant['act']
+  bits = lambda f: ''.join(ch for ch in f if ch.isdigit())
+  out = f'W{bits(w["format"])}' + (f'A{bits(a["format"])}' if a['format'] else '')
+  return out + (f' g{w["group_size"]}' if w['granularity'] == 'per_group' else '')
+
+
 def rows(root: str, metric: str = 'eval/accuracy'):
-  """(float result or None, [(method, weight format, metric, serving bytes, method seconds)]) of the trials."""
+  """(float result or None, [(method, setting, metric, serving bytes, method seconds)]) of the trials."""
   float_r, out = None, []
   for name in sorted(os.listdir(root)):
     if not os.path.isfile(os.path.join(root, name, 'result.json')):
@@ -29,14 +37,14 @@ def rows(root: str, metric: str = 'eval/accuracy'):
     method = '+'.join(m[0] for m in info['methods']) if info else c.get('ptq', {}).get('method', 'rtn')
     if info and any(m[0] == 'gptq' and m[1].get('act_order') for m in info['methods']):
       method += ' (act-order)'
-    out.append((method, c['quant']['weight']['format'], r['metrics'][metric], r.get('serving_bytes'),
+    out.append((method, setting(c['quant']), r['metrics'][metric], r.get('serving_bytes'),
                 info['wall_time_sec'] if info else 0.0))
   return float_r, out
 
 
 def table(root: str, metric: str = 'eval/accuracy') -> str:
   float_r, rs = rows(root, metric)
-  fmts = sorted({f for _, f, *_ in rs}, key=lambda f: -int(''.join(ch for ch in f if ch.isdigit())))
+  fmts = sorted({f for _, f, *_ in rs}, key=lambda f: ('A' in f, -int(f[1]), -len(f), f))
   methods = sorted(dict.fromkeys(m for m, *_ in rs), key=lambda m: (m != 'rtn', m))  # the baseline first
   by = {(m, f): (v, b, t) for m, f, v, b, t in rs}
   ref = f'{float_r["metrics"][metric]:.4f} ({float_r["serving_bytes"]:,} bytes)' if float_r else 'n/a'

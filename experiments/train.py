@@ -393,6 +393,8 @@ def _finish(run: Run, state, train_info, rules, t_start) -> dict[str, Any]:
   if 'ptq' in train_info:  # a PTQ method's integer kernels exist only in the serving model: evaluate that
     serving = summaries.serving_summary(run, state, rules)
     metrics = dict(serving['serving_metrics'])
+    if run.md.task == 'lm':
+      metrics['eval/bits_per_char'] = metrics['eval/loss'] / math.log(2)
   else:
     metrics = run.evaluate(state, jax.jit(run.trainer.eval_step))
     serving = summaries.serving_summary(run, state, rules)

@@ -149,7 +149,8 @@ def test_ptq_table_from_result_files(tmp_path):
 
   def write(name, mode, fmt, acc, nbytes, info=None):
     os.makedirs(tmp_path / name)
-    r = {'mode': mode, 'config': {'quant': {'weight': {'format': fmt}}, 'ptq': {'method': 'rtn'}},
+    quant = {'weight': {'format': fmt, 'granularity': 'per_channel', 'group_size': 0}, 'act': {'format': ''}}
+    r = {'mode': mode, 'config': {'quant': quant, 'ptq': {'method': 'rtn'}},
          'metrics': {'eval/accuracy': acc}, 'serving_bytes': nbytes, 'train': {} if info is None else {'ptq': info}}
     json.dump(r, open(tmp_path / name / 'result.json', 'w'))
   write('float', 'float', 'int8', 0.91, 1000)
@@ -180,4 +181,5 @@ def test_char_lm_every_projection_including_attention(root):
     assert m['rel_output_mse'] < m['rtn_rel_output_mse']
   float_dir = next((root / '_pretrained').glob('char_lm-*'))
   float_loss = json.load(open(float_dir / 'result.json'))['metrics']['eval/loss']
-  assert r['metrics'] == r['serving_metrics'] and r['metrics']['eval/loss'] < float_loss + 0.5
+  assert r['metrics']['eval/loss'] == r['serving_metrics']['eval/loss'] < float_loss + 0.5
+  assert r['metrics']['eval/bits_per_char'] == pytest.approx(r['metrics']['eval/loss'] / np.log(2))
