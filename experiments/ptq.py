@@ -65,6 +65,15 @@ def methods(ptq) -> list[tuple[str, dict[str, Any]]]:
   return out
 
 
+def unused(config, keys) -> str | None:
+  """A warning when `keys` (command-line overrides) set config.ptq options that a run of another mode ignores."""
+  keys = [k for k in keys if k.startswith('ptq.')]
+  if not keys or config.get('mode') == 'ptq':
+    return None
+  return (f'config.{keys[0]} has no effect: config.mode={config.mode!r}; the PTQ methods run with '
+          '--config.mode=ptq')
+
+
 def active(config) -> bool:
   return config.mode == 'ptq' and [n for n, _ in methods(config.ptq)] != ['rtn']
 

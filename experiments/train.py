@@ -436,9 +436,10 @@ def main(argv: list[str]) -> int:
     return 0
   config, flags = configlib.parse_argv(argv)
   configlib.check_flags(flags, ('workdir',) + distributed.FLAGS)
-  unused = configlib.unused_in_float(config, configlib.override_keys(argv))
-  if unused:
-    print(f'warning: {unused}', file=sys.stderr)
+  for unused in (configlib.unused_in_float(config, configlib.override_keys(argv)),
+                 ptq_runner.unused(config, configlib.override_keys(argv))):
+    if unused:
+      print(f'warning: {unused}', file=sys.stderr)
   workdir = flags.pop('workdir', None)
   if not workdir:
     raise configlib.ConfigError('missing --workdir=<dir>')

@@ -99,6 +99,9 @@ def test_config_errors_name_the_nearest_method():
   c.ptq.method = 'gptq'
   c.ptq.gptq.damp = 0.1
   train.validate(c)
+  assert ptq_runner.unused(c, ['ptq.method']) is None
+  c.mode = 'qat'
+  assert "config.ptq.method has no effect: config.mode='qat'" in ptq_runner.unused(c, ['seed', 'ptq.method'])
 
 
 # ------------------------------------------------------------------------------ the online op, exact in float
