@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from experiments import ptq
 from experiments.quant_config import default_quant_config
 
 
@@ -16,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ''              # a finished float run's workdir (QAT fine-tuning, PTQ); '' = train one
   c.pretrain_steps = 0          # steps of that float run (0: num_train_steps)
   c.quant = default_quant_config()
+  c.ptq = ptq.default_config()   # PTQ method(s) after calibration (mode='ptq'): ptq.method, ptq.<method>.<param>
   c.quant_summaries = True      # per-layer SQNR, clipping, histograms at each evaluation
   c.batch_size = 128
   c.eval_batch_size = 500

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import configlib, fileio, input_pipeline
+from experiments import ptq as ptq_runner
 from qjax import formats
 from qjax import metrics as qmetrics
 from qjax.flax import convert_linen, convert_nnx
@@ -267,11 +268,13 @@ def serving_forward(tr, state, x, rules):
     return *_float_fwd(tr, state), None, None
   if tr.md.api == 'linen':
     sv = convert_linen(tr.q, tr.variables(state), x, train=False)
+    ptq_runner.patch_serving(tr, sv)  # a PTQ method's integer kernels (experiments/ptq.py), if any
     srv = tr.q.serving()
     return (lambda v, x: srv.apply(v, x, train=False)), (sv,), sv['params'], sv
   from flax import nnx  # noqa: PLC0415
   model = tr.module(state)
   convert_nnx(model, x)  # also puts the model in evaluation mode
+  ptq_runner.patch_serving(tr, model)
   graphdef, mstate = nnx.split(model)
   return (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,), nnx.state(model, nnx.Param), mstate
 

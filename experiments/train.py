@@ -7,8 +7,10 @@ config.mode:
   qat                  quantization-aware training by config.quant's rules (from scratch, or fine-tuned from
                        a float run given by config.init_from)
   ptq                  calibrate a float run's model on config.quant.calibration_batches batches, convert
-                       (int8 / packed int4 weights), evaluate the serving model; the float run is
-                       config.init_from, or trained (once, shared) under <workdir>/../_pretrained/
+                       (int8 / packed sub-byte weights), evaluate the serving model; the float run is
+                       config.init_from, or trained (once, shared) under <workdir>/../_pretrained/.
+                       config.ptq.method picks the method(s) ('rtn' default, 'gptq', 'awq', 'smoothquant',
+                       'rotation', 'adaround', 'bias_correction', or 'a,b' in order; experiments/ptq.py)
   quantized_training   QAT with int8 gradients in the backward matmuls too (config.quant.grad, default int8)
 
 Rerunning the same command resumes from the last checkpoint; a finished run is never overwritten.
@@ -36,6 +38,7 @@ import optax
 
 from experiments import checkpoints as ckpt_lib
 from experiments import configlib, distributed, input_pipeline, models, quant_config, summaries, sweeps, trainers
+from experiments import ptq as ptq_runner
 from experiments.data import DataError
 from experiments.fileio import write_json_atomic
 from experiments.progress import Progress
@@ -120,6 +123,7 @@ def float_config(config):
     f.mode = 'float'
     f.init_from = ''
     f.quant = quant_config.default_quant_config()
+    f.ptq = ptq_runner.default_config()
     f.num_train_steps = config.pretrain_steps if config.pretrain_steps > 0 else config.num_train_steps
   return f
 
@@ -197,6 +201,8 @@ def validate(config):
     quant = quant.copy_and_resolve_references()
     quant.grad.format = 'int8'
   try:
+    if config.mode == 'ptq' and 'ptq' in config:
+      ptq_runner.methods(config.ptq)
     return quant_config.build_rules(quant, ptq=config.mode == 'ptq'), tx, sched
   except ValueError as e:
     raise configlib.ConfigError(str(e)) from None
@@ -245,7 +251,10 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
   run = Run(config, workdir, data, md, trainer, mesh, writer, log, write_hparams, group_name)
   try:
     if mode == 'ptq':
-      state, train_info = _calibrate(run, state), {'steps': 0, 'steps_per_sec': 0.0}
+      train_info = {'steps': 0, 'steps_per_sec': 0.0}
+      if 'ptq' in config and ptq_runner.active(config):
+        state, train_info['ptq'] = ptq_runner.apply(run, state)
+      state = _calibrate(run, state)
     else:
       state, train_info = _train(run, state, sched)
     warnings += train_info.pop('warnings', [])
@@ -380,11 +389,16 @@ def _calibrate(run: Run, state):
 
 def _finish(run: Run, state, train_info, rules, t_start) -> dict[str, Any]:
   c = run.config
-  eval_step = jax.jit(run.trainer.eval_step)
-  metrics = run.evaluate(state, eval_step)
   step = c.num_train_steps if c.mode != 'ptq' else 0
+  if 'ptq' in train_info:  # a PTQ method's integer kernels exist only in the serving model: evaluate that
+    serving = summaries.serving_summary(run, state, rules)
+    metrics = dict(serving['serving_metrics'])
+    if run.md.task == 'lm':
+      metrics['eval/bits_per_char'] = metrics['eval/loss'] / math.log(2)
+  else:
+    metrics = run.evaluate(state, jax.jit(run.trainer.eval_step))
+    serving = summaries.serving_summary(run, state, rules)
   run.writer.scalars(metrics, step)
-  serving = summaries.serving_summary(run, state, rules)
   layers = summaries.quant_summaries(run, state, step)
   if serving_scalars(serving):
     run.writer.scalars(serving_scalars(serving), step)
@@ -422,9 +436,10 @@ def main(argv: list[str]) -> int:
     return 0
   config, flags = configlib.parse_argv(argv)
   configlib.check_flags(flags, ('workdir',) + distributed.FLAGS)
-  unused = configlib.unused_in_float(config, configlib.override_keys(argv))
-  if unused:
-    print(f'warning: {unused}', file=sys.stderr)
+  for unused in (configlib.unused_in_float(config, configlib.override_keys(argv)),
+                 ptq_runner.unused(config, configlib.override_keys(argv))):
+    if unused:
+      print(f'warning: {unused}', file=sys.stderr)
   workdir = flags.pop('workdir', None)
   if not workdir:
     raise configlib.ConfigError('missing --workdir=<dir>')

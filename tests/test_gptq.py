@@ -99,3 +99,20 @@ def test_rejects_specs_it_cannot_serve():
     gptq(w, hessian(x), QuantSpec('fp8_e4m3'))
   with pytest.raises(ValueError, match='per output channel or per group'):
     gptq(w, hessian(x), QuantSpec('int4'))
+
+
+@pytest.mark.parametrize('bits', range(2, 9))
+def test_every_width_from_2_to_8_bits(bits):
+  x, w = layer(5)
+  spec = QuantSpec(f'int{bits}', granularity='per_group', group_size=16)
+  res = gptq(w, hessian(x), spec, block_size=16, act_order=True)
+  q = np.asarray(res.q.qvalue)
+  assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
+  rtn = quantizers.dequantize(quantizers.quantize(w, spec.replace(axis=0)))
+  assert out_err(x, w, res.w_hat) < out_err(x, w, rtn)
+
+
+def test_one_bit_is_out_of_range():
+  x, w = layer(5)
+  with pytest.raises(ValueError, match=r'2\.\.8 bits'):
+    gptq(w, hessian(x), QuantSpec('int1', granularity='per_channel'))

@@ -234,3 +234,22 @@ def test_linen_serving_checkpoint_size(tmp_path):
     back = restore(tmp_path / fmt, serving[fmt])
     assert jnp.array_equal(jax.jit(qm.serving().apply)(back, x), jax.jit(qm.apply)(v, x))
   check_ratios(v, serving, tmp_path, 'linen')
+
+
+@pytest.mark.parametrize('fmt,rows', [('int2', 128), ('int3', 192), ('int4', 256)])
+def test_sub_byte_weights_pack_at_their_width_and_serve_exactly(fmt, rows):
+  """A W2 model's serving bytes are below a W3 model's, below a W4 model's; the serving forward still equals
+  the quantized evaluation forward."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(10, name='head')(nn.relu(nn.Dense(32, name='fc')(x)))
+  rules = [{'module_path': '.*', 'weight': {'format': fmt, 'granularity': 'per_group', 'group_size': 16},
+            'act': None}]
+  qm = quantize_linen(Net(), rules)
+  x = jax.random.normal(jax.random.key(0), (8, 512))
+  v = qm.init(jax.random.key(1), x)
+  sv = convert_linen(qm, v, x)
+  sw = sv['params']['fc']['kernel']
+  assert sw.packed and sw.qvalue.dtype == jnp.uint8 and sw.qvalue.shape == (rows, 32)
+  np.testing.assert_array_equal(np.asarray(qm.serving().apply(sv, x)), np.asarray(qm.apply(v, x)))

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax import calibration, quantizers
+from qjax import calibration, formats, packing, quantizers
 from qjax import granularity as gran
 from qjax.flax.rules import RuleSet
 from qjax.spec import QuantSpec
@@ -46,13 +46,13 @@ _installed = 0
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ServingWeight:
-  """The storage form of a weight's QArray for serving: its int8 qvalues (or int4 packed two per byte), scale,
+  """The storage form of a weight's QArray for serving: its int8 qvalues (or 2/3/4-bit values packed), scale,
   zero point and format, plus the weight's shape and sharding names. `from_qarray` packs, `to_qarray` unpacks:
   inside the ops a served weight is the QArray again (x ~ (qvalue - zero_point) * scale).
 
   Replaces a float kernel in a converted parameter tree, so that no float kernel is left.
   """
-  qvalue: jax.Array                    # int8 (shape of the weight) or uint8 packed along axis 0
+  qvalue: jax.Array                    # int8 (shape of the weight) or uint8 packed along axis 0 (qjax.packing)
   scale: jax.Array
   zero_point: jax.Array | None
   format: str = dataclasses.field(metadata=dict(static=True))
@@ -85,12 +85,14 @@ class ServingWeight:
 
   @classmethod
   def from_qarray(cls, q: quantizers.QArray, pack: bool = False, names: tuple | None = None) -> ServingWeight:
-    """Stores QArray q (packing 4-bit qvalues two per byte along axis 0 when `pack`)."""
-    qvalue = pack_int4(q.qvalue) if pack else q.qvalue
+    """Stores QArray q (packing 2-, 3- or 4-bit qvalues densely along axis 0 when `pack`; qjax.packing)."""
+    # Sub-byte packing hook (issue 13): 2-, 3- and 4-bit values packed at their own width (qjax.packing).
+    qvalue = packing.pack(q.qvalue, packing.width(q.fmt)) if pack else q.qvalue
     return cls(qvalue, q.scale, q.zero_point, q.format, tuple(q.qvalue.shape), pack, names)
 
   def to_qarray(self) -> quantizers.QArray:
-    q = unpack_int4(self.qvalue, self.shape) if self.packed else self.qvalue
+    bits = packing.width(formats.parse_format(self.format)) if self.packed else None
+    q = packing.unpack(self.qvalue, bits, self.shape) if self.packed else self.qvalue
     return quantizers.QArray(q, self.scale, self.zero_point, self.format)
 
 
@@ -105,18 +107,12 @@ def scale_names(names, weight_shape, scale_shape) -> tuple:
 
 def pack_int4(q: jax.Array) -> jax.Array:
   """Packs int8 values in [-8, 7] two per byte along axis 0 (odd sizes padded): (n, ...) -> (ceil(n/2), ...)."""
-  if q.shape[0] % 2:
-    q = jnp.concatenate([q, jnp.zeros((1,) + q.shape[1:], q.dtype)])
-  lo, hi = q[0::2].astype(jnp.uint8) & 0xF, q[1::2].astype(jnp.uint8) & 0xF
-  return lo | (hi << 4)
+  return packing.pack(q, 4)
 
 
 def unpack_int4(p: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Inverse of pack_int4: sign-extends each nibble back to int8."""
-  nib = lambda v: ((v.astype(jnp.int8) ^ 8) - 8).astype(jnp.int8)  # 4-bit two's complement
-  lo, hi = nib(p & 0xF), nib(p >> 4)
-  q = jnp.stack([lo, hi], axis=1).reshape((-1,) + p.shape[1:])
-  return q[:shape[0]]
+  return packing.unpack(p, 4, shape)
 
 
 def _is_serving(x) -> bool:

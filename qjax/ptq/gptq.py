@@ -33,6 +33,7 @@ from jax import lax
 
 from qjax import calibration, formats, quantizers
 from qjax import granularity as gran
+from qjax.ptq import registry
 from qjax.spec import QuantSpec
 
 
@@ -70,6 +71,8 @@ def _check(w, spec: QuantSpec, block_size: int):
     raise ValueError(f'GPTQ quantizes a 2-D kernel (in, out); got shape {w.shape}')
   if not isinstance(spec.fmt, formats.IntFormat):
     raise ValueError(f'GPTQ needs an integer format, got {spec.format!r}')
+  if not 2 <= spec.fmt.bits <= 8:
+    raise ValueError(f'GPTQ quantizes to 2..8 bits, got {spec.format!r} ({spec.fmt.bits} bits)')
   if spec.granularity not in ('per_channel', 'per_group'):
     raise ValueError(f'GPTQ grids are per output channel or per group along the input; got '
                      f'granularity={spec.granularity!r}')
@@ -188,3 +191,22 @@ def _gptq_loop(w, u, spec: QuantSpec, bsz: int, g: int, row_s, row_z):
   init = (w, zeros.astype(jnp.int32), zeros, zeros, zeros.astype(jnp.int32) if asym else None)
   _, qv, wq, rs, rz = lax.fori_loop(0, n // bsz, block, init)
   return qv, wq, rs, rz
+
+
+def _run(layer, *, block_size: int, damp: float, act_order: bool, static_groups: bool):
+  from qjax.ptq import layer as L  # noqa: PLC0415
+  if layer.spec.granularity == 'per_tensor':
+    raise ValueError('GPTQ fits one grid per output channel or group; the weight granularity is per_tensor '
+                     '(use per_channel or per_group)')
+  try:
+    res = gptq(L.as_array(layer.w), layer.stats.hessian, layer.spec, block_size=block_size, damp=damp,
+               act_order=act_order, static_groups=static_groups)
+  except ValueError as e:  # a Hessian no dampening makes positive definite: round to nearest (as llm-compressor)
+    if 'not positive definite' not in str(e):
+      raise
+    return layer.replace(q=L.rtn(layer.w, layer.spec), notes=layer.notes + (('gptq', f'fell back to RTN: {e}'),))
+  return layer.replace(q=res.q, notes=layer.notes + (('gptq_damp', res.damp),))
+
+
+registry.register(registry.PTQMethod('gptq', _run, {'block_size': 128, 'damp': 0.01, 'act_order': False,
+                                                    'static_groups': False}, rounds=True))

@@ -1,0 +1,57 @@
+r"""PTQ methods on Fashion-MNIST (LeNet-5 CNN): method x weight bits, weight-only (activations float).
+
+    python -m experiments.sweep --config=configs/results_ptq_fmnist.py --root=runs/results_ptq_fmnist
+    python -m experiments.ptq_table runs/results_ptq_fmnist
+
+Trials: the float CNN (6000 steps, as configs/results_fmnist.py), then PTQ from it with per-channel int4 / int3 /
+int2 weights in every layer (convs included) and float activations, calibrated on 16 batches of 128 images
+(AWQ and AdaRound see 2048 rows per layer), by each method: rtn, gptq, gptq with act-order, awq, adaround (10k
+iterations per layer, the paper's default), bias_correction, and gptq followed by bias_correction. `:runlocal`
+shrinks it to a smoke test on the fixtures.
+"""
+
+import os
+
+from experiments import configlib, sweeps
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+METHODS = {
+    'rtn': {'ptq.method': 'rtn'},
+    'gptq': {'ptq.method': 'gptq'},
+    'gptq_act_order': {'ptq.method': 'gptq', 'ptq.gptq.act_order': True},
+    'awq': {'ptq.method': 'awq'},
+    'adaround': {'ptq.method': 'adaround'},
+    'bias_correction': {'ptq.method': 'bias_correction'},
+    'gptq+bias_correction': {'ptq.method': 'gptq,bias_correction'},
+}
+
+
+def get_config(arg=None):
+  a = configlib.config_args(arg, runlocal=False)
+  c = configlib.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  c.quant.act.format = ''  # weight-only PTQ: the methods differ in how they round weights
+  c.quant.weight.granularity = 'per_channel'
+  c.quant_summaries = False
+  if not a['runlocal']:
+    c.num_train_steps = 6000
+    c.eval_every_steps = 2000
+    c.checkpoint_every_steps = 1000
+    c.quant.calibration_batches = 16
+    c.ptq.max_sample = 2048  # calibration rows per layer kept for AWQ and AdaRound
+  else:
+    c.ptq.adaround.iters = 100
+  return c
+
+
+def get_sweep(arg=None):
+  ptq = {'mode': 'ptq', 'init_from': sweeps.trial_ref('mode=float')}
+  return sweeps.chain(
+      sweeps.axis('mode', {'float': {'mode': 'float'}}),
+      sweeps.product(sweeps.axis('mode', {'ptq': ptq}), sweeps.axis('method', METHODS),
+                     sweeps.axis('quant.weight.format', ['int4', 'int3', 'int2'], name='w')),
+  )
+
+
+def metrics():
+  return ['eval/accuracy', 'eval/loss']
