@@ -1,9 +1,9 @@
 """Flax integration: quantize unmodified Linen and NNX models by rules; QAT, PTQ and int8 serving."""
 
 from qjax.flax.intercept import QuantStat, ServingWeight
-from qjax.flax.linen import QuantizedLinen, convert_linen, quantize_linen
+from qjax.flax.linen import QuantizedLinen, add_quant_vars, convert_linen, quantize_linen
 from qjax.flax.nnx import convert_nnx, quantize_nnx
 from qjax.flax.rules import QuantRule, RuleSet
 
-__all__ = ['QuantRule', 'QuantStat', 'QuantizedLinen', 'RuleSet', 'ServingWeight', 'convert_linen',
+__all__ = ['QuantRule', 'add_quant_vars', 'QuantStat', 'QuantizedLinen', 'RuleSet', 'ServingWeight', 'convert_linen',
            'convert_nnx', 'quantize_linen', 'quantize_nnx']

@@ -23,22 +23,38 @@ from flax.nnx.nn import attention as nnx_attention
 from flax.nnx.nn import dtypes
 from jax import lax
 
-from qjax.flax import intercept
+from qjax.flax import hooks, intercept, provenance, serving
 from qjax.flax.linen import _serving_weight
 from qjax.flax.rules import RuleSet
+from qjax.flax.session import Session
+from qjax.flax.state import NnxBackend
 
 _SUBCLASSES: dict[type, type] = {}
 
 
 def _quantized_call(self, *args, **kwargs):
-  """__call__ of the quantized module classes: runs the original inside the interception context."""
+  """__call__ of the quantized module classes: runs the original inside the interception context. The
+  outermost call of an eager run (no jax trace) first traces the model abstractly, so that operands can be
+  traced back to their params (eager values carry no provenance)."""
   parent = super(_SUBCLASSES[self._qjax_base], self).__call__
   session = getattr(self, '_qjax_session', None)
   if session is None:
     return parent(*args, **kwargs)
-  with intercept.patched(), intercept.frame(self, self._qjax_path, session):
-    out = parent(*args, **kwargs)
-  if not intercept._stack() and session.mode != 'probe':  # the outermost quantized module returned: it ran once
+  outermost = not hooks.stack()
+  if outermost and session.mode not in ('probe', 'trace') and not session.creating and not any(
+      provenance.has_trace(x) for x in jax.tree.leaves((nnx.state(self), args, kwargs))):
+    graphdef, state = nnx.split(self)
+
+    def run(state, *a, **k):
+      nnx.merge(graphdef, state)(*a, **k)
+    session.trace_origins(lambda: intercept.jit_call(run, state, args, kwargs, abstract=True))
+  try:
+    with hooks.patched(), hooks.frame(self, self._qjax_path, session):
+      out = parent(*args, **kwargs)
+  finally:
+    if outermost:
+      serving.clear()
+  if outermost and session.mode != 'probe':  # the outermost quantized module returned: it ran once
     session.ruleset.check_first_run()
   return out
 
@@ -59,8 +75,8 @@ def _path_str(path) -> str:
 
 
 def _is_default(fn, attr: str, current) -> bool:
-  orig = intercept._ORIG.get('einsum' if attr == 'einsum_op' else attr)
-  return fn is None or fn is current or fn is intercept.HOOKS[attr] or (orig is not None and fn is orig)
+  orig = hooks.ORIG.get('einsum' if attr == 'einsum_op' else attr)
+  return fn is None or fn is current or fn is hooks.HOOKS[attr] or (orig is not None and fn is orig)
 
 
 def _attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
@@ -71,7 +87,7 @@ def _attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=Tru
   Without dropout and sown weights, nnx.dot_product_attention calls the fused jax.nn.dot_product_attention,
   whose einsums are out of qjax's reach; this runs Flax's explicit path instead (the same math).
   """
-  fr = intercept.current()
+  fr = hooks.current()
   rule = None if fr is None else fr.session.ruleset.peek(fr.path, 'einsum')
   if rule is None or rule.float or kwargs:
     return nnx.dot_product_attention(query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
@@ -97,7 +113,7 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
   that jit-compiled steps then update. `seed` enables stochastic rounding (a 'quant' RNG stream per module).
   """
   ruleset = rules if isinstance(rules, RuleSet) else RuleSet(rules)
-  session = intercept.Session(ruleset, 'nnx')
+  session = Session(ruleset, NnxBackend())
   for path, module in nnx.iter_modules(model):
     module.__class__ = _quantized_class(type(module))
     module._qjax_session = session
@@ -108,9 +124,7 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
                           ('conv_general_dilated', lambda: lax.conv_general_dilated),
                           ('einsum_op', lambda: jnp.einsum)):
       if hasattr(module, attr) and _is_default(getattr(module, attr), attr, default()):
-        setattr(module, attr, intercept.HOOKS[attr])
-    if callable(getattr(module, 'promote_dtype', None)):
-      module.promote_dtype = intercept.tracking_promote_dtype(module.promote_dtype)
+        setattr(module, attr, hooks.HOOKS[attr])
     if getattr(module, 'attention_fn', None) is nnx.dot_product_attention:
       module.attention_fn = _attention_fn
     if not hasattr(module, 'use_running_average'):
@@ -130,7 +144,7 @@ def _is_qjax_state(path, _) -> bool:
   return str(path[-1]).startswith('qjax_')
 
 
-def _create_state(model: nnx.Module, session: intercept.Session, args, kwargs) -> None:
+def _create_state(model: nnx.Module, session: Session, args, kwargs) -> None:
   """Runs the model once, jit-compiled (eager ops would each compile on their own), and adds the quantizer
   state it created to the model. Only that new state leaves the compiled function: the model's own arrays stay
   the same objects and are never copied (nnx.jit would return every variable as a new buffer, doubling the
@@ -159,60 +173,79 @@ def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sampl
   """PTQ conversion in place: each quantized weight param becomes a ServingWeight; returns how many.
 
   Runs the model once (jit-compiled, in eval mode) on sample inputs to learn which params are weights of quantized
-  ops, with which spec and quantizer state; quantizes them with the calibration (or learned step) the QAT forward
-  uses, so that the serving forward equals the QAT evaluation forward bit for bit.
+  ops (by provenance), with which spec and quantizer state; quantizes each weight operand as the QAT forward does
+  and stores it in the param's own layout (see qjax.flax.convert_linen), so that the serving forward equals the
+  QAT evaluation forward bit for bit. A param shared by several quantized ops is stored once.
   """
-  sessions = {m._qjax_session for _, m in nnx.iter_modules(model) if getattr(m, '_qjax_session', None)}
-  if len(sessions) != 1:
-    raise ValueError('convert_nnx needs a model quantized by quantize_nnx')
-  (session,) = sessions
+  session = _session_of(model)
   model.eval()
   modules = {_path_str(p): m for p, m in nnx.iter_modules(model)}
+  variables = {_path_str(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
   graphdef, state = nnx.split(model)
+  meta, problems = [], {}
 
-  def own(r):  # a weight of the model as the op saw it (not one layer of stacked weights inside nnx.scan)
-    var = vars(modules[r.path]).get(r.weight_name) if r.weight_name and r.path in modules else None
-    return isinstance(var, nnx.Variable) and tuple(var.shape) == tuple(r.x.shape)
-
-  def run(state, *args, **kwargs):  # the weights' quantizer state (learned steps, delayed scales) as values
+  def run(state, *args, **kwargs):
     session.records = []
     nnx.merge(graphdef, state)(*args, **kwargs)
-    return [r.state if own(r) else {} for r in session.records]
+    meta[:] = session.records
+    shape = lambda path: tuple(variables[path].shape) if path in variables else ()
+    return serving.quantize_uses(session.records, problems, shape)
   session.mode = 'record'
   try:
-    states = intercept.jit_call(run, state, sample_args, sample_kwargs)
+    qarrays = intercept.jit_call(run, state, sample_args, sample_kwargs)
   finally:
-    session.mode = 'train'
-  todo = []  # checked before anything changes
-  for r, state in zip(session.records, states, strict=True):
-    if r.weight_name is None:
-      continue
-    module = modules.get(r.path)
-    var = vars(module).get(r.weight_name) if module is not None else None
-    if not isinstance(var, nnx.Variable):
-      raise ValueError(f'convert_nnx: the weight {r.path}/{r.weight_name} that a quantized op used is not a param '
-                       'of the model')
-    if not isinstance(var.get_value(), intercept.ServingWeight) and tuple(var.shape) != tuple(r.x.shape):
-      raise ValueError(f'convert_nnx: {r.path}/{r.weight_name} has shape {tuple(var.shape)} but its op saw '
-                       f'{tuple(r.x.shape)}: weights used inside an NNX transform over stacked layers (nnx.scan, '
+    session.mode, session.records = 'train', []
+  for i, r in enumerate([r for r in meta if r.weight_name is not None]):
+    q = problems.get(i)
+    if isinstance(q, tuple) and q[0] == 'stacked':
+      raise ValueError(f'convert_nnx: {r.weight_name} has shape {tuple(variables[r.weight_name].shape)} but its op '
+                       f'saw {q[1]}: weights used inside an NNX transform over stacked layers (nnx.scan, '
                        'nnx.vmap) cannot be converted to ServingWeights yet')
-    todo.append((module, r, state))
+  weights = serving.merge_uses(meta, qarrays, problems)
+  todo = []  # checked before anything changes
+  for path, (q, uses) in weights.items():
+    var = variables.get(path)
+    if not isinstance(var, nnx.Variable):
+      raise ValueError(f'convert_nnx: the weight {path} that a quantized op used is not a param of the model')
+    if not isinstance(var.get_value(), serving.ServingWeight) and tuple(var.shape) != tuple(q.qvalue.shape):
+      raise ValueError(f'convert_nnx: {path} has shape {tuple(var.shape)} but its op saw '
+                       f'{tuple(q.qvalue.shape)}: weights used inside an NNX transform over stacked layers '
+                       '(nnx.scan, nnx.vmap) cannot be converted to ServingWeights yet')
+    todo.append((path, var, q, uses))
   done = 0
-  for module, r, state in todo:
-    name, spec, prefix = r.weight_name, r.spec, r.prefix
-    var = vars(module)[name]
-    if isinstance(var.get_value(), intercept.ServingWeight):
-      continue  # already converted, or a weight used by several ops
+  for path, var, q, uses in todo:
+    if isinstance(var.get_value(), serving.ServingWeight):
+      continue  # already converted
     md = var.get_metadata()
-    sw = _serving_weight(var.get_value(), spec, state, int4_pack, md.get('out_sharding'))
+    sw = _serving_weight(var.get_value(), q, uses[0].spec, int4_pack, md.get('out_sharding'))
     if md.get('mesh') is not None and sw.names is not None:  # placed as the float weight was, scales included
       sw = jax.tree.map(lambda a, p, m=md['mesh']: jax.device_put(a, jax.sharding.NamedSharding(m, p)), sw,
                         sw.partition_specs())
-    setattr(module, name, nnx.Param(sw))
-    for learned in spec.learned:
-      if hasattr(module, f'qjax_{prefix}_{learned}'):
-        delattr(module, f'qjax_{prefix}_{learned}')
-    module.promote_dtype = intercept.tracking_promote_dtype(intercept.serving_promote_dtype)
+    var.set_value(sw)
+    for r in uses:
+      module = modules.get(r.path)
+      for learned in r.spec.learned:
+        if module is not None and hasattr(module, f'qjax_{r.prefix}_{learned}'):
+          delattr(module, f'qjax_{r.prefix}_{learned}')
     done += 1
   session.mode = 'serve'
   return done
+
+
+def _session_of(model: nnx.Module) -> Session:
+  sessions = {m._qjax_session for _, m in nnx.iter_modules(model) if getattr(m, '_qjax_session', None)}
+  if len(sessions) != 1:
+    raise ValueError('this needs a model quantized by quantize_nnx')
+  return next(iter(sessions))
+
+
+def records(model: nnx.Module, *args, **kwargs) -> list:
+  """Runs model(*args, **kwargs) in record mode; returns per forward operand of each quantized op a
+  session.Record (see QuantizedLinen.records). Call it inside jax.jit / nnx.jit to keep it compiled."""
+  session = _session_of(model)
+  mode, session.mode, session.records = session.mode, 'record', []
+  try:
+    model(*args, **kwargs)
+    return session.records
+  finally:
+    session.mode, session.records = mode, []
