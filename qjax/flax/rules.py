@@ -343,7 +343,9 @@ class RuleSet:
       self.weighted.add(i)
     elif rule.weight is not None and not rule.float:
       why = '; '.join(f'{s} is {w}' for s, w in zip(('lhs', 'rhs'), whys, strict=True) if w)
-      self.no_weight.setdefault(i, []).append(f'{path or "<root>"} ({op}{index}{", " + why if why else ""})')
+      site = f'{path or "<root>"} ({op}{index}{", " + why if why else ""})'
+      if site not in self.no_weight.setdefault(i, []):
+        self.no_weight[i].append(site)
 
   def record_unreachable(self, path: str, kind: str, a_shape, b_shape, why: str) -> None:
     """A matmul the model computes where no rule can reach it (run in float): listed in the report."""

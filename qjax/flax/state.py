@@ -45,9 +45,13 @@ class _Index:
 
   def __init__(self, items):
     self.by_id, self.by_path = {}, {}
+    from qjax.flax import provenance  # noqa: PLC0415
     for path, v in items:
       self.by_path[path] = v
-      self.by_id.setdefault(_key(v), (path, tuple(getattr(v, 'shape', ()))))
+      hit = (path, tuple(getattr(v, 'shape', ())))
+      self.by_id.setdefault(_key(v), hit)
+      if not serving.is_serving(v):  # under jax.grad the walk meets the param's primal
+        self.by_id.setdefault(id(provenance.unwrap(v)), hit)
 
 
 class _Backend:
