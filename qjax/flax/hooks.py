@@ -137,8 +137,11 @@ def _entry_hook(kind: str):
   def hook(a, b, *, precision=None, preferred_element_type=None, **kw):
     orig = lambda: ORIG[kind](a, b, precision=precision, preferred_element_type=preferred_element_type, **kw)
     fr = _model_frame()
-    if fr is None or kw or not (hasattr(a, 'ndim') and hasattr(b, 'ndim')):
+    if fr is None or not (hasattr(a, 'ndim') and hasattr(b, 'ndim')):
       return orig()
+    extra = sorted(k for k, v in kw.items() if v is not None)
+    if extra:
+      return fr.session.unreachable(fr, kind, a, b, orig, f'it is called with {", ".join(extra)}')
     dims = _matmul_dims(a.ndim, b.ndim, kind)
     if dims is None or (dims[1][0] and tuple(a.shape[:-2]) != tuple(b.shape[:-2])):
       return fr.session.unreachable(fr, kind, a, b, orig, 'its operands broadcast over batch dims')

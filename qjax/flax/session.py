@@ -70,6 +70,7 @@ class Session:
     self.probe_mins: dict[tuple[str, str, int, str], Any] = {}
     self.origins: dict[tuple, Operand] = {}  # use site -> operand, from the 'trace' pre-pass of eager calls
     self.capture = None                      # the capture collector (qjax.flax.capture) in 'capture' mode
+    self.capture_stats: tuple = ()
     self._warned: set = set()
 
   # ---- probes
@@ -170,9 +171,13 @@ class Session:
     weights = tuple(n for n in (lw, rw) if n)
     info = dict(origins=(lo.origin, ro.origin), reduced=reduced, via=via,
                 shapes=(tuple(lhs.shape), tuple(rhs.shape)), whys=(lo.why, ro.why))
-    if self.mode == 'capture' and self.capture is not None and found is not None and not found[1].float:
-      self.capture.add(fr, prefix, lhs, rhs, lo, ro, contracting)
-    if found is None or found[1].float or self.mode in ('trace', 'capture'):
+    if self.mode == 'capture':
+      with _inside():
+        out = orig()
+      if self.capture is not None and found is not None and not found[1].float:
+        self.capture.add(fr, prefix, op, lhs, rhs, lo, ro, contracting, out)
+      return out
+    if found is None or found[1].float or self.mode == 'trace':
       if found is not None:
         self.ruleset.record(fr.path, op, index, found[1], weights, None, (lw or 'act', rw or 'act'), **info)
       with _inside():
