@@ -81,3 +81,49 @@ def test_nnx_capture_and_model_unchanged():
   x2 = np.concatenate([np.asarray(x).reshape(-1, 8) for x in xs])
   np.testing.assert_allclose(out['a/dot_general0'][1].xtx, x2.T @ x2, rtol=1e-4, atol=1e-4)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), before, nnx.state(model)))
+
+
+# ------------------------------------------------------------------------------- NNX transactions (here: small)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, rngs):
+    self.a = nnx.Linear(8, 6, rngs=rngs)
+    self.b = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.b(nnx.relu(self.a(x)))
+
+
+def _snapshot(model):
+  return [(p, type(m), {k: v for k, v in vars(m).items()}) for p, m in nnx.iter_modules(model)]
+
+
+@pytest.mark.parametrize('fail', ['sample_run', 'mid_modules'])
+def test_quantize_nnx_is_transactional(fail, monkeypatch):
+  from qjax.flax import nnx as qnnx  # noqa: PLC0415
+  model = Mlp(nnx.Rngs(0))
+  before = _snapshot(model)
+  x = jnp.ones((2, 8))
+  y0 = model(x)
+  if fail == 'mid_modules':  # the second module's class swap fails, after the first was changed
+    calls = []
+    orig = qnnx._quantized_class
+
+    def flaky(cls):
+      calls.append(cls)
+      if len(calls) == 2:
+        raise RuntimeError('injected failure')
+      return orig(cls)
+    monkeypatch.setattr(qnnx, '_quantized_class', flaky)
+    with pytest.raises(RuntimeError, match='injected failure'):
+      quantize_nnx(model, RULES, x)
+  else:  # a wrong sample input fails inside the state-creating run, after every module was changed
+    with pytest.raises(Exception):
+      quantize_nnx(model, RULES, jnp.ones((2, 5)))
+  after = _snapshot(model)
+  assert [(p, c) for p, c, _ in after] == [(p, c) for p, c, _ in before]
+  for (_, _, a), (_, _, b) in zip(before, after, strict=True):
+    assert a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+  assert jnp.array_equal(model(x), y0)
+  assert quantize_nnx(model, RULES, x).quantized()  # and it can still be quantized afterwards

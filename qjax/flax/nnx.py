@@ -111,9 +111,27 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
 
   With sample inputs the model runs once eagerly, creating the quantizer state (learned steps, statistics)
   that jit-compiled steps then update. `seed` enables stochastic rounding (a 'quant' RNG stream per module).
+  Transactional: if anything fails (a rule, the sample run), every module gets back its class and attributes
+  (the same objects) and the error propagates; the model is exactly as before.
   """
   ruleset = rules if isinstance(rules, RuleSet) else RuleSet(rules)
-  session = Session(ruleset, NnxBackend())
+  if ruleset.needs_probe and not (sample_args or sample_kwargs):
+    raise ValueError('a rule has first_last_8bit=True or act_signedness="auto": quantize_nnx needs sample inputs '
+                     'to learn which ops run first and last and which activations are non-negative '
+                     '(quantize_nnx(model, rules, *sample_inputs))')
+  saved = [(m, type(m), dict(vars(m))) for _, m in nnx.iter_modules(model)]
+  try:
+    _quantize_modules(model, Session(ruleset, NnxBackend()), seed, sample_args, sample_kwargs)
+  except BaseException:
+    for m, cls, attrs in saved:
+      object.__setattr__(m, '__class__', cls)
+      vars(m).clear()
+      vars(m).update(attrs)
+    raise
+  return ruleset
+
+
+def _quantize_modules(model, session, seed, sample_args, sample_kwargs) -> None:
   for path, module in nnx.iter_modules(model):
     module.__class__ = _quantized_class(type(module))
     module._qjax_session = session
@@ -131,13 +149,8 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
       module.use_running_average = False
     if seed is not None:
       module.qjax_rngs = nnx.Rngs(quant=zlib.crc32(f'{seed}/{module._qjax_path}'.encode()))  # not hash(): salted
-  if ruleset.needs_probe and not (sample_args or sample_kwargs):
-    raise ValueError('a rule has first_last_8bit=True or act_signedness="auto": quantize_nnx needs sample inputs '
-                     'to learn which ops run first and last and which activations are non-negative '
-                     '(quantize_nnx(model, rules, *sample_inputs))')
   if sample_args or sample_kwargs:
     _create_state(model, session, sample_args, sample_kwargs)
-  return ruleset
 
 
 def _is_qjax_state(path, _) -> bool:
