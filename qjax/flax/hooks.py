@@ -32,7 +32,12 @@ class Frame:
   session: Any
   method: str = '__call__'
   counters: dict[str, int] = dataclasses.field(default_factory=dict)
-  param_index: dict | None = None  # id(value) -> (param path, shape) of the whole model (lazily, by the backend)
+  param_index: Any = None  # the model's params by identity and path (built lazily by the backend)
+  backend: Any = None      # where this module's state lives (qjax.flax.state); None: the session's
+
+  @property
+  def state(self):
+    return self.backend or self.session.backend
 
 
 def stack() -> list[Frame]:
@@ -47,9 +52,9 @@ def current() -> Frame | None:
 
 
 @contextlib.contextmanager
-def frame(module, path: str, session, method: str = '__call__'):
+def frame(module, path: str, session, method: str = '__call__', backend=None):
   s = stack()
-  s.append(Frame(module, path, session, method))
+  s.append(Frame(module, path, session, method, backend=backend))
   try:
     yield
   finally:

@@ -39,7 +39,7 @@ class QuantizedLinen:
     if context.method_name == 'setup':
       return next_fun(*args, **kwargs)
     path = '/'.join(str(p) for p in module.path)
-    with hooks.frame(module, path, self.session, context.method_name):
+    with hooks.frame(module, path, self.session, context.method_name, self.session.backend):
       return next_fun(*args, **kwargs)
 
   @contextlib.contextmanager

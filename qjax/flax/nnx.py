@@ -14,6 +14,7 @@ variable.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import jax
@@ -26,28 +27,34 @@ from jax import lax
 from qjax.flax import hooks, intercept, provenance, serving
 from qjax.flax.linen import _serving_weight
 from qjax.flax.rules import RuleSet
-from qjax.flax.session import Session
-from qjax.flax.state import NnxBackend
+from qjax.flax.session import STATS, Session, is_quantizer_name
+from qjax.flax.state import LinenBackend, NnxBackend
 
 _SUBCLASSES: dict[type, type] = {}
 
 
+def _trace_if_eager(module, session, args, kwargs) -> None:
+  """The outermost call of an eager run (no jax trace) first traces the model abstractly, so that operands can
+  be traced back to their params (eager values carry no provenance; qjax.flax.provenance)."""
+  if session.mode in ('probe', 'trace') or session.creating or any(
+      provenance.has_trace(x) for x in jax.tree.leaves((nnx.state(module), args, kwargs))):
+    return
+  graphdef, state = nnx.split(module)
+
+  def run(state, *a, **k):
+    nnx.merge(graphdef, state)(*a, **k)
+  session.trace_origins(lambda: intercept.jit_call(run, state, args, kwargs, abstract=True))
+
+
 def _quantized_call(self, *args, **kwargs):
-  """__call__ of the quantized module classes: runs the original inside the interception context. The
-  outermost call of an eager run (no jax trace) first traces the model abstractly, so that operands can be
-  traced back to their params (eager values carry no provenance)."""
+  """__call__ of the quantized module classes: runs the original inside the interception context."""
   parent = super(_SUBCLASSES[self._qjax_base], self).__call__
   session = getattr(self, '_qjax_session', None)
   if session is None:
     return parent(*args, **kwargs)
   outermost = not hooks.stack()
-  if outermost and session.mode not in ('probe', 'trace') and not session.creating and not any(
-      provenance.has_trace(x) for x in jax.tree.leaves((nnx.state(self), args, kwargs))):
-    graphdef, state = nnx.split(self)
-
-    def run(state, *a, **k):
-      nnx.merge(graphdef, state)(*a, **k)
-    session.trace_origins(lambda: intercept.jit_call(run, state, args, kwargs, abstract=True))
+  if outermost:
+    _trace_if_eager(self, session, args, kwargs)
   try:
     with hooks.patched(), hooks.frame(self, self._qjax_path, session):
       out = parent(*args, **kwargs)
@@ -57,6 +64,53 @@ def _quantized_call(self, *args, **kwargs):
   if outermost and session.mode != 'probe':  # the outermost quantized module returned: it ran once
     session.ruleset.check_first_run()
   return out
+
+
+def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
+  """__call__ of a quantized nnx.bridge.ToNNX: its Linen module runs under the Linen interceptor, with state in
+  the Linen collections that ToNNX keeps as NNX variables ('quant_stats' as QuantStat). Its metadata are class
+  attributes of a per-instance subclass: ToNNX hands every instance attribute to Linen as a variable."""
+  from flax import linen as nn  # noqa: PLC0415
+
+  from qjax.flax import linen as qlinen  # noqa: PLC0415
+  cls = type(self)
+  session, prefix, backend = cls._qjax_session, cls._qjax_path, cls._qjax_linen
+  parent = super(cls, self).__call__
+  if mutable is None:
+    if session.creating:
+      mutable = ['params', STATS]
+    elif session.mode == 'train' and not any(getattr(f.module, 'use_running_average', False)
+                                             for f in hooks.stack() if f.state is session.backend):
+      mutable = [STATS]
+
+  def interceptor(next_fun, a, k, context):
+    if context.method_name == 'setup':
+      return next_fun(*a, **k)
+    path = '/'.join(str(p) for p in (prefix, *context.module.path) if str(p))
+    with hooks.frame(context.module, path, session, context.method_name, backend):
+      return next_fun(*a, **k)
+  outermost = not hooks.stack()
+  if outermost:
+    _trace_if_eager(self, session, args, kwargs)
+  try:
+    with contextlib.ExitStack() as st:
+      st.enter_context(hooks.patched())
+      st.enter_context(nn.intercept_methods(interceptor))
+      if session.mode == 'serve':
+        st.enter_context(qlinen._serving_params())
+      out = parent(*args, rngs=rngs, method=method, mutable=mutable or False, **kwargs)
+  finally:
+    if outermost:
+      serving.clear()
+  if outermost and session.mode != 'probe':
+    session.ruleset.check_first_run()
+  return out
+
+
+def _tonnx_class(cls: type, session: Session, path: str) -> type:
+  return type(cls.__name__, (cls,), {'__module__': cls.__module__, '__qualname__': cls.__qualname__,
+                                     '__call__': _tonnx_call, '_qjax_base': cls, '_qjax_session': session,
+                                     '_qjax_path': path, '_qjax_linen': LinenBackend()})
 
 
 def _quantized_class(cls: type) -> type:
@@ -132,7 +186,13 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
 
 
 def _quantize_modules(model, session, seed, sample_args, sample_kwargs) -> None:
+  from flax.nnx import bridge  # noqa: PLC0415
+  tonnx = [p for p, m in nnx.iter_modules(model) if isinstance(m, bridge.ToNNX)]
   for path, module in nnx.iter_modules(model):
+    if any(tuple(path[:len(t)]) == tuple(t) for t in tonnx):
+      if tuple(path) in map(tuple, tonnx):
+        module.__class__ = _tonnx_class(type(module), session, _path_str(path))
+      continue
     module.__class__ = _quantized_class(type(module))
     module._qjax_session = session
     module._qjax_path = _path_str(path)
@@ -164,10 +224,18 @@ def _create_state(model: nnx.Module, session: Session, args, kwargs) -> None:
   model's memory), and nothing else the run changed (batch statistics, RNG counts) is kept."""
   graphdef, state = nnx.split(model)
 
+  from flax.nnx import bridge  # noqa: PLC0415
+  from flax.nnx.bridge import variables as bv  # noqa: PLC0415
+
   def run(state, *args, **kwargs):
     m = nnx.merge(graphdef, state)
     m(*args, **kwargs)
-    return nnx.state(m, _is_qjax_state)
+    linen = {}  # per ToNNX module: the quantizer variables its Linen module created, as Linen collections
+    for path, sub in nnx.iter_modules(m):
+      if isinstance(sub, bridge.ToNNX):
+        attrs = {k: v for k, v in vars(sub).items() if not k.startswith(('to_nnx__', '_pytree__'))}
+        linen[path] = _only_quantizer_vars(bv.nnx_attrs_to_linen_vars(attrs))
+    return nnx.state(m, _is_qjax_state), linen
   if session.ruleset.needs_probe:  # first_last_8bit, act_signedness='auto': a float run before any state
 
     def probe(state, *args, **kwargs):
@@ -176,10 +244,29 @@ def _create_state(model: nnx.Module, session: Session, args, kwargs) -> None:
     session.probe(lambda abstract: intercept.jit_call(probe, state, args, kwargs, abstract=abstract))
   session.creating = True
   try:
-    new = intercept.jit_call(run, state, args, kwargs)
+    new, linen = intercept.jit_call(run, state, args, kwargs)
   finally:
     session.creating = False
   nnx.update(model, new)
+  subs = dict(nnx.iter_modules(model))
+  for path, variables in linen.items():  # merged into the ToNNX's attributes the way ToNNX merges updates
+    sub = subs[path]
+    for name, value in bv.linen_vars_to_nnx_attrs(variables).items():
+      old = vars(sub).get(name)
+      setattr(sub, name, nnx.data(bv._recursive_merge(old, value) if isinstance(old, dict) else value))
+
+
+def _only_quantizer_vars(tree):
+  """The leaves of a Linen variables dict whose names are quantizer state names (session.is_quantizer_name)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      sub = _only_quantizer_vars(v)
+      if sub:
+        out[k] = sub
+    elif is_quantizer_name(str(k)):
+      out[k] = v
+  return out
 
 
 def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sample_kwargs) -> int:

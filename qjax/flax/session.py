@@ -21,6 +21,7 @@ from a method other than __call__ (setup-style modules: 'decode_dot_general0_lhs
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from typing import Any
 
@@ -34,6 +35,12 @@ from qjax.flax.rules import RuleSet
 from qjax.spec import QuantSpec
 
 STATS = 'quant_stats'
+_STATE_NAME = re.compile(r'^(qjax_)?(\w+_)?(dot_general|conv|einsum)\d+_(lhs|rhs)_\w+$')
+
+
+def is_quantizer_name(name: str) -> bool:
+  """Whether a variable name is one of a quantizer state's ('dot_general0_rhs_scale', 'decode_einsum1_lhs_count')."""
+  return _STATE_NAME.match(name) is not None
 
 
 @dataclasses.dataclass
@@ -104,9 +111,9 @@ class Session:
   def classify(self, fr, site: tuple, x) -> Operand:
     if self.mode != 'trace' and not provenance.has_trace(x) and site in self.origins:
       return self.origins[site]  # an eager operand: what the abstract pre-pass found at this use site
-    origin = provenance.trace_back(x, lambda v: self.backend.lookup(fr, v))
-    if origin is None and self.backend.refresh(fr):  # params created since the index was built (init)
-      origin = provenance.trace_back(x, lambda v: self.backend.lookup(fr, v))
+    origin = provenance.trace_back(x, lambda v: fr.state.lookup(fr, v))
+    if origin is None and fr.state.refresh(fr):  # params created since the index was built (init)
+      origin = provenance.trace_back(x, lambda v: fr.state.lookup(fr, v))
     out = Operand(origin, '' if origin is not None else _why(x))
     if self.mode == 'trace':
       self.origins[site] = out
@@ -217,7 +224,7 @@ class Session:
     moved along the operand's shape ops); other operands as they are."""
     if o.origin is None:
       return x
-    sw = self.backend.param_value(fr, o.origin.param)
+    sw = fr.state.param_value(fr, o.origin.param)
     if not serving.is_serving(sw):
       return x
     try:
@@ -243,7 +250,7 @@ class Session:
     specs = [cfg.fwd.lhs, cfg.fwd.rhs, cfg.dlhs.lhs, cfg.dlhs.rhs, cfg.drhs.lhs, cfg.drhs.rhs]
     if not any(s is not None and s.rounding == 'stochastic' for s in specs):
       return None
-    return self.backend.rng(fr, rule)
+    return fr.state.rng(fr, rule)
 
   # ---- quantizer state
 
@@ -264,7 +271,7 @@ class Session:
     x = jax.lax.stop_gradient(x)
     is_weight = o.origin is not None
     if spec.learned:
-      return {name: self.backend.param(fr, f'{prefix}_{name}',
+      return {name: fr.state.param(fr, f'{prefix}_{name}',
                                        lambda n=name: quantizers.init_params(x, spec)[n], o.origin, x.shape)
               for name in spec.learned}
     if rule.delayed_scaling:
@@ -279,10 +286,10 @@ class Session:
                        f'"per_tensor", got {spec.granularity!r}')
     scale, zp = calibration.calibrate(x, spec)
     zp = jnp.zeros_like(scale) if zp is None else zp.astype(jnp.float32)
-    count = self.backend.stat(fr, f'{prefix}_count', lambda: jnp.zeros((), jnp.float32))
-    ema_s = self.backend.stat(fr, f'{prefix}_scale', lambda: scale)
-    ema_z = self.backend.stat(fr, f'{prefix}_zero_point', lambda: zp)
-    if self.backend.training(fr):
+    count = fr.state.stat(fr, f'{prefix}_count', lambda: jnp.zeros((), jnp.float32))
+    ema_s = fr.state.stat(fr, f'{prefix}_scale', lambda: scale)
+    ema_z = fr.state.stat(fr, f'{prefix}_zero_point', lambda: zp)
+    if fr.state.training(fr):
       d = jnp.where(count.get() > 0, rule.ema_decay, 0.0)  # the first batch initialises the average
       ema_s.set(d * ema_s.get() + (1 - d) * scale)
       ema_z.set(d * ema_z.get() + (1 - d) * zp)
@@ -297,11 +304,11 @@ class Session:
       raise ValueError(f'rule {rule.label!r}: delayed_scaling keeps one amax history per tensor; it needs '
                        f'granularity="per_tensor" and scheme="symmetric", got {spec.granularity!r}/{spec.scheme!r}')
     amax = calibration.absmax(x, gran.scale_shape(x.shape, spec)).reshape(())
-    hist = self.backend.stat(fr, f'{prefix}_amax_history', lambda: jnp.zeros((rule.delayed_scaling,), jnp.float32))
+    hist = fr.state.stat(fr, f'{prefix}_amax_history', lambda: jnp.zeros((rule.delayed_scaling,), jnp.float32))
     h = hist.get()
     past = jnp.max(h)
     use = jnp.where(past > 0, past, amax)  # no history yet: current scaling
-    if self.backend.training(fr):
+    if fr.state.training(fr):
       hist.set(jnp.roll(h, 1).at[0].set(amax))
     scale = calibration.symmetric_scale(use.reshape((1,) * x.ndim), spec)
     return {'scale': scale}

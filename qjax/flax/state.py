@@ -55,8 +55,9 @@ class _Index:
 
 
 class _Backend:
-  def _root(self):
-    return hooks.stack()[0]
+  def _root(self, fr):
+    """The outermost running frame of this backend (a Linen model inside nnx.bridge.ToNNX has its own)."""
+    return next((f for f in hooks.stack() if f.state is fr.state), fr)
 
   def lookup(self, fr, v):
     hit = serving.served(v)
@@ -72,7 +73,7 @@ class _Backend:
 
   def _index(self, fr) -> _Index:
     if fr.param_index is None:
-      fr.param_index = _Index(list(self._own(fr)) + list(self._all(self._root())))
+      fr.param_index = _Index(list(self._own(fr)) + list(self._all(self._root(fr))))
     return fr.param_index
 
   def refresh(self, fr) -> bool:
@@ -237,3 +238,12 @@ def _quant_stat_type():
 
 
 QuantStat = _quant_stat_type()
+
+
+def _register():
+  from flax import nnx  # noqa: PLC0415
+  # nnx.bridge converts variables to and from Linen collections by this name (ToNNX-wrapped Linen models).
+  nnx.register_variable_name(STATS, QuantStat, overwrite=True)
+
+
+_register()
