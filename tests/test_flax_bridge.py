@@ -85,3 +85,72 @@ def test_tonnx_failed_quantization_leaves_the_model_as_it_was():
   with pytest.raises(Exception):
     quantize_nnx(model, RULES, jnp.ones((4, 3)))
   assert type(model.body) is nnx.bridge.ToNNX and jnp.array_equal(model(x), y)
+
+
+# ---------------------------------------------------------------------------------- a native NNX model
+
+
+V, D = 40, 16
+
+
+class NnxLM(nnx.Module):
+  """Native NNX, external style: a raw Param stored (out, in) used as `x @ w.T`, and a tied head via attend."""
+
+  def __init__(self, rngs):
+    self.emb = nnx.Embed(V, D, rngs=rngs)
+    self.w_up = nnx.Param(jax.random.normal(rngs.params(), (2 * D, D)) * 0.3)
+    self.down = nnx.Linear(2 * D, D, rngs=rngs)
+
+  def __call__(self, ids):
+    x = self.emb(ids)
+    h = nnx.relu(x @ self.w_up[...].T)
+    return self.emb.attend(x + self.down(h))
+
+
+def w_rules(bits, estimator='ste'):
+  return [{'module_path': '.*', 'weight': {'format': f'int{bits}', 'granularity': 'per_channel',
+                                           'estimator': estimator}, 'act': {'format': 'int8'}, 'mode': 'real'}]
+
+
+IDS = jax.random.randint(jax.random.key(3), (4, 8), 0, V)
+
+
+def test_native_nnx_weights_errors_qat_conversion_and_hlo():
+  ref = NnxLM(nnx.Rngs(0))(IDS)
+  err = {}
+  for bits in (8, 4):
+    model = NnxLM(nnx.Rngs(0))
+    rs = quantize_nnx(model, w_rules(bits), IDS)
+    assert {m.rhs_weight: m.rhs_channels for m in rs.quantized()} == {
+        'w_up': (0,), 'down/kernel': (1,), 'emb/embedding': (0,)}
+    y = nnx.jit(lambda m, x: m(x))(model, IDS)
+    err[bits] = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+  assert 0 < err[8] < err[4]
+  # QAT: LSQ steps of every weight move and the loss goes down
+  model = NnxLM(nnx.Rngs(0))
+  quantize_nnx(model, w_rules(4, 'lsq'), IDS)
+  learned = lambda: [model.qjax_dot_general0_rhs_scale[...], model.down.qjax_dot_general0_rhs_scale[...],
+                     model.emb.qjax_attend_dot_general0_rhs_scale[...]]
+  steps = learned()
+
+  @nnx.jit
+  def step(m):
+    loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(IDS) - 1.0) ** 2))(m)
+    nnx.update(m, jax.tree.map(lambda p, g: p - 0.05 * g, nnx.state(m, nnx.Param), g))
+    return loss
+  losses = [float(step(model)) for _ in range(5)]
+  assert losses[-1] < losses[0]
+  assert all(not jnp.array_equal(a, b) for a, b in zip(learned(), steps, strict=True))
+  model.eval()
+  fwd = nnx.jit(lambda m, x: m(x))
+  want = fwd(model, IDS)
+  assert convert_nnx(model, IDS) == 3
+  assert all(isinstance(v.get_value(), ServingWeight) for v in (model.w_up, model.down.kernel, model.emb.embedding))
+  assert not any(hasattr(m, n) for m, n in ((model, 'qjax_dot_general0_rhs_scale'),
+                                            (model.emb, 'qjax_attend_dot_general0_rhs_scale')))
+  got = fwd(model, IDS)  # tied: the lookup reads the int4 table, the QAT eval the float one
+  assert float(jnp.linalg.norm(got - want)) < 0.25 * float(jnp.linalg.norm(want))  # int4 rows in the lookup
+  graphdef, state = nnx.split(model)
+  hlo = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, IDS).as_text(debug_info=True)
+  from qjax.ops.inspect import parse_lowered  # noqa: PLC0415
+  assert sum(op.category == 'int8' for op in parse_lowered(hlo)) == 3

@@ -76,8 +76,7 @@ def test_nnx_capture_and_model_unchanged():
   before = jax.tree.map(lambda a: a, nnx.state(model))
   out = capture.capture_nnx(model, xs)
   assert {k: (s.weight, s.contracting) for k, (s, _) in out.items()} == {
-      # NNX frames __call__ only: the op in emb.attend is keyed by its caller's path (the root)
-      'a/dot_general0': ('a/kernel', (0,)), '<root>/dot_general0': ('emb/embedding', (1,))}
+      'a/dot_general0': ('a/kernel', (0,)), 'emb/attend_dot_general0': ('emb/embedding', (1,))}
   x2 = np.concatenate([np.asarray(x).reshape(-1, 8) for x in xs])
   np.testing.assert_allclose(out['a/dot_general0'][1].xtx, x2.T @ x2, rtol=1e-4, atol=1e-4)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), before, nnx.state(model)))

@@ -15,6 +15,7 @@ variable.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import zlib
 
 import jax
@@ -33,7 +34,7 @@ from qjax.flax.state import LinenBackend, NnxBackend
 _SUBCLASSES: dict[type, type] = {}
 
 
-def _trace_if_eager(module, session, args, kwargs) -> None:
+def _trace_if_eager(module, session, args, kwargs, method: str = '__call__') -> None:
   """The outermost call of an eager run (no jax trace) first traces the model abstractly, so that operands can
   be traced back to their params (eager values carry no provenance; qjax.flax.provenance)."""
   if session.mode in ('probe', 'trace') or session.creating or any(
@@ -42,7 +43,7 @@ def _trace_if_eager(module, session, args, kwargs) -> None:
   graphdef, state = nnx.split(module)
 
   def run(state, *a, **k):
-    nnx.merge(graphdef, state)(*a, **k)
+    getattr(nnx.merge(graphdef, state), method)(*a, **k)
   session.trace_origins(lambda: intercept.jit_call(run, state, args, kwargs, abstract=True))
 
 
@@ -113,13 +114,47 @@ def _tonnx_class(cls: type, session: Session, path: str) -> type:
                                      '_qjax_path': path, '_qjax_linen': LinenBackend()})
 
 
+def _method(name: str, fn):
+  """A public method of a quantized module class: runs under a frame of its own (ops it runs belong to this
+  module and method: `nnx.Embed.attend` computes the tied head at the embedding's path)."""
+  def method(self, *args, **kwargs):
+    session = getattr(self, '_qjax_session', None)
+    if session is None:
+      return fn(self, *args, **kwargs)
+    outermost = not hooks.stack()
+    if outermost:
+      _trace_if_eager(self, session, args, kwargs, name)
+    try:
+      with hooks.patched(), hooks.frame(self, self._qjax_path, session, name):
+        return fn(self, *args, **kwargs)
+    finally:
+      if outermost:
+        serving.clear()
+  method.__name__ = method.__qualname__ = name
+  method.__doc__ = fn.__doc__
+  return method
+
+
+def _public_methods(cls: type) -> dict:
+  """Plain public methods the class defines (not nnx.Module's own API)."""
+  out = {}
+  for klass in reversed(cls.__mro__):
+    if klass in nnx.Module.__mro__:
+      continue
+    for name, fn in vars(klass).items():
+      if inspect.isfunction(fn) and not name.startswith('_') and not hasattr(nnx.Module, name):
+        out[name] = fn
+  return out
+
+
 def _quantized_class(cls: type) -> type:
   # A plain subclass (no mixin base, no __slots__) keeps the object layout, so `__class__` can be swapped.
   if getattr(cls, '_qjax_base', None) is not None:
     return cls
   if cls not in _SUBCLASSES:
+    methods = {name: _method(name, fn) for name, fn in _public_methods(cls).items()}
     _SUBCLASSES[cls] = type(cls.__name__, (cls,), {
-        '__module__': cls.__module__, '__qualname__': cls.__qualname__, '__call__': _quantized_call,
+        **methods, '__module__': cls.__module__, '__qualname__': cls.__qualname__, '__call__': _quantized_call,
         '_qjax_base': cls})
   return _SUBCLASSES[cls]
 
