@@ -2,9 +2,9 @@
 
 from qjax.flax.intercept import QuantStat, ServingWeight
 from qjax.flax.linen import QuantizedLinen, add_quant_vars, convert_linen, quantize_linen
-from qjax.flax.nnx import convert_nnx, quantize_nnx
+from qjax.flax.nnx import QuantizedNnx, convert_nnx, quantize_nnx
 from qjax.flax.nnx import records as nnx_records
 from qjax.flax.rules import QuantRule, RuleSet
 
-__all__ = ['QuantRule', 'add_quant_vars', 'QuantStat', 'QuantizedLinen', 'RuleSet', 'ServingWeight', 'convert_linen',
+__all__ = ['QuantRule', 'add_quant_vars', 'QuantStat', 'QuantizedLinen', 'QuantizedNnx', 'RuleSet', 'ServingWeight', 'convert_linen',
            'convert_nnx', 'nnx_records', 'quantize_linen', 'quantize_nnx']

@@ -21,7 +21,7 @@ from flax.core import scope as scope_mod
 
 from qjax.flax import hooks, intercept, provenance, serving
 from qjax.flax.rules import RuleSet
-from qjax.flax.session import STATS, Session
+from qjax.flax.session import STATS, Session, call_signature
 from qjax.flax.state import LinenBackend
 from qjax.spec import check_choice
 
@@ -62,7 +62,7 @@ class QuantizedLinen:
       def go():
         with self._context():
           intercept.jit_call(fn, state, args, kwargs, abstract=True)
-      self.session.trace_origins(go)
+      self.session.trace_origins(go, call_signature(fn.__name__, self.session.mode, state, args, kwargs))
     with self._context():
       return fn(state, *args, **kwargs)
 

@@ -28,7 +28,7 @@ from jax import lax
 from qjax.flax import hooks, intercept, provenance, serving
 from qjax.flax.linen import _serving_weight
 from qjax.flax.rules import RuleSet
-from qjax.flax.session import STATS, Session, is_quantizer_name
+from qjax.flax.session import STATS, Session, call_signature, is_quantizer_name
 from qjax.flax.state import LinenBackend, NnxBackend
 
 _SUBCLASSES: dict[type, type] = {}
@@ -44,7 +44,11 @@ def _trace_if_eager(module, session, args, kwargs, method: str = '__call__') -> 
 
   def run(state, *a, **k):
     getattr(nnx.merge(graphdef, state), method)(*a, **k)
-  session.trace_origins(lambda: intercept.jit_call(run, state, args, kwargs, abstract=True))
+  try:
+    key = call_signature(graphdef, method, session.mode, state, args, kwargs)
+  except TypeError:
+    key = None
+  session.trace_origins(lambda: intercept.jit_call(run, state, args, kwargs, abstract=True), key)
 
 
 def _quantized_call(self, *args, **kwargs):
@@ -195,8 +199,30 @@ def _attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=Tru
   return jnp.einsum('...hqk,...khd->...qhd', weights, value, precision=precision)
 
 
-def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None, **sample_kwargs) -> RuleSet:
-  """Quantizes an NNX model in place by rules; returns the RuleSet (its `report()` lists what was quantized).
+class QuantizedNnx:
+  """What quantize_nnx returns, the NNX counterpart of QuantizedLinen: the model (quantized in place), its
+  rules, `report()` and `records(...)`. For compatibility it also answers the RuleSet's own attributes
+  (`quantized()`, `unused_rules()`, `matches`, ...) as quantize_nnx returned the RuleSet before."""
+
+  def __init__(self, model: nnx.Module, rules: RuleSet):
+    self.model = model
+    self.rules = rules
+
+  def report(self) -> str:
+    return self.rules.report()
+
+  def records(self, *args, **kwargs) -> list:
+    return records(self.model, *args, **kwargs)
+
+  def __getattr__(self, name):
+    if name in ('model', 'rules'):
+      raise AttributeError(name)
+    return getattr(self.rules, name)
+
+
+def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None,
+                 **sample_kwargs) -> QuantizedNnx:
+  """Quantizes an NNX model in place by rules; returns a QuantizedNnx (its `report()` lists what was quantized).
 
   With sample inputs the model runs once eagerly, creating the quantizer state (learned steps, statistics)
   that jit-compiled steps then update. `seed` enables stochastic rounding (a 'quant' RNG stream per module).
@@ -217,7 +243,7 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
       vars(m).clear()
       vars(m).update(attrs)
     raise
-  return ruleset
+  return QuantizedNnx(model, ruleset)
 
 
 def _quantize_modules(model, session, seed, sample_args, sample_kwargs) -> None:

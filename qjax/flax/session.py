@@ -95,16 +95,25 @@ class Session:
       self.mode, self.probe_mins = mode, {}
     self.ruleset.fix_order(None if not self.ruleset.needs_data else mins)
 
-  def trace_origins(self, run) -> None:
+  def trace_origins(self, run, key=None) -> None:
     """The pre-pass of an eager call: `run()` traces the model abstractly in 'trace' mode, where every operand
     can be traced back to its param; the origins are kept by use site for the eager run (whose concrete
-    operands carry no provenance)."""
+    operands carry no provenance). `key` (hashable: the call's structure and input shapes) caches them."""
+    cache = self.__dict__.setdefault('_origin_cache', {})
+    try:
+      if key is not None and key in cache:
+        self.origins = cache[key]
+        return
+    except TypeError:  # an unhashable static argument: no caching
+      key = None
     mode, self.mode = self.mode, 'trace'
     self.origins = {}
     try:
       run()
     finally:
       self.mode = mode
+    if key is not None:
+      cache[key] = self.origins
 
   # ---- classifying operands
 
@@ -350,3 +359,20 @@ def _einsum_reduced(subscripts: str, lnd: int, rnd: int):
   red = lambda s, o: tuple(i for i, c in enumerate(s) if c not in out or c in o)
   con = lambda s, o: tuple(i for i, c in enumerate(s) if c not in out and c in o)
   return (red(a, b), red(b, a)), (con(a, b), con(b, a))
+
+
+def call_signature(*parts):
+  """A hashable key of a call for trace_origins: the tree structure, the shapes and dtypes of its array leaves,
+  and its other leaves as they are (None when one is unhashable)."""
+  leaves, treedef = jax.tree.flatten(parts)
+  sig = []
+  for leaf in leaves:
+    if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
+      sig.append((tuple(leaf.shape), str(leaf.dtype)))
+    else:
+      try:
+        hash(leaf)
+      except TypeError:
+        return None
+      sig.append(('static', type(leaf).__name__, leaf))
+  return treedef, tuple(sig)
