@@ -272,3 +272,11 @@ def test_broadcasting_matmul_is_listed_as_not_reachable():
   with pytest.warns(UserWarning, match='not quantized, not reachable: matmul at <root>'):
     qm.init(jax.random.key(0), jnp.ones((2, T, D)))
   assert 'not quantized, not reachable' in qm.report()
+
+
+def test_a_rule_can_name_the_root_module():
+  qm = quantize_linen(LlamaLike(), [{'module_path': '<root>', 'weight': {'format': 'int8', 'granularity': 'per_channel'},
+                                     'act': {'format': 'int8'}}])
+  qm.init(jax.random.key(0), CASES['llama'][1](0))
+  assert [(m.path, m.rhs_weight) for m in qm.rules.quantized()] == [('', 'embedding')]
+  assert qm.report().startswith('<root> ')

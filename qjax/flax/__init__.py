@@ -1,10 +1,16 @@
-"""Flax integration: quantize unmodified Linen and NNX models by rules; QAT, PTQ and int8 serving."""
+"""Flax integration: quantize unmodified Linen and NNX models by rules; QAT, PTQ and int8 serving.
 
-from qjax.flax.intercept import QuantStat, ServingWeight
+Weights are recognised by provenance (qjax.flax.provenance), quantizer state follows the policy in
+qjax.flax.session, and calibration statistics per op come from qjax.flax.capture.
+"""
+
+from qjax.flax import capture
+from qjax.flax.serving import ServingWeight
+from qjax.flax.state import QuantStat
 from qjax.flax.linen import QuantizedLinen, add_quant_vars, convert_linen, quantize_linen
 from qjax.flax.nnx import QuantizedNnx, convert_nnx, quantize_nnx
 from qjax.flax.nnx import records as nnx_records
 from qjax.flax.rules import QuantRule, RuleSet
 
-__all__ = ['QuantRule', 'add_quant_vars', 'QuantStat', 'QuantizedLinen', 'QuantizedNnx', 'RuleSet', 'ServingWeight', 'convert_linen',
+__all__ = ['QuantRule', 'capture', 'add_quant_vars', 'QuantStat', 'QuantizedLinen', 'QuantizedNnx', 'RuleSet', 'ServingWeight', 'convert_linen',
            'convert_nnx', 'nnx_records', 'quantize_linen', 'quantize_nnx']

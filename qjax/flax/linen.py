@@ -2,6 +2,7 @@
 
     qmodel = qjax.flax.quantize_linen(model, rules)
     variables = qmodel.init(key, x)                      # params + 'quant_stats'
+    variables = qjax.flax.add_quant_vars(qmodel, pretrained, x)  # or: float params of a checkpoint + quantizer vars
     y, upd = qmodel.apply(variables, x, mutable=['quant_stats'])   # training: statistics update
     y = qmodel.apply(variables, x)                        # evaluation: statistics frozen
     serving = qjax.flax.convert_linen(qmodel, variables, x)  # int8 (or packed int4) kernels, no float kernels

@@ -1,6 +1,6 @@
 """NNX: quantize an unmodified NNX model in place by rules, and convert it in place for int8 serving.
 
-    report = qjax.flax.quantize_nnx(model, rules, x)   # no copy of the model is made
+    q = qjax.flax.quantize_nnx(model, rules, x)        # no copy of the model is made; q.report()
     y = model(x)                                        # QAT forward (statistics update unless model.eval())
     qjax.flax.convert_nnx(model, x)                     # kernels become ServingWeights (int8 / packed int4)
 

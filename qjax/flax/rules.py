@@ -1,8 +1,9 @@
 """Rules: which ops of which modules are quantized, and how. Plain data, so configs and sweeps can hold them.
 
 A rule set is an ordered list of `QuantRule`s; for each op (dot_general, conv, einsum) met while a model
-runs, the first rule whose `module_path` regex fully matches the module's path ('encoder/layers_0/attn/query')
-and whose `op_names` contain the op decides. A rule with `float=True` leaves the op in float.
+runs, the first rule whose `module_path` regex fully matches the module's path ('encoder/layers_0/attn/query';
+the root module's path is '', shown as '<root>' in reports, and a rule may name it either way) and whose
+`op_names` contain the op decides. A rule with `float=True` leaves the op in float.
 
 For an op with one weight operand (a param of the module, e.g. a Dense kernel) and one activation, `weight`
 quantizes the weight and `act` the activation; an op of two activations (attention scores) uses `act` for
@@ -136,7 +137,10 @@ class QuantRule:
     return self.name or self.module_path
 
   def matches(self, path: str, op: str) -> bool:
-    return op in self.op_names and self._regex.fullmatch(path) is not None
+    """The op at module `path` ('' for the root module, which a rule may also name '<root>') is this rule's."""
+    if op not in self.op_names:
+      return False
+    return self._regex.fullmatch(path) is not None or (path == '' and self._regex.fullmatch('<root>') is not None)
 
   def dot_config(self, lhs_is_weight: bool, rhs_is_weight: bool, lhs_act: QuantSpec | None = None,
                  rhs_act: QuantSpec | None = None) -> DotConfig:
