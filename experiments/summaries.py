@@ -104,7 +104,8 @@ def layer_stats(run, state) -> list[dict[str, Any]]:
   for r, (x, st), (sqnr, clip) in zip(meta, arrays, values, strict=True):
     rows.append({
         'layer': f'{r.path}/{r.prefix}', 'path': r.path, 'op': r.prefix.rsplit('_', 1)[0],  # '<op><i>_<side>'
-        'operand': r.weight_name.rsplit('/', 1)[-1] if r.weight_name else 'act', 'param': r.weight_name, 'format': r.spec.format, 'kept_8bit': r.kept_8bit,
+        'operand': r.weight_name.rsplit('/', 1)[-1] if r.weight_name else 'act', 'param': r.weight_name,
+        'format': r.spec.format, 'kept_8bit': r.kept_8bit,
         'grid': _grid(r.spec),
         'sqnr_db': float(sqnr), 'clip_fraction': float(clip),
         'learned': {k: float(jnp.mean(jnp.asarray(st[k]))) for k in r.spec.learned},

@@ -118,7 +118,7 @@ def test_quantize_nnx_is_transactional(fail, monkeypatch):
     with pytest.raises(RuntimeError, match='injected failure'):
       quantize_nnx(model, RULES, x)
   else:  # a wrong sample input fails inside the state-creating run, after every module was changed
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):
       quantize_nnx(model, RULES, jnp.ones((2, 5)))
   after = _snapshot(model)
   assert [(p, c) for p, c, _ in after] == [(p, c) for p, c, _ in before]

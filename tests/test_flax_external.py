@@ -132,7 +132,7 @@ def test_every_kernel_is_a_weight_with_its_channel_axis(name, jit):
   qm = quantize_linen(model_cls(), w_rule(8))
   x = inputs(0)
   init = jax.jit(qm.init) if jit else qm.init
-  v = init(jax.random.key(0), x)
+  init(jax.random.key(0), x)
   assert weights_of(qm) == want
   report = qm.report()
   for path in want:
@@ -275,8 +275,9 @@ def test_broadcasting_matmul_is_listed_as_not_reachable():
 
 
 def test_a_rule_can_name_the_root_module():
-  qm = quantize_linen(LlamaLike(), [{'module_path': '<root>', 'weight': {'format': 'int8', 'granularity': 'per_channel'},
-                                     'act': {'format': 'int8'}}])
+  rule = {'module_path': '<root>', 'weight': {'format': 'int8', 'granularity': 'per_channel'},
+          'act': {'format': 'int8'}}
+  qm = quantize_linen(LlamaLike(), [rule])
   qm.init(jax.random.key(0), CASES['llama'][1](0))
   assert [(m.path, m.rhs_weight) for m in qm.rules.quantized()] == [('', 'embedding')]
   assert qm.report().startswith('<root> ')

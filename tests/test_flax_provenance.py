@@ -56,7 +56,8 @@ def test_shape_ops_map_axes(fn, axes, kinds):
   assert tuple(s.kind for s in o.steps if s.kind != 'cast' or 'cast' in kinds) == kinds
 
 
-@pytest.mark.parametrize('fn', [lambda w: w * 2.0, lambda w: w + 1, lambda w: jnp.tanh(w).T, lambda w: w[jnp.array([0, 1])]])
+@pytest.mark.parametrize('fn', [lambda w: w * 2.0, lambda w: w + 1, lambda w: jnp.tanh(w).T,
+                                lambda w: w[jnp.array([0, 1])]])
 def test_arithmetic_ends_the_walk(fn):
   assert origin_of(fn, jnp.ones((4, 12))) is None
 

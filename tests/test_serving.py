@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 from flax import nnx
 
 from experiments.fileio import dir_bytes

@@ -5,12 +5,12 @@ qjax.flax.session, and calibration statistics per op come from qjax.flax.capture
 """
 
 from qjax.flax import capture
-from qjax.flax.serving import ServingWeight
-from qjax.flax.state import QuantStat
 from qjax.flax.linen import QuantizedLinen, add_quant_vars, convert_linen, quantize_linen
 from qjax.flax.nnx import QuantizedNnx, convert_nnx, quantize_nnx
 from qjax.flax.nnx import records as nnx_records
 from qjax.flax.rules import QuantRule, RuleSet
+from qjax.flax.serving import ServingWeight
+from qjax.flax.state import QuantStat
 
-__all__ = ['QuantRule', 'capture', 'add_quant_vars', 'QuantStat', 'QuantizedLinen', 'QuantizedNnx', 'RuleSet', 'ServingWeight', 'convert_linen',
-           'convert_nnx', 'nnx_records', 'quantize_linen', 'quantize_nnx']
+__all__ = ['QuantRule', 'QuantStat', 'QuantizedLinen', 'QuantizedNnx', 'RuleSet', 'ServingWeight', 'add_quant_vars',
+           'capture', 'convert_linen', 'convert_nnx', 'nnx_records', 'quantize_linen', 'quantize_nnx']

@@ -374,7 +374,7 @@ def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sampl
                        '(nnx.scan, nnx.vmap) cannot be converted to ServingWeights yet')
     todo.append((path, var, q, uses))
   done = 0
-  for path, var, q, uses in todo:
+  for _, var, q, uses in todo:
     if isinstance(var.get_value(), serving.ServingWeight):
       continue  # already converted
     md = var.get_metadata()
