@@ -1,5 +1,6 @@
 """NNX: a Linen model wrapped by nnx.bridge.ToNNX inside an NNX model, quantized by quantize_nnx."""
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,7 @@ def test_tonnx_failed_quantization_leaves_the_model_as_it_was():
   x = jax.random.normal(jax.random.key(1), (4, 8))
   model = make(x)
   y = model(x)
-  with pytest.raises(nn.errors.ScopeParamShapeError):  # the wrong-shaped sample input: Linen refuses it
+  with pytest.raises(flax.errors.ScopeParamShapeError):  # the wrong-shaped sample input: Linen refuses it
     quantize_nnx(model, RULES, jnp.ones((4, 3)))
   assert type(model.body) is nnx.bridge.ToNNX and jnp.array_equal(model(x), y)
 
