@@ -281,3 +281,47 @@ def test_a_rule_can_name_the_root_module():
   qm.init(jax.random.key(0), CASES['llama'][1](0))
   assert [(m.path, m.rhs_weight) for m in qm.rules.quantized()] == [('', 'embedding')]
   assert qm.report().startswith('<root> ')
+
+
+class ScanCell(nn.Module):
+  @nn.compact
+  def __call__(self, c, x):
+    return nn.Dense(D, name='fc')(c) + x, None
+
+
+class Scanned(nn.Module):
+  axes: tuple = (('params', 0), ('quant_stats', 0))
+
+  @nn.compact
+  def __call__(self, x):
+    cell = nn.scan(ScanCell, variable_axes=dict(self.axes), split_rngs={'params': True}, length=3)
+    return cell(name='cell')(x, jnp.zeros((3,) + x.shape))[0]
+
+
+def test_nn_scan_weights_and_stats_and_a_clear_error_without_quant_stats_axes():
+  rule = w_rule(8, act_static=True)
+  x = jnp.ones((2, D))
+  qm = quantize_linen(Scanned(), rule)
+  v = qm.init(jax.random.key(0), x)
+  assert weights_of(qm) == {'cell/fc/kernel': (1,)}
+  assert v['quant_stats']['cell']['fc']['dot_general0_lhs_count'].shape == (3,)  # one statistic per layer
+  with pytest.raises(ValueError, match="variable_axes lack 'quant_stats'"):
+    quantize_linen(Scanned(axes=(('params', 0),)), rule).init(jax.random.key(0), x)
+
+
+def test_einsum_with_the_weight_on_the_lhs():
+  class WeightFirst(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      w = self.param('w', nn.initializers.normal(), (D, 6))
+      return jnp.einsum('dk,btd->btk', w, x)
+  qm = quantize_linen(WeightFirst(), [{'module_path': '.*', 'weight': {'format': 'int4', 'granularity': 'per_channel'},
+                                       'act': {'format': 'int8'}}])
+  x = jax.random.normal(jax.random.key(0), (2, T, D))
+  v = qm.init(jax.random.key(0), x)
+  (m,) = qm.rules.quantized()
+  assert (m.lhs_weight, m.lhs_channels, m.rhs_weight) == ('w', (1,), None)
+  assert 'int4' in m.config.split(' x ')[0]  # the weight spec went to the lhs
+  sv = convert_linen(qm, v, x)
+  assert isinstance(sv['params']['w'], ServingWeight)
+  assert jnp.array_equal(qm.serving().apply(sv, x), qm.apply(v, x))

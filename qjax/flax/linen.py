@@ -47,7 +47,7 @@ class QuantizedLinen:
     with contextlib.ExitStack() as stack:
       stack.enter_context(hooks.patched())
       stack.enter_context(nn.intercept_methods(self._interceptor))
-      if self.session.mode == 'serve':
+      if self.session.serving:
         stack.enter_context(_serving_params())
       try:
         yield

@@ -101,7 +101,7 @@ def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
     with contextlib.ExitStack() as st:
       st.enter_context(hooks.patched())
       st.enter_context(nn.intercept_methods(interceptor))
-      if session.mode == 'serve':
+      if session.serving:
         st.enter_context(qlinen._serving_params())
       out = parent(*args, rngs=rngs, method=method, mutable=mutable or False, **kwargs)
   finally:

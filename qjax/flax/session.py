@@ -80,6 +80,11 @@ class Session:
     self.capture_stats: tuple = ()
     self._warned: set = set()
 
+  @property
+  def serving(self) -> bool:
+    """Params are read as ServingWeights: serve mode, or the eager pre-pass of a serve-mode call."""
+    return self.mode == 'serve' or (self.mode == 'trace' and getattr(self, 'outer_mode', None) == 'serve')
+
   # ---- probes
 
   def probe(self, run) -> None:
@@ -106,7 +111,7 @@ class Session:
         return
     except TypeError:  # an unhashable static argument: no caching
       key = None
-    mode, self.mode = self.mode, 'trace'
+    mode, self.mode, self.outer_mode = self.mode, 'trace', self.mode
     self.origins = {}
     try:
       run()

@@ -41,17 +41,30 @@ def _key(v) -> int:
 
 
 class _Index:
-  """id(value) -> (path, shape) and path -> value of every param of the model (ServingWeights as leaves)."""
+  """id(value) -> (path, shape) and path -> value of params (ServingWeights as leaves); a module's own params,
+  backed by the index of every param of the model, which the outermost frame builds once per run."""
 
-  def __init__(self, items):
-    self.by_id, self.by_path = {}, {}
+  def __init__(self, items, parent: _Index | None = None):
     from qjax.flax import provenance  # noqa: PLC0415
+    self.by_id, self.by_path, self.parent = {}, {}, parent
     for path, v in items:
       self.by_path[path] = v
       hit = (path, tuple(getattr(v, 'shape', ())))
       self.by_id.setdefault(_key(v), hit)
       if not serving.is_serving(v):  # under jax.grad the walk meets the param's primal
         self.by_id.setdefault(id(provenance.unwrap(v)), hit)
+
+  def by_identity(self, k):
+    hit = self.by_id.get(k)
+    return hit if hit is not None or self.parent is None else self.parent.by_identity(k)
+
+  def at(self, path):
+    if path in self.by_path:
+      return self.by_path[path]
+    return None if self.parent is None else self.parent.at(path)
+
+  def __len__(self) -> int:
+    return len(self.by_path) + (0 if self.parent is None else len(self.parent))
 
 
 class _Backend:
@@ -63,23 +76,31 @@ class _Backend:
     hit = serving.served(v)
     if hit is not None and hit[1] is not None:
       return hit[1], hit[0].shape
-    return self._index(fr).by_id.get(_key(hit[0]) if hit is not None else id(v))
+    return self._index(fr).by_identity(_key(hit[0]) if hit is not None else id(v))
 
   def param_value(self, fr, path):
-    idx = self._index(fr)
-    if path not in idx.by_path:
+    if self._index(fr).at(path) is None:
       self.refresh(fr)
-    return self._index(fr).by_path.get(path)
+    return self._index(fr).at(path)
 
   def _index(self, fr) -> _Index:
     if fr.param_index is None:
-      fr.param_index = _Index(list(self._own(fr)) + list(self._all(self._root(fr))))
+      root = self._root(fr)
+      if root is fr:
+        fr.param_index = _Index(list(self._own(fr)) + list(self._all(fr)))
+      else:
+        fr.param_index = _Index(self._own(fr), self._index(root))
     return fr.param_index
 
   def refresh(self, fr) -> bool:
-    old = None if fr.param_index is None else len(fr.param_index.by_path)
-    fr.param_index = None
-    return old != len(self._index(fr).by_path)
+    """Rebuilds the indexes of fr and of the outermost frame (params created since, in init); True when they
+    changed. Only where params are being created (Linen init); NNX params exist before the model runs."""
+    if not self._may_grow(fr):
+      return False
+    old = None if fr.param_index is None else len(fr.param_index)
+    root = self._root(fr)
+    root.param_index = fr.param_index = None
+    return old != len(self._index(fr))
 
 
 def _join(*parts) -> str:
@@ -88,6 +109,9 @@ def _join(*parts) -> str:
 
 class LinenBackend(_Backend):
   name = 'linen'
+
+  def _may_grow(self, fr) -> bool:
+    return fr.module.scope is not None and fr.module.is_mutable_collection('params')
 
   def _own(self, fr):
     from flax.core import meta  # noqa: PLC0415
@@ -139,6 +163,11 @@ class LinenBackend(_Backend):
   def stat(self, fr, name, init) -> Var:
     m = fr.module
     if not m.has_variable(STATS, name):
+      if not m.is_mutable_collection(STATS) and m.is_initializing():
+        raise ValueError(f'{fr.path or "<root>"}: the quantizer statistic {name!r} cannot be created: '
+                         f"'{STATS}' is not mutable here while initialising, which happens inside a Linen lifted "
+                         f"transform (nn.scan, nn.vmap) whose variable_axes lack '{STATS}'; add it, e.g. "
+                         f"variable_axes={{'params': 0, '{STATS}': 0}}")
       if not m.is_mutable_collection(STATS):
         raise ValueError(f'{fr.path or "<root>"}: the quantizer statistic {name!r} is missing from '
                          f"'{STATS}'; create it with init, or for pretrained params with "
@@ -160,6 +189,9 @@ class LinenBackend(_Backend):
 
 class NnxBackend(_Backend):
   name = 'nnx'
+
+  def _may_grow(self, fr) -> bool:
+    return False
 
   def _own(self, fr):
     from flax import nnx  # noqa: PLC0415
