@@ -325,3 +325,16 @@ def test_einsum_with_the_weight_on_the_lhs():
   sv = convert_linen(qm, v, x)
   assert isinstance(sv['params']['w'], ServingWeight)
   assert jnp.array_equal(qm.serving().apply(sv, x), qm.apply(v, x))
+
+
+def test_lax_dot_and_jnp_dot_reach_the_rules():
+  class Dots(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      a = self.param('a', nn.initializers.normal(), (6, D))
+      b = self.param('b', nn.initializers.normal(), (D, D))
+      return jax.lax.dot(jnp.dot(x, a.T), jnp.ones((6, D))) @ b  # (2, D) . (D, 6) . (6, D) . (D, D)
+  qm = quantize_linen(Dots(), w_rule(8))
+  qm.init(jax.random.key(0), jnp.ones((2, D)))
+  ops = [(m.via, m.rhs_weight, m.rhs_channels) for m in qm.rules.quantized()]
+  assert ops == [('dot', 'a', (0,)), ('lax.dot', None, ()), ('matmul', 'b', (1,))]

@@ -1,13 +1,13 @@
 """Op hooks: a model's matmuls and convs reach qjax while a quantized model runs, on that thread only.
 
-While any quantized model runs, `jax.lax.dot_general`, `jax.lax.conv_general_dilated`, `jax.numpy.einsum`,
-`jax.numpy.matmul`, `jax.numpy.dot` and the `@` operator (`jax._src.numpy.tensor_contractions.matmul`, which
-`Array.__matmul__` looks up at call time) are replaced by hooks. A thread-local stack holds the module being
-executed (pushed by the Linen interceptor or by the quantized NNX module classes); a hook called from model
-code under a frame hands the op to the frame's session (qjax.flax.session.Session.run_op), and runs the original
-op otherwise (other threads, qjax's own op code, JAX internals). jnp.matmul, jnp.dot and `@` are caught at
-their entry, where their operands still carry their provenance (inside those jitted library functions they
-would not), and run as one dot_general.
+While any quantized model runs, `jax.lax.dot_general`, `jax.lax.dot`, `jax.lax.conv_general_dilated`,
+`jax.numpy.einsum`, `jax.numpy.matmul`, `jax.numpy.dot` and the `@` operator
+(`jax._src.numpy.tensor_contractions.matmul`, which `Array.__matmul__` looks up at call time) are replaced by
+hooks. A thread-local stack holds the module being executed (pushed by the Linen interceptor or by the quantized
+NNX module classes); a hook called from model code under a frame hands the op to the frame's session
+(qjax.flax.session.Session.run_op), and runs the original op otherwise (other threads, qjax's own op code, JAX
+internals). lax.dot, jnp.matmul, jnp.dot and `@` are caught at their entry, where their operands still carry
+their provenance (inside those jitted library functions they would not), and run as one dot_general.
 """
 
 from __future__ import annotations
@@ -159,6 +159,21 @@ matmul_hook = _entry_hook('matmul')
 dot_hook = _entry_hook('dot')
 
 
+def lax_dot_hook(lhs, rhs, *, dimension_numbers=None, precision=None, preferred_element_type=None, **kw):
+  """jax.lax.dot: dot_general with the given dimension numbers, or a's last axis against b's first."""
+  orig = lambda: ORIG['lax_dot'](lhs, rhs, dimension_numbers=dimension_numbers, precision=precision,
+                                 preferred_element_type=preferred_element_type, **kw)
+  fr = _model_frame()
+  if fr is None or not (hasattr(lhs, 'ndim') and hasattr(rhs, 'ndim')):
+    return orig()
+  dims = dimension_numbers
+  if dims is None:
+    if not (1 <= lhs.ndim <= 2 and 1 <= rhs.ndim <= 2):
+      return orig()  # the original raises its own error
+    dims = (((lhs.ndim - 1,), (0,)), ((), ()))
+  return fr.session.dot_general(fr, lhs, rhs, dims, precision, preferred_element_type, orig, via='lax.dot')
+
+
 def _operator_matmul_hook(a, b, *, precision=None, preferred_element_type=None, **kw):
   return matmul_hook(a, b, precision=precision, preferred_element_type=preferred_element_type, **kw)
 
@@ -169,6 +184,7 @@ def _targets():
   from jax._src.numpy import tensor_contractions as tc  # noqa: PLC0415
   return [(lax_mod, 'dot_general', 'dot_general', dot_general_hook),
           (lax_mod, 'conv_general_dilated', 'conv_general_dilated', conv_hook),
+          (lax_mod, 'dot', 'lax_dot', lax_dot_hook),
           (jnp_mod, 'einsum', 'einsum', einsum_hook),
           (jnp_mod, 'matmul', 'matmul', matmul_hook),
           (jnp_mod, 'dot', 'dot', dot_hook),
