@@ -338,3 +338,17 @@ def test_lax_dot_and_jnp_dot_reach_the_rules():
   qm.init(jax.random.key(0), jnp.ones((2, D)))
   ops = [(m.via, m.rhs_weight, m.rhs_channels) for m in qm.rules.quantized()]
   assert ops == [('dot', 'a', (0,)), ('lax.dot', None, ()), ('matmul', 'b', (1,))]
+
+
+def test_an_eager_call_that_cannot_be_traced_still_runs_and_says_so():
+  class Branchy(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      w = self.param('w', nn.initializers.normal(), (D, D))
+      y = x @ w  # the param itself: recognised by identity even eagerly
+      return y if float(jnp.sum(x)) > 0 else -y  # Python control flow on a value: not traceable
+  qm = quantize_linen(Branchy(), w_rule(8))
+  x = jnp.ones((2, D))
+  with pytest.warns(UserWarning, match='could not be traced abstractly first'):
+    qm.init(jax.random.key(0), x)
+  assert [m.rhs_weight for m in qm.rules.quantized()] == ['w']

@@ -115,6 +115,13 @@ class Session:
     self.origins = {}
     try:
       run()
+    except Exception as e:  # noqa: BLE001 -- e.g. Python control flow on values: the eager run may still work
+      self.origins = {}
+      warnings.warn(f'qjax: an eager call could not be traced abstractly first ({type(e).__name__}: '
+                    f'{str(e)[:200]}); its operands carry no provenance, so weights derived from params by shape '
+                    'ops (kernel.T, reshapes) are taken for activations in this call; run the model under jax.jit',
+                    stacklevel=4)
+      return
     finally:
       self.mode = mode
     if key is not None:
