@@ -352,3 +352,13 @@ def test_an_eager_call_that_cannot_be_traced_still_runs_and_says_so():
   with pytest.warns(UserWarning, match='could not be traced abstractly first'):
     qm.init(jax.random.key(0), x)
   assert [m.rhs_weight for m in qm.rules.quantized()] == ['w']
+
+
+def test_variables_closed_over_by_jit_are_still_weights():
+  model_cls, inputs, want = CASES['gpt2']
+  x = inputs(0)
+  qm = quantize_linen(model_cls(), w_rule(8))
+  v = qm.init(jax.random.key(0), x)
+  y = jax.jit(lambda x: qm.apply(v, x))(x)  # v is a constant of this trace: kernel.T has no producer to follow
+  assert weights_of(qm) == want
+  assert jnp.allclose(y, jax.jit(qm.apply)(v, x), atol=1e-5)

@@ -56,9 +56,10 @@ class QuantizedLinen:
           serving.clear()
 
   def _run(self, fn, state, args, kwargs):
-    """fn(state, *args, **kwargs) under the hooks; an eager call (no jax trace) is first traced abstractly so
-    that operands can be traced back to their params (eager values carry no provenance)."""
-    if not any(provenance.has_trace(leaf) for leaf in jax.tree.leaves((state, args, kwargs))):
+    """fn(state, *args, **kwargs) under the hooks. When the variables are concrete (an eager call, or variables
+    closed over by the caller's jax.jit), the call is first traced abstractly with them as traced inputs, so
+    that operands can be traced back to their params (concrete values carry no provenance)."""
+    if not any(provenance.has_trace(leaf) for leaf in jax.tree.leaves(state)):
       def go():
         with self._context():
           intercept.jit_call(fn, state, args, kwargs, abstract=True)

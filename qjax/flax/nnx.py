@@ -35,10 +35,11 @@ _SUBCLASSES: dict[type, type] = {}
 
 
 def _trace_if_eager(module, session, args, kwargs, method: str = '__call__') -> None:
-  """The outermost call of an eager run (no jax trace) first traces the model abstractly, so that operands can
-  be traced back to their params (eager values carry no provenance; qjax.flax.provenance)."""
+  """The outermost call of a model whose variables are concrete (an eager run, or a model closed over by a
+  jax.jit) first traces the model abstractly, with its variables as traced inputs, so that operands can be
+  traced back to their params (concrete values carry no provenance; qjax.flax.provenance)."""
   if session.mode in ('probe', 'trace') or session.creating or any(
-      provenance.has_trace(x) for x in jax.tree.leaves((nnx.state(module), args, kwargs))):
+      provenance.has_trace(x) for x in jax.tree.leaves(nnx.state(module))):
     return
   graphdef, state = nnx.split(module)
 

@@ -89,12 +89,14 @@ def unwrap(x):
 
 def trace_back(x, lookup: Callable[[Any], tuple[str, tuple[int, ...]] | None], max_steps: int = 64) -> Origin | None:
   """The Origin of operand x, or None for an activation. `lookup(v)` returns (param path, param shape) when v
-  is (by identity) a param, else None; it is asked about x itself, its unwrapped primal, and every value on
-  the way back."""
+  is (by identity) a param, else None; it is asked about x itself, its unwrapped primal, the array a constant
+  tracer stands for (params closed over by jax.jit), and every value on the way back."""
   steps: list[Step] = []
   node = x
   for _ in range(max_steps):
-    for v in (node, unwrap(node)):
+    for v in (node, unwrap(node), _const(unwrap(node))):
+      if v is None:
+        continue
       hit = lookup(v)
       if hit is not None:
         return Origin(hit[0], tuple(reversed(steps)), tuple(hit[1]))
@@ -109,6 +111,16 @@ def trace_back(x, lookup: Callable[[Any], tuple[str, tuple[int, ...]] | None], m
     src = ins[0]
     steps.append(_step(prim, eqn.params, tuple(src.aval.shape), tuple(node.aval.shape)))
     node = src
+  return None
+
+
+def _const(v):
+  """The array a trace closed over, for a tracer that stands for a constant (params closed over by jax.jit)."""
+  if isinstance(v, jax.core.Tracer) and getattr(v, 'parent', None) is None and hasattr(v, 'get_const'):
+    try:
+      return v.get_const()
+    except Exception:  # noqa: BLE001 -- not a constant
+      return None
   return None
 
 
