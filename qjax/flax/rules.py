@@ -354,6 +354,7 @@ class RuleSet:
   def record_unreachable(self, path: str, kind: str, a_shape, b_shape, why: str) -> None:
     """A matmul the model computes where no rule can reach it (run in float): listed in the report."""
     self.unreachable[(path, kind, tuple(a_shape), tuple(b_shape))] = why
+    self.seen[(path, f'{kind}, not reachable')] = None
 
   def check_first_run(self) -> None:
     """Called after a model's first run: warns (once) about rules that matched no op, naming them, and when no
