@@ -63,17 +63,14 @@ def _probe_records(run, state):
   x, _, _ = next(input_pipeline.eval_batches(run.data, min(run.config.eval_batch_size, 64)))
   tr = run.trainer
   if run.md.api == 'linen':
-    session = tr.q.session
-    forward = lambda st, x: tr.q.apply(tr.variables(st), x, train=False)
+    forward = lambda st, x: tr.q.records(tr.variables(st), x, train=False)
   else:
-    from flax import nnx  # noqa: PLC0415
-    session = next(m._qjax_session for _, m in nnx.iter_modules(tr.module(state))
-                   if getattr(m, '_qjax_session', None))
+    from qjax.flax import nnx_records  # noqa: PLC0415
 
     def forward(st, x):
       model = tr.module(st)
       model.eval()
-      return model(x)
+      return nnx_records(model, x)
   cache = run.__dict__.setdefault('_probe_cache', {})
   if 'probe' in cache:
     meta, jprobe = cache['probe']
@@ -81,13 +78,9 @@ def _probe_records(run, state):
   meta = []
 
   def probe(st, x):
-    session.mode, session.records = 'record', []
-    try:
-      forward(st, x)
-    finally:
-      session.mode = 'train'
-    meta[:] = [dataclasses.replace(r, x=None, state={}, module=None) for r in session.records]
-    return [(r.x, r.state) for r in session.records]
+    records = forward(st, x)
+    meta[:] = [dataclasses.replace(r, x=None, state={}, module=None) for r in records]
+    return [(r.x, r.state) for r in records]
   jprobe = jax.jit(probe)
   arrays = jprobe(state, jnp.asarray(x))
   cache['probe'] = (meta, jprobe)
@@ -112,7 +105,8 @@ def layer_stats(run, state) -> list[dict[str, Any]]:
   for r, (x, st), (sqnr, clip) in zip(meta, arrays, values, strict=True):
     rows.append({
         'layer': f'{r.path}/{r.prefix}', 'path': r.path, 'op': r.prefix.rsplit('_', 1)[0],  # '<op><i>_<side>'
-        'operand': r.weight_name or 'act', 'format': r.spec.format, 'kept_8bit': r.kept_8bit,
+        'operand': r.weight_name.rsplit('/', 1)[-1] if r.weight_name else 'act', 'param': r.weight_name,
+        'format': r.spec.format, 'kept_8bit': r.kept_8bit,
         'grid': _grid(r.spec),
         'sqnr_db': float(sqnr), 'clip_fraction': float(clip),
         'learned': {k: float(jnp.mean(jnp.asarray(st[k]))) for k in r.spec.learned},

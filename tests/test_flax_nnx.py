@@ -381,7 +381,7 @@ def test_sharding_metadata_carries_over_to_scales():
   model.eval()
   y = nnx.jit(lambda m, x: m(x))(model, x)
   assert convert_nnx(model, x) == 2
-  sw = model.up.kernel[...]
+  sw = model.up.kernel.get_value()
   assert isinstance(sw, ServingWeight) and sw.names == ('embed', 'mlp')
   assert sw.partition_specs().qvalue == P('embed', 'mlp') and sw.partition_specs().scale == P(None, 'mlp')
   assert sw.qvalue.sharding.spec == P('embed', 'mlp') and sw.scale.sharding.spec == P(None, 'mlp')

@@ -99,9 +99,12 @@ def test_report_lists_specs_operands_and_unused_rules():
   report = rs.report().splitlines()
   assert len(report) == 3
   assert re.match(r"body\s+dot_general\s+rule='body4'\s+lhs=act rhs=kernel\s+"
-                  r'fwd\[int8/tensor/ste x int4/channel/lsq, auto\] bwd\[g=int8/tensor/ste, auto\]$', report[0])
+                  r'fwd\[int8/tensor/ste x int4/channel/lsq, auto\] bwd\[g=int8/tensor/ste, auto\]'
+                  r'  \[rhs=param body/kernel \(channel axes \(1,\)\)\]$', report[0])
   assert re.match(r"head\s+dot_general\s+rule='head'\s+lhs=act rhs=kernel\s+"
-                  r'fwd\[int8/tensor/ste x int8/channel/ste, auto\]$', report[1])
+                  r'fwd\[int8/tensor/ste x int8/channel/ste, auto\]'
+                  r'  \[rhs=param head/kernel \(channel axes \(1,\)\)\]$',
+                  report[1])
   assert report[2] == "rules that matched nothing: 'decoder', 'convs'"
   assert [r.label for r in rs.unused_rules()] == ['decoder', 'convs']
   assert _messages(rec) == ["qjax: rules that matched no op: 'decoder', 'convs'; check their module_path regex "

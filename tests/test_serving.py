@@ -108,13 +108,14 @@ def test_convert_linen_serving_equals_qat_eval_bit_for_bit():
   assert lowered_categories(qm.serving().apply, sv, images(0, 1)) == ['int8'] * 5
 
 
-def test_serving_weight_outside_a_quantizing_rule_is_an_error():
+def test_serving_weight_outside_a_quantizing_rule_runs_dequantized():
   qm = quantize_linen(nn.Dense(4), [{'module_path': '.*', 'weight': {'format': 'int8'}, 'act': {'format': 'int8'}}])
   x = jnp.ones((2, 3))
   sv = convert_linen(qm, qm.init(jax.random.key(0), x), x)
   floats = quantize_linen(nn.Dense(4), [{'module_path': '.*', 'float': True}]).serving()
-  with pytest.raises(ValueError, match='a serving \\(quantized\\) weight reached an op that no rule quantizes'):
-    floats.apply(sv, x)
+  # A served weight that reaches an op no rule quantizes is read as its dequantized float (a float op).
+  w = sv['params']['kernel'].to_qarray().dequantize()
+  assert jnp.array_equal(floats.apply(sv, x), x @ w + sv['params']['bias'])
 
 
 # --------------------------------------------------------------------------------------------------- NNX
@@ -147,7 +148,7 @@ def test_convert_nnx_serving_equals_qat_eval_bit_for_bit():
   want = {batch: fwd(model, xb) for batch, xb in xs.items()}
   assert convert_nnx(model, x) == 5
   for name, (shape, packed) in KERNELS.items():
-    check_serving_weight(getattr(model, name).kernel[...], shape, packed)
+    check_serving_weight(getattr(model, name).kernel.get_value(), shape, packed)
   for name, learned in (('conv', 'qjax_conv0_rhs_scale'), ('ein', 'qjax_einsum0_rhs_scale'),
                         ('dg', 'qjax_dot_general0_rhs_scale')):
     assert not hasattr(getattr(model, name), learned)

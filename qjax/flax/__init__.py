@@ -1,9 +1,16 @@
-"""Flax integration: quantize unmodified Linen and NNX models by rules; QAT, PTQ and int8 serving."""
+"""Flax integration: quantize unmodified Linen and NNX models by rules; QAT, PTQ and int8 serving.
 
-from qjax.flax.intercept import QuantStat, ServingWeight
-from qjax.flax.linen import QuantizedLinen, convert_linen, quantize_linen
-from qjax.flax.nnx import convert_nnx, quantize_nnx
+Weights are recognised by provenance (qjax.flax.provenance), quantizer state follows the policy in
+qjax.flax.session, and calibration statistics per op come from qjax.flax.capture.
+"""
+
+from qjax.flax import capture
+from qjax.flax.linen import QuantizedLinen, add_quant_vars, convert_linen, quantize_linen
+from qjax.flax.nnx import QuantizedNnx, convert_nnx, quantize_nnx
+from qjax.flax.nnx import records as nnx_records
 from qjax.flax.rules import QuantRule, RuleSet
+from qjax.flax.serving import ServingWeight
+from qjax.flax.state import QuantStat
 
-__all__ = ['QuantRule', 'QuantStat', 'QuantizedLinen', 'RuleSet', 'ServingWeight', 'convert_linen',
-           'convert_nnx', 'quantize_linen', 'quantize_nnx']
+__all__ = ['QuantRule', 'QuantStat', 'QuantizedLinen', 'QuantizedNnx', 'RuleSet', 'ServingWeight', 'add_quant_vars',
+           'capture', 'convert_linen', 'convert_nnx', 'nnx_records', 'quantize_linen', 'quantize_nnx']

@@ -2,6 +2,7 @@
 
     qmodel = qjax.flax.quantize_linen(model, rules)
     variables = qmodel.init(key, x)                      # params + 'quant_stats'
+    variables = qjax.flax.add_quant_vars(qmodel, pretrained, x)  # or: float params of a checkpoint + quantizer vars
     y, upd = qmodel.apply(variables, x, mutable=['quant_stats'])   # training: statistics update
     y = qmodel.apply(variables, x)                        # evaluation: statistics frozen
     serving = qjax.flax.convert_linen(qmodel, variables, x)  # int8 (or packed int4) kernels, no float kernels
@@ -12,43 +13,59 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 from flax.core import scope as scope_mod
 
-from qjax.flax import intercept
+from qjax.flax import hooks, intercept, provenance, serving
 from qjax.flax.rules import RuleSet
+from qjax.flax.session import STATS, Session, call_signature
+from qjax.flax.state import LinenBackend
 from qjax.spec import check_choice
 
 
 class QuantizedLinen:
   """A Linen model whose ops are quantized by rules. `init`/`apply` mirror the model's own."""
 
-  def __init__(self, model: nn.Module, rules, *, session: intercept.Session | None = None):
+  def __init__(self, model: nn.Module, rules, *, session: Session | None = None):
     self.model = model
     self.rules = rules if isinstance(rules, RuleSet) else RuleSet(rules)
-    self.session = session or intercept.Session(self.rules, 'linen')
+    self.session = session or Session(self.rules, LinenBackend())
 
   def _interceptor(self, next_fun, args, kwargs, context):
     module = context.module
+    if context.method_name == 'setup':
+      return next_fun(*args, **kwargs)
     path = '/'.join(str(p) for p in module.path)
-    if callable(getattr(module, 'promote_dtype', None)):
-      fn = intercept.serving_promote_dtype if self.session.mode == 'serve' else module.promote_dtype
-      object.__setattr__(module, 'promote_dtype', intercept.tracking_promote_dtype(fn))
-    with intercept.frame(module, path, self.session):
+    with hooks.frame(module, path, self.session, context.method_name, self.session.backend):
       return next_fun(*args, **kwargs)
 
   @contextlib.contextmanager
   def _context(self):
     with contextlib.ExitStack() as stack:
-      stack.enter_context(intercept.patched())
+      stack.enter_context(hooks.patched())
       stack.enter_context(nn.intercept_methods(self._interceptor))
-      if self.session.mode == 'serve':
+      if self.session.serving:
         stack.enter_context(_serving_params())
-      yield
+      try:
+        yield
+      finally:
+        if not hooks.stack():
+          serving.clear()
+
+  def _run(self, fn, state, args, kwargs):
+    """fn(state, *args, **kwargs) under the hooks. When the variables are concrete (an eager call, or variables
+    closed over by the caller's jax.jit), the call is first traced abstractly with them as traced inputs, so
+    that operands can be traced back to their params (concrete values carry no provenance)."""
+    if not any(provenance.has_trace(leaf) for leaf in jax.tree.leaves(state)):
+      def go():
+        with self._context():
+          intercept.jit_call(fn, state, args, kwargs, abstract=True)
+      self.session.trace_origins(go, call_signature(fn.__name__, self.session.mode, state, args, kwargs))
+    with self._context():
+      return fn(state, *args, **kwargs)
 
   def prepare(self, method: str, state, *args, **kwargs) -> None:
     """Runs the probe the rules need (first_last_8bit, act_signedness='auto'; see qjax.flax.rules) now, with
@@ -76,26 +93,33 @@ class QuantizedLinen:
 
   def init(self, rngs, *args, **kwargs):
     self._probe(self.model.init, rngs, args, kwargs)
-    with self._context():
-      out = self.model.init(rngs, *args, **kwargs)
+    out = self._run(self.model.init, rngs, args, kwargs)
     self.rules.check_first_run()
     return out
 
   def apply(self, variables, *args, **kwargs):
     self._probe(self.model.apply, variables, args, kwargs)
-    with self._context():
-      out = self.model.apply(variables, *args, **kwargs)
+    out = self._run(self.model.apply, variables, args, kwargs)
     self.rules.check_first_run()
     return out
 
   def serving(self) -> QuantizedLinen:
     """The same model and rules, reading ServingWeights (see convert_linen)."""
-    s = intercept.Session(self.rules, 'linen')
+    s = Session(self.rules, LinenBackend())
     s.mode = 'serve'
     return QuantizedLinen(self.model, self.rules, session=s)
 
   def report(self) -> str:
     return self.rules.report()
+
+  def records(self, variables, *args, **kwargs) -> list:
+    """Runs apply(variables, *args, **kwargs) in record mode and returns, per forward operand of each quantized
+    op, a session.Record (module path, weight param path or None, resolved spec, quantizer state, operand).
+    Call it inside jax.jit to keep it compiled; the records' arrays are then the trace's values."""
+    s = Session(self.rules, LinenBackend())
+    s.mode = 'record'
+    QuantizedLinen(self.model, self.rules, session=s).apply(variables, *args, **kwargs)
+    return s.records
 
 
 def quantize_linen(model: nn.Module, rules) -> QuantizedLinen:
@@ -108,14 +132,15 @@ _orig_param = scope_mod.Scope.param
 
 @contextlib.contextmanager
 def _serving_params():
-  # Linen checks a stored param's shape against its initializer; a ServingWeight is not the float kernel's
-  # shape (packed int4 is half its size), so reading one skips that check.
+  # A ServingWeight param reads as its dequantized float (serving.read), which the hooks recognise as that
+  # weight; Linen's shape check against the initializer is skipped for it.
   def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
     if self.has_variable('params', name):
       v = self.get_variable('params', name)
-      if isinstance(v, intercept.ServingWeight):
+      if isinstance(v, serving.ServingWeight):
         self.reserve(name, 'params')
-        return nn.meta.unbox(v) if unbox else v  # its arrays may carry partitioning boxes
+        path = '/'.join(str(p) for p in (*self.path, name))
+        return serving.read(nn.meta.unbox(v), path)  # its arrays may carry partitioning boxes
     return _orig_param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
   scope_mod.Scope.param = param
   try:
@@ -129,68 +154,88 @@ def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4
   """PTQ conversion: a serving variable tree in which every quantized weight is a ServingWeight.
 
   Runs the model (jit-compiled, in evaluation mode) on sample inputs to learn which params are weights of
-  quantized ops, with which spec and quantizer state, then quantizes them with the same calibration (or learned
-  step) the QAT forward uses, so the serving forward equals the QAT evaluation forward bit for bit. 4-bit (or
-  narrower) integer weights are packed two per byte when `int4_pack`. Statistics collections are kept; learned
-  step params of weights are dropped.
+  quantized ops (by provenance: a param, or a transpose / reshape / cast of one), with which spec and quantizer
+  state; quantizes each weight operand as the QAT forward does and stores it in the param's own layout
+  (a kernel stored (out, in) and used as `kernel.T` keeps its (out, in) layout, its scale per output row), so
+  the serving forward equals the QAT evaluation forward bit for bit. A param used by several quantized ops
+  (tied embeddings) is stored once (serving.merge_uses). 4-bit (or narrower) integer weights are packed two per
+  byte when `int4_pack`. Statistics collections are kept; learned step params of weights are dropped.
   """
-  session = intercept.Session(qmodel.rules, 'linen')
-  session.mode = 'record'
-  rec = QuantizedLinen(qmodel.model, qmodel.rules, session=session)
+  meta, problems = [], {}
 
-  def run(v, *args, **kwargs):  # Returns the weights' quantizer state (learned steps, delayed scales) as values.
-    session.records = []
-    rec.apply(v, *args, **kwargs)
-    return [r.state if r.weight_name is not None else {} for r in session.records]
-  states = intercept.jit_call(run, variables, args, kwargs)
-  params = jax.tree.map(lambda x: x, dict(variables['params']))  # shallow-copied nested dicts
-  params = _unfreeze(params)
-  for r, state in zip(session.records, states, strict=True):
-    if r.weight_name is None:
-      continue
-    module, name, spec, prefix = r.module, r.weight_name, r.spec, r.prefix
-    scope_path = module.path
+  def run(v, *args, **kwargs):
+    records = qmodel.records(v, *args, **kwargs)
+    meta[:] = records
+    return serving.quantize_uses(records, problems)
+  qarrays = intercept.jit_call(run, variables, args, kwargs)
+  weights = serving.merge_uses(meta, qarrays, problems)
+  params = _unfreeze(variables['params'])
+  for path, (q, uses) in weights.items():
+    *parents, name = path.split('/')
     node = params
-    for p in scope_path:
+    for p in parents:
       node = node[p]
-    w = node[name]
-    node[name] = _serving_weight(w, spec, state, int4_pack)
-    for learned in spec.learned:  # the weight's learned step is folded into the ServingWeight
-      node.pop(f'{prefix}_{learned}', None)
+    node[name] = _serving_weight(node[name], q, uses[0].spec, int4_pack)
+    for r in uses:  # a weight's learned step is folded into the ServingWeight
+      mnode = params
+      for p in r.module.path:
+        mnode = mnode.get(p, {})
+      for learned in r.spec.learned:
+        mnode.pop(f'{r.prefix}_{learned}', None)
   out = dict(variables)
   out['params'] = params
   return out
 
 
+def add_quant_vars(qmodel: QuantizedLinen, variables: dict[str, Any], *args, **kwargs) -> dict[str, Any]:
+  """Pretrained models: `variables` (float params, e.g. a checkpoint) plus the quantizer variables the rules
+  need, initialised from the sample inputs as each method declares (LSQ / PACT steps from the first batch's
+  weights and activations, act_static ranges from the first batch, empty amax histories).
+
+  Runs apply(variables, *args, **kwargs) once with 'params' and 'quant_stats' mutable and keeps only the
+  variables it created: every param already in `variables` is returned untouched (the same arrays).
+  """
+  _, new = qmodel.apply(variables, *args, mutable=['params', STATS], **kwargs)
+  out = {k: v for k, v in variables.items()}
+  params = _unfreeze(variables['params'])
+  _add_missing(params, _unfreeze(new['params']))
+  out['params'] = params
+  if STATS in new:
+    stats = _unfreeze(variables.get(STATS, {}))
+    _add_missing(stats, _unfreeze(new[STATS]))
+    out[STATS] = stats
+  return out
+
+
+def _add_missing(dst: dict, src: dict) -> None:
+  for k, v in src.items():
+    if k not in dst:
+      dst[k] = v
+    elif isinstance(dst[k], dict) and isinstance(v, dict):
+      _add_missing(dst[k], v)
+
+
 def _unfreeze(tree):
-  if isinstance(tree, dict) or hasattr(tree, 'items'):
+  if isinstance(tree, dict) or (hasattr(tree, 'items') and not isinstance(tree, serving.ServingWeight)):
     return {k: _unfreeze(v) for k, v in tree.items()}
   return tree
 
 
-def _serving_weight(w, spec, state, int4_pack, names=None):
-  """The ServingWeight of float weight w. Its sharding names come from a Linen partitioning box on w (then its
-  arrays get boxes too: qvalue w's names, scale and zero_point None on reduced axes) or from `names` (NNX)."""
+def _serving_weight(w, q, spec, int4_pack, names=None):
+  """The ServingWeight storing QArray q (the param's quantized values in its layout) in place of float param w.
+  Its sharding names come from a Linen partitioning box on w (then its arrays get boxes too: qvalue w's names,
+  scale and zero_point None on reduced axes) or from `names` (NNX)."""
   from qjax import formats  # noqa: PLC0415
   box = w if isinstance(w, nn.meta.Partitioned) else None
   w = nn.meta.unbox(w)
   fmt = spec.fmt
   pack = (int4_pack and isinstance(fmt, formats.IntFormat) and fmt.signed and fmt.bits <= 4 and w.ndim >= 1)
-  q = _quantize_weight(w, dict(state), spec)  # one compiled program, not one per op
   names = box.names if box is not None else names
   names = tuple(names) if names and len(names) == w.ndim else None
-  sw = intercept.ServingWeight.from_qarray(q, pack, names)
+  sw = serving.ServingWeight.from_qarray(q, pack, names)
   qv, scale, zp = sw.qvalue, sw.scale, sw.zero_point
   if box is not None and names is not None:
-    sn = intercept.scale_names(names, w.shape, scale.shape)
+    sn = serving.scale_names(names, w.shape, scale.shape)
     sw = dataclasses.replace(sw, qvalue=box.replace(value=qv), scale=box.replace(value=scale, names=sn),
                              zero_point=None if zp is None else box.replace(value=zp, names=sn))
   return sw
-
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _quantize_weight(w, state, spec):
-  """The weight's QArray on the grid the QAT forward used: its method's (learned step, PACT clip, static range,
-  delayed scale), or the spec's calibration when the op kept no state."""
-  from qjax import quantizers  # noqa: PLC0415
-  return quantizers.quantize(w, spec, state or None)

@@ -1,6 +1,6 @@
 """NNX: quantize an unmodified NNX model in place by rules, and convert it in place for int8 serving.
 
-    report = qjax.flax.quantize_nnx(model, rules, x)   # no copy of the model is made
+    q = qjax.flax.quantize_nnx(model, rules, x)        # no copy of the model is made; q.report()
     y = model(x)                                        # QAT forward (statistics update unless model.eval())
     qjax.flax.convert_nnx(model, x)                     # kernels become ServingWeights (int8 / packed int4)
 
@@ -14,6 +14,8 @@ variable.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import zlib
 
 import jax
@@ -23,11 +25,31 @@ from flax.nnx.nn import attention as nnx_attention
 from flax.nnx.nn import dtypes
 from jax import lax
 
-from qjax.flax import intercept
+from qjax.flax import hooks, intercept, provenance, serving
 from qjax.flax.linen import _serving_weight
 from qjax.flax.rules import RuleSet
+from qjax.flax.session import STATS, Session, call_signature, is_quantizer_name
+from qjax.flax.state import LinenBackend, NnxBackend
 
 _SUBCLASSES: dict[type, type] = {}
+
+
+def _trace_if_eager(module, session, args, kwargs, method: str = '__call__') -> None:
+  """The outermost call of a model whose variables are concrete (an eager run, or a model closed over by a
+  jax.jit) first traces the model abstractly, with its variables as traced inputs, so that operands can be
+  traced back to their params (concrete values carry no provenance; qjax.flax.provenance)."""
+  if session.mode in ('probe', 'trace') or session.creating or any(
+      provenance.has_trace(x) for x in jax.tree.leaves(nnx.state(module))):
+    return
+  graphdef, state = nnx.split(module)
+
+  def run(state, *a, **k):
+    getattr(nnx.merge(graphdef, state), method)(*a, **k)
+  try:
+    key = call_signature(graphdef, method, session.mode, state, args, kwargs)
+  except TypeError:
+    key = None
+  session.trace_origins(lambda: intercept.jit_call(run, state, args, kwargs, abstract=True), key)
 
 
 def _quantized_call(self, *args, **kwargs):
@@ -36,10 +58,97 @@ def _quantized_call(self, *args, **kwargs):
   session = getattr(self, '_qjax_session', None)
   if session is None:
     return parent(*args, **kwargs)
-  with intercept.patched(), intercept.frame(self, self._qjax_path, session):
-    out = parent(*args, **kwargs)
-  if not intercept._stack() and session.mode != 'probe':  # the outermost quantized module returned: it ran once
+  outermost = not hooks.stack()
+  if outermost:
+    _trace_if_eager(self, session, args, kwargs)
+  try:
+    with hooks.patched(), hooks.frame(self, self._qjax_path, session):
+      out = parent(*args, **kwargs)
+  finally:
+    if outermost:
+      serving.clear()
+  if outermost and session.mode != 'probe':  # the outermost quantized module returned: it ran once
     session.ruleset.check_first_run()
+  return out
+
+
+def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
+  """__call__ of a quantized nnx.bridge.ToNNX: its Linen module runs under the Linen interceptor, with state in
+  the Linen collections that ToNNX keeps as NNX variables ('quant_stats' as QuantStat). Its metadata are class
+  attributes of a per-instance subclass: ToNNX hands every instance attribute to Linen as a variable."""
+  from flax import linen as nn  # noqa: PLC0415
+
+  from qjax.flax import linen as qlinen  # noqa: PLC0415
+  cls = type(self)
+  session, prefix, backend = cls._qjax_session, cls._qjax_path, cls._qjax_linen
+  parent = super(cls, self).__call__
+  if mutable is None:
+    if session.creating:
+      mutable = ['params', STATS]
+    elif session.mode == 'train' and not any(getattr(f.module, 'use_running_average', False)
+                                             for f in hooks.stack() if f.state is session.backend):
+      mutable = [STATS]
+
+  def interceptor(next_fun, a, k, context):
+    if context.method_name == 'setup':
+      return next_fun(*a, **k)
+    path = '/'.join(str(p) for p in (prefix, *context.module.path) if str(p))
+    with hooks.frame(context.module, path, session, context.method_name, backend):
+      return next_fun(*a, **k)
+  outermost = not hooks.stack()
+  if outermost:
+    _trace_if_eager(self, session, args, kwargs)
+  try:
+    with contextlib.ExitStack() as st:
+      st.enter_context(hooks.patched())
+      st.enter_context(nn.intercept_methods(interceptor))
+      if session.serving:
+        st.enter_context(qlinen._serving_params())
+      out = parent(*args, rngs=rngs, method=method, mutable=mutable or False, **kwargs)
+  finally:
+    if outermost:
+      serving.clear()
+  if outermost and session.mode != 'probe':
+    session.ruleset.check_first_run()
+  return out
+
+
+def _tonnx_class(cls: type, session: Session, path: str) -> type:
+  return type(cls.__name__, (cls,), {'__module__': cls.__module__, '__qualname__': cls.__qualname__,
+                                     '__call__': _tonnx_call, '_qjax_base': cls, '_qjax_session': session,
+                                     '_qjax_path': path, '_qjax_linen': LinenBackend()})
+
+
+def _method(name: str, fn):
+  """A public method of a quantized module class: runs under a frame of its own (ops it runs belong to this
+  module and method: `nnx.Embed.attend` computes the tied head at the embedding's path)."""
+  def method(self, *args, **kwargs):
+    session = getattr(self, '_qjax_session', None)
+    if session is None:
+      return fn(self, *args, **kwargs)
+    outermost = not hooks.stack()
+    if outermost:
+      _trace_if_eager(self, session, args, kwargs, name)
+    try:
+      with hooks.patched(), hooks.frame(self, self._qjax_path, session, name):
+        return fn(self, *args, **kwargs)
+    finally:
+      if outermost:
+        serving.clear()
+  method.__name__ = method.__qualname__ = name
+  method.__doc__ = fn.__doc__
+  return method
+
+
+def _public_methods(cls: type) -> dict:
+  """Plain public methods the class defines (not nnx.Module's own API)."""
+  out = {}
+  for klass in reversed(cls.__mro__):
+    if klass in nnx.Module.__mro__:
+      continue
+    for name, fn in vars(klass).items():
+      if inspect.isfunction(fn) and not name.startswith('_') and not hasattr(nnx.Module, name):
+        out[name] = fn
   return out
 
 
@@ -48,8 +157,9 @@ def _quantized_class(cls: type) -> type:
   if getattr(cls, '_qjax_base', None) is not None:
     return cls
   if cls not in _SUBCLASSES:
+    methods = {name: _method(name, fn) for name, fn in _public_methods(cls).items()}
     _SUBCLASSES[cls] = type(cls.__name__, (cls,), {
-        '__module__': cls.__module__, '__qualname__': cls.__qualname__, '__call__': _quantized_call,
+        **methods, '__module__': cls.__module__, '__qualname__': cls.__qualname__, '__call__': _quantized_call,
         '_qjax_base': cls})
   return _SUBCLASSES[cls]
 
@@ -59,8 +169,8 @@ def _path_str(path) -> str:
 
 
 def _is_default(fn, attr: str, current) -> bool:
-  orig = intercept._ORIG.get('einsum' if attr == 'einsum_op' else attr)
-  return fn is None or fn is current or fn is intercept.HOOKS[attr] or (orig is not None and fn is orig)
+  orig = hooks.ORIG.get('einsum' if attr == 'einsum_op' else attr)
+  return fn is None or fn is current or fn is hooks.HOOKS[attr] or (orig is not None and fn is orig)
 
 
 def _attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
@@ -71,7 +181,7 @@ def _attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=Tru
   Without dropout and sown weights, nnx.dot_product_attention calls the fused jax.nn.dot_product_attention,
   whose einsums are out of qjax's reach; this runs Flax's explicit path instead (the same math).
   """
-  fr = intercept.current()
+  fr = hooks.current()
   rule = None if fr is None else fr.session.ruleset.peek(fr.path, 'einsum')
   if rule is None or rule.float or kwargs:
     return nnx.dot_product_attention(query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
@@ -90,15 +200,61 @@ def _attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=Tru
   return jnp.einsum('...hqk,...khd->...qhd', weights, value, precision=precision)
 
 
-def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None, **sample_kwargs) -> RuleSet:
-  """Quantizes an NNX model in place by rules; returns the RuleSet (its `report()` lists what was quantized).
+class QuantizedNnx:
+  """What quantize_nnx returns, the NNX counterpart of QuantizedLinen: the model (quantized in place), its
+  rules, `report()` and `records(...)`. For compatibility it also answers the RuleSet's own attributes
+  (`quantized()`, `unused_rules()`, `matches`, ...) as quantize_nnx returned the RuleSet before."""
+
+  def __init__(self, model: nnx.Module, rules: RuleSet):
+    self.model = model
+    self.rules = rules
+
+  def report(self) -> str:
+    return self.rules.report()
+
+  def records(self, *args, **kwargs) -> list:
+    return records(self.model, *args, **kwargs)
+
+  def __getattr__(self, name):
+    if name in ('model', 'rules'):
+      raise AttributeError(name)
+    return getattr(self.rules, name)
+
+
+def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None,
+                 **sample_kwargs) -> QuantizedNnx:
+  """Quantizes an NNX model in place by rules; returns a QuantizedNnx (its `report()` lists what was quantized).
 
   With sample inputs the model runs once eagerly, creating the quantizer state (learned steps, statistics)
   that jit-compiled steps then update. `seed` enables stochastic rounding (a 'quant' RNG stream per module).
+  Transactional: if anything fails (a rule, the sample run), every module gets back its class and attributes
+  (the same objects) and the error propagates; the model is exactly as before.
   """
   ruleset = rules if isinstance(rules, RuleSet) else RuleSet(rules)
-  session = intercept.Session(ruleset, 'nnx')
+  if ruleset.needs_probe and not (sample_args or sample_kwargs):
+    raise ValueError('a rule has first_last_8bit=True or act_signedness="auto": quantize_nnx needs sample inputs '
+                     'to learn which ops run first and last and which activations are non-negative '
+                     '(quantize_nnx(model, rules, *sample_inputs))')
+  saved = [(m, type(m), dict(vars(m))) for _, m in nnx.iter_modules(model)]
+  try:
+    _quantize_modules(model, Session(ruleset, NnxBackend()), seed, sample_args, sample_kwargs)
+  except BaseException:
+    for m, cls, attrs in saved:
+      object.__setattr__(m, '__class__', cls)
+      vars(m).clear()
+      vars(m).update(attrs)
+    raise
+  return QuantizedNnx(model, ruleset)
+
+
+def _quantize_modules(model, session, seed, sample_args, sample_kwargs) -> None:
+  from flax.nnx import bridge  # noqa: PLC0415
+  tonnx = [p for p, m in nnx.iter_modules(model) if isinstance(m, bridge.ToNNX)]
   for path, module in nnx.iter_modules(model):
+    if any(tuple(path[:len(t)]) == tuple(t) for t in tonnx):
+      if tuple(path) in map(tuple, tonnx):
+        module.__class__ = _tonnx_class(type(module), session, _path_str(path))
+      continue
     module.__class__ = _quantized_class(type(module))
     module._qjax_session = session
     module._qjax_path = _path_str(path)
@@ -108,39 +264,40 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
                           ('conv_general_dilated', lambda: lax.conv_general_dilated),
                           ('einsum_op', lambda: jnp.einsum)):
       if hasattr(module, attr) and _is_default(getattr(module, attr), attr, default()):
-        setattr(module, attr, intercept.HOOKS[attr])
-    if callable(getattr(module, 'promote_dtype', None)):
-      module.promote_dtype = intercept.tracking_promote_dtype(module.promote_dtype)
+        setattr(module, attr, hooks.HOOKS[attr])
     if getattr(module, 'attention_fn', None) is nnx.dot_product_attention:
       module.attention_fn = _attention_fn
     if not hasattr(module, 'use_running_average'):
       module.use_running_average = False
     if seed is not None:
       module.qjax_rngs = nnx.Rngs(quant=zlib.crc32(f'{seed}/{module._qjax_path}'.encode()))  # not hash(): salted
-  if ruleset.needs_probe and not (sample_args or sample_kwargs):
-    raise ValueError('a rule has first_last_8bit=True or act_signedness="auto": quantize_nnx needs sample inputs '
-                     'to learn which ops run first and last and which activations are non-negative '
-                     '(quantize_nnx(model, rules, *sample_inputs))')
   if sample_args or sample_kwargs:
     _create_state(model, session, sample_args, sample_kwargs)
-  return ruleset
 
 
 def _is_qjax_state(path, _) -> bool:
   return str(path[-1]).startswith('qjax_')
 
 
-def _create_state(model: nnx.Module, session: intercept.Session, args, kwargs) -> None:
+def _create_state(model: nnx.Module, session: Session, args, kwargs) -> None:
   """Runs the model once, jit-compiled (eager ops would each compile on their own), and adds the quantizer
   state it created to the model. Only that new state leaves the compiled function: the model's own arrays stay
   the same objects and are never copied (nnx.jit would return every variable as a new buffer, doubling the
   model's memory), and nothing else the run changed (batch statistics, RNG counts) is kept."""
   graphdef, state = nnx.split(model)
 
+  from flax.nnx import bridge  # noqa: PLC0415
+  from flax.nnx.bridge import variables as bv  # noqa: PLC0415
+
   def run(state, *args, **kwargs):
     m = nnx.merge(graphdef, state)
     m(*args, **kwargs)
-    return nnx.state(m, _is_qjax_state)
+    linen = {}  # per ToNNX module: the quantizer variables its Linen module created, as Linen collections
+    for path, sub in nnx.iter_modules(m):
+      if isinstance(sub, bridge.ToNNX):
+        attrs = {k: v for k, v in vars(sub).items() if not k.startswith(('to_nnx__', '_pytree__'))}
+        linen[path] = _only_quantizer_vars(bv.nnx_attrs_to_linen_vars(attrs))
+    return nnx.state(m, _is_qjax_state), linen
   if session.ruleset.needs_probe:  # first_last_8bit, act_signedness='auto': a float run before any state
 
     def probe(state, *args, **kwargs):
@@ -149,70 +306,108 @@ def _create_state(model: nnx.Module, session: intercept.Session, args, kwargs) -
     session.probe(lambda abstract: intercept.jit_call(probe, state, args, kwargs, abstract=abstract))
   session.creating = True
   try:
-    new = intercept.jit_call(run, state, args, kwargs)
+    new, linen = intercept.jit_call(run, state, args, kwargs)
   finally:
     session.creating = False
   nnx.update(model, new)
+  subs = dict(nnx.iter_modules(model))
+  for path, variables in linen.items():  # merged into the ToNNX's attributes the way ToNNX merges updates
+    sub = subs[path]
+    for name, value in bv.linen_vars_to_nnx_attrs(variables).items():
+      old = vars(sub).get(name)
+      setattr(sub, name, nnx.data(bv._recursive_merge(old, value) if isinstance(old, dict) else value))
+
+
+def _only_quantizer_vars(tree):
+  """The leaves of a Linen variables dict whose names are quantizer state names (session.is_quantizer_name)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      sub = _only_quantizer_vars(v)
+      if sub:
+        out[k] = sub
+    elif is_quantizer_name(str(k)):
+      out[k] = v
+  return out
 
 
 def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sample_kwargs) -> int:
   """PTQ conversion in place: each quantized weight param becomes a ServingWeight; returns how many.
 
   Runs the model once (jit-compiled, in eval mode) on sample inputs to learn which params are weights of quantized
-  ops, with which spec and quantizer state; quantizes them with the calibration (or learned step) the QAT forward
-  uses, so that the serving forward equals the QAT evaluation forward bit for bit.
+  ops (by provenance), with which spec and quantizer state; quantizes each weight operand as the QAT forward does
+  and stores it in the param's own layout (see qjax.flax.convert_linen), so that the serving forward equals the
+  QAT evaluation forward bit for bit. A param shared by several quantized ops is stored once.
   """
-  sessions = {m._qjax_session for _, m in nnx.iter_modules(model) if getattr(m, '_qjax_session', None)}
-  if len(sessions) != 1:
-    raise ValueError('convert_nnx needs a model quantized by quantize_nnx')
-  (session,) = sessions
+  session = _session_of(model)
   model.eval()
   modules = {_path_str(p): m for p, m in nnx.iter_modules(model)}
+  variables = {_path_str(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
   graphdef, state = nnx.split(model)
+  meta, problems = [], {}
 
-  def own(r):  # a weight of the model as the op saw it (not one layer of stacked weights inside nnx.scan)
-    var = vars(modules[r.path]).get(r.weight_name) if r.weight_name and r.path in modules else None
-    return isinstance(var, nnx.Variable) and tuple(var.shape) == tuple(r.x.shape)
-
-  def run(state, *args, **kwargs):  # the weights' quantizer state (learned steps, delayed scales) as values
+  def run(state, *args, **kwargs):
     session.records = []
     nnx.merge(graphdef, state)(*args, **kwargs)
-    return [r.state if own(r) else {} for r in session.records]
+    meta[:] = session.records
+    shape = lambda path: tuple(variables[path].shape) if path in variables else ()
+    return serving.quantize_uses(session.records, problems, shape)
   session.mode = 'record'
   try:
-    states = intercept.jit_call(run, state, sample_args, sample_kwargs)
+    qarrays = intercept.jit_call(run, state, sample_args, sample_kwargs)
   finally:
-    session.mode = 'train'
-  todo = []  # checked before anything changes
-  for r, state in zip(session.records, states, strict=True):
-    if r.weight_name is None:
-      continue
-    module = modules.get(r.path)
-    var = vars(module).get(r.weight_name) if module is not None else None
-    if not isinstance(var, nnx.Variable):
-      raise ValueError(f'convert_nnx: the weight {r.path}/{r.weight_name} that a quantized op used is not a param '
-                       'of the model')
-    if not isinstance(var.get_value(), intercept.ServingWeight) and tuple(var.shape) != tuple(r.x.shape):
-      raise ValueError(f'convert_nnx: {r.path}/{r.weight_name} has shape {tuple(var.shape)} but its op saw '
-                       f'{tuple(r.x.shape)}: weights used inside an NNX transform over stacked layers (nnx.scan, '
+    session.mode, session.records = 'train', []
+  for i, r in enumerate([r for r in meta if r.weight_name is not None]):
+    q = problems.get(i)
+    if isinstance(q, tuple) and q[0] == 'stacked':
+      raise ValueError(f'convert_nnx: {r.weight_name} has shape {tuple(variables[r.weight_name].shape)} but its op '
+                       f'saw {q[1]}: weights used inside an NNX transform over stacked layers (nnx.scan, '
                        'nnx.vmap) cannot be converted to ServingWeights yet')
-    todo.append((module, r, state))
+  weights = serving.merge_uses(meta, qarrays, problems)
+  todo = []  # checked before anything changes
+  for path, (q, uses) in weights.items():
+    var = variables.get(path)
+    if not isinstance(var, nnx.Variable):
+      raise ValueError(f'convert_nnx: the weight {path} that a quantized op used is not a param of the model')
+    if not isinstance(var.get_value(), serving.ServingWeight) and tuple(var.shape) != tuple(q.qvalue.shape):
+      raise ValueError(f'convert_nnx: {path} has shape {tuple(var.shape)} but its op saw '
+                       f'{tuple(q.qvalue.shape)}: weights used inside an NNX transform over stacked layers '
+                       '(nnx.scan, nnx.vmap) cannot be converted to ServingWeights yet')
+    todo.append((path, var, q, uses))
   done = 0
-  for module, r, state in todo:
-    name, spec, prefix = r.weight_name, r.spec, r.prefix
-    var = vars(module)[name]
-    if isinstance(var.get_value(), intercept.ServingWeight):
-      continue  # already converted, or a weight used by several ops
+  for _, var, q, uses in todo:
+    if isinstance(var.get_value(), serving.ServingWeight):
+      continue  # already converted
     md = var.get_metadata()
-    sw = _serving_weight(var.get_value(), spec, state, int4_pack, md.get('out_sharding'))
+    sw = _serving_weight(var.get_value(), q, uses[0].spec, int4_pack, md.get('out_sharding'))
     if md.get('mesh') is not None and sw.names is not None:  # placed as the float weight was, scales included
       sw = jax.tree.map(lambda a, p, m=md['mesh']: jax.device_put(a, jax.sharding.NamedSharding(m, p)), sw,
                         sw.partition_specs())
-    setattr(module, name, nnx.Param(sw))
-    for learned in spec.learned:
-      if hasattr(module, f'qjax_{prefix}_{learned}'):
-        delattr(module, f'qjax_{prefix}_{learned}')
-    module.promote_dtype = intercept.tracking_promote_dtype(intercept.serving_promote_dtype)
+    var.set_value(sw)
+    for r in uses:
+      module = modules.get(r.path)
+      for learned in r.spec.learned:
+        if module is not None and hasattr(module, f'qjax_{r.prefix}_{learned}'):
+          delattr(module, f'qjax_{r.prefix}_{learned}')
     done += 1
   session.mode = 'serve'
   return done
+
+
+def _session_of(model: nnx.Module) -> Session:
+  sessions = {m._qjax_session for _, m in nnx.iter_modules(model) if getattr(m, '_qjax_session', None)}
+  if len(sessions) != 1:
+    raise ValueError('this needs a model quantized by quantize_nnx')
+  return next(iter(sessions))
+
+
+def records(model: nnx.Module, *args, **kwargs) -> list:
+  """Runs model(*args, **kwargs) in record mode; returns per forward operand of each quantized op a
+  session.Record (see QuantizedLinen.records). Call it inside jax.jit / nnx.jit to keep it compiled."""
+  session = _session_of(model)
+  mode, session.mode, session.records = session.mode, 'record', []
+  try:
+    model(*args, **kwargs)
+    return session.records
+  finally:
+    session.mode, session.records = mode, []

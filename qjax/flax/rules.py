@@ -1,8 +1,9 @@
 """Rules: which ops of which modules are quantized, and how. Plain data, so configs and sweeps can hold them.
 
 A rule set is an ordered list of `QuantRule`s; for each op (dot_general, conv, einsum) met while a model
-runs, the first rule whose `module_path` regex fully matches the module's path ('encoder/layers_0/attn/query')
-and whose `op_names` contain the op decides. A rule with `float=True` leaves the op in float.
+runs, the first rule whose `module_path` regex fully matches the module's path ('encoder/layers_0/attn/query';
+the root module's path is '', shown as '<root>' in reports, and a rule may name it either way) and whose
+`op_names` contain the op decides. A rule with `float=True` leaves the op in float.
 
 For an op with one weight operand (a param of the module, e.g. a Dense kernel) and one activation, `weight`
 quantizes the weight and `act` the activation; an op of two activations (attention scores) uses `act` for
@@ -136,7 +137,10 @@ class QuantRule:
     return self.name or self.module_path
 
   def matches(self, path: str, op: str) -> bool:
-    return op in self.op_names and self._regex.fullmatch(path) is not None
+    """The op at module `path` ('' for the root module, which a rule may also name '<root>') is this rule's."""
+    if op not in self.op_names:
+      return False
+    return self._regex.fullmatch(path) is not None or (path == '' and self._regex.fullmatch('<root>') is not None)
 
   def dot_config(self, lhs_is_weight: bool, rhs_is_weight: bool, lhs_act: QuantSpec | None = None,
                  rhs_act: QuantSpec | None = None) -> DotConfig:
@@ -217,6 +221,12 @@ class Match:
     dot_config: the DotConfig the op runs with (None: float).
     kept_8bit: the op is the model's first or last quantized op, kept at 8 bits by its rule's first_last_8bit.
     act_signedness: how the activation grids were chosen (the rule's act_signedness).
+    lhs_weight, rhs_weight: the weight operand's param path in the params tree ('wte/embedding'), or None.
+    lhs_channels, rhs_channels: the param axes a weight operand keeps per channel (its axes that the op does
+      not reduce, mapped back through the shape ops between param and operand), e.g. (0,) for a kernel stored
+      (out, in) and used as `kernel.T`.
+    via: the function the model called when it was not the op itself ('matmul' for `@` / jnp.matmul, 'dot').
+    shapes: the operands' shapes.
   """
   path: str
   op: str
@@ -228,6 +238,19 @@ class Match:
   dot_config: DotConfig | None = None
   kept_8bit: bool = False
   act_signedness: str = 'format'
+  lhs_weight: str | None = None
+  rhs_weight: str | None = None
+  lhs_channels: tuple = ()
+  rhs_channels: tuple = ()
+  via: str = ''
+  shapes: tuple = ()
+
+  def describe_operands(self) -> str:
+    parts = []
+    for side, w, ch in (('lhs', self.lhs_weight, self.lhs_channels), ('rhs', self.rhs_weight, self.rhs_channels)):
+      if w is not None:
+        parts.append(f'{side}=param {w} (channel axes {tuple(ch)})')
+    return ', '.join(parts)
 
 
 class RuleSet:
@@ -244,6 +267,9 @@ class RuleSet:
     self._checked = False
     self.kept_8bit: set[tuple[str, str, int]] = set()  # (path, op, index) of the first and last quantized ops
     self.act_min: dict[tuple[str, str, int, str], float] = {}  # (path, op, index, side) -> probe minimum
+    self.unreachable: dict[tuple, str] = {}  # matmuls seen but not quantizable: (path, kind, shapes) -> why
+    self.weighted: set[int] = set()          # rules that found a weight operand in some op they matched
+    self.no_weight: dict[int, list[str]] = {}  # rules with a weight spec: ops they matched without a weight
     self.needs_data = any(r.act_signedness == 'auto' for r in self.rules)
     self.order_known = not (self.needs_data or any(r.first_last_8bit for r in self.rules))
 
@@ -268,6 +294,7 @@ class RuleSet:
                        'quantize_nnx with sample inputs') from None
     self.order_known = True
     self.used, self.matches, self.seen = set(), {}, {}
+    self.weighted, self.no_weight, self.unreachable = set(), {}, {}
 
   def act_specs(self, path: str, op: str, index: int, rule: QuantRule) -> tuple[QuantSpec | None, QuantSpec | None]:
     """The act spec of each side (lhs, rhs) of an op, by the rule's act_signedness (module docstring). Under
@@ -301,10 +328,33 @@ class RuleSet:
     return next((r for r in self.rules if r.matches(path, op)), None)
 
   def record(self, path: str, op: str, index: int, rule: QuantRule, weights: tuple[str, ...], config,
-             operands: tuple[str, str] = ('act', 'act')) -> None:
+             operands: tuple[str, str] = ('act', 'act'), *, origins=(None, None), reduced=((), ()), via: str = '',
+             shapes: tuple = (), whys: tuple[str, str] = ('', '')) -> None:
+    """Records what an op was decided to be. origins: per operand its provenance.Origin (a weight) or None;
+    reduced: per operand the axes its scale reduces (the others are its channel axes)."""
     desc = 'float' if config is None else _describe(config)
-    self.matches[(path, op, index)] = Match(path, op, rule.label, weights, desc, operands[0], operands[1], config,
-                                            (path, op, index) in self.kept_8bit, rule.act_signedness)
+    channels = []
+    for o, red, shape in zip(origins, reduced, shapes or ((), ()), strict=True):
+      keep = [a for a in range(len(shape)) if a not in red] if o is not None else []
+      channels.append(tuple(o.axes[a] for a in keep) if o is not None else ())
+    self.matches[(path, op, index)] = Match(
+        path, op, rule.label, weights, desc, operands[0], operands[1], config, (path, op, index) in self.kept_8bit,
+        rule.act_signedness, origins[0] and origins[0].param, origins[1] and origins[1].param, channels[0],
+        channels[1], via, tuple(shapes))
+    i = self.rules.index(rule) if rule in self.rules else next(
+        (j for j, r in enumerate(self.rules) if r.label == rule.label), -1)
+    if any(o is not None for o in origins):
+      self.weighted.add(i)
+    elif rule.weight is not None and not rule.float:
+      why = '; '.join(f'{s} is {w}' for s, w in zip(('lhs', 'rhs'), whys, strict=True) if w)
+      site = f'{path or "<root>"} ({op}{index}{", " + why if why else ""})'
+      if site not in self.no_weight.setdefault(i, []):
+        self.no_weight[i].append(site)
+
+  def record_unreachable(self, path: str, kind: str, a_shape, b_shape, why: str) -> None:
+    """A matmul the model computes where no rule can reach it (run in float): listed in the report."""
+    self.unreachable[(path, kind, tuple(a_shape), tuple(b_shape))] = why
+    self.seen[(path, f'{kind}, not reachable')] = None
 
   def check_first_run(self) -> None:
     """Called after a model's first run: warns (once) about rules that matched no op, naming them, and when no
@@ -320,6 +370,14 @@ class RuleSet:
     elif unused:
       warnings.warn(f'qjax: rules that matched no op: {unused}; check their module_path regex and op_names '
                     'against the paths in RuleSet.report()', stacklevel=3)
+    for i, ops in self.no_weight.items():
+      if i not in self.weighted and 0 <= i < len(self.rules):
+        warnings.warn(f'qjax: rule {self.rules[i].label!r} has a weight spec, but none of the {len(ops)} op(s) it '
+                      f'matched has an operand derived from a param of the model, so it quantizes no weight: '
+                      f'{"; ".join(ops[:3])}{" ..." if len(ops) > 3 else ""}', stacklevel=3)
+    for (path, kind, a, b), why in self.unreachable.items():
+      warnings.warn(f'qjax: not quantized, not reachable: {kind} at {path or "<root>"} of shapes {a} x {b} '
+                    f'({why})', stacklevel=3)
 
   def unused_rules(self) -> list[QuantRule]:
     return [r for i, r in enumerate(self.rules) if i not in self.used]
@@ -328,7 +386,11 @@ class RuleSet:
     lines = [f'{m.path or "<root>":40s} {m.op:12s} rule={m.rule!r:20s} lhs={m.lhs} rhs={m.rhs}  {m.config}'
              + ('  (first/last op: kept at 8 bits)' if m.kept_8bit else '')
              + (f'  (act grid: {m.act_signedness})' if m.act_signedness != 'format' and m.config != 'float' else '')
+             + (f'  [{m.describe_operands()}]' if m.describe_operands() else '')
+             + (f'  (via {m.via})' if m.via else '')
              for m in self.matches.values()]
+    lines += [f'{path or "<root>":40s} {kind:12s} not quantized, not reachable: shapes {a} x {b} ({why})'
+              for (path, kind, a, b), why in self.unreachable.items()]
     unused = self.unused_rules()
     if unused:
       lines.append('rules that matched nothing: ' + ', '.join(repr(r.label) for r in unused))

@@ -1,0 +1,222 @@
+"""Op hooks: a model's matmuls and convs reach qjax while a quantized model runs, on that thread only.
+
+While any quantized model runs, `jax.lax.dot_general`, `jax.lax.dot`, `jax.lax.conv_general_dilated`,
+`jax.numpy.einsum`, `jax.numpy.matmul`, `jax.numpy.dot` and the `@` operator
+(`jax._src.numpy.tensor_contractions.matmul`, which `Array.__matmul__` looks up at call time) are replaced by
+hooks. A thread-local stack holds the module being executed (pushed by the Linen interceptor or by the quantized
+NNX module classes); a hook called from model code under a frame hands the op to the frame's session
+(qjax.flax.session.Session.run_op), and runs the original op otherwise (other threads, qjax's own op code, JAX
+internals). lax.dot, jnp.matmul, jnp.dot and `@` are caught at their entry, where their operands still carry
+their provenance (inside those jitted library functions they would not), and run as one dot_general.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import threading
+from typing import Any
+
+_tls = threading.local()
+_LOCK = threading.Lock()
+ORIG: dict[str, Any] = {}
+_installed = 0
+
+
+@dataclasses.dataclass
+class Frame:
+  """One running method of a module: its path as in the params tree ('' for the root), the method's name."""
+  module: Any
+  path: str
+  session: Any
+  method: str = '__call__'
+  counters: dict[str, int] = dataclasses.field(default_factory=dict)
+  param_index: Any = None  # the model's params by identity and path (built lazily by the backend)
+  backend: Any = None      # where this module's state lives (qjax.flax.state); None: the session's
+
+  @property
+  def state(self):
+    return self.backend or self.session.backend
+
+
+def stack() -> list[Frame]:
+  if not hasattr(_tls, 'stack'):
+    _tls.stack, _tls.inside = [], 0
+  return _tls.stack
+
+
+def current() -> Frame | None:
+  s = stack()
+  return s[-1] if s and not _tls.inside else None
+
+
+@contextlib.contextmanager
+def frame(module, path: str, session, method: str = '__call__', backend=None):
+  s = stack()
+  s.append(Frame(module, path, session, method, backend=backend))
+  try:
+    yield
+  finally:
+    s.pop()
+
+
+@contextlib.contextmanager
+def inside_op():
+  """qjax's own op code runs here: hooks pass through."""
+  stack()
+  _tls.inside += 1
+  try:
+    yield
+  finally:
+    _tls.inside -= 1
+
+
+def _model_frame(depth: int = 2) -> Frame | None:
+  """The frame a hooked call belongs to, or None when the caller is qjax's own op code or JAX itself (JAX's
+  library code calls its own matmul; the `@` operator's wrappers in array_methods are looked through)."""
+  fr = current()
+  if fr is None:
+    return None
+  f = sys._getframe(depth)
+  name = f.f_globals.get('__name__', '')
+  while name.startswith('jax._src.numpy.array_methods') or name.startswith('jax._src.numpy.util'):
+    f = f.f_back
+    name = f.f_globals.get('__name__', '') if f is not None else ''
+  if name.startswith('qjax.') and not name.startswith('qjax.flax'):
+    return None
+  if name.startswith('jax.') or name.startswith('jax._src'):
+    return None
+  return fr
+
+
+def dot_general_hook(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+  orig = lambda: ORIG['dot_general'](lhs, rhs, dimension_numbers, precision=precision,
+                                     preferred_element_type=preferred_element_type, **kw)
+  fr = _model_frame()
+  if fr is None:
+    return orig()
+  return fr.session.dot_general(fr, lhs, rhs, dimension_numbers, precision, preferred_element_type, orig)
+
+
+def conv_hook(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+              feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None, **kw):
+  args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+          batch_group_count, precision, preferred_element_type)
+  orig = lambda: ORIG['conv_general_dilated'](lhs, rhs, *args, **kw)
+  fr = _model_frame()
+  if fr is None:
+    return orig()
+  return fr.session.conv(fr, lhs, rhs, args, orig)
+
+
+def einsum_hook(subscripts, *operands, precision=None, preferred_element_type=None, _dot_general=None, **kw):
+  if _dot_general is not None:  # Linen attention passes `_dot_general=jax.lax.dot_general` (or its own)
+    kw['_dot_general'] = ORIG.get('dot_general') if _dot_general is dot_general_hook else _dot_general
+  orig = lambda: ORIG['einsum'](subscripts, *operands, precision=precision,
+                                preferred_element_type=preferred_element_type, **kw)
+  fr = _model_frame()
+  if fr is None or len(operands) != 2 or not isinstance(subscripts, str):
+    return orig()
+  return fr.session.einsum(fr, subscripts, operands[0], operands[1], preferred_element_type, orig)
+
+
+def _matmul_dims(a_ndim: int, b_ndim: int, kind: str):
+  """dot_general dimension numbers of jnp.matmul / jnp.dot of operands of these ranks, or None when it is not
+  one dot_general (a matmul that broadcasts batch dims; then the original op runs, listed as not quantized).
+  jnp.dot contracts a's last axis with b's second-to-last (its last when 1-D), the output being a's free axes
+  then b's: exactly dot_general without batch dims. jnp.matmul is the same when either operand is at most 2-D
+  except a 2-D `a` with a batched `b`; operands of equal rank with equal batch shapes are batch dims."""
+  if a_ndim == 0 or b_ndim == 0:
+    return None
+  contract = ((a_ndim - 1,), (max(b_ndim - 2, 0),))
+  if kind == 'dot' or b_ndim <= 2 or a_ndim == 1:
+    return contract, ((), ())
+  if a_ndim == b_ndim:
+    batch = tuple(range(a_ndim - 2))
+    return contract, (batch, batch)
+  return None
+
+
+def _entry_hook(kind: str):
+  def hook(a, b, *, precision=None, preferred_element_type=None, **kw):
+    orig = lambda: ORIG[kind](a, b, precision=precision, preferred_element_type=preferred_element_type, **kw)
+    fr = _model_frame()
+    if fr is None or not (hasattr(a, 'ndim') and hasattr(b, 'ndim')):
+      return orig()
+    extra = sorted(k for k, v in kw.items() if v is not None)
+    if extra:
+      return fr.session.unreachable(fr, kind, a, b, orig, f'it is called with {", ".join(extra)}')
+    dims = _matmul_dims(a.ndim, b.ndim, kind)
+    if dims is None or (dims[1][0] and tuple(a.shape[:-2]) != tuple(b.shape[:-2])):
+      return fr.session.unreachable(fr, kind, a, b, orig, 'its operands broadcast over batch dims')
+    return fr.session.dot_general(fr, a, b, dims, precision, preferred_element_type, orig, via=kind)
+  hook.__name__ = f'{kind}_hook'
+  return hook
+
+
+matmul_hook = _entry_hook('matmul')
+dot_hook = _entry_hook('dot')
+
+
+def lax_dot_hook(lhs, rhs, *, dimension_numbers=None, precision=None, preferred_element_type=None, **kw):
+  """jax.lax.dot: dot_general with the given dimension numbers, or a's last axis against b's first."""
+  orig = lambda: ORIG['lax_dot'](lhs, rhs, dimension_numbers=dimension_numbers, precision=precision,
+                                 preferred_element_type=preferred_element_type, **kw)
+  fr = _model_frame()
+  if fr is None or not (hasattr(lhs, 'ndim') and hasattr(rhs, 'ndim')):
+    return orig()
+  dims = dimension_numbers
+  if dims is None:
+    if not (1 <= lhs.ndim <= 2 and 1 <= rhs.ndim <= 2):
+      return orig()  # the original raises its own error
+    dims = (((lhs.ndim - 1,), (0,)), ((), ()))
+  return fr.session.dot_general(fr, lhs, rhs, dims, precision, preferred_element_type, orig, via='lax.dot')
+
+
+def _operator_matmul_hook(a, b, *, precision=None, preferred_element_type=None, **kw):
+  return matmul_hook(a, b, precision=precision, preferred_element_type=preferred_element_type, **kw)
+
+
+def _targets():
+  import jax.lax as lax_mod  # noqa: PLC0415
+  import jax.numpy as jnp_mod  # noqa: PLC0415
+  from jax._src.numpy import tensor_contractions as tc  # noqa: PLC0415
+  return [(lax_mod, 'dot_general', 'dot_general', dot_general_hook),
+          (lax_mod, 'conv_general_dilated', 'conv_general_dilated', conv_hook),
+          (lax_mod, 'dot', 'lax_dot', lax_dot_hook),
+          (jnp_mod, 'einsum', 'einsum', einsum_hook),
+          (jnp_mod, 'matmul', 'matmul', matmul_hook),
+          (jnp_mod, 'dot', 'dot', dot_hook),
+          (tc, 'matmul', 'matmul', _operator_matmul_hook)]
+
+
+def _install():
+  for mod, attr, key, hook in _targets():
+    ORIG.setdefault(key, getattr(mod, attr))
+    setattr(mod, attr, hook)
+
+
+def _uninstall():
+  for mod, attr, key, _ in _targets():
+    setattr(mod, attr, ORIG[key])
+
+
+@contextlib.contextmanager
+def patched():
+  """Installs the hooks while any quantized model runs (they pass through for other threads and code)."""
+  global _installed
+  with _LOCK:
+    if _installed == 0:
+      _install()
+    _installed += 1
+  try:
+    yield
+  finally:
+    with _LOCK:
+      _installed -= 1
+      if _installed == 0:
+        _uninstall()
+
+
+HOOKS = {'dot_general': dot_general_hook, 'conv_general_dilated': conv_hook, 'einsum_op': einsum_hook}

@@ -1,0 +1,193 @@
+"""Serving: the storage form of quantized weights, and reading them back while a converted model runs.
+
+A converted model stores each quantized weight as a ServingWeight in the param's own layout: its qvalues
+(int8, or int4 packed two per byte), scale and zero point, with x ~ (qvalue - zero_point) * scale. While the
+model runs, reading such a param gives the dequantized float (so any code the model runs on it works: gathers,
+`.T`, `jnp.asarray`), registered as a provenance root; a hooked op whose operand traces back to it replays the
+operand's shape ops on the qvalues and scale (qjax.flax.provenance.forward) and runs the integer op. XLA drops
+the dequantized float where nothing else reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import jax
+import jax.numpy as jnp
+
+from qjax import formats, packing, quantizers
+
+_tls = threading.local()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ServingWeight:
+  """The storage form of a weight's QArray for serving: its int8 qvalues (or 2/3/4-bit values packed), scale,
+  zero point and format, plus the weight's shape and sharding names. `from_qarray` packs, `to_qarray` unpacks:
+  inside the ops a served weight is the QArray again (x ~ (qvalue - zero_point) * scale).
+
+  Replaces a float kernel in a converted parameter tree, so that no float kernel is left.
+  """
+  qvalue: jax.Array                    # int8 (shape of the weight) or uint8 packed along axis 0 (qjax.packing)
+  scale: jax.Array
+  zero_point: jax.Array | None
+  format: str = dataclasses.field(metadata=dict(static=True))
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  names: tuple | None = dataclasses.field(default=None, metadata=dict(static=True))  # the weight's sharding
+
+  def partition_specs(self) -> ServingWeight:
+    """A ServingWeight of PartitionSpecs (for jax.device_put / jit shardings) from the float weight's sharding
+    names: qvalue keeps them, scale and zero_point have None on their reduced (size-1) axes."""
+    P = jax.sharding.PartitionSpec
+    if self.names is None:
+      return dataclasses.replace(self, qvalue=P(), scale=P(), zero_point=None if self.zero_point is None else P())
+    sn = P(*scale_names(self.names, self.shape, _shape(self.scale)))
+    return dataclasses.replace(self, qvalue=P(*self.names), scale=sn, zero_point=None if self.zero_point is None
+                               else sn)
+
+  def __getitem__(self, idx):  # nnx layers read kernels as `self.kernel[...]`
+    x = read(self)
+    return x if idx is Ellipsis else x[idx]
+
+  def __jax_array__(self):
+    return read(self)
+
+  @property
+  def T(self):  # noqa: N802 (numpy's name)
+    return read(self).T
+
+  def transpose(self, *axes):
+    return read(self).transpose(*axes)
+
+  def reshape(self, *shape):
+    return read(self).reshape(*shape)
+
+  def astype(self, dtype):
+    return read(self).astype(dtype)
+
+  @property
+  def ndim(self):
+    return len(self.shape)
+
+  @property
+  def dtype(self):
+    return jnp.float32
+
+  @classmethod
+  def from_qarray(cls, q: quantizers.QArray, pack: bool = False, names: tuple | None = None) -> ServingWeight:
+    """Stores QArray q (packing 2-, 3- or 4-bit qvalues densely along axis 0 when `pack`; qjax.packing)."""
+    qvalue = packing.pack(q.qvalue, packing.width(q.fmt)) if pack else q.qvalue
+    return cls(qvalue, q.scale, q.zero_point, q.format, tuple(q.qvalue.shape), pack, names)
+
+  def to_qarray(self) -> quantizers.QArray:
+    bits = packing.width(formats.parse_format(self.format)) if self.packed else None
+    q = packing.unpack(self.qvalue, bits, self.shape) if self.packed else self.qvalue
+    return quantizers.QArray(q, self.scale, self.zero_point, self.format)
+
+
+def _shape(a) -> tuple[int, ...]:
+  return tuple(getattr(a, 'value', a).shape)  # a Linen Partitioned box holds its array as .value
+
+
+def scale_names(names, weight_shape, scale_shape) -> tuple:
+  """Sharding names of a weight's scale: the weight's names, None on the axes the scale reduces (size 1)."""
+  return tuple(None if s == 1 and w != 1 else n for n, w, s in zip(names, weight_shape, scale_shape, strict=True))
+
+
+def pack_int4(q: jax.Array) -> jax.Array:
+  """Packs int8 values in [-8, 7] two per byte along axis 0 (odd sizes padded): (n, ...) -> (ceil(n/2), ...)."""
+  return packing.pack(q, 4)
+
+
+def unpack_int4(p: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Inverse of pack_int4: sign-extends each nibble back to int8."""
+  return packing.unpack(p, 4, shape)
+
+
+def is_serving(x) -> bool:
+  return isinstance(x, ServingWeight)
+
+
+def _roots() -> dict:
+  if not hasattr(_tls, 'roots'):
+    _tls.roots = {}
+  return _tls.roots
+
+
+def read(sw: ServingWeight, path: str | None = None) -> jax.Array:
+  """The dequantized float of a served weight, remembered (by identity) as that weight (stored at `path` in
+  the params tree, when the caller knows it) for the hooks."""
+  x = sw.to_qarray().dequantize(jnp.float32)
+  _roots()[id(x)] = (sw, x, path)  # x is kept alive, so its id stays unique while the model runs
+  return x
+
+
+def served(x) -> tuple[ServingWeight, str | None] | None:
+  """(the ServingWeight whose `read` returned x, its path or None), if any."""
+  hit = _roots().get(id(x))
+  return (hit[0], hit[2]) if hit is not None and hit[1] is x else None
+
+
+def clear() -> None:
+  """Forgets the floats read (the outermost quantized call returned)."""
+  _roots().clear()
+
+
+# ------------------------------------------------------------------------------------------- conversion
+
+
+def quantize_uses(records, problems: dict, stored_shape=None) -> list:
+  """Inside the conversion's compiled run: per weight record, its operand quantized as the QAT forward did (same
+  spec and quantizer state), brought back to the param's stored layout (provenance.backward). Returns one QArray
+  or None per record that has a weight; for None, problems[i] (i counting weight records) says why: a use that
+  cannot be stored (a broadcast or slice of the param), or ('stacked', shape) when `stored_shape(path)`, the
+  param's shape in the model, differs from the shape the op saw (one layer of weights stacked for nnx.scan,
+  seen inside the scan's own trace, which is left untouched)."""
+  from qjax.flax import provenance  # noqa: PLC0415
+  out = []
+  for r in [r for r in records if r.weight_name is not None]:
+    i = len(out)
+    out.append(None)
+    if stored_shape is not None and tuple(stored_shape(r.weight_name)) != tuple(r.origin.shape):
+      problems[i] = ('stacked', tuple(r.origin.shape))
+    elif not r.origin.invertible:
+      problems[i] = f'it reaches the op through {r.origin.describe()}, which cannot be undone to store it'
+    else:
+      try:
+        out[i] = provenance.backward(r.origin, quantizers.quantize(r.x, r.spec, dict(r.state) or None))
+      except ValueError as e:
+        problems[i] = str(e)
+  return out
+
+
+def merge_uses(records, qarrays, problems: dict) -> dict:
+  """{param path: (QArray in the param's layout, [records of its uses])}. A param used by several quantized ops
+  (a tied embedding) is stored once: its uses must quantize it identically (same format, scale shape and
+  values), else ValueError naming the rules and use sites."""
+  import numpy as np  # noqa: PLC0415
+  uses: dict = {}
+  for i, (r, q) in enumerate(zip([r for r in records if r.weight_name is not None], qarrays, strict=True)):
+    if i in problems:
+      q = problems[i]
+      raise ValueError(f'convert: the weight {r.weight_name} used at {r.path or "<root>"} ({r.prefix}, rule '
+                       f'{r.rule!r}) cannot be converted: {q}; keep that op in float with a float=True rule')
+    uses.setdefault(r.weight_name, []).append((r, q))
+  out = {}
+  for path, items in uses.items():
+    (r0, q0), rest = items[0], items[1:]
+    for r, q in rest:
+      same = (r.spec.format == r0.spec.format and q.scale.shape == q0.scale.shape
+              and (q.zero_point is None) == (q0.zero_point is None)
+              and np.array_equal(np.asarray(q.qvalue), np.asarray(q0.qvalue))
+              and np.array_equal(np.asarray(q.scale), np.asarray(q0.scale)))
+      if not same:
+        sites = '; '.join(f'{x.path or "<root>"} {x.prefix} (rule {x.rule!r}: {x.spec.format}/{x.spec.granularity}, '
+                          f'scale shape {tuple(y.scale.shape)} in the param layout)' for x, y in items)
+        raise ValueError(f'convert: the weight {path} is shared by {len(items)} quantized ops that quantize it '
+                         f'differently, and a served weight is stored once: {sites}. Give its uses one rule and '
+                         'spec (the same channel axes), or keep all but one in float')
+    out[path] = (q0, [r for r, _ in items])
+  return out

@@ -1,0 +1,390 @@
+"""The policy: for each hooked op, which rule decides it, which operands are weights, and its quantizer state.
+
+A Session holds the rule set and a backend (qjax.flax.state: Linen or NNX variables). For each op a hook hands
+it (qjax.flax.hooks), `run_op`
+  1. finds the rule (first match on the module path and op name; the root module's path is '');
+  2. classifies each operand: a weight when it traces back to a param of the model through shape ops
+     (qjax.flax.provenance), with the param's path and the axis map; an activation otherwise;
+  3. records what it decided (RuleSet.record: the per-op report) and warns, once, where a spec found nothing;
+  4. runs the qjax op with the quantizer state of each operand (learned steps, static ranges, amax histories).
+
+Modes: 'train' (QAT; statistics update where the backend is training), 'record' (also keeps each operand, its
+spec and state: PTQ conversion, per-layer statistics), 'serve' (weights read from ServingWeights),
+'probe' (float ops, no state: op order and activation minima), 'trace' (float ops, no state: the abstract
+pre-pass of an eager call, which stores each operand's origin by use site), 'capture' (float ops, calibration
+statistics; qjax.flax.capture).
+
+State names: '<op><index>_<side>_<what>', e.g. 'dot_general0_rhs_scale', prefixed by '<method>_' for ops run
+from a method other than __call__ (setup-style modules: 'decode_dot_general0_lhs_scale').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qjax import calibration, quantizers
+from qjax import granularity as gran
+from qjax.flax import provenance, serving
+from qjax.flax.rules import RuleSet
+from qjax.spec import QuantSpec
+
+STATS = 'quant_stats'
+_STATE_NAME = re.compile(r'^(qjax_)?(\w+_)?(dot_general|conv|einsum)\d+_(lhs|rhs)_\w+$')
+
+
+def is_quantizer_name(name: str) -> bool:
+  """Whether a variable name is one of a quantizer state's ('dot_general0_rhs_scale', 'decode_einsum1_lhs_count')."""
+  return _STATE_NAME.match(name) is not None
+
+
+@dataclasses.dataclass
+class Record:
+  """One forward operand of a quantized op, seen in 'record' mode (PTQ conversion, layer statistics)."""
+  module: Any
+  path: str
+  weight_name: str | None  # the weight's param path in the params tree ('wte/embedding'), None for activations
+  spec: QuantSpec          # resolved for this operand (its axes in the operand's layout)
+  state: dict              # the quantizer params used (learned step, static range), {} when dynamic
+  prefix: str              # '<op><index>_<side>'
+  x: Any                   # the operand
+  kept_8bit: bool = False  # the op is the model's first or last quantized op, kept at 8 bits (first_last_8bit)
+  origin: provenance.Origin | None = None
+  rule: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+  """What one operand of an op is: `origin` (a weight) or None (an activation), and why not a weight."""
+  origin: provenance.Origin | None
+  why: str = ''
+
+
+class Session:
+  """Rules plus the state backend of one quantized model, and its mode (module docstring)."""
+
+  def __init__(self, ruleset: RuleSet, backend):
+    self.ruleset = ruleset
+    self.backend = backend
+    self.mode = 'train'
+    self.creating = False  # quantize_nnx's first run: NNX transforms (nnx.scan, nnx.jit) carry new state out
+    self.records: list[Record] = []
+    self.probe_mins: dict[tuple[str, str, int, str], Any] = {}
+    self.origins: dict[tuple, Operand] = {}  # use site -> operand, from the 'trace' pre-pass of eager calls
+    self.capture = None                      # the capture collector (qjax.flax.capture) in 'capture' mode
+    self.capture_stats: tuple = ()
+    self._warned: set = set()
+
+  @property
+  def serving(self) -> bool:
+    """Params are read as ServingWeights: serve mode, or the eager pre-pass of a serve-mode call."""
+    return self.mode == 'serve' or (self.mode == 'trace' and getattr(self, 'outer_mode', None) == 'serve')
+
+  # ---- probes
+
+  def probe(self, run) -> None:
+    """Runs the model once in probe mode (every op in float, no quantizer state) so that the rule set learns the
+    order of its quantized ops (first_last_8bit) and, where a rule has act_signedness='auto', each activation
+    operand's minimum; then RuleSet.fix_order. `run(abstract)` runs the model and returns `self.probe_mins`
+    from inside its trace."""
+    mode, self.mode = self.mode, 'probe'
+    self.probe_mins = {}
+    try:
+      mins = run(not self.ruleset.needs_data)
+    finally:
+      self.mode, self.probe_mins = mode, {}
+    self.ruleset.fix_order(None if not self.ruleset.needs_data else mins)
+
+  def trace_origins(self, run, key=None) -> None:
+    """The pre-pass of an eager call: `run()` traces the model abstractly in 'trace' mode, where every operand
+    can be traced back to its param; the origins are kept by use site for the eager run (whose concrete
+    operands carry no provenance). `key` (hashable: the call's structure and input shapes) caches them."""
+    cache = self.__dict__.setdefault('_origin_cache', {})
+    try:
+      if key is not None and key in cache:
+        self.origins = cache[key]
+        return
+    except TypeError:  # an unhashable static argument: no caching
+      key = None
+    mode, self.mode, self.outer_mode = self.mode, 'trace', self.mode
+    self.origins = {}
+    try:
+      run()
+    except Exception as e:  # noqa: BLE001 -- e.g. Python control flow on values: the eager run may still work
+      self.origins = {}
+      warnings.warn(f'qjax: an eager call could not be traced abstractly first ({type(e).__name__}: '
+                    f'{str(e)[:200]}); its operands carry no provenance, so weights derived from params by shape '
+                    'ops (kernel.T, reshapes) are taken for activations in this call; run the model under jax.jit',
+                    stacklevel=4)
+      return
+    finally:
+      self.mode = mode
+    if key is not None:
+      cache[key] = self.origins
+
+  # ---- classifying operands
+
+  def classify(self, fr, site: tuple, x) -> Operand:
+    if self.mode != 'trace' and not provenance.has_trace(x) and site in self.origins:
+      return self.origins[site]  # an eager operand: what the abstract pre-pass found at this use site
+    origin = provenance.trace_back(x, lambda v: fr.state.lookup(fr, v))
+    if origin is None and fr.state.refresh(fr):  # params created since the index was built (init)
+      origin = provenance.trace_back(x, lambda v: fr.state.lookup(fr, v))
+    out = Operand(origin, '' if origin is not None else _why(x))
+    if self.mode == 'trace':
+      self.origins[site] = out
+    return out
+
+  def _weight_label(self, fr, o: Operand) -> str | None:
+    """The name reports show for a weight: the param's name within the module using it, else its full path."""
+    if o.origin is None:
+      return None
+    own = f'{fr.path}/' if fr.path else ''
+    p = o.origin.param
+    return p[len(own):] if own and p.startswith(own) and '/' not in p[len(own):] else p
+
+  # ---- the ops
+
+  def dot_general(self, fr, lhs, rhs, dims, precision, preferred_element_type, orig, via: str = ''):
+    from qjax.ops.dot_general import dot_general as q_dot_general  # noqa: PLC0415
+
+    def q(lhs, rhs, cfg, lp, rp, key):
+      return q_dot_general(lhs, rhs, dims, precision, preferred_element_type, config=cfg, lhs_params=lp,
+                           rhs_params=rp, key=key)
+    (lc, rc), (lb, rb) = dims
+    return self.run_op(fr, 'dot_general', lhs, rhs, orig, q, (tuple(lc) + tuple(lb), tuple(rc) + tuple(rb)),
+                       (tuple(lc), tuple(rc)), via)
+
+  def conv(self, fr, lhs, rhs, args, orig):
+    from qjax.ops.conv import conv_general_dilated as q_conv  # noqa: PLC0415
+
+    def q(lhs, rhs, cfg, lp, rp, key):
+      return q_conv(lhs, rhs, *args, config=cfg, lhs_params=lp, rhs_params=rp, key=key)
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, args[4])
+    lhs_red = tuple(dn.lhs_spec[1:])              # input features and spatial axes
+    rhs_red = tuple(dn.rhs_spec[1:])              # the kernel's input-feature and spatial axes
+    return self.run_op(fr, 'conv', lhs, rhs, orig, q, (lhs_red, rhs_red),
+                       ((dn.lhs_spec[1],), (dn.rhs_spec[1],)))
+
+  def einsum(self, fr, subscripts, lhs, rhs, preferred_element_type, orig):
+    from qjax.ops.einsum import einsum as q_einsum  # noqa: PLC0415
+
+    def q(lhs, rhs, cfg, lp, rp, key):
+      return q_einsum(subscripts, lhs, rhs, config=cfg, lhs_params=lp, rhs_params=rp, key=key,
+                      preferred_element_type=preferred_element_type)
+    red = _einsum_reduced(subscripts, lhs.ndim, rhs.ndim)
+    return self.run_op(fr, 'einsum', lhs, rhs, orig, q, red[0], red[1])
+
+  def unreachable(self, fr, kind, a, b, orig, why):
+    """A matmul the hooks see but cannot run as one quantized op: listed in the report, run in float."""
+    self.ruleset.record_unreachable(fr.path, kind, tuple(a.shape), tuple(b.shape), why)
+    with _inside():
+      return orig()
+
+  def run_op(self, fr, op: str, lhs, rhs, orig, q, reduced=((), ()), contracting=((), ()), via: str = ''):
+    """One hooked op. reduced: per operand the axes its per-channel scale reduces (contracting and batch axes
+    for matmuls; features and window for convs); contracting: the contracting axes (for capture)."""
+    index = fr.counters.get(op, 0)
+    fr.counters[op] = index + 1
+    prefix = f'{op}{index}' if fr.method == '__call__' else f'{fr.method}_{op}{index}'
+    found = self.ruleset.find(fr.path, op)
+    site = (fr.path, fr.method, op, index)
+    lo, ro = self.classify(fr, site + ('lhs',), lhs), self.classify(fr, site + ('rhs',), rhs)
+    lw, rw = self._weight_label(fr, lo), self._weight_label(fr, ro)
+    weights = tuple(n for n in (lw, rw) if n)
+    info = dict(origins=(lo.origin, ro.origin), reduced=reduced, via=via,
+                shapes=(tuple(lhs.shape), tuple(rhs.shape)), whys=(lo.why, ro.why))
+    if self.mode == 'capture':
+      with _inside():
+        out = orig()
+      if self.capture is not None and found is not None and not found[1].float:
+        self.capture.add(fr, prefix, op, lhs, rhs, lo, ro, contracting, out)
+      return out
+    if found is None or found[1].float or self.mode == 'trace':
+      if found is not None:
+        self.ruleset.record(fr.path, op, index, found[1], weights, None, (lw or 'act', rw or 'act'), **info)
+      with _inside():
+        return orig()
+    i, rule = found
+    rule = self.ruleset.effective(fr.path, op, index, rule)
+    try:
+      cfg = rule.dot_config(lo.origin is not None, ro.origin is not None,
+                            *self.ruleset.act_specs(fr.path, op, index, rule))
+    except ValueError as e:
+      raise ValueError(f'rule {rule.label!r} at {fr.path or "<root>"} ({op}): {e}') from None
+    self.ruleset.record(fr.path, op, index, rule, weights, cfg, (lw or 'act', rw or 'act'), **info)
+    self._warn_constants(fr, op, rule, (lo, ro), (lhs, rhs))
+    if self.mode == 'probe':
+      if rule.act_signedness == 'auto':
+        for side, o, x in (('lhs', lo, lhs), ('rhs', ro, rhs)):
+          if o.origin is None:
+            k = (fr.path, op, index, side)
+            m = jnp.min(jax.lax.stop_gradient(x)).astype(jnp.float32)
+            self.probe_mins[k] = jnp.minimum(self.probe_mins[k], m) if k in self.probe_mins else m
+      with _inside():
+        return orig()
+    kept = (fr.path, op, index) in self.ruleset.kept_8bit
+    if self.mode == 'serve':
+      lhs, rhs = self._served(fr, lo, lhs), self._served(fr, ro, rhs)
+    lp = self._params_cb(fr, rule, f'{prefix}_lhs', lo, lhs, kept)
+    rp = self._params_cb(fr, rule, f'{prefix}_rhs', ro, rhs, kept)
+    key = self._key(fr, rule, cfg)
+    with _inside():
+      try:
+        return q(lhs, rhs, cfg, lp, rp, key)
+      except ValueError as e:
+        raise ValueError(f'rule {rule.label!r} at {fr.path or "<root>"} ({op}): {e}') from None
+
+  def _served(self, fr, o: Operand, x):
+    """A served weight operand as its QArray in the operand's layout (its stored param's qvalues and scale
+    moved along the operand's shape ops); other operands as they are."""
+    if o.origin is None:
+      return x
+    sw = fr.state.param_value(fr, o.origin.param)
+    if not serving.is_serving(sw):
+      return x
+    try:
+      return provenance.forward(o.origin, sw.to_qarray())
+    except ValueError as e:
+      raise ValueError(f'{fr.path or "<root>"}: the served weight {o.origin.param} reaches this op through '
+                       f'{o.origin.describe()}: {e}') from None
+
+  def _warn_constants(self, fr, op, rule, operands, xs) -> None:
+    """Warns once per rule and op when its weight spec meets an operand that is a constant but no param."""
+    if rule.weight is None or any(o.origin is not None for o in operands):
+      return
+    for side, o, x in zip(('lhs', 'rhs'), operands, xs, strict=True):
+      if o.why.startswith('a constant'):
+        key = (rule.label, fr.path, op, side)
+        if key not in self._warned:
+          self._warned.add(key)
+          warnings.warn(f'qjax: rule {rule.label!r} has a weight spec, but the {side} of {fr.path or "<root>"} '
+                        f'({op}, shape {tuple(x.shape)}) is {o.why}; it is quantized as an activation',
+                        stacklevel=5)
+
+  def _key(self, fr, rule, cfg):
+    specs = [cfg.fwd.lhs, cfg.fwd.rhs, cfg.dlhs.lhs, cfg.dlhs.rhs, cfg.drhs.lhs, cfg.drhs.rhs]
+    if not any(s is not None and s.rounding == 'stochastic' for s in specs):
+      return None
+    return fr.state.rng(fr, rule)
+
+  # ---- quantizer state
+
+  def _params_cb(self, fr, rule, prefix: str, o: Operand, operand, kept: bool = False):
+    """The params callable handed to the op for one forward operand (see qjax.ops.dot_general)."""
+    if isinstance(operand, quantizers.QArray):
+      return None
+    weight = o.origin.param if o.origin is not None else None
+
+    def cb(spec: QuantSpec, x):
+      out = self._state_for(fr, rule, prefix, spec, x, o)
+      if self.mode == 'record':
+        self.records.append(Record(fr.module, fr.path, weight, spec, out, prefix, x, kept, o.origin, rule.label))
+      return out
+    return cb
+
+  def _state_for(self, fr, rule, prefix, spec, x, o: Operand):
+    x = jax.lax.stop_gradient(x)
+    is_weight = o.origin is not None
+    if spec.learned:
+      return {name: fr.state.param(fr, f'{prefix}_{name}',
+                                       lambda n=name: quantizers.init_params(x, spec)[n], o.origin, x.shape)
+              for name in spec.learned}
+    if rule.delayed_scaling:
+      return self._delayed(fr, rule, prefix, spec, x)
+    if rule.act_static and not is_weight:
+      return self._ema(fr, rule, prefix, spec, x)
+    return {}
+
+  def _ema(self, fr, rule, prefix, spec, x):
+    if spec.granularity != 'per_tensor':
+      raise ValueError(f'rule {rule.label!r}: act_static keeps one range per tensor; act granularity must be '
+                       f'"per_tensor", got {spec.granularity!r}')
+    scale, zp = calibration.calibrate(x, spec)
+    zp = jnp.zeros_like(scale) if zp is None else zp.astype(jnp.float32)
+    count = fr.state.stat(fr, f'{prefix}_count', lambda: jnp.zeros((), jnp.float32))
+    ema_s = fr.state.stat(fr, f'{prefix}_scale', lambda: scale)
+    ema_z = fr.state.stat(fr, f'{prefix}_zero_point', lambda: zp)
+    if fr.state.training(fr):
+      d = jnp.where(count.get() > 0, rule.ema_decay, 0.0)  # the first batch initialises the average
+      ema_s.set(d * ema_s.get() + (1 - d) * scale)
+      ema_z.set(d * ema_z.get() + (1 - d) * zp)
+      count.set(count.get() + 1)
+    out = {'scale': ema_s.get()}
+    if spec.scheme == 'asymmetric':
+      out['zero_point'] = jnp.round(ema_z.get())
+    return out
+
+  def _delayed(self, fr, rule, prefix, spec, x):
+    if spec.granularity != 'per_tensor' or spec.scheme != 'symmetric':
+      raise ValueError(f'rule {rule.label!r}: delayed_scaling keeps one amax history per tensor; it needs '
+                       f'granularity="per_tensor" and scheme="symmetric", got {spec.granularity!r}/{spec.scheme!r}')
+    amax = calibration.absmax(x, gran.scale_shape(x.shape, spec)).reshape(())
+    hist = fr.state.stat(fr, f'{prefix}_amax_history', lambda: jnp.zeros((rule.delayed_scaling,), jnp.float32))
+    h = hist.get()
+    past = jnp.max(h)
+    use = jnp.where(past > 0, past, amax)  # no history yet: current scaling
+    if fr.state.training(fr):
+      hist.set(jnp.roll(h, 1).at[0].set(amax))
+    scale = calibration.symmetric_scale(use.reshape((1,) * x.ndim), spec)
+    return {'scale': scale}
+
+
+def _inside():
+  from qjax.flax import hooks  # noqa: PLC0415
+  return hooks.inside_op()
+
+
+def _why(x) -> str:
+  """Why operand x is not a weight, for reports and warnings."""
+  v = provenance.unwrap(x)
+  eqn = getattr(v, 'parent', None) if isinstance(v, jax.core.Tracer) else None
+  if eqn is not None:
+    return f'made by {eqn.primitive.name}, not from a param by shape ops'
+  if isinstance(v, jax.core.Tracer):
+    return 'an input of the traced function'
+  return 'a constant that is not a param of the model'
+
+
+def _einsum_reduced(subscripts: str, lnd: int, rnd: int):
+  """(reduced axes of lhs, of rhs), (contracting axes of lhs, of rhs) of a two-operand einsum: reduced are the
+  axes whose letter is not in the output or is shared by both operands (batch); contracting those not in the
+  output. Ellipses count as batch."""
+  ins, _, out = subscripts.replace(' ', '').partition('->')
+  a, b = ins.split(',')
+  if not _:
+    letters = [c for c in a + b if c != '.']
+    out = ''.join(sorted(c for c in set(letters) if letters.count(c) == 1))
+
+  def expand(s, nd):
+    if '...' not in s:
+      return s
+    n = nd - len(s.replace('...', ''))
+    return s.replace('...', ''.join(chr(0x100 + i) for i in range(n)))
+  a, b = expand(a, lnd), expand(b, rnd)
+  out = expand(out, max(lnd, rnd)) if '...' in out else out
+  red = lambda s, o: tuple(i for i, c in enumerate(s) if c not in out or c in o)
+  con = lambda s, o: tuple(i for i, c in enumerate(s) if c not in out and c in o)
+  return (red(a, b), red(b, a)), (con(a, b), con(b, a))
+
+
+def call_signature(*parts):
+  """A hashable key of a call for trace_origins: the tree structure, the shapes and dtypes of its array leaves,
+  and its other leaves as they are (None when one is unhashable)."""
+  leaves, treedef = jax.tree.flatten(parts)
+  sig = []
+  for leaf in leaves:
+    if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
+      sig.append((tuple(leaf.shape), str(leaf.dtype)))
+    else:
+      try:
+        hash(leaf)
+      except TypeError:
+        return None
+      sig.append(('static', type(leaf).__name__, leaf))
+  return treedef, tuple(sig)
