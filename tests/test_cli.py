@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from experiments import checkpoints as ckpt_lib
 from experiments import configlib, progress, sweep, train
 
@@ -120,14 +122,22 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path):
                            '--config.num_train_steps=20000', '--config.checkpoint_every_steps=1',
                            '--config.eval_every_steps=20000', '--config.quant_summaries=false',
                            '--config.model.hidden=(8,)', f'--workdir={work}'], cwd=ROOT, env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          # As from a terminal: SIGINT not ignored, whatever the test runner's worker inherited.
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     deadline = time.monotonic() + 120
     while not any(d.isdigit() for d in os.listdir(work / 'checkpoints')) if (work / 'checkpoints').is_dir() else True:
       assert time.monotonic() < deadline and proc.poll() is None
       time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+      _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      _, err = proc.communicate()
+      pytest.fail(f'no exit 60 s after SIGINT (this process: SIGINT {signal.getsignal(signal.SIGINT)}); '
+                  f'stderr ends: {err[-1500:]}')
   finally:
     if proc.poll() is None:
       proc.kill()
