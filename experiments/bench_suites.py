@@ -618,7 +618,7 @@ PEERS_NOTE = ('as quoted by the issue; separate measurements gave Qwix QAT 0.72-
 
 def quant_rules(kind: str, config=None):
   """Rules as `python -m experiments.train` builds them from experiments.quant_config's defaults (int8 weights
-  per channel, int8 activations per tensor):
+  per channel, int8 activations per tensor; activation grids signed as written, act_signedness='format'):
     'qat'          mode 'auto' (real int8 forward), float backward
     'qat_fake'     mode 'fake' (fake-quant forward, float matmul)
     'int8_train'   'qat' plus int8 gradients (mode quantized_training: grad int8, both backward matmuls int8)
@@ -627,6 +627,9 @@ def quant_rules(kind: str, config=None):
   `config.quant_overrides` (dotted keys of config.quant, e.g. {'act.granularity': 'per_channel'}) apply first."""
   from experiments import quant_config  # noqa: PLC0415
   q = quant_config.default_quant_config()
+  # Activation grids as the format is written: no probe run on data before the timed programs, and the same
+  # grids as every figure in docs/benchmarks.md (train's default decides them from data, 'auto').
+  q.act_signedness = 'format'
   for key, value in dict((config.get('quant_overrides') or {}) if config is not None else {}).items():
     configlib.set_key(q, key.replace('__', '.'), value)
   if kind == 'qat_fake':

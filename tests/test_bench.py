@@ -350,3 +350,18 @@ def test_small_m_blocked_float_product_is_the_routed_float_matmul():
       np.testing.assert_allclose(served, ref, rtol=1e-5, atol=1e-4)
     rep = inspect_matmuls(f, x, wq)
     assert rep.counts('lowered') == {'f32': 1} and rep.n_int8 == 0
+
+
+def test_bench_rules_keep_the_act_format_as_written():
+  """Benchmarks time signed act grids as recorded in docs/benchmarks.md, with no data probe, whatever train's
+  default ('auto') is; an override still reaches them."""
+  import ml_collections
+
+  from experiments import bench_gpu
+  from experiments import bench_suites as bs
+  for kind in ('qat', 'qat_fake', 'int8_train', 'ptq', 'ptq_int4'):
+    assert all(r.act_signedness == 'format' for r in bs.quant_rules(kind, None)), kind
+  fp8 = bench_gpu.gpu_rules('fp8_train', ml_collections.ConfigDict({'fp8_history': 4}))
+  assert all(r.act_signedness == 'format' for r in fp8)
+  cfg = ml_collections.ConfigDict({'quant_overrides': {'act_signedness': 'auto'}})
+  assert all(r.act_signedness == 'auto' for r in bs.quant_rules('qat', cfg))
