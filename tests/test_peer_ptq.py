@@ -1,0 +1,58 @@
+"""experiments/peer_ptq.py: Qwix's PTQ through its own API on a qjax testbed model, and the side-by-side table."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import configlib, peer_ptq
+from experiments.models import LeNet5
+
+qwix = pytest.importorskip('qwix')
+
+
+@pytest.fixture(scope='module')
+def lenet():
+  m = LeNet5()
+  x = jax.random.normal(jax.random.key(0), (32, 28, 28))
+  params = m.init(jax.random.key(1), x)['params']
+  return m, params, x
+
+
+def _rel(y, ref):
+  return float(jnp.mean((y - ref) ** 2) / jnp.mean(ref ** 2))
+
+
+def test_qwix_rtn_quantizes_exactly_the_named_layers_at_the_named_width(lenet):
+  m, params, x = lenet
+  ref = m.apply({'params': params}, x)
+  apply8, _ = peer_ptq.qwix_ptq(m, params, [x], 'rtn', 8, 'fc1|fc2|head', x)
+  apply4, _ = peer_ptq.qwix_ptq(m, params, [x], 'rtn', 4, 'fc1|fc2|head', x)
+  e8, e4 = _rel(apply8(x), ref), _rel(apply4(x), ref)
+  assert 0 < e8 < 1e-3 < e4  # int8 close to float, int4 clearly coarser: the width reached Qwix
+  # A rule naming no layer leaves the model float (to jit's reassociation, far below int4's error).
+  apply_none, _ = peer_ptq.qwix_ptq(m, params, [x], 'rtn', 4, 'no_such_layer', x)
+  assert _rel(apply_none(x), ref) < 1e-10
+
+
+def test_qwix_awq_calibrates_on_the_given_batches(lenet):
+  m, params, x = lenet
+  ref = m.apply({'params': params}, x)
+  apply, seconds = peer_ptq.qwix_ptq(m, params, [x, x * 0.5], 'awq', 4, 'fc1|fc2|head', x)
+  assert seconds > 0 and 0 < _rel(apply(x), ref) < 0.2
+
+
+def test_table_has_a_column_per_width_and_tool_and_says_where_a_peer_failed():
+  rows = [{'tool': 'qjax', 'method': 'rtn', 'bits': 4, 'eval/accuracy': 0.81, 'seconds': None},
+          {'tool': 'qwix', 'method': 'rtn', 'bits': 4, 'eval/accuracy': 0.8, 'seconds': 0.5},
+          {'tool': 'qjax', 'method': 'gptq', 'bits': 3, 'eval/accuracy': 0.79, 'seconds': 2.0},
+          {'tool': 'qwix', 'method': 'gptq', 'bits': 3, 'error': "TypeError: data type 'int3' not understood"}]
+  md = peer_ptq.render(rows, 'eval/accuracy', 0.85, None).splitlines()
+  assert md[0].startswith('float eval/accuracy: 0.8500')
+  assert md[2] == '| method | W4 qjax | W4 Qwix | W3 qjax | W3 Qwix |'
+  assert md[4] == '| rtn | 0.8100 | 0.8000 / 0.5 | — | — |'
+  assert md[5] == "| gptq | — | — | 0.7900 / 2.0 | fails: TypeError: data type 'int3' not understood |"
+
+
+def test_a_config_without_a_peer_section_is_a_clear_error():
+  with pytest.raises(configlib.ConfigError, match='no `peer` section'):
+    peer_ptq.main(['--config=configs/fmnist_cnn.py:runlocal', '--workdir=/tmp/never-written'])
