@@ -5,8 +5,10 @@ configs/results_ptq_fmnist.py: the same float model and calibration batches, wei
     python -m experiments.peer_ptq --config=configs/peer_ptq_fmnist.py --workdir=runs/peer_ptq_fmnist
 
 Only the three dense layers are quantized, by both tools (Qwix's GPTQ collects no statistics for convolutions and
-would round them to nearest); the convolutions stay float. Expected: GPTQ ahead of RTN at 3 and 2 bits in both
-tools; Qwix's GPTQ much slower (its column loop is unrolled in Python) and without a 3-bit path in qwix 0.1.8.
+would round them to nearest); the convolutions stay float. qjax runs twice per cell: on its default symmetric grid
+(scale = absmax / qmax) and on Qwix's (scale = absmax / (qmax + 1/2), using the -(qmax + 1) level). Expected:
+GPTQ ahead of RTN at 3 and 2 bits in both tools; Qwix's GPTQ much slower (its column loop is unrolled in Python)
+and without a 3-bit path in qwix 0.1.8.
 `:runlocal` shrinks it to a smoke test on the fixtures.
 """
 
@@ -26,6 +28,7 @@ def get_config(arg=None):
   c.peer = ml_collections.ConfigDict()
   c.peer.methods = ('rtn', 'gptq', 'awq')
   c.peer.bits = (4, 3, 2) if not a['runlocal'] else (4,)
+  c.peer.qjax_grids = ('absmax', 'absmax_half_step')  # qjax's default weight grid, and the one Qwix uses
   c.peer.metric = 'eval/accuracy'
   c.peer.qwix_layers = 'fc1|fc2|head'  # Qwix's rules: the layers qjax quantizes (all but float_layers)
   return c

@@ -1,12 +1,15 @@
 """qjax's PTQ methods side by side with Qwix's (Google's `qwix` package, through its own API) on one problem: the
 same float model, the same calibration batches, the same layers and weight widths. Per method x width: the metric
-on the eval split and the method's wall time, each tool's own defaults otherwise.
+on the eval split and the method's wall time, each tool's own defaults otherwise. qjax runs on each weight grid of
+config.peer.qjax_grids (its default, scale = absmax / qmax, and Qwix's, absmax / (qmax + 1/2)): at 2 bits the
+grids differ by a level, which matters more than the method.
 
     python -m experiments.peer_ptq --config=configs/peer_ptq_fmnist.py --workdir=runs/peer_ptq_fmnist
 
 The float model is trained (or reused) in <workdir>/float. qjax's rows are ordinary PTQ runs of the runner in
-<workdir>/qjax/<method>_w<bits> (their result.json holds everything); Qwix's rows run in this process. The table is
-printed and written to <workdir>/peer_ptq.md, the rows to <workdir>/peer_ptq.json (rerunning skips finished rows).
+<workdir>/qjax/<method>_w<bits>_<grid> (their result.json holds everything); Qwix's rows run in this process. The
+table is printed and written to <workdir>/peer_ptq.md, the rows to <workdir>/peer_ptq.json (rerunning skips finished
+rows).
 
 What each side's time covers: qjax, the runner's `train.ptq.wall_time_sec` (statistics over the calibration
 batches, the method on every layer, and the per-layer error report), compilation included; Qwix, its calibration
@@ -30,6 +33,11 @@ import jax.numpy as jnp
 from experiments import configlib, input_pipeline, train, trainers
 from experiments.data import DataError
 from experiments.fileio import write_json_atomic
+
+# Qwix's symmetric integer grid: scale = absmax / (qmax + 1/2) on the full signed range (its numerics'
+# get_symmetric_bound), which is qjax's calibration='absmax_half_step'.
+QWIX_GRID = 'absmax_half_step'
+GRID_NAMES = {'absmax': '(absmax / qmax)', 'absmax_half_step': '(absmax / (qmax + 1/2))'}
 
 FLAGS = {'workdir': '=<dir>: where the float run, the qjax runs and the table go (rerunning resumes)'}
 
@@ -71,12 +79,13 @@ def qwix_ptq(module, params, calib, method: str, bits: int, layers: str, sample)
 # ------------------------------------------------------------------------------------------------ the study
 
 
-def _qjax_config(config, method: str, bits: int, float_dir: str):
+def _qjax_config(config, method: str, bits: int, grid: str, float_dir: str):
   c = config.copy_and_resolve_references()
   with c.unlocked():
     c.mode = 'ptq'
     c.init_from = float_dir
     c.quant.weight.format = f'int{bits}'
+    c.quant.weight.calibration = grid
     c.ptq.method = method
   return c
 
@@ -91,9 +100,12 @@ def _evaluate(data, config, task: str, apply) -> dict[str, float]:
 def run_study(config, workdir: str, log=print) -> list[dict]:
   """Every (method, bits) row of config.peer, for both tools; returns the rows (also in peer_ptq.json)."""
   p = config.peer
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    del config['peer']  # the runs are ordinary runner runs: the study's own keys stay out of their configs
   out_json = os.path.join(workdir, 'peer_ptq.json')
   rows = json.load(open(out_json)) if os.path.exists(out_json) else []
-  done = {(r['tool'], r['method'], r['bits']) for r in rows if 'error' not in r}
+  done = {(r['tool'], r['grid'], r['method'], r['bits']) for r in rows if 'error' not in r}
   rows = [r for r in rows if 'error' not in r]  # failed rows run again
   float_dir = os.path.join(workdir, 'float')
   float_result = train.train_and_evaluate(train.float_config(config), float_dir, log=log, write_hparams=False)
@@ -113,27 +125,29 @@ def run_study(config, workdir: str, log=print) -> list[dict]:
 
   for bits in p.bits:
     for method in p.methods:
-      if ('qjax', method, bits) not in done:
-        r = train.train_and_evaluate(_qjax_config(config, method, bits, float_dir),
-                                     os.path.join(workdir, 'qjax', f'{method}_w{bits}'), log=log,
+      for grid in p.qjax_grids:
+        if ('qjax', grid, method, bits) in done:
+          continue
+        r = train.train_and_evaluate(_qjax_config(config, method, bits, grid, float_dir),
+                                     os.path.join(workdir, 'qjax', f'{method}_w{bits}_{grid}'), log=log,
                                      write_hparams=False)
         info = r.get('train', {}).get('ptq')
-        rows.append({'tool': 'qjax', 'method': method, 'bits': bits, metric: r['metrics'][metric],
+        rows.append({'tool': 'qjax', 'grid': grid, 'method': method, 'bits': bits, metric: r['metrics'][metric],
                      'seconds': info['wall_time_sec'] if info else None})
         write_json_atomic(out_json, rows)
-      if ('qwix', method, bits) not in done:
+      if ('qwix', QWIX_GRID, method, bits) not in done:
+        row = {'tool': 'qwix', 'grid': QWIX_GRID, 'method': method, 'bits': bits}
         try:
           apply, seconds = qwix_ptq(md.module, params, calib, method, bits, p.qwix_layers, sample)
-          m = _evaluate(data, config, md.task, apply)
-          row = {'tool': 'qwix', 'method': method, 'bits': bits, metric: m[metric], 'seconds': seconds}
+          row.update({metric: _evaluate(data, config, md.task, apply)[metric], 'seconds': seconds})
         except Exception as e:  # noqa: BLE001 - a peer's failure is a result of the comparison
-          row = {'tool': 'qwix', 'method': method, 'bits': bits, 'error': f'{type(e).__name__}: {e}'.splitlines()[0]}
+          row['error'] = f'{type(e).__name__}: {e}'.splitlines()[0]
           log(f'qwix {method} W{bits} failed:\n{traceback.format_exc(limit=3)}')
         rows.append(row)
         write_json_atomic(out_json, rows)
       log(f'W{bits} {method}: ' + ', '.join(_cell(r, metric) for r in rows if (r['method'], r['bits']) ==
                                             (method, bits)))
-  table = render(rows, metric, float_result['metrics'][metric], config)
+  table = render(rows, metric, float_result['metrics'][metric])
   with open(os.path.join(workdir, 'peer_ptq.md'), 'w') as f:
     f.write(table + '\n')
   print(table)
@@ -142,24 +156,26 @@ def run_study(config, workdir: str, log=print) -> list[dict]:
 
 def _cell(r: dict, metric: str) -> str:
   if 'error' in r:
-    return f'{r["tool"]} failed ({r["error"][:60]})'
+    return f'{r["tool"]} ({r["grid"]}) failed ({r["error"][:60]})'
   t = '' if r['seconds'] is None else f' / {r["seconds"]:.1f} s'
-  return f'{r["tool"]} {r[metric]:.4f}{t}'
+  return f'{r["tool"]} ({r["grid"]}) {r[metric]:.4f}{t}'
 
 
-def render(rows: list[dict], metric: str, float_value: float, config) -> str:
-  """The markdown table: a row per method, a column per (bits, tool); cell 'metric / seconds'."""
+def render(rows: list[dict], metric: str, float_value: float) -> str:
+  """The markdown table: a row per method, a column per (bits, tool and grid); cell 'metric / method seconds'."""
   bits = sorted({r['bits'] for r in rows}, reverse=True)
   methods = list(dict.fromkeys(r['method'] for r in rows))
-  by = {(r['tool'], r['method'], r['bits']): r for r in rows}
-  head = '| method | ' + ' | '.join(f'W{b} qjax | W{b} Qwix' for b in bits) + ' |'
+  tools = list(dict.fromkeys((r['tool'], r['grid']) for r in rows))
+  by = {(r['tool'], r['grid'], r['method'], r['bits']): r for r in rows}
+  name = lambda t, g: f'{"Qwix" if t == "qwix" else t} {GRID_NAMES.get(g, g)}'
+  head = '| method | ' + ' | '.join(f'W{b} {name(t, g)}' for b in bits for t, g in tools) + ' |'
   lines = [f'float {metric}: {float_value:.4f}; cell: {metric} / method seconds', '', head,
-           '|---|' + '---|' * (2 * len(bits))]
+           '|---|' + '---|' * (len(bits) * len(tools))]
   for m in methods:
     cells = []
     for b in bits:
-      for tool in ('qjax', 'qwix'):
-        r = by.get((tool, m, b))
+      for t, g in tools:
+        r = by.get((t, g, m, b))
         if r is None:
           cells.append('—')
         elif 'error' in r:

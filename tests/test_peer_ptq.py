@@ -42,13 +42,16 @@ def test_qwix_awq_calibrates_on_the_given_batches(lenet):
 
 
 def test_table_has_a_column_per_width_and_tool_and_says_where_a_peer_failed():
-  rows = [{'tool': 'qjax', 'method': 'rtn', 'bits': 4, 'eval/accuracy': 0.81, 'seconds': None},
-          {'tool': 'qwix', 'method': 'rtn', 'bits': 4, 'eval/accuracy': 0.8, 'seconds': 0.5},
-          {'tool': 'qjax', 'method': 'gptq', 'bits': 3, 'eval/accuracy': 0.79, 'seconds': 2.0},
-          {'tool': 'qwix', 'method': 'gptq', 'bits': 3, 'error': "TypeError: data type 'int3' not understood"}]
-  md = peer_ptq.render(rows, 'eval/accuracy', 0.85, None).splitlines()
+  h = 'absmax_half_step'
+  rows = [{'tool': 'qjax', 'grid': 'absmax', 'method': 'rtn', 'bits': 4, 'eval/accuracy': 0.81, 'seconds': None},
+          {'tool': 'qwix', 'grid': h, 'method': 'rtn', 'bits': 4, 'eval/accuracy': 0.8, 'seconds': 0.5},
+          {'tool': 'qjax', 'grid': 'absmax', 'method': 'gptq', 'bits': 3, 'eval/accuracy': 0.79, 'seconds': 2.0},
+          {'tool': 'qwix', 'grid': h, 'method': 'gptq', 'bits': 3,
+           'error': "TypeError: data type 'int3' not understood"}]
+  md = peer_ptq.render(rows, 'eval/accuracy', 0.85).splitlines()
   assert md[0].startswith('float eval/accuracy: 0.8500')
-  assert md[2] == '| method | W4 qjax | W4 Qwix | W3 qjax | W3 Qwix |'
+  assert md[2] == ('| method | W4 qjax (absmax / qmax) | W4 Qwix (absmax / (qmax + 1/2)) | W3 qjax (absmax / qmax) | '
+                   'W3 Qwix (absmax / (qmax + 1/2)) |')
   assert md[4] == '| rtn | 0.8100 | 0.8000 / 0.5 | — | — |'
   assert md[5] == "| gptq | — | — | 0.7900 / 2.0 | fails: TypeError: data type 'int3' not understood |"
 
