@@ -81,6 +81,10 @@ def quantize(x: jax.Array, spec: QuantSpec, params: Mapping[str, jax.Array] | No
   """
   _check_input(x, spec)
   method = spec.method
+  if not method.integer_grid and scale is None and zero_point is None:
+    # With or without params: calibrating x onto an integer grid would not be what the method computes.
+    raise ValueError(f'estimator={spec.estimator!r} has no integer grid to quantize onto (its levels are not '
+                     '(q - zero_point) * scale); serve it in fake mode')
   if scale is not None or zero_point is not None:
     if params:
       raise ValueError('quantize takes params or an explicit scale / zero_point, not both')
@@ -90,9 +94,6 @@ def quantize(x: jax.Array, spec: QuantSpec, params: Mapping[str, jax.Array] | No
     if spec.scheme == 'asymmetric' and zero_point is None:
       raise ValueError('scheme="asymmetric" with an explicit scale needs zero_point too')
   elif params:
-    if not method.integer_grid:
-      raise ValueError(f'estimator={spec.estimator!r} has no integer grid to quantize onto (its levels are not '
-                       '(q - zero_point) * scale); serve it in fake mode')
     params = method.prepare(x, spec, params)
     scale, zero_point = method.grid(x, spec, params)
     x = method.quantize_input(x, spec, params)

@@ -4,6 +4,7 @@ tested against hand-derived values."""
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 import qjax
 from qjax import dorefa, ops, qdrop, registry
+from qjax.flax import QuantRule, convert_linen, quantize_linen
 from qjax.ops.config import DotConfig, MatmulConfig
 from qjax.quantizers import fake_quant, init_params, quantize
 from qjax.spec import QuantSpec
@@ -158,3 +160,25 @@ def test_new_methods_through_flax_rules():
 
 def test_dorefa_module_is_self_contained():
   assert dorefa.DoReFa('x').native is False and qjax.QuantSpec(estimator='qdrop').method.native is False
+
+
+def test_dorefa_weights_are_never_quantized_onto_a_calibrated_grid():
+  # Without params (DoReFa learns none) quantize used to calibrate absmax and round: an int4 grid of the raw weights,
+  # not DoReFa's levels. Serving conversion of such a weight would then serve another model than the one trained.
+  with pytest.raises(ValueError, match="estimator='dorefa' has no integer grid"):
+    quantize(jnp.ones((1, 4)), QuantSpec('int4', estimator='dorefa'))
+  q = quantize(jnp.ones((1, 4)), QuantSpec('int4', estimator='dorefa'), scale=jnp.asarray(0.5))  # explicit grid
+  assert q.qvalue.tolist() == [[2, 2, 2, 2]]
+
+
+def test_converting_a_model_with_dorefa_weights_is_a_clear_error_not_a_different_model():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name='fc')(x)
+
+  x = jax.random.normal(jax.random.key(0), (4, 8))
+  q = quantize_linen(Net(), [QuantRule('.*', weight=QuantSpec('int4', estimator='dorefa'), act=QuantSpec('int8'))])
+  v = q.init(jax.random.key(1), x)
+  with pytest.raises(ValueError, match=r"convert: the weight fc/kernel .* estimator='dorefa' has no integer grid"):
+    convert_linen(q, v, x)

@@ -1,0 +1,64 @@
+r"""Estimator study on Fashion-MNIST (LeNet-5 CNN): STE, clipped STE, PACT, LSQ, LSQ+ and EWGS at W4A4, W3A3, W2A2.
+
+    python -m experiments.sweep --config=configs/study_estimators.py:seeds=3 --root=runs/study_estimators
+    python -m experiments.report runs/study_estimators
+
+Trials: one float CNN (3000 steps) per seed, then QAT fine-tunes from it (1000 steps, Adam 5e-4), the first and
+last layers at 8 bits (quant.first_last_8bit) and unsigned activation grids after ReLU, with the estimator on
+weights and activations as its paper uses it: STE (Bengio et al. 2013), clipped STE, PACT (Choi et al. 2018:
+learned activation clip, DoReFa weights), LSQ (Esser et al. 2020), LSQ+ (Bhalgat et al. 2020: LSQ weights,
+asymmetric activations with a learned offset), EWGS (Lee et al. 2021). Also the equal-steps float fine-tune.
+Trends the literature reports: LSQ ahead of STE and PACT at 2-3 bits; EWGS ahead of STE at 2 bits. (LSQ+'s
+asymmetric activations pay off after Swish/GELU; this CNN has ReLUs, so little gain is expected here.)
+Args (comma-separated): `seeds=N` repeats every trial over N seeds; `runlocal` shrinks it to a smoke test.
+"""
+
+import os
+
+from experiments import configlib, sweeps
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+ESTIMATORS = {  # weight, activation (and the activation scheme where the method needs one)
+    'ste': {'quant.weight.estimator': 'ste', 'quant.act.estimator': 'ste'},
+    'clipped_ste': {'quant.weight.estimator': 'clipped_ste', 'quant.act.estimator': 'clipped_ste'},
+    'pact': {'quant.weight.estimator': 'dorefa', 'quant.act.estimator': 'pact'},
+    'lsq': {'quant.weight.estimator': 'lsq', 'quant.act.estimator': 'lsq'},
+    'lsq_plus': {'quant.weight.estimator': 'lsq', 'quant.act.estimator': 'lsq_plus',
+                 'quant.act.scheme': 'asymmetric', 'quant.act.calibration': 'minmax'},
+    'ewgs': {'quant.weight.estimator': 'ewgs', 'quant.act.estimator': 'ewgs'},
+}
+
+
+def get_config(arg=None):
+  a = configlib.config_args(arg, runlocal=False, seeds=1)
+  c = configlib.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  if not a['runlocal']:
+    c.num_train_steps = 3000
+    c.eval_every_steps = 1000
+    c.checkpoint_every_steps = 1000
+  c.quant.first_last_8bit = True
+  c.quant_summaries = False
+  return c
+
+
+def get_sweep(arg=None):
+  a = configlib.config_args(arg, runlocal=False, seeds=1)
+  base, steps = (20, 20) if a['runlocal'] else (3000, 1000)
+  fine_tune = {'init_from': sweeps.trial_ref(f'mode=float,steps={base}'), 'num_train_steps': steps,
+               'optimizer.learning_rate': 5e-4, 'optimizer.warmup_steps': 0, 'eval_every_steps': steps}
+  bits = {f'w{b}a{b}': {'quant.weight.format': f'int{b}', 'quant.act.format': f'int{b}'} for b in (4, 3, 2)}
+  total = sweeps.axis('steps', {str(base + steps): {}})
+  sweep = sweeps.chain(
+      sweeps.product(sweeps.axis('mode', {'float': {'mode': 'float'}}), sweeps.axis('steps', {str(base): {}})),
+      sweeps.product(sweeps.axis('mode', {'float': {'mode': 'float', **fine_tune}}), total),
+      sweeps.product(sweeps.axis('mode', {'qat': {'mode': 'qat', **fine_tune}}), total,
+                     sweeps.axis('estimator', ESTIMATORS), sweeps.axis('bits', bits)),
+  )
+  if a['seeds'] > 1:
+    sweep = sweeps.product(sweep, sweeps.axis('seed', list(range(a['seeds']))))
+  return sweep
+
+
+def metrics():
+  return ['eval/accuracy', 'eval/loss']
