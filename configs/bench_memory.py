@@ -15,15 +15,14 @@ adds only scales and statistics. Takes ~1 min.
 
 import ml_collections
 
-from experiments import configlib
+from experiments.config import cli as config_cli
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: None or 'runlocal' (a tiny MLP)."""
-  a = configlib.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   c.suite = 'memory'
-  c.module = 'experiments.bench_suites'
   c.mlp_hidden = (2048, 2048)
   c.train_batch = 256
   c.calibration_batches = 1

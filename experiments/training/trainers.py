@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from experiments import input_pipeline
+from experiments.data import pipeline as input_pipeline
 from experiments.models import ModelDef
 from qjax import flax as qflax
 from qjax.flax.intercept import STATS

@@ -236,11 +236,11 @@ def help_text(doc: str, flags: dict[str, str], argv: list[str]) -> str:
 
 
 def comments(*paths: str) -> dict[str, str]:
-  """Config key -> the '# comment' after its assignment in the config file, experiments/config_base.py (the
-  runner's defaults) and experiments/quant_config.py (config.quant), the files that set the keys."""
+  """Config key -> the '# comment' after its assignment in the config file, experiments/config/defaults.py (the
+  runner's defaults) and experiments/config/quant.py (config.quant), the files that set the keys."""
   here = os.path.dirname(os.path.abspath(__file__))
   out = {}
-  for path in (os.path.join(here, 'quant_config.py'), os.path.join(here, 'config_base.py'), *paths):
+  for path in (os.path.join(here, 'quant.py'), os.path.join(here, 'defaults.py'), *paths):
     with open(path) as f:
       for line in f:
         m = _COMMENTED.match(line)

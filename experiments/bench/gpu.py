@@ -3,7 +3,7 @@ r"""The GPU suite: int8 and fp8 against bfloat16 on an accelerator, every figure
     python -m experiments.bench --config=configs/bench_gpu.py --workdir=runs/gpu/bench
     bash experiments/gpu.sh [OUTDIR]       # the GPU tests, then this suite, all output in one folder
 
-Groups (each timed interleaved against its own bfloat16 baseline, bench_suites.run_grouped):
+Groups (each timed interleaved against its own bfloat16 baseline, experiments/bench/groups.py):
   gemm MxKxN      lax.dot_general: bf16 x bf16 -> bf16 (baseline), f32, int8 x int8 -> int32, fp8 e4m3 x e4m3 ->
                   f32 and e5m2 x e4m3 -> f32 (the gradient matmul of fp8 training): what XLA's kernels give.
   qdot MxKxN      qjax.ops.dot_general forward on bf16 operands: dynamic int8 (both operands quantized in the
@@ -41,8 +41,22 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from experiments import bench, models, trainers
-from experiments import bench_suites as bs
+from experiments import models
+from experiments.bench import e2e
+from experiments.bench import harness as bench
+from experiments.bench.groups import (
+  DN,
+  Group,
+  GroupedSuite,
+  Target,
+  Variant,
+  matmul_operands,
+  maybe_inspect,
+  parse_shape,
+  shape_name,
+)
+from experiments.config import quant as quant_config
+from experiments.training import trainers
 from qjax import quantizers
 from qjax.ops import config as qconfig
 from qjax.ops import dot_general as qdot_general
@@ -68,7 +82,7 @@ SERVE_TARGET = ('PTQ int8 serving', 0.6, 64)   # variant, max ratio, at this bat
 def _gemm_operands(m: int, k: int, n: int, seed: int = 0):
   """f32 x (m, k) ~ N(0, 1) and w (k, n) ~ N(0, 1/k), and their casts per DTYPES name (int8: scaled to use the
   grid without clipping much)."""
-  x, w = bs._operands(m, k, n, seed)
+  x, w = matmul_operands(m, k, n, seed)
   out = {}
   for name, (lt, rt, _) in DTYPES.items():
     if lt == jnp.int8:
@@ -80,30 +94,30 @@ def _gemm_operands(m: int, k: int, n: int, seed: int = 0):
 
 
 def _dot(out_t):
-  return jax.jit(lambda a, b: lax.dot_general(a, b, bs.DN, preferred_element_type=out_t))
+  return jax.jit(lambda a, b: lax.dot_general(a, b, DN, preferred_element_type=out_t))
 
 
 # ----------------------------------------------------------------------------------------------- groups
 
 
-def gemm_group(config, m: int, k: int, n: int) -> bs.Group:
+def gemm_group(config, m: int, k: int, n: int) -> Group:
   ops = _gemm_operands(m, k, n, config.get('seed', 0))
   variants = {}
   for name, (_, _, out_t) in DTYPES.items():
     f = _dot(out_t)
     a, b = ops[name]
     role = 'baseline' if name == BASELINE else 'reference'
-    variants[name] = bs.Variant(lambda f=f, a=a, b=b: f(a, b), role, {'inspect': bs._maybe_inspect(config, f, a, b)})
+    variants[name] = Variant(lambda f=f, a=a, b=b: f(a, b), role, {'inspect': maybe_inspect(config, f, a, b)})
   targets = ()
   if (m, k, n) == tuple(config.target_shape):
-    targets = tuple(bs.Target(v, r, f'{v} GEMM at {bs.shape_name(m, k, n)} <= {r}x bf16')
+    targets = tuple(Target(v, r, f'{v} GEMM at {shape_name(m, k, n)} <= {r}x bf16')
                     for v, r in GEMM_TARGETS.items())
-  return bs.Group(f'gemm {bs.shape_name(m, k, n)}', variants, BASELINE,
+  return Group(f'gemm {shape_name(m, k, n)}', variants, BASELINE,
                   {'shape': [m, k, n], 'tflop': 2 * m * k * n / 1e12}, targets)
 
 
-def qdot_group(config, m: int, k: int, n: int) -> bs.Group:
-  x, w = bs._operands(m, k, n, config.get('seed', 0))
+def qdot_group(config, m: int, k: int, n: int) -> Group:
+  x, w = matmul_operands(m, k, n, config.get('seed', 0))
   x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
   int8 = qconfig.int8_dynamic(bwd_bits=None)
   fp8 = dataclasses.replace(qconfig.fp8(), dlhs=qconfig.MatmulConfig(), drhs=qconfig.MatmulConfig())
@@ -111,32 +125,31 @@ def qdot_group(config, m: int, k: int, n: int) -> bs.Group:
   wq = jax.jit(lambda w: quantizers.quantize(w.astype(jnp.float32), wspec))(w)
   variants = {}
   bf16 = _dot(jnp.bfloat16)
-  variants[BASELINE] = bs.Variant(lambda: bf16(x, w), 'baseline', {'inspect': bs._maybe_inspect(config, bf16, x, w)})
+  variants[BASELINE] = Variant(lambda: bf16(x, w), 'baseline', {'inspect': maybe_inspect(config, bf16, x, w)})
   for name, cfg, rhs in (('dynamic int8', int8, w), ('serving int8 W', int8, wq), ('dynamic fp8', fp8, w)):
-    f = jax.jit(lambda x, r, cfg=cfg: qdot_general(x, r, bs.DN, config=cfg))
-    variants[name] = bs.Variant(lambda f=f, r=rhs: f(x, r), 'quantized',
-                                {'inspect': bs._maybe_inspect(config, f, x, rhs), 'config': cfg.to_dict()})
+    f = jax.jit(lambda x, r, cfg=cfg: qdot_general(x, r, DN, config=cfg))
+    variants[name] = Variant(lambda f=f, r=rhs: f(x, r), 'quantized',
+                                {'inspect': maybe_inspect(config, f, x, rhs), 'config': cfg.to_dict()})
   xq = jax.jit(lambda x: quantizers.quantize(x.astype(jnp.float32), wspec.replace(axis=0)))(x)
   bare = _dot(jnp.int32)
-  variants['bare int8 dot'] = bs.Variant(lambda: bare(xq.qvalue, wq.qvalue), 'reference',
-                                         {'inspect': bs._maybe_inspect(config, bare, xq.qvalue, wq.qvalue)})
-  return bs.Group(f'qdot {bs.shape_name(m, k, n)}', variants, BASELINE, {'shape': [m, k, n]})
+  variants['bare int8 dot'] = Variant(lambda: bare(xq.qvalue, wq.qvalue), 'reference',
+                                         {'inspect': maybe_inspect(config, bare, xq.qvalue, wq.qvalue)})
+  return Group(f'qdot {shape_name(m, k, n)}', variants, BASELINE, {'shape': [m, k, n]})
 
 
 def charlm_def(config) -> models.ModelDef:
-  return bs._model_def('char_lm', config)
+  return e2e.model_def('char_lm', config)
 
 
 def charlm_batch(config, batch: int, seed: int = 0):
-  return bs._batch(batch, seed, 'char_lm', config)   # (batch, seq) inputs and next-token targets
+  return e2e.random_batch(batch, seed, 'char_lm', config)   # (batch, seq) inputs and next-token targets
 
 
 def gpu_rules(kind: str, config):
-  """Rules of one quantized configuration: bench_suites.quant_rules' kinds, plus 'fp8_train' (e4m3 weights and
+  """Rules of one quantized configuration: e2e.quant_rules' kinds, plus 'fp8_train' (e4m3 weights and
   activations per tensor, e5m2 gradients, delayed scaling over config.fp8_history steps)."""
   if kind != 'fp8_train':
-    return bs.quant_rules(kind, config)
-  from experiments import quant_config  # noqa: PLC0415 -- same import as bench_suites.quant_rules
+    return e2e.quant_rules(kind, config)
   q = quant_config.default_quant_config()
   q.act_signedness = 'format'  # fp8 grids have no unsigned form; no probe run before the timed step
   q.weight.format, q.weight.granularity = 'fp8_e4m3', 'per_tensor'
@@ -154,15 +167,15 @@ TRAIN_KINDS = {
 }
 
 
-def _train_variant(md, rules, x, y, config, role, memory: dict, label: str) -> bs.Variant:
+def _train_variant(md, rules, x, y, config, role, memory: dict, label: str) -> Variant:
   trainer = trainers.make(md, optax.adam(1e-4), rules)
   state = trainer.init(jax.random.key(config.get('seed', 0)), x)
-  stepper = bs._Stepper(trainer, state, x, y)
-  memory[label] = {**bs._compiled_memory(stepper.step, state, x, y), 'state_bytes': bs._tree_bytes(state)}
-  return bs.Variant(stepper, role, {'inspect': bs._maybe_inspect(config, stepper.step, state, x, y)})
+  stepper = e2e.Stepper(trainer, state, x, y)
+  memory[label] = {**memory.compiled_memory(stepper.step, state, x, y), 'state_bytes': e2e.tree_bytes(state)}
+  return Variant(stepper, role, {'inspect': maybe_inspect(config, stepper.step, state, x, y)})
 
 
-def train_group(config, memory: dict) -> bs.Group:
+def train_group(config, memory: dict) -> Group:
   md = charlm_def(config)
   c = config.charlm
   x, y = charlm_batch(config, c.train_batch)
@@ -170,35 +183,35 @@ def train_group(config, memory: dict) -> bs.Group:
   for name in config.train_variants:
     variants[name] = _train_variant(md, gpu_rules(TRAIN_KINDS[name], config), x, y, config, 'quantized', memory,
                                     f'train / {name}')
-  targets = tuple(bs.Target(v, r, f'char-LM {v} step <= {r}x the bf16 step')
+  targets = tuple(Target(v, r, f'char-LM {v} step <= {r}x the bf16 step')
                   for v, r in TRAIN_TARGETS.items() if v in variants)
   meta = {'model': 'char_lm', 'batch': c.train_batch, 'seq_len': c.seq_len, 'd_model': c.d_model,
           'num_layers': c.num_layers, 'dtype': c.dtype}
-  return bs.Group(f'charlm train b{c.train_batch}x{c.seq_len}', variants, 'bf16 step', meta, targets)
+  return Group(f'charlm train b{c.train_batch}x{c.seq_len}', variants, 'bf16 step', meta, targets)
 
 
-def serve_group(config, batch: int, memory: dict) -> bs.Group:
+def serve_group(config, batch: int, memory: dict) -> Group:
   md = charlm_def(config)
   x, _ = charlm_batch(config, batch, seed=1)
-  ff, fv = bs._serving_forward(md, None, x, config)
-  qf, qv = bs._serving_forward(md, gpu_rules('ptq', config), x, config)
-  memory[f'serve b{batch} / bf16 forward'] = bs._compiled_memory(ff, fv, x)
-  memory[f'serve b{batch} / PTQ int8 serving'] = bs._compiled_memory(qf, qv, x)
+  ff, fv = e2e.serving_forward(md, None, x, config)
+  qf, qv = e2e.serving_forward(md, gpu_rules('ptq', config), x, config)
+  memory[f'serve b{batch} / bf16 forward'] = memory.compiled_memory(ff, fv, x)
+  memory[f'serve b{batch} / PTQ int8 serving'] = memory.compiled_memory(qf, qv, x)
   variants = {
-      'bf16 forward': bs.Variant(lambda: ff(fv, x), 'baseline', {'inspect': bs._maybe_inspect(config, ff, fv, x)}),
-      'PTQ int8 serving': bs.Variant(lambda: qf(qv, x), 'quantized',
-                                     {'inspect': bs._maybe_inspect(config, qf, qv, x),
-                                      'param_bytes': bs._tree_bytes(qv), 'float_param_bytes': bs._tree_bytes(fv)}),
+      'bf16 forward': Variant(lambda: ff(fv, x), 'baseline', {'inspect': maybe_inspect(config, ff, fv, x)}),
+      'PTQ int8 serving': Variant(lambda: qf(qv, x), 'quantized',
+                                     {'inspect': maybe_inspect(config, qf, qv, x),
+                                      'param_bytes': e2e.tree_bytes(qv), 'float_param_bytes': e2e.tree_bytes(fv)}),
   }
   name, limit, at = SERVE_TARGET
-  targets = (bs.Target(name, limit, f'char-LM PTQ serving (int8 weights) at batch {at} <= {limit}x bf16'),) \
+  targets = (Target(name, limit, f'char-LM PTQ serving (int8 weights) at batch {at} <= {limit}x bf16'),) \
       if batch == at else ()
-  return bs.Group(f'charlm serve b{batch}', variants, 'bf16 forward', {'batch': batch}, targets)
+  return Group(f'charlm serve b{batch}', variants, 'bf16 forward', {'batch': batch}, targets)
 
 
-def _failed_group(name: str, err: BaseException) -> bs.Group:
+def _failed_group(name: str, err: BaseException) -> Group:
   """A placeholder group for one that could not be built: its error is recorded, nothing is timed but a no-op."""
-  return bs.Group(name, {'(failed)': bs.Variant(lambda: None, 'baseline')}, '(failed)',
+  return Group(name, {'(failed)': Variant(lambda: None, 'baseline')}, '(failed)',
                   {'error': f'{type(err).__name__}: {str(err)[:2000]}'})
 
 
@@ -221,17 +234,17 @@ def environment() -> dict[str, Any]:
   return out
 
 
-def gpu_suite(config) -> bs.GroupedSuite:
+def gpu_suite(config) -> GroupedSuite:
   t_start = time.perf_counter()
   memory: dict[str, Any] = {}
   skipped: list[str] = []
 
   def builders():
     for s in config.gemm_shapes:
-      shape = bs.parse_shape(s)
+      shape = parse_shape(s)
       yield f'gemm {s}', lambda shape=shape: gemm_group(config, *shape)
     for s in config.qdot_shapes:
-      shape = bs.parse_shape(s)
+      shape = parse_shape(s)
       yield f'qdot {s}', lambda shape=shape: qdot_group(config, *shape)
     # The first serving batch (the target's) runs before the long training group, the others after it, so a
     # time budget that runs out costs the least informative groups.
@@ -262,7 +275,7 @@ def gpu_suite(config) -> bs.GroupedSuite:
             'device_memory_stats': stats if stats else 'not available on this backend (None)'}
 
   meta = {'rules': {k: [r.to_dict() for r in gpu_rules(k, config)] for k in set(TRAIN_KINDS.values()) | {'ptq'}}}
-  return bs.GroupedSuite('gpu', groups, meta=meta, records=records)
+  return GroupedSuite('gpu', groups, meta=meta, records=records)
 
 
 bench.register('gpu')(gpu_suite)

@@ -1,7 +1,7 @@
 """The PTQ-methods table of docs/results.md from a finished sweep root: method x weight format, with the metric,
 the float reference, serving bytes and the method's wall time (from each trial's result.json).
 
-    python -m experiments.ptq_table runs/results_ptq_fmnist [--metric=eval/accuracy]
+    python -m experiments.review.ptq_table runs/results_ptq_fmnist [--metric=eval/accuracy]
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from experiments import sweeps
+from experiments import fileio
 
 
 def setting(quant) -> str:
@@ -26,7 +26,7 @@ def rows(root: str, metric: str = 'eval/accuracy'):
   for name in sorted(os.listdir(root)):
     if not os.path.isfile(os.path.join(root, name, 'result.json')):
       continue
-    r = sweeps.read_result(os.path.join(root, name))
+    r = fileio.read_result(os.path.join(root, name))
     if r is None:
       continue
     c = r['config']

@@ -2,8 +2,8 @@
 
 import ml_collections
 
-from experiments import ptq
-from experiments.quant_config import default_quant_config
+from experiments.config.quant import default_quant_config
+from experiments.training import ptq
 
 
 def base_config() -> ml_collections.ConfigDict:

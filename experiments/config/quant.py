@@ -49,7 +49,7 @@ def default_quant_config() -> ml_collections.ConfigDict:
   q.grad = spec_config(format='')
   q.float_layers = ''
   q.groups = ml_collections.ConfigDict()
-  # One line per key: --list_config shows the '# comment' after each assignment (configlib.comments).
+  # One line per key: --list_config shows the '# comment' after each assignment (config_cli.comments).
   d = types.SimpleNamespace(**RULE_DEFAULTS)
   q.mode = d.mode
   q.bwd_mode = d.bwd_mode

@@ -29,22 +29,18 @@ name is its last dotted segment, or more segments when that is ambiguous, or `na
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import inspect
 import itertools
 import json
 import os
 import re
-import socket
-import sys
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 
-from experiments import configlib
+from experiments.config import cli as config_cli
 
 __all__ = ['Sweep', 'Trial', 'TrialRef', 'axis', 'chain', 'expand', 'hparam_domains', 'product', 'trial_ref',
            'zipped']
@@ -65,7 +61,7 @@ def trial_ref(labels: str) -> TrialRef:
   for part in labels.split(','):
     k, eq, v = part.partition('=')
     if not eq or not k:
-      raise configlib.ConfigError(f'trial_ref({labels!r}): expected name=label pairs like "mode=float"')
+      raise config_cli.ConfigError(f'trial_ref({labels!r}): expected name=label pairs like "mode=float"')
     pairs.append((k.strip(), v.strip()))
   return TrialRef(tuple(pairs))
 
@@ -117,7 +113,7 @@ def axis(key: str, values: Sequence[Any] | Mapping[str, Mapping[str, Any]], *, n
     points = []
     for label, setting in values.items():
       if not isinstance(setting, Mapping):
-        raise configlib.ConfigError(f'axis({key!r}): setting {label!r} must be a dict of dotted key -> value')
+        raise config_cli.ConfigError(f'axis({key!r}): setting {label!r} must be a dict of dotted key -> value')
       points.append(_Point(((ax, _label(label)),), tuple(setting.items())))
   else:
     ax = _Axis(key, name, False)
@@ -125,14 +121,14 @@ def axis(key: str, values: Sequence[Any] | Mapping[str, Mapping[str, Any]], *, n
     for v in values:
       if isinstance(v, Mapping):
         if key not in v:
-          raise configlib.ConfigError(
+          raise config_cli.ConfigError(
               f'axis({key!r}): a dict value needs {key!r} in it for its label, or use the named form '
               f'axis({key!r}, {{"label": {{...}}}})')
         points.append(_Point(((ax, _label(v[key])),), tuple(v.items())))
       else:
         points.append(_Point(((ax, _label(v)),), ((key, v),)))
   if not points:
-    raise configlib.ConfigError(f'axis({key!r}) has no values')
+    raise config_cli.ConfigError(f'axis({key!r}) has no values')
   return Sweep(points, [ax])
 
 
@@ -141,12 +137,12 @@ def _merge(parts: Sequence[_Point]) -> _Point:
   for p in parts:
     for ax, label in p.labels:
       if ax.key in seen:
-        raise configlib.ConfigError(f'axis {ax.key!r} appears twice in one product/zip')
+        raise config_cli.ConfigError(f'axis {ax.key!r} appears twice in one product/zip')
       seen.add(ax.key)
       labels.append((ax, label))
     for k, v in p.overrides:
       if k in overrides and overrides[k] != v:
-        raise configlib.ConfigError(f'config key {k!r} is set by two combined axes ({overrides[k]!r} and {v!r})')
+        raise config_cli.ConfigError(f'config key {k!r} is set by two combined axes ({overrides[k]!r} and {v!r})')
       overrides[k] = v
   return _Point(tuple(labels), tuple(overrides.items()))
 
@@ -161,7 +157,7 @@ def zipped(*sweeps: Sweep) -> Sweep:
   """Element-wise combination of axes/sweeps of equal length (e.g. weight bits with activation bits)."""
   lengths = {len(s) for s in sweeps}
   if len(lengths) > 1:
-    raise configlib.ConfigError(f'zipped() needs sweeps of one length, got lengths {[len(s) for s in sweeps]}')
+    raise config_cli.ConfigError(f'zipped() needs sweeps of one length, got lengths {[len(s) for s in sweeps]}')
   points = [_merge(combo) for combo in zip(*(s.points for s in sweeps), strict=True)]
   return Sweep(points, [a for s in sweeps for a in s.axes])
 
@@ -190,7 +186,7 @@ def short_names(axes: Sequence[_Axis]) -> dict[str, str]:
   names = list(out.values())
   dup = {n for n in names if names.count(n) > 1}
   if dup:
-    raise configlib.ConfigError(f'two axes share the short name(s) {sorted(dup)}; give them distinct name=')
+    raise config_cli.ConfigError(f'two axes share the short name(s) {sorted(dup)}; give them distinct name=')
   return out
 
 
@@ -218,7 +214,7 @@ class Trial:
 
 def config_id(config) -> str:
   """sha256 (12 hex digits) of the resolved config as sorted JSON."""
-  text = json.dumps(configlib.to_dict(config), sort_keys=True, default=str)
+  text = json.dumps(config_cli.to_dict(config), sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -231,7 +227,7 @@ def get_sweep(module, arg: str | None) -> Sweep | None:
   takes_arg = bool(inspect.signature(fn).parameters)
   sweep = fn(arg) if takes_arg else fn()
   if not isinstance(sweep, Sweep):
-    raise configlib.ConfigError(f'get_sweep() must return a sweep built with experiments.sweeps, got {sweep!r}')
+    raise config_cli.ConfigError(f'get_sweep() must return a sweep built with experiments.sweeps, got {sweep!r}')
   return sweep
 
 
@@ -246,7 +242,7 @@ def _resolve_ref(ref: TrialRef, point_labels: dict[str, str], all_labels: list[d
       matches.append(j)
   if len(matches) != 1:
     found = ', '.join(names[j] for j in matches) or 'none'
-    raise configlib.ConfigError(f'{where}: trial_ref({str(ref)!r}) must match exactly one trial; matches: {found}')
+    raise config_cli.ConfigError(f'{where}: trial_ref({str(ref)!r}) must match exactly one trial; matches: {found}')
   return matches[0]
 
 
@@ -255,20 +251,20 @@ def expand(module, arg: str | None, root: str, overrides: Sequence[tuple[str, An
   root = os.path.abspath(root)
   base = module.get_config(arg)
   for k, v in overrides:
-    configlib.set_key(base, k, v)
+    config_cli.set_key(base, k, v)
   sweep = get_sweep(module, arg) or Sweep([_Point((), ())], [])
   short = short_names(sweep.axes)
   swept = {k for p in sweep.points for k, _ in p.overrides}
   clash = sorted(swept & {k for k, _ in overrides})
   if clash:
-    raise configlib.ConfigError(f'--config.{clash[0]} is swept by get_sweep(); it cannot also be set on the '
+    raise config_cli.ConfigError(f'--config.{clash[0]} is swept by get_sweep(); it cannot also be set on the '
                                 'command line (change the sweep, or drop the flag)')
   all_labels = [{short[ax.key]: label for ax, label in p.labels} for p in sweep.points]
   names = [','.join(f'{k}={v}' for k, v in labels.items()) or 'default' for labels in all_labels]
   seen = {}
   for i, n in enumerate(names):
     if n in seen:
-      raise configlib.ConfigError(f'points {seen[n]} and {i} of the sweep are both named {n!r}; '
+      raise config_cli.ConfigError(f'points {seen[n]} and {i} of the sweep are both named {n!r}; '
                                   'give the settings distinct labels')
     seen[n] = i
   trials = []
@@ -282,9 +278,9 @@ def expand(module, arg: str | None, root: str, overrides: Sequence[tuple[str, An
         refs[k] = names[j]
         v = os.path.join(root, names[j])
       try:
-        configlib.set_key(config, k, v)
+        config_cli.set_key(config, k, v)
       except (TypeError, ValueError) as e:
-        raise configlib.ConfigError(f'trial {names[i]!r}: {e}') from None
+        raise config_cli.ConfigError(f'trial {names[i]!r}: {e}') from None
       resolved[k] = v
     trials.append(Trial(i, names[i], config_id(config), all_labels[i], resolved, config, deps, refs))
   _check_ids(trials)
@@ -296,7 +292,7 @@ def _check_ids(trials: list[Trial]) -> None:
   by_id = {}
   for t in trials:
     if t.id in by_id:
-      raise configlib.ConfigError(f'trials {by_id[t.id]!r} and {t.name!r} resolve to the same config '
+      raise config_cli.ConfigError(f'trials {by_id[t.id]!r} and {t.name!r} resolve to the same config '
                                   f'(id {t.id}); a sweep point must change the config')
     by_id[t.id] = t.name
 
@@ -308,7 +304,7 @@ def _check_acyclic(trials: list[Trial]) -> None:
     if state.get(i) == 'done':
       return
     if i in path:
-      raise configlib.ConfigError(f'trial_ref cycle: {" -> ".join(trials[j].name for j in path + [i])}')
+      raise config_cli.ConfigError(f'trial_ref cycle: {" -> ".join(trials[j].name for j in path + [i])}')
     for j in trials[i].deps:
       visit(j, path + [i])
     state[i] = 'done'
@@ -348,92 +344,3 @@ def hparam_domains(trials: Sequence[Trial]) -> dict[str, list[Any]]:
         values.append(v)
     out[k] = values
   return out
-
-
-_WARNED: set[str] = set()
-
-
-def read_json(path: str) -> Any | None:
-  """The JSON in `path`, or None when it is missing or unreadable (a run file being written, or cut short)."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def read_result(workdir: str) -> dict | None:
-  """The run's result.json, or None when the run is not finished: no file, or one that is not a valid result
-  (truncated by a full disk or a copy, edited by hand), which is warned about on stderr once per path.
-
-  The one rule of "finished" the runner, the sweep and the report share: an invalid result is not finished.
-  """
-  path = os.path.join(workdir, 'result.json')
-  try:
-    with open(path) as f:
-      result = json.load(f)
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError) as e:
-    problem = f'{type(e).__name__}: {e}'
-  else:
-    if isinstance(result, dict):
-      return result
-    problem = f'a JSON {type(result).__name__}, not an object'
-  if path not in _WARNED:
-    _WARNED.add(path)
-    print(f'warning: {path} is not a valid result ({problem}); the run counts as not finished: rerunning resumes '
-          'it from its checkpoints and replaces the file when it finishes', file=sys.stderr, flush=True)
-  return None
-
-
-# ------------------------------------------------------------------------------------------ trial claims
-
-
-class Claim:
-  """An exclusive flock on <workdir>/.claim, holding 'pid host' for messages.
-
-  The kernel drops the lock when its process dies, so a claim is never stale on a local file system (and
-  on NFS with working lockd, where Linux maps flock to POSIX locks).
-  """
-
-  def __init__(self, fd: int, path: str):
-    self.fd, self.path = fd, path
-
-  @classmethod
-  def acquire(cls, workdir: str) -> Claim | None:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, '.claim')
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      os.close(fd)
-      return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f'{os.getpid()} {socket.gethostname()} {time.time():.0f}\n'.encode(), 0)
-    return cls(fd, path)
-
-  @staticmethod
-  def holder(workdir: str) -> str:
-    try:
-      with open(os.path.join(workdir, '.claim')) as f:
-        pid, host, *_ = f.read().split() + ['?', '?']
-      return f'pid {pid} on {host}'
-    except OSError:
-      return 'another process'
-
-  @staticmethod
-  def is_held(workdir: str) -> bool:
-    claim = Claim.acquire(workdir)
-    if claim is None:
-      return True
-    claim.release()
-    return False
-
-  def release(self) -> None:
-    if self.fd is not None:
-      os.ftruncate(self.fd, 0)
-      fcntl.flock(self.fd, fcntl.LOCK_UN)
-      os.close(self.fd)
-      self.fd = None

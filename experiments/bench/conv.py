@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import bench
-from experiments import bench_suites as bs
+from experiments.bench import harness as bench
+from experiments.bench.groups import Group, GroupedSuite, Variant, maybe_inspect
 from qjax.ops import conv as qconv
 from qjax.ops import conv_gemm
 
@@ -31,7 +31,7 @@ def parse_conv_shape(s: str) -> tuple[int, int, int, int, int]:
   return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
-def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> bs.Group:
+def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
   rng = np.random.default_rng(config.get('seed', 0))
   x = jnp.asarray(rng.standard_normal((b, h, h, cin)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
@@ -50,27 +50,27 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> bs.Group:
     return cp.conv(xp, wp, jnp.int32)[..., :cout]
   pad_conv = jax.jit(padded)
   variants = {
-      'f32 conv': bs.Variant(lambda: f32(x, w), 'baseline', {'inspect': bs._maybe_inspect(config, f32, x, w)}),
-      'XLA int8 conv': bs.Variant(lambda: i8(xq, wq), 'reference', {'inspect': bs._maybe_inspect(config, i8, xq, wq)}),
-      'patches + int8 dot': bs.Variant(lambda: gemm(xq, wq), 'reference',
-                                       {'inspect': bs._maybe_inspect(config, gemm, xq, wq)}),
-      'patches alone': bs.Variant(lambda: patches(xq), 'reference'),
-      f'int8 conv, features padded to {c32}': bs.Variant(lambda: pad_conv(xq, wq), 'reference',
-                                                      {'inspect': bs._maybe_inspect(config, pad_conv, xq, wq)}),
+      'f32 conv': Variant(lambda: f32(x, w), 'baseline', {'inspect': maybe_inspect(config, f32, x, w)}),
+      'XLA int8 conv': Variant(lambda: i8(xq, wq), 'reference', {'inspect': maybe_inspect(config, i8, xq, wq)}),
+      'patches + int8 dot': Variant(lambda: gemm(xq, wq), 'reference',
+                                       {'inspect': maybe_inspect(config, gemm, xq, wq)}),
+      'patches alone': Variant(lambda: patches(xq), 'reference'),
+      f'int8 conv, features padded to {c32}': Variant(lambda: pad_conv(xq, wq), 'reference',
+                                                      {'inspect': maybe_inspect(config, pad_conv, xq, wq)}),
   }
   slow = qconv.cpu_slow_reason(cp, x.shape, w.shape)
   route = {'gemm': 'patches + int8 dot', 'fake': 'float', 'real': 'XLA int8 conv'}
   meta = {'shape': [b, h, cin, cout, k], 'xla_slow_reason': slow,
           'patch_bytes': qconv.patch_bytes(cp, x.shape, w.shape),
           'auto_route': route[qconv.cpu_int_route('auto', cp, x.shape, w.shape)]}
-  return bs.Group(f'conv {b}x{h}x{h} {cin}->{cout} {k}x{k}', variants, 'f32 conv', meta)
+  return Group(f'conv {b}x{h}x{h} {cin}->{cout} {k}x{k}', variants, 'f32 conv', meta)
 
 
-def conv_suite(config) -> bs.GroupedSuite:
+def conv_suite(config) -> GroupedSuite:
   def groups():
     for s in config.shapes:
       yield conv_group(config, *parse_conv_shape(s))
-  return bs.GroupedSuite('conv', groups, meta={'layout': 'NHWC/HWIO, stride 1, SAME'})
+  return GroupedSuite('conv', groups, meta={'layout': 'NHWC/HWIO, stride 1, SAME'})
 
 
 bench.register('conv')(conv_suite)

@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import configlib, fileio, input_pipeline
-from experiments import ptq as ptq_runner
+from experiments import fileio
+from experiments.config import cli as config_cli
+from experiments.data import pipeline as input_pipeline
+from experiments.training import ptq as ptq_runner
 from qjax import formats
 from qjax import metrics as qmetrics
 from qjax.flax import convert_linen, convert_nnx
@@ -34,7 +36,7 @@ class NullWriter:
 
 def hparams_of(config) -> dict[str, Any]:
   """The config's scalar leaves as {dotted key: value}, the hparams a run reports to TensorBoard."""
-  return configlib.flatten(configlib.to_dict(config), keep=(str, int, float, bool))
+  return config_cli.flatten(config_cli.to_dict(config), keep=(str, int, float, bool))
 
 
 def one_line(result: dict) -> str:
@@ -262,7 +264,7 @@ def serving_forward(tr, state, x, rules):
     return *_float_fwd(tr, state), None, None
   if tr.md.api == 'linen':
     sv = convert_linen(tr.q, tr.variables(state), x, train=False)
-    ptq_runner.patch_serving(tr, sv)  # a PTQ method's integer kernels (experiments/ptq.py), if any
+    ptq_runner.patch_serving(tr, sv)  # a PTQ method's integer kernels (experiments/training/ptq.py), if any
     srv = tr.q.serving()
     return (lambda v, x: srv.apply(v, x, train=False)), (sv,), sv['params'], sv
   from flax import nnx  # noqa: PLC0415
@@ -288,17 +290,17 @@ def _float_forward(run, x):
   """(forward, args) of the float model of the same architecture (fresh weights: only its speed is used)."""
   import optax  # noqa: PLC0415
 
-  from experiments import trainers  # noqa: PLC0415
+  from experiments.training import trainers  # noqa: PLC0415
   tr = trainers.make(run.md, optax.sgd(0.0), None)
   return _float_fwd(tr, tr.init(jax.random.key(0), x))
 
 
 def _latency(jfwd, args, x, float_fwd=None) -> dict[str, Any]:
-  """The serving forward on one eval batch timed by the benchmark harness (experiments.timing), interleaved with
-  the float model's forward (`float_fwd`: (forward, args); None for a float run, its own baseline), so
+  """The serving forward on one eval batch timed by the benchmark harness (experiments/bench/timing.py),
+  interleaved with the float model's forward (`float_fwd`: (forward, args); None for a float run, its own baseline), so
   `ratio_to_float` compares samples of the same moment (absolute times of trials that ran at different times or
   loads do not compare; their ratios do)."""
-  from experiments import timing  # noqa: PLC0415
+  from experiments.bench import timing  # noqa: PLC0415
   fns = {'serving': lambda: jfwd(*args, x)}
   if float_fwd is not None:
     ffwd, fargs = jax.jit(float_fwd[0]), float_fwd[1]
@@ -308,11 +310,11 @@ def _latency(jfwd, args, x, float_fwd=None) -> dict[str, Any]:
   base = st.get('float', serving)
   return {'serving_ms': 1e3 * serving.median, 'float_ms': 1e3 * base.median,
           'ratio_to_float': serving.median / base.median, 'batch': int(x.shape[0]), 'spread': serving.spread,
-          'method': 'experiments.timing.time_interleaved (wall clock, 7 interleaved samples, median)'}
+          'method': 'experiments.bench.timing.time_interleaved (wall clock, 7 interleaved samples, median)'}
 
 
 def _eval_fwd(run, jfwd, args) -> dict[str, float]:
-  from experiments import trainers  # noqa: PLC0415
+  from experiments.training import trainers  # noqa: PLC0415
 
   def batch_sums(x, y, w):
     _, ce, hits = trainers.loss_fn(jfwd(*args, jnp.asarray(x)), jnp.asarray(y), run.md.task)

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from experiments import data as data_lib
+from experiments.data import datasets as data_lib
 
 
 @dataclasses.dataclass

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 import qjax.ptq
-from experiments.progress import Progress
+from experiments.training.progress import Progress
 from qjax.flax import QuantizedLinen
 from qjax.flax.intercept import ServingWeight
 from qjax.ptq import layer as L
