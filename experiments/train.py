@@ -3,7 +3,7 @@
 import sys
 
 from experiments.config import cli as config_cli
-from experiments.data.datasets import DataError
+from experiments.data.files import DataError
 from experiments.training.runner import RunError, main, train_and_evaluate
 
 __all__ = ['main', 'train_and_evaluate']

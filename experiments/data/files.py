@@ -9,12 +9,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from experiments import fileio
 
 IMAGE_DATASETS = ('fashion_mnist', 'mnist')
 TEXT_DATASETS = ('shakespeare',)
@@ -223,22 +224,10 @@ def write_idx(array: np.ndarray) -> bytes:
   return header + array.tobytes()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def _write_dataset(directory: Path, files: Mapping[str, bytes], *, compress: bool, level: int = 6) -> None:
   """Writes verified content into a cache or fixture directory (gzipped if `compress`)."""
   for fname, data in files.items():
     keep, drop = (f'{fname}.gz', fname) if compress else (fname, f'{fname}.gz')
     payload = gzip.compress(data, compresslevel=level, mtime=0) if compress else data
-    _atomic_write(directory / keep, payload)
+    fileio.write_atomic(directory / keep, payload)
     (directory / drop).unlink(missing_ok=True)

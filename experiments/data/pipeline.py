@@ -12,7 +12,8 @@ import dataclasses
 
 import numpy as np
 
-from experiments.data import datasets as data_lib
+from experiments.data import datasets
+from experiments.data.files import DATASETS, IMAGE_DATASETS
 
 
 @dataclasses.dataclass
@@ -36,22 +37,22 @@ class Dataset:
 def load(config) -> Dataset:
   """Loads config.dataset from config.data_source ('auto': the cache/fetch chain; 'fixtures')."""
   fixtures = config.data_source == 'fixtures'
-  if config.dataset in data_lib.IMAGE_DATASETS:
-    tx, ty = data_lib.load_images(config.dataset, 'train', fixtures=fixtures)
-    ex, ey = data_lib.load_images(config.dataset, 'test', fixtures=fixtures)
+  if config.dataset in IMAGE_DATASETS:
+    tx, ty = datasets.load_images(config.dataset, 'train', fixtures=fixtures)
+    ex, ey = datasets.load_images(config.dataset, 'test', fixtures=fixtures)
     if config.get('train_examples', 0) > 0:
       tx, ty = tx[:config.train_examples], ty[:config.train_examples]
     f = tx.astype(np.float32) / 255.0
     return Dataset('classify', tx, ty.astype(np.int32), ex, ey.astype(np.int32), num_classes=10,
                    mean=float(f.mean()), std=float(f.std()))
   if config.dataset == 'shakespeare':
-    texts = data_lib.load_shakespeare(fixtures=fixtures)
-    train_text, test_text, vocab = data_lib.char_lm_splits(texts)
+    texts = datasets.load_shakespeare(fixtures=fixtures)
+    train_text, test_text, vocab = datasets.char_lm_splits(texts)
     index = {c: i for i, c in enumerate(vocab)}
     enc = lambda t: np.fromiter((index[c] for c in t), np.int32, len(t))
     return Dataset('lm', enc(train_text), None, enc(test_text), None, vocab=tuple(vocab),
                    seq_len=config.model.seq_len)
-  raise ValueError(f'config.dataset={config.dataset!r} is not one of {", ".join(data_lib.DATASETS)}')
+  raise ValueError(f'config.dataset={config.dataset!r} is not one of {", ".join(DATASETS)}')
 
 
 def _images(ds: Dataset, x: np.ndarray) -> np.ndarray:

@@ -24,10 +24,12 @@ from __future__ import annotations
 import csv
 import fcntl
 import glob
+import io
 import math
 import os
 import time
 
+from experiments import fileio
 from experiments.config import cli as config_cli
 from experiments.review import tensorboard as tb
 from experiments.review.plots import fmt_delta, fmt_num, fmt_pm, plot_front
@@ -50,16 +52,15 @@ def _write_csv(path: str, configs: list[Config], metric: str) -> None:
                  'latency_ms', 'latency_vs_float',
                  'int8_matmuls', 'wall_time_s', 'far_below_float', 'front_weight_bits', 'front_serving_bytes',
                  'front_latency_ratio', 'trials']
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='') as f:
-    w = csv.writer(f)
-    w.writerow(cols)
-    for c in configs:
-      w.writerow([c.values.get(k, '') for k in keys] + [
-          c.seeds, c.weight_bits, *c.metric, *c.serving_metric, *c.vs_float, *c.loss, c.serving_bytes, c.train_step_ms,
-          c.latency_ms, c.latency_ratio, c.int8_matmuls, c.wall_time_s, c.far_below_float, c.front['weight_bits'],
-          c.front['serving_bytes'], c.front['latency_ratio'], ' '.join(c.trials)])
-  os.replace(tmp, path)
+  f = io.StringIO(newline='')
+  w = csv.writer(f)
+  w.writerow(cols)
+  for c in configs:
+    w.writerow([c.values.get(k, '') for k in keys] + [
+        c.seeds, c.weight_bits, *c.metric, *c.serving_metric, *c.vs_float, *c.loss, c.serving_bytes, c.train_step_ms,
+        c.latency_ms, c.latency_ratio, c.int8_matmuls, c.wall_time_s, c.far_below_float, c.front['weight_bits'],
+        c.front['serving_bytes'], c.front['latency_ratio'], ' '.join(c.trials)])
+  fileio.write_atomic(path, f.getvalue())
 
 
 def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str, higher: bool,
@@ -199,9 +200,7 @@ def write_report(root: str) -> dict[str, str]:
     paths = {'csv': os.path.join(root, 'results.csv'), 'report': os.path.join(root, 'report.md')}
     _write_csv(paths['csv'], configs, metric)
     text = _markdown(root, trials, configs, metric, higher, plots, manifest)
-    with open(paths['report'] + '.tmp', 'w') as f:
-      f.write(text)
-    os.replace(paths['report'] + '.tmp', paths['report'])
+    fileio.write_atomic(paths['report'], text)
     _write_tensorboard(root, trials, manifest, pngs, text, metric)
   paths.update({axis: os.path.join(root, p) for axis, p in plots.items()})
   return paths
