@@ -8,7 +8,7 @@ On the NNX MLP 784-2048-2048-10 (batch 256):
   train_step_memory      the compiled training step (donated state): argument / output / alias / temp bytes from
                          jax.jit(...).lower(...).compile().memory_analysis(), for float, QAT and int8 training
   quantize_nnx_live_bytes  live jax array bytes before and after quantize_nnx, and the peak sampled during it,
-                         relative to the model alone (issue target <= 1.3x)
+                         relative to the model alone (target <= 1.3x)
 Expected: int8 ~0.25x and int4 ~0.13x of the float parameter bytes (biases and scales stay f32); quantize_nnx
 adds only scales and statistics. Takes ~1 min.
 """

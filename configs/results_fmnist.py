@@ -7,7 +7,7 @@ Trials: the float CNN (6000 steps); QAT fine-tuned from it (1500 steps) at W8A8,
 W2A2 (LSQ learned steps), the low-bit QAT trials keeping the first and last layers at 8 bits
 (quant.first_last_8bit, as LSQ, PACT and DoReFa do); PTQ from it at W8A8, and with 4-bit weights (8-bit
 activations) per-channel vs per-tensor in every layer (the effect of Krishnamoorthi 2018, table 5). Targets
-(issue 5): float >= 91%; QAT W8A8 within 0.3 points, W4A4 within 1.0, W2A2 within 3.0; PTQ W8A8 within 0.5;
+(docs/results.md): float >= 91%; QAT W8A8 within 0.3 points, W4A4 within 1.0, W2A2 within 3.0; PTQ W8A8 within 0.5;
 PTQ W4 per-channel clearly ahead. The figures in docs/results.md were measured before the QAT low-bit trials
 kept the first and last layers at 8 bits. `:runlocal` shrinks it to a smoke test on the committed fixtures.
 """

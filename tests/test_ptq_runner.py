@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from experiments.config import cli as config_cli
+from experiments.config import ptq as ptq_config
 from experiments.training import ptq as ptq_runner
 from experiments.training import runner as train
 from qjax.ptq import online, rotation
@@ -100,9 +101,9 @@ def test_config_errors_name_the_nearest_method():
   c.ptq.method = 'gptq'
   c.ptq.gptq.damp = 0.1
   train.validate(c)
-  assert ptq_runner.unused(c, ['ptq.method']) is None
+  assert ptq_config.unused(c, ['ptq.method']) is None
   c.mode = 'qat'
-  assert "config.ptq.method has no effect: config.mode='qat'" in ptq_runner.unused(c, ['seed', 'ptq.method'])
+  assert "config.ptq.method has no effect: config.mode='qat'" in ptq_config.unused(c, ['seed', 'ptq.method'])
 
 
 # ------------------------------------------------------------------------------ the online op, exact in float

@@ -6,11 +6,8 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.review import (  # noqa: E402
-  plots,
-  results,
-  summaries,  # noqa: E402
-)
+from experiments.review import plots, results  # noqa: E402
+from experiments.training import summaries  # noqa: E402
 
 
 def _rows():  # as summaries.layer_stats gives them: one row per quantized operand ('<op><i>_lhs' / '_rhs')

@@ -15,19 +15,12 @@ import optax
 
 from experiments import models
 from experiments.bench import harness as bench
-from experiments.bench.groups import (
-  Group,
-  GroupedSuite,
-  Target,
-  Variant,
-  maybe_inspect,
-)
+from experiments.bench.groups import Group, GroupedSuite, Target, Variant, maybe_inspect
 from experiments.config import cli as config_cli
 from experiments.config import quant as quant_config
-from experiments.review import summaries
-from experiments.training import trainers
+from experiments.training import summaries, trainers
 
-# Peer figures as the issue quotes them (time ratio to the float step / forward). Separate measurements of the
+# Peer figures as quoted for Qwix and AQT (time ratio to the float step / forward). Separate measurements of the
 # same peers gave the ranges in PEERS_NOTE (jax 0.10.2, AVX-512 VNNI EPYC); none of them is rerun by this suite.
 PEERS = {
     'Qwix QAT step (w8a8)': 0.86,
@@ -36,9 +29,9 @@ PEERS = {
     'AQT fully quantized (fwd + bwd int8)': 2.8,
     'Qwix fully quantized (QT w8a8g8)': '1.8-1.9',
 }
-PEERS_NOTE = ('as quoted by the issue; separate measurements gave Qwix QAT 0.72-1.08x, Qwix PTQ forward 0.59-0.77x, '
-              'Qwix QT 2.25-2.79x, AQT config_v4 0.77-0.93x, AQT fully_quantized 3.1-3.8x (jax 0.10.2, AVX-512 VNNI '
-              'EPYC, not this suite\'s machine)')
+PEERS_NOTE = ('as quoted for Qwix and AQT; separate measurements gave Qwix QAT 0.72-1.08x, '
+              'Qwix PTQ forward 0.59-0.77x, Qwix QT 2.25-2.79x, AQT config_v4 0.77-0.93x, AQT fully_quantized '
+              '3.1-3.8x (jax 0.10.2, AVX-512 VNNI EPYC, not this suite\'s machine)')
 
 
 def quant_rules(kind: str, config=None):
@@ -172,7 +165,8 @@ def e2e_suite(config) -> GroupedSuite:
                                      {'inspect': maybe_inspect(config, ff, fv, xs)}),
             'PTQ int8 serving': Variant(lambda f=qf, v=qv, xs=xs: f(v, xs), 'quantized',
                                         {'inspect': maybe_inspect(config, qf, qv, xs),
-                                         'param_bytes': tree_bytes(qv), 'float_param_bytes': tree_bytes(fv)}),
+                                         'param_bytes': summaries.tree_bytes(qv),
+                                         'float_param_bytes': summaries.tree_bytes(fv)}),
         }
         targets = ((Target('PTQ int8 serving', 0.27, 'PTQ int8 serving forward, batch >= 256: <= 0.27x float'),)
                    if b >= 256 else ())
@@ -182,8 +176,3 @@ def e2e_suite(config) -> GroupedSuite:
   rules = {k: [r.to_dict() for r in quant_rules(k, config)] for k in ('qat', 'qat_fake', 'int8_train', 'ptq')}
   meta = {'peers_time_ratio': PEERS, 'peers_note': PEERS_NOTE, 'rules': rules}
   return GroupedSuite('e2e', groups, meta=meta)
-
-
-
-def tree_bytes(tree) -> int:
-  return int(sum(getattr(a, 'nbytes', 0) for a in jax.tree.leaves(tree)))

@@ -55,8 +55,9 @@ from experiments.bench.groups import (
   parse_shape,
   shape_name,
 )
+from experiments.bench.memory import compiled_memory
 from experiments.config import quant as quant_config
-from experiments.training import trainers
+from experiments.training import summaries, trainers
 from qjax import quantizers
 from qjax.ops import config as qconfig
 from qjax.ops import dot_general as qdot_general
@@ -70,7 +71,7 @@ DTYPES = {
     'fp8 e4m3 -> f32': (jnp.float8_e4m3fn, jnp.float8_e4m3fn, jnp.float32),
     'fp8 e5m2 x e4m3 -> f32': (jnp.float8_e5m2, jnp.float8_e4m3fn, jnp.float32),
 }
-# Time ratios to bf16 asked of an H200 (issue targets; the int8 and fp8 hardware ceilings are 0.5x).
+# Time ratios to bf16 asked of an H200 (the targets; the int8 and fp8 hardware ceilings are 0.5x).
 GEMM_TARGETS = {'int8 -> int32': 0.6, 'fp8 e4m3 -> f32': 0.6}
 TRAIN_TARGETS = {'QAT, int8 forward': 0.85, 'fp8 training (delayed scaling)': 0.8}
 SERVE_TARGET = ('PTQ int8 serving', 0.6, 64)   # variant, max ratio, at this batch
@@ -171,7 +172,7 @@ def _train_variant(md, rules, x, y, config, role, memory: dict, label: str) -> V
   trainer = trainers.make(md, optax.adam(1e-4), rules)
   state = trainer.init(jax.random.key(config.get('seed', 0)), x)
   stepper = e2e.Stepper(trainer, state, x, y)
-  memory[label] = {**memory.compiled_memory(stepper.step, state, x, y), 'state_bytes': e2e.tree_bytes(state)}
+  memory[label] = {**compiled_memory(stepper.step, state, x, y), 'state_bytes': summaries.tree_bytes(state)}
   return Variant(stepper, role, {'inspect': maybe_inspect(config, stepper.step, state, x, y)})
 
 
@@ -195,13 +196,14 @@ def serve_group(config, batch: int, memory: dict) -> Group:
   x, _ = charlm_batch(config, batch, seed=1)
   ff, fv = e2e.serving_forward(md, None, x, config)
   qf, qv = e2e.serving_forward(md, gpu_rules('ptq', config), x, config)
-  memory[f'serve b{batch} / bf16 forward'] = memory.compiled_memory(ff, fv, x)
-  memory[f'serve b{batch} / PTQ int8 serving'] = memory.compiled_memory(qf, qv, x)
+  memory[f'serve b{batch} / bf16 forward'] = compiled_memory(ff, fv, x)
+  memory[f'serve b{batch} / PTQ int8 serving'] = compiled_memory(qf, qv, x)
   variants = {
       'bf16 forward': Variant(lambda: ff(fv, x), 'baseline', {'inspect': maybe_inspect(config, ff, fv, x)}),
       'PTQ int8 serving': Variant(lambda: qf(qv, x), 'quantized',
                                      {'inspect': maybe_inspect(config, qf, qv, x),
-                                      'param_bytes': e2e.tree_bytes(qv), 'float_param_bytes': e2e.tree_bytes(fv)}),
+                                      'param_bytes': summaries.tree_bytes(qv),
+                                      'float_param_bytes': summaries.tree_bytes(fv)}),
   }
   name, limit, at = SERVE_TARGET
   targets = (Target(name, limit, f'char-LM PTQ serving (int8 weights) at batch {at} <= {limit}x bf16'),) \

@@ -4,7 +4,7 @@ same moment. Per variant the result records its role ('baseline'; 'quantized' = 
 researchers run it; 'contrast' = a form kept to show what the library avoids; 'reference' = a building block
 such as the bare int8 dot), the inspection of its compiled program (qjax.ops.inspect_matmuls: matmuls that run
 in int8, on XLA:CPU's fast kernel or not) and, for qjax matmuls, the small-M routing decision. The report flags
-every 'quantized' variant slower than its baseline (ratio > 1 + config.flag_tolerance) and checks the issue's
+every 'quantized' variant slower than its baseline (ratio > 1 + config.flag_tolerance) and checks the suite's
 targets, all stated as time ratios to the baseline.
 
 bench.json of a grouped suite: {schema: 1, kind: 'groups', suite, command, config, machine, timing,
@@ -36,7 +36,7 @@ from experiments.bench.markdown import fmt_ratio, result_markdown
 from experiments.config import cli as config_cli
 from experiments.fileio import write_json_atomic
 from experiments.review.tensorboard import SummaryWriter
-from qjax.ops import inspect as qinspect
+from qjax import hlo as qinspect
 
 ROLES = ('baseline', 'quantized', 'contrast', 'reference')
 DN = (((1,), (0,)), ((), ()))  # (M, K) . (K, N)
@@ -59,7 +59,7 @@ class Variant:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """An issue target: variant's median time / the baseline's must be <= max_ratio."""
+  """A speed target: variant's median time / the baseline's must be <= max_ratio."""
   variant: str
   max_ratio: float
   text: str

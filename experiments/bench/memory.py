@@ -15,12 +15,9 @@ import optax
 from flax import nnx
 
 from experiments.bench import harness as bench
-from experiments.bench.e2e import model_def, quant_rules, random_batch, serving_forward, tree_bytes
-from experiments.bench.groups import (
-  GroupedSuite,
-)
-from experiments.review import summaries
-from experiments.training import trainers
+from experiments.bench.e2e import model_def, quant_rules, random_batch, serving_forward
+from experiments.bench.groups import GroupedSuite
+from experiments.training import summaries, trainers
 from qjax import flax as qflax
 
 
@@ -80,7 +77,7 @@ def memory_records(config) -> dict[str, Any]:
   served, on_disk = {}, {}
   for label, kind in (('float32', None), ('int8', 'ptq'), ('int4 packed', 'ptq_int4')):
     _, variables = serving_forward(md, None if kind is None else quant_rules(kind, config), x, config)
-    served[label] = tree_bytes(variables)
+    served[label] = summaries.tree_bytes(variables)
     on_disk[label] = summaries.checkpoint_bytes(variables)
   out['served_param_bytes'] = served
   out['served_param_ratio_to_float'] = {k: v / served['float32'] for k, v in served.items()}
@@ -93,7 +90,7 @@ def memory_records(config) -> dict[str, Any]:
     trainer = trainers.make(md, optax.adam(1e-3), None if kind is None else quant_rules(kind, config))
     state = trainer.init(jax.random.key(0), x)
     steps[label] = compiled_memory(jax.jit(trainer.train_step, donate_argnums=0), state, x, y)
-    steps[label]['state_bytes'] = tree_bytes(state)
+    steps[label]['state_bytes'] = summaries.tree_bytes(state)
     del trainer, state
   out['train_step_memory'] = steps
   stats = jax.local_devices()[0].memory_stats()

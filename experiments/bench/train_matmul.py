@@ -13,15 +13,7 @@ import jax
 from jax import lax
 
 from experiments.bench import harness as bench
-from experiments.bench.groups import (
-  DN,
-  Group,
-  GroupedSuite,
-  Target,
-  Variant,
-  matmul_operands,
-  maybe_inspect,
-)
+from experiments.bench.groups import DN, Group, GroupedSuite, Target, Variant, matmul_operands, maybe_inspect
 from qjax.ops import config as qconfig
 from qjax.ops import dot_general as qdot_general
 

@@ -2,8 +2,8 @@
 
 import ml_collections
 
+from experiments.config import ptq as ptq_config
 from experiments.config.quant import default_quant_config
-from experiments.training import ptq
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -17,7 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ''              # a finished float run's workdir (QAT fine-tuning, PTQ); '' = train one
   c.pretrain_steps = 0          # steps of that float run (0: num_train_steps)
   c.quant = default_quant_config()
-  c.ptq = ptq.default_config()   # PTQ method(s) after calibration (mode='ptq'): ptq.method, ptq.<method>.<param>
+  c.ptq = ptq_config.default_config()   # PTQ method(s) after calibration (mode='ptq'): ptq.method, ptq.<method>.<param>
   c.quant_summaries = True      # per-layer SQNR, clipping, histograms at each evaluation
   c.batch_size = 128
   c.eval_batch_size = 500

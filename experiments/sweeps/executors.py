@@ -12,11 +12,7 @@ import subprocess
 import time
 
 from experiments.sweeps import language as sweeps
-from experiments.sweeps.trials import (
-  init_worker,
-  record_failure,
-  run_trial,
-)
+from experiments.sweeps.trials import init_worker, record_failure, run_trial
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -160,7 +156,7 @@ def _import_ray(local: bool):
     os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
   os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
   try:
-    import ray  # noqa: PLC0415
+    import ray  # noqa: PLC0415 -- an optional dependency (qjax[ray]), imported when asked for
   except ImportError:
     raise SweepError("--executor=ray needs Ray, which is not installed: pip install 'ray[default]' "
                      "(or pip install -e '.[ray]'); or use --executor=local") from None

@@ -51,16 +51,8 @@ from experiments import fileio
 from experiments.config import cli as config_cli
 from experiments.sweeps import language as sweeps
 from experiments.sweeps.claims import Claim
-from experiments.sweeps.executors import (
-  SweepError,
-  cores,
-  local_gpus,
-  run_local,
-  run_ray,
-)
-from experiments.sweeps.trials import (
-  run_trial,
-)
+from experiments.sweeps.executors import SweepError, cores, local_gpus, run_local, run_ray
+from experiments.sweeps.trials import run_trial
 
 DEFAULT_TRIAL_FN = 'experiments.training.runner:train_and_evaluate'
 FLAGS = ('config', 'root', 'executor', 'workers', 'index', 'dry_run', 'retry_failed', 'rerun_changed',
@@ -383,7 +375,7 @@ def run_sweep(argv: list[str], out=print) -> int:
   out(f'tally: {counts["done"]} done, {counts["skipped"]} skipped, {counts["failed"]} failed '
       f'of {len(p.run) + len(p.skipped)} in {_fmt_time(time.time() - t_start)}')
   try:
-    from experiments.review import report  # noqa: PLC0415
+    from experiments.review import report  # noqa: PLC0415 -- matplotlib and tensorboard, once the trials are done
     paths = report.write_report(root)
     out(f'report: {paths["report"]}  (table: {paths["csv"]})')
   except Exception as e:  # noqa: BLE001 - the trials are safe on disk; the report can be rerun

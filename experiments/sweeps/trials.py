@@ -16,6 +16,8 @@ import time
 import traceback
 from typing import Any
 
+import ml_collections
+
 from experiments import fileio
 from experiments.config import cli as config_cli
 from experiments.sweeps.claims import Claim
@@ -55,7 +57,7 @@ def setup_jax_cache(cache_dir: str) -> None:
   """The persistent compilation cache shared by every trial of a root, small programs included."""
   if _WORKER['cache_dir'] == cache_dir:
     return
-  import jax  # noqa: PLC0415
+  import jax  # noqa: PLC0415 -- here, not at the top: the sweep's parent process (--help, --dry_run) stays free of JAX
   os.makedirs(cache_dir, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', cache_dir)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
@@ -163,7 +165,6 @@ def run_trial(task: dict) -> dict:
     try:
       _ensure_deps(task)
       _emit('start', task)
-      import ml_collections  # noqa: PLC0415
       config = ml_collections.ConfigDict(task['config'])
       fn = _load_fn(task['trial_fn'])
       with _output_to(os.path.join(workdir, 'train.log')) as log_file:

@@ -13,6 +13,7 @@ import signal
 import threading
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -59,6 +60,5 @@ def _ctrl_c_deferred():
 
 
 def _abstract(tree):
-  import jax  # noqa: PLC0415
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=getattr(a, 'sharding', None))
                       if hasattr(a, 'dtype') else a, tree)

@@ -1,4 +1,5 @@
-"""PTQ methods in the runner: config.ptq -> qjax.ptq, applied to every 2-D kernel (Dense / Linear) a rule quantizes.
+"""PTQ methods in the runner: config.ptq (experiments/config/ptq.py) -> qjax.ptq, applied to every 2-D kernel
+(Dense / Linear) a rule quantizes.
 
     config.ptq.method        'rtn' (default: the calibrated round-to-nearest conversion alone), a method name, or
                              several applied in order: 'smoothquant,gptq' (or a tuple of names)
@@ -22,14 +23,14 @@ shared scale over q, k and v is not used: each projection has its own online op)
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+from flax import nnx
 
 import qjax.ptq
+from experiments.config import ptq as ptq_config
 from experiments.training.progress import Progress
 from qjax.flax import QuantizedLinen
 from qjax.flax.intercept import ServingWeight
@@ -37,89 +38,19 @@ from qjax.ptq import layer as L
 from qjax.ptq import online, registry
 
 
-def default_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.method = 'rtn'  # rtn | gptq | awq | smoothquant | rotation | adaround | bias_correction, or 'a,b' in order
-  c.max_sample = 512  # calibration rows kept per layer (AWQ, AdaRound); sums use every row
-  for name in registry.names():
-    d = registry.get(name).defaults
-    if d:
-      c[name] = ml_collections.ConfigDict(dict(d))
-  return c
-
-
-def methods(ptq) -> list[tuple[str, dict[str, Any]]]:
-  """The ordered (name, params) of config.ptq; ValueError naming a wrong method (and the closest) or parameter."""
-  m = ptq.method
-  names = [s.strip() for s in m.replace('+', ',').split(',')] if isinstance(m, str) else list(m)
-  if not names or any(not n for n in names):
-    raise ValueError(f'config.ptq.method={m!r}: give one method or several separated by commas')
-  out = []
-  for n in names:
-    try:
-      registry.get(n)
-      given = ptq[n].to_dict() if n in ptq and isinstance(ptq[n], ml_collections.ConfigDict) else {}
-      out.append((n, registry.params(n, given)))
-    except ValueError as e:
-      raise ValueError(f'config.ptq.method: {e}') from None
-  return out
-
-
-def unused(config, keys) -> str | None:
-  """A warning when `keys` (command-line overrides) set config.ptq options that a run of another mode ignores."""
-  keys = [k for k in keys if k.startswith('ptq.')]
-  if not keys or config.get('mode') == 'ptq':
-    return None
-  return (f'config.{keys[0]} has no effect: config.mode={config.mode!r}; the PTQ methods run with '
-          '--config.mode=ptq')
-
-
-def active(config) -> bool:
-  return config.mode == 'ptq' and [n for n, _ in methods(config.ptq)] != ['rtn']
-
-
-# ----------------------------------------------------------------------------------------------- targets
-
-
-def _ruleset(tr):
-  return tr.q.rules if tr.md.api == 'linen' else tr.ruleset
-
-
 def _weight_spec(tr, path):
-  rs = _ruleset(tr)
+  rs = tr.ruleset
   rule = rs.peek(path, 'dot_general')
   if rule is None or rule.float or rule.weight is None:
     return None
   return rs.effective(path, 'dot_general', 0, rule).weight
 
 
-def _kernels(tr, state) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-  """{module path: (kernel, bias)} of every module holding a 'kernel' param (float, any rank)."""
-  out = {}
-  if tr.md.api == 'linen':
-    def walk(node, path):
-      if 'kernel' in node and not isinstance(node['kernel'], dict):
-        out['/'.join(path)] = (np.asarray(node['kernel']), None if 'bias' not in node else np.asarray(node['bias']))
-      for k, v in node.items():
-        if isinstance(v, dict) or hasattr(v, 'items'):
-          walk(v, path + [k])
-    walk(state['params'], [])
-    return out
-  from flax import nnx  # noqa: PLC0415
-  for p, m in nnx.iter_modules(tr.module(state)):
-    k = vars(m).get('kernel')
-    if isinstance(k, nnx.Param):
-      b = vars(m).get('bias')
-      out['/'.join(map(str, p))] = (np.asarray(k.get_value()),
-                                    None if not isinstance(b, nnx.Param) else np.asarray(b.get_value()))
-  return out
-
-
 def targets(tr, state):
   """({path: (kernel, bias, weight spec)} of the kernels a rule quantizes, [paths left to RTN]). Which axes of a
   kernel are contracted is learned when its inputs are captured (`_rows`)."""
   todo, skipped = {}, []
-  for path, (w, b) in _kernels(tr, state).items():
+  for path, (w, b) in tr.kernels(state).items():
     spec = _weight_spec(tr, path)
     if spec is None:
       continue
@@ -175,7 +106,6 @@ def gather_stats(run, state, paths, max_sample: int = 512) -> tuple[dict[str, L.
   if tr.md.api == 'linen':
     fwd, args = (lambda v, x: tr.q.apply(v, x, train=False)), tr.variables(state)
   else:
-    from flax import nnx  # noqa: PLC0415
     model = tr.module(state)
     online.install_nnx(model, paths)
     model.eval()
@@ -218,7 +148,7 @@ def _rel_error(lay: L.Layer, x, w, b) -> float:
 def apply(run, state):
   """Runs config.ptq's methods on the run's model; returns (state, info for result.json)."""
   tr, c = run.trainer, run.config
-  ms = methods(c.ptq)
+  ms = ptq_config.methods(c.ptq)
   t0 = time.time()
   todo, skipped = targets(tr, state)
   if tr.md.api == 'linen':
@@ -275,7 +205,6 @@ def _set_params(tr, state, done, transforms):
         node['bias'] = jnp.asarray(lay.bias, node['bias'].dtype).reshape(node['bias'].shape)
     tr.q = QuantizedLinen(online.InputOps(tr.q.model.model, transforms), tr.q.rules)
     return {**state, 'params': params}
-  from flax import nnx  # noqa: PLC0415
   model, opt = nnx.merge(tr.graphdef, state)
   mods = {'/'.join(map(str, p)): m for p, m in nnx.iter_modules(model)}
   for path, lay in done.items():
@@ -317,7 +246,6 @@ def patch_serving(tr, served) -> None:
         node = node[p]
       node['kernel'] = ServingWeight.from_qarray(q, node['kernel'].packed)
     return
-  from flax import nnx  # noqa: PLC0415
   mods = {'/'.join(map(str, p)): m for p, m in nnx.iter_modules(served)}
   for path, q in qs.items():
     m = mods[path]

@@ -31,20 +31,22 @@ import sys
 import time
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import optax
 
 from experiments import fileio, models
 from experiments.config import cli as config_cli
+from experiments.config import ptq as ptq_config
 from experiments.config import quant as quant_config
 from experiments.data import pipeline as input_pipeline
 from experiments.fileio import write_json_atomic
-from experiments.review import summaries
 from experiments.review.tensorboard import SummaryWriter
 from experiments.training import checkpoints as ckpt_lib
-from experiments.training import distributed, trainers
+from experiments.training import distributed, summaries, trainers
 from experiments.training import ptq as ptq_runner
 from experiments.training.progress import Progress
 
@@ -105,8 +107,6 @@ def _check_workdir(config_dict: dict, workdir: str) -> dict | None:
 
 
 def environment() -> dict[str, Any]:
-  import flax  # noqa: PLC0415
-  import jaxlib  # noqa: PLC0415
   flags = os.environ.get('XLA_FLAGS', '')
   env = {'python': platform.python_version(), 'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
          'flax': flax.__version__, 'device_kind': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
@@ -127,7 +127,7 @@ def float_config(config):
     f.mode = 'float'
     f.init_from = ''
     f.quant = quant_config.default_quant_config()
-    f.ptq = ptq_runner.default_config()
+    f.ptq = ptq_config.default_config()
     f.num_train_steps = config.pretrain_steps if config.pretrain_steps > 0 else config.num_train_steps
   return f
 
@@ -206,7 +206,7 @@ def validate(config):
     quant.grad.format = 'int8'
   try:
     if config.mode == 'ptq' and 'ptq' in config:
-      names = [name for name, _ in ptq_runner.methods(config.ptq)]
+      names = [name for name, _ in ptq_config.methods(config.ptq)]
       if 'rotation' in names and quant.act_signedness == 'auto':
         # A rotation mixes an input's channels: what was non-negative (after a ReLU) no longer is, so the
         # grids stay signed (SmoothQuant's and AWQ's positive per-channel scales keep the signs).
@@ -261,7 +261,7 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
   try:
     if mode == 'ptq':
       train_info = {'steps': 0, 'steps_per_sec': 0.0}
-      if 'ptq' in config and ptq_runner.active(config):
+      if 'ptq' in config and ptq_config.active(config):
         state, train_info['ptq'] = ptq_runner.apply(run, state)
       state = _calibrate(run, state)
     else:
@@ -446,7 +446,7 @@ def main(argv: list[str]) -> int:
   config, flags = config_cli.parse_argv(argv)
   config_cli.check_flags(flags, ('workdir',) + distributed.FLAGS)
   for unused in (config_cli.unused_in_float(config, config_cli.override_keys(argv)),
-                 ptq_runner.unused(config, config_cli.override_keys(argv))):
+                 ptq_config.unused(config, config_cli.override_keys(argv))):
     if unused:
       print(f'warning: {unused}', file=sys.stderr)
   workdir = flags.pop('workdir', None)

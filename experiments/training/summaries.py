@@ -15,15 +15,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 
 from experiments import fileio
+from experiments.bench import timing
 from experiments.config import cli as config_cli
 from experiments.data import pipeline as input_pipeline
 from experiments.training import ptq as ptq_runner
+from experiments.training import trainers
 from qjax import formats
 from qjax import metrics as qmetrics
-from qjax.flax import convert_linen, convert_nnx
 from qjax.ops import inspect_matmuls
 
 
@@ -63,16 +68,7 @@ def _probe_records(run, state):
   Returns (records, arrays): the records' static metadata, and per record the operand and quantizer state.
   """
   x, _, _ = next(input_pipeline.eval_batches(run.data, min(run.config.eval_batch_size, 64)))
-  tr = run.trainer
-  if run.md.api == 'linen':
-    forward = lambda st, x: tr.q.records(tr.variables(st), x, train=False)
-  else:
-    from qjax.flax import nnx_records  # noqa: PLC0415
-
-    def forward(st, x):
-      model = tr.module(st)
-      model.eval()
-      return nnx_records(model, x)
+  forward = run.trainer.records
   cache = run.__dict__.setdefault('_probe_cache', {})
   if 'probe' in cache:
     meta, jprobe = cache['probe']
@@ -148,7 +144,6 @@ def quant_summaries(run, state, step: int) -> list[dict[str, Any]]:
 
 def sqnr_chart(rows) -> bytes:
   """The per-layer SQNR image (PNG) of `sqnr_figure`."""
-  import matplotlib.pyplot as plt  # noqa: PLC0415
   fig = sqnr_figure(rows)
   buf = io.BytesIO()
   fig.savefig(buf, format='png', bbox_inches='tight')
@@ -174,9 +169,7 @@ def layer_names(rows) -> dict[str, str]:
 def sqnr_figure(rows):
   """Bars of SQNR (dB) per layer, weights and activations side by side, each layer's bars centred on its tick (a
   layer with one quantized operand has one bar), the legend outside the plot area."""
-  import matplotlib  # noqa: PLC0415
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
   names = layer_names(rows)
   layers = list(dict.fromkeys(_op_key(r) for r in rows))
   fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(layers) + 3), 3.5), dpi=100)
@@ -203,7 +196,6 @@ def checkpoint_bytes(tree, path: str | None = None) -> int | None:
   to join the save."""
   if jax.process_count() > 1:
     return None
-  import orbax.checkpoint as ocp  # noqa: PLC0415
 
   def save(p: str) -> int:
     ckpt = ocp.StandardCheckpointer()
@@ -217,8 +209,9 @@ def checkpoint_bytes(tree, path: str | None = None) -> int | None:
     return save(os.path.join(tmp, 'ckpt'))
 
 
-def _nbytes(tree) -> int:
-  return int(sum(np.asarray(a).nbytes for a in jax.tree.leaves(tree) if hasattr(a, 'shape')))
+def tree_bytes(tree) -> int:
+  """Bytes of the arrays in a pytree (leaves without `nbytes` count 0): parameters as held or as served."""
+  return int(sum(getattr(a, 'nbytes', 0) for a in jax.tree.leaves(tree)))
 
 
 def serving_summary(run, state, rules) -> dict[str, Any]:
@@ -227,15 +220,11 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
   state = jax.device_get(state)
   x, y, w = next(input_pipeline.eval_batches(run.data, run.config.eval_batch_size))
   x = jnp.asarray(x)
-  if run.md.api == 'linen':
-    float_params = state['params']
-  else:
-    from flax import nnx  # noqa: PLC0415
-    float_params = nnx.state(tr.module(state), nnx.Param)
-  float_bytes = _nbytes(float_params)
+  float_params = tr.float_params(state)
+  float_bytes = tree_bytes(float_params)
   float_ckpt = checkpoint_bytes(float_params)
   fwd, args, served_params, serving_tree = serving_forward(tr, state, x, rules)
-  serving_bytes = float_bytes if served_params is None else _nbytes(served_params)
+  serving_bytes = float_bytes if served_params is None else tree_bytes(served_params)
   ckpt = {'float_bytes': float_ckpt}
   if serving_tree is not None and float_ckpt is not None:
     # The serving model as a deployable orbax checkpoint: <workdir>/serving (restores with the serving model).
@@ -261,38 +250,17 @@ def serving_forward(tr, state, x, rules):
   the model once on x); the serving tree is what `<workdir>/serving` holds. A float run serves its own model:
   served params and serving tree are None."""
   if rules is None:
-    return *_float_fwd(tr, state), None, None
-  if tr.md.api == 'linen':
-    sv = convert_linen(tr.q, tr.variables(state), x, train=False)
-    ptq_runner.patch_serving(tr, sv)  # a PTQ method's integer kernels (experiments/training/ptq.py), if any
-    srv = tr.q.serving()
-    return (lambda v, x: srv.apply(v, x, train=False)), (sv,), sv['params'], sv
-  from flax import nnx  # noqa: PLC0415
-  model = tr.module(state)
-  convert_nnx(model, x)  # also puts the model in evaluation mode
-  ptq_runner.patch_serving(tr, model)
-  graphdef, mstate = nnx.split(model)
-  return (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,), nnx.state(model, nnx.Param), mstate
-
-
-def _float_fwd(tr, state):
-  """(forward(args..., x), args) of a float trainer's model in evaluation mode."""
-  if tr.md.api == 'linen':
-    return (lambda v, x: tr.md.module.apply(v, x, train=False)), (tr.variables(state),)
-  from flax import nnx  # noqa: PLC0415
-  model = tr.module(state)
-  model.eval()
-  graphdef, mstate = nnx.split(model)
-  return (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,)
+    return *tr.eval_forward(state), None, None
+  served = tr.convert(state, x)
+  ptq_runner.patch_serving(tr, served)  # a PTQ method's integer kernels (experiments/training/ptq.py), if any
+  return tr.serving_forward(served)
 
 
 def _float_forward(run, x):
   """(forward, args) of the float model of the same architecture (fresh weights: only its speed is used)."""
-  import optax  # noqa: PLC0415
 
-  from experiments.training import trainers  # noqa: PLC0415
   tr = trainers.make(run.md, optax.sgd(0.0), None)
-  return _float_fwd(tr, tr.init(jax.random.key(0), x))
+  return tr.eval_forward(tr.init(jax.random.key(0), x))
 
 
 def _latency(jfwd, args, x, float_fwd=None) -> dict[str, Any]:
@@ -300,7 +268,6 @@ def _latency(jfwd, args, x, float_fwd=None) -> dict[str, Any]:
   interleaved with the float model's forward (`float_fwd`: (forward, args); None for a float run, its own baseline), so
   `ratio_to_float` compares samples of the same moment (absolute times of trials that ran at different times or
   loads do not compare; their ratios do)."""
-  from experiments.bench import timing  # noqa: PLC0415
   fns = {'serving': lambda: jfwd(*args, x)}
   if float_fwd is not None:
     ffwd, fargs = jax.jit(float_fwd[0]), float_fwd[1]
@@ -314,7 +281,6 @@ def _latency(jfwd, args, x, float_fwd=None) -> dict[str, Any]:
 
 
 def _eval_fwd(run, jfwd, args) -> dict[str, float]:
-  from experiments.training import trainers  # noqa: PLC0415
 
   def batch_sums(x, y, w):
     _, ce, hits = trainers.loss_fn(jfwd(*args, jnp.asarray(x)), jnp.asarray(y), run.md.task)

@@ -18,12 +18,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from experiments.data import pipeline as input_pipeline
 from experiments.models import ModelDef
 from qjax import flax as qflax
+from qjax.flax import convert_linen, convert_nnx
 from qjax.flax.intercept import STATS
 
 
@@ -120,6 +122,47 @@ class LinenTrainer:
   def float_variables(self, state):
     return {'params': state['params'], **{k: v for k, v in state['vars'].items() if k != STATS}}
 
+  # ------------------------------------------------------------------ what reviews and PTQ ask of any trainer
+
+  @property
+  def ruleset(self):
+    """The rules as applied (qjax.flax's RuleSet), None for a float trainer."""
+    return None if self.q is None else self.q.rules
+
+  def float_params(self, state):
+    """The model's params as held in float (the quantizer variables not included)."""
+    return state['params']
+
+  def eval_forward(self, state):
+    """(forward(*args, x), args): the unquantized model in evaluation mode."""
+    return (lambda v, x: self.md.module.apply(v, x, train=False)), (self.variables(state),)
+
+  def records(self, state, x) -> list:
+    """qjax's records of one forward in evaluation mode: per quantized operand its spec, state and values."""
+    return self.q.records(self.variables(state), x, train=False)
+
+  def convert(self, state, x):
+    """The model converted for serving (int8 / packed ServingWeights), run once on x: the serving variables."""
+    return convert_linen(self.q, self.variables(state), x, train=False)
+
+  def serving_forward(self, served):
+    """(forward(*args, x), args, served params, serving tree) of a converted model (`convert`)."""
+    srv = self.q.serving()
+    return (lambda v, x: srv.apply(v, x, train=False)), (served,), served['params'], served
+
+  def kernels(self, state) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """{module path: (kernel, bias)} of every module holding a 'kernel' param (float, any rank)."""
+    out = {}
+
+    def walk(node, path):
+      if 'kernel' in node and not isinstance(node['kernel'], dict):
+        out['/'.join(path)] = (np.asarray(node['kernel']), None if 'bias' not in node else np.asarray(node['bias']))
+      for k, v in node.items():
+        if isinstance(v, dict) or hasattr(v, 'items'):
+          walk(v, path + [k])
+    walk(state['params'], [])
+    return out
+
 
 class NnxTrainer:
   """NNX models as (graphdef, state): steps merge, run, and split again, so state is an nnx.State pytree."""
@@ -181,6 +224,48 @@ class NnxTrainer:
 
   def module(self, state):
     return nnx.merge(self.graphdef, state)[0]
+
+  # ------------------------------------------------------------------ what reviews and PTQ ask of any trainer
+
+  def float_params(self, state):
+    """The model's params as held in float (the quantizer variables not included)."""
+    return nnx.state(self.module(state), nnx.Param)
+
+  def eval_forward(self, state):
+    """(forward(*args, x), args): the model in evaluation mode."""
+    model = self.module(state)
+    model.eval()
+    graphdef, mstate = nnx.split(model)
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,)
+
+  def records(self, state, x) -> list:
+    """qjax's records of one forward in evaluation mode: per quantized operand its spec, state and values."""
+    model = self.module(state)
+    model.eval()
+    return qflax.nnx_records(model, x)
+
+  def convert(self, state, x):
+    """The model converted for serving (int8 / packed ServingWeights; convert_nnx runs it once on x and leaves it
+    in evaluation mode): the converted model."""
+    model = self.module(state)
+    convert_nnx(model, x)
+    return model
+
+  def serving_forward(self, served):
+    """(forward(*args, x), args, served params, serving tree) of a converted model (`convert`)."""
+    graphdef, mstate = nnx.split(served)
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,), nnx.state(served, nnx.Param), mstate
+
+  def kernels(self, state) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """{module path: (kernel, bias)} of every module holding a 'kernel' param (float, any rank)."""
+    out = {}
+    for p, m in nnx.iter_modules(self.module(state)):
+      k = vars(m).get('kernel')
+      if isinstance(k, nnx.Param):
+        b = vars(m).get('bias')
+        out['/'.join(map(str, p))] = (np.asarray(k.get_value()),
+                                      None if not isinstance(b, nnx.Param) else np.asarray(b.get_value()))
+    return out
 
 
 def _overlay(dst, src):
