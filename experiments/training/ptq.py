@@ -38,8 +38,8 @@ from qjax.ptq import layer as L
 from qjax.ptq import online, registry
 
 
-def _weight_spec(tr, path):
-  rs = tr.ruleset
+def _weight_spec(tr, state, path):
+  rs = tr.ruleset(state)
   rule = rs.peek(path, 'dot_general')
   if rule is None or rule.float or rule.weight is None:
     return None
@@ -51,7 +51,7 @@ def targets(tr, state):
   kernel are contracted is learned when its inputs are captured (`_rows`)."""
   todo, skipped = {}, []
   for path, (w, b) in tr.kernels(state).items():
-    spec = _weight_spec(tr, path)
+    spec = _weight_spec(tr, state, path)
     if spec is None:
       continue
     if w.ndim < 2 or (b is not None and tuple(b.shape) != tuple(w.shape[w.ndim - b.ndim:])):
@@ -205,7 +205,7 @@ def _set_params(tr, state, done, transforms):
         node['bias'] = jnp.asarray(lay.bias, node['bias'].dtype).reshape(node['bias'].shape)
     tr.q = QuantizedLinen(online.InputOps(tr.q.model.model, transforms), tr.q.rules)
     return {**state, 'params': params}
-  model, opt = nnx.merge(tr.graphdef, state)
+  model, opt = state.merge()
   mods = {'/'.join(map(str, p)): m for p, m in nnx.iter_modules(model)}
   for path, lay in done.items():
     m = mods[path]
@@ -213,8 +213,7 @@ def _set_params(tr, state, done, transforms):
     if lay.bias is not None:
       m.bias.set_value(jnp.asarray(lay.bias, m.bias.get_value().dtype).reshape(m.bias.get_value().shape))
   online.install_nnx(model, (), transforms)
-  tr.graphdef, state = nnx.split((model, opt))
-  return state
+  return state.replace((model, opt))
 
 
 def _reshaped(q, shape, n_in: int):

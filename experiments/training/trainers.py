@@ -7,8 +7,9 @@ A trainer owns the model and the optimizer and exposes pure, jitted functions ov
     sums = trainer.eval_step(state, x, y, w)                   # weighted sums: loss, correct, count
     trainer.calibrate_step(state, x) -> state                  # PTQ: update range statistics only
 
-State is a plain pytree of arrays (checkpointable with orbax): Linen {'params', 'opt', 'vars'}; NNX the
-pure dict of the model's and optimizer's nnx.State.
+State is a pytree of arrays: Linen {'params', 'opt', 'vars'}; NNX an `NnxState`, the nnx.State of the model and
+its optimizer with their graph (and the quantization it carries) as static data, so that `init` leaves the trainer
+as it was. `to_pure(state)` is the plain dict orbax checkpoints.
 """
 
 from __future__ import annotations
@@ -124,8 +125,7 @@ class LinenTrainer:
 
   # ------------------------------------------------------------------ what reviews and PTQ ask of any trainer
 
-  @property
-  def ruleset(self):
+  def ruleset(self, state):
     """The rules as applied (qjax.flax's RuleSet), None for a float trainer."""
     return None if self.q is None else self.q.rules
 
@@ -164,19 +164,41 @@ class LinenTrainer:
     return out
 
 
+@jax.tree_util.register_pytree_node_class
+class NnxState:
+  """An NNX trainer's state: `state` (the nnx.State of (model, optimizer)) as the pytree's children, `graphdef` and
+  `quantized` (what quantize_nnx returned, None for a float model) as its static data."""
+
+  def __init__(self, graphdef, state, quantized=None):
+    self.graphdef, self.state, self.quantized = graphdef, state, quantized
+
+  def tree_flatten(self):
+    return (self.state,), (self.graphdef, self.quantized)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(aux[0], children[0], aux[1])
+
+  def merge(self):
+    """(model, optimizer), rebuilt from the graph and the state."""
+    return nnx.merge(self.graphdef, self.state)
+
+  def replace(self, model_and_opt) -> NnxState:
+    graphdef, state = nnx.split(model_and_opt)
+    return NnxState(graphdef, state, self.quantized)
+
+
 class NnxTrainer:
-  """NNX models as (graphdef, state): steps merge, run, and split again, so state is an nnx.State pytree."""
+  """NNX models as (graphdef, state): steps merge, run, and split again; the state is an `NnxState` pytree."""
 
   def __init__(self, md: ModelDef, tx: optax.GradientTransformation, rules=None):
     self.md, self.tx, self.rules = md, tx, rules
-    self.graphdef = None
-    self.ruleset = None
 
   @property
   def quantized(self) -> bool:
     return bool(self.rules)
 
-  def init(self, rng, x, float_pure=None):
+  def init(self, rng, x, float_pure=None) -> NnxState:
     """Fresh state; with `float_pure` (a float run's pure state) the weights are loaded before quantizing,
     so learned quantizer parameters initialise from the pretrained weights."""
     seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
@@ -186,21 +208,20 @@ class NnxTrainer:
       pure = _overlay(nnx.to_pure_dict(st), float_pure[0])
       nnx.replace_by_pure_dict(st, pure)
       model = nnx.merge(graphdef, st)
-    if self.rules:
-      self.ruleset = qflax.quantize_nnx(model, self.rules, jnp.asarray(x))
-    self.graphdef, state = nnx.split((model, nnx.Optimizer(model, self.tx, wrt=nnx.Param)))
-    return state
+    quantized = qflax.quantize_nnx(model, self.rules, jnp.asarray(x)) if self.rules else None
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, self.tx, wrt=nnx.Param)))
+    return NnxState(graphdef, state, quantized)
 
-  def to_pure(self, state) -> dict:
-    return nnx.to_pure_dict(state)
+  def to_pure(self, state: NnxState) -> dict:
+    return nnx.to_pure_dict(state.state)
 
-  def from_pure(self, template, pure):
+  def from_pure(self, template: NnxState, pure) -> NnxState:
     s = jax.tree.map(lambda a: a, template)
-    nnx.replace_by_pure_dict(s, pure)
+    nnx.replace_by_pure_dict(s.state, pure)
     return s
 
-  def train_step(self, state, x, y):
-    model, opt = nnx.merge(self.graphdef, state)
+  def train_step(self, state: NnxState, x, y):
+    model, opt = state.merge()
     model.train()
 
     def loss(m):
@@ -208,22 +229,26 @@ class NnxTrainer:
       return mean, hits.mean()
     (value, acc), grads = nnx.value_and_grad(loss, has_aux=True)(model)
     opt.update(model, grads)
-    return nnx.state((model, opt)), {'loss': value, 'accuracy': acc}
+    return state.replace((model, opt)), {'loss': value, 'accuracy': acc}
 
-  def eval_step(self, state, x, y, w):
-    model, _ = nnx.merge(self.graphdef, state)
+  def eval_step(self, state: NnxState, x, y, w):
+    model, _ = state.merge()
     model.eval()
     _, ce, hits = loss_fn(model(x), y, self.md.task)
     return {'loss': jnp.sum(ce * w), 'correct': jnp.sum(hits * w), 'count': jnp.sum(w)}
 
-  def calibrate_step(self, state, x):
-    model, opt = nnx.merge(self.graphdef, state)
+  def calibrate_step(self, state: NnxState, x):
+    model, opt = state.merge()
     model.train()  # range statistics update in training mode; no optimizer step, so nothing else changes
     model(x)
-    return nnx.state((model, opt))
+    return state.replace((model, opt))
 
-  def module(self, state):
-    return nnx.merge(self.graphdef, state)[0]
+  def module(self, state: NnxState):
+    return state.merge()[0]
+
+  def ruleset(self, state: NnxState):
+    """The rules as applied (qjax.flax's RuleSet), None for a float trainer."""
+    return None if state.quantized is None else state.quantized.rules
 
   # ------------------------------------------------------------------ what reviews and PTQ ask of any trainer
 
