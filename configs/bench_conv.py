@@ -14,15 +14,14 @@ about the f32 conv's time. About 1 minute.
 
 import ml_collections
 
-from experiments import configlib
+from experiments.config import cli as config_cli
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: None or 'runlocal' (tiny shapes)."""
-  a = configlib.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   c.suite = 'conv'
-  c.module = 'experiments.bench_conv'
   c.shapes = ('256x28x1x6x5', '256x14x6x16x5', '256x28x16x16x3', '256x14x32x32x3')
   c.pad_features = 32           # the padded variant's feature count (XLA's fast int8 conv needs more than 16)
   c.seed = 0

@@ -8,8 +8,8 @@ Both cores: the same without `taskset -c 1`. Loaded machine: add --config.timing
 One model: --config.models="('mlp',)". Smoke (tests): `:runlocal`.
 
 Models: the NNX MLP 784-2048-2048-10, the Linen LeNet-5 and ResNet, and the NNX char-LM Transformer of
-experiments/models.py, unmodified, quantized by
-rules built from experiments.quant_config's defaults (int8 weights per channel, int8 activations per tensor) the
+experiments/models/, unmodified, quantized by
+rules built from experiments/config/quant.py's defaults (int8 weights per channel, int8 activations per tensor) the
 way `python -m experiments.train` builds them; adam; steps jitted with the state donated. Groups:
   <model> train b256   float step vs QAT (real int8 forward), QAT (fake-quant forward), int8 training (forward
                        and both backward matmuls int8: mode quantized_training)
@@ -23,17 +23,16 @@ Takes ~15 min (one model: --config.models="('char_lm',)").
 
 import ml_collections
 
-from experiments import configlib
+from experiments.config import cli as config_cli
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: None or 'runlocal' (a tiny MLP, batches of 8)."""
-  a = configlib.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   c.suite = 'e2e'
-  c.module = 'experiments.bench_suites'
   c.models = ('mlp', 'lenet5', 'resnet', 'char_lm')
-  # The char-LM (experiments.bench_suites.CHARLM: d_model 128, 2 layers, 128-character windows) trains at 32
+  # The char-LM (experiments/bench/e2e.py: CHARLM: d_model 128, 2 layers, 128-character windows) trains at 32
   # sequences and serves 1, 8, 64 and 256 sequences; override any of its sizes here.
   c.charlm = ml_collections.ConfigDict({'train_batch': 32, 'serve_batches': (1, 8, 64, 256)})
   c.mlp_hidden = (2048, 2048)

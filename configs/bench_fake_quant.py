@@ -16,14 +16,14 @@ Takes ~30 s.
 
 import ml_collections
 
-from experiments import configlib
+from experiments.config import cli as config_cli
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg='runlocal'` shrinks it to a (256, 256) array and a few short samples."""
-  a = configlib.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False)
   config = ml_collections.ConfigDict()
-  config.suite = 'fake_quant'       # Registered in experiments/bench.py.
+  config.suite = 'fake_quant'       # experiments/bench/fake_quant.py
   config.shape = (4096, 4096)
   config.seed = 0
   config.quant = ml_collections.ConfigDict()

@@ -16,15 +16,14 @@ Measured figures: docs/benchmarks.md (GPU section).
 
 import ml_collections
 
-from experiments import configlib
+from experiments.config import cli as config_cli
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: None (the H200 run) or 'runlocal' (tiny shapes and model, runs on a CPU)."""
-  a = configlib.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   c.suite = 'gpu'
-  c.module = 'experiments.bench_gpu'
   c.gemm_shapes = ('4096x4096x4096', '8192x8192x8192')
   c.target_shape = (8192, 8192, 8192)      # the GEMM shape the targets apply to
   c.qdot_shapes = ('8192x8192x8192', '32768x1024x4096')

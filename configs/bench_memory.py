@@ -8,22 +8,21 @@ On the NNX MLP 784-2048-2048-10 (batch 256):
   train_step_memory      the compiled training step (donated state): argument / output / alias / temp bytes from
                          jax.jit(...).lower(...).compile().memory_analysis(), for float, QAT and int8 training
   quantize_nnx_live_bytes  live jax array bytes before and after quantize_nnx, and the peak sampled during it,
-                         relative to the model alone (issue target <= 1.3x)
+                         relative to the model alone (target <= 1.3x)
 Expected: int8 ~0.25x and int4 ~0.13x of the float parameter bytes (biases and scales stay f32); quantize_nnx
 adds only scales and statistics. Takes ~1 min.
 """
 
 import ml_collections
 
-from experiments import configlib
+from experiments.config import cli as config_cli
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: None or 'runlocal' (a tiny MLP)."""
-  a = configlib.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   c.suite = 'memory'
-  c.module = 'experiments.bench_suites'
   c.mlp_hidden = (2048, 2048)
   c.train_batch = 256
   c.calibration_batches = 1

@@ -17,15 +17,14 @@ refuses matrix-vector products); fp8 runs up-cast to f32. Takes ~3 min (~6 min w
 
 import ml_collections
 
-from experiments import configlib
+from experiments.config import cli as config_cli
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: None (squares up to 2048), 'full' (adds 4096^3), 'runlocal' (tiny shapes, a few short samples)."""
-  a = configlib.config_args(arg, full=False, runlocal=False)
+  a = config_cli.config_args(arg, full=False, runlocal=False)
   c = ml_collections.ConfigDict()
   c.suite = 'raw_dot'
-  c.module = 'experiments.bench_suites'
   c.squares = (256, 512, 1024, 2048)
   c.mlp_shapes = ('256x1024x4096', '4096x4096x1024')
   c.small_m = (1, 2, 8, 32)

@@ -18,15 +18,14 @@ the naive drhs ~0.4x. Takes ~1 min.
 
 import ml_collections
 
-from experiments import configlib
+from experiments.config import cli as config_cli
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: None or 'runlocal' (tiny shape)."""
-  a = configlib.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   c.suite = 'train_matmul'
-  c.module = 'experiments.bench_suites'
   c.train_shape = (256, 2048, 2048)   # B, K, N: x (B, K), w (K, N)
   c.seed = 0
   c.inspect = True

@@ -10,12 +10,12 @@ Expected: float >= 91% test accuracy (docs/results.md has the measured figures a
 runlocal: 20 steps on the committed fixtures, well under a minute.
 """
 
-from experiments import configlib
-from experiments.config_base import base_config, runlocal
+from experiments.config import cli as config_cli
+from experiments.config.defaults import base_config, runlocal
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False)
   c = base_config()
   c.dataset = 'fashion_mnist'
   c.model.name = 'lenet5'

@@ -9,12 +9,12 @@ Smoke: python -m experiments.train --config=configs/fmnist_mlp.py:runlocal --wor
 Expected: float ~88-89% test accuracy (an MLP; the CNN is the accuracy model); a few minutes on 2 CPU cores.
 """
 
-from experiments import configlib
-from experiments.config_base import base_config, runlocal
+from experiments.config import cli as config_cli
+from experiments.config.defaults import base_config, runlocal
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False)
   c = base_config()
   c.dataset = 'fashion_mnist'
   c.model.name = 'mlp'

@@ -6,12 +6,12 @@ Smoke: python -m experiments.train --config=configs/fmnist_resnet.py:runlocal --
 Expected: float ~92-93% test accuracy; slower than the CNN on CPU (tens of minutes on 2 cores).
 """
 
-from experiments import configlib
-from experiments.config_base import base_config, runlocal
+from experiments.config import cli as config_cli
+from experiments.config.defaults import base_config, runlocal
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False)
   c = base_config()
   c.dataset = 'fashion_mnist'
   c.model.name = 'resnet'

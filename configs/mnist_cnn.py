@@ -6,12 +6,12 @@ Smoke: python -m experiments.train --config=configs/mnist_cnn.py:runlocal --work
 Expected: float >= 98.5% test accuracy; W8A8 QAT/PTQ within a few tenths of a point.
 """
 
-from experiments import configlib
-from experiments.config_base import base_config, runlocal
+from experiments.config import cli as config_cli
+from experiments.config.defaults import base_config, runlocal
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False)
   c = base_config()
   c.dataset = 'mnist'
   c.model.name = 'lenet5'

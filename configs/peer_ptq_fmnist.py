@@ -16,14 +16,14 @@ import os
 
 import ml_collections
 
-from experiments import configlib
+from experiments.config import cli as config_cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False)
-  c = configlib.load_file(os.path.join(_HERE, 'results_ptq_fmnist.py') + (':runlocal' if a['runlocal'] else ''))
+  a = config_cli.config_args(arg, runlocal=False)
+  c = config_cli.load_file(os.path.join(_HERE, 'results_ptq_fmnist.py') + (':runlocal' if a['runlocal'] else ''))
   c.quant.float_layers = r'conv\d'  # the convolutions stay float for both tools
   c.peer = ml_collections.ConfigDict()
   c.peer.methods = ('rtn', 'gptq', 'awq')

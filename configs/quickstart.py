@@ -34,21 +34,22 @@ import os
 
 import ml_collections
 
-from experiments import configlib, sweeps
+from experiments import sweeps
+from experiments.config import cli as config_cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _args(arg):
-  a = configlib.config_args(arg, runlocal=False, seeds=1)
+  a = config_cli.config_args(arg, runlocal=False, seeds=1)
   if a['seeds'] < 1:
-    raise configlib.ConfigError(f'config arg seeds={a["seeds"]}: expected a positive number of seeds')
+    raise config_cli.ConfigError(f'config arg seeds={a["seeds"]}: expected a positive number of seeds')
   return a
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   a = _args(arg)
-  c = configlib.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  c = config_cli.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
   if not a['runlocal']:
     c.num_train_steps = 1000
     c.eval_every_steps = 1000

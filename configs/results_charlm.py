@@ -10,14 +10,15 @@ Args (comma-separated): `seeds=N` repeats every trial over N seeds; `runlocal` s
 
 import os
 
-from experiments import configlib, sweeps
+from experiments import sweeps
+from experiments.config import cli as config_cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False, seeds=1)
-  c = configlib.load_file(os.path.join(_HERE, 'shakespeare_charlm.py') + (':runlocal' if a['runlocal'] else ''))
+  a = config_cli.config_args(arg, runlocal=False, seeds=1)
+  c = config_cli.load_file(os.path.join(_HERE, 'shakespeare_charlm.py') + (':runlocal' if a['runlocal'] else ''))
   if not a['runlocal']:  # sized for 2 CPU cores
     c.model.seq_len = 64
     c.eval_examples = 256
@@ -28,7 +29,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  a = configlib.config_args(arg, runlocal=False, seeds=1)
+  a = config_cli.config_args(arg, runlocal=False, seeds=1)
   base, steps = (20, 20) if a['runlocal'] else (1200, 300)
   # Every fine-tune starts from the float model; the float one trains as long as the quantized ones, so
   # `loss - float` in the report compares models with equal total steps (labelled by them).

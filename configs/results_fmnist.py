@@ -16,14 +16,15 @@ committed fixtures.
 
 import os
 
-from experiments import configlib, sweeps
+from experiments import sweeps
+from experiments.config import cli as config_cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False, seeds=1)
-  c = configlib.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  a = config_cli.config_args(arg, runlocal=False, seeds=1)
+  c = config_cli.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
   if not a['runlocal']:
     c.num_train_steps = 6000
     c.eval_every_steps = 2000
@@ -33,7 +34,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  a = configlib.config_args(arg, runlocal=False, seeds=1)
+  a = config_cli.config_args(arg, runlocal=False, seeds=1)
   base, steps = (20, 20) if a['runlocal'] else (6000, 1500)
   fine_tune = {'init_from': sweeps.trial_ref(f'mode=float,steps={base}'), 'num_train_steps': steps,
                'optimizer.learning_rate': 5e-4, 'optimizer.warmup_steps': 0 if a['runlocal'] else 50,

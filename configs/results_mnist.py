@@ -7,14 +7,15 @@ Expected: float >= 98.5% test accuracy, every quantized variant within a few ten
 
 import os
 
-from experiments import configlib, sweeps
+from experiments import sweeps
+from experiments.config import cli as config_cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False)
-  c = configlib.load_file(os.path.join(_HERE, 'mnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  a = config_cli.config_args(arg, runlocal=False)
+  c = config_cli.load_file(os.path.join(_HERE, 'mnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
   if not a['runlocal']:
     c.num_train_steps = 3000
     c.eval_every_steps = 3000
@@ -22,7 +23,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  runlocal = configlib.config_args(arg, runlocal=False)['runlocal']
+  runlocal = config_cli.config_args(arg, runlocal=False)['runlocal']
   steps = 20 if runlocal else 500
   fine_tune = {'init_from': sweeps.trial_ref('mode=float'), 'num_train_steps': steps,
                'optimizer.learning_rate': 5e-4, 'optimizer.warmup_steps': 0, 'eval_every_steps': steps}

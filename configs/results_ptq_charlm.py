@@ -1,7 +1,7 @@
 r"""PTQ methods on the Shakespeare char-LM (configs/results_charlm.py's model: 2 layers, d_model 128, 1200 steps).
 
     python -m experiments.sweep --config=configs/results_ptq_charlm.py --root=runs/results_ptq_charlm
-    python -m experiments.ptq_table runs/results_ptq_charlm --metric=eval/loss
+    python -m experiments.review.ptq_table runs/results_ptq_charlm --metric=eval/loss
 
 Trials: the float model, then PTQ from it, calibrated on 16 batches of 32 windows:
   weight-only  int4 / int3 weights in groups of 128 or 64 along the input (the attention output projection, which
@@ -16,14 +16,15 @@ import os
 
 import ml_collections
 
-from experiments import configlib, sweeps
+from experiments import sweeps
+from experiments.config import cli as config_cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False)
-  c = configlib.load_file(os.path.join(_HERE, 'results_charlm.py') + (':runlocal' if a['runlocal'] else ''))
+  a = config_cli.config_args(arg, runlocal=False)
+  c = config_cli.load_file(os.path.join(_HERE, 'results_charlm.py') + (':runlocal' if a['runlocal'] else ''))
   c.quant.act.granularity = 'per_tensor'  # PTQ keeps static activation ranges: one per tensor
   c.quant_summaries = False
   c.quant.groups.attn_out = ml_collections.ConfigDict({  # contracts two axes: no groups along one of them

@@ -1,7 +1,7 @@
 r"""PTQ methods on Fashion-MNIST (LeNet-5 CNN): method x weight bits, weight-only (activations float).
 
     python -m experiments.sweep --config=configs/results_ptq_fmnist.py --root=runs/results_ptq_fmnist
-    python -m experiments.ptq_table runs/results_ptq_fmnist
+    python -m experiments.review.ptq_table runs/results_ptq_fmnist
 
 Trials: the float CNN (6000 steps, as configs/results_fmnist.py), then PTQ from it with per-channel int4 / int3 /
 int2 weights in every layer (convs included) and float activations, calibrated on 16 batches of 128 images
@@ -12,7 +12,8 @@ shrinks it to a smoke test on the fixtures.
 
 import os
 
-from experiments import configlib, sweeps
+from experiments import sweeps
+from experiments.config import cli as config_cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,8 +29,8 @@ METHODS = {
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False)
-  c = configlib.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  a = config_cli.config_args(arg, runlocal=False)
+  c = config_cli.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
   c.quant.act.format = ''  # weight-only PTQ: the methods differ in how they round weights
   c.quant.weight.granularity = 'per_channel'
   c.quant_summaries = False

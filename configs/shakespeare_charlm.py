@@ -7,12 +7,12 @@ Smoke:    python -m experiments.train --config=configs/shakespeare_charlm.py:run
 Metric: eval/loss (nats per character) and eval/bits_per_char on the held-out plays.
 """
 
-from experiments import configlib
-from experiments.config_base import base_config, runlocal
+from experiments.config import cli as config_cli
+from experiments.config.defaults import base_config, runlocal
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False)
   c = base_config()
   c.dataset = 'shakespeare'
   c.model.name = 'char_lm'

@@ -15,7 +15,8 @@ Args (comma-separated): `seeds=N` repeats every trial over N seeds; `runlocal` s
 
 import os
 
-from experiments import configlib, sweeps
+from experiments import sweeps
+from experiments.config import cli as config_cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,8 +32,8 @@ ESTIMATORS = {  # weight, activation (and the activation scheme where the method
 
 
 def get_config(arg=None):
-  a = configlib.config_args(arg, runlocal=False, seeds=1)
-  c = configlib.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  a = config_cli.config_args(arg, runlocal=False, seeds=1)
+  c = config_cli.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
   if not a['runlocal']:
     c.num_train_steps = 3000
     c.eval_every_steps = 1000
@@ -43,7 +44,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  a = configlib.config_args(arg, runlocal=False, seeds=1)
+  a = config_cli.config_args(arg, runlocal=False, seeds=1)
   base, steps = (20, 20) if a['runlocal'] else (3000, 1000)
   fine_tune = {'init_from': sweeps.trial_ref(f'mode=float,steps={base}'), 'num_train_steps': steps,
                'optimizer.learning_rate': 5e-4, 'optimizer.warmup_steps': 0, 'eval_every_steps': steps}

@@ -1,4 +1,5 @@
-"""Run files on disk: the one atomic JSON writer and the one directory-size count.
+"""Run files on disk: the one atomic writer (and its JSON form), the readers of run files (and the one rule of a
+finished run), and the one directory-size count.
 
 A leaf module (it imports nothing from `experiments`) so that every layer that writes run files, from the sweep
 language to checkpoints and the bench, can import it without cycles or without pulling orbax in.
@@ -8,24 +9,25 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from typing import Any
 
 import numpy as np
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """JSON written to a temp file in the same directory, then renamed over `path`, so a reader never sees a
-  half-written file. Keys are sorted (run files diff cleanly); numpy scalars and arrays become JSON numbers and
-  lists, anything else unknown its `str`. The file gets the permissions a plain `open` would give (0o666 less the
-  umask), not mkstemp's private 0o600, so other users of a shared run directory can read it.
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+  """`data` written to a temp file in the same directory, then renamed over `path`, so a reader never sees a
+  half-written file. The file gets the permissions a plain `open` would give (0o666 less the umask), not mkstemp's
+  private 0o600, so other users of a shared run directory (or dataset cache) can read it. The one atomic writer
+  of run files, reports and the dataset cache.
   """
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix='.json')
+  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix='.' + os.path.basename(path))
   try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data.encode() if isinstance(data, str) else data)
       f.flush()
       os.fsync(f.fileno())
     umask = os.umask(0)
@@ -36,6 +38,12 @@ def write_json_atomic(path: str, obj: Any) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """`obj` as JSON, written atomically (write_atomic). Keys are sorted (run files diff cleanly); numpy scalars and
+  arrays become JSON numbers and lists, anything else unknown its `str`."""
+  write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
 
 
 def _json_default(o):
@@ -53,3 +61,40 @@ def dir_bytes(path: str | os.PathLike) -> int:
   """Bytes of all files under `path` (recursively): what a checkpoint, run or dataset directory takes on disk; 0 when
   `path` is missing or not a directory."""
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+_WARNED: set[str] = set()
+
+
+def read_json(path: str) -> Any | None:
+  """The JSON in `path`, or None when it is missing or unreadable (a run file being written, or cut short)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def read_result(workdir: str) -> dict | None:
+  """The run's result.json, or None when the run is not finished: no file, or one that is not a valid result
+  (truncated by a full disk or a copy, edited by hand), which is warned about on stderr once per path.
+
+  The one rule of "finished" the runner, the sweep and the report share: an invalid result is not finished.
+  """
+  path = os.path.join(workdir, 'result.json')
+  try:
+    with open(path) as f:
+      result = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    problem = f'{type(e).__name__}: {e}'
+  else:
+    if isinstance(result, dict):
+      return result
+    problem = f'a JSON {type(result).__name__}, not an object'
+  if path not in _WARNED:
+    _WARNED.add(path)
+    print(f'warning: {path} is not a valid result ({problem}); the run counts as not finished: rerunning resumes '
+          'it from its checkpoints and replaces the file when it finishes', file=sys.stderr, flush=True)
+  return None

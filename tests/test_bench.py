@@ -1,4 +1,4 @@
-"""experiments.bench_suites: the speed suites' harness logic at tiny sizes (never asserts speed)."""
+"""experiments/bench: the grouped suites' harness logic and the suites at tiny sizes (never asserts speed)."""
 
 import dataclasses
 import json
@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
-from experiments import bench, bench_suites, configlib, timing
-from experiments.bench_suites import Group, Target, Variant
+from experiments.bench import e2e, groups, markdown, timing
+from experiments.bench import harness as bench
+from experiments.bench.groups import Group, Target, Variant
+from experiments.config import cli as config_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {name: os.path.join(REPO, 'configs', f'bench_{name}.py')
@@ -41,7 +43,7 @@ def check_schema(data):
     assert base['role'] == 'baseline' and base['ratio'] == 1.0
     for name, r in g['results'].items():
       assert set(r) == RESULT_KEYS, name
-      assert r['role'] in bench_suites.ROLES
+      assert r['role'] in groups.ROLES
       assert len(r['samples_s']) == 2 and r['min_s'] <= r['median_s'] <= r['max_s']
       assert r['ratio'] == pytest.approx(r['median_s'] / base['median_s'])
       assert r['ratio_min'] == pytest.approx(r['min_s'] / base['min_s'])
@@ -72,7 +74,7 @@ def test_raw_dot_cli_json_markdown_and_tensorboard(tmp_path, capsys):
   md = (tmp_path / 'bench.md').read_text()
   assert md.startswith('## raw_dot') and '### 1x64x64' in md and '| int8 -> int32 |' in md and 'cpu_model' in md
   assert '## raw_dot' in capsys.readouterr().out
-  from experiments import tb
+  from experiments.review import tensorboard as tb
   scalars = tb.read_scalars(tmp_path)
   assert 'raw_dot/32x32x32/f32/ratio' in scalars and 'raw_dot/1x64x64/int8_-_int32/median_ms' in scalars
   assert scalars['raw_dot/32x32x32/f32/ratio'][0][1] == pytest.approx(1.0)
@@ -246,30 +248,30 @@ def synthetic_group():
 
 def test_group_result_ratios_and_flags_on_synthetic_stats():
   group, st = synthetic_group()
-  g = bench_suites.group_result(st, group)
+  g = groups.group_result(st, group)
   r = g['results']
   assert r['fast q']['ratio'] == 0.5 and r['fast q']['speedup'] == 2.0 and r['fast q']['ratio_min'] == 0.4
   assert r['slow q']['ratio'] == 1.5 and r['contrast']['role'] == 'contrast'
-  flags = bench_suites.slower_than_baseline([g])
+  flags = groups.slower_than_baseline([g])
   assert [f['variant'] for f in flags] == ['slow q', 'edge q']
   assert flags[0]['text'] == 'slow q is 1.50x the time of f32 on g (slower)'
-  assert [f['variant'] for f in bench_suites.slower_than_baseline([g], tolerance=0.05)] == ['slow q']
-  both = bench_suites.slower_than_baseline([g], roles=('quantized', 'contrast'))
+  assert [f['variant'] for f in groups.slower_than_baseline([g], tolerance=0.05)] == ['slow q']
+  both = groups.slower_than_baseline([g], roles=('quantized', 'contrast'))
   assert [f['variant'] for f in both] == ['slow q', 'edge q', 'contrast']
-  targets = bench_suites.check_targets(group, g)
+  targets = groups.check_targets(group, g)
   assert [(t['variant'], t['met']) for t in targets] == [('fast q', True), ('slow q', False)]
   assert targets[1]['ratio'] == 1.5 and targets[1]['max_ratio'] == 0.9
-  warns = bench_suites.slow_int8_warnings([g])
+  warns = groups.slow_int8_warnings([g])
   assert len(warns) == 1 and warns[0].startswith("g / ref: 2 int8 matmul(s) off XLA:CPU's fast")
 
 
 def test_markdown_summary_and_targets():
   group, st = synthetic_group()
-  g = bench_suites.group_result(st, group)
-  result = {'suite': 's', 'warnings': ['w1'], 'groups': [g], 'targets': bench_suites.check_targets(group, g),
-            'flags': bench_suites.slower_than_baseline([g]), 'records': {'a': {'b': 1.5}},
+  g = groups.group_result(st, group)
+  result = {'suite': 's', 'warnings': ['w1'], 'groups': [g], 'targets': groups.check_targets(group, g),
+            'flags': groups.slower_than_baseline([g]), 'records': {'a': {'b': 1.5}},
             'machine': {'cpu_model': 'x'}, 'command': 'c'}
-  md = bench_suites.result_markdown(result)
+  md = markdown.result_markdown(result)
   assert md.startswith('## s\n\n**WARNING:** w1')
   assert '| g | 1 s | 1.00x | 0.50x | 1.50x | 1.04x | 3.00x | 0.90x |' in md
   assert '| g | slow q | slow | <= 0.9x | 1.50x | NOT met |' in md
@@ -289,28 +291,28 @@ def test_data_model_errors():
 
 
 def test_shapes_and_tags():
-  assert bench_suites.parse_shape('256x1024x4096') == (256, 1024, 4096)
+  assert groups.parse_shape('256x1024x4096') == (256, 1024, 4096)
   with pytest.raises(ValueError, match='MxKxN'):
-    bench_suites.parse_shape('256x1024')
-  config = configlib.load_file(CONFIGS['raw_dot'])
-  shapes = bench_suites.matmul_shapes(config)
+    groups.parse_shape('256x1024')
+  config = config_cli.load_file(CONFIGS['raw_dot'])
+  shapes = groups.matmul_shapes(config)
   assert shapes[:4] == [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048)]
   assert (256, 1024, 4096) in shapes and (4096, 4096, 1024) in shapes and (1, 4096, 4096) in shapes
   assert (4096, 4096, 4096) not in shapes
-  assert (4096, 4096, 4096) in bench_suites.matmul_shapes(configlib.load_file(f"{CONFIGS['raw_dot']}:full"))
+  assert (4096, 4096, 4096) in groups.matmul_shapes(config_cli.load_file(f"{CONFIGS['raw_dot']}:full"))
   config.squares, config.small_m, config.small_m_kn = (32,), (32,), 32
-  assert bench_suites.matmul_shapes(config).count((32, 32, 32)) == 1
-  assert bench_suites.sanitize_tag('serving int8 W, small_m=0') == 'serving_int8_W_small_m=0'
+  assert groups.matmul_shapes(config).count((32, 32, 32)) == 1
+  assert groups.sanitize_tag('serving int8 W, small_m=0') == 'serving_int8_W_small_m=0'
 
 
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_configs(name):
-  mod, _ = configlib.load_module(CONFIGS[name])
+  mod, _ = config_cli.load_module(CONFIGS[name])
   assert 'python -m experiments.bench' in mod.__doc__ and '--config=configs/bench_' in mod.__doc__
   assert 'runlocal' in mod.__doc__
   full, local = mod.get_config(None), mod.get_config('runlocal')
-  assert full.module == 'experiments.bench_suites' and full.suite in bench.SUITES
-  assert bench.get_suite(full.suite, full.module) is bench_suites.SUITE_FNS[full.suite]
+  assert 'module' not in full and bench.get_suite(full.suite) is bench.SUITES[full.suite]
+  assert bench.SUITES[full.suite].__module__ == f'experiments.bench.{full.suite}'
   if 'timing' in full:
     assert full.timing.rounds >= 7 and full.timing.warmup >= 1 and local.timing.rounds < full.timing.rounds
   with pytest.raises(ValueError, match='unknown config arg'):
@@ -329,16 +331,16 @@ def test_small_m_blocked_float_product_is_the_routed_float_matmul():
   from qjax.ops import dot_general, inspect_matmuls, int8_dynamic
   dg = sys.modules['qjax.ops.dot_general']
   k, n = 1024, 1024
-  assert dg._float_block_rows((2, k), (k, n), bench_suites.DN) == 512
-  assert dg._float_block_rows((33, k), (k, n), bench_suites.DN) == 0  # more rows than _BLOCK_MAX_ROWS
-  assert dg._float_block_rows((2, 64), (64, 48), bench_suites.DN) == 0  # a small rhs: one plain dot
-  assert dg._float_block_rows((1, 4096), (4096, 4096), bench_suites.DN) == 256
+  assert dg._float_block_rows((2, k), (k, n), groups.DN) == 512
+  assert dg._float_block_rows((33, k), (k, n), groups.DN) == 0  # more rows than _BLOCK_MAX_ROWS
+  assert dg._float_block_rows((2, 64), (64, 48), groups.DN) == 0  # a small rhs: one plain dot
+  assert dg._float_block_rows((1, 4096), (4096, 4096), groups.DN) == 256
   x = jax.random.normal(jax.random.key(0), (1, k))  # one row: routed (small_m=1)
   w = jax.random.normal(jax.random.key(1), (k, n))
   for po2 in (False, True):
     wspec = qjax.QuantSpec(granularity='per_channel', axis=1, po2_scale=po2)
     cfg = dataclasses.replace(int8_dynamic(bwd_bits=None, po2_scale=po2), small_m=1)
-    f = jax.jit(lambda x, w, cfg=cfg: dot_general(x, w, bench_suites.DN, config=cfg))
+    f = jax.jit(lambda x, w, cfg=cfg: dot_general(x, w, groups.DN, config=cfg))
     wq = qjax.quantize(w, wspec)
     served, dynamic = f(x, wq), f(x, w)
     np.testing.assert_array_equal(served, dynamic)
@@ -357,11 +359,10 @@ def test_bench_rules_keep_the_act_format_as_written():
   default ('auto') is; an override still reaches them."""
   import ml_collections
 
-  from experiments import bench_gpu
-  from experiments import bench_suites as bs
+  from experiments.bench import gpu as bench_gpu
   for kind in ('qat', 'qat_fake', 'int8_train', 'ptq', 'ptq_int4'):
-    assert all(r.act_signedness == 'format' for r in bs.quant_rules(kind, None)), kind
+    assert all(r.act_signedness == 'format' for r in e2e.quant_rules(kind, None)), kind
   fp8 = bench_gpu.gpu_rules('fp8_train', ml_collections.ConfigDict({'fp8_history': 4}))
   assert all(r.act_signedness == 'format' for r in fp8)
   cfg = ml_collections.ConfigDict({'quant_overrides': {'act_signedness': 'auto'}})
-  assert all(r.act_signedness == 'auto' for r in bs.quant_rules('qat', cfg))
+  assert all(r.act_signedness == 'auto' for r in e2e.quant_rules('qat', cfg))

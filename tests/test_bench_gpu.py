@@ -1,10 +1,11 @@
-"""experiments.bench_gpu at its runlocal size on the CPU: the suite's structure, targets, records and its
+"""experiments/bench/gpu.py at its runlocal size on the CPU: the suite's structure, targets, records and its
 resilience (never asserts speed; the GPU figures come from experiments/gpu.sh on a GPU machine)."""
 
 import json
 import os
 
-from experiments import bench, bench_gpu
+from experiments.bench import gpu as bench_gpu
+from experiments.bench import harness as bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'bench_gpu.py')

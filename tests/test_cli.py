@@ -11,8 +11,11 @@ import time
 
 import pytest
 
-from experiments import checkpoints as ckpt_lib
-from experiments import configlib, progress, sweep, train
+from experiments.config import cli as config_cli
+from experiments.sweeps import launch as sweep
+from experiments.training import checkpoints as ckpt_lib
+from experiments.training import progress
+from experiments.training import runner as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
@@ -82,7 +85,7 @@ def test_a_full_disk_names_the_path_and_what_was_kept(tmp_path, monkeypatch, cap
     save(self, step, tree)
 
   monkeypatch.setattr(ckpt_lib.Checkpoints, 'save', save_until_full)
-  rc = configlib.main_guard(train.main, train.RunError, argv=[
+  rc = config_cli.main_guard(train.main, train.RunError, argv=[
       '--config=configs/fmnist_mlp.py:runlocal', '--config.num_train_steps=10', '--config.checkpoint_every_steps=5',
       '--config.model.hidden=(8,)', '--config.quant_summaries=false', f'--workdir={tmp_path}'])
   err = capsys.readouterr().err
@@ -163,7 +166,7 @@ def test_config_help_lists_every_key_with_value_and_comment():
   lines = {line.split('=')[0].strip(): line for line in r.stdout.splitlines() if ' = ' in line}
   assert "'int4'" in lines['quant.act.format'] and '6000' in lines['num_train_steps']  # overrides applied
   assert "# 'auto' (cache, then fetch)" in lines['data_source'] and '# conv channels' in lines['model.features']
-  assert len(lines) == len(configlib.flatten(configlib.to_dict(configlib.load_file('configs/fmnist_cnn.py'))))
+  assert len(lines) == len(config_cli.flatten(config_cli.to_dict(config_cli.load_file('configs/fmnist_cnn.py'))))
   only = cli('sweep', '--config=configs/quickstart.py:runlocal', '--list_config')
   assert only.returncode == 0 and only.stdout.lstrip().startswith('batch_size') and 'quant.weight.format' in only.stdout
 

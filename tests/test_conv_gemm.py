@@ -117,7 +117,7 @@ def test_patch_bytes():
 
 
 def test_conv_bench_suite_runlocal(tmp_path):
-  from experiments import bench
+  from experiments.bench import harness as bench
   config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'bench_conv.py')
   assert bench.main([f'--config={config}:runlocal', f'--workdir={tmp_path}']) == 0
   data = json.loads((tmp_path / 'bench.json').read_text())

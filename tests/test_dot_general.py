@@ -20,8 +20,8 @@ from jax import lax
 
 import qjax
 from qjax import QuantSpec, ops
+from qjax.hlo import parse_lowered
 from qjax.ops import DotConfig, MatmulConfig
-from qjax.ops.inspect import parse_lowered
 
 dg = importlib.import_module('qjax.ops.dot_general')  # the module (qjax.ops.dot_general is the function)
 
@@ -568,3 +568,12 @@ def test_bad_config_unequal_groups_in_real_mode():
                                    mode='real'))
   with pytest.raises(ValueError, match=r'fwd.*group_size=16.*group_size=32'):
     _trace(cfg)
+
+
+def test_int_dynamic_names_its_width():
+  """int_dynamic(bits) is the general recipe; int8_dynamic is int8 only (int8_dynamic(4) used to return int4)."""
+  from qjax import ops
+  assert ops.int_dynamic(4).fwd.lhs.format == 'int4' and ops.int_dynamic(4, bwd_bits=None).dlhs.lhs is None
+  assert ops.int8_dynamic(8) == ops.int_dynamic(8) and ops.int8_dynamic().fwd.rhs.format == 'int8'
+  with pytest.raises(ValueError, match=r'int_dynamic\(4\)'):
+    ops.int8_dynamic(4)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from jax import lax
 
+from qjax import hlo as qi
 from qjax import ops
-from qjax.ops import inspect as qi
 
 on_cpu = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU fast-kernel (YNN) behaviour')
 DN = (((1,), (0,)), ((), ()))

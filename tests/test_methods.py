@@ -1,4 +1,4 @@
-"""Quantizer methods as registered objects (issue 11, part 1): the registry, one fake_quant signature, and a
+"""Quantizer methods as registered objects: the registry, one fake_quant signature, and a
 method registered from outside working through every consumer."""
 
 import ast

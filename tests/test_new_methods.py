@@ -1,4 +1,4 @@
-"""The three methods added through the registry alone (issue 11, part 1): DSQ (Gong et al., 2019), DoReFa weights
+"""The three methods added through the registry alone: DSQ (Gong et al., 2019), DoReFa weights
 (Zhou et al., 2016) and QDrop (Wei et al., 2022), each in its own module plus one line of qjax/registered.py,
 tested against hand-derived values."""
 

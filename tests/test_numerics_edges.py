@@ -1,4 +1,4 @@
-"""Numerics never hide a problem (issue 11, part 2): non-finite values, zero-size operands, ranges at the float
+"""Numerics never hide a problem: non-finite values, zero-size operands, ranges at the float
 limits, binary grids of zeros, specs that mean nothing, unsigned grids meeting negatives, the half-step absmax."""
 
 import importlib

@@ -1,11 +1,12 @@
-"""experiments/peer_ptq.py: Qwix's PTQ through its own API on a qjax testbed model, and the side-by-side table."""
+"""experiments/training/peer_ptq.py: Qwix's PTQ through its own API on a qjax testbed model, and the table."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import configlib, peer_ptq
+from experiments.config import cli as config_cli
 from experiments.models import LeNet5
+from experiments.training import peer_ptq
 
 qwix = pytest.importorskip('qwix')
 
@@ -57,5 +58,5 @@ def test_table_has_a_column_per_width_and_tool_and_says_where_a_peer_failed():
 
 
 def test_a_config_without_a_peer_section_is_a_clear_error():
-  with pytest.raises(configlib.ConfigError, match='no `peer` section'):
+  with pytest.raises(config_cli.ConfigError, match='no `peer` section'):
     peer_ptq.main(['--config=configs/fmnist_cnn.py:runlocal', '--workdir=/tmp/never-written'])

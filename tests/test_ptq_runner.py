@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import configlib, train
-from experiments import ptq as ptq_runner
+from experiments.config import cli as config_cli
+from experiments.config import ptq as ptq_config
+from experiments.training import ptq as ptq_runner
+from experiments.training import runner as train
 from qjax.ptq import online, rotation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,17 +93,17 @@ def test_cli_subprocess(root):
 
 
 def test_config_errors_name_the_nearest_method():
-  c = configlib.load_file(os.path.join(ROOT, 'configs/fmnist_mlp.py:runlocal'))
+  c = config_cli.load_file(os.path.join(ROOT, 'configs/fmnist_mlp.py:runlocal'))
   c.mode = 'ptq'
   c.ptq.method = 'smoothquant,gtpq'
-  with pytest.raises(configlib.ConfigError, match="'gtpq' is not one of .*did you mean 'gptq'"):
+  with pytest.raises(config_cli.ConfigError, match="'gtpq' is not one of .*did you mean 'gptq'"):
     train.validate(c)
   c.ptq.method = 'gptq'
   c.ptq.gptq.damp = 0.1
   train.validate(c)
-  assert ptq_runner.unused(c, ['ptq.method']) is None
+  assert ptq_config.unused(c, ['ptq.method']) is None
   c.mode = 'qat'
-  assert "config.ptq.method has no effect: config.mode='qat'" in ptq_runner.unused(c, ['seed', 'ptq.method'])
+  assert "config.ptq.method has no effect: config.mode='qat'" in ptq_config.unused(c, ['seed', 'ptq.method'])
 
 
 # ------------------------------------------------------------------------------ the online op, exact in float
@@ -148,7 +150,7 @@ def test_im2col_rows_times_the_flat_kernel_is_the_conv(padding, strides):
 
 
 def test_ptq_table_from_result_files(tmp_path):
-  from experiments import ptq_table  # noqa: PLC0415
+  from experiments.review import ptq_table  # noqa: PLC0415
 
   def write(name, mode, fmt, acc, nbytes, info=None):
     os.makedirs(tmp_path / name)

@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from experiments import fileio, report, tb
+from experiments import fileio
+from experiments.review import report, results
+from experiments.review import tensorboard as tb
 
 
 def _trial(root, name, labels, config, result=None, error=None):
@@ -67,17 +69,17 @@ def test_pareto_front():
   # (4, .95) front; NaN never on the front.
   costs = [1, 2, 2, 3, 4, float('nan'), 5]
   values = [0.5, 0.5, 0.9, 0.9, 0.95, 0.99, float('nan')]
-  assert report.pareto_front(costs, values) == [True, False, True, False, True, False, False]
+  assert results.pareto_front(costs, values) == [True, False, True, False, True, False, False]
   # Lower is better (bits/char): the same points mirrored.
-  assert report.pareto_front([1, 2, 3], [2.0, 1.5, 1.6], higher=False) == [True, True, False]
-  assert report.pareto_front([1, 1], [0.5, 0.5]) == [True, True]  # equal points do not dominate each other
-  assert report.pareto_front([], []) == []
+  assert results.pareto_front([1, 2, 3], [2.0, 1.5, 1.6], higher=False) == [True, True, False]
+  assert results.pareto_front([1, 1], [0.5, 0.5]) == [True, True]  # equal points do not dominate each other
+  assert results.pareto_front([], []) == []
 
 
 def test_summary_groups_seeds_and_computes_fronts(root):
-  trials, manifest = report.load_trials(root)
+  trials, manifest = results.load_trials(root)
   assert [t['status'] for t in trials] == ['done'] * 6 + ['failed', 'not run']
-  configs, metric, higher = report.summarize(trials)
+  configs, metric, higher = results.summarize(trials)
   assert (metric, higher) == ('eval/accuracy', True)
   by = {c.label: c for c in configs}
   assert set(by) == {'mode=float,bits=w32', 'mode=qat,bits=w8', 'mode=qat,bits=w4', 'mode=ptq,bits=w4'}
@@ -144,7 +146,7 @@ def test_latency_front_uses_the_ratio_to_float_and_keeps_collapsed_trials_off(tm
              _result(0.11, 0.10, nbytes=300, latency={'serving_ms': 0.5, 'ratio_to_float': 0.3})),
   ]
   fileio.write_json_atomic(os.path.join(root, 'sweep.json'), {'config': 'configs/hand.py', 'trials': listed})
-  configs, _, _ = report.summarize(report.load_trials(root)[0])
+  configs, _, _ = results.summarize(results.load_trials(root)[0])
   by = {c.label: c for c in configs}
   assert by['mode=qat,bits=w8'].front['latency_ratio'] and by['mode=float'].front['latency_ratio']
   w2 = by['mode=ptq,bits=w2']
@@ -162,9 +164,9 @@ def test_without_manifest_labels_come_from_differing_keys(tmp_path):
   for fmt in ('int8', 'int4'):
     for seed in (0, 1):
       _trial(root, f'{fmt}-{seed}', None, _config('qat', fmt, seed), _result(0.8 + (fmt == 'int8') * 0.1))
-  trials, _ = report.load_trials(root)
+  trials, _ = results.load_trials(root)
   assert trials[0]['labels'] == {'act.format': 'int4', 'weight.format': 'int4', 'seed': '0'}
-  configs, _, _ = report.summarize(trials)
+  configs, _, _ = results.summarize(trials)
   assert sorted((c.label, c.seeds) for c in configs) == [('act.format=int4,weight.format=int4', 2),
                                                          ('act.format=int8,weight.format=int8', 2)]
   assert report.main([root]) == 0 and report.main([]) == 2 and report.main([str(tmp_path / 'nope')]) == 2
@@ -172,20 +174,20 @@ def test_without_manifest_labels_come_from_differing_keys(tmp_path):
 
 
 def test_significance_is_judged_by_the_seed_spread():
-  assert report.significance(0.3, (3, 3), (0.2, 0.4)) == 'n.s.'    # within the larger spread
-  assert report.significance(-0.5, (3, 3), (0.2, 0.4)) == ''       # beyond both
-  assert report.significance(0.5, (1, 3), (0.0, 0.1)) == '1 seed'
-  assert report.significance(float('nan'), (3, 3), (0.1, 0.1)) == ''
+  assert results.significance(0.3, (3, 3), (0.2, 0.4)) == 'n.s.'    # within the larger spread
+  assert results.significance(-0.5, (3, 3), (0.2, 0.4)) == ''       # beyond both
+  assert results.significance(0.5, (1, 3), (0.0, 0.1)) == '1 seed'
+  assert results.significance(float('nan'), (3, 3), (0.1, 0.1)) == ''
 
 
 def test_each_model_is_compared_with_its_own_float_run():
   def cfg(model, mode, acc, std, seeds=3):
-    return report.Config(label=f'{model},{mode}', values={'model': model, 'mode': mode}, trials=[], seeds=seeds,
+    return results.Config(label=f'{model},{mode}', values={'model': model, 'mode': mode}, trials=[], seeds=seeds,
                          metric=(acc, std), serving_metric=(float('nan'), float('nan')), loss=(0.0, 0.0),
                          weight_bits=8, serving_bytes=1.0, train_step_ms=1.0, latency_ms=1.0, int8_matmuls='',
                          wall_time_s=1.0, mode=mode)
   cs = [cfg('cnn', 'float', 0.90, 0.01), cfg('resnet', 'float', 0.93, 0.01),
         cfg('cnn', 'qat', 0.895, 0.01), cfg('resnet', 'qat', 0.90, 0.01)]
-  report.compare_to_float(cs)
+  results.compare_to_float(cs)
   assert cs[2].vs_float == (pytest.approx(-0.005), 'n.s.')
   assert cs[3].vs_float == (pytest.approx(-0.03), '')

@@ -6,7 +6,8 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments import report, summaries  # noqa: E402
+from experiments.review import plots, results  # noqa: E402
+from experiments.training import summaries  # noqa: E402
 
 
 def _rows():  # as summaries.layer_stats gives them: one row per quantized operand ('<op><i>_lhs' / '_rhs')
@@ -44,7 +45,7 @@ def test_sqnr_bars_are_centred_on_their_ticks_with_the_legend_off_the_data():
 
 def _config(label, bits, score, *, std=0.0, seeds=1, front=False, far=False):
   nan = float('nan')
-  return report.Config(label=label, values={'bits': label}, trials=[label], seeds=seeds, metric=(score, std),
+  return results.Config(label=label, values={'bits': label}, trials=[label], seeds=seeds, metric=(score, std),
                        serving_metric=(nan, nan), loss=(nan, nan), weight_bits=bits, serving_bytes=nan,
                        train_step_ms=nan, latency_ms=nan, int8_matmuls='n/a', wall_time_s=nan,
                        front={'weight_bits': front}, far_below_float=far)
@@ -54,7 +55,7 @@ def test_pareto_labels_never_overlap_and_the_caption_names_the_front():
   crowd = [_config(f'w4-variant-{i}', 4, 0.80 + 0.001 * i) for i in range(9)]  # nine points in one spot
   configs = crowd + [_config('w8', 8, 0.9, std=0.01, seeds=3, front=True), _config('w32', 32, 0.91, front=True),
                      _config('w2', 2, 0.1, far=True), _config('w4-best', 4, 0.85, front=True)]
-  fig = report.pareto_figure(configs, 'weight_bits', 'weight bits', 'eval/accuracy', True)
+  fig = plots.pareto_figure(configs, 'weight_bits', 'weight bits', 'eval/accuracy', True)
   ax = fig.axes[0]
   renderer = fig.canvas.get_renderer()
   shown = [t.get_window_extent(renderer) for t in ax.texts if t.get_visible()]

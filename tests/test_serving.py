@@ -16,7 +16,7 @@ from experiments.fileio import dir_bytes
 from experiments.models import MLP
 from qjax.flax import ServingWeight, convert_linen, convert_nnx, quantize_linen, quantize_nnx
 from qjax.flax.intercept import pack_int4, unpack_int4
-from qjax.ops.inspect import parse_lowered
+from qjax.hlo import parse_lowered
 
 RULES = [
     {'module_path': 'conv', 'weight': {'format': 'int8', 'granularity': 'per_channel', 'estimator': 'lsq'},

@@ -18,7 +18,12 @@ import urllib.request
 
 import pytest
 
-from experiments import board, configlib, fileio, sweep, sweeps, tb
+from experiments import fileio, sweeps
+from experiments.config import cli as config_cli
+from experiments.review import board
+from experiments.review import tensorboard as tb
+from experiments.sweeps import launch as sweep
+from experiments.sweeps.claims import Claim
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -63,7 +68,7 @@ def fake_trial(config, workdir, log=print):
     fileio.write_json_atomic(ckpt, steps)
   if config.fail and config.fail == name and not os.path.exists(os.path.join(workdir, 'healed')):
     raise ValueError(f'injected failure in {name}')
-  c = configlib.to_dict(config)
+  c = config_cli.to_dict(config)
   result = {'metrics': {'eval/accuracy': _accuracy(config), 'eval/loss': 1 - _accuracy(config)},
             'serving_bytes': 1000 if config.quant.weight.format == 'int8' else 500,
             'train': {'steps_per_sec': 20.0}, 'matmuls': {'int8': 2, 'total': 3}, 'mode': config.mode, 'config': c}
@@ -99,13 +104,13 @@ def _steps(root, name):
 
 
 def test_expansion_names_ids_and_overrides(fake_cfg, tmp_path):
-  module, arg = configlib.load_module(fake_cfg)
+  module, arg = config_cli.load_module(fake_cfg)
   trials = sweeps.expand(module, arg, str(tmp_path / 'root'))
   assert [t.name for t in trials] == ['w=int8,a=int8,seed=0', 'w=int8,a=int8,seed=1',
                                       'w=int4,a=int4,seed=0', 'w=int4,a=int4,seed=1']
   assert trials[2].config.quant.act.format == 'int4' and trials[2].config.seed == 0
   assert trials[2].overrides == {'quant.weight.format': 'int4', 'quant.act.format': 'int4', 'seed': 0}
-  again = sweeps.expand(*configlib.load_module(fake_cfg), str(tmp_path / 'root'))
+  again = sweeps.expand(*config_cli.load_module(fake_cfg), str(tmp_path / 'root'))
   assert [t.id for t in trials] == [t.id for t in again]  # deterministic
   assert len({t.id for t in trials}) == 4
   assert trials[0].id == sweeps.config_id(trials[0].config)
@@ -113,9 +118,9 @@ def test_expansion_names_ids_and_overrides(fake_cfg, tmp_path):
                                            'quant.act.format': ['int8', 'int4']}  # no seed
   # --config.* overrides reach every trial; a swept key cannot be overridden; typos name the nearest key.
   assert all(t.config.steps == 7 for t in sweeps.expand(module, arg, str(tmp_path), [('steps', '7')]))
-  with pytest.raises(configlib.ConfigError, match='swept'):
+  with pytest.raises(config_cli.ConfigError, match='swept'):
     sweeps.expand(module, arg, str(tmp_path), [('seed', '3')])
-  with pytest.raises(configlib.ConfigError, match="did you mean 'steps'"):
+  with pytest.raises(config_cli.ConfigError, match="did you mean 'steps'"):
     sweeps.expand(module, arg, str(tmp_path), [('stesp', '3')])
 
 
@@ -129,7 +134,7 @@ def test_axis_forms_short_names_and_refs(tmp_path):
   short = sweeps.short_names(s.axes)
   assert short == {'mode': 'mode', 'quant.weight.format': 'weight.format', 'quant.act.format': 'act.format'}
   module = type('M', (), {})()
-  module.get_config = lambda arg=None: configlib.load_file(os.path.join(REPO, 'configs/fmnist_cnn.py'))
+  module.get_config = lambda arg=None: config_cli.load_file(os.path.join(REPO, 'configs/fmnist_cnn.py'))
   module.get_sweep = lambda arg=None: s
   trials = sweeps.expand(module, None, str(tmp_path))
   assert [t.name for t in trials] == ['mode=float', 'mode=ptq,weight.format=int8,act.format=int8',
@@ -137,19 +142,19 @@ def test_axis_forms_short_names_and_refs(tmp_path):
   assert trials[1].deps == [0] and trials[1].config.init_from == os.path.join(str(tmp_path), 'mode=float')
   assert trials[1].refs == {'init_from': 'mode=float'}
   assert 'init_from' not in sweeps.hparam_domains(trials)
-  with pytest.raises(configlib.ConfigError, match='one length'):
+  with pytest.raises(config_cli.ConfigError, match='one length'):
     sweeps.zipped(sweeps.axis('seed', [0, 1]), sweeps.axis('mode', ['qat']))
-  with pytest.raises(configlib.ConfigError, match='twice'):
+  with pytest.raises(config_cli.ConfigError, match='twice'):
     sweeps.product(sweeps.axis('seed', [0]), sweeps.axis('seed', [1]))
-  with pytest.raises(configlib.ConfigError, match='label'):
+  with pytest.raises(config_cli.ConfigError, match='label'):
     sweeps.axis('bits', [{'quant.weight.format': 'int4'}])
   module.get_sweep = lambda arg=None: sweeps.axis('mode', ['qat', 'qat'])
-  with pytest.raises(configlib.ConfigError, match='both named'):
+  with pytest.raises(config_cli.ConfigError, match='both named'):
     sweeps.expand(module, None, str(tmp_path))
 
 
 def test_quickstart_sweep_expands():
-  module, arg = configlib.load_module(os.path.join(REPO, 'configs/quickstart.py'))
+  module, arg = config_cli.load_module(os.path.join(REPO, 'configs/quickstart.py'))
   trials = sweeps.expand(module, arg, '/tmp/qs')
   assert [t.name for t in trials] == ['mode=float', 'mode=qat,bits=w8a8', 'mode=qat,bits=w4a4',
                                       'mode=qat,bits=w2a2', 'mode=ptq,bits=w8a8', 'mode=ptq,bits=w4a4',
@@ -158,7 +163,7 @@ def test_quickstart_sweep_expands():
   assert by['mode=qat,bits=w2a2'].config.quant.weight.estimator == 'lsq'
   assert by['mode=ptq,bits=w4a4'].config.init_from == '/tmp/qs/mode=float'
   assert all(t.deps == [0] for t in trials if t.config.mode == 'ptq')
-  seeds = sweeps.expand(*configlib.load_module(os.path.join(REPO, 'configs/quickstart.py:seeds=2')), '/tmp/qs')
+  seeds = sweeps.expand(*config_cli.load_module(os.path.join(REPO, 'configs/quickstart.py:seeds=2')), '/tmp/qs')
   assert len(seeds) == 14 and seeds[-1].name == 'mode=ptq,bits=w2a2,seed=1' and seeds[-1].deps == [1]
 
 
@@ -176,9 +181,9 @@ def test_dry_run_and_index(fake_cfg, tmp_path, monkeypatch):
   assert not os.path.exists(os.path.join(root, 'w=int8,a=int8,seed=0'))
   assert any('start  w=int4,a=int4,seed=0' in line for line in out)
   assert any(line.startswith('tally: 1 done, 0 skipped, 0 failed') for line in out)
-  with pytest.raises(configlib.ConfigError, match='0..3'):
+  with pytest.raises(config_cli.ConfigError, match='0..3'):
     _sweep([f'--config={fake_cfg}', f'--root={root}', '--index=4'])
-  with pytest.raises(configlib.ConfigError, match="unknown flag --workres; did you mean --workers\\?"):
+  with pytest.raises(config_cli.ConfigError, match="unknown flag --workres; did you mean --workers\\?"):
     _sweep([f'--config={fake_cfg}', f'--root={root}', '--workres=2'])
 
 
@@ -206,7 +211,7 @@ def test_failing_trial_is_recorded_and_retried_alone(fake_cfg, tmp_path):
   assert rc == 0 and any(line.startswith('tally: 1 done, 3 skipped, 0 failed') for line in out), out
   assert not os.path.exists(os.path.join(root, bad, 'error.json'))
   assert _runs(root, bad) == 3 and _steps(root, bad) == [1, 2, 3]
-  for t in sweeps.expand(*configlib.load_module(fake_cfg), root):
+  for t in sweeps.expand(*config_cli.load_module(fake_cfg), root):
     if t.name != bad:
       assert _runs(root, t.name) == 1 and _steps(root, t.name) == [1, 2, 3]
   report = open(os.path.join(root, 'report.md')).read()
@@ -219,12 +224,12 @@ def test_rerun_with_changed_overrides_is_refused_then_rerun_on_request(fake_cfg,
   assert _sweep(args)[0] == 0
   assert not os.path.exists(os.path.join(root, sweep.REPLACED))  # made only when something moves there
   manifest = open(os.path.join(root, 'sweep.json')).read()
-  with pytest.raises(configlib.ConfigError, match=r'(?s)4 trial\(s\).*w=int8,a=int8,seed=0: steps.*--rerun_changed'):
+  with pytest.raises(config_cli.ConfigError, match=r'(?s)4 trial\(s\).*w=int8,a=int8,seed=0: steps.*--rerun_changed'):
     _sweep(args + ['--config.steps=4'])
   assert open(os.path.join(root, 'sweep.json')).read() == manifest  # nothing relabelled
   rc, out = _sweep(args + ['--config.steps=4', '--dry_run'])
   assert rc == 0 and all(line.split()[3] == 'changed' for line in out), out
-  names = [t.name for t in sweeps.expand(*configlib.load_module(fake_cfg), root)]
+  names = [t.name for t in sweeps.expand(*config_cli.load_module(fake_cfg), root)]
   assert all(_steps(root, n) == [1, 2, 3] for n in names)
   rc, out = _sweep(args + ['--config.steps=4', '--rerun_changed'])
   assert rc == 0 and any(line.startswith('tally: 4 done, 0 skipped') for line in out), out
@@ -237,7 +242,7 @@ def test_rerun_with_changed_overrides_is_refused_then_rerun_on_request(fake_cfg,
 
 
 def test_a_truncated_result_is_not_finished_for_the_sweep_and_the_report(fake_cfg, tmp_path, capsys):
-  from experiments import report  # noqa: PLC0415
+  from experiments.review import results  # noqa: PLC0415
   root = str(tmp_path / 'root')
   args = [f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=1']
   assert _sweep(args)[0] == 0
@@ -246,7 +251,7 @@ def test_a_truncated_result_is_not_finished_for_the_sweep_and_the_report(fake_cf
   text = open(path).read()
   open(path, 'w').write(text[:len(text) // 2])  # a disk that filled up mid-write
   capsys.readouterr()
-  status = {t['name']: t['status'] for t in report.load_trials(root)[0]}
+  status = {t['name']: t['status'] for t in results.load_trials(root)[0]}
   assert status[cut] == 'not run' and list(status.values()).count('done') == 3
   assert f'warning: {path} is not a valid result' in capsys.readouterr().err
   rc, out = _sweep(args)
@@ -256,10 +261,10 @@ def test_a_truncated_result_is_not_finished_for_the_sweep_and_the_report(fake_cf
 
 def test_a_trial_starting_from_a_changed_trial_counts_as_changed(tmp_path):
   root = str(tmp_path)
-  module, arg = configlib.load_module(os.path.join(REPO, 'configs/quickstart.py:runlocal'))
+  module, arg = config_cli.load_module(os.path.join(REPO, 'configs/quickstart.py:runlocal'))
   trials = sweeps.expand(module, arg, root)
   for t in trials:  # every trial finished with the config it has now, except the float one
-    stored = configlib.to_dict(t.config)
+    stored = config_cli.to_dict(t.config)
     if t.name == 'mode=float':
       stored['num_train_steps'] += 1
     fileio.write_json_atomic(os.path.join(root, t.name, 'result.json'), {'config': stored})
@@ -278,7 +283,7 @@ def test_dead_worker_fails_its_trial_only(fake_cfg, tmp_path):
   assert any(line.startswith('tally: 3 done, 0 skipped, 1 failed') for line in out), '\n'.join(out)
   err = json.load(open(os.path.join(root, crash, 'error.json')))
   assert 'exit code 3' in err['message']
-  for t in sweeps.expand(*configlib.load_module(fake_cfg), root):
+  for t in sweeps.expand(*config_cli.load_module(fake_cfg), root):
     if t.name != crash:
       assert os.path.exists(os.path.join(root, t.name, 'result.json'))
       assert _steps(root, t.name) == [1, 2, 3]
@@ -311,7 +316,7 @@ def _group_gone(pgid):
 
 def test_resume_after_the_sweep_is_killed(fake_cfg, tmp_path):
   root = str(tmp_path / 'root')
-  names = [t.name for t in sweeps.expand(*configlib.load_module(fake_cfg), root)]
+  names = [t.name for t in sweeps.expand(*config_cli.load_module(fake_cfg), root)]
   args = [f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=1',
           '--config.sleep=0.3', '--config.steps=5']
   proc = _popen(args)
@@ -321,7 +326,7 @@ def test_resume_after_the_sweep_is_killed(fake_cfg, tmp_path):
     _wait_for(lambda: done(names[0]) and done(names[1]) and mid(), 120, 'two trials and a step of the third')
     os.kill(proc.pid, signal.SIGKILL)  # the sweep only: its worker must notice and exit by itself
     proc.wait(timeout=10)
-    _wait_for(lambda: not sweep.Claim.is_held(os.path.join(root, names[2])), 20, 'the orphaned worker to exit')
+    _wait_for(lambda: not Claim.is_held(os.path.join(root, names[2])), 20, 'the orphaned worker to exit')
     _wait_for(lambda: _group_gone(proc.pid), 30, 'every process of the killed sweep to exit')
   finally:
     if not _group_gone(proc.pid):  # only on failure: end what is left of the sweep this test started
@@ -336,21 +341,21 @@ def test_resume_after_the_sweep_is_killed(fake_cfg, tmp_path):
 
 def test_claims_exclude_other_processes_and_die_with_them(tmp_path):
   workdir = str(tmp_path / 'trial')
-  claim = sweep.Claim.acquire(workdir)
-  assert claim is not None and sweep.Claim.acquire(workdir) is None and sweep.Claim.is_held(workdir)
-  assert f'pid {os.getpid()}' in sweep.Claim.holder(workdir)
+  claim = Claim.acquire(workdir)
+  assert claim is not None and Claim.acquire(workdir) is None and Claim.is_held(workdir)
+  assert f'pid {os.getpid()}' in Claim.holder(workdir)
   claim.release()
-  assert not sweep.Claim.is_held(workdir)
-  code = f'from experiments import sweep; c = sweep.Claim.acquire({workdir!r}); print(c is not None, flush=True); ' \
-         'import time; time.sleep(60)'
+  assert not Claim.is_held(workdir)
+  code = f'from experiments.sweeps.claims import Claim; c = Claim.acquire({workdir!r}); ' \
+         'print(c is not None, flush=True); import time; time.sleep(60)'
   holder = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == 'True'
-    assert sweep.Claim.acquire(workdir) is None and f'pid {holder.pid}' in sweep.Claim.holder(workdir)
+    assert Claim.acquire(workdir) is None and f'pid {holder.pid}' in Claim.holder(workdir)
   finally:
     holder.kill()
     holder.wait()
-  claim = sweep.Claim.acquire(workdir)  # the kernel released the dead holder's claim: never stale
+  claim = Claim.acquire(workdir)  # the kernel released the dead holder's claim: never stale
   assert claim is not None
   claim.release()
 
@@ -365,7 +370,7 @@ def test_two_sweeps_on_one_root_run_each_trial_once(fake_cfg, tmp_path):
   tallies = [next(line for line in o.splitlines() if line.startswith('tally:')) for o in outs]
   done = [int(t.split()[1]) for t in tallies]
   assert sum(done) == 4 and all('0 failed' in t for t in tallies), tallies
-  for t in sweeps.expand(*configlib.load_module(fake_cfg), root):
+  for t in sweeps.expand(*config_cli.load_module(fake_cfg), root):
     assert _runs(root, t.name) == 1 and _steps(root, t.name) == [1, 2, 3]
 
 
@@ -424,10 +429,11 @@ def test_tensorboard_lists_trials_with_swept_hparams_and_groups_seeds(fake_cfg, 
 
 RUNNER_CONFIG = '''
 import os
-from experiments import configlib, sweeps
+from experiments.config import cli as config_cli
+from experiments import sweeps
 
 def get_config(arg=None):
-  c = configlib.load_file(os.path.join({repo!r}, 'configs/fmnist_cnn.py:runlocal'))
+  c = config_cli.load_file(os.path.join({repo!r}, 'configs/fmnist_cnn.py:runlocal'))
   c.num_train_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 2, 1, 2, 2
   c.eval_examples, c.quant.calibration_batches, c.quant_summaries = 125, 1, False
   return c
@@ -547,7 +553,7 @@ def test_cli_exit_codes(fake_cfg, tmp_path):
 
 
 def test_results_fmnist_keeps_the_first_and_last_layers_at_8_bits_in_its_low_bit_qat_trials():
-  module, arg = configlib.load_module(os.path.join(REPO, 'configs/results_fmnist.py'))
+  module, arg = config_cli.load_module(os.path.join(REPO, 'configs/results_fmnist.py'))
   trials = sweeps.expand(module, arg, '/tmp/rf')
   kept = {t.name for t in trials if t.config.quant.first_last_8bit}
   low_bit_qat = {t.name for t in trials if t.config.mode == 'qat' and t.config.quant.weight.format != 'int8'}

@@ -1,4 +1,4 @@
-"""experiments.tb (TF-free TensorBoard writer) and experiments.board, checked against tensorboard's own
+"""experiments/review/tensorboard.py (TF-free TensorBoard writer) and the board, checked against tensorboard's own
 event reader and a real TensorBoard server on 127.0.0.1."""
 
 import io
@@ -18,7 +18,8 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary_v2
 from tensorboard.util import tensor_util
 
-from experiments import board, tb
+from experiments.review import board
+from experiments.review import tensorboard as tb
 
 ALL_STATUSES = ['STATUS_FAILURE', 'STATUS_RUNNING', 'STATUS_SUCCESS', 'STATUS_UNKNOWN']
 

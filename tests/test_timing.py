@@ -1,4 +1,4 @@
-"""experiments.timing and experiments.bench: harness logic on tiny functions (never asserts speed)."""
+"""experiments/bench/timing.py and the bench harness: logic on tiny functions (never asserts speed)."""
 
 import json
 import math
@@ -7,7 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from experiments import bench, configlib, timing
+from experiments.bench import fake_quant as fq_suite
+from experiments.bench import harness as bench
+from experiments.bench import timing
+from experiments.config import cli as config_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'bench_fake_quant.py')
@@ -201,7 +204,7 @@ RESULT_KEYS = {'median_s', 'min_s', 'max_s', 'spread', 'samples_s', 'calls_per_s
 def test_bench_fake_quant_json_schema(tmp_path):
   """The fake_quant suite at a tiny size through the CLI's code path: bench.json and bench.md."""
   lines = []
-  config, flags = configlib.parse_argv([f'--config={CONFIG}:runlocal', '--config.shape=(64, 32)',
+  config, flags = config_cli.parse_argv([f'--config={CONFIG}:runlocal', '--config.shape=(64, 32)',
                                         '--config.timing.rounds=2'])
   result = bench.run(config, str(tmp_path), echo=lines.append)
   with open(tmp_path / 'bench.json') as f:
@@ -233,8 +236,8 @@ def test_bench_before_variant_matches(tmp_path):
   from qjax import QuantSpec, fake_quant
   x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 32)), jnp.float32).at[0, 0].set(np.nan)
   spec = QuantSpec(granularity='per_channel')
-  np.testing.assert_array_equal(bench._fake_quant_before(x, spec), fake_quant(x, spec))
-  config, _ = configlib.parse_argv([f'--config={CONFIG}:runlocal', '--config.before=true', '--config.timing.rounds=1',
+  np.testing.assert_array_equal(fq_suite._fake_quant_before(x, spec), fake_quant(x, spec))
+  config, _ = config_cli.parse_argv([f'--config={CONFIG}:runlocal', '--config.before=true', '--config.timing.rounds=1',
                                     '--config.extra_variants=false'])
   result = bench.run(config, echo=lambda s: None)
   assert set(result['results']) == {'x * 1.0', 'fake_quant', 'fake_quant before (e1c5dff)'}
@@ -253,7 +256,7 @@ def test_bench_prints_flag_warning(monkeypatch, tmp_path):
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=')
   bench.register('tiny_test_suite')(lambda config: bench.Suite({'a': lambda: None, 'b': lambda: None}, 'a'))
   lines = []
-  config = configlib.load_file(f'{CONFIG}:runlocal')
+  config = config_cli.load_file(f'{CONFIG}:runlocal')
   config.suite = 'tiny_test_suite'
   result = bench.run(config, str(tmp_path), echo=lines.append)
   assert lines[0].startswith('WARNING: XLA_FLAGS sets --xla_cpu_experimental_ynn_fusion_type=')
@@ -271,7 +274,7 @@ def test_registry():
   with pytest.raises(ValueError, match=r"config.suite='no_such_suite' is not a registered benchmark suite; "
                                        r'known: .*fake_quant'):
     bench.get_suite('no_such_suite')
-  config = configlib.load_file(f'{CONFIG}:runlocal')
+  config = config_cli.load_file(f'{CONFIG}:runlocal')
   config.suite = 'tiny_registry_suite'
   bench.register('tiny_bad_baseline')(lambda config: bench.Suite({'a': lambda: None}, 'zzz'))
   config.suite = 'tiny_bad_baseline'
@@ -280,7 +283,7 @@ def test_registry():
 
 
 def test_suite_from_module(tmp_path, monkeypatch):
-  """A suite in its own module experiments.bench_<name> is imported on first use (no edit of bench.py)."""
+  """A suite in its own module (experiments/bench/<name>.py, or config.module) is imported on first use."""
   pkg = tmp_path / 'benchpkg'
   pkg.mkdir()
   (pkg / '__init__.py').write_text('')
@@ -290,7 +293,7 @@ def test_suite_from_module(tmp_path, monkeypatch):
       'def suite(config):\n'
       "  return bench.Suite({'base': lambda: 1, 'other': lambda: 2}, 'base', {'note': 'hi'})\n")
   monkeypatch.syspath_prepend(str(tmp_path))
-  config = configlib.load_file(f'{CONFIG}:runlocal')
+  config = config_cli.load_file(f'{CONFIG}:runlocal')
   config.suite = 'from_module'
   config.module = 'benchpkg.my_suite'
   result = bench.run(config, echo=lambda s: None)
@@ -307,7 +310,7 @@ def test_suite_with_own_runner(tmp_path):
       return {'custom': True}
 
   bench.register('tiny_custom_runner')(lambda config: Custom())
-  config = configlib.load_file(f'{CONFIG}:runlocal')
+  config = config_cli.load_file(f'{CONFIG}:runlocal')
   config.suite = 'tiny_custom_runner'
   lines = []
   assert bench.run(config, str(tmp_path), echo=lines.append) == {'custom': True}
@@ -329,5 +332,5 @@ ENTRY %main (x.1: f32[4]) -> f32[4] {
   ROOT %r = f32[4]{0} copy(%f)
 }
 '''
-  assert bench.entry_ops(text) == ['fusion:kLoop f32[4]', 'fusion:kCustom:ynn f32[1]', 'conditional (f32[4])',
+  assert fq_suite.entry_ops(text) == ['fusion:kLoop f32[4]', 'fusion:kCustom:ynn f32[1]', 'conditional (f32[4])',
                                    'copy f32[4]']

@@ -10,22 +10,24 @@ import time
 
 import pytest
 
-from experiments import checkpoints as ckpt_lib
-from experiments import configlib, tb, train
-from experiments.sweeps import read_json
+from experiments.config import cli as config_cli
+from experiments.fileio import read_json
+from experiments.review import tensorboard as tb
+from experiments.training import checkpoints as ckpt_lib
+from experiments.training import runner as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def mlp_config(**overrides):
-  c = configlib.load_file(os.path.join(ROOT, 'configs/fmnist_mlp.py:runlocal'))
+  c = config_cli.load_file(os.path.join(ROOT, 'configs/fmnist_mlp.py:runlocal'))
   c.num_train_steps = 10
   c.eval_every_steps = 10
   c.checkpoint_every_steps = 5
   c.model.hidden = (64,)
   c.quant_summaries = False
   for k, v in overrides.items():
-    configlib.set_key(c, k, v)
+    config_cli.set_key(c, k, v)
   return c
 
 
@@ -39,22 +41,22 @@ def run_cli(args, env=None, timeout=600):
 
 def test_unknown_key_names_the_nearest_valid_key():
   c = mlp_config()
-  with pytest.raises(configlib.ConfigError, match="did you mean 'quant.weight.format'"):
-    configlib.set_key(c, 'quant.weigth.format', 'int4')
-  with pytest.raises(configlib.ConfigError, match="did you mean 'num_train_steps'"):
-    configlib.set_key(c, 'num_train_step', 5)
+  with pytest.raises(config_cli.ConfigError, match="did you mean 'quant.weight.format'"):
+    config_cli.set_key(c, 'quant.weigth.format', 'int4')
+  with pytest.raises(config_cli.ConfigError, match="did you mean 'num_train_steps'"):
+    config_cli.set_key(c, 'num_train_step', 5)
 
 
 def test_override_types_and_groups():
   c = mlp_config()
-  configlib.set_key(c, 'optimizer.learning_rate', '3e-4')
-  configlib.set_key(c, 'quant.weight.po2_scale', 'true')
-  configlib.set_key(c, 'model.hidden', '(32, 16)')
+  config_cli.set_key(c, 'optimizer.learning_rate', '3e-4')
+  config_cli.set_key(c, 'quant.weight.po2_scale', 'true')
+  config_cli.set_key(c, 'model.hidden', '(32, 16)')
   assert c.optimizer.learning_rate == 3e-4 and c.quant.weight.po2_scale is True and c.model.hidden == (32, 16)
-  with pytest.raises(configlib.ConfigError, match='expected int'):
-    configlib.set_key(c, 'batch_size', 'lots')
-  with pytest.raises(configlib.ConfigError, match='is a group'):
-    configlib.set_key(c, 'quant.weight', 'int8')
+  with pytest.raises(config_cli.ConfigError, match='expected int'):
+    config_cli.set_key(c, 'batch_size', 'lots')
+  with pytest.raises(config_cli.ConfigError, match='is a group'):
+    config_cli.set_key(c, 'quant.weight', 'int8')
 
 
 def test_cli_rejects_unknown_key_with_exit_code_2(tmp_path):
@@ -65,12 +67,12 @@ def test_cli_rejects_unknown_key_with_exit_code_2(tmp_path):
 
 
 def test_unknown_runner_flag_names_the_nearest_known_flag(tmp_path):
-  from experiments import bench  # noqa: PLC0415
-  with pytest.raises(configlib.ConfigError, match='unknown flag --work_dir; did you mean --workdir\\?'):
+  from experiments.bench import harness as bench  # noqa: PLC0415
+  with pytest.raises(config_cli.ConfigError, match='unknown flag --work_dir; did you mean --workdir\\?'):
     train.main(['--config=configs/fmnist_mlp.py:runlocal', f'--work_dir={tmp_path}'])
-  with pytest.raises(configlib.ConfigError, match='did you mean --num_processes\\?'):
+  with pytest.raises(config_cli.ConfigError, match='did you mean --num_processes\\?'):
     train.main(['--config=configs/fmnist_mlp.py:runlocal', f'--workdir={tmp_path}', '--num_process=2'])
-  with pytest.raises(configlib.ConfigError, match=r'unknown flag --wrkdir; did you mean --workdir\? \(known: '
+  with pytest.raises(config_cli.ConfigError, match=r'unknown flag --wrkdir; did you mean --workdir\? \(known: '
                                                   r'--config, --config.<key>, --workdir\)'):
     bench.main(['--config=configs/bench_fake_quant.py:runlocal', f'--wrkdir={tmp_path}'])
   assert not os.listdir(tmp_path)  # nothing ran
@@ -82,19 +84,19 @@ CONFIG_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, 'configs')) if f.
 @pytest.mark.parametrize('name', CONFIG_FILES)
 def test_every_config_file_rejects_an_unknown_arg_naming_the_known_ones(name):
   path = os.path.join(ROOT, 'configs', name)
-  with pytest.raises(configlib.ConfigError, match=r"unknown config arg 'runlcoal'; did you mean 'runlocal'\? "
+  with pytest.raises(config_cli.ConfigError, match=r"unknown config arg 'runlcoal'; did you mean 'runlocal'\? "
                                                   r"\(known: (.*, )?runlocal"):
-    configlib.load_file(f'{path}:runlcoal')
-  assert configlib.load_file(f'{path}:runlocal') is not None
+    config_cli.load_file(f'{path}:runlcoal')
+  assert config_cli.load_file(f'{path}:runlocal') is not None
 
 
 def test_config_arg_values_are_parsed_and_checked():
-  assert configlib.config_args('seeds=3,runlocal', runlocal=False, seeds=1) == {'runlocal': True, 'seeds': 3}
-  assert configlib.config_args(None, runlocal=False, seeds=1) == {'runlocal': False, 'seeds': 1}
-  with pytest.raises(configlib.ConfigError, match=r"'seeds=abc': expected seeds=<int>"):
-    configlib.load_file(os.path.join(ROOT, 'configs/quickstart.py:seeds=abc'))
-  with pytest.raises(configlib.ConfigError, match=r"'runlocal' takes no value"):
-    configlib.config_args('runlocal=1', runlocal=False)
+  assert config_cli.config_args('seeds=3,runlocal', runlocal=False, seeds=1) == {'runlocal': True, 'seeds': 3}
+  assert config_cli.config_args(None, runlocal=False, seeds=1) == {'runlocal': False, 'seeds': 1}
+  with pytest.raises(config_cli.ConfigError, match=r"'seeds=abc': expected seeds=<int>"):
+    config_cli.load_file(os.path.join(ROOT, 'configs/quickstart.py:seeds=abc'))
+  with pytest.raises(config_cli.ConfigError, match=r"'runlocal' takes no value"):
+    config_cli.config_args('runlocal=1', runlocal=False)
 
 
 def test_cli_rejects_a_config_arg_typo_before_running(tmp_path):
@@ -105,7 +107,7 @@ def test_cli_rejects_a_config_arg_typo_before_running(tmp_path):
 
 def test_bad_quant_field_names_the_config_key():
   c = mlp_config(mode='qat')
-  configlib.set_key(c, 'quant.weight.format', 'int9')
+  config_cli.set_key(c, 'quant.weight.format', 'int9')
   with pytest.raises(ValueError, match=r'config.quant.weight: .*bits must be in 1..8'):
     train.train_and_evaluate(c, '/tmp/never-written', log=lambda *a: None)
 
@@ -170,7 +172,7 @@ def test_first_last_8bit_reaches_the_rules_and_the_per_layer_report(tmp_path):
 def test_experiments_default_to_auto_act_signedness():
   """The runner decides activation grids from data by default; the library's rules keep the format as written
   (its 'auto' needs a probe run on sample inputs)."""
-  from experiments import quant_config  # noqa: PLC0415
+  from experiments.config import quant as quant_config  # noqa: PLC0415
   from qjax import QuantSpec  # noqa: PLC0415
   from qjax.flax import QuantRule  # noqa: PLC0415
   assert quant_config.default_quant_config().act_signedness == 'auto'
@@ -193,8 +195,11 @@ def test_auto_act_signedness_reaches_the_rules_and_the_per_layer_report(tmp_path
 def test_linen_trainer_decides_auto_signedness_on_concrete_data_before_its_jitted_init(fine_tune):
   import jax  # noqa: PLC0415
 
-  from experiments import input_pipeline, models, quant_config, trainers  # noqa: PLC0415
-  c = configlib.load_file(os.path.join(ROOT, 'configs/fmnist_cnn.py:runlocal'))
+  from experiments import models  # noqa: PLC0415
+  from experiments.config import quant as quant_config  # noqa: PLC0415
+  from experiments.data import pipeline as input_pipeline  # noqa: PLC0415
+  from experiments.training import trainers  # noqa: PLC0415
+  c = config_cli.load_file(os.path.join(ROOT, 'configs/fmnist_cnn.py:runlocal'))
   c.mode, c.quant.act.format, c.quant.act_signedness = 'qat', 'int4', 'auto'
   data = input_pipeline.load(c)
   md = models.build(c.model)
@@ -212,7 +217,10 @@ def test_linen_trainer_decides_auto_signedness_on_concrete_data_before_its_jitte
 
 
 def test_quantized_training_runs_int8_in_all_three_matmuls(tmp_path):
-  from experiments import input_pipeline, models, quant_config, trainers  # noqa: PLC0415
+  from experiments import models  # noqa: PLC0415
+  from experiments.config import quant as quant_config  # noqa: PLC0415
+  from experiments.data import pipeline as input_pipeline  # noqa: PLC0415
+  from experiments.training import trainers  # noqa: PLC0415
   from qjax.ops import inspect_matmuls  # noqa: PLC0415
   c = mlp_config(mode='quantized_training')
   c.quant.grad.format = 'int8'
@@ -303,14 +311,14 @@ def test_an_exploding_finite_loss_is_reported(tmp_path):
 
 def test_quant_options_in_a_float_run_warn_naming_the_mode_that_uses_them(tmp_path):
   c = mlp_config(mode='float')
-  configlib.set_key(c, 'quant.weight.format', 'int4')
-  text = configlib.unused_in_float(c, ['quant.weight.format', 'seed'])
+  config_cli.set_key(c, 'quant.weight.format', 'int4')
+  text = config_cli.unused_in_float(c, ['quant.weight.format', 'seed'])
   assert "config.quant.weight.format='int4' has no effect" in text and '--config.mode=qat' in text
-  assert configlib.unused_in_float(c, ['seed']) is None  # the config file's own quant settings are not a mistake
-  configlib.set_key(c, 'quant.act.format', '')  # no quantization: agrees with a float run
-  assert configlib.unused_in_float(c, ['quant.act.format']) is None
-  configlib.set_key(c, 'mode', 'qat')
-  assert configlib.unused_in_float(c, ['quant.weight.format']) is None
+  assert config_cli.unused_in_float(c, ['seed']) is None  # the config file's own quant settings are not a mistake
+  config_cli.set_key(c, 'quant.act.format', '')  # no quantization: agrees with a float run
+  assert config_cli.unused_in_float(c, ['quant.act.format']) is None
+  config_cli.set_key(c, 'mode', 'qat')
+  assert config_cli.unused_in_float(c, ['quant.weight.format']) is None
   r = run_cli(['--config=configs/fmnist_mlp.py:runlocal', '--config.quant.weight.format=int4',
                '--config.num_train_steps=2', '--config.model.hidden=(8,)', f'--workdir={tmp_path}'])
   assert r.returncode == 0 and "warning: config.quant.weight.format='int4' has no effect" in r.stderr

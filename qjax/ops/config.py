@@ -93,9 +93,9 @@ class DotConfig:
     return cls(**d)
 
 
-def int8_dynamic(bits: int = 8, *, bwd_bits: int | None = 8, mode: str = 'auto', stochastic_grads: bool = False,
-                 **spec_kwargs) -> DotConfig:
-  """Weights and activations of `bits` bits with per-channel dynamic absmax scales in all three matmuls.
+def int_dynamic(bits: int = 8, *, bwd_bits: int | None = 8, mode: str = 'auto', stochastic_grads: bool = False,
+                **spec_kwargs) -> DotConfig:
+  """Weights and activations of `bits` bits (int2..int8) with per-channel dynamic absmax scales in all three matmuls.
 
   bwd_bits=None leaves the two gradient matmuls in float. Gradients use stochastic rounding when asked.
   """
@@ -106,6 +106,14 @@ def int8_dynamic(bits: int = 8, *, bwd_bits: int | None = 8, mode: str = 'auto',
   b = QuantSpec(format=f'int{bwd_bits}', granularity='per_channel', **spec_kwargs)
   g = b.replace(rounding='stochastic') if stochastic_grads else b
   return DotConfig(fwd=fwd, dlhs=MatmulConfig(g, b, mode), drhs=MatmulConfig(b, g, mode))
+
+
+def int8_dynamic(bits: int = 8, **kwargs) -> DotConfig:
+  """int_dynamic(8, **kwargs): int8 with per-channel dynamic scales in all three matmuls. `bits` stays for the
+  calls that write int8_dynamic(8); another width is int_dynamic(bits), so this name never returns int4."""
+  if bits != 8:
+    raise ValueError(f'int8_dynamic({bits}) would not be int8: use qjax.ops.int_dynamic({bits})')
+  return int_dynamic(8, **kwargs)
 
 
 def fp8(mode: str = 'auto') -> DotConfig:

@@ -59,7 +59,14 @@ from jax.experimental.layout import Layout, with_layout_constraint
 from qjax import quantizers
 from qjax.ops import conv_gemm
 from qjax.ops.config import DotConfig, MatmulConfig
-from qjax.ops.dot_general import _fq_operand, native_kind, operand_result_type, quantize_operand, zero_cotangent
+from qjax.ops.dot_general import (
+  check_operands,
+  native_kind,
+  operand_result_type,
+  quantize_forward,
+  quantize_operand,
+  zero_cotangent,
+)
 from qjax.spec import QuantSpec
 
 ConvDimensionNumbers = lax.ConvDimensionNumbers
@@ -521,16 +528,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     out ~ conv(dequantize(q_lhs), dequantize(q_rhs)).
   """
   del precision, out_sharding
-  for name, x in (('lhs', lhs), ('rhs', rhs)):
-    if not isinstance(x, quantizers.QArray) and not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f'conv_general_dilated {name}: quantized ops take float operands, got dtype {x.dtype}')
   out_dtype = preferred_element_type or operand_result_type(lhs, rhs)
   cp = conv_params(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                    feature_group_count, batch_group_count)
-  if not (config.fwd.quantized or config.dlhs.quantized or config.drhs.quantized):
-    if isinstance(lhs, quantizers.QArray) or isinstance(rhs, quantizers.QArray):
-      raise ValueError('conv_general_dilated: a pre-quantized (QArray) operand needs a config whose fwd spec '
-                       'names its format')
+  if not check_operands('conv_general_dilated', lhs, rhs, config):
     return cp.conv(lhs, rhs, preferred_element_type)
   _check_specs(config)
   # Validate shapes and groups with lax's own messages before quantizing anything.
@@ -538,20 +539,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                  jax.ShapeDtypeStruct(rhs.shape, jnp.float32))
   lspec = resolve_conv_spec(config.fwd.lhs, lhs.shape, cp.dnums.lhs_spec[0], 'conv_general_dilated fwd.lhs')
   rspec = resolve_conv_spec(config.fwd.rhs, rhs.shape, cp.dnums.rhs_spec[0], 'conv_general_dilated fwd.rhs')
-  keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
-  lhs_hat, lqp = _fq_operand(lhs, lspec, lhs_params, keys[0], 'conv_general_dilated fwd.lhs')
-  rhs_hat, rqp = _fq_operand(rhs, rspec, rhs_params, keys[1], 'conv_general_dilated fwd.rhs')
-  fwd = config.fwd
-  if (lspec is not None and lqp is None) or (rspec is not None and rqp is None):
-    if fwd.mode == 'real':
-      est = (lspec if lqp is None else rspec).estimator
-      raise ValueError(f'conv_general_dilated fwd: mode="real" cannot run estimator {est!r} natively (its output '
-                       'is off an integer grid); use mode="auto"')
-    fwd = dataclasses.replace(fwd, mode='fake')
-  # An operand without grid parameters (not native, e.g. lsq_plus) is already fake-quantized: the conv takes it.
-  lspec, rspec = (lspec if lqp is not None else None), (rspec if rqp is not None else None)
-  cfg = dataclasses.replace(config, fwd=dataclasses.replace(fwd, lhs=lspec, rhs=rspec))
-  out = _qconv(lhs_hat, rhs_hat, lqp, rqp, keys[2], _Static(cp, cfg, jnp.dtype(out_dtype)))
+  lhs_hat, rhs_hat, lqp, rqp, cfg, bwd_key = quantize_forward(config, lhs, rhs, lspec, rspec, lhs_params, rhs_params,
+                                                              key, 'conv_general_dilated ')
+  out = _qconv(lhs_hat, rhs_hat, lqp, rqp, bwd_key, _Static(cp, cfg, jnp.dtype(out_dtype)))
   return out.astype(out_dtype)
 
 

@@ -185,7 +185,7 @@ def _group(q: quantizers.QArray, dims_side, g: int):
 
 
 # cuBLAS(Lt) runs int8 GEMMs only when the matrices' leading dims are multiples of 4, and fp8 ones at multiples of
-# 16; XLA:GPU otherwise widens the operands or leaves the dot to a slower kernel (qjax.ops.inspect names such a
+# 16; XLA:GPU otherwise widens the operands or leaves the dot to a slower kernel (qjax.hlo names such a
 # fallback). Zero rows and columns change no sum of products, so padding to 16 keeps real execution exact.
 GPU_PAD_MULTIPLE = 16
 
@@ -494,6 +494,40 @@ _qdot.defvjp(_qdot_fwd, _qdot_bwd)
 # ------------------------------------------------------------------------------------------ public op
 
 
+def check_operands(op: str, lhs, rhs, config: DotConfig) -> bool:
+  """Shared by dot_general and conv: the operands are float (or QArrays); False when the config quantizes nothing
+  (the op then runs as lax's), where a QArray operand is an error."""
+  for name, x in (('lhs', lhs), ('rhs', rhs)):
+    if not isinstance(x, quantizers.QArray) and not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f'{op} {name}: quantized ops take float operands, got dtype {x.dtype}')
+  if config.fwd.quantized or config.dlhs.quantized or config.drhs.quantized:
+    return True
+  if isinstance(lhs, quantizers.QArray) or isinstance(rhs, quantizers.QArray):
+    raise ValueError(f'{op}: a pre-quantized (QArray) operand needs a config whose fwd spec names its format')
+  return False
+
+
+def quantize_forward(config: DotConfig, lhs, rhs, lspec, rspec, lhs_params, rhs_params, key, where: str = ''):
+  """Shared by dot_general and conv: fake-quantizes both forward operands (`_fq_operand`) and chooses the forward's
+  mode: an operand whose method is not native (off an integer grid, e.g. LSQ+) is already fake-quantized, so the
+  forward takes it as a float and runs in 'fake' mode ('real' is then an error). `where` prefixes messages.
+
+  Returns (lhs_hat, rhs_hat, lhs qparams, rhs qparams, the config with the resolved forward, the backward's key).
+  """
+  keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+  lhs_hat, lqp = _fq_operand(lhs, lspec, lhs_params, keys[0], f'{where}fwd.lhs')
+  rhs_hat, rqp = _fq_operand(rhs, rspec, rhs_params, keys[1], f'{where}fwd.rhs')
+  fwd = config.fwd
+  if (lspec is not None and lqp is None) or (rspec is not None and rqp is None):
+    if fwd.mode == 'real':
+      est = (lspec if lqp is None else rspec).estimator
+      raise ValueError(f'{where}fwd: mode="real" cannot run estimator {est!r} natively (its output is off an '
+                       'integer grid); use mode="auto"')
+    fwd = dataclasses.replace(fwd, mode='fake')
+  fwd = dataclasses.replace(fwd, lhs=lspec if lqp is not None else None, rhs=rspec if rqp is not None else None)
+  return lhs_hat, rhs_hat, lqp, rqp, dataclasses.replace(config, fwd=fwd), keys[2]
+
+
 def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
   """fake_quant of one forward operand through its method (`spec.method`, see qjax.methods).
 
@@ -594,33 +628,16 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   del precision, out_sharding
   dims = canonical_dims(dimension_numbers)
   out_dtype = preferred_element_type or operand_result_type(lhs, rhs)
-  for name, x in (('lhs', lhs), ('rhs', rhs)):
-    if not isinstance(x, quantizers.QArray) and not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f'dot_general {name}: quantized ops take float operands, got dtype {x.dtype}')
   (lc, rc), (lb, rb) = dims
-  if not (config.fwd.quantized or config.dlhs.quantized or config.drhs.quantized):
-    if isinstance(lhs, quantizers.QArray) or isinstance(rhs, quantizers.QArray):
-      raise ValueError('dot_general: a pre-quantized (QArray) operand needs a config whose fwd spec names its format')
+  if not check_operands('dot_general', lhs, rhs, config):
     return lax.dot_general(lhs, rhs, dims, preferred_element_type=preferred_element_type)
   lspec = resolve_spec(config.fwd.lhs, lhs.shape, lc, lb, 'fwd.lhs')
   rspec = resolve_spec(config.fwd.rhs, rhs.shape, rc, rb, 'fwd.rhs')
-  keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
-  lhs_hat, lqp = _fq_operand(lhs, lspec, lhs_params, keys[0], 'fwd.lhs')
-  rhs_hat, rqp = _fq_operand(rhs, rspec, rhs_params, keys[1], 'fwd.rhs')
-  fwd = config.fwd
-  if (lspec is not None and lqp is None) or (rspec is not None and rqp is None):
-    if fwd.mode == 'real':
-      est = (lspec if lqp is None else rspec).estimator
-      raise ValueError(f'fwd: mode="real" cannot run estimator {est!r} natively (its output is off an integer '
-                       'grid); use "auto"')
-    fwd = dataclasses.replace(fwd, mode='fake')
-  # An operand without qparams (not native, e.g. LSQ+) is already fake-quantized: the forward matmul takes it as a
-  # float.
-  fwd = dataclasses.replace(fwd, lhs=lspec if lqp is not None else None, rhs=rspec if rqp is not None else None)
-  cfg = dataclasses.replace(config, fwd=fwd)
+  lhs_hat, rhs_hat, lqp, rqp, cfg, bwd_key = quantize_forward(config, lhs, rhs, lspec, rspec, lhs_params, rhs_params,
+                                                              key)
   in_dtype = operand_result_type(lhs, rhs)
   float_dtype = in_dtype if in_dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
-  out = _qdot(lhs_hat, rhs_hat, lqp, rqp, keys[2], _Static(dims, cfg, jnp.dtype(out_dtype), jnp.dtype(float_dtype)))
+  out = _qdot(lhs_hat, rhs_hat, lqp, rqp, bwd_key, _Static(dims, cfg, jnp.dtype(out_dtype), jnp.dtype(float_dtype)))
   return out.astype(out_dtype)
 
 

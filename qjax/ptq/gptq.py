@@ -33,6 +33,7 @@ from jax import lax
 
 from qjax import calibration, formats, quantizers
 from qjax import granularity as gran
+from qjax.ptq import layer as L
 from qjax.ptq import registry
 from qjax.spec import QuantSpec
 
@@ -194,7 +195,6 @@ def _gptq_loop(w, u, spec: QuantSpec, bsz: int, g: int, row_s, row_z):
 
 
 def _run(layer, *, block_size: int, damp: float, act_order: bool, static_groups: bool):
-  from qjax.ptq import layer as L  # noqa: PLC0415
   if layer.spec.granularity == 'per_tensor':
     raise ValueError('GPTQ fits one grid per output channel or group; the weight granularity is per_tensor '
                      '(use per_channel or per_group)')

@@ -1,0 +1,76 @@
+r"""The conv suite: XLA's int8 conv against the patches + int8 matmul lowering, per conv shape, against f32.
+
+    python -m experiments.bench --config=configs/bench_conv.py [--workdir=runs/bench/conv]
+
+One group per shape (batch, H=W, C_in -> C_out, k x k, NHWC/HWIO, stride 1), timed interleaved against the f32
+conv forward of that shape: XLA's int8 conv (s8 x s8 -> s32; up-cast to s32 by XLA:CPU below 17 features),
+qjax.ops.conv_gemm.conv (k*k shifted slices of the padded input, then one int8 matmul) and the patch
+construction alone (what the lowering pays before its matmul). The measurements behind
+qjax.ops.conv.GEMM_MAX_PATCH_BYTES and cpu_slow_reason come from this suite.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench import harness as bench
+from experiments.bench.groups import Group, GroupedSuite, Variant, maybe_inspect
+from qjax.ops import conv as qconv
+from qjax.ops import conv_gemm
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def parse_conv_shape(s: str) -> tuple[int, int, int, int, int]:
+  """'256x28x1x6x5' -> (batch, H=W, C_in, C_out, k)."""
+  parts = str(s).lower().split('x')
+  if len(parts) != 5 or not all(p.strip().isdigit() for p in parts):
+    raise ValueError(f'conv shape {s!r}: expected BATCHxHxCINxCOUTxK, like 256x28x1x6x5')
+  return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
+  rng = np.random.default_rng(config.get('seed', 0))
+  x = jnp.asarray(rng.standard_normal((b, h, h, cin)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
+  xq = jnp.asarray(rng.integers(-127, 128, x.shape), jnp.int8)
+  wq = jnp.asarray(rng.integers(-127, 128, w.shape), jnp.int8)
+  cp = qconv.conv_params(x.shape, w.shape, (1, 1), 'SAME', None, None, NHWC)
+  f32 = jax.jit(lambda x, w: cp.conv(x, w))
+  i8 = jax.jit(lambda x, w: cp.conv(x, w, jnp.int32))
+  gemm = jax.jit(lambda x, w: conv_gemm.conv(x, w, cp))
+  patches = jax.jit(lambda x: conv_gemm.patches(x, cp, (k, k)))
+  c32 = max(cin, cout, int(config.get('pad_features', 32)))
+
+  def padded(x, w):  # channels zero-padded so that XLA:CPU's fast int8 conv applies; output sliced back
+    xp = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, c32 - cin)))
+    wp = jnp.pad(w, ((0, 0), (0, 0), (0, c32 - cin), (0, c32 - cout)))
+    return cp.conv(xp, wp, jnp.int32)[..., :cout]
+  pad_conv = jax.jit(padded)
+  variants = {
+      'f32 conv': Variant(lambda: f32(x, w), 'baseline', {'inspect': maybe_inspect(config, f32, x, w)}),
+      'XLA int8 conv': Variant(lambda: i8(xq, wq), 'reference', {'inspect': maybe_inspect(config, i8, xq, wq)}),
+      'patches + int8 dot': Variant(lambda: gemm(xq, wq), 'reference',
+                                       {'inspect': maybe_inspect(config, gemm, xq, wq)}),
+      'patches alone': Variant(lambda: patches(xq), 'reference'),
+      f'int8 conv, features padded to {c32}': Variant(lambda: pad_conv(xq, wq), 'reference',
+                                                      {'inspect': maybe_inspect(config, pad_conv, xq, wq)}),
+  }
+  slow = qconv.cpu_slow_reason(cp, x.shape, w.shape)
+  route = {'gemm': 'patches + int8 dot', 'fake': 'float', 'real': 'XLA int8 conv'}
+  meta = {'shape': [b, h, cin, cout, k], 'xla_slow_reason': slow,
+          'patch_bytes': qconv.patch_bytes(cp, x.shape, w.shape),
+          'auto_route': route[qconv.cpu_int_route('auto', cp, x.shape, w.shape)]}
+  return Group(f'conv {b}x{h}x{h} {cin}->{cout} {k}x{k}', variants, 'f32 conv', meta)
+
+
+def conv_suite(config) -> GroupedSuite:
+  def groups():
+    for s in config.shapes:
+      yield conv_group(config, *parse_conv_shape(s))
+  return GroupedSuite('conv', groups, meta={'layout': 'NHWC/HWIO, stride 1, SAME'})
+
+
+bench.register('conv')(conv_suite)

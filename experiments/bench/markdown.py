@@ -1,0 +1,104 @@
+"""Markdown of a grouped suite's result: one table per group, the summary of flags and targets, the records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from experiments.bench import timing
+
+
+def fmt_ratio(r: float) -> str:
+  return f'{r:.2f}x'
+
+
+def _fmt_insp(info: dict[str, Any]) -> str:
+  insp = info.get('inspect')
+  if not insp:
+    return ''
+  if 'error' in insp or 'matmuls' not in insp:
+    return 'n/a'
+  s = f"{insp['int8']}/{insp['matmuls']}"
+  if insp.get('int8_fast') is not None:
+    s += f" ({insp['int8_fast']} fast)"
+  if insp.get('int8_slow'):
+    s += f", {insp['int8_slow']} slow"
+  return s
+
+
+def _fmt_s(s: float) -> str:
+  return timing._fmt_time(s)
+
+
+def group_markdown(g: dict[str, Any]) -> str:
+  head = ['variant', 'role', 'median', 'spread', f"time vs {g['baseline']}", 'speed-up', 'int8 matmuls (fast)',
+          'faults/call', 'notes']
+  rows = []
+  for name, r in g['results'].items():
+    note = (r.get('info') or {}).get('route', '')
+    rows.append([name, r['role'], _fmt_s(r['median_s']), f"{r['spread']:.0%}", fmt_ratio(r['ratio']),
+                 fmt_ratio(r['speedup']), _fmt_insp(r.get('info') or {}), f"{r['page_faults_per_call']:.0f}", note])
+  return timing.format_rows(head, rows)
+
+
+def summary_markdown(groups: list[dict[str, Any]]) -> str:
+  """One row per group, one column per variant: time ratio to the group's baseline (median)."""
+  names: list[str] = []
+  for g in groups:
+    for n in g['results']:
+      if n not in names:
+        names.append(n)
+  rows = []
+  for g in groups:
+    base = g['results'][g['baseline']]
+    row = [g['name'], _fmt_s(base['median_s'])]
+    for n in names:
+      r = g['results'].get(n)
+      row.append('' if r is None else fmt_ratio(r['ratio']))
+    rows.append(row)
+  return timing.format_rows(['group', 'baseline median'] + names, rows)
+
+
+def result_markdown(result: dict[str, Any]) -> str:
+  lines = [f"## {result['suite']}", '']
+  for w in result['warnings']:
+    lines += [f'**WARNING:** {w}', '']
+  if result['groups']:
+    lines += ['Time ratio to each group\'s baseline (median of the samples; below 1 is faster):', '',
+              summary_markdown(result['groups']), '']
+  if result['targets']:
+    rows = [[t['group'], t['variant'], t['text'], f"<= {t['max_ratio']:.3g}x", fmt_ratio(t['ratio']),
+             'met' if t['met'] else 'NOT met'] for t in result['targets']]
+    lines += ['Targets:', '', timing.format_rows(['group', 'variant', 'target', 'max time ratio', 'measured', ''],
+                                                  rows), '']
+  flagged = [f for f in result['flags'] if f['role'] == 'quantized']
+  lines += [f'Quantized configurations slower than float: {len(flagged)}', '']
+  lines += [f"- FLAG: {f['text']}" for f in flagged]
+  if flagged:
+    lines.append('')
+  for g in result['groups']:
+    lines += [f"### {g['name']}", '', group_markdown(g), '']
+  if result.get('records'):
+    lines += ['### records', '', records_markdown(result['records']), '']
+  lines += [timing.machine_table(result['machine']), '', f"command: `{result['command']}`"]
+  return '\n'.join(lines)
+
+
+def records_markdown(records: dict[str, Any]) -> str:
+  """Untimed records as nested bullet lists (numbers as they are)."""
+  lines = []
+
+  def walk(d, indent):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        lines.append(f"{'  ' * indent}- {k}:")
+        walk(v, indent + 1)
+      else:
+        lines.append(f"{'  ' * indent}- {k}: {_fmt_value(v)}")
+  walk(records, 0)
+  return '\n'.join(lines)
+
+
+def _fmt_value(v) -> str:
+  if isinstance(v, float):
+    return f'{v:.4g}'
+  return str(v)

@@ -1,0 +1,54 @@
+"""`config.ptq`: which PTQ methods a PTQ run applies, in order, and their parameters (qjax.ptq.registry's names and
+defaults). Applying them: experiments/training/ptq.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from qjax.ptq import registry
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = 'rtn'  # rtn | gptq | awq | smoothquant | rotation | adaround | bias_correction, or 'a,b' in order
+  c.max_sample = 512  # calibration rows kept per layer (AWQ, AdaRound); sums use every row
+  for name in registry.names():
+    d = registry.get(name).defaults
+    if d:
+      c[name] = ml_collections.ConfigDict(dict(d))
+  return c
+
+
+def methods(ptq) -> list[tuple[str, dict[str, Any]]]:
+  """The ordered (name, params) of config.ptq; ValueError naming a wrong method (and the closest) or parameter."""
+  m = ptq.method
+  names = [s.strip() for s in m.replace('+', ',').split(',')] if isinstance(m, str) else list(m)
+  if not names or any(not n for n in names):
+    raise ValueError(f'config.ptq.method={m!r}: give one method or several separated by commas')
+  out = []
+  for n in names:
+    try:
+      registry.get(n)
+      given = ptq[n].to_dict() if n in ptq and isinstance(ptq[n], ml_collections.ConfigDict) else {}
+      out.append((n, registry.params(n, given)))
+    except ValueError as e:
+      raise ValueError(f'config.ptq.method: {e}') from None
+  return out
+
+
+def unused(config, keys) -> str | None:
+  """A warning when `keys` (command-line overrides) set config.ptq options that a run of another mode ignores."""
+  keys = [k for k in keys if k.startswith('ptq.')]
+  if not keys or config.get('mode') == 'ptq':
+    return None
+  return (f'config.{keys[0]} has no effect: config.mode={config.mode!r}; the PTQ methods run with '
+          '--config.mode=ptq')
+
+
+def active(config) -> bool:
+  return config.mode == 'ptq' and [n for n, _ in methods(config.ptq)] != ['rtn']
+
+
+# ----------------------------------------------------------------------------------------------- targets

@@ -1,0 +1,73 @@
+"""The PTQ-methods table of docs/results.md from a finished sweep root: method x weight format, with the metric,
+the float reference, serving bytes and the method's wall time (from each trial's result.json).
+
+    python -m experiments.review.ptq_table runs/results_ptq_fmnist [--metric=eval/accuracy]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from experiments import fileio
+
+
+def setting(quant) -> str:
+  """A trial's quantization in a few characters: 'W4', 'W3 g64' (groups of 64), 'W8A8'."""
+  w, a = quant['weight'], quant['act']
+  bits = lambda f: ''.join(ch for ch in f if ch.isdigit())
+  out = f'W{bits(w["format"])}' + (f'A{bits(a["format"])}' if a['format'] else '')
+  return out + (f' g{w["group_size"]}' if w['granularity'] == 'per_group' else '')
+
+
+def rows(root: str, metric: str = 'eval/accuracy'):
+  """(float result or None, [(method, setting, metric, serving bytes, method seconds)]) of the trials."""
+  float_r, out = None, []
+  for name in sorted(os.listdir(root)):
+    if not os.path.isfile(os.path.join(root, name, 'result.json')):
+      continue
+    r = fileio.read_result(os.path.join(root, name))
+    if r is None:
+      continue
+    c = r['config']
+    if r['mode'] == 'float':
+      float_r = r
+      continue
+    info = r.get('train', {}).get('ptq')
+    method = '+'.join(m[0] for m in info['methods']) if info else c.get('ptq', {}).get('method', 'rtn')
+    if info and any(m[0] == 'gptq' and m[1].get('act_order') for m in info['methods']):
+      method += ' (act-order)'
+    out.append((method, setting(c['quant']), r['metrics'][metric], r.get('serving_bytes'),
+                info['wall_time_sec'] if info else 0.0))
+  return float_r, out
+
+
+def table(root: str, metric: str = 'eval/accuracy') -> str:
+  float_r, rs = rows(root, metric)
+  fmts = sorted({f for _, f, *_ in rs}, key=lambda f: ('A' in f, -int(f[1]), -len(f), f))
+  methods = sorted(dict.fromkeys(m for m, *_ in rs), key=lambda m: (m != 'rtn', m))  # the baseline first
+  by = {(m, f): (v, b, t) for m, f, v, b, t in rs}
+  ref = f'{float_r["metrics"][metric]:.4f} ({float_r["serving_bytes"]:,} bytes)' if float_r else 'n/a'
+  head = f'float {metric}: {ref}\n\n| method | ' + ' | '.join(f'{f}: {metric} / bytes / method s' for f in fmts) + ' |'
+  lines = [head, '|---|' + '---|' * len(fmts)]
+  for m in methods:
+    cells = []
+    for f in fmts:
+      v = by.get((m, f))
+      cells.append('—' if v is None else f'{v[0]:.4f} / {v[1]:,} / {v[2]:.1f}')
+    lines.append(f'| {m} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> int:
+  args = [a for a in argv if not a.startswith('--')]
+  metric = next((a.split('=', 1)[1] for a in argv if a.startswith('--metric=')), 'eval/accuracy')
+  if len(args) != 1:
+    print(__doc__, file=sys.stderr)
+    return 2
+  print(table(args[0], metric))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,23 @@
+"""Sweeps: the language config files declare them in (language.py), trial claims (claims.py), running the trials
+(trials.py), the executors that run them (executors.py) and the launcher (launch.py, `python -m experiments.sweep`).
+
+Config files write `from experiments import sweeps` and use the language through this package:
+`sweeps.axis`, `sweeps.product`, `sweeps.zipped`, `sweeps.chain`, `sweeps.trial_ref`.
+"""
+
+from experiments.sweeps.language import (  # noqa: F401
+  Sweep,
+  Trial,
+  TrialRef,
+  axis,
+  chain,
+  config_id,
+  expand,
+  get_sweep,
+  hparam_domains,
+  is_seed_key,
+  product,
+  short_names,
+  trial_ref,
+  zipped,
+)

@@ -1,0 +1,187 @@
+"""Running one trial, in whatever process runs it (a local worker, a Ray task, an --index job): its claim, its log
+(<root>/<name>/train.log), the trial function, and error.json when it fails. A task is the plain description of
+a trial the launcher hands over (make_task in launch.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import ml_collections
+
+from experiments import fileio
+from experiments.config import cli as config_cli
+from experiments.sweeps.claims import Claim
+
+
+class DependencyFailed(RuntimeError):
+  pass
+
+
+_WORKER: dict[str, Any] = {'events': None, 'cache_dir': None}
+
+
+def init_worker(events, gpu_ids, cache_dir: str, sweep_pid: int) -> None:
+  """Pool worker setup: start events to the parent, its GPU, the JAX cache, exit when the sweep dies."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it terminates us on Ctrl-C
+  _WORKER['events'] = events
+  if gpu_ids is not None:
+    gpu = gpu_ids.get()
+    os.environ['CUDA_VISIBLE_DEVICES'] = str(gpu)
+  setup_jax_cache(cache_dir)
+  parent = os.getppid()
+
+  def watchdog():  # a killed sweep leaves no orphans (a forkserver outlives it while its workers live)
+    while True:
+      time.sleep(1.0)
+      try:
+        os.kill(sweep_pid, 0)
+      except ProcessLookupError:
+        os._exit(1)
+      if os.getppid() != parent:
+        os._exit(1)
+
+  threading.Thread(target=watchdog, daemon=True).start()
+
+
+def setup_jax_cache(cache_dir: str) -> None:
+  """The persistent compilation cache shared by every trial of a root, small programs included."""
+  if _WORKER['cache_dir'] == cache_dir:
+    return
+  import jax  # noqa: PLC0415 -- here, not at the top: the sweep's parent process (--help, --dry_run) stays free of JAX
+  os.makedirs(cache_dir, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  _WORKER['cache_dir'] = cache_dir
+
+
+def _emit(kind: str, task: dict) -> None:
+  event = (kind, task['index'], os.getpid(), time.time())
+  q = _WORKER['events']
+  if q is not None:
+    q.put(event)
+  elif callable(task.get('on_event')):
+    task['on_event'](event)
+
+
+@contextlib.contextmanager
+def _output_to(path: str):
+  """Sends this process's stdout and stderr (file descriptors 1 and 2) to `path` for the block."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  saved = os.dup(1), os.dup(2)
+  with open(path, 'a') as f:
+    os.dup2(f.fileno(), 1)
+    os.dup2(f.fileno(), 2)
+    try:
+      yield f
+    finally:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os.dup2(saved[0], 1)
+      os.dup2(saved[1], 2)
+      os.close(saved[0])
+      os.close(saved[1])
+
+
+def _load_fn(spec: str):
+  module, _, name = spec.partition(':')
+  return getattr(importlib.import_module(module), name)
+
+
+def _metrics_of(result: dict) -> dict:
+  out = dict(result.get('metrics') or {})
+  out.update({f'serving/{k.split("/")[-1]}': v for k, v in (result.get('serving_metrics') or {}).items()})
+  return out
+
+
+def record_failure(workdir: str, task: dict, exc: BaseException | None, message: str = '') -> dict:
+  """Writes <workdir>/error.json (atomically): the exception, its traceback, where and when."""
+  err = {
+      'trial': task['name'], 'id': task['id'], 'index': task['index'],
+      'type': type(exc).__name__ if exc else 'WorkerDied',
+      'message': str(exc) if exc else message,
+      'traceback': ''.join(traceback.format_exception(exc)) if exc else '',
+      'run_error': type(exc).__name__ in ('RunError', 'NonFiniteLoss'),
+      'host': socket.gethostname(), 'pid': os.getpid(), 'time': time.time(),
+      'log': os.path.join(workdir, 'train.log'),
+  }
+  try:
+    fileio.write_json_atomic(os.path.join(workdir, 'error.json'), err)
+  except OSError as e:  # a full disk: the sweep still reports the failure (its line and tally say it)
+    err['message'] += f' (error.json not written: {e.strerror or e})'
+    err['unwritten'] = True
+  return err
+
+
+def _ensure_deps(task: dict) -> None:
+  """Each trial this one refers to must be finished; one nobody runs yet is run here first."""
+  for dep in task.get('dep_tasks', []):
+    workdir = os.path.join(dep['root'], dep['name'])
+    while True:
+      if fileio.read_result(workdir) is not None:
+        break
+      if os.path.exists(os.path.join(workdir, 'error.json')) and not task.get('retry'):
+        raise DependencyFailed(f'trial {dep["name"]!r}, which this trial starts from, failed (see '
+                               f'{workdir}/error.json); rerun with --retry_failed')
+      if not Claim.is_held(workdir):
+        out = run_trial({**dep, 'retry': task.get('retry', False)})
+        if out['status'] == 'failed':
+          raise DependencyFailed(f'trial {dep["name"]!r}, which this trial starts from, failed: {out["error"]}')
+        if out['status'] != 'claimed':
+          continue
+      time.sleep(2.0)  # another process runs it: wait for its result
+
+
+def run_trial(task: dict) -> dict:
+  """Runs one trial where this process is (pool worker, Ray worker, or --index); returns its outcome.
+
+  Never raises for a trial's own failure: that is recorded in <workdir>/error.json and returned.
+  """
+  setup_jax_cache(task['cache_dir'])
+  workdir = os.path.join(task['root'], task['name'])
+  out = {'index': task['index'], 'name': task['name'], 'status': 'done', 'metrics': {}, 'elapsed': 0.0,
+         'error': '', 'pid': os.getpid()}
+  claim = Claim.acquire(workdir)
+  if claim is None:
+    return {**out, 'status': 'claimed', 'error': f'claimed by {Claim.holder(workdir)}'}
+  try:
+    finished = fileio.read_result(workdir)
+    if finished is not None:
+      return {**out, 'status': 'skipped', 'metrics': _metrics_of(finished)}
+    if os.path.exists(os.path.join(workdir, 'error.json')) and not task.get('retry'):
+      return {**out, 'status': 'skipped', 'error': 'failed earlier (--retry_failed reruns it)'}
+    t0, cpu0 = time.time(), time.process_time()
+    try:
+      _ensure_deps(task)
+      _emit('start', task)
+      config = ml_collections.ConfigDict(task['config'])
+      fn = _load_fn(task['trial_fn'])
+      with _output_to(os.path.join(workdir, 'train.log')) as log_file:
+        print(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")} trial {task["name"]} (id {task["id"]}) pid {os.getpid()} '
+              f'on {socket.gethostname()}', flush=True)
+        named = {'group_name': task['group']} if 'group_name' in inspect.signature(fn).parameters else {}
+        result = fn(config, workdir, log=lambda *a: print(*a, file=log_file, flush=True), **named)
+    except Exception as e:  # noqa: BLE001 - a trial's failure is recorded, the sweep goes on
+      if isinstance(e, OSError):  # a full disk or a permission: one line naming the path, not a traceback
+        e = OSError(e.errno, f'{config_cli.os_error_text(e)}; its checkpoints so far are kept')
+      err = record_failure(workdir, task, e)
+      return {**out, 'status': 'failed', 'error': f'{err["type"]}: {err["message"]}'.splitlines()[0][:500],
+              'unwritten': err.get('unwritten', False),
+              'elapsed': time.time() - t0, 'cpu': time.process_time() - cpu0}
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(workdir, 'error.json'))
+    return {**out, 'metrics': _metrics_of(result or {}), 'elapsed': time.time() - t0,
+            'cpu': time.process_time() - cpu0, 'warnings': (result or {}).get('warnings') or []}
+  finally:
+    claim.release()

@@ -1,0 +1,306 @@
+"""Train/eval steps for Linen and NNX models behind one interface, with or without qjax rules.
+
+A trainer owns the model and the optimizer and exposes pure, jitted functions over a state pytree:
+
+    state = trainer.init(rng, sample_x)
+    state, metrics = trainer.train_step(state, x, y)          # metrics: loss (and accuracy)
+    sums = trainer.eval_step(state, x, y, w)                   # weighted sums: loss, correct, count
+    trainer.calibrate_step(state, x) -> state                  # PTQ: update range statistics only
+
+State is a pytree of arrays: Linen {'params', 'opt', 'vars'}; NNX an `NnxState`, the nnx.State of the model and
+its optimizer with their graph (and the quantization it carries) as static data, so that `init` leaves the trainer
+as it was. `to_pure(state)` is the plain dict orbax checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments.data import pipeline as input_pipeline
+from experiments.models import ModelDef
+from qjax import flax as qflax
+from qjax.flax import convert_linen, convert_nnx
+from qjax.flax.intercept import STATS
+
+
+def loss_fn(logits, y, task: str):
+  """Mean cross-entropy over examples (and positions for LMs); also per-example losses and hits."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)  # (batch[, seq])
+  hits = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+  if task == 'lm':
+    ce, hits = ce.mean(-1), hits.mean(-1)
+  return ce.mean(), ce, hits
+
+
+def evaluate(data, config, batch_sums: Callable[[Any, Any, Any], Mapping[str, Any]]) -> dict[str, float]:
+  """Mean eval loss and accuracy over the eval split: `batch_sums(x, y, w)` gives one batch's weighted sums
+  {'loss', 'correct', 'count'} (an `eval_step`, or a serving forward's), added up in float over
+  `input_pipeline.eval_batches(data, config.eval_batch_size, config.eval_examples)`. The one eval loop the training
+  run and the serving summary share, so both read the same examples and divide the same way.
+  """
+  sums = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+  for x, y, w in input_pipeline.eval_batches(data, config.eval_batch_size, config.eval_examples):
+    out = batch_sums(x, y, w)
+    for k in sums:
+      sums[k] += float(out[k])
+  n = max(sums['count'], 1.0)
+  return {'eval/loss': sums['loss'] / n, 'eval/accuracy': sums['correct'] / n}
+
+
+class LinenTrainer:
+  def __init__(self, md: ModelDef, tx: optax.GradientTransformation, rules=None):
+    self.md, self.tx = md, tx
+    self.q = qflax.quantize_linen(md.module, rules) if rules else None
+
+  @property
+  def quantized(self) -> bool:
+    return self.q is not None
+
+  def _apply(self, variables, x, train, mutable=False):
+    fn = self.q.apply if self.q is not None else self.md.module.apply
+    return fn(variables, x, train=train, mutable=mutable)
+
+  def init(self, rng, x, float_pure=None) -> dict[str, Any]:
+    """Fresh state; with `float_pure` (a float run's state) its params and collections are loaded first,
+    so learned quantizer parameters initialise from the pretrained weights."""
+    fn = self.q.init if self.q is not None else self.md.module.init
+    if float_pure is not None:
+      float_vars = {'params': float_pure['params'],
+                    **{k: v for k, v in float_pure['vars'].items() if k != STATS}}
+    if self.q is not None:  # on concrete data, outside jit (act_signedness='auto' measures activations)
+      if float_pure is None:
+        self.q.prepare('init', rng, x, train=False)
+      else:
+        self.q.prepare('apply', float_vars, x, train=False)
+    variables = dict(jax.jit(lambda rng, x: fn(rng, x, train=False))(rng, x))
+    if float_pure is not None:
+      if self.q is not None:  # creates the missing quantizer params/stats from the loaded weights
+        create = lambda v, x, rng: self.q.apply(v, x, train=False, mutable=True, rngs={'params': rng})
+        _, variables = jax.jit(create)(float_vars, x, rng)
+        variables = dict(variables)
+      else:
+        variables = float_vars
+    params = variables.pop('params')
+    return {'params': params, 'opt': self.tx.init(params), 'vars': dict(variables)}
+
+  def to_pure(self, state) -> dict:
+    return state
+
+  def from_pure(self, template, pure):
+    return pure
+
+  def train_step(self, state, x, y):
+    mutable = list(state['vars'].keys())
+
+    def loss(params):
+      logits, upd = self._apply({'params': params, **state['vars']}, x, True, mutable)
+      mean, _, hits = loss_fn(logits, y, self.md.task)
+      return mean, (upd, hits.mean())
+    (value, (upd, acc)), grads = jax.value_and_grad(loss, has_aux=True)(state['params'])
+    updates, opt = self.tx.update(grads, state['opt'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    return {'params': params, 'opt': opt, 'vars': {**state['vars'], **upd}}, {'loss': value, 'accuracy': acc}
+
+  def eval_step(self, state, x, y, w):
+    logits = self._apply({'params': state['params'], **state['vars']}, x, False)
+    _, ce, hits = loss_fn(logits, y, self.md.task)
+    return {'loss': jnp.sum(ce * w), 'correct': jnp.sum(hits * w), 'count': jnp.sum(w)}
+
+  def calibrate_step(self, state, x):
+    _, upd = self._apply({'params': state['params'], **state['vars']}, x, False, [STATS])
+    return {**state, 'vars': {**state['vars'], **upd}}
+
+  def variables(self, state):
+    return {'params': state['params'], **state['vars']}
+
+  def float_variables(self, state):
+    return {'params': state['params'], **{k: v for k, v in state['vars'].items() if k != STATS}}
+
+  # ------------------------------------------------------------------ what reviews and PTQ ask of any trainer
+
+  def ruleset(self, state):
+    """The rules as applied (qjax.flax's RuleSet), None for a float trainer."""
+    return None if self.q is None else self.q.rules
+
+  def float_params(self, state):
+    """The model's params as held in float (the quantizer variables not included)."""
+    return state['params']
+
+  def eval_forward(self, state):
+    """(forward(*args, x), args): the unquantized model in evaluation mode."""
+    return (lambda v, x: self.md.module.apply(v, x, train=False)), (self.variables(state),)
+
+  def records(self, state, x) -> list:
+    """qjax's records of one forward in evaluation mode: per quantized operand its spec, state and values."""
+    return self.q.records(self.variables(state), x, train=False)
+
+  def convert(self, state, x):
+    """The model converted for serving (int8 / packed ServingWeights), run once on x: the serving variables."""
+    return convert_linen(self.q, self.variables(state), x, train=False)
+
+  def serving_forward(self, served):
+    """(forward(*args, x), args, served params, serving tree) of a converted model (`convert`)."""
+    srv = self.q.serving()
+    return (lambda v, x: srv.apply(v, x, train=False)), (served,), served['params'], served
+
+  def kernels(self, state) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """{module path: (kernel, bias)} of every module holding a 'kernel' param (float, any rank)."""
+    out = {}
+
+    def walk(node, path):
+      if 'kernel' in node and not isinstance(node['kernel'], dict):
+        out['/'.join(path)] = (np.asarray(node['kernel']), None if 'bias' not in node else np.asarray(node['bias']))
+      for k, v in node.items():
+        if isinstance(v, dict) or hasattr(v, 'items'):
+          walk(v, path + [k])
+    walk(state['params'], [])
+    return out
+
+
+@jax.tree_util.register_pytree_node_class
+class NnxState:
+  """An NNX trainer's state: `state` (the nnx.State of (model, optimizer)) as the pytree's children, `graphdef` and
+  `quantized` (what quantize_nnx returned, None for a float model) as its static data."""
+
+  def __init__(self, graphdef, state, quantized=None):
+    self.graphdef, self.state, self.quantized = graphdef, state, quantized
+
+  def tree_flatten(self):
+    return (self.state,), (self.graphdef, self.quantized)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(aux[0], children[0], aux[1])
+
+  def merge(self):
+    """(model, optimizer), rebuilt from the graph and the state."""
+    return nnx.merge(self.graphdef, self.state)
+
+  def replace(self, model_and_opt) -> NnxState:
+    graphdef, state = nnx.split(model_and_opt)
+    return NnxState(graphdef, state, self.quantized)
+
+
+class NnxTrainer:
+  """NNX models as (graphdef, state): steps merge, run, and split again; the state is an `NnxState` pytree."""
+
+  def __init__(self, md: ModelDef, tx: optax.GradientTransformation, rules=None):
+    self.md, self.tx, self.rules = md, tx, rules
+
+  @property
+  def quantized(self) -> bool:
+    return bool(self.rules)
+
+  def init(self, rng, x, float_pure=None) -> NnxState:
+    """Fresh state; with `float_pure` (a float run's pure state) the weights are loaded before quantizing,
+    so learned quantizer parameters initialise from the pretrained weights."""
+    seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
+    model = self.md.make(nnx.Rngs(seed))
+    if float_pure is not None:
+      graphdef, st = nnx.split(model)
+      pure = _overlay(nnx.to_pure_dict(st), float_pure[0])
+      nnx.replace_by_pure_dict(st, pure)
+      model = nnx.merge(graphdef, st)
+    quantized = qflax.quantize_nnx(model, self.rules, jnp.asarray(x)) if self.rules else None
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, self.tx, wrt=nnx.Param)))
+    return NnxState(graphdef, state, quantized)
+
+  def to_pure(self, state: NnxState) -> dict:
+    return nnx.to_pure_dict(state.state)
+
+  def from_pure(self, template: NnxState, pure) -> NnxState:
+    s = jax.tree.map(lambda a: a, template)
+    nnx.replace_by_pure_dict(s.state, pure)
+    return s
+
+  def train_step(self, state: NnxState, x, y):
+    model, opt = state.merge()
+    model.train()
+
+    def loss(m):
+      mean, _, hits = loss_fn(m(x), y, self.md.task)
+      return mean, hits.mean()
+    (value, acc), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    opt.update(model, grads)
+    return state.replace((model, opt)), {'loss': value, 'accuracy': acc}
+
+  def eval_step(self, state: NnxState, x, y, w):
+    model, _ = state.merge()
+    model.eval()
+    _, ce, hits = loss_fn(model(x), y, self.md.task)
+    return {'loss': jnp.sum(ce * w), 'correct': jnp.sum(hits * w), 'count': jnp.sum(w)}
+
+  def calibrate_step(self, state: NnxState, x):
+    model, opt = state.merge()
+    model.train()  # range statistics update in training mode; no optimizer step, so nothing else changes
+    model(x)
+    return state.replace((model, opt))
+
+  def module(self, state: NnxState):
+    return state.merge()[0]
+
+  def ruleset(self, state: NnxState):
+    """The rules as applied (qjax.flax's RuleSet), None for a float trainer."""
+    return None if state.quantized is None else state.quantized.rules
+
+  # ------------------------------------------------------------------ what reviews and PTQ ask of any trainer
+
+  def float_params(self, state):
+    """The model's params as held in float (the quantizer variables not included)."""
+    return nnx.state(self.module(state), nnx.Param)
+
+  def eval_forward(self, state):
+    """(forward(*args, x), args): the model in evaluation mode."""
+    model = self.module(state)
+    model.eval()
+    graphdef, mstate = nnx.split(model)
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,)
+
+  def records(self, state, x) -> list:
+    """qjax's records of one forward in evaluation mode: per quantized operand its spec, state and values."""
+    model = self.module(state)
+    model.eval()
+    return qflax.nnx_records(model, x)
+
+  def convert(self, state, x):
+    """The model converted for serving (int8 / packed ServingWeights; convert_nnx runs it once on x and leaves it
+    in evaluation mode): the converted model."""
+    model = self.module(state)
+    convert_nnx(model, x)
+    return model
+
+  def serving_forward(self, served):
+    """(forward(*args, x), args, served params, serving tree) of a converted model (`convert`)."""
+    graphdef, mstate = nnx.split(served)
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), (mstate,), nnx.state(served, nnx.Param), mstate
+
+  def kernels(self, state) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """{module path: (kernel, bias)} of every module holding a 'kernel' param (float, any rank)."""
+    out = {}
+    for p, m in nnx.iter_modules(self.module(state)):
+      k = vars(m).get('kernel')
+      if isinstance(k, nnx.Param):
+        b = vars(m).get('bias')
+        out['/'.join(map(str, p))] = (np.asarray(k.get_value()),
+                                      None if not isinstance(b, nnx.Param) else np.asarray(b.get_value()))
+    return out
+
+
+def _overlay(dst, src):
+  """dst with every leaf that src also has (same path) replaced by src's."""
+  if isinstance(dst, dict):
+    return {k: (_overlay(v, src[k]) if isinstance(src, dict) and k in src else v) for k, v in dst.items()}
+  return src
+
+
+def make(md: ModelDef, tx, rules=None):
+  return LinenTrainer(md, tx, rules) if md.api == 'linen' else NnxTrainer(md, tx, rules)
+
+
