@@ -362,3 +362,31 @@ def test_variables_closed_over_by_jit_are_still_weights():
   y = jax.jit(lambda x: qm.apply(v, x))(x)  # v is a constant of this trace: kernel.T has no producer to follow
   assert weights_of(qm) == want
   assert jnp.allclose(y, jax.jit(qm.apply)(v, x), atol=1e-5)
+
+
+class NestedApplyHead(nn.Module):
+  """Hugging Face's tied LM heads: `self.lm_head.apply({'params': {'kernel': wte.T}}, x)` from inside the model."""
+
+  def setup(self):
+    self.wte = nn.Embed(V, D, embedding_init=nn.initializers.normal(0.5))
+    self.lm_head = nn.Dense(V, use_bias=False)
+
+  def __call__(self, ids):
+    x = self.wte(ids)
+    return self.lm_head.apply({'params': {'kernel': self.wte.variables['params']['embedding'].T}}, x)
+
+
+def test_a_nested_apply_is_hosted_by_its_caller_and_its_kernel_traced_to_the_param():
+  x = CASES['gpt2'][1](0)
+  qm = quantize_linen(NestedApplyHead(), w_rule(8, 'lsq', act_static=True))
+  v = qm.init(jax.random.key(0), x)
+  (m,) = qm.rules.quantized()
+  assert (m.path, m.rhs_weight, m.rhs_channels) == ('lm_head', 'wte/embedding', (0,))  # not its own 'kernel'
+  assert {'lm_head_dot_general0_rhs_scale'} <= set(v['params'])  # state at the host, under the nested name
+  assert {'lm_head_dot_general0_lhs_scale', 'lm_head_dot_general0_lhs_count'} <= set(v['quant_stats'])
+  _, upd = qm.apply(v, x, mutable=['quant_stats'])
+  assert float(upd['quant_stats']['lm_head_dot_general0_lhs_count']) == 2.0
+  sv = convert_linen(qm, v, x)
+  assert isinstance(sv['params']['wte']['embedding'], ServingWeight)
+  assert 'lm_head_dot_general0_rhs_scale' not in sv['params']  # folded into the ServingWeight
+  assert int8_matmuls(qm.serving().apply, sv, x) == 1

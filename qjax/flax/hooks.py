@@ -34,6 +34,9 @@ class Frame:
   counters: dict[str, int] = dataclasses.field(default_factory=dict)
   param_index: Any = None  # the model's params by identity and path (built lazily by the backend)
   backend: Any = None      # where this module's state lives (qjax.flax.state); None: the session's
+  nested: str = ''         # a module run by a nested Linen `apply` (module.apply(...) from inside the model):
+                           # its path below the host module whose variables keep its quantizer state
+  scope_root: Any = None   # the Linen root scope the module actually runs in (to recognise nested applies)
 
   @property
   def state(self):
@@ -54,9 +57,10 @@ def current() -> Frame | None:
 @contextlib.contextmanager
 def frame(module, path: str, session, method: str = '__call__', backend=None):
   s = stack()
-  s.append(Frame(module, path, session, method, backend=backend))
+  fr = Frame(module, path, session, method, backend=backend)
+  s.append(fr)
   try:
-    yield
+    yield fr
   finally:
     s.pop()
 

@@ -35,11 +35,9 @@ class QuantizedLinen:
     self.session = session or Session(self.rules, LinenBackend())
 
   def _interceptor(self, next_fun, args, kwargs, context):
-    module = context.module
     if context.method_name == 'setup':
       return next_fun(*args, **kwargs)
-    path = '/'.join(str(p) for p in module.path)
-    with hooks.frame(module, path, self.session, context.method_name, self.session.backend):
+    with linen_frame(context.module, context.method_name, '', self.session, self.session.backend):
       return next_fun(*args, **kwargs)
 
   @contextlib.contextmanager
@@ -120,6 +118,41 @@ class QuantizedLinen:
     s.mode = 'record'
     QuantizedLinen(self.model, self.rules, session=s).apply(variables, *args, **kwargs)
     return s.records
+
+
+@contextlib.contextmanager
+def linen_frame(module: nn.Module, method: str, prefix: str, session: Session, backend):
+  """The interception frame of a running Linen method (path = `prefix` + the module's path).
+
+  A module run by a nested `apply` from inside the model (Hugging Face's tied LM heads call
+  `self.lm_head.apply({'params': {'kernel': wte.T}}, x)`) has a root scope of its own, whose variables are the
+  caller's arrays and whose collections are not mutable. Its frame is hosted by the innermost enclosing module
+  of the model: the path reads `<host path>/<nested module name>[/<its path>]`, its quantizer state lives in
+  the host's variables under the prefix '<nested name>_' ('lm_head_dot_general0_rhs_scale'), and its own
+  params are not taken for params of the model (its kernel is traced back to the model's param it was made
+  from, `transformer/wte/embedding`)."""
+  scope = module.scope
+  root = scope.root if scope is not None else None
+  mine = [f for f in hooks.stack() if f.state is backend]
+  rel = None
+  if mine and root is not None and root is not mine[0].scope_root:
+    same = next((f for f in mine if f.scope_root is root and f.nested), None)
+    if same is not None:
+      rel = '/'.join([same.nested.split('/')[0], *(str(p) for p in module.path)])
+    elif not module.path:  # a new root scope at path (): a nested apply (lifted transforms keep their paths)
+      rel = str(module.name or 'apply')
+  if rel is None:
+    path = '/'.join(str(p) for p in (prefix, *module.path) if str(p))
+    with hooks.frame(module, path, session, method, backend) as fr:
+      fr.scope_root = root
+      yield
+    return
+  host = next(f for f in reversed(mine) if not f.nested)
+  path = '/'.join(p for p in (host.path, rel) if p)
+  tag = rel.replace('/', '_') + ('' if method == '__call__' else f'_{method}')
+  with hooks.frame(host.module, path, session, tag, backend) as fr:
+    fr.scope_root, fr.nested = root, rel
+    yield
 
 
 def quantize_linen(model: nn.Module, rules) -> QuantizedLinen:

@@ -92,8 +92,7 @@ def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
   def interceptor(next_fun, a, k, context):
     if context.method_name == 'setup':
       return next_fun(*a, **k)
-    path = '/'.join(str(p) for p in (prefix, *context.module.path) if str(p))
-    with hooks.frame(context.module, path, session, context.method_name, backend):
+    with qlinen.linen_frame(context.module, context.method_name, prefix, session, backend):
       return next_fun(*a, **k)
   outermost = not hooks.stack()
   if outermost:

@@ -115,7 +115,7 @@ class LinenBackend(_Backend):
 
   def _own(self, fr):
     from flax.core import meta  # noqa: PLC0415
-    if fr.module.scope is None:
+    if fr.module.scope is None or fr.nested:  # a nested apply's params are the caller's arrays, not params
       return []
     p = fr.module.variables.get('params', {})
     return [(_join(fr.path, k), meta.unbox(v)) for k, v in p.items() if not hasattr(v, 'items')]
