@@ -5,8 +5,9 @@
     variables = qjax.flax.add_quant_vars(qmodel, pretrained, x)  # or: float params of a checkpoint + quantizer vars
     y, upd = qmodel.apply(variables, x, mutable=['quant_stats'])   # training: statistics update
     y = qmodel.apply(variables, x)                        # evaluation: statistics frozen
-    serving = qjax.flax.convert_linen(qmodel, variables, x)  # int8 (or packed int4) kernels, no float kernels
-    y = qmodel.serving().apply(serving, x)                # real int8 matmuls; equals the QAT eval output
+    served = qjax.flax.convert_linen(qmodel, variables, x)   # int8 (or packed int4) kernels, no float kernels
+    y = served(x)                                         # real int8 matmuls; equals the QAT eval output
+    served.variables, served.weights, served.report()     # the serving tree; {path: ServingWeight}; sizes
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class QuantizedLinen:
     return out
 
   def apply(self, variables, *args, **kwargs):
+    if isinstance(variables, serving.Served):  # what convert_linen returns
+      variables = variables.variables
     self._probe(self.model.apply, variables, args, kwargs)
     out = self._run(self.model.apply, variables, args, kwargs)
     self.rules.check_first_run()
@@ -183,8 +186,10 @@ def _serving_params():
 
 
 def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4_pack: bool = True,
-                  **kwargs) -> dict[str, Any]:
-  """PTQ conversion: a serving variable tree in which every quantized weight is a ServingWeight.
+                  **kwargs) -> serving.Served:
+  """PTQ conversion: a serving.Served (`served(x)` serves, `served.report()`, `served.weights`) whose variables
+  are a serving variable tree in which every quantized weight is a ServingWeight; it is that tree too
+  (`served['params']`, `qmodel.serving().apply(served, x)`). convert_nnx returns the same kind of result.
 
   Runs the model (jit-compiled, in evaluation mode) on sample inputs to learn which params are weights of
   quantized ops (by provenance: a param, or a transpose / reshape / cast of one), with which spec and quantizer
@@ -217,7 +222,7 @@ def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4
         mnode.pop(f'{r.prefix}_{learned}', None)
   out = dict(variables)
   out['params'] = params
-  return out
+  return serving.Served('linen', qmodel.serving(), out, tuple(weights))
 
 
 def add_quant_vars(qmodel: QuantizedLinen, variables: dict[str, Any], *args, **kwargs) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
     q = qjax.flax.quantize_nnx(model, rules, x)        # no copy of the model is made; q.report()
     y = model(x)                                        # QAT forward (statistics update unless model.eval())
-    qjax.flax.convert_nnx(model, x)                     # kernels become ServingWeights (int8 / packed int4)
+    served = qjax.flax.convert_nnx(q, x)                # kernels become ServingWeights (int8 / packed int4)
+    y = served(x)                                       # as convert_linen's result: served.report(), .weights
 
 Every module of the model gets a quantized subclass (`__class__` swap) whose `__call__` pushes the module on
 qjax's interception stack; layers that keep their op as an attribute (LinearGeneral, Conv, Einsum) get qjax's
@@ -330,14 +331,19 @@ def _only_quantizer_vars(tree):
   return out
 
 
-def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sample_kwargs) -> int:
-  """PTQ conversion in place: each quantized weight param becomes a ServingWeight; returns how many.
+def convert_nnx(model: nnx.Module | QuantizedNnx, *sample_args, int4_pack: bool = True,
+                **sample_kwargs) -> serving.Served:
+  """PTQ conversion in place: each quantized weight param becomes a ServingWeight. Returns a serving.Served, as
+  convert_linen does: `served(x)` serves (jit-compiled), `served.model` is the model (converted in place),
+  `served.weights` maps each served weight's path to its ServingWeight, `served.report()` lists them.
 
   Runs the model once (jit-compiled, in eval mode) on sample inputs to learn which params are weights of quantized
   ops (by provenance), with which spec and quantizer state; quantizes each weight operand as the QAT forward does
   and stores it in the param's own layout (see qjax.flax.convert_linen), so that the serving forward equals the
   QAT evaluation forward bit for bit. A param shared by several quantized ops is stored once.
   """
+  if isinstance(model, QuantizedNnx):
+    model = model.model
   session = _session_of(model)
   model.eval()
   modules = {_path_str(p): m for p, m in nnx.iter_modules(model)}
@@ -373,7 +379,6 @@ def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sampl
                        f'{tuple(q.qvalue.shape)}: weights used inside an NNX transform over stacked layers '
                        '(nnx.scan, nnx.vmap) cannot be converted to ServingWeights yet')
     todo.append((path, var, q, uses))
-  done = 0
   for _, var, q, uses in todo:
     if isinstance(var.get_value(), serving.ServingWeight):
       continue  # already converted
@@ -388,9 +393,8 @@ def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sampl
       for learned in r.spec.learned:
         if module is not None and hasattr(module, f'qjax_{r.prefix}_{learned}'):
           delattr(module, f'qjax_{r.prefix}_{learned}')
-    done += 1
   session.mode = 'serve'
-  return done
+  return serving.Served('nnx', model, nnx.state(model), tuple(path for path, *_ in todo))
 
 
 def _session_of(model: nnx.Module) -> Session:
