@@ -207,10 +207,7 @@ def test_ptq_conversion_serves_int8_and_equals_qat_eval(name):
   xe = inputs(2)
   y_qat = jax.jit(qm.apply)(v, xe)
   y_srv = jax.jit(qm.serving().apply)(sv, xe)
-  if name in ('gpt2', 'llama'):  # tied: the embedding lookup reads the served (int8) table, QAT's the float one
-    assert float(jnp.max(jnp.abs(y_srv - y_qat))) < 0.05 * float(jnp.max(jnp.abs(y_qat)))
-  else:
-    assert jnp.array_equal(y_srv, y_qat)
+  assert jnp.array_equal(y_srv, y_qat)  # tied tables too: QAT's lookup reads the table as quantized for the head
   assert jnp.array_equal(qm.serving().apply(sv, xe), y_srv)  # eager serving: same program
   assert int8_matmuls(qm.serving().apply, sv, xe) == len(want)
 

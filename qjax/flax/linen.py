@@ -48,11 +48,14 @@ class QuantizedLinen:
       stack.enter_context(nn.intercept_methods(self._interceptor))
       if self.session.serving:
         stack.enter_context(_serving_params())
+      else:
+        stack.enter_context(quantized_reads(self.session))
       try:
         yield
       finally:
         if not hooks.stack():
           serving.clear()
+          self.session.end_call()
 
   def _run(self, fn, state, args, kwargs):
     """fn(state, *args, **kwargs) under the hooks. When the variables are concrete (an eager call, or variables
@@ -90,9 +93,24 @@ class QuantizedLinen:
         return intercept.jit_call(run, state, args, kwargs, abstract=abstract)
     self.session.probe(go)
 
+  def _learn_uses(self, variables, args, kwargs) -> None:
+    """Before the first QAT apply of a model that has not run yet (a fresh QuantizedLinen given variables), one
+    abstract run learns how each weight is quantized (Session.weight_uses), so that tied weights read quantized
+    from the very first call (a jit-compiled first call would otherwise keep its float reads)."""
+    s = self.session
+    if s.uses_known or s.mode != 'train':
+      return
+    s.uses_known = True
+    try:
+      with self._context():
+        intercept.jit_call(self.model.apply, variables, args, kwargs, abstract=True)
+    except Exception:  # noqa: BLE001 -- the real call raises its own error
+      pass
+
   def init(self, rngs, *args, **kwargs):
     self._probe(self.model.init, rngs, args, kwargs)
     out = self._run(self.model.init, rngs, args, kwargs)
+    self.session.uses_known = True
     self.rules.check_first_run()
     return out
 
@@ -100,6 +118,7 @@ class QuantizedLinen:
     if isinstance(variables, serving.Served):  # what convert_linen returns
       variables = variables.variables
     self._probe(self.model.apply, variables, args, kwargs)
+    self._learn_uses(variables, args, kwargs)
     out = self._run(self.model.apply, variables, args, kwargs)
     self.rules.check_first_run()
     return out
@@ -185,6 +204,34 @@ def _serving_params():
     scope_mod.Scope.param = _orig_param
 
 
+@contextlib.contextmanager
+def quantized_reads(session: Session, prefix: str = ''):
+  """While a quantized Linen model runs in QAT, a param that is a weight of a quantized op reads as that op
+  quantizes it (Session.quantized_read: tied weights are one quantized weight, as served)."""
+  prev = scope_mod.Scope.param
+
+  def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+    v = prev(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+    if not session.weight_uses:
+      return v
+    root = self.root
+
+    def learned(host, name):
+      node = root.variables().get('params', {})
+      for k in host:
+        node = node.get(k, {}) if hasattr(node, 'get') else {}
+      val = node.get(name) if hasattr(node, 'get') else None
+      return None if val is None else nn.meta.unbox(val)
+    out = session.quantized_read('/'.join(str(p) for p in (prefix, *self.path, name) if str(p)), nn.meta.unbox(v),
+                                 learned)
+    return v if out is None else out
+  scope_mod.Scope.param = param
+  try:
+    yield
+  finally:
+    scope_mod.Scope.param = prev
+
+
 def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4_pack: bool = True,
                   **kwargs) -> serving.Served:
   """PTQ conversion: a serving.Served (`served(x)` serves, `served.report()`, `served.weights`) whose variables
@@ -202,7 +249,7 @@ def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4
   meta, problems = [], {}
 
   def run(v, *args, **kwargs):
-    records = qmodel.records(v, *args, **kwargs)
+    records = [_from_variables(r, v) for r in qmodel.records(v, *args, **kwargs)]
     meta[:] = records
     return serving.quantize_uses(records, problems)
   qarrays = intercept.jit_call(run, variables, args, kwargs)
@@ -223,6 +270,33 @@ def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4
   out = dict(variables)
   out['params'] = params
   return serving.Served('linen', qmodel.serving(), out, tuple(weights))
+
+
+def _from_variables(r, variables):
+  """A weight record whose operand and learned quantizer params are taken from the variables (the model's shape
+  ops replayed on the param: the same values), not from the op's trace: inside a lifted transform (nn.remat,
+  nn.jit) the op's own values belong to an inner trace and cannot leave it."""
+  if r.weight_name is None or r.origin is None:
+    return r
+
+  def at(path):
+    node = variables.get('params', {})
+    for k in path:
+      if not hasattr(node, 'get') or k not in node:
+        return None
+      node = node[k]
+    return nn.meta.unbox(node)
+  w = at(r.origin.param.split('/'))
+  if w is None or serving.is_serving(w) or tuple(w.shape) != tuple(r.origin.shape):
+    return r  # e.g. a layer of params stacked by nn.scan: the op's own slice
+  state = dict(r.state)
+  host = tuple(str(p) for p in getattr(r.module, 'path', ()))
+  for name in r.spec.learned:
+    val = at((*host, f'{r.prefix}_{name}'))
+    if val is not None:
+      state[name] = val
+  x = provenance.replay(r.origin, w).astype(r.x.dtype)
+  return dataclasses.replace(r, x=x, state=state)
 
 
 def add_quant_vars(qmodel: QuantizedLinen, variables: dict[str, Any], *args, **kwargs) -> dict[str, Any]:

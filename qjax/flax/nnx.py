@@ -104,10 +104,13 @@ def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
       st.enter_context(nn.intercept_methods(interceptor))
       if session.serving:
         st.enter_context(qlinen._serving_params())
+      else:
+        st.enter_context(qlinen.quantized_reads(session, prefix))
       out = parent(*args, rngs=rngs, method=method, mutable=mutable or False, **kwargs)
   finally:
     if outermost:
       serving.clear()
+      session.end_call()
   if outermost and session.mode != 'probe':
     session.ruleset.check_first_run()
   return out
@@ -393,8 +396,30 @@ def convert_nnx(model: nnx.Module | QuantizedNnx, *sample_args, int4_pack: bool 
       for learned in r.spec.learned:
         if module is not None and hasattr(module, f'qjax_{r.prefix}_{learned}'):
           delattr(module, f'qjax_{r.prefix}_{learned}')
+        elif not isinstance(r.module, nnx.Module):  # a Linen module inside an nnx.bridge.ToNNX
+          _drop_tonnx_var(modules, r, f'{r.prefix}_{learned}')
   session.mode = 'serve'
   return serving.Served('nnx', model, nnx.state(model), tuple(path for path, *_ in todo))
+
+
+def _drop_tonnx_var(modules: dict, r, name: str) -> None:
+  """Removes the Linen variable `name` of record r's module from the ToNNX that holds it (a learned step folded
+  into a ServingWeight). ToNNX keeps a Linen module's variables as attributes: nested dicts by submodule name."""
+  from flax.nnx import bridge  # noqa: PLC0415
+  host = tuple(str(p) for p in getattr(r.module, 'path', ()))
+  for tpath, t in modules.items():
+    if not isinstance(t, bridge.ToNNX) or (tpath and r.path != tpath and not r.path.startswith(tpath + '/')):
+      continue
+    if not host:
+      if name in vars(t):
+        delattr(t, name)
+      return
+    node = vars(t).get(host[0])
+    for k in host[1:]:
+      node = node[k] if node is not None and k in node else None
+    if node is not None and name in node:
+      del node[name]
+    return
 
 
 def _session_of(model: nnx.Module) -> Session:

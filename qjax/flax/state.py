@@ -73,6 +73,9 @@ class _Backend:
     return next((f for f in hooks.stack() if f.state is fr.state), fr)
 
   def lookup(self, fr, v):
+    read = fr.session.reads.get(id(v))
+    if read is not None and read[0] is v:  # a quantized read of a tied weight (Session.quantized_read)
+      return read[1], tuple(v.shape), True
     hit = serving.served(v)
     if hit is not None and hit[1] is not None:
       return hit[1], hit[0].shape
