@@ -387,3 +387,25 @@ def test_a_nested_apply_is_hosted_by_its_caller_and_its_kernel_traced_to_the_par
   assert isinstance(sv['params']['wte']['embedding'], ServingWeight)
   assert 'lm_head_dot_general0_rhs_scale' not in sv['params']  # folded into the ServingWeight
   assert int8_matmuls(qm.serving().apply, sv, x) == 1
+
+
+def test_tensordot_and_inner_reach_the_rules_and_vdot_is_listed_as_not_reachable():
+  class Contractions(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      a = self.param('a', nn.initializers.normal(), (D, 6))
+      b = self.param('b', nn.initializers.normal(), (5, 6))  # stored (out, in)
+      h = jnp.tensordot(x, a, axes=1)                      # (B, T, D) . (D, 6)
+      y = jnp.inner(h, b)                                  # (B, T, 6) . (5, 6)^T
+      return y + jnp.tensordot(y, jnp.ones((5, 5)), axes=((2,), (0,))) + jnp.vdot(x, x)
+  qm = quantize_linen(Contractions(), w_rule(8))
+  x = jax.random.normal(jax.random.key(0), (2, T, D))
+  with pytest.warns(UserWarning, match='not quantized, not reachable: vdot at <root>'):
+    v = qm.init(jax.random.key(0), x)
+  ops = [(m.via, m.rhs_weight, m.rhs_channels) for m in qm.rules.quantized()]
+  assert ops == [('tensordot', 'a', (1,)), ('inner', 'b', (0,)), ('tensordot', None, ())]
+  assert 'not quantized, not reachable' in qm.report() and 'vdot' in qm.report()
+  served = convert_linen(qm, v, x)
+  assert set(served.weights) == {'a', 'b'} and served.weights['b'].scale.shape == (5, 1)
+  assert jnp.array_equal(served(x), jax.jit(qm.apply)(v, x))
+  assert int8_matmuls(served.model.apply, served.variables, x) == 3
