@@ -12,10 +12,8 @@ bit for bit, and the int8 matmuls in the compiled HLO.
 Compiled pieces are shared through module-scoped fixtures.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 import transformers  # a test dependency (pyproject's [test] extra)
@@ -273,29 +271,3 @@ def test_bert_through_tonnx_errors_qat_serving_and_hlo(bert):
   want = bert['want']
   assert float(jnp.max(jnp.abs(bert['got'] - want))) <= 1e-6 * float(jnp.max(jnp.abs(want)))
   assert bert['int8_dots'] == len(BERT_DENSE)
-
-
-def test_nn_remat_layers_are_quantized_converted_and_served():
-  class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.relu(nn.Dense(16, name='fc')(x))
-
-  class Model(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      for i in range(2):
-        x = nn.remat(Block)(name=f'block_{i}')(x)
-      return nn.Dense(4, name='head')(x)
-  x = jax.random.normal(jax.random.key(0), (8, 16))
-  qm = quantize_linen(Model(), rules(8))
-  v = qm.init(jax.random.key(1), x)
-  assert weights_of(qm.rules.quantized()) == {'block_0/fc/kernel': (1,), 'block_1/fc/kernel': (1,),
-                                              'head/kernel': (1,)}
-  g = jax.jit(jax.grad(lambda p: jnp.sum(qm.apply({**v, 'params': p}, x) ** 2)))(v['params'])
-  assert float(jnp.abs(g['block_0']['fc']['kernel']).sum()) > 0
-  served = convert_linen(qm, v, x)
-  assert set(served.weights) == {'block_0/fc/kernel', 'block_1/fc/kernel', 'head/kernel'}
-  assert jnp.array_equal(served(x), jax.jit(qm.apply)(v, x))
-  assert int8_dots(jax.jit(served.model.apply).lower(served.variables, x)) == 3
-  np.testing.assert_allclose(served(x), Model().apply(v, x), rtol=0.1, atol=0.05)
