@@ -186,7 +186,7 @@ _orig_param = scope_mod.Scope.param
 
 
 @contextlib.contextmanager
-def _serving_params():
+def _serving_params(prefix: str = ''):
   # A ServingWeight param reads as its dequantized float (serving.read), which the hooks recognise as that
   # weight; Linen's shape check against the initializer is skipped for it.
   def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
@@ -194,7 +194,7 @@ def _serving_params():
       v = self.get_variable('params', name)
       if isinstance(v, serving.ServingWeight):
         self.reserve(name, 'params')
-        path = '/'.join(str(p) for p in (*self.path, name))
+        path = '/'.join(str(p) for p in (prefix, *self.path, name) if str(p))  # prefix: a ToNNX's NNX path
         return serving.read(nn.meta.unbox(v), path)  # its arrays may carry partitioning boxes
     return _orig_param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
   scope_mod.Scope.param = param

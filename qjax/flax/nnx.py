@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import zlib
 
 import jax
@@ -53,6 +54,48 @@ def _trace_if_eager(module, session, args, kwargs, method: str = '__call__') -> 
   session.trace_origins(lambda: intercept.jit_call(run, state, args, kwargs, abstract=True), key)
 
 
+_reads_tls = threading.local()
+
+
+@contextlib.contextmanager
+def _quantized_reads(session: Session, root: nnx.Module):
+  """While a quantized NNX model runs in QAT, reading a param that is a weight of a quantized op
+  (`self.embedding[...]`, `get_value()`) gives that weight as its op quantizes it (Session.quantized_read: a
+  tied table is one quantized weight, as served). Installed by the outermost quantized call only."""
+  if session.serving or not session.weight_uses:
+    yield
+    return
+  orig = nnx.Variable.get_value
+  modules: dict = {}
+
+  def learned(host, name):
+    if not modules:
+      modules.update({_path_str(p): m for p, m in nnx.iter_modules(root)})
+    var = getattr(modules.get('/'.join(host)), f'qjax_{name}', None)
+    return None if var is None else orig(var)
+
+  def get_value(self, **kw):
+    v = orig(self, **kw)
+    if (kw.get('index', ...) is not ... or not isinstance(self, nnx.Param) or getattr(_reads_tls, 'busy', False)
+        or not hooks.stack()):
+      return v
+    _reads_tls.busy = True
+    try:
+      fr = hooks.stack()[-1]
+      hit = fr.state.lookup(fr, v)
+      if hit is None or len(hit) > 2 or hit[0] not in session.weight_uses:
+        return v
+      out = session.quantized_read(hit[0], v, learned)
+      return v if out is None else out
+    finally:
+      _reads_tls.busy = False
+  nnx.Variable.get_value = get_value
+  try:
+    yield
+  finally:
+    nnx.Variable.get_value = orig
+
+
 def _quantized_call(self, *args, **kwargs):
   """__call__ of the quantized module classes: runs the original inside the interception context."""
   parent = super(_SUBCLASSES[self._qjax_base], self).__call__
@@ -63,11 +106,16 @@ def _quantized_call(self, *args, **kwargs):
   if outermost:
     _trace_if_eager(self, session, args, kwargs)
   try:
-    with hooks.patched(), hooks.frame(self, self._qjax_path, session):
+    with contextlib.ExitStack() as st:
+      st.enter_context(hooks.patched())
+      if outermost:
+        st.enter_context(_quantized_reads(session, self))
+      st.enter_context(hooks.frame(self, self._qjax_path, session))
       out = parent(*args, **kwargs)
   finally:
     if outermost:
       serving.clear()
+      session.end_call()
   if outermost and session.mode != 'probe':  # the outermost quantized module returned: it ran once
     session.ruleset.check_first_run()
   return out
@@ -103,7 +151,7 @@ def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
       st.enter_context(hooks.patched())
       st.enter_context(nn.intercept_methods(interceptor))
       if session.serving:
-        st.enter_context(qlinen._serving_params())
+        st.enter_context(qlinen._serving_params(prefix))
       else:
         st.enter_context(qlinen.quantized_reads(session, prefix))
       out = parent(*args, rngs=rngs, method=method, mutable=mutable or False, **kwargs)
@@ -133,11 +181,16 @@ def _method(name: str, fn):
     if outermost:
       _trace_if_eager(self, session, args, kwargs, name)
     try:
-      with hooks.patched(), hooks.frame(self, self._qjax_path, session, name):
+      with contextlib.ExitStack() as st:
+        st.enter_context(hooks.patched())
+        if outermost:
+          st.enter_context(_quantized_reads(session, self))
+        st.enter_context(hooks.frame(self, self._qjax_path, session, name))
         return fn(self, *args, **kwargs)
     finally:
       if outermost:
         serving.clear()
+        session.end_call()
   method.__name__ = method.__qualname__ = name
   method.__doc__ = fn.__doc__
   return method
@@ -397,7 +450,7 @@ def convert_nnx(model: nnx.Module | QuantizedNnx, *sample_args, int4_pack: bool 
         if module is not None and hasattr(module, f'qjax_{r.prefix}_{learned}'):
           delattr(module, f'qjax_{r.prefix}_{learned}')
         elif not isinstance(r.module, nnx.Module):  # a Linen module inside an nnx.bridge.ToNNX
-          _drop_tonnx_var(modules, r, f'{r.prefix}_{learned}')
+          _drop_tonnx_var(modules, r, f"{r.prefix}_{learned}")
   session.mode = 'serve'
   return serving.Served('nnx', model, nnx.state(model), tuple(path for path, *_ in todo))
 

@@ -344,9 +344,11 @@ class Session:
     def cb(spec: QuantSpec, x):
       out = self._state_for(fr, rule, prefix, spec, x, o)
       if (weight is not None and self.mode in ('train', 'record') and spec.rounding != 'stochastic'
-          and not rule.delayed_scaling and fr.state.name == 'linen'):
-        self.weight_uses.setdefault(weight, WeightUse(spec, dataclasses.replace(o.origin, read=False),
-                                                      tuple(getattr(fr.module, 'path', ())), prefix))
+          and not rule.delayed_scaling):
+        host = (tuple(str(p) for p in getattr(fr.module, 'path', ())) if fr.state.name == 'linen'
+                else tuple(p for p in fr.path.split('/') if p))  # Linen: within its root scope; NNX: the model
+        self.weight_uses.setdefault(weight, WeightUse(spec, dataclasses.replace(o.origin, read=False), host,
+                                                      prefix))
       if self.mode == 'record':
         self.records.append(Record(fr.module, fr.path, weight, spec, out, prefix, x, kept, o.origin, rule.label))
       return out
