@@ -57,15 +57,21 @@ def lsq_steps(params) -> dict:
 # ------------------------------------------------------------------------------------------------- Linen
 
 
-def linen_family(module, variables, args, loss_fn, kwargs):
-  """Everything the Linen tests check, computed once: {name: value}."""
+def linen_family(module, variables, args, loss_fn, kwargs, eager=True):
+  """Everything the Linen tests check, computed once: {name: value}. `eager`: add_quant_vars runs eagerly and
+  must return the pretrained arrays themselves; else compiled (faster for convolutions), their values."""
   out = {}
   fwd = lambda qm: jax.jit(lambda v, *a: qm.apply(v, *a, **kwargs))
   out['ref'] = ref = jax.jit(lambda v, *a: module.apply(v, *a, **kwargs))(variables, *args)
   # W8A8: the PTQ model (per-channel int8 weights, dynamic int8 activations)
   q8 = quantize_linen(module, rules(8))
-  v8 = add_quant_vars(q8, variables, *args, **kwargs)
-  out['untouched'] = all(a is b for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(
+  if eager:
+    v8 = add_quant_vars(q8, variables, *args, **kwargs)
+    same = lambda a, b: a is b
+  else:
+    v8 = jax.jit(lambda v, *a: add_quant_vars(q8, v, *a, **kwargs))(variables, *args)
+    same = lambda a, b: bool(jnp.array_equal(a, b))
+  out['untouched'] = all(same(a, b) for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(
       {k: v8[k] for k in variables}), strict=True))
   out['matches'] = q8.rules.quantized()
   out['y8'] = y8 = fwd(q8)(v8, *args)
@@ -121,7 +127,7 @@ def resnet():
   variables = jax.jit(lambda k, x: module.init(k, x, return_dict=False))(jax.random.key(0), x)  # compiled init
   labels = jnp.array([1, 3])
   loss = lambda out: optax.softmax_cross_entropy_with_integer_labels(out[0], labels).mean()
-  res = linen_family(module, dict(variables), (x,), loss, {'return_dict': False})
+  res = linen_family(module, dict(variables), (x,), loss, {'return_dict': False}, eager=False)
   res['params'] = variables['params']
   return res
 

@@ -69,9 +69,15 @@ def _quantized_reads(session: Session, root: nnx.Module):
   modules: dict = {}
 
   def learned(host, name):
-    if not modules:
-      modules.update({_path_str(p): m for p, m in nnx.iter_modules(root)})
-    var = getattr(modules.get('/'.join(host)), f'qjax_{name}', None)
+    path = '/'.join(host)
+    # the running instance first (inside nnx.scan / nnx.vmap it holds this layer's slice), else the model's
+    mod = next((f.module for f in reversed(hooks.stack()) if f.path == path and isinstance(f.module, nnx.Module)),
+               None)
+    if mod is None:
+      if not modules:
+        modules.update({_path_str(p): m for p, m in nnx.iter_modules(root)})
+      mod = modules.get(path)
+    var = getattr(mod, f'qjax_{name}', None)
     return None if var is None else orig(var)
 
   def get_value(self, **kw):

@@ -166,9 +166,13 @@ class Session:
       state[name] = val
     x = provenance.replay(use.origin, v)
     sg = jax.lax.stop_gradient
-    q = quantizers.quantize(sg(x), use.spec, {k: sg(a) for k, a in state.items()} or None)
-    exact = provenance.backward(use.origin, q).dequantize(v.dtype)
-    fq = provenance.replay(use.origin, quantizers.fake_quant(x, use.spec, state or None).astype(v.dtype), back=True)
+    try:
+      q = quantizers.quantize(sg(x), use.spec, {k: sg(a) for k, a in state.items()} or None)
+      exact = provenance.backward(use.origin, q).dequantize(v.dtype)
+      fq = provenance.replay(use.origin, quantizers.fake_quant(x, use.spec, state or None).astype(v.dtype),
+                             back=True)
+    except (ValueError, TypeError):  # e.g. a learned step stacked for nnx.scan read outside it: read as it is
+      return None
     out = sg(exact) + (fq - sg(fq))  # the forward is exactly the served table; the gradient fake_quant's
     for o in {id(out): out, id(provenance.unwrap(out)): provenance.unwrap(out)}.values():  # under grad: primal
       self.reads[id(o)] = (o, path, v)
