@@ -93,24 +93,9 @@ class QuantizedLinen:
         return intercept.jit_call(run, state, args, kwargs, abstract=abstract)
     self.session.probe(go)
 
-  def _learn_uses(self, variables, args, kwargs) -> None:
-    """Before the first QAT apply of a model that has not run yet (a fresh QuantizedLinen given variables), one
-    abstract run learns how each weight is quantized (Session.weight_uses), so that tied weights read quantized
-    from the very first call (a jit-compiled first call would otherwise keep its float reads)."""
-    s = self.session
-    if s.uses_known or s.mode != 'train':
-      return
-    s.uses_known = True
-    try:
-      with self._context():
-        intercept.jit_call(self.model.apply, variables, args, kwargs, abstract=True)
-    except Exception:  # noqa: BLE001 -- the real call raises its own error
-      pass
-
   def init(self, rngs, *args, **kwargs):
     self._probe(self.model.init, rngs, args, kwargs)
     out = self._run(self.model.init, rngs, args, kwargs)
-    self.session.uses_known = True
     self.rules.check_first_run()
     return out
 
@@ -118,7 +103,6 @@ class QuantizedLinen:
     if isinstance(variables, serving.Served):  # what convert_linen returns
       variables = variables.variables
     self._probe(self.model.apply, variables, args, kwargs)
-    self._learn_uses(variables, args, kwargs)
     out = self._run(self.model.apply, variables, args, kwargs)
     self.rules.check_first_run()
     return out

@@ -92,7 +92,6 @@ class Session:
     self.weight_uses: dict[str, WeightUse] = {}  # param path -> how its first quantized op quantizes it
     self.reads: dict[int, tuple] = {}            # id(quantized read) -> (read, param path, float param)
     self.read_floats: dict[str, Any] = {}        # param path -> the float param of this call's quantized read
-    self.uses_known = False                      # a run has recorded weight_uses (or tried to)
 
   @property
   def serving(self) -> bool:
@@ -153,7 +152,8 @@ class Session:
     embedding lookup of a tied LM head) read the same quantized table that serving stores, so that the serving
     forward equals the QAT evaluation forward bit for bit. The quantized op itself still gets the float param
     (run_op replays the model's shape ops on it): its forward and gradients are unchanged. Where nothing else
-    reads the weight, XLA drops w_hat."""
+    reads the weight, XLA drops w_hat. How each weight is quantized is learned from the model's first quantized
+    run (init, add_quant_vars, quantize_nnx's sample run); before it, params read as they are."""
     use = self.weight_uses.get(path)
     if use is None or self.mode not in ('train', 'record', 'trace') or tuple(getattr(v, 'shape', ())) != \
         use.origin.shape or not use.origin.invertible or not jnp.issubdtype(v.dtype, jnp.floating):
