@@ -1,13 +1,15 @@
 """Op hooks: a model's matmuls and convs reach qjax while a quantized model runs, on that thread only.
 
 While any quantized model runs, `jax.lax.dot_general`, `jax.lax.dot`, `jax.lax.conv_general_dilated`,
-`jax.numpy.einsum`, `jax.numpy.matmul`, `jax.numpy.dot` and the `@` operator
+`jax.numpy.einsum`, `jax.numpy.matmul`, `jax.numpy.dot`, `jax.numpy.tensordot`, `jax.numpy.inner`,
+`jax.numpy.vdot` (listed as not reachable: it flattens its operands) and the `@` operator
 (`jax._src.numpy.tensor_contractions.matmul`, which `Array.__matmul__` looks up at call time) are replaced by
 hooks. A thread-local stack holds the module being executed (pushed by the Linen interceptor or by the quantized
 NNX module classes); a hook called from model code under a frame hands the op to the frame's session
 (qjax.flax.session.Session.run_op), and runs the original op otherwise (other threads, qjax's own op code, JAX
-internals). lax.dot, jnp.matmul, jnp.dot and `@` are caught at their entry, where their operands still carry
-their provenance (inside those jitted library functions they would not), and run as one dot_general.
+internals). lax.dot, jnp.matmul, jnp.dot, jnp.tensordot, jnp.inner and `@` are caught at their entry, where
+their operands still carry their provenance (inside those jitted library functions they would not), and run as
+one dot_general.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class Frame:
   counters: dict[str, int] = dataclasses.field(default_factory=dict)
   param_index: Any = None  # the model's params by identity and path (built lazily by the backend)
   backend: Any = None      # where this module's state lives (qjax.flax.state); None: the session's
+  nested: str = ''         # a module run by a nested Linen `apply` (module.apply(...) from inside the model):
+                           # its path below the host module whose variables keep its quantizer state
+  scope_root: Any = None   # the Linen root scope the module actually runs in (to recognise nested applies)
 
   @property
   def state(self):
@@ -54,9 +59,10 @@ def current() -> Frame | None:
 @contextlib.contextmanager
 def frame(module, path: str, session, method: str = '__call__', backend=None):
   s = stack()
-  s.append(Frame(module, path, session, method, backend=backend))
+  fr = Frame(module, path, session, method, backend=backend)
+  s.append(fr)
   try:
-    yield
+    yield fr
   finally:
     s.pop()
 
@@ -174,6 +180,54 @@ def lax_dot_hook(lhs, rhs, *, dimension_numbers=None, precision=None, preferred_
   return fr.session.dot_general(fr, lhs, rhs, dims, precision, preferred_element_type, orig, via='lax.dot')
 
 
+def tensordot_hook(a, b, axes=2, *, precision=None, preferred_element_type=None, **kw):
+  """jnp.tensordot: a's `axes` last axes (or the listed ones) against b's first (or listed): dot_general with
+  those contracting dims and no batch dims (its output, a's free axes then b's, is tensordot's)."""
+  orig = lambda: ORIG['tensordot'](a, b, axes, precision=precision, preferred_element_type=preferred_element_type,
+                                   **kw)
+  fr = _model_frame()
+  if fr is None or not (hasattr(a, 'ndim') and hasattr(b, 'ndim')):
+    return orig()
+  extra = sorted(k for k, v in kw.items() if v is not None)
+  if extra:
+    return fr.session.unreachable(fr, 'tensordot', a, b, orig, f'it is called with {", ".join(extra)}')
+  try:
+    if isinstance(axes, int):
+      ca, cb = tuple(range(a.ndim - axes, a.ndim)), tuple(range(axes))
+    else:
+      ax_a, ax_b = axes
+      ca = (ax_a,) if isinstance(ax_a, int) else tuple(ax_a)
+      cb = (ax_b,) if isinstance(ax_b, int) else tuple(ax_b)
+      ca, cb = tuple(i % a.ndim for i in ca), tuple(i % b.ndim for i in cb)
+  except (TypeError, ValueError, ZeroDivisionError):
+    return orig()  # the original raises its own error
+  if not ca or len(ca) != len(cb) or a.ndim == 0 or b.ndim == 0:
+    return fr.session.unreachable(fr, 'tensordot', a, b, orig, 'it contracts no axis (an outer product)')
+  return fr.session.dot_general(fr, a, b, ((ca, cb), ((), ())), precision, preferred_element_type, orig,
+                                via='tensordot')
+
+
+def inner_hook(a, b, *, precision=None, preferred_element_type=None, **kw):
+  """jnp.inner: the last axes of a and b contracted, a's free axes then b's: one dot_general."""
+  orig = lambda: ORIG['inner'](a, b, precision=precision, preferred_element_type=preferred_element_type, **kw)
+  fr = _model_frame()
+  if fr is None or not (hasattr(a, 'ndim') and hasattr(b, 'ndim')):
+    return orig()
+  if a.ndim == 0 or b.ndim == 0:
+    return fr.session.unreachable(fr, 'inner', a, b, orig, 'an operand is a scalar (a product, no matmul)')
+  return fr.session.dot_general(fr, a, b, (((a.ndim - 1,), (b.ndim - 1,)), ((), ())), precision,
+                                preferred_element_type, orig, via='inner')
+
+
+def vdot_hook(a, b, *, precision=None, preferred_element_type=None, **kw):
+  """jnp.vdot flattens both operands into one vector dot (conjugating a): listed as not reachable."""
+  orig = lambda: ORIG['vdot'](a, b, precision=precision, preferred_element_type=preferred_element_type, **kw)
+  fr = _model_frame()
+  if fr is None or not (hasattr(a, 'ndim') and hasattr(b, 'ndim')):
+    return orig()
+  return fr.session.unreachable(fr, 'vdot', a, b, orig, 'it flattens both operands into one vector dot')
+
+
 def _operator_matmul_hook(a, b, *, precision=None, preferred_element_type=None, **kw):
   return matmul_hook(a, b, precision=precision, preferred_element_type=preferred_element_type, **kw)
 
@@ -188,6 +242,9 @@ def _targets():
           (jnp_mod, 'einsum', 'einsum', einsum_hook),
           (jnp_mod, 'matmul', 'matmul', matmul_hook),
           (jnp_mod, 'dot', 'dot', dot_hook),
+          (jnp_mod, 'tensordot', 'tensordot', tensordot_hook),
+          (jnp_mod, 'inner', 'inner', inner_hook),
+          (jnp_mod, 'vdot', 'vdot', vdot_hook),
           (tc, 'matmul', 'matmul', _operator_matmul_hook)]
 
 

@@ -5,8 +5,9 @@
     variables = qjax.flax.add_quant_vars(qmodel, pretrained, x)  # or: float params of a checkpoint + quantizer vars
     y, upd = qmodel.apply(variables, x, mutable=['quant_stats'])   # training: statistics update
     y = qmodel.apply(variables, x)                        # evaluation: statistics frozen
-    serving = qjax.flax.convert_linen(qmodel, variables, x)  # int8 (or packed int4) kernels, no float kernels
-    y = qmodel.serving().apply(serving, x)                # real int8 matmuls; equals the QAT eval output
+    served = qjax.flax.convert_linen(qmodel, variables, x)   # int8 (or packed int4) kernels, no float kernels
+    y = served(x)                                         # real int8 matmuls; equals the QAT eval output
+    served.variables, served.weights, served.report()     # the serving tree; {path: ServingWeight}; sizes
 """
 
 from __future__ import annotations
@@ -35,11 +36,9 @@ class QuantizedLinen:
     self.session = session or Session(self.rules, LinenBackend())
 
   def _interceptor(self, next_fun, args, kwargs, context):
-    module = context.module
     if context.method_name == 'setup':
       return next_fun(*args, **kwargs)
-    path = '/'.join(str(p) for p in module.path)
-    with hooks.frame(module, path, self.session, context.method_name, self.session.backend):
+    with linen_frame(context.module, context.method_name, '', self.session, self.session.backend):
       return next_fun(*args, **kwargs)
 
   @contextlib.contextmanager
@@ -49,11 +48,14 @@ class QuantizedLinen:
       stack.enter_context(nn.intercept_methods(self._interceptor))
       if self.session.serving:
         stack.enter_context(_serving_params())
+      else:
+        stack.enter_context(quantized_reads(self.session))
       try:
         yield
       finally:
         if not hooks.stack():
           serving.clear()
+          self.session.end_call()
 
   def _run(self, fn, state, args, kwargs):
     """fn(state, *args, **kwargs) under the hooks. When the variables are concrete (an eager call, or variables
@@ -98,6 +100,8 @@ class QuantizedLinen:
     return out
 
   def apply(self, variables, *args, **kwargs):
+    if isinstance(variables, serving.Served):  # what convert_linen returns
+      variables = variables.variables
     self._probe(self.model.apply, variables, args, kwargs)
     out = self._run(self.model.apply, variables, args, kwargs)
     self.rules.check_first_run()
@@ -122,6 +126,41 @@ class QuantizedLinen:
     return s.records
 
 
+@contextlib.contextmanager
+def linen_frame(module: nn.Module, method: str, prefix: str, session: Session, backend):
+  """The interception frame of a running Linen method (path = `prefix` + the module's path).
+
+  A module run by a nested `apply` from inside the model (Hugging Face's tied LM heads call
+  `self.lm_head.apply({'params': {'kernel': wte.T}}, x)`) has a root scope of its own, whose variables are the
+  caller's arrays and whose collections are not mutable. Its frame is hosted by the innermost enclosing module
+  of the model: the path reads `<host path>/<nested module name>[/<its path>]`, its quantizer state lives in
+  the host's variables under the prefix '<nested name>_' ('lm_head_dot_general0_rhs_scale'), and its own
+  params are not taken for params of the model (its kernel is traced back to the model's param it was made
+  from, `transformer/wte/embedding`)."""
+  scope = module.scope
+  root = scope.root if scope is not None else None
+  mine = [f for f in hooks.stack() if f.state is backend]
+  rel = None
+  if mine and root is not None and root is not mine[0].scope_root:
+    same = next((f for f in mine if f.scope_root is root and f.nested), None)
+    if same is not None:
+      rel = '/'.join([same.nested.split('/')[0], *(str(p) for p in module.path)])
+    elif not module.path:  # a new root scope at path (): a nested apply (lifted transforms keep their paths)
+      rel = str(module.name or 'apply')
+  if rel is None:
+    path = '/'.join(str(p) for p in (prefix, *module.path) if str(p))
+    with hooks.frame(module, path, session, method, backend) as fr:
+      fr.scope_root = root
+      yield
+    return
+  host = next(f for f in reversed(mine) if not f.nested)
+  path = '/'.join(p for p in (host.path, rel) if p)
+  tag = rel.replace('/', '_') + ('' if method == '__call__' else f'_{method}')
+  with hooks.frame(host.module, path, session, tag, backend) as fr:
+    fr.scope_root, fr.nested = root, rel
+    yield
+
+
 def quantize_linen(model: nn.Module, rules) -> QuantizedLinen:
   """Quantizes an unmodified Linen model by an ordered list of QuantRules (first match wins)."""
   return QuantizedLinen(model, rules)
@@ -131,7 +170,7 @@ _orig_param = scope_mod.Scope.param
 
 
 @contextlib.contextmanager
-def _serving_params():
+def _serving_params(prefix: str = ''):
   # A ServingWeight param reads as its dequantized float (serving.read), which the hooks recognise as that
   # weight; Linen's shape check against the initializer is skipped for it.
   def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
@@ -139,7 +178,7 @@ def _serving_params():
       v = self.get_variable('params', name)
       if isinstance(v, serving.ServingWeight):
         self.reserve(name, 'params')
-        path = '/'.join(str(p) for p in (*self.path, name))
+        path = '/'.join(str(p) for p in (prefix, *self.path, name) if str(p))  # prefix: a ToNNX's NNX path
         return serving.read(nn.meta.unbox(v), path)  # its arrays may carry partitioning boxes
     return _orig_param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
   scope_mod.Scope.param = param
@@ -149,9 +188,39 @@ def _serving_params():
     scope_mod.Scope.param = _orig_param
 
 
+@contextlib.contextmanager
+def quantized_reads(session: Session, prefix: str = ''):
+  """While a quantized Linen model runs in QAT, a param that is a weight of a quantized op reads as that op
+  quantizes it (Session.quantized_read: tied weights are one quantized weight, as served)."""
+  prev = scope_mod.Scope.param
+
+  def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+    v = prev(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+    if not session.weight_uses:
+      return v
+    root = self.root
+
+    def learned(host, name):
+      node = root.variables().get('params', {})
+      for k in host:
+        node = node.get(k, {}) if hasattr(node, 'get') else {}
+      val = node.get(name) if hasattr(node, 'get') else None
+      return None if val is None else nn.meta.unbox(val)
+    out = session.quantized_read('/'.join(str(p) for p in (prefix, *self.path, name) if str(p)), nn.meta.unbox(v),
+                                 learned)
+    return v if out is None else out
+  scope_mod.Scope.param = param
+  try:
+    yield
+  finally:
+    scope_mod.Scope.param = prev
+
+
 def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4_pack: bool = True,
-                  **kwargs) -> dict[str, Any]:
-  """PTQ conversion: a serving variable tree in which every quantized weight is a ServingWeight.
+                  **kwargs) -> serving.Served:
+  """PTQ conversion: a serving.Served (`served(x)` serves, `served.report()`, `served.weights`) whose variables
+  are a serving variable tree in which every quantized weight is a ServingWeight; it is that tree too
+  (`served['params']`, `qmodel.serving().apply(served, x)`). convert_nnx returns the same kind of result.
 
   Runs the model (jit-compiled, in evaluation mode) on sample inputs to learn which params are weights of
   quantized ops (by provenance: a param, or a transpose / reshape / cast of one), with which spec and quantizer
@@ -164,7 +233,7 @@ def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4
   meta, problems = [], {}
 
   def run(v, *args, **kwargs):
-    records = qmodel.records(v, *args, **kwargs)
+    records = [_from_variables(r, v) for r in qmodel.records(v, *args, **kwargs)]
     meta[:] = records
     return serving.quantize_uses(records, problems)
   qarrays = intercept.jit_call(run, variables, args, kwargs)
@@ -184,7 +253,34 @@ def convert_linen(qmodel: QuantizedLinen, variables: dict[str, Any], *args, int4
         mnode.pop(f'{r.prefix}_{learned}', None)
   out = dict(variables)
   out['params'] = params
-  return out
+  return serving.Served('linen', qmodel.serving(), out, tuple(weights))
+
+
+def _from_variables(r, variables):
+  """A weight record whose operand and learned quantizer params are taken from the variables (the model's shape
+  ops replayed on the param: the same values), not from the op's trace: inside a lifted transform (nn.remat,
+  nn.jit) the op's own values belong to an inner trace and cannot leave it."""
+  if r.weight_name is None or r.origin is None:
+    return r
+
+  def at(path):
+    node = variables.get('params', {})
+    for k in path:
+      if not hasattr(node, 'get') or k not in node:
+        return None
+      node = node[k]
+    return nn.meta.unbox(node)
+  w = at(r.origin.param.split('/'))
+  if w is None or serving.is_serving(w) or tuple(w.shape) != tuple(r.origin.shape):
+    return r  # e.g. a layer of params stacked by nn.scan: the op's own slice
+  state = dict(r.state)
+  host = tuple(str(p) for p in getattr(r.module, 'path', ()))
+  for name in r.spec.learned:
+    val = at((*host, f'{r.prefix}_{name}'))
+    if val is not None:
+      state[name] = val
+  x = provenance.replay(r.origin, w).astype(r.x.dtype)
+  return dataclasses.replace(r, x=x, state=state)
 
 
 def add_quant_vars(qmodel: QuantizedLinen, variables: dict[str, Any], *args, **kwargs) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
     q = qjax.flax.quantize_nnx(model, rules, x)        # no copy of the model is made; q.report()
     y = model(x)                                        # QAT forward (statistics update unless model.eval())
-    qjax.flax.convert_nnx(model, x)                     # kernels become ServingWeights (int8 / packed int4)
+    served = qjax.flax.convert_nnx(q, x)                # kernels become ServingWeights (int8 / packed int4)
+    y = served(x)                                       # as convert_linen's result: served.report(), .weights
 
 Every module of the model gets a quantized subclass (`__class__` swap) whose `__call__` pushes the module on
 qjax's interception stack; layers that keep their op as an attribute (LinearGeneral, Conv, Einsum) get qjax's
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import zlib
 
 import jax
@@ -52,6 +54,54 @@ def _trace_if_eager(module, session, args, kwargs, method: str = '__call__') -> 
   session.trace_origins(lambda: intercept.jit_call(run, state, args, kwargs, abstract=True), key)
 
 
+_reads_tls = threading.local()
+
+
+@contextlib.contextmanager
+def _quantized_reads(session: Session, root: nnx.Module):
+  """While a quantized NNX model runs in QAT, reading a param that is a weight of a quantized op
+  (`self.embedding[...]`, `get_value()`) gives that weight as its op quantizes it (Session.quantized_read: a
+  tied table is one quantized weight, as served). Installed by the outermost quantized call only."""
+  if session.serving or not session.weight_uses:
+    yield
+    return
+  orig = nnx.Variable.get_value
+  modules: dict = {}
+
+  def learned(host, name):
+    path = '/'.join(host)
+    # the running instance first (inside nnx.scan / nnx.vmap it holds this layer's slice), else the model's
+    mod = next((f.module for f in reversed(hooks.stack()) if f.path == path and isinstance(f.module, nnx.Module)),
+               None)
+    if mod is None:
+      if not modules:
+        modules.update({_path_str(p): m for p, m in nnx.iter_modules(root)})
+      mod = modules.get(path)
+    var = getattr(mod, f'qjax_{name}', None)
+    return None if var is None else orig(var)
+
+  def get_value(self, **kw):
+    v = orig(self, **kw)
+    if (kw.get('index', ...) is not ... or not isinstance(self, nnx.Param) or getattr(_reads_tls, 'busy', False)
+        or not hooks.stack()):
+      return v
+    _reads_tls.busy = True
+    try:
+      fr = hooks.stack()[-1]
+      hit = fr.state.lookup(fr, v)
+      if hit is None or len(hit) > 2 or hit[0] not in session.weight_uses:
+        return v
+      out = session.quantized_read(hit[0], v, learned)
+      return v if out is None else out
+    finally:
+      _reads_tls.busy = False
+  nnx.Variable.get_value = get_value
+  try:
+    yield
+  finally:
+    nnx.Variable.get_value = orig
+
+
 def _quantized_call(self, *args, **kwargs):
   """__call__ of the quantized module classes: runs the original inside the interception context."""
   parent = super(_SUBCLASSES[self._qjax_base], self).__call__
@@ -62,11 +112,16 @@ def _quantized_call(self, *args, **kwargs):
   if outermost:
     _trace_if_eager(self, session, args, kwargs)
   try:
-    with hooks.patched(), hooks.frame(self, self._qjax_path, session):
+    with contextlib.ExitStack() as st:
+      st.enter_context(hooks.patched())
+      if outermost:
+        st.enter_context(_quantized_reads(session, self))
+      st.enter_context(hooks.frame(self, self._qjax_path, session))
       out = parent(*args, **kwargs)
   finally:
     if outermost:
       serving.clear()
+      session.end_call()
   if outermost and session.mode != 'probe':  # the outermost quantized module returned: it ran once
     session.ruleset.check_first_run()
   return out
@@ -92,8 +147,7 @@ def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
   def interceptor(next_fun, a, k, context):
     if context.method_name == 'setup':
       return next_fun(*a, **k)
-    path = '/'.join(str(p) for p in (prefix, *context.module.path) if str(p))
-    with hooks.frame(context.module, path, session, context.method_name, backend):
+    with qlinen.linen_frame(context.module, context.method_name, prefix, session, backend):
       return next_fun(*a, **k)
   outermost = not hooks.stack()
   if outermost:
@@ -103,11 +157,14 @@ def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
       st.enter_context(hooks.patched())
       st.enter_context(nn.intercept_methods(interceptor))
       if session.serving:
-        st.enter_context(qlinen._serving_params())
+        st.enter_context(qlinen._serving_params(prefix))
+      else:
+        st.enter_context(qlinen.quantized_reads(session, prefix))
       out = parent(*args, rngs=rngs, method=method, mutable=mutable or False, **kwargs)
   finally:
     if outermost:
       serving.clear()
+      session.end_call()
   if outermost and session.mode != 'probe':
     session.ruleset.check_first_run()
   return out
@@ -130,11 +187,16 @@ def _method(name: str, fn):
     if outermost:
       _trace_if_eager(self, session, args, kwargs, name)
     try:
-      with hooks.patched(), hooks.frame(self, self._qjax_path, session, name):
+      with contextlib.ExitStack() as st:
+        st.enter_context(hooks.patched())
+        if outermost:
+          st.enter_context(_quantized_reads(session, self))
+        st.enter_context(hooks.frame(self, self._qjax_path, session, name))
         return fn(self, *args, **kwargs)
     finally:
       if outermost:
         serving.clear()
+        session.end_call()
   method.__name__ = method.__qualname__ = name
   method.__doc__ = fn.__doc__
   return method
@@ -331,14 +393,19 @@ def _only_quantizer_vars(tree):
   return out
 
 
-def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sample_kwargs) -> int:
-  """PTQ conversion in place: each quantized weight param becomes a ServingWeight; returns how many.
+def convert_nnx(model: nnx.Module | QuantizedNnx, *sample_args, int4_pack: bool = True,
+                **sample_kwargs) -> serving.Served:
+  """PTQ conversion in place: each quantized weight param becomes a ServingWeight. Returns a serving.Served, as
+  convert_linen does: `served(x)` serves (jit-compiled), `served.model` is the model (converted in place),
+  `served.weights` maps each served weight's path to its ServingWeight, `served.report()` lists them.
 
   Runs the model once (jit-compiled, in eval mode) on sample inputs to learn which params are weights of quantized
   ops (by provenance), with which spec and quantizer state; quantizes each weight operand as the QAT forward does
   and stores it in the param's own layout (see qjax.flax.convert_linen), so that the serving forward equals the
   QAT evaluation forward bit for bit. A param shared by several quantized ops is stored once.
   """
+  if isinstance(model, QuantizedNnx):
+    model = model.model
   session = _session_of(model)
   model.eval()
   modules = {_path_str(p): m for p, m in nnx.iter_modules(model)}
@@ -374,7 +441,6 @@ def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sampl
                        f'{tuple(q.qvalue.shape)}: weights used inside an NNX transform over stacked layers '
                        '(nnx.scan, nnx.vmap) cannot be converted to ServingWeights yet')
     todo.append((path, var, q, uses))
-  done = 0
   for _, var, q, uses in todo:
     if isinstance(var.get_value(), serving.ServingWeight):
       continue  # already converted
@@ -389,9 +455,30 @@ def convert_nnx(model: nnx.Module, *sample_args, int4_pack: bool = True, **sampl
       for learned in r.spec.learned:
         if module is not None and hasattr(module, f'qjax_{r.prefix}_{learned}'):
           delattr(module, f'qjax_{r.prefix}_{learned}')
-    done += 1
+        elif not isinstance(r.module, nnx.Module):  # a Linen module inside an nnx.bridge.ToNNX
+          _drop_tonnx_var(modules, r, f"{r.prefix}_{learned}")
   session.mode = 'serve'
-  return done
+  return serving.Served('nnx', model, nnx.state(model), tuple(path for path, *_ in todo))
+
+
+def _drop_tonnx_var(modules: dict, r, name: str) -> None:
+  """Removes the Linen variable `name` of record r's module from the ToNNX that holds it (a learned step folded
+  into a ServingWeight). ToNNX keeps a Linen module's variables as attributes: nested dicts by submodule name."""
+  from flax.nnx import bridge  # noqa: PLC0415
+  host = tuple(str(p) for p in getattr(r.module, 'path', ()))
+  for tpath, t in modules.items():
+    if not isinstance(t, bridge.ToNNX) or (tpath and r.path != tpath and not r.path.startswith(tpath + '/')):
+      continue
+    if not host:
+      if name in vars(t):
+        delattr(t, name)
+      return
+    node = vars(t).get(host[0])
+    for k in host[1:]:
+      node = node[k] if node is not None and k in node else None
+    if node is not None and name in node:
+      del node[name]
+    return
 
 
 def _session_of(model: nnx.Module) -> Session:

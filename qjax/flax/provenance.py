@@ -57,6 +57,7 @@ class Origin:
   param: str
   steps: tuple[Step, ...] = ()
   shape: tuple[int, ...] = ()  # the param's shape
+  read: bool = False           # reached through a quantized read of the param (a tied weight in QAT; session)
 
   @property
   def axes(self) -> tuple[int | None, ...]:
@@ -99,7 +100,7 @@ def trace_back(x, lookup: Callable[[Any], tuple[str, tuple[int, ...]] | None], m
         continue
       hit = lookup(v)
       if hit is not None:
-        return Origin(hit[0], tuple(reversed(steps)), tuple(hit[1]))
+        return Origin(hit[0], tuple(reversed(steps)), tuple(hit[1]), len(hit) > 2 and bool(hit[2]))
     node = unwrap(node)
     eqn = getattr(node, 'parent', None) if isinstance(node, jax.core.Tracer) else None
     if eqn is None:
@@ -139,6 +140,8 @@ def _step(prim: str, params, in_shape, out_shape) -> Step:
                           None if params.get('strides') is None else tuple(params['strides'])), in_shape, out_shape)
   if prim in ('reshape', 'squeeze', 'expand_dims'):
     return Step('reshape', (), in_shape, out_shape)
+  if prim == 'convert_element_type':
+    return Step('cast', (str(jnp.dtype(params['new_dtype'])),), in_shape, out_shape)
   return Step('cast', (), in_shape, out_shape)
 
 
@@ -262,6 +265,33 @@ def backward(origin: Origin, q: quantizers.QArray) -> quantizers.QArray:
   for s in reversed(origin.steps):
     q = _apply(s, q, back=True)
   return q
+
+
+def replay(origin: Origin, x: jax.Array, back: bool = False) -> jax.Array:
+  """The param's value x (an array in the param's layout) moved along origin's steps to the operand's layout,
+  exactly as the model's own shape ops and casts did; `back=True` moves an operand-layout array back to the
+  param's layout (transposes, reshapes and casts only; casts back go to x's own dtype)."""
+  if not back:
+    for s in origin.steps:
+      if s.kind == 'cast':
+        x = x.astype(s.args[0]) if s.args else x
+      elif s.kind == 'transpose':
+        x = jnp.transpose(x, s.args)
+      elif s.kind == 'reshape':
+        x = x.reshape(s.out_shape)
+      elif s.kind == 'broadcast':
+        x = lax.broadcast_in_dim(x, s.out_shape, s.args)
+      else:
+        x = lax.slice(x, *s.args)
+    return x
+  for s in reversed(origin.steps):
+    if s.kind == 'transpose':
+      x = jnp.transpose(x, tuple(np.argsort(s.args)))
+    elif s.kind == 'reshape':
+      x = x.reshape(s.in_shape)
+    elif s.kind != 'cast':
+      raise ValueError(f'a {s.kind} cannot be undone')
+  return x
 
 
 def param_axes(origin: Origin, operand_axes) -> tuple[int | None, ...]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax import formats, packing, quantizers
 
@@ -191,3 +193,109 @@ def merge_uses(records, qarrays, problems: dict) -> dict:
                          'spec (the same channel axes), or keep all but one in float')
     out[path] = (q0, [r for r, _ in items])
   return out
+
+
+# ---------------------------------------------------------------------------------------- the result
+
+
+class Served(Mapping):
+  """What `convert_linen` and `convert_nnx` return: a converted model ready to serve, in the same shape for Linen
+  and NNX.
+
+    served = convert_linen(qmodel, variables, x)     # or: served = convert_nnx(qmodel_or_model, x)
+    y = served(x)                                    # the serving forward (jit-compiled, int8 matmuls)
+    print(served.report())                           # every served weight: format, layout, bytes
+    served.weights                                   # {param path: ServingWeight}
+    served.variables                                 # what to checkpoint: the serving variables
+
+  `model` is what runs: a QuantizedLinen in serve mode (`served.model.apply(served.variables, x)`) or the NNX
+  model, converted in place. For Linen, a Served is also the serving variables mapping itself (`served['params']`,
+  `qmodel.serving().apply(served, x)`, a pytree for jax.jit and checkpointers), as convert_linen returned before.
+  """
+
+  def __init__(self, framework: str, model, variables, paths: tuple[str, ...]):
+    self.framework = framework
+    self.model = model
+    self.variables = variables
+    self.paths = tuple(paths)
+    self._jitted: dict = {}
+
+  # Mapping over the serving variables
+  def __getitem__(self, key):
+    return self.variables[key]
+
+  def __iter__(self):
+    return iter(self.variables)
+
+  def __len__(self) -> int:
+    return len(self.variables)
+
+  def __repr__(self) -> str:
+    return f'Served({self.framework}, {len(self.paths)} served weights)'
+
+  @property
+  def weights(self) -> dict[str, ServingWeight]:
+    """{param path: ServingWeight} of every served weight (a tied weight once)."""
+    if self.framework == 'nnx':
+      from flax import nnx  # noqa: PLC0415
+      found = {'/'.join(map(str, p)): v.get_value() for p, v in nnx.iter_graph(self.model)
+               if isinstance(v, nnx.Variable)}
+      return {p: found[p] for p in self.paths}
+    out = {}
+    for p in self.paths:
+      node = self.variables['params']
+      for k in p.split('/'):
+        node = node[k]
+      out[p] = node
+    return out
+
+  def __call__(self, *args, **kwargs):
+    """The serving forward on inputs, jit-compiled once per input structure (array leaves traced, other leaves
+    static): Linen `model.apply(variables, *args, **kwargs)`, NNX `model(*args, **kwargs)`."""
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    idx = tuple(i for i, a in enumerate(leaves) if isinstance(a, (jax.Array, np.ndarray)))
+    static = tuple(a for i, a in enumerate(leaves) if i not in idx)
+    try:
+      key = (treedef, idx, static)
+      hash(key)
+    except TypeError:
+      key = None
+    fn = self._jitted.get(key) if key is not None else None
+    if fn is None:
+      def call(state, arrays):
+        full = list(leaves)
+        for i, a in zip(idx, arrays, strict=True):
+          full[i] = a
+        a, k = jax.tree.unflatten(treedef, full)
+        if self.framework == 'nnx':
+          from flax import nnx  # noqa: PLC0415
+          return nnx.merge(state[0], state[1])(*a, **k)
+        return self.model.apply(state, *a, **k)
+      fn = jax.jit(call)
+      if key is not None:
+        self._jitted[key] = fn
+    if self.framework == 'nnx':
+      from flax import nnx  # noqa: PLC0415
+      state = nnx.split(self.model)
+      return fn((state[0], state[1]), [leaves[i] for i in idx])
+    return fn(self.variables, [leaves[i] for i in idx])
+
+  def report(self) -> str:
+    """One line per served weight: path, format, stored shape (packing), scale shape, bytes as served vs float32;
+    then the totals."""
+    lines, tot_q, tot_f = [], 0, 0
+    for p, sw in self.weights.items():
+      nq = sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in (sw.qvalue, sw.scale, sw.zero_point)
+               if a is not None)
+      nf = 4 * int(np.prod(sw.shape))
+      tot_q, tot_f = tot_q + nq, tot_f + nf
+      lines.append(f'{p:40s} {sw.format:6s} shape {tuple(sw.shape)}{" packed" if sw.packed else ""}  scale '
+                   f'{tuple(sw.scale.shape)}  {nq} bytes (float32 {nf})')
+    lines.append(f'{len(self.paths)} served weights: {tot_q} bytes (float32 {tot_f})')
+    return '\n'.join(lines)
+
+
+jax.tree_util.register_pytree_with_keys(
+    Served,
+    lambda s: (((jax.tree_util.GetAttrKey('variables'), s.variables),), (s.framework, s.model, s.paths)),
+    lambda aux, children: Served(aux[0], aux[1], children[0], aux[2]))

@@ -59,6 +59,16 @@ class Record:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightUse:
+  """How a quantized op quantizes a weight: its resolved spec (operand layout), the origin (param -> operand),
+  and where the op keeps the weight's learned quantizer params (host module path, state name prefix)."""
+  spec: QuantSpec
+  origin: provenance.Origin
+  host: tuple
+  prefix: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Operand:
   """What one operand of an op is: `origin` (a weight) or None (an activation), and why not a weight."""
   origin: provenance.Origin | None
@@ -79,6 +89,9 @@ class Session:
     self.capture = None                      # the capture collector (qjax.flax.capture) in 'capture' mode
     self.capture_stats: tuple = ()
     self._warned: set = set()
+    self.weight_uses: dict[str, WeightUse] = {}  # param path -> how its first quantized op quantizes it
+    self.reads: dict[int, tuple] = {}            # id(quantized read) -> (read, param path, float param)
+    self.read_floats: dict[str, Any] = {}        # param path -> the float param of this call's quantized read
 
   @property
   def serving(self) -> bool:
@@ -126,6 +139,56 @@ class Session:
       self.mode = mode
     if key is not None:
       cache[key] = self.origins
+
+  # ---- quantized reads of weights (tied weights)
+
+  def quantized_read(self, path: str, v, learned):
+    """What the model reads for param `path` (float value v) while it runs in QAT: for a weight of a quantized
+    op, the weight as that op quantizes it, w_hat = backward(quantize(replay(w))) dequantized in w's dtype, with
+    the op's straight-through / learned-step gradient; None (read v as it is) for other params, or when the op's
+    quantizer params are not there yet (`learned(host, name)` returns None: init).
+
+    This makes a tied weight one quantized weight, in QAT as in serving: uses that are no quantized op (the
+    embedding lookup of a tied LM head) read the same quantized table that serving stores, so that the serving
+    forward equals the QAT evaluation forward bit for bit. The quantized op itself still gets the float param
+    (run_op replays the model's shape ops on it): its forward and gradients are unchanged. Where nothing else
+    reads the weight, XLA drops w_hat. How each weight is quantized is learned from the model's first quantized
+    run (init, add_quant_vars, quantize_nnx's sample run); before it, params read as they are."""
+    use = self.weight_uses.get(path)
+    if use is None or self.mode not in ('train', 'record', 'trace') or tuple(getattr(v, 'shape', ())) != \
+        use.origin.shape or not use.origin.invertible or not jnp.issubdtype(v.dtype, jnp.floating):
+      return None
+    state = {}
+    for name in use.spec.learned:
+      val = learned(use.host, f'{use.prefix}_{name}')
+      if val is None:
+        return None
+      state[name] = val
+    x = provenance.replay(use.origin, v)
+    sg = jax.lax.stop_gradient
+    try:
+      q = quantizers.quantize(sg(x), use.spec, {k: sg(a) for k, a in state.items()} or None)
+      exact = provenance.backward(use.origin, q).dequantize(v.dtype)
+      fq = provenance.replay(use.origin, quantizers.fake_quant(x, use.spec, state or None).astype(v.dtype),
+                             back=True)
+    except (ValueError, TypeError):  # e.g. a learned step stacked for nnx.scan read outside it: read as it is
+      return None
+    out = sg(exact) + (fq - sg(fq))  # the forward is exactly the served table; the gradient fake_quant's
+    for o in {id(out): out, id(provenance.unwrap(out)): provenance.unwrap(out)}.values():  # under grad: primal
+      self.reads[id(o)] = (o, path, v)
+    self.read_floats[path] = v
+    return out
+
+  def end_call(self) -> None:
+    """The outermost quantized call returned: forget its quantized reads."""
+    self.reads.clear()
+    self.read_floats.clear()
+
+  def _float_operand(self, o: Operand, x):
+    """A weight operand that the model made from a quantized read: the same shape ops on the float param."""
+    if o.origin is None or not o.origin.read or o.origin.param not in self.read_floats:
+      return x
+    return provenance.replay(o.origin, self.read_floats[o.origin.param]).astype(x.dtype)
 
   # ---- classifying operands
 
@@ -195,6 +258,7 @@ class Session:
     found = self.ruleset.find(fr.path, op)
     site = (fr.path, fr.method, op, index)
     lo, ro = self.classify(fr, site + ('lhs',), lhs), self.classify(fr, site + ('rhs',), rhs)
+    lhs, rhs = self._float_operand(lo, lhs), self._float_operand(ro, rhs)
     lw, rw = self._weight_label(fr, lo), self._weight_label(fr, ro)
     weights = tuple(n for n in (lw, rw) if n)
     info = dict(origins=(lo.origin, ro.origin), reduced=reduced, via=via,
@@ -283,6 +347,12 @@ class Session:
 
     def cb(spec: QuantSpec, x):
       out = self._state_for(fr, rule, prefix, spec, x, o)
+      if (weight is not None and self.mode in ('train', 'record') and spec.rounding != 'stochastic'
+          and not rule.delayed_scaling):
+        host = (tuple(str(p) for p in getattr(fr.module, 'path', ())) if fr.state.name == 'linen'
+                else tuple(p for p in fr.path.split('/') if p))  # Linen: within its root scope; NNX: the model
+        self.weight_uses.setdefault(weight, WeightUse(spec, dataclasses.replace(o.origin, read=False), host,
+                                                      prefix))
       if self.mode == 'record':
         self.records.append(Record(fr.module, fr.path, weight, spec, out, prefix, x, kept, o.origin, rule.label))
       return out

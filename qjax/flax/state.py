@@ -73,6 +73,9 @@ class _Backend:
     return next((f for f in hooks.stack() if f.state is fr.state), fr)
 
   def lookup(self, fr, v):
+    read = fr.session.reads.get(id(v))
+    if read is not None and read[0] is v:  # a quantized read of a tied weight (Session.quantized_read)
+      return read[1], tuple(v.shape), True
     hit = serving.served(v)
     if hit is not None and hit[1] is not None:
       return hit[1], hit[0].shape
@@ -115,7 +118,7 @@ class LinenBackend(_Backend):
 
   def _own(self, fr):
     from flax.core import meta  # noqa: PLC0415
-    if fr.module.scope is None:
+    if fr.module.scope is None or fr.nested:  # a nested apply's params are the caller's arrays, not params
       return []
     p = fr.module.variables.get('params', {})
     return [(_join(fr.path, k), meta.unbox(v)) for k, v in p.items() if not hasattr(v, 'items')]
