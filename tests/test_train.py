@@ -418,3 +418,16 @@ def test_model_axis_sharding_matches_data_parallel(tmp_path):
   a, b = read_json(str(tmp_path / 'dp/result.json')), read_json(str(tmp_path / 'tp/result.json'))
   assert b['config']['mesh']['model'] == 2
   assert b['train']['final_train_loss'] == pytest.approx(a['train']['final_train_loss'], rel=1e-4)
+
+
+def test_a_model_with_no_integer_serving_form_is_reported_not_served_as_another_model(tmp_path):
+  # DoReFa weights have no integer grid: the run keeps its QAT metrics and says why it was not served (it used to
+  # serve an absmax int4 rounding of the raw weights: another model, at chance accuracy).
+  c = mlp_config(mode='qat')
+  config_cli.set_key(c, 'quant.weight.estimator', 'dorefa')
+  config_cli.set_key(c, 'quant.weight.format', 'int4')
+  result = train.train_and_evaluate(c, str(tmp_path / 'w'), log=lambda *a: None)
+  assert "estimator='dorefa' has no integer grid" in result['serving_error']
+  assert 'serving_metrics' not in result and 'serving_bytes' not in result
+  assert any(w.startswith('not served: convert: the weight') for w in result['warnings'])
+  assert 0.3 < result['metrics']['eval/accuracy'] <= 1.0

@@ -267,7 +267,10 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
     else:
       state, train_info = _train(run, state, sched)
     warnings += train_info.pop('warnings', [])
-    result = {**_finish(run, state, train_info, rules, t_start), 'warnings': warnings}
+    result = _finish(run, state, train_info, rules, t_start)
+    if 'serving_error' in result:
+      warnings.append(f'not served: {result["serving_error"]}')
+    result['warnings'] = warnings
   except BaseException:
     writer.close(status='failure')
     raise

@@ -223,7 +223,13 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
   float_params = tr.float_params(state)
   float_bytes = tree_bytes(float_params)
   float_ckpt = checkpoint_bytes(float_params)
-  fwd, args, served_params, serving_tree = serving_forward(tr, state, x, rules)
+  try:
+    fwd, args, served_params, serving_tree = serving_forward(tr, state, x, rules)
+  except ValueError as e:
+    if not str(e).startswith('convert:'):
+      raise
+    # A quantizer with no integer grid (DoReFa weights) has no serving form: say so rather than serve another model.
+    return {'serving_error': str(e)}
   serving_bytes = float_bytes if served_params is None else tree_bytes(served_params)
   ckpt = {'float_bytes': float_ckpt}
   if serving_tree is not None and float_ckpt is not None:
