@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import pytest
 
 from experiments.config import cli as config_cli
@@ -431,3 +432,24 @@ def test_a_model_with_no_integer_serving_form_is_reported_not_served_as_another_
   assert 'serving_metrics' not in result and 'serving_bytes' not in result
   assert any(w.startswith('not served: convert: the weight') for w in result['warnings'])
   assert 0.3 < result['metrics']['eval/accuracy'] <= 1.0
+
+
+def test_quantizer_params_get_their_own_learning_rate_and_weight_decay():
+  params = {'fc': {'kernel': jnp.ones((2, 2)), 'dot_general0_rhs_scale': jnp.ones((1, 2))}}
+  zeros = {'fc': {'kernel': jnp.zeros((2, 2)), 'dot_general0_rhs_scale': jnp.zeros((1, 2))}}
+
+  def update(grads, **opt):
+    c = mlp_config(**{'optimizer.name': 'adamw', 'optimizer.schedule': 'constant', 'optimizer.learning_rate': 0.1,
+                      'optimizer.weight_decay': 0.5, **{f'optimizer.{k}': v for k, v in opt.items()}})
+    tx, _ = train.make_optimizer(c)
+    u, _ = tx.update(grads, tx.init(params), params)
+    return float(u['fc']['kernel'][0, 0]), float(u['fc']['dot_general0_rhs_scale'][0, 0])
+
+  # A zero gradient: the model's kernel decays (-lr * wd * w), the quantizer's step does not, unless asked to.
+  assert update(zeros) == pytest.approx((-0.05, 0.0))
+  assert update(zeros, quant_weight_decay=0.2) == pytest.approx((-0.05, -0.02))
+  # A unit gradient: Adam's first step is -lr * sign(g) (plus decay); the step's learning rate is scaled.
+  k, s = update({'fc': {'kernel': jnp.ones((2, 2)), 'dot_general0_rhs_scale': jnp.ones((1, 2))}}, quant_lr_scale=0.1)
+  assert k == pytest.approx(-0.1 - 0.05, rel=1e-4) and s == pytest.approx(-0.01, rel=1e-4)
+  with pytest.raises(config_cli.ConfigError, match='quant_lr_scale and quant_weight_decay must be >= 0'):
+    update(zeros, quant_lr_scale=-1.0)

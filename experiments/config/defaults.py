@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_keep = 2
   c.optimizer = ml_collections.ConfigDict(dict(name='adam', learning_rate=2e-3, schedule='cosine',
                                                 warmup_steps=100, weight_decay=0.0, momentum=0.9, grad_clip=0.0))
+  # Quantizer params (LSQ steps, PACT clips, LSQ+ offsets): learning rate = learning_rate * this scale, and their
+  # own weight decay (adamw / sgd), 0 by default: decay would shrink the steps and clip ever more of the range.
+  c.optimizer.quant_lr_scale = 1.0
+  c.optimizer.quant_weight_decay = 0.0
   c.mesh = ml_collections.ConfigDict({'data': -1, 'model': 1})
   return c
 

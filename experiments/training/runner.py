@@ -49,6 +49,7 @@ from experiments.training import checkpoints as ckpt_lib
 from experiments.training import distributed, summaries, trainers
 from experiments.training import ptq as ptq_runner
 from experiments.training.progress import Progress
+from qjax.flax import labels as qflax_labels
 
 MODES = ('float', 'qat', 'ptq', 'quantized_training')
 
@@ -65,6 +66,8 @@ class NonFiniteLoss(RunError):
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, Any]:
+  """The optimizer of config.optimizer and its learning-rate schedule. Quantizer params (qjax.flax.labels) get
+  learning_rate * quant_lr_scale and weight decay quant_weight_decay; the model's params weight_decay (adamw, sgd)."""
   o, steps = config.optimizer, config.num_train_steps
   lr = o.learning_rate
   if o.schedule == 'constant':
@@ -73,14 +76,25 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, Any]:
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(o.warmup_steps, steps - 1), max(steps, 1))
   else:
     raise config_cli.ConfigError(f'config.optimizer.schedule={o.schedule!r} is not one of constant, cosine')
-  if o.name == 'adam':
-    tx = optax.adam(sched)
-  elif o.name == 'adamw':
-    tx = optax.adamw(sched, weight_decay=o.weight_decay)
-  elif o.name == 'sgd':
-    tx = optax.sgd(sched, momentum=o.momentum)
-  else:
+  if o.name not in ('adam', 'adamw', 'sgd'):
     raise config_cli.ConfigError(f'config.optimizer.name={o.name!r} is not one of adam, adamw, sgd')
+  if o.quant_lr_scale < 0 or o.quant_weight_decay < 0:
+    raise config_cli.ConfigError('config.optimizer.quant_lr_scale and quant_weight_decay must be >= 0, got '
+                                 f'{o.quant_lr_scale}, {o.quant_weight_decay}')
+
+  def make(schedule, weight_decay):
+    if o.name == 'adam':
+      return optax.adam(schedule) if not weight_decay else optax.adamw(schedule, weight_decay=weight_decay)
+    if o.name == 'adamw':
+      return optax.adamw(schedule, weight_decay=weight_decay)
+    tx = optax.sgd(schedule, momentum=o.momentum)
+    return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
+
+  model_wd = o.weight_decay if o.name != 'adam' else 0.0
+  quant_sched = sched if o.quant_lr_scale == 1.0 else (lambda step: sched(step) * o.quant_lr_scale)
+  tx = optax.multi_transform({qflax_labels.MODEL: make(sched, model_wd),
+                              qflax_labels.QUANTIZER: make(quant_sched, o.quant_weight_decay)},
+                             qflax_labels.quantizer_param_labels)
   if o.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   return tx, sched

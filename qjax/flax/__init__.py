@@ -5,6 +5,7 @@ qjax.flax.session, and calibration statistics per op come from qjax.flax.capture
 """
 
 from qjax.flax import capture
+from qjax.flax.labels import is_quantizer_param, quantizer_param_labels
 from qjax.flax.linen import QuantizedLinen, add_quant_vars, convert_linen, quantize_linen
 from qjax.flax.nnx import QuantizedNnx, convert_nnx, quantize_nnx
 from qjax.flax.nnx import records as nnx_records
@@ -13,4 +14,5 @@ from qjax.flax.serving import Served, ServingWeight
 from qjax.flax.state import QuantStat
 
 __all__ = ['QuantRule', 'QuantStat', 'QuantizedLinen', 'QuantizedNnx', 'RuleSet', 'Served', 'ServingWeight',
-           'add_quant_vars', 'capture', 'convert_linen', 'convert_nnx', 'nnx_records', 'quantize_linen', 'quantize_nnx']
+           'add_quant_vars', 'capture', 'convert_linen', 'convert_nnx', 'is_quantizer_param', 'nnx_records',
+           'quantize_linen', 'quantize_nnx', 'quantizer_param_labels']
