@@ -156,3 +156,13 @@ def test_native_nnx_weights_errors_qat_conversion_and_hlo():
   hlo = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, IDS).as_text(debug_info=True)
   from qjax.ops.inspect import parse_lowered  # noqa: PLC0415
   assert sum(op.category == 'int8' for op in parse_lowered(hlo)) == 3
+
+
+def test_statistics_keep_qjax_types_in_a_process_that_imports_qwix():
+  # Qwix registers the Linen collection 'quant_stats' with nnx.bridge for its own variable type; qjax's collection
+  # has its own name, so importing Qwix (here, after qjax: last registration wins) changes nothing for qjax.
+  import qwix  # noqa: F401, PLC0415 - imported here on purpose: the order of registration is what is tested
+  x = jax.random.normal(jax.random.key(1), (4, 8))
+  model = make(x)
+  quantize_nnx(model, RULES, x)
+  assert isinstance(model.body.fc['dot_general0_lhs_scale'], QuantStat)

@@ -193,7 +193,7 @@ def test_ptq_conversion_serves_int8_and_equals_qat_eval(name):
   x = inputs(0)
   qm = quantize_linen(model_cls(), w_rule(8, act_static=True))
   v = qm.init(jax.random.key(0), x)
-  _, upd = qm.apply(v, inputs(1), mutable=['quant_stats'])  # a calibration batch
+  _, upd = qm.apply(v, inputs(1), mutable=['qjax_stats'])  # a calibration batch
   v = {**v, **upd}
   sv = convert_linen(qm, v, x)
   flat = {jax.tree_util.keystr(p, simple=True, separator='/'): a for p, a in
@@ -217,10 +217,10 @@ def test_setup_style_act_static_from_a_plain_method():
                                      'act_static': True}])
   x = CASES['llama'][1](0)
   v = qm.init(jax.random.key(0), x)
-  stats = v['quant_stats']['attn']
+  stats = v['qjax_stats']['attn']
   assert set(stats) >= {'scores_einsum0_lhs_scale', 'scores_einsum0_rhs_scale', 'einsum0_lhs_scale'}
-  _, upd = qm.apply(v, CASES['llama'][1](1), mutable=['quant_stats'])
-  new = upd['quant_stats']['attn']
+  _, upd = qm.apply(v, CASES['llama'][1](1), mutable=['qjax_stats'])
+  new = upd['qjax_stats']['attn']
   assert float(new['scores_einsum0_lhs_count']) == 2.0
   assert any(not jnp.array_equal(new[k], stats[k]) for k in stats if k.endswith('_scale'))
 
@@ -287,7 +287,7 @@ class ScanCell(nn.Module):
 
 
 class Scanned(nn.Module):
-  axes: tuple = (('params', 0), ('quant_stats', 0))
+  axes: tuple = (('params', 0), ('qjax_stats', 0))
 
   @nn.compact
   def __call__(self, x):
@@ -295,14 +295,14 @@ class Scanned(nn.Module):
     return cell(name='cell')(x, jnp.zeros((3,) + x.shape))[0]
 
 
-def test_nn_scan_weights_and_stats_and_a_clear_error_without_quant_stats_axes():
+def test_nn_scan_weights_and_stats_and_a_clear_error_without_qjax_stats_axes():
   rule = w_rule(8, act_static=True)
   x = jnp.ones((2, D))
   qm = quantize_linen(Scanned(), rule)
   v = qm.init(jax.random.key(0), x)
   assert weights_of(qm) == {'cell/fc/kernel': (1,)}
-  assert v['quant_stats']['cell']['fc']['dot_general0_lhs_count'].shape == (3,)  # one statistic per layer
-  with pytest.raises(ValueError, match="variable_axes lack 'quant_stats'"):
+  assert v['qjax_stats']['cell']['fc']['dot_general0_lhs_count'].shape == (3,)  # one statistic per layer
+  with pytest.raises(ValueError, match="variable_axes lack 'qjax_stats'"):
     quantize_linen(Scanned(axes=(('params', 0),)), rule).init(jax.random.key(0), x)
 
 
@@ -380,9 +380,9 @@ def test_a_nested_apply_is_hosted_by_its_caller_and_its_kernel_traced_to_the_par
   (m,) = qm.rules.quantized()
   assert (m.path, m.rhs_weight, m.rhs_channels) == ('lm_head', 'wte/embedding', (0,))  # not its own 'kernel'
   assert {'lm_head_dot_general0_rhs_scale'} <= set(v['params'])  # state at the host, under the nested name
-  assert {'lm_head_dot_general0_lhs_scale', 'lm_head_dot_general0_lhs_count'} <= set(v['quant_stats'])
-  _, upd = qm.apply(v, x, mutable=['quant_stats'])
-  assert float(upd['quant_stats']['lm_head_dot_general0_lhs_count']) == 2.0
+  assert {'lm_head_dot_general0_lhs_scale', 'lm_head_dot_general0_lhs_count'} <= set(v['qjax_stats'])
+  _, upd = qm.apply(v, x, mutable=['qjax_stats'])
+  assert float(upd['qjax_stats']['lm_head_dot_general0_lhs_count']) == 2.0
   sv = convert_linen(qm, v, x)
   assert isinstance(sv['params']['wte']['embedding'], ServingWeight)
   assert 'lm_head_dot_general0_rhs_scale' not in sv['params']  # folded into the ServingWeight

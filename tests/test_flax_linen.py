@@ -167,7 +167,7 @@ class Layer(nn.Module):
 class Stack(nn.Module):
   @nn.compact
   def __call__(self, x):
-    scan = nn.scan(Layer, variable_axes={'params': 0, 'quant_stats': 0}, split_rngs={'params': True}, length=3)
+    scan = nn.scan(Layer, variable_axes={'params': 0, 'qjax_stats': 0}, split_rngs={'params': True}, length=3)
     return scan(name='layers')(x, None)[0]
 
 
@@ -178,7 +178,7 @@ def test_weights_inside_nn_scan_are_weights():
   v = qm.init(jax.random.key(1), x)
   p = v['params']['layers']['fc']
   assert p['kernel'].shape == (3, 16, 16) and p['dot_general0_rhs_scale'].shape == (3, 1, 16)
-  assert v['quant_stats']['layers']['fc']['dot_general0_lhs_scale'].shape == (3, 1, 1)
+  assert v['qjax_stats']['layers']['fc']['dot_general0_lhs_scale'].shape == (3, 1, 1)
   (m,) = qm.rules.quantized()
   assert (m.path, m.lhs, m.rhs) == ('layers/fc', 'act', 'kernel')
   y = qm.apply(v, x)
@@ -186,7 +186,7 @@ def test_weights_inside_nn_scan_are_weights():
   cfg = rule.dot_config(False, True)
   h = x
   for i in range(3):
-    lhs = {'scale': v['quant_stats']['layers']['fc']['dot_general0_lhs_scale'][i]}
+    lhs = {'scale': v['qjax_stats']['layers']['fc']['dot_general0_lhs_scale'][i]}
     h = jax.nn.relu(ops.dot_general(h, p['kernel'][i], MM, config=cfg, lhs_params=lhs,
                                     rhs_params={'scale': p['dot_general0_rhs_scale'][i]}) + p['bias'][i])
   assert jnp.array_equal(y, h)
@@ -229,14 +229,14 @@ def test_learned_params_and_ema_statistics_train_freeze_and_survive_orbax(tmp_pa
              ('lsq_plus', 'dot_general0_lhs_scale'), ('lsq_plus', 'dot_general0_lhs_offset'),
              ('pact', 'dot_general0_lhs_alpha')}
   assert {(m, k) for m, d in v['params'].items() for k in d if k.startswith('dot_general')} == learned
-  assert set(v['quant_stats']) == {'static'}
-  assert float(v['quant_stats']['static']['dot_general0_lhs_count']) == 1.0  # init is a training run
+  assert set(v['qjax_stats']) == {'static'}
+  assert float(v['qjax_stats']['static']['dot_general0_lhs_count']) == 1.0  # init is a training run
   tx = optax.adam(1e-3)  # learned steps are ~1e-2: larger Adam steps clip whole layers
 
   @jax.jit
   def step(variables, opt, x):
     def loss_fn(p):
-      y, upd = qm.apply({'params': p, 'quant_stats': variables['quant_stats']}, x, mutable=['quant_stats'])
+      y, upd = qm.apply({'params': p, 'qjax_stats': variables['qjax_stats']}, x, mutable=['qjax_stats'])
       return optax.softmax_cross_entropy_with_integer_labels(y, labels).mean(), upd
     (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
     u, opt = tx.update(g, opt, variables['params'])
@@ -249,7 +249,7 @@ def test_learned_params_and_ema_statistics_train_freeze_and_survive_orbax(tmp_pa
   for mod, name in learned:
     assert float(gmax[mod][name]) > 0, (mod, name)
     assert not jnp.array_equal(v['params'][mod][name], v0['params'][mod][name]), (mod, name)
-  st, st0 = v['quant_stats']['static'], v0['quant_stats']['static']
+  st, st0 = v['qjax_stats']['static'], v0['qjax_stats']['static']
   assert float(st['dot_general0_lhs_count']) == 4.0
   assert not jnp.array_equal(st['dot_general0_lhs_scale'], st0['dot_general0_lhs_scale'])
   assert float(st['dot_general0_lhs_zero_point'][0, 0]) == -128.0  # int8 grid over a relu output: min 0
@@ -258,8 +258,8 @@ def test_learned_params_and_ema_statistics_train_freeze_and_survive_orbax(tmp_pa
   ev = jax.jit(qm.apply)
   x2 = normal(20, (48, 20))
   y_eval, state = qm.apply(v, x2, mutable=['intermediates'])
-  assert 'quant_stats' not in state
-  moved = {**v, 'quant_stats': jax.tree.map(lambda a: a * 1.5, v['quant_stats'])}
+  assert 'qjax_stats' not in state
+  moved = {**v, 'qjax_stats': jax.tree.map(lambda a: a * 1.5, v['qjax_stats'])}
   assert not jnp.array_equal(ev(moved, x2), y_eval)
   assert jnp.array_equal(ev(v, x2), ev(v, x2))
 
@@ -282,11 +282,11 @@ def test_fp8_delayed_scaling():
   v = qm.init(jax.random.key(9), xs[0])
   k = v['params']['kernel']
   amax_w = float(jnp.max(jnp.abs(k)))
-  hist = lambda v, side: np.asarray(v['quant_stats'][f'dot_general0_{side}_amax_history'])
+  hist = lambda v, side: np.asarray(v['qjax_stats'][f'dot_general0_{side}_amax_history'])
   np.testing.assert_array_equal(hist(v, 'lhs'), [jnp.max(jnp.abs(xs[0])), 0, 0, 0])
   np.testing.assert_array_equal(hist(v, 'rhs'), [amax_w, 0, 0, 0])
   # Training rolls the histories: the newest amax first.
-  train = jax.jit(lambda v, x: qm.apply(v, x, mutable=['quant_stats']))
+  train = jax.jit(lambda v, x: qm.apply(v, x, mutable=['qjax_stats']))
   for x in xs[1:]:
     _, upd = train(v, x)
     v = {**v, **upd}
@@ -294,7 +294,7 @@ def test_fp8_delayed_scaling():
   np.testing.assert_array_equal(hist(v, 'rhs'), [amax_w] * 4)
   # The scale comes from the history's max, not the current batch; evaluation does not roll.
   lhs_hist = jnp.array([1.0, 7.0, 3.0, 2.0])
-  v = {**v, 'quant_stats': {**v['quant_stats'], 'dot_general0_lhs_amax_history': lhs_hist}}
+  v = {**v, 'qjax_stats': {**v['qjax_stats'], 'dot_general0_lhs_amax_history': lhs_hist}}
   x = normal(5, (40, 16))  # amax ~ 4 < 7
   y = jax.jit(qm.apply)(v, x)
   spec = QuantSpec('fp8_e4m3')
@@ -304,7 +304,7 @@ def test_fp8_delayed_scaling():
   assert jnp.array_equal(y, want)
   dyn = ops.dot_general(x, k, MM, config=rule.dot_config(False, True)) + v['params']['bias']
   assert not jnp.array_equal(y, dyn)
-  np.testing.assert_array_equal(qm.apply(v, x, mutable=['quant_stats'])[1]['quant_stats'][
+  np.testing.assert_array_equal(qm.apply(v, x, mutable=['qjax_stats'])[1]['qjax_stats'][
       'dot_general0_lhs_amax_history'], [jnp.max(jnp.abs(x)), 1.0, 7.0, 3.0])
 
 

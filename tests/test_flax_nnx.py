@@ -249,7 +249,7 @@ def _state_model(x):
   return model
 
 
-def test_learned_params_and_quant_stats_train_freeze_and_survive_orbax(tmp_path):
+def test_learned_params_and_qjax_stats_train_freeze_and_survive_orbax(tmp_path):
   x, labels = normal(0, (48, 20)), jnp.arange(48) % 10
   model = _state_model(x)
   params = nnx.state(model, nnx.Param)

@@ -86,7 +86,7 @@ def test_convert_linen_serving_equals_qat_eval_bit_for_bit():
   qm = quantize_linen(LNet(), RULES)
   x = images(0, 40)
   v = jax.jit(qm.init)(jax.random.key(1), x)
-  _, upd = jax.jit(lambda v, x: qm.apply(v, x, mutable=['quant_stats']))(v, images(1, 40))  # a training step
+  _, upd = jax.jit(lambda v, x: qm.apply(v, x, mutable=['qjax_stats']))(v, images(1, 40))  # a training step
   v = {**v, **upd}
   sv = convert_linen(qm, v, x)
   for name, (shape, packed) in KERNELS.items():
@@ -97,7 +97,7 @@ def test_convert_linen_serving_equals_qat_eval_bit_for_bit():
       k for m in sv['params'].values() for k in m}
   assert 'conv0_lhs_alpha' in sv['params']['conv']  # activation quantizers keep theirs
   check_no_float_kernel(jax.tree.leaves(sv))
-  assert jax.tree.structure(sv['quant_stats']) == jax.tree.structure(v['quant_stats'])
+  assert jax.tree.structure(sv['qjax_stats']) == jax.tree.structure(v['qjax_stats'])
 
   qat, srv = jax.jit(qm.apply), jax.jit(qm.serving().apply)
   for batch in (40, 1):  # real int8 matmuls; 1 row: padded to two rows on CPU (small_m=0 routes nothing to float)

@@ -16,8 +16,8 @@ import numpy as np
 
 from qjax.flax.hooks import HOOKS, ORIG, Frame, current, frame, patched  # noqa: F401
 from qjax.flax.serving import ServingWeight, pack_int4, unpack_int4  # noqa: F401
-from qjax.flax.session import STATS, Record, Session  # noqa: F401
-from qjax.flax.state import QuantStat, scale_names  # noqa: F401
+from qjax.flax.session import Record, Session  # noqa: F401
+from qjax.flax.state import STATS, QuantStat, scale_names  # noqa: F401
 
 
 def jit_call(fn, state, args, kwargs, abstract: bool = False):

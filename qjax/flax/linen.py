@@ -1,9 +1,9 @@
 """Linen: quantize an unmodified Linen model by rules, and convert it for int8 serving.
 
     qmodel = qjax.flax.quantize_linen(model, rules)
-    variables = qmodel.init(key, x)                      # params + 'quant_stats'
+    variables = qmodel.init(key, x)                      # params + 'qjax_stats'
     variables = qjax.flax.add_quant_vars(qmodel, pretrained, x)  # or: float params of a checkpoint + quantizer vars
-    y, upd = qmodel.apply(variables, x, mutable=['quant_stats'])   # training: statistics update
+    y, upd = qmodel.apply(variables, x, mutable=['qjax_stats'])   # training: statistics update
     y = qmodel.apply(variables, x)                        # evaluation: statistics frozen
     served = qjax.flax.convert_linen(qmodel, variables, x)   # int8 (or packed int4) kernels, no float kernels
     y = served(x)                                         # real int8 matmuls; equals the QAT eval output
@@ -22,8 +22,8 @@ from flax.core import scope as scope_mod
 
 from qjax.flax import hooks, intercept, provenance, serving
 from qjax.flax.rules import RuleSet
-from qjax.flax.session import STATS, Session, call_signature
-from qjax.flax.state import LinenBackend
+from qjax.flax.session import Session, call_signature
+from qjax.flax.state import STATS, LinenBackend
 from qjax.spec import check_choice
 
 
@@ -288,7 +288,7 @@ def add_quant_vars(qmodel: QuantizedLinen, variables: dict[str, Any], *args, **k
   need, initialised from the sample inputs as each method declares (LSQ / PACT steps from the first batch's
   weights and activations, act_static ranges from the first batch, empty amax histories).
 
-  Runs apply(variables, *args, **kwargs) once with 'params' and 'quant_stats' mutable and keeps only the
+  Runs apply(variables, *args, **kwargs) once with 'params' and 'qjax_stats' mutable and keeps only the
   variables it created: every param already in `variables` is returned untouched (the same arrays).
   """
   _, new = qmodel.apply(variables, *args, mutable=['params', STATS], **kwargs)

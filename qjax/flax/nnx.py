@@ -30,8 +30,8 @@ from jax import lax
 from qjax.flax import hooks, intercept, provenance, serving
 from qjax.flax.linen import _serving_weight
 from qjax.flax.rules import RuleSet
-from qjax.flax.session import STATS, Session, call_signature, is_quantizer_name
-from qjax.flax.state import LinenBackend, NnxBackend
+from qjax.flax.session import Session, call_signature, is_quantizer_name
+from qjax.flax.state import STATS, LinenBackend, NnxBackend
 
 _SUBCLASSES: dict[type, type] = {}
 
@@ -129,7 +129,7 @@ def _quantized_call(self, *args, **kwargs):
 
 def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
   """__call__ of a quantized nnx.bridge.ToNNX: its Linen module runs under the Linen interceptor, with state in
-  the Linen collections that ToNNX keeps as NNX variables ('quant_stats' as QuantStat). Its metadata are class
+  the Linen collections that ToNNX keeps as NNX variables ('qjax_stats' as QuantStat). Its metadata are class
   attributes of a per-instance subclass: ToNNX hands every instance attribute to Linen as a variable."""
   from flax import linen as nn  # noqa: PLC0415
 

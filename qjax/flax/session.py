@@ -34,7 +34,6 @@ from qjax.flax import provenance, serving
 from qjax.flax.rules import RuleSet
 from qjax.spec import QuantSpec
 
-STATS = 'quant_stats'
 _STATE_NAME = re.compile(r'^(qjax_)?(\w+_)?(dot_general|conv|einsum)\d+_(lhs|rhs)_\w+$')
 
 

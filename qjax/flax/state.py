@@ -12,7 +12,7 @@ Both give the Session (qjax.flax.session) the same interface:
 Linen state goes through Module.has_variable / get_variable / put_variable, which work from any method,
 including plain methods of setup()-style modules (Module.param / Module.variable only work in setup or compact
 methods). Learned params are created only where 'params' is mutable (init, or `add_quant_vars` for pretrained
-params); statistics only where 'quant_stats' is. NNX state is nnx.Param / QuantStat attributes 'qjax_<name>'.
+params); statistics only where 'qjax_stats' is. NNX state is nnx.Param / QuantStat attributes 'qjax_<name>'.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ import jax
 from qjax.flax import hooks, serving
 from qjax.flax.serving import scale_names
 
-STATS = 'quant_stats'
+# The Linen collection of quantizer statistics. Not 'quant_stats': Qwix registers that name with nnx.bridge for its
+# own variable type (overwrite=True), so in a process that imports both, ToNNX would hand qjax's statistics to
+# Qwix's class (and back).
+STATS = 'qjax_stats'
 
 
 @dataclasses.dataclass
