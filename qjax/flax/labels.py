@@ -11,24 +11,25 @@ param name. A model's own params ('kernel', LayerNorm's 'scale', ...) never matc
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
 
 from qjax import registry
+from qjax.flax.session import is_quantizer_name
 
 QUANTIZER, MODEL = 'quantizer', 'model'
 
 
-def _pattern() -> re.Pattern:
-  learned = sorted({p.name for n in registry.names() for p in registry.get(n).learned})
-  return re.compile(r'(?:qjax_)?(?:\w+_)?[a-z_]+\d+_(?:lhs|rhs)_(?:' + '|'.join(map(re.escape, learned)) + ')')
+def _learned_names() -> frozenset[str]:
+  return frozenset(p.name for n in registry.names() for p in registry.get(n).learned)
 
 
 def is_quantizer_param(name: str) -> bool:
-  """True when a param named `name` is a learned quantizer param (see the module docstring)."""
-  return _pattern().fullmatch(str(name)) is not None
+  """True when a param named `name` is a learned quantizer param: a quantizer state name (the session's naming)
+  whose last part is a registered method's learned param."""
+  name = str(name)
+  return is_quantizer_name(name) and name.rsplit('_', 1)[-1] in _learned_names()
 
 
 def _leaf_name(path) -> str:
@@ -38,6 +39,9 @@ def _leaf_name(path) -> str:
 
 def quantizer_param_labels(params: Any) -> Any:
   """The pytree of `params` (Linen params dict or NNX state) with each leaf replaced by 'quantizer' or 'model'."""
-  pat = _pattern()
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: QUANTIZER if pat.fullmatch(_leaf_name(path)) else MODEL, params)
+  learned = _learned_names()
+
+  def label(path, _):
+    name = _leaf_name(path)
+    return QUANTIZER if is_quantizer_name(name) and name.rsplit('_', 1)[-1] in learned else MODEL
+  return jax.tree_util.tree_map_with_path(label, params)
