@@ -60,3 +60,11 @@ def test_table_has_a_column_per_width_and_tool_and_says_where_a_peer_failed():
 def test_a_config_without_a_peer_section_is_a_clear_error():
   with pytest.raises(config_cli.ConfigError, match='no `peer` section'):
     peer_ptq.main(['--config=configs/fmnist_cnn.py:runlocal', '--workdir=/tmp/never-written'])
+
+
+def test_rows_of_another_config_are_never_reused(tmp_path):
+  (tmp_path / 'peer_ptq.json').write_text('{"config": {"seed": 7}, "peer": {}, "rows": []}')
+  config = config_cli.load_file('configs/peer_ptq_fmnist.py:runlocal')
+  with pytest.raises(config_cli.ConfigError, match='holds the rows of another config'):
+    peer_ptq.run_study(config, str(tmp_path), log=lambda *a: None)
+  assert not (tmp_path / 'float').exists()  # refused before anything ran

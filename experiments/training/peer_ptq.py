@@ -105,7 +105,12 @@ def run_study(config, workdir: str, log=print) -> list[dict]:
   with config.unlocked():
     del config['peer']  # the runs are ordinary runner runs: the study's own keys stay out of their configs
   out_json = os.path.join(workdir, 'peer_ptq.json')
-  rows = json.load(open(out_json)) if os.path.exists(out_json) else []
+  # Finished rows are reused only for the same study: the config (peer section included) is stored beside them.
+  study = json.loads(json.dumps({'config': config_cli.to_dict(config), 'peer': p.to_dict()}))
+  saved = json.load(open(out_json)) if os.path.exists(out_json) else {**study, 'rows': []}
+  if {k: saved.get(k) for k in study} != study:
+    raise config_cli.ConfigError(f'{out_json} holds the rows of another config; use another --workdir')
+  rows = saved['rows']
   done = {(r['tool'], r['grid'], r['method'], r['bits']) for r in rows if 'error' not in r}
   rows = [r for r in rows if 'error' not in r]  # failed rows run again
   float_dir = os.path.join(workdir, 'float')
@@ -135,7 +140,7 @@ def run_study(config, workdir: str, log=print) -> list[dict]:
         info = r.get('train', {}).get('ptq')
         rows.append({'tool': 'qjax', 'grid': grid, 'method': method, 'bits': bits, metric: r['metrics'][metric],
                      'seconds': info['wall_time_sec'] if info else None})
-        write_json_atomic(out_json, rows)
+        write_json_atomic(out_json, {**study, 'rows': rows})
       if ('qwix', QWIX_GRID, method, bits) not in done:
         row = {'tool': 'qwix', 'grid': QWIX_GRID, 'method': method, 'bits': bits}
         try:
@@ -145,7 +150,7 @@ def run_study(config, workdir: str, log=print) -> list[dict]:
           row['error'] = f'{type(e).__name__}: {e}'.splitlines()[0]
           log(f'qwix {method} W{bits} failed:\n{traceback.format_exc(limit=3)}')
         rows.append(row)
-        write_json_atomic(out_json, rows)
+        write_json_atomic(out_json, {**study, 'rows': rows})
       log(f'W{bits} {method}: ' + ', '.join(_cell(r, metric) for r in rows if (r['method'], r['bits']) ==
                                             (method, bits)))
   table = render(rows, metric, float_result['metrics'][metric])
