@@ -29,6 +29,7 @@ from experiments.training import ptq as ptq_runner
 from experiments.training import trainers
 from qjax import formats
 from qjax import metrics as qmetrics
+from qjax.flax.serving import ConversionError
 from qjax.ops import inspect_matmuls
 
 
@@ -225,9 +226,7 @@ def serving_summary(run, state, rules) -> dict[str, Any]:
   float_ckpt = checkpoint_bytes(float_params)
   try:
     fwd, args, served_params, serving_tree = serving_forward(tr, state, x, rules)
-  except ValueError as e:
-    if not str(e).startswith('convert:'):
-      raise
+  except ConversionError as e:
     # A quantizer with no integer grid (DoReFa weights) has no serving form: say so rather than serve another model.
     return {'serving_error': str(e)}
   serving_bytes = float_bytes if served_params is None else tree_bytes(served_params)

@@ -90,6 +90,10 @@ class ServingWeight:
     return quantizers.QArray(q, self.scale, self.zero_point, self.format)
 
 
+class ConversionError(ValueError):
+  """A quantized model has no serving form as the rules stand (a weight whose quantizer has no integer grid, e.g.
+  DoReFa, or one that cannot be stored back in its param's layout, or a tied weight quantized two ways)."""
+
 def _shape(a) -> tuple[int, ...]:
   return tuple(getattr(a, 'value', a).shape)  # a Linen Partitioned box holds its array as .value
 
@@ -174,7 +178,7 @@ def merge_uses(records, qarrays, problems: dict) -> dict:
   for i, (r, q) in enumerate(zip([r for r in records if r.weight_name is not None], qarrays, strict=True)):
     if i in problems:
       q = problems[i]
-      raise ValueError(f'convert: the weight {r.weight_name} used at {r.path or "<root>"} ({r.prefix}, rule '
+      raise ConversionError(f'convert: the weight {r.weight_name} used at {r.path or "<root>"} ({r.prefix}, rule '
                        f'{r.rule!r}) cannot be converted: {q}; keep that op in float with a float=True rule')
     uses.setdefault(r.weight_name, []).append((r, q))
   out = {}
@@ -188,7 +192,7 @@ def merge_uses(records, qarrays, problems: dict) -> dict:
       if not same:
         sites = '; '.join(f'{x.path or "<root>"} {x.prefix} (rule {x.rule!r}: {x.spec.format}/{x.spec.granularity}, '
                           f'scale shape {tuple(y.scale.shape)} in the param layout)' for x, y in items)
-        raise ValueError(f'convert: the weight {path} is shared by {len(items)} quantized ops that quantize it '
+        raise ConversionError(f'convert: the weight {path} is shared by {len(items)} quantized ops that quantize it '
                          f'differently, and a served weight is stored once: {sites}. Give its uses one rule and '
                          'spec (the same channel axes), or keep all but one in float')
     out[path] = (q0, [r for r, _ in items])
