@@ -27,13 +27,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import qjax.ptq
 from experiments.config import ptq as ptq_config
 from experiments.training.progress import Progress
-from qjax.flax import QuantizedLinen
-from qjax.flax.intercept import ServingWeight
 from qjax.ptq import layer as L
 from qjax.ptq import online, registry
 
@@ -100,18 +97,11 @@ def gather_stats(run, state, paths, max_sample: int = 512) -> tuple[dict[str, L.
   """Input statistics of the modules at `paths` over the calibration batches, one jitted forward per batch, and
   the number of leading kernel axes each module contracts (`_rows`).
 
-  The one place calibration inputs are captured (module inputs, through qjax.ptq.online's capture point on the
-  quantized model in evaluation mode): swap it for the Flax capture API once that lands."""
-  tr = run.trainer
-  if tr.md.api == 'linen':
-    fwd, args = (lambda v, x: tr.q.apply(v, x, train=False)), tr.variables(state)
-  else:
-    model = tr.module(state)
-    online.install_nnx(model, paths)
-    model.eval()
-    graphdef, mstate = nnx.split(model)
-    fwd, args = (lambda s, x: nnx.merge(graphdef, s)(x)), mstate
-
+  Calibration inputs are module inputs, taken at qjax.ptq.online's capture point on the quantized model in
+  evaluation mode (`trainer.ptq_forward`). Not qjax.flax.capture: the methods here need the im2col Hessian of a
+  convolution (capture sums a conv's window into per-channel statistics) and a sample of input rows (AWQ's
+  search, AdaRound's reconstruction), which capture does not keep."""
+  fwd, args = run.trainer.ptq_forward(state, paths)
   n_in = {}
 
   @jax.jit
@@ -151,8 +141,6 @@ def apply(run, state):
   ms = ptq_config.methods(c.ptq)
   t0 = time.time()
   todo, skipped = targets(tr, state)
-  if tr.md.api == 'linen':
-    tr.q = QuantizedLinen(online.InputOps(tr.q.model, {}, tuple(todo)), tr.q.rules)
   stats, n_ins = gather_stats(run, state, tuple(todo), c.ptq.max_sample)
   done, layers, transforms, qs, left_out = {}, {}, {}, {}, []
   progress = Progress(len(todo), 0)
@@ -179,7 +167,7 @@ def apply(run, state):
       transforms[path] = (lay.rotation, lay.scale)
     progress.update(i + 1)
   progress.close()
-  state = _set_params(tr, state, done, transforms)
+  state = tr.ptq_update(state, {p: (lay.w, lay.bias) for p, lay in done.items()}, transforms)
   tr.ptq_weights = qs
   for path, m in layers.items():
     run.writer.scalars({f'ptq/{path}/rel_output_mse': m['rel_output_mse'],
@@ -190,30 +178,6 @@ def apply(run, state):
   run.log(f'ptq {"+".join(n for n, _ in ms)}: {len(done)} layers in {info["wall_time_sec"]:.1f}s'
           + (f', {len(skipped)} left to RTN ({", ".join(sorted(skipped)[:4])})' if skipped else ''))
   return state, info
-
-
-def _set_params(tr, state, done, transforms):
-  """The state with each layer's float kernel and bias replaced, and the online input ops installed."""
-  if tr.md.api == 'linen':
-    params = jax.tree.map(lambda a: a, _plain(state['params']))
-    for path, lay in done.items():
-      node = params
-      for p in path.split('/'):
-        node = node[p]
-      node['kernel'] = jnp.asarray(lay.w, node['kernel'].dtype).reshape(node['kernel'].shape)
-      if lay.bias is not None:
-        node['bias'] = jnp.asarray(lay.bias, node['bias'].dtype).reshape(node['bias'].shape)
-    tr.q = QuantizedLinen(online.InputOps(tr.q.model.model, transforms), tr.q.rules)
-    return {**state, 'params': params}
-  model, opt = state.merge()
-  mods = {'/'.join(map(str, p)): m for p, m in nnx.iter_modules(model)}
-  for path, lay in done.items():
-    m = mods[path]
-    m.kernel.set_value(jnp.asarray(lay.w, m.kernel.get_value().dtype).reshape(m.kernel.get_value().shape))
-    if lay.bias is not None:
-      m.bias.set_value(jnp.asarray(lay.bias, m.bias.get_value().dtype).reshape(m.bias.get_value().shape))
-  online.install_nnx(model, (), transforms)
-  return state.replace((model, opt))
 
 
 def _reshaped(q, shape, n_in: int):
@@ -228,24 +192,8 @@ def _reshaped(q, shape, n_in: int):
                                 None if q.zero_point is None else q.zero_point.reshape(sshape), q.format, q.codebook)
 
 
-def _plain(tree):
-  return {k: _plain(v) for k, v in tree.items()} if hasattr(tree, 'items') else tree
-
-
 def patch_serving(tr, served) -> None:
   """Puts the methods' integer kernels (tr.ptq_weights) into a converted serving tree (Linen variables) or
   converted NNX model, in place: the same format and packing as the RTN conversion chose."""
-  qs = getattr(tr, 'ptq_weights', None)
-  if not qs:
-    return
-  if tr.md.api == 'linen':
-    for path, q in qs.items():
-      node = served['params']
-      for p in path.split('/'):
-        node = node[p]
-      node['kernel'] = ServingWeight.from_qarray(q, node['kernel'].packed)
-    return
-  mods = {'/'.join(map(str, p)): m for p, m in nnx.iter_modules(served)}
-  for path, q in qs.items():
-    m = mods[path]
-    m.kernel = nnx.Param(ServingWeight.from_qarray(q, m.kernel.get_value().packed))
+  if tr.ptq_weights:
+    tr.ptq_serve(served, tr.ptq_weights)

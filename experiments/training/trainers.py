@@ -26,8 +26,9 @@ from flax import nnx
 from experiments.data import pipeline as input_pipeline
 from experiments.models import ModelDef
 from qjax import flax as qflax
-from qjax.flax import convert_linen, convert_nnx
-from qjax.flax.intercept import STATS
+from qjax.flax import QuantizedLinen, convert_linen, convert_nnx
+from qjax.flax.intercept import STATS, ServingWeight
+from qjax.ptq import online
 
 
 def loss_fn(logits, y, task: str):
@@ -58,6 +59,7 @@ class LinenTrainer:
   def __init__(self, md: ModelDef, tx: optax.GradientTransformation, rules=None):
     self.md, self.tx = md, tx
     self.q = qflax.quantize_linen(md.module, rules) if rules else None
+    self.ptq_weights = {}  # a PTQ method's integer kernels for serving (experiments/training/ptq.py)
 
   @property
   def quantized(self) -> bool:
@@ -163,6 +165,34 @@ class LinenTrainer:
     walk(state['params'], [])
     return out
 
+  # ------------------------------------------------- what PTQ methods ask of any trainer (experiments/training/ptq.py)
+
+  def ptq_forward(self, state, paths):
+    """(forward(args, x), args): the quantized model in evaluation mode with qjax.ptq.online's capture point on
+    the modules at `paths` (their inputs are the calibration data)."""
+    self.q = QuantizedLinen(online.InputOps(self.q.model, {}, tuple(paths)), self.q.rules)
+    return (lambda v, x: self.q.apply(v, x, train=False)), self.variables(state)
+
+  def ptq_update(self, state, layers, transforms):
+    """The state with each module's kernel and bias replaced ({path: (kernel, bias or None)}, any shape that
+    reshapes to the stored one), and the online input ops ({path: (rotation, scale)}) in the model."""
+    params = jax.tree.map(lambda a: a, _plain(state['params']))
+    for path, (w, b) in layers.items():
+      node = _node(params, path)
+      node['kernel'] = jnp.asarray(w, node['kernel'].dtype).reshape(node['kernel'].shape)
+      if b is not None:
+        node['bias'] = jnp.asarray(b, node['bias'].dtype).reshape(node['bias'].shape)
+    model = self.q.model.model if isinstance(self.q.model, online.InputOps) else self.q.model
+    self.q = QuantizedLinen(online.InputOps(model, transforms), self.q.rules)
+    return {**state, 'params': params}
+
+  def ptq_serve(self, served, qs) -> None:
+    """Puts the methods' integer kernels ({path: QArray in the kernel's shape}) into the serving variables
+    (`convert`), in place: the format and packing the conversion chose."""
+    for path, q in qs.items():
+      node = _node(served['params'], path)
+      node['kernel'] = ServingWeight.from_qarray(q, node['kernel'].packed)
+
 
 @jax.tree_util.register_pytree_node_class
 class NnxState:
@@ -193,6 +223,7 @@ class NnxTrainer:
 
   def __init__(self, md: ModelDef, tx: optax.GradientTransformation, rules=None):
     self.md, self.tx, self.rules = md, tx, rules
+    self.ptq_weights = {}  # a PTQ method's integer kernels for serving (experiments/training/ptq.py)
 
   @property
   def quantized(self) -> bool:
@@ -284,13 +315,61 @@ class NnxTrainer:
   def kernels(self, state) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """{module path: (kernel, bias)} of every module holding a 'kernel' param (float, any rank)."""
     out = {}
-    for p, m in nnx.iter_modules(self.module(state)):
+    for path, m in _modules(self.module(state)).items():
       k = vars(m).get('kernel')
       if isinstance(k, nnx.Param):
         b = vars(m).get('bias')
-        out['/'.join(map(str, p))] = (np.asarray(k.get_value()),
+        out[path] = (np.asarray(k.get_value()),
                                       None if not isinstance(b, nnx.Param) else np.asarray(b.get_value()))
     return out
+
+  # ------------------------------------------------- what PTQ methods ask of any trainer (experiments/training/ptq.py)
+
+  def ptq_forward(self, state, paths):
+    """(forward(args, x), args): the quantized model in evaluation mode with qjax.ptq.online's capture point on
+    the modules at `paths` (their inputs are the calibration data)."""
+    model = self.module(state)
+    online.install_nnx(model, paths)
+    model.eval()
+    graphdef, mstate = nnx.split(model)
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), mstate
+
+  def ptq_update(self, state, layers, transforms):
+    """The state with each module's kernel and bias replaced ({path: (kernel, bias or None)}, any shape that
+    reshapes to the stored one), and the online input ops ({path: (rotation, scale)}) installed."""
+    model, opt = state.merge()
+    mods = _modules(model)
+    for path, (w, b) in layers.items():
+      for name, v in (('kernel', w), ('bias', b)):
+        if v is not None:
+          var = getattr(mods[path], name)
+          var.set_value(jnp.asarray(v, var.get_value().dtype).reshape(var.get_value().shape))
+    online.install_nnx(model, (), transforms)
+    return state.replace((model, opt))
+
+  def ptq_serve(self, served, qs) -> None:
+    """Puts the methods' integer kernels ({path: QArray in the kernel's shape}) into the converted model
+    (`convert`), in place: the format and packing the conversion chose."""
+    mods = _modules(served)
+    for path, q in qs.items():
+      mods[path].kernel = nnx.Param(ServingWeight.from_qarray(q, mods[path].kernel.get_value().packed))
+
+
+def _plain(tree):
+  """A params tree (FrozenDict or dict) as nested plain dicts."""
+  return {k: _plain(v) for k, v in tree.items()} if hasattr(tree, 'items') else tree
+
+
+def _node(tree, path: str):
+  """The subtree at a module path ('block_0/mlp/fc1')."""
+  for p in path.split('/'):
+    tree = tree[p]
+  return tree
+
+
+def _modules(model) -> dict:
+  """{module path: module} of an NNX model."""
+  return {'/'.join(map(str, p)): m for p, m in nnx.iter_modules(model)}
 
 
 def _overlay(dst, src):
