@@ -1,5 +1,5 @@
 """Run files on disk: the one atomic writer (and its JSON form), the readers of run files (and the one rule of a
-finished run), and the one directory-size count.
+finished run), the one directory-size count, and claims: who is running the run in a workdir.
 
 A leaf module (it imports nothing from `experiments`) so that every layer that writes run files, from the sweep
 language to checkpoints and the bench, can import it without cycles or without pulling orbax in.
@@ -7,10 +7,13 @@ language to checkpoints and the bench, can import it without cycles or without p
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import sys
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -98,3 +101,58 @@ def read_result(workdir: str) -> dict | None:
     print(f'warning: {path} is not a valid result ({problem}); the run counts as not finished: rerunning resumes '
           'it from its checkpoints and replaces the file when it finishes', file=sys.stderr, flush=True)
   return None
+
+
+# ------------------------------------------------------------------------------------------------ claims
+
+
+class Claim:
+  """An exclusive flock on <workdir>/.claim, holding 'pid host' for messages: whoever holds it runs the run in
+  that workdir (a sweep's trial, or the float model a PTQ run starts from), so every run is made once, whatever
+  process makes it (local workers, Ray tasks, `--index` jobs on other machines, a lone `experiments.train`).
+
+  The kernel drops the lock when its process dies, so a claim is never stale on a local file system (and
+  on NFS with working lockd, where Linux maps flock to POSIX locks).
+  """
+
+  def __init__(self, fd: int, path: str):
+    self.fd, self.path = fd, path
+
+  @classmethod
+  def acquire(cls, workdir: str, wait: bool = False) -> Claim | None:
+    """The claim of `workdir`; None if another process holds it, or with `wait`, once that process is done."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, '.claim')
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+      os.close(fd)
+      return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'{os.getpid()} {socket.gethostname()} {time.time():.0f}\n'.encode(), 0)
+    return cls(fd, path)
+
+  @staticmethod
+  def holder(workdir: str) -> str:
+    try:
+      with open(os.path.join(workdir, '.claim')) as f:
+        pid, host, *_ = f.read().split() + ['?', '?']
+      return f'pid {pid} on {host}'
+    except OSError:
+      return 'another process'
+
+  @staticmethod
+  def is_held(workdir: str) -> bool:
+    claim = Claim.acquire(workdir)
+    if claim is None:
+      return True
+    claim.release()
+    return False
+
+  def release(self) -> None:
+    if self.fd is not None:
+      os.ftruncate(self.fd, 0)
+      fcntl.flock(self.fd, fcntl.LOCK_UN)
+      os.close(self.fd)
+      self.fd = None

@@ -4,6 +4,7 @@ Most tests run a fake trial function (`--trial_fn=test_sweep:fake_trial`) that c
 files; one runs the real runner on the committed Fashion-MNIST fixtures, and one a local Ray.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -20,10 +21,10 @@ import pytest
 
 from experiments import fileio, sweeps
 from experiments.config import cli as config_cli
+from experiments.fileio import Claim
 from experiments.review import board
 from experiments.review import tensorboard as tb
 from experiments.sweeps import launch as sweep
-from experiments.sweeps.claims import Claim
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -289,6 +290,49 @@ def test_dead_worker_fails_its_trial_only(fake_cfg, tmp_path):
       assert _steps(root, t.name) == [1, 2, 3]
 
 
+
+def _task(root, name, index, **kw):
+  from experiments.sweeps.trials import Task
+  config = {'seed': 0, 'mode': 'qat', 'steps': 2, 'sleep': 0.0, 'fail': '', 'crash': '', 'init_from': '',
+            'quant': {'weight': {'format': 'int8'}, 'act': {'format': 'int8'}}}
+  return Task(index=index, name=name, id=name, root=root, group=name, config=config,
+              trial_fn='test_sweep:fake_trial', cache_dir=os.path.join(root, '.jax_cache'), **kw)
+
+
+def test_a_trial_waits_for_the_trial_it_starts_from_while_another_process_runs_it(tmp_path):
+  from experiments.sweeps import trials
+  root = str(tmp_path / 'root')
+  dep = _task(root, 'mode=float', 0)
+  task = _task(root, 'mode=ptq', 1, deps=(dep,))
+  code = (f'import os, sys, time; sys.path[:0] = [{TESTS!r}]; from experiments.fileio import Claim; '
+          f'import ml_collections, test_sweep; c = Claim.acquire({dep.workdir!r}); print(c is not None, flush=True); '
+          f'time.sleep(1.5); test_sweep.fake_trial(ml_collections.ConfigDict({dep.config!r}), {dep.workdir!r}); '
+          'c.release()')
+  holder = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'True'
+    out = trials.run_trial(task)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert out.status == 'done', out
+  assert open(os.path.join(dep.workdir, 'runs.txt')).read().count('start') == 1  # run by the holder only
+  assert fileio.read_result(dep.workdir) is not None and _runs(root, 'mode=ptq') == 1
+
+
+def test_a_failed_trial_it_starts_from_fails_the_trial_with_its_reason(tmp_path):
+  from experiments.sweeps import trials
+  root = str(tmp_path / 'root')
+  dep = _task(root, 'mode=float', 0)
+  dep = dataclasses.replace(dep, config={**dep.config, 'fail': 'mode=float'})
+  out = trials.run_trial(_task(root, 'mode=ptq', 1, deps=(dep,)))
+  assert out.status == 'failed' and 'DependencyFailed' in out.error and 'injected failure' in out.error
+  out = trials.run_trial(_task(root, 'mode=qat', 2, deps=(dep,)))  # the failed float trial is not rerun unasked
+  assert out.status == 'failed' and '--retry_failed' in out.error
+  assert _runs(root, 'mode=float') == 1
+  assert not any(os.path.exists(os.path.join(root, n, 'runs.txt')) for n in ('mode=ptq', 'mode=qat'))
+
+
 # ----------------------------------------------------------------------------------- kills and concurrency
 
 
@@ -346,7 +390,7 @@ def test_claims_exclude_other_processes_and_die_with_them(tmp_path):
   assert f'pid {os.getpid()}' in Claim.holder(workdir)
   claim.release()
   assert not Claim.is_held(workdir)
-  code = f'from experiments.sweeps.claims import Claim; c = Claim.acquire({workdir!r}); ' \
+  code = f'from experiments.fileio import Claim; c = Claim.acquire({workdir!r}); ' \
          'print(c is not None, flush=True); import time; time.sleep(60)'
   holder = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
   try:
@@ -358,6 +402,24 @@ def test_claims_exclude_other_processes_and_die_with_them(tmp_path):
   claim = Claim.acquire(workdir)  # the kernel released the dead holder's claim: never stale
   assert claim is not None
   claim.release()
+
+
+def test_a_waiting_claim_blocks_until_the_holder_is_done(tmp_path):
+  """What a trial waiting for its trial_ref, or a PTQ run waiting for its shared float model, relies on."""
+  workdir = str(tmp_path / 'float')
+  code = f'from experiments.fileio import Claim; c = Claim.acquire({workdir!r}); ' \
+         'print(c is not None, flush=True); import time; time.sleep(1.5); open(' \
+         f'{os.path.join(workdir, "done")!r}, "w").close(); c.release()'
+  holder = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'True'
+    assert Claim.acquire(workdir) is None
+    claim = Claim.acquire(workdir, wait=True)
+    assert claim is not None and os.path.exists(os.path.join(workdir, 'done'))  # it waited for the holder's work
+    claim.release()
+  finally:
+    holder.kill()
+    holder.wait()
 
 
 def test_two_sweeps_on_one_root_run_each_trial_once(fake_cfg, tmp_path):

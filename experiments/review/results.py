@@ -12,8 +12,8 @@ import re
 
 from experiments import fileio
 from experiments.config import cli as config_cli
+from experiments.fileio import Claim
 from experiments.sweeps import language as sweeps
-from experiments.sweeps.claims import Claim
 from qjax import formats
 
 PLOT_AXES = (('weight_bits', 'weight bits'), ('serving_bytes', 'serving size'),

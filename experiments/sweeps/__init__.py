@@ -1,5 +1,6 @@
-"""Sweeps: the language config files declare them in (language.py), trial claims (claims.py), running the trials
-(trials.py), the executors that run them (executors.py) and the launcher (launch.py, `python -m experiments.sweep`).
+"""Sweeps: the language config files declare them in (language.py), running one trial (trials.py; its claim is
+experiments.fileio.Claim), the executors that run trials (executors.py) and the launcher (launch.py,
+`python -m experiments.sweep`).
 
 Config files write `from experiments import sweeps` and use the language through this package:
 `sweeps.axis`, `sweeps.product`, `sweeps.zipped`, `sweeps.chain`, `sweeps.trial_ref`.

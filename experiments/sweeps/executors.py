@@ -1,5 +1,6 @@
-"""The executors that run a sweep's trials: a local process pool (forkserver or spawn) and Ray; both submit a trial
-once the trials it refers to are finished, and yield each trial's outcome as it ends."""
+"""The executors that run a sweep's trials: a local process pool (concurrent.futures.ProcessPoolExecutor, forkserver
+or spawn) and Ray; both submit a trial once the trials it refers to are finished, and yield each trial's Outcome
+as it ends."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import subprocess
 import time
 
 from experiments.sweeps import language as sweeps
-from experiments.sweeps.trials import init_worker, record_failure, run_trial
+from experiments.sweeps.trials import Outcome, init_worker, record_failure, run_trial
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,14 +58,24 @@ class _Scheduler:
     return out
 
 
+def _failed(t: sweeps.Trial, e: BaseException | str) -> Outcome:
+  error = e if isinstance(e, str) else f'{type(e).__name__}: {e}'.splitlines()[0][:300]
+  return Outcome(t.index, t.name, 'failed', error=error)
+
+
 def run_local(run, make, workers: int, start_method: str, emit, gpus: int):
-  """Process-pool executor: yields each trial's outcome; rebuilds the pool if a worker dies."""
+  """Process-pool executor: yields each trial's Outcome; rebuilds the pool if a worker dies.
+
+  The pool's workers are this process's only multiprocessing children, so `multiprocessing.active_children()`
+  names them: kept by pid, they give the exit code of a worker that died (which trial killed the pool) and
+  let an interrupted sweep end its workers at once.
+  """
   ctx = multiprocessing.get_context(start_method)
   sched = _Scheduler(run)
-  cache_dir = make(run[0])['cache_dir']
+  cache_dir = make(run[0]).cache_dir
   started: dict[int, int] = {}  # trial index -> worker pid
+  procs: dict[int, multiprocessing.Process] = {}  # worker pid -> its process (alive or not)
   queues = {}
-  pool = running = None
 
   def new_pool():  # fresh queues too: a worker killed while writing may leave one unusable
     # SimpleQueue.put() writes at once, so a start event survives a worker that dies right after it.
@@ -78,6 +89,7 @@ def run_local(run, make, workers: int, start_method: str, emit, gpus: int):
                                                   initargs=(queues['events'], queues['gpus'], cache_dir, os.getpid()))
 
   def drain():
+    procs.update((p.pid, p) for p in multiprocessing.active_children())
     events = queues['events']
     while not events.empty():
       kind, index, pid, when = events.get()
@@ -91,6 +103,7 @@ def run_local(run, make, workers: int, start_method: str, emit, gpus: int):
         running[pool.submit(run_trial, make(t))] = t
       if not running:
         break
+      drain()  # the workers that submit() started, before any can die
       done, _ = concurrent.futures.wait(running, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED)
       drain()
       broken = []
@@ -102,23 +115,20 @@ def run_local(run, make, workers: int, start_method: str, emit, gpus: int):
           broken.append(t)
           continue
         except Exception as e:  # noqa: BLE001 - run_trial itself failed (e.g. its claim on a full disk)
-          out = {'index': t.index, 'name': t.name, 'status': 'failed', 'metrics': {}, 'elapsed': 0.0,
-                 'error': f'{type(e).__name__}: {e}'.splitlines()[0][:300]}
+          out = _failed(t, e)
         sched.finished.add(t.index)
         yield out
       if broken:
-        yield from _recover(broken + list(running.values()), pool, started, sched, make)
-        running = {}
-        pool.shutdown(wait=True)
-        pool = new_pool()
+        pool.shutdown(wait=True)  # the pool has terminated its other workers: every exit code is known
+        yield from _recover(broken + list(running.values()), procs, started, sched, make)
+        running, pool = {}, new_pool()
   finally:
-    _stop_pool(pool)
+    _stop_pool(pool, procs)
 
 
-def _recover(lost, pool, started, sched, make):
+def _recover(lost, procs, started, sched, make):
   """After a worker died: the trial it ran is recorded as failed; the others it took down run again."""
-  procs = dict(getattr(pool, '_processes', None) or {})
-  for p in procs.values():  # the pool terminates the others: wait, so every exit code is known
+  for p in procs.values():
     p.join(timeout=15)
   codes = {pid: p.exitcode for pid, p in procs.items()}
   term = -signal.SIGTERM
@@ -128,26 +138,24 @@ def _recover(lost, pool, started, sched, make):
   for t in lost:
     if t in culprits:
       code = codes.get(started.get(t.index))
-      task = make(t)
       msg = f'the worker process running this trial died (exit code {code}); see {t.name}/train.log'
-      record_failure(os.path.join(task['root'], t.name), task, None, msg)
+      record_failure(make(t), None, msg)
       sched.finished.add(t.index)
-      yield {'index': t.index, 'name': t.name, 'status': 'failed', 'metrics': {}, 'elapsed': 0.0, 'error': msg}
+      yield _failed(t, msg)
     else:
       sched.waiting.insert(0, t)  # interrupted by the pool's breakdown: resumes from its checkpoint
     started.pop(t.index, None)
+  procs.clear()
 
 
-def _stop_pool(pool) -> None:
+def _stop_pool(pool, procs) -> None:
   """Ends our own worker processes now (their trials resume from checkpoints on the next run)."""
-  if pool is None:
-    return
-  procs = list(getattr(pool, '_processes', {}).values())
+  procs.update((p.pid, p) for p in multiprocessing.active_children())
   pool.shutdown(wait=False, cancel_futures=True)
-  for p in procs:
+  for p in procs.values():
     if p.is_alive():
       p.terminate()
-  for p in procs:
+  for p in procs.values():
     p.join(timeout=10)
 
 
@@ -194,10 +202,8 @@ def run_ray(run, make, workers: int, address: str | None, emit):
         try:
           yield ray.get(ref)
         except Exception as e:  # noqa: BLE001 - the Ray worker died (the trial's own errors are returned)
-          task = make(t)
-          record_failure(os.path.join(task['root'], t.name), task, e)
-          yield {'index': t.index, 'name': t.name, 'status': 'failed', 'metrics': {}, 'elapsed': 0.0,
-                 'error': f'{type(e).__name__}: {e}'.splitlines()[0][:300]}
+          record_failure(make(t), e)
+          yield _failed(t, e)
   finally:
     if started_here:
       ray.shutdown()

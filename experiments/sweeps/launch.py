@@ -49,10 +49,10 @@ import time
 
 from experiments import fileio
 from experiments.config import cli as config_cli
+from experiments.fileio import Claim
 from experiments.sweeps import language as sweeps
-from experiments.sweeps.claims import Claim
 from experiments.sweeps.executors import SweepError, cores, local_gpus, run_local, run_ray
-from experiments.sweeps.trials import run_trial
+from experiments.sweeps.trials import Task, run_trial
 
 DEFAULT_TRIAL_FN = 'experiments.training.runner:train_and_evaluate'
 FLAGS = ('config', 'root', 'executor', 'workers', 'index', 'dry_run', 'retry_failed', 'rerun_changed',
@@ -164,13 +164,10 @@ def group_name(trial: sweeps.Trial) -> str:
   return ','.join(f'{k}={v}' for k, v in trial.labels.items() if not sweeps.is_seed_key(k)) or trial.name
 
 
-def make_task(trial: sweeps.Trial, trials: list[sweeps.Trial], root: str, trial_fn: str, retry: bool) -> dict:
-  return {
-      'index': trial.index, 'name': trial.name, 'id': trial.id, 'root': root, 'group': group_name(trial),
-      'config': config_cli.to_dict(trial.config), 'trial_fn': trial_fn, 'retry': retry,
-      'cache_dir': os.path.join(root, '.jax_cache'),
-      'dep_tasks': [make_task(trials[d], trials, root, trial_fn, retry) for d in trial.deps],
-  }
+def make_task(trial: sweeps.Trial, trials: list[sweeps.Trial], root: str, trial_fn: str, retry: bool) -> Task:
+  return Task(index=trial.index, name=trial.name, id=trial.id, root=root, group=group_name(trial),
+              config=config_cli.to_dict(trial.config), trial_fn=trial_fn, cache_dir=os.path.join(root, '.jax_cache'),
+              retry=retry, deps=tuple(make_task(trials[d], trials, root, trial_fn, retry) for d in trial.deps))
 
 
 def _fmt_time(s: float) -> str:
@@ -338,7 +335,7 @@ def run_sweep(argv: list[str], out=print) -> int:
 
   if n:
     if index is not None:
-      outcomes = iter([run_trial({**make(p.run[0]), 'on_event': emit})])
+      outcomes = iter([run_trial(dataclasses.replace(make(p.run[0]), on_event=emit))])
       where = 'this process'
     elif executor == 'ray':
       workers = _count(flags, 'workers') or cores()
@@ -354,24 +351,24 @@ def run_sweep(argv: list[str], out=print) -> int:
     k = 0
     for o in outcomes:
       k += 1
-      status = o['status']
+      status = o.status
       if status == 'claimed':
         status, counts['skipped'] = 'skip', counts['skipped'] + 1
-        text = o['error']
+        text = o.error
       elif status == 'skipped':
         counts['skipped'] += 1
-        text = o['error'] or 'finished elsewhere'
+        text = o.error or 'finished elsewhere'
       elif status == 'failed':
         counts['failed'] += 1
-        text = o['error'] + ('' if o.get('unwritten') else f'  (see {trials[o["index"]].name}/error.json)')
+        text = o.error + ('' if o.unwritten else f'  (see {trials[o.index].name}/error.json)')
       else:
         counts['done'] += 1
-        text = _metric_text(o['metrics'], metrics)
-        if o.get('warnings'):
-          text += f'  warning: {o["warnings"][0]} (see {trials[o["index"]].name}/train.log)'
-      elapsed = o['elapsed'] or (time.time() - starts[o['index']] if o['index'] in starts else 0.0)
-      cpu = f' (cpu {_fmt_time(o["cpu"])})' if o.get('cpu') else ''
-      out(f'[{time.strftime("%H:%M:%S")}] {status:<6s} {o["name"]}  {text}  {_fmt_time(elapsed)}{cpu}  ({k}/{n})')
+        text = _metric_text(o.metrics, metrics)
+        if o.warnings:
+          text += f'  warning: {o.warnings[0]} (see {trials[o.index].name}/train.log)'
+      elapsed = o.elapsed or (time.time() - starts[o.index] if o.index in starts else 0.0)
+      cpu = f' (cpu {_fmt_time(o.cpu)})' if o.cpu else ''
+      out(f'[{time.strftime("%H:%M:%S")}] {status:<6s} {o.name}  {text}  {_fmt_time(elapsed)}{cpu}  ({k}/{n})')
   out(f'tally: {counts["done"]} done, {counts["skipped"]} skipped, {counts["failed"]} failed '
       f'of {len(p.run) + len(p.skipped)} in {_fmt_time(time.time() - t_start)}')
   try:

@@ -1,10 +1,12 @@
 """Running one trial, in whatever process runs it (a local worker, a Ray task, an --index job): its claim, its log
-(<root>/<name>/train.log), the trial function, and error.json when it fails. A task is the plain description of
-a trial the launcher hands over (make_task in launch.py)."""
+(<root>/<name>/train.log), the trial function, and error.json when it fails. A `Task` is what the launcher hands
+over (make_task in launch.py); an `Outcome` is what comes back."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import importlib
 import inspect
 import os
@@ -14,17 +16,54 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
 from experiments import fileio
 from experiments.config import cli as config_cli
-from experiments.sweeps.claims import Claim
+from experiments.fileio import Claim
 
 
 class DependencyFailed(RuntimeError):
   pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One trial as a worker runs it: where (root/name), what (config, trial_fn) and the trials it starts from."""
+  index: int
+  name: str
+  id: str
+  root: str
+  group: str                     # its HParams session group (labels without the seed)
+  config: dict                   # the trial's config as plain data
+  trial_fn: str                  # 'module:function', called as fn(config, workdir, log=...)
+  cache_dir: str                 # the root's persistent JAX compilation cache
+  retry: bool = False            # rerun it (and a failed trial it starts from) if it failed before
+  deps: tuple[Task, ...] = ()    # the trials it refers to (sweeps.trial_ref): finished before it starts
+  on_event: Callable | None = None  # in-process runs (--index): receives the start event
+
+  @property
+  def workdir(self) -> str:
+    return os.path.join(self.root, self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  """How a trial ended: status 'done' | 'skipped' (finished or failed before) | 'claimed' (another process runs
+  it) | 'failed'; its metrics (eval and serving), times, error line and the run's warnings."""
+  index: int
+  name: str
+  status: str
+  metrics: dict = dataclasses.field(default_factory=dict)
+  elapsed: float = 0.0
+  cpu: float = 0.0
+  error: str = ''
+  unwritten: bool = False        # error.json could not be written (full disk)
+  warnings: tuple[str, ...] = ()
+  pid: int = 0
 
 
 _WORKER: dict[str, Any] = {'events': None, 'cache_dir': None}
@@ -65,13 +104,13 @@ def setup_jax_cache(cache_dir: str) -> None:
   _WORKER['cache_dir'] = cache_dir
 
 
-def _emit(kind: str, task: dict) -> None:
-  event = (kind, task['index'], os.getpid(), time.time())
+def _emit(kind: str, task: Task) -> None:
+  event = (kind, task.index, os.getpid(), time.time())
   q = _WORKER['events']
   if q is not None:
     q.put(event)
-  elif callable(task.get('on_event')):
-    task['on_event'](event)
+  elif task.on_event is not None:
+    task.on_event(event)
 
 
 @contextlib.contextmanager
@@ -105,10 +144,11 @@ def _metrics_of(result: dict) -> dict:
   return out
 
 
-def record_failure(workdir: str, task: dict, exc: BaseException | None, message: str = '') -> dict:
-  """Writes <workdir>/error.json (atomically): the exception, its traceback, where and when."""
+def record_failure(task: Task, exc: BaseException | None, message: str = '') -> dict:
+  """Writes the trial's error.json (atomically): the exception, its traceback, where and when."""
+  workdir = task.workdir
   err = {
-      'trial': task['name'], 'id': task['id'], 'index': task['index'],
+      'trial': task.name, 'id': task.id, 'index': task.index,
       'type': type(exc).__name__ if exc else 'WorkerDied',
       'message': str(exc) if exc else message,
       'traceback': ''.join(traceback.format_exception(exc)) if exc else '',
@@ -124,64 +164,57 @@ def record_failure(workdir: str, task: dict, exc: BaseException | None, message:
   return err
 
 
-def _ensure_deps(task: dict) -> None:
-  """Each trial this one refers to must be finished; one nobody runs yet is run here first."""
-  for dep in task.get('dep_tasks', []):
-    workdir = os.path.join(dep['root'], dep['name'])
-    while True:
-      if fileio.read_result(workdir) is not None:
-        break
-      if os.path.exists(os.path.join(workdir, 'error.json')) and not task.get('retry'):
-        raise DependencyFailed(f'trial {dep["name"]!r}, which this trial starts from, failed (see '
-                               f'{workdir}/error.json); rerun with --retry_failed')
-      if not Claim.is_held(workdir):
-        out = run_trial({**dep, 'retry': task.get('retry', False)})
-        if out['status'] == 'failed':
-          raise DependencyFailed(f'trial {dep["name"]!r}, which this trial starts from, failed: {out["error"]}')
-        if out['status'] != 'claimed':
-          continue
-      time.sleep(2.0)  # another process runs it: wait for its result
+def _ensure_deps(task: Task) -> None:
+  """Each trial this one refers to is finished when this returns: run here if nobody has run it, waited for
+  (blocking on its claim) while another process runs it. The same claim makes the float model of a lone PTQ run
+  once (experiments/training/runner.py: load_float_state)."""
+  for dep in task.deps:
+    out = run_trial(dataclasses.replace(dep, retry=task.retry), wait=True)
+    if out.status == 'failed':
+      raise DependencyFailed(f'trial {dep.name!r}, which this trial starts from, failed: {out.error}')
+    if fileio.read_result(dep.workdir) is None:
+      raise DependencyFailed(f'trial {dep.name!r}, which this trial starts from, failed (see '
+                             f'{dep.workdir}/error.json); rerun with --retry_failed')
 
 
-def run_trial(task: dict) -> dict:
-  """Runs one trial where this process is (pool worker, Ray worker, or --index); returns its outcome.
+def run_trial(task: Task, wait: bool = False) -> Outcome:
+  """Runs one trial where this process is (pool worker, Ray worker, or --index); returns its outcome. A trial
+  another process holds is 'claimed', or with `wait`, waited for (and then 'skipped' once finished).
 
   Never raises for a trial's own failure: that is recorded in <workdir>/error.json and returned.
   """
-  setup_jax_cache(task['cache_dir'])
-  workdir = os.path.join(task['root'], task['name'])
-  out = {'index': task['index'], 'name': task['name'], 'status': 'done', 'metrics': {}, 'elapsed': 0.0,
-         'error': '', 'pid': os.getpid()}
-  claim = Claim.acquire(workdir)
+  setup_jax_cache(task.cache_dir)
+  workdir = task.workdir
+  out = functools.partial(Outcome, task.index, task.name, pid=os.getpid())
+  claim = Claim.acquire(workdir, wait=wait)
   if claim is None:
-    return {**out, 'status': 'claimed', 'error': f'claimed by {Claim.holder(workdir)}'}
+    return out('claimed', error=f'claimed by {Claim.holder(workdir)}')
   try:
     finished = fileio.read_result(workdir)
     if finished is not None:
-      return {**out, 'status': 'skipped', 'metrics': _metrics_of(finished)}
-    if os.path.exists(os.path.join(workdir, 'error.json')) and not task.get('retry'):
-      return {**out, 'status': 'skipped', 'error': 'failed earlier (--retry_failed reruns it)'}
+      return out('skipped', _metrics_of(finished))
+    if os.path.exists(os.path.join(workdir, 'error.json')) and not task.retry:
+      return out('skipped', error='failed earlier (--retry_failed reruns it)')
     t0, cpu0 = time.time(), time.process_time()
     try:
       _ensure_deps(task)
       _emit('start', task)
-      config = ml_collections.ConfigDict(task['config'])
-      fn = _load_fn(task['trial_fn'])
+      config = ml_collections.ConfigDict(task.config)
+      fn = _load_fn(task.trial_fn)
       with _output_to(os.path.join(workdir, 'train.log')) as log_file:
-        print(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")} trial {task["name"]} (id {task["id"]}) pid {os.getpid()} '
+        print(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")} trial {task.name} (id {task.id}) pid {os.getpid()} '
               f'on {socket.gethostname()}', flush=True)
-        named = {'group_name': task['group']} if 'group_name' in inspect.signature(fn).parameters else {}
+        named = {'group_name': task.group} if 'group_name' in inspect.signature(fn).parameters else {}
         result = fn(config, workdir, log=lambda *a: print(*a, file=log_file, flush=True), **named)
     except Exception as e:  # noqa: BLE001 - a trial's failure is recorded, the sweep goes on
       if isinstance(e, OSError):  # a full disk or a permission: one line naming the path, not a traceback
         e = OSError(e.errno, f'{config_cli.os_error_text(e)}; its checkpoints so far are kept')
-      err = record_failure(workdir, task, e)
-      return {**out, 'status': 'failed', 'error': f'{err["type"]}: {err["message"]}'.splitlines()[0][:500],
-              'unwritten': err.get('unwritten', False),
-              'elapsed': time.time() - t0, 'cpu': time.process_time() - cpu0}
+      err = record_failure(task, e)
+      return out('failed', error=f'{err["type"]}: {err["message"]}'.splitlines()[0][:500],
+                 unwritten=err.get('unwritten', False), elapsed=time.time() - t0, cpu=time.process_time() - cpu0)
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(workdir, 'error.json'))
-    return {**out, 'metrics': _metrics_of(result or {}), 'elapsed': time.time() - t0,
-            'cpu': time.process_time() - cpu0, 'warnings': (result or {}).get('warnings') or []}
+    return out('done', _metrics_of(result or {}), elapsed=time.time() - t0, cpu=time.process_time() - cpu0,
+               warnings=tuple((result or {}).get('warnings') or ()))
   finally:
     claim.release()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import fcntl
 import hashlib
 import json
 import math
@@ -155,13 +154,15 @@ def _pretrained_dir(config, workdir: str) -> str:
 def load_float_state(config, workdir: str, trainer_float, sample_x, log) -> Any:
   """The final state of the float run this run starts from (training it first when needed)."""
   src = config.init_from
-  if not src:
+  if not src:  # one process trains it; the others wait on its claim, as sweep trials wait for a trial_ref
     src = _pretrained_dir(config, workdir)
-    os.makedirs(src, exist_ok=True)
-    with open(os.path.join(src, '.lock'), 'w') as lock:  # one trainer of a shared float model at a time
-      fcntl.flock(lock, fcntl.LOCK_EX)
+    claim = fileio.Claim.acquire(src, wait=True)
+    try:
       log(f'float model for this run: {src}')
-      train_and_evaluate(float_config(config), src, log=log, write_hparams=False)
+      if fileio.read_result(src) is None:
+        train_and_evaluate(float_config(config), src, log=log, write_hparams=False)
+    finally:
+      claim.release()
   if fileio.read_result(src) is None:
     raise RunError(f'config.init_from={src!r} is not a finished run (no valid result.json)')
   template = trainer_float.init(jax.random.key(0), sample_x)
