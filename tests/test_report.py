@@ -8,7 +8,7 @@ import os
 import pytest
 
 from experiments import fileio
-from experiments.review import report, results
+from experiments.review import report, results, study_plot
 from experiments.review import tensorboard as tb
 
 
@@ -126,7 +126,8 @@ def test_report_files_and_tensorboard(root):
     assert open(paths[axis], 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
   tags = tb.read_tags(root)
   assert tags['images'] == {'pareto/accuracy_vs_weight_bits', 'pareto/accuracy_vs_serving_bytes',
-                            'pareto/accuracy_vs_latency_ratio'}
+                            'pareto/accuracy_vs_latency_ratio', 'study/accuracy_vs_bits'}
+  assert open(paths['study'], 'rb').read(8) == b'\x89PNG\r\n\x1a\n' and '](accuracy_vs_bits.png)' in md
   assert tags['text'] == {'report'} and tags['hparams'] == {'_hparams_/experiment'}
   # Rewriting replaces the root summaries instead of adding to them.
   report.write_report(root)
@@ -191,3 +192,55 @@ def test_each_model_is_compared_with_its_own_float_run():
   results.compare_to_float(cs)
   assert cs[2].vs_float == (pytest.approx(-0.005), 'n.s.')
   assert cs[3].vs_float == (pytest.approx(-0.03), '')
+
+
+def _study_root(root, bits_settings, accs):
+  """An estimator x bits study over seeds 0-2 with float baselines at 3000 and 4000 steps; `accs[(est, bits)]` are
+  the three seeds' accuracies."""
+  listed = []
+  for steps, base in (('3000', 0.80), ('4000', 0.90)):
+    for seed in range(3):
+      labels = {'mode': 'float', 'steps': steps, 'seed': str(seed)}
+      listed.append(_trial(root, f'mode=float,steps={steps},seed={seed}', labels, _config('float', '', seed),
+                           _result(base + 0.01 * seed)))
+  for est in ('ste', 'lsq'):
+    for b in bits_settings:
+      for seed in range(3):
+        labels = {'mode': 'qat', 'steps': '4000', 'estimator': est, 'bits': f'w{b}a{b}', 'seed': str(seed)}
+        listed.append(_trial(root, f'mode=qat,steps=4000,estimator={est},bits=w{b}a{b},seed={seed}', labels,
+                             _config('qat', f'int{b}', seed), _result(accs[(est, b)][seed])))
+  fileio.write_json_atomic(os.path.join(root, 'sweep.json'), {'config': 'configs/hand.py', 'trials': listed})
+  return root
+
+
+def test_study_figure_series_are_the_seed_means_and_stds_of_each_estimator_and_bits(tmp_path):
+  accs = {('ste', 4): [0.88, 0.89, 0.90], ('ste', 2): [0.70, 0.75, 0.77],
+          ('lsq', 4): [0.89, 0.89, 0.89], ('lsq', 2): [0.85, 0.86, 0.84]}
+  root = _study_root(str(tmp_path), (4, 2), accs)
+  configs, metric, higher = results.summarize(results.load_trials(root)[0])
+  study = study_plot.study_series(configs)
+  assert study.method_keys == ('estimator',)  # mode and steps name no method: constant over the QAT runs
+  got = {s.name: [(p.bits, p.setting, p.mean, p.std, p.seeds) for p in s.points] for s in study.series}
+  # Hand-computed: ste W2A2 mean 0.74, sample std sqrt(((-.04)^2 + .01^2 + .03^2) / 2) = sqrt(0.0013).
+  assert got == {'ste': [(2.0, 'W2A2', pytest.approx(0.74), pytest.approx(math.sqrt(0.0013)), 3),
+                         (4.0, 'W4A4', pytest.approx(0.89), pytest.approx(0.01), 3)],
+                 'lsq': [(2.0, 'W2A2', pytest.approx(0.85), pytest.approx(0.01), 3),
+                         (4.0, 'W4A4', pytest.approx(0.89), pytest.approx(0.0), 3)]}
+  # The reference is the equal-steps float (mean 0.91, std 0.01 over seeds), not the 3000-step one it started from.
+  assert study.floats == (('float, steps=4000', pytest.approx(0.91), pytest.approx(0.01), 3),)
+  paths = report.write_report(root)
+  assert paths['study'] == os.path.join(root, 'accuracy_vs_bits.png')
+  md = open(paths['report']).read()
+  assert '## accuracy vs bits' in md and '![accuracy vs bits](accuracy_vs_bits.png)' in md
+  assert 'study/accuracy_vs_bits' in tb.read_tags(root)['images']
+
+
+def test_no_study_figure_for_one_bit_setting_and_the_report_says_why(tmp_path):
+  accs = {('ste', 4): [0.88, 0.89, 0.90], ('lsq', 4): [0.89, 0.89, 0.89]}
+  root = _study_root(str(tmp_path), (4,), accs)
+  open(os.path.join(root, 'accuracy_vs_bits.png'), 'wb').write(b'stale')  # from an earlier, larger sweep
+  paths = report.write_report(root)
+  assert 'study' not in paths and not os.path.exists(os.path.join(root, 'accuracy_vs_bits.png'))
+  md = open(paths['report']).read()
+  assert 'No accuracy-vs-bits figure: the quantized configurations have one bit setting (W4A4).' in md
+  assert not any(t.startswith('study/') for t in tb.read_tags(root)['images'])

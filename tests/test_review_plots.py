@@ -2,11 +2,12 @@
 matplotlib figures the PNGs are drawn from)."""
 
 import matplotlib
+import pytest
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.review import plots, results  # noqa: E402
+from experiments.review import plots, results, study_plot  # noqa: E402
 from experiments.training import summaries  # noqa: E402
 
 
@@ -67,3 +68,84 @@ def test_pareto_labels_never_overlap_and_the_caption_names_the_front():
   with_err = [c for c in ax.containers if getattr(c, 'has_yerr', False)]
   assert len(with_err) == 1  # only the configuration run over several seeds has an error bar
   plt.close(fig)
+
+
+def _study_config(values, mode, bits, acc, std, seeds=3):
+  nan = float('nan')
+  return results.Config(label=','.join(f'{k}={v}' for k, v in values.items()), values=values, trials=[],
+                        seeds=seeds, metric=(acc, std), serving_metric=(nan, nan), loss=(nan, nan), weight_bits=bits,
+                        serving_bytes=nan, train_step_ms=nan, latency_ms=nan, int8_matmuls='n/a', wall_time_s=nan,
+                        mode=mode)
+
+
+def _estimator_study():
+  """Six estimators with long names at three bit settings, and two floats (the fine-tunes' baseline: 4000 steps)."""
+  cs = [_study_config({'mode': 'float', 'steps': s}, 'float', 32, acc, 0.004)
+        for s, acc in (('3000', 0.900), ('4000', 0.902))]
+  for i, est in enumerate(['ste', 'clipped_ste', 'pact', 'lsq', 'lsq_plus_with_a_long_name', 'ewgs']):
+    for b in (4, 3, 2):
+      cs.append(_study_config({'mode': 'qat', 'steps': '4000', 'estimator': est, 'bits': f'w{b}a{b}'}, 'qat', b,
+                              0.9 - 0.03 * (4 - b) * (1 + i / 5), 0.002 * (1 + i)))
+  return cs
+
+
+def test_study_figure_draws_each_method_over_bits_with_the_float_line_and_no_overlapping_text():
+  study = study_plot.study_series(_estimator_study())
+  fig = study_plot.study_figure(study, 'eval/accuracy', True)
+  ax = fig.axes[0]
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  # One line per estimator, at the true bits (the sideways shift is a display offset), in percent.
+  bars = {c.get_label(): c for c in ax.containers}
+  assert list(bars) == ['ste', 'clipped_ste', 'pact', 'lsq', 'lsq_plus_with_a_long_name', 'ewgs']
+  assert list(bars['lsq'].lines[0].get_xdata()) == [2, 3, 4]
+  assert list(bars['ste'].lines[0].get_ydata()) == pytest.approx([84.0, 87.0, 90.0])
+  # Error bars: one std each side, in percent (ewgs: 0.012 -> 1.2 points).
+  segments = bars['ewgs'].lines[2][0].get_segments()
+  assert [s[1][1] - s[0][1] for s in segments] == pytest.approx([2 * 1.2] * 3)
+  floats = [line for line in ax.get_lines() if line.get_label().startswith('float')]
+  # Only the fine-tunes' own float baseline (4000 steps), not the 3000-step model they started from.
+  assert [line.get_label() for line in floats] == ['float, steps=4000: 90.20 ± 0.40']
+  assert list(floats[0].get_ydata()) == pytest.approx([90.2, 90.2])
+  assert [t.get_text() for t in ax.get_xticklabels()] == ['W2A2', 'W3A3', 'W4A4']
+  assert ax.get_xticks()[0] < ax.get_xticks()[-1]  # fewest bits on the left
+  # Tick labels, legend entries, axis labels and title never overlap one another; the legend is off the data.
+  texts = [t for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
+  texts += [ax.xaxis.label, ax.yaxis.label, ax.title]
+  boxes = [t.get_window_extent(renderer) for t in texts]
+  assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+  legend = ax.get_legend()
+  entries = [t.get_window_extent(renderer) for t in legend.get_texts()]
+  assert not any(a.overlaps(b) for i, a in enumerate(entries) for b in entries[i + 1:])
+  assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+  assert all(t.get_fontsize() >= 8 for t in legend.get_texts())  # readable
+  plt.close(fig)
+
+
+def test_study_figure_separates_modes_and_reads_methods_from_the_bits_label():
+  cs = [_study_config({'mode': 'float', 'steps': '6000'}, 'float', 32, 0.91, 0.002),
+        _study_config({'mode': 'float', 'steps': '7500'}, 'float', 32, 0.92, 0.001),
+        _study_config({'mode': 'qat', 'steps': '7500', 'bits': 'w8a8'}, 'qat', 8, 0.91, 0.002),
+        _study_config({'mode': 'qat', 'steps': '7500', 'bits': 'w4a4'}, 'qat', 4, 0.90, 0.003),
+        _study_config({'mode': 'qat', 'steps': '7500', 'bits': 'w4a4_lsq'}, 'qat', 4, 0.905, 0.002),
+        _study_config({'mode': 'qat', 'steps': '7500', 'bits': 'w2a2_lsq'}, 'qat', 2, 0.88, 0.002),
+        _study_config({'mode': 'ptq', 'steps': '6000', 'bits': 'w8a8'}, 'ptq', 8, 0.909, 0.002),
+        _study_config({'mode': 'ptq', 'steps': '6000', 'bits': 'w4a8_per_channel'}, 'ptq', 4, 0.89, 0.008)]
+  study = study_plot.study_series(cs)
+  series = {s.name: [(p.setting, p.mean) for p in s.points] for s in study.series}
+  assert series == {'QAT': [('W4A4', 0.90), ('W8A8', 0.91)], 'QAT lsq': [('W2A2', 0.88), ('W4A4', 0.905)],
+                    'PTQ': [('W8A8', 0.909)], 'PTQ per channel': [('W4A8', 0.89)]}
+  assert {name: mean for name, mean, _, _ in study.floats} == {'float, steps=7500 (QAT)': 0.92,
+                                                               'float, steps=6000 (PTQ)': 0.91}
+  assert study.settings == {2.0: ['W2A2'], 4.0: ['W4A4', 'W4A8'], 8.0: ['W8A8']}
+  fig = study_plot.study_figure(study, 'eval/accuracy', True)
+  assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ['W2A2', 'W4A4\nW4A8', 'W8A8']
+  plt.close(fig)
+
+
+def test_no_study_figure_for_one_bit_setting():
+  cs = [_study_config({'mode': 'float'}, 'float', 32, 0.9, 0.01)]
+  cs += [_study_config({'mode': 'qat', 'estimator': e, 'bits': 'w4a4'}, 'qat', 4, 0.89, 0.01) for e in ('ste', 'lsq')]
+  png, reason = study_plot.plot_study(cs, 'eval/accuracy', True)
+  assert png is None and reason == 'the quantized configurations have one bit setting (W4A4)'
+  assert study_plot.plot_study(cs[:1], 'eval/accuracy', True) == (None, 'no quantized configuration has finished')

@@ -10,9 +10,12 @@ reads every trial's result.json (and config.json, error.json) under the root and
   pareto_<x>.png       accuracy (or -bits/char) against weight bits, serving bytes and inference latency as a
                        ratio to the float model timed side by side, the front highlighted, points labelled;
                        configurations far below the float model (FAR_BELOW_FLOAT) are marked x, never on a front
+  <metric>_vs_bits.png the study's figure (accuracy_vs_bits.png, loss_vs_bits.png, ...): the metric against bits,
+                       one line per method, error bars over seeds, the float model as a reference line
+                       (experiments/review/study_plot.py); only where the quantized runs have two bit settings
   TensorBoard          the HParams experiment summary at the root (swept keys as columns; each trial's run,
-                       written by the runner, is one session, grouped over seeds) and the Pareto plots as images
-                       (tags pareto/*), so `python -m experiments.board <root>` shows both
+                       written by the runner, is one session, grouped over seeds) and the plots as images
+                       (tags pareto/*, study/*), so `python -m experiments.board <root>` shows both
 
 Inference latency is taken from result['latency'] (ms, or a dict with 'ms' / 'median_ms' / 'serving_ms', and
 'ratio_to_float'), which the runner times with the benchmark harness (experiments/bench/timing.py) interleaved with the
@@ -42,6 +45,7 @@ from experiments.review.results import (
   load_trials,
   summarize,
 )
+from experiments.review.study_plot import plot_study
 
 
 def _write_csv(path: str, configs: list[Config], metric: str) -> None:
@@ -64,7 +68,7 @@ def _write_csv(path: str, configs: list[Config], metric: str) -> None:
 
 
 def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str, higher: bool,
-              plots: dict[str, str], manifest: dict) -> str:
+              plots: dict[str, str], manifest: dict, study: tuple[str, str]) -> str:
   counts = {s: sum(t['status'] == s for t in trials) for s in ('done', 'failed', 'running', 'not run')}
   m = metric.split('/')[-1]
   keys = list(dict.fromkeys(k for c in configs for k in c.values))
@@ -103,6 +107,7 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
     else:
       lines.append(f'{m} vs {xlabel}: no trial has this measurement yet.')
     lines.append('')
+  lines += _study_section(m, *study)
   collapsed = [c for c in configs if c.far_below_float]
   if collapsed:
     lines += [f'Kept off the fronts, {m} far below the float model\'s (under {FAR_BELOW_FLOAT:g}x of it, or a loss '
@@ -137,8 +142,18 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
   return '\n'.join(lines)
 
 
+def _study_section(m: str, png: str, reason: str) -> list[str]:
+  """The study figure's lines in report.md: the image, or the one line that says why there is none."""
+  head = [f'## {m} vs bits', '']
+  if png:
+    return head + [f'{m} against bits, one line per method, error bars one std over seeds; dashed: the float '
+                   "model's mean, shaded: its std.", '', f'![{m} vs bits]({png})', '']
+  return head + [f'No {m}-vs-bits figure: {reason}.', '']
+
+
 def _write_tensorboard(root: str, trials: list[dict], manifest: dict, pngs: dict[str, bytes],
-                       text: str, metric: str) -> None:
+                       text: str) -> None:
+  """The HParams experiment, the report as text, and `pngs` (tag -> PNG) as images."""
   keys = manifest.get('hparam_keys') or []
   domains = {}
   for k in keys:
@@ -160,8 +175,8 @@ def _write_tensorboard(root: str, trials: list[dict], manifest: dict, pngs: dict
     os.remove(old)
   step = sum(t['status'] == 'done' for t in trials)
   with tb.SummaryWriter(root, filename_suffix='.report') as w:
-    for axis, png in pngs.items():
-      w.image(f'pareto/{metric.split("/")[-1]}_vs_{axis}', png, step)
+    for tag, png in pngs.items():
+      w.image(tag, png, step)
     w.text('report', text, step)
 
 
@@ -179,7 +194,8 @@ def serving_tags(trials: list[dict]) -> list[str]:
 
 
 def write_report(root: str) -> dict[str, str]:
-  """Writes results.csv, report.md, the Pareto PNGs and the TensorBoard summaries; returns their paths."""
+  """Writes results.csv, report.md, the Pareto PNGs, the study's figure and the TensorBoard summaries; returns
+  their paths (keys 'csv', 'report', the Pareto axes, and 'study' where there is that figure)."""
   root = os.path.abspath(root)
   if not os.path.isdir(root):
     raise FileNotFoundError(f'no such sweep root: {root}')
@@ -188,20 +204,31 @@ def write_report(root: str) -> dict[str, str]:
     trials, manifest = load_trials(root)
     configs, metric, higher = summarize(trials)
     plots, pngs = {}, {}
+    m = metric.split('/')[-1]
     for axis, xlabel in PLOT_AXES:
       png = plot_front(configs, axis, xlabel, metric, higher)
       if png is not None:
-        pngs[axis] = png
+        pngs[f'pareto/{m}_vs_{axis}'] = png
         plots[axis] = f'pareto_{axis}.png'
         with open(os.path.join(root, plots[axis]), 'wb') as f:
           f.write(png)
       elif os.path.exists(os.path.join(root, f'pareto_{axis}.png')):
         os.remove(os.path.join(root, f'pareto_{axis}.png'))
+    study_png, reason = plot_study(configs, metric, higher)
+    study_name = f'{m}_vs_bits.png'
+    if study_png is not None:
+      pngs[f'study/{m}_vs_bits'] = study_png
+      plots['study'] = study_name
+      with open(os.path.join(root, study_name), 'wb') as f:
+        f.write(study_png)
+    elif os.path.exists(os.path.join(root, study_name)):  # a stale figure from before the runs changed
+      os.remove(os.path.join(root, study_name))
     paths = {'csv': os.path.join(root, 'results.csv'), 'report': os.path.join(root, 'report.md')}
     _write_csv(paths['csv'], configs, metric)
-    text = _markdown(root, trials, configs, metric, higher, plots, manifest)
+    text = _markdown(root, trials, configs, metric, higher, plots, manifest,
+                     (plots.get('study', ''), reason))
     fileio.write_atomic(paths['report'], text)
-    _write_tensorboard(root, trials, manifest, pngs, text, metric)
+    _write_tensorboard(root, trials, manifest, pngs, text)
   paths.update({axis: os.path.join(root, p) for axis, p in plots.items()})
   return paths
 
@@ -219,7 +246,7 @@ def _main(argv: list[str]) -> int:
     raise config_cli.ConfigError(f'no such sweep root: {os.path.abspath(root)}')
   paths = write_report(root)
   print(f'report: {paths["report"]}\ntable:  {paths["csv"]}')
-  for axis, _ in PLOT_AXES:
+  for axis in [a for a, _ in PLOT_AXES] + ['study']:
     if axis in paths:
       print(f'plot:   {paths[axis]}')
   print(f'TensorBoard: python -m experiments.board {os.path.abspath(root)}')

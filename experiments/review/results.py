@@ -240,16 +240,22 @@ def compare_to_float(configs: list[Config]) -> None:
   configuration: the only one, or where several were swept (over models, datasets, ...) the one that shares the
   configuration's values on the keys in which the float ones differ; none when that is ambiguous."""
   floats = [c for c in configs if c.mode == 'float' and not math.isnan(c.score)]
-  varying = {k for f in floats for k in f.values if len({g.values.get(k) for g in floats}) > 1}
   for c in configs:
     if c.mode == 'float' or math.isnan(c.score):
       continue
-    refs = [f for f in floats if all(c.values.get(k) == f.values.get(k) for k in varying)]
-    if len(refs) != 1:
+    ref = float_reference(c, floats)
+    if ref is None:
       continue
-    ref = refs[0]
     d = c.score - ref.score
     c.vs_float = (d, significance(d, (c.seeds, ref.seeds), (c.score_spread, ref.score_spread)))
+
+
+def float_reference(config: Config, floats: list[Config]) -> Config | None:
+  """`config`'s float configuration among `floats`: the only one, or the one that shares `config`'s values on the
+  keys in which the float ones differ (e.g. the float fine-tune with the same total steps); None if ambiguous."""
+  varying = {k for f in floats for k in f.values if len({g.values.get(k) for g in floats}) > 1}
+  refs = [f for f in floats if all(config.values.get(k) == f.values.get(k) for k in varying)]
+  return refs[0] if len(refs) == 1 else None
 
 
 def pareto_front(costs: list[float], values: list[float], *, higher: bool = True) -> list[bool]:
