@@ -15,7 +15,7 @@ way `python -m experiments.train` builds them; adam; steps jitted with the state
                        and both backward matmuls int8: mode quantized_training)
   <model> serve b<B>   float forward vs the PTQ int8 serving forward (calibrated static activation ranges,
                        weights converted to int8 by convert_nnx / convert_linen), per batch in serve_batches
-Issue targets (time ratios to float): QAT int8 forward <= 0.75x, QAT fake-quant <= 1.1x, int8 training <= 0.53x
+Targets (time ratios to float): QAT int8 forward <= 0.75x, QAT fake-quant <= 1.1x, int8 training <= 0.53x
 (>= 1.9x faster), PTQ serving at batch >= 256 <= 0.27x. Peers as measured on an AVX-512 VNNI EPYC (jax 0.10.2): Qwix QAT
 0.86x, Qwix PTQ forward 0.30x, AQT int8-forward 0.88x, AQT fully quantized 2.8x, Qwix fully quantized 1.8-1.9x.
 Takes ~15 min (one model: --config.models="('char_lm',)").

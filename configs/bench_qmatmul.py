@@ -13,7 +13,7 @@ Variants per shape (one group each, timed interleaved against the f32 dot of tha
   serving int8 W        the weight pre-quantized (QArray, per output column); activations quantized in the call
   int8 dot alone        (reference) the bare int8 dot of pre-quantized operands: the ceiling
   ..., small_m=0|M     (contrast, small M) the qjax variants on the other side of the routing (int8 | float)
-Issue targets: dynamic 2048^3 and 256x1024x4096 >= 2.5x faster than f32 (time <= 0.4x); serving, M >= 256:
+Targets: dynamic 2048^3 and 256x1024x4096 >= 2.5x faster than f32 (time <= 0.4x); serving, M >= 256:
 >= 3.0x (<= 0.33x); M = 1..32: no quantized configuration slower than f32 (the report flags any).
 Takes ~4 min.
 """

@@ -12,7 +12,7 @@ Smoke (tests): `:runlocal`.
                         a row-major x^T (layout constraint) so all three stay on XLA's fast kernel (recorded per matmul)
   int8 x3, naive drhs   (contrast) drhs_row_major=False: XLA up-casts the transposed int8 operand to int32
   int8 fwd, f32 bwd     only the forward in int8
-Issue target: int8 x3 <= 0.35x the f32 fwd+bwd time. Expected (Zen 5, VNNI): each int8 matmul ~4.2x f32 on one core;
+Target: int8 x3 <= 0.35x the f32 fwd+bwd time. Expected (Zen 5, VNNI): each int8 matmul ~4.2x f32 on one core;
 the naive drhs ~0.4x. Takes ~1 min.
 """
 

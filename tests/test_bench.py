@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from experiments.bench import e2e, groups, markdown, timing
+from experiments import timing
+from experiments.bench import e2e, groups, markdown
 from experiments.bench import harness as bench
 from experiments.bench.groups import Group, Target, Variant
 from experiments.config import cli as config_cli

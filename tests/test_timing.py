@@ -1,4 +1,4 @@
-"""experiments/bench/timing.py and the bench harness: logic on tiny functions (never asserts speed)."""
+"""experiments/timing.py and the bench harness: logic on tiny functions (never asserts speed)."""
 
 import json
 import math
@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
+from experiments import timing
 from experiments.bench import fake_quant as fq_suite
 from experiments.bench import harness as bench
-from experiments.bench import timing
 from experiments.config import cli as config_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

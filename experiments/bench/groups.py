@@ -30,8 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from experiments import timing
 from experiments.bench import harness as bench
-from experiments.bench import timing
 from experiments.bench.markdown import fmt_ratio, result_markdown
 from experiments.config import cli as config_cli
 from experiments.fileio import write_json_atomic

@@ -31,7 +31,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from experiments.bench import timing
+from experiments import timing
 from experiments.config import cli as config_cli
 
 SCHEMA = 1

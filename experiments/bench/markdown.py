@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.bench import timing
+from experiments import timing
 
 
 def fmt_ratio(r: float) -> str:

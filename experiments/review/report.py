@@ -18,7 +18,7 @@ reads every trial's result.json (and config.json, error.json) under the root and
                        (tags pareto/*, study/*), so `python -m experiments.board <root>` shows both
 
 Inference latency is taken from result['latency'] (ms, or a dict with 'ms' / 'median_ms' / 'serving_ms', and
-'ratio_to_float'), which the runner times with the benchmark harness (experiments/bench/timing.py) interleaved with the
+'ratio_to_float'), which the runner times with the benchmark harness (experiments/timing.py) interleaved with the
 float model's forward; this module measures nothing and reports 'n/a' where a result has none.
 """
 
@@ -131,7 +131,7 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
       '- `train step (ms)`: result.train.step_time_ms, the median time of a training step as the runner timed '
       'it (compilation excluded); n/a for PTQ, which trains nothing.',
       '- `inference latency (ms)`: result.latency.serving_ms, the median time of the serving forward on one '
-      'evaluation batch, timed by the benchmark harness (experiments/bench/timing.py) at the end of the run; trials '
+      'evaluation batch, timed by the benchmark harness (experiments/timing.py) at the end of the run; trials '
       'ran at different moments, so compare across rows with `vs float` (and its front uses it): that forward time '
       'divided by the float model\'s forward, timed interleaved with it in the same run '
       '(result.latency.ratio_to_float). For the '

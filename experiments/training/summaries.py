@@ -21,8 +21,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from experiments import fileio
-from experiments.bench import timing
+from experiments import fileio, timing
 from experiments.config import cli as config_cli
 from experiments.data import pipeline as input_pipeline
 from experiments.training import ptq as ptq_runner
@@ -269,7 +268,7 @@ def _float_forward(run, x):
 
 
 def _latency(jfwd, args, x, float_fwd=None) -> dict[str, Any]:
-  """The serving forward on one eval batch timed by the benchmark harness (experiments/bench/timing.py),
+  """The serving forward on one eval batch timed by the benchmark harness (experiments/timing.py),
   interleaved with the float model's forward (`float_fwd`: (forward, args); None for a float run, its own baseline), so
   `ratio_to_float` compares samples of the same moment (absolute times of trials that ran at different times or
   loads do not compare; their ratios do)."""
@@ -282,7 +281,7 @@ def _latency(jfwd, args, x, float_fwd=None) -> dict[str, Any]:
   base = st.get('float', serving)
   return {'serving_ms': 1e3 * serving.median, 'float_ms': 1e3 * base.median,
           'ratio_to_float': serving.median / base.median, 'batch': int(x.shape[0]), 'spread': serving.spread,
-          'method': 'experiments.bench.timing.time_interleaved (wall clock, 7 interleaved samples, median)'}
+          'method': 'experiments.timing.time_interleaved (wall clock, 7 interleaved samples, median)'}
 
 
 def _eval_fwd(run, jfwd, args) -> dict[str, float]:

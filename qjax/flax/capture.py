@@ -34,6 +34,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from qjax.flax.linen import QuantizedLinen
+from qjax.flax.nnx import _session_of
+from qjax.flax.session import Session
+from qjax.flax.state import LinenBackend
 
 STATS = ('xtx', 'absmax', 'mean_abs', 'mean_sq', 'out')
 
@@ -166,9 +172,6 @@ def capture_linen(qmodel, variables, batches: Iterable[Any], *, stats: Iterable[
                   **apply_kwargs) -> dict[str, tuple[OpSite, OpStats]]:
   """Statistics per quantized op of a Linen model (module docstring). `batches` yields the model's input (one
   array, or a tuple of positional inputs); apply_kwargs go to every apply (e.g. train=False)."""
-  from qjax.flax.linen import QuantizedLinen  # noqa: PLC0415
-  from qjax.flax.session import Session  # noqa: PLC0415
-  from qjax.flax.state import LinenBackend  # noqa: PLC0415
   session = Session(qmodel.rules, LinenBackend())
   session.capture_stats = tuple(stats)
   runner = QuantizedLinen(qmodel.model, qmodel.rules, session=session)
@@ -183,9 +186,7 @@ def capture_nnx(model, batches: Iterable[Any], *, stats: Iterable[str] = STATS,
                 **call_kwargs) -> dict[str, tuple[OpSite, OpStats]]:
   """Statistics per quantized op of an NNX model quantized by quantize_nnx (module docstring). The model is
   not changed (it runs on a copy of its state inside jit)."""
-  from flax import nnx  # noqa: PLC0415
 
-  from qjax.flax.nnx import _session_of  # noqa: PLC0415
   session = _session_of(model)
   session.capture_stats = tuple(stats)
   graphdef, state = nnx.split(model)

@@ -20,6 +20,12 @@ import sys
 import threading
 from typing import Any
 
+import jax.lax as lax_mod
+import jax.numpy as jnp_mod
+
+# jax.numpy.matmul as the `@` operator calls it: a private module, the one place `x @ w` can be reached.
+from jax._src.numpy import tensor_contractions as tc
+
 _tls = threading.local()
 _LOCK = threading.Lock()
 ORIG: dict[str, Any] = {}
@@ -233,9 +239,6 @@ def _operator_matmul_hook(a, b, *, precision=None, preferred_element_type=None, 
 
 
 def _targets():
-  import jax.lax as lax_mod  # noqa: PLC0415
-  import jax.numpy as jnp_mod  # noqa: PLC0415
-  from jax._src.numpy import tensor_contractions as tc  # noqa: PLC0415
   return [(lax_mod, 'dot_general', 'dot_general', dot_general_hook),
           (lax_mod, 'conv_general_dilated', 'conv_general_dilated', conv_hook),
           (lax_mod, 'dot', 'lax_dot', lax_dot_hook),

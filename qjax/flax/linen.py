@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 from flax.core import scope as scope_mod
 
+from qjax import formats
 from qjax.flax import hooks, intercept, provenance, serving
 from qjax.flax.rules import RuleSet
 from qjax.flax.session import Session, call_signature
@@ -321,7 +322,6 @@ def _serving_weight(w, q, spec, int4_pack, names=None):
   """The ServingWeight storing QArray q (the param's quantized values in its layout) in place of float param w.
   Its sharding names come from a Linen partitioning box on w (then its arrays get boxes too: qvalue w's names,
   scale and zero_point None on reduced axes) or from `names` (NNX)."""
-  from qjax import formats  # noqa: PLC0415
   box = w if isinstance(w, nn.meta.Partitioned) else None
   w = nn.meta.unbox(w)
   fmt = spec.fmt

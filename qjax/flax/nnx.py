@@ -22,12 +22,16 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from flax import nnx
+from flax.nnx import bridge
+from flax.nnx.bridge import variables as bv
 from flax.nnx.nn import attention as nnx_attention
 from flax.nnx.nn import dtypes
 from jax import lax
 
 from qjax.flax import hooks, intercept, provenance, serving
+from qjax.flax import linen as qlinen
 from qjax.flax.linen import _serving_weight
 from qjax.flax.rules import RuleSet
 from qjax.flax.session import Session, call_signature, is_quantizer_name
@@ -108,32 +112,38 @@ def _quantized_call(self, *args, **kwargs):
   session = getattr(self, '_qjax_session', None)
   if session is None:
     return parent(*args, **kwargs)
+  with _call_scope(self, session, args, kwargs) as (st, outermost):
+    if outermost:
+      st.enter_context(_quantized_reads(session, self))
+    st.enter_context(hooks.frame(self, self._qjax_path, session))
+    return parent(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _call_scope(module, session: Session, args, kwargs):
+  """The frame of a quantized module's call: the op hooks installed, and around the outermost quantized call
+  (the model's own), an eager trace first (`_trace_if_eager`) and the session's end-of-call work after. Yields
+  (an ExitStack for the caller's contexts, whether this call is the outermost)."""
   outermost = not hooks.stack()
   if outermost:
-    _trace_if_eager(self, session, args, kwargs)
+    _trace_if_eager(module, session, args, kwargs)
   try:
     with contextlib.ExitStack() as st:
       st.enter_context(hooks.patched())
-      if outermost:
-        st.enter_context(_quantized_reads(session, self))
-      st.enter_context(hooks.frame(self, self._qjax_path, session))
-      out = parent(*args, **kwargs)
+      yield st, outermost
   finally:
     if outermost:
       serving.clear()
       session.end_call()
   if outermost and session.mode != 'probe':  # the outermost quantized module returned: it ran once
     session.ruleset.check_first_run()
-  return out
 
 
 def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
   """__call__ of a quantized nnx.bridge.ToNNX: its Linen module runs under the Linen interceptor, with state in
   the Linen collections that ToNNX keeps as NNX variables ('qjax_stats' as QuantStat). Its metadata are class
   attributes of a per-instance subclass: ToNNX hands every instance attribute to Linen as a variable."""
-  from flax import linen as nn  # noqa: PLC0415
 
-  from qjax.flax import linen as qlinen  # noqa: PLC0415
   cls = type(self)
   session, prefix, backend = cls._qjax_session, cls._qjax_path, cls._qjax_linen
   parent = super(cls, self).__call__
@@ -149,25 +159,13 @@ def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
       return next_fun(*a, **k)
     with qlinen.linen_frame(context.module, context.method_name, prefix, session, backend):
       return next_fun(*a, **k)
-  outermost = not hooks.stack()
-  if outermost:
-    _trace_if_eager(self, session, args, kwargs)
-  try:
-    with contextlib.ExitStack() as st:
-      st.enter_context(hooks.patched())
-      st.enter_context(nn.intercept_methods(interceptor))
-      if session.serving:
-        st.enter_context(qlinen._serving_params(prefix))
-      else:
-        st.enter_context(qlinen.quantized_reads(session, prefix))
-      out = parent(*args, rngs=rngs, method=method, mutable=mutable or False, **kwargs)
-  finally:
-    if outermost:
-      serving.clear()
-      session.end_call()
-  if outermost and session.mode != 'probe':
-    session.ruleset.check_first_run()
-  return out
+  with _call_scope(self, session, args, kwargs) as (st, _):
+    st.enter_context(nn.intercept_methods(interceptor))
+    if session.serving:
+      st.enter_context(qlinen._serving_params(prefix))
+    else:
+      st.enter_context(qlinen.quantized_reads(session, prefix))
+    return parent(*args, rngs=rngs, method=method, mutable=mutable or False, **kwargs)
 
 
 def _tonnx_class(cls: type, session: Session, path: str) -> type:
@@ -310,7 +308,6 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
 
 
 def _quantize_modules(model, session, seed, sample_args, sample_kwargs) -> None:
-  from flax.nnx import bridge  # noqa: PLC0415
   tonnx = [p for p, m in nnx.iter_modules(model) if isinstance(m, bridge.ToNNX)]
   for path, module in nnx.iter_modules(model):
     if any(tuple(path[:len(t)]) == tuple(t) for t in tonnx):
@@ -348,8 +345,6 @@ def _create_state(model: nnx.Module, session: Session, args, kwargs) -> None:
   model's memory), and nothing else the run changed (batch statistics, RNG counts) is kept."""
   graphdef, state = nnx.split(model)
 
-  from flax.nnx import bridge  # noqa: PLC0415
-  from flax.nnx.bridge import variables as bv  # noqa: PLC0415
 
   def run(state, *args, **kwargs):
     m = nnx.merge(graphdef, state)
@@ -464,7 +459,6 @@ def convert_nnx(model: nnx.Module | QuantizedNnx, *sample_args, int4_pack: bool 
 def _drop_tonnx_var(modules: dict, r, name: str) -> None:
   """Removes the Linen variable `name` of record r's module from the ToNNX that holds it (a learned step folded
   into a ServingWeight). ToNNX keeps a Linen module's variables as attributes: nested dicts by submodule name."""
-  from flax.nnx import bridge  # noqa: PLC0415
   host = tuple(str(p) for p in getattr(r.module, 'path', ()))
   for tpath, t in modules.items():
     if not isinstance(t, bridge.ToNNX) or (tpath and r.path != tpath and not r.path.startswith(tpath + '/')):

@@ -30,6 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+# Private JAX: the tracer types whose primal / value `unwrap` reads (no public API exposes them).
+from jax._src.interpreters import ad, batching
+
 from qjax import quantizers
 
 _CASTS = ('convert_element_type', 'copy', 'copy_p', 'sharding_constraint', 'reduce_precision', 'optimization_barrier')
@@ -77,7 +80,6 @@ class Origin:
 
 def unwrap(x):
   """The primal of a JVP/linearize tracer and the value of a batching tracer (repeatedly)."""
-  from jax._src.interpreters import ad, batching  # noqa: PLC0415
   for _ in range(32):
     if isinstance(x, (ad.JVPTracer, getattr(ad, 'LinearizeTracer', ad.JVPTracer))):
       x = x.primal

@@ -17,8 +17,10 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from qjax import formats, packing, quantizers
+from qjax.flax import provenance
 
 _tls = threading.local()
 
@@ -152,7 +154,6 @@ def quantize_uses(records, problems: dict, stored_shape=None) -> list:
   cannot be stored (a broadcast or slice of the param), or ('stacked', shape) when `stored_shape(path)`, the
   param's shape in the model, differs from the shape the op saw (one layer of weights stacked for nnx.scan,
   seen inside the scan's own trace, which is left untouched)."""
-  from qjax.flax import provenance  # noqa: PLC0415
   out = []
   for r in [r for r in records if r.weight_name is not None]:
     i = len(out)
@@ -173,7 +174,6 @@ def merge_uses(records, qarrays, problems: dict) -> dict:
   """{param path: (QArray in the param's layout, [records of its uses])}. A param used by several quantized ops
   (a tied embedding) is stored once: its uses must quantize it identically (same format, scale shape and
   values), else ValueError naming the rules and use sites."""
-  import numpy as np  # noqa: PLC0415
   uses: dict = {}
   for i, (r, q) in enumerate(zip([r for r in records if r.weight_name is not None], qarrays, strict=True)):
     if i in problems:
@@ -241,7 +241,6 @@ class Served(Mapping):
   def weights(self) -> dict[str, ServingWeight]:
     """{param path: ServingWeight} of every served weight (a tied weight once)."""
     if self.framework == 'nnx':
-      from flax import nnx  # noqa: PLC0415
       found = {'/'.join(map(str, p)): v.get_value() for p, v in nnx.iter_graph(self.model)
                if isinstance(v, nnx.Variable)}
       return {p: found[p] for p in self.paths}
@@ -272,14 +271,12 @@ class Served(Mapping):
           full[i] = a
         a, k = jax.tree.unflatten(treedef, full)
         if self.framework == 'nnx':
-          from flax import nnx  # noqa: PLC0415
           return nnx.merge(state[0], state[1])(*a, **k)
         return self.model.apply(state, *a, **k)
       fn = jax.jit(call)
       if key is not None:
         self._jitted[key] = fn
     if self.framework == 'nnx':
-      from flax import nnx  # noqa: PLC0415
       state = nnx.split(self.model)
       return fn((state[0], state[1]), [leaves[i] for i in idx])
     return fn(self.variables, [leaves[i] for i in idx])

@@ -30,8 +30,11 @@ import jax.numpy as jnp
 
 from qjax import calibration, quantizers
 from qjax import granularity as gran
-from qjax.flax import provenance, serving
+from qjax.flax import hooks, provenance, serving
 from qjax.flax.rules import RuleSet
+from qjax.ops.conv import conv_general_dilated as q_conv
+from qjax.ops.dot_general import dot_general as q_dot_general
+from qjax.ops.einsum import einsum as q_einsum
 from qjax.spec import QuantSpec
 
 _STATE_NAME = re.compile(r'^(qjax_)?(\w+_)?(dot_general|conv|einsum)\d+_(lhs|rhs)_\w+$')
@@ -213,7 +216,6 @@ class Session:
   # ---- the ops
 
   def dot_general(self, fr, lhs, rhs, dims, precision, preferred_element_type, orig, via: str = ''):
-    from qjax.ops.dot_general import dot_general as q_dot_general  # noqa: PLC0415
 
     def q(lhs, rhs, cfg, lp, rp, key):
       return q_dot_general(lhs, rhs, dims, precision, preferred_element_type, config=cfg, lhs_params=lp,
@@ -223,7 +225,6 @@ class Session:
                        (tuple(lc), tuple(rc)), via)
 
   def conv(self, fr, lhs, rhs, args, orig):
-    from qjax.ops.conv import conv_general_dilated as q_conv  # noqa: PLC0415
 
     def q(lhs, rhs, cfg, lp, rp, key):
       return q_conv(lhs, rhs, *args, config=cfg, lhs_params=lp, rhs_params=rp, key=key)
@@ -234,7 +235,6 @@ class Session:
                        ((dn.lhs_spec[1],), (dn.rhs_spec[1],)))
 
   def einsum(self, fr, subscripts, lhs, rhs, preferred_element_type, orig):
-    from qjax.ops.einsum import einsum as q_einsum  # noqa: PLC0415
 
     def q(lhs, rhs, cfg, lp, rp, key):
       return q_einsum(subscripts, lhs, rhs, config=cfg, lhs_params=lp, rhs_params=rp, key=key,
@@ -405,7 +405,6 @@ class Session:
 
 
 def _inside():
-  from qjax.flax import hooks  # noqa: PLC0415
   return hooks.inside_op()
 
 

@@ -21,8 +21,10 @@ import dataclasses
 from typing import Any
 
 import jax
+from flax import nnx
+from flax.core import meta
 
-from qjax.flax import hooks, serving
+from qjax.flax import hooks, provenance, serving
 from qjax.flax.serving import scale_names
 
 # The Linen collection of quantizer statistics. Not 'quant_stats': Qwix registers that name with nnx.bridge for its
@@ -48,7 +50,6 @@ class _Index:
   backed by the index of every param of the model, which the outermost frame builds once per run."""
 
   def __init__(self, items, parent: _Index | None = None):
-    from qjax.flax import provenance  # noqa: PLC0415
     self.by_id, self.by_path, self.parent = {}, {}, parent
     for path, v in items:
       self.by_path[path] = v
@@ -120,14 +121,12 @@ class LinenBackend(_Backend):
     return fr.module.scope is not None and fr.module.is_mutable_collection('params')
 
   def _own(self, fr):
-    from flax.core import meta  # noqa: PLC0415
     if fr.module.scope is None or fr.nested:  # a nested apply's params are the caller's arrays, not params
       return []
     p = fr.module.variables.get('params', {})
     return [(_join(fr.path, k), meta.unbox(v)) for k, v in p.items() if not hasattr(v, 'items')]
 
   def _all(self, root):
-    from flax.core import meta  # noqa: PLC0415
     out = []
 
     def walk(tree, prefix):
@@ -143,7 +142,6 @@ class LinenBackend(_Backend):
   def param(self, fr, name, init, origin, x_shape):
     m = fr.module
     if m.has_variable('params', name):
-      from flax.core import meta  # noqa: PLC0415
       return meta.unbox(m.get_variable('params', name))
     if not m.is_mutable_collection('params'):
       raise ValueError(f'{fr.path or "<root>"}: the quantizer param {name!r} is missing from the params; for '
@@ -157,7 +155,6 @@ class LinenBackend(_Backend):
   def _box(self, fr, origin, x_shape):
     """The weight's partitioning box (nn.Partitioned / nn.LogicallyPartitioned), if it is the module's own
     param used as stored."""
-    from flax.core import meta  # noqa: PLC0415
     if origin is None or origin.steps or fr.module.scope is None:
       return None
     name = origin.param.rsplit('/', 1)[-1]
@@ -200,11 +197,9 @@ class NnxBackend(_Backend):
     return False
 
   def _own(self, fr):
-    from flax import nnx  # noqa: PLC0415
     return [(_join(fr.path, k), v.get_value()) for k, v in vars(fr.module).items() if isinstance(v, nnx.Param)]
 
   def _all(self, root):
-    from flax import nnx  # noqa: PLC0415
     out = []
     for path, node in nnx.iter_graph(root.module):
       if isinstance(node, nnx.Param) and not str(path[-1]).startswith('qjax_'):
@@ -212,7 +207,6 @@ class NnxBackend(_Backend):
     return out
 
   def param(self, fr, name, init, origin, x_shape):
-    from flax import nnx  # noqa: PLC0415
     attr = f'qjax_{name}'
     var = getattr(fr.module, attr, None)
     if var is None:
@@ -258,7 +252,6 @@ class NnxBackend(_Backend):
 
 
 def require_eager(fr, attr):
-  from flax import nnx  # noqa: PLC0415
   if fr.session.creating:
     return
   if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(nnx.state(fr.module))):
@@ -268,7 +261,6 @@ def require_eager(fr, attr):
 
 
 def _quant_stat_type():
-  from flax import nnx  # noqa: PLC0415
 
   class QuantStat(nnx.Variable):
     """Range statistics of a quantizer (EMA of activation ranges, amax histories): not trained by optax."""
@@ -279,7 +271,6 @@ QuantStat = _quant_stat_type()
 
 
 def _register():
-  from flax import nnx  # noqa: PLC0415
   # nnx.bridge converts variables to and from Linen collections by this name (ToNNX-wrapped Linen models).
   nnx.register_variable_name(STATS, QuantStat, overwrite=True)
 

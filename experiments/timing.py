@@ -10,8 +10,7 @@ sample is an inner loop of calls lasting about `min_time` seconds, each call syn
 spread (max - min) / median of the samples, and the minor page faults per call (`resource.getrusage`), which
 reveal fresh output buffers being faulted in on every call.
 
-No jax import at module level is needed by the pure helpers (`ratios`, `markdown_table`, `xla_flags_warning`);
-`time_interleaved` and `machine_info` import it when called.
+A leaf of `experiments` (like fileio): the bench suites and a training run's serving latency share it.
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
+
+import jax
 
 # Environment variables that change malloc's behaviour and therefore page-fault counts and timings.
 MALLOC_ENV = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_ARENA_MAX', 'MALLOC_TOP_PAD_',
@@ -66,7 +67,6 @@ def _minor_faults() -> int:
 
 
 def _block(out):
-  import jax
   return jax.block_until_ready(out)
 
 
@@ -200,7 +200,6 @@ def _version(module: str) -> str | None:
 
 def machine_info() -> dict[str, Any]:
   """What a timing depends on: CPU, cores and affinity, load, versions, device, XLA and malloc settings."""
-  import jax
   try:
     affinity = sorted(os.sched_getaffinity(0))
   except AttributeError:  # Not on Linux.
