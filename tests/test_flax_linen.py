@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from flax_common import A8, CFG, MM, W8, normal, rel_err
 from jax.sharding import PartitionSpec as P
 
 from experiments.data import load_images
@@ -19,21 +20,6 @@ from qjax import QuantSpec, calibration, ops
 from qjax.flax import QuantRule, ServingWeight, convert_linen, quantize_linen
 from qjax.ops.conv import conv_general_dilated, make_conv_general_dilated
 from qjax.ops.einsum import einsum
-
-S8 = QuantSpec('int8', 'per_channel')
-CFG = ops.DotConfig(fwd=ops.MatmulConfig(S8, S8))
-W8 = {'format': 'int8', 'granularity': 'per_channel'}
-A8 = {'format': 'int8', 'granularity': 'per_tensor'}
-MM = (((1,), (0,)), ((), ()))
-
-
-def normal(seed, shape):
-  return jax.random.normal(jax.random.key(seed), shape)
-
-
-def rel_err(a, b):
-  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-
 
 # ------------------------------------------------------------------------------------- explicit plugging
 

@@ -12,12 +12,10 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 from flax import nnx
+from flax_common import A8, W8
 
 from qjax import QuantSpec, quantizers
 from qjax.flax import QuantRule, RuleSet, quantize_linen, quantize_nnx
-
-W8 = {'format': 'int8', 'granularity': 'per_channel'}
-A8 = {'format': 'int8', 'granularity': 'per_tensor'}
 
 
 class TwoDense(nn.Module):
