@@ -47,11 +47,11 @@ def _messages(record):
 def test_rules_as_dicts_and_configdicts_equal_quantrules():
   want = [QuantRule(module_path='enc/.*', op_names=('dot_general',), weight=QuantSpec('int4', 'per_channel'),
                     act=QuantSpec('int8'), grad=QuantSpec('int8', rounding='stochastic'), name='enc'),
-          QuantRule(module_path='head', float=True)]
+          QuantRule(module_path='head', keep_float=True)]
   as_dicts = [{'module_path': 'enc/.*', 'op_names': ['dot_general'], 'name': 'enc',
                'weight': {'format': 'int4', 'granularity': 'per_channel'}, 'act': {'format': 'int8'},
                'grad': {'format': 'int8', 'rounding': 'stochastic'}},
-              {'module_path': 'head', 'float': True}]
+              {'module_path': 'head', 'keep_float': True}]
   cfg = ml_collections.ConfigDict({'rules': as_dicts})  # a ConfigDict holds a rule list as a list of dicts
   per_rule = [ml_collections.ConfigDict(d) for d in as_dicts]  # ... or one ConfigDict per rule (nested specs)
   for rules in (as_dicts, cfg.rules, per_rule, [r.to_dict() for r in want]):
@@ -59,10 +59,14 @@ def test_rules_as_dicts_and_configdicts_equal_quantrules():
   # to_dict is JSON-friendly plain data and round-trips.
   assert [QuantRule(**r.to_dict()) for r in want] == want
   assert want[0].to_dict()['weight'] == QuantSpec('int4', 'per_channel').to_dict()
+  # keep_float's old name still reads in dict rules (configs written before the rename), never with the new one.
+  assert RuleSet([{'module_path': 'head', 'float': True}]).rules == (want[1],)
+  with pytest.raises(ValueError, match='keep_float or its old name float, not both'):
+    RuleSet([{'module_path': 'head', 'float': True, 'keep_float': False}])
 
 
 def test_first_matching_rule_decides_and_float_rules_exclude():
-  rules = [{'module_path': 'head', 'float': True, 'name': 'keep-head-float'},
+  rules = [{'module_path': 'head', 'keep_float': True, 'name': 'keep-head-float'},
            {'module_path': '.*', 'weight': W8, 'act': A8, 'name': 'all'},
            {'module_path': 'body', 'weight': {'format': 'int2'}, 'name': 'shadowed'}]
   qm = quantize_linen(TwoDense(), rules)
@@ -80,7 +84,7 @@ def test_first_matching_rule_decides_and_float_rules_exclude():
   # Float rules alone leave the model's output exactly as it is.
   with warnings.catch_warnings(record=True):
     warnings.simplefilter('always')
-    all_float = quantize_linen(TwoDense(), [{'module_path': '.*', 'float': True}])
+    all_float = quantize_linen(TwoDense(), [{'module_path': '.*', 'keep_float': True}])
     assert jnp.array_equal(all_float.apply(v, X), TwoDense().apply(v, X))
 
 
@@ -138,7 +142,7 @@ def test_rules_that_quantize_nothing_warn_once_after_the_first_run():
   # Only float rules that match: nothing is quantized either.
   with warnings.catch_warnings(record=True) as rec:
     warnings.simplefilter('always')
-    quantize_nnx(NTwo(nnx.Rngs(0)), [{'module_path': '.*', 'float': True, 'name': 'all-float'}], X)
+    quantize_nnx(NTwo(nnx.Rngs(0)), [{'module_path': '.*', 'keep_float': True, 'name': 'all-float'}], X)
   assert _messages(rec) == ['qjax: the rules quantized no op of the model (rules that matched no op: none; the ops '
                             'the model ran: body (dot_general), head (dot_general))']
 
@@ -167,7 +171,7 @@ def test_empty_rule_list_is_an_error():
     ({'module_path': 'x', 'act': {'format': 'int9'}}, "rule 'x': act: .*bits must be in 1..8, got 9"),
     ({'module_path': 'x', 'op_names': ['dot', 'conv'], 'weight': W8}, "rule 'x': op_names='dot' is not one of"),
     ({'module_path': 'x', 'weight': W8, 'mode': 'fast'}, "rule 'x': mode='fast' is not one of fake, real, auto"),
-    ({'module_path': 'x', 'name': 'nothing'}, "rule 'nothing': quantizes nothing .*set float=True"),
+    ({'module_path': 'x', 'name': 'nothing'}, "rule 'nothing': quantizes nothing .*set keep_float=True"),
     ({'module_path': 'x', 'grad': {'format': 'int8', 'estimator': 'lsq'}}, "rule 'x': grad uses estimator='lsq'"),
     ({'module_path': 'x', 'weight': W8, 'small_m': -1}, "rule 'x': small_m must be >= 0, got -1"),
     ({'module_path': 'x', 'act': {'format': 'int8', 'estimator': 'lsq'}, 'act_static': True},
@@ -279,7 +283,7 @@ def test_first_last_8bit_keeps_the_first_and_last_ops_in_execution_order_at_8_bi
 
 def test_first_last_8bit_only_applies_where_the_deciding_rule_asks_and_skips_float_ops():
   # z_in is float: the first quantized op is mid. a_out's rule does not ask: it stays at 2 bits.
-  rules = [{'module_path': 'z_in', 'float': True},
+  rules = [{'module_path': 'z_in', 'keep_float': True},
            {'module_path': 'a_out', **LOW, 'name': 'head'},
            {'module_path': '.*', **LOW, 'first_last_8bit': True}]
   qm = quantize_linen(ThreeDense(), rules)

@@ -112,7 +112,7 @@ def test_serving_weight_outside_a_quantizing_rule_runs_dequantized():
   qm = quantize_linen(nn.Dense(4), [{'module_path': '.*', 'weight': {'format': 'int8'}, 'act': {'format': 'int8'}}])
   x = jnp.ones((2, 3))
   sv = convert_linen(qm, qm.init(jax.random.key(0), x), x)
-  floats = quantize_linen(nn.Dense(4), [{'module_path': '.*', 'float': True}]).serving()
+  floats = quantize_linen(nn.Dense(4), [{'module_path': '.*', 'keep_float': True}]).serving()
   # A served weight that reaches an op no rule quantizes is read as its dequantized float (a float op).
   w = sv['params']['kernel'].to_qarray().dequantize()
   assert jnp.array_equal(floats.apply(sv, x), x @ w + sv['params']['bias'])

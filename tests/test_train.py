@@ -396,7 +396,7 @@ def test_layer_groups_pick_format_granularity_and_estimator_by_config(tmp_path):
       'first': {'module_path': 'hidden/0', 'weight': {'format': 'int4', 'granularity': 'per_group', 'group_size': 16,
                                                       'estimator': 'lsq'},
                 'act': {'format': 'fp8_e4m3'}},
-      'last': {'module_path': 'head', 'float': True}})
+      'last': {'module_path': 'head', 'keep_float': True}})
   result = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
   assert [r['name'] for r in result['rules']] == ['first', 'last', 'default']
   layers = {(row['layer'].split('/dot_general')[0], row['operand']): row for row in result['layers']}

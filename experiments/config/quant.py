@@ -86,14 +86,14 @@ def build_rules(quant: ml_collections.ConfigDict, *, ptq: bool = False) -> list[
   common['act_static'] = q['act_static'] or ptq
   rules = []
   if q['float_layers']:
-    rules.append(QuantRule(q['float_layers'], float=True, name='float_layers'))
+    rules.append(QuantRule(q['float_layers'], keep_float=True, name='float_layers'))
   for name, g in q['groups'].items():
     g = dict(g)
     path = g.pop('module_path', None)
     if not path:
       raise ValueError(f'config.quant.groups.{name}: needs a module_path regex')
     if g.pop('float', False):
-      rules.append(QuantRule(path, float=True, name=name))
+      rules.append(QuantRule(path, keep_float=True, name=name))
       continue
     specs = {k: _spec(q[k], g.pop(k, None), f'quant.groups.{name}.{k}', ptq) for k in ('weight', 'act', 'grad')}
     extra = {k: g.pop(k) for k in list(g) if k in common}

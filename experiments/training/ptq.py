@@ -38,7 +38,7 @@ from qjax.ptq import online, registry
 def _weight_spec(tr, state, path):
   rs = tr.ruleset(state)
   rule = rs.peek(path, 'dot_general')
-  if rule is None or rule.float or rule.weight is None:
+  if rule is None or rule.keep_float or rule.weight is None:
     return None
   return rs.effective(path, 'dot_general', 0, rule).weight
 

@@ -243,7 +243,7 @@ def _attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=Tru
   """
   fr = hooks.current()
   rule = None if fr is None else fr.session.ruleset.peek(fr.path, 'einsum')
-  if rule is None or rule.float or kwargs:
+  if rule is None or rule.keep_float or kwargs:
     return nnx.dot_product_attention(query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
                                      dropout_rng=dropout_rng, dropout_rate=dropout_rate,
                                      deterministic=deterministic, dtype=dtype, precision=precision, module=module,

@@ -3,7 +3,7 @@
 A rule set is an ordered list of `QuantRule`s; for each op (dot_general, conv, einsum) met while a model
 runs, the first rule whose `module_path` regex fully matches the module's path ('encoder/layers_0/attn/query';
 the root module's path is '', shown as '<root>' in reports, and a rule may name it either way) and whose
-`op_names` contain the op decides. A rule with `float=True` leaves the op in float.
+`op_names` contain the op decides. A rule with `keep_float=True` leaves the op in float.
 
 For an op with one weight operand (a param of the module, e.g. a Dense kernel) and one activation, `weight`
 quantizes the weight and `act` the activation; an op of two activations (attention scores) uses `act` for
@@ -59,7 +59,7 @@ class QuantRule:
     ema_decay: decay of that EMA.
     delayed_scaling: > 0 keeps an amax history of this length per forward operand and scales with its
       maximum (fp8 delayed scaling, as in Transformer Engine); the current amax is rolled in after use.
-    float: leave matched ops unquantized (a rule that excludes, e.g., the first and last layers).
+    keep_float: leave matched ops unquantized (a rule that excludes, e.g., the first and last layers).
     small_m: DotConfig.small_m of matched ops: forward matmuls with at most this many rows run as float
       matmuls of the quantized values in 'auto' mode (default 0: none; one-row dots are padded to two on CPU).
     first_last_8bit: when the model's first or last quantized op (execution order, over all rules) is decided
@@ -77,7 +77,7 @@ class QuantRule:
   act_static: bool = False
   ema_decay: float = 0.99
   delayed_scaling: int = 0
-  float: bool = False
+  keep_float: bool = False
   small_m: int = 0
   first_last_8bit: bool = False
   act_signedness: str = 'format'
@@ -128,9 +128,9 @@ class QuantRule:
         except ValueError as e:
           raise ValueError(f'rule {label!r}: act_signedness={self.act_signedness!r}: the '
                            f'{"signed" if signed else "unsigned"} act grid is not a valid spec: {e}') from None
-    if not self.float and self.weight is None and self.act is None and self.grad is None:
+    if not self.keep_float and self.weight is None and self.act is None and self.grad is None:
       raise ValueError(f'rule {label!r}: quantizes nothing (weight, act and grad are all None); '
-                       'set float=True to keep matched ops in float')
+                       'set keep_float=True to keep matched ops in float')
 
   @property
   def label(self) -> str:
@@ -201,6 +201,10 @@ def _to_rule(i: int, r) -> QuantRule:
   if not _is_mapping(r):
     raise ValueError(f'rule {i}: a rule is a QuantRule or a dict of its fields, got {type(r).__name__} {r!r}')
   d = dict(r)
+  if 'float' in d:  # the field's name before keep_float, still accepted where configs and command lines hold it
+    if 'keep_float' in d:
+      raise ValueError(f'rule {i}: give keep_float or its old name float, not both')
+    d['keep_float'] = d.pop('float')
   fields = tuple(sorted(f.name for f in dataclasses.fields(QuantRule)))
   for k in d:
     check_choice('QuantRule field', k, fields, where=f'rule {i} ({d.get("name") or d.get("module_path", ".*")!r}): ')
@@ -345,7 +349,7 @@ class RuleSet:
         (j for j, r in enumerate(self.rules) if r.label == rule.label), -1)
     if any(o is not None for o in origins):
       self.weighted.add(i)
-    elif rule.weight is not None and not rule.float:
+    elif rule.weight is not None and not rule.keep_float:
       why = '; '.join(f'{s} is {w}' for s, w in zip(('lhs', 'rhs'), whys, strict=True) if w)
       site = f'{path or "<root>"} ({op}{index}{", " + why if why else ""})'
       if site not in self.no_weight.setdefault(i, []):

@@ -179,7 +179,7 @@ def merge_uses(records, qarrays, problems: dict) -> dict:
     if i in problems:
       q = problems[i]
       raise ConversionError(f'convert: the weight {r.weight_name} used at {r.path or "<root>"} ({r.prefix}, rule '
-                       f'{r.rule!r}) cannot be converted: {q}; keep that op in float with a float=True rule')
+                       f'{r.rule!r}) cannot be converted: {q}; keep that op in float with a keep_float=True rule')
     uses.setdefault(r.weight_name, []).append((r, q))
   out = {}
   for path, items in uses.items():

@@ -265,10 +265,10 @@ class Session:
     if self.mode == 'capture':
       with _inside():
         out = orig()
-      if self.capture is not None and found is not None and not found[1].float:
+      if self.capture is not None and found is not None and not found[1].keep_float:
         self.capture.add(fr, prefix, op, lhs, rhs, lo, ro, contracting, out)
       return out
-    if found is None or found[1].float or self.mode == 'trace':
+    if found is None or found[1].keep_float or self.mode == 'trace':
       if found is not None:
         self.ruleset.record(fr.path, op, index, found[1], weights, None, (lw or 'act', rw or 'act'), **info)
       with _inside():
