@@ -115,7 +115,7 @@ def test_report_files_and_tensorboard(root):
   assert float(row['serving_accuracy_mean']) == pytest.approx(0.89) and row['serving_bytes'] == '1000.0'
   assert row['front_weight_bits'] == 'True' and row['trials'] == 'mode=qat,bits=w8,seed=0 mode=qat,bits=w8,seed=1'
   md = open(paths['report']).read()
-  assert '| qat | w8 | 2 | 8 | 0.9000 ± 0.0141 | 0.8900 ± 0.0141 | -0.02 |' in md
+  assert '| qat | w8 | 2 | 8 | 0.9000 ± 0.0141 | 0.8900 ± 0.0141 | -0.0200 |' in md  # to the means' digits
   assert float(row['accuracy_minus_float']) == pytest.approx(-0.02) and row['significance'] == ''
   assert '| ptq | w4 | 1 | 4 | 0.7000 ± 0.0000 | 0.6000 ± 0.0000 |' in md
   assert 'accuracy vs weight bits: `mode=qat,bits=w4` → `mode=qat,bits=w8` → `mode=float,bits=w32`' in md

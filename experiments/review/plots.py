@@ -16,9 +16,11 @@ from experiments.review.results import (
 )
 
 
-def fmt_delta(v: tuple[float, str]) -> str:
+def fmt_delta(v: tuple[float, str], digits: int = 4) -> str:
+  """A difference from float with its significance, to the digits of the means beside it (`fmt_pm`):
+  '-0.0067', '+0.0001 (n.s.)'."""
   d, sig = v
-  return '' if math.isnan(d) else f'{d:+.4g}' + (f' ({sig})' if sig else '')
+  return '' if math.isnan(d) else f'{d:+.{digits}f}' + (f' ({sig})' if sig else '')
 
 
 def fmt_pm(ms: tuple[float, float], digits: int = 4) -> str:
