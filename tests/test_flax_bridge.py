@@ -166,3 +166,25 @@ def test_statistics_keep_qjax_types_in_a_process_that_imports_qwix():
   model = make(x)
   quantize_nnx(model, RULES, x)
   assert isinstance(model.body.fc['dot_general0_lhs_scale'], QuantStat)
+
+
+def test_tonnx_at_the_root_freezes_its_statistics_in_eval_mode_and_resumes_in_train_mode():
+  """A ToNNX that is the model itself has no NNX parent whose eval() flag qjax could read: model.eval() must
+  still stop act_static range statistics from updating, also under nnx.jit (which retraces on the mode)."""
+  x = jax.random.normal(jax.random.key(1), (4, 8))
+  model = nnx.bridge.ToNNX(LinenBody(), rngs=nnx.Rngs(0))
+  nnx.bridge.lazy_init(model, x)
+  quantize_nnx(model, RULES, x)
+  count = lambda: float(model.proj['dot_general0_lhs_count'][...])  # noqa: E731
+  fwd = nnx.jit(lambda m, x: m(x))
+  n0 = count()
+  fwd(model, x)
+  assert count() == n0 + 1  # training mode (the default): statistics update
+  model.eval()
+  assert 'use_running_average' not in vars(model)  # never handed to Linen as a variable
+  y1, y2 = fwd(model, x), fwd(model, 2 * x)
+  assert count() == n0 + 1  # frozen: the same ranges for every eval batch
+  assert jnp.array_equal(fwd(model, x), y1) and not jnp.array_equal(y2, 2 * y1)
+  model.train()
+  fwd(model, x)
+  assert count() == n0 + 2

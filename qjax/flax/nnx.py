@@ -150,8 +150,8 @@ def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
   if mutable is None:
     if session.creating:
       mutable = ['params', STATS]
-    elif session.mode == 'train' and not any(getattr(f.module, 'use_running_average', False)
-                                             for f in hooks.stack() if f.state is session.backend):
+    elif session.mode == 'train' and not self.use_running_average and not any(
+        getattr(f.module, 'use_running_average', False) for f in hooks.stack() if f.state is session.backend):
       mutable = [STATS]
 
   def interceptor(next_fun, a, k, context):
@@ -168,10 +168,23 @@ def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
     return parent(*args, rngs=rngs, method=method, mutable=mutable or False, **kwargs)
 
 
+def _get_eval(self) -> bool:
+  return getattr(self, 'to_nnx__qjax_eval', False)
+
+
+def _set_eval(self, value) -> None:
+  self.to_nnx__qjax_eval = bool(value)
+
+
 def _tonnx_class(cls: type, session: Session, path: str) -> type:
+  """A quantized ToNNX's class. Its `use_running_average` (what `model.eval()` / `train()` set, and what stops
+  range statistics from updating in evaluation) is kept as `to_nnx__qjax_eval`: ToNNX hands every other instance
+  attribute to Linen as a variable, and a plain attribute is part of the graph, so jitted calls retrace when the
+  mode changes."""
   return type(cls.__name__, (cls,), {'__module__': cls.__module__, '__qualname__': cls.__qualname__,
                                      '__call__': _tonnx_call, '_qjax_base': cls, '_qjax_session': session,
-                                     '_qjax_path': path, '_qjax_linen': LinenBackend()})
+                                     '_qjax_path': path, '_qjax_linen': LinenBackend(),
+                                     'use_running_average': property(_get_eval, _set_eval)})
 
 
 def _method(name: str, fn):
