@@ -1,13 +1,15 @@
-r"""PTQ methods on Fashion-MNIST (LeNet-5 CNN): method x weight bits, weight-only (activations float).
+r"""PTQ methods on Fashion-MNIST (LeNet-5 CNN, or the small ResNet): method x weight bits, weight-only.
 
     python -m experiments.sweep --config=configs/results_ptq_fmnist.py --root=runs/results_ptq_fmnist
     python -m experiments.review.ptq_table runs/results_ptq_fmnist
+    python -m experiments.sweep --config=configs/results_ptq_fmnist.py:model=resnet --root=runs/results_ptq_resnet
 
 Trials: the float CNN (6000 steps, as configs/results_fmnist.py), then PTQ from it with per-channel int4 / int3 /
 int2 weights in every layer (convs included) and float activations, calibrated on 16 batches of 128 images
 (AWQ and AdaRound see 2048 rows per layer), by each method: rtn, gptq, gptq with act-order, awq, adaround (10k
 iterations per layer, the paper's default), bias_correction, and gptq followed by bias_correction. `:runlocal`
-shrinks it to a smoke test on the fixtures.
+shrinks it to a smoke test on the fixtures. `:model=resnet` runs the same on configs/fmnist_resnet.py (its 4000
+float steps; its stem and head stay float, as that config keeps them).
 """
 
 import os
@@ -17,6 +19,7 @@ from experiments.config import cli as config_cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
+MODELS = {'cnn': 'fmnist_cnn.py', 'resnet': 'fmnist_resnet.py'}
 METHODS = {
     'rtn': {'ptq.method': 'rtn'},
     'gptq': {'ptq.method': 'gptq'},
@@ -29,13 +32,15 @@ METHODS = {
 
 
 def get_config(arg=None):
-  a = config_cli.config_args(arg, runlocal=False)
-  c = config_cli.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  a = config_cli.config_args(arg, runlocal=False, model='cnn')
+  if a['model'] not in MODELS:
+    raise config_cli.ConfigError(f"config arg model={a['model']!r}: expected one of {', '.join(MODELS)}")
+  c = config_cli.load_file(os.path.join(_HERE, MODELS[a['model']]) + (':runlocal' if a['runlocal'] else ''))
   c.quant.act.format = ''  # weight-only PTQ: the methods differ in how they round weights
   c.quant.weight.granularity = 'per_channel'
   c.quant_summaries = False
   if not a['runlocal']:
-    c.num_train_steps = 6000
+    c.num_train_steps = 6000 if a['model'] == 'cnn' else c.num_train_steps
     c.eval_every_steps = 2000
     c.checkpoint_every_steps = 1000
     c.quant.calibration_batches = 16

@@ -7,7 +7,9 @@ A group of G = 8 / gcd(8, bits) values (two's complement, `bits` each) fills B =
      3     8   3   3/8              24-bit word v0 | v1 << 3 | ... | v7 << 21, stored as 3 bytes, low byte first
      2     4   1   1/4              byte = v0 | v1 << 2 | v2 << 4 | v3 << 6
 
-Axis 0 is padded with zeros to a multiple of G; `unpack` takes the original shape to drop the padding.
+The packed axis (axis 0 unless given) is padded with zeros to a multiple of G; `unpack` takes the original shape
+to drop the padding. `best_axis` picks the axis that pads least: a conv kernel (kh, kw, in, out) packs along
+`in` or `out`, since kh = 3 padded to G = 8 would store 3-bit values at a byte each.
 Values must lie in [-2^(bits-1), 2^(bits-1) - 1] (a QArray's int range); 1-bit binary {-1, +1} is stored at 2
 bits (`width`). Wider integers (5..7 bits) stay one per int8 byte: their groups would not fit a 32-bit word.
 """
@@ -44,10 +46,32 @@ def packed_rows(n: int, bits: int) -> int:
   return -(-n // g) * b
 
 
-def pack(q, bits: int):
-  """int8 values (n, ...) in the signed `bits` range -> uint8 (packed_rows(n, bits), ...)."""
+def best_axis(shape: tuple[int, ...], bits: int, allowed: tuple[int, ...] | None = None) -> int:
+  """The axis (among `allowed`, default all) along which `shape` packs into the fewest bytes; ties go to the
+  lowest axis, so a matrix whose rows fill whole groups packs along axis 0."""
+  axes = tuple(range(len(shape))) if allowed is None else tuple(allowed)
+  if not axes:
+    return 0
+  size = math.prod(shape)
+  return min(axes, key=lambda a: (packed_rows(shape[a], bits) * (size // shape[a] if shape[a] else 0), a))
+
+
+def pack(q, bits: int, axis: int = 0):
+  """int8 values in the signed `bits` range -> uint8, `axis` of size n becoming packed_rows(n, bits)."""
+  q = jnp.moveaxis(jnp.asarray(q), axis, 0)
+  return jnp.moveaxis(_pack0(q, bits), 0, axis)
+
+
+def unpack(p, bits: int, shape: tuple[int, ...], axis: int = 0):
+  """Inverse of `pack`: uint8 packed along `axis` -> int8 of `shape`, sign-extended."""
+  axis %= len(shape)
+  moved = (shape[axis],) + tuple(n for i, n in enumerate(shape) if i != axis)
+  return jnp.moveaxis(_unpack0(jnp.moveaxis(jnp.asarray(p), axis, 0), bits, moved), 0, axis)
+
+
+def _pack0(q, bits: int):
+  """int8 values (n, ...) -> uint8 (packed_rows(n, bits), ...)."""
   g, b = _layout(bits)
-  q = jnp.asarray(q)
   pad = -q.shape[0] % g
   if pad:
     q = jnp.concatenate([q, jnp.zeros((pad,) + q.shape[1:], q.dtype)])
@@ -60,10 +84,10 @@ def pack(q, bits: int):
   return out.astype(jnp.uint8).reshape((-1,) + q.shape[1:])
 
 
-def unpack(p, bits: int, shape: tuple[int, ...]):
-  """Inverse of `pack`: uint8 (packed_rows, ...) -> int8 of `shape`, sign-extended."""
+def _unpack0(p, bits: int, shape: tuple[int, ...]):
+  """uint8 (packed_rows, ...) -> int8 of `shape`."""
   g, b = _layout(bits)
-  p = jnp.asarray(p).astype(jnp.uint32).reshape((-1, b) + tuple(p.shape[1:]))
+  p = p.astype(jnp.uint32).reshape((-1, b) + tuple(p.shape[1:]))
   nd = p.ndim - 1
   byte_shifts = (jnp.arange(b, dtype=jnp.uint32) * 8).reshape((1, b) + (1,) * (nd - 1))
   word = jnp.sum(p << byte_shifts, axis=1, dtype=jnp.uint32)             # (groups, ...)

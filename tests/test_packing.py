@@ -34,6 +34,32 @@ def test_byte_layouts():
   assert list(got) == [word & 0xFF, (word >> 8) & 0xFF, word >> 16]
 
 
+@pytest.mark.parametrize('bits', [2, 3, 4])
+@pytest.mark.parametrize('axis', [1, 2, -1])
+def test_round_trip_along_any_axis_packs_that_axis(bits, axis):
+  shape = (3, 5, 16)
+  q = np.random.default_rng(axis % 3).integers(-(2 ** (bits - 1)), 2 ** (bits - 1), shape).astype(np.int8)
+  p = packing.pack(q, bits, axis)
+  want = list(shape)
+  want[axis] = packing.packed_rows(shape[axis], bits)
+  assert p.shape == tuple(want)
+  np.testing.assert_array_equal(np.asarray(packing.unpack(p, bits, shape, axis)), q)
+  # the same bytes as packing that axis moved to the front
+  np.testing.assert_array_equal(np.moveaxis(np.asarray(p), axis, 0),
+                                np.asarray(packing.pack(np.moveaxis(q, axis, 0), bits)))
+
+
+def test_best_axis_pads_least_and_prefers_axis_0_on_ties():
+  # A 3x3 conv kernel (kh, kw, in, out) at 3 bits: kh = 3 padded to 8 would cost a byte per value.
+  assert packing.best_axis((3, 3, 16, 32), 3) == 2          # in = 16 fills whole groups of 8
+  assert packing.best_axis((3, 3, 6, 32), 3) == 3           # in = 6 would pad; out = 32 does not
+  assert packing.best_axis((512, 32), 4) == 0               # a tie: axis 0, the matrix layout
+  assert packing.best_axis((5, 5, 1, 6), 4) == 3            # 5 -> 6 pads; 6 packs to 3 rows exactly
+  assert packing.best_axis((3, 3, 16, 32), 3, allowed=(0, 1)) == 0  # only the axes a sharding leaves free
+  bytes_ = lambda shape, bits, a: packing.pack(np.zeros(shape, np.int8), bits, a).size  # noqa: E731
+  assert bytes_((3, 3, 16, 32), 3, 2) == 3 * 3 * 16 * 32 * 3 // 8 < bytes_((3, 3, 16, 32), 3, 0)
+
+
 def test_sizes_shrink_with_the_width():
   assert [packing.packed_rows(128, b) for b in (2, 3, 4)] == [32, 48, 64]
   assert packing.packed_rows(9, 3) == 6 and packing.packed_rows(5, 2) == 2

@@ -237,6 +237,24 @@ def test_linen_serving_checkpoint_size(tmp_path):
   check_ratios(v, serving, tmp_path, 'linen')
 
 
+@pytest.mark.parametrize('fmt,bits', [('int2', 2), ('int3', 3), ('int4', 4)])
+def test_a_conv_kernel_packs_along_a_channel_axis_at_its_width_and_serves_exactly(fmt, bits):
+  """A 3x3 conv kernel packed along kh (3, padded to a whole group) would store 3-bit values at a byte each: it
+  packs along its input channels instead, at bits/8 bytes per value."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(32, (3, 3), name='conv')(x)
+  rules = [{'module_path': '.*', 'weight': {'format': fmt, 'granularity': 'per_channel'}, 'act': None}]
+  qm = quantize_linen(Net(), rules)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  v = qm.init(jax.random.key(1), x)
+  sv = convert_linen(qm, v, x)
+  sw = sv['params']['conv']['kernel']
+  assert sw.packed and sw.pack_axis == 2 and sw.qvalue.size == 3 * 3 * 16 * 32 * bits // 8
+  np.testing.assert_array_equal(np.asarray(qm.serving().apply(sv, x)), np.asarray(qm.apply(v, x)))
+
+
 @pytest.mark.parametrize('fmt,rows', [('int2', 128), ('int3', 192), ('int4', 256)])
 def test_sub_byte_weights_pack_at_their_width_and_serve_exactly(fmt, rows):
   """A W2 model's serving bytes are below a W3 model's, below a W4 model's; the serving forward still equals

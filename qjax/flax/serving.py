@@ -34,13 +34,14 @@ class ServingWeight:
 
   Replaces a float kernel in a converted parameter tree, so that no float kernel is left.
   """
-  qvalue: jax.Array                    # int8 (shape of the weight) or uint8 packed along axis 0 (qjax.packing)
+  qvalue: jax.Array                    # int8 (shape of the weight) or uint8 packed along pack_axis (qjax.packing)
   scale: jax.Array
   zero_point: jax.Array | None
   format: str = dataclasses.field(metadata=dict(static=True))
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
   names: tuple | None = dataclasses.field(default=None, metadata=dict(static=True))  # the weight's sharding
+  pack_axis: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   def partition_specs(self) -> ServingWeight:
     """A ServingWeight of PartitionSpecs (for jax.device_put / jit shardings) from the float weight's sharding
@@ -82,13 +83,18 @@ class ServingWeight:
 
   @classmethod
   def from_qarray(cls, q: quantizers.QArray, pack: bool = False, names: tuple | None = None) -> ServingWeight:
-    """Stores QArray q (packing 2-, 3- or 4-bit qvalues densely along axis 0 when `pack`; qjax.packing)."""
-    qvalue = packing.pack(q.qvalue, packing.width(q.fmt)) if pack else q.qvalue
-    return cls(qvalue, q.scale, q.zero_point, q.format, tuple(q.qvalue.shape), pack, names)
+    """Stores QArray q (packing 2-, 3- or 4-bit qvalues densely when `pack`, along the axis that pads least among
+    the axes the weight's sharding leaves unnamed; qjax.packing)."""
+    shape = tuple(q.qvalue.shape)
+    if not pack:
+      return cls(q.qvalue, q.scale, q.zero_point, q.format, shape, False, names)
+    bits = packing.width(q.fmt)
+    axis = packing.best_axis(shape, bits, tuple(i for i in range(len(shape)) if not names or names[i] is None))
+    return cls(packing.pack(q.qvalue, bits, axis), q.scale, q.zero_point, q.format, shape, True, names, axis)
 
   def to_qarray(self) -> quantizers.QArray:
     bits = packing.width(formats.parse_format(self.format)) if self.packed else None
-    q = packing.unpack(self.qvalue, bits, self.shape) if self.packed else self.qvalue
+    q = packing.unpack(self.qvalue, bits, self.shape, self.pack_axis) if self.packed else self.qvalue
     return quantizers.QArray(q, self.scale, self.zero_point, self.format)
 
 
