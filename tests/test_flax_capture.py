@@ -229,3 +229,24 @@ def test_grouped_conv_patches_fall_back_to_channels_with_a_note():
   assert site.features == 4 and st.xtx.shape == (4, 4)  # the input's channels: groups x the kernel's in (2)
   with pytest.raises(ValueError, match='conv_features'):
     capture.capture_linen(qm, v, [x], conv_features='im2col')
+
+
+def test_nnx_conv_patches_times_the_flat_kernel_is_the_conv():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(3, 4, (2, 3), strides=(1, 2), padding='SAME', use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+      return self.conv(x)
+  model = Net(nnx.Rngs(0))
+  xs = [jax.random.normal(jax.random.key(i), (2, 7, 6, 3)) for i in range(2)]
+  quantize_nnx(model, RULES, xs[0])
+  site, st = capture.capture_nnx(model, xs, stats=('sample',), max_sample=10_000,
+                                 conv_features='patches')['conv/conv0']
+  assert (site.weight, site.contracting, site.features, site.conv_features) == ('conv/kernel', (0, 1, 2), 18,
+                                                                                 'patches')
+  k = np.asarray(model.conv.kernel.get_value(), np.float64).reshape(18, 4)
+  y = jax.jit(lambda x: jax.lax.conv_general_dilated(x, model.conv.kernel.get_value(), (1, 2), 'SAME',
+                                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  want = np.concatenate([np.asarray(y(x), np.float64).reshape(-1, 4) for x in xs])
+  np.testing.assert_allclose(np.asarray(st.sample, np.float64) @ k, want, rtol=1e-4, atol=1e-4)
