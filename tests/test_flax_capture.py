@@ -126,3 +126,127 @@ def test_quantize_nnx_is_transactional(fail, monkeypatch):
     assert a.keys() == b.keys() and all(a[k] is b[k] for k in a)
   assert jnp.array_equal(model(x), y0)
   assert quantize_nnx(model, RULES, x).quantized()  # and it can still be quantized afterwards
+
+
+# ---------------------------------------------------------------------- sum, sample, conv patches (im2col)
+
+
+def _thin(rows, m):  # the reference sample rule: evenly spaced rows, first and last included
+  return rows if len(rows) <= m else rows[np.linspace(0, len(rows) - 1, m).astype(int)]
+
+
+def test_sum_and_sample_over_batches_match_numpy():
+  qm = quantize_linen(TwoLayer(), RULES)
+  xs = batches(4)
+  v = qm.init(jax.random.key(0), xs[0])
+  out = capture.capture_linen(qm, v, xs, stats=('sum', 'sample', 'xtx'), max_sample=7)
+  site, st = out['<root>/dot_general0']
+  per_batch = [np.asarray(x, np.float64).reshape(-1, 8) for x in xs]  # (12, 8) each
+  x2 = np.concatenate(per_batch)
+  np.testing.assert_allclose(st.sum_x, x2.sum(0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(st.mean, x2.mean(0), rtol=1e-5, atol=1e-6)
+  want = None
+  for rows in per_batch:
+    rows = _thin(rows, 7)
+    want = rows if want is None else _thin(np.concatenate([want, rows]), 7)
+  assert st.sample.shape == (7, 8) and st.sample.dtype == jnp.float32
+  np.testing.assert_allclose(st.sample, want, rtol=1e-6)
+  assert st.absmax is None and site.conv_features == ''
+
+
+def test_sample_is_bounded_and_kept_whole_when_small():
+  qm = quantize_linen(TwoLayer(), RULES)
+  v = qm.init(jax.random.key(0), batches(1)[0])
+  small = capture.capture_linen(qm, v, batches(2), stats=('sample',), max_sample=100)
+  x2 = np.concatenate([np.asarray(x).reshape(-1, 8) for x in batches(2)])
+  np.testing.assert_array_equal(small['<root>/dot_general0'][1].sample, x2)  # 24 rows: all of them, in order
+  for n in (1, 5):
+    out = capture.capture_linen(qm, v, batches(n), stats=('sample',), max_sample=5)
+    assert {k: s.sample.shape for k, (_, s) in out.items()} == {'<root>/dot_general0': (5, 8),
+                                                                 'head/dot_general0': (5, 12)}
+  with pytest.raises(ValueError, match='max_sample'):
+    capture.capture_linen(qm, v, batches(1), max_sample=0)
+
+
+def _im2col(x, kh, kw, strides, pads, dil):
+  """NumPy reference: rows (batch, out_h, out_w) of the window's values ordered (kh, kw, in)."""
+  x = np.pad(np.asarray(x, np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
+  oh = (x.shape[1] - dil[0] * (kh - 1) - 1) // strides[0] + 1
+  ow = (x.shape[2] - dil[1] * (kw - 1) - 1) // strides[1] + 1
+  rows = [x[b, i * strides[0] + np.arange(kh)[:, None] * dil[0], j * strides[1] + np.arange(kw)[None, :] * dil[1]]
+          .reshape(-1) for b in range(x.shape[0]) for i in range(oh) for j in range(ow)]
+  return np.stack(rows)
+
+
+class ConvNet(nn.Module):
+  padding: object = 'SAME'
+  strides: tuple = (1, 1)
+  dilation: tuple = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(5, (3, 2), strides=self.strides, padding=self.padding, kernel_dilation=self.dilation,
+                   use_bias=False, name='conv')(x)
+
+
+@pytest.mark.parametrize('padding,strides,dilation', [
+    ('SAME', (1, 1), (1, 1)), ('VALID', (2, 2), (1, 1)), (((1, 2), (0, 1)), (2, 1), (1, 1)),
+    (((1, 1), (1, 1)), (1, 1), (2, 1))])
+def test_conv_patches_are_im2col_in_kernel_order(padding, strides, dilation):
+  net = ConvNet(padding, strides, dilation)
+  qm = quantize_linen(net, RULES)
+  xs = [jax.random.normal(jax.random.key(i), (2, 9, 8, 4)) for i in range(2)]
+  v = qm.init(jax.random.key(1), xs[0])
+  out = capture.capture_linen(qm, v, xs, stats=('xtx', 'sum', 'sample'), max_sample=10_000,
+                              conv_features='patches')
+  site, st = out['conv/conv0']
+  assert (site.weight, site.weight_shape, site.contracting, site.features, site.conv_features) == (
+      'conv/kernel', (3, 2, 4, 5), (0, 1, 2), 24, 'patches')
+  k = np.asarray(v['params']['conv']['kernel'], np.float64)
+  pads = padding if not isinstance(padding, str) else jax.lax.padtype_to_pads(
+      (9, 8), ((3 - 1) * dilation[0] + 1, (2 - 1) * dilation[1] + 1), strides, padding)
+  x2 = np.concatenate([_im2col(x, 3, 2, strides, pads, dilation) for x in xs])
+  assert float(st.count) == len(x2)
+  np.testing.assert_allclose(st.xtx, x2.T @ x2, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(st.sum_x, x2.sum(0), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(st.sample, x2, rtol=1e-6, atol=1e-6)  # all rows kept: the rows themselves
+  y = np.concatenate([np.asarray(net.apply({'params': v['params']}, x), np.float64).reshape(-1, 5) for x in xs])
+  np.testing.assert_allclose(x2 @ k.reshape(-1, 5), y, rtol=1e-4, atol=1e-4)  # rows x flat kernel = the conv
+  chan = capture.capture_linen(qm, v, xs, stats=('xtx',))['conv/conv0'][0]
+  assert (chan.contracting, chan.features, chan.conv_features) == ((2,), 4, 'channels')
+
+
+def test_grouped_conv_patches_fall_back_to_channels_with_a_note():
+  class Grouped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(4, (3, 3), feature_group_count=2, name='conv')(x)
+  qm = quantize_linen(Grouped(), RULES)
+  x = jnp.ones((1, 6, 6, 4))
+  v = qm.init(jax.random.key(0), x)
+  site, st = capture.capture_linen(qm, v, [x], stats=('xtx',), conv_features='patches')['conv/conv0']
+  assert site.conv_features == 'channels' and 'grouped conv' in site.note
+  assert site.features == 4 and st.xtx.shape == (4, 4)  # the input's channels: groups x the kernel's in (2)
+  with pytest.raises(ValueError, match='conv_features'):
+    capture.capture_linen(qm, v, [x], conv_features='im2col')
+
+
+def test_nnx_conv_patches_times_the_flat_kernel_is_the_conv():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(3, 4, (2, 3), strides=(1, 2), padding='SAME', use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+      return self.conv(x)
+  model = Net(nnx.Rngs(0))
+  xs = [jax.random.normal(jax.random.key(i), (2, 7, 6, 3)) for i in range(2)]
+  quantize_nnx(model, RULES, xs[0])
+  site, st = capture.capture_nnx(model, xs, stats=('sample',), max_sample=10_000,
+                                 conv_features='patches')['conv/conv0']
+  assert (site.weight, site.contracting, site.features, site.conv_features) == ('conv/kernel', (0, 1, 2), 18,
+                                                                                 'patches')
+  k = np.asarray(model.conv.kernel.get_value(), np.float64).reshape(18, 4)
+  y = jax.jit(lambda x: jax.lax.conv_general_dilated(x, model.conv.kernel.get_value(), (1, 2), 'SAME',
+                                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  want = np.concatenate([np.asarray(y(x), np.float64).reshape(-1, 4) for x in xs])
+  np.testing.assert_allclose(np.asarray(st.sample, np.float64) @ k, want, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,7 @@
 """PTQ methods through the experiment runner (config.ptq): one runlocal PTQ run per method and a composed list on
 the NNX MLP, two on the Linen LeNet, each through `experiments.train.main` (the `python -m experiments.train`
-entry point; one as a real subprocess); config errors; the online input op exact in float on Linen and NNX."""
+entry point; one as a real subprocess); config errors; the online input op exact in float on Linen and NNX. (That
+im2col rows times the flattened kernel are the conv: tests/test_flax_capture.py, conv patches.)"""
 
 import json
 import os
@@ -16,7 +17,6 @@ from flax import nnx
 
 from experiments.config import cli as config_cli
 from experiments.config import ptq as ptq_config
-from experiments.training import ptq as ptq_runner
 from experiments.training import runner as train
 from qjax.ptq import online, rotation
 
@@ -131,22 +131,10 @@ def test_nnx_rotation_through_the_online_op_is_exact():
   want = model(x)
   r = rotation.rotate(np.asarray(model.layers[0].kernel.get_value()), 'random', seed=4)
   model.layers[0].kernel.set_value(jnp.asarray(r.w, jnp.float32))
-  online.install_nnx(model, (), {'layers/0': (r.rotation, None)})
+  online.install_nnx(model, {'layers/0': (r.rotation, None)})
   np.testing.assert_allclose(model(x), want, rtol=1e-5, atol=1e-5)
   graphdef, state = nnx.split(model)  # survives split / merge (jit, checkpoints)
   np.testing.assert_allclose(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x), want, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize('padding,strides', [('SAME', 1), ('VALID', 2), (((1, 2), (0, 1)), (2, 1))])
-def test_im2col_rows_times_the_flat_kernel_is_the_conv(padding, strides):
-  conv = nn.Conv(5, (3, 2), strides=strides, padding=padding, use_bias=False)
-  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 4))
-  v = conv.init(jax.random.key(1), x)
-  k = v['params']['kernel']
-  rows, n_in = ptq_runner._rows(x, conv)
-  assert n_in == 3
-  y = conv.apply(v, x)
-  np.testing.assert_allclose(rows @ k.reshape(-1, 5), y.reshape(-1, 5), rtol=1e-5, atol=1e-5)
 
 
 def test_ptq_table_from_result_files(tmp_path):
@@ -188,3 +176,26 @@ def test_char_lm_every_projection_including_attention(root):
   float_loss = json.load(open(float_dir / 'result.json'))['metrics']['eval/loss']
   assert r['metrics']['eval/loss'] == r['serving_metrics']['eval/loss'] < float_loss + 0.5
   assert r['metrics']['eval/bits_per_char'] == pytest.approx(r['metrics']['eval/loss'] / np.log(2))
+
+
+def test_match_pairs_kernels_with_their_one_captured_op_and_says_why_not():
+  from experiments.training import ptq as ptq_runner  # noqa: PLC0415
+  from qjax.flax.capture import OpSite  # noqa: PLC0415
+  from qjax.spec import QuantSpec  # noqa: PLC0415
+  spec = QuantSpec(format='int4', granularity='per_channel')
+  w = lambda *s: (np.zeros(s), None, spec)
+  site = lambda path, w, shape, con, k, prefix='dot_general0', mod=None: OpSite(
+      path if mod is None else mod, 'dot_general', prefix, w, 'rhs', shape, con, k, (1,), 2)
+  todo = {'fc': w(8, 4), 'proj': w(4, 6), 'tied': w(5, 5), 'twice': w(3, 3), 'gone': w(2, 2), '': w(2, 3)}
+  captured = {'fc/a': (site('fc', 'fc/kernel', (8, 4), (0,), 8), 'fc stats'),
+              'proj/a': (site('proj', 'proj/kernel', (4, 6), (1,), 6), None),
+              'head/a': (site('tied', 'tied/kernel', (5, 5), (0,), 5, mod='head'), None),
+              'twice/a': (site('twice', 'twice/kernel', (3, 3), (0,), 3), None),
+              'twice/b': (site('twice', 'twice/kernel', (3, 3), (0,), 3, 'dot_general1'), None),
+              '<root>/a': (site('', 'kernel', (2, 3), (0,), 2), 'root stats')}
+  found, skipped = ptq_runner.match(todo, captured)
+  assert {p: st for p, (_, st) in found.items()} == {'fc': 'fc stats', '': 'root stats'}
+  assert skipped == {'proj': 'dot_general contracts kernel axes (1,), not its leading axes',
+                     'tied': 'its op runs in module head',
+                     'twice': '2 ops use this kernel (dot_general0, dot_general1)',
+                     'gone': 'no quantized op with this kernel as its weight operand was captured'}

@@ -1,23 +1,32 @@
-"""PTQ methods in the runner: config.ptq (experiments/config/ptq.py) -> qjax.ptq, applied to every 2-D kernel
-(Dense / Linear) a rule quantizes.
+"""PTQ methods in the runner: config.ptq (experiments/config/ptq.py) -> qjax.ptq, applied to every kernel a rule
+quantizes whose op contracts its leading axes (below).
 
     config.ptq.method        'rtn' (default: the calibrated round-to-nearest conversion alone), a method name, or
                              several applied in order: 'smoothquant,gptq' (or a tuple of names)
     config.ptq.<method>.<p>  each method's parameters, with its paper's defaults (qjax.ptq.registry)
     config.ptq.max_sample    calibration rows kept per layer for AWQ / AdaRound (the sums are over all rows)
 
-A PTQ run with a method: (1) `gather_stats` runs the quantized model on config.quant.calibration_batches batches
-and sums each target layer's input statistics; (2) each layer's methods run (qjax.ptq.run); (3) the float kernels
-and biases become the methods' (rotated / scaled kernels, corrected biases), layers with a rotation or scale get
-their online input op (qjax.ptq.online), and the methods' integer kernels are kept for serving
-(`patch_serving` puts them in the converted tree); (4) activation ranges are calibrated as for RTN, then the run
-evaluates the serving model. Kernels are flattened to (contracted, rest): DenseGeneral / LinearGeneral over their
-`axis` (attention q/k/v and output projections), convolutions (2-D, one feature group, per-channel or per-tensor
-weights) over (kh, kw, in) with im2col inputs. Methods that add an online input op (rotation, SmoothQuant, AWQ)
-apply only where the kernel contracts the input's last axis alone; elsewhere they are left out
-(ptq.input_op_methods_left_out lists those layers) and the rest of the list runs. Layers whose input could not be
-matched to their kernel (einsums) stay RTN: ptq.skipped. Each layer gets its own scale or rotation (SmoothQuant's
-shared scale over q, k and v is not used: each projection has its own online op).
+A PTQ run with a method: (1) `gather_stats` takes each quantized op's calibration statistics through the public
+Flax capture API (qjax.flax.capture, via `trainer.capture`: capture_linen / capture_nnx) on
+config.quant.calibration_batches batches: the model runs in float, in evaluation mode, jit-compiled, one batch at a
+time, and per op keeps x^T x, sum x, sum |x|, max |x| over its activation rows and at most max_sample of the rows,
+so memory is O(K^2 + max_sample K) per op; (2) `match` pairs each target kernel ('<module path>/kernel') with the
+one op that uses it, and each layer's methods run (qjax.ptq.run); (3) the float kernels and biases become the
+methods' (rotated / scaled kernels, corrected biases), layers with a rotation or scale get their online input op
+(qjax.ptq.online), and the methods' integer kernels are kept for serving (`patch_serving` puts them in the converted
+tree); (4) activation ranges are calibrated as for RTN, then the run evaluates the serving model.
+
+Every layer's inputs are the float model's (not those of a model whose earlier layers are already quantized).
+A kernel is flattened to (K, rest) when its op contracts its leading axes: Dense / Linear (in, out),
+DenseGeneral / LinearGeneral over their `axis` (attention q/k/v and output projections), convolutions (2-D, one
+feature group, no input dilation; per-channel or per-tensor weights) over (kh, kw, in), with capture's im2col
+patches as rows. Other kernels stay RTN and are listed in ptq.skipped (ptq.skipped_reasons says why): no captured
+op uses them, two ops do, the op runs in another module, or it contracts axes that are not the kernel's leading
+ones (a grouped conv, whose patches capture falls back to channels). Methods that add an online input op
+(rotation, SmoothQuant, AWQ) apply only where the op contracts its activation's last axis alone, taken to be the
+module's input (as in Dense / Linear); elsewhere (convs, an attention output over (heads, head_dim)) they are left
+out (ptq.input_op_methods_left_out lists those layers) and the rest of the list runs. Each layer gets its own scale
+or rotation (SmoothQuant's shared scale over q, k and v is not used: each projection has its own online op).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import qjax.ptq
 from experiments.config import ptq as ptq_config
 from experiments.training.progress import Progress
 from qjax.ptq import layer as L
-from qjax.ptq import online, registry
+from qjax.ptq import registry
 
 
 def _weight_spec(tr, state, path):
@@ -44,15 +53,17 @@ def _weight_spec(tr, state, path):
 
 
 def targets(tr, state):
-  """({path: (kernel, bias, weight spec)} of the kernels a rule quantizes, [paths left to RTN]). Which axes of a
-  kernel are contracted is learned when its inputs are captured (`_rows`)."""
-  todo, skipped = {}, []
+  """({path: (kernel, bias, weight spec)} of the kernels a rule quantizes, {path: why left to RTN}). Which axes
+  of a kernel its op contracts is learned when the calibration data are captured (`match`)."""
+  todo, skipped = {}, {}
   for path, (w, b) in tr.kernels(state).items():
     spec = _weight_spec(tr, state, path)
     if spec is None:
       continue
-    if w.ndim < 2 or (b is not None and tuple(b.shape) != tuple(w.shape[w.ndim - b.ndim:])):
-      skipped.append(path)
+    if w.ndim < 2:
+      skipped[path] = f'a {w.ndim}-D kernel'
+    elif b is not None and tuple(b.shape) != tuple(w.shape[w.ndim - b.ndim:]):
+      skipped[path] = f'bias {tuple(b.shape)} is not the kernel {tuple(w.shape)}\'s trailing shape'
     else:
       todo[path] = (w, b, spec)
   return todo, skipped
@@ -60,68 +71,75 @@ def targets(tr, state):
 
 # --------------------------------------------------------------------------------------------- statistics
 
-
-def _rows(x, module):
-  """(rows, n_in): a module input as rows of its kernel's contraction, and how many leading kernel axes that
-  contraction covers: x over its last axis (Dense / Linear), or its last len(axis) axes (DenseGeneral /
-  LinearGeneral, e.g. an attention output projection over (heads, head_dim)), or im2col patches (conv), whose
-  features are ordered (kh, kw, in) like the flattened HWIO kernel."""
-  ks = getattr(module, 'kernel_size', None)
-  if ks is None or x.ndim != 4:
-    axis = getattr(module, 'axis', -1)
-    n_in = len(axis) if isinstance(axis, (tuple, list)) else 1
-    return x.reshape((-1, int(np.prod(x.shape[x.ndim - n_in:])))), n_in
-  ks = tuple(ks) if isinstance(ks, (tuple, list)) else (ks, ks)
-  dilated = (getattr(module, 'input_dilation', None) or 1) not in (1, (1, 1))
-  if getattr(module, 'feature_group_count', 1) != 1 or dilated:
-    raise ValueError('grouped or input-dilated convs are not supported')
-  pair = lambda v: (1, 1) if v is None else (tuple(v) if isinstance(v, (tuple, list)) else (v, v))
-  pad = module.padding if isinstance(module.padding, str) else [tuple(p) if isinstance(p, (tuple, list)) else (p, p)
-                                                                for p in module.padding]
-  p = jax.lax.conv_general_dilated_patches(x, ks, pair(module.strides), pad,
-                                           rhs_dilation=pair(getattr(module, 'kernel_dilation', None)),
-                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))   # features (in, kh, kw)
-  c = x.shape[-1]
-  p = p.reshape(p.shape[:3] + (c, ks[0] * ks[1]))
-  return jnp.swapaxes(p, -1, -2).reshape(-1, ks[0] * ks[1] * c), 3                  # (rows, kh kw in)
+CAPTURED = ('xtx', 'sum', 'mean_abs', 'absmax', 'sample')  # what L.Stats holds
 
 
-def _batch_stats(x, max_sample: int) -> dict[str, jax.Array]:
-  x = x.astype(jnp.float32)
-  idx = np.linspace(0, x.shape[0] - 1, min(max_sample, x.shape[0])).astype(int)
-  return {'xtx': x.T @ x, 'x_sum': x.sum(0), 'x_abs_sum': jnp.abs(x).sum(0), 'x_absmax': jnp.abs(x).max(0),
-          'sample': x[idx], 'n': jnp.asarray(x.shape[0])}
+def _layer_stats(st) -> L.Stats:
+  """A capture OpStats (qjax.flax.capture) as the methods' Stats, in float64 (the sample in float32)."""
+  f = lambda a: np.asarray(a, np.float64)
+  return L.Stats(int(round(float(st.count))), f(st.xtx), f(st.sum_x), f(st.sum_abs), f(st.absmax),
+                 np.asarray(st.sample, np.float32))
 
 
-def gather_stats(run, state, paths, max_sample: int = 512) -> tuple[dict[str, L.Stats], dict[str, int]]:
-  """Input statistics of the modules at `paths` over the calibration batches, one jitted forward per batch, and
-  the number of leading kernel axes each module contracts (`_rows`).
+def gather_stats(run, state, max_sample: int = 512) -> dict:
+  """qjax.flax.capture's statistics of every quantized op with one weight operand over
+  config.quant.calibration_batches batches ({key: (OpSite, L.Stats)}): the model runs in float, in evaluation
+  mode, one jit-compiled forward per batch (`trainer.capture`), convolutions as im2col patches ordered like
+  their flattened kernel; the sums are over all rows, the sample keeps at most max_sample rows per op."""
+  batches = (jnp.asarray(run.batch(i)[0]) for i in range(run.config.quant.calibration_batches))
+  got = run.trainer.capture(state, batches, stats=CAPTURED, max_sample=max_sample, conv_features='patches')
+  return {key: (site, _layer_stats(st)) for key, (site, st) in jax.device_get(got).items()}
 
-  Calibration inputs are module inputs, taken at qjax.ptq.online's capture point on the quantized model in
-  evaluation mode (`trainer.ptq_forward`). Not qjax.flax.capture: the methods here need the im2col Hessian of a
-  convolution (capture sums a conv's window into per-channel statistics) and a sample of input rows (AWQ's
-  search, AdaRound's reconstruction), which capture does not keep."""
-  fwd, args = run.trainer.ptq_forward(state, paths)
-  n_in = {}
 
-  @jax.jit
-  def step(args, x):
-    got, out = {}, {}
-    with online.capture(lambda p, v, m: got.setdefault(p, (v, m)), paths):
-      fwd(args, x)
-    for p, (v, m) in got.items():  # after the forward: qjax no longer intercepts these ops (the im2col is a conv)
-      rows, n_in[p] = _rows(v, m)
-      out[p] = _batch_stats(rows, max_sample)
-    return out
+def _kernel_param(path: str) -> str:
+  return f'{path}/kernel' if path else 'kernel'
 
-  stats: dict[str, L.Stats] = {}
-  for i in range(run.config.quant.calibration_batches):
-    out = jax.device_get(step(args, jnp.asarray(run.batch(i)[0])))
-    for p, d in out.items():
-      s = L.Stats(int(d['n']), *(np.asarray(d[k], np.float64) for k in ('xtx', 'x_sum', 'x_abs_sum', 'x_absmax')),
-                  np.asarray(d['sample'], np.float32))
-      stats[p] = L.merge(stats.get(p), s, max_sample)
-  return stats, n_in
+
+def _why_not(site, w, spec) -> str:
+  """Why a captured op's kernel cannot be flattened to (K, rest) with its rows as features ('' when it can): the
+  op must contract the kernel's leading axes, in order."""
+  n_in = len(site.contracting)
+  if site.contracting != tuple(range(n_in)):
+    return (f'{site.op} contracts kernel axes {site.contracting}, not its leading axes'
+            + (f' ({site.conv_features}: {site.note})' if site.note else ''))
+  if tuple(site.weight_shape) != tuple(w.shape) or int(np.prod(w.shape[:n_in])) != site.features:
+    return f'captured features {site.features} do not match the kernel {tuple(w.shape)}'
+  if n_in > 1 and spec.granularity == 'per_group':
+    return 'per-group weights over several contracting axes'
+  return ''
+
+
+def match(todo, captured) -> tuple[dict, dict[str, str]]:
+  """({path: (OpSite, L.Stats)}, {path: why left to RTN}): each target kernel's one captured op. A kernel
+  qualifies when exactly one op uses it, in its own module, contracting its leading axes (`_why_not`)."""
+  by_weight: dict[str, list] = {}
+  for site, st in captured.values():
+    by_weight.setdefault(site.weight, []).append((site, st))
+  found, skipped = {}, {}
+  for path, (w, _, spec) in todo.items():
+    uses = by_weight.get(_kernel_param(path), [])
+    if not uses:
+      skipped[path] = 'no quantized op with this kernel as its weight operand was captured'
+      continue
+    if len(uses) > 1:
+      skipped[path] = f'{len(uses)} ops use this kernel ({", ".join(s.prefix for s, _ in uses)})'
+      continue
+    site, st = uses[0]
+    why = (f'its op runs in module {site.module_path or "<root>"}' if site.module_path != path
+           else _why_not(site, w, spec))
+    if why:
+      skipped[path] = why
+    else:
+      found[path] = (site, st)
+  return found, skipped
+
+
+def _input_is_last_axis(site) -> bool:
+  """Whether an online input op (x @ rotation) / scale over the module input's last axis is the op's input
+  transform: a matmul contracting its activation's last axis alone (not a conv's patches, not
+  (heads, head_dim)). This takes the module's input to be the op's activation operand, as in Flax's Dense,
+  DenseGeneral and nnx.Linear."""
+  return site.op != 'conv' and site.act_contracting == (site.act_ndim - 1,)
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -141,25 +159,23 @@ def apply(run, state):
   ms = ptq_config.methods(c.ptq)
   t0 = time.time()
   todo, skipped = targets(tr, state)
-  stats, n_ins = gather_stats(run, state, tuple(todo), c.ptq.max_sample)
+  found, not_matched = match(todo, gather_stats(run, state, c.ptq.max_sample))
+  skipped.update(not_matched)
   done, layers, transforms, qs, left_out = {}, {}, {}, {}, []
-  progress = Progress(len(todo), 0)
+  progress = Progress(len(found), 0)
   input_ops = {n for n, _ in ms if registry.get(n).changes_input}
-  for i, (path, (w0, b0, spec)) in enumerate(todo.items()):
-    n_in = n_ins.get(path)
-    w = None if n_in is None else w0.reshape((int(np.prod(w0.shape[:n_in])), -1))
-    if w is None or w.shape[0] != len(stats[path].x_sum) or (n_in > 1 and spec.granularity == 'per_group'):
-      skipped.append(path)
-      continue
+  for i, (path, (site, stats)) in enumerate(found.items()):
+    w0, b0, spec = todo[path]
+    n_in = len(site.contracting)
+    w = w0.reshape((site.features, -1))                                       # (K, rest)
     b = None if b0 is None else b0.reshape(-1)
-    # An online input op acts on the module's input: only where the kernel contracts its last axis alone.
-    drop = input_ops if (n_in > 1 or w0.ndim == 4) else set()
+    drop = set() if _input_is_last_axis(site) else input_ops
     if drop & {n for n, _ in ms}:
       left_out.append(path)
-    start = L.Layer(w, spec, stats[path], bias=b)
+    start = L.Layer(w, spec, stats, bias=b)
     lay = qjax.ptq.run(start, [m for m in ms if m[0] not in drop])
     rtn = qjax.ptq.run(start, ['rtn'])
-    x = stats[path].sample.astype(np.float64)
+    x = stats.sample.astype(np.float64)
     layers[path] = {'rel_output_mse': _rel_error(lay, x, w, b), 'rtn_rel_output_mse': _rel_error(rtn, x, w, b),
                     **({'notes': {k: v for k, v in lay.notes}} if lay.notes else {})}
     done[path], qs[path] = lay, _reshaped(lay.q, w0.shape, n_in)
@@ -174,6 +190,7 @@ def apply(run, state):
                         f'ptq/{path}/rtn_rel_output_mse': m['rtn_rel_output_mse']}, 0)
   info = {'methods': [[n, {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}] for n, p in ms],
           'wall_time_sec': time.time() - t0, 'layers': layers, 'skipped': sorted(skipped),
+          'skipped_reasons': dict(sorted(skipped.items())),
           'online_ops': sorted(transforms), 'input_op_methods_left_out': sorted(left_out)}
   run.log(f'ptq {"+".join(n for n, _ in ms)}: {len(done)} layers in {info["wall_time_sec"]:.1f}s'
           + (f', {len(skipped)} left to RTN ({", ".join(sorted(skipped)[:4])})' if skipped else ''))

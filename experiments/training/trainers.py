@@ -26,7 +26,7 @@ from flax import nnx
 from experiments.data import pipeline as input_pipeline
 from experiments.models import ModelDef
 from qjax import flax as qflax
-from qjax.flax import QuantizedLinen, convert_linen, convert_nnx
+from qjax.flax import QuantizedLinen, capture, convert_linen, convert_nnx
 from qjax.flax.intercept import STATS, ServingWeight
 from qjax.ptq import online
 
@@ -167,11 +167,11 @@ class LinenTrainer:
 
   # ------------------------------------------------- what PTQ methods ask of any trainer (experiments/training/ptq.py)
 
-  def ptq_forward(self, state, paths):
-    """(forward(args, x), args): the quantized model in evaluation mode with qjax.ptq.online's capture point on
-    the modules at `paths` (their inputs are the calibration data)."""
-    self.q = QuantizedLinen(online.InputOps(self.q.model, {}, tuple(paths)), self.q.rules)
-    return (lambda v, x: self.q.apply(v, x, train=False)), self.variables(state)
+  def capture(self, state, batches, **capture_kwargs):
+    """qjax.flax.capture's calibration statistics per quantized op ({key: (OpSite, OpStats)}) of the model in
+    evaluation mode (run in float) on `batches` (model inputs); capture_kwargs: stats, max_sample,
+    conv_features."""
+    return capture.capture_linen(self.q, self.variables(state), batches, train=False, **capture_kwargs)
 
   def ptq_update(self, state, layers, transforms):
     """The state with each module's kernel and bias replaced ({path: (kernel, bias or None)}, any shape that
@@ -325,14 +325,11 @@ class NnxTrainer:
 
   # ------------------------------------------------- what PTQ methods ask of any trainer (experiments/training/ptq.py)
 
-  def ptq_forward(self, state, paths):
-    """(forward(args, x), args): the quantized model in evaluation mode with qjax.ptq.online's capture point on
-    the modules at `paths` (their inputs are the calibration data)."""
-    model = self.module(state)
-    online.install_nnx(model, paths)
-    model.eval()
-    graphdef, mstate = nnx.split(model)
-    return (lambda s, x: nnx.merge(graphdef, s)(x)), mstate
+  def capture(self, state, batches, **capture_kwargs):
+    """qjax.flax.capture's calibration statistics per quantized op ({key: (OpSite, OpStats)}) of the model in
+    evaluation mode (run in float; the model is not changed) on `batches` (model inputs); capture_kwargs:
+    stats, max_sample, conv_features."""
+    return capture.capture_nnx(self.module(state), batches, **capture_kwargs)
 
   def ptq_update(self, state, layers, transforms):
     """The state with each module's kernel and bias replaced ({path: (kernel, bias or None)}, any shape that
@@ -344,7 +341,7 @@ class NnxTrainer:
         if v is not None:
           var = getattr(mods[path], name)
           var.set_value(jnp.asarray(v, var.get_value().dtype).reshape(var.get_value().shape))
-    online.install_nnx(model, (), transforms)
+    online.install_nnx(model, transforms)
     return state.replace((model, opt))
 
   def ptq_serve(self, served, qs) -> None:

@@ -89,7 +89,6 @@ class Session:
     self.probe_mins: dict[tuple[str, str, int, str], Any] = {}
     self.origins: dict[tuple, Operand] = {}  # use site -> operand, from the 'trace' pre-pass of eager calls
     self.capture = None                      # the capture collector (qjax.flax.capture) in 'capture' mode
-    self.capture_stats: tuple = ()
     self._warned: set = set()
     self.weight_uses: dict[str, WeightUse] = {}  # param path -> how its first quantized op quantizes it
     self.reads: dict[int, tuple] = {}            # id(quantized read) -> (read, param path, float param)
@@ -232,7 +231,7 @@ class Session:
     lhs_red = tuple(dn.lhs_spec[1:])              # input features and spatial axes
     rhs_red = tuple(dn.rhs_spec[1:])              # the kernel's input-feature and spatial axes
     return self.run_op(fr, 'conv', lhs, rhs, orig, q, (lhs_red, rhs_red),
-                       ((dn.lhs_spec[1],), (dn.rhs_spec[1],)))
+                       ((dn.lhs_spec[1],), (dn.rhs_spec[1],)), window=args)
 
   def einsum(self, fr, subscripts, lhs, rhs, preferred_element_type, orig):
 
@@ -248,9 +247,12 @@ class Session:
     with _inside():
       return orig()
 
-  def run_op(self, fr, op: str, lhs, rhs, orig, q, reduced=((), ()), contracting=((), ()), via: str = ''):
+  def run_op(self, fr, op: str, lhs, rhs, orig, q, reduced=((), ()), contracting=((), ()), via: str = '',
+             window=None):
     """One hooked op. reduced: per operand the axes its per-channel scale reduces (contracting and batch axes
-    for matmuls; features and window for convs); contracting: the contracting axes (for capture)."""
+    for matmuls; features and window for convs); contracting: the contracting axes (for capture); window: a
+    conv's arguments after its operands (strides, padding, dilations, dimension numbers, groups: for capture's
+    im2col patches)."""
     index = fr.counters.get(op, 0)
     fr.counters[op] = index + 1
     prefix = f'{op}{index}' if fr.method == '__call__' else f'{fr.method}_{op}{index}'
@@ -266,7 +268,7 @@ class Session:
       with _inside():
         out = orig()
       if self.capture is not None and found is not None and not found[1].keep_float:
-        self.capture.add(fr, prefix, op, lhs, rhs, lo, ro, contracting, out)
+        self.capture.add(fr, prefix, op, lhs, rhs, lo, ro, contracting, out, window)
       return out
     if found is None or found[1].keep_float or self.mode == 'trace':
       if found is not None:

@@ -1,27 +1,21 @@
-"""The online input op of rotation / SmoothQuant / AWQ layers, and module-input capture, on unmodified Flax models.
+"""The online input op of rotation / SmoothQuant / AWQ layers, on unmodified Flax models.
 
     x -> (x @ rotation) / scale          before the layer's own op, in float
 
 Linen: `InputOps(model, transforms)` wraps a Linen module (init / apply as the module's own) and, through Flax's
 `nn.intercept_methods`, rewrites the first argument of `__call__` of the modules at the given paths. NNX:
 `install_nnx(model, transforms)` gives those modules a subclass whose `__call__` does the same, with the rotation
-and scale held as `OnlineInput` variables (so jit, checkpoints and nnx.split see them). While `capture(sink)` is
-active, both also hand each such module's (original) input to `sink(path, x, module)`: the calibration inputs the PTQ
-methods need. The matmul of the rotation calls `jax.lax.dot_general` from inside qjax (not from a module), so
-qjax's interception runs it as the plain float op it is.
+and scale held as `OnlineInput` variables (so jit, checkpoints and nnx.split see them). The matmul of the
+rotation calls `jax.lax.dot_general` from inside qjax (not from a module), so qjax's interception runs it as the
+plain float op it is. (The PTQ methods' calibration data come from qjax.flax.capture, not from here.)
 """
 
 from __future__ import annotations
-
-import contextlib
-import threading
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-_tls = threading.local()
 
 
 def transform_input(x, rotation=None, scale=None):
@@ -34,41 +28,21 @@ def transform_input(x, rotation=None, scale=None):
   return x
 
 
-@contextlib.contextmanager
-def capture(sink, paths):
-  """While active, `sink(path, x, module)` receives the input of every call of a module at one of `paths`."""
-  _tls.capture = (sink, frozenset(paths))
-  try:
-    yield
-  finally:
-    _tls.capture = None
-
-
-def _captured(path, x, module):
-  c = getattr(_tls, 'capture', None)
-  if c is not None and path in c[1]:
-    c[0](path, x, module)
-
-
 class InputOps:
   """A Linen module whose modules at `transforms`' paths apply their online input op ({path: (rotation,
-  scale)}, either may be None); also the capture point for the modules at `capture_paths`."""
+  scale)}, either may be None)."""
 
-  def __init__(self, model: nn.Module, transforms=None, capture_paths=()):
+  def __init__(self, model: nn.Module, transforms=None):
     self.model, self.transforms = model, dict(transforms or {})
-    self.paths = frozenset(capture_paths) | frozenset(self.transforms)
 
   def __getattr__(self, name):
     return getattr(self.model, name)
 
   def _interceptor(self, next_fun, args, kwargs, context):
     if context.method_name == '__call__' and args:
-      path = '/'.join(str(p) for p in context.module.path)
-      if path in self.paths:
-        _captured(path, args[0], context.module)
-        t = self.transforms.get(path)
-        if t is not None:
-          args = (transform_input(args[0], *t),) + tuple(args[1:])
+      t = self.transforms.get('/'.join(str(p) for p in context.module.path))
+      if t is not None:
+        args = (transform_input(args[0], *t),) + tuple(args[1:])
     return next_fun(*args, **kwargs)
 
   def init(self, *args, **kwargs):
@@ -88,26 +62,23 @@ _SUBCLASSES: dict[type, type] = {}
 
 
 def _call(self, x, *args, **kwargs):
-  _captured(self._ptq_path, x, self)
   r, s = getattr(self, 'ptq_rotation', None), getattr(self, 'ptq_scale', None)
   x = transform_input(x, None if r is None else r.get_value(), None if s is None else s.get_value())
   return super(_SUBCLASSES[self._ptq_base], self).__call__(x, *args, **kwargs)
 
 
-def install_nnx(model: nnx.Module, paths, transforms=None) -> None:
-  """Makes the NNX modules at `paths` capture points, and gives those in `transforms` ({path: (rotation,
-  scale)}) their online input op. In place."""
-  transforms = dict(transforms or {})
+def install_nnx(model: nnx.Module, transforms) -> None:
+  """Gives the NNX modules at `transforms`' paths ({path: (rotation, scale)}) their online input op. In place."""
+  transforms = dict(transforms)
   for p, m in nnx.iter_modules(model):
     path = '/'.join(str(k) for k in p)
-    if path not in set(paths) | set(transforms):
+    if path not in transforms:
       continue
     base = getattr(m, '_ptq_base', None) or type(m)
     if base not in _SUBCLASSES:
       _SUBCLASSES[base] = type(base.__name__, (base,), {'__call__': _call, '_ptq_base': base,
                                                         '__module__': base.__module__})
     m.__class__ = _SUBCLASSES[base]
-    m._ptq_path = path
     rot, scale = transforms.get(path, (None, None))
     if rot is not None:
       m.ptq_rotation = OnlineInput(jnp.asarray(rot, jnp.float32))
