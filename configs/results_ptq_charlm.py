@@ -4,7 +4,7 @@ r"""PTQ methods on the Shakespeare char-LM (configs/results_charlm.py's model: 2
     python -m experiments.review.ptq_table runs/results_ptq_charlm --metric=eval/loss
 
 Trials: the float model, then PTQ from it, calibrated on 16 batches of 32 windows:
-  weight-only  int4 / int3 weights in groups of 128 or 64 along the input (the attention output projection, which
+  weight-only  int4 / int3 / int2 weights in groups of 128 or 64 along the input (the attention output projection, which
                contracts heads x head_dim, per output channel), activations float; methods rtn, gptq, gptq with
                act-order, awq, rotation then gptq, gptq then bias_correction.
   W8A8 / W4A8  per-channel weights, int8 per-tensor activations; methods rtn, smoothquant, rotation, and
@@ -44,7 +44,7 @@ def get_sweep(arg=None):
       'awq': {'ptq.method': 'awq'}, 'rotation+gptq': {'ptq.method': 'rotation,gptq'},
       'gptq+bias_correction': {'ptq.method': 'gptq,bias_correction'}}
   bits = {f'w{b}g{g}': {'quant.weight.format': f'int{b}', 'quant.weight.granularity': 'per_group',
-                        'quant.weight.group_size': g, 'quant.act.format': ''} for b in (4, 3) for g in (128, 64)}
+                        'quant.weight.group_size': g, 'quant.act.format': ''} for b in (4, 3, 2) for g in (128, 64)}
   act8 = {'rtn': {'ptq.method': 'rtn'}, 'smoothquant': {'ptq.method': 'smoothquant'},
           'rotation': {'ptq.method': 'rotation'}, 'smoothquant+gptq': {'ptq.method': 'smoothquant,gptq'}}
   bits8 = {f'w{b}a8': {'quant.weight.format': f'int{b}', 'quant.act.format': 'int8'} for b in (8, 4)}
