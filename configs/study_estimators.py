@@ -10,7 +10,12 @@ learned activation clip, DoReFa weights), LSQ (Esser et al. 2020), LSQ+ (Bhalgat
 asymmetric activations with a learned offset), EWGS (Lee et al. 2021). Also the equal-steps float fine-tune.
 Trends the literature reports: LSQ ahead of STE and PACT at 2-3 bits; EWGS ahead of STE at 2 bits. (LSQ+'s
 asymmetric activations pay off after Swish/GELU; this CNN has ReLUs, so little gain is expected here.)
-Args (comma-separated): `seeds=N` repeats every trial over N seeds; `runlocal` shrinks it to a smoke test.
+Args (comma-separated): `seeds=N` repeats every trial over N seeds; `runlocal` shrinks it to a smoke test;
+`activation=swish` (or gelu) builds the CNN with that activation instead of ReLU and runs the estimators whose
+contrast it tests, STE, LSQ and LSQ+ (LSQ+ should lead LSQ there, its learned offset fitting the negative tail):
+
+    python -m experiments.sweep --config=configs/study_estimators.py:seeds=3,activation=swish \
+        --root=runs/study_estimators_swish
 """
 
 import os
@@ -31,8 +36,11 @@ ESTIMATORS = {  # weight, activation (and the activation scheme where the method
 }
 
 
+NON_RELU_ESTIMATORS = ('ste', 'lsq', 'lsq_plus')
+
+
 def get_config(arg=None):
-  a = config_cli.config_args(arg, runlocal=False, seeds=1)
+  a = config_cli.config_args(arg, runlocal=False, seeds=1, activation='relu')
   c = config_cli.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
   if not a['runlocal']:
     c.num_train_steps = 3000
@@ -40,11 +48,14 @@ def get_config(arg=None):
     c.checkpoint_every_steps = 1000
   c.quant.first_last_8bit = True
   c.quant_summaries = False
+  if a['activation'] != 'relu':
+    c.model.activation = a['activation']
   return c
 
 
 def get_sweep(arg=None):
-  a = config_cli.config_args(arg, runlocal=False, seeds=1)
+  a = config_cli.config_args(arg, runlocal=False, seeds=1, activation='relu')
+  estimators = ESTIMATORS if a['activation'] == 'relu' else {k: ESTIMATORS[k] for k in NON_RELU_ESTIMATORS}
   base, steps = (20, 20) if a['runlocal'] else (3000, 1000)
   fine_tune = {'init_from': sweeps.trial_ref(f'mode=float,steps={base}'), 'num_train_steps': steps,
                'optimizer.learning_rate': 5e-4, 'optimizer.warmup_steps': 0, 'eval_every_steps': steps}
@@ -54,7 +65,7 @@ def get_sweep(arg=None):
       sweeps.product(sweeps.axis('mode', {'float': {'mode': 'float'}}), sweeps.axis('steps', {str(base): {}})),
       sweeps.product(sweeps.axis('mode', {'float': {'mode': 'float', **fine_tune}}), total),
       sweeps.product(sweeps.axis('mode', {'qat': {'mode': 'qat', **fine_tune}}), total,
-                     sweeps.axis('estimator', ESTIMATORS), sweeps.axis('bits', bits)),
+                     sweeps.axis('estimator', estimators), sweeps.axis('bits', bits)),
   )
   if a['seeds'] > 1:
     sweep = sweeps.product(sweep, sweeps.axis('seed', list(range(a['seeds']))))

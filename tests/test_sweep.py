@@ -17,6 +17,7 @@ import textwrap
 import time
 import urllib.request
 
+import ml_collections
 import pytest
 
 from experiments import fileio, sweeps
@@ -634,3 +635,26 @@ def test_get_sweep_errors_are_not_swallowed():
     sweeps.get_sweep(types.SimpleNamespace(get_sweep=broken), None)
   no_arg = types.SimpleNamespace(get_sweep=lambda: sweeps.product(sweeps.axis('seed', [0, 1])))
   assert len(sweeps.get_sweep(no_arg, None).points) == 2
+
+
+def test_the_swish_estimator_study_builds_swish_lenets_and_a_bad_activation_fails_before_any_trial(tmp_path):
+  import jax
+  import jax.numpy as jnp
+
+  from experiments import models
+  from experiments.training import runner
+  module, _ = config_cli.load_module(os.path.join(REPO, 'configs/study_estimators.py'))
+  trials = sweeps.expand(module, 'activation=swish,runlocal', str(tmp_path))
+  assert {t.config.model.activation for t in trials} == {'swish'}
+  assert {t.labels['estimator'] for t in trials if 'estimator' in t.labels} == {'ste', 'lsq', 'lsq_plus'}
+  x = jax.random.normal(jax.random.key(0), (2, 28, 28))
+  nets = {a: models.build(ml_collections.ConfigDict({'name': 'lenet5', 'activation': a})).module
+          for a in ('relu', 'swish')}
+  params = nets['relu'].init(jax.random.key(1), x)
+  ys = {a: m.apply(params, x) for a, m in nets.items()}  # the same params: only the activation differs
+  assert ys['relu'].shape == ys['swish'].shape and not jnp.allclose(ys['relu'], ys['swish'])
+  bad = trials[0].config.copy_and_resolve_references()
+  bad.model.activation = 'swsh'
+  with pytest.raises(config_cli.ConfigError, match=r"config.model: LeNet5 activation='swsh': expected one of relu, "
+                                                   r"swish, gelu"):
+    runner.validate(bad)

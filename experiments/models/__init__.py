@@ -49,7 +49,8 @@ def build(model_config: Any, *, num_classes: int = 10, vocab_size: int = 0, seq_
     return ModelDef(name, 'nnx', 'classify', make=lambda rngs: MLP(hidden, num_classes, rngs=rngs))
   if name == 'lenet5':
     return ModelDef(name, 'linen', 'classify', module=LeNet5(
-        num_classes, tuple(model_config.get('features', (6, 16))), tuple(model_config.get('hidden', (120, 84)))))
+        num_classes, tuple(model_config.get('features', (6, 16))), tuple(model_config.get('hidden', (120, 84))),
+        model_config.get('activation', 'relu')))
   if name == 'resnet':
     return ModelDef(name, 'linen', 'classify', module=ResNet(tuple(model_config.get('stage_sizes', (1, 1, 1))),
                                                               model_config.get('width', 16), num_classes))
