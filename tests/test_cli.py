@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from experiments import sweep as sweep_cmd
 from experiments.config import cli as config_cli
 from experiments.sweeps import launch as sweep
 from experiments.training import checkpoints as ckpt_lib
@@ -106,7 +107,7 @@ def test_a_full_disk_in_a_sweep_fails_the_trial_and_still_tallies(tmp_path, monk
 
   monkeypatch.setattr(sweep.fileio, 'write_json_atomic', full_for_errors)
   out = []
-  rc = sweep.run_sweep([f'--config={cfg}', f'--root={root}', '--index=0', '--trial_fn=test_cli:disk_full_trial'],
+  rc = sweep_cmd.run_sweep([f'--config={cfg}', f'--root={root}', '--index=0', '--trial_fn=test_cli:disk_full_trial'],
                        out=out.append)
   assert rc == 1
   failed = next(line for line in out if ' failed ' in line and 'default' in line)

@@ -21,6 +21,7 @@ import ml_collections
 import pytest
 
 from experiments import fileio, sweeps
+from experiments import sweep as sweep_cmd
 from experiments.config import cli as config_cli
 from experiments.fileio import Claim
 from experiments.review import board
@@ -90,7 +91,7 @@ def fake_cfg(tmp_path):
 
 def _sweep(args, lines=None):
   out = [] if lines is None else lines
-  rc = sweep.run_sweep(args, out=out.append)
+  rc = sweep_cmd.run_sweep(args, out=out.append)
   return rc, out
 
 

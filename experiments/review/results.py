@@ -76,9 +76,9 @@ def _derive_labels(trials: list[dict]) -> None:
   """Without a manifest: the labels are the config leaves that differ between trials (last key segment)."""
   flats = [config_cli.flatten(t['config']) for t in trials]
   keys = sorted({k for f in flats for k in f if len({json.dumps(g.get(k), default=str) for g in flats}) > 1})
-  short = sweeps.short_names([sweeps._Axis(k, None, False) for k in keys])
+  short = sweeps.short_key_names(keys)
   for t, f in zip(trials, flats, strict=True):
-    t['labels'] = {short[k]: sweeps._label(f.get(k)) for k in keys}
+    t['labels'] = {short[k]: sweeps.label(f.get(k)) for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------- summaries

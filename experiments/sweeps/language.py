@@ -42,8 +42,8 @@ import ml_collections
 
 from experiments.config import cli as config_cli
 
-__all__ = ['Sweep', 'Trial', 'TrialRef', 'axis', 'chain', 'expand', 'hparam_domains', 'product', 'trial_ref',
-           'zipped']
+__all__ = ['Sweep', 'Trial', 'TrialRef', 'axis', 'chain', 'expand', 'hparam_domains', 'label', 'product',
+           'short_key_names', 'trial_ref', 'zipped']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +93,14 @@ class Sweep:
     return f'Sweep({len(self.points)} points over {", ".join(a.key for a in self.axes)})'
 
 
-def _label(value: Any) -> str:
+def label(value: Any) -> str:
+  """A config value as a trial label: 'true', '0.001', '4-8', filename-safe."""
   if isinstance(value, bool):
     text = str(value).lower()
   elif isinstance(value, float):
     text = f'{value:g}'
   elif isinstance(value, (tuple, list)):
-    text = '-'.join(_label(v) for v in value)
+    text = '-'.join(label(v) for v in value)
   else:
     text = str(value)
   text = text or 'none'
@@ -111,10 +112,10 @@ def axis(key: str, values: Sequence[Any] | Mapping[str, Mapping[str, Any]], *, n
   if isinstance(values, Mapping):
     ax = _Axis(key, name or key, True)
     points = []
-    for label, setting in values.items():
+    for text, setting in values.items():
       if not isinstance(setting, Mapping):
-        raise config_cli.ConfigError(f'axis({key!r}): setting {label!r} must be a dict of dotted key -> value')
-      points.append(_Point(((ax, _label(label)),), tuple(setting.items())))
+        raise config_cli.ConfigError(f'axis({key!r}): setting {text!r} must be a dict of dotted key -> value')
+      points.append(_Point(((ax, label(text)),), tuple(setting.items())))
   else:
     ax = _Axis(key, name, False)
     points = []
@@ -124,9 +125,9 @@ def axis(key: str, values: Sequence[Any] | Mapping[str, Mapping[str, Any]], *, n
           raise config_cli.ConfigError(
               f'axis({key!r}): a dict value needs {key!r} in it for its label, or use the named form '
               f'axis({key!r}, {{"label": {{...}}}})')
-        points.append(_Point(((ax, _label(v[key])),), tuple(v.items())))
+        points.append(_Point(((ax, label(v[key])),), tuple(v.items())))
       else:
-        points.append(_Point(((ax, _label(v)),), ((key, v),)))
+        points.append(_Point(((ax, label(v)),), ((key, v),)))
   if not points:
     raise config_cli.ConfigError(f'axis({key!r}) has no values')
   return Sweep(points, [ax])
@@ -165,6 +166,11 @@ def zipped(*sweeps: Sweep) -> Sweep:
 def chain(*sweeps: Sweep) -> Sweep:
   """The points of each sweep, one sweep after the other."""
   return Sweep([p for s in sweeps for p in s.points], [a for s in sweeps for a in s.axes])
+
+
+def short_key_names(keys: Sequence[str]) -> dict[str, str]:
+  """Dotted config key -> its shortest unambiguous dotted suffix among `keys` (as `short_names` names axes)."""
+  return short_names([_Axis(k, None, False) for k in keys])
 
 
 def short_names(axes: Sequence[_Axis]) -> dict[str, str]:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -187,16 +188,17 @@ def _metric_text(metrics: dict, names: list[str]) -> str:
   return ' '.join(parts)
 
 
-def validate_trials(trials: list[sweeps.Trial]) -> None:
-  """Checks every trial's config as the runner will (mode, optimizer, QuantSpec fields) before any trial starts."""
-  from experiments.training import runner as train  # noqa: PLC0415 - JAX; the pool's workers start by forkserver, unaffected
+def validate_trials(trials: list[sweeps.Trial], validate) -> None:
+  """Checks every trial's config as the trial function will (`validate(config)`, e.g. the runner's: mode,
+  optimizer, model, QuantSpec fields) before any trial starts."""
   for t in trials:
     try:
-      train.validate(t.config)
+      validate(t.config)
     except config_cli.ConfigError as e:
       raise config_cli.ConfigError(f'trial {t.name}: {e}') from None
     except (AttributeError, KeyError) as e:
-      key = str(e).strip('"\' ')
+      found = re.search(r"[A-Za-z_][\w.]*", str(e))  # the key, out of ml_collections' quoted, escaped message
+      key = found.group(0) if found else str(e)
       raise config_cli.ConfigError(f'trial {t.name}: the config lacks {key!r}, which {DEFAULT_TRIAL_FN} needs (a '
                                   'config built on experiments/config/defaults.py, or give --trial_fn)') from None
 
@@ -269,8 +271,13 @@ def _truthy(v: str | None) -> bool:
   return (v or 'false').lower() in ('1', 'true', 'yes')
 
 
-def run_sweep(argv: list[str], out=print) -> int:
-  """The command line, as a function (returns the exit status; `out` receives the progress lines)."""
+def run_sweep(argv: list[str], out=print, *, validate=None, report=None) -> int:
+  """The command line, as a function (returns the exit status; `out` receives the progress lines).
+
+  `validate(config)` checks each trial's config before any runs when the trial function is the default runner;
+  `report(root)` writes the root's report once the trials are done ({'report': path, 'csv': path}). The command
+  (experiments/sweep.py) gives the runner's and experiments.review's; the sweep package itself imports neither.
+  """
   if config_cli.wants_help(argv):
     out(config_cli.help_text(__doc__, {}, argv))
     return 0
@@ -305,8 +312,8 @@ def run_sweep(argv: list[str], out=print) -> int:
   trial_fn = flags.get('trial_fn', DEFAULT_TRIAL_FN)
   retry = _truthy(flags.get('retry_failed'))
   _count(flags, 'workers')
-  if trial_fn == DEFAULT_TRIAL_FN:
-    validate_trials(trials)
+  if trial_fn == DEFAULT_TRIAL_FN and validate is not None:
+    validate_trials(trials, validate)
   config_cli.writable_dir(root, 'root')
   chosen = trials if index is None else [trials[index]]
   changed = changed_trials(trials, chosen, root)
@@ -371,23 +378,24 @@ def run_sweep(argv: list[str], out=print) -> int:
       out(f'[{time.strftime("%H:%M:%S")}] {status:<6s} {o.name}  {text}  {_fmt_time(elapsed)}{cpu}  ({k}/{n})')
   out(f'tally: {counts["done"]} done, {counts["skipped"]} skipped, {counts["failed"]} failed '
       f'of {len(p.run) + len(p.skipped)} in {_fmt_time(time.time() - t_start)}')
-  try:
-    from experiments.review import report  # noqa: PLC0415 -- matplotlib and tensorboard, once the trials are done
-    paths = report.write_report(root)
-    out(f'report: {paths["report"]}  (table: {paths["csv"]})')
-  except Exception as e:  # noqa: BLE001 - the trials are safe on disk; the report can be rerun
-    out(f'report failed ({type(e).__name__}: {e}); rerun: python -m experiments.report {root}')
+  if report is not None:
+    try:
+      paths = report(root)
+      out(f'report: {paths["report"]}  (table: {paths["csv"]})')
+    except Exception as e:  # noqa: BLE001 - the trials are safe on disk; the report can be rerun
+      out(f'report failed ({type(e).__name__}: {e}); rerun: python -m experiments.report {root}')
   out(f'TensorBoard: python -m experiments.board {root}')
   return 1 if counts['failed'] else 0
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], **hooks) -> int:
+  """The command: run_sweep with its progress on stdout; `hooks` as run_sweep's (validate, report)."""
   def on_term(signum, frame):
     raise KeyboardInterrupt
 
   signal.signal(signal.SIGTERM, on_term)
   try:
-    return run_sweep(argv, out=lambda s: print(s, flush=True))
+    return run_sweep(argv, out=lambda s: print(s, flush=True), **hooks)
   except SweepError as e:
     if config_cli.debug_requested():
       raise

@@ -212,11 +212,11 @@ def validate(config):
     near = difflib.get_close_matches(str(config.mode), MODES, n=1)
     hint = f'; did you mean {near[0]!r}?' if near else ''
     raise config_cli.ConfigError(f'config.mode={config.mode!r} is not one of {", ".join(MODES)}{hint}')
+  tx, sched = make_optimizer(config)
   try:
     models.build(config.model)  # the name and the model's own fields (LeNet5's activation); no params made
   except ValueError as e:
     raise config_cli.ConfigError(f'config.model: {e}') from None
-  tx, sched = make_optimizer(config)
   if config.mode == 'float':
     return None, tx, sched
   quant = config.quant
