@@ -55,6 +55,45 @@ def test_smoothquant_alpha_range_and_folding():
   np.testing.assert_allclose(h @ wf + bf, (h @ wp + bp) / s, rtol=1e-12)
 
 
+def conv_data(seed, positions=9, channels=8, n_out=12, n=300):
+  """im2col rows of a conv (positions x channels features, channel fastest) whose channel 0 carries outliers
+  at every window position, and a Gaussian kernel (K, out)."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((n, positions, channels))
+  x[:, :, 0] *= 25.0
+  return x.reshape(n, -1).astype(np.float32), rng.standard_normal((positions * channels, n_out)).astype(np.float32)
+
+
+def test_tied_smoothquant_has_one_scale_per_input_channel_from_the_window_maxima():
+  x, w = conv_data(5)
+  res = smoothquant.smoothquant(np.abs(x).max(0), [w], alpha=0.5, tied=8)
+  x_c = np.abs(x).reshape(-1, 9, 8).max((0, 1))                     # max |X_c| over rows and positions
+  w_c = np.abs(w).reshape(9, 8, -1).max((0, 2))                     # max |W_c| over positions and outputs
+  np.testing.assert_allclose(res.scale, np.tile(np.sqrt(x_c / w_c), 9), rtol=1e-6)
+  np.testing.assert_allclose((x / res.scale) @ res.w[0], x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_tied_awq_searches_per_channel_scales_and_never_loses_to_rtn():
+  x, w = conv_data(6)
+  res = awq.awq(w, x, INT4, n_grid=20, clip=False, tied=8)
+  s_c = res.scale[:8]
+  np.testing.assert_array_equal(res.scale, np.tile(s_c, 9))          # one scale per channel, every position
+  xbar = np.abs(x.astype(np.float64)).reshape(-1, 9, 8).mean((0, 1))
+  want = np.maximum(xbar ** res.alpha, 1e-4)
+  np.testing.assert_allclose(s_c, want / np.sqrt(want.max() * want.min()), rtol=1e-6)
+  assert res.errors[int(round(res.alpha * 20))] <= res.errors[0]     # alpha = 0 is round-to-nearest
+  np.testing.assert_allclose((x / res.scale) @ res.w_scaled, x @ w, rtol=1e-4, atol=1e-3)
+  with pytest.raises(ValueError, match='not whole positions'):
+    awq.awq(w, x, INT4, clip=False, tied=7)
+
+
+def test_a_rotation_refuses_a_convolutions_im2col_features():
+  x, w = conv_data(7)
+  lay = layer.Layer(w, INT4, layer.stats_of(x), tied=8)
+  with pytest.raises(ValueError, match="not to a convolution's im2col features"):
+    registry.get('rotation').run(lay, kind='hadamard', seed=0)
+
+
 # ------------------------------------------------------------------------------------------------ rotation
 
 

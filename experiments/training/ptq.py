@@ -23,9 +23,11 @@ feature group, no input dilation; per-channel or per-tensor weights) over (kh, k
 patches as rows. Other kernels stay RTN and are listed in ptq.skipped (ptq.skipped_reasons says why): no captured
 op uses them, two ops do, the op runs in another module, or it contracts axes that are not the kernel's leading
 ones (a grouped conv, whose patches capture falls back to channels). Methods that add an online input op
-(rotation, SmoothQuant, AWQ) apply only where the op contracts its activation's last axis alone, taken to be the
-module's input (as in Dense / Linear); elsewhere (convs, an attention output over (heads, head_dim)) they are left
-out (ptq.input_op_methods_left_out lists those layers) and the rest of the list runs. Each layer gets its own scale
+(rotation, SmoothQuant, AWQ) apply where the op contracts its activation's last axis alone, taken to be the
+module's input (as in Dense / Linear); on a 2-D convolution SmoothQuant and AWQ apply with one scale per input
+channel (qjax.ptq.layer: `tied`), which the online op multiplies into the conv's input, while a rotation does not;
+elsewhere (an attention output over (heads, head_dim)) they are left out (ptq.input_op_methods_left_out lists
+those layers) and the rest of the list runs. Each layer gets its own scale
 or rotation (SmoothQuant's shared scale over q, k and v is not used: each projection has its own online op).
 """
 
@@ -142,6 +144,16 @@ def _input_is_last_axis(site) -> bool:
   return site.op != 'conv' and site.act_contracting == (site.act_ndim - 1,)
 
 
+def _conv_channels(site, w0) -> int | None:
+  """C, when the op is a 2-D convolution over im2col patches of an NHWC input with an HWIO kernel, whose features
+  are (kh, kw, C) with C the input's last axis: then a per-channel online scale on the conv's input is a scale of
+  the features, repeated over the window (SmoothQuant, AWQ). None otherwise."""
+  if site.op != 'conv' or site.conv_features != 'patches' or w0.ndim != 4:
+    return None
+  channels_last = site.act_contracting[:1] == (site.act_ndim - 1,)  # the input's channel axis is its last
+  return int(w0.shape[2]) if channels_last and tuple(site.contracting) == (0, 1, 2) else None
+
+
 # ----------------------------------------------------------------------------------------------- the run
 
 
@@ -169,18 +181,19 @@ def apply(run, state):
     n_in = len(site.contracting)
     w = w0.reshape((site.features, -1))                                       # (K, rest)
     b = None if b0 is None else b0.reshape(-1)
-    drop = set() if _input_is_last_axis(site) else input_ops
+    tied = _conv_channels(site, w0)
+    drop = set() if _input_is_last_axis(site) else {'rotation'} & input_ops if tied else input_ops
     if drop & {n for n, _ in ms}:
       left_out.append(path)
-    start = L.Layer(w, spec, stats, bias=b)
+    start = L.Layer(w, spec, stats, bias=b, tied=tied)
     lay = qjax.ptq.run(start, [m for m in ms if m[0] not in drop])
     rtn = qjax.ptq.run(start, ['rtn'])
     x = stats.sample.astype(np.float64)
     layers[path] = {'rel_output_mse': _rel_error(lay, x, w, b), 'rtn_rel_output_mse': _rel_error(rtn, x, w, b),
                     **({'notes': {k: v for k, v in lay.notes}} if lay.notes else {})}
     done[path], qs[path] = lay, _reshaped(lay.q, w0.shape, n_in)
-    if lay.rotation is not None or lay.scale is not None:
-      transforms[path] = (lay.rotation, lay.scale)
+    if lay.rotation is not None or lay.scale is not None:  # a conv's scale acts on its input channels
+      transforms[path] = (lay.rotation, lay.scale if tied is None else lay.scale[:tied])
     progress.update(i + 1)
   progress.close()
   state = tr.ptq_update(state, {p: (lay.w, lay.bias) for p, lay in done.items()}, transforms)

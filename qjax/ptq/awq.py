@@ -3,7 +3,9 @@
     xbar_j = mean|x_j|,   s(alpha) = max(xbar^alpha, 1e-4) / sqrt(max s . min s)
     alpha* = argmin_{alpha in grid} || x . w  -  (x / s) . Q(diag(s) . w) ||^2      grid: i / n_grid, i = 0..n_grid
 
-over the calibration rows x (n, in) of the layer (a sample). alpha = 0 gives s = 1, plain round-to-nearest, so
+over the calibration rows x (n, in) of the layer (a sample); for a convolution's im2col kernel (`tied` = its input
+channels) xbar is averaged over the window's positions and s is one scale per input channel, repeated over the
+positions (the online op scales the conv's input channels). alpha = 0 gives s = 1, plain round-to-nearest, so
 the picked scales are never worse than RTN on those rows. The optional clip search (AWQ's auto_clip) then
 shrinks each grid's range by r in {1 - j / n_clip : j < max_shrink n_clip}, per scale group (output column, or
 group of input rows and output column), keeping the r with the least output error of that group.
@@ -77,17 +79,20 @@ def _clip_search(x, ws, spec, ratios):
 
 
 def awq(w, x, spec: QuantSpec, *, x_abs_mean=None, n_grid: int = 20, clip: bool = True, n_clip: int = 20,
-        max_shrink: float = 0.5) -> AWQResult:
-  """AWQ of a kernel w (in, out) on calibration rows x (n, in) (mean|x| from x unless x_abs_mean is given)."""
+        max_shrink: float = 0.5, tied: int | None = None) -> AWQResult:
+  """AWQ of a kernel w (in, out) on calibration rows x (n, in) (mean|x| from x unless x_abs_mean is given);
+  `tied`: the kernel is a conv's im2col form with that many input channels (module docstring)."""
   spec = L.kernel_spec(spec, 'AWQ')
   if n_grid < 1:
     raise ValueError(f'AWQ n_grid must be >= 1, got {n_grid}')
   xj, wj = L.as_array(x), L.as_array(w)
   xbar = np.abs(np.asarray(x, np.float64)).mean(0) if x_abs_mean is None else np.asarray(x_abs_mean)
+  xbar = L.per_channel(xbar, tied, np.mean)
+  scales = lambda a: L.per_feature(awq_scales(xbar, a), wj.shape[0])  # noqa: E731
   alphas = np.arange(n_grid + 1) / n_grid
-  errors = np.array([float(_loss(xj, wj, spec, L.as_array(awq_scales(xbar, a)))) for a in alphas])
+  errors = np.array([float(_loss(xj, wj, spec, L.as_array(scales(a)))) for a in alphas])
   alpha = float(alphas[int(np.argmin(errors))])
-  s = awq_scales(xbar, alpha)
+  s = scales(alpha)
   ws = L.as_array(np.asarray(w, np.float64) * s[:, None])
   ratio = None
   if clip:
@@ -105,7 +110,7 @@ def _run(layer: L.Layer, *, n_grid: int, clip: bool, n_clip: int, max_shrink: fl
   if layer.q is not None:
     raise ValueError('awq decides the rounding grid; it must come before other rounding methods')
   res = awq(layer.w, layer.stats.sample, layer.spec, x_abs_mean=layer.stats.abs_mean, n_grid=n_grid, clip=clip,
-            n_clip=n_clip, max_shrink=max_shrink)
+            n_clip=n_clip, max_shrink=max_shrink, tied=layer.tied)
   scale = res.scale if layer.scale is None else layer.scale * res.scale
   return layer.replace(w=res.w_scaled, q=res.q, scale=scale,
                        stats=L.transform_stats(layer.stats, scale=res.scale),

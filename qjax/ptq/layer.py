@@ -9,6 +9,10 @@ Kernels are in Flax's Dense layout, w (in, out) with y = x . w + b, and a method
               decided: `q` (a QArray on the spec's grid, once a rounding method ran) and the online input
               transform x -> (x @ rotation) / scale (rotations, SmoothQuant, AWQ) that the float op must apply.
 
+A convolution's kernel is its im2col form, w (kh kw in, out), whose K = kh kw C features are (position, channel)
+pairs, channel fastest. An online scale can only act on the conv's input channels, so a Layer with `tied = C`
+asks for per-feature scales that repeat every C features: s_f = tile(s_c, kh kw) (`per_channel`, `per_feature`).
+
 Invariant of every method: with the input transform applied, x . w (the float kernel it hands on) equals the
 original layer's float output up to float rounding; only `q` carries quantization error.
 """
@@ -96,6 +100,7 @@ class Layer:
   rotation: np.ndarray | None = None
   scale: np.ndarray | None = None
   notes: tuple = ()
+  tied: int | None = None  # C: the features are (position, channel) pairs and an input scale is per channel
 
   def replace(self, **kw) -> Layer:
     return dataclasses.replace(self, **kw)
@@ -106,6 +111,22 @@ class Layer:
     if self.rotation is not None:
       x = x @ self.rotation
     return x if self.scale is None else x / self.scale
+
+
+def per_channel(v, tied: int | None, reduce=np.max) -> np.ndarray:
+  """A per-feature statistic (K,) reduced over positions to (C,) when features are tied, else as it is."""
+  v = np.asarray(v, np.float64)
+  if tied is not None and len(v) % tied:
+    raise ValueError(f'{len(v)} features are not whole positions of {tied} channels')
+  return v if tied is None else reduce(v.reshape(-1, tied), axis=0)
+
+
+def per_feature(s, k: int) -> np.ndarray:
+  """A per-channel scale (C,) repeated over the positions of K features (channel fastest): (K,)."""
+  s = np.asarray(s, np.float64)
+  if k % len(s):
+    raise ValueError(f'{k} features are not whole positions of {len(s)} channels')
+  return np.tile(s, k // len(s))
 
 
 def kernel_spec(spec: QuantSpec, what: str = 'PTQ') -> QuantSpec:

@@ -66,6 +66,8 @@ def rotate(w, kind: str = 'auto', seed: int = 0) -> RotationResult:
 def _run(layer: L.Layer, *, kind: str, seed: int) -> L.Layer:
   if layer.q is not None or layer.scale is not None:
     raise ValueError('rotation must come first: before smoothquant / awq (a scale) and any rounding method')
+  if layer.tied is not None:  # a rotation of all kh kw C features has no form on the conv's input channels
+    raise ValueError('rotation applies to matmul inputs, not to a convolution\'s im2col features')
   res = rotate(layer.w, kind, seed)
   r = res.rotation if layer.rotation is None else layer.rotation @ res.rotation
   return layer.replace(w=res.w.astype(np.float32), rotation=r,
