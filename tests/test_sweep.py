@@ -659,3 +659,23 @@ def test_the_swish_estimator_study_builds_swish_lenets_and_a_bad_activation_fail
   with pytest.raises(config_cli.ConfigError, match=r"config.model: LeNet5 activation='swsh': expected one of relu, "
                                                    r"swish, gelu"):
     runner.validate(bad)
+
+
+@pytest.mark.parametrize('spec', ['results_fmnist.py', 'results_mnist.py', 'results_charlm.py', 'results_ptq_fmnist.py',
+                                  'results_ptq_fmnist.py:model=resnet', 'results_ptq_charlm.py',
+                                  'study_estimators.py', 'study_estimators.py:activation=swish'])
+def test_each_results_config_runs_its_last_trial_in_runlocal_mode(spec, tmp_path):
+  """The last trial of every results config (a quantized run, which starts from its float trial) on the fixtures:
+  the config, its sweep, the trial_ref and the runner agree before anyone spends hours on the full sweep."""
+  name, _, arg = spec.partition(':')
+  arg = ','.join(filter(None, [arg, 'runlocal']))
+  trials = sweeps.expand(*config_cli.load_module(os.path.join(REPO, 'configs', f'{name}:{arg}')), str(tmp_path))
+  last = trials[-1]
+  rc, out = _sweep([f'--config={os.path.join(REPO, "configs", name)}:{arg}', f'--root={tmp_path}',
+                    f'--index={last.index}'])
+  assert rc == 0, '\n'.join(out)
+  result = fileio.read_result(os.path.join(str(tmp_path), last.name))
+  assert result is not None and result['config']['mode'] == last.config.mode != 'float'
+  assert any(k in result['metrics'] for k in ('eval/accuracy', 'eval/loss'))
+  for d in last.deps:  # its float model was made first, by the same command
+    assert fileio.read_result(os.path.join(str(tmp_path), trials[d].name)) is not None
