@@ -264,13 +264,13 @@ def _run(session, collector, step, carry, batches) -> dict[str, tuple[OpSite, Op
   merge = jax.jit(lambda a, b: jax.tree.map(lambda x, y: _merge(x, y, collector.max_sample), a, b,
                                             is_leaf=lambda v: isinstance(v, OpStats)))
   total = None
-  mode, session.mode, session.capture = session.mode, 'capture', collector
+  phase, session.phase, session.capture = session.phase, 'capture', collector
   try:
     for batch in batches:
       out = jone(carry, batch)
       total = out if total is None else merge(total, out)
   finally:
-    session.mode, session.capture = mode, None
+    session.phase, session.capture = phase, None
   if total is None:
     raise ValueError('capture: no batches')
   return {k: (collector.sites[k], v) for k, v in total.items()}

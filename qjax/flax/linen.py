@@ -66,7 +66,7 @@ class QuantizedLinen:
       def go():
         with self._context():
           intercept.jit_call(fn, state, args, kwargs, abstract=True)
-      self.session.trace_origins(go, call_signature(fn.__name__, self.session.mode, state, args, kwargs))
+      self.session.trace_origins(go, call_signature(fn.__name__, self.session.phase, state, args, kwargs))
     with self._context():
       return fn(state, *args, **kwargs)
 
@@ -111,7 +111,7 @@ class QuantizedLinen:
   def serving(self) -> QuantizedLinen:
     """The same model and rules, reading ServingWeights (see convert_linen)."""
     s = Session(self.rules, LinenBackend())
-    s.mode = 'serve'
+    s.phase = 'serve'
     return QuantizedLinen(self.model, self.rules, session=s)
 
   def report(self) -> str:
@@ -122,7 +122,7 @@ class QuantizedLinen:
     op, a session.Record (module path, weight param path or None, resolved spec, quantizer state, operand).
     Call it inside jax.jit to keep it compiled; the records' arrays are then the trace's values."""
     s = Session(self.rules, LinenBackend())
-    s.mode = 'record'
+    s.phase = 'record'
     QuantizedLinen(self.model, self.rules, session=s).apply(variables, *args, **kwargs)
     return s.records
 

@@ -44,7 +44,7 @@ def _trace_if_eager(module, session, args, kwargs, method: str = '__call__') -> 
   """The outermost call of a model whose variables are concrete (an eager run, or a model closed over by a
   jax.jit) first traces the model abstractly, with its variables as traced inputs, so that operands can be
   traced back to their params (concrete values carry no provenance; qjax.flax.provenance)."""
-  if session.mode in ('probe', 'trace') or session.creating or any(
+  if session.phase in ('probe', 'trace') or session.creating or any(
       provenance.has_trace(x) for x in jax.tree.leaves(nnx.state(module))):
     return
   graphdef, state = nnx.split(module)
@@ -52,7 +52,7 @@ def _trace_if_eager(module, session, args, kwargs, method: str = '__call__') -> 
   def run(state, *a, **k):
     getattr(nnx.merge(graphdef, state), method)(*a, **k)
   try:
-    key = call_signature(graphdef, method, session.mode, state, args, kwargs)
+    key = call_signature(graphdef, method, session.phase, state, args, kwargs)
   except TypeError:
     key = None
   session.trace_origins(lambda: intercept.jit_call(run, state, args, kwargs, abstract=True), key)
@@ -135,7 +135,7 @@ def _call_scope(module, session: Session, args, kwargs):
     if outermost:
       serving.clear()
       session.end_call()
-  if outermost and session.mode != 'probe':  # the outermost quantized module returned: it ran once
+  if outermost and session.phase != 'probe':  # the outermost quantized module returned: it ran once
     session.ruleset.check_first_run()
 
 
@@ -150,7 +150,7 @@ def _tonnx_call(self, *args, rngs=None, method=None, mutable=None, **kwargs):
   if mutable is None:
     if session.creating:
       mutable = ['params', STATS]
-    elif session.mode == 'train' and not self.use_running_average and not any(
+    elif session.phase == 'train' and not self.use_running_average and not any(
         getattr(f.module, 'use_running_average', False) for f in hooks.stack() if f.state is session.backend):
       mutable = [STATS]
 
@@ -427,11 +427,11 @@ def convert_nnx(model: nnx.Module | QuantizedNnx, *sample_args, int4_pack: bool 
     meta[:] = session.records
     shape = lambda path: tuple(variables[path].shape) if path in variables else ()
     return serving.quantize_uses(session.records, problems, shape)
-  session.mode = 'record'
+  session.phase = 'record'
   try:
     qarrays = intercept.jit_call(run, state, sample_args, sample_kwargs)
   finally:
-    session.mode, session.records = 'train', []
+    session.phase, session.records = 'train', []
   for i, r in enumerate([r for r in meta if r.weight_name is not None]):
     q = problems.get(i)
     if isinstance(q, tuple) and q[0] == 'stacked':
@@ -465,7 +465,7 @@ def convert_nnx(model: nnx.Module | QuantizedNnx, *sample_args, int4_pack: bool 
           delattr(module, f'qjax_{r.prefix}_{learned}')
         elif not isinstance(r.module, nnx.Module):  # a Linen module inside an nnx.bridge.ToNNX
           _drop_tonnx_var(modules, r, f"{r.prefix}_{learned}")
-  session.mode = 'serve'
+  session.phase = 'serve'
   return serving.Served('nnx', model, nnx.state(model), tuple(path for path, *_ in todo))
 
 
@@ -499,9 +499,9 @@ def records(model: nnx.Module, *args, **kwargs) -> list:
   """Runs model(*args, **kwargs) in record mode; returns per forward operand of each quantized op a
   session.Record (see QuantizedLinen.records). Call it inside jax.jit / nnx.jit to keep it compiled."""
   session = _session_of(model)
-  mode, session.mode, session.records = session.mode, 'record', []
+  phase, session.phase, session.records = session.phase, 'record', []
   try:
     model(*args, **kwargs)
     return session.records
   finally:
-    session.mode, session.records = mode, []
+    session.phase, session.records = phase, []

@@ -8,11 +8,11 @@ it (qjax.flax.hooks), `run_op`
   3. records what it decided (RuleSet.record: the per-op report) and warns, once, where a spec found nothing;
   4. runs the qjax op with the quantizer state of each operand (learned steps, static ranges, amax histories).
 
-Modes: 'train' (QAT; statistics update where the backend is training), 'record' (also keeps each operand, its
-spec and state: PTQ conversion, per-layer statistics), 'serve' (weights read from ServingWeights),
-'probe' (float ops, no state: op order and activation minima), 'trace' (float ops, no state: the abstract
-pre-pass of an eager call, which stores each operand's origin by use site), 'capture' (float ops, calibration
-statistics; qjax.flax.capture).
+Phases (`Session.phase`; a rule's `mode` is the matmul execution mode): 'train' (QAT; statistics update where
+the backend is training), 'record' (also keeps each operand, its spec and state: PTQ conversion, per-layer
+statistics), 'serve' (weights read from ServingWeights), 'probe' (float ops, no state: op order and activation
+minima), 'trace' (float ops, no state: the abstract pre-pass of an eager call, which stores each operand's origin
+by use site), 'capture' (float ops, calibration statistics; qjax.flax.capture).
 
 State names: '<op><index>_<side>_<what>', e.g. 'dot_general0_rhs_scale', prefixed by '<method>_' for ops run
 from a method other than __call__ (setup-style modules: 'decode_dot_general0_lhs_scale').
@@ -78,12 +78,12 @@ class Operand:
 
 
 class Session:
-  """Rules plus the state backend of one quantized model, and its mode (module docstring)."""
+  """Rules plus the state backend of one quantized model, and its phase (module docstring)."""
 
   def __init__(self, ruleset: RuleSet, backend):
     self.ruleset = ruleset
     self.backend = backend
-    self.mode = 'train'
+    self.phase = 'train'
     self.creating = False  # quantize_nnx's first run: NNX transforms (nnx.scan, nnx.jit) carry new state out
     self.records: list[Record] = []
     self.probe_mins: dict[tuple[str, str, int, str], Any] = {}
@@ -97,7 +97,7 @@ class Session:
   @property
   def serving(self) -> bool:
     """Params are read as ServingWeights: serve mode, or the eager pre-pass of a serve-mode call."""
-    return self.mode == 'serve' or (self.mode == 'trace' and getattr(self, 'outer_mode', None) == 'serve')
+    return self.phase == 'serve' or (self.phase == 'trace' and getattr(self, 'outer_phase', None) == 'serve')
 
   # ---- probes
 
@@ -106,12 +106,12 @@ class Session:
     order of its quantized ops (first_last_8bit) and, where a rule has act_signedness='auto', each activation
     operand's minimum; then RuleSet.fix_order. `run(abstract)` runs the model and returns `self.probe_mins`
     from inside its trace."""
-    mode, self.mode = self.mode, 'probe'
+    phase, self.phase = self.phase, 'probe'
     self.probe_mins = {}
     try:
       mins = run(not self.ruleset.needs_data)
     finally:
-      self.mode, self.probe_mins = mode, {}
+      self.phase, self.probe_mins = phase, {}
     self.ruleset.fix_order(None if not self.ruleset.needs_data else mins)
 
   def trace_origins(self, run, key=None) -> None:
@@ -125,7 +125,7 @@ class Session:
         return
     except TypeError:  # an unhashable static argument: no caching
       key = None
-    mode, self.mode, self.outer_mode = self.mode, 'trace', self.mode
+    phase, self.phase, self.outer_phase = self.phase, 'trace', self.phase
     self.origins = {}
     try:
       run()
@@ -137,7 +137,7 @@ class Session:
                     stacklevel=4)
       return
     finally:
-      self.mode = mode
+      self.phase = phase
     if key is not None:
       cache[key] = self.origins
 
@@ -156,7 +156,7 @@ class Session:
     reads the weight, XLA drops w_hat. How each weight is quantized is learned from the model's first quantized
     run (init, add_quant_vars, quantize_nnx's sample run); before it, params read as they are."""
     use = self.weight_uses.get(path)
-    if use is None or self.mode not in ('train', 'record', 'trace') or tuple(getattr(v, 'shape', ())) != \
+    if use is None or self.phase not in ('train', 'record', 'trace') or tuple(getattr(v, 'shape', ())) != \
         use.origin.shape or not use.origin.invertible or not jnp.issubdtype(v.dtype, jnp.floating):
       return None
     state = {}
@@ -194,13 +194,13 @@ class Session:
   # ---- classifying operands
 
   def classify(self, fr, site: tuple, x) -> Operand:
-    if self.mode != 'trace' and not provenance.has_trace(x) and site in self.origins:
+    if self.phase != 'trace' and not provenance.has_trace(x) and site in self.origins:
       return self.origins[site]  # an eager operand: what the abstract pre-pass found at this use site
     origin = provenance.trace_back(x, lambda v: fr.state.lookup(fr, v))
     if origin is None and fr.state.refresh(fr):  # params created since the index was built (init)
       origin = provenance.trace_back(x, lambda v: fr.state.lookup(fr, v))
     out = Operand(origin, '' if origin is not None else _why(x))
-    if self.mode == 'trace':
+    if self.phase == 'trace':
       self.origins[site] = out
     return out
 
@@ -264,13 +264,13 @@ class Session:
     weights = tuple(n for n in (lw, rw) if n)
     info = dict(origins=(lo.origin, ro.origin), reduced=reduced, via=via,
                 shapes=(tuple(lhs.shape), tuple(rhs.shape)), whys=(lo.why, ro.why))
-    if self.mode == 'capture':
+    if self.phase == 'capture':
       with _inside():
         out = orig()
       if self.capture is not None and found is not None and not found[1].keep_float:
         self.capture.add(fr, prefix, op, lhs, rhs, lo, ro, contracting, out, window)
       return out
-    if found is None or found[1].keep_float or self.mode == 'trace':
+    if found is None or found[1].keep_float or self.phase == 'trace':
       if found is not None:
         self.ruleset.record(fr.path, op, index, found[1], weights, None, (lw or 'act', rw or 'act'), **info)
       with _inside():
@@ -284,7 +284,7 @@ class Session:
       raise ValueError(f'rule {rule.label!r} at {fr.path or "<root>"} ({op}): {e}') from None
     self.ruleset.record(fr.path, op, index, rule, weights, cfg, (lw or 'act', rw or 'act'), **info)
     self._warn_constants(fr, op, rule, (lo, ro), (lhs, rhs))
-    if self.mode == 'probe':
+    if self.phase == 'probe':
       if rule.act_signedness == 'auto':
         for side, o, x in (('lhs', lo, lhs), ('rhs', ro, rhs)):
           if o.origin is None:
@@ -294,7 +294,7 @@ class Session:
       with _inside():
         return orig()
     kept = (fr.path, op, index) in self.ruleset.kept_8bit
-    if self.mode == 'serve':
+    if self.phase == 'serve':
       lhs, rhs = self._served(fr, lo, lhs), self._served(fr, ro, rhs)
     lp = self._params_cb(fr, rule, f'{prefix}_lhs', lo, lhs, kept)
     rp = self._params_cb(fr, rule, f'{prefix}_rhs', ro, rhs, kept)
@@ -348,13 +348,13 @@ class Session:
 
     def cb(spec: QuantSpec, x):
       out = self._state_for(fr, rule, prefix, spec, x, o)
-      if (weight is not None and self.mode in ('train', 'record') and spec.rounding != 'stochastic'
+      if (weight is not None and self.phase in ('train', 'record') and spec.rounding != 'stochastic'
           and not rule.delayed_scaling):
         host = (tuple(str(p) for p in getattr(fr.module, 'path', ())) if fr.state.name == 'linen'
                 else tuple(p for p in fr.path.split('/') if p))  # Linen: within its root scope; NNX: the model
         self.weight_uses.setdefault(weight, WeightUse(spec, dataclasses.replace(o.origin, read=False), host,
                                                       prefix))
-      if self.mode == 'record':
+      if self.phase == 'record':
         self.records.append(Record(fr.module, fr.path, weight, spec, out, prefix, x, kept, o.origin, rule.label))
       return out
     return cb
