@@ -396,7 +396,7 @@ def test_layer_groups_pick_format_granularity_and_estimator_by_config(tmp_path):
       'first': {'module_path': 'hidden/0', 'weight': {'format': 'int4', 'granularity': 'per_group', 'group_size': 16,
                                                       'estimator': 'lsq'},
                 'act': {'format': 'fp8_e4m3'}},
-      'last': {'module_path': 'head', 'keep_float': True}})
+      'last': {'module_path': 'head', 'float': True}})  # the old name of keep_float, as configs wrote it
   result = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
   assert [r['name'] for r in result['rules']] == ['first', 'last', 'default']
   layers = {(row['layer'].split('/dot_general')[0], row['operand']): row for row in result['layers']}
@@ -453,3 +453,14 @@ def test_quantizer_params_get_their_own_learning_rate_and_weight_decay():
   assert k == pytest.approx(-0.1 - 0.05, rel=1e-4) and s == pytest.approx(-0.01, rel=1e-4)
   with pytest.raises(config_cli.ConfigError, match='quant_lr_scale and quant_weight_decay must be >= 0'):
     update(zeros, quant_lr_scale=-1.0)
+
+
+def test_a_layer_group_is_kept_float_by_keep_float_or_its_old_name_float():
+  import ml_collections  # noqa: PLC0415
+
+  from experiments.config import quant as quant_config  # noqa: PLC0415
+  for key in ('keep_float', 'float'):
+    c = mlp_config(mode='qat')
+    c.quant.groups = ml_collections.ConfigDict({'head': {'module_path': 'head', key: True}})
+    rules = quant_config.build_rules(c.quant)
+    assert [(r.name, r.keep_float) for r in rules] == [('head', True), ('default', False)]

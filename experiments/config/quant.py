@@ -2,7 +2,8 @@
 
     config.quant.weight / act / grad    QuantSpec fields; format '' leaves that operand in float
     config.quant.float_layers           regex of module paths kept in float ('' for none)
-    config.quant.groups.<name>          per-layer-group overrides: module_path plus partial weight/act/grad fields
+    config.quant.groups.<name>          per-layer-group overrides: module_path plus partial weight/act/grad fields,
+                                        or keep_float=True (old name: float) to leave the group in float
     config.quant.mode, bwd_mode, act_static, ema_decay, delayed_scaling, small_m (QuantRule fields)
     config.quant.first_last_8bit        keep the model's first and last quantized ops (execution order) at 8 bits,
                                         the convention of LSQ, PACT and DoReFa (QuantRule.first_last_8bit)
@@ -92,7 +93,8 @@ def build_rules(quant: ml_collections.ConfigDict, *, ptq: bool = False) -> list[
     path = g.pop('module_path', None)
     if not path:
       raise ValueError(f'config.quant.groups.{name}: needs a module_path regex')
-    if g.pop('float', False):
+    keep_float = [g.pop(k) for k in ('keep_float', 'float') if k in g]  # `float`: the name before QuantRule's rename
+    if any(keep_float):
       rules.append(QuantRule(path, keep_float=True, name=name))
       continue
     specs = {k: _spec(q[k], g.pop(k, None), f'quant.groups.{name}.{k}', ptq) for k in ('weight', 'act', 'grad')}
