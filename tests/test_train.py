@@ -464,3 +464,6 @@ def test_a_layer_group_is_kept_float_by_keep_float_or_its_old_name_float():
     c.quant.groups = ml_collections.ConfigDict({'head': {'module_path': 'head', key: True}})
     rules = quant_config.build_rules(c.quant)
     assert [(r.name, r.keep_float) for r in rules] == [('head', True), ('default', False)]
+  c.quant.groups.head.keep_float = False
+  with pytest.raises(ValueError, match='keep_float or its old name float, not both'):
+    quant_config.build_rules(c.quant)

@@ -94,6 +94,8 @@ def build_rules(quant: ml_collections.ConfigDict, *, ptq: bool = False) -> list[
     if not path:
       raise ValueError(f'config.quant.groups.{name}: needs a module_path regex')
     keep_float = [g.pop(k) for k in ('keep_float', 'float') if k in g]  # `float`: the name before QuantRule's rename
+    if len(keep_float) > 1:
+      raise ValueError(f'config.quant.groups.{name}: give keep_float or its old name float, not both')
     if any(keep_float):
       rules.append(QuantRule(path, keep_float=True, name=name))
       continue
