@@ -294,10 +294,9 @@ def test_compiled_hlo_int8_convs(dn):
       assert _compiled_convs(compiled) == [('s8', 's8', 's32', True)] * 3
 
 
-def test_compiled_hlo_strided_auto_routes_lhs_dilated_conv(monkeypatch):
-  """The dlhs of a strided conv is lhs-dilated: XLA:CPU would up-cast it (s32 x s32 on Eigen). 'real' runs it as
-  patches + one int8 matmul (qjax.ops.conv_gemm) on the fast kernel; so does 'auto' while its patch matrix is small,
-  and past GEMM_MAX_PATCH_BYTES 'auto' runs it in float."""
+def test_compiled_hlo_strided_auto_routes_lhs_dilated_conv():
+  """The dlhs of a strided conv is lhs-dilated: XLA:CPU would up-cast it (s32 x s32 on Eigen). 'real' and 'auto'
+  run it as patches + one int8 matmul (qjax.ops.conv_gemm) on the fast kernel."""
   x, w = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
   kw = dict(window_strides=(2, 2), padding='SAME', dimension_numbers=NHWC)
   lowered, compiled = _train_step_hlo(int8_dynamic(8, mode='real'), x, w, **kw)
@@ -310,17 +309,11 @@ def test_compiled_hlo_strided_auto_routes_lhs_dilated_conv(monkeypatch):
   for mode in ('real', 'auto'):
     rep = ops.inspect_matmuls(step(mode), x, w)
     assert rep.n_int8 == rep.n_int8_fast == 3 and rep.n_int8_slow == 0, rep.summary()
-  monkeypatch.setattr(qc, 'GEMM_MAX_PATCH_BYTES', 0)
-  jax.clear_caches()
-  lowered_auto, compiled_auto = _train_step_hlo(int8_dynamic(8, mode='auto'), x, w, **kw)
-  assert sorted(_lowered_convs(lowered_auto)) == [('f32', 'f32', 'f32')] + [('i8', 'i8', 'i32')] * 2
-  assert sorted(_compiled_convs(compiled_auto)) == [('f32', 'f32', 'f32', False)] + [('s8', 's8', 's32', True)] * 2
 
 
-def test_compiled_hlo_few_features(monkeypatch):
-  """<= 16 input and output features: XLA:CPU would up-cast the s8 convs. 'real', and 'auto' while the patches
-  are small, run all three as int8 matmuls over patches (qjax.ops.conv_gemm), none widened; past
-  GEMM_MAX_PATCH_BYTES 'auto' runs them in float."""
+def test_compiled_hlo_few_features():
+  """<= 16 input and output features: XLA:CPU would up-cast the s8 convs. 'real' and 'auto' run all three as
+  int8 matmuls over patches (qjax.ops.conv_gemm), none widened."""
   x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
   kw = dict(window_strides=(1, 1), padding='SAME', dimension_numbers=NHWC)
   lowered, compiled = _train_step_hlo(int8_dynamic(8, mode='real'), x, w, **kw)
@@ -331,10 +324,6 @@ def test_compiled_hlo_few_features(monkeypatch):
     rep = ops.inspect_matmuls(jax.jit(jax.grad(lambda a, b, mode=mode: jnp.sum(qc.conv_general_dilated(
         a, b, config=int8_dynamic(8, mode=mode), **kw) ** 2), (0, 1))), x, w)
     assert rep.n_int8 == rep.n_int8_fast == 3, rep.summary()
-  monkeypatch.setattr(qc, 'GEMM_MAX_PATCH_BYTES', 0)
-  jax.clear_caches()
-  lowered, _ = _train_step_hlo(int8_dynamic(8, mode='auto'), x, w, **kw)
-  assert _lowered_convs(lowered) == [('f32', 'f32', 'f32')] * 3
 
 
 def test_fake_mode_lowers_to_float_convs():

@@ -27,24 +27,33 @@ CASES = {  # lhs shape, rhs shape, strides, padding, lhs dilation, rhs dilation,
     'strided_rhs_dilated': ((2, 11, 9, 6), (3, 3, 6, 16), (2, 2), 'VALID', None, (2, 1), NHWC),
     'nchw_asym_pad': ((2, 6, 10, 9), (16, 6, 3, 3), (1, 2), [(1, 2), (0, 1)], None, None, ('NCHW', 'OIHW', 'NCHW')),
     'lhs_dilated_negative_pad': ((2, 7, 7, 4), (3, 3, 4, 5), (1, 1), [(2, 1), (1, -1)], (2, 2), None, NHWC),
+    'odd_batch_nchw': ((5, 3, 6, 6), (4, 3, 3, 3), (1, 1), 'SAME', None, None, ('NCHW', 'OIHW', 'NCHW')),
 }
 
 
+@pytest.mark.parametrize('chunk', [None, 1, 2])
 @pytest.mark.parametrize('name', list(CASES))
-def test_patch_conv_and_kernel_grad_are_exact(name):
+def test_patch_conv_and_kernel_grad_are_exact(name, chunk):
+  """Exact for the whole batch in one chunk and in chunks of 1 and 2 examples (batch 5 in chunks of 2: the last
+  chunk is zero-padded)."""
   ls, rs, st, pad, ld, rd, dn = CASES[name]
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.integers(-128, 128, ls), jnp.int8)
   b = jnp.asarray(rng.integers(-128, 128, rs), jnp.int8)
   cp = conv.conv_params(ls, rs, st, pad, ld, rd, dn)
+  rhs_spec = cp.dnums.rhs_spec
+  k_sp = tuple(rs[d] for d in rhs_spec[2:])
+  x_shape = cg.to_nhwc(a, cp.dnums.lhs_spec).shape
+  per_example = cg.example_patch_bytes(x_shape, 1, cp, k_sp)
+  chunk_bytes = 1 << 40 if chunk is None else chunk * per_example
+  assert cg.batch_chunk(x_shape, 1, cp, k_sp, chunk_bytes) == (x_shape[0] if chunk is None else chunk)
   want = cp.conv(a.astype(jnp.int32), b.astype(jnp.int32), jnp.int32)
-  got = jax.jit(lambda a, b: cg.conv(a, b, cp))(a, b)
+  got = jax.jit(lambda a, b: cg.conv(a, b, cp, chunk_bytes=chunk_bytes))(a, b)
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(got, want)
   g = jnp.asarray(rng.integers(-128, 128, want.shape), jnp.int8)
   exact = jax.grad(lambda w: jnp.sum(cp.conv(a.astype(jnp.float32), w, jnp.float32) * g))(b.astype(jnp.float32))
-  rhs_spec = cp.dnums.rhs_spec
-  dw = cg.kernel_grad(a, g, cp, tuple(rs[d] for d in rhs_spec[2:]))   # (KH, KW, C, O)
+  dw = cg.kernel_grad(a, g, cp, k_sp, chunk_bytes=chunk_bytes)   # (KH, KW, C, O)
   dw = jnp.transpose(dw, np.argsort((*rhs_spec[2:], rhs_spec[1], rhs_spec[0])))
   np.testing.assert_array_equal(dw.astype(jnp.float32), exact)
 
@@ -89,24 +98,34 @@ def test_patch_route_equals_fake_quant(name, mode):
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU routing')
-def test_auto_routes_lenet_convs_by_patch_size(monkeypatch):
-  """LeNet-5's conv2 (6 -> 16 features; XLA would up-cast its int8 conv to s32) at batch 8: the patch matrix is
-  small, so 'auto' runs the forward, the input gradient and the kernel gradient as int8 matmuls on the YNN
-  kernel. Past GEMM_MAX_PATCH_BYTES (a large batch) all three stay float. conv1 (one input feature) takes the
-  patch route while small, else XLA's own int8 conv (which beats f32 there)."""
+@pytest.mark.parametrize('batch', [8, 256])
+def test_auto_routes_lenet_convs_to_patches(batch):
+  """LeNet-5's conv2 (6 -> 16 features; XLA would up-cast its int8 conv to s32): 'auto' runs the forward, the
+  input gradient and the kernel gradient as int8 matmuls on the YNN kernel, at batch 8 and at batch 256, where
+  the patches are built a chunk of examples at a time (the dots sit in loops). conv1 (one input feature) takes
+  the patch route too (it beats XLA's int8 conv there)."""
   xs, ws, st, pad = OP_CASES['lenet conv2 6->16']
+  xs = (batch, *xs[1:])
   rep = ops.inspect_matmuls(_fwd_bwd(_config('auto'), st, pad), jnp.ones(xs), jnp.ones(ws))
   assert rep.n_int8 == rep.n_int8_fast == 3 and rep.n_int8_slow == 0, rep.summary()
   assert {m.op for m in rep.compiled} == {'dot'}
+  looped = sum('while/body' in m.op_name for m in rep.compiled)
+  assert looped == (3 if batch == 256 else 1), rep.summary()  # batch 8: only the dlhs (full padding) is chunked
   conv1 = OP_CASES['lenet conv1 1->6']
-  rep1 = ops.inspect_matmuls(_fwd_bwd(_config('auto'), conv1[2], conv1[3]), jnp.ones(conv1[0]), jnp.ones(conv1[1]))
+  xs1 = (batch, *conv1[0][1:])
+  rep1 = ops.inspect_matmuls(_fwd_bwd(_config('auto'), conv1[2], conv1[3]), jnp.ones(xs1), jnp.ones(conv1[1]))
   assert [(m.op, m.category) for m in rep1.lowered if 'fwd' in m.op_name] == [('dot', 'int8')], rep1.summary()
-  monkeypatch.setattr(conv, 'GEMM_MAX_PATCH_BYTES', 0)  # as for a batch whose patches leave the cache
-  jax.clear_caches()
-  rep = ops.inspect_matmuls(_fwd_bwd(_config('auto'), st, pad), jnp.ones(xs), jnp.ones(ws))
-  assert rep.counts('lowered') == {'f32': 3}, rep.summary()
-  rep1 = ops.inspect_matmuls(_fwd_bwd(_config('auto'), conv1[2], conv1[3]), jnp.ones(conv1[0]), jnp.ones(conv1[1]))
-  assert [(m.op, m.category) for m in rep1.lowered if 'fwd' in m.op_name] == [('conv', 'int8')], rep1.summary()
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU routing')
+def test_auto_runs_uncovered_slow_convs_in_float():
+  """A feature-grouped conv of <= 16 features: XLA would up-cast it and the patch lowering does not cover
+  groups, so 'auto' runs it as a float conv of the quantized values and 'real' as XLA's (slow) int8 conv."""
+  x, w = jnp.ones((2, 8, 8, 8)), jnp.ones((3, 3, 4, 8))
+  f = lambda mode: jax.jit(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC,
+                                                                   feature_group_count=2, config=_config(mode)))
+  assert [m.category for m in ops.inspect_matmuls(f('auto'), x, w).lowered] == ['f32']
+  assert [m.category for m in ops.inspect_matmuls(f('real'), x, w).lowered] == ['int8']
 
 
 def test_patch_bytes():
@@ -122,8 +141,8 @@ def test_conv_bench_suite_runlocal(tmp_path):
   assert bench.main([f'--config={config}:runlocal', f'--workdir={tmp_path}']) == 0
   data = json.loads((tmp_path / 'bench.json').read_text())
   one, six = data['groups']
-  assert set(one['results']) == {'f32 conv', 'XLA int8 conv', 'patches + int8 dot', 'patches alone',
-                                 'int8 conv, features padded to 32'}
+  assert set(one['results']) == {'f32 conv', 'XLA int8 conv', 'patches + int8 dot', 'patches + int8 dot, one chunk',
+                                 'patches alone', 'int8 conv, features padded to 32'}
   assert one['meta']['xla_slow_reason'] is None and one['meta']['auto_route'] == 'patches + int8 dot'  # small
   assert six['meta']['xla_slow_reason'] and six['meta']['auto_route'] == 'patches + int8 dot'
   gemm = six['results']['patches + int8 dot']['info']['inspect']

@@ -4,9 +4,10 @@ r"""The conv suite: XLA's int8 conv against the patches + int8 matmul lowering, 
 
 One group per shape (batch, H=W, C_in -> C_out, k x k, NHWC/HWIO, stride 1), timed interleaved against the f32
 conv forward of that shape: XLA's int8 conv (s8 x s8 -> s32; up-cast to s32 by XLA:CPU below 17 features),
-qjax.ops.conv_gemm.conv (k*k shifted slices of the padded input, then one int8 matmul) and the patch
-construction alone (what the lowering pays before its matmul). The measurements behind
-qjax.ops.conv.GEMM_MAX_PATCH_BYTES and cpu_slow_reason come from this suite.
+qjax.ops.conv_gemm.conv (k*k shifted slices of the padded input, then one int8 matmul, a chunk of examples at a
+time), the same with the whole batch in one chunk, and the patch construction of the whole batch alone (what the
+one-chunk lowering pays before its matmul). The measurements behind qjax.ops.conv_gemm.CHUNK_PATCH_BYTES and
+qjax.ops.conv.cpu_slow_reason come from this suite.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
   f32 = jax.jit(lambda x, w: cp.conv(x, w))
   i8 = jax.jit(lambda x, w: cp.conv(x, w, jnp.int32))
   gemm = jax.jit(lambda x, w: conv_gemm.conv(x, w, cp))
+  gemm_whole = jax.jit(lambda x, w: conv_gemm.conv(x, w, cp, chunk_bytes=1 << 40))
   patches = jax.jit(lambda x: conv_gemm.patches(x, cp, (k, k)))
   c32 = max(cin, cout, int(config.get('pad_features', 32)))
 
@@ -54,6 +56,7 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
       'XLA int8 conv': Variant(lambda: i8(xq, wq), 'reference', {'inspect': maybe_inspect(config, i8, xq, wq)}),
       'patches + int8 dot': Variant(lambda: gemm(xq, wq), 'reference',
                                        {'inspect': maybe_inspect(config, gemm, xq, wq)}),
+      'patches + int8 dot, one chunk': Variant(lambda: gemm_whole(xq, wq), 'reference'),
       'patches alone': Variant(lambda: patches(xq), 'reference'),
       f'int8 conv, features padded to {c32}': Variant(lambda: pad_conv(xq, wq), 'reference',
                                                       {'inspect': maybe_inspect(config, pad_conv, xq, wq)}),
@@ -62,6 +65,7 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
   route = {'gemm': 'patches + int8 dot', 'fake': 'float', 'real': 'XLA int8 conv'}
   meta = {'shape': [b, h, cin, cout, k], 'xla_slow_reason': slow,
           'patch_bytes': qconv.patch_bytes(cp, x.shape, w.shape),
+          'chunk_examples': conv_gemm.batch_chunk(x.shape, 1, cp, (k, k)),
           'auto_route': route[qconv.cpu_int_route('auto', cp, x.shape, w.shape)]}
   return Group(f'conv {b}x{h}x{h} {cin}->{cout} {k}x{k}', variants, 'f32 conv', meta)
 

@@ -39,8 +39,10 @@ are fine); every other int8 conv is up-cast to s32 x s32 on Eigen, 9-27x slower 
   - 'real' int convs of one or two spatial dims are moved to NHWC/HWIO first (int8 transposes pinned row-major;
     1-D convs get a size-1 spatial dim), which keeps the forward and both gradient convs on YNNPACK whatever the
     user's dimension numbers;
-  - 'auto' runs the convs XLA:CPU would up-cast (lhs-dilated ones, i.e. the input gradient of a strided conv, and
-    those with <= 16 input and output features) as 'fake' (`cpu_slow_reason`); 'real' keeps them int8.
+  - the convs XLA:CPU would up-cast (lhs-dilated ones, i.e. the input gradient of a strided conv, and those with
+    <= 16 input and output features; `cpu_slow_reason`) run as patches + one int8 matmul per batch chunk
+    (qjax.ops.conv_gemm), in 'real' and 'auto' mode; 'auto' runs those the lowering does not cover (grouped,
+    3-D) as 'fake', 'real' as XLA's up-cast int8 conv. Convs of one input feature take the lowering too.
 Batch-grouped convs (the kernel gradient of a grouped conv) are up-cast too but still beat XLA:CPU's f32 version,
 so they stay int8; 3-D convs are up-cast. fp8 convs are up-cast to f32. See tests/test_conv.py.
 """
@@ -214,36 +216,32 @@ def cpu_slow_reason(cp: ConvParams, lhs_shape, rhs_shape) -> str | None:
   if any(d != 1 for d in cp.lhs_dilation):
     return 'is lhs-dilated (the input gradient of a strided conv)'
   c, o = lhs_shape[cp.dnums.lhs_spec[1]], rhs_shape[cp.dnums.rhs_spec[0]]
-  # One input feature is the exception: XLA's int8 conv then beats f32 (0.85x on a Xeon with VNNI at 28x28,
-  # 1 -> 6 features, 5x5; 0.59-0.67x on a Zen 4), see GEMM_MAX_PATCH_BYTES.
+  # One input feature is the exception: XLA's int8 conv then runs on its fast kernel (0.86x of f32 on a Xeon
+  # with VNNI at 28x28, 1 -> 6 features, 5x5; 0.59-0.67x on a Zen 4), though the patch route beats it.
   if max(c, o) <= CPU_MIN_FEATURES and c > 1:
     return f'has {c} input and {o} output features (<= {CPU_MIN_FEATURES})'
   return None
 
 
 # Where XLA:CPU's int8 conv is slow (cpu_slow_reason), the patches + int8 matmul lowering (qjax.ops.conv_gemm)
-# is exact and much faster than XLA's up-cast s32 conv, so mode='real' uses it. Whether it also beats the f32 conv
-# (what 'auto' needs) depends on the size of the patch matrix (N * OH * OW * KH * KW * C_in int8 bytes): while it
-# stays in cache the k*k shifted copies are cheap. Time ratios to the f32 conv forward of the same shape, NHWC,
-# SAME, one pinned core, process clock, int8 operands (`python -m experiments.bench --config=configs/bench_conv.py
-# "--config.shapes=(...)"`, docs/benchmarks.md), Intel Xeon, AVX-512 VNNI + AMX, jax 0.12.0.1, 2026-12-04:
-#   batch x H, C_in -> C_out, k     patch bytes   XLA int8 conv   patches + int8 dot
-#   8 x 14, 6 -> 16, 5x5             0.2 MiB        4.27x           0.56x
-#   64 x 14, 6 -> 16, 5x5            1.8 MiB        4.44x           0.65x
-#   256 x 14, 6 -> 16, 5x5           7.2 MiB        4.23x           1.22x
-#   16 x 28, 16 -> 16, 3x3           1.7 MiB        8.50x           0.62x
-#   256 x 28, 16 -> 16, 3x3          27.6 MiB       8.14x           1.76x
-#   64 x 28, 1 -> 6, 5x5             1.2 MiB        0.83x           0.50x
-#   128 x 28, 1 -> 6, 5x5            2.4 MiB        0.85x           0.87x
-#   256 x 28, 1 -> 6, 5x5            4.8 MiB        0.85x           1.15x
-# So 'auto' takes the lowering for these convs (XLA's slow ones, and one input feature, where XLA's conv is
-# 0.85x) while the patch matrix is at most GEMM_MAX_PATCH_BYTES, and otherwise a float conv (slow ones) or XLA's
-# int8 conv. (On an AMD Zen 4 the lowering measured 0.74-0.82x at 6 -> 16 even at batch 256.)
-GEMM_MAX_PATCH_BYTES = 2 << 20
+# is exact and beats both XLA's up-cast s32 conv and the f32 conv at any batch size, because it builds the patches
+# of a few examples at a time (conv_gemm.CHUNK_PATCH_BYTES). Time ratios to the f32 conv forward of the same
+# shape, batch 256, NHWC, SAME, one pinned core, process clock (`python -m experiments.bench
+# --config=configs/bench_conv.py`, docs/benchmarks.md), Intel Xeon, AVX-512 VNNI + AMX, jax 0.12.0.1, 2026-12-05:
+#   H, C_in -> C_out, k      XLA int8 conv          patches, whole batch     patches by chunks
+#   28, 16 -> 16, 3x3        up-cast, 8.1x          2.1-2.4x                 0.54x
+#   14, 6 -> 16, 5x5         up-cast, 4.2x          1.16x                    0.50x
+#   28, 1 -> 6, 5x5          0.86x                  1.23x                    0.40x
+#   28, 1 -> 16, 3x3         1.63x                  0.60x                    0.53x
+#   14, 32 -> 32, 3x3        0.39x                  0.65x                    0.41x
+# So 'auto' takes the lowering for XLA's slow convs and for one-input-feature convs, and leaves convs with more
+# than 16 features on XLA's int8 conv, where the two are even. (Before the chunks, 'auto' ran slow convs whose
+# patches exceeded 2 MiB as float convs.)
 
 
 def patch_bytes(cp: ConvParams, lhs_shape, rhs_shape) -> int:
-  """Bytes of the int8 patch matrix of this conv (qjax.ops.conv_gemm): N * out spatial * kernel spatial * C."""
+  """Bytes of the int8 patch matrix of this conv's whole batch (qjax.ops.conv_gemm builds it a chunk at a time):
+  N * out spatial * kernel spatial * C."""
   lhs_spec, rhs_spec, _ = cp.dnums
   k_sp = [rhs_shape[d] for d in rhs_spec[2:]]
   out = 1
@@ -254,11 +252,9 @@ def patch_bytes(cp: ConvParams, lhs_shape, rhs_shape) -> int:
 
 
 def gemm_route(cp: ConvParams, lhs_shape, rhs_shape) -> bool:
-  """Whether 'auto' runs this int conv as patches + int8 matmul: the lowering covers it, its patch matrix fits
-  GEMM_MAX_PATCH_BYTES, and it has more than one output feature (a matrix-vector product is off XLA:CPU's fast
-  int8 kernel)."""
-  return (conv_gemm.supported(cp, lhs_shape) and rhs_shape[cp.dnums.rhs_spec[0]] > 1
-          and patch_bytes(cp, lhs_shape, rhs_shape) <= GEMM_MAX_PATCH_BYTES)
+  """Whether 'auto' can run this int conv as patches + int8 matmul: the lowering covers it and it has more than
+  one output feature (a matrix-vector product is off XLA:CPU's fast int8 kernel)."""
+  return conv_gemm.supported(cp, lhs_shape) and rhs_shape[cp.dnums.rhs_spec[0]] > 1
 
 
 def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str, cp: ConvParams | None = None, lhs_shape=None,
@@ -266,9 +262,9 @@ def choose_mode(mcfg: MatmulConfig, aspec, bspec, where: str, cp: ConvParams | N
   """'real', 'gemm' or 'fake' for one conv, raising when 'real' is asked of formats that cannot run natively.
 
   On XLA:CPU an int conv that XLA would up-cast to s32 (`cpu_slow_reason`) runs as 'gemm' (patches + one int8
-  matmul, qjax.ops.conv_gemm: exact, on the fast kernel) when the lowering covers it; in 'auto' mode only where
-  that beats the f32 conv (`gemm_route`: the patch matrix stays small), else as 'fake'. A conv of one input
-  feature takes the lowering in 'auto' on the same condition, else XLA's int8 conv."""
+  matmul, qjax.ops.conv_gemm: exact, on the fast kernel) when the lowering covers it; in 'auto' mode where
+  `gemm_route` allows, else as 'fake'. A conv of one input feature takes the lowering in 'auto' on the same
+  condition, else XLA's int8 conv."""
   if mcfg.mode == 'fake' or aspec is None or bspec is None:
     return 'fake'
   ka, kb = native_kind(aspec), native_kind(bspec)
