@@ -37,12 +37,17 @@ class QArray:
     zero_point: int32 of the scale shape, or None (symmetric).
     format: the format name (static).
     codebook: the levels of a custom codebook (static), else None.
+    minor_dim: a layout hint (static), no effect on values: the dim of qvalue that is minor-most in memory when
+      qvalue is a transposed view of a row-major stored array (a served weight stored transposed,
+      `qjax.flax.serving`), else None (row-major: the last dim). The matmul lowering reads it to contract along
+      the stored minor dim without a copy (`qjax.ops.dot_general.low_precision_dot`).
   """
   qvalue: jax.Array
   scale: jax.Array
   zero_point: jax.Array | None
   format: str = dataclasses.field(metadata=dict(static=True))
   codebook: tuple[float, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
+  minor_dim: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def shape(self):

@@ -89,9 +89,12 @@ def test_qmatmul_small_m_routing_in_result(tmp_path):
   big, small, four = data['groups']
   assert big['name'] == '64x64x64' and small['name'] == '1x64x64'
   assert big['meta']['routed_to_float'] is False and small['meta']['routed_to_float'] is True
-  assert list(big['results']) == ['f32', 'dynamic int8', 'serving int8 W', 'int8 dot alone']
-  assert list(small['results']) == ['f32', 'dynamic int8', 'serving int8 W', 'dynamic int8, small_m=0',
-                                    'serving int8 W, small_m=0', 'int8 dot alone']
+  assert list(big['results']) == ['f32', 'dynamic int8', 'serving int8 W', 'serving int8 W, stored (N, K)',
+                                  'int8 dot alone']
+  assert list(small['results']) == ['f32', 'dynamic int8', 'serving int8 W', 'serving int8 W, stored (N, K)',
+                                    'dynamic int8, small_m=0', 'serving int8 W, small_m=0', 'int8 dot alone']
+  stored = big['results']['serving int8 W, stored (N, K)']['info']['inspect']
+  assert stored['lowered_int8'] == 1 and (not ON_CPU or stored['int8_fast'] == 1)
   for name in ('dynamic int8', 'serving int8 W'):
     r = small['results'][name]
     assert r['role'] == 'quantized' and r['info']['routed_to_float'] is True

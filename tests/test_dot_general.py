@@ -447,6 +447,39 @@ def test_default_one_row_dot_runs_int8_padded_to_two_rows():
   np.testing.assert_array_equal(jax.jit(f)(x1, w), ops.dot_general(x1, w, dn((1,), (0,)), config=fake))
 
 
+@pytest.mark.parametrize('rows', [(1,), (3, 5), (64,), (65,)])
+def test_few_rows_against_a_minor_contracted_weight_swap_operands(rows):
+  """Up to SWAP_MAX_ROWS rows against a 2-D int8 weight contracted along its minor dim (stored transposed, seen
+  through a transpose with QArray.minor_dim = 0; or row-major (N, K) contracted along K) run on CPU as
+  w (N, K) . x (M, K)^T with the weight as the GEMM's lhs and no copy of it; exact integers either way. A
+  row-major (K, N) weight contracted along K keeps x as the lhs."""
+  dg = importlib.import_module('qjax.ops.dot_general')
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(-128, 128, (*rows, 64)), jnp.int8)
+  w_nk = jnp.asarray(rng.integers(-128, 128, (48, 64)), jnp.int8)            # stored (N, K)
+  want = np.einsum('...k,nk->...n', np.asarray(x, np.int64), np.asarray(w_nk, np.int64))
+  d = lambda nd: dn((nd - 1,), (0,))
+  stored_t = lambda x, w: dg.low_precision_dot(x, jnp.transpose(w), d(x.ndim), jnp.int32, rhs_minor=0)
+  row_nk = lambda x, w: dg.low_precision_dot(x, w, dn((x.ndim - 1,), (1,)), jnp.int32)
+  row_kn = lambda x, w: dg.low_precision_dot(x, w, d(x.ndim), jnp.int32)
+  m = int(np.prod(rows))
+  swapped = jax.default_backend() == 'cpu' and m <= dg.SWAP_MAX_ROWS
+  for f, w in ((stored_t, w_nk), (row_nk, w_nk), (row_kn, jnp.asarray(np.asarray(w_nk).T.copy()))):
+    np.testing.assert_array_equal(jax.jit(f)(x, w), want)
+    if jax.default_backend() != 'cpu':
+      continue
+    rep = ops.inspect_matmuls(f, x, w)
+    (op,) = rep.compiled
+    assert op.fast, rep.summary()
+    if swapped and f is not row_kn:
+      assert op.lhs_shape == (48, 64) and op.rhs_shape == (max(m, 2), 64), rep.summary()
+    else:
+      assert op.lhs_shape == (max(m, 2), 64), rep.summary()
+    text = jax.jit(f).lower(x, w).compile().as_text()
+    if f is not row_kn:  # the weight reaches the dot as stored: no transposed copy
+      assert 's8[64,48]' not in text, text
+
+
 # ----------------------------------------------------------------------------------- stochastic rounding
 
 

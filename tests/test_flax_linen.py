@@ -322,13 +322,15 @@ def test_sharding_annotations_carry_over_to_scales(weight):
   assert specs['up']['dot_general0_rhs_scale'] == (P('embed', 'mlp') if grouped else P(None, 'mlp'))
   assert specs['down']['dot_general0_rhs_scale'] == (P('mlp', 'embed') if grouped else P(None, 'embed'))
   assert specs['up']['kernel'] == P('embed', 'mlp')
-  # The serving tree: qvalues keep the weight's spec, scales the reduced one.
+  # The serving tree: qvalues keep the weight's spec (reversed where stored transposed: per channel), scales the
+  # reduced one.
   sv = convert_linen(qm, v, x)
   sspec = nn.get_partition_spec(sv)['params']
   for name, names, scale_spec in (('up', ('embed', 'mlp'), specs['up']['dot_general0_rhs_scale']),
                                   ('down', ('mlp', 'embed'), specs['down']['dot_general0_rhs_scale'])):
     sw = sv['params'][name]['kernel']
-    assert isinstance(sw, ServingWeight) and sw.names == names
-    assert sspec[name]['kernel'].qvalue == P(*names) and sspec[name]['kernel'].scale == scale_spec
-    assert sw.partition_specs().scale == scale_spec and sw.partition_specs().qvalue == P(*names)
+    assert isinstance(sw, ServingWeight) and sw.names == names and sw.transposed == (not grouped)
+    stored = P(*(names[::-1] if sw.transposed else names))
+    assert sspec[name]['kernel'].qvalue == stored and sspec[name]['kernel'].scale == scale_spec
+    assert sw.partition_specs().scale == scale_spec and sw.partition_specs().qvalue == stored
   assert jnp.array_equal(jax.jit(qm.serving().apply)(sv, x), jax.jit(qm.apply)(v, x))

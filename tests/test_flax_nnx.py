@@ -364,12 +364,13 @@ def test_sharding_metadata_carries_over_to_scales():
   assert specs['down']['qjax_dot_general0_rhs_scale'].get_value() == P(None, 'embed')
   scale = model.up.qjax_dot_general0_rhs_scale
   assert scale.get_metadata()['out_sharding'] == (None, 'mlp') and scale.get_metadata()['mesh'] is mesh
-  # Serving: the ServingWeight keeps the names; its scale is unsharded on the reduced axis.
+  # Serving: the ServingWeight keeps the names (its qvalue, stored transposed, the reversed ones); its scale is
+  # unsharded on the reduced axis.
   model.eval()
   y = nnx.jit(lambda m, x: m(x))(model, x)
   assert len(convert_nnx(model, x).weights) == 2
   sw = model.up.kernel.get_value()
-  assert isinstance(sw, ServingWeight) and sw.names == ('embed', 'mlp')
-  assert sw.partition_specs().qvalue == P('embed', 'mlp') and sw.partition_specs().scale == P(None, 'mlp')
-  assert sw.qvalue.sharding.spec == P('embed', 'mlp') and sw.scale.sharding.spec == P(None, 'mlp')
+  assert isinstance(sw, ServingWeight) and sw.names == ('embed', 'mlp') and sw.transposed
+  assert sw.partition_specs().qvalue == P('mlp', 'embed') and sw.partition_specs().scale == P(None, 'mlp')
+  assert sw.qvalue.sharding.spec == P('mlp', 'embed') and sw.scale.sharding.spec == P(None, 'mlp')
   assert jnp.array_equal(nnx.jit(lambda m, x: m(x))(model, x), y)

@@ -1,5 +1,7 @@
 """qjax.flax.provenance: tracing an operand back to its param through shape ops, and moving QArrays along."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +82,19 @@ def test_backward_then_forward_round_trips_a_quantized_operand(fn):
   assert back.qvalue.shape == w.shape
   again = provenance.forward(o, back)
   assert np.array_equal(again.qvalue, q.qvalue) and np.array_equal(again.scale, q.scale)
+
+
+def test_forward_tracks_the_minor_dim_through_transposes():
+  """QArray.minor_dim (the layout hint of a transposed view) follows transposes and is dropped by reshapes:
+  a row-major (V, D) embedding used as emb.T has D, now dim 0, minor; a served weight stored transposed
+  (minor_dim 0) used as w.T is row-major again."""
+  w = jax.random.normal(jax.random.key(0), (6, 8))
+  q = quantizers.quantize(w, QuantSpec('int8', 'per_channel', axis=0))
+  o = origin_of(lambda w: w.T, w)
+  assert provenance.forward(o, q).minor_dim == 0
+  assert provenance.forward(o, dataclasses.replace(q, minor_dim=0)).minor_dim is None
+  o2 = origin_of(lambda w: w.T.reshape(2, 4, 6), w)
+  assert provenance.forward(o2, q).minor_dim is None
 
 
 def test_reshape_groups():

@@ -17,11 +17,13 @@ from experiments.models import MLP
 from qjax.flax import ServingWeight, convert_linen, convert_nnx, quantize_linen, quantize_nnx
 from qjax.flax.intercept import pack_int4, unpack_int4
 from qjax.hlo import parse_lowered
+from qjax.ops import inspect_matmuls
+from qjax.ops.dot_general import SWAP_MAX_ROWS
 
 RULES = [
     {'module_path': 'conv', 'weight': {'format': 'int8', 'granularity': 'per_channel', 'estimator': 'lsq'},
      'act': {'format': 'int8', 'calibration': 'percentile', 'percentile': 99.0, 'estimator': 'pact'},
-     'mode': 'real'},  # auto would run a conv this narrow (<= 16 features) in float on XLA:CPU
+     'mode': 'real'},
     {'module_path': 'dense4', 'weight': {'format': 'int4', 'granularity': 'per_channel'}, 'act_static': True,
      'act': {'format': 'int8', 'scheme': 'asymmetric', 'calibration': 'minmax'}},
     {'module_path': 'ein', 'weight': {'format': 'int8', 'granularity': 'per_channel', 'estimator': 'lsq'},
@@ -44,12 +46,18 @@ def lowered_categories(fn, *args):
 
 
 def check_serving_weight(sw, shape, packed):
+  """A served weight of `shape`; 2-D kernels with scales per output channel are stored transposed, (out, in)."""
   assert isinstance(sw, ServingWeight) and sw.shape == shape and sw.packed == packed
+  assert sw.transposed == (len(shape) == 2 and sw.scale.shape[0] == 1)
+  stored = shape[::-1] if sw.transposed else shape
+  assert sw.to_qarray().qvalue.shape == shape
   if packed:
-    assert sw.qvalue.dtype == jnp.uint8 and sw.qvalue.shape == ((shape[0] + 1) // 2,) + shape[1:]
+    a = sw.pack_axis
+    assert sw.qvalue.dtype == jnp.uint8
+    assert sw.qvalue.shape == stored[:a] + ((stored[a] + 1) // 2,) + stored[a + 1:]
     assert int(jnp.abs(sw.to_qarray().qvalue).max()) <= 8
   else:
-    assert sw.qvalue.dtype == jnp.int8 and sw.qvalue.shape == shape
+    assert sw.qvalue.dtype == jnp.int8 and sw.qvalue.shape == stored
 
 
 def check_no_float_kernel(leaves):
@@ -134,6 +142,41 @@ class NNet(nnx.Module):
     x = nnx.relu(self.dense4(x.reshape(x.shape[0], -1)))
     x = nnx.relu(self.ein(x)).reshape(x.shape[0], -1)
     return self.head(nnx.relu(self.dg(x)))
+
+
+class TwoDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(48, name='out')(nn.relu(nn.Dense(64, name='hidden')(x)))
+
+
+@pytest.mark.parametrize('batch', [1, 5, 100])
+def test_served_dense_multiplies_the_stored_transposed_weight(batch):
+  """Per-channel Dense kernels are stored transposed, (out, in); the serving forward multiplies them as stored,
+  with no transposed copy: up to SWAP_MAX_ROWS rows with the weight as the GEMM's lhs (decode), more as
+  x . w^T, on the fast kernel on CPU. It equals the QAT evaluation forward bit for bit at every batch."""
+  rules = [{'module_path': '.*', 'weight': {'format': 'int8', 'granularity': 'per_channel'}, 'act_static': True,
+            'act': {'format': 'int8'}}]
+  qm = quantize_linen(TwoDense(), rules)
+  x = jax.random.normal(jax.random.key(0), (batch, 96))
+  v = jax.jit(qm.init)(jax.random.key(1), x)
+  _, upd = jax.jit(lambda v, x: qm.apply(v, x, mutable=['qjax_stats']))(v, jax.random.normal(jax.random.key(2),
+                                                                                             (8, 96)))
+  v = {**v, **upd}
+  sv = convert_linen(qm, v, x)
+  kernels = {k: sv['params'][k]['kernel'] for k in sv['params'] if 'kernel' in sv['params'][k]}
+  assert kernels and all(sw.transposed and sw.qvalue.shape == sw.shape[::-1] for sw in kernels.values())
+  serve = qm.serving().apply
+  assert jnp.array_equal(jax.jit(serve)(sv, x), jax.jit(qm.apply)(v, x))
+  if jax.default_backend() != 'cpu':
+    return
+  rep = inspect_matmuls(serve, sv, x)
+  stored = {tuple(sw.qvalue.shape) for sw in kernels.values()}
+  assert len(rep.compiled) == len(kernels) and all(m.fast for m in rep.compiled), rep.summary()
+  sides = {(m.lhs_shape if batch <= SWAP_MAX_ROWS else m.rhs_shape) for m in rep.compiled}
+  assert sides == stored, rep.summary()
+  text = jax.jit(serve).lower(sv, x).compile().as_text()
+  assert not any(f's8[{k},{n}]' in text for n, k in stored), 'a transposed copy of a served weight'
 
 
 def test_convert_nnx_serving_equals_qat_eval_bit_for_bit():

@@ -37,6 +37,9 @@ def qmatmul_suite(config) -> GroupedSuite:
                        in the call, int8 x int8 -> int32, rescale (small-M rows routed to float by default)
     serving int8 W     the weight pre-quantized outside the jit (a QArray, int8 per output column); only the
                        activations are quantized in the call
+    serving int8 W, stored (N, K)
+                       the same weight stored transposed, as qjax.flax serves a Dense kernel (ServingWeight
+                       .transposed): the op sees a transposed view (QArray.minor_dim) and multiplies it as stored
     int8 dot alone     (reference) the bare int8 x int8 -> int32 dot of pre-quantized operands, no rescale
   and for the small-M shapes (config.small_m rows) also both qjax variants on the other side of the routing
   decision ('contrast'): forced int8 (small_m=0) where rows <= small_m, else routed to float (small_m=rows)."""
@@ -71,6 +74,13 @@ def qmatmul_suite(config) -> GroupedSuite:
       variants['serving int8 W'] = Variant(lambda x=x, w=wq, f=fs: f(x, w), 'quantized',
                                            {'inspect': maybe_inspect(config, fs, x, wq), 'route': route,
                                             'routed_to_float': routed, 'small_m': cfg.small_m})
+      wt = dataclasses.replace(wq, qvalue=jnp.asarray(jnp.transpose(wq.qvalue)))   # stored (N, K)
+      ft = jax.jit(lambda x, q, c=cfg: qdot_general(
+          x, dataclasses.replace(q, qvalue=jnp.transpose(q.qvalue), minor_dim=0), DN, config=c))
+      variants['serving int8 W, stored (N, K)'] = Variant(lambda x=x, w=wt, f=ft: f(x, w), 'quantized',
+                                                          {'inspect': maybe_inspect(config, ft, x, wt),
+                                                           'route': route, 'routed_to_float': routed,
+                                                           'small_m': cfg.small_m})
       # Small-M shapes also time the other side of the routing decision ('contrast'), so the benchmark shows
       # whether the threshold picks the faster path on this machine.
       if routed:

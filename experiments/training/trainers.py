@@ -191,7 +191,8 @@ class LinenTrainer:
     (`convert`), in place: the format and packing the conversion chose."""
     for path, q in qs.items():
       node = _node(served['params'], path)
-      node['kernel'] = ServingWeight.from_qarray(q, node['kernel'].packed)
+      old = node['kernel']
+      node['kernel'] = ServingWeight.from_qarray(q, old.packed, transpose=old.transposed)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -349,7 +350,8 @@ class NnxTrainer:
     (`convert`), in place: the format and packing the conversion chose."""
     mods = _modules(served)
     for path, q in qs.items():
-      mods[path].kernel = nnx.Param(ServingWeight.from_qarray(q, mods[path].kernel.get_value().packed))
+      old = mods[path].kernel.get_value()
+      mods[path].kernel = nnx.Param(ServingWeight.from_qarray(q, old.packed, transpose=old.transposed))
 
 
 def _plain(tree):

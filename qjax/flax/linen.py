@@ -332,6 +332,7 @@ def _serving_weight(w, q, spec, int4_pack, names=None):
   qv, scale, zp = sw.qvalue, sw.scale, sw.zero_point
   if box is not None and names is not None:
     sn = serving.scale_names(names, w.shape, scale.shape)
-    sw = dataclasses.replace(sw, qvalue=box.replace(value=qv), scale=box.replace(value=scale, names=sn),
+    qn = tuple(names)[::-1] if sw.transposed else tuple(names)
+    sw = dataclasses.replace(sw, qvalue=box.replace(value=qv, names=qn), scale=box.replace(value=scale, names=sn),
                              zero_point=None if zp is None else box.replace(value=zp, names=sn))
   return sw

@@ -219,15 +219,17 @@ def _reshape_scale(scale, in_shape, out_shape):
 
 
 def _apply(s: Step, q: quantizers.QArray, back: bool) -> quantizers.QArray:
-  def both(f):
+  def both(f, minor_dim=None):  # the layout hint survives transposes only (qjax.quantizers.QArray.minor_dim)
     zp = None if q.zero_point is None else f(q.zero_point, True)
-    return dataclasses.replace(q, qvalue=f(q.qvalue, False), scale=f(q.scale, True), zero_point=zp)
+    return dataclasses.replace(q, qvalue=f(q.qvalue, False), scale=f(q.scale, True), zero_point=zp,
+                               minor_dim=minor_dim)
   src, dst = (s.out_shape, s.in_shape) if back else (s.in_shape, s.out_shape)
   if s.kind == 'cast':
     return q
   if s.kind == 'transpose':
     perm = tuple(np.argsort(s.args)) if back else s.args
-    return both(lambda a, _: jnp.transpose(a, perm))
+    minor = perm.index(q.qvalue.ndim - 1 if q.minor_dim is None else q.minor_dim)
+    return both(lambda a, _: jnp.transpose(a, perm), None if minor == len(perm) - 1 else minor)
   if s.kind == 'reshape':
     return both(lambda a, is_scale: _reshape_scale(a, src, dst) if is_scale else a.reshape(dst))
   if back:

@@ -42,6 +42,11 @@ class ServingWeight:
   packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
   names: tuple | None = dataclasses.field(default=None, metadata=dict(static=True))  # the weight's sharding
   pack_axis: int = dataclasses.field(default=0, metadata=dict(static=True))
+  # A 2-D weight contracted along dim 0 (a Dense kernel (in, out)) is stored transposed, (out, in): XLA:CPU's int8
+  # GEMM runs a few rows against it 2-3x faster as the GEMM's lhs, and many rows no slower (SWAP_MAX_ROWS in
+  # qjax.ops.dot_general). qvalue (and pack_axis) are then in the stored order; shape, scale and zero_point
+  # stay in the weight's own layout.
+  transposed: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   def partition_specs(self) -> ServingWeight:
     """A ServingWeight of PartitionSpecs (for jax.device_put / jit shardings) from the float weight's sharding
@@ -50,8 +55,8 @@ class ServingWeight:
     if self.names is None:
       return dataclasses.replace(self, qvalue=P(), scale=P(), zero_point=None if self.zero_point is None else P())
     sn = P(*scale_names(self.names, self.shape, _shape(self.scale)))
-    return dataclasses.replace(self, qvalue=P(*self.names), scale=sn, zero_point=None if self.zero_point is None
-                               else sn)
+    qn = P(*(self.names[::-1] if self.transposed else self.names))
+    return dataclasses.replace(self, qvalue=qn, scale=sn, zero_point=None if self.zero_point is None else sn)
 
   def __getitem__(self, idx):  # nnx layers read kernels as `self.kernel[...]`
     x = read(self)
@@ -82,20 +87,38 @@ class ServingWeight:
     return jnp.float32
 
   @classmethod
-  def from_qarray(cls, q: quantizers.QArray, pack: bool = False, names: tuple | None = None) -> ServingWeight:
+  def from_qarray(cls, q: quantizers.QArray, pack: bool = False, names: tuple | None = None,
+                  transpose: bool | None = None) -> ServingWeight:
     """Stores QArray q (packing 2-, 3- or 4-bit qvalues densely when `pack`, along the axis that pads least among
-    the axes the weight's sharding leaves unnamed; qjax.packing)."""
+    the axes the weight's sharding leaves unnamed; qjax.packing). `transpose`: store a 2-D weight transposed
+    (default `contracts_dim0(q)`)."""
     shape = tuple(q.qvalue.shape)
+    transpose = contracts_dim0(q) if transpose is None else bool(transpose and len(shape) == 2)
+    v = jnp.transpose(q.qvalue) if transpose else q.qvalue
+    stored_names = None if names is None else (tuple(names)[::-1] if transpose else tuple(names))
     if not pack:
-      return cls(q.qvalue, q.scale, q.zero_point, q.format, shape, False, names)
+      return cls(v, q.scale, q.zero_point, q.format, shape, False, names, 0, transpose)
     bits = packing.width(q.fmt)
-    axis = packing.best_axis(shape, bits, tuple(i for i in range(len(shape)) if not names or names[i] is None))
-    return cls(packing.pack(q.qvalue, bits, axis), q.scale, q.zero_point, q.format, shape, True, names, axis)
+    axis = packing.best_axis(v.shape, bits, tuple(i for i in range(v.ndim)
+                                                  if not stored_names or stored_names[i] is None))
+    return cls(packing.pack(v, bits, axis), q.scale, q.zero_point, q.format, shape, True, names, axis, transpose)
 
   def to_qarray(self) -> quantizers.QArray:
+    """The weight's QArray in its own layout (a transposed view of the stored values when `transposed`)."""
+    stored = self.shape[::-1] if self.transposed else self.shape
     bits = packing.width(formats.parse_format(self.format)) if self.packed else None
-    q = packing.unpack(self.qvalue, bits, self.shape, self.pack_axis) if self.packed else self.qvalue
+    q = packing.unpack(self.qvalue, bits, stored, self.pack_axis) if self.packed else self.qvalue
+    if self.transposed:
+      return quantizers.QArray(jnp.transpose(q), self.scale, self.zero_point, self.format, minor_dim=0)
     return quantizers.QArray(q, self.scale, self.zero_point, self.format)
+
+
+def contracts_dim0(q: quantizers.QArray) -> bool:
+  """Whether a weight is served transposed by default: 2-D int8-held values whose scale and zero point are
+  constant along dim 0 (per output channel or per tensor: the layout of a Dense kernel contracted along dim 0).
+  uint8-held (asymmetric) values are not: the op shifts them to int8 first, which would copy the view."""
+  return (q.qvalue.ndim == 2 and q.qvalue.dtype == jnp.int8 and q.scale.shape[0] == 1
+          and (q.zero_point is None or q.zero_point.shape[0] == 1))
 
 
 class ConversionError(ValueError):
