@@ -4,7 +4,8 @@ configs/results_ptq_fmnist.py: the same float model and calibration batches, wei
     pip install -e '.[peers]'
     python -m experiments.peer_ptq --config=configs/peer_ptq_fmnist.py --workdir=runs/peer_ptq_fmnist
 
-Only the three dense layers are quantized, by both tools (Qwix's GPTQ collects no statistics for convolutions and
+Methods: rtn, gptq, awq and smoothquant (alpha 0.5 in both; weight-only, as Qwix serves it with float
+activations). Only the three dense layers are quantized, by both tools (Qwix's GPTQ collects no statistics for convolutions and
 would round them to nearest); the convolutions stay float. qjax runs twice per cell: on its default symmetric grid
 (scale = absmax / qmax) and on Qwix's (scale = absmax / (qmax + 1/2), using the -(qmax + 1) level). Expected:
 GPTQ ahead of RTN at 3 and 2 bits in both tools; Qwix's GPTQ much slower (its column loop is unrolled in Python)
@@ -26,7 +27,7 @@ def get_config(arg=None):
   c = config_cli.load_file(os.path.join(_HERE, 'results_ptq_fmnist.py') + (':runlocal' if a['runlocal'] else ''))
   c.quant.float_layers = r'conv\d'  # the convolutions stay float for both tools
   c.peer = ml_collections.ConfigDict()
-  c.peer.methods = ('rtn', 'gptq', 'awq')
+  c.peer.methods = ('rtn', 'gptq', 'awq', 'smoothquant')
   c.peer.bits = (4, 3, 2) if not a['runlocal'] else (4,)
   c.peer.qjax_grids = ('absmax', 'absmax_half_step')  # qjax's default weight grid, and the one Qwix uses
   c.peer.metric = 'eval/accuracy'

@@ -7,7 +7,9 @@ r"""PTQ methods on Fashion-MNIST (LeNet-5 CNN, or the small ResNet): method x we
 Trials: the float CNN (6000 steps, as configs/results_fmnist.py), then PTQ from it with per-channel int4 / int3 /
 int2 weights in every layer (convs included) and float activations, calibrated on 16 batches of 128 images
 (AWQ and AdaRound see 2048 rows per layer), by each method: rtn, gptq, gptq with act-order, awq, adaround (10k
-iterations per layer, the paper's default), bias_correction, and gptq followed by bias_correction. `:runlocal`
+iterations per layer, the paper's default), bias_correction, gptq followed by bias_correction, and gptq (with and
+without act-order) and adaround calibrated sequentially (config.ptq.sequential: each layer on the inputs of the
+already-quantized earlier layers). `:runlocal`
 shrinks it to a smoke test on the fixtures. `:model=resnet` runs the same on configs/fmnist_resnet.py (its 4000
 float steps; its stem and head stay float, as that config keeps them).
 """
@@ -28,6 +30,10 @@ METHODS = {
     'adaround': {'ptq.method': 'adaround'},
     'bias_correction': {'ptq.method': 'bias_correction'},
     'gptq+bias_correction': {'ptq.method': 'gptq,bias_correction'},
+    # Each layer calibrated on the inputs of the already-quantized earlier layers (GPTQ's and AdaRound's protocol).
+    'gptq_sequential': {'ptq.method': 'gptq', 'ptq.sequential': True},
+    'gptq_act_order_sequential': {'ptq.method': 'gptq', 'ptq.gptq.act_order': True, 'ptq.sequential': True},
+    'adaround_sequential': {'ptq.method': 'adaround', 'ptq.sequential': True},
 }
 
 

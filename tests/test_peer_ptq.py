@@ -42,6 +42,18 @@ def test_qwix_awq_calibrates_on_the_given_batches(lenet):
   assert seconds > 0 and 0 < _rel(apply(x), ref) < 0.2
 
 
+def test_qwix_smoothquant_serves_smoothed_weights_with_float_activations(lenet):
+  """At int8 Qwix's SmoothQuant stays close to float (its scales divide the input and multiply the kernel, so
+  only weight rounding is left) and differs from Qwix's RTN at int4 (the smoothing changed the rounding)."""
+  m, params, x = lenet
+  ref = m.apply({'params': params}, x)
+  sq8, seconds = peer_ptq.qwix_ptq(m, params, [x], 'smoothquant', 8, 'fc1|fc2|head', x)
+  sq4, _ = peer_ptq.qwix_ptq(m, params, [x], 'smoothquant', 4, 'fc1|fc2|head', x)
+  rtn4, _ = peer_ptq.qwix_ptq(m, params, [x], 'rtn', 4, 'fc1|fc2|head', x)
+  assert seconds > 0 and 0 < _rel(sq8(x), ref) < 1e-3
+  assert not jnp.allclose(sq4(x), rtn4(x))
+
+
 def test_table_has_a_column_per_width_and_tool_and_says_where_a_peer_failed():
   h = 'absmax_half_step'
   rows = [{'tool': 'qjax', 'grid': 'absmax', 'method': 'rtn', 'bits': 4, 'eval/accuracy': 0.81, 'seconds': None},

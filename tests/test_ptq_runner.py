@@ -3,6 +3,7 @@ the NNX MLP, two on the Linen LeNet, each through `experiments.train.main` (the 
 entry point; one as a real subprocess); config errors; the online input op exact in float on Linen and NNX. (That
 im2col rows times the flattened kernel are the conv: tests/test_flax_capture.py, conv patches.)"""
 
+import importlib
 import json
 import os
 import subprocess
@@ -60,6 +61,26 @@ def test_each_method_runs_in_the_runner(root, rtn, method, extra):
       assert m['rel_output_mse'] <= m['rtn_rel_output_mse'] * (1 + 1e-4)
   if method in ('smoothquant', 'rotation', 'rotation,smoothquant,gptq,bias_correction'):
     assert info['online_ops'] == ['head', 'hidden/0']
+
+
+def test_sequential_calibrates_each_layer_on_the_quantized_predecessors(root, monkeypatch):
+  """config.ptq.sequential: the head's statistics are captured on the model whose hidden layer already holds
+  GPTQ's int4 kernel (at most 16 distinct values per output column), not the float one; layers in call order."""
+  ptq = importlib.import_module('experiments.training.ptq')
+  seen, real = [], ptq.gather_stats
+
+  def spy(run_, state, max_sample=512):
+    seen.append({p: np.asarray(w) for p, (w, _) in run_.trainer.kernels(state).items()})
+    return real(run_, state, max_sample)
+  monkeypatch.setattr(ptq, 'gather_stats', spy)
+  r = run(root, 'gptq_sequential', 'gptq', ('--config.ptq.sequential=True',))
+  info = r['train']['ptq']
+  assert info['sequential'] is True and set(info['layers']) == {'hidden/0', 'head'}
+  assert len(seen) == 2  # the first pass (float model), then one for the head
+  levels = lambda w: max(len(np.unique(w[:, j])) for j in range(w.shape[1]))
+  assert levels(seen[0]['hidden/0']) > 16 and levels(seen[1]['hidden/0']) <= 16
+  np.testing.assert_array_equal(seen[1]['head'], seen[0]['head'])
+  assert r['metrics'] == r['serving_metrics']
 
 
 def test_rtn_is_the_default_conversion(rtn):
@@ -153,7 +174,9 @@ def test_ptq_table_from_result_files(tmp_path):
   write('rtn4', 'ptq', 'int4', 0.90, 300)
   write('rtn2', 'ptq', 'int2', 0.50, 200)
   write('g4', 'ptq', 'int4', 0.905, 300, {'methods': [['gptq', {'act_order': True}]], 'wall_time_sec': 1.25})
+  write('g4s', 'ptq', 'int4', 0.907, 300, {'methods': [['gptq', {}]], 'wall_time_sec': 2.0, 'sequential': True})
   t = ptq_table.table(str(tmp_path))
+  assert '| gptq, sequential | 0.9070 / 300 / 2.0 | — |' in t
   assert 'float eval/accuracy: 0.9100 (1,000 bytes)' in t
   assert '| rtn | 0.9000 / 300 / 0.0 | 0.5000 / 200 / 0.0 |' in t
   assert '| gptq (act-order) | 0.9050 / 300 / 1.2 | — |' in t

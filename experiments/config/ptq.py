@@ -14,6 +14,10 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = 'rtn'  # rtn | gptq | awq | smoothquant | rotation | adaround | bias_correction, or 'a,b' in order
   c.max_sample = 512  # calibration rows kept per layer (AWQ, AdaRound); sums use every row
+  # False: every layer is calibrated on the float model's inputs. True: layer by layer in call order, each on the
+  # inputs of the model whose earlier layers already hold the methods' quantized kernels (GPTQ's protocol; one
+  # capture pass per layer).
+  c.sequential = False
   for name in registry.names():
     d = registry.get(name).defaults
     if d:

@@ -47,10 +47,12 @@ FLAGS = {'workdir': '=<dir>: where the float run, the qjax runs and the table go
 
 
 def qwix_ptq(module, params, calib, method: str, bits: int, layers: str, sample):
-  """Qwix's weight-only PTQ of `layers` (a module-path regex) with `method` ('rtn' | 'gptq' | 'awq') at `bits`:
-  (apply(x) -> logits, seconds of calibration + quantize_params)."""
+  """Qwix's weight-only PTQ of `layers` (a module-path regex) with `method` ('rtn' | 'gptq' | 'awq' |
+  'smoothquant') at `bits`: (apply(x) -> logits, seconds of calibration + quantize_params). Qwix's SmoothQuant
+  reads int8 activation scales for its smoothing factors (its rule needs act_qtype) and serves the smoothed
+  weights with float activations, so it is weight-only here too."""
   import qwix  # noqa: PLC0415 - an optional peer, imported only where it is compared
-  from qwix.contrib import awq, gptq  # noqa: PLC0415
+  from qwix.contrib import awq, gptq, smooth_quant  # noqa: PLC0415
 
   qtype = f'int{bits}'
   t0 = time.perf_counter()
@@ -62,8 +64,11 @@ def qwix_ptq(module, params, calib, method: str, bits: int, layers: str, sample)
   else:
     rule_cls, cal_cls, serve_cls, quantize = {
         'gptq': (gptq.GptqRule, gptq.GptqCalibrationProvider, qwix.PtqProvider, gptq.quantize_params),
-        'awq': (awq.AwqRule, awq.AwqCalibrationProvider, awq.AwqInferenceProvider, awq.quantize_params)}[method]
-    rules = [rule_cls(module_path=layers, weight_qtype=qtype)]
+        'awq': (awq.AwqRule, awq.AwqCalibrationProvider, awq.AwqInferenceProvider, awq.quantize_params),
+        'smoothquant': (smooth_quant.SqRule, smooth_quant.SqCalibrationProvider, smooth_quant.SqInferenceProvider,
+                        smooth_quant.quantize_params)}[method]
+    extra = {'act_qtype': 'int8'} if method == 'smoothquant' else {}
+    rules = [rule_cls(module_path=layers, weight_qtype=qtype, **extra)]
     cal = qwix.quantize_model(module, cal_cls(rules))
     step = jax.jit(lambda v, x: cal.apply(v, x, mutable='quant_stats')[1])
     variables = {'params': params}

@@ -16,7 +16,9 @@ methods' (rotated / scaled kernels, corrected biases), layers with a rotation or
 (qjax.ptq.online), and the methods' integer kernels are kept for serving (`patch_serving` puts them in the converted
 tree); (4) activation ranges are calibrated as for RTN, then the run evaluates the serving model.
 
-Every layer's inputs are the float model's (not those of a model whose earlier layers are already quantized).
+Every layer's inputs are the float model's, unless config.ptq.sequential: then the layers run in the order their
+ops ran, and each layer's statistics are captured again on the model whose earlier layers hold their quantized
+(dequantized integer) kernels and input ops, as GPTQ (Frantar et al. 2022) calibrates; one capture pass per layer.
 A kernel is flattened to (K, rest) when its op contracts its leading axes: Dense / Linear (in, out),
 DenseGeneral / LinearGeneral over their `axis` (attention q/k/v and output projections), convolutions (2-D, one
 feature group, no input dilation; per-channel or per-tensor weights) over (kh, kw, in), with capture's im2col
@@ -87,10 +89,12 @@ def gather_stats(run, state, max_sample: int = 512) -> dict:
   """qjax.flax.capture's statistics of every quantized op with one weight operand over
   config.quant.calibration_batches batches ({key: (OpSite, L.Stats)}): the model runs in float, in evaluation
   mode, one jit-compiled forward per batch (`trainer.capture`), convolutions as im2col patches ordered like
-  their flattened kernel; the sums are over all rows, the sample keeps at most max_sample rows per op."""
+  their flattened kernel; the sums are over all rows, the sample keeps at most max_sample rows per op. In the
+  order the ops ran."""
   batches = (jnp.asarray(run.batch(i)[0]) for i in range(run.config.quant.calibration_batches))
   got = run.trainer.capture(state, batches, stats=CAPTURED, max_sample=max_sample, conv_features='patches')
-  return {key: (site, _layer_stats(st)) for key, (site, st) in jax.device_get(got).items()}
+  host = jax.device_get(got)  # a dict with sorted keys: iterate over got's, which are in call order
+  return {key: (site, _layer_stats(host[key][1])) for key, (site, _) in got.items()}
 
 
 def _kernel_param(path: str) -> str:
@@ -171,12 +175,21 @@ def apply(run, state):
   ms = ptq_config.methods(c.ptq)
   t0 = time.time()
   todo, skipped = targets(tr, state)
-  found, not_matched = match(todo, gather_stats(run, state, c.ptq.max_sample))
+  captured = gather_stats(run, state, c.ptq.max_sample)
+  found, not_matched = match(todo, captured)
   skipped.update(not_matched)
+  sequential = bool(c.ptq.get('sequential', False))
+  if sequential:  # call order: the order the ops ran (capture's order)
+    order = {site.weight: i for i, (site, _) in enumerate(captured.values())}
+    found = dict(sorted(found.items(), key=lambda kv: order[_kernel_param(kv[0])]))
   done, layers, transforms, qs, left_out = {}, {}, {}, {}, []
+  quantized = {}  # sequential: {path: (dequantized integer kernel, bias)} of the layers done so far
   progress = Progress(len(found), 0)
   input_ops = {n for n, _ in ms if registry.get(n).changes_input}
   for i, (path, (site, stats)) in enumerate(found.items()):
+    if sequential and i:
+      work = tr.ptq_update(state, quantized, transforms)
+      site, stats = match({path: todo[path]}, gather_stats(run, work, c.ptq.max_sample))[0][path]
     w0, b0, spec = todo[path]
     n_in = len(site.contracting)
     w = w0.reshape((site.features, -1))                                       # (K, rest)
@@ -194,6 +207,8 @@ def apply(run, state):
     done[path], qs[path] = lay, _reshaped(lay.q, w0.shape, n_in)
     if lay.rotation is not None or lay.scale is not None:  # a conv's scale acts on its input channels
       transforms[path] = (lay.rotation, lay.scale if tied is None else lay.scale[:tied])
+    if sequential:
+      quantized[path] = (np.asarray(qjax.quantizers.dequantize(lay.q), np.float32), lay.bias)
     progress.update(i + 1)
   progress.close()
   state = tr.ptq_update(state, {p: (lay.w, lay.bias) for p, lay in done.items()}, transforms)
@@ -202,7 +217,7 @@ def apply(run, state):
     run.writer.scalars({f'ptq/{path}/rel_output_mse': m['rel_output_mse'],
                         f'ptq/{path}/rtn_rel_output_mse': m['rtn_rel_output_mse']}, 0)
   info = {'methods': [[n, {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}] for n, p in ms],
-          'wall_time_sec': time.time() - t0, 'layers': layers, 'skipped': sorted(skipped),
+          'sequential': sequential, 'wall_time_sec': time.time() - t0, 'layers': layers, 'skipped': sorted(skipped),
           'skipped_reasons': dict(sorted(skipped.items())),
           'online_ops': sorted(transforms), 'input_op_methods_left_out': sorted(left_out)}
   run.log(f'ptq {"+".join(n for n, _ in ms)}: {len(done)} layers in {info["wall_time_sec"]:.1f}s'

@@ -2,7 +2,7 @@
 
     stats = qjax.flax.capture.capture_linen(qmodel, variables, batches)       # Linen
     stats = qjax.flax.capture.capture_nnx(model, batches)                     # NNX, after quantize_nnx
-    for key, (site, s) in stats.items():   # key: '<module path>/<op><index>' ('<root>/...' at the root)
+    for key, (site, s) in stats.items():   # in call order; key: '<module path>/<op><index>' ('<root>/...' at the root)
       site.weight, site.weight_shape, site.contracting   # the weight param and its contracting axes (param layout)
       s.xtx, s.absmax, s.mean_abs, s.mean_sq, s.sum_x, s.sample, s.count   # of the activation operand, per feature
 
@@ -273,7 +273,8 @@ def _run(session, collector, step, carry, batches) -> dict[str, tuple[OpSite, Op
     session.phase, session.capture = phase, None
   if total is None:
     raise ValueError('capture: no batches')
-  return {k: (collector.sites[k], v) for k, v in total.items()}
+  # In call order (the order the ops ran when traced), not the sorted order of the jitted dict's keys.
+  return {k: (site, total[k]) for k, site in collector.sites.items() if k in total}
 
 
 def capture_linen(qmodel, variables, batches: Iterable[Any], *, stats: Iterable[str] = DEFAULT_STATS,
