@@ -4,12 +4,12 @@ configs/results_ptq_fmnist.py: the same float model and calibration batches, wei
     pip install -e '.[peers]'
     python -m experiments.peer_ptq --config=configs/peer_ptq_fmnist.py --workdir=runs/peer_ptq_fmnist
 
-Methods: rtn, gptq, awq and smoothquant (alpha 0.5 in both; weight-only, as Qwix serves it with float
-activations). Only the three dense layers are quantized, by both tools (Qwix's GPTQ collects no statistics for convolutions and
+Methods: rtn, gptq, awq and smoothquant (alpha 0.5 in both; weight-only, as Qwix serves it with float activations).
+Only the three dense layers are quantized, by both tools (Qwix's GPTQ collects no statistics for convolutions and
 would round them to nearest); the convolutions stay float. qjax runs twice per cell: on its default symmetric grid
-(scale = absmax / qmax) and on Qwix's (scale = absmax / (qmax + 1/2), using the -(qmax + 1) level). Expected:
-GPTQ ahead of RTN at 3 and 2 bits in both tools; Qwix's GPTQ much slower (its column loop is unrolled in Python)
-and without a 3-bit path in qwix 0.1.8.
+(scale = absmax / qmax) and on Qwix's (scale = absmax / (qmax + 1/2), using the -(qmax + 1) level). Expected: GPTQ
+ahead of RTN at 3 and 2 bits in both tools; Qwix's GPTQ much slower (its column loop is unrolled in Python) and
+without a 3-bit path in qwix 0.1.8.
 `:runlocal` shrinks it to a smoke test on the fixtures.
 """
 
