@@ -1,6 +1,6 @@
 r"""PTQ methods on Fashion-MNIST (LeNet-5 CNN, or the small ResNet): method x weight bits, weight-only.
 
-    python -m experiments.sweep --config=configs/results_ptq_fmnist.py --root=runs/results_ptq_fmnist
+    python -m experiments.sweep --config=configs/results_ptq_fmnist.py:seeds=3 --root=runs/results_ptq_fmnist
     python -m experiments.review.ptq_table runs/results_ptq_fmnist
     python -m experiments.sweep --config=configs/results_ptq_fmnist.py:model=resnet --root=runs/results_ptq_resnet
 
@@ -11,7 +11,8 @@ iterations per layer, the paper's default), bias_correction, gptq followed by bi
 without act-order) and adaround calibrated sequentially (config.ptq.sequential: each layer on the inputs of the
 already-quantized earlier layers). `:runlocal`
 shrinks it to a smoke test on the fixtures. `:model=resnet` runs the same on configs/fmnist_resnet.py (its 4000
-float steps; its stem and head stay float, as that config keeps them).
+float steps; its stem and head stay float, as that config keeps them). `seeds=N` repeats every trial over N seeds
+(each seed trains its own float model); the table gives mean +- std.
 """
 
 import os
@@ -38,7 +39,7 @@ METHODS = {
 
 
 def get_config(arg=None):
-  a = config_cli.config_args(arg, runlocal=False, model='cnn')
+  a = config_cli.config_args(arg, runlocal=False, model='cnn', seeds=1)
   if a['model'] not in MODELS:
     raise config_cli.ConfigError(f"config arg model={a['model']!r}: expected one of {', '.join(MODELS)}")
   c = config_cli.load_file(os.path.join(_HERE, MODELS[a['model']]) + (':runlocal' if a['runlocal'] else ''))
@@ -57,12 +58,16 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
+  a = config_cli.config_args(arg, runlocal=False, model='cnn', seeds=1)
   ptq = {'mode': 'ptq', 'init_from': sweeps.trial_ref('mode=float')}
-  return sweeps.chain(
+  sweep = sweeps.chain(
       sweeps.axis('mode', {'float': {'mode': 'float'}}),
       sweeps.product(sweeps.axis('mode', {'ptq': ptq}), sweeps.axis('method', METHODS),
                      sweeps.axis('quant.weight.format', ['int4', 'int3', 'int2'], name='w')),
   )
+  if a['seeds'] > 1:  # each seed: its own float model (init and data order), its PTQ runs from it
+    sweep = sweeps.product(sweep, sweeps.axis('seed', list(range(a['seeds']))))
+  return sweep
 
 
 def metrics():

@@ -163,12 +163,12 @@ def test_nnx_rotation_through_the_online_op_is_exact():
 def test_ptq_table_from_result_files(tmp_path):
   from experiments.review import ptq_table  # noqa: PLC0415
 
-  def write(name, mode, fmt, acc, nbytes, info=None):
-    os.makedirs(tmp_path / name)
+  def write(name, mode, fmt, acc, nbytes, info=None, seed=0, root=tmp_path):
+    os.makedirs(root / name)
     quant = {'weight': {'format': fmt, 'granularity': 'per_channel', 'group_size': 0}, 'act': {'format': ''}}
-    r = {'mode': mode, 'config': {'quant': quant, 'ptq': {'method': 'rtn'}},
+    r = {'mode': mode, 'config': {'quant': quant, 'ptq': {'method': 'rtn'}, 'seed': seed},
          'metrics': {'eval/accuracy': acc}, 'serving_bytes': nbytes, 'train': {} if info is None else {'ptq': info}}
-    json.dump(r, open(tmp_path / name / 'result.json', 'w'))
+    json.dump(r, open(root / name / 'result.json', 'w'))
   write('float', 'float', 'int8', 0.91, 1000)
   open(tmp_path / 'report.md', 'w').write('not a run')
   write('rtn4', 'ptq', 'int4', 0.90, 300)
@@ -177,6 +177,15 @@ def test_ptq_table_from_result_files(tmp_path):
   write('g4s', 'ptq', 'int4', 0.907, 300, {'methods': [['gptq', {}]], 'wall_time_sec': 2.0, 'sequential': True})
   t = ptq_table.table(str(tmp_path))
   assert '| gptq, sequential | 0.9070 / 300 / 2.0 | — |' in t
+  # Seeds: mean ± std (sample std) per cell and of the float reference; mean method seconds.
+  seeds = tmp_path / 'seeds'
+  for seed, (f, a, s) in enumerate([(0.90, 0.80, 1.0), (0.92, 0.84, 3.0)]):
+    write(f'float_{seed}', 'float', 'int8', f, 1000, seed=seed, root=seeds)
+    write(f'g3_{seed}', 'ptq', 'int3', a, 250, {'methods': [['gptq', {}]], 'wall_time_sec': s}, seed=seed,
+          root=seeds)
+  t2 = ptq_table.table(str(seeds))
+  assert 'float eval/accuracy: 0.9100 ± 0.0141 (1,000 bytes); 2 seeds, mean ± std' in t2
+  assert '| gptq | 0.8200 ± 0.0283 / 250 / 2.0 |' in t2
   assert 'float eval/accuracy: 0.9100 (1,000 bytes)' in t
   assert '| rtn | 0.9000 / 300 / 0.0 | 0.5000 / 200 / 0.0 |' in t
   assert '| gptq (act-order) | 0.9050 / 300 / 1.2 | — |' in t

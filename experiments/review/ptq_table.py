@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
+
 from experiments import fileio
 
 
@@ -21,8 +23,8 @@ def setting(quant) -> str:
 
 
 def rows(root: str, metric: str = 'eval/accuracy'):
-  """(float result or None, [(method, setting, metric, serving bytes, method seconds)]) of the trials."""
-  float_r, out = None, []
+  """([float results], [(method, setting, metric, serving bytes, method seconds, seed)]) of the trials."""
+  floats, out = [], []
   for name in sorted(os.listdir(root)):
     if not os.path.isfile(os.path.join(root, name, 'result.json')):
       continue
@@ -31,7 +33,7 @@ def rows(root: str, metric: str = 'eval/accuracy'):
       continue
     c = r['config']
     if r['mode'] == 'float':
-      float_r = r
+      floats.append(r)
       continue
     info = r.get('train', {}).get('ptq')
     method = '+'.join(m[0] for m in info['methods']) if info else c.get('ptq', {}).get('method', 'rtn')
@@ -40,23 +42,36 @@ def rows(root: str, metric: str = 'eval/accuracy'):
     if info and info.get('sequential'):
       method += ', sequential'
     out.append((method, setting(c['quant']), r['metrics'][metric], r.get('serving_bytes'),
-                info['wall_time_sec'] if info else 0.0))
-  return float_r, out
+                info['wall_time_sec'] if info else 0.0, c.get('seed', 0)))
+  return floats, out
+
+
+def _stat(values) -> str:
+  """'0.9042' for one value; 'mean +- std' (sample std) over seeds for several."""
+  v = np.asarray(values, np.float64)
+  return f'{v[0]:.4f}' if len(v) == 1 else f'{v.mean():.4f} ± {v.std(ddof=1):.4f}'
 
 
 def table(root: str, metric: str = 'eval/accuracy') -> str:
-  float_r, rs = rows(root, metric)
+  """Method x setting; over several seeds each cell is mean ± std, with n seeds said once above the table."""
+  floats, rs = rows(root, metric)
   fmts = sorted({f for _, f, *_ in rs}, key=lambda f: ('A' in f, -int(f[1]), -len(f), f))
   methods = sorted(dict.fromkeys(m for m, *_ in rs), key=lambda m: (m != 'rtn', m))  # the baseline first
-  by = {(m, f): (v, b, t) for m, f, v, b, t in rs}
-  ref = f'{float_r["metrics"][metric]:.4f} ({float_r["serving_bytes"]:,} bytes)' if float_r else 'n/a'
-  head = f'float {metric}: {ref}\n\n| method | ' + ' | '.join(f'{f}: {metric} / bytes / method s' for f in fmts) + ' |'
+  by: dict = {}
+  for m, f, v, b, t, _ in rs:
+    by.setdefault((m, f), []).append((v, b, t))
+  seeds = sorted({seed for *_, seed in rs} | {r['config'].get('seed', 0) for r in floats})
+  ref = (f'{_stat([r["metrics"][metric] for r in floats])} ({floats[0]["serving_bytes"]:,} bytes)' if floats
+         else 'n/a')
+  head = (f'float {metric}: {ref}' + (f'; {len(seeds)} seeds, mean ± std' if len(seeds) > 1 else '') +
+          '\n\n| method | ' + ' | '.join(f'{f}: {metric} / bytes / method s' for f in fmts) + ' |')
   lines = [head, '|---|' + '---|' * len(fmts)]
   for m in methods:
     cells = []
     for f in fmts:
       v = by.get((m, f))
-      cells.append('—' if v is None else f'{v[0]:.4f} / {v[1]:,} / {v[2]:.1f}')
+      cells.append('—' if v is None else
+                   f'{_stat([x[0] for x in v])} / {v[0][1]:,} / {np.mean([x[2] for x in v]):.1f}')
     lines.append(f'| {m} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
