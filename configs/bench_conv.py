@@ -7,9 +7,10 @@ Steady figures (one core; malloc pinned and huge pages, docs/benchmarks.md):
 Smoke (tests): `:runlocal`.
 
 Shapes (batch x H x C_in x C_out x k): LeNet-5's convs (1 -> 6 and 6 -> 16 at 5x5), the ResNet's 16 -> 16 3x3 at
-28x28 and 32 -> 32 at 14x14. Expected (Intel Xeon with VNNI, 2026-12-04): XLA's int8 conv 0.84x for one input
-feature and 6-8x (up-cast to s32) for 6 and 16 features; the patch lowering 1.2-3x, its patch copies alone
-about the f32 conv's time. About 1 minute.
+28x28 and 32 -> 32 at 14x14. Expected (Intel Xeon with VNNI, 2026-12-05): XLA's int8 conv 0.85x for one input
+feature and 4-8x (up-cast to s32) for 6 and 16 features; the patch lowering by chunks (qjax's route) 0.45-0.55x,
+in one chunk 1.0-1.8x. About 1 minute. `"--config.chunk_examples=(1,2,4,8,16,32)"` adds a variant per chunk
+size (the figures behind qjax.ops.conv_gemm.CHUNK_PATCH_BYTES).
 """
 
 import ml_collections
@@ -24,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.suite = 'conv'
   c.shapes = ('256x28x1x6x5', '256x14x6x16x5', '256x28x16x16x3', '256x14x32x32x3')
   c.pad_features = 32           # the padded variant's feature count (XLA's fast int8 conv needs more than 16)
+  c.chunk_examples = ()         # extra variants: the patch lowering with this many examples per chunk, e.g. (1,4,16)
   c.seed = 0
   c.inspect = True
   c.flag_tolerance = 0.0

@@ -92,7 +92,9 @@ def test_qmatmul_small_m_routing_in_result(tmp_path):
   assert list(big['results']) == ['f32', 'dynamic int8', 'serving int8 W', 'serving int8 W, stored (N, K)',
                                   'int8 dot alone']
   assert list(small['results']) == ['f32', 'dynamic int8', 'serving int8 W', 'serving int8 W, stored (N, K)',
-                                    'dynamic int8, small_m=0', 'serving int8 W, small_m=0', 'int8 dot alone']
+                                    'dynamic int8, small_m=0', 'serving int8 W, small_m=0',
+                                    'dequantize-in-the-matmul (f32 dot of int8 W)', 'int8 GEMV as an int32 reduction',
+                                    'int8 dot alone']
   stored = big['results']['serving int8 W, stored (N, K)']['info']['inspect']
   assert stored['lowered_int8'] == 1 and (not ON_CPU or stored['int8_fast'] == 1)
   for name in ('dynamic int8', 'serving int8 W'):

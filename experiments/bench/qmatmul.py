@@ -42,7 +42,9 @@ def qmatmul_suite(config) -> GroupedSuite:
                        .transposed): the op sees a transposed view (QArray.minor_dim) and multiplies it as stored
     int8 dot alone     (reference) the bare int8 x int8 -> int32 dot of pre-quantized operands, no rescale
   and for the small-M shapes (config.small_m rows) also both qjax variants on the other side of the routing
-  decision ('contrast'): forced int8 (small_m=0) where rows <= small_m, else routed to float (small_m=rows)."""
+  decision ('contrast'): forced int8 (small_m=0) where rows <= small_m, else routed to float (small_m=rows);
+  and two other decode formulations ('contrast'): the f32 dot of the int8 weight converted in the program
+  (dequantize in the matmul) and the int8 product as an int32 multiply-and-reduce (a GEMV without the GEMM)."""
 
 
   cfg = qconfig.int8_dynamic(bwd_bits=None)
@@ -96,6 +98,14 @@ def qmatmul_suite(config) -> GroupedSuite:
               lambda x=x, w=wv, f=f: f(x, w), 'contrast',
               {'inspect': maybe_inspect(config, f, x, wv), 'route': alt_route, 'routed_to_float': not routed,
                'small_m': alt.small_m})
+      if m in small_rows:  # other decode formulations, measured against the ones qjax uses
+        scale = wq.scale.reshape(-1)
+        deq = jax.jit(lambda x, q, s=scale: lax.dot_general(x, q.astype(jnp.float32), DN) * s)
+        gemv = jax.jit(lambda x, q: jnp.sum(x[:, :, None].astype(jnp.int32) * q[None].astype(jnp.int32), axis=1))
+        variants['dequantize-in-the-matmul (f32 dot of int8 W)'] = Variant(
+            lambda x=x, q=wq.qvalue, f=deq: f(x, q), 'contrast', {'inspect': maybe_inspect(config, deq, x, wq.qvalue)})
+        variants['int8 GEMV as an int32 reduction'] = Variant(
+            lambda a=xq.qvalue, q=wq.qvalue, f=gemv: f(a, q), 'contrast')
       variants['int8 dot alone'] = Variant(lambda a=xq.qvalue, b=wq.qvalue, f=i8: f(a, b), 'reference',
                                            {'inspect': maybe_inspect(config, i8, xq.qvalue, wq.qvalue)})
       targets = []
