@@ -229,11 +229,10 @@ def cpu_slow_reason(cp: ConvParams, lhs_shape, rhs_shape) -> str | None:
 # shape, batch 256, NHWC, SAME, one pinned core, process clock (`python -m experiments.bench
 # --config=configs/bench_conv.py`, docs/benchmarks.md), Intel Xeon, AVX-512 VNNI + AMX, jax 0.12.0.1, 2026-12-05:
 #   H, C_in -> C_out, k      XLA int8 conv          patches, whole batch     patches by chunks
-#   28, 16 -> 16, 3x3        up-cast, 8.1x          2.1-2.4x                 0.54x
-#   14, 6 -> 16, 5x5         up-cast, 4.2x          1.16x                    0.50x
-#   28, 1 -> 6, 5x5          0.86x                  1.23x                    0.40x
-#   28, 1 -> 16, 3x3         1.63x                  0.60x                    0.53x
-#   14, 32 -> 32, 3x3        0.39x                  0.65x                    0.41x
+#   28, 16 -> 16, 3x3        up-cast, 8.4x          1.25x                    0.49x
+#   14, 6 -> 16, 5x5         up-cast, 4.4x          0.89x                    0.51x
+#   28, 1 -> 6, 5x5          0.88x                  1.12x                    0.47x
+#   14, 32 -> 32, 3x3        0.41x                  0.66x                    0.43x
 # So 'auto' takes the lowering for XLA's slow convs and for one-input-feature convs, and leaves convs with more
 # than 16 features on XLA's int8 conv, where the two are even. (Before the chunks, 'auto' ran slow convs whose
 # patches exceeded 2 MiB as float convs.)

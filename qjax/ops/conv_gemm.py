@@ -28,17 +28,17 @@ import numpy as np
 from jax import lax
 from jax.experimental.layout import Layout, with_layout_constraint
 
-# Patch bytes per batch chunk. Time ratios to the f32 conv forward of the whole batch, NHWC, SAME, int8 operands,
-# one pinned core, process clock, Intel Xeon with AVX-512 VNNI + AMX, jax 0.12.0.1, 2026-12-05, by examples per
-# chunk (the whole batch of 256 in one chunk: the previous lowering):
-#   H, C_in -> C_out, k      256 (one)    1       2       4       8       16      32     bytes per example
-#   28, 16 -> 16, 3x3        2.11-2.42x   0.60x   0.54x   0.54x   0.60x   0.84x   0.93x  113 KiB
-#   28, 1 -> 16, 3x3         0.60x        0.59x   0.53x   0.52x   0.55x   0.55x   0.60x  7 KiB
-#   14, 6 -> 16, 5x5         1.16x        -       -       0.52x   0.50x   0.50x   0.58x  29 KiB
-#   28, 1 -> 6, 5x5          1.23x        -       -       0.40x   0.40x   0.41x   0.45x  20 KiB
-#   14, 32 -> 32, 3x3        0.65x        -       -       0.41x   0.41x   0.48x   0.55x  56 KiB
-# XLA's own int8 conv on the same shapes: up-cast to s32 and 4-8x slower (16 -> 16, 6 -> 16), 1.63x / 0.86x (one
-# input feature), 0.39x (32 -> 32). The optimum is flat between about 100 and 500 KiB of patches per chunk on this
+# Patch bytes per batch chunk. Time ratios to the f32 conv forward of the whole batch (256), NHWC, SAME, int8
+# operands, one pinned core, process clock, Intel Xeon with AVX-512 VNNI + AMX, jax 0.12.0.1, 2026-12-05
+# (`python -m experiments.bench --config=configs/bench_conv.py "--config.chunk_examples=(1,2,4,8,16,32)"`,
+# docs/benchmarks.md), by examples per chunk (the whole batch in one chunk: the previous lowering):
+#   H, C_in -> C_out, k      one chunk    1       2       4       8       16      32     bytes per example
+#   28, 16 -> 16, 3x3        1.25x        0.51x   0.47x   0.48x   0.54x   0.67x   0.78x  113 KiB
+#   14, 6 -> 16, 5x5         0.89x        0.55x   0.50x   0.52x   0.48x   0.49x   0.54x  29 KiB
+#   28, 1 -> 6, 5x5          1.12x        0.46x   0.36x   0.39x   0.39x   0.40x   0.42x  20 KiB
+#   14, 32 -> 32, 3x3        0.66x        0.50x   0.47x   0.45x   0.44x   0.52x   0.57x  56 KiB
+# XLA's own int8 conv on the same shapes: up-cast to s32 and 4.4-8.4x slower (6 -> 16, 16 -> 16), 0.88x (one
+# input feature), 0.41x (32 -> 32). The optimum is flat between about 100 and 500 KiB of patches per chunk on this
 # CPU (2 MiB of L2 per core); 256 KiB leaves room for the chunk's int32 output where the L2 is smaller.
 CHUNK_PATCH_BYTES = 256 << 10
 

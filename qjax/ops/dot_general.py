@@ -204,16 +204,16 @@ def min_free() -> int:
 
 # Few rows against a 2-D int8 weight stored with its contracting dim minor (a served weight stored transposed,
 # qjax.flax.serving, or an (out, in) kernel used as kernel.T): XLA:CPU's int8 GEMM is fastest with the weight as
-# the lhs, (N, K) . (M, K)^T -> (N, M), then the small result transposed. Time ratios to the f32 product x . w
-# of the same shape, one pinned core, process clock, Intel Xeon with AVX-512 VNNI + AMX, jax 0.12.0.1,
-# 2026-12-05 (x and w int8; one row padded to two):
-#   M x K x N            x . w, w (K, N)    x . w, w stored (N, K)    w . x^T, w stored (N, K)
-#   1 x 4096 x 4096      0.64-0.70x         0.39x                     0.22-0.24x
-#   1 x 784 x 2048       0.51-0.53x         -                         0.27-0.29x
-#   8 x 2048 x 2048      0.46-0.48x         0.26x                     0.17-0.19x
-#   64 x 2048 x 2048     0.15x              0.09x                     0.07x
-#   256 x 2048 x 2048    0.09x              0.07x                     0.08x
-# (A weight in a column-major device layout instead, jax's Format(Layout((1, 0))), ran at 3-6x: XLA:CPU up-casts.)
+# the lhs, (N, K) . (M, K)^T -> (N, M), then the small result transposed. Time ratios to the f32 product of the
+# same shape with one activation row quantized per call, one pinned core, process clock, Intel Xeon with AVX-512
+# VNNI + AMX, jax 0.12.0.1, 2026-12-05 (`python -m experiments.bench --config=configs/bench_qmatmul.py
+# "--config.squares=()" "--config.mlp_shapes=()" "--config.small_m=(1,2,8)"`, docs/benchmarks.md):
+#   M x K x N            w (K, N) row-major, x . w     w stored (N, K), w . x^T
+#   1 x 4096 x 4096      0.74x (one row padded to two)  0.24x
+#   2 x 4096 x 4096      0.65x                          0.21x
+#   8 x 4096 x 4096      0.31x                          0.11x
+# Past SWAP_MAX_ROWS the stored weight is the GEMM's rhs, x . w^T (the MLP's serving forward at batch 256 and
+# 1024 then runs at 0.17x / 0.18x of float, as it did with row-major weights: 0.15x / 0.17x).
 SWAP_MAX_ROWS = 64
 
 
