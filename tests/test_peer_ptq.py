@@ -43,14 +43,16 @@ def test_qwix_awq_calibrates_on_the_given_batches(lenet):
 
 
 def test_qwix_smoothquant_serves_smoothed_weights_with_float_activations(lenet):
-  """At int8 Qwix's SmoothQuant stays close to float (its scales divide the input and multiply the kernel, so
-  only weight rounding is left) and differs from Qwix's RTN at int4 (the smoothing changed the rounding)."""
+  """Qwix's SmoothQuant quantizes the weights (an int4 error far above float's jit noise, int8's far below
+  int4's; its scales divide the input and multiply the kernel, so only weight rounding is left) and rounds
+  differently from Qwix's RTN (the smoothing moved the weights). A float model would give errors near 1e-14."""
   m, params, x = lenet
   ref = m.apply({'params': params}, x)
   sq8, seconds = peer_ptq.qwix_ptq(m, params, [x], 'smoothquant', 8, 'fc1|fc2|head', x)
   sq4, _ = peer_ptq.qwix_ptq(m, params, [x], 'smoothquant', 4, 'fc1|fc2|head', x)
   rtn4, _ = peer_ptq.qwix_ptq(m, params, [x], 'rtn', 4, 'fc1|fc2|head', x)
-  assert seconds > 0 and 0 < _rel(sq8(x), ref) < 1e-3
+  e8, e4 = _rel(sq8(x), ref), _rel(sq4(x), ref)
+  assert seconds > 0 and 1e-9 < e8 < 1e-2 and 10 * e8 < e4 < 0.5, (e8, e4)
   assert not jnp.allclose(sq4(x), rtn4(x))
 
 

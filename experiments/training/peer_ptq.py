@@ -75,7 +75,10 @@ def qwix_ptq(module, params, calib, method: str, bits: int, layers: str, sample)
     for x in calib:
       variables = {**variables, **step(variables, x)}
     serve = qwix.quantize_model(module, serve_cls(rules))
-    abstract = jax.eval_shape(serve.init, jax.random.key(0), sample)['params']
+    # The weights' quantization layout (WithAux leaves) comes from a PtqProvider model: SqInferenceProvider's own
+    # dot_general never wraps a kernel, so its abstract params would leave every weight float.
+    layout = serve if method != 'smoothquant' else qwix.quantize_model(module, qwix.PtqProvider(rules))
+    abstract = jax.eval_shape(layout.init, jax.random.key(0), sample)['params']
     qparams = quantize(params, abstract, variables['quant_stats'])
   jax.block_until_ready(qparams)
   seconds = time.perf_counter() - t0
