@@ -127,6 +127,11 @@ def test_config_errors_name_the_nearest_method():
   assert ptq_config.unused(c, ['ptq.method']) is None
   c.mode = 'qat'
   assert "config.ptq.method has no effect: config.mode='qat'" in ptq_config.unused(c, ['seed', 'ptq.method'])
+  c.mode, c.ptq.method, c.ptq.sequential = 'ptq', 'rtn', True  # would be silently ignored: refused
+  with pytest.raises(config_cli.ConfigError, match="sequential=True has no effect with config.ptq.method='rtn'"):
+    train.validate(c)
+  c.ptq.method = 'gptq'
+  train.validate(c)
 
 
 # ------------------------------------------------------------------------------ the online op, exact in float

@@ -26,7 +26,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def methods(ptq) -> list[tuple[str, dict[str, Any]]]:
-  """The ordered (name, params) of config.ptq; ValueError naming a wrong method (and the closest) or parameter."""
+  """The ordered (name, params) of config.ptq; ValueError naming a wrong method (and the closest) or parameter,
+  or config.ptq.sequential set where it would be ignored (RTN alone)."""
   m = ptq.method
   names = [s.strip() for s in m.replace('+', ',').split(',')] if isinstance(m, str) else list(m)
   if not names or any(not n for n in names):
@@ -39,6 +40,9 @@ def methods(ptq) -> list[tuple[str, dict[str, Any]]]:
       out.append((n, registry.params(n, given)))
     except ValueError as e:
       raise ValueError(f'config.ptq.method: {e}') from None
+  if ptq.get('sequential', False) and names == ['rtn']:
+    raise ValueError("config.ptq.sequential=True has no effect with config.ptq.method='rtn' (round-to-nearest reads "
+                     "no calibration inputs of its own); give a method that does, e.g. 'gptq', or drop it")
   return out
 
 
