@@ -50,6 +50,20 @@ def test_linen_capture_matches_brute_force_sums():
                              rtol=1e-4, atol=1e-5)
 
 
+class ZThenA(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name='a_second')(nn.Dense(6, name='z_first')(x))
+
+
+def test_capture_returns_ops_in_call_order():
+  """Call order, not the sorted order of a jitted dict's keys (the PTQ runner's sequential mode relies on it)."""
+  qm = quantize_linen(ZThenA(), RULES)
+  xs = batches(1)
+  out = capture.capture_linen(qm, qm.init(jax.random.key(0), xs[0]), xs)
+  assert list(out) == ['z_first/dot_general0', 'a_second/dot_general0']
+
+
 def test_capture_memory_is_bounded_by_features_not_batches():
   qm = quantize_linen(TwoLayer(), RULES)
   v = qm.init(jax.random.key(0), batches(1)[0])
