@@ -200,6 +200,18 @@ def test_bias_correction_zeroes_the_mean_output_shift():
   assert np.abs((x @ w_hat + b).mean(0) - (x @ w + b).mean(0)).max() > 1e-2  # there was a shift to remove
 
 
+def test_bias_correction_gives_a_bias_free_layer_a_bias():
+  """No bias (a conv before BatchNorm): the method returns b' = E[x] . (w - w_hat) and says it is new; the mean
+  output of x . w_hat + b' is the float layer's mean output."""
+  x, w = data(9)
+  x = x + 0.5
+  lay = registry.get('bias_correction').run(layer.Layer(w, INT4, layer.stats_of(x)))
+  w_hat = np.asarray(quantizers.dequantize(lay.q), np.float64)
+  np.testing.assert_allclose(lay.bias, x.mean(0) @ (w - w_hat), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose((x @ w_hat + lay.bias).mean(0), (x @ w).mean(0), rtol=1e-5, atol=1e-5)
+  assert dict(lay.notes)['bias_correction'] == 'the op had no bias: the correction is a new one'
+
+
 # ----------------------------------------------------------------------------------------- registry, order
 
 

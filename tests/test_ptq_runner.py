@@ -148,7 +148,7 @@ def test_linen_rotation_through_the_online_op_is_exact():
   v = Net().init(jax.random.key(1), x)
   r = rotation.rotate(np.asarray(v['params']['fc']['kernel']), 'random_hadamard', seed=3)
   v2 = jax.tree.map(lambda a: a, v)
-  wrapped = online.InputOps(Net(), {'fc': (r.rotation, np.linspace(0.5, 2.0, 32))})
+  wrapped = online.OnlineOps(Net(), {'fc': (r.rotation, np.linspace(0.5, 2.0, 32))})
   v2['params']['fc']['kernel'] = jnp.asarray(r.w * np.linspace(0.5, 2.0, 32)[:, None], jnp.float32)
   np.testing.assert_allclose(wrapped.apply(v2, x), Net().apply(v, x), rtol=1e-5, atol=1e-5)
 
@@ -163,6 +163,64 @@ def test_nnx_rotation_through_the_online_op_is_exact():
   np.testing.assert_allclose(model(x), want, rtol=1e-5, atol=1e-5)
   graphdef, state = nnx.split(model)  # survives split / merge (jit, checkpoints)
   np.testing.assert_allclose(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x), want, rtol=1e-5, atol=1e-5)
+
+
+class BiasFree(nn.Module):
+  bias: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(8, name='out')(nn.relu(nn.Dense(16, use_bias=self.bias, name='fc')(x)))
+
+
+def test_online_output_shift_is_a_bias_linen_and_nnx():
+  """The output shift of a bias-free layer computes what the same layer with that bias computes."""
+  x = jax.random.normal(jax.random.key(0), (5, 32))
+  shift = np.linspace(-1.0, 1.0, 16)
+  v = BiasFree(bias=True).init(jax.random.key(1), x)
+  v['params']['fc']['bias'] = jnp.asarray(shift, jnp.float32)
+  free = {'params': {**v['params'], 'fc': {'kernel': v['params']['fc']['kernel']}}}
+  shifted = online.OnlineOps(BiasFree(), {'fc': online.Online(shift=shift)})
+  np.testing.assert_allclose(shifted.apply(free, x), BiasFree(bias=True).apply(v, x), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(BiasFree().apply(free, x), BiasFree(bias=True).apply(v, x), atol=1e-3)
+
+  with_bias = nnx.Linear(32, 16, rngs=nnx.Rngs(0))
+  with_bias.bias.set_value(jnp.asarray(shift, jnp.float32))
+  model = nnx.Sequential(nnx.Linear(32, 16, use_bias=False, rngs=nnx.Rngs(0)), nnx.relu)
+  online.install_nnx(model, {'layers/0': online.Online(shift=shift)})
+  np.testing.assert_allclose(model(x), nnx.relu(with_bias(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_a_new_bias_is_an_output_shift_only_on_flax_layers():
+  from experiments.training import ptq as ptq_runner  # noqa: PLC0415
+  from qjax.flax.capture import OpSite  # noqa: PLC0415
+  from qjax.ptq import layer as L  # noqa: PLC0415
+  site = lambda t: OpSite('c', 'conv', 'conv0', 'c/kernel', 'rhs', (3, 3, 2, 4), (0, 1, 2), 18, module_type=t)
+  lay = L.Layer(np.zeros((18, 4)), None, None, bias=np.arange(4.0))
+  same, own, shift = ptq_runner._bias_or_shift(lay, None, site('flax.linen.linear.Conv'), (4,))
+  assert same is lay and own is None and shift.tolist() == [0, 1, 2, 3]
+  dropped, own, shift = ptq_runner._bias_or_shift(lay, None, site('models.MyConvRelu'), (4,))
+  assert dropped.bias is None and own is None and shift is None
+  assert "models.MyConvRelu is not a Flax layer" in dict(dropped.notes)['output_shift']
+  kept, own, shift = ptq_runner._bias_or_shift(lay, np.zeros(4), site('models.MyConvRelu'), (4,))
+  assert own.tolist() == [0, 1, 2, 3] and shift is None  # a module with its own bias keeps it there
+
+
+def test_bias_correction_on_a_resnet_corrects_its_bias_free_convs(tmp_path):
+  """The ResNet's block convs have no bias (BatchNorm follows): bias correction serves each correction as the
+  conv's output shift, and the served model is what is evaluated."""
+  work = tmp_path / 'resnet-bc'
+  assert train.main(['--config=configs/fmnist_resnet.py:runlocal', '--config.mode=ptq', f'--workdir={work}',
+                     '--config.ptq.method=gptq,bias_correction', '--config.quant_summaries=False',
+                     '--config.quant.weight.format=int3']) == 0
+  r = json.load(open(work / 'result.json'))
+  info = r['train']['ptq']
+  convs = sorted(info['layers'])
+  assert len(convs) == 8 and all('/conv' in p or '/proj' in p for p in convs)
+  assert info['online_ops'] == convs  # one output shift each
+  for p in convs:
+    assert info['layers'][p]['notes']['bias_correction'] == 'the op had no bias: the correction is a new one'
+  assert r['metrics'] == r['serving_metrics']
 
 
 def test_ptq_table_from_result_files(tmp_path):

@@ -13,8 +13,10 @@ time, and per op keeps x^T x, sum x, sum |x|, max |x| over its activation rows a
 so memory is O(K^2 + max_sample K) per op; (2) `match` pairs each target kernel ('<module path>/kernel') with the
 one op that uses it, and each layer's methods run (qjax.ptq.run); (3) the float kernels and biases become the
 methods' (rotated / scaled kernels, corrected biases), layers with a rotation or scale get their online input op
-(qjax.ptq.online), and the methods' integer kernels are kept for serving (`patch_serving` puts them in the converted
-tree); (4) activation ranges are calibrated as for RTN, then the run evaluates the serving model.
+(qjax.ptq.online), a bias-free layer that bias correction gave a bias gets it as an online output shift (Flax's
+own layers, whose output is their op's; elsewhere it is dropped and ptq.layers.<path>.notes says so), and the
+methods' integer kernels are kept for serving (`patch_serving` puts them in the converted tree); (4) activation
+ranges are calibrated as for RTN, then the run evaluates the serving model.
 
 Every layer's inputs are the float model's, unless config.ptq.sequential: then the layers run in the order their
 ops ran, and each layer's statistics are captured again on the model whose earlier layers hold their quantized
@@ -45,7 +47,7 @@ import qjax.ptq
 from experiments.config import ptq as ptq_config
 from experiments.training.progress import Progress
 from qjax.ptq import layer as L
-from qjax.ptq import registry
+from qjax.ptq import online, registry
 
 
 def _weight_spec(tr, state, path):
@@ -161,6 +163,18 @@ def _conv_channels(site, w0) -> int | None:
 # ----------------------------------------------------------------------------------------------- the run
 
 
+def _bias_or_shift(lay: L.Layer, b0, site, out_shape):
+  """(layer, the module's new bias or None, an online output shift or None). A method that gave a bias-free op
+  a bias (bias correction) is served as the op's output shift, where the module is a Flax layer whose output is
+  its op's output (qjax.ptq.online.PLAIN_LAYERS); elsewhere it is dropped and the layer's notes say so."""
+  if lay.bias is None or b0 is not None:
+    return lay, lay.bias, None
+  if site.module_type in online.PLAIN_LAYERS:
+    return lay, None, np.asarray(lay.bias, np.float32).reshape(out_shape)
+  why = f'dropped: {site.module_type or "the module"} is not a Flax layer whose output is its op\'s output'
+  return lay.replace(bias=None, notes=lay.notes + (('output_shift', why),)), None, None
+
+
 def _rel_error(lay: L.Layer, x, w, b) -> float:
   """Relative output MSE of the layer's integer kernel (with its input op and bias) on calibration rows x."""
   y = x @ w + (0 if b is None else b)
@@ -200,18 +214,20 @@ def apply(run, state):
       left_out.append(path)
     start = L.Layer(w, spec, stats, bias=b, tied=tied)
     lay = qjax.ptq.run(start, [m for m in ms if m[0] not in drop])
+    lay, own_bias, shift = _bias_or_shift(lay, b0, site, w0.shape[n_in:])
     rtn = qjax.ptq.run(start, ['rtn'])
     x = stats.sample.astype(np.float64)
     layers[path] = {'rel_output_mse': _rel_error(lay, x, w, b), 'rtn_rel_output_mse': _rel_error(rtn, x, w, b),
                     **({'notes': {k: v for k, v in lay.notes}} if lay.notes else {})}
-    done[path], qs[path] = lay, _reshaped(lay.q, w0.shape, n_in)
-    if lay.rotation is not None or lay.scale is not None:  # a conv's scale acts on its input channels
-      transforms[path] = (lay.rotation, lay.scale if tied is None else lay.scale[:tied])
+    done[path], qs[path] = (lay.w, own_bias), _reshaped(lay.q, w0.shape, n_in)
+    if lay.rotation is not None or lay.scale is not None or shift is not None:
+      scale = lay.scale if lay.scale is None or tied is None else lay.scale[:tied]  # a conv's: per input channel
+      transforms[path] = online.Online(lay.rotation, scale, shift)
     if sequential:
-      quantized[path] = (np.asarray(qjax.quantizers.dequantize(lay.q), np.float32), lay.bias)
+      quantized[path] = (np.asarray(qjax.quantizers.dequantize(lay.q), np.float32), own_bias)
     progress.update(i + 1)
   progress.close()
-  state = tr.ptq_update(state, {p: (lay.w, lay.bias) for p, lay in done.items()}, transforms)
+  state = tr.ptq_update(state, done, transforms)
   tr.ptq_weights = qs
   for path, m in layers.items():
     run.writer.scalars({f'ptq/{path}/rel_output_mse': m['rel_output_mse'],

@@ -175,15 +175,15 @@ class LinenTrainer:
 
   def ptq_update(self, state, layers, transforms):
     """The state with each module's kernel and bias replaced ({path: (kernel, bias or None)}, any shape that
-    reshapes to the stored one), and the online input ops ({path: (rotation, scale)}) in the model."""
+    reshapes to the stored one), and the online ops ({path: qjax.ptq.online.Online}) in the model."""
     params = jax.tree.map(lambda a: a, _plain(state['params']))
     for path, (w, b) in layers.items():
       node = _node(params, path)
       node['kernel'] = jnp.asarray(w, node['kernel'].dtype).reshape(node['kernel'].shape)
       if b is not None:
         node['bias'] = jnp.asarray(b, node['bias'].dtype).reshape(node['bias'].shape)
-    model = self.q.model.model if isinstance(self.q.model, online.InputOps) else self.q.model
-    self.q = QuantizedLinen(online.InputOps(model, transforms), self.q.rules)
+    model = self.q.model.model if isinstance(self.q.model, online.OnlineOps) else self.q.model
+    self.q = QuantizedLinen(online.OnlineOps(model, transforms), self.q.rules)
     return {**state, 'params': params}
 
   def ptq_serve(self, served, qs) -> None:
@@ -334,7 +334,7 @@ class NnxTrainer:
 
   def ptq_update(self, state, layers, transforms):
     """The state with each module's kernel and bias replaced ({path: (kernel, bias or None)}, any shape that
-    reshapes to the stored one), and the online input ops ({path: (rotation, scale)}) installed."""
+    reshapes to the stored one), and the online ops ({path: qjax.ptq.online.Online}) installed."""
     model, opt = state.merge()
     mods = _modules(model)
     for path, (w, b) in layers.items():

@@ -79,6 +79,9 @@ class OpSite:
       patches); act_ndim: its rank. (The runner's online input ops need the activation's last axis alone.)
     conv_features: for convs, 'channels' or 'patches' (what the features are); '' for other ops.
     note: why a conv asked for patches got channels ('' otherwise).
+    module_type: the running module's class, '<module>.<qualname>' ('flax.linen.linear.Conv'; qjax's own wrapper
+      subclasses keep their base's names), so a caller can tell a Flax layer, whose output is its op's output
+      plus an optional bias, from a custom module that does more after the op.
   """
   module_path: str
   op: str
@@ -92,6 +95,7 @@ class OpSite:
   act_ndim: int = 0
   conv_features: str = ''
   note: str = ''
+  module_type: str = ''
 
 
 @jax.tree_util.register_dataclass
@@ -247,9 +251,14 @@ class Collector:
       st = _batch_stats(x2, out, self.stats, self.max_sample)
       key = f'{fr.path or "<root>"}/{prefix}'
       self.sites[key] = OpSite(fr.path, op, prefix, origin.param, side, tuple(origin.shape), params,
-                               x2.shape[1], tuple(xc), x.ndim, kind, note)
+                               x2.shape[1], tuple(xc), x.ndim, kind, note, _class_name(fr.module))
       # an op run twice per batch (a module called twice): one op, its rows together
       self.batch[key] = _merge(self.batch[key], st, self.max_sample) if key in self.batch else st
+
+
+def _class_name(module) -> str:
+  cls = type(module)
+  return f'{cls.__module__}.{cls.__qualname__}'
 
 
 def _run(session, collector, step, carry, batches) -> dict[str, tuple[OpSite, OpStats]]:

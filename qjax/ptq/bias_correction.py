@@ -5,6 +5,11 @@
 
 (the analytic form, with E[x] the mean calibration input). Invariant: over the calibration rows the mean output
 of the corrected quantized layer equals the float layer's, exactly in real arithmetic.
+
+A layer without a bias (a convolution before BatchNorm, a bias-free projection) gets one: b' = E[x] . (w - w_hat).
+Nagel et al. absorb it into the following BatchNorm's offset after folding the BatchNorm into the conv; the
+runner adds it to the op's output instead (qjax.ptq.online's output shift), which is the same function of the
+input before the BatchNorm and needs no knowledge of which op follows.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ def empirical_bias_correction(y_float_mean, y_quant_mean, bias=None) -> np.ndarr
 
 def _run(layer: L.Layer) -> L.Layer:
   q = layer.q if layer.q is not None else L.rtn(layer.w, layer.spec)
-  if layer.bias is None:
-    return layer.replace(q=q, notes=layer.notes + (('bias_correction', 'skipped: the op has no bias'),))
   b = bias_correction(layer.w, quantizers.dequantize(q), layer.stats.mean, layer.bias)
-  return layer.replace(q=q, bias=b.astype(np.float32))
+  notes = layer.notes + ((('bias_correction', 'the op had no bias: the correction is a new one'),)
+                         if layer.bias is None else ())
+  return layer.replace(q=q, bias=b.astype(np.float32), notes=notes)
 
 
 registry.register(registry.PTQMethod('bias_correction', _run, {}))

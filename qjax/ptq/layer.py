@@ -89,9 +89,10 @@ def transform_stats(s: Stats, rotation=None, scale=None) -> Stats:
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-  """One op under PTQ: its float kernel w (in, out), weight spec, bias (out,) or None, input statistics, and
-  what earlier methods decided: q (QArray, None until a rounding method ran), the online input transform
-  (rotation (in, in) and/or scale (in,): the op computes ((x @ rotation) / scale) . w), and per-method notes."""
+  """One op under PTQ: its float kernel w (in, out), weight spec, bias (out,) or None (a method may give a
+  layer without one a bias: bias correction), input statistics, and what earlier methods decided: q (QArray,
+  None until a rounding method ran), the online input transform (rotation (in, in) and/or scale (in,): the op
+  computes ((x @ rotation) / scale) . w), and per-method notes."""
   w: np.ndarray
   spec: QuantSpec
   stats: Stats
