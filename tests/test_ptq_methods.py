@@ -212,6 +212,26 @@ def test_bias_correction_gives_a_bias_free_layer_a_bias():
   assert dict(lay.notes)['bias_correction'] == 'the op had no bias: the correction is a new one'
 
 
+def test_empirical_bias_correction_matches_the_float_models_mean_output():
+  """Empirical: the layer's inputs x_q are the quantized model's (shifted), the target is the float model's mean
+  output E[x_f . w + b]: b' = b + E[x_f . w + b] - E[x_q . w_hat + b] makes E[x_q . w_hat + b'] that target. The
+  analytic correction on x_q would only remove this layer's own error."""
+  x, w = data(11)
+  b = np.random.default_rng(12).standard_normal(24)
+  x_q = x + 0.3 * np.random.default_rng(13).standard_normal(x.shape[1])  # earlier layers' error: a mean shift
+  y_float = (x @ w + b).mean(0)
+  base = layer.Layer(w, INT4, layer.stats_of(x_q), bias=b, float_out_mean=y_float)
+  lay = registry.get('bias_correction').run(base, empirical=True)
+  w_hat = np.asarray(quantizers.dequantize(lay.q), np.float64)
+  np.testing.assert_allclose((x_q @ w_hat + lay.bias).mean(0), y_float, rtol=1e-5, atol=1e-5)
+  analytic = registry.get('bias_correction').run(base)
+  assert np.abs((x_q @ w_hat + analytic.bias).mean(0) - y_float).max() > 0.1  # it leaves the inherited shift
+  # without the float model's outputs (not sequential) empirical is the analytic correction, and says so
+  plain = registry.get('bias_correction').run(base.replace(float_out_mean=None), empirical=True)
+  np.testing.assert_array_equal(plain.bias, analytic.bias)
+  assert 'analytic' in dict(plain.notes)['bias_correction_empirical']
+
+
 # ----------------------------------------------------------------------------------------- registry, order
 
 

@@ -83,6 +83,26 @@ def test_sequential_calibrates_each_layer_on_the_quantized_predecessors(root, mo
   assert r['metrics'] == r['serving_metrics']
 
 
+def test_sequential_layers_carry_the_float_models_mean_output(root, monkeypatch):
+  """Sequential runs hand each layer the float model's mean output (empirical bias correction's target): for the
+  first layer it is its own statistics' (its inputs are the float model's), for the head it is not."""
+  ptq = importlib.import_module('experiments.training.ptq')
+  starts, real = {}, ptq.qjax.ptq.run
+
+  def spy(lay, methods):
+    if methods != ['rtn']:
+      starts[len(starts)] = lay
+    return real(lay, methods)
+  monkeypatch.setattr(ptq.qjax.ptq, 'run', spy)
+  r = run(root, 'gptq_bc_sequential', 'gptq,bias_correction',
+          ('--config.ptq.sequential=True', '--config.ptq.bias_correction.empirical=True'))
+  assert r['train']['ptq']['methods'][1] == ['bias_correction', {'empirical': True}]
+  first, head = starts[0], starts[1]
+  np.testing.assert_allclose(first.float_out_mean, first.stats.mean @ first.w + first.bias, rtol=1e-6)
+  assert np.abs(head.float_out_mean - (head.stats.mean @ head.w + head.bias)).max() > 1e-4
+  assert r['metrics'] == r['serving_metrics']
+
+
 def test_rtn_is_the_default_conversion(rtn):
   assert 'ptq' not in rtn['train'] and rtn['config']['ptq']['method'] == 'rtn'
 

@@ -201,6 +201,7 @@ def apply(run, state):
   progress = Progress(len(found), 0)
   input_ops = {n for n, _ in ms if registry.get(n).changes_input}
   for i, (path, (site, stats)) in enumerate(found.items()):
+    float_stats = stats
     if sequential and i:
       work = tr.ptq_update(state, quantized, transforms)
       site, stats = match({path: todo[path]}, gather_stats(run, work, c.ptq.max_sample))[0][path]
@@ -208,11 +209,13 @@ def apply(run, state):
     n_in = len(site.contracting)
     w = w0.reshape((site.features, -1))                                       # (K, rest)
     b = None if b0 is None else b0.reshape(-1)
+    # the float model's mean output of this op, which empirical bias correction matches (sequential runs)
+    y_float = float_stats.mean @ w + (0.0 if b is None else b) if sequential else None
     tied = _conv_channels(site, w0)
     drop = set() if _input_is_last_axis(site) else {'rotation'} & input_ops if tied else input_ops
     if drop & {n for n, _ in ms}:
       left_out.append(path)
-    start = L.Layer(w, spec, stats, bias=b, tied=tied)
+    start = L.Layer(w, spec, stats, bias=b, tied=tied, float_out_mean=y_float)
     lay = qjax.ptq.run(start, [m for m in ms if m[0] not in drop])
     lay, own_bias, shift = _bias_or_shift(lay, b0, site, w0.shape[n_in:])
     rtn = qjax.ptq.run(start, ['rtn'])

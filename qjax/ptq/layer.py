@@ -102,6 +102,8 @@ class Layer:
   scale: np.ndarray | None = None
   notes: tuple = ()
   tied: int | None = None  # C: the features are (position, channel) pairs and an input scale is per channel
+  float_out_mean: np.ndarray | None = None  # (out,) E[x_f . w + b] on the float model's inputs x_f, when `stats`
+                                            # are of other inputs (sequential calibration: the quantized model's)
 
   def replace(self, **kw) -> Layer:
     return dataclasses.replace(self, **kw)
