@@ -9,10 +9,10 @@ int2 weights in every layer (convs included) and float activations, calibrated o
 (AWQ and AdaRound see 2048 rows per layer), by each method: rtn, gptq, gptq with act-order, awq, adaround (10k
 iterations per layer, the paper's default), bias_correction, gptq followed by bias_correction, and gptq (with and
 without act-order) and adaround calibrated sequentially (config.ptq.sequential: each layer on the inputs of the
-already-quantized earlier layers). `:runlocal`
-shrinks it to a smoke test on the fixtures. `:model=resnet` runs the same on configs/fmnist_resnet.py (its 4000
-float steps; its stem and head stay float, as that config keeps them). `seeds=N` repeats every trial over N seeds
-(each seed trains its own float model); the table gives mean +- std.
+already-quantized earlier layers), and sequentially calibrated empirical bias correction, alone and after gptq.
+`:runlocal` shrinks it to a smoke test on the fixtures. `:model=resnet` runs the same on configs/fmnist_resnet.py
+(its 4000 float steps; its stem and head stay float, as that config keeps them). `seeds=N` repeats every trial over
+N seeds (each seed trains its own float model); the table gives mean +- std.
 """
 
 import os
@@ -35,6 +35,11 @@ METHODS = {
     'gptq_sequential': {'ptq.method': 'gptq', 'ptq.sequential': True},
     'gptq_act_order_sequential': {'ptq.method': 'gptq', 'ptq.gptq.act_order': True, 'ptq.sequential': True},
     'adaround_sequential': {'ptq.method': 'adaround', 'ptq.sequential': True},
+    # Empirical bias correction (the float model's mean output as the target) needs the quantized model's inputs.
+    'bias_correction_empirical_sequential': {'ptq.method': 'bias_correction', 'ptq.bias_correction.empirical': True,
+                                             'ptq.sequential': True},
+    'gptq_sequential+bias_correction_empirical': {'ptq.method': 'gptq,bias_correction',
+                                                  'ptq.bias_correction.empirical': True, 'ptq.sequential': True},
 }
 
 
