@@ -258,8 +258,11 @@ def test_ptq_table_from_result_files(tmp_path):
   write('rtn2', 'ptq', 'int2', 0.50, 200)
   write('g4', 'ptq', 'int4', 0.905, 300, {'methods': [['gptq', {'act_order': True}]], 'wall_time_sec': 1.25})
   write('g4s', 'ptq', 'int4', 0.907, 300, {'methods': [['gptq', {}]], 'wall_time_sec': 2.0, 'sequential': True})
+  write('bc4', 'ptq', 'int4', 0.904, 300, {'methods': [['gptq', {}], ['bias_correction', {'empirical': True}]],
+                                          'wall_time_sec': 3.0, 'sequential': True})
   t = ptq_table.table(str(tmp_path))
   assert '| gptq, sequential | 0.9070 / 300 / 2.0 | — |' in t
+  assert '| gptq+bias_correction (empirical), sequential | 0.9040 / 300 / 3.0 | — |' in t
   # Seeds: mean ± std (sample std) per cell and of the float reference; mean method seconds.
   seeds = tmp_path / 'seeds'
   for seed, (f, a, s) in enumerate([(0.90, 0.80, 1.0), (0.92, 0.84, 3.0)]):

@@ -39,6 +39,8 @@ def rows(root: str, metric: str = 'eval/accuracy'):
     method = '+'.join(m[0] for m in info['methods']) if info else c.get('ptq', {}).get('method', 'rtn')
     if info and any(m[0] == 'gptq' and m[1].get('act_order') for m in info['methods']):
       method += ' (act-order)'
+    if info and any(m[0] == 'bias_correction' and m[1].get('empirical') for m in info['methods']):
+      method += ' (empirical)'
     if info and info.get('sequential'):
       method += ', sequential'
     out.append((method, setting(c['quant']), r['metrics'][metric], r.get('serving_bytes'),
