@@ -244,6 +244,35 @@ def test_rerun_with_changed_overrides_is_refused_then_rerun_on_request(fake_cfg,
   assert _sweep(args + ['--config.steps=4'])[0] == 0  # now the same config: finished, skipped
 
 
+def test_keys_the_stored_runs_predate_are_adopted_on_request(fake_cfg, tmp_path):
+  """A run made before an option existed (its stored config lacks the key) is 'changed' for the sweep; with
+  --adopt_new_keys the key's current value is written into the stored config and logged, and the run is kept. A
+  run that also differs in a value it had is not adopted."""
+  root = str(tmp_path / 'root')
+  args = [f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=1']
+  assert _sweep(args)[0] == 0
+  names = [t.name for t in sweeps.expand(*config_cli.load_module(fake_cfg), root)]
+  for n in names:  # an older version of the code had no `steps` option
+    path = os.path.join(root, n, 'result.json')
+    r = json.load(open(path))
+    del r['config']['steps']
+    json.dump(r, open(path, 'w'))
+  with pytest.raises(config_cli.ConfigError, match=r'(?s)steps.*a key the stored runs predate.*--adopt_new_keys'):
+    _sweep(args)
+  with pytest.raises(config_cli.ConfigError, match=r'(?s)4 trial\(s\)') as e:  # a command-line choice: never
+    _sweep(args + ['--config.steps=4', '--adopt_new_keys'])                   # taken to be what they ran
+  assert 'predate' not in str(e.value)
+  assert 'steps' not in json.load(open(os.path.join(root, names[0], 'result.json')))['config']
+  rc, out = _sweep(args + ['--adopt_new_keys'])
+  assert rc == 0 and any(line.startswith('tally: 0 done, 4 skipped') for line in out), out
+  assert any('adopted the new config keys into 4 stored run(s)' in line for line in out)
+  for n in names:
+    assert json.load(open(os.path.join(root, n, 'result.json')))['config']['steps'] == 3
+    log = json.load(open(os.path.join(root, n, 'adopted_keys.json')))
+    assert [e['keys'] for e in log] == [{'steps': 3}]
+    assert _steps(root, n) == [1, 2, 3]  # nothing ran again
+
+
 def test_a_truncated_result_is_not_finished_for_the_sweep_and_the_report(fake_cfg, tmp_path, capsys):
   from experiments.review import results  # noqa: PLC0415
   root = str(tmp_path / 'root')

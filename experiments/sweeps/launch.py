@@ -2,6 +2,7 @@ r"""Run the sweep a config file declares (`get_sweep`, see experiments/sweeps/la
 
     python -m experiments.sweep --config=configs/quickstart.py --root=runs/quickstart
         [--executor=local|ray] [--workers=N] [--index=i|env] [--dry_run] [--retry_failed] [--rerun_changed]
+        [--adopt_new_keys]
         [--ray_address=host:port] [--start_method=forkserver|spawn] [--trial_fn=module:function]
         [--config.key=value ...]
 
@@ -29,7 +30,10 @@ Reruns: finished trials (result.json) are skipped, interrupted ones resume from 
 (error.json: exception and traceback) are skipped unless --retry_failed, which reruns only them. A rerun whose
 config or overrides give a finished or interrupted trial another config than the one it ran is refused, listing
 the keys that differ: use a new --root, or --rerun_changed, which moves those trials (and the ones starting from
-them) to <root>/_replaced/ and runs them again. A trial is
+them) to <root>/_replaced/ and runs them again. When the only differences are keys the stored runs predate (an
+option added to the code since, at its config file value, which should keep what the runs did), --adopt_new_keys
+writes those keys into the stored configs, logs them in <trial>/adopted_keys.json, and keeps the runs; a key set
+on the command line or by the sweep's axes is never adopted. A trial is
 claimed with an flock on <root>/<name>/.claim while it runs (released by the kernel if its process dies), so
 two sweeps on one root never run the same trial twice; the second one skips it. A trial whose config refers to
 another trial (sweeps.trial_ref, e.g. PTQ from the float trial) runs after it.
@@ -47,6 +51,7 @@ import re
 import signal
 import sys
 import time
+from typing import Any
 
 from experiments import fileio
 from experiments.config import cli as config_cli
@@ -57,7 +62,7 @@ from experiments.sweeps.trials import Task, run_trial
 
 DEFAULT_TRIAL_FN = 'experiments.training.runner:train_and_evaluate'
 FLAGS = ('config', 'root', 'executor', 'workers', 'index', 'dry_run', 'retry_failed', 'rerun_changed',
-         'ray_address', 'start_method', 'trial_fn')
+         'adopt_new_keys', 'ray_address', 'start_method', 'trial_fn')
 REPLACED = '_replaced'  # <root>/_replaced/<name>-<time>: trials moved aside by --rerun_changed
 
 
@@ -129,7 +134,7 @@ def changed_trials(trials: list[sweeps.Trial], chosen: list[sweeps.Trial], root:
   return changed
 
 
-def _changed_message(changed: dict[str, list[str]], root: str) -> str:
+def _changed_message(changed: dict[str, list[str]], root: str, adoptable=None) -> str:
   lines = [f'{len(changed)} trial(s) under {root} hold runs of a different config than this command gives them '
            '(kept as they are):']
   for name, keys in list(changed.items())[:10]:
@@ -139,7 +144,59 @@ def _changed_message(changed: dict[str, list[str]], root: str) -> str:
     lines.append(f'  ... and {len(changed) - 10} more')
   lines.append(f'Use a new --root for the new settings, or add --rerun_changed to move those trials to '
                f'{os.path.join(root, REPLACED)}/ and run them again.')
+  if adoptable and set(adoptable) >= {n for n, k in changed.items() if not k[0].startswith('(starts from')}:
+    keys = sorted({k for v in adoptable.values() for k in v})
+    lines.append(f'Every difference is a key the stored runs predate ({", ".join(keys[:4])}'
+                 f'{" ..." if len(keys) > 4 else ""}: options added since they ran), at its config file value. If '
+                 'that value is what those runs did, --adopt_new_keys writes the keys into the stored configs (and '
+                 '<trial>/adopted_keys.json) and keeps the runs.')
   return '\n'.join(lines)
+
+
+def new_keys(trials: list[sweeps.Trial], root: str, cli_keys=()) -> dict[str, dict[str, Any]]:
+  """Trial name -> {dotted key: value} for the trials whose stored run differs from the config it would run now
+  only in keys the stored config does not have (options added to the code after the run), each at the value the
+  config file gives it: a key set on the command line or by the sweep's own axes is a choice, not a default that
+  kept the old behaviour, and is never adopted."""
+  out = {}
+  for t in trials:
+    stored = stored_config(root, t)
+    if stored is None:
+      continue
+    current = json.loads(json.dumps(config_cli.to_dict(t.config), default=str))
+    now, old = config_cli.flatten(current), config_cli.flatten(stored)
+    keys = config_cli.changed_keys(stored, current)
+    explicit = set(cli_keys) | set(t.overrides)
+    if keys and all(k not in old and k in now and k not in explicit for k in keys):
+      out[t.name] = {k: now[k] for k in keys}
+  return out
+
+
+def adopt_new_keys(trials: list[sweeps.Trial], root: str, cli_keys=()) -> list[str]:
+  """Writes each trial's new keys (`new_keys`) into its stored config (result.json's and config.json) and appends
+  {time, keys} to <trial>/adopted_keys.json; returns the trials changed. A trial running elsewhere is refused."""
+  found = new_keys(trials, root, cli_keys)
+  held = [n for n in found if Claim.is_held(os.path.join(root, n))]
+  if held:
+    raise config_cli.ConfigError(f'--adopt_new_keys: {", ".join(held)} is running in another process; rerun when '
+                                'it has ended')
+  for name, keys in found.items():
+    workdir = os.path.join(root, name)
+    for fname, inner in (('result.json', 'config'), ('config.json', None)):
+      data = fileio.read_json(os.path.join(workdir, fname))
+      if not isinstance(data, dict) or (inner and not isinstance(data.get(inner), dict)):
+        continue
+      for key, value in keys.items():
+        node = data[inner] if inner else data
+        *parents, leaf = key.split('.')
+        for p in parents:
+          node = node.setdefault(p, {})
+        node[leaf] = value
+      fileio.write_json_atomic(os.path.join(workdir, fname), data)
+    log = fileio.read_json(os.path.join(workdir, 'adopted_keys.json'))
+    log = (log if isinstance(log, list) else []) + [{'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'keys': keys}]
+    fileio.write_json_atomic(os.path.join(workdir, 'adopted_keys.json'), log)
+  return sorted(found)
 
 
 def replace_changed(root: str, names: list[str]) -> list[str]:
@@ -316,9 +373,13 @@ def run_sweep(argv: list[str], out=print, *, validate=None, report=None) -> int:
     validate_trials(trials, validate)
   config_cli.writable_dir(root, 'root')
   chosen = trials if index is None else [trials[index]]
+  if _truthy(flags.get('adopt_new_keys')):
+    adopted = adopt_new_keys(chosen, root, [k for k, _ in cli])
+    if adopted:
+      out(f'adopted the new config keys into {len(adopted)} stored run(s) (see <trial>/adopted_keys.json)')
   changed = changed_trials(trials, chosen, root)
   if changed and not _truthy(flags.get('rerun_changed')):
-    raise config_cli.ConfigError(_changed_message(changed, root))
+    raise config_cli.ConfigError(_changed_message(changed, root, new_keys(chosen, root, [k for k, _ in cli])))
   for dest in replace_changed(root, list(changed)):
     out(f'moved {os.path.basename(dest)} (a run of an earlier config) to {os.path.dirname(dest)}/; it runs again')
   write_manifest(root, flags['config'], cli, trials, metrics)
