@@ -143,6 +143,23 @@ def test_study_figure_separates_modes_and_reads_methods_from_the_bits_label():
   plt.close(fig)
 
 
+def test_a_weight_format_axis_gives_the_bits_and_twelve_methods_stay_distinct():
+  """A PTQ sweep over method x w=int4/int3/int2 (configs/results_ptq_fmnist.py): one line per method over the
+  weight bits, not one per (method, format); past ten lines the colours repeat, so marker or dash differ."""
+  cs = [_study_config({'mode': 'float'}, 'float', 32, 0.91, 0.002)]
+  methods = [f'method_{i}' for i in range(12)]
+  cs += [_study_config({'mode': 'ptq', 'method': m, 'w': f'int{b}'}, 'ptq', b, 0.9 - 0.01 * (4 - b), 0.003)
+         for m in methods for b in (4, 3, 2)]
+  study = study_plot.study_series(cs)
+  assert [s.name for s in study.series] == methods and study.method_keys == ('method',)
+  assert [p.setting for p in study.series[0].points] == ['W2', 'W3', 'W4']
+  fig = study_plot.study_figure(study, 'eval/accuracy', True)
+  bars = fig.axes[0].containers
+  styles = [(c.lines[0].get_color(), c.lines[0].get_marker(), c.lines[0].get_linestyle()) for c in bars]
+  assert len(set(styles)) == 12 and styles[0][0] == styles[10][0]
+  plt.close(fig)
+
+
 def test_no_study_figure_for_one_bit_setting():
   cs = [_study_config({'mode': 'float'}, 'float', 32, 0.9, 0.01)]
   cs += [_study_config({'mode': 'qat', 'estimator': e, 'bits': 'w4a4'}, 'qat', 4, 0.89, 0.01) for e in ('ste', 'lsq')]

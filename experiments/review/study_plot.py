@@ -2,10 +2,11 @@
 reference line (matplotlib, Agg backend).
 
 What is a bit setting and what is a method is read from the trials' swept labels: the label that names bits
-(`bits=w4a4`, `bits=w3a3_lsq`) gives the bits (W4A4) and a method suffix (lsq); the other labels that differ between
-the quantized configurations of one mode (`estimator=lsq`) name the method. Labels that are constant within a mode
-(the mode itself, `steps` where the float model trained longer than the fine-tunes) name no method, so a sweep of
-estimator x bits gives one line per estimator. PTQ and QAT are separate lines when a study has both.
+(`bits=w4a4`, `bits=w3a3_lsq`, or a weight format `w=int3`) gives the bits (W4A4) and a method suffix (lsq); the
+other labels that differ between the quantized configurations of one mode (`estimator=lsq`) name the method.
+Labels that are constant within a mode (the mode itself, `steps` where the float model trained longer than the
+fine-tunes) name no method, so a sweep of estimator x bits gives one line per estimator. PTQ and QAT are separate
+lines when a study has both.
 """
 
 
@@ -24,6 +25,7 @@ from experiments.review.results import Config, float_reference
 
 # w4a4, W8, w4a8_per_channel, w3a3-lsq: weight bits, activation bits, the rest (a method's name).
 _BITS = re.compile(r'^w(\d+)(?:a(\d+))?(?:[_-](.+))?$', re.IGNORECASE)
+_INT = re.compile(r'^u?int(\d+)$')  # int4, uint8: a weight format label
 PERCENT_METRICS = ('accuracy',)  # fractions, drawn in percent as the docs' tables give them
 
 
@@ -62,7 +64,11 @@ class Study:
 
 
 def parse_bits(value: str) -> tuple[float, str, str] | None:
-  """'w4a8_per_channel' -> (4.0, 'W4A8', 'per_channel'); None for a value that names no bits this way."""
+  """'w4a8_per_channel' -> (4.0, 'W4A8', 'per_channel'); an integer weight format 'int3' -> (3.0, 'W3', '') (a
+  sweep axis over config.quant.weight.format); None for a value that names no bits this way."""
+  m = _INT.match(str(value))
+  if m:
+    return float(m.group(1)), f'W{m.group(1)}', ''
   m = _BITS.match(str(value))
   if not m:
     return None
@@ -165,7 +171,9 @@ def study_figure(study: Study, metric: str, higher: bool):
     xs = [p.bits for p in s.points]
     ys = [p.mean * scale for p in s.points]
     errs = [p.std * scale if p.seeds > 1 else 0.0 for p in s.points]
-    bars = ax.errorbar(xs, ys, yerr=errs, fmt='-o', ms=4, lw=1.3, capsize=3, label=s.name, zorder=3)
+    # past the ten colours of the cycle, lines differ by marker and dash too
+    style = dict(color=f'C{i % 10}', marker='osD^v'[i // 10 % 5], ls=('-', '--', ':', '-.')[i // 10 % 4])
+    bars = ax.errorbar(xs, ys, yerr=errs, ms=4, lw=1.3, capsize=3, label=s.name, zorder=3, **style)
     for artist in bars.get_children():  # shifted after drawing: the axes' limits were set from the true data
       artist.set_transform(artist.get_transform() + shift)
   for j, (name, mean, std, seeds) in enumerate(study.floats):
