@@ -160,6 +160,18 @@ def test_a_weight_format_axis_gives_the_bits_and_twelve_methods_stay_distinct():
   plt.close(fig)
 
 
+def test_group_sizes_in_the_bits_label_are_their_own_lines():
+  """configs/results_ptq_charlm.py's labels: bits=w4g128 / w3g64 / w8a8; one line per method and group size."""
+  assert study_plot.parse_bits('w3g64') == (3.0, 'W3', 'g64')
+  assert study_plot.parse_bits('w4x') is None  # no separator: only a group size may follow the bits
+  cs = [_study_config({'mode': 'float'}, 'float', 32, 1.97, 0.01)]
+  cs += [_study_config({'mode': 'ptq', 'method': 'gptq', 'bits': f'w{b}g{g}'}, 'ptq', b, 2.0 + (4 - b) / 10, 0.01)
+         for b in (4, 3, 2) for g in (128, 64)]
+  cs.append(_study_config({'mode': 'ptq', 'method': 'rtn', 'bits': 'w8a8'}, 'ptq', 8, 1.97, 0.01))
+  series = {s.name: [p.setting for p in s.points] for s in study_plot.study_series(cs).series}
+  assert series == {'gptq g128': ['W2', 'W3', 'W4'], 'gptq g64': ['W2', 'W3', 'W4'], 'rtn': ['W8A8']}
+
+
 def test_no_study_figure_for_one_bit_setting():
   cs = [_study_config({'mode': 'float'}, 'float', 32, 0.9, 0.01)]
   cs += [_study_config({'mode': 'qat', 'estimator': e, 'bits': 'w4a4'}, 'qat', 4, 0.89, 0.01) for e in ('ste', 'lsq')]

@@ -23,8 +23,9 @@ from matplotlib.transforms import ScaledTranslation
 
 from experiments.review.results import Config, float_reference
 
-# w4a4, W8, w4a8_per_channel, w3a3-lsq: weight bits, activation bits, the rest (a method's name).
-_BITS = re.compile(r'^w(\d+)(?:a(\d+))?(?:[_-](.+))?$', re.IGNORECASE)
+# w4a4, W8, w4a8_per_channel, w3a3-lsq, w4g128: weight bits, activation bits, the rest (a method's name, or the
+# group size written without a separator).
+_BITS = re.compile(r'^w(\d+)(?:a(\d+))?(?:[_-](.+)|(g\d+))?$', re.IGNORECASE)
 _INT = re.compile(r'^u?int(\d+)$')  # int4, uint8: a weight format label
 PERCENT_METRICS = ('accuracy',)  # fractions, drawn in percent as the docs' tables give them
 
@@ -64,16 +65,17 @@ class Study:
 
 
 def parse_bits(value: str) -> tuple[float, str, str] | None:
-  """'w4a8_per_channel' -> (4.0, 'W4A8', 'per_channel'); an integer weight format 'int3' -> (3.0, 'W3', '') (a
-  sweep axis over config.quant.weight.format); None for a value that names no bits this way."""
+  """'w4a8_per_channel' -> (4.0, 'W4A8', 'per_channel'); 'w3g64' (groups of 64) -> (3.0, 'W3', 'g64'); an
+  integer weight format 'int3' -> (3.0, 'W3', '') (a sweep axis over config.quant.weight.format); None for a value
+  that names no bits this way."""
   m = _INT.match(str(value))
   if m:
     return float(m.group(1)), f'W{m.group(1)}', ''
   m = _BITS.match(str(value))
   if not m:
     return None
-  w, a, rest = m.groups()
-  return float(w), f'W{w}' + (f'A{a}' if a else ''), rest or ''
+  w, a, rest, group = m.groups()
+  return float(w), f'W{w}' + (f'A{a}' if a else ''), rest or group or ''
 
 
 def bits_key(configs: list[Config]) -> str | None:
