@@ -44,6 +44,8 @@ def test_linen_capture_matches_brute_force_sums():
   h = np.tanh(x2 @ np.asarray(v['params']['w_out_in'], np.float64).T)  # the head's input, in float
   hsite, hst = out['head/dot_general0']
   assert (hsite.weight, hsite.contracting, hsite.features) == ('head/kernel', (0,), 12)
+  # the running module's class: a Flax Dense for the head, the custom root module for the transposed kernel
+  assert hsite.module_type == 'flax.linen.linear.Dense' and site.module_type.endswith('.TwoLayer')
   np.testing.assert_allclose(hst.xtx, h.T @ h, rtol=1e-4, atol=1e-4)
   y = h @ np.asarray(v['params']['head']['kernel'], np.float64) + np.asarray(v['params']['head']['bias'])
   np.testing.assert_allclose(hst.out_mean_sq, ((y - np.asarray(v['params']['head']['bias'])) ** 2).mean(0),
@@ -91,6 +93,9 @@ def test_nnx_capture_and_model_unchanged():
   out = capture.capture_nnx(model, xs)
   assert {k: (s.weight, s.contracting) for k, (s, _) in out.items()} == {
       'a/dot_general0': ('a/kernel', (0,)), 'emb/attend_dot_general0': ('emb/embedding', (1,))}
+  # the user's classes, through qjax's quantized subclasses
+  assert out['a/dot_general0'][0].module_type == 'flax.nnx.nn.linear.Linear'
+  assert out['emb/attend_dot_general0'][0].module_type == 'flax.nnx.nn.linear.Embed'
   x2 = np.concatenate([np.asarray(x).reshape(-1, 8) for x in xs])
   np.testing.assert_allclose(out['a/dot_general0'][1].xtx, x2.T @ x2, rtol=1e-4, atol=1e-4)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), before, nnx.state(model)))

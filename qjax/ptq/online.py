@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Flax layers whose __call__ returns op(x, kernel) (+ bias), the op's output axes last: an output shift of the
-# module is one of its op. Names as qjax.flax.capture's OpSite.module_type.
+# Flax layers whose __call__ returns op(x, kernel) (+ bias) with the kernel's output axes last, so an output shift
+# shaped like those axes is one of the op. (Not Einsum: its equation places the output axes anywhere.) Names as
+# qjax.flax.capture's OpSite.module_type.
 PLAIN_LAYERS = frozenset({
     'flax.linen.linear.Dense', 'flax.linen.linear.DenseGeneral', 'flax.linen.linear.Conv',
-    'flax.linen.linear.Einsum', 'flax.nnx.nn.linear.Linear', 'flax.nnx.nn.linear.LinearGeneral',
-    'flax.nnx.nn.linear.Conv', 'flax.nnx.nn.linear.Einsum'})
+    'flax.nnx.nn.linear.Linear', 'flax.nnx.nn.linear.LinearGeneral', 'flax.nnx.nn.linear.Conv'})
 
 
 class Online(NamedTuple):
