@@ -152,6 +152,11 @@ def test_config_errors_name_the_nearest_method():
     train.validate(c)
   c.ptq.method = 'gptq'
   train.validate(c)
+  c.ptq.method, c.ptq.bias_correction.empirical, c.ptq.sequential = 'gptq,bias_correction', True, False
+  with pytest.raises(config_cli.ConfigError, match='empirical=True has no effect without config.ptq.sequential'):
+    train.validate(c)
+  c.ptq.sequential = True
+  train.validate(c)
 
 
 # ------------------------------------------------------------------------------ the online op, exact in float

@@ -27,7 +27,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 def methods(ptq) -> list[tuple[str, dict[str, Any]]]:
   """The ordered (name, params) of config.ptq; ValueError naming a wrong method (and the closest) or parameter,
-  or config.ptq.sequential set where it would be ignored (RTN alone)."""
+  or an option set where it would be ignored (sequential with RTN alone, empirical bias correction without
+  sequential)."""
   m = ptq.method
   names = [s.strip() for s in m.replace('+', ',').split(',')] if isinstance(m, str) else list(m)
   if not names or any(not n for n in names):
@@ -43,6 +44,10 @@ def methods(ptq) -> list[tuple[str, dict[str, Any]]]:
   if ptq.get('sequential', False) and names == ['rtn']:
     raise ValueError("config.ptq.sequential=True has no effect with config.ptq.method='rtn' (round-to-nearest reads "
                      "no calibration inputs of its own); give a method that does, e.g. 'gptq', or drop it")
+  if 'bias_correction' in names and dict(out)['bias_correction']['empirical'] and not ptq.get('sequential', False):
+    raise ValueError('config.ptq.bias_correction.empirical=True has no effect without config.ptq.sequential=True '
+                     "(each layer's inputs are then the float model's, and the empirical correction is the analytic "
+                     'one); set config.ptq.sequential=True, or drop it')
   return out
 
 
