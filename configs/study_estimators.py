@@ -1,4 +1,4 @@
-r"""Estimator study on Fashion-MNIST (LeNet-5 CNN): STE, clipped STE, PACT, LSQ, LSQ+ and EWGS at W4A4, W3A3, W2A2.
+r"""Estimator study on Fashion-MNIST (LeNet-5 CNN, or the small ResNet): STE, clipped STE, PACT, LSQ, LSQ+ and EWGS at W4A4, W3A3, W2A2.
 
     python -m experiments.sweep --config=configs/study_estimators.py:seeds=3 --root=runs/study_estimators
     python -m experiments.report runs/study_estimators
@@ -16,6 +16,13 @@ contrast it tests, STE, LSQ and LSQ+ (LSQ+ should lead LSQ there, its learned of
 
     python -m experiments.sweep --config=configs/study_estimators.py:seeds=3,activation=swish \
         --root=runs/study_estimators_swish
+
+`model=resnet` runs the six estimators on configs/fmnist_resnet.py instead: its float model (4000 steps, the
+recipe of the ResNet PTQ table), then 500-step QAT fine-tunes (the 2-core budget: a ResNet step costs about 5x a
+LeNet-5 step). Its stem and head stay float, as that config keeps them, so every quantized op is a block conv:
+
+    python -m experiments.sweep --config=configs/study_estimators.py:seeds=3,model=resnet \
+        --root=runs/study_estimators_resnet --workers=2
 """
 
 import os
@@ -39,14 +46,26 @@ ESTIMATORS = {  # weight, activation (and the activation scheme where the method
 NON_RELU_ESTIMATORS = ('ste', 'lsq', 'lsq_plus')
 
 
+MODELS = {'cnn': 'fmnist_cnn.py', 'resnet': 'fmnist_resnet.py'}
+STEPS = {'cnn': (3000, 1000), 'resnet': (4000, 500)}  # float steps, QAT fine-tune steps
+
+
+def _args(arg):
+  a = config_cli.config_args(arg, runlocal=False, seeds=1, activation='relu', model='cnn')
+  if a['model'] not in MODELS:
+    raise config_cli.ConfigError(f"config arg model={a['model']!r}: expected one of {', '.join(MODELS)}")
+  return a
+
+
 def get_config(arg=None):
-  a = config_cli.config_args(arg, runlocal=False, seeds=1, activation='relu')
-  c = config_cli.load_file(os.path.join(_HERE, 'fmnist_cnn.py') + (':runlocal' if a['runlocal'] else ''))
+  a = _args(arg)
+  c = config_cli.load_file(os.path.join(_HERE, MODELS[a['model']]) + (':runlocal' if a['runlocal'] else ''))
   if not a['runlocal']:
-    c.num_train_steps = 3000
-    c.eval_every_steps = 1000
+    c.num_train_steps = STEPS[a['model']][0]
+    c.eval_every_steps = 1000 if a['model'] == 'cnn' else 2000
     c.checkpoint_every_steps = 1000
-  c.quant.first_last_8bit = True
+  # LeNet-5: first and last layers at 8 bits; the ResNet keeps its stem and head float (its config's convention).
+  c.quant.first_last_8bit = a['model'] == 'cnn'
   c.quant_summaries = False
   if a['activation'] != 'relu':
     c.model.activation = a['activation']
@@ -54,9 +73,9 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  a = config_cli.config_args(arg, runlocal=False, seeds=1, activation='relu')
+  a = _args(arg)
   estimators = ESTIMATORS if a['activation'] == 'relu' else {k: ESTIMATORS[k] for k in NON_RELU_ESTIMATORS}
-  base, steps = (20, 20) if a['runlocal'] else (3000, 1000)
+  base, steps = (20, 20) if a['runlocal'] else STEPS[a['model']]
   fine_tune = {'init_from': sweeps.trial_ref(f'mode=float,steps={base}'), 'num_train_steps': steps,
                'optimizer.learning_rate': 5e-4, 'optimizer.warmup_steps': 0, 'eval_every_steps': steps}
   bits = {f'w{b}a{b}': {'quant.weight.format': f'int{b}', 'quant.act.format': f'int{b}'} for b in (4, 3, 2)}
