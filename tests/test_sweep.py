@@ -690,9 +690,24 @@ def test_the_swish_estimator_study_builds_swish_lenets_and_a_bad_activation_fail
     runner.validate(bad)
 
 
+def test_the_resnet_estimator_study_keeps_stem_and_head_float_and_names_the_models_on_a_typo(tmp_path):
+  module, _ = config_cli.load_module(os.path.join(REPO, 'configs/study_estimators.py'))
+  trials = sweeps.expand(module, 'model=resnet,seeds=2', str(tmp_path))
+  qat = [t for t in trials if t.config.mode == 'qat']
+  assert len(qat) == 6 * 3 * 2 and {t.config.model.name for t in trials} == {'resnet'}
+  # first_last_8bit would put the first and last *block* convs at 8 bits: the stem and head are already float.
+  assert {(t.config.quant.float_layers, t.config.quant.first_last_8bit) for t in qat} == {('stem|head', False)}
+  assert {t.config.num_train_steps for t in qat} == {500} and trials[0].config.num_train_steps == 4000
+  lenet = sweeps.expand(module, None, str(tmp_path))
+  assert {t.config.quant.first_last_8bit for t in lenet} == {True}
+  with pytest.raises(config_cli.ConfigError, match=r"model='resnt': expected one of cnn, resnet"):
+    sweeps.expand(module, 'model=resnt', str(tmp_path))
+
+
 @pytest.mark.parametrize('spec', ['results_fmnist.py', 'results_mnist.py', 'results_charlm.py', 'results_ptq_fmnist.py',
                                   'results_ptq_fmnist.py:model=resnet', 'results_ptq_charlm.py',
-                                  'study_estimators.py', 'study_estimators.py:activation=swish'])
+                                  'study_estimators.py', 'study_estimators.py:activation=swish',
+                                  'study_estimators.py:model=resnet'])
 def test_each_results_config_runs_its_last_trial_in_runlocal_mode(spec, tmp_path):
   """The last trial of every results config (a quantized run, which starts from its float trial) on the fixtures:
   the config, its sweep, the trial_ref and the runner agree before anyone spends hours on the full sweep."""
