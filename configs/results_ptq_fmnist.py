@@ -10,6 +10,11 @@ int2 weights in every layer (convs included) and float activations, calibrated o
 iterations per layer, the paper's default), bias_correction, gptq followed by bias_correction, and gptq (with and
 without act-order) and adaround calibrated sequentially (config.ptq.sequential: each layer on the inputs of the
 already-quantized earlier layers), and sequentially calibrated empirical bias correction, alone and after gptq.
+Both models: W8A8 and W4A8 (per-channel weights, int8 per-tensor static activations, unsigned where the
+calibration batch is non-negative) for rtn, smoothquant, and smoothquant then gptq, and on LeNet-5 rotation
+(which applies to the dense layers: a rotation of a convolution's im2col features has no form on its input).
+No group columns here: LeNet-5's dense fan-ins (400, 120, 84) take no group of 64 or 128, and qjax's quantized
+convolutions have per-channel or per-tensor scales only (their contraction mixes channels and window).
 `:runlocal` shrinks it to a smoke test on the fixtures. `:model=resnet` runs the same on configs/fmnist_resnet.py
 (its 4000 float steps; its stem and head stay float, as that config keeps them). `seeds=N` repeats every trial over
 N seeds (each seed trains its own float model); the table gives mean +- std.
@@ -65,10 +70,16 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   a = config_cli.config_args(arg, runlocal=False, model='cnn', seeds=1)
   ptq = {'mode': 'ptq', 'init_from': sweeps.trial_ref('mode=float')}
+  act8 = {'rtn': {'ptq.method': 'rtn'}, 'smoothquant': {'ptq.method': 'smoothquant'},
+          'smoothquant+gptq': {'ptq.method': 'smoothquant,gptq'}}
+  if a['model'] == 'cnn':
+    act8['rotation'] = {'ptq.method': 'rotation'}
+  bits8 = {f'w{b}a8': {'quant.weight.format': f'int{b}', 'quant.act.format': 'int8'} for b in (8, 4)}
   sweep = sweeps.chain(
       sweeps.axis('mode', {'float': {'mode': 'float'}}),
       sweeps.product(sweeps.axis('mode', {'ptq': ptq}), sweeps.axis('method', METHODS),
                      sweeps.axis('quant.weight.format', ['int4', 'int3', 'int2'], name='w')),
+      sweeps.product(sweeps.axis('mode', {'ptq': ptq}), sweeps.axis('method', act8), sweeps.axis('bits', bits8)),
   )
   if a['seeds'] > 1:  # each seed: its own float model (init and data order), its PTQ runs from it
     sweep = sweeps.product(sweep, sweeps.axis('seed', list(range(a['seeds']))))
