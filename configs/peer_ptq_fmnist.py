@@ -10,7 +10,10 @@ would round them to nearest); the convolutions stay float. qjax runs twice per c
 (scale = absmax / qmax) and on Qwix's (scale = absmax / (qmax + 1/2), using the -(qmax + 1) level). Expected: GPTQ
 ahead of RTN at 3 and 2 bits in both tools; Qwix's GPTQ much slower (its column loop is unrolled in Python) and
 without a 3-bit path in qwix 0.1.8.
-`:runlocal` shrinks it to a smoke test on the fixtures.
+`:runlocal` shrinks it to a smoke test on the fixtures. `seeds=N` repeats the comparison over seeds 0..N-1 (each its
+own float model and calibration batches; the table gives mean ± std):
+
+    python -m experiments.peer_ptq --config=configs/peer_ptq_fmnist.py:seeds=3 --workdir=runs/peer_ptq_fmnist
 """
 
 import os
@@ -23,7 +26,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-  a = config_cli.config_args(arg, runlocal=False)
+  a = config_cli.config_args(arg, runlocal=False, seeds=1)
   c = config_cli.load_file(os.path.join(_HERE, 'results_ptq_fmnist.py') + (':runlocal' if a['runlocal'] else ''))
   c.quant.float_layers = r'conv\d'  # the convolutions stay float for both tools
   c.peer = ml_collections.ConfigDict()
@@ -31,5 +34,6 @@ def get_config(arg=None):
   c.peer.bits = (4, 3, 2) if not a['runlocal'] else (4,)
   c.peer.qjax_grids = ('absmax', 'absmax_half_step')  # qjax's default weight grid, and the one Qwix uses
   c.peer.metric = 'eval/accuracy'
+  c.peer.seeds = tuple(range(a['seeds']))  # seed 0 in <workdir>, seed s in <workdir>/seed<s>
   c.peer.qwix_layers = 'fc1|fc2|head'  # Qwix's rules: the layers qjax quantizes (all but float_layers)
   return c

@@ -1,4 +1,5 @@
-r"""Estimator study on Fashion-MNIST (LeNet-5 CNN, or the small ResNet): STE, clipped STE, PACT, LSQ, LSQ+ and EWGS at W4A4, W3A3, W2A2.
+r"""Estimator study on Fashion-MNIST (LeNet-5 CNN, or the small ResNet): STE, clipped STE, PACT, LSQ, LSQ+ and EWGS
+at W4A4, W3A3, W2A2.
 
     python -m experiments.sweep --config=configs/study_estimators.py:seeds=3 --root=runs/study_estimators
     python -m experiments.report runs/study_estimators

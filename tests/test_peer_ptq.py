@@ -1,5 +1,7 @@
 """experiments/training/peer_ptq.py: Qwix's PTQ through its own API on a qjax testbed model, and the table."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -82,3 +84,36 @@ def test_rows_of_another_config_are_never_reused(tmp_path):
   with pytest.raises(config_cli.ConfigError, match='holds the rows of another config'):
     peer_ptq.run_study(config, str(tmp_path), log=lambda *a: None)
   assert not (tmp_path / 'float').exists()  # refused before anything ran
+
+
+def test_cells_over_seeds_are_mean_and_std_and_a_failure_in_any_seed_shows():
+  h = 'absmax_half_step'
+  rows = [{'seed': s, 'tool': 'qjax', 'grid': 'absmax', 'method': 'gptq', 'bits': 2, 'eval/accuracy': a,
+           'seconds': t} for s, a, t in ((0, 0.80, 2.0), (1, 0.84, 4.0))]
+  rows += [{'seed': 0, 'tool': 'qwix', 'grid': h, 'method': 'gptq', 'bits': 2, 'eval/accuracy': 0.7, 'seconds': 9.0},
+           {'seed': 1, 'tool': 'qwix', 'grid': h, 'method': 'gptq', 'bits': 2, 'error': 'OOM: out of memory'}]
+  md = peer_ptq.render(rows, 'eval/accuracy', [0.90, 0.92]).splitlines()
+  # mean 0.82, sample std sqrt(((0.02)^2 * 2) / 1) = 0.0283; float: mean 0.91, std 0.0141
+  assert md[0] == ('float eval/accuracy: 0.9100 ± 0.0141; cell: eval/accuracy / method seconds over 2 seeds '
+                   '(mean ± sample std)')
+  assert md[4] == '| gptq | 0.8200 ± 0.0283 / 3.0 | fails: OOM: out of memory |'
+
+
+def test_seed_0_stays_in_the_workdir_and_a_rerun_with_more_seeds_runs_only_the_new_seed(tmp_path):
+  config = config_cli.load_file('configs/peer_ptq_fmnist.py:runlocal')
+  with config.unlocked():
+    config.peer.methods, config.peer.qjax_grids = ('rtn',), ('absmax',)
+  assert tuple(config.peer.seeds) == (0,)
+  quiet = lambda *a: None
+  rows = peer_ptq.run_study(config, str(tmp_path), log=quiet)
+  assert [(r['seed'], r['tool']) for r in rows] == [(0, 'qjax'), (0, 'qwix')]
+  assert (tmp_path / 'float' / 'result.json').exists() and (tmp_path / 'qjax' / 'rtn_w4_absmax').is_dir()
+  assert config_cli.load_file('configs/peer_ptq_fmnist.py:runlocal,seeds=3').peer.seeds == (0, 1, 2)
+  with config.unlocked():
+    config.peer.seeds = (0, 1)
+  more = peer_ptq.run_study(config, str(tmp_path), log=quiet)
+  assert more[:2] == rows and [(r['seed'], r['tool']) for r in more[2:]] == [(1, 'qjax'), (1, 'qwix')]
+  # seed 1: its own float model (its own initialisation and data order) under <workdir>/seed1
+  stored = json.loads((tmp_path / 'seed1' / 'float' / 'result.json').read_text())
+  assert stored['config']['seed'] == 1 and (tmp_path / 'seed1' / 'qjax' / 'rtn_w4_absmax' / 'result.json').exists()
+  assert 'over 2 seeds' in (tmp_path / 'peer_ptq.md').read_text()

@@ -9,7 +9,9 @@ grids differ by a level, which matters more than the method.
 The float model is trained (or reused) in <workdir>/float. qjax's rows are ordinary PTQ runs of the runner in
 <workdir>/qjax/<method>_w<bits>_<grid> (their result.json holds everything); Qwix's rows run in this process. The
 table is printed and written to <workdir>/peer_ptq.md, the rows to <workdir>/peer_ptq.json (rerunning skips finished
-rows).
+rows). config.peer.seeds repeats the whole comparison per seed (seed s > 0 under <workdir>/seed<s>/: its own float
+model, initialisation, data order and calibration batches); the table then gives mean ± sample std over the seeds.
+A rerun with more seeds keeps the finished ones.
 
 What each side's time covers: qjax, the runner's `train.ptq.wall_time_sec` (statistics over the calibration
 batches, the method on every layer, and the per-layer error report), compilation included; Qwix, its calibration
@@ -28,6 +30,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from experiments.config import cli as config_cli
 from experiments.data import pipeline as input_pipeline
@@ -107,20 +110,49 @@ def _evaluate(data, config, task: str, apply) -> dict[str, float]:
 
 
 def run_study(config, workdir: str, log=print) -> list[dict]:
-  """Every (method, bits) row of config.peer, for both tools; returns the rows (also in peer_ptq.json)."""
+  """Every (seed, method, bits) row of config.peer, for both tools; returns the rows (also in peer_ptq.json)."""
   p = config.peer
+  seeds = tuple(p.get('seeds', (config.seed,)))
   config = config.copy_and_resolve_references()
   with config.unlocked():
     del config['peer']  # the runs are ordinary runner runs: the study's own keys stay out of their configs
   out_json = os.path.join(workdir, 'peer_ptq.json')
-  # Finished rows are reused only for the same study: the config (peer section included) is stored beside them.
-  study = json.loads(json.dumps({'config': config_cli.to_dict(config), 'peer': p.to_dict()}))
+  # Finished rows are reused only for the same study: the config (peer section included, but for the seeds, which
+  # each row carries) is stored beside them.
+  peer = {k: v for k, v in p.to_dict().items() if k != 'seeds'}
+  study = json.loads(json.dumps({'config': config_cli.to_dict(config), 'peer': peer}))
   saved = json.load(open(out_json)) if os.path.exists(out_json) else {**study, 'rows': []}
   if {k: saved.get(k) for k in study} != study:
     raise config_cli.ConfigError(f'{out_json} holds the rows of another config; use another --workdir')
-  rows = saved['rows']
-  done = {(r['tool'], r['grid'], r['method'], r['bits']) for r in rows if 'error' not in r}
-  rows = [r for r in rows if 'error' not in r]  # failed rows run again
+  rows, floats = [r for r in saved['rows'] if 'error' not in r], []  # failed rows run again
+  for seed in seeds:
+    rows, value = _run_seed(config, seed, seed_dir(workdir, seed), p, rows,
+                            lambda rs: write_json_atomic(out_json, {**study, 'rows': rs}), log)
+    floats.append(value)
+  table = render([r for r in rows if r.get('seed', 0) in seeds], p.metric, floats)
+  with open(os.path.join(workdir, 'peer_ptq.md'), 'w') as f:
+    f.write(table + '\n')
+  print(table)
+  return rows
+
+
+def seed_dir(workdir: str, seed: int) -> str:
+  """Seed 0's runs in the workdir itself (where a one-seed study keeps them), seed s's in <workdir>/seed<s>."""
+  return workdir if seed == 0 else os.path.join(workdir, f'seed{seed}')
+
+
+def _seeded(config, seed: int):
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.seed = seed
+  return c
+
+
+def _run_seed(config, seed: int, workdir: str, p, rows: list[dict], save, log) -> tuple[list[dict], float]:
+  """One seed's comparison in workdir (its float model, then every row not yet in `rows`): (all rows, the float
+  model's metric)."""
+  config = _seeded(config, seed)
+  done = {(r.get('seed', 0), r['tool'], r['grid'], r['method'], r['bits']) for r in rows}
   float_dir = os.path.join(workdir, 'float')
   float_result = train.train_and_evaluate(train.float_config(config), float_dir, log=log, write_hparams=False)
 
@@ -140,17 +172,17 @@ def run_study(config, workdir: str, log=print) -> list[dict]:
   for bits in p.bits:
     for method in p.methods:
       for grid in p.qjax_grids:
-        if ('qjax', grid, method, bits) in done:
+        if (seed, 'qjax', grid, method, bits) in done:
           continue
         r = train.train_and_evaluate(_qjax_config(config, method, bits, grid, float_dir),
                                      os.path.join(workdir, 'qjax', f'{method}_w{bits}_{grid}'), log=log,
                                      write_hparams=False)
         info = r.get('train', {}).get('ptq')
-        rows.append({'tool': 'qjax', 'grid': grid, 'method': method, 'bits': bits, metric: r['metrics'][metric],
-                     'seconds': info['wall_time_sec'] if info else None})
-        write_json_atomic(out_json, {**study, 'rows': rows})
-      if ('qwix', QWIX_GRID, method, bits) not in done:
-        row = {'tool': 'qwix', 'grid': QWIX_GRID, 'method': method, 'bits': bits}
+        rows.append({'seed': seed, 'tool': 'qjax', 'grid': grid, 'method': method, 'bits': bits,
+                     metric: r['metrics'][metric], 'seconds': info['wall_time_sec'] if info else None})
+        save(rows)
+      if (seed, 'qwix', QWIX_GRID, method, bits) not in done:
+        row = {'seed': seed, 'tool': 'qwix', 'grid': QWIX_GRID, 'method': method, 'bits': bits}
         try:
           apply, seconds = qwix_ptq(md.module, params, calib, method, bits, p.qwix_layers, sample)
           row.update({metric: _evaluate(data, config, md.task, apply)[metric], 'seconds': seconds})
@@ -158,14 +190,10 @@ def run_study(config, workdir: str, log=print) -> list[dict]:
           row['error'] = f'{type(e).__name__}: {e}'.splitlines()[0]
           log(f'qwix {method} W{bits} failed:\n{traceback.format_exc(limit=3)}')
         rows.append(row)
-        write_json_atomic(out_json, {**study, 'rows': rows})
-      log(f'W{bits} {method}: ' + ', '.join(_cell(r, metric) for r in rows if (r['method'], r['bits']) ==
-                                            (method, bits)))
-  table = render(rows, metric, float_result['metrics'][metric])
-  with open(os.path.join(workdir, 'peer_ptq.md'), 'w') as f:
-    f.write(table + '\n')
-  print(table)
-  return rows
+        save(rows)
+      log(f'seed {seed} W{bits} {method}: ' + ', '.join(
+          _cell(r, metric) for r in rows if (r.get('seed', 0), r['method'], r['bits']) == (seed, method, bits)))
+  return rows, float_result['metrics'][metric]
 
 
 def _cell(r: dict, metric: str) -> str:
@@ -175,27 +203,41 @@ def _cell(r: dict, metric: str) -> str:
   return f'{r["tool"]} ({r["grid"]}) {r[metric]:.4f}{t}'
 
 
-def render(rows: list[dict], metric: str, float_value: float) -> str:
-  """The markdown table: a row per method, a column per (bits, tool and grid); cell 'metric / method seconds'."""
+def _stat(values) -> str:
+  """'0.9042' for one value, 'mean ± std' (sample std) for several."""
+  v = np.asarray(values, np.float64)
+  return f'{v[0]:.4f}' if len(v) == 1 else f'{v.mean():.4f} ± {v.std(ddof=1):.4f}'
+
+
+def render(rows: list[dict], metric: str, float_values) -> str:
+  """The markdown table: a row per method, a column per (bits, tool and grid); cell 'metric / method seconds',
+  over several seeds 'mean ± std / mean seconds'. A cell where any seed failed shows the failure."""
+  floats = np.atleast_1d(np.asarray(float_values, np.float64))
   bits = sorted({r['bits'] for r in rows}, reverse=True)
   methods = list(dict.fromkeys(r['method'] for r in rows))
   tools = list(dict.fromkeys((r['tool'], r['grid']) for r in rows))
-  by = {(r['tool'], r['grid'], r['method'], r['bits']): r for r in rows}
+  by = {}
+  for r in rows:
+    by.setdefault((r['tool'], r['grid'], r['method'], r['bits']), []).append(r)
   name = lambda t, g: f'{"Qwix" if t == "qwix" else t} {GRID_NAMES.get(g, g)}'
   head = '| method | ' + ' | '.join(f'W{b} {name(t, g)}' for b in bits for t, g in tools) + ' |'
-  lines = [f'float {metric}: {float_value:.4f}; cell: {metric} / method seconds', '', head,
+  over = f' over {len(floats)} seeds (mean ± sample std)' if len(floats) > 1 else ''
+  lines = [f'float {metric}: {_stat(floats)}; cell: {metric} / method seconds{over}', '', head,
            '|---|' + '---|' * (len(bits) * len(tools))]
   for m in methods:
     cells = []
     for b in bits:
       for t, g in tools:
-        r = by.get((t, g, m, b))
-        if r is None:
+        rs = by.get((t, g, m, b), [])
+        failed = [r for r in rs if 'error' in r]
+        secs = [r['seconds'] for r in rs if r.get('seconds') is not None]
+        if not rs:
           cells.append('—')
-        elif 'error' in r:
-          cells.append(f'fails: {r["error"][:50]}')
+        elif failed:
+          cells.append(f'fails: {failed[0]["error"][:50]}')
         else:
-          cells.append(f'{r[metric]:.4f} / {r["seconds"]:.1f}' if r['seconds'] is not None else f'{r[metric]:.4f}')
+          value = _stat([r[metric] for r in rs])
+          cells.append(f'{value} / {np.mean(secs):.1f}' if len(secs) == len(rs) else value)
     lines.append(f'| {m} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
