@@ -12,7 +12,8 @@ without act-order) and adaround calibrated sequentially (config.ptq.sequential: 
 already-quantized earlier layers), and sequentially calibrated empirical bias correction, alone and after gptq.
 Both models: W8A8 and W4A8 (per-channel weights, int8 per-tensor static activations, unsigned where the
 calibration batch is non-negative) for rtn, smoothquant, and smoothquant then gptq, and on LeNet-5 rotation
-(which applies to the dense layers: a rotation of a convolution's im2col features has no form on its input).
+(which applies to the dense layers: a rotation of a convolution's im2col features has no form on its input);
+on LeNet-5 also W8A4 (4-bit per-tensor activations, where round-to-nearest activations do lose accuracy).
 No group columns here: LeNet-5's dense fan-ins (400, 120, 84) take no group of 64 or 128, and qjax's quantized
 convolutions have per-channel or per-tensor scales only (their contraction mixes channels and window).
 `:runlocal` shrinks it to a smoke test on the fixtures. `:model=resnet` runs the same on configs/fmnist_resnet.py
@@ -75,6 +76,8 @@ def get_sweep(arg=None):
   if a['model'] == 'cnn':
     act8['rotation'] = {'ptq.method': 'rotation'}
   bits8 = {f'w{b}a8': {'quant.weight.format': f'int{b}', 'quant.act.format': 'int8'} for b in (8, 4)}
+  if a['model'] == 'cnn':  # 4-bit per-tensor activations: where round-to-nearest activations lose accuracy
+    bits8['w8a4'] = {'quant.weight.format': 'int8', 'quant.act.format': 'int4'}
   sweep = sweeps.chain(
       sweeps.axis('mode', {'float': {'mode': 'float'}}),
       sweeps.product(sweeps.axis('mode', {'ptq': ptq}), sweeps.axis('method', METHODS),
