@@ -5,7 +5,8 @@ Steady figures (one core; malloc pinned and huge pages against page faults; docs
   MALLOC_ARENA_MAX=1 taskset -c 1 python -m experiments.bench \
     --config=configs/bench_e2e.py --workdir=runs/bench/e2e_1c
 Both cores: the same without `taskset -c 1`. Loaded machine: add --config.timing.clock=process.
-One model: --config.models="('mlp',)". Smoke (tests): `:runlocal`.
+One model: --config.models="('mlp',)". Smoke (tests): `:runlocal`. Sub-byte weights (packed in the serving
+tree): `:weight=int4` (or int3, int2) quantizes every weight at that width, activations at int8.
 
 Models: the NNX MLP 784-2048-2048-10, the Linen LeNet-5 and ResNet, and the NNX char-LM Transformer of
 experiments/models/, unmodified, quantized by
@@ -27,8 +28,8 @@ from experiments.config import cli as config_cli
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """arg: None or 'runlocal' (a tiny MLP, batches of 8)."""
-  a = config_cli.config_args(arg, runlocal=False)
+  """arg: comma-separated 'runlocal' (a tiny MLP, batches of 8), 'weight=<int format>' (every weight's width)."""
+  a = config_cli.config_args(arg, runlocal=False, weight='int8')
   c = ml_collections.ConfigDict()
   c.suite = 'e2e'
   c.models = ('mlp', 'lenet5', 'resnet', 'char_lm')
@@ -40,6 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.serve_batches = (1, 8, 64, 256, 1024)   # 1 row: int8, padded to two rows on CPU (decode)
   c.calibration_batches = 2
   c.quant_overrides = ml_collections.ConfigDict()   # e.g. {'act__granularity': 'per_channel'} ('__' for '.')
+  if a['weight'] != 'int8':
+    c.quant_overrides.weight__format = a['weight']
   c.seed = 0
   c.inspect = True
   c.flag_tolerance = 0.0
