@@ -325,6 +325,50 @@ def test_quant_options_in_a_float_run_warn_naming_the_mode_that_uses_them(tmp_pa
   assert r.returncode == 0 and "warning: config.quant.weight.format='int4' has no effect" in r.stderr
 
 
+def test_an_interrupt_mid_training_checkpoints_the_last_finished_step_and_the_rerun_resumes_there(tmp_path,
+                                                                                                  monkeypatch):
+  c = mlp_config(num_train_steps=12, checkpoint_every_steps=10, eval_every_steps=12)
+  batch = train.Run.batch
+
+  def interrupted_at_7(self, step):
+    if step == 7:  # steps 0..6 are done: the state holds 7 steps
+      raise KeyboardInterrupt
+    return batch(self, step)
+  monkeypatch.setattr(train.Run, 'batch', interrupted_at_7)
+  lines = []
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(c, str(tmp_path), log=lines.append)
+  assert 'interrupted: saved a checkpoint at step 7' in lines
+  assert ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints')).latest_step() == 7  # not the periodic 10: never reached
+  monkeypatch.setattr(train.Run, 'batch', batch)
+  lines = []
+  result = train.train_and_evaluate(c, str(tmp_path), log=lines.append)
+  assert result['train']['resumed_from'] == 7 and any('from step 7' in str(line) for line in lines)
+
+
+def test_sigterm_to_a_sweep_checkpoints_its_running_trial(tmp_path):
+  """The sweep stops its workers with SIGTERM: the running trial saves its last step before the worker dies."""
+  root = tmp_path / 'root'
+  proc = subprocess.Popen([sys.executable, '-m', 'experiments.sweep', '--config=configs/quickstart.py:runlocal',
+                           f'--root={root}', '--workers=1', '--config.num_train_steps=100000',
+                           '--config.checkpoint_every_steps=100000', '--config.eval_every_steps=100000'],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline, log = time.time() + 240, None
+  while time.time() < deadline and proc.poll() is None:
+    logs = list(root.glob('*/train.log'))
+    if logs and logs[0].read_text().count('loss=') >= 2:  # training, past its first logged steps
+      log = logs[0]
+      break
+    time.sleep(0.2)
+  assert log is not None, proc.communicate()[0] if proc.poll() is not None else 'no training seen'
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0 and 'rerun the same command to resume' in out, out
+  saved = [line for line in log.read_text().splitlines() if line.startswith('interrupted: saved a checkpoint')]
+  step = ckpt_lib.Checkpoints(str(log.parent / 'checkpoints')).latest_step()
+  assert saved == [f'interrupted: saved a checkpoint at step {step}'] and step > 0, log.read_text()[-2000:]
+
+
 def test_kill_9_then_rerun_finishes_with_uninterrupted_metrics(tmp_path):
   args = ['--config=configs/fmnist_mlp.py:runlocal', '--config.num_train_steps=40', '--config.model.hidden=(64,)',
           '--config.checkpoint_every_steps=10', '--config.eval_every_steps=40', '--config.quant_summaries=false',

@@ -72,6 +72,9 @@ _WORKER: dict[str, Any] = {'events': None, 'cache_dir': None}
 def init_worker(events, gpu_ids, cache_dir: str, sweep_pid: int) -> None:
   """Pool worker setup: start events to the parent, its GPU, the JAX cache, exit when the sweep dies."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it terminates us on Ctrl-C
+  # ... with SIGTERM: a running trial checkpoints its last step first (KeyboardInterrupt in the runner), then the
+  # worker dies of the signal as before (run_trial); an idle worker dies at once.
+  signal.signal(signal.SIGTERM, _on_term)
   _WORKER['events'] = events
   if gpu_ids is not None:
     gpu = gpu_ids.get()
@@ -90,6 +93,20 @@ def init_worker(events, gpu_ids, cache_dir: str, sweep_pid: int) -> None:
         os._exit(1)
 
   threading.Thread(target=watchdog, daemon=True).start()
+
+
+def _on_term(signum, frame):
+  if _WORKER.get('running'):
+    raise KeyboardInterrupt('terminated by the sweep')
+  _die_of(signum)
+
+
+def _die_of(signum: int) -> None:
+  """Ends this worker by the signal's default action, so the pool sees the exit code it sent."""
+  signal.signal(signum, signal.SIG_DFL)
+  os.kill(os.getpid(), signum)
+  time.sleep(5)  # the signal is delivered before this returns
+  os._exit(128 + signum)
 
 
 def setup_jax_cache(cache_dir: str) -> None:
@@ -205,7 +222,17 @@ def run_trial(task: Task, wait: bool = False) -> Outcome:
         print(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")} trial {task.name} (id {task.id}) pid {os.getpid()} '
               f'on {socket.gethostname()}', flush=True)
         named = {'group_name': task.group} if 'group_name' in inspect.signature(fn).parameters else {}
-        result = fn(config, workdir, log=lambda *a: print(*a, file=log_file, flush=True), **named)
+        _WORKER['running'] = True
+        try:
+          result = fn(config, workdir, log=lambda *a: print(*a, file=log_file, flush=True), **named)
+        finally:
+          _WORKER['running'] = False
+    except KeyboardInterrupt:
+      if _WORKER['events'] is None:  # --index, in the sweep's own process: Ctrl-C goes on up
+        raise
+      claim.release()
+      _die_of(signal.SIGTERM)  # a pool worker stopped by the sweep: its trial has saved what it could
+      raise
     except Exception as e:  # noqa: BLE001 - a trial's failure is recorded, the sweep goes on
       if isinstance(e, OSError):  # a full disk or a permission: one line naming the path, not a traceback
         e = OSError(e.errno, f'{config_cli.os_error_text(e)}; its checkpoints so far are kept')

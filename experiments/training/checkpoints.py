@@ -30,7 +30,7 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, tree: Any) -> None:
-    with _ctrl_c_deferred():  # never a half-written checkpoint: Ctrl-C takes effect once this one is complete
+    with _ctrl_c_deferred():  # never a half-written checkpoint: Ctrl-C (or SIGTERM) acts once this one is complete
       self.manager.save(step, args=ocp.args.StandardSave(tree))
       self.manager.wait_until_finished()
 
@@ -44,19 +44,24 @@ class Checkpoints:
 
 @contextlib.contextmanager
 def _ctrl_c_deferred():
-  """Holds SIGINT until the block ends, then hands it to the handler that was in place (KeyboardInterrupt by
-  default; nothing where it was ignored). Only the main thread can install signal handlers."""
+  """Holds SIGINT, and SIGTERM where a Python handler takes it (experiments.train, sweep workers: it raises
+  KeyboardInterrupt there), until the block ends, then hands each to the handler that was in place
+  (KeyboardInterrupt by default; nothing where it was ignored). Only the main thread can install signal
+  handlers."""
   if threading.current_thread() is not threading.main_thread():
     yield
     return
   caught = []
-  previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+  held = [signal.SIGINT] + ([signal.SIGTERM] if callable(signal.getsignal(signal.SIGTERM)) else [])
+  previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
   try:
     yield
   finally:
-    signal.signal(signal.SIGINT, previous)
-  if caught and callable(previous):
-    previous(signal.SIGINT, None)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  for s in dict.fromkeys(caught):
+    if callable(previous[s]):
+      previous[s](s, None)
 
 
 def _abstract(tree):

@@ -26,7 +26,9 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -317,7 +319,9 @@ def _train(run: Run, state, sched):
   t0, step_times = time.time(), []
   loss = float('nan')
   watch = LossWatch(run.log)
-  with contextlib.closing(mgr):
+  done = start  # the steps `state` holds
+  guard = _StepGuard()
+  with contextlib.closing(mgr), _checkpoint_on_interrupt(run, mgr, lambda: (state, done)), guard:
     for step in range(start, total):
       x, y = run.batch(step)
       last = step + 1 == total
@@ -326,7 +330,9 @@ def _train(run: Run, state, sched):
       if sync:  # time this one step alone: wait for the steps dispatched before it
         jax.block_until_ready(state)
       ts = time.time()
-      state, m = train_step(state, x, y)
+      with guard.step():  # an interrupt waits for the step: its donated input state is gone until it returns
+        state, m = train_step(state, x, y)
+        done = step + 1
       if sync:
         loss = float(m['loss'])  # waits for the step
         if not math.isfinite(loss):
@@ -355,6 +361,64 @@ def _train(run: Run, state, sched):
                  'steps_per_sec': (total - start) / elapsed if elapsed > 0 else 0.0,
                  'final_train_loss': loss, 'step_time_ms': 1e3 * float(np.median(steady)) if steady else None,
                  'warnings': watch.finish(loss)}
+
+
+class _StepGuard:
+  """Ctrl-C, and SIGTERM where a Python handler takes it, raise KeyboardInterrupt as usual, except inside
+  `step()`, where they are held until the block ends (main thread only; elsewhere nothing changes)."""
+
+  def __init__(self):
+    self.inside, self.caught, self.previous = False, None, {}
+
+  def _handler(self, signum, frame):
+    if self.inside:
+      self.caught = signum
+    else:
+      raise KeyboardInterrupt(f'signal {signum}')
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGINT, signal.SIGTERM):
+        if callable(signal.getsignal(s)):  # not where it is ignored or left to the default action
+          self.previous[s] = signal.signal(s, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
+    return False
+
+  @contextlib.contextmanager
+  def step(self):
+    self.inside = True
+    try:
+      yield
+    finally:
+      self.inside = False
+    if self.caught is not None:
+      signum, self.caught = self.caught, None
+      raise KeyboardInterrupt(f'signal {signum}')
+
+
+@contextlib.contextmanager
+def _checkpoint_on_interrupt(run: Run, mgr, current):
+  """On Ctrl-C or SIGTERM (a sweep stopping its workers, a scheduler's preemption) mid-training: saves the state
+  of the last finished step, `current()` -> (state, steps), when it is newer than the last checkpoint, so the
+  rerun resumes there rather than at the last periodic checkpoint. One-process runs only (a multi-process save
+  needs every process)."""
+  try:
+    yield
+  except KeyboardInterrupt:
+    state, step = current()
+    if jax.process_count() == 1 and step > (mgr.latest_step() or 0):
+      try:
+        pure = run.trainer.to_pure(state)
+        if not non_finite_leaves(pure):
+          mgr.save(step, pure)
+          run.log(f'interrupted: saved a checkpoint at step {step}')
+      except (RuntimeError, ValueError) as e:  # the state's buffers were donated to a step that never returned
+        run.log(f'interrupted: no checkpoint at step {step} ({type(e).__name__}: {str(e)[:80]})')
+    raise
 
 
 def non_finite_leaves(tree) -> list[str]:
@@ -477,6 +541,7 @@ def main(argv: list[str]) -> int:
   validate(config)
   workdir = config_cli.writable_dir(workdir, 'workdir')
   distributed.initialize(flags)
+  signal.signal(signal.SIGTERM, _raise_interrupt)  # a scheduler's stop: checkpoint, then exit, as for Ctrl-C
   try:
     train_and_evaluate(config, workdir)
   except RunError as e:
@@ -491,6 +556,10 @@ def main(argv: list[str]) -> int:
           'fixed', file=sys.stderr)
     return 1
   return 0
+
+
+def _raise_interrupt(signum, frame):
+  raise KeyboardInterrupt(f'signal {signum}')
 
 
 def saved(workdir: str) -> str:
