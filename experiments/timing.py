@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 
 import jax
 
+from experiments import version
+
 # Environment variables that change malloc's behaviour and therefore page-fault counts and timings.
 MALLOC_ENV = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_ARENA_MAX', 'MALLOC_TOP_PAD_',
               'GLIBC_TUNABLES')
@@ -230,6 +232,7 @@ def machine_info() -> dict[str, Any]:
       'device_count': jax.device_count(),
       'xla_flags': flags,
       'malloc_env': {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
+      'code': version.CODE,
       'warnings': [w for w in (warning, simd_warning(cpu_flags, dev.platform)) if w],
   }
 
@@ -269,11 +272,13 @@ def format_rows(head: list[str], rows: list[list[Any]]) -> str:
 def machine_table(info: dict[str, Any]) -> str:
   """machine_info() as a two-column markdown table."""
   keys = ('date', 'cpu_model', 'cpu_simd', 'cpu_count', 'affinity', 'loadavg', 'python', 'jax', 'jaxlib', 'flax',
-          'platform', 'device_kind', 'xla_flags', 'malloc_env')
+          'platform', 'device_kind', 'xla_flags', 'malloc_env', 'code')
   rows = []
   for k in keys:
     v = info.get(k)
     if k == 'loadavg' and v:
       v = ', '.join(f'{a:.2f}' for a in v)
+    if k == 'code' and v:
+      v = v['commit'][:12] + (' (with local changes)' if v['dirty'] else '')
     rows.append([k, f'`{v}`' if k in ('xla_flags', 'malloc_env') else v])
   return format_rows(['', ''], rows)

@@ -334,3 +334,16 @@ ENTRY %main (x.1: f32[4]) -> f32[4] {
 '''
   assert fq_suite.entry_ops(text) == ['fusion:kLoop f32[4]', 'fusion:kCustom:ynn f32[1]', 'conditional (f32[4])',
                                    'copy f32[4]']
+
+
+def test_code_version_names_the_checkout_commit_and_nothing_outside_a_checkout(tmp_path):
+  import subprocess
+
+  from experiments import version
+  head = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+  here = version.code_version()
+  assert here['commit'] == head and isinstance(here['dirty'], bool)
+  assert version.code_version(str(tmp_path)) == {}  # not a git checkout: nothing claimed
+  table = timing.machine_table({**timing.machine_info(), 'code': {'commit': 'a' * 40, 'dirty': True}})
+  assert '| code | aaaaaaaaaaaa (with local changes) |' in table

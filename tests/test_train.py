@@ -126,6 +126,8 @@ def test_mode_end_to_end_writes_run_files(tmp_path, mode):
   assert on_disk['metrics'] == result['metrics']
   assert 0.3 < result['metrics']['eval/accuracy'] <= 1.0  # 10 classes: chance is 0.1
   assert result['environment']['jax'] and 'xla_flags' in result['environment']
+  code = result['environment']['code']  # this checkout's commit (tests run from a git clone: .ci/run, README)
+  assert len(code['commit']) == 40 and int(code['commit'], 16) >= 0 and isinstance(code['dirty'], bool)
   tags = tb.read_tags(str(work))
   scalars = tags.get('scalars', set())
   assert {'eval/loss', 'eval/accuracy'} <= scalars

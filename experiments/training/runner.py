@@ -39,7 +39,7 @@ import jaxlib
 import numpy as np
 import optax
 
-from experiments import fileio, models
+from experiments import fileio, models, version
 from experiments.config import cli as config_cli
 from experiments.config import ptq as ptq_config
 from experiments.config import quant as quant_config
@@ -125,7 +125,8 @@ def environment() -> dict[str, Any]:
   flags = os.environ.get('XLA_FLAGS', '')
   env = {'python': platform.python_version(), 'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
          'flax': flax.__version__, 'device_kind': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
-         'devices': jax.device_count(), 'processes': jax.process_count(), 'xla_flags': flags}
+         'devices': jax.device_count(), 'processes': jax.process_count(), 'xla_flags': flags,
+         'code': version.CODE}
   warning = distributed.xla_flag_warning(flags)
   if warning:
     env['xla_flags_warning'] = warning
