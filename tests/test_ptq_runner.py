@@ -111,7 +111,7 @@ def test_rtn_is_the_default_conversion(rtn):
 def test_linen_lenet(root, method):
   work = root / f'lenet-{method}'
   assert train.main(['--config=configs/fmnist_cnn.py:runlocal', '--config.mode=ptq', f'--workdir={work}',
-                     f'--config.ptq.method={method}', '--config.quant_summaries=False',
+                     f'--config.ptq.method={method}', f'--config.quant_summaries={method == "rotation,awq"}',
                      '--config.ptq.adaround.iters=200']) == 0
   r = json.load(open(work / 'result.json'))
   info = r['train']['ptq']
@@ -125,6 +125,9 @@ def test_linen_lenet(root, method):
     assert m['rel_output_mse'] <= m['rtn_rel_output_mse'] * (1 + 1e-4)
   assert r['metrics'] == r['serving_metrics']  # the served integer model (online scales included) is evaluated
   assert r['metrics']['eval/accuracy'] > 0.3
+  if method == 'rotation,awq':  # the rotated dense inputs are signed; conv2's ReLU input keeps its unsigned grid
+    grids = {row['path']: row['grid'] for row in r['layers'] if row['operand'] == 'act'}
+    assert grids == {'conv1': 'signed', 'conv2': 'unsigned', 'fc1': 'signed', 'fc2': 'signed', 'head': 'signed'}
 
 
 def test_cli_subprocess(root):
@@ -188,6 +191,39 @@ def test_nnx_rotation_through_the_online_op_is_exact():
   np.testing.assert_allclose(model(x), want, rtol=1e-5, atol=1e-5)
   graphdef, state = nnx.split(model)  # survives split / merge (jit, checkpoints)
   np.testing.assert_allclose(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x), want, rtol=1e-5, atol=1e-5)
+
+
+AUTO = [{'module_path': '.*', 'weight': {'format': 'int8', 'granularity': 'per_channel'},
+         'act': {'format': 'int8', 'granularity': 'per_tensor'}, 'act_signedness': 'auto'}]
+
+
+def test_a_reprobe_after_an_online_rotation_gives_the_rotated_input_a_signed_grid_linen_and_nnx():
+  """The ReLU output feeding `out` is non-negative (an unsigned grid); rotated by an online op it is signed, which
+  only a probe run after the op is installed sees. The input of `fc` (a signed image) stays signed throughout."""
+  import qjax.flax as qflax
+  x = jax.random.normal(jax.random.key(0), (8, 32))
+  key_out, key_fc = ('out', 'dot_general', 0, 'lhs'), ('fc', 'dot_general', 0, 'lhs')
+  q = qflax.quantize_linen(Net(), AUTO)
+  v = q.init(jax.random.key(1), x)
+  assert q.rules.act_min[key_out] >= 0 > q.rules.act_min[key_fc]
+  rot = rotation.rotate(np.asarray(v['params']['out']['kernel']), 'random_hadamard', seed=0)
+  q2 = qflax.QuantizedLinen(online.OnlineOps(Net(), {'out': (rot.rotation, None)}), q.rules)
+  q2.apply(v, x)  # no probe: the minima are the old ones
+  assert q.rules.act_min[key_out] >= 0
+  q2.reprobe('apply', v, x)
+  assert q.rules.act_min[key_out] < 0 > q.rules.act_min[key_fc]
+
+  model = nnx.Sequential(nnx.Linear(32, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 8, rngs=nnx.Rngs(1)))
+  qn = qflax.quantize_nnx(model, [{**AUTO[0]}], x)
+  k2 = ('layers/2', 'dot_general', 0, 'lhs')
+  assert qn.rules.act_min[k2] >= 0
+  rot = rotation.rotate(np.asarray(model.layers[2].kernel.get_value()), 'random_hadamard', seed=0)
+  model.layers[2].kernel.set_value(jnp.asarray(rot.w, jnp.float32))
+  online.install_nnx(model, {'layers/2': (rot.rotation, None)})
+  qflax.reprobe_nnx(model, x)
+  assert qn.rules.act_min[k2] < 0
+  with pytest.raises(ValueError, match='needs a model quantize_nnx quantized'):
+    qflax.reprobe_nnx(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), x[:, :4])
 
 
 class BiasFree(nn.Module):

@@ -45,6 +45,7 @@ import numpy as np
 
 import qjax.ptq
 from experiments.config import ptq as ptq_config
+from experiments.data import pipeline as input_pipeline
 from experiments.training.progress import Progress
 from qjax.ptq import layer as L
 from qjax.ptq import online, registry
@@ -230,7 +231,10 @@ def apply(run, state):
       quantized[path] = (np.asarray(qjax.quantizers.dequantize(lay.q), np.float32), own_bias)
     progress.update(i + 1)
   progress.close()
-  state = tr.ptq_update(state, done, transforms)
+  # The rules' probe measures the activations again on the model with its online ops (a rotation makes a
+  # non-negative input signed: act_signedness='auto' then gives that operand a signed grid, the others keep theirs).
+  probe_x = input_pipeline.sample_input(run.data, c.batch_size) if transforms else None
+  state = tr.ptq_update(state, done, transforms, probe_x=probe_x)
   tr.ptq_weights = qs
   for path, m in layers.items():
     run.writer.scalars({f'ptq/{path}/rel_output_mse': m['rel_output_mse'],

@@ -227,13 +227,6 @@ def validate(config):
     quant = quant.copy_and_resolve_references()
     quant.grad.format = 'int8'
   try:
-    if config.mode == 'ptq' and 'ptq' in config:
-      names = [name for name, _ in ptq_config.methods(config.ptq)]
-      if 'rotation' in names and quant.act_signedness == 'auto':
-        # A rotation mixes an input's channels: what was non-negative (after a ReLU) no longer is, so the
-        # grids stay signed (SmoothQuant's and AWQ's positive per-channel scales keep the signs).
-        quant = quant.copy_and_resolve_references()
-        quant.act_signedness = 'format'
     return quant_config.build_rules(quant, ptq=config.mode == 'ptq'), tx, sched
   except ValueError as e:
     raise config_cli.ConfigError(str(e)) from None

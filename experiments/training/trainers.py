@@ -173,9 +173,11 @@ class LinenTrainer:
     conv_features."""
     return capture.capture_linen(self.q, self.variables(state), batches, train=False, **capture_kwargs)
 
-  def ptq_update(self, state, layers, transforms):
+  def ptq_update(self, state, layers, transforms, probe_x=None):
     """The state with each module's kernel and bias replaced ({path: (kernel, bias or None)}, any shape that
-    reshapes to the stored one), and the online ops ({path: qjax.ptq.online.Online}) in the model."""
+    reshapes to the stored one), and the online ops ({path: qjax.ptq.online.Online}) in the model. With
+    `probe_x` (model inputs) the rules' probe runs again on the new model: an online rotation makes a
+    non-negative input signed, which act_signedness='auto' must see."""
     params = jax.tree.map(lambda a: a, _plain(state['params']))
     for path, (w, b) in layers.items():
       node = _node(params, path)
@@ -184,6 +186,8 @@ class LinenTrainer:
         node['bias'] = jnp.asarray(b, node['bias'].dtype).reshape(node['bias'].shape)
     model = self.q.model.model if isinstance(self.q.model, online.OnlineOps) else self.q.model
     self.q = QuantizedLinen(online.OnlineOps(model, transforms), self.q.rules)
+    if probe_x is not None:
+      self.q.reprobe('apply', {'params': params, **state['vars']}, jnp.asarray(probe_x), train=False)
     return {**state, 'params': params}
 
   def ptq_serve(self, served, qs) -> None:
@@ -332,9 +336,10 @@ class NnxTrainer:
     stats, max_sample, conv_features."""
     return capture.capture_nnx(self.module(state), batches, **capture_kwargs)
 
-  def ptq_update(self, state, layers, transforms):
+  def ptq_update(self, state, layers, transforms, probe_x=None):
     """The state with each module's kernel and bias replaced ({path: (kernel, bias or None)}, any shape that
-    reshapes to the stored one), and the online ops ({path: qjax.ptq.online.Online}) installed."""
+    reshapes to the stored one), and the online ops ({path: qjax.ptq.online.Online}) installed; with `probe_x`
+    the rules' probe runs again on the new model (see the Linen trainer's)."""
     model, opt = state.merge()
     mods = _modules(model)
     for path, (w, b) in layers.items():
@@ -343,6 +348,8 @@ class NnxTrainer:
           var = getattr(mods[path], name)
           var.set_value(jnp.asarray(v, var.get_value().dtype).reshape(var.get_value().shape))
     online.install_nnx(model, transforms)
+    if probe_x is not None and state.quantized is not None:  # as quantize_nnx probed it at init
+      qflax.reprobe_nnx(model, jnp.asarray(probe_x))
     return state.replace((model, opt))
 
   def ptq_serve(self, served, qs) -> None:

@@ -79,6 +79,12 @@ class QuantizedLinen:
     check_choice('method', method, ('init', 'apply'))
     self._probe(getattr(self.model, method), state, args, kwargs)
 
+  def reprobe(self, method: str, state, *args, **kwargs) -> None:
+    """`prepare` again after the model changed (new weights, PTQ's online input ops): the activations' minima
+    and the ops' order are measured anew on concrete inputs (RuleSet.forget_probe)."""
+    self.rules.forget_probe()
+    self.prepare(method, state, *args, **kwargs)
+
   def _probe(self, fn, state, args, kwargs) -> None:
     """When the rules need it (RuleSet.needs_probe: first_last_8bit, act_signedness='auto'), runs
     fn(state, *args, **kwargs) once in the session's probe mode (Session.probe): float ops, no state kept."""

@@ -369,11 +369,7 @@ def _create_state(model: nnx.Module, session: Session, args, kwargs) -> None:
         linen[path] = _only_quantizer_vars(bv.nnx_attrs_to_linen_vars(attrs))
     return nnx.state(m, _is_qjax_state), linen
   if session.ruleset.needs_probe:  # first_last_8bit, act_signedness='auto': a float run before any state
-
-    def probe(state, *args, **kwargs):
-      nnx.merge(graphdef, state)(*args, **kwargs)
-      return dict(session.probe_mins)
-    session.probe(lambda abstract: intercept.jit_call(probe, state, args, kwargs, abstract=abstract))
+    _probe(graphdef, state, session, args, kwargs)
   session.creating = True
   try:
     new, linen = intercept.jit_call(run, state, args, kwargs)
@@ -386,6 +382,29 @@ def _create_state(model: nnx.Module, session: Session, args, kwargs) -> None:
     for name, value in bv.linen_vars_to_nnx_attrs(variables).items():
       old = vars(sub).get(name)
       setattr(sub, name, nnx.data(bv._recursive_merge(old, value) if isinstance(old, dict) else value))
+
+
+def _probe(graphdef, state, session: Session, args, kwargs) -> None:
+  """Runs the model once in the session's probe mode (float ops, no state kept): Session.probe."""
+  def probe(state, *args, **kwargs):
+    nnx.merge(graphdef, state)(*args, **kwargs)
+    return dict(session.probe_mins)
+  session.probe(lambda abstract: intercept.jit_call(probe, state, args, kwargs, abstract=abstract))
+
+
+def reprobe_nnx(model: nnx.Module, *sample_args, **sample_kwargs) -> None:
+  """Measures again, on sample inputs, what quantize_nnx's probe measured (the quantized ops' order, the
+  activations' minima for act_signedness='auto'), after the quantized `model` changed: new weights, or PTQ's
+  online input ops (a rotation turns a non-negative input into a signed one). RuleSet.forget_probe."""
+  sessions = {id(m._qjax_session): m._qjax_session for _, m in nnx.iter_modules(model)
+              if getattr(m, '_qjax_session', None) is not None}
+  if len(sessions) != 1:
+    raise ValueError(f'reprobe_nnx needs a model quantize_nnx quantized (found {len(sessions)} sessions)')
+  session = next(iter(sessions.values()))
+  session.ruleset.forget_probe()
+  if session.ruleset.needs_probe:
+    graphdef, state = nnx.split(model)
+    _probe(graphdef, state, session, sample_args, sample_kwargs)
 
 
 def _only_quantizer_vars(tree):

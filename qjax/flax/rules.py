@@ -300,6 +300,13 @@ class RuleSet:
     self.used, self.matches, self.seen = set(), {}, {}
     self.weighted, self.no_weight, self.unreachable = set(), {}, {}
 
+  def forget_probe(self) -> None:
+    """Drops what a probe measured (the quantized ops' order, the activations' minima), so that the next call
+    probes again: after a change to the model that moves them, e.g. PTQ's online input ops (a rotation turns
+    a non-negative input into a signed one). A no-op for rules that need no probe."""
+    self.order_known = not (self.needs_data or any(r.first_last_8bit for r in self.rules))
+    self.act_min, self.kept_8bit = {}, set()
+
   def act_specs(self, path: str, op: str, index: int, rule: QuantRule) -> tuple[QuantSpec | None, QuantSpec | None]:
     """The act spec of each side (lhs, rhs) of an op, by the rule's act_signedness (module docstring). Under
     'auto', an operand the probe did not see (or measured no minimum for) keeps the format as written."""
