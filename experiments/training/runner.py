@@ -227,6 +227,8 @@ def validate(config):
     quant = quant.copy_and_resolve_references()
     quant.grad.format = 'int8'
   try:
+    if config.mode == 'ptq' and 'ptq' in config:
+      ptq_config.methods(config.ptq)  # the method list and its options, checked before anything runs
     return quant_config.build_rules(quant, ptq=config.mode == 'ptq'), tx, sched
   except ValueError as e:
     raise config_cli.ConfigError(str(e)) from None
