@@ -699,6 +699,9 @@ def test_the_resnet_estimator_study_keeps_stem_and_head_float_and_names_the_mode
   # first_last_8bit would put the first and last *block* convs at 8 bits: the stem and head are already float.
   assert {(t.config.quant.float_layers, t.config.quant.first_last_8bit) for t in qat} == {('stem|head', False)}
   assert {t.config.num_train_steps for t in qat} == {500} and trials[0].config.num_train_steps == 4000
+  from experiments.training import runner
+  for t in qat[::6]:  # each estimator's rules build (the runlocal run of the LeNet-5 study runs one end to end)
+    runner.validate(t.config)
   lenet = sweeps.expand(module, None, str(tmp_path))
   assert {t.config.quant.first_last_8bit for t in lenet} == {True}
   with pytest.raises(config_cli.ConfigError, match=r"model='resnt': expected one of cnn, resnet"):
@@ -707,8 +710,7 @@ def test_the_resnet_estimator_study_keeps_stem_and_head_float_and_names_the_mode
 
 @pytest.mark.parametrize('spec', ['results_fmnist.py', 'results_mnist.py', 'results_charlm.py', 'results_ptq_fmnist.py',
                                   'results_ptq_fmnist.py:model=resnet', 'results_ptq_charlm.py',
-                                  'study_estimators.py', 'study_estimators.py:activation=swish',
-                                  'study_estimators.py:model=resnet'])
+                                  'study_estimators.py', 'study_estimators.py:activation=swish'])
 def test_each_results_config_runs_its_last_trial_in_runlocal_mode(spec, tmp_path):
   """The last trial of every results config (a quantized run, which starts from its float trial) on the fixtures:
   the config, its sweep, the trial_ref and the runner agree before anyone spends hours on the full sweep."""
