@@ -78,8 +78,8 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   a = _args(arg)
   estimators = ESTIMATORS if a['activation'] == 'relu' else {k: ESTIMATORS[k] for k in NON_RELU_ESTIMATORS}
-  if a['model'] == 'resnet':
-    estimators = {k: v for k, v in estimators.items() if k != 'lsq_plus'}
+  if a['model'] == 'resnet':  # no LSQ+ (see above); the literature's contrasts (LSQ, EWGS vs STE) run first
+    estimators = {k: estimators[k] for k in ('ste', 'clipped_ste', 'lsq', 'ewgs', 'pact')}
   base, steps = (20, 20) if a['runlocal'] else STEPS[a['model']]
   fine_tune = {'init_from': sweeps.trial_ref(f'mode=float,steps={base}'), 'num_train_steps': steps,
                'optimizer.learning_rate': 5e-4, 'optimizer.warmup_steps': 0, 'eval_every_steps': steps}
