@@ -148,15 +148,21 @@ def _recover(lost, procs, started, sched, make):
   procs.clear()
 
 
+# How long a stopped sweep waits for its workers: a running trial first saves a checkpoint of its last step
+# (experiments.training.runner), which on a loaded machine took more than the 10 s this was.
+STOP_WAIT_SEC = 60
+
+
 def _stop_pool(pool, procs) -> None:
-  """Ends our own worker processes now (their trials resume from checkpoints on the next run)."""
+  """Ends our own worker processes now (their trials save their last step and resume from it on the next run)."""
   procs.update((p.pid, p) for p in multiprocessing.active_children())
   pool.shutdown(wait=False, cancel_futures=True)
   for p in procs.values():
     if p.is_alive():
       p.terminate()
+  deadline = time.time() + STOP_WAIT_SEC
   for p in procs.values():
-    p.join(timeout=10)
+    p.join(timeout=max(0.1, deadline - time.time()))
 
 
 def _import_ray(local: bool):
