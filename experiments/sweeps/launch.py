@@ -1,8 +1,8 @@
 r"""Run the sweep a config file declares (`get_sweep`, see experiments/sweeps/language.py), one workdir per trial.
 
     python -m experiments.sweep --config=configs/quickstart.py --root=runs/quickstart
-        [--executor=local|ray] [--workers=N] [--index=i|env] [--dry_run] [--retry_failed] [--rerun_changed]
-        [--adopt_new_keys]
+        [--executor=local|ray] [--workers=N] [--index=i|env] [--only=REGEX] [--dry_run] [--retry_failed]
+        [--rerun_changed] [--adopt_new_keys]
         [--ray_address=host:port] [--start_method=forkserver|spawn] [--trial_fn=module:function]
         [--config.key=value ...]
 
@@ -25,6 +25,9 @@ Executors:
   --index=i        runs trial i alone in this process (Slurm arrays, Kubernetes indexed jobs); --index=env reads
                    SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX. `--dry_run` lists the trials with their indices
                    and status (done, failed, interrupted, pending; changed: its stored run has another config).
+  --only=REGEX     runs the trials whose name the regular expression matches (re.search), and the trials they
+                   start from, e.g. --only='estimator=(ewgs|pact)' to fill in two rows of a table first; the
+                   others wait for a later run without --only. With --dry_run it lists what would run.
 
 Reruns: finished trials (result.json) are skipped, interrupted ones resume from their checkpoints, failed ones
 (error.json: exception and traceback) are skipped unless --retry_failed, which reruns only them. A rerun whose
@@ -61,7 +64,7 @@ from experiments.sweeps.executors import SweepError, cores, local_gpus, run_loca
 from experiments.sweeps.trials import Task, run_trial
 
 DEFAULT_TRIAL_FN = 'experiments.training.runner:train_and_evaluate'
-FLAGS = ('config', 'root', 'executor', 'workers', 'index', 'dry_run', 'retry_failed', 'rerun_changed',
+FLAGS = ('config', 'root', 'executor', 'workers', 'index', 'only', 'dry_run', 'retry_failed', 'rerun_changed',
          'adopt_new_keys', 'ray_address', 'start_method', 'trial_fn')
 REPLACED = '_replaced'  # <root>/_replaced/<name>-<time>: trials moved aside by --rerun_changed
 
@@ -84,9 +87,34 @@ def trial_status(root: str, trial: sweeps.Trial) -> str:
   return 'pending'
 
 
-def plan(trials: list[sweeps.Trial], root: str, *, index: int | None = None, retry_failed: bool = False) -> Plan:
+def select(trials: list[sweeps.Trial], only: str) -> list[sweeps.Trial]:
+  """The trials whose name `only` matches (re.search) and, transitively, the trials they start from, in sweep
+  order. A pattern that is no regular expression, or matches no trial, is a ConfigError."""
+  try:
+    pattern = re.compile(only)
+  except re.error as e:
+    raise config_cli.ConfigError(f'--only={only}: not a regular expression ({e})') from None
+  keep, todo = set(), [t.index for t in trials if pattern.search(t.name)]
+  if not todo:
+    sample = ', '.join(t.name for t in trials[:3])
+    raise config_cli.ConfigError(f'--only={only}: matches none of the {len(trials)} trial names (e.g. {sample}); '
+                                 'see --dry_run')
+  while todo:
+    i = todo.pop()
+    if i not in keep:
+      keep.add(i)
+      todo.extend(trials[i].deps)
+  return [t for t in trials if t.index in keep]
+
+
+def plan(trials: list[sweeps.Trial], root: str, *, index: int | None = None, retry_failed: bool = False,
+         only: str | None = None) -> Plan:
   chosen = trials if index is None else [trials[index]]
   run, skipped = [], {}
+  if only:
+    kept = {t.index for t in select(trials, only)}
+    skipped.update((t.name, 'not selected by --only') for t in chosen if t.index not in kept)
+    chosen = [t for t in chosen if t.index in kept]
   for t in chosen:
     status = trial_status(root, t)
     if status == 'done':
@@ -351,9 +379,14 @@ def run_sweep(argv: list[str], out=print, *, validate=None, report=None) -> int:
     unused = config_cli.unused_in_float(t.config, [k for k, _ in cli] + list(t.overrides))
     if unused:
       out(f'warning: trial {t.name}: {unused}')
+  if flags.get('only') is not None and not flags['only']:
+    raise config_cli.ConfigError('--only= needs a regular expression over trial names (see --dry_run)')
+  selected = {t.index for t in select(trials, flags['only'])} if flags.get('only') else None
   if _truthy(flags.get('dry_run')):
     changed = changed_trials(trials, trials, root)
     for t in trials:
+      if selected is not None and t.index not in selected:
+        continue
       deps = f'  after {",".join(trials[d].name for d in t.deps)}' if t.deps else ''
       status = 'changed' if t.name in changed else trial_status(root, t)
       out(f'{t.index:3d}  {t.id}  {t.name:<40s} {status:<12s}'
@@ -383,7 +416,7 @@ def run_sweep(argv: list[str], out=print, *, validate=None, report=None) -> int:
   for dest in replace_changed(root, list(changed)):
     out(f'moved {os.path.basename(dest)} (a run of an earlier config) to {os.path.dirname(dest)}/; it runs again')
   write_manifest(root, flags['config'], cli, trials, metrics)
-  p = plan(trials, root, index=index, retry_failed=retry)
+  p = plan(trials, root, index=index, retry_failed=retry, only=flags.get('only'))
   make = lambda t: make_task(t, trials, root, trial_fn, retry)  # noqa: E731
   t_start = time.time()
   counts = {'done': 0, 'skipped': len(p.skipped), 'failed': 0}
