@@ -190,6 +190,31 @@ def test_dry_run_and_index(fake_cfg, tmp_path, monkeypatch):
     _sweep([f'--config={fake_cfg}', f'--root={root}', '--workres=2'])
 
 
+def test_only_selects_trials_and_what_they_start_from(fake_cfg, tmp_path):
+  module, arg = config_cli.load_module(os.path.join(REPO, 'configs/quickstart.py'))
+  trials = sweeps.expand(module, arg, '/tmp/qs')
+  # The PTQ trial starts from the float one, which comes along; sweep order is kept.
+  assert [t.name for t in sweep.select(trials, 'ptq,bits=w4')] == ['mode=float', 'mode=ptq,bits=w4a4']
+  assert [t.name for t in sweep.select(trials, 'qat')] == ['mode=qat,bits=w8a8', 'mode=qat,bits=w4a4',
+                                                           'mode=qat,bits=w2a2']
+  with pytest.raises(config_cli.ConfigError, match='matches none of the 7 trial names'):
+    sweep.select(trials, 'bits=w3')
+  with pytest.raises(config_cli.ConfigError, match='not a regular expression'):
+    sweep.select(trials, 'bits=(w3')
+  root = str(tmp_path / 'root')
+  args = [f'--config={fake_cfg}', f'--root={root}', '--trial_fn=test_sweep:fake_trial', '--workers=1']
+  rc, out = _sweep(args + ['--only=a=int4', '--dry_run'])
+  assert rc == 0 and [line.split()[2] for line in out] == ['w=int4,a=int4,seed=0', 'w=int4,a=int4,seed=1'], out
+  rc, out = _sweep(args + ['--only=a=int4'])
+  assert rc == 0 and any(line.startswith('tally: 2 done, 2 skipped, 0 failed') for line in out), out
+  assert any('not selected by --only: w=int8,a=int8,seed=0, w=int8,a=int8,seed=1' in line for line in out), out
+  assert not os.path.exists(os.path.join(root, 'w=int8,a=int8,seed=0', 'result.json'))
+  rc, out = _sweep(args)  # without --only the rest runs, the finished ones are kept
+  assert rc == 0 and any(line.startswith('tally: 2 done, 2 skipped, 0 failed') for line in out), out
+  with pytest.raises(config_cli.ConfigError, match='needs a regular expression'):
+    _sweep(args + ['--only='])
+
+
 # ------------------------------------------------------------------------------ failures, retry, crashes
 
 
