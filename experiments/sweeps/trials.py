@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import ml_collections
 
@@ -101,7 +101,7 @@ def _on_term(signum, frame):
   _die_of(signum)
 
 
-def _die_of(signum: int) -> None:
+def _die_of(signum: int) -> NoReturn:
   """Ends this worker by the signal's default action, so the pool sees the exit code it sent."""
   signal.signal(signum, signal.SIG_DFL)
   os.kill(os.getpid(), signum)
@@ -232,7 +232,6 @@ def run_trial(task: Task, wait: bool = False) -> Outcome:
         raise
       claim.release()
       _die_of(signal.SIGTERM)  # a pool worker stopped by the sweep: its trial has saved what it could
-      raise
     except Exception as e:  # noqa: BLE001 - a trial's failure is recorded, the sweep goes on
       if isinstance(e, OSError):  # a full disk or a permission: one line naming the path, not a traceback
         e = OSError(e.errno, f'{config_cli.os_error_text(e)}; its checkpoints so far are kept')

@@ -30,7 +30,7 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, tree: Any) -> None:
-    with _ctrl_c_deferred():  # never a half-written checkpoint: Ctrl-C (or SIGTERM) acts once this one is complete
+    with signals_deferred():  # never a half-written checkpoint: Ctrl-C (or SIGTERM) acts once this one is complete
       self.manager.save(step, args=ocp.args.StandardSave(tree))
       self.manager.wait_until_finished()
 
@@ -43,7 +43,7 @@ class Checkpoints:
 
 
 @contextlib.contextmanager
-def _ctrl_c_deferred():
+def signals_deferred():
   """Holds SIGINT, and SIGTERM where a Python handler takes it (experiments.train, sweep workers: it raises
   KeyboardInterrupt there), until the block ends, then hands each to the handler that was in place
   (KeyboardInterrupt by default; nothing where it was ignored). Only the main thread can install signal

@@ -28,7 +28,6 @@ import os
 import platform
 import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -316,8 +315,7 @@ def _train(run: Run, state, sched):
   loss = float('nan')
   watch = LossWatch(run.log)
   done = start  # the steps `state` holds
-  guard = _StepGuard()
-  with contextlib.closing(mgr), _checkpoint_on_interrupt(run, mgr, lambda: (state, done)), guard:
+  with contextlib.closing(mgr), _checkpoint_on_interrupt(run, mgr, lambda: (state, done)):
     for step in range(start, total):
       x, y = run.batch(step)
       last = step + 1 == total
@@ -326,7 +324,7 @@ def _train(run: Run, state, sched):
       if sync:  # time this one step alone: wait for the steps dispatched before it
         jax.block_until_ready(state)
       ts = time.time()
-      with guard.step():  # an interrupt waits for the step: its donated input state is gone until it returns
+      with ckpt_lib.signals_deferred():  # an interrupt waits for the step: its donated input is gone until it returns
         state, m = train_step(state, x, y)
         done = step + 1
       if sync:
@@ -357,43 +355,6 @@ def _train(run: Run, state, sched):
                  'steps_per_sec': (total - start) / elapsed if elapsed > 0 else 0.0,
                  'final_train_loss': loss, 'step_time_ms': 1e3 * float(np.median(steady)) if steady else None,
                  'warnings': watch.finish(loss)}
-
-
-class _StepGuard:
-  """Ctrl-C, and SIGTERM where a Python handler takes it, raise KeyboardInterrupt as usual, except inside
-  `step()`, where they are held until the block ends (main thread only; elsewhere nothing changes)."""
-
-  def __init__(self):
-    self.inside, self.caught, self.previous = False, None, {}
-
-  def _handler(self, signum, frame):
-    if self.inside:
-      self.caught = signum
-    else:
-      raise KeyboardInterrupt(f'signal {signum}')
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for s in (signal.SIGINT, signal.SIGTERM):
-        if callable(signal.getsignal(s)):  # not where it is ignored or left to the default action
-          self.previous[s] = signal.signal(s, self._handler)
-    return self
-
-  def __exit__(self, *exc):
-    for s, handler in self.previous.items():
-      signal.signal(s, handler)
-    return False
-
-  @contextlib.contextmanager
-  def step(self):
-    self.inside = True
-    try:
-      yield
-    finally:
-      self.inside = False
-    if self.caught is not None:
-      signum, self.caught = self.caught, None
-      raise KeyboardInterrupt(f'signal {signum}')
 
 
 @contextlib.contextmanager
