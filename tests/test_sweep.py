@@ -215,6 +215,17 @@ def test_only_selects_trials_and_what_they_start_from(fake_cfg, tmp_path):
     _sweep(args + ['--only='])
 
 
+def test_manifest_forgets_trials_dropped_from_the_config_before_they_ran(fake_cfg, tmp_path):
+  root = str(tmp_path / 'root')
+  os.makedirs(root)
+  trials = sweeps.expand(*config_cli.load_module(fake_cfg), root)
+  sweep.write_manifest(root, fake_cfg, [], trials, ['eval/accuracy'])
+  os.makedirs(trials[3].workdir(root))  # this one started; trials[2] never did
+  sweep.write_manifest(root, fake_cfg, [], trials[:2], ['eval/accuracy'])  # the config now sweeps only int8
+  listed = [t['name'] for t in json.load(open(os.path.join(root, 'sweep.json')))['trials']]
+  assert listed == [trials[0].name, trials[1].name, trials[3].name]
+
+
 # ------------------------------------------------------------------------------ failures, retry, crashes
 
 

@@ -296,7 +296,9 @@ def write_manifest(root: str, spec: str, cli: list[tuple[str, str]], trials: lis
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-  merged = {t['name']: t for t in old.get('trials', [])}
+  # Trials of earlier invocations stay listed (another --config.key into the same root) where they left a workdir;
+  # one dropped from the config before it ran is forgotten, not reported as 'not run' for ever.
+  merged = {t['name']: t for t in old.get('trials', []) if os.path.isdir(os.path.join(root, t['name']))}
   merged.update({t.name: t.manifest() for t in trials})
   keys = list(dict.fromkeys(old.get('hparam_keys', []) + list(sweeps.hparam_domains(trials))))
   fileio.write_json_atomic(path, {
