@@ -61,6 +61,10 @@ def test_each_method_runs_in_the_runner(root, rtn, method, extra):
       assert m['rel_output_mse'] <= m['rtn_rel_output_mse'] * (1 + 1e-4)
   if method in ('smoothquant', 'rotation', 'rotation,smoothquant,gptq,bias_correction'):
     assert info['online_ops'] == ['head', 'hidden/0']
+  for m in info['layers'].values():  # int8 per-tensor activations add error; awq's run keeps them float
+    assert ('act_rel_output_mse' in m) == (method != 'awq')
+    if method != 'awq':
+      assert m['act_rel_output_mse'] > 0 and np.isfinite(m['act_rel_output_mse'])
 
 
 def test_sequential_calibrates_each_layer_on_the_quantized_predecessors(root, monkeypatch):
@@ -125,6 +129,8 @@ def test_linen_lenet(root, method):
     assert m['rel_output_mse'] <= m['rtn_rel_output_mse'] * (1 + 1e-4)
   assert r['metrics'] == r['serving_metrics']  # the served integer model (online scales included) is evaluated
   assert r['metrics']['eval/accuracy'] > 0.3
+  # the layer as served (calibrated activation grid after the online op), convs over their im2col rows too
+  assert all(0 < m['act_rel_output_mse'] < 1 for m in info['layers'].values()), info['layers']
   if method == 'rotation,awq':  # the rotated dense inputs are signed; conv2's ReLU input keeps its unsigned grid
     grids = {row['path']: row['grid'] for row in r['layers'] if row['operand'] == 'act'}
     assert grids == {'conv1': 'signed', 'conv2': 'unsigned', 'fc1': 'signed', 'fc2': 'signed', 'head': 'signed'}
@@ -250,6 +256,41 @@ def test_online_output_shift_is_a_bias_linen_and_nnx():
   model = nnx.Sequential(nnx.Linear(32, 16, use_bias=False, rngs=nnx.Rngs(0)), nnx.relu)
   online.install_nnx(model, {'layers/0': online.Online(shift=shift)})
   np.testing.assert_allclose(model(x), nnx.relu(with_bias(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_the_layer_error_with_activations_quantizes_the_transformed_input_on_its_grid():
+  """_act_rel_error against numpy: the online scale, then a per-tensor int4 grid of step 0.25 (power of two, so
+  the grid is exact in float32), then the dequantized kernel; exactly the weights' error where x is on the grid."""
+  from experiments.training import ptq as ptq_runner  # noqa: PLC0415
+  from qjax.ptq import layer as L  # noqa: PLC0415
+  from qjax.spec import QuantSpec  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(6, 3))
+  b = rng.normal(size=3)
+  spec = QuantSpec(format='int4', granularity='per_channel', axis=1)
+  lay = qjax_run(L.Layer(w, spec, None, bias=b))
+  act = QuantSpec(format='int4', calibration='absmax')
+  params = {'scale': np.float32(0.25)}
+  on_grid = rng.integers(-8, 8, size=(40, 6)) * 0.25  # already on the activation grid
+  assert ptq_runner._act_rel_error(lay, on_grid, w, b, act, params) == pytest.approx(
+      ptq_runner._rel_error(lay, on_grid, w, b), rel=1e-9)
+  x = rng.normal(size=(40, 6)) * 1.5
+  scaled = lay.replace(scale=np.array([1.0, 2.0, 0.5, 1.0, 4.0, 1.0]))
+  x_q = np.clip(np.round(scaled.transform_input(x) / 0.25), -8, 7) * 0.25
+  q = np.asarray(qjax_deq(scaled.q), np.float64)
+  y = x @ w + b
+  want = np.sum((y - (x_q @ q + b)) ** 2) / np.sum(y ** 2)
+  assert ptq_runner._act_rel_error(scaled, x, w, b, act, params) == pytest.approx(want, rel=1e-9)
+
+
+def qjax_run(lay):
+  import qjax.ptq  # noqa: PLC0415
+  return qjax.ptq.run(lay, ['rtn'])
+
+
+def qjax_deq(q):
+  import qjax.quantizers  # noqa: PLC0415
+  return qjax.quantizers.dequantize(q)
 
 
 def test_a_new_bias_is_an_output_shift_only_on_flax_layers():

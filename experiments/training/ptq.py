@@ -18,6 +18,13 @@ own layers, whose output is their op's; elsewhere it is dropped and ptq.layers.<
 methods' integer kernels are kept for serving (`patch_serving` puts them in the converted tree); (4) activation
 ranges are calibrated as for RTN, then the run evaluates the serving model.
 
+Per-layer error (ptq.layers.<path> in result.json, ptq/<path>/... in TensorBoard): `rel_output_mse` is
+||x W + b - (x' Q + b')||^2 / ||x W + b||^2 on the layer's captured calibration rows x, with x' the online input op
+of x and Q the dequantized integer kernel (the weights' error; `rtn_rel_output_mse` the same for round-to-nearest);
+`act_rel_output_mse` (`act_error_layers`, after step 4) also quantizes x' on the operand's calibrated
+per-tensor grid, as the served op does: the error of the layer as served, on float inputs. It is absent where the
+activations stay float, and null (ptq.act_error_skipped says why) for activation scales that are not per-tensor.
+
 Every layer's inputs are the float model's, unless config.ptq.sequential: then the layers run in the order their
 ops ran, and each layer's statistics are captured again on the model whose earlier layers hold their quantized
 (dequantized integer) kernels and input ops, as GPTQ (Frantar et al. 2022) calibrates; one capture pass per layer.
@@ -184,6 +191,42 @@ def _rel_error(lay: L.Layer, x, w, b) -> float:
   return float(np.sum((y - y_hat) ** 2) / max(np.sum(y ** 2), 1e-30))
 
 
+def _act_rel_error(lay: L.Layer, x, w, b, spec, params) -> float:
+  """`_rel_error` with the layer's input quantized as served: the online op, then `spec`'s per-tensor grid under
+  the operand's calibrated quantizer `params`, then the integer kernel."""
+  y = x @ w + (0 if b is None else b)
+  xt = jnp.asarray(lay.transform_input(x), jnp.float32)
+  x_q = np.asarray(qjax.quantizers.fake_quant(xt, spec, params), np.float64)
+  y_hat = x_q @ np.asarray(qjax.quantizers.dequantize(lay.q), np.float64) + (0 if lay.bias is None else lay.bias)
+  return float(np.sum((y - y_hat) ** 2) / max(np.sum(y ** 2), 1e-30))
+
+
+def act_error_layers(run, state, info) -> None:
+  """Adds each PTQ layer's `act_rel_output_mse` to `info` (apply's) and TensorBoard, on the state whose
+  activation ranges are calibrated (module docstring). A no-op where the activations stay float."""
+  local = run.trainer.__dict__.pop('ptq_local', {})
+  if not local or not run.trainer.quantized:
+    return
+  records = run.trainer.records(state, jnp.asarray(input_pipeline.sample_input(run.data, 8)))
+  acts = {(r.path, r.prefix.rsplit('_', 1)[0]): r for r in records if r.weight_name is None}
+  skipped = {}
+  for path, (lay, x, w, b, site) in local.items():
+    r = acts.get((site.module_path, site.prefix))
+    if r is None:
+      continue  # float activations: the weights' error is the layer's
+    if r.spec.granularity != 'per_tensor':
+      info['layers'][path]['act_rel_output_mse'] = None
+      skipped[path] = f'{r.spec.granularity} activation scales (measured on per-tensor grids only)'
+      continue
+    # per-tensor: every quantizer param is one number, in the operand's rank (NHWC (1, 1, 1, 1)); x is (rows, K)
+    params = {k: np.reshape(v, ()) if np.size(v) == 1 else v for k, v in jax.device_get(r.state).items()}
+    err = _act_rel_error(lay, x, w, b, r.spec, params or None)
+    info['layers'][path]['act_rel_output_mse'] = err
+    run.writer.scalars({f'ptq/{path}/act_rel_output_mse': err}, 0)
+  if skipped:
+    info['act_error_skipped'] = skipped
+
+
 def apply(run, state):
   """Runs config.ptq's methods on the run's model; returns (state, info for result.json)."""
   tr, c = run.trainer, run.config
@@ -199,6 +242,7 @@ def apply(run, state):
     found = dict(sorted(found.items(), key=lambda kv: order[_kernel_param(kv[0])]))
   done, layers, transforms, qs, left_out = {}, {}, {}, {}, []
   quantized = {}  # sequential: {path: (dequantized integer kernel, bias)} of the layers done so far
+  local = {}  # {path: (layer, calibration rows, float kernel, bias, site)} for act_error_layers
   progress = Progress(len(found), 0)
   input_ops = {n for n, _ in ms if registry.get(n).changes_input}
   for i, (path, (site, stats)) in enumerate(found.items()):
@@ -223,6 +267,7 @@ def apply(run, state):
     x = stats.sample.astype(np.float64)
     layers[path] = {'rel_output_mse': _rel_error(lay, x, w, b), 'rtn_rel_output_mse': _rel_error(rtn, x, w, b),
                     **({'notes': {k: v for k, v in lay.notes}} if lay.notes else {})}
+    local[path] = (lay, x, w, b, site)
     done[path], qs[path] = (lay.w, own_bias), _reshaped(lay.q, w0.shape, n_in)
     if lay.rotation is not None or lay.scale is not None or shift is not None:
       scale = lay.scale if lay.scale is None or tied is None else lay.scale[:tied]  # a conv's: per input channel
@@ -235,7 +280,7 @@ def apply(run, state):
   # non-negative input signed: act_signedness='auto' then gives that operand a signed grid, the others keep theirs).
   probe_x = input_pipeline.sample_input(run.data, c.batch_size) if transforms else None
   state = tr.ptq_update(state, done, transforms, probe_x=probe_x)
-  tr.ptq_weights = qs
+  tr.ptq_weights, tr.ptq_local = qs, local
   for path, m in layers.items():
     run.writer.scalars({f'ptq/{path}/rel_output_mse': m['rel_output_mse'],
                         f'ptq/{path}/rtn_rel_output_mse': m['rtn_rel_output_mse']}, 0)

@@ -280,6 +280,8 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
       if 'ptq' in config and ptq_config.active(config):
         state, train_info['ptq'] = ptq_runner.apply(run, state)
       state = _calibrate(run, state)
+      if 'ptq' in train_info:
+        ptq_runner.act_error_layers(run, state, train_info['ptq'])
     else:
       state, train_info = _train(run, state, sched)
     warnings += train_info.pop('warnings', [])
