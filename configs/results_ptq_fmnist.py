@@ -9,7 +9,8 @@ int2 weights in every layer (convs included) and float activations, calibrated o
 (AWQ and AdaRound see 2048 rows per layer), by each method: rtn, gptq, gptq with act-order, awq, adaround (10k
 iterations per layer, the paper's default), bias_correction, gptq followed by bias_correction, and gptq (with and
 without act-order) and adaround calibrated sequentially (config.ptq.sequential: each layer on the inputs of the
-already-quantized earlier layers), and sequentially calibrated empirical bias correction, alone and after gptq.
+already-quantized earlier layers), and sequentially calibrated empirical bias correction, alone and after gptq or
+adaround.
 Both models: W8A8 and W4A8 (per-channel weights, int8 per-tensor static activations, unsigned where the
 calibration batch is non-negative) for rtn, smoothquant, and smoothquant then gptq, and on LeNet-5 rotation
 (which applies to the dense layers: a rotation of a convolution's im2col features has no form on its input);
@@ -46,6 +47,8 @@ METHODS = {
                                              'ptq.sequential': True},
     'gptq_sequential+bias_correction_empirical': {'ptq.method': 'gptq,bias_correction',
                                                   'ptq.bias_correction.empirical': True, 'ptq.sequential': True},
+    'adaround_sequential+bias_correction_empirical': {'ptq.method': 'adaround,bias_correction',
+                                                      'ptq.bias_correction.empirical': True, 'ptq.sequential': True},
 }
 
 
