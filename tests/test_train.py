@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -217,6 +218,38 @@ def test_linen_trainer_decides_auto_signedness_on_concrete_data_before_its_jitte
   formats = [m.dot_config.fwd.lhs.format for m in tr.q.rules.quantized()]
   assert len(formats) >= 3 and all(f == 'uint4' for f in formats[1:])  # every layer after the first follows a ReLU
   assert formats[0] == ('uint4' if float(x.min()) >= 0 else 'int4')
+
+
+def test_learned_act_quantizers_initialise_on_the_activations_training_sees():
+  """A fine-tune's PACT clip after a BatchNorm starts at the range of the batch-normalised activations, not at the
+  range the running averages give (here 100x the batch's: var / 1e4), which the first training step never sees."""
+  import flax.linen as nn  # noqa: PLC0415
+
+  from experiments import models  # noqa: PLC0415
+  from experiments.config import quant as quant_config  # noqa: PLC0415
+  from experiments.training import trainers  # noqa: PLC0415
+
+  class BnNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      h = nn.Dense(16, name='fc1')(x)
+      h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name='bn')(h))
+      return nn.Dense(10, name='head')(h)
+
+  c = mlp_config(mode='qat')
+  c.quant.act.estimator, c.quant.act.format, c.quant.first_last_8bit = 'pact', 'int4', False
+  md = models.ModelDef('bn', 'linen', 'classify', module=BnNet())
+  x = jax.random.normal(jax.random.key(1), (64, 8))
+  v = md.module.init(jax.random.key(0), x, train=False)
+  stats = {'bn': {**v['batch_stats']['bn'], 'var': v['batch_stats']['bn']['var'] * 1e-4}}
+  tr = trainers.make(md, train.make_optimizer(c)[0], quant_config.build_rules(c.quant))
+  state = tr.init(jax.random.key(0), x, {'params': v['params'], 'vars': {'batch_stats': stats}})
+  p = v['params']
+  h = x @ p['fc1']['kernel'] + p['fc1']['bias']
+  seen = jax.nn.relu((h - h.mean(0)) / jnp.sqrt(h.var(0) + 1e-5) * p['bn']['scale'] + p['bn']['bias'])
+  alpha = float(state['params']['head']['dot_general0_lhs_alpha'].squeeze())
+  assert 0.9 < alpha / float(seen.max()) < 1.1  # fc1's int8 weights and int4 input move it a little
+  assert state['vars']['batch_stats']['bn']['var'] == pytest.approx(stats['bn']['var'])  # running stats kept
 
 
 def test_quantized_training_runs_int8_in_all_three_matmuls(tmp_path):

@@ -89,8 +89,23 @@ class LinenTrainer:
         variables = dict(variables)
       else:
         variables = float_vars
+    if self.q is not None:
+      variables['params'] = self._params_as_in_training(rng, x, float_vars if float_pure is not None else None)
     params = variables.pop('params')
     return {'params': params, 'opt': self.tx.init(params), 'vars': dict(variables)}
+
+  def _params_as_in_training(self, rng, x, float_vars):
+    """The params with the learned quantizer params (LSQ steps, PACT clips, ...) initialised in training mode, on
+    the activations the first training step sees: BatchNorm normalises by the batch's statistics there, by its
+    running averages in evaluation mode. The two differ most where the weight quantizer rescales a kernel (DoReFa
+    maps weights onto [-1, 1]: the running averages of a float model are then off by that factor, and a clip
+    initialised from them sits several times above the activations training sees). Only params are taken from
+    this run (nothing else it changed, batch statistics or quantizer statistics, is kept); NNX's quantize_nnx
+    creates its quantizer state in the model's own mode, training by default, as here."""
+    if float_vars is None:
+      return jax.jit(lambda rng, x: self.q.init(rng, x, train=True))(rng, x)['params']
+    create = lambda v, x, rng: self.q.apply(v, x, train=True, mutable=True, rngs={'params': rng})
+    return jax.jit(create)(float_vars, x, rng)[1]['params']
 
   def to_pure(self, state) -> dict:
     return state
