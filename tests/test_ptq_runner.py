@@ -259,8 +259,9 @@ def test_online_output_shift_is_a_bias_linen_and_nnx():
 
 
 def test_the_layer_error_with_activations_quantizes_the_transformed_input_on_its_grid():
-  """_act_rel_error against numpy: the online scale, then a per-tensor int4 grid of step 0.25 (power of two, so
-  the grid is exact in float32), then the dequantized kernel; exactly the weights' error where x is on the grid."""
+  """_rel_error with the activation grid against numpy: the online scale, then a per-tensor int4 grid of step
+  0.25 (power of two, so the grid is exact in float32), then the dequantized kernel; exactly the weights' error
+  where x is on the grid."""
   from experiments.training import ptq as ptq_runner  # noqa: PLC0415
   from qjax.ptq import layer as L  # noqa: PLC0415
   from qjax.spec import QuantSpec  # noqa: PLC0415
@@ -272,7 +273,7 @@ def test_the_layer_error_with_activations_quantizes_the_transformed_input_on_its
   act = QuantSpec(format='int4', calibration='absmax')
   params = {'scale': np.float32(0.25)}
   on_grid = rng.integers(-8, 8, size=(40, 6)) * 0.25  # already on the activation grid
-  assert ptq_runner._act_rel_error(lay, on_grid, w, b, act, params) == pytest.approx(
+  assert ptq_runner._rel_error(lay, on_grid, w, b, act=(act, params)) == pytest.approx(
       ptq_runner._rel_error(lay, on_grid, w, b), rel=1e-9)
   x = rng.normal(size=(40, 6)) * 1.5
   scaled = lay.replace(scale=np.array([1.0, 2.0, 0.5, 1.0, 4.0, 1.0]))
@@ -280,7 +281,7 @@ def test_the_layer_error_with_activations_quantizes_the_transformed_input_on_its
   q = np.asarray(qjax_deq(scaled.q), np.float64)
   y = x @ w + b
   want = np.sum((y - (x_q @ q + b)) ** 2) / np.sum(y ** 2)
-  assert ptq_runner._act_rel_error(scaled, x, w, b, act, params) == pytest.approx(want, rel=1e-9)
+  assert ptq_runner._rel_error(scaled, x, w, b, act=(act, params)) == pytest.approx(want, rel=1e-9)
 
 
 def qjax_run(lay):

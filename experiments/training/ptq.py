@@ -23,7 +23,8 @@ Per-layer error (ptq.layers.<path> in result.json, ptq/<path>/... in TensorBoard
 of x and Q the dequantized integer kernel (the weights' error; `rtn_rel_output_mse` the same for round-to-nearest);
 `act_rel_output_mse` (`act_error_layers`, after step 4) also quantizes x' on the operand's calibrated
 per-tensor grid, as the served op does: the error of the layer as served, on float inputs. It is absent where the
-activations stay float, and null (ptq.act_error_skipped says why) for activation scales that are not per-tensor.
+activations stay float, and null (ptq.act_error_skipped says why) for activation scales that are not per-tensor
+or not calibrated (dynamic).
 
 Every layer's inputs are the float model's, unless config.ptq.sequential: then the layers run in the order their
 ops ran, and each layer's statistics are captured again on the model whose earlier layers hold their quantized
@@ -183,21 +184,15 @@ def _bias_or_shift(lay: L.Layer, b0, site, out_shape):
   return lay.replace(bias=None, notes=lay.notes + (('output_shift', why),)), None, None
 
 
-def _rel_error(lay: L.Layer, x, w, b) -> float:
-  """Relative output MSE of the layer's integer kernel (with its input op and bias) on calibration rows x."""
+def _rel_error(lay: L.Layer, x, w, b, act=None) -> float:
+  """Relative output MSE of the layer's integer kernel (with its input op and bias) on calibration rows x; with
+  `act` = (spec, params), the op's input also quantized as served, on that per-tensor grid."""
   y = x @ w + (0 if b is None else b)
-  y_hat = lay.transform_input(x) @ np.asarray(qjax.quantizers.dequantize(lay.q), np.float64)
+  x_in = lay.transform_input(x)
+  if act is not None:
+    x_in = np.asarray(qjax.quantizers.fake_quant(jnp.asarray(x_in, jnp.float32), *act), np.float64)
+  y_hat = x_in @ np.asarray(qjax.quantizers.dequantize(lay.q), np.float64)
   y_hat = y_hat + (0 if lay.bias is None else lay.bias)
-  return float(np.sum((y - y_hat) ** 2) / max(np.sum(y ** 2), 1e-30))
-
-
-def _act_rel_error(lay: L.Layer, x, w, b, spec, params) -> float:
-  """`_rel_error` with the layer's input quantized as served: the online op, then `spec`'s per-tensor grid under
-  the operand's calibrated quantizer `params`, then the integer kernel."""
-  y = x @ w + (0 if b is None else b)
-  xt = jnp.asarray(lay.transform_input(x), jnp.float32)
-  x_q = np.asarray(qjax.quantizers.fake_quant(xt, spec, params), np.float64)
-  y_hat = x_q @ np.asarray(qjax.quantizers.dequantize(lay.q), np.float64) + (0 if lay.bias is None else lay.bias)
   return float(np.sum((y - y_hat) ** 2) / max(np.sum(y ** 2), 1e-30))
 
 
@@ -214,13 +209,17 @@ def act_error_layers(run, state, info) -> None:
     r = acts.get((site.module_path, site.prefix))
     if r is None:
       continue  # float activations: the weights' error is the layer's
-    if r.spec.granularity != 'per_tensor':
+    why = (f'{r.spec.granularity} activation scales (measured on per-tensor grids only)'
+           if r.spec.granularity != 'per_tensor' else
+           'dynamic activation scales (each served batch has its own; the calibration rows are no such batch)'
+           if not r.state else '')
+    if why:
       info['layers'][path]['act_rel_output_mse'] = None
-      skipped[path] = f'{r.spec.granularity} activation scales (measured on per-tensor grids only)'
+      skipped[path] = why
       continue
     # per-tensor: every quantizer param is one number, in the operand's rank (NHWC (1, 1, 1, 1)); x is (rows, K)
-    params = {k: np.reshape(v, ()) if np.size(v) == 1 else v for k, v in jax.device_get(r.state).items()}
-    err = _act_rel_error(lay, x, w, b, r.spec, params or None)
+    params = {k: np.reshape(v, ()) for k, v in jax.device_get(r.state).items()}
+    err = _rel_error(lay, x, w, b, act=(r.spec, params))
     info['layers'][path]['act_rel_output_mse'] = err
     run.writer.scalars({f'ptq/{path}/act_rel_output_mse': err}, 0)
   if skipped:
