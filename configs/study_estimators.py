@@ -8,7 +8,10 @@ Trials: one float CNN (3000 steps) per seed, then QAT fine-tunes from it (1000 s
 last layers at 8 bits (quant.first_last_8bit) and unsigned activation grids after ReLU, with the estimator on
 weights and activations as its paper uses it: STE (Bengio et al. 2013), clipped STE, PACT (Choi et al. 2018:
 learned activation clip, DoReFa weights), LSQ (Esser et al. 2020), LSQ+ (Bhalgat et al. 2020: LSQ weights,
-asymmetric activations with a learned offset), EWGS (Lee et al. 2021). Also the equal-steps float fine-tune.
+asymmetric activations with a learned offset), EWGS (Lee et al. 2021), DSQ (Gong et al. 2019: a learned soft
+quantizer in the backward) and QDrop (Wei et al. 2022: each activation element left float with probability 0.5
+while training, clipped STE otherwise; its weights clipped STE, so the clipped STE row is its contrast). Also the
+equal-steps float fine-tune.
 Trends the literature reports: LSQ ahead of STE and PACT at 2-3 bits; EWGS ahead of STE at 2 bits. (LSQ+'s
 asymmetric activations pay off after Swish/GELU; this CNN has ReLUs, so little gain is expected here.)
 Args (comma-separated): `seeds=N` repeats every trial over N seeds; `runlocal` shrinks it to a smoke test;
@@ -22,7 +25,8 @@ contrast it tests, STE, LSQ and LSQ+ (LSQ+ should lead LSQ there, its learned of
 the ResNet PTQ table), then 500-step QAT fine-tunes (the 2-core budget: a ResNet step costs about 5x a LeNet-5
 step). Its stem and head stay float, as that config keeps them, so every quantized op is a block conv. LSQ+ is
 left out here (its asymmetric activation grid has nothing to gain after a ReLU, as the LeNet-5 study shows; the
-Swish variant above tests it), which keeps the study at 45 QAT runs:
+Swish variant above tests it), and so are DSQ and QDrop (the 2-core budget; they run on LeNet-5), which keeps
+the study at 45 QAT runs:
 
     python -m experiments.sweep --config=configs/study_estimators.py:seeds=3,model=resnet \
         --root=runs/study_estimators_resnet --workers=2
@@ -43,6 +47,9 @@ ESTIMATORS = {  # weight, activation (and the activation scheme where the method
     'lsq_plus': {'quant.weight.estimator': 'lsq', 'quant.act.estimator': 'lsq_plus',
                  'quant.act.scheme': 'asymmetric', 'quant.act.calibration': 'minmax'},
     'ewgs': {'quant.weight.estimator': 'ewgs', 'quant.act.estimator': 'ewgs'},
+    'dsq': {'quant.weight.estimator': 'dsq', 'quant.act.estimator': 'dsq'},
+    # QDrop drops activation quantization; with nothing dropped it is the clipped STE, so that is its weights'.
+    'qdrop': {'quant.weight.estimator': 'clipped_ste', 'quant.act.estimator': 'qdrop'},
 }
 
 

@@ -103,6 +103,11 @@ class Method:
   def learned_names(self) -> tuple[str, ...]:
     return tuple(p.name for p in self.learned)
 
+  def random_in_training(self) -> bool:
+    """Its training forward draws random numbers (QDrop's drop mask), so the Flax layers hand it a PRNG key
+    while training; without a key it must act as its evaluation forward."""
+    return False
+
   def init(self, x: jax.Array, spec: QuantSpec) -> dict[str, jax.Array]:
     """Initial learned parameters, calibrated on x ({} when the method learns nothing)."""
     x = jax.lax.stop_gradient(x)

@@ -9,6 +9,8 @@ drops activation quantization this way to flatten the loss landscape for low-bit
 
 The drop mask needs a PRNG key (`fake_quant(..., key=...)`, the ops' `key=`); without one nothing is dropped
 and QDrop is the clipped STE, which is also its evaluation / serving behaviour (`quantize` uses the plain grid).
+Flax rules hand it a key while training: Linen when `apply` gets `rngs={'quant': key}`, NNX in train mode after
+`quantize_nnx(..., seed=...)` (which raises without the seed rather than train a clipped STE unnoticed).
 p is a field of the method: the registered 'qdrop' uses the paper's 0.5; register `QDrop('qdrop_p25', p=0.25)`
 for another. Learns nothing. The ops run it in fake mode (dropped elements are off the grid).
 """
@@ -59,6 +61,9 @@ class QDrop(methods.Method):
   def __post_init__(self):
     if not 0.0 <= self.p < 1.0:
       raise ValueError(f'QDrop: the drop probability p must be in [0, 1), got {self.p}')
+
+  def random_in_training(self) -> bool:
+    return self.p > 0
 
   def fake_quant(self, x, spec, params, key):
     scale, zero_point = methods._calibrated_grid(self, x, spec, params)

@@ -158,6 +158,48 @@ def test_new_methods_through_flax_rules():
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(g))
 
 
+def test_qdrop_through_linen_rules_drops_only_with_a_quant_stream():
+  # Before: the Flax layers handed a key only to stochastic rounding, so a QDrop rule trained as the clipped STE.
+  from flax import linen as nn  # noqa: PLC0415
+
+  from qjax.flax import QuantRule, quantize_linen  # noqa: PLC0415
+  x = jax.random.normal(jax.random.key(0), (64, 16)) * 3.0
+  act = lambda est: QuantSpec('int4', estimator=est)
+  model = quantize_linen(nn.Dense(16, use_bias=False), [QuantRule('.*', act=act('qdrop'))])
+  clipped = quantize_linen(nn.Dense(16, use_bias=False), [QuantRule('.*', act=act('clipped_ste'))])
+  assert model.rules.needs_rng and not clipped.rules.needs_rng
+  v = {'params': {'kernel': jnp.eye(16)}}  # y = the quantized input itself
+  xq = np.asarray(fake_quant(x, act('clipped_ste')))
+  np.testing.assert_array_equal(model.apply(v, x), xq)  # no stream: the evaluation forward
+  np.testing.assert_array_equal(clipped.apply(v, x), xq)
+  y1 = np.asarray(model.apply(v, x, rngs={'quant': jax.random.key(2)}))
+  y2 = np.asarray(model.apply(v, x, rngs={'quant': jax.random.key(3)}))
+  moved = xq != np.asarray(x)  # elements that quantization changes
+  for y in (y1, y2):
+    kept_float = y == np.asarray(x)
+    assert np.all(kept_float | (y == xq))  # each element either dropped (float) or on the grid
+    assert 0.4 < kept_float[moved].mean() < 0.6  # p = 0.5
+  assert np.any(y1 != y2)  # the mask follows the key
+
+
+def test_qdrop_through_nnx_needs_a_seed_and_drops_in_train_mode_only():
+  from flax import nnx  # noqa: PLC0415
+
+  from qjax.flax import QuantRule, quantize_nnx  # noqa: PLC0415
+  x = jax.random.normal(jax.random.key(0), (64, 16)) * 3.0
+  rules = [QuantRule('.*', act=QuantSpec('int4', estimator='qdrop'))]
+  with pytest.raises(ValueError, match=r'needs quantize_nnx\(\.\.\., seed=\.\.\.\)'):
+    quantize_nnx(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), rules, x)
+  m = nnx.Linear(16, 8, use_bias=False, rngs=nnx.Rngs(0))
+  quantize_nnx(m, rules, x, seed=3)
+  xq = np.asarray(fake_quant(x, QuantSpec('int4', estimator='clipped_ste')))
+  w = np.asarray(m.kernel.get_value())
+  y1, y2 = np.asarray(m(x)), np.asarray(m(x))
+  assert not np.allclose(y1, xq @ w) and not np.allclose(y1, y2)  # dropped, a fresh mask per call
+  m.eval()
+  np.testing.assert_allclose(np.asarray(m(x)), xq @ w, rtol=1e-5, atol=1e-5)
+
+
 def test_dorefa_module_is_self_contained():
   assert dorefa.DoReFa('x').native is False and qjax.QuantSpec(estimator='qdrop').method.native is False
 

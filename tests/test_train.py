@@ -271,6 +271,50 @@ def test_quantized_training_runs_int8_in_all_three_matmuls(tmp_path):
   assert report.n_int8 >= 5 and report.n_int8_slow == 0, report.summary()
 
 
+def test_qdrop_trains_with_a_fresh_drop_mask_per_step_and_resumes_with_the_same_masks(tmp_path, monkeypatch):
+  """QDrop drops in the runner's training steps (before: the trainer passed no PRNG key, so it trained as the
+  clipped STE); its key lives in the state, so an interrupted run resumes with the masks it would have drawn."""
+  from experiments import models  # noqa: PLC0415
+  from experiments.config import quant as quant_config  # noqa: PLC0415
+  from experiments.data import pipeline as input_pipeline  # noqa: PLC0415
+  from experiments.training import trainers  # noqa: PLC0415
+
+  def two_steps(c, estimator):
+    c.quant.act.estimator, c.quant.act.format = estimator, 'int4'
+    data, md = input_pipeline.load(c), models.build(c.model)
+    tr = trainers.make(md, train.make_optimizer(c)[0], quant_config.build_rules(c.quant))
+    x, y = input_pipeline.train_batch(data, 0, 0, c.batch_size)
+    state = tr.init(jax.random.key(0), x)
+    step = jax.jit(tr.train_step)
+    s1, m1 = step(state, x, y)
+    s2, m2 = step(s1, x, y)
+    return (state, s1, s2), (float(m1['loss']), float(m2['loss']))
+  lenet = lambda: config_cli.load_file(os.path.join(ROOT, 'configs/fmnist_cnn.py:runlocal'))
+  for make in (lambda: mlp_config(mode='qat'), lenet):  # NNX, Linen
+    states, qdrop_loss = two_steps(make(), 'qdrop')
+    _, clipped_loss = two_steps(make(), 'clipped_ste')
+    assert qdrop_loss[0] != clipped_loss[0] and qdrop_loss[1] != clipped_loss[1]
+    if isinstance(states[0], dict):  # Linen: the key is the state's 'rng', split once per step
+      assert len({tuple(s['rng'].tolist()) for s in states}) == 3
+
+  c = mlp_config(mode='qat', num_train_steps=12, checkpoint_every_steps=10, eval_every_steps=12,
+                 **{'quant.act.estimator': 'qdrop', 'quant.act.format': 'int4'})
+  whole = train.train_and_evaluate(c, str(tmp_path / 'whole'), log=lambda _: None)
+  batch = train.Run.batch
+
+  def interrupted_at_7(self, step):
+    if step == 7:
+      raise KeyboardInterrupt
+    return batch(self, step)
+  monkeypatch.setattr(train.Run, 'batch', interrupted_at_7)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(c, str(tmp_path / 'resumed'), log=lambda _: None)
+  monkeypatch.setattr(train.Run, 'batch', batch)
+  resumed = train.train_and_evaluate(c, str(tmp_path / 'resumed'), log=lambda _: None)
+  assert resumed['train']['resumed_from'] == 7
+  assert resumed['metrics']['eval/loss'] == whole['metrics']['eval/loss']
+
+
 # ------------------------------------------------------------------------------- run files and failures
 
 

@@ -55,19 +55,28 @@ def evaluate(data, config, batch_sums: Callable[[Any, Any, Any], Mapping[str, An
   return {'eval/loss': sums['loss'] / n, 'eval/accuracy': sums['correct'] / n}
 
 
+def _needs_rng(rules) -> bool:
+  """The rules round stochastically or use a method that is random in training (QDrop)."""
+  return bool(rules) and (qflax.RuleSet(rules) if not isinstance(rules, qflax.RuleSet) else rules).needs_rng
+
+
 class LinenTrainer:
+  """Linen models; the state is {'params', 'opt', 'vars'} (+ 'rng' when the rules need random numbers in
+  training: a key split once per step into the 'quant' stream, so a resumed run draws what it would have)."""
+
   def __init__(self, md: ModelDef, tx: optax.GradientTransformation, rules=None):
     self.md, self.tx = md, tx
     self.q = qflax.quantize_linen(md.module, rules) if rules else None
+    self.needs_rng = _needs_rng(rules)
     self.ptq_weights = {}  # a PTQ method's integer kernels for serving (experiments/training/ptq.py)
 
   @property
   def quantized(self) -> bool:
     return self.q is not None
 
-  def _apply(self, variables, x, train, mutable=False):
+  def _apply(self, variables, x, train, mutable=False, rngs=None):
     fn = self.q.apply if self.q is not None else self.md.module.apply
-    return fn(variables, x, train=train, mutable=mutable)
+    return fn(variables, x, train=train, mutable=mutable, rngs=rngs)
 
   def init(self, rng, x, float_pure=None) -> dict[str, Any]:
     """Fresh state; with `float_pure` (a float run's state) its params and collections are loaded first,
@@ -92,7 +101,11 @@ class LinenTrainer:
     if self.q is not None:
       variables['params'] = self._params_as_in_training(rng, x, float_vars if float_pure is not None else None)
     params = variables.pop('params')
-    return {'params': params, 'opt': self.tx.init(params), 'vars': dict(variables)}
+    state = {'params': params, 'opt': self.tx.init(params), 'vars': dict(variables)}
+    if self.needs_rng:
+      key = jax.random.fold_in(rng, 0x71)  # stored raw (uint32): checkpoints hold no typed keys
+      state['rng'] = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return state
 
   def _params_as_in_training(self, rng, x, float_vars):
     """The params with the learned quantizer params (LSQ steps, PACT clips, ...) initialised in training mode, on
@@ -115,15 +128,20 @@ class LinenTrainer:
 
   def train_step(self, state, x, y):
     mutable = list(state['vars'].keys())
+    rngs, out = None, {}
+    if 'rng' in state:
+      out['rng'], key = jax.random.split(state['rng'])
+      rngs = {'quant': key}
 
     def loss(params):
-      logits, upd = self._apply({'params': params, **state['vars']}, x, True, mutable)
+      logits, upd = self._apply({'params': params, **state['vars']}, x, True, mutable, rngs=rngs)
       mean, _, hits = loss_fn(logits, y, self.md.task)
       return mean, (upd, hits.mean())
     (value, (upd, acc)), grads = jax.value_and_grad(loss, has_aux=True)(state['params'])
     updates, opt = self.tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    return {'params': params, 'opt': opt, 'vars': {**state['vars'], **upd}}, {'loss': value, 'accuracy': acc}
+    out.update({'params': params, 'opt': opt, 'vars': {**state['vars'], **upd}})
+    return out, {'loss': value, 'accuracy': acc}
 
   def eval_step(self, state, x, y, w):
     logits = self._apply({'params': state['params'], **state['vars']}, x, False)
@@ -259,7 +277,8 @@ class NnxTrainer:
       pure = _overlay(nnx.to_pure_dict(st), float_pure[0])
       nnx.replace_by_pure_dict(st, pure)
       model = nnx.merge(graphdef, st)
-    quantized = qflax.quantize_nnx(model, self.rules, jnp.asarray(x)) if self.rules else None
+    quantized = qflax.quantize_nnx(model, self.rules, jnp.asarray(x),
+                                   seed=seed if _needs_rng(self.rules) else None) if self.rules else None
     graphdef, state = nnx.split((model, nnx.Optimizer(model, self.tx, wrt=nnx.Param)))
     return NnxState(graphdef, state, quantized)
 

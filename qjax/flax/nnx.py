@@ -320,6 +320,9 @@ def quantize_nnx(model: nnx.Module, rules, *sample_args, seed: int | None = None
   return QuantizedNnx(model, ruleset)
 
 
+_CONTAINERS = tuple(getattr(nnx, n) for n in ('List', 'Dict') if hasattr(nnx, n))
+
+
 def _quantize_modules(model, session, seed, sample_args, sample_kwargs) -> None:
   tonnx = [p for p, m in nnx.iter_modules(model) if isinstance(m, bridge.ToNNX)]
   for path, module in nnx.iter_modules(model):
@@ -341,7 +344,8 @@ def _quantize_modules(model, session, seed, sample_args, sample_kwargs) -> None:
       module.attention_fn = _attention_fn
     if not hasattr(module, 'use_running_average'):
       module.use_running_average = False
-    if seed is not None:
+    if seed is not None and not isinstance(module, _CONTAINERS):
+      # A container (nnx.List) runs no op itself, and a str key beside its int keys would break its pytree.
       module.qjax_rngs = nnx.Rngs(quant=zlib.crc32(f'{seed}/{module._qjax_path}'.encode()))  # not hash(): salted
   if sample_args or sample_kwargs:
     _create_state(model, session, sample_args, sample_kwargs)

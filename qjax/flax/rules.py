@@ -155,6 +155,13 @@ class QuantRule:
     return DotConfig(fwd=fwd, dlhs=MatmulConfig(self.grad, strip(rw), self.bwd_mode),
                      drhs=MatmulConfig(strip(lw), self.grad, self.bwd_mode), small_m=self.small_m)
 
+  @property
+  def needs_rng(self) -> bool:
+    """Its specs round stochastically or use a method that is random in training (QDrop): the model needs a
+    'quant' PRNG stream (Linen: `rngs={'quant': key}`; NNX: `quantize_nnx(..., seed=...)`)."""
+    specs = [s for s in (self.weight, self.act, self.grad) if s is not None]
+    return not self.keep_float and any(s.rounding == 'stochastic' or s.method.random_in_training() for s in specs)
+
   def at_8bit(self) -> QuantRule:
     """This rule with its weight and act specs at 8 bits (for a first or last op); grad is unchanged."""
     return dataclasses.replace(self, weight=eight_bit(self.weight), act=eight_bit(self.act))
@@ -276,6 +283,11 @@ class RuleSet:
     self.no_weight: dict[int, list[str]] = {}  # rules with a weight spec: ops they matched without a weight
     self.needs_data = any(r.act_signedness == 'auto' for r in self.rules)
     self.order_known = not (self.needs_data or any(r.first_last_8bit for r in self.rules))
+
+  @property
+  def needs_rng(self) -> bool:
+    """Some rule needs a 'quant' PRNG stream (QuantRule.needs_rng)."""
+    return any(r.needs_rng for r in self.rules)
 
   @property
   def needs_probe(self) -> bool:

@@ -333,10 +333,13 @@ class Session:
                         stacklevel=5)
 
   def _key(self, fr, rule, cfg):
-    specs = [cfg.fwd.lhs, cfg.fwd.rhs, cfg.dlhs.lhs, cfg.dlhs.rhs, cfg.drhs.lhs, cfg.drhs.rhs]
-    if not any(s is not None and s.rounding == 'stochastic' for s in specs):
-      return None
-    return fr.state.rng(fr, rule)
+    specs = [s for s in (cfg.fwd.lhs, cfg.fwd.rhs, cfg.dlhs.lhs, cfg.dlhs.rhs, cfg.drhs.lhs, cfg.drhs.rhs)
+             if s is not None]
+    if any(s.rounding == 'stochastic' for s in specs):
+      return fr.state.rng(fr, rule)
+    if any(s.method.random_in_training() for s in specs):  # QDrop: random in training only
+      return fr.state.training_rng(fr, rule)
+    return None
 
   # ---- quantizer state
 

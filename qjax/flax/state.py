@@ -7,7 +7,8 @@ Both give the Session (qjax.flax.session) the same interface:
   param_value(fr, path) the param stored at path (a float array or a ServingWeight);
   param(fr, name, init, origin, shape)   a learned quantizer param (LSQ step, PACT clip);
   stat(fr, name, init)  a statistic (EMA range, amax history), with get/set;
-  training(fr)          whether statistics update; rng(fr, rule) the 'quant' PRNG key.
+  training(fr)          whether statistics update; rng(fr, rule) the 'quant' PRNG key; training_rng(fr, rule)
+                        that key while training, else None (for methods random in training only, QDrop).
 
 Linen state goes through Module.has_variable / get_variable / put_variable, which work from any method,
 including plain methods of setup()-style modules (Module.param / Module.variable only work in setup or compact
@@ -189,6 +190,10 @@ class LinenBackend(_Backend):
                        "stream: pass rngs={'quant': key} to apply")
     return fr.module.make_rng('quant')
 
+  def training_rng(self, fr, rule):
+    # Linen has no train flag of its own: a 'quant' stream passed to apply is the sign of a training step.
+    return fr.module.make_rng('quant') if fr.module.has_rng('quant') else None
+
 
 class NnxBackend(_Backend):
   name = 'nnx'
@@ -249,6 +254,14 @@ class NnxBackend(_Backend):
       raise ValueError(f'rule {rule.label!r} at {fr.path or "<root>"}: stochastic rounding needs '
                        'quantize_nnx(..., seed=...)')
     return rngs.quant()
+
+  def training_rng(self, fr, rule):
+    if not self.training(fr):
+      return None
+    if getattr(fr.module, 'qjax_rngs', None) is None:
+      raise ValueError(f'rule {rule.label!r} at {fr.path or "<root>"}: a method that is random in training '
+                       '(QDrop) needs quantize_nnx(..., seed=...) to train; model.eval() runs it without')
+    return fr.module.qjax_rngs.quant()
 
 
 def require_eager(fr, attr):
