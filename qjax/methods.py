@@ -103,6 +103,11 @@ class Method:
   def learned_names(self) -> tuple[str, ...]:
     return tuple(p.name for p in self.learned)
 
+  def native_for(self, key) -> bool:
+    """`native` for a call with this PRNG key (None: no key): a method whose training forward leaves the grid
+    only with a key (QDrop) is native without one, so evaluation and serving run it as a real matmul."""
+    return self.native
+
   def random_in_training(self) -> bool:
     """Its training forward draws random numbers (QDrop's drop mask), so the Flax layers hand it a PRNG key
     while training; without a key it must act as its evaluation forward."""

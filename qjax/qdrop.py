@@ -12,7 +12,8 @@ and QDrop is the clipped STE, which is also its evaluation / serving behaviour (
 Flax rules hand it a key while training: Linen when `apply` gets `rngs={'quant': key}`, NNX in train mode after
 `quantize_nnx(..., seed=...)` (which raises without the seed rather than train a clipped STE unnoticed).
 p is a field of the method: the registered 'qdrop' uses the paper's 0.5; register `QDrop('qdrop_p25', p=0.25)`
-for another. Learns nothing. The ops run it in fake mode (dropped elements are off the grid).
+for another. Learns nothing. The ops run it in fake mode while it drops (dropped elements are off the grid), and as
+a real low-precision matmul without a key (evaluation, serving).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class QDrop(methods.Method):
 
   def random_in_training(self) -> bool:
     return self.p > 0
+
+  def native_for(self, key) -> bool:
+    return key is None or self.p == 0  # nothing dropped: the clipped STE's output, on the grid
 
   def fake_quant(self, x, spec, params, key):
     scale, zero_point = methods._calibrated_grid(self, x, spec, params)

@@ -182,6 +182,27 @@ def test_qdrop_through_linen_rules_drops_only_with_a_quant_stream():
   assert np.any(y1 != y2)  # the mask follows the key
 
 
+def test_qdrop_without_a_key_runs_a_real_int8_matmul_equal_to_fake_quant():
+  """Evaluation and serving (no key: nothing dropped) run QDrop's grid as an int8 matmul; with a key it drops and
+  runs in fake mode. Power-of-two scales make the integer and the fake-quant results equal exactly."""
+  from qjax.ops import inspect_matmuls  # noqa: PLC0415
+  x = jnp.asarray(np.random.default_rng(0).integers(-300, 300, (16, 32)) / 8.0, jnp.float32)
+  w = jnp.asarray(np.random.default_rng(1).integers(-127, 128, (32, 8)) / 64.0, jnp.float32)
+  dims = (((1,), (0,)), ((), ()))
+  qd = QuantSpec('int8', estimator='qdrop')
+  cfg = lambda est: DotConfig(fwd=MatmulConfig(qd.replace(estimator=est), QuantSpec('int8', granularity='per_channel'),
+                                               'auto'))
+  rp = {'scale': jnp.full((1, 8), 1 / 64.0)}
+  f = lambda est, key=None: (lambda x, w: ops.dot_general(x, w, dims, config=cfg(est), lhs_params={'scale': 0.25},
+                                                          rhs_params=rp, key=key))
+  y = jax.jit(f('qdrop'))(x, w)
+  np.testing.assert_array_equal(y, jax.jit(f('clipped_ste'))(x, w))
+  fake = fake_quant(x, qd.replace(estimator='clipped_ste'), {'scale': 0.25}) @ w
+  np.testing.assert_array_equal(y, fake)
+  assert inspect_matmuls(f('qdrop'), x, w).n_int8 == 1
+  assert inspect_matmuls(f('qdrop', jax.random.key(0)), x, w).n_int8 == 0  # dropping: fake mode
+
+
 def test_qdrop_through_nnx_needs_a_seed_and_drops_in_train_mode_only():
   from flax import nnx  # noqa: PLC0415
 

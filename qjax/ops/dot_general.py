@@ -576,8 +576,17 @@ def quantize_forward(config: DotConfig, lhs, rhs, lspec, rspec, lhs_params, rhs_
       raise ValueError(f'{where}fwd: mode="real" cannot run estimator {est!r} natively (its output is off an '
                        'integer grid); use mode="auto"')
     fwd = dataclasses.replace(fwd, mode='fake')
-  fwd = dataclasses.replace(fwd, lhs=lspec if lqp is not None else None, rhs=rspec if rqp is not None else None)
+  fwd = dataclasses.replace(fwd, lhs=_on_grid(lspec, lqp), rhs=_on_grid(rspec, rqp))
   return lhs_hat, rhs_hat, lqp, rqp, dataclasses.replace(config, fwd=fwd), keys[2]
+
+
+def _on_grid(spec: QuantSpec | None, qparams) -> QuantSpec | None:
+  """The forward's spec of an operand: None where it stays float (fake mode); a method that is native for this
+  call only (QDrop without a key) as the plain STE, which the mode choice reads as native (its qparams hold the
+  grid; the gradient is the operand's own, taken through x_hat)."""
+  if spec is None or qparams is None:
+    return None
+  return spec if spec.method.native else spec.replace(estimator='ste')
 
 
 def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
@@ -609,7 +618,7 @@ def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
     scale, zp = calibration.calibrate(lax.stop_gradient(x32), spec, poison=True)
     params = {'scale': scale} if zp is None else {'scale': scale, 'zero_point': zp.astype(jnp.float32)}
   x_hat = method.fake_quant(x32, spec, params, key)
-  if not method.native:
+  if not method.native_for(key):
     return x_hat, None
   scale, zp = method.grid(x32, spec, params, poison=True)
   if not dynamic:
