@@ -582,11 +582,11 @@ def quantize_forward(config: DotConfig, lhs, rhs, lspec, rspec, lhs_params, rhs_
 
 def _on_grid(spec: QuantSpec | None, qparams) -> QuantSpec | None:
   """The forward's spec of an operand: None where it stays float (fake mode); a method that is native for this
-  call only (QDrop without a key) as the plain STE, which the mode choice reads as native (its qparams hold the
-  grid; the gradient is the operand's own, taken through x_hat)."""
+  call only (QDrop without a key) as the default estimator, which the mode choice reads as native (its qparams
+  hold the grid; the gradient is the operand's own, taken through x_hat)."""
   if spec is None or qparams is None:
     return None
-  return spec if spec.method.native else spec.replace(estimator='ste')
+  return spec if spec.method.native else spec.replace(estimator=QuantSpec.estimator)  # the default: native
 
 
 def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
