@@ -730,8 +730,9 @@ def test_the_resnet_estimator_study_keeps_stem_and_head_float_and_names_the_mode
   module, _ = config_cli.load_module(os.path.join(REPO, 'configs/study_estimators.py'))
   trials = sweeps.expand(module, 'model=resnet,seeds=2', str(tmp_path))
   qat = [t for t in trials if t.config.mode == 'qat']
-  assert len(qat) == 5 * 3 * 2 and {t.config.model.name for t in trials} == {'resnet'}
-  assert 'lsq_plus' not in {t.labels['estimator'] for t in qat}  # ReLU: left to the Swish study
+  assert len(qat) == 8 * 3 * 2 and {t.config.model.name for t in trials} == {'resnet'}
+  order = list(dict.fromkeys(t.labels['estimator'] for t in qat))  # the contrasts the literature reports first
+  assert order == ['ste', 'clipped_ste', 'lsq', 'ewgs', 'pact', 'lsq_plus', 'dsq', 'qdrop']
   # first_last_8bit would put the first and last *block* convs at 8 bits: the stem and head are already float.
   assert {(t.config.quant.float_layers, t.config.quant.first_last_8bit) for t in qat} == {('stem|head', False)}
   assert {t.config.num_train_steps for t in qat} == {500} and trials[0].config.num_train_steps == 4000
