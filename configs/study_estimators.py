@@ -1,5 +1,5 @@
-r"""Estimator study on Fashion-MNIST (LeNet-5 CNN, or the small ResNet): STE, clipped STE, PACT, LSQ, LSQ+ and EWGS
-at W4A4, W3A3, W2A2.
+r"""Estimator study on Fashion-MNIST (LeNet-5 CNN, or the small ResNet): STE, clipped STE, PACT, LSQ, LSQ+, EWGS,
+DSQ and QDrop at W4A4, W3A3, W2A2.
 
     python -m experiments.sweep --config=configs/study_estimators.py:seeds=3 --root=runs/study_estimators
     python -m experiments.report runs/study_estimators
@@ -24,8 +24,8 @@ contrast it tests, STE, LSQ and LSQ+ (LSQ+ should lead LSQ there, its learned of
 `model=resnet` runs the estimators on configs/fmnist_resnet.py instead: its float model (4000 steps, the recipe of
 the ResNet PTQ table), then 500-step QAT fine-tunes (the 2-core budget: a ResNet step costs about 5x a LeNet-5
 step). Its stem and head stay float, as that config keeps them, so every quantized op is a block conv. All eight
-estimators run, 72 QAT runs (about 3 CPU-minutes each); the literature's contrasts (LSQ, EWGS against STE) come
-first in the sweep's order, then LSQ+, DSQ and QDrop:
+estimators run, 72 QAT runs (3-5 CPU-minutes each; DSQ and QDrop are the slower); the literature's contrasts
+(LSQ, EWGS against STE) come first in the sweep's order, then LSQ+, DSQ and QDrop:
 
     python -m experiments.sweep --config=configs/study_estimators.py:seeds=3,model=resnet \
         --root=runs/study_estimators_resnet --workers=2
