@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import importlib
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -610,3 +611,18 @@ def test_int_dynamic_names_its_width():
   assert ops.int8_dynamic(8) == ops.int_dynamic(8) and ops.int8_dynamic().fwd.rhs.format == 'int8'
   with pytest.raises(ValueError, match=r'int_dynamic\(4\)'):
     ops.int8_dynamic(4)
+
+
+def test_real_forward_rounds_each_operand_once_and_keeps_no_int8_copy_for_the_backward():
+  """Real mode takes the operand's integers straight from x (quantize), not by requantizing fake_quant's x_hat: the
+  compiled forward rounds the (16, 64) activation once. The backward's residuals hold x_hat and the grid, not the
+  int8 qvalue as well (an extra copy of every activation until the backward)."""
+  x, w = operand(0, (16, 64), (1,)), operand(1, (64, 24), (0,))
+  cfg = DotConfig(MatmulConfig(QuantSpec('int8'), QuantSpec('int8', granularity='per_channel', axis=1), 'real'),
+                  small_m=0)
+  f = lambda x, w: ops.dot_general(x, w, dn((1,), (0,)), config=cfg, lhs_params={'scale': jnp.full((1, 1), 0.01)})
+  hlo = jax.jit(f).lower(x, w).compile().as_text()
+  assert len(re.findall(r'f32\[16,64\]\{1,0\} round-nearest-even', hlo)) == 1
+  _, vjp = jax.vjp(f, x, w)
+  int8_leaves = [a for a in jax.tree.leaves(vjp) if hasattr(a, 'dtype') and a.dtype == jnp.int8]
+  assert not [a.shape for a in int8_leaves if a.shape == x.shape]

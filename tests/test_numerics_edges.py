@@ -77,13 +77,14 @@ def test_nan_survives_whatever_the_batch_size_in_auto_mode(rows):
   assert not np.isfinite(np.asarray(dw)).any()  # drhs = X^T . g: the NaN row of X reaches every entry
 
 
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize('kind', ['lsq', 'static'])
-def test_learned_or_static_scale_real_mode_keeps_the_nan_row(kind):
+def test_learned_or_static_scale_real_mode_keeps_the_nan_row(kind, bad):
   """A learned (LSQ) or static (PTQ) forward scale: the op reduces the operand's non-finite flag per scale group,
-  so the NaN row of the product is NaN in real mode as in fake mode, and row 0 of dW (X's column 0 held the
-  NaN) too; the other rows of the product stay finite."""
+  so the row of the product holding a NaN or an inf is non-finite in real mode as in fake mode, and row 0 of dW
+  (X's column 0 held it) too; the other rows of the product stay finite."""
   s = QuantSpec('int8', granularity='per_channel', estimator='lsq' if kind == 'lsq' else 'ste')
-  x = X.at[2, 0].set(jnp.nan)
+  x = X.at[2, 0].set(bad)
   outs = {}
   for mode in ('fake', 'real'):
     cfg = DotConfig(MatmulConfig(s, PC, mode), MatmulConfig(PC, PC, mode), MatmulConfig(PC, PC, mode), small_m=0)

@@ -169,9 +169,10 @@ def test_output_sharded_weights_add_no_collective(res, case):
 def test_contraction_sharded_int8_reduces_in_int32(res):
   """Static scales: the matmul output is all-reduced as the local int32 sums (16 x 32, s32); the only other
   collective is the scale-sized all-reduce of each operand's non-finite flag ((16, 1) per row of x, (1, 32) per
-  column of w, pred), which keeps a NaN row / column NaN in real execution (qjax.ops.dot_general)."""
+  column of w, f32: the partial sums of x - x, NaN where a NaN or inf was), which keeps a NaN row / column NaN in
+  real execution (qjax.ops.dot_general)."""
   r = res['k_static']
-  assert sorted(r['collectives']) == [['all-reduce', [['pred', [16, 1]], ['pred', [1, 32]]]],
+  assert sorted(r['collectives']) == [['all-reduce', [['f32', [16, 1]], ['f32', [1, 32]]]],
                                       ['all-reduce', [['s32', [16, 32]]]]], r['collectives']
   assert r['matmuls'] == [['s8 x s8 -> s32', [16, 64], [64, 32], [16, 32], True]]
   assert r['max_abs_diff'] == 0.0  # integer partial sums: exact

@@ -63,6 +63,7 @@ from qjax.ops import conv_gemm
 from qjax.ops.config import DotConfig, MatmulConfig
 from qjax.ops.dot_general import (
   check_operands,
+  grid_only,
   native_kind,
   operand_result_type,
   quantize_forward,
@@ -474,7 +475,7 @@ def _qconv_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
   with jax.named_scope('fwd'):  # names the conv in HLO metadata (qjax.ops.inspect_matmuls shows it)
     out = qconv(lhs_hat, rhs_hat, static.params, static.config.fwd, where='fwd', a_qparams=lqp, b_qparams=rqp,
                 out_dtype=static.out_dtype)
-  return out, (lhs_hat, rhs_hat, lqp, rqp, key)
+  return out, (lhs_hat, rhs_hat, grid_only(lqp), grid_only(rqp), key)
 
 
 def _qconv_bwd(static: _Static, res, g):
