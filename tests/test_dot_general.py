@@ -623,6 +623,11 @@ def test_real_forward_rounds_each_operand_once_and_keeps_no_int8_copy_for_the_ba
   f = lambda x, w: ops.dot_general(x, w, dn((1,), (0,)), config=cfg, lhs_params={'scale': jnp.full((1, 1), 0.01)})
   hlo = jax.jit(f).lower(x, w).compile().as_text()
   assert len(re.findall(r'f32\[16,64\]\{1,0\} round-nearest-even', hlo)) == 1
-  _, vjp = jax.vjp(f, x, w)
+  y, vjp = jax.vjp(f, x, w)
   int8_leaves = [a for a in jax.tree.leaves(vjp) if hasattr(a, 'dtype') and a.dtype == jnp.int8]
   assert not [a.shape for a in int8_leaves if a.shape == x.shape]
+  # Under differentiation the forward requantizes x_hat instead (ops.dot_general.for_training): the same integers,
+  # so the same output bit for bit, also with a scale that is not a power of two.
+  g = lambda x, w: ops.dot_general(x, w, dn((1,), (0,)), config=cfg, lhs_params={'scale': jnp.full((1, 1), 0.0137)})
+  np.testing.assert_array_equal(jax.jit(g)(x, w), jax.jit(lambda x, w: jax.vjp(g, x, w)[0])(x, w))
+  np.testing.assert_array_equal(jax.jit(f)(x, w), y)

@@ -63,6 +63,8 @@ from qjax.ops import conv_gemm
 from qjax.ops.config import DotConfig, MatmulConfig
 from qjax.ops.dot_general import (
   check_operands,
+  direct_flags,
+  for_training,
   grid_only,
   native_kind,
   operand_result_type,
@@ -465,17 +467,22 @@ class _Static:
   params: ConvParams
   config: DotConfig
   out_dtype: object
+  direct: tuple[bool, bool] = (False, False)  # as qjax.ops.dot_general's: qparams carrying quantize(x)
+
+
+def _qconv_forward(lhs_hat, rhs_hat, lqp, rqp, static: _Static):
+  with jax.named_scope('fwd'):  # names the conv in HLO metadata (qjax.ops.inspect_matmuls shows it)
+    return qconv(lhs_hat, rhs_hat, static.params, static.config.fwd, where='fwd', a_qparams=lqp, b_qparams=rqp,
+                 out_dtype=static.out_dtype)
 
 
 def _qconv_primal(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
-  return _qconv_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static)[0]
+  return _qconv_forward(lhs_hat, rhs_hat, lqp, rqp, static)
 
 
 def _qconv_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
-  with jax.named_scope('fwd'):  # names the conv in HLO metadata (qjax.ops.inspect_matmuls shows it)
-    out = qconv(lhs_hat, rhs_hat, static.params, static.config.fwd, where='fwd', a_qparams=lqp, b_qparams=rqp,
-                out_dtype=static.out_dtype)
-  return out, (lhs_hat, rhs_hat, grid_only(lqp), grid_only(rqp), key)
+  lq, rq = for_training(lqp, rqp, static.direct)
+  return _qconv_forward(lhs_hat, rhs_hat, lq, rq, static), (lhs_hat, rhs_hat, grid_only(lqp), grid_only(rqp), key)
 
 
 def _qconv_bwd(static: _Static, res, g):
@@ -537,7 +544,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   rspec = resolve_conv_spec(config.fwd.rhs, rhs.shape, cp.dnums.rhs_spec[0], 'conv_general_dilated fwd.rhs')
   lhs_hat, rhs_hat, lqp, rqp, cfg, bwd_key = quantize_forward(config, lhs, rhs, lspec, rspec, lhs_params, rhs_params,
                                                               key, 'conv_general_dilated ')
-  out = _qconv(lhs_hat, rhs_hat, lqp, rqp, bwd_key, _Static(cp, cfg, jnp.dtype(out_dtype)))
+  out = _qconv(lhs_hat, rhs_hat, lqp, rqp, bwd_key, _Static(cp, cfg, jnp.dtype(out_dtype),
+                                                            direct_flags(lhs, rhs, lqp, rqp)))
   return out.astype(out_dtype)
 
 
