@@ -28,7 +28,25 @@ CASES = {  # lhs shape, rhs shape, strides, padding, lhs dilation, rhs dilation,
     'nchw_asym_pad': ((2, 6, 10, 9), (16, 6, 3, 3), (1, 2), [(1, 2), (0, 1)], None, None, ('NCHW', 'OIHW', 'NCHW')),
     'lhs_dilated_negative_pad': ((2, 7, 7, 4), (3, 3, 4, 5), (1, 1), [(2, 1), (1, -1)], (2, 2), None, NHWC),
     'odd_batch_nchw': ((5, 3, 6, 6), (4, 3, 3, 3), (1, 1), 'SAME', None, None, ('NCHW', 'OIHW', 'NCHW')),
+    # kernels of TWO_STAGE_MIN_TAPS taps or more build their patches in two stages (W shifts, then H shifts)
+    'two_stage_strided_rhs_dilated': ((2, 13, 11, 3), (4, 3, 3, 5), (2, 1), 'VALID', None, (1, 2), NHWC),
+    'two_stage_lhs_dilated_negative_pad': ((2, 7, 8, 2), (5, 2, 2, 3), (1, 2), [(2, 1), (1, -1)], (2, 1), None,
+                                           NHWC),
+    'two_stage_nchw': ((3, 2, 9, 7), (4, 2, 5, 5), (1, 1), 'SAME', None, None, ('NCHW', 'OIHW', 'NCHW')),
 }
+
+
+@pytest.mark.parametrize('name', [n for n in CASES if n.startswith('two_stage')] + ['lenet1'])
+def test_two_stage_patches_equal_one_stage(name, monkeypatch):
+  """The two-stage patches are the one-stage ones, element for element, in the same (i, j, c) order."""
+  ls, rs, strides, padding, lhs_d, rhs_d, dn = CASES[name]
+  cp = conv.conv_params(ls, rs, strides, padding, lhs_d, rhs_d, dn)
+  x = cg.to_nhwc(jnp.asarray(np.random.default_rng(0).integers(-128, 128, ls), jnp.int8), cp.dnums.lhs_spec)
+  k_sp = tuple(rs[d] for d in cp.dnums.rhs_spec[2:])
+  assert k_sp[0] * k_sp[1] >= cg.TWO_STAGE_MIN_TAPS
+  two = cg.patches(x, cp, k_sp)
+  monkeypatch.setattr(cg, 'TWO_STAGE_MIN_TAPS', 10 ** 9)
+  np.testing.assert_array_equal(two, cg.patches(x, cp, k_sp))
 
 
 @pytest.mark.parametrize('chunk', [None, 1, 2])

@@ -58,9 +58,22 @@ def to_nhwc(x, spec):
   return jnp.transpose(x, (spec[0], *spec[2:], spec[1]))
 
 
+# Kernels with more taps than this build their patches in two stages (`patches`). Time ratios to the f32 model,
+# two stages vs one (the e2e suite's programs, ad-hoc A/B in one process, one pinned core, the Xeon of the table
+# above, 2026-12-05): LeNet-5 (5x5 kernels) PTQ serving 1.04x -> 0.80x at batch 1, 0.68x -> 0.52x at batch 8,
+# 0.70x -> 0.58x at 256, int8 training step 0.67x -> 0.60x; the ResNet's 3x3 kernels got slower (serving at
+# batch 8 0.62x -> 0.89x, at 256 0.82x -> 1.10x), so they keep one stage.
+TWO_STAGE_MIN_TAPS = 10
+
+
 def patches(x, cp, k_sp) -> jax.Array:
   """(N, OH, OW, k_h * k_w * C) patches of an NHWC array for a conv with params cp and kernel spatial size k_sp,
-  in (i, j, c) order along the last dim."""
+  in (i, j, c) order along the last dim.
+
+  One stage: k_h * k_w shifted slices of x, concatenated. Two stages (kernels of TWO_STAGE_MIN_TAPS taps or more):
+  the k_w shifts along W concatenated on features, (N, H', OW, k_w * C) in (j, c) order, then k_h shifts of that
+  along H: k_h + k_w slices instead of k_h * k_w. XLA:CPU runs each slice as its own kernel (it does not fuse
+  them into the concatenate), which at 25 taps costs more than the small matmul they feed."""
   # The barrier materialises x once: without it XLA fuses x's producer (the quantization of a float activation)
   # into each of the k*k slices and recomputes it k*k times.
   x = lax.optimization_barrier(x)
@@ -70,6 +83,8 @@ def patches(x, cp, k_sp) -> jax.Array:
   xp = lax.pad(x, zero, pads)  # (N, H', W', C)
   out_sp = [(p - _dilate(k, rd)) // s + 1 for p, k, rd, s in
             zip(xp.shape[1:3], k_sp, cp.rhs_dilation, cp.window_strides, strict=True)]
+  if int(k_sp[0]) * int(k_sp[1]) >= TWO_STAGE_MIN_TAPS:
+    return _patches_two_stage(xp, cp, k_sp, out_sp)
   cols = []
   for i in range(k_sp[0]):
     for j in range(k_sp[1]):
@@ -78,6 +93,26 @@ def patches(x, cp, k_sp) -> jax.Array:
                start[2] + (out_sp[1] - 1) * cp.window_strides[1] + 1, xp.shape[3])
       cols.append(lax.slice(xp, start, limit, (1, *cp.window_strides, 1)))
   return jnp.concatenate(cols, axis=-1)
+
+
+def _shifts(x, axis: int, k: int, dilation: int, stride: int, n_out: int) -> jax.Array:
+  """The k shifted (by i * dilation), strided slices of n_out positions of x along `axis`, concatenated on the last
+  (feature) dim in i order."""
+  out = []
+  for i in range(k):
+    start = [0] * x.ndim
+    limit = list(x.shape)
+    strides = [1] * x.ndim
+    start[axis] = i * dilation
+    limit[axis] = start[axis] + (n_out - 1) * stride + 1
+    strides[axis] = stride
+    out.append(lax.slice(x, start, limit, strides))
+  return out[0] if k == 1 else jnp.concatenate(out, axis=-1)
+
+
+def _patches_two_stage(xp, cp, k_sp, out_sp) -> jax.Array:
+  rows = _shifts(xp, 2, k_sp[1], cp.rhs_dilation[1], cp.window_strides[1], out_sp[1])   # (N, H', OW, KW*C)
+  return _shifts(rows, 1, k_sp[0], cp.rhs_dilation[0], cp.window_strides[0], out_sp[0])  # (N, OH, OW, KH*KW*C)
 
 
 def example_patch_bytes(x_shape, itemsize: int, cp, k_sp) -> int:
