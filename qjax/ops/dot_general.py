@@ -660,8 +660,9 @@ def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
     # per scale group (scale-sized; a scale-sized all-reduce where the contraction is sharded, like a dynamic
     # scale's) poisons those groups' scales, so real execution returns NaN where fake mode does. It costs one
     # more read of x (XLA:CPU does not fuse the reduction into the quantization pass). sum(x - x) is NaN exactly
-    # when x holds a NaN or an inf, and it is a plain f32 sum: 2.6x faster than any(~isfinite(x)) on XLA:CPU
-    # (0.8 ms vs 2.1 ms over 256x28x28x16), whose predicate reduction does not vectorise.
+    # when x holds a NaN or an inf, and it is a plain f32 sum: 0.75 ms over 256x28x28x16 on XLA:CPU against
+    # 2.09 ms for any(~isfinite(x)), whose predicate reduction does not vectorise (sum(x * 0) made XLA materialise
+    # the zeros in a model).
     xs = lax.stop_gradient(x32)
     scale = jnp.where(jnp.isnan(gran.reduce(xs - xs, gran.scale_shape(x.shape, spec), jnp.sum)), jnp.nan, scale)
   qp = grid_of(lax.stop_gradient(scale), None if zp is None else lax.stop_gradient(zp), spec)
