@@ -590,3 +590,16 @@ def test_a_layer_group_is_kept_float_by_keep_float_or_its_old_name_float():
   c.quant.groups.head.keep_float = False
   with pytest.raises(ValueError, match='keep_float or its old name float, not both'):
     quant_config.build_rules(c.quant)
+
+
+@pytest.mark.parametrize('mode', ['qat', 'ptq'])
+def test_init_from_a_quantized_run_is_refused_naming_its_mode(tmp_path, mode):
+  """init_from takes a float run's weights; a finished QAT or PTQ run gets a RunError saying so (its checkpoint's
+  tree differs, which orbax would report as a tree-structure dump), before anything is restored."""
+  from experiments.fileio import write_json_atomic
+  src = str(tmp_path / 'src')
+  os.makedirs(src)
+  write_json_atomic(os.path.join(src, 'result.json'), {'test_acc': 0.9, 'config': {'mode': mode}})
+  cfg = mlp_config(init_from=src)
+  with pytest.raises(train.RunError, match=f"mode='{mode}' run; init_from takes the weights of a float run"):
+    train.load_float_state(cfg, str(tmp_path / 'run'), None, None, print)

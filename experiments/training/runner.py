@@ -165,8 +165,15 @@ def load_float_state(config, workdir: str, trainer_float, sample_x, log) -> Any:
         train_and_evaluate(float_config(config), src, log=log, write_hparams=False)
     finally:
       claim.release()
-  if fileio.read_result(src) is None:
+  result = fileio.read_result(src)
+  if result is None:
     raise RunError(f'config.init_from={src!r} is not a finished run (no valid result.json)')
+  mode = (result.get('config') or {}).get('mode', 'float')
+  if mode != 'float':
+    # Its checkpoint holds quantizer state and a differently shaped tree, which orbax would reject with a
+    # tree-structure dump instead of saying why.
+    raise RunError(f'config.init_from={src!r} is a mode={mode!r} run; init_from takes the weights of a float run '
+                   "(mode='float'), e.g. a sweep's mode=float trial")
   template = trainer_float.init(jax.random.key(0), sample_x)
   mgr = ckpt_lib.Checkpoints(os.path.join(src, 'checkpoints'))
   step = mgr.latest_step()
