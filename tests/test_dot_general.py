@@ -631,3 +631,17 @@ def test_real_forward_rounds_each_operand_once_and_keeps_no_int8_copy_for_the_ba
   g = lambda x, w: ops.dot_general(x, w, dn((1,), (0,)), config=cfg, lhs_params={'scale': jnp.full((1, 1), 0.0137)})
   np.testing.assert_array_equal(jax.jit(g)(x, w), jax.jit(lambda x, w: jax.vjp(g, x, w)[0])(x, w))
   np.testing.assert_array_equal(jax.jit(f)(x, w), y)
+
+
+@pytest.mark.parametrize('granularity', ['per_channel', 'per_tensor'])
+def test_blocked_float_route_gives_the_same_output_with_and_without_differentiation(granularity):
+  """A one-row fake-mode dot with a large rhs takes the blocked float route, which dequantizes a qvalue block by
+  block where the rhs carries one. Without differentiation the rhs's qparams carry quantize(w) (the direct
+  qvalues); under it they do not (ops.dot_general.for_training), and the route uses w_hat. Same output, bit for bit."""
+  x, w = operand(2, (1, 2048), (1,)), operand(3, (2048, 1024), (0,))
+  dims = dn((1,), (0,))
+  assert dg._float_block_rows(x.shape, w.shape, dims)  # the blocked route
+  cfg = DotConfig(MatmulConfig(QuantSpec('int8'), QuantSpec('int8', granularity=granularity, axis=1), 'fake'),
+                  small_m=0)
+  f = lambda x, w: ops.dot_general(x, w, dims, config=cfg)
+  np.testing.assert_array_equal(jax.jit(f)(x, w), jax.jit(lambda x, w: jax.vjp(f, x, w)[0])(x, w))

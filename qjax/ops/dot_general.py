@@ -375,8 +375,9 @@ def _float_block_rows(lshape, rshape, dims: Dims) -> int:
 
 
 def _prequantized(qparams: quantizers.QArray | None, spec: QuantSpec) -> quantizers.QArray | None:
-  """The QArray of a pre-quantized operand (qparams carry its qvalue) whose scale (and zero point) is constant
-  along the contraction dim 0 (per channel or per tensor), else None."""
+  """The QArray of a pre-quantized operand (qparams carry its qvalue: a served weight, or `_fq_operand`'s
+  quantize(x) in a forward without differentiation, whose dequantized values are x_hat's) whose scale (and zero
+  point) is constant along the contraction dim 0 (per channel or per tensor), else None."""
   if qparams is None or qparams.qvalue is None:
     return None
   if qparams.scale.shape[0] != 1 or (qparams.zero_point is not None and qparams.zero_point.shape[0] != 1):
@@ -524,9 +525,9 @@ def _qdot_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
 def for_training(lqp, rqp, direct: tuple[bool, bool]):
   """The forward's grids under differentiation: without the qvalues `_fq_operand` took straight from x. x_hat is
   then materialised for the backward anyway, and requantizing it is cheaper than a second read of x, whose
-  producers XLA fuses into every reader (MLP int8 training step 0.56x of float this way, 0.64x with the direct
-  qvalues; ad-hoc A/B in one process, one pinned core). Without differentiation (serving, evaluation) x_hat is
-  dead code and the direct qvalues are the cheaper route."""
+  producers XLA fuses into every reader (the e2e suite's MLP int8 training step: 0.57x of float this way, 0.69x
+  with the direct qvalues in training; docs/benchmarks.md, 2026-12-05 evening). Without differentiation (serving,
+  evaluation) x_hat is dead code and the direct qvalues are the cheaper route."""
   return tuple(grid_only(q) if d else q for q, d in zip((lqp, rqp), direct, strict=True))
 
 
@@ -642,8 +643,9 @@ def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
   dynamic = not method.learned and 'scale' not in params
   if not dynamic:
     # x is read by the quantization and by the non-finite reduction below: materialise it once. Without the
-    # barrier XLA:CPU fuses x's producers (a residual block's BatchNorm, add and ReLU) into each reader, and the
-    # ResNet's PTQ serving at batch 256 ran at 1.07x of float instead of 0.83x (docs/benchmarks.md).
+    # barrier XLA:CPU fuses x's producers (a residual block's BatchNorm, add and ReLU) into each reader: the
+    # ResNet's PTQ serving at batch 256 ran at 1.07x of float without it, 0.83x with it (an ad-hoc A/B of the e2e
+    # suite's programs; the suite itself: docs/benchmarks.md, 2026-12-05 evening).
     x32 = lax.optimization_barrier(x32)
   if dynamic:
     # Dynamic: one calibration for the fake quant and the matmul. Its own reduction flags a scale group holding
@@ -661,8 +663,8 @@ def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
     # scale's) poisons those groups' scales, so real execution returns NaN where fake mode does. It costs one
     # more read of x (XLA:CPU does not fuse the reduction into the quantization pass). sum(x - x) is NaN exactly
     # when x holds a NaN or an inf, and it is a plain f32 sum: 0.75 ms over 256x28x28x16 on XLA:CPU against
-    # 2.09 ms for any(~isfinite(x)), whose predicate reduction does not vectorise (sum(x * 0) made XLA materialise
-    # the zeros in a model).
+    # 2.09 ms for any(~isfinite(x)), whose predicate reduction does not vectorise (each jitted alone, an ad-hoc
+    # microbenchmark; sum(x * 0) made XLA materialise the zeros in a model).
     xs = lax.stop_gradient(x32)
     scale = jnp.where(jnp.isnan(gran.reduce(xs - xs, gran.scale_shape(x.shape, spec), jnp.sum)), jnp.nan, scale)
   qp = grid_of(lax.stop_gradient(scale), None if zp is None else lax.stop_gradient(zp), spec)
