@@ -16,6 +16,9 @@ way `python -m experiments.train` builds them; adam; steps jitted with the state
                        and both backward matmuls int8: mode quantized_training)
   <model> serve b<B>   float forward vs the PTQ int8 serving forward (calibrated static activation ranges,
                        weights converted to int8 by convert_nnx / convert_linen), per batch in serve_batches
+Every group also times the float program's dots and convs alone, as written and as int8 GEMMs of the same
+arithmetic: the report's bound table gives the matmul share of float, the bare int8 kernel's ratio on the model's
+own shapes and the bound (the time ratio if only the matmuls got faster; experiments/bench/kernels.py).
 Targets (time ratios to float): QAT int8 forward <= 0.75x, QAT fake-quant <= 1.1x, int8 training <= 0.53x
 (>= 1.9x faster), PTQ serving at batch >= 256 <= 0.27x. Peers as measured on an AVX-512 VNNI EPYC (jax 0.10.2): Qwix QAT
 0.86x, Qwix PTQ forward 0.30x, AQT int8-forward 0.88x, AQT fully quantized 2.8x, Qwix fully quantized 1.8-1.9x.
@@ -45,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.quant_overrides.weight__format = a['weight']
   c.seed = 0
   c.inspect = True
+  # Time the float program's matmuls alone, as written and as int8 GEMMs: the bare kernel and the bound it sets.
+  c.bare_kernels = True
   c.flag_tolerance = 0.0
   c.timing = ml_collections.ConfigDict({'warmup': 3, 'rounds': 9, 'min_time': 0.3, 'clock': 'wall'})
   if a['runlocal']:

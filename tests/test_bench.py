@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from experiments import timing
-from experiments.bench import e2e, groups, markdown
+from experiments.bench import e2e, groups, kernels, markdown
 from experiments.bench import harness as bench
 from experiments.bench.groups import Group, Target, Variant
 from experiments.config import cli as config_cli
@@ -149,8 +149,17 @@ def test_e2e_mlp_runlocal(tmp_path):
   train, serve = data['groups']
   assert train['name'] == 'mlp train b8' and serve['name'] == 'mlp serve b8'
   assert list(train['results']) == ['float step', 'QAT, int8 forward', 'QAT, fake-quant forward',
-                                    'int8 training (fwd + bwd int8)']
-  assert list(serve['results']) == ['float forward', 'PTQ int8 serving']
+                                    'int8 training (fwd + bwd int8)', kernels.FLOAT, kernels.INT8]
+  assert list(serve['results']) == ['float forward', 'PTQ int8 serving', kernels.FLOAT, kernels.INT8]
+  # 784-32-10: two forward dots; the step adds dW of both layers and dx of the second (not of the input).
+  assert (serve['meta']['bare']['dots'], train['meta']['bare']['dots']) == (2, 5)
+  for g, quantized in ((train, ['QAT, int8 forward', 'QAT, fake-quant forward', 'int8 training (fwd + bwd int8)']),
+                       (serve, ['PTQ int8 serving'])):
+    bare, res = g['meta']['bare'], g['results']
+    assert res[kernels.INT8]['info']['inspect']['int8_fast'] == bare['dots']  # every bare GEMM on the fast kernel
+    assert bare['share'] == pytest.approx(res[kernels.FLOAT]['ratio'])
+    assert bare['bound'] == pytest.approx(1 - res[kernels.FLOAT]['ratio'] + res[kernels.INT8]['ratio'])
+    assert sorted(bare['kept']) == sorted(quantized)
   ins = lambda g, n: g['results'][n]['info']['inspect']
   assert ins(train, 'float step')['lowered_int8'] == 0
   assert ins(train, 'QAT, fake-quant forward')['lowered_int8'] == 0
@@ -284,6 +293,23 @@ def test_markdown_summary_and_targets():
   assert '| g | fast q | fast | <= 0.5x | 0.50x | met |' in md
   assert 'Quantized configurations slower than float: 2' in md and '- FLAG: slow q is 1.50x' in md
   assert '### g' in md and '- a:\n  - b: 1.5' in md
+
+
+def test_markdown_bound_table_and_target_column():
+  noop = lambda: None
+  group = Group('g', {'f32': Variant(noop, 'baseline'), 'q': Variant(noop), kernels.FLOAT: Variant(noop, 'reference'),
+                      kernels.INT8: Variant(noop, 'reference')}, 'f32', {'bare': {'dots': 3, 'convs': 2}},
+                targets=(Target('q', 0.3, 'q fast'),))
+  st = {'f32': stats(1.0, 1.0, 1.0), 'q': stats(0.7, 0.7, 0.7), kernels.FLOAT: stats(0.8, 0.8, 0.8),
+        kernels.INT8: stats(0.2, 0.2, 0.2)}
+  g = groups.group_result(st, group)
+  kernels.annotate(g)
+  result = {'suite': 's', 'warnings': [], 'groups': [g], 'targets': groups.check_targets(group, g), 'flags': [],
+            'records': {}, 'machine': {'cpu_model': 'x'}, 'command': 'c'}
+  md = markdown.result_markdown(result)
+  # share 0.8, kernel 0.25, bound 0.4: q at 0.7 keeps 0.3 of the 0.6 saving the bound allows.
+  assert '| g | 3 + 2 | 80% | 0.25x | 0.40x | q 0.70x (50%) |' in md
+  assert '| g | q | q fast | <= 0.3x | 0.70x | NOT met | 0.40x |' in md
 
 
 def test_data_model_errors():

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from experiments import timing
 from experiments.bench import harness as bench
+from experiments.bench import kernels
 from experiments.bench.markdown import fmt_ratio, result_markdown
 from experiments.config import cli as config_cli
 from experiments.fileio import write_json_atomic
@@ -203,6 +204,7 @@ def run_grouped(suite: GroupedSuite, config, workdir: str | None = None, *, info
     t0 = time.perf_counter()
     stats = timing.time_interleaved({n: v.fn for n, v in group.variants.items()}, **kw)
     g = group_result(stats, group)
+    kernels.annotate(g)
     g['meta'] = {**g['meta'], 'seconds': round(time.perf_counter() - t0, 2)}
     groups.append(g)
     targets += check_targets(group, g)

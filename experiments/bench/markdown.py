@@ -58,6 +58,24 @@ def summary_markdown(groups: list[dict[str, Any]]) -> str:
   return timing.format_rows(['group', 'baseline median'] + names, rows)
 
 
+def bare_markdown(groups: list[dict[str, Any]]) -> str:
+  """One row per group with a bound (experiments/bench/kernels.py): the float program's matmul share, the bare
+  int8 kernel's ratio on its shapes, the bound, and per quantized variant its ratio and the share of the bound's
+  time saving it keeps; '' when no group has one."""
+  rows = []
+  for g in groups:
+    bare = g['meta'].get('bare') or {}
+    if 'bound' not in bare:
+      continue
+    kept = '; '.join(f"{n} {fmt_ratio(g['results'][n]['ratio'])} ({k:.0%})" for n, k in bare['kept'].items())
+    rows.append([g['name'], f"{bare['dots']} + {bare['convs']}", f"{bare['share']:.0%}", fmt_ratio(bare['kernel']),
+                 fmt_ratio(bare['bound']), kept])
+  if not rows:
+    return ''
+  return timing.format_rows(['group', 'dots + convs', 'matmul share of float', 'bare int8 kernel', 'bound',
+                             'quantized (kept of the bound\'s saving)'], rows)
+
+
 def result_markdown(result: dict[str, Any]) -> str:
   lines = [f"## {result['suite']}", '']
   for w in result['warnings']:
@@ -65,11 +83,17 @@ def result_markdown(result: dict[str, Any]) -> str:
   if result['groups']:
     lines += ['Time ratio to each group\'s baseline (median of the samples; below 1 is faster):', '',
               summary_markdown(result['groups']), '']
+  bare = bare_markdown(result['groups'])
+  if bare:
+    lines += ['The float program\'s matmuls alone, as written and as int8 GEMMs (experiments/bench/kernels.py): '
+              'bound = 1 - share + share x kernel, the time ratio if only the matmuls got faster:', '', bare, '']
   if result['targets']:
+    bounds = {g['name']: (g['meta'].get('bare') or {}).get('bound') for g in result['groups']}
     rows = [[t['group'], t['variant'], t['text'], f"<= {t['max_ratio']:.3g}x", fmt_ratio(t['ratio']),
-             'met' if t['met'] else 'NOT met'] for t in result['targets']]
-    lines += ['Targets:', '', timing.format_rows(['group', 'variant', 'target', 'max time ratio', 'measured', ''],
-                                                  rows), '']
+             'met' if t['met'] else 'NOT met',
+             '' if bounds.get(t['group']) is None else fmt_ratio(bounds[t['group']])] for t in result['targets']]
+    lines += ['Targets:', '', timing.format_rows(['group', 'variant', 'target', 'max time ratio', 'measured', '',
+                                                  'bound'], rows), '']
   flagged = [f for f in result['flags'] if f['role'] == 'quantized']
   lines += [f'Quantized configurations slower than float: {len(flagged)}', '']
   lines += [f"- FLAG: {f['text']}" for f in flagged]
