@@ -146,20 +146,11 @@ def test_train_matmul_keeps_all_three_int8_matmuls_fast(tmp_path):
 def test_e2e_mlp_runlocal(tmp_path):
   data = run_cli(tmp_path, 'e2e', "--config.models=('mlp',)", '--config.serve_batches=(8,)')
   check_schema(data)
-  train, serve = data['groups']
+  train, train_bare, serve, serve_bare = data['groups']
   assert train['name'] == 'mlp train b8' and serve['name'] == 'mlp serve b8'
   assert list(train['results']) == ['float step', 'QAT, int8 forward', 'QAT, fake-quant forward',
-                                    'int8 training (fwd + bwd int8)', kernels.FLOAT, kernels.INT8]
-  assert list(serve['results']) == ['float forward', 'PTQ int8 serving', kernels.FLOAT, kernels.INT8]
-  # 784-32-10: two forward dots; the step adds dW of both layers and dx of the second (not of the input).
-  assert (serve['meta']['bare']['dots'], train['meta']['bare']['dots']) == (2, 5)
-  for g, quantized in ((train, ['QAT, int8 forward', 'QAT, fake-quant forward', 'int8 training (fwd + bwd int8)']),
-                       (serve, ['PTQ int8 serving'])):
-    bare, res = g['meta']['bare'], g['results']
-    assert res[kernels.INT8]['info']['inspect']['int8_fast'] == bare['dots']  # every bare GEMM on the fast kernel
-    assert bare['share'] == pytest.approx(res[kernels.FLOAT]['ratio'])
-    assert bare['bound'] == pytest.approx(1 - res[kernels.FLOAT]['ratio'] + res[kernels.INT8]['ratio'])
-    assert sorted(bare['kept']) == sorted(quantized)
+                                    'int8 training (fwd + bwd int8)']
+  assert list(serve['results']) == ['float forward', 'PTQ int8 serving']
   ins = lambda g, n: g['results'][n]['info']['inspect']
   assert ins(train, 'float step')['lowered_int8'] == 0
   assert ins(train, 'QAT, fake-quant forward')['lowered_int8'] == 0
@@ -171,6 +162,21 @@ def test_e2e_mlp_runlocal(tmp_path):
   assert data['meta']['peers_time_ratio']['Qwix PTQ int8 forward'] == 0.30
   assert data['meta']['rules']['int8_train'][-1]['grad']['format'] == 'int8'
   assert data['meta']['rules']['ptq'][-1]['act_static'] is True
+  # The bare groups: the float program again, and its matmuls alone. 784-32-10: two forward dots; the step adds
+  # dW of both layers and dx of the second (not of the input).
+  assert (train_bare['name'], serve_bare['name']) == ('mlp train b8 bare', 'mlp serve b8 bare')
+  assert list(train_bare['results']) == ['float step', kernels.FLOAT, kernels.INT8]
+  assert (serve_bare['meta']['bare']['dots'], train_bare['meta']['bare']['dots']) == (2, 5)
+  for g, of in ((train_bare, train), (serve_bare, serve)):
+    bare, res = g['meta']['bare'], g['results']
+    assert bare['of'] == of['name']
+    assert res[kernels.INT8]['info']['inspect']['int8_fast'] == bare['dots']  # every bare GEMM on the fast kernel
+    assert bare['share'] == pytest.approx(res[kernels.FLOAT]['ratio'])
+    assert bare['bound'] == pytest.approx(1 - res[kernels.FLOAT]['ratio'] + res[kernels.INT8]['ratio'])
+    quantized = [n for n, r in of['results'].items() if r['role'] == 'quantized']
+    assert bare['quantized'] == {n: pytest.approx(of['results'][n]['ratio']) for n in quantized}
+  md = (tmp_path / 'bench.md').read_text()
+  assert '| mlp serve b8 | 2 + 0 |' in md
 
 
 def test_e2e_char_lm_runlocal(tmp_path):
@@ -179,19 +185,20 @@ def test_e2e_char_lm_runlocal(tmp_path):
   data = run_cli(tmp_path, 'e2e', "--config.models=('char_lm',)")
   check_schema(data)
   names = [g['name'] for g in data['groups']]
-  assert names == ['char_lm train b2', 'char_lm serve b1', 'char_lm serve b2']
+  assert names == ['char_lm train b2', 'char_lm train b2 bare', 'char_lm serve b1', 'char_lm serve b1 bare',
+                   'char_lm serve b2', 'char_lm serve b2 bare']
   train = data['groups'][0]['results']
   assert train['QAT, int8 forward']['info']['inspect']['lowered_int8'] > 0
   assert train['int8 training (fwd + bwd int8)']['info']['inspect']['lowered_int8'] > \
       train['QAT, int8 forward']['info']['inspect']['lowered_int8']
-  assert data['groups'][2]['results']['PTQ int8 serving']['info']['inspect']['lowered_int8'] > 0
+  assert data['groups'][4]['results']['PTQ int8 serving']['info']['inspect']['lowered_int8'] > 0
 
 
 def test_e2e_batch_one_runs_int8(tmp_path):
   """At batch 1 (a matrix-vector product) the forward matmuls still run in int8 (padded to two rows on CPU, see
   qjax.ops.dot_general.min_free), in QAT, int8 training and PTQ serving."""
   data = run_cli(tmp_path, 'e2e', "--config.models=('mlp',)", '--config.serve_batches=(1,)',
-                 '--config.train_batch=1', '--config.mlp_hidden=(64,)')
+                 '--config.train_batch=1', '--config.mlp_hidden=(64,)', '--config.bare_kernels=False')
   train, serve = data['groups']
   assert train['results']['QAT, int8 forward']['info']['inspect']['lowered_int8'] == 2
   full = train['results']['int8 training (fwd + bwd int8)']['info']['inspect']
@@ -297,19 +304,20 @@ def test_markdown_summary_and_targets():
 
 def test_markdown_bound_table_and_target_column():
   noop = lambda: None
-  group = Group('g', {'f32': Variant(noop, 'baseline'), 'q': Variant(noop), kernels.FLOAT: Variant(noop, 'reference'),
-                      kernels.INT8: Variant(noop, 'reference')}, 'f32', {'bare': {'dots': 3, 'convs': 2}},
-                targets=(Target('q', 0.3, 'q fast'),))
-  st = {'f32': stats(1.0, 1.0, 1.0), 'q': stats(0.7, 0.7, 0.7), kernels.FLOAT: stats(0.8, 0.8, 0.8),
-        kernels.INT8: stats(0.2, 0.2, 0.2)}
-  g = groups.group_result(st, group)
-  kernels.annotate(g)
-  result = {'suite': 's', 'warnings': [], 'groups': [g], 'targets': groups.check_targets(group, g), 'flags': [],
+  group = Group('g', {'f32': Variant(noop, 'baseline'), 'q': Variant(noop)}, 'f32', targets=(Target('q', 0.3, 'q'),))
+  bare = Group('g bare', {'f32': Variant(noop, 'baseline'), kernels.FLOAT: Variant(noop, 'reference'),
+                          kernels.INT8: Variant(noop, 'reference')}, 'f32',
+               {'bare': {'of': 'g', 'dots': 3, 'convs': 2}})
+  g = groups.group_result({'f32': stats(1.0, 1.0, 1.0), 'q': stats(0.7, 0.7, 0.7)}, group)
+  gb = groups.group_result({'f32': stats(1.0, 1.0, 1.0), kernels.FLOAT: stats(0.8, 0.8, 0.8),
+                            kernels.INT8: stats(0.2, 0.2, 0.2)}, bare)
+  kernels.annotate([g, gb])
+  result = {'suite': 's', 'warnings': [], 'groups': [g, gb], 'targets': groups.check_targets(group, g), 'flags': [],
             'records': {}, 'machine': {'cpu_model': 'x'}, 'command': 'c'}
   md = markdown.result_markdown(result)
   # share 0.8, kernel 0.25, bound 0.4: q at 0.7 keeps 0.3 of the 0.6 saving the bound allows.
   assert '| g | 3 + 2 | 80% | 0.25x | 0.40x | q 0.70x (50%) |' in md
-  assert '| g | q | q fast | <= 0.3x | 0.70x | NOT met | 0.40x |' in md
+  assert '| g | q | q | <= 0.3x | 0.70x | NOT met | 0.40x |' in md
 
 
 def test_data_model_errors():

@@ -45,42 +45,61 @@ def test_matmul_ops_of_a_gradient_hold_both_backward_convs():
 
 
 def test_bare_programs_replay_each_op_and_compute_exact_int8_gemms():
+  """Each program returns the sum of one element of every op's output (the chain that keeps them in order): the
+  float one the first element of each replayed op, the int8 one of each exact integer GEMM."""
   ops = kernels.matmul_ops(jax.jit(_program), *ARGS)
   progs = kernels.bare_programs(ops, seed=3)
   f, (operands,) = progs['float']
-  outs = f(operands)
-  assert len(outs) == 5 and len(operands) == 5  # the scan's dot three times, each on its own operands
-  (x, k), (a, w) = operands[0], operands[1]
-  want = lax.conv_general_dilated(x, k, (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(want))
-  np.testing.assert_array_equal(np.asarray(outs[1]), np.asarray(a @ w))
-  assert not np.array_equal(np.asarray(operands[1][0]), np.asarray(operands[2][0]))
+  assert len(operands) == 5  # the scan's dot three times
+  (x, k), dots = operands[0], operands[1:4]
+  first_conv = lax.conv_general_dilated(x, k, (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))[0, 0, 0, 0]
+  v, u = operands[4]
+  first_bdot = lax.dot_general(v, u, (((2,), (2,)), ((0,), (0,))))[0, 0, 0]
+  want = first_conv + sum((a @ w)[0, 0] for a, w in dots) + first_bdot
+  np.testing.assert_allclose(float(f(operands)), float(want), rtol=1e-5)
+  # The scan's three dots share their lhs (same shape) and each has its own rhs, so XLA cannot merge them.
+  assert dots[0][0] is dots[1][0] is dots[2][0]
+  assert not np.array_equal(np.asarray(dots[0][1]), np.asarray(dots[1][1]))
   g, (ints,) = progs['int8']
-  res = g(ints)
   shapes = [op.gemm() for op in ops for _ in range(op.count)]
-  for (lhs, rhs), y, (b, m, k, n) in zip(ints, res, shapes, strict=True):
-    assert lhs.dtype == rhs.dtype == jnp.int8 and y.dtype == jnp.int32
-    assert y.shape == ((b, m, n) if b > 1 else (m, n)) and lhs.shape[-1] == k
-    ref = np.matmul(np.asarray(lhs, np.int64), np.asarray(rhs, np.int64))
-    np.testing.assert_array_equal(np.asarray(y, np.int64), ref)
-    assert int(np.abs(np.asarray(lhs, np.int32)).max()) == 127  # the full int8 range is drawn
+  total = 0
+  for (lhs, rhs), (b, m, k, n) in zip(ints, shapes, strict=True):
+    assert lhs.dtype == rhs.dtype == jnp.int8
+    assert lhs.shape == ((b, m, k) if b > 1 else (m, k)) and rhs.shape == ((b, k, n) if b > 1 else (k, n))
+    total += int(np.matmul(np.asarray(lhs, np.int64), np.asarray(rhs, np.int64)).reshape(-1)[0])
+  assert float(g(ints)) == total  # integer sums below 2**24: exact in f32
+  drawn = np.concatenate([np.asarray(a, np.int32).ravel() for xs in ints for a in xs])
+  assert (drawn.min(), drawn.max()) == (-127, 127)  # the symmetric int8 grid, both edges drawn
 
 
-def _group(ratios, roles):
-  return {'name': 'g', 'baseline': 'float', 'meta': {'bare': {'dots': 1, 'convs': 0}},
+def test_bare_program_keeps_every_op():
+  """Each op of the chain is in the compiled program: none is dead code, none merged with another."""
+  ops = kernels.matmul_ops(jax.jit(_program), *ARGS)
+  for name in ('float', 'int8'):
+    f, args = kernels.bare_programs(ops)[name]
+    hlo = f.lower(*args).compile().as_text()
+    assert hlo.count('convolution(') + hlo.count('dot(') == 5, name
+
+
+def _group(name, ratios, roles, meta=None):
+  return {'name': name, 'baseline': 'float', 'meta': meta or {},
           'results': {n: {'ratio': r, 'role': roles[n]} for n, r in ratios.items()}}
 
 
 def test_annotate_bound_and_kept_by_hand():
-  roles = {'float': 'baseline', 'q': 'quantized', 'c': 'contrast', kernels.FLOAT: 'reference',
-           kernels.INT8: 'reference'}
-  g = _group({'float': 1.0, 'q': 0.6, 'c': 2.0, kernels.FLOAT: 0.8, kernels.INT8: 0.2}, roles)
-  kernels.annotate(g)
-  bare = g['meta']['bare']
+  main = _group('g', {'float': 1.0, 'q': 0.6, 'c': 2.0}, {'float': 'baseline', 'q': 'quantized', 'c': 'contrast'})
+  bare = _group('g bare', {'float': 1.0, kernels.FLOAT: 0.8, kernels.INT8: 0.2},
+                {'float': 'baseline', kernels.FLOAT: 'reference', kernels.INT8: 'reference'},
+                {'bare': {'of': 'g', 'dots': 1, 'convs': 0}})
+  kernels.annotate([main, bare])
+  b = bare['meta']['bare']
   # share 0.8, kernel 0.2 / 0.8 = 0.25, bound 1 - 0.8 + 0.2 = 0.4; q saves 0.4 of the 0.6 the bound allows.
-  assert bare['share'] == pytest.approx(0.8) and bare['kernel'] == pytest.approx(0.25)
-  assert bare['bound'] == pytest.approx(0.4)
-  assert bare['kept'] == {'q': pytest.approx(0.4 / 0.6)}
-  no_bare = _group({'float': 1.0, 'q': 0.6}, {'float': 'baseline', 'q': 'quantized'})
-  kernels.annotate(no_bare)
-  assert 'bound' not in no_bare['meta']['bare']
+  assert b['share'] == pytest.approx(0.8) and b['kernel'] == pytest.approx(0.25)
+  assert b['bound'] == pytest.approx(0.4)
+  assert b['quantized'] == {'q': 0.6} and b['kept'] == {'q': pytest.approx(0.4 / 0.6)}
+  assert main['meta'] == {}
+  slower = _group('h bare', {'float': 1.0, kernels.FLOAT: 0.5, kernels.INT8: 0.6},
+                  {'float': 'baseline', kernels.FLOAT: 'reference', kernels.INT8: 'reference'}, {'bare': {'of': 'g'}})
+  kernels.annotate([main, slower])  # int8 GEMMs slower than float: a bound of 1.1 leaves no saving to keep
+  assert slower['meta']['bare']['bound'] == pytest.approx(1.1)
+  assert np.isnan(slower['meta']['bare']['kept']['q'])

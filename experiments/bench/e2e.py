@@ -7,6 +7,7 @@ fake-quant forward, the int8 training step, and the PTQ int8 serving forward, ea
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import jax
@@ -129,18 +130,19 @@ def serving_forward(md, rules, x, config):
 
 
 
-def bare_variants(config, fn, *args) -> tuple[dict[str, Variant], dict]:
-  """The matmuls of the float program fn(*args) alone, as written and as int8 GEMMs (experiments/bench/kernels.py),
-  and the group meta that asks the runner for the bound; nothing when config.bare_kernels is off."""
+def bare_group(config, of: str, baseline: str, base: Variant, fn, *args) -> Group | None:
+  """The group that times the matmuls of the float program fn(*args) alone, as written and as int8 GEMMs
+  (experiments/bench/kernels.py), against the float program `base` again; its meta names the group `of` whose
+  quantized variants the bound applies to. None when config.bare_kernels is off."""
   if not config.get('bare_kernels', True):
-    return {}, {}
+    return None
   ops = kernels.matmul_ops(fn, *args)
   progs = kernels.bare_programs(ops, config.get('seed', 0))
-  out = {}
+  variants = {baseline: dataclasses.replace(base, info={})}
   for name, key in ((kernels.FLOAT, 'float'), (kernels.INT8, 'int8')):
     f, a = progs[key]
-    out[name] = Variant(lambda f=f, a=a: f(*a), 'reference', {'inspect': maybe_inspect(config, f, *a)})
-  return out, {'bare': kernels.summary(ops)}
+    variants[name] = Variant(lambda f=f, a=a: f(*a), 'reference', {'inspect': maybe_inspect(config, f, *a)})
+  return Group(f'{of} bare', variants, baseline, {'bare': {'of': of, **kernels.summary(ops)}})
 
 
 @bench.register('e2e')
@@ -149,9 +151,9 @@ def e2e_suite(config) -> GroupedSuite:
   QAT fake-quant forward, int8 training) and a serving group per batch in config.serve_batches (the char-LM:
   config.charlm's train_batch and serve_batches, in sequences; see CHARLM) (float forward
   baseline; PTQ int8 serving forward). Steps are jitted with the state donated, as experiments.train runs them.
-  Every group also times the float program's matmuls alone, as written and as int8 GEMMs ('reference' variants,
-  config.bare_kernels): the runner derives the bare int8 kernel's ratio on the model's own shapes and the bound
-  it puts on the quantized variants (experiments/bench/kernels.py)."""
+  After each group, a '<group> bare' group times the float program again with its matmuls alone, as written and as
+  int8 GEMMs ('reference' variants; config.bare_kernels): the runner derives the bare int8 kernel's ratio on the
+  model's own shapes and the bound it puts on the group's quantized variants (experiments/bench/kernels.py)."""
 
   def groups():
     for name in config.models:
@@ -160,22 +162,26 @@ def e2e_suite(config) -> GroupedSuite:
       serve_batches = charlm_config(config)['serve_batches'] if name == 'char_lm' else config.serve_batches
       x, y = random_batch(train_batch, config.get('seed', 0), name, config)
       variants = {'float step': train_variant(md, None, x, y, config, 'baseline')}
-      base = variants['float step'].fn
-      bare, bare_meta = bare_variants(config, base.step, base.state, x, y)
       variants['QAT, int8 forward'] = train_variant(md, quant_rules('qat', config), x, y, config, 'quantized')
       variants['QAT, fake-quant forward'] = train_variant(md, quant_rules('qat_fake', config), x, y, config,
                                                            'quantized')
       variants['int8 training (fwd + bwd int8)'] = train_variant(md, quant_rules('int8_train', config), x, y,
                                                                   config, 'quantized')
-      variants.update(bare)
       targets = (Target('QAT, int8 forward', 0.75, 'QAT step with real int8 forward <= 0.75x float step'),
                  Target('QAT, fake-quant forward', 1.1, 'QAT step with fake-quant forward <= 1.1x float step'),
                  Target('int8 training (fwd + bwd int8)', 0.53,
                         'int8 fwd + quantized bwd step >= 1.9x faster than float (<= 0.53x)'))
-      yield Group(f'{name} train b{train_batch}', variants, 'float step',
-                  {'model': name, 'batch': train_batch, 'hidden': list(config.mlp_hidden) if name == 'mlp'
-                   else None, **bare_meta}, targets)
-      del variants, bare, base
+      group = f'{name} train b{train_batch}'
+      yield Group(group, variants, 'float step', {'model': name, 'batch': train_batch,
+                                                  'hidden': list(config.mlp_hidden) if name == 'mlp' else None},
+                  targets)
+      base = variants['float step']
+      del variants
+      gc.collect()
+      bare = bare_group(config, group, 'float step', base, base.fn.step, base.fn.state, x, y)
+      if bare is not None:
+        yield bare
+      del base, bare
       gc.collect()
       for b in serve_batches:
         xs, _ = random_batch(b, config.get('seed', 0) + 1, name, config)
@@ -189,11 +195,14 @@ def e2e_suite(config) -> GroupedSuite:
                                          'param_bytes': summaries.tree_bytes(qv),
                                          'float_param_bytes': summaries.tree_bytes(fv)}),
         }
-        bare, bare_meta = bare_variants(config, ff, fv, xs)
-        variants.update(bare)
         targets = ((Target('PTQ int8 serving', 0.27, 'PTQ int8 serving forward, batch >= 256: <= 0.27x float'),)
                    if b >= 256 else ())
-        yield Group(f'{name} serve b{b}', variants, 'float forward', {'model': name, 'batch': b, **bare_meta}, targets)
+        group = f'{name} serve b{b}'
+        yield Group(group, variants, 'float forward', {'model': name, 'batch': b}, targets)
+        bare = bare_group(config, group, 'float forward', variants['float forward'], ff, fv, xs)
+        if bare is not None:
+          yield bare
+        del variants, bare
     jax.clear_caches()
 
   rules = {k: [r.to_dict() for r in quant_rules(k, config)] for k in ('qat', 'qat_fake', 'int8_train', 'ptq')}

@@ -204,7 +204,6 @@ def run_grouped(suite: GroupedSuite, config, workdir: str | None = None, *, info
     t0 = time.perf_counter()
     stats = timing.time_interleaved({n: v.fn for n, v in group.variants.items()}, **kw)
     g = group_result(stats, group)
-    kernels.annotate(g)
     g['meta'] = {**g['meta'], 'seconds': round(time.perf_counter() - t0, 2)}
     groups.append(g)
     targets += check_targets(group, g)
@@ -215,6 +214,7 @@ def run_grouped(suite: GroupedSuite, config, workdir: str | None = None, *, info
                         {'suite': suite.name, 'machine': info, 'groups': groups, 'targets': targets})
     del group, stats
     gc.collect()
+  kernels.annotate(groups)
   records = suite.records() if suite.records is not None else {}
   if suite.record_targets is not None:
     targets += suite.record_targets(records)

@@ -7,15 +7,19 @@ counted `length` times) is replayed on random operands of the same shapes in two
             row-major for the fast kernel. A conv's GEMM is its im2col product with
                 M = out size / out features,   K = kernel size / out features,   N = out features
             (2 M K N = the conv's flops), without building any patches.
-Timed beside the float program and its quantized version, the two give, with t_ratio(v) = time(v) / time(float
-program):
+Ops whose lhs has the same shape share one lhs array (in the model an op's input is usually the output of the one
+before, so in cache when it is small) and each has its own rhs (XLA would merge two identical ops into one).
+Timed in a group of their own beside the float program (three programs holding their operands disturb the
+timing of a group's other variants), with t_ratio(v) = time(v) / time(float program):
     matmul share       s = t_ratio('float')                 the part of the float program int8 could speed up
     bare int8 kernel   r = t_ratio('int8') / s              what the hardware's int8 GEMM gives on these shapes
     bound              1 - s + t_ratio('int8')              the quantized program's time ratio if everything else
                                                             (norms, softmax, elementwise, quantization) cost
                                                             what it costs in float and the matmuls ran at r
 The bound is Amdahl's law with the kernel measured on the model's own shapes: a target below it needs the rest of
-the program to run faster than in float, which quantizing the matmuls does not give.
+the program to run faster than in float, which quantizing the matmuls does not give. At small batches the replay
+can take longer than the float program itself (its operands are not in cache the way a model's activations are):
+the share is then over 100% and the bound says nothing.
 """
 
 from __future__ import annotations
@@ -80,20 +84,28 @@ def matmul_ops(fn, *args) -> list[MatmulOp]:
   return out
 
 
-def _float_operands(op: MatmulOp, key) -> list[jax.Array]:
-  keys = jax.random.split(key, len(op.in_avals))
-  return [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, op.in_avals, strict=True)]
+def _operands(ops: list[MatmulOp], seed: int, make_lhs, make_rhs) -> tuple[tuple[jax.Array, jax.Array], ...]:
+  """(lhs, rhs) per op: one lhs per distinct (shape, dtype) of make_lhs's spec, a rhs of its own per op."""
+  keys = iter(jax.random.split(jax.random.key(seed), 2 * max(1, len(ops))))
+  shared: dict[Any, jax.Array] = {}
+  out = []
+  for op in ops:
+    ls, rs = make_lhs(op), make_rhs(op)
+    if ls not in shared:
+      shared[ls] = _draw(next(keys), *ls)
+    out.append((shared[ls], _draw(next(keys), *rs)))
+  return tuple(out)
 
 
-def _int8_operands(op: MatmulOp, key) -> list[jax.Array]:
+def _draw(key, shape, dtype) -> jax.Array:
+  if jnp.issubdtype(dtype, jnp.integer):
+    return jax.random.randint(key, shape, -127, 128, dtype)  # the full int8 grid
+  return jax.random.normal(key, shape, dtype)
+
+
+def _gemm_shapes(op: MatmulOp) -> tuple[tuple[int, ...], tuple[int, ...]]:
   b, m, k, n = op.gemm()
-  kl, kr = jax.random.split(key)
-  shapes = ((b, m, k), (b, k, n)) if b > 1 else ((m, k), (k, n))
-  return [jax.random.randint(kk, s, -127, 128, jnp.int8) for kk, s in zip((kl, kr), shapes, strict=True)]
-
-
-def _replay(op: MatmulOp, lhs, rhs):
-  return op.primitive.bind(lhs, rhs, **op.params)
+  return ((b, m, k), (b, k, n)) if b > 1 else ((m, k), (k, n))
 
 
 def _int8_gemm(lhs, rhs):
@@ -101,19 +113,34 @@ def _int8_gemm(lhs, rhs):
   return lax.dot_general(lhs, rhs, (((lhs.ndim - 1,), (lhs.ndim - 2,)), batch), preferred_element_type=jnp.int32)
 
 
+def _chain(ops_fn, operands):
+  """ops_fn(i, lhs, rhs) for every operand pair in order, each op after the previous one: its operands pass an
+  optimization barrier together with one element of the previous op's output. Without the chain XLA:CPU may run
+  independent ops concurrently, which a model's chain of layers does not (on one core the replay then took longer
+  than the whole model). Only that element leaves the program, so each output buffer is free once the next op
+  has started, as in a model (returning every output kept them all alive)."""
+  last = jnp.zeros((), jnp.float32)
+  for i, (lhs, rhs) in enumerate(operands):
+    lhs, rhs, last = lax.optimization_barrier((lhs, rhs, last))
+    y = lax.optimization_barrier(ops_fn(i, lhs, rhs))
+    last = last + y.reshape(-1)[0].astype(jnp.float32)
+  return last
+
+
 def bare_programs(ops: list[MatmulOp], seed: int = 0) -> dict[str, tuple[Any, tuple]]:
-  """{'float': (jitted fn, args), 'int8': (jitted fn, args)}: every op `count` times, each time on its own operands
-  (so XLA cannot merge two ops of the same shape), all outputs returned (so none is dead code)."""
-  ops = [op for op in ops for _ in range(op.count)]  # a scan's op once per iteration, each with its own operands
-  keys = jax.random.split(jax.random.key(seed), max(1, len(ops)))
-  float_args = tuple(_float_operands(op, k) for op, k in zip(ops, keys, strict=False))
-  int8_args = tuple(_int8_operands(op, k) for op, k in zip(ops, keys, strict=False))
+  """{'float': (jitted fn, args), 'int8': (jitted fn, args)}: every op `count` times (a scan's op once per
+  iteration, with a rhs of its own each time), one after the other (`_chain`)."""
+  ops = [op for op in ops for _ in range(op.count)]
+  aval = lambda a: (tuple(a.shape), a.dtype)
+  float_args = _operands(ops, seed, lambda op: aval(op.in_avals[0]), lambda op: aval(op.in_avals[1]))
+  int8_args = _operands(ops, seed, lambda op: (_gemm_shapes(op)[0], jnp.int8),
+                        lambda op: (_gemm_shapes(op)[1], jnp.int8))
 
   def float_fn(operands):
-    return [_replay(op, *xs) for op, xs in zip(ops, operands, strict=True)]
+    return _chain(lambda i, a, b: ops[i].primitive.bind(a, b, **ops[i].params), operands)
 
   def int8_fn(operands):
-    return [_int8_gemm(*xs) for xs in operands]
+    return _chain(lambda i, a, b: _int8_gemm(a, b), operands)
 
   return {'float': (jax.jit(float_fn), (float_args,)), 'int8': (jax.jit(int8_fn), (int8_args,))}
 
@@ -129,15 +156,19 @@ FLOAT = 'float matmuls alone'
 INT8 = 'int8 GEMMs alone'
 
 
-def annotate(group: dict[str, Any]) -> None:
-  """Adds the matmul share, bare kernel ratio and bound (module docstring) to a timed group's meta['bare'] (set by
-  the suite with the op counts) when both bare variants ran, and per quantized variant `kept`: the share of the
-  time saving the bound allows that the variant achieves, (1 - ratio) / (1 - bound)."""
-  bare, res = group['meta'].get('bare'), group['results']
-  if not bare or FLOAT not in res or INT8 not in res:
-    return
-  s, i = res[FLOAT]['ratio'], res[INT8]['ratio']
-  b = 1.0 - s + i
-  bare.update(share=s, kernel=i / s if s > 0 else float('nan'), bound=b)
-  bare['kept'] = {n: (1.0 - r['ratio']) / (1.0 - b) if b < 1.0 else float('nan')
-                  for n, r in res.items() if r['role'] == 'quantized'}
+def annotate(groups: list[dict[str, Any]]) -> None:
+  """For every timed group whose meta['bare'] (set by the suite: op counts and 'of', the name of the group of the
+  quantized programs) has both bare variants: adds the matmul share, the bare kernel's ratio and the bound (module
+  docstring), and per quantized variant of the 'of' group its ratio and `kept`, the share of the time saving the
+  bound allows that the variant achieves, (1 - ratio) / (1 - bound) (nan when the bound is 1 or more)."""
+  by_name = {g['name']: g for g in groups}
+  for g in groups:
+    bare, res = g['meta'].get('bare'), g['results']
+    if not bare or FLOAT not in res or INT8 not in res:
+      continue
+    s, i = res[FLOAT]['ratio'], res[INT8]['ratio']
+    b = 1.0 - s + i
+    bare.update(share=s, kernel=i / s if s > 0 else float('nan'), bound=b)
+    of = by_name.get(bare.get('of'), {'results': {}})
+    bare['quantized'] = {n: r['ratio'] for n, r in of['results'].items() if r['role'] == 'quantized'}
+    bare['kept'] = {n: (1.0 - r) / (1.0 - b) if b < 1.0 else float('nan') for n, r in bare['quantized'].items()}

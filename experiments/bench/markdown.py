@@ -60,15 +60,15 @@ def summary_markdown(groups: list[dict[str, Any]]) -> str:
 
 def bare_markdown(groups: list[dict[str, Any]]) -> str:
   """One row per group with a bound (experiments/bench/kernels.py): the float program's matmul share, the bare
-  int8 kernel's ratio on its shapes, the bound, and per quantized variant its ratio and the share of the bound's
-  time saving it keeps; '' when no group has one."""
+  int8 kernel's ratio on its shapes, the bound, and per quantized variant of the group it measures its ratio and
+  the share of the bound's time saving it keeps; '' when no group has one."""
   rows = []
   for g in groups:
     bare = g['meta'].get('bare') or {}
     if 'bound' not in bare:
       continue
-    kept = '; '.join(f"{n} {fmt_ratio(g['results'][n]['ratio'])} ({k:.0%})" for n, k in bare['kept'].items())
-    rows.append([g['name'], f"{bare['dots']} + {bare['convs']}", f"{bare['share']:.0%}", fmt_ratio(bare['kernel']),
+    kept = '; '.join(f'{n} {fmt_ratio(r)} ({bare["kept"][n]:.0%})' for n, r in bare['quantized'].items())
+    rows.append([bare['of'], f"{bare['dots']} + {bare['convs']}", f"{bare['share']:.0%}", fmt_ratio(bare['kernel']),
                  fmt_ratio(bare['bound']), kept])
   if not rows:
     return ''
@@ -88,7 +88,8 @@ def result_markdown(result: dict[str, Any]) -> str:
     lines += ['The float program\'s matmuls alone, as written and as int8 GEMMs (experiments/bench/kernels.py): '
               'bound = 1 - share + share x kernel, the time ratio if only the matmuls got faster:', '', bare, '']
   if result['targets']:
-    bounds = {g['name']: (g['meta'].get('bare') or {}).get('bound') for g in result['groups']}
+    bounds = {g['meta']['bare']['of']: g['meta']['bare'].get('bound') for g in result['groups']
+              if g['meta'].get('bare')}
     rows = [[t['group'], t['variant'], t['text'], f"<= {t['max_ratio']:.3g}x", fmt_ratio(t['ratio']),
              'met' if t['met'] else 'NOT met',
              '' if bounds.get(t['group']) is None else fmt_ratio(bounds[t['group']])] for t in result['targets']]
