@@ -38,15 +38,30 @@ CASES = {  # lhs shape, rhs shape, strides, padding, lhs dilation, rhs dilation,
 
 @pytest.mark.parametrize('name', [n for n in CASES if n.startswith('two_stage')] + ['lenet1'])
 def test_two_stage_patches_equal_one_stage(name, monkeypatch):
-  """The two-stage patches are the one-stage ones, element for element, in the same (i, j, c) order."""
+  """The two-stage patches are the one-stage ones, element for element, in the same (i, j, c) order; the default
+  for these kernels is two stages, and two_stage= overrides it both ways."""
   ls, rs, strides, padding, lhs_d, rhs_d, dn = CASES[name]
   cp = conv.conv_params(ls, rs, strides, padding, lhs_d, rhs_d, dn)
   x = cg.to_nhwc(jnp.asarray(np.random.default_rng(0).integers(-128, 128, ls), jnp.int8), cp.dnums.lhs_spec)
   k_sp = tuple(rs[d] for d in cp.dnums.rhs_spec[2:])
   assert k_sp[0] * k_sp[1] >= cg.TWO_STAGE_MIN_TAPS
   two = cg.patches(x, cp, k_sp)
+  np.testing.assert_array_equal(two, cg.patches(x, cp, k_sp, two_stage=False))
   monkeypatch.setattr(cg, 'TWO_STAGE_MIN_TAPS', 10 ** 9)
-  np.testing.assert_array_equal(two, cg.patches(x, cp, k_sp))
+  one = cg.patches(x, cp, k_sp)
+  np.testing.assert_array_equal(two, one)
+  np.testing.assert_array_equal(one, cg.patches(x, cp, k_sp, two_stage=True))
+
+
+def test_two_stage_conv_of_a_3x3_kernel_is_exact():
+  """A 3x3 kernel (one stage by default) with its patches in two stages, strided: XLA's integer conv exactly."""
+  cp = conv.conv_params((3, 9, 8, 4), (3, 3, 4, 5), (2, 1), 'SAME', None, None, NHWC)
+  rng = np.random.default_rng(1)
+  a = jnp.asarray(rng.integers(-128, 128, (3, 9, 8, 4)), jnp.int8)
+  b = jnp.asarray(rng.integers(-128, 128, (3, 3, 4, 5)), jnp.int8)
+  want = cp.conv(a.astype(jnp.int32), b.astype(jnp.int32), jnp.int32)
+  np.testing.assert_array_equal(cg.conv(a, b, cp, two_stage=True), want)
+  np.testing.assert_array_equal(cg.conv(a, b, cp, chunk_bytes=1, two_stage=True), want)
 
 
 @pytest.mark.parametrize('chunk', [None, 1, 2])
@@ -160,7 +175,9 @@ def test_conv_bench_suite_runlocal(tmp_path):
   data = json.loads((tmp_path / 'bench.json').read_text())
   one, six = data['groups']
   assert set(one['results']) == {'f32 conv', 'XLA int8 conv', 'patches + int8 dot', 'patches + int8 dot, one chunk',
+                                 'patches in one stage + int8 dot', 'patches in two stages + int8 dot',
                                  'patches alone', 'int8 conv, features padded to 32'}
+  assert one['meta']['two_stage_patches'] and not six['meta']['two_stage_patches']  # 5x5 and 3x3 kernels
   assert one['meta']['xla_slow_reason'] is None and one['meta']['auto_route'] == 'patches + int8 dot'  # small
   assert six['meta']['xla_slow_reason'] and six['meta']['auto_route'] == 'patches + int8 dot'
   gemm = six['results']['patches + int8 dot']['info']['inspect']

@@ -5,9 +5,11 @@ r"""The conv suite: XLA's int8 conv against the patches + int8 matmul lowering, 
 One group per shape (batch, H=W, C_in -> C_out, k x k, NHWC/HWIO, stride 1), timed interleaved against the f32
 conv forward of that shape: XLA's int8 conv (s8 x s8 -> s32; up-cast to s32 by XLA:CPU below 17 features),
 qjax.ops.conv_gemm.conv (k*k shifted slices of the padded input, then one int8 matmul, a chunk of examples at a
-time), the same with the whole batch in one chunk (and with config.chunk_examples examples per chunk), and the
+time), the same with the whole batch in one chunk (and with config.chunk_examples examples per chunk), with the
+patches built in one stage and in two (k_w shifts, then k_h shifts of those; conv_gemm.patches), and the
 patch construction of the whole batch alone (what the one-chunk lowering pays before its matmul). The
-measurements behind qjax.ops.conv_gemm.CHUNK_PATCH_BYTES and qjax.ops.conv.cpu_slow_reason come from this suite.
+measurements behind qjax.ops.conv_gemm.CHUNK_PATCH_BYTES and TWO_STAGE_MIN_TAPS and qjax.ops.conv.cpu_slow_reason
+come from this suite.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
   i8 = jax.jit(lambda x, w: cp.conv(x, w, jnp.int32))
   gemm = jax.jit(lambda x, w: conv_gemm.conv(x, w, cp))
   gemm_whole = jax.jit(lambda x, w: conv_gemm.conv(x, w, cp, chunk_bytes=1 << 40))
+  stages = {n: jax.jit(lambda x, w, two=two: conv_gemm.conv(x, w, cp, two_stage=two))
+            for n, two in (('one stage', False), ('two stages', True))}
   per_example = conv_gemm.example_patch_bytes(xq.shape, 1, cp, (k, k))
   chunked = {int(n): jax.jit(lambda x, w, n=int(n): conv_gemm.conv(x, w, cp, chunk_bytes=n * per_example))
              for n in config.get('chunk_examples', ()) if 0 < int(n) < b}
@@ -60,6 +64,7 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
       'patches + int8 dot': Variant(lambda: gemm(xq, wq), 'reference',
                                        {'inspect': maybe_inspect(config, gemm, xq, wq)}),
       'patches + int8 dot, one chunk': Variant(lambda: gemm_whole(xq, wq), 'reference'),
+      **{f'patches in {n} + int8 dot': Variant(lambda f=f: f(xq, wq), 'reference') for n, f in stages.items()},
       **{f'patches + int8 dot, chunks of {n}': Variant(lambda f=f: f(xq, wq), 'reference')
          for n, f in chunked.items()},
       'patches alone': Variant(lambda: patches(xq), 'reference'),
@@ -71,6 +76,7 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
   meta = {'shape': [b, h, cin, cout, k], 'xla_slow_reason': slow,
           'patch_bytes': qconv.patch_bytes(cp, x.shape, w.shape),
           'chunk_examples': conv_gemm.batch_chunk(x.shape, 1, cp, (k, k)),
+          'two_stage_patches': k * k >= conv_gemm.TWO_STAGE_MIN_TAPS,
           'auto_route': route[qconv.cpu_int_route('auto', cp, x.shape, w.shape)]}
   return Group(f'conv {b}x{h}x{h} {cin}->{cout} {k}x{k}', variants, 'f32 conv', meta)
 

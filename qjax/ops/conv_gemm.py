@@ -66,11 +66,12 @@ def to_nhwc(x, spec):
 TWO_STAGE_MIN_TAPS = 10
 
 
-def patches(x, cp, k_sp) -> jax.Array:
+def patches(x, cp, k_sp, two_stage: bool | None = None) -> jax.Array:
   """(N, OH, OW, k_h * k_w * C) patches of an NHWC array for a conv with params cp and kernel spatial size k_sp,
   in (i, j, c) order along the last dim.
 
-  One stage: k_h * k_w shifted slices of x, concatenated. Two stages (kernels of TWO_STAGE_MIN_TAPS taps or more):
+  One stage: k_h * k_w shifted slices of x, concatenated. Two stages (two_stage=True; by default kernels of
+  TWO_STAGE_MIN_TAPS taps or more):
   the k_w shifts along W concatenated on features, (N, H', OW, k_w * C) in (j, c) order, then k_h shifts of that
   along H: k_h + k_w slices instead of k_h * k_w. XLA:CPU runs each slice as its own kernel (it does not fuse
   them into the concatenate), which at 25 taps costs more than the small matmul they feed."""
@@ -83,7 +84,9 @@ def patches(x, cp, k_sp) -> jax.Array:
   xp = lax.pad(x, zero, pads)  # (N, H', W', C)
   out_sp = [(p - _dilate(k, rd)) // s + 1 for p, k, rd, s in
             zip(xp.shape[1:3], k_sp, cp.rhs_dilation, cp.window_strides, strict=True)]
-  if int(k_sp[0]) * int(k_sp[1]) >= TWO_STAGE_MIN_TAPS:
+  if two_stage is None:
+    two_stage = int(k_sp[0]) * int(k_sp[1]) >= TWO_STAGE_MIN_TAPS
+  if two_stage:
     return _patches_two_stage(xp, cp, k_sp, out_sp)
   cols = []
   for i in range(k_sp[0]):
@@ -148,9 +151,9 @@ def _map_batch(f, x, chunk: int):
   return y.reshape(-1, *y.shape[2:])[:x.shape[0]]
 
 
-def conv(a, b, cp, acc_t=jnp.int32, chunk_bytes: int | None = None) -> jax.Array:
+def conv(a, b, cp, acc_t=jnp.int32, chunk_bytes: int | None = None, two_stage: bool | None = None) -> jax.Array:
   """cp.conv(a, b, acc_t) (a conv of integer operands in cp's layout) as patches . kernel, one int8 matmul per
-  batch chunk (`batch_chunk`)."""
+  batch chunk (`batch_chunk`); two_stage picks the patch construction (`patches`; None: by the kernel's taps)."""
   lhs_spec, rhs_spec, out_spec = cp.dnums
   x = to_nhwc(a, lhs_spec)                                     # (N, H, W, C)
   w = jnp.transpose(b, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (KH, KW, C, O)
@@ -158,7 +161,7 @@ def conv(a, b, cp, acc_t=jnp.int32, chunk_bytes: int | None = None) -> jax.Array
   wm = w.reshape(-1, w.shape[-1])                              # (KH*KW*C, O)
 
   def chunk_conv(xc):                                          # (n, H, W, C) -> (n, OH, OW, O)
-    p = patches(xc, cp, k_sp)                                  # (n, OH, OW, KH*KW*C)
+    p = patches(xc, cp, k_sp, two_stage)                       # (n, OH, OW, KH*KW*C)
     return lax.dot_general(p, wm, (((3,), (0,)), ((), ())), preferred_element_type=acc_t)
   y = _map_batch(chunk_conv, x, batch_chunk(x.shape, x.dtype.itemsize, cp, k_sp, chunk_bytes))
   inv = [0] * 4
