@@ -87,7 +87,10 @@ def _group(name, ratios, roles, meta=None):
 
 
 def test_annotate_bound_and_kept_by_hand():
-  main = _group('g', {'float': 1.0, 'q': 0.6, 'c': 2.0}, {'float': 'baseline', 'q': 'quantized', 'c': 'contrast'})
+  main = _group('g', {'float': 1.0, 'q': 0.6, 'c': 2.0, 'qat': 0.9},
+                {'float': 'baseline', 'q': 'quantized', 'c': 'contrast', 'qat': 'quantized'})
+  main['results']['qat']['info'] = {'inspect': {'matmuls': 3, 'int8': 1}}  # a float backward: no bound for it
+  main['results']['q']['info'] = {'inspect': {'matmuls': 3, 'int8': 3}}
   bare = _group('g bare', {'float': 1.0, kernels.FLOAT: 0.8, kernels.INT8: 0.2},
                 {'float': 'baseline', kernels.FLOAT: 'reference', kernels.INT8: 'reference'},
                 {'bare': {'of': 'g', 'dots': 1, 'convs': 0}})

@@ -156,10 +156,17 @@ FLOAT = 'float matmuls alone'
 INT8 = 'int8 GEMMs alone'
 
 
+def all_int8(result: dict[str, Any]) -> bool:
+  """Whether a timed variant runs every matmul in int8, by its inspection (True when it was not inspected)."""
+  insp = (result.get('info') or {}).get('inspect') or {}
+  return 'matmuls' not in insp or insp['int8'] == insp['matmuls']
+
+
 def annotate(groups: list[dict[str, Any]]) -> None:
   """For every timed group whose meta['bare'] (set by the suite: op counts and 'of', the name of the group of the
   quantized programs) has both bare variants: adds the matmul share, the bare kernel's ratio and the bound (module
-  docstring), and per quantized variant of the 'of' group its ratio and `kept`, the share of the time saving the
+  docstring), and per quantized variant of the 'of' group that runs every matmul in int8 (`all_int8`; the bound
+  is not one for a QAT step whose backward stays float) its ratio and `kept`, the share of the time saving the
   bound allows that the variant achieves, (1 - ratio) / (1 - bound) (nan when the bound is 1 or more)."""
   by_name = {g['name']: g for g in groups}
   for g in groups:
@@ -170,5 +177,5 @@ def annotate(groups: list[dict[str, Any]]) -> None:
     b = 1.0 - s + i
     bare.update(share=s, kernel=i / s if s > 0 else float('nan'), bound=b)
     of = by_name.get(bare.get('of'), {'results': {}})
-    bare['quantized'] = {n: r['ratio'] for n, r in of['results'].items() if r['role'] == 'quantized'}
+    bare['quantized'] = {n: r['ratio'] for n, r in of['results'].items() if r['role'] == 'quantized' and all_int8(r)}
     bare['kept'] = {n: (1.0 - r) / (1.0 - b) if b < 1.0 else float('nan') for n, r in bare['quantized'].items()}
