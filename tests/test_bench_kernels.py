@@ -81,25 +81,33 @@ def test_bare_program_keeps_every_op():
     assert hlo.count('convolution(') + hlo.count('dot(') == 5, name
 
 
-def _group(name, ratios, roles, meta=None):
-  return {'name': name, 'baseline': 'float', 'meta': meta or {},
-          'results': {n: {'ratio': r, 'role': roles[n]} for n, r in ratios.items()}}
+def _group(name, medians, roles, baseline, meta=None):
+  return {'name': name, 'baseline': baseline, 'meta': meta or {},
+          'results': {n: {'median_s': t, 'ratio': t / medians[baseline], 'role': roles[n]} for n, t in medians.items()}}
+
+
+BARE_ROLES = {kernels.FLOAT: 'baseline', kernels.INT8: 'reference'}
 
 
 def test_annotate_bound_and_kept_by_hand():
-  main = _group('g', {'float': 1.0, 'q': 0.6, 'c': 2.0}, {'float': 'baseline', 'q': 'quantized', 'c': 'contrast'})
-  bare = _group('g bare', {'float': 1.0, kernels.FLOAT: 0.8, kernels.INT8: 0.2},
-                {'float': 'baseline', kernels.FLOAT: 'reference', kernels.INT8: 'reference'},
+  main = _group('g', {'float': 2.0, 'q': 1.2, 'c': 4.0, 'qat': 1.8},
+                {'float': 'baseline', 'q': 'quantized', 'c': 'contrast', 'qat': 'quantized'}, 'float')
+  main['results']['qat']['info'] = {'inspect': {'matmuls': 3, 'int8': 1}}  # a float backward: no bound for it
+  main['results']['q']['info'] = {'inspect': {'matmuls': 3, 'int8': 3}}
+  bare = _group('g bare', {kernels.FLOAT: 1.6, kernels.INT8: 0.4}, BARE_ROLES, kernels.FLOAT,
                 {'bare': {'of': 'g', 'dots': 1, 'convs': 0}})
   kernels.annotate([main, bare])
   b = bare['meta']['bare']
-  # share 0.8, kernel 0.2 / 0.8 = 0.25, bound 1 - 0.8 + 0.2 = 0.4; q saves 0.4 of the 0.6 the bound allows.
+  # share 1.6 / 2 = 0.8, kernel 0.4 / 1.6 = 0.25, bound 1 - 0.8 + 0.8 * 0.25 = 0.4; q (0.6) saves 0.4 of the 0.6
+  # the bound allows.
   assert b['share'] == pytest.approx(0.8) and b['kernel'] == pytest.approx(0.25)
   assert b['bound'] == pytest.approx(0.4)
-  assert b['quantized'] == {'q': 0.6} and b['kept'] == {'q': pytest.approx(0.4 / 0.6)}
+  assert b['quantized'] == {'q': pytest.approx(0.6)} and b['kept'] == {'q': pytest.approx(0.4 / 0.6)}
   assert main['meta'] == {}
-  slower = _group('h bare', {'float': 1.0, kernels.FLOAT: 0.5, kernels.INT8: 0.6},
-                  {'float': 'baseline', kernels.FLOAT: 'reference', kernels.INT8: 'reference'}, {'bare': {'of': 'g'}})
+  slower = _group('h bare', {kernels.FLOAT: 1.0, kernels.INT8: 1.2}, BARE_ROLES, kernels.FLOAT, {'bare': {'of': 'g'}})
   kernels.annotate([main, slower])  # int8 GEMMs slower than float: a bound of 1.1 leaves no saving to keep
   assert slower['meta']['bare']['bound'] == pytest.approx(1.1)
   assert np.isnan(slower['meta']['bare']['kept']['q'])
+  orphan = _group('o bare', {kernels.FLOAT: 1.0, kernels.INT8: 0.2}, BARE_ROLES, kernels.FLOAT, {'bare': {'of': 'x'}})
+  kernels.annotate([orphan])  # the group it measures is not in the run: nothing to relate it to
+  assert 'bound' not in orphan['meta']['bare']

@@ -7,7 +7,6 @@ fake-quant forward, the int8 training step, and the PTQ int8 serving forward, ea
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 
 import jax
@@ -130,19 +129,19 @@ def serving_forward(md, rules, x, config):
 
 
 
-def bare_group(config, of: str, baseline: str, base: Variant, fn, *args) -> Group | None:
-  """The group that times the matmuls of the float program fn(*args) alone, as written and as int8 GEMMs
-  (experiments/bench/kernels.py), against the float program `base` again; its meta names the group `of` whose
-  quantized variants the bound applies to. None when config.bare_kernels is off."""
+def bare_group(config, of: str, fn, *args) -> Group | None:
+  """The group that times the matmuls of the float program fn(*args) alone, as written (the baseline) and as int8
+  GEMMs (experiments/bench/kernels.py); its meta names the group `of` of the float program and its quantized
+  versions, which the bound applies to. None when config.bare_kernels is off."""
   if not config.get('bare_kernels', True):
     return None
   ops = kernels.matmul_ops(fn, *args)
   progs = kernels.bare_programs(ops, config.get('seed', 0))
-  variants = {baseline: dataclasses.replace(base, info={})}
-  for name, key in ((kernels.FLOAT, 'float'), (kernels.INT8, 'int8')):
+  variants = {}
+  for name, key, role in ((kernels.FLOAT, 'float', 'baseline'), (kernels.INT8, 'int8', 'reference')):
     f, a = progs[key]
-    variants[name] = Variant(lambda f=f, a=a: f(*a), 'reference', {'inspect': maybe_inspect(config, f, *a)})
-  return Group(f'{of} bare', variants, baseline, {'bare': {'of': of, **kernels.summary(ops)}})
+    variants[name] = Variant(lambda f=f, a=a: f(*a), role, {'inspect': maybe_inspect(config, f, *a)})
+  return Group(f'{of} bare', variants, kernels.FLOAT, {'bare': {'of': of, **kernels.summary(ops)}})
 
 
 @bench.register('e2e')
@@ -151,9 +150,9 @@ def e2e_suite(config) -> GroupedSuite:
   QAT fake-quant forward, int8 training) and a serving group per batch in config.serve_batches (the char-LM:
   config.charlm's train_batch and serve_batches, in sequences; see CHARLM) (float forward
   baseline; PTQ int8 serving forward). Steps are jitted with the state donated, as experiments.train runs them.
-  After each group, a '<group> bare' group times the float program again with its matmuls alone, as written and as
-  int8 GEMMs ('reference' variants; config.bare_kernels): the runner derives the bare int8 kernel's ratio on the
-  model's own shapes and the bound it puts on the group's quantized variants (experiments/bench/kernels.py)."""
+  After each group, a '<group> bare' group times the float program's matmuls alone, as written and as int8 GEMMs
+  (config.bare_kernels): the runner derives the bare int8 kernel's ratio on the model's own shapes and the bound
+  it puts on the group's quantized variants (experiments/bench/kernels.py)."""
 
   def groups():
     for name in config.models:
@@ -178,7 +177,7 @@ def e2e_suite(config) -> GroupedSuite:
       base = variants['float step']
       del variants
       gc.collect()
-      bare = bare_group(config, group, 'float step', base, base.fn.step, base.fn.state, x, y)
+      bare = bare_group(config, group, base.fn.step, base.fn.state, x, y)
       if bare is not None:
         yield bare
       del base, bare
@@ -199,7 +198,7 @@ def e2e_suite(config) -> GroupedSuite:
                    if b >= 256 else ())
         group = f'{name} serve b{b}'
         yield Group(group, variants, 'float forward', {'model': name, 'batch': b}, targets)
-        bare = bare_group(config, group, 'float forward', variants['float forward'], ff, fv, xs)
+        bare = bare_group(config, group, ff, fv, xs)
         if bare is not None:
           yield bare
         del variants, bare

@@ -9,11 +9,13 @@ counted `length` times) is replayed on random operands of the same shapes in two
             (2 M K N = the conv's flops), without building any patches.
 Ops whose lhs has the same shape share one lhs array (in the model an op's input is usually the output of the one
 before, so in cache when it is small) and each has its own rhs (XLA would merge two identical ops into one).
-Timed in a group of their own beside the float program (three programs holding their operands disturb the
-timing of a group's other variants), with t_ratio(v) = time(v) / time(float program):
-    matmul share       s = t_ratio('float')                 the part of the float program int8 could speed up
-    bare int8 kernel   r = t_ratio('int8') / s              what the hardware's int8 GEMM gives on these shapes
-    bound              1 - s + t_ratio('int8')              the quantized program's time ratio if everything else
+The two are timed side by side in a group of their own, after the group of the float program and its quantized
+versions: interleaved with those, they slowed the float program 1.8x; and a float training step timed again beside
+them ran at 1.1 s where its own group measured 0.65 s (the ResNet's). With T = the float program's median time in
+its group:
+    matmul share       s = time('float') / T                the part of the float program int8 could speed up
+    bare int8 kernel   r = time('int8') / time('float')     what the hardware's int8 GEMM gives on these shapes
+    bound              1 - s + s * r                        the quantized program's time ratio if everything else
                                                             (norms, softmax, elementwise, quantization) cost
                                                             what it costs in float and the matmuls ran at r
 The bound is Amdahl's law with the kernel measured on the model's own shapes: a target below it needs the rest of
@@ -156,19 +158,28 @@ FLOAT = 'float matmuls alone'
 INT8 = 'int8 GEMMs alone'
 
 
+def all_int8(result: dict[str, Any]) -> bool:
+  """Whether a timed variant runs every matmul in int8, by its inspection (True when it was not inspected)."""
+  insp = (result.get('info') or {}).get('inspect') or {}
+  return 'matmuls' not in insp or insp['int8'] == insp['matmuls']
+
+
 def annotate(groups: list[dict[str, Any]]) -> None:
   """For every timed group whose meta['bare'] (set by the suite: op counts and 'of', the name of the group of the
-  quantized programs) has both bare variants: adds the matmul share, the bare kernel's ratio and the bound (module
-  docstring), and per quantized variant of the 'of' group its ratio and `kept`, the share of the time saving the
-  bound allows that the variant achieves, (1 - ratio) / (1 - bound) (nan when the bound is 1 or more)."""
+  float program and its quantized versions) has both bare variants: adds the matmul share, the bare kernel's ratio
+  and the bound (module docstring), and per quantized variant of the 'of' group that runs every matmul in int8
+  (`all_int8`; the bound is not one for a QAT step whose backward stays float) its ratio and `kept`, the share of
+  the time saving the bound allows that the variant achieves, (1 - ratio) / (1 - bound) (nan when the bound is 1
+  or more)."""
   by_name = {g['name']: g for g in groups}
   for g in groups:
     bare, res = g['meta'].get('bare'), g['results']
-    if not bare or FLOAT not in res or INT8 not in res:
+    of = by_name.get((bare or {}).get('of'))
+    if not bare or of is None or FLOAT not in res or INT8 not in res:
       continue
-    s, i = res[FLOAT]['ratio'], res[INT8]['ratio']
-    b = 1.0 - s + i
-    bare.update(share=s, kernel=i / s if s > 0 else float('nan'), bound=b)
-    of = by_name.get(bare.get('of'), {'results': {}})
-    bare['quantized'] = {n: r['ratio'] for n, r in of['results'].items() if r['role'] == 'quantized'}
+    s = res[FLOAT]['median_s'] / of['results'][of['baseline']]['median_s']
+    r = res[INT8]['median_s'] / res[FLOAT]['median_s']
+    b = 1.0 - s + s * r
+    bare.update(share=s, kernel=r, bound=b)
+    bare['quantized'] = {n: r['ratio'] for n, r in of['results'].items() if r['role'] == 'quantized' and all_int8(r)}
     bare['kept'] = {n: (1.0 - r) / (1.0 - b) if b < 1.0 else float('nan') for n, r in bare['quantized'].items()}
