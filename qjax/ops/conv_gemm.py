@@ -58,11 +58,14 @@ def to_nhwc(x, spec):
   return jnp.transpose(x, (spec[0], *spec[2:], spec[1]))
 
 
-# Kernels with more taps than this build their patches in two stages (`patches`). Time ratios to the f32 model,
-# two stages vs one (the e2e suite's programs, ad-hoc A/B in one process, one pinned core, the Xeon of the table
-# above, 2026-12-05): LeNet-5 (5x5 kernels) PTQ serving 1.04x -> 0.80x at batch 1, 0.68x -> 0.52x at batch 8,
-# 0.70x -> 0.58x at 256, int8 training step 0.67x -> 0.60x; the ResNet's 3x3 kernels got slower (serving at
-# batch 8 0.62x -> 0.89x, at 256 0.82x -> 1.10x), so they keep one stage.
+# Kernels of this many taps or more build their patches in two stages (`patches`). Time ratios to the f32 conv
+# forward of the shape, batch 256, NHWC, SAME, chunked, one stage vs two (the conv suite, `python -m
+# experiments.bench --config=configs/bench_conv.py`, one pinned core, process clock, the Xeon of the table above,
+# 2026-12-05, docs/benchmarks.md): 28x28 1 -> 6 5x5 0.49x -> 0.27x, 14x14 6 -> 16 5x5 0.58x -> 0.33x; the ResNet's
+# 28x28 16 -> 16 3x3 0.64x -> 1.40x (slower), 14x14 32 -> 32 3x3 0.43x -> 0.38x (XLA's own int8 conv runs that one,
+# 0.43x). End to end (the e2e suite's programs, ad-hoc A/B in one process): LeNet-5 PTQ serving 1.04x -> 0.80x at
+# batch 1, 0.70x -> 0.58x at 256; the ResNet's serving at batch 256 0.82x -> 1.10x. So 5x5 kernels take two
+# stages and 3x3 kernels keep one.
 TWO_STAGE_MIN_TAPS = 10
 
 
