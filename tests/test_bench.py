@@ -143,8 +143,9 @@ def test_train_matmul_keeps_all_three_int8_matmuls_fast(tmp_path):
   assert not any('off XLA:CPU' in w for w in data['warnings'])  # the contrast's slow drhs does not warn
 
 
-def test_e2e_mlp_runlocal(tmp_path):
+def test_e2e_mlp_runlocal(tmp_path, capsys):
   data = run_cli(tmp_path, 'e2e', "--config.models=('mlp',)", '--config.serve_batches=(8,)')
+  out = capsys.readouterr().out
   check_schema(data)
   train, train_bare, serve, serve_bare = data['groups']
   assert train['name'] == 'mlp train b8' and serve['name'] == 'mlp serve b8'
@@ -179,6 +180,9 @@ def test_e2e_mlp_runlocal(tmp_path):
     assert bare['quantized'] == {n: pytest.approx(of['results'][n]['ratio']) for n in quantized}
   md = (tmp_path / 'bench.md').read_text()
   assert '| mlp serve b8 | 2 + 0 |' in md
+  bare = serve_bare['meta']['bare']
+  assert (f"e2e / mlp serve b8 bare: int8 GEMMs alone {bare['kernel']:.2f}x; bound {bare['bound']:.2f}x "
+          f"(matmuls {bare['share']:.0%} of float") in out  # the bound as the run goes
 
 
 def test_e2e_char_lm_runlocal(tmp_path):

@@ -207,14 +207,17 @@ def run_grouped(suite: GroupedSuite, config, workdir: str | None = None, *, info
     g['meta'] = {**g['meta'], 'seconds': round(time.perf_counter() - t0, 2)}
     groups.append(g)
     targets += check_targets(group, g)
+    kernels.annotate(groups)  # a bare group's bound, once the group it measures has run
+    bare = g['meta'].get('bare') or {}
     echo(f"{suite.name} / {g['name']}: " + ', '.join(
-        f"{n} {fmt_ratio(r['ratio'])}" for n, r in g['results'].items() if n != g['baseline']))
+        f"{n} {fmt_ratio(r['ratio'])}" for n, r in g['results'].items() if n != g['baseline'])
+        + (f"; bound {fmt_ratio(bare['bound'])} (matmuls {bare['share']:.0%} of float, bare int8 kernel "
+           f"{fmt_ratio(bare['kernel'])})" if 'bound' in bare else ''))
     if workdir:  # A run stopped later (time limit, lost machine) still leaves the groups measured so far.
       write_json_atomic(os.path.join(workdir, 'bench.partial.json'),
                         {'suite': suite.name, 'machine': info, 'groups': groups, 'targets': targets})
     del group, stats
     gc.collect()
-  kernels.annotate(groups)
   records = suite.records() if suite.records is not None else {}
   if suite.record_targets is not None:
     targets += suite.record_targets(records)
