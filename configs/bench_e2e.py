@@ -16,15 +16,17 @@ way `python -m experiments.train` builds them; adam; steps jitted with the state
                        and both backward matmuls int8: mode quantized_training)
   <model> serve b<B>   float forward vs the PTQ int8 serving forward (calibrated static activation ranges,
                        weights converted to int8 by convert_nnx / convert_linen), per batch in serve_batches
-Every group also times the float program's dots and convs alone, as written and as int8 GEMMs of the same
-arithmetic: the report's bound table gives the matmul share of float, the bare int8 kernel's ratio on the model's
-own shapes and the bound (the time ratio if only the matmuls got faster; experiments/bench/kernels.py).
+After every group, a '<group> bare' group times the float program's dots and convs alone, as written and as int8
+GEMMs of the same arithmetic (--config.bare_kernels=False skips them): the report's bound table gives the matmul
+share of float, the bare int8 kernel's ratio on the model's own shapes and the bound (the time ratio if only the
+matmuls got faster; experiments/bench/kernels.py).
 Targets (time ratios to float): QAT int8 forward <= 0.75x, QAT fake-quant <= 1.1x, int8 training <= 0.53x
 (>= 1.9x faster), PTQ serving at batch >= 256 <= 0.27x. Peers as measured on an AVX-512 VNNI EPYC (jax 0.10.2): Qwix QAT
 0.86x, Qwix PTQ forward 0.30x, AQT int8-forward 0.88x, AQT fully quantized 2.8x, Qwix fully quantized 1.8-1.9x.
-Expected (Intel Xeon with VNNI, 2026-12-05): matmul shares of 54-97% of the float programs, bare int8 kernels
-at 0.11-0.22x on the models' own shapes (2.2x for the MLP's single row), bounds of 0.12x (MLP serving) to 0.55x
-(char-LM). Takes ~15 min (one model: --config.models="('char_lm',)").
+Expected (Intel Xeon with VNNI, 2026-12-05): matmul shares of 54-99% of the float programs (39% for the
+char-LM's page-faulting forward at 256 sequences), bare int8 kernels at 0.11-0.22x on the models' own shapes
+(0.51x at LeNet-5's batch 1, 2.2x for the MLP's single row), bounds of 0.12x (MLP serving) to 0.57x.
+Takes ~15 min (one model: --config.models="('char_lm',)").
 """
 
 import ml_collections

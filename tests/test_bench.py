@@ -309,7 +309,9 @@ def test_markdown_summary_and_targets():
 
 def test_markdown_bound_table_and_target_column():
   noop = lambda: None
-  group = Group('g', {'f32': Variant(noop, 'baseline'), 'q': Variant(noop)}, 'f32', targets=(Target('q', 0.3, 'q'),))
+  all_int8 = {'inspect': {'matmuls': 5, 'int8': 5}}  # the bound applies to q
+  group = Group('g', {'f32': Variant(noop, 'baseline'), 'q': Variant(noop, info=all_int8)}, 'f32',
+                targets=(Target('q', 0.3, 'q'),))
   bare = Group('g bare', {kernels.FLOAT: Variant(noop, 'baseline'), kernels.INT8: Variant(noop, 'reference')},
                kernels.FLOAT, {'bare': {'of': 'g', 'dots': 3, 'convs': 2}})
   g = groups.group_result({'f32': stats(2.0, 2.0, 2.0), 'q': stats(1.4, 1.4, 1.4)}, group)

@@ -90,8 +90,9 @@ BARE_ROLES = {kernels.FLOAT: 'baseline', kernels.INT8: 'reference'}
 
 
 def test_annotate_bound_and_kept_by_hand():
-  main = _group('g', {'float': 2.0, 'q': 1.2, 'c': 4.0, 'qat': 1.8},
-                {'float': 'baseline', 'q': 'quantized', 'c': 'contrast', 'qat': 'quantized'}, 'float')
+  main = _group('g', {'float': 2.0, 'q': 1.2, 'c': 4.0, 'qat': 1.8, 'uninspected': 1.0},
+                {'float': 'baseline', 'q': 'quantized', 'c': 'contrast', 'qat': 'quantized',
+                 'uninspected': 'quantized'}, 'float')  # no inspection: not shown to be all int8, no bound
   main['results']['qat']['info'] = {'inspect': {'matmuls': 3, 'int8': 1}}  # a float backward: no bound for it
   main['results']['q']['info'] = {'inspect': {'matmuls': 3, 'int8': 3}}
   bare = _group('g bare', {kernels.FLOAT: 1.6, kernels.INT8: 0.4}, BARE_ROLES, kernels.FLOAT,

@@ -1,7 +1,8 @@
 """A program's matmuls alone: the bare-kernel reference of an end-to-end benchmark group.
 
 Every `dot_general` and `conv_general_dilated` of a float program (its jaxpr, sub-jaxprs included; a scan's body
-counted `length` times) is replayed on random operands of the same shapes in two programs:
+counted `length` times; every branch of a cond counted, though one runs) is replayed on random operands of the same
+shapes in two programs:
   'float'   each op exactly as the float program states it (f32, its dimension numbers, strides, padding);
   'int8'    each op's arithmetic as one int8 x int8 -> int32 GEMM, (B, M, K) . (B, K, N), operands laid out
             row-major for the fast kernel. A conv's GEMM is its im2col product with
@@ -159,9 +160,10 @@ INT8 = 'int8 GEMMs alone'
 
 
 def all_int8(result: dict[str, Any]) -> bool:
-  """Whether a timed variant runs every matmul in int8, by its inspection (True when it was not inspected)."""
+  """Whether a timed variant runs every matmul in int8, by its inspection; False when it was not inspected
+  (config.inspect off): the bound is claimed only for a variant shown to be bounded by it."""
   insp = (result.get('info') or {}).get('inspect') or {}
-  return 'matmuls' not in insp or insp['int8'] == insp['matmuls']
+  return 'matmuls' in insp and insp['int8'] == insp['matmuls']
 
 
 def annotate(groups: list[dict[str, Any]]) -> None:
