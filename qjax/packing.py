@@ -16,8 +16,10 @@ bits (`width`). Wider integers (5..7 bits) stay one per int8 byte: their groups 
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 
 from qjax import formats
@@ -56,12 +58,16 @@ def best_axis(shape: tuple[int, ...], bits: int, allowed: tuple[int, ...] | None
   return min(axes, key=lambda a: (packed_rows(shape[a], bits) * (size // shape[a] if shape[a] else 0), a))
 
 
+# Compiled per (shape, bits, axis): run eagerly (converting a model for serving), their dozen ops would each
+# compile on their own, for every kernel shape.
+@functools.partial(jax.jit, static_argnames=('bits', 'axis'))
 def pack(q, bits: int, axis: int = 0):
   """int8 values in the signed `bits` range -> uint8, `axis` of size n becoming packed_rows(n, bits)."""
   q = jnp.moveaxis(jnp.asarray(q), axis, 0)
   return jnp.moveaxis(_pack0(q, bits), 0, axis)
 
 
+@functools.partial(jax.jit, static_argnames=('bits', 'shape', 'axis'))
 def unpack(p, bits: int, shape: tuple[int, ...], axis: int = 0):
   """Inverse of `pack`: uint8 packed along `axis` -> int8 of `shape`, sign-extended."""
   axis %= len(shape)

@@ -726,6 +726,18 @@ def test_the_swish_estimator_study_builds_swish_lenets_and_a_bad_activation_fail
     runner.validate(bad)
 
 
+def test_the_resnet_ptq_results_config_builds_its_last_trial_from_the_resnet_float_trial(tmp_path):
+  """configs/results_ptq_fmnist.py:model=resnet is the CNN's sweep on the ResNet (whose PTQ runs end to end in
+  tests/test_ptq_runner.py): its last trial validates and starts from the ResNet's float trial."""
+  from experiments.training import runner  # noqa: PLC0415
+  trials = sweeps.expand(*config_cli.load_module(os.path.join(REPO, 'configs/results_ptq_fmnist.py:model=resnet,'
+                                                                     'runlocal')), str(tmp_path))
+  last = trials[-1]
+  runner.validate(last.config)
+  assert last.config.mode == 'ptq' and last.config.model.name == 'resnet' and last.config.quant.act.format == 'int8'
+  assert [trials[d].config.mode for d in last.deps] == ['float'] and trials[last.deps[0]].config.model.name == 'resnet'
+
+
 def test_the_resnet_estimator_study_keeps_stem_and_head_float_and_names_the_models_on_a_typo(tmp_path):
   module, _ = config_cli.load_module(os.path.join(REPO, 'configs/study_estimators.py'))
   trials = sweeps.expand(module, 'model=resnet,seeds=2', str(tmp_path))
@@ -746,8 +758,8 @@ def test_the_resnet_estimator_study_keeps_stem_and_head_float_and_names_the_mode
 
 
 @pytest.mark.parametrize('spec', ['results_fmnist.py', 'results_mnist.py', 'results_charlm.py', 'results_ptq_fmnist.py',
-                                  'results_ptq_fmnist.py:model=resnet', 'results_ptq_charlm.py',
-                                  'study_estimators.py', 'study_estimators.py:activation=swish'])
+                                  'results_ptq_charlm.py', 'study_estimators.py',
+                                  'study_estimators.py:activation=swish'])
 def test_each_results_config_runs_its_last_trial_in_runlocal_mode(spec, tmp_path):
   """The last trial of every results config (a quantized run, which starts from its float trial) on the fixtures:
   the config, its sweep, the trial_ref and the runner agree before anyone spends hours on the full sweep."""

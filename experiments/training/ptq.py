@@ -184,14 +184,19 @@ def _bias_or_shift(lay: L.Layer, b0, site, out_shape):
   return lay.replace(bias=None, notes=lay.notes + (('output_shift', why),)), None, None
 
 
+# Compiled once per shape rather than run op by op (each eager op compiles on its own: seconds per PTQ run).
+_fake_quant = jax.jit(qjax.quantizers.fake_quant, static_argnums=1)
+_dequantize = jax.jit(qjax.quantizers.dequantize)
+
+
 def _rel_error(lay: L.Layer, x, w, b, act=None) -> float:
   """Relative output MSE of the layer's integer kernel (with its input op and bias) on calibration rows x; with
   `act` = (spec, params), the op's input also quantized as served, on that per-tensor grid."""
   y = x @ w + (0 if b is None else b)
   x_in = lay.transform_input(x)
   if act is not None:
-    x_in = np.asarray(qjax.quantizers.fake_quant(jnp.asarray(x_in, jnp.float32), *act), np.float64)
-  y_hat = x_in @ np.asarray(qjax.quantizers.dequantize(lay.q), np.float64)
+    x_in = np.asarray(_fake_quant(jnp.asarray(x_in, jnp.float32), *act), np.float64)
+  y_hat = x_in @ np.asarray(_dequantize(lay.q), np.float64)
   y_hat = y_hat + (0 if lay.bias is None else lay.bias)
   return float(np.sum((y - y_hat) ** 2) / max(np.sum(y ** 2), 1e-30))
 
