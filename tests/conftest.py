@@ -1,5 +1,5 @@
-"""Shared pytest setup: run JAX on the CPU so results do not depend on an attached accelerator, with one
-persistent compilation cache for the whole run."""
+"""Shared pytest setup: run JAX on the CPU so results do not depend on an attached accelerator, and give the
+subprocesses tests start one persistent compilation cache for the whole run."""
 
 import atexit
 import os
@@ -12,7 +12,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # the README's commands; they inherit the environment). They compile the same programs again and again: the fixture
 # models' steps, and the eager ops of PTQ and conversion at the same shapes. A hit costs milliseconds where a compile
 # costs 30 ms to 6 s (a ResNet PTQ run: 82 s cold, 22 s warm). The pytest processes themselves keep JAX's in-memory
-# cache only: writing every compile to disk slowed the in-process tests by up to a third. The cache starts empty each
+# cache only: writing every compile to disk slowed the in-process tests (the ResNet bias-correction test: 82 -> 102 s
+# in one full run). The cache starts empty each
 # run, so no run reads another's entries.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache = tempfile.mkdtemp(prefix='qjax-tests-jax-cache-')
