@@ -9,6 +9,8 @@ drops activation quantization this way to flatten the loss landscape for low-bit
 
 The drop mask needs a PRNG key (`fake_quant(..., key=...)`, the ops' `key=`); without one nothing is dropped
 and QDrop is the clipped STE, which is also its evaluation / serving behaviour (`quantize` uses the plain grid).
+Differentiated without a key (a training step that forgot it) it warns (NO_KEY_WARNING) rather than train the
+clipped STE unnoticed; the forward alone (evaluation, calibration) does not.
 Flax rules hand it a key while training: Linen when `apply` gets `rngs={'quant': key}`, NNX in train mode after
 `quantize_nnx(..., seed=...)` (which raises without the seed rather than train a clipped STE unnoticed).
 p is a field of the method: the registered 'qdrop' uses the paper's 0.5; register `QDrop('qdrop_p25', p=0.25)`
@@ -20,25 +22,38 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 
 from qjax import estimators, formats, methods
 
+NO_KEY_WARNING = ("qjax: QDrop is differentiated without a PRNG key, so it drops nothing and trains as the clipped "
+                  "STE; pass a key (Linen: apply(..., rngs={'quant': key}); NNX: quantize_nnx(..., seed=...); the "
+                  "ops and fake_quant: key=...)")
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _qdrop(x, scale, zero_point, noise, drop, fmt):
-  return _qdrop_fwd(x, scale, zero_point, noise, drop, fmt)[0]
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _qdrop(x, scale, zero_point, noise, drop, fmt, keyed):
+  return _forward(x, scale, zero_point, noise, drop, fmt)[0]
 
 
-def _qdrop_fwd(x, scale, zero_point, noise, drop, fmt):
+def _forward(x, scale, zero_point, noise, drop, fmt):
   x_hat, _, _, inside = estimators._fq(x, scale, zero_point, noise, fmt)
   out = jnp.where(drop > 0, x.astype(jnp.float32), x_hat)
   return out.astype(x.dtype), (inside, drop, scale, zero_point, noise)
 
 
-def _qdrop_bwd(fmt, res, g):
+def _qdrop_fwd(x, scale, zero_point, noise, drop, fmt, keyed):
+  # Runs only under differentiation, i.e. in training: without a key nothing is dropped, which would quietly train
+  # the clipped STE instead of QDrop.
+  if not keyed:
+    warnings.warn(NO_KEY_WARNING, stacklevel=2)
+  return _forward(x, scale, zero_point, noise, drop, fmt)
+
+
+def _qdrop_bwd(fmt, keyed, res, g):
   inside, drop, scale, zero_point, noise = res
   dx = jnp.where((drop > 0) | inside, g, jnp.zeros_like(g))
   z = lambda a: None if a is None else jnp.zeros_like(a)
@@ -48,9 +63,10 @@ def _qdrop_bwd(fmt, res, g):
 _qdrop.defvjp(_qdrop_fwd, _qdrop_bwd)
 
 
-def qdrop(x, scale, zero_point, noise, drop, *, fmt):
-  """QDrop fake quant: `drop` (f32 0/1 of x's shape) marks the elements left in float."""
-  return _qdrop(x, scale, zero_point, noise, drop, fmt)
+def qdrop(x, scale, zero_point, noise, drop, *, fmt, keyed: bool = True):
+  """QDrop fake quant: `drop` (f32 0/1 of x's shape) marks the elements left in float. keyed=False: the mask
+  came from no PRNG key (nothing dropped); differentiating it then warns (NO_KEY_WARNING)."""
+  return _qdrop(x, scale, zero_point, noise, drop, fmt, keyed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,4 +95,4 @@ class QDrop(methods.Method):
       drop = jax.random.bernoulli(kd, self.p, x.shape).astype(jnp.float32)
     if spec.rounding == 'stochastic' and noise is None:
       formats.uniform_noise(None, x.shape, spec.rounding)  # raises: stochastic rounding needs a key
-    return qdrop(x, scale, zero_point, noise, drop, fmt=spec.fmt)
+    return qdrop(x, scale, zero_point, noise, drop, fmt=spec.fmt, keyed=key is not None or self.p == 0)

@@ -153,7 +153,8 @@ def test_new_methods_through_flax_rules():
     v = model.init(jax.random.key(1), x)
     names = set(v['params'][next(iter(v['params']))].keys()) if 'Dense_0' in v['params'] else set(v['params'])
     assert ('dot_general0_rhs_alpha' in names) == (est == 'dsq'), names
-    y, g = jax.value_and_grad(lambda p, model=model: model.apply({'params': p}, x).sum())(v['params'])
+    y, g = jax.value_and_grad(lambda p, model=model: model.apply({'params': p}, x, rngs={'quant': jax.random.key(2)})
+                              .sum())(v['params'])
     assert np.isfinite(np.asarray(y))
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(g))
 
@@ -180,6 +181,38 @@ def test_qdrop_through_linen_rules_drops_only_with_a_quant_stream():
     assert np.all(kept_float | (y == xq))  # each element either dropped (float) or on the grid
     assert 0.4 < kept_float[moved].mean() < 0.6  # p = 0.5
   assert np.any(y1 != y2)  # the mask follows the key
+
+
+def test_qdrop_differentiated_without_a_key_warns_that_it_trains_the_clipped_ste():
+  """A training step that forgets the key would train the clipped STE: differentiation without a key warns; the
+  forward alone (evaluation, calibration) and differentiation with a key do not."""
+  import warnings  # noqa: PLC0415
+
+  from flax import linen as nn  # noqa: PLC0415
+
+  from qjax.flax import QuantRule, quantize_linen  # noqa: PLC0415
+  x = jax.random.normal(jax.random.key(0), (8, 16)) * 3.0
+  spec = QuantSpec('int4', estimator='qdrop')
+  with pytest.warns(UserWarning, match=r"drops nothing and trains as the clipped STE.*rngs=\{'quant': key\}"):
+    g = jax.grad(lambda x: fake_quant(x, spec, {'scale': 1.0}).sum())(x)
+  np.testing.assert_array_equal(g, jax.grad(lambda x: fake_quant(x, spec.replace(estimator='clipped_ste'),
+                                                                 {'scale': 1.0}).sum())(x))
+  # Two layers: the second one's input depends on the params, so a training step differentiates its quantizer.
+  model = quantize_linen(nn.Sequential([nn.Dense(8), nn.Dense(4)]), [QuantRule('.*', act=spec)])
+  v = model.init(jax.random.key(1), x)
+  loss = lambda p, **kw: model.apply({'params': p}, x, **kw).sum()
+  with pytest.warns(UserWarning, match='drops nothing'):
+    jax.grad(loss)(v['params'])
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    jax.grad(lambda p: loss(p, rngs={'quant': jax.random.key(2)}))(v['params'])
+    model.apply(v, x)
+    jax.jit(lambda x: fake_quant(x, spec, {'scale': 1.0}))(x)
+    registry.register(qdrop.QDrop('qdrop_p0_nokey', p=0.0))  # p = 0 drops nothing by design: no warning
+    try:
+      jax.grad(lambda x: fake_quant(x, spec.replace(estimator='qdrop_p0_nokey'), {'scale': 1.0}).sum())(x)
+    finally:
+      registry._METHODS.pop('qdrop_p0_nokey')
 
 
 def test_qdrop_without_a_key_runs_a_real_int8_matmul_equal_to_fake_quant():
