@@ -269,3 +269,38 @@ def test_nnx_conv_patches_times_the_flat_kernel_is_the_conv():
                                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
   want = np.concatenate([np.asarray(y(x), np.float64).reshape(-1, 4) for x in xs])
   np.testing.assert_allclose(np.asarray(st.sample, np.float64) @ k, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- records, compiled
+
+
+def _same_records(eager, compiled):
+  key = lambda r: (r.path, r.weight_name, r.spec, r.prefix, r.kept_8bit, r.rule, type(r.module))
+  assert [key(r) for r in compiled] == [key(r) for r in eager] and eager
+  for a, b in zip(eager, compiled, strict=True):
+    assert isinstance(b.x, jax.Array) and not isinstance(b.x, jax.core.Tracer)  # values, not the trace's
+    np.testing.assert_allclose(b.x, a.x, rtol=1e-6, atol=1e-7)  # a tanh fused in the program: within an ulp
+    assert jax.tree.structure(b.state) == jax.tree.structure(a.state)
+    for u, w in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+      np.testing.assert_array_equal(w, u)
+
+
+def test_linen_records_compiled_equal_the_eager_records():
+  qm = quantize_linen(TwoLayer(), RULES)
+  x = batches(1)[0]
+  v = qm.init(jax.random.key(0), x)
+  eager = qm.records(v, x)
+  _same_records(eager, qm.records(v, x, compiled=True))
+  assert [(r.path, r.weight_name) for r in eager] == [('', None), ('', 'w_out_in'), ('head', None),
+                                                      ('head', 'head/kernel')]
+
+
+def test_nnx_records_compiled_equal_the_eager_records_and_leave_the_model_alone():
+  from qjax.flax import nnx_records  # noqa: PLC0415
+  m = nnx.Sequential(nnx.Linear(8, 6, rngs=nnx.Rngs(0)), jnp.tanh, nnx.Linear(6, 5, rngs=nnx.Rngs(1)))
+  x = batches(1)[0]
+  quantize_nnx(m, RULES, x)
+  m.eval()
+  before = jax.tree.map(np.asarray, nnx.state(m))
+  _same_records(nnx_records(m, x), nnx_records(m, x, compiled=True))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(m)), before)

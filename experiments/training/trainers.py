@@ -14,7 +14,6 @@ as it was. `to_pure(state)` is the plain dict orbax checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -59,19 +58,6 @@ def evaluate(data, config, batch_sums: Callable[[Any, Any, Any], Mapping[str, An
 def _needs_rng(rules) -> bool:
   """The rules round stochastically or use a method that is random in training (QDrop)."""
   return bool(rules) and (qflax.RuleSet(rules) if not isinstance(rules, qflax.RuleSet) else rules).needs_rng
-
-
-def compiled_records(fn, *args) -> list:
-  """fn(*args)'s qjax records (record mode) from one compiled program rather than op by op (hundreds of eager ops,
-  each compiled for its shape: 18 s of a ResNet's PTQ run). The records' static parts (paths, specs) are taken at
-  trace time, their arrays (quantizer state, operand) are the program's outputs; `module` stays the traced one."""
-  traced = []
-
-  def arrays(*a):
-    traced[:] = fn(*a)
-    return [(r.state, r.x) for r in traced]
-  out = jax.jit(arrays)(*args)
-  return [dataclasses.replace(r, state=st, x=x) for r, (st, x) in zip(traced, out, strict=True)]
 
 
 class LinenTrainer:
@@ -188,7 +174,7 @@ class LinenTrainer:
 
   def records(self, state, x) -> list:
     """qjax's records of one forward in evaluation mode: per quantized operand its spec, state and values."""
-    return compiled_records(lambda v, x: self.q.records(v, x, train=False), self.variables(state), x)
+    return self.q.records(self.variables(state), x, train=False, compiled=True)
 
   def convert(self, state, x):
     """The model converted for serving (int8 / packed ServingWeights), run once on x: the serving variables."""
@@ -351,8 +337,7 @@ class NnxTrainer:
     """qjax's records of one forward in evaluation mode: per quantized operand its spec, state and values."""
     model = self.module(state)
     model.eval()
-    graphdef, mstate = nnx.split(model)
-    return compiled_records(lambda s, x: qflax.nnx_records(nnx.merge(graphdef, s), x), mstate, x)
+    return qflax.nnx_records(model, x, compiled=True)
 
   def convert(self, state, x):
     """The model converted for serving (int8 / packed ServingWeights; convert_nnx runs it once on x and leaves it

@@ -23,7 +23,7 @@ from flax.core import scope as scope_mod
 from qjax import formats
 from qjax.flax import hooks, intercept, provenance, serving
 from qjax.flax.rules import RuleSet
-from qjax.flax.session import Session, call_signature
+from qjax.flax.session import Session, call_signature, compiled_records
 from qjax.flax.state import STATS, LinenBackend
 from qjax.spec import check_choice
 
@@ -123,10 +123,13 @@ class QuantizedLinen:
   def report(self) -> str:
     return self.rules.report()
 
-  def records(self, variables, *args, **kwargs) -> list:
+  def records(self, variables, *args, compiled: bool = False, **kwargs) -> list:
     """Runs apply(variables, *args, **kwargs) in record mode and returns, per forward operand of each quantized
     op, a session.Record (module path, weight param path or None, resolved spec, quantizer state, operand).
-    Call it inside jax.jit to keep it compiled; the records' arrays are then the trace's values."""
+    compiled=True runs it as one jitted program (`session.compiled_records`; kwargs are static) instead of op by
+    op; inside a caller's jax.jit either way is compiled and the records' arrays are the trace's values."""
+    if compiled:
+      return compiled_records(lambda v, *a: self.records(v, *a, **kwargs), variables, *args)
     s = Session(self.rules, LinenBackend())
     s.phase = 'record'
     QuantizedLinen(self.model, self.rules, session=s).apply(variables, *args, **kwargs)

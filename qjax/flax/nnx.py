@@ -34,7 +34,7 @@ from qjax.flax import hooks, intercept, provenance, serving
 from qjax.flax import linen as qlinen
 from qjax.flax.linen import _serving_weight
 from qjax.flax.rules import RuleSet
-from qjax.flax.session import Session, call_signature, is_quantizer_name
+from qjax.flax.session import Session, call_signature, compiled_records, is_quantizer_name
 from qjax.flax.state import STATS, LinenBackend, NnxBackend
 
 _SUBCLASSES: dict[type, type] = {}
@@ -518,9 +518,14 @@ def _session_of(model: nnx.Module) -> Session:
   return next(iter(sessions))
 
 
-def records(model: nnx.Module, *args, **kwargs) -> list:
+def records(model: nnx.Module, *args, compiled: bool = False, **kwargs) -> list:
   """Runs model(*args, **kwargs) in record mode; returns per forward operand of each quantized op a
-  session.Record (see QuantizedLinen.records). Call it inside jax.jit / nnx.jit to keep it compiled."""
+  session.Record (see QuantizedLinen.records). compiled=True runs it as one jitted program over the model's
+  state (`session.compiled_records`; kwargs are static; the model itself is not changed); inside a caller's
+  jax.jit / nnx.jit either way is compiled."""
+  if compiled:
+    graphdef, state = nnx.split(model)
+    return compiled_records(lambda s, *a: records(nnx.merge(graphdef, s), *a, **kwargs), state, *args)
   session = _session_of(model)
   phase, session.phase, session.records = session.phase, 'record', []
   try:
