@@ -182,3 +182,9 @@ def test_conv_bench_suite_runlocal(tmp_path):
   assert six['meta']['xla_slow_reason'] and six['meta']['auto_route'] == 'patches + int8 dot'
   gemm = six['results']['patches + int8 dot']['info']['inspect']
   assert gemm['int8'] == gemm['int8_fast'] == 1
+  # XLA's slow int8 conv (6 -> 16 features) has a variant with its output padded to 17 features, which XLA runs
+  # on the fast kernel; the one-input-feature conv, already fast, has none.
+  assert set(six['results']) - set(one['results']) == {'int8 conv, output features padded to 17'}
+  padded = six['results']['int8 conv, output features padded to 17']['info']['inspect']
+  assert padded['int8'] == padded['int8_fast'] == 1
+  assert six['results']['XLA int8 conv']['info']['inspect']['int8_fast'] == 0
