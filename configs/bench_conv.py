@@ -10,7 +10,9 @@ Shapes (batch x H x C_in x C_out x k): LeNet-5's convs (1 -> 6 and 6 -> 16 at 5x
 28x28 and 32 -> 32 at 14x14. Expected (Intel Xeon with VNNI, 2026-12-05): XLA's int8 conv 0.83x for one input
 feature, 4.2-8.1x (up-cast to s32) for 6 and 16 features and 0.43x for 32; the patch lowering by chunks 0.28-0.67x
 (qjax's route for all but the 32 -> 32 conv), in one chunk 0.24-2.05x; patches in two stages 0.27-0.33x for the
-5x5 kernels (qjax's choice) and 1.40x for the 16 -> 16 3x3 one (one stage: 0.64x).
+5x5 kernels (qjax's choice) and 1.40x for the 16 -> 16 3x3 one (one stage: 0.64x). For the convs XLA runs
+slowly, XLA's int8 conv with its output features padded to 17 (on the fast kernel): 2.15x (6 -> 16) and 0.83x
+(16 -> 16), slower than the patches (2026-12-06).
 About 1 minute. `"--config.chunk_examples=(1,2,4,8,16,32)"` adds a variant per chunk size (the figures behind
 qjax.ops.conv_gemm.CHUNK_PATCH_BYTES).
 """
