@@ -13,7 +13,8 @@ experiments/models/, unmodified, quantized by
 rules built from experiments/config/quant.py's defaults (int8 weights per channel, int8 activations per tensor) the
 way `python -m experiments.train` builds them; adam; steps jitted with the state donated. Groups:
   <model> train b256   float step vs QAT (real int8 forward), QAT (fake-quant forward), int8 training (forward
-                       and both backward matmuls int8: mode quantized_training)
+                       and both backward matmuls int8: mode quantized_training); with
+                       "--config.qat_estimators=('lsq','pact')" also QAT with learned steps (LSQ) or clips (PACT)
   <model> serve b<B>   float forward vs the PTQ int8 serving forward (calibrated static activation ranges,
                        weights converted to int8 by convert_nnx / convert_linen), per batch in serve_batches
 After every group, a '<group> bare' group times the float program's dots and convs alone, as written and as int8
@@ -47,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train_batch = 256
   c.serve_batches = (1, 8, 64, 256, 1024)   # 1 row: int8, padded to two rows on CPU (decode)
   c.calibration_batches = 2
+  # Extra QAT variants (int8 forward) whose weights and activations learn their quantizer parameters, one per
+  # estimator named here, e.g. ('lsq', 'pact'): what learning the steps or clips costs per step.
+  c.qat_estimators = ()
   c.quant_overrides = ml_collections.ConfigDict()   # e.g. {'act__granularity': 'per_channel'} ('__' for '.')
   if a['weight'] != 'int8':
     c.quant_overrides.weight__format = a['weight']

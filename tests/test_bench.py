@@ -143,6 +143,23 @@ def test_train_matmul_keeps_all_three_int8_matmuls_fast(tmp_path):
   assert not any('off XLA:CPU' in w for w in data['warnings'])  # the contrast's slow drhs does not warn
 
 
+def test_e2e_learned_estimators_add_qat_variants_with_an_int8_forward(tmp_path, capsys):
+  data = run_cli(tmp_path, 'e2e', "--config.models=('mlp',)", '--config.serve_batches=(8,)',
+                 "--config.qat_estimators=('lsq','pact')", '--config.bare_kernels=False')
+  train = data['groups'][0]
+  assert list(train['results'])[-2:] == ['QAT lsq, int8 forward', 'QAT pact, int8 forward']
+  for est in ('lsq', 'pact'):
+    assert train['results'][f'QAT {est}, int8 forward']['info']['inspect']['lowered_int8'] == 2
+    rule = data['meta']['rules'][f'qat_{est}'][-1]
+    assert rule['weight']['estimator'] == rule['act']['estimator'] == est
+  capsys.readouterr()
+  assert bench.main([f'--config={CONFIGS["e2e"]}:runlocal', "--config.qat_estimators=('lsqq',)",
+                     f'--workdir={tmp_path / "bad"}']) == 2
+  err = capsys.readouterr().err
+  assert "config.quant.weight: estimator='lsqq' is not one of" in err and "did you mean 'lsq'" in err
+  assert not (tmp_path / 'bad' / 'bench.json').exists()
+
+
 def test_e2e_mlp_runlocal(tmp_path, capsys):
   data = run_cli(tmp_path, 'e2e', "--config.models=('mlp',)", '--config.serve_batches=(8,)')
   out = capsys.readouterr().out

@@ -43,6 +43,8 @@ def quant_rules(kind: str, config=None):
     'int8_train'   'qat' plus int8 gradients (mode quantized_training: grad int8, both backward matmuls int8)
     'ptq'          static per-tensor activation ranges (calibrated), for int8 serving
     'ptq_int4'     'ptq' with int4 weights (packed two per byte when served)
+    'qat_<est>'    'qat' with weights and activations under the estimator <est> ('qat_lsq': learned steps, LSQ;
+                   'qat_pact': learned clips, PACT), still a real int8 forward
   `config.quant_overrides` (dotted keys of config.quant, e.g. {'act.granularity': 'per_channel'}) apply first."""
   q = quant_config.default_quant_config()
   # Activation grids as the format is written: no probe run on data before the timed programs, and the same
@@ -56,8 +58,11 @@ def quant_rules(kind: str, config=None):
     q.grad.format = 'int8'
   elif kind == 'ptq_int4':
     q.weight.format = 'int4'
+  elif kind.startswith('qat_'):
+    q.weight.estimator = q.act.estimator = kind[len('qat_'):]
   elif kind not in ('qat', 'ptq'):
-    raise ValueError(f'rules kind {kind!r} is not one of qat, qat_fake, int8_train, ptq, ptq_int4')
+    raise ValueError(f'rules kind {kind!r} is not one of qat, qat_fake, qat_<estimator>, int8_train, ptq, '
+                     'ptq_int4')
   return quant_config.build_rules(q, ptq=kind.startswith('ptq'))
 
 
@@ -166,6 +171,9 @@ def e2e_suite(config) -> GroupedSuite:
                                                            'quantized')
       variants['int8 training (fwd + bwd int8)'] = train_variant(md, quant_rules('int8_train', config), x, y,
                                                                   config, 'quantized')
+      for est in config.get('qat_estimators', ()):  # learned quantizer parameters (LSQ steps, PACT clips)
+        variants[f'QAT {est}, int8 forward'] = train_variant(md, quant_rules(f'qat_{est}', config), x, y, config,
+                                                             'quantized')
       targets = (Target('QAT, int8 forward', 0.75, 'QAT step with real int8 forward <= 0.75x float step'),
                  Target('QAT, fake-quant forward', 1.1, 'QAT step with fake-quant forward <= 1.1x float step'),
                  Target('int8 training (fwd + bwd int8)', 0.53,
@@ -204,6 +212,7 @@ def e2e_suite(config) -> GroupedSuite:
         del variants, bare
     jax.clear_caches()
 
-  rules = {k: [r.to_dict() for r in quant_rules(k, config)] for k in ('qat', 'qat_fake', 'int8_train', 'ptq')}
+  kinds = ('qat', 'qat_fake', 'int8_train', 'ptq', *(f'qat_{e}' for e in config.get('qat_estimators', ())))
+  rules = {k: [r.to_dict() for r in quant_rules(k, config)] for k in kinds}  # (bad estimator names fail here)
   meta = {'peers_time_ratio': PEERS, 'peers_note': PEERS_NOTE, 'rules': rules}
   return GroupedSuite('e2e', groups, meta=meta)
