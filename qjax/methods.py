@@ -108,6 +108,11 @@ class Method:
     only with a key (QDrop) is native without one, so evaluation and serving run it as a real matmul."""
     return self.native
 
+  def keyless_spec(self, spec):
+    """The spec to differentiate where no PRNG key reaches the quantizer by design (a rule's tied-weight read,
+    whose forward is the served table): the spec itself, for methods that draw no random numbers."""
+    return spec
+
   def random_in_training(self) -> bool:
     """Its training forward draws random numbers (QDrop's drop mask), so the Flax layers hand it a PRNG key
     while training; without a key it must act as its evaluation forward."""

@@ -85,6 +85,10 @@ class QDrop(methods.Method):
   def native_for(self, key) -> bool:
     return key is None or self.p == 0  # nothing dropped: the clipped STE's output, on the grid
 
+  def keyless_spec(self, spec):
+    # Without a mask QDrop is the clipped STE; named as such, it does not warn that it trains without a key.
+    return spec.replace(estimator='clipped_ste')
+
   def fake_quant(self, x, spec, params, key):
     scale, zero_point = methods._calibrated_grid(self, x, spec, params)
     if key is None:

@@ -206,6 +206,11 @@ def test_qdrop_differentiated_without_a_key_warns_that_it_trains_the_clipped_ste
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     jax.grad(lambda p: loss(p, rngs={'quant': jax.random.key(2)}))(v['params'])
+    # A QDrop weight: the rule's weight read (the served table forward) takes the keyless spec's gradient.
+    wq = quantize_linen(nn.Dense(4), [QuantRule('.*', weight=spec.replace(granularity='per_channel'))])
+    wv = wq.init(jax.random.key(1), x)
+    assert QuantSpec('int4', estimator='qdrop').method.keyless_spec(spec).estimator == 'clipped_ste'
+    jax.grad(lambda p: wq.apply({'params': p}, x, rngs={'quant': jax.random.key(2)}).sum())(wv['params'])
     model.apply(v, x)
     jax.jit(lambda x: fake_quant(x, spec, {'scale': 1.0}))(x)
     registry.register(qdrop.QDrop('qdrop_p0_nokey', p=0.0))  # p = 0 drops nothing by design: no warning

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qjax import calibration, qdrop, quantizers
+from qjax import calibration, quantizers
 from qjax import granularity as gran
 from qjax.flax import hooks, provenance, serving
 from qjax.flax.rules import RuleSet
@@ -185,9 +185,9 @@ class Session:
     try:
       q = quantizers.quantize(sg(x), use.spec, {k: sg(a) for k, a in state.items()} or None)
       exact = provenance.backward(use.origin, q).dequantize(v.dtype)
-      # The read's forward is the served table, which QDrop never drops: its gradient is QDrop's without a drop
-      # mask, the clipped STE's (named as such, so that QDrop does not warn that it trains without a key).
-      gspec = use.spec.replace(estimator='clipped_ste') if isinstance(use.spec.method, qdrop.QDrop) else use.spec
+      # The read's forward is the served table, which QDrop never drops: its gradient is the method's without a
+      # key (QDrop's: the clipped STE's, named as such so that QDrop does not warn that it trains without one).
+      gspec = use.spec.method.keyless_spec(use.spec)
       fq = provenance.replay(use.origin, quantizers.fake_quant(x, gspec, state or None).astype(v.dtype),
                              back=True)
     except (ValueError, TypeError):  # e.g. a learned step stacked for nnx.scan read outside it: read as it is
