@@ -75,10 +75,10 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
       f'int8 conv, features padded to {c32}': Variant(lambda: pad_conv(xq, wq), 'reference',
                                                       {'inspect': maybe_inspect(config, pad_conv, xq, wq)}),
   }
-  if qconv.cpu_slow_reason(cp, x.shape, w.shape):
+  slow = qconv.cpu_slow_reason(cp, x.shape, w.shape)
+  if slow:
     variants[f'int8 conv, output features padded to {o17}'] = Variant(
         lambda: pad_out(xq, wq), 'reference', {'inspect': maybe_inspect(config, pad_out, xq, wq)})
-  slow = qconv.cpu_slow_reason(cp, x.shape, w.shape)
   route = {'gemm': 'patches + int8 dot', 'fake': 'float', 'real': 'XLA int8 conv'}
   meta = {'shape': [b, h, cin, cout, k], 'xla_slow_reason': slow,
           'patch_bytes': qconv.patch_bytes(cp, x.shape, w.shape),
