@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from experiments.bench import kernels
+from experiments.bench import kernels, markdown
 
 
 def _program(x, w, k, v):
@@ -109,6 +109,9 @@ def test_annotate_bound_and_kept_by_hand():
   kernels.annotate([main, slower])  # int8 GEMMs slower than float: a bound of 1.1 leaves no saving to keep
   assert slower['meta']['bare']['bound'] == pytest.approx(1.1)
   assert np.isnan(slower['meta']['bare']['kept']['q'])
+  slower['meta']['bare'].update(dots=1, convs=0)
+  table = markdown.bare_markdown([main, slower])  # says why there is no share, not 'nan%'
+  assert 'q 0.60x (bound >= 1x, no saving to keep)' in table and 'nan' not in table, table
   orphan = _group('o bare', {kernels.FLOAT: 1.0, kernels.INT8: 0.2}, BARE_ROLES, kernels.FLOAT, {'bare': {'of': 'x'}})
   kernels.annotate([orphan])  # the group it measures is not in the run: nothing to relate it to
   assert 'bound' not in orphan['meta']['bare']

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from experiments import timing
@@ -58,6 +59,11 @@ def summary_markdown(groups: list[dict[str, Any]]) -> str:
   return timing.format_rows(['group', 'baseline median'] + names, rows)
 
 
+def _kept(k: float) -> str:
+  # nan: the int8 GEMMs alone were no faster than float, so the bound leaves no saving to keep a share of.
+  return 'bound >= 1x, no saving to keep' if math.isnan(k) else f'{k:.0%}'
+
+
 def bare_markdown(groups: list[dict[str, Any]]) -> str:
   """One row per group with a bound (experiments/bench/kernels.py): the float program's matmul share, the bare
   int8 kernel's ratio on its shapes, the bound, and per quantized variant of the group it measures its ratio and
@@ -67,7 +73,7 @@ def bare_markdown(groups: list[dict[str, Any]]) -> str:
     bare = g['meta'].get('bare') or {}
     if 'bound' not in bare:
       continue
-    kept = '; '.join(f'{n} {fmt_ratio(r)} ({bare["kept"][n]:.0%})' for n, r in bare['quantized'].items())
+    kept = '; '.join(f'{n} {fmt_ratio(r)} ({_kept(bare["kept"][n])})' for n, r in bare['quantized'].items())
     rows.append([bare['of'], f"{bare['dots']} + {bare['convs']}", f"{bare['share']:.0%}", fmt_ratio(bare['kernel']),
                  fmt_ratio(bare['bound']), kept])
   if not rows:
