@@ -94,7 +94,11 @@ def test_qmatmul_small_m_routing_in_result(tmp_path):
   assert list(small['results']) == ['f32', 'dynamic int8', 'serving int8 W', 'serving int8 W, stored (N, K)',
                                     'dynamic int8, small_m=0', 'serving int8 W, small_m=0',
                                     'dequantize-in-the-matmul (f32 dot of int8 W)', 'int8 GEMV as an int32 reduction',
+                                    'int8 dot, stored (N, K): w . x^T', 'int8 dot, stored (N, K): x . w^T',
                                     'int8 dot alone']
+  for name in ('w . x^T', 'x . w^T'):  # both products of the stored weight, one row padded to two, int8
+    ref = small['results'][f'int8 dot, stored (N, K): {name}']
+    assert ref['role'] == 'reference' and ref['info']['inspect']['lowered_int8'] == 1, ref
   stored = big['results']['serving int8 W, stored (N, K)']['info']['inspect']
   assert stored['lowered_int8'] == 1 and (not ON_CPU or stored['int8_fast'] == 1)
   for name in ('dynamic int8', 'serving int8 W'):

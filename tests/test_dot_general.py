@@ -448,13 +448,17 @@ def test_default_one_row_dot_runs_int8_padded_to_two_rows():
   np.testing.assert_array_equal(jax.jit(f)(x1, w), ops.dot_general(x1, w, dn((1,), (0,)), config=fake))
 
 
-@pytest.mark.parametrize('rows', [(1,), (3, 5), (64,), (65,)])
-def test_few_rows_against_a_minor_contracted_weight_swap_operands(rows):
+@pytest.mark.parametrize('vnni', [True, False])
+@pytest.mark.parametrize('rows', [(1,), (3,), (2, 2), (3, 5), (64,), (65,)])
+def test_few_rows_against_a_minor_contracted_weight_swap_operands(rows, vnni, monkeypatch):
   """Up to SWAP_MAX_ROWS rows against a 2-D int8 weight contracted along its minor dim (stored transposed, seen
   through a transpose with QArray.minor_dim = 0; or row-major (N, K) contracted along K) run on CPU as
-  w (N, K) . x (M, K)^T with the weight as the GEMM's lhs and no copy of it; exact integers either way. A
-  row-major (K, N) weight contracted along K keeps x as the lhs."""
+  w (N, K) . x (M, K)^T with the weight as the GEMM's lhs and no copy of it, except the first
+  FEW_ROWS_WITHOUT_VNNI rows on a CPU without VNNI, which run as x . w^T over the weight as stored; exact
+  integers either way. A row-major (K, N) weight contracted along K keeps x as the lhs. Both CPU classes are
+  checked on any machine (qjax.ops.cpu.int8_dot_product patched)."""
   dg = importlib.import_module('qjax.ops.dot_general')
+  monkeypatch.setattr(dg.cpu, 'int8_dot_product', lambda: vnni)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.integers(-128, 128, (*rows, 64)), jnp.int8)
   w_nk = jnp.asarray(rng.integers(-128, 128, (48, 64)), jnp.int8)            # stored (N, K)
@@ -464,7 +468,9 @@ def test_few_rows_against_a_minor_contracted_weight_swap_operands(rows):
   row_nk = lambda x, w: dg.low_precision_dot(x, w, dn((x.ndim - 1,), (1,)), jnp.int32)
   row_kn = lambda x, w: dg.low_precision_dot(x, w, d(x.ndim), jnp.int32)
   m = int(np.prod(rows))
-  swapped = jax.default_backend() == 'cpu' and m <= dg.SWAP_MAX_ROWS
+  # By hand: the weight is the lhs up to 64 rows, but not for 1-4 rows without VNNI.
+  swapped = jax.default_backend() == 'cpu' and m <= 64 and (vnni or m > 4)
+  assert dg.weight_as_lhs(m) == (m <= 64 and (vnni or m > 4))
   for f, w in ((stored_t, w_nk), (row_nk, w_nk), (row_kn, jnp.asarray(np.asarray(w_nk).T.copy()))):
     np.testing.assert_array_equal(jax.jit(f)(x, w), want)
     if jax.default_backend() != 'cpu':
@@ -476,9 +482,31 @@ def test_few_rows_against_a_minor_contracted_weight_swap_operands(rows):
       assert op.lhs_shape == (48, 64) and op.rhs_shape == (max(m, 2), 64), rep.summary()
     else:
       assert op.lhs_shape == (max(m, 2), 64), rep.summary()
+      if f is not row_kn:
+        assert op.rhs_shape == (48, 64), rep.summary()
     text = jax.jit(f).lower(x, w).compile().as_text()
     if f is not row_kn:  # the weight reaches the dot as stored: no transposed copy
       assert 's8[64,48]' not in text, text
+
+
+def test_cpu_flags_decide_the_int8_dot_product_class(monkeypatch):
+  """qjax.ops.cpu reads the x86 flags line: VNNI or AMX-INT8 -> True, AVX2 alone -> False, no flags line (ARM,
+  another OS) -> None, which keeps the VNNI routing."""
+  cpu = importlib.import_module('qjax.ops.cpu')
+  for flags, want in (({'avx2', 'avx512_vnni'}, True), ({'avx2', 'avx_vnni'}, True), ({'amx_int8'}, True),
+                      ({'avx2', 'fma'}, False), (None, None)):
+    monkeypatch.setattr(cpu, 'flags', lambda f=flags: None if f is None else frozenset(f))
+    assert cpu.int8_dot_product() is want
+  dg = importlib.import_module('qjax.ops.dot_general')
+  assert dg.weight_as_lhs(1) and dg.weight_as_lhs(64) and not dg.weight_as_lhs(65)  # None: as with VNNI
+  monkeypatch.undo()
+  real = cpu.flags()
+  try:
+    with open('/proc/cpuinfo') as f:
+      line = next((ln for ln in f if ln.split(':')[0].strip() == 'flags'), None)
+  except OSError:
+    line = None
+  assert real == (None if line is None else frozenset(line.split(':', 1)[1].split()))
 
 
 # ----------------------------------------------------------------------------------- stochastic rounding

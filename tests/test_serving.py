@@ -18,7 +18,7 @@ from qjax.flax import ServingWeight, convert_linen, convert_nnx, quantize_linen,
 from qjax.flax.intercept import pack_int4, unpack_int4
 from qjax.hlo import parse_lowered
 from qjax.ops import inspect_matmuls
-from qjax.ops.dot_general import SWAP_MAX_ROWS
+from qjax.ops.dot_general import weight_as_lhs
 
 RULES = [
     {'module_path': 'conv', 'weight': {'format': 'int8', 'granularity': 'per_channel', 'estimator': 'lsq'},
@@ -153,8 +153,9 @@ class TwoDense(nn.Module):
 @pytest.mark.parametrize('batch', [1, 5, 100])
 def test_served_dense_multiplies_the_stored_transposed_weight(batch):
   """Per-channel Dense kernels are stored transposed, (out, in); the serving forward multiplies them as stored,
-  with no transposed copy: up to SWAP_MAX_ROWS rows with the weight as the GEMM's lhs (decode), more as
-  x . w^T, on the fast kernel on CPU. It equals the QAT evaluation forward bit for bit at every batch."""
+  with no transposed copy: few rows with the weight as the GEMM's lhs (decode; qjax.ops.dot_general
+  .weight_as_lhs says how few on this CPU), more as x . w^T, on the fast kernel on CPU. It equals the QAT
+  evaluation forward bit for bit at every batch."""
   rules = [{'module_path': '.*', 'weight': {'format': 'int8', 'granularity': 'per_channel'}, 'act_static': True,
             'act': {'format': 'int8'}}]
   qm = quantize_linen(TwoDense(), rules)
@@ -173,7 +174,7 @@ def test_served_dense_multiplies_the_stored_transposed_weight(batch):
   rep = inspect_matmuls(serve, sv, x)
   stored = {tuple(sw.qvalue.shape) for sw in kernels.values()}
   assert len(rep.compiled) == len(kernels) and all(m.fast for m in rep.compiled), rep.summary()
-  sides = {(m.lhs_shape if batch <= SWAP_MAX_ROWS else m.rhs_shape) for m in rep.compiled}
+  sides = {(m.lhs_shape if weight_as_lhs(batch) else m.rhs_shape) for m in rep.compiled}
   assert sides == stored, rep.summary()
   text = jax.jit(serve).lower(sv, x).compile().as_text()
   assert not any(f's8[{k},{n}]' in text for n, k in stored), 'a transposed copy of a served weight'

@@ -29,6 +29,8 @@ from experiments.bench.groups import (
 from qjax.ops import config as qconfig
 from qjax.ops import dot_general as qdot_general
 
+NT = (((1,), (1,)), ((), ()))  # (M, K) . (N, K)^T
+
 
 @bench.register('qmatmul')
 def qmatmul_suite(config) -> GroupedSuite:
@@ -44,7 +46,9 @@ def qmatmul_suite(config) -> GroupedSuite:
   and for the small-M shapes (config.small_m rows) also both qjax variants on the other side of the routing
   decision ('contrast'): forced int8 (small_m=0) where rows <= small_m, else routed to float (small_m=rows);
   and two other decode formulations ('contrast'): the f32 dot of the int8 weight converted in the program
-  (dequantize in the matmul) and the int8 product as an int32 multiply-and-reduce (a GEMV without the GEMM)."""
+  (dequantize in the matmul) and the int8 product as an int32 multiply-and-reduce (a GEMV without the GEMM);
+  and the two bare int8 products over the weight stored (N, K) ('reference'), w . x^T and x . w^T, between which
+  qjax.ops.dot_general.weight_as_lhs chooses by rows and CPU."""
 
 
   cfg = qconfig.int8_dynamic(bwd_bits=None)
@@ -106,6 +110,14 @@ def qmatmul_suite(config) -> GroupedSuite:
             lambda x=x, q=wq.qvalue, f=deq: f(x, q), 'contrast', {'inspect': maybe_inspect(config, deq, x, wq.qvalue)})
         variants['int8 GEMV as an int32 reduction'] = Variant(
             lambda a=xq.qvalue, q=wq.qvalue, f=gemv: f(a, q), 'contrast')
+        # The two int8 products over a weight stored (N, K), one row padded to two as qjax pads it: the weight
+        # as the GEMM's lhs or as x . w^T (qjax.ops.dot_general.weight_as_lhs picks one per row count and CPU).
+        xp = xq.qvalue if m > 1 else jnp.pad(xq.qvalue, ((0, 1), (0, 0)))
+        for name, prod in (('w . x^T', lambda a, b: lax.dot_general(b, a, NT, preferred_element_type=jnp.int32)),
+                           ('x . w^T', lambda a, b: lax.dot_general(a, b, NT, preferred_element_type=jnp.int32))):
+          f = jax.jit(prod)
+          variants[f'int8 dot, stored (N, K): {name}'] = Variant(
+              lambda a=xp, b=wt.qvalue, f=f: f(a, b), 'reference', {'inspect': maybe_inspect(config, f, xp, wt.qvalue)})
       variants['int8 dot alone'] = Variant(lambda a=xq.qvalue, b=wq.qvalue, f=i8: f(a, b), 'reference',
                                            {'inspect': maybe_inspect(config, i8, xq.qvalue, wq.qvalue)})
       targets = []

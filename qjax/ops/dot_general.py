@@ -31,6 +31,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 
 from qjax import calibration, formats, quantizers
 from qjax import granularity as gran
+from qjax.ops import cpu
 from qjax.ops.config import DotConfig, MatmulConfig
 from qjax.spec import QuantSpec
 
@@ -215,6 +216,28 @@ def min_free() -> int:
 # Past SWAP_MAX_ROWS the stored weight is the GEMM's rhs, x . w^T (the MLP's serving forward at batch 256 and
 # 1024 then runs at 0.17x / 0.18x of float, as it did with row-major weights: 0.15x / 0.17x).
 SWAP_MAX_ROWS = 64
+# On a CPU without int8 dot-product instructions (AVX2 alone: qjax.ops.cpu) the fewest rows go the other way
+# round, x . w^T over the weight as stored. Time ratios of x (M, K) . w^T to w (N, K) . x^T, s8 x s8 -> s32 (one
+# row padded to two), one pinned core, process clock, AMD EPYC Zen 3 (AVX2), jax 0.12.0.1, 2026-12-06 (the
+# qmatmul suite's references 'int8 dot, stored (N, K): ...', `python -m experiments.bench
+# --config=configs/bench_qmatmul.py "--config.squares=()" "--config.small_m=(1,2,4,8)" "--config.mlp_shapes=
+# ('1x784x2048',...)"`, docs/benchmarks.md):
+#   K x N          M = 1     2       4       8
+#   784 x 2048     0.48x     0.62x   0.69x   1.06x
+#   2048 x 2048    0.57x     0.57x   0.73x   1.11x
+#   4096 x 4096    0.78x     0.75x   0.97x   1.40x
+# With VNNI the weight as the lhs won from one row on (the Xeon table above); x . w^T was not timed there at few
+# rows, so the rule applies without VNNI only.
+FEW_ROWS_WITHOUT_VNNI = 4
+
+
+def weight_as_lhs(m: int) -> bool:
+  """Whether m rows against a 2-D int8 weight stored (N, K) and contracted along K run as w . x^T, the weight as
+  the GEMM's lhs (else as x . w^T): up to SWAP_MAX_ROWS rows, but for the first FEW_ROWS_WITHOUT_VNNI rows on a
+  CPU without int8 dot-product instructions."""
+  if m > SWAP_MAX_ROWS:
+    return False
+  return not (m <= FEW_ROWS_WITHOUT_VNNI and cpu.int8_dot_product() is False)
 
 
 def _minor_contracted(a, b, dims: Dims, rhs_minor: int | None) -> bool:
@@ -229,17 +252,18 @@ def _minor_contracted(a, b, dims: Dims, rhs_minor: int | None) -> bool:
 
 
 def _weight_lhs_dot(a, b, rc: int, acc_t, min_rows: int) -> jax.Array:
-  """a (..., K) . b (K at dim rc of 2-D b, b's minor dim in memory) with b as stored, (N, K): up to
-  SWAP_MAX_ROWS rows of a as (b' . a2^T)^T, the weight as the GEMM's lhs; more as a2 . b'^T. Written out
+  """a (..., K) . b (K at dim rc of 2-D b, b's minor dim in memory) with b as stored, (N, K): as (b' . a2^T)^T,
+  the weight as the GEMM's lhs, where `weight_as_lhs` says so (few rows), else as a2 . b'^T. Written out
   rather than left to XLA, whose transpose folding on a transposed view gives a dot XLA:CPU up-casts to s32."""
   bt = jnp.transpose(b) if rc == 0 else b                        # (N, K); cancels a stored transpose
   a2 = a.reshape(-1, a.shape[-1])                                # (M, K)
   m = a2.shape[0]
   nt = (((1,), (1,)), ((), ()))
-  if m > SWAP_MAX_ROWS:
-    return lax.dot_general(a2, bt, nt, preferred_element_type=acc_t).reshape(*a.shape[:-1], bt.shape[0])
   if m < min_rows:
     a2 = lax.pad(a2, jnp.zeros((), a2.dtype), [(0, min_rows - m, 0), (0, 0, 0)])
+  if not weight_as_lhs(m):
+    out = lax.dot_general(a2, bt, nt, preferred_element_type=acc_t)[:m]   # (M, N)
+    return out.reshape(*a.shape[:-1], bt.shape[0])
   out = lax.dot_general(bt, a2, nt, preferred_element_type=acc_t)    # (N, M)
   # The barrier keeps XLA from folding the transpose back into the dot (which restores the slower form).
   out = lax.optimization_barrier(out)[:, :m]
