@@ -26,7 +26,9 @@ Targets (time ratios to float): QAT int8 forward <= 0.75x, QAT fake-quant <= 1.1
 0.86x, Qwix PTQ forward 0.30x, AQT int8-forward 0.88x, AQT fully quantized 2.8x, Qwix fully quantized 1.8-1.9x.
 Expected (Intel Xeon with VNNI, 2026-12-05): matmul shares of 54-99% of the float programs (39% for the
 char-LM's page-faulting forward at 256 sequences), bare int8 kernels at 0.11-0.22x on the models' own shapes
-(0.51x at LeNet-5's batch 1, 2.2x for the MLP's single row), bounds of 0.12x (MLP serving) to 0.57x.
+(0.51x at LeNet-5's batch 1, 2.2x for the MLP's single row), bounds of 0.12x (MLP serving) to 0.57x. On an
+AVX2-only AMD Zen 3 (2026-12-06): bare int8 kernels at 0.20-0.87x, bounds of 0.36x to 0.90x, the MLP's one-row
+serving at 0.66-0.73x and its int8 training step at 0.83x (91% of its bound's saving).
 Takes ~15 min (one model: --config.models="('char_lm',)").
 """
 

@@ -223,9 +223,9 @@ SWAP_MAX_ROWS = 64
 # --config=configs/bench_qmatmul.py "--config.squares=()" "--config.small_m=(1,2,4,8)" "--config.mlp_shapes=
 # ('1x784x2048',...)"`, docs/benchmarks.md):
 #   K x N          M = 1     2       4       8
-#   784 x 2048     0.48x     0.62x   0.69x   1.06x
-#   2048 x 2048    0.57x     0.57x   0.73x   1.11x
-#   4096 x 4096    0.78x     0.75x   0.97x   1.40x
+#   784 x 2048     0.51x     0.50x   0.67x   1.09x
+#   2048 x 2048    0.55x     0.52x   0.85x   1.12x
+#   4096 x 4096    0.85x     0.76x   0.94x   1.29x
 # With VNNI the weight as the lhs won from one row on (the Xeon table above); x . w^T was not timed there at few
 # rows, so the rule applies without VNNI only.
 FEW_ROWS_WITHOUT_VNNI = 4
