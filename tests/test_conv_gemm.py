@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qjax import QuantSpec, ops
+from qjax import QuantSpec, ops, quantizers
 from qjax.ops import DotConfig, MatmulConfig
 
 conv = importlib.import_module('qjax.ops.conv')
@@ -176,7 +176,10 @@ def test_conv_bench_suite_runlocal(tmp_path):
   one, six = data['groups']
   assert set(one['results']) == {'f32 conv', 'XLA int8 conv', 'patches + int8 dot', 'patches + int8 dot, one chunk',
                                  'patches in one stage + int8 dot', 'patches in two stages + int8 dot',
-                                 'patches alone', 'int8 conv, features padded to 32'}
+                                 'patches alone', 'int8 conv, features padded to 32',
+                                 'f32 kernel gradient, XLA conv', 'f32 kernel gradient, patches^T . g'}
+  # runlocal's convs have 1 and 6 input features: their float kernel gradient stays XLA's conv
+  assert one['meta']['float_kernel_grad_route'] == six['meta']['float_kernel_grad_route'] == 'XLA conv'
   assert one['meta']['two_stage_patches'] and not six['meta']['two_stage_patches']  # 5x5 and 3x3 kernels
   assert one['meta']['xla_slow_reason'] is None and one['meta']['auto_route'] == 'patches + int8 dot'  # small
   assert six['meta']['xla_slow_reason'] and six['meta']['auto_route'] == 'patches + int8 dot'
@@ -188,3 +191,39 @@ def test_conv_bench_suite_runlocal(tmp_path):
   padded = six['results']['int8 conv, output features padded to 17']['info']['inspect']
   assert padded['int8'] == padded['int8_fast'] == 1
   assert six['results']['XLA int8 conv']['info']['inspect']['int8_fast'] == 0
+
+
+FLOAT_KG_CASES = {  # input, kernel, strides, padding, dimension numbers, patch route expected
+    'resnet 16->16 3x3': ((6, 10, 10, 16), (3, 3, 16, 16), (1, 1), 'SAME', NHWC, True),
+    'strided nchw 16->8 3x3': ((5, 16, 9, 9), (8, 16, 3, 3), (2, 2), 'SAME', ('NCHW', 'OIHW', 'NCHW'), True),
+    'lenet conv2 6->16 5x5': ((4, 14, 14, 6), (5, 5, 6, 16), (1, 1), 'VALID', NHWC, False),
+}
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU routing')
+@pytest.mark.parametrize('name', list(FLOAT_KG_CASES))
+def test_float_kernel_gradient_runs_as_patches_where_chosen(name):
+  """QAT with a float backward: the kernel gradient of a 3x3 conv over >= 16 input features runs as f32
+  patches^T . g (a dot, where XLA's transpose conv is up to 6x slower: qjax.ops.conv.float_kernel_grad_by_patches),
+  a 5x5 conv of 6 features keeps XLA's conv. Either way it equals the float kernel gradient of the fake-quantized
+  conv (the STE passes it to w, whose absmax grid holds every value) to f32 rounding."""
+  xs, ws, st, pad, dnums, patched = FLOAT_KG_CASES[name]
+  s = QuantSpec(format='int8', granularity='per_channel', po2_scale=True)
+  cfg = DotConfig(fwd=MatmulConfig(s, s, 'auto'))  # dlhs, drhs: float
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(ws), jnp.float32)
+  f = lambda x, w: ops.conv_general_dilated(x, w, st, pad, dimension_numbers=dnums, config=cfg)
+  y, vjp = jax.vjp(f, x, w)
+  g = jnp.cos(y)
+  got = jax.jit(lambda x, w, g: jax.vjp(f, x, w)[1](g)[1])(x, w, g)
+  ldn = jax.lax.conv_dimension_numbers(xs, ws, dnums)
+  x_hat = quantizers.fake_quant(x, s.replace(axis=ldn.lhs_spec[0]))
+  w_hat = quantizers.fake_quant(w, s.replace(axis=ldn.rhs_spec[0]))
+  want = jax.vjp(lambda w: jax.lax.conv_general_dilated(x_hat, w, st, pad, dimension_numbers=dnums), w_hat)[1](g)[0]
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+  cp = conv.conv_params(xs, ws, st, pad, None, None, dnums)
+  assert conv.float_kernel_grad_by_patches(cp, xs, ws) is patched
+  rep = ops.inspect_matmuls(lambda x, w, g: jax.vjp(f, x, w)[1](g)[1], x, w, g)
+  drhs = [(m.op, m.category) for m in rep.lowered if 'drhs' in m.op_name]
+  assert drhs == ([('dot', 'f32')] if patched else [('conv', 'f32')]), rep.summary()

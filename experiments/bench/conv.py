@@ -7,7 +7,8 @@ conv forward of that shape: XLA's int8 conv (s8 x s8 -> s32; up-cast to s32 by X
 qjax.ops.conv_gemm.conv (k*k shifted slices of the padded input, then one int8 matmul, a chunk of examples at a
 time), the same with the whole batch in one chunk (and with config.chunk_examples examples per chunk), with the
 patches built in one stage and in two (k_w shifts, then k_h shifts of those; conv_gemm.patches), and the
-patch construction of the whole batch alone (what the one-chunk lowering pays before its matmul). The
+patch construction of the whole batch alone (what the one-chunk lowering pays before its matmul), and the f32
+kernel gradient (a QAT step's float backward) as XLA's transpose conv and as f32 patches^T . g. The
 measurements behind qjax.ops.conv_gemm.CHUNK_PATCH_BYTES and TWO_STAGE_MIN_TAPS and qjax.ops.conv.cpu_slow_reason
 come from this suite.
 """
@@ -75,6 +76,13 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
       f'int8 conv, features padded to {c32}': Variant(lambda: pad_conv(xq, wq), 'reference',
                                                       {'inspect': maybe_inspect(config, pad_conv, xq, wq)}),
   }
+  # The float kernel gradient (a QAT step's float backward): XLA's transpose conv against the patch route in f32
+  # (the measurements behind qjax.ops.conv.float_kernel_grad_by_patches).
+  g = jnp.asarray(rng.standard_normal(f32(x, w).shape), jnp.float32)
+  kg_xla = jax.jit(lambda x, g: jax.vjp(lambda w: cp.conv(x, w), w)[1](g)[0])
+  kg_patches = jax.jit(lambda x, g: conv_gemm.kernel_grad(x, g, cp, (k, k), acc_t=jnp.float32))
+  variants['f32 kernel gradient, XLA conv'] = Variant(lambda: kg_xla(x, g), 'reference')
+  variants['f32 kernel gradient, patches^T . g'] = Variant(lambda: kg_patches(x, g), 'reference')
   slow = qconv.cpu_slow_reason(cp, x.shape, w.shape)
   if slow:
     variants[f'int8 conv, output features padded to {o17}'] = Variant(
@@ -84,7 +92,9 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
           'patch_bytes': qconv.patch_bytes(cp, x.shape, w.shape),
           'chunk_examples': conv_gemm.batch_chunk(x.shape, 1, cp, (k, k)),
           'two_stage_patches': k * k >= conv_gemm.TWO_STAGE_MIN_TAPS,
-          'auto_route': route[qconv.cpu_int_route('auto', cp, x.shape, w.shape)]}
+          'auto_route': route[qconv.cpu_int_route('auto', cp, x.shape, w.shape)],
+          'float_kernel_grad_route': ('patches^T . g' if qconv.float_kernel_grad_by_patches(cp, x.shape, w.shape)
+                                      else 'XLA conv')}
   return Group(f'conv {b}x{h}x{h} {cin}->{cout} {k}x{k}', variants, 'f32 conv', meta)
 
 

@@ -419,6 +419,8 @@ def qconv(a, b, cp: ConvParams, mcfg: MatmulConfig, *, where: str, a_qparams=Non
   aspec = resolve_conv_spec(mcfg.lhs, a.shape, cp.dnums.lhs_spec[0], f'{where}.lhs')
   bspec = resolve_conv_spec(mcfg.rhs, b.shape, cp.dnums.rhs_spec[0], f'{where}.rhs')
   if aspec is None and bspec is None:
+    if fwd_params is not None and float_kernel_grad_by_patches(fwd_params, a.shape, kernel_shape):
+      return _float_patch_kernel_grad(a, b, fwd_params, kernel_shape, out_dtype)
     return cp.conv(a, b, jnp.float32).astype(out_dtype)
   ka, kb = (None, None) if key is None else jax.random.split(key)
   mode = choose_mode(mcfg, aspec, bspec, where, cp, a.shape, b.shape)
@@ -446,6 +448,41 @@ def _kernel_grad_by_patches(mcfg: MatmulConfig, aspec, bspec, fwd: ConvParams, l
   if aspec.scheme != 'symmetric' or bspec.scheme != 'symmetric' or not conv_gemm.supported(fwd, lhs_shape):
     return False
   return mcfg.mode != 'fake' and cpu_int_route(mcfg.mode, fwd, lhs_shape, kernel_shape) == 'gemm'
+
+
+# A float kernel gradient (drhs without quantization: a QAT step's float backward) is, by JAX's transpose rule, a
+# conv whose window is the output's size with the batch as its contraction; XLA:CPU runs it slowly where the
+# input has many features. The same patches^T . g as the int8 route (qjax.ops.conv_gemm.kernel_grad), in f32, is
+# faster there. Time ratios of patches^T . g to XLA's kernel-gradient conv, f32, batch 256, NHWC, SAME, one
+# pinned core, process clock, AMD EPYC Zen 3 (AVX2), jax 0.12.0.1, 2026-12-06 (the conv suite's 'f32 kernel
+# gradient' references, `python -m experiments.bench --config=configs/bench_conv.py`, docs/benchmarks.md):
+#   H, C_in -> C_out, k      patches^T . g / XLA
+#   28, 16 -> 16, 3x3        0.17x
+#   14, 32 -> 32, 3x3        0.67x
+#   28, 1 -> 6, 5x5          1.23x (XLA faster)
+#   14, 6 -> 16, 5x5         1.21x (XLA faster)
+# (an ad-hoc run of the same functions: 28, 16 -> 32, 3x3 stride 2: 0.41x; 7, 64 -> 64, 3x3: 0.60x). Not yet
+# timed on a CPU with AVX-512.
+FLOAT_KERNEL_GRAD_MIN_FEATURES = 16
+
+
+def float_kernel_grad_by_patches(fwd: ConvParams, lhs_shape, kernel_shape) -> bool:
+  """Whether the float kernel gradient of the conv fwd runs as f32 patches^T . g: on CPU, where the lowering
+  covers the conv, for kernels of fewer than conv_gemm.TWO_STAGE_MIN_TAPS taps and inputs of at least
+  FLOAT_KERNEL_GRAD_MIN_FEATURES features (the shapes measured faster above)."""
+  if jax.default_backend() != 'cpu' or kernel_shape is None or not conv_gemm.supported(fwd, lhs_shape):
+    return False
+  rhs_spec = fwd.dnums.rhs_spec
+  taps = int(np.prod([kernel_shape[d] for d in rhs_spec[2:]]))
+  return 1 < taps < conv_gemm.TWO_STAGE_MIN_TAPS and lhs_shape[fwd.dnums.lhs_spec[1]] >= FLOAT_KERNEL_GRAD_MIN_FEATURES
+
+
+def _float_patch_kernel_grad(a, g, fwd: ConvParams, kernel_shape, out_dtype):
+  """dw = patches(a)^T . g in f32, in the kernel's layout."""
+  rhs_spec = fwd.dnums.rhs_spec
+  k_sp = tuple(kernel_shape[d] for d in rhs_spec[2:])
+  dw = conv_gemm.kernel_grad(a.astype(jnp.float32), g.astype(jnp.float32), fwd, k_sp, acc_t=jnp.float32)
+  return jnp.transpose(dw, tuple(np.argsort((*rhs_spec[2:], rhs_spec[1], rhs_spec[0])))).astype(out_dtype)
 
 
 def _patch_kernel_grad(a, g, aspec, gspec, fwd: ConvParams, kernel_shape, a_qparams, g_qparams, ka, kg, out_dtype):
