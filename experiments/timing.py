@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import jax
 
 from experiments import version
+from qjax.ops import cpu
 
 # Environment variables that change malloc's behaviour and therefore page-fault counts and timings.
 MALLOC_ENV = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_ARENA_MAX', 'MALLOC_TOP_PAD_',
@@ -162,8 +163,7 @@ def simd_warning(cpu_flags, platform: str) -> str | None:
   speed-up measured here (docs/benchmarks.md). None on accelerators or with VNNI / AMX."""
   if platform != 'cpu':
     return None
-  flags = set(cpu_flags)
-  if flags & {'avx512_vnni', 'avx_vnni', 'amx_int8'}:
+  if set(cpu_flags) & cpu.INT8_DOT_FLAGS:
     return None
   return ('this CPU has no VNNI (avx512_vnni / avx_vnni) or AMX: XLA:CPU\'s int8 GEMM runs at ~1.2-1.55x f32 on '
           'AVX2 alone (3.4-4.1x with VNNI), so int8 speed-ups here are bounded by that; compare quantized rows '

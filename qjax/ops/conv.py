@@ -461,8 +461,7 @@ def _kernel_grad_by_patches(mcfg: MatmulConfig, aspec, bspec, fwd: ConvParams, l
 #   14, 32 -> 32, 3x3        0.67x
 #   28, 1 -> 6, 5x5          1.23x (XLA faster)
 #   14, 6 -> 16, 5x5         1.21x (XLA faster)
-# (an ad-hoc run of the same functions: 28, 16 -> 32, 3x3 stride 2: 0.41x; 7, 64 -> 64, 3x3: 0.60x). Not yet
-# timed on a CPU with AVX-512.
+# Not yet timed on a CPU with AVX-512.
 FLOAT_KERNEL_GRAD_MIN_FEATURES = 16
 
 
