@@ -187,23 +187,26 @@ def test_e2e_mlp_runlocal(tmp_path, capsys):
   # The bare groups: the float program's matmuls alone. 784-32-10: two forward dots; the step adds dW of both
   # layers and dx of the second (not of the input).
   assert (train_bare['name'], serve_bare['name']) == ('mlp train b8 bare', 'mlp serve b8 bare')
-  assert list(train_bare['results']) == [kernels.FLOAT, kernels.INT8] and train_bare['baseline'] == kernels.FLOAT
+  assert list(train_bare['results']) == list(kernels.BARE) and train_bare['baseline'] == kernels.FLOAT
   assert (serve_bare['meta']['bare']['dots'], train_bare['meta']['bare']['dots']) == (2, 5)
   # The bound holds for the variants whose every matmul is int8: not for the QAT steps (float backward).
   for g, of, quantized in ((train_bare, train, ['int8 training (fwd + bwd int8)']),
                            (serve_bare, serve, ['PTQ int8 serving'])):
     bare, res = g['meta']['bare'], g['results']
     assert bare['of'] == of['name']
-    assert res[kernels.INT8]['info']['inspect']['int8_fast'] == bare['dots']  # every bare GEMM on the fast kernel
+    for form in kernels.INT8_FORMS:  # every bare GEMM on the fast kernel, in each layout
+      assert res[form]['info']['inspect']['int8_fast'] == bare['dots'], form
     share = res[kernels.FLOAT]['median_s'] / of['results'][of['baseline']]['median_s']
-    assert bare['share'] == pytest.approx(share) and bare['kernel'] == pytest.approx(res[kernels.INT8]['ratio'])
-    assert bare['bound'] == pytest.approx(1 - share + share * res[kernels.INT8]['ratio'])
+    fastest = min(res[f]['ratio'] for f in kernels.INT8_FORMS)  # the bare kernel: the fastest layout
+    assert bare['share'] == pytest.approx(share) and bare['kernel'] == pytest.approx(fastest)
+    assert bare['kernel'] == pytest.approx(res[bare['kernel_form']]['ratio'])
+    assert bare['bound'] == pytest.approx(1 - share + share * fastest)
     assert bare['quantized'] == {n: pytest.approx(of['results'][n]['ratio']) for n in quantized}
   md = (tmp_path / 'bench.md').read_text()
   assert '| mlp serve b8 | 2 + 0 |' in md
   bare = serve_bare['meta']['bare']
-  assert (f"e2e / mlp serve b8 bare: int8 GEMMs alone {bare['kernel']:.2f}x; bound {bare['bound']:.2f}x "
-          f"(matmuls {bare['share']:.0%} of float") in out  # the bound as the run goes
+  assert (f"; bound {bare['bound']:.2f}x (matmuls {bare['share']:.0%} of float, bare int8 kernel "
+          f"{bare['kernel']:.2f}x, {bare['kernel_form']})") in out  # the bound as the run goes
 
 
 def test_e2e_char_lm_runlocal(tmp_path):
@@ -333,16 +336,19 @@ def test_markdown_bound_table_and_target_column():
   all_int8 = {'inspect': {'matmuls': 5, 'int8': 5}}  # the bound applies to q
   group = Group('g', {'f32': Variant(noop, 'baseline'), 'q': Variant(noop, info=all_int8)}, 'f32',
                 targets=(Target('q', 0.3, 'q'),))
-  bare = Group('g bare', {kernels.FLOAT: Variant(noop, 'baseline'), kernels.INT8: Variant(noop, 'reference')},
+  times = {kernels.FLOAT: 1.6, kernels.INT8: 0.8, kernels.INT8_NT: 0.4, kernels.INT8_TN: 0.6}
+  bare = Group('g bare', {n: Variant(noop, 'baseline' if n == kernels.FLOAT else 'reference') for n in times},
                kernels.FLOAT, {'bare': {'of': 'g', 'dots': 3, 'convs': 2}})
   g = groups.group_result({'f32': stats(2.0, 2.0, 2.0), 'q': stats(1.4, 1.4, 1.4)}, group)
-  gb = groups.group_result({kernels.FLOAT: stats(1.6, 1.6, 1.6), kernels.INT8: stats(0.4, 0.4, 0.4)}, bare)
+  gb = groups.group_result({n: stats(t, t, t) for n, t in times.items()}, bare)
   kernels.annotate([g, gb])
   result = {'suite': 's', 'warnings': [], 'groups': [g, gb], 'targets': groups.check_targets(group, g), 'flags': [],
             'records': {}, 'machine': {'cpu_model': 'x'}, 'command': 'c'}
   md = markdown.result_markdown(result)
-  # share 1.6 / 2 = 0.8, kernel 0.25, bound 0.2 + 0.2 = 0.4: q at 0.7 keeps 0.3 of the 0.6 saving the bound allows.
-  assert '| g | 3 + 2 | 80% | 0.25x | 0.40x | q 0.70x (50%) |' in md
+  # share 1.6 / 2 = 0.8, kernel 0.4 / 1.6 = 0.25 (x . w^T, the fastest layout), bound 0.2 + 0.2 = 0.4: q at 0.7
+  # keeps 0.3 of the 0.6 saving the bound allows.
+  assert gb['meta']['bare']['kernel_form'] == kernels.INT8_NT
+  assert '| g | 3 + 2 | 80% | 0.25x (x . w^T) | 0.40x | q 0.70x (50%) |' in md
   assert '| g | q | q | <= 0.3x | 0.70x | NOT met | 0.40x |' in md
 
 

@@ -70,12 +70,24 @@ def test_bare_programs_replay_each_op_and_compute_exact_int8_gemms():
   assert float(g(ints)) == total  # integer sums below 2**24: exact in f32
   drawn = np.concatenate([np.asarray(a, np.int32).ravel() for xs in ints for a in xs])
   assert (drawn.min(), drawn.max()) == (-127, 127)  # the symmetric int8 grid, both edges drawn
+  # The weight stored (N, K): the same GEMMs as x . w^T -> (M, N) and as w . x^T -> (N, M), on one set of operands.
+  nt, (nt_ints,) = progs['int8_nt']
+  tn, (tn_ints,) = progs['int8_tn']
+  assert tn_ints is nt_ints
+  want = {'nt': 0, 'tn': 0}
+  for (x, w), (b, m, k, n) in zip(nt_ints, shapes, strict=True):
+    assert x.dtype == w.dtype == jnp.int8
+    assert x.shape == ((b, m, k) if b > 1 else (m, k)) and w.shape == ((b, n, k) if b > 1 else (n, k))
+    x64, w64 = np.asarray(x, np.int64), np.asarray(w, np.int64)
+    want['nt'] += int(np.matmul(x64, np.swapaxes(w64, -1, -2)).reshape(-1)[0])
+    want['tn'] += int(np.matmul(w64, np.swapaxes(x64, -1, -2)).reshape(-1)[0])
+  assert (float(nt(nt_ints)), float(tn(tn_ints))) == (want['nt'], want['tn'])
 
 
 def test_bare_program_keeps_every_op():
   """Each op of the chain is in the compiled program: none is dead code, none merged with another."""
   ops = kernels.matmul_ops(jax.jit(_program), *ARGS)
-  for name in ('float', 'int8'):
+  for name in ('float', 'int8', 'int8_nt', 'int8_tn'):
     f, args = kernels.bare_programs(ops)[name]
     hlo = f.lower(*args).compile().as_text()
     assert hlo.count('convolution(') + hlo.count('dot(') == 5, name
@@ -115,3 +127,15 @@ def test_annotate_bound_and_kept_by_hand():
   orphan = _group('o bare', {kernels.FLOAT: 1.0, kernels.INT8: 0.2}, BARE_ROLES, kernels.FLOAT, {'bare': {'of': 'x'}})
   kernels.annotate([orphan])  # the group it measures is not in the run: nothing to relate it to
   assert 'bound' not in orphan['meta']['bare']
+
+
+def test_a_single_row_gets_a_second_zero_row_in_the_int8_gemms():
+  """A matrix-vector product runs on XLA:CPU's slow fallback; qjax pads it to two rows, and so does the bare
+  kernel, so a decode program's bound is the int8 GEMM qjax can run (on other backends min_free() is 0)."""
+  x, w = jnp.ones((1, 24)), jnp.ones((24, 1))
+  ops = kernels.matmul_ops(lambda x, w: x @ w, x, w)
+  progs = kernels.bare_programs(ops)
+  least = kernels._qdot.min_free()
+  assert progs['float'][1][0][0][0].shape == (1, 24)  # the float replay as the program states it
+  assert [a.shape for a in progs['int8'][1][0][0]] == [(max(1, least), 24), (24, max(1, least))]
+  assert [a.shape for a in progs['int8_nt'][1][0][0]] == [(max(1, least), 24), (max(1, least), 24)]

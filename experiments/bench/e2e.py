@@ -143,9 +143,10 @@ def bare_group(config, of: str, fn, *args) -> Group | None:
   ops = kernels.matmul_ops(fn, *args)
   progs = kernels.bare_programs(ops, config.get('seed', 0))
   variants = {}
-  for name, key, role in ((kernels.FLOAT, 'float', 'baseline'), (kernels.INT8, 'int8', 'reference')):
+  for name, key in kernels.BARE.items():
     f, a = progs[key]
-    variants[name] = Variant(lambda f=f, a=a: f(*a), role, {'inspect': maybe_inspect(config, f, *a)})
+    variants[name] = Variant(lambda f=f, a=a: f(*a), 'baseline' if name == kernels.FLOAT else 'reference',
+                             {'inspect': maybe_inspect(config, f, *a)})
   return Group(f'{of} bare', variants, kernels.FLOAT, {'bare': {'of': of, **kernels.summary(ops)}})
 
 

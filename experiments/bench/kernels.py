@@ -7,7 +7,12 @@ shapes in two programs:
   'int8'    each op's arithmetic as one int8 x int8 -> int32 GEMM, (B, M, K) . (B, K, N), operands laid out
             row-major for the fast kernel. A conv's GEMM is its im2col product with
                 M = out size / out features,   K = kernel size / out features,   N = out features
-            (2 M K N = the conv's flops), without building any patches.
+            (2 M K N = the conv's flops), without building any patches. A single row (or column) gets a
+            second, zero one, as qjax's int8 dots on CPU do (qjax.ops.dot_general.min_free).
+  'int8_nt', 'int8_tn'   the same GEMMs with the weight stored (N, K), the way qjax serves a Dense kernel:
+            x . w^T -> (M, N) and w . x^T -> (N, M). Which of the three layouts is fastest depends on the CPU and
+            on M: with few rows an AVX2 CPU runs x . w^T fastest and a VNNI CPU w . x^T (qjax.ops.dot_general
+            chooses by the same measurements), so the bare kernel is the fastest of the three.
 Ops whose lhs has the same shape share one lhs array (in the model an op's input is usually the output of the one
 before, so in cache when it is small) and each has its own rhs (XLA would merge two identical ops into one).
 The two are timed side by side in a group of their own, after the group of the float program and its quantized
@@ -15,7 +20,7 @@ versions: interleaved with those, they slowed the float program 1.8x; and a floa
 them ran at 1.1 s where its own group measured 0.65 s (the ResNet's). With T = the float program's median time in
 its group:
     matmul share       s = time('float') / T                the part of the float program int8 could speed up
-    bare int8 kernel   r = time('int8') / time('float')     what the hardware's int8 GEMM gives on these shapes
+    bare int8 kernel   r = min(time('int8*')) / time('float')   what the hardware's int8 GEMM gives on these shapes
     bound              1 - s + s * r                        the quantized program's time ratio if everything else
                                                             (norms, softmax, elementwise, quantization) cost
                                                             what it costs in float and the matmuls ran at r
@@ -28,6 +33,7 @@ the share is then over 100% and the bound says nothing.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from typing import Any
 
@@ -35,6 +41,8 @@ import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 from jax import lax
+
+_qdot = importlib.import_module('qjax.ops.dot_general')  # the module (qjax.ops.dot_general is the function)
 
 MATMUL_PRIMITIVES = ('dot_general', 'conv_general_dilated')
 
@@ -106,14 +114,41 @@ def _draw(key, shape, dtype) -> jax.Array:
   return jax.random.normal(key, shape, dtype)
 
 
-def _gemm_shapes(op: MatmulOp) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _int8_gemm_dims(op: MatmulOp) -> tuple[int, int, int, int]:
+  """(B, M, K, N) of the op's int8 GEMM: M and N at least qjax's min_free() (2 on CPU, where XLA's fast kernel
+  refuses a matrix-vector product; qjax's int8 dots pad a single row the same way), so a one-row program's
+  bound uses the int8 GEMM qjax can run, not the slow fallback."""
   b, m, k, n = op.gemm()
+  least = _qdot.min_free()
+  return b, max(m, least), k, max(n, least)
+
+
+def _gemm_shapes(op: MatmulOp) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  b, m, k, n = _int8_gemm_dims(op)
   return ((b, m, k), (b, k, n)) if b > 1 else ((m, k), (k, n))
 
 
+def _nt_shapes(op: MatmulOp) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(x, w) shapes with the weight stored (N, K): (B, M, K), (B, N, K) (no B when it is 1)."""
+  b, m, k, n = _int8_gemm_dims(op)
+  return ((b, m, k), (b, n, k)) if b > 1 else ((m, k), (n, k))
+
+
 def _int8_gemm(lhs, rhs):
+  """(B, M, K) . (B, K, N) -> (B, M, N) int32."""
   batch = ((0,), (0,)) if lhs.ndim == 3 else ((), ())
   return lax.dot_general(lhs, rhs, (((lhs.ndim - 1,), (lhs.ndim - 2,)), batch), preferred_element_type=jnp.int32)
+
+
+def _int8_gemm_nt(x, w):
+  """x . w^T: (B, M, K) . (B, N, K) -> (B, M, N) int32."""
+  batch = ((0,), (0,)) if x.ndim == 3 else ((), ())
+  return lax.dot_general(x, w, (((x.ndim - 1,), (w.ndim - 1,)), batch), preferred_element_type=jnp.int32)
+
+
+def _int8_gemm_tn(x, w):
+  """w . x^T: (B, N, K) . (B, M, K) -> (B, N, M) int32."""
+  return _int8_gemm_nt(w, x)
 
 
 def _chain(ops_fn, operands):
@@ -131,21 +166,23 @@ def _chain(ops_fn, operands):
 
 
 def bare_programs(ops: list[MatmulOp], seed: int = 0) -> dict[str, tuple[Any, tuple]]:
-  """{'float': (jitted fn, args), 'int8': (jitted fn, args)}: every op `count` times (a scan's op once per
-  iteration, with a rhs of its own each time), one after the other (`_chain`)."""
+  """{'float' | 'int8' | 'int8_nt' | 'int8_tn': (jitted fn, args)} (module docstring): every op `count` times (a
+  scan's op once per iteration, with a rhs of its own each time), one after the other (`_chain`)."""
   ops = [op for op in ops for _ in range(op.count)]
   aval = lambda a: (tuple(a.shape), a.dtype)
   float_args = _operands(ops, seed, lambda op: aval(op.in_avals[0]), lambda op: aval(op.in_avals[1]))
   int8_args = _operands(ops, seed, lambda op: (_gemm_shapes(op)[0], jnp.int8),
                         lambda op: (_gemm_shapes(op)[1], jnp.int8))
+  nt_args = _operands(ops, seed, lambda op: (_nt_shapes(op)[0], jnp.int8), lambda op: (_nt_shapes(op)[1], jnp.int8))
 
   def float_fn(operands):
     return _chain(lambda i, a, b: ops[i].primitive.bind(a, b, **ops[i].params), operands)
 
-  def int8_fn(operands):
-    return _chain(lambda i, a, b: _int8_gemm(a, b), operands)
+  def int8_fn(gemm):
+    return jax.jit(lambda operands: _chain(lambda i, a, b: gemm(a, b), operands))
 
-  return {'float': (jax.jit(float_fn), (float_args,)), 'int8': (jax.jit(int8_fn), (int8_args,))}
+  return {'float': (jax.jit(float_fn), (float_args,)), 'int8': (int8_fn(_int8_gemm), (int8_args,)),
+          'int8_nt': (int8_fn(_int8_gemm_nt), (nt_args,)), 'int8_tn': (int8_fn(_int8_gemm_tn), (nt_args,))}
 
 
 def summary(ops: list[MatmulOp]) -> dict[str, Any]:
@@ -157,6 +194,11 @@ def summary(ops: list[MatmulOp]) -> dict[str, Any]:
 
 FLOAT = 'float matmuls alone'
 INT8 = 'int8 GEMMs alone'
+INT8_NT = 'int8 GEMMs alone, x . w^T'
+INT8_TN = 'int8 GEMMs alone, w . x^T'
+# The bare group's variants: name -> bare_programs key.
+BARE = {FLOAT: 'float', INT8: 'int8', INT8_NT: 'int8_nt', INT8_TN: 'int8_tn'}
+INT8_FORMS = (INT8, INT8_NT, INT8_TN)
 
 
 def all_int8(result: dict[str, Any]) -> bool:
@@ -172,16 +214,18 @@ def annotate(groups: list[dict[str, Any]]) -> None:
   and the bound (module docstring), and per quantized variant of the 'of' group that runs every matmul in int8
   (`all_int8`; the bound is not one for a QAT step whose backward stays float) its ratio and `kept`, the share of
   the time saving the bound allows that the variant achieves, (1 - ratio) / (1 - bound) (nan when the bound is 1
-  or more)."""
+  or more). The bare kernel is the fastest of the int8 layouts timed (INT8_FORMS), named in 'kernel_form'."""
   by_name = {g['name']: g for g in groups}
   for g in groups:
     bare, res = g['meta'].get('bare'), g['results']
     of = by_name.get((bare or {}).get('of'))
-    if not bare or of is None or FLOAT not in res or INT8 not in res:
+    forms = [f for f in INT8_FORMS if f in res]
+    if not bare or of is None or FLOAT not in res or not forms:
       continue
+    form = min(forms, key=lambda f: res[f]['median_s'])
     s = res[FLOAT]['median_s'] / of['results'][of['baseline']]['median_s']
-    r = res[INT8]['median_s'] / res[FLOAT]['median_s']
+    r = res[form]['median_s'] / res[FLOAT]['median_s']
     b = 1.0 - s + s * r
-    bare.update(share=s, kernel=r, bound=b)
+    bare.update(share=s, kernel=r, bound=b, kernel_form=form)
     bare['quantized'] = {n: r['ratio'] for n, r in of['results'].items() if r['role'] == 'quantized' and all_int8(r)}
     bare['kept'] = {n: (1.0 - r) / (1.0 - b) if b < 1.0 else float('nan') for n, r in bare['quantized'].items()}

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from experiments import timing
+from experiments.bench import kernels
 
 
 def fmt_ratio(r: float) -> str:
@@ -64,6 +65,12 @@ def _kept(k: float) -> str:
   return 'bound >= 1x, no saving to keep' if math.isnan(k) else f'{k:.0%}'
 
 
+def _form(bare: dict[str, Any]) -> str:
+  """The layout of the fastest bare int8 GEMMs: 'x . w', 'x . w^T' or 'w . x^T' (kernels.INT8_FORMS)."""
+  form = bare.get('kernel_form', kernels.INT8)
+  return form.split(', ')[1] if ', ' in form else 'x . w'
+
+
 def bare_markdown(groups: list[dict[str, Any]]) -> str:
   """One row per group with a bound (experiments/bench/kernels.py): the float program's matmul share, the bare
   int8 kernel's ratio on its shapes, the bound, and per quantized variant of the group it measures its ratio and
@@ -74,8 +81,8 @@ def bare_markdown(groups: list[dict[str, Any]]) -> str:
     if 'bound' not in bare:
       continue
     kept = '; '.join(f'{n} {fmt_ratio(r)} ({_kept(bare["kept"][n])})' for n, r in bare['quantized'].items())
-    rows.append([bare['of'], f"{bare['dots']} + {bare['convs']}", f"{bare['share']:.0%}", fmt_ratio(bare['kernel']),
-                 fmt_ratio(bare['bound']), kept])
+    rows.append([bare['of'], f"{bare['dots']} + {bare['convs']}", f"{bare['share']:.0%}",
+                 f"{fmt_ratio(bare['kernel'])} ({_form(bare)})", fmt_ratio(bare['bound']), kept])
   if not rows:
     return ''
   return timing.format_rows(['group', 'dots + convs', 'matmul share of float', 'bare int8 kernel', 'bound',
