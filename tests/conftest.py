@@ -10,11 +10,12 @@ import tempfile
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # One persistent JAX compilation cache per test run, shared by the pytest workers and the subprocesses tests start
-# (the CLIs, sweeps' trials, the README's commands; they inherit the environment). They compile the same programs
-# again and again: the fixture models' steps, and the eager ops of PTQ and conversion at the same shapes, in tests
-# that build their own jitted functions (so JAX's in-memory cache, keyed by function, misses where this one, keyed
-# by the program, hits). A hit costs 0.1-0.3 s where a compile costs 0.03-6 s (a ResNet PTQ run: 82 s cold, 22 s
-# warm); writing an entry costs little next to its compile. Full runs (-n 2, 2-core AMD EPYC Zen 3, 2026-12-06):
+# (the CLIs, sweeps' trials, the README's commands; they inherit the environment, and a sweep's trials use it
+# instead of their root's cache). They compile the same programs again and again: the fixture models' steps, and
+# the eager ops of PTQ and conversion at the same shapes, in tests that build their own jitted functions (so JAX's
+# in-memory cache, keyed by function, misses where this one, keyed by the program, hits). A hit costs 0.1-0.3 s
+# where a compile costs 0.03-6 s (a ResNet PTQ run: 82 s cold, 22 s warm); writing an entry costs little next to
+# its compile. Full runs (-n 2, 2-core AMD EPYC Zen 3, 2026-12-06):
 # 19 min 36 s with the cache in the subprocesses only, 15 min 59 s with it in the workers too (4,500 hits of 19,800
 # compiles). The cache starts empty each run, so no run reads another's entries.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:

@@ -358,6 +358,14 @@ def test_dead_worker_fails_its_trial_only(fake_cfg, tmp_path):
 
 
 
+def test_trials_use_the_users_compilation_cache_where_set(tmp_path, monkeypatch):
+  from experiments.sweeps import launch
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'mine'))
+  assert launch.cache_dir(str(tmp_path / 'root')) == str(tmp_path / 'mine')
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+  assert launch.cache_dir(str(tmp_path / 'root')) == str(tmp_path / 'root' / '.jax_cache')
+
+
 def _task(root, name, index, **kw):
   from experiments.sweeps.trials import Task
   config = {'seed': 0, 'mode': 'qat', 'steps': 2, 'sleep': 0.0, 'fail': '', 'crash': '', 'init_from': '',
@@ -574,7 +582,8 @@ def get_sweep(arg=None):
 '''
 
 
-def test_real_runner_ptq_from_the_float_trial(tmp_path):
+def test_real_runner_ptq_from_the_float_trial(tmp_path, monkeypatch):
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')  # the default: the trials' cache in the root (tests set one)
   cfg = tmp_path / 'tiny.py'
   cfg.write_text(RUNNER_CONFIG.format(repo=REPO))
   root = str(tmp_path / 'root')

@@ -13,11 +13,12 @@ then a tally, writes the HParams experiment and the report (experiments/review/r
 Executors:
   local (default)  a process pool started with 'forkserver' (or 'spawn'; 'fork' after JAX has started can
                    deadlock), its workers reused across trials, sharing a persistent JAX compilation cache in
-                   <root>/.jax_cache. Default --workers: min(usable cores, trials), or the number of GPUs when
-                   `nvidia-smi` lists some (one GPU per worker). A JAX process can use every core for large
-                   ops, but the small models these sweeps train spend much of a step in Python dispatch,
-                   batching and single-threaded compiles, which leave a core idle; so on 2 cores the default
-                   is 2 workers. Give a large model the whole machine with --workers=1.
+                   <root>/.jax_cache ($JAX_COMPILATION_CACHE_DIR where set). Default --workers: min(usable
+                   cores, trials), or the number of GPUs when `nvidia-smi` lists some (one GPU per worker). A
+                   JAX process can use every core for large ops, but the small models these sweeps train spend
+                   much of a step in Python dispatch, batching and single-threaded compiles, which leave a core
+                   idle; so on 2 cores the default is 2 workers. Give a large model the whole machine with
+                   --workers=1.
   ray              Ray (`pip install 'ray[default]'`, extra `qjax[ray]`). Without --ray_address a local Ray
                    starts bound to 127.0.0.1 with no dashboard and --workers CPUs; with it, the sweep joins
                    that cluster (the code and --root must be on every node). One GPU per trial when the
@@ -250,9 +251,15 @@ def group_name(trial: sweeps.Trial) -> str:
   return ','.join(f'{k}={v}' for k, v in trial.labels.items() if not sweeps.is_seed_key(k)) or trial.name
 
 
+def cache_dir(root: str) -> str:
+  """The trials' persistent JAX compilation cache: $JAX_COMPILATION_CACHE_DIR when the user set one (a cache
+  shared beyond this root, e.g. by every sweep of a project), else <root>/.jax_cache."""
+  return os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(root, '.jax_cache')
+
+
 def make_task(trial: sweeps.Trial, trials: list[sweeps.Trial], root: str, trial_fn: str, retry: bool) -> Task:
   return Task(index=trial.index, name=trial.name, id=trial.id, root=root, group=group_name(trial),
-              config=config_cli.to_dict(trial.config), trial_fn=trial_fn, cache_dir=os.path.join(root, '.jax_cache'),
+              config=config_cli.to_dict(trial.config), trial_fn=trial_fn, cache_dir=cache_dir(root),
               retry=retry, deps=tuple(make_task(trials[d], trials, root, trial_fn, retry) for d in trial.deps))
 
 
