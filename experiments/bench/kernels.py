@@ -2,7 +2,7 @@
 
 Every `dot_general` and `conv_general_dilated` of a float program (its jaxpr, sub-jaxprs included; a scan's body
 counted `length` times; every branch of a cond counted, though one runs) is replayed on random operands of the same
-shapes in two programs:
+shapes in these programs:
   'float'   each op exactly as the float program states it (f32, its dimension numbers, strides, padding);
   'int8'    each op's arithmetic as one int8 x int8 -> int32 GEMM, (B, M, K) . (B, K, N), operands laid out
             row-major for the fast kernel. A conv's GEMM is its im2col product with
@@ -15,7 +15,7 @@ shapes in two programs:
             chooses by the same measurements), so the bare kernel is the fastest of the three.
 Ops whose lhs has the same shape share one lhs array (in the model an op's input is usually the output of the one
 before, so in cache when it is small) and each has its own rhs (XLA would merge two identical ops into one).
-The two are timed side by side in a group of their own, after the group of the float program and its quantized
+They are timed side by side in a group of their own, after the group of the float program and its quantized
 versions: interleaved with those, they slowed the float program 1.8x; and a float training step timed again beside
 them ran at 1.1 s where its own group measured 0.65 s (the ResNet's). With T = the float program's median time in
 its group:
