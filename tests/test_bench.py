@@ -206,7 +206,7 @@ def test_e2e_mlp_runlocal(tmp_path, capsys):
   assert '| mlp serve b8 | 2 + 0 |' in md
   bare = serve_bare['meta']['bare']
   assert (f"; bound {bare['bound']:.2f}x (matmuls {bare['share']:.0%} of float, bare int8 kernel "
-          f"{bare['kernel']:.2f}x, {bare['kernel_form']})") in out  # the bound as the run goes
+          f"{bare['kernel']:.2f}x as {kernels.LAYOUT[bare['kernel_form']]})") in out  # the bound as the run goes
 
 
 def test_e2e_char_lm_runlocal(tmp_path):

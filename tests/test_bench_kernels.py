@@ -135,7 +135,7 @@ def test_a_single_row_gets_a_second_zero_row_in_the_int8_gemms():
   x, w = jnp.ones((1, 24)), jnp.ones((24, 1))
   ops = kernels.matmul_ops(lambda x, w: x @ w, x, w)
   progs = kernels.bare_programs(ops)
-  least = kernels._qdot.min_free()
+  least = kernels.min_free()
   assert progs['float'][1][0][0][0].shape == (1, 24)  # the float replay as the program states it
   assert [a.shape for a in progs['int8'][1][0][0]] == [(max(1, least), 24), (24, max(1, least))]
   assert [a.shape for a in progs['int8_nt'][1][0][0]] == [(max(1, least), 24), (max(1, least), 24)]

@@ -212,7 +212,7 @@ def run_grouped(suite: GroupedSuite, config, workdir: str | None = None, *, info
     echo(f"{suite.name} / {g['name']}: " + ', '.join(
         f"{n} {fmt_ratio(r['ratio'])}" for n, r in g['results'].items() if n != g['baseline'])
         + (f"; bound {fmt_ratio(bare['bound'])} (matmuls {bare['share']:.0%} of float, bare int8 kernel "
-           f"{fmt_ratio(bare['kernel'])}, {bare['kernel_form']})" if 'bound' in bare else ''))
+           f"{fmt_ratio(bare['kernel'])} as {kernels.LAYOUT[bare['kernel_form']]})" if 'bound' in bare else ''))
     if workdir:  # A run stopped later (time limit, lost machine) still leaves the groups measured so far.
       write_json_atomic(os.path.join(workdir, 'bench.partial.json'),
                         {'suite': suite.name, 'machine': info, 'groups': groups, 'targets': targets})

@@ -66,9 +66,9 @@ def _kept(k: float) -> str:
 
 
 def _form(bare: dict[str, Any]) -> str:
-  """The layout of the fastest bare int8 GEMMs: 'x . w', 'x . w^T' or 'w . x^T' (kernels.INT8_FORMS)."""
-  form = bare.get('kernel_form', kernels.INT8)
-  return form.split(', ')[1] if ', ' in form else 'x . w'
+  """The layout of the fastest bare int8 GEMMs (kernels.LAYOUT); results written before there were three
+  layouts timed x . w only."""
+  return kernels.LAYOUT[bare.get('kernel_form', kernels.INT8)]
 
 
 def bare_markdown(groups: list[dict[str, Any]]) -> str:
