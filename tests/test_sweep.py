@@ -358,12 +358,15 @@ def test_dead_worker_fails_its_trial_only(fake_cfg, tmp_path):
 
 
 
-def test_trials_use_the_users_compilation_cache_where_set(tmp_path, monkeypatch):
+def test_trials_use_the_users_compilation_cache_where_set(fake_cfg, tmp_path, monkeypatch):
   from experiments.sweeps import launch
+  root = str(tmp_path / 'root')
+  trials = sweeps.expand(*config_cli.load_module(fake_cfg), root)
+  task = lambda: launch.make_task(trials[0], trials, root, 'test_sweep:fake_trial', retry=False)
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'mine'))
-  assert launch.cache_dir(str(tmp_path / 'root')) == str(tmp_path / 'mine')
+  assert task().cache_dir == str(tmp_path / 'mine')
   monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
-  assert launch.cache_dir(str(tmp_path / 'root')) == str(tmp_path / 'root' / '.jax_cache')
+  assert task().cache_dir == os.path.join(root, '.jax_cache')
 
 
 def _task(root, name, index, **kw):
