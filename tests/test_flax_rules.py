@@ -176,6 +176,8 @@ def test_empty_rule_list_is_an_error():
     ({'module_path': 'x', 'weight': W8, 'small_m': -1}, "rule 'x': small_m must be >= 0, got -1"),
     ({'module_path': 'x', 'act': {'format': 'int8', 'estimator': 'lsq'}, 'act_static': True},
      "rule 'x': act_static keeps range statistics; it cannot be combined with the learned estimator 'lsq'"),
+    ({'module_path': 'x', 'act': {'format': 'int8', 'granularity': 'per_channel'}, 'act_static': True},
+     "rule 'x': act_static keeps one range per tensor; act granularity must be \"per_tensor\", got 'per_channel'"),
     ('body', "rule 0: a rule is a QuantRule or a dict of its fields, got str 'body'"),
 ])
 def test_bad_rules_raise_naming_the_rule(rule, message):
@@ -200,7 +202,7 @@ def test_spec_that_cannot_apply_to_its_op_names_the_rule():
   with pytest.raises(ValueError, match="rule 'grouped' at body \\(dot_general\\): fwd.rhs: .*group_size=4.* 6"):
     quantize_nnx(NTwo(nnx.Rngs(0)), rules, X)
 
-  # per_group on a convolution, and per-channel activation statistics.
+  # per_group on a convolution.
   class Conv(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -211,11 +213,6 @@ def test_spec_that_cannot_apply_to_its_op_names_the_rule():
   with pytest.raises(ValueError, match="rule 'conv-groups' at conv \\(conv\\): .*per_group.* not supported by "
                                        'quantized convolutions'):
     quantize_linen(Conv(), bad).init(jax.random.key(0), x)
-  bad = [{'module_path': '.*', 'act': {'format': 'int8', 'granularity': 'per_channel'}, 'act_static': True,
-          'name': 'static'}]
-  with pytest.raises(ValueError, match="rule 'static' at body \\(dot_general\\): rule 'static': act_static keeps one "
-                                       'range per tensor; act granularity must be "per_tensor"'):
-    quantize_linen(TwoDense(), bad).init(jax.random.key(0), X)
   # mode='real' for formats that cannot run natively.
   bad = [{'module_path': '.*', 'weight': {'format': 'nf4'}, 'act': A8, 'mode': 'real', 'name': 'nf4-real'}]
   with pytest.raises(ValueError, match="rule 'nf4-real' at body \\(dot_general\\): .*mode=\"real\" needs both"):

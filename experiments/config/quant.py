@@ -80,6 +80,16 @@ def _spec(base: dict, override: dict | None, where: str, ptq: bool = False) -> Q
     raise ValueError(f'config.{where}: {e}') from None
 
 
+def _check_static_act(act: QuantSpec | None, fields: dict, where: str, ptq: bool) -> None:
+  """Static activation ranges (PTQ, quant.act_static) are one range per tensor: say which key to change before
+  anything runs (QuantRule says it too, without the config's names)."""
+  if act is None or not fields['act_static'] or fields['delayed_scaling'] or act.granularity == 'per_tensor':
+    return
+  why = 'mode=ptq calibrates' if ptq else 'quant.act_static=True keeps'
+  raise ValueError(f'config.{where}.granularity={act.granularity!r}: {why} one static range per activation '
+                   f'tensor; set --config.{where}.granularity=per_tensor')
+
+
 def build_rules(quant: ml_collections.ConfigDict, *, ptq: bool = False) -> list[QuantRule]:
   """The ordered rule list for config.quant (PTQ uses static activation ranges)."""
   q = quant.to_dict()
@@ -101,12 +111,14 @@ def build_rules(quant: ml_collections.ConfigDict, *, ptq: bool = False) -> list[
       continue
     specs = {k: _spec(q[k], g.pop(k, None), f'quant.groups.{name}.{k}', ptq) for k in ('weight', 'act', 'grad')}
     extra = {k: g.pop(k) for k in list(g) if k in common}
+    _check_static_act(specs['act'], {**common, **extra}, f'quant.groups.{name}.act', ptq)
     if ptq:
       specs['grad'] = None
     if g:
       raise ValueError(f'config.quant.groups.{name}: unknown fields {sorted(g)}')
     rules.append(QuantRule(path, name=name, **specs, **{**common, **extra}))
   specs = {k: _spec(q[k], None, f'quant.{k}', ptq) for k in ('weight', 'act', 'grad')}
+  _check_static_act(specs['act'], common, 'quant.act', ptq)
   if ptq:
     specs['grad'] = None
   if specs['weight'] is None and specs['act'] is None and specs['grad'] is None:

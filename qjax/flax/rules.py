@@ -116,6 +116,10 @@ class QuantRule:
     if self.act_static and self.act is not None and self.act.learned:
       raise ValueError(f'rule {label!r}: act_static keeps range statistics; it cannot be combined with the '
                        f'learned estimator {self.act.estimator!r}')
+    if self.act_static and not self.delayed_scaling and self.act is not None and (
+        self.act.granularity != 'per_tensor'):
+      raise ValueError(f'rule {label!r}: act_static keeps one range per tensor; act granularity must be '
+                       f'"per_tensor", got {self.act.granularity!r}')
     check_choice('act_signedness', self.act_signedness, ACT_SIGNEDNESS, where=f'rule {label!r}: ')
     if self.act is not None and self.act_signedness in ('signed', 'unsigned') and not isinstance(
         self.act.fmt, formats.IntFormat):

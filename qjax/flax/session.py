@@ -394,9 +394,7 @@ class Session:
     return {}
 
   def _ema(self, fr, rule, prefix, spec, x):
-    if spec.granularity != 'per_tensor':
-      raise ValueError(f'rule {rule.label!r}: act_static keeps one range per tensor; act granularity must be '
-                       f'"per_tensor", got {spec.granularity!r}')
+    # One range per tensor (QuantRule checks the act granularity when the rule is made).
     scale, zp = calibration.calibrate(x, spec)
     zp = jnp.zeros_like(scale) if zp is None else zp.astype(jnp.float32)
     count = fr.state.stat(fr, f'{prefix}_count', lambda: jnp.zeros((), jnp.float32))
