@@ -64,6 +64,16 @@ def test_user_errors_of_every_command_are_one_line(tmp_path):
   assert not os.path.exists(tmp_path / 'w') and not os.path.exists(tmp_path / 'r')  # refused before any work
 
 
+def test_a_rule_that_cannot_apply_to_the_model_is_one_line(tmp_path):
+  """What the rules can only find out from the model's shapes (here a weight grouping that convolutions do not
+  support) is a user's mistake too: one line naming the rule, the module and the op (qjax.flax.RuleError)."""
+  r = cli('train', '--config=configs/fmnist_cnn.py:runlocal', f'--workdir={tmp_path}', '--config.mode=qat',
+          '--config.quant.weight.granularity=per_group', '--config.quant.weight.group_size=7')
+  assert_one_error_line(r, "error: rule 'default' at conv1 (conv): ", 'granularity="per_group" (group_size=7) is '
+                        'not supported by quantized convolutions')
+  assert r.returncode == 1 and not (tmp_path / 'result.json').exists()
+
+
 def test_debug_shows_the_traceback(tmp_path):
   args = ('train', '--config=configs/fmnist_cnn.py:runlocal', f'--workdir={tmp_path}', '--config.mode=qta')
   assert 'Traceback' in cli(*args, '--debug').stderr

@@ -15,7 +15,7 @@ from flax import nnx
 from flax_common import A8, W8
 
 from qjax import QuantSpec, quantizers
-from qjax.flax import QuantRule, RuleSet, quantize_linen, quantize_nnx
+from qjax.flax import QuantRule, RuleError, RuleSet, quantize_linen, quantize_nnx
 
 
 class TwoDense(nn.Module):
@@ -197,7 +197,7 @@ def test_spec_that_cannot_apply_to_its_op_names_the_rule():
   # per_group with a group size that does not divide the contraction (Dense: K = 6).
   rules = [{'module_path': 'body', 'weight': {'format': 'int4', 'granularity': 'per_group', 'group_size': 4},
             'name': 'grouped'}, {'module_path': '.*', 'weight': W8}]
-  with pytest.raises(ValueError, match="rule 'grouped' at body \\(dot_general\\): fwd.rhs: .*group_size=4.* 6"):
+  with pytest.raises(RuleError, match="rule 'grouped' at body \\(dot_general\\): fwd.rhs: .*group_size=4.* 6"):
     quantize_linen(TwoDense(), rules).init(jax.random.key(0), X)
   with pytest.raises(ValueError, match="rule 'grouped' at body \\(dot_general\\): fwd.rhs: .*group_size=4.* 6"):
     quantize_nnx(NTwo(nnx.Rngs(0)), rules, X)

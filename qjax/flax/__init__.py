@@ -9,10 +9,10 @@ from qjax.flax.labels import is_quantizer_param, quantizer_param_labels
 from qjax.flax.linen import QuantizedLinen, add_quant_vars, convert_linen, quantize_linen
 from qjax.flax.nnx import QuantizedNnx, convert_nnx, quantize_nnx, reprobe_nnx
 from qjax.flax.nnx import records as nnx_records
-from qjax.flax.rules import QuantRule, RuleSet
+from qjax.flax.rules import QuantRule, RuleError, RuleSet
 from qjax.flax.serving import ConversionError, Served, ServingWeight
 from qjax.flax.state import QuantStat
 
-__all__ = ['ConversionError', 'QuantRule', 'QuantStat', 'QuantizedLinen', 'QuantizedNnx', 'RuleSet', 'Served',
-           'ServingWeight', 'add_quant_vars', 'capture', 'convert_linen', 'convert_nnx', 'is_quantizer_param',
+__all__ = ['ConversionError', 'QuantRule', 'QuantStat', 'QuantizedLinen', 'QuantizedNnx', 'RuleError', 'RuleSet',
+           'Served', 'ServingWeight', 'add_quant_vars', 'capture', 'convert_linen', 'convert_nnx', 'is_quantizer_param',
            'nnx_records', 'quantize_linen', 'quantize_nnx', 'quantizer_param_labels', 'reprobe_nnx']

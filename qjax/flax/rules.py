@@ -45,6 +45,12 @@ OP_NAMES = ('dot_general', 'conv', 'einsum')
 ACT_SIGNEDNESS = ('format', 'auto', 'signed', 'unsigned')
 
 
+class RuleError(ValueError):
+  """A rule cannot apply to an op it matched, as the model stands (e.g. a group size that does not divide the
+  op's contraction, mode='real' for formats without a native matmul): the message names the rule, the op's
+  module path and the op. Found when the model first runs quantized (init), since it needs the op's shapes."""
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantRule:
   """One rule; see the module docstring.

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from qjax import calibration, quantizers
 from qjax import granularity as gran
 from qjax.flax import hooks, provenance, serving
-from qjax.flax.rules import RuleSet
+from qjax.flax.rules import RuleError, RuleSet
 from qjax.ops.conv import conv_general_dilated as q_conv
 from qjax.ops.dot_general import dot_general as q_dot_general
 from qjax.ops.einsum import einsum as q_einsum
@@ -299,7 +299,7 @@ class Session:
       cfg = rule.dot_config(lo.origin is not None, ro.origin is not None,
                             *self.ruleset.act_specs(fr.path, op, index, rule))
     except ValueError as e:
-      raise ValueError(f'rule {rule.label!r} at {fr.path or "<root>"} ({op}): {e}') from None
+      raise RuleError(f'rule {rule.label!r} at {fr.path or "<root>"} ({op}): {e}') from None
     self.ruleset.record(fr.path, op, index, rule, weights, cfg, (lw or 'act', rw or 'act'), **info)
     self._warn_constants(fr, op, rule, (lo, ro), (lhs, rhs))
     if self.phase == 'probe':
@@ -321,7 +321,7 @@ class Session:
       try:
         return q(lhs, rhs, cfg, lp, rp, key)
       except ValueError as e:
-        raise ValueError(f'rule {rule.label!r} at {fr.path or "<root>"} ({op}): {e}') from None
+        raise RuleError(f'rule {rule.label!r} at {fr.path or "<root>"} ({op}): {e}') from None
 
   def _served(self, fr, o: Operand, x):
     """A served weight operand as its QArray in the operand's layout (its stored param's qvalues and scale
