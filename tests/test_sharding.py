@@ -172,8 +172,10 @@ def test_contraction_sharded_int8_reduces_in_int32(res):
   column of w, f32: the partial sums of x - x, NaN where a NaN or inf was), which keeps a NaN row / column NaN in
   real execution (qjax.ops.dot_general)."""
   r = res['k_static']
-  assert sorted(r['collectives']) == [['all-reduce', [['f32', [16, 1]], ['f32', [1, 32]]]],
-                                      ['all-reduce', [['s32', [16, 32]]]]], r['collectives']
+  # (which all-reduces XLA combines, and in which operand order, is its scheduler's choice)
+  assert set(_kinds(r)) == {'all-reduce'}, r['collectives']
+  assert sorted(o for c in r['collectives'] for o in c[1]) == [['f32', [1, 32]], ['f32', [16, 1]], ['s32', [16, 32]]], (
+      r['collectives'])
   assert r['matmuls'] == [['s8 x s8 -> s32', [16, 64], [64, 32], [16, 32], True]]
   assert r['max_abs_diff'] == 0.0  # integer partial sums: exact
 
