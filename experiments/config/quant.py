@@ -80,14 +80,13 @@ def _spec(base: dict, override: dict | None, where: str, ptq: bool = False) -> Q
     raise ValueError(f'config.{where}: {e}') from None
 
 
-def _check_static_act(act: QuantSpec | None, fields: dict, where: str, ptq: bool) -> None:
-  """Static activation ranges (PTQ, quant.act_static) are one range per tensor: say which key to change before
-  anything runs (QuantRule says it too, without the config's names)."""
-  if act is None or not fields['act_static'] or fields['delayed_scaling'] or act.granularity == 'per_tensor':
-    return
-  why = 'mode=ptq calibrates' if ptq else 'quant.act_static=True keeps'
-  raise ValueError(f'config.{where}.granularity={act.granularity!r}: {why} one static range per activation '
-                   f'tensor; set --config.{where}.granularity=per_tensor')
+def _rule(where: str, ptq: bool, *args, **kwargs) -> QuantRule:
+  """QuantRule(*args, **kwargs), its errors prefixed with the config key they come from (PTQ's static activation
+  ranges are act_static=True, which the user did not write)."""
+  try:
+    return QuantRule(*args, **kwargs)
+  except ValueError as e:
+    raise ValueError(f'config.{where}{" (mode=ptq sets act_static)" if ptq else ""}: {e}') from None
 
 
 def build_rules(quant: ml_collections.ConfigDict, *, ptq: bool = False) -> list[QuantRule]:
@@ -97,7 +96,7 @@ def build_rules(quant: ml_collections.ConfigDict, *, ptq: bool = False) -> list[
   common['act_static'] = q['act_static'] or ptq
   rules = []
   if q['float_layers']:
-    rules.append(QuantRule(q['float_layers'], keep_float=True, name='float_layers'))
+    rules.append(_rule('quant.float_layers', ptq, q['float_layers'], keep_float=True, name='float_layers'))
   for name, g in q['groups'].items():
     g = dict(g)
     path = g.pop('module_path', None)
@@ -107,22 +106,20 @@ def build_rules(quant: ml_collections.ConfigDict, *, ptq: bool = False) -> list[
     if len(keep_float) > 1:
       raise ValueError(f'config.quant.groups.{name}: give keep_float or its old name float, not both')
     if any(keep_float):
-      rules.append(QuantRule(path, keep_float=True, name=name))
+      rules.append(_rule(f'quant.groups.{name}', ptq, path, keep_float=True, name=name))
       continue
     specs = {k: _spec(q[k], g.pop(k, None), f'quant.groups.{name}.{k}', ptq) for k in ('weight', 'act', 'grad')}
     extra = {k: g.pop(k) for k in list(g) if k in common}
-    _check_static_act(specs['act'], {**common, **extra}, f'quant.groups.{name}.act', ptq)
     if ptq:
       specs['grad'] = None
     if g:
       raise ValueError(f'config.quant.groups.{name}: unknown fields {sorted(g)}')
-    rules.append(QuantRule(path, name=name, **specs, **{**common, **extra}))
+    rules.append(_rule(f'quant.groups.{name}', ptq, path, name=name, **specs, **{**common, **extra}))
   specs = {k: _spec(q[k], None, f'quant.{k}', ptq) for k in ('weight', 'act', 'grad')}
-  _check_static_act(specs['act'], common, 'quant.act', ptq)
   if ptq:
     specs['grad'] = None
   if specs['weight'] is None and specs['act'] is None and specs['grad'] is None:
     raise ValueError('config.quant: weight, act and grad formats are all empty; nothing would be quantized '
                      '(use mode="float" for a float run)')
-  rules.append(QuantRule('.*', name='default', **specs, **common))
+  rules.append(_rule('quant', ptq, '.*', name='default', **specs, **common))
   return rules
