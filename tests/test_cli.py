@@ -70,7 +70,7 @@ def test_a_rule_that_cannot_apply_to_the_model_is_one_line(tmp_path):
   r = cli('train', '--config=configs/fmnist_cnn.py:runlocal', f'--workdir={tmp_path}', '--config.mode=qat',
           '--config.quant.weight.granularity=per_group', '--config.quant.weight.group_size=7')
   assert_one_error_line(r, "error: rule 'default' at conv1 (conv): ", 'granularity="per_group" (group_size=7) is '
-                        'not supported by quantized convolutions')
+                        'not supported by quantized convolutions', '(--debug or QJAX_DEBUG=1 shows the traceback)')
   assert r.returncode == 1 and not (tmp_path / 'result.json').exists()
 
 

@@ -303,10 +303,10 @@ def os_error_text(e: OSError) -> str:
 def main_guard(fn, *user_errors: type[BaseException], argv: list[str] | None = None) -> int:
   """Runs a command line's fn(argv) so that a person's mistake ends in one `error: ...` line and a non-zero exit.
 
-  ConfigError exits 2; the command's own `user_errors` (its data, run and executor errors) and OSErrors (a full
-  disk, a path that is a file or read-only) exit 1; Ctrl-C exits 130 with the KeyboardInterrupt's message (what
-  was saved, how to resume) when fn gave one. None of them prints a traceback unless --debug (taken out of argv
-  here) or QJAX_DEBUG=1 asks for it. Any other exception is a bug and keeps its traceback.
+  ConfigError exits 2; the command's own `user_errors` (its data, run and executor errors, qjax's RuleError) and
+  OSErrors (a full disk, a path that is a file or read-only) exit 1; Ctrl-C exits 130 with the KeyboardInterrupt's
+  message (what was saved, how to resume) when fn gave one. None of them prints a traceback unless --debug (taken
+  out of argv here) or QJAX_DEBUG=1 asks for it. Any other exception is a bug and keeps its traceback.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = debug_requested(argv)
@@ -330,7 +330,9 @@ def main_guard(fn, *user_errors: type[BaseException], argv: list[str] | None = N
     if debug:
       raise
     text = os_error_text(e) if isinstance(e, OSError) else str(e)
-    print(f'error: {text}{hint if isinstance(e, OSError) else ""}', file=sys.stderr)
+    # An OSError's or a library's ValueError (qjax.flax.RuleError wraps whatever an op raised) may come from deeper
+    # than the user's input: say how to see where.
+    print(f'error: {text}{hint if isinstance(e, OSError | ValueError) else ""}', file=sys.stderr)
     return 1
 
 
