@@ -34,6 +34,11 @@ def initialize(flags: dict[str, str]) -> None:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=addr, num_processes=None if nproc is None else int(nproc),
                              process_id=None if pid is None else int(pid))
+  if jax.process_count() > 1 and jax.default_backend() == 'cpu':
+    # No persistent compilation cache for CPU processes that share collectives: with jaxlib 0.12.1 a two-process
+    # run on loopback whose program came from the cache ($JAX_COMPILATION_CACHE_DIR, one dir or one per process)
+    # hung in its first all-reduce (the evaluation), and finished without the cache. jaxlib 0.12.0.1 did not hang.
+    jax.config.update('jax_enable_compilation_cache', False)
 
 
 def make_mesh(mesh_config) -> jax.sharding.Mesh:
