@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import xla_cpu
 from jax import lax
 
 import qjax
@@ -390,9 +391,10 @@ def test_int8_dynamic_dense_runs_all_three_matmuls_int8_on_ynn():
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the YNN fast kernel is XLA:CPU')
-def test_naive_weight_gradient_is_off_the_fast_kernel():
+def test_naive_weight_gradient_form_on_this_jaxlib():
   """Documents why drhs_row_major exists: x^T . g as written (contract dim 0) is up-cast to s32 x s32 by XLA:CPU
-  and leaves YNN. If this starts failing, XLA learned the form and the row-major transpose may be dropped."""
+  of jaxlib 0.12.0.x and leaves YNN; jaxlib 0.12.1 keeps it on YNN (tests/xla_cpu.py), where the row-major
+  transpose is one copy more than needed."""
   x = operand(14, (256, 512), (1,))
   w = operand(15, (512, 256), (0,))
   cfg = dataclasses.replace(ops.int8_dynamic(8), drhs_row_major=False)
@@ -400,9 +402,13 @@ def test_naive_weight_gradient_is_off_the_fast_kernel():
   assert rep.lowered_int8 == 3, rep.summary()
   drhs = [m for m in rep.compiled if m.out_shape == (512, 256)]
   assert len(drhs) == 1, rep.summary()
-  assert not drhs[0].fast and drhs[0].source_category == 'int8', rep.summary()
-  assert drhs[0].widened and drhs[0].signature == 's32<-s8 x s32<-s8 -> s32', rep.summary()
-  assert rep.n_int8_fast == 2 and rep.n_int8_slow == 1, rep.summary()
+  if xla_cpu.TRANSPOSED_INT8_DOT_FAST:
+    assert drhs[0].fast and not drhs[0].widened and drhs[0].signature == 's8 x s8 -> s32', rep.summary()
+    assert rep.n_int8_fast == 3 and rep.n_int8_slow == 0, rep.summary()
+  else:
+    assert not drhs[0].fast and drhs[0].source_category == 'int8', rep.summary()
+    assert drhs[0].widened and drhs[0].signature == 's32<-s8 x s32<-s8 -> s32', rep.summary()
+    assert rep.n_int8_fast == 2 and rep.n_int8_slow == 1, rep.summary()
 
 
 # ----------------------------------------------------------------------------------------- small-M routing
@@ -430,9 +436,10 @@ def test_small_m_routes_to_float_and_logs_once(monkeypatch, caplog):
   assert 'fwd' in msgs[0] and '8 rows' in msgs[0]
 
 
-def test_default_one_row_dot_runs_int8_padded_to_two_rows():
-  """Default small_m=0: nothing is routed to float. XLA:CPU's fast kernel refuses single-row dots, so on CPU the
-  int8 dot of one row is padded to two (a zero row) and sliced back: on the fast kernel, the same values."""
+def test_default_one_row_dot_runs_int8_on_the_fast_kernel():
+  """Default small_m=0: nothing is routed to float. XLA:CPU's fast kernel of jaxlib 0.12.0.x refuses single-row
+  dots, so there the int8 dot of one row is padded to two (a zero row) and sliced back; jaxlib 0.12.1's takes the
+  row as it is. On the fast kernel either way, with the same values."""
   s = spec('int8', 'per_channel')
   cfg = DotConfig(fwd=MatmulConfig(s, s))
   assert cfg.small_m == 0
@@ -443,7 +450,9 @@ def test_default_one_row_dot_runs_int8_padded_to_two_rows():
   assert rep.lowered_int8 == 1
   if jax.default_backend() == 'cpu':
     (m,) = rep.compiled
-    assert m.lhs_shape == (2, 64) and m.fast, rep.summary()
+    rows = 1 if xla_cpu.ONE_ROW_INT8_DOT_FAST else 2  # XLA may lay one row out as a (64, 1) column
+    assert sorted(m.lhs_shape) == sorted((rows, 64)) and m.fast, rep.summary()
+    assert dg.min_free() == (0 if xla_cpu.ONE_ROW_INT8_DOT_FAST else 2)
   fake = DotConfig(fwd=MatmulConfig(s, s, 'fake'))
   np.testing.assert_array_equal(jax.jit(f)(x1, w), ops.dot_general(x1, w, dn((1,), (0,)), config=fake))
 
@@ -480,13 +489,24 @@ def test_few_rows_against_a_minor_contracted_weight_swap_operands(rows, vnni, mo
     assert op.fast, rep.summary()
     if swapped and f is not row_kn:
       assert op.lhs_shape == (48, 64) and op.rhs_shape == (max(m, 2), 64), rep.summary()
-    else:
-      assert op.lhs_shape == (max(m, 2), 64), rep.summary()
+    else:  # one row as the lhs: padded to two but with jaxlib 0.12.1 (XLA may lay it out as a (64, 1) column)
+      assert sorted(op.lhs_shape) == sorted((max(m, dg.min_free()), 64)), rep.summary()
       if f is not row_kn:
         assert op.rhs_shape == (48, 64), rep.summary()
     text = jax.jit(f).lower(x, w).compile().as_text()
     if f is not row_kn:  # the weight reaches the dot as stored: no transposed copy
       assert 's8[64,48]' not in text, text
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the YNN fast kernel is XLA:CPU')
+def test_one_row_probe_matches_the_installed_jaxlib():
+  """qjax.ops.cpu finds by compiling whether XLA:CPU's fast kernel takes a single int8 row; the answer is the one
+  the installed jaxlib is known to give (tests/xla_cpu.py), and it is asked inside a trace as the ops ask it."""
+  cpu = importlib.import_module('qjax.ops.cpu')
+  assert cpu.one_row_int8_dot_fast() is xla_cpu.ONE_ROW_INT8_DOT_FAST
+  cpu.one_row_int8_dot_fast.cache_clear()
+  rows = jax.jit(lambda x: x * dg.min_free())(jnp.ones(()))  # the probe compiles while this traces
+  assert float(rows) == (0 if xla_cpu.ONE_ROW_INT8_DOT_FAST else 2)
 
 
 def test_cpu_flags_decide_the_int8_dot_product_class(monkeypatch):

@@ -8,7 +8,8 @@ shapes in these programs:
             row-major for the fast kernel. A conv's GEMM is its im2col product with
                 M = out size / out features,   K = kernel size / out features,   N = out features
             (2 M K N = the conv's flops), without building any patches. A single row (or column) gets a
-            second, zero one, as qjax's int8 dots on CPU do (qjax.ops.dot_general.min_free).
+            second, zero one where qjax's int8 dots get one (qjax.ops.dot_general.min_free: on CPU with
+            jaxlib 0.12.0.x, whose fast kernel refuses a single row).
   'int8_nt', 'int8_tn'   the same GEMMs with the weight stored (N, K), the way qjax serves a Dense kernel:
             x . w^T -> (M, N) and w . x^T -> (N, M). Which of the three layouts is fastest depends on the CPU and
             on M: with few rows an AVX2 CPU runs x . w^T fastest and a VNNI CPU w . x^T (qjax.ops.dot_general
@@ -114,11 +115,12 @@ def _draw(key, shape, dtype) -> jax.Array:
 
 
 def _int8_gemm_dims(op: MatmulOp) -> tuple[int, int, int, int]:
-  """(B, M, K, N) of the op's int8 GEMM: M and N at least qjax's min_free() (2 on CPU, where XLA's fast kernel
-  refuses a matrix-vector product; qjax's int8 dots pad a single row the same way), so a one-row program's
+  """(B, M, K, N) of the op's int8 GEMM: M and N at least qjax's min_free() of either side (2 on CPU, where XLA's
+  fast kernel refuses a matrix-vector product whose vector is the rhs, and with jaxlib 0.12.0.x the lhs too; qjax's
+  int8 dots pad a single row the same way, and the layouts below put M on either side), so a one-row program's
   bound uses the int8 GEMM qjax can run, not the slow fallback."""
   b, m, k, n = op.gemm()
-  least = min_free()
+  least = max(min_free(), min_free('rhs'))
   return b, max(m, least), k, max(n, least)
 
 

@@ -67,8 +67,8 @@ class DotConfig:
     drhs_row_major: compute drhs as (row-major lhs^T) . g, so that XLA:CPU keeps the int8 weight-gradient
       matmul on its fast kernel (a transposed operand would otherwise be up-cast to int32).
     small_m: route forward matmuls whose non-contracted lhs size (rows) is at most this to 'fake' (float)
-      execution in 'auto' mode. The default 0 routes nothing: XLA:CPU's fast (YNNPACK) kernel refuses a dot with a
-      single row, so qjax pads such a dot to two rows (qjax.ops.dot_general.low_precision_dot), which with
+      execution in 'auto' mode. The default 0 routes nothing: where XLA:CPU's fast (YNNPACK) kernel refuses a dot
+      with a single row (jaxlib 0.12.0.x), qjax pads it to two rows (qjax.ops.dot_general.min_free), which with
       pre-quantized int8 weights runs at 0.73x the f32 matrix-vector product (1 and 2 cores, 4096x4096, Intel
       Xeon with VNNI), where the float route ran at 1.54-1.67x (docs/benchmarks.md, decode).
   """

@@ -196,11 +196,18 @@ def pad_multiple() -> int:
   return GPU_PAD_MULTIPLE if jax.default_backend() == 'gpu' else 0
 
 
-def min_free() -> int:
-  """The fewest rows (and columns) an int8 dot gets on this backend: 2 on CPU, where XLA's fast (YNNPACK) kernel
-  refuses a matrix-vector product and the generic loop it falls back to is several times slower than f32; a
-  second, zero row puts it back on the fast kernel (docs/benchmarks.md, decode). 0 elsewhere."""
-  return 2 if jax.default_backend() == 'cpu' else 0
+def min_free(side: str = 'lhs') -> int:
+  """The fewest rows of an int8 dot's lhs (side='lhs') or columns of its rhs ('rhs') on this backend: 2 on CPU
+  where XLA's fast (YNNPACK) kernel refuses a matrix-vector product and the generic loop it falls back to is
+  several times slower than f32; a second, zero row puts it back on the fast kernel (docs/benchmarks.md, decode).
+  jaxlib 0.12.1's fast kernel takes a single lhs row (`cpu.one_row_int8_dot_fast`) but still not a single rhs
+  column, so there the lhs gets no padding: the padded row cost 6-46% more time than the single one in an ad-hoc
+  timing on a Zen 3 (1 x 784..4096 x 10..4096, s8 x s8 -> s32 against the weight stored (N, K), 2026-12-06); in
+  the MLP's and LeNet-5's PTQ serving at one row (the e2e suite's programs, in-process A/B) the difference was
+  within the noise (0.91-1.02x of the padded program's time). 0 (no padding) on other backends."""
+  if jax.default_backend() != 'cpu':
+    return 0
+  return 0 if side == 'lhs' and cpu.one_row_int8_dot_fast() else 2
 
 
 # Few rows against a 2-D int8 weight stored with its contracting dim minor (a served weight stored transposed,
@@ -251,7 +258,7 @@ def _minor_contracted(a, b, dims: Dims, rhs_minor: int | None) -> bool:
   return rc[0] == (1 if rhs_minor is None else rhs_minor)
 
 
-def _weight_lhs_dot(a, b, rc: int, acc_t, min_rows: int) -> jax.Array:
+def _weight_lhs_dot(a, b, rc: int, acc_t, min_rows: int, min_cols: int) -> jax.Array:
   """a (..., K) . b (K at dim rc of 2-D b, b's minor dim in memory) with b as stored, (N, K): as (b' . a2^T)^T,
   the weight as the GEMM's lhs, where `weight_as_lhs` says so (few rows), else as a2 . b'^T. Written out
   rather than left to XLA, whose transpose folding on a transposed view gives a dot XLA:CPU up-casts to s32."""
@@ -259,8 +266,9 @@ def _weight_lhs_dot(a, b, rc: int, acc_t, min_rows: int) -> jax.Array:
   a2 = a.reshape(-1, a.shape[-1])                                # (M, K)
   m = a2.shape[0]
   nt = (((1,), (1,)), ((), ()))
-  if m < min_rows:
-    a2 = lax.pad(a2, jnp.zeros((), a2.dtype), [(0, min_rows - m, 0), (0, 0, 0)])
+  least = min_cols if weight_as_lhs(m) else min_rows            # a2 is the rhs of w . x^T, the lhs of x . w^T
+  if m < least:
+    a2 = lax.pad(a2, jnp.zeros((), a2.dtype), [(0, least - m, 0), (0, 0, 0)])
   if not weight_as_lhs(m):
     out = lax.dot_general(a2, bt, nt, preferred_element_type=acc_t)[:m]   # (M, N)
     return out.reshape(*a.shape[:-1], bt.shape[0])
@@ -274,18 +282,20 @@ def low_precision_dot(a, b, dims: Dims, acc_t, multiple: int | None = None, prec
                       min_rows: int | None = None, rhs_minor: int | None = None) -> jax.Array:
   """lax.dot_general(a, b, dims) of int8 / fp8 operands accumulating in acc_t. With multiple > 0 (default: 16
   on GPU, see pad_multiple) every contracting dim and the minor-most free dim of each operand are zero-padded
-  to that multiple; with min_rows > 1 (default: 2 on CPU, see min_free) a single row (column) of an operand is
-  zero-padded to min_rows. The result is sliced back: the same values, on the library kernel. `precision` goes
-  to lax.dot_general (for fp8 on GPU it selects the accumulation, see FP8_PRECISION). `rhs_minor` is b's
-  minor-most dim in memory when b is a transposed view (QArray.minor_dim); a 2-D integer b contracted along it
-  is multiplied as stored, few rows with b as the GEMM's lhs (`_weight_lhs_dot`)."""
+  to that multiple; a single row of a (column of b) is zero-padded to min_rows rows when min_rows > 1 (default:
+  `min_free` of its side, 2 on CPU but for a's row with jaxlib 0.12.1). The result is sliced back: the same
+  values, on the library kernel. `precision` goes to lax.dot_general (for fp8 on GPU it selects the
+  accumulation, see FP8_PRECISION).
+  `rhs_minor` is b's minor-most dim in memory when b is a transposed view (QArray.minor_dim); a 2-D integer b
+  contracted along it is multiplied as stored, few rows with b as the GEMM's lhs (`_weight_lhs_dot`)."""
   multiple = pad_multiple() if multiple is None else multiple
+  min_cols = min_free('rhs') if min_rows is None else min_rows
   min_rows = min_free() if min_rows is None else min_rows
   (lc, rc), (lb, rb) = dims
   if not multiple and _minor_contracted(a, b, dims, rhs_minor):
     rows = math.prod(a.shape[:-1])
     if rows <= SWAP_MAX_ROWS or rc[0] != b.ndim - 1:
-      return _weight_lhs_dot(a, b, rc[0], acc_t, min_rows)
+      return _weight_lhs_dot(a, b, rc[0], acc_t, min_rows, min_cols)
   lf, rf = free_dims(a.ndim, lc, lb), free_dims(b.ndim, rc, rb)
   pad_a, pad_b = [0] * a.ndim, [0] * b.ndim
   if multiple:
@@ -295,10 +305,10 @@ def low_precision_dot(a, b, dims: Dims, acc_t, multiple: int | None = None, prec
       pad_a[lf[-1]] = -a.shape[lf[-1]] % multiple
     if rf:
       pad_b[rf[-1]] = -b.shape[rf[-1]] % multiple
-  if min_rows > 1 and jnp.issubdtype(a.dtype, jnp.integer):
-    for x, free, pad in ((a, lf, pad_a), (b, rf, pad_b)):
-      if free and math.prod(x.shape[d] for d in free) == 1:
-        pad[free[-1]] = min_rows - 1
+  if jnp.issubdtype(a.dtype, jnp.integer):
+    for x, free, pad, least in ((a, lf, pad_a, min_rows), (b, rf, pad_b, min_cols)):
+      if least > 1 and free and math.prod(x.shape[d] for d in free) == 1:
+        pad[free[-1]] = least - 1
   if any(pad_a) or any(pad_b):
     zero = lambda x: jnp.zeros((), x.dtype)
     a = lax.pad(a, zero(a), [(0, p, 0) for p in pad_a])
