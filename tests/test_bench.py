@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import xla_cpu
 
 from experiments import timing
 from experiments.bench import e2e, groups, kernels, markdown
@@ -66,10 +67,11 @@ def test_raw_dot_cli_json_markdown_and_tensorboard(tmp_path, capsys):
   assert data['groups'][0]['meta']['shape'] == [32, 32, 32]
   insp = data['groups'][0]['results']['int8 -> int32']['info']['inspect']
   assert insp['matmuls'] == 1 and insp['lowered_int8'] == 1
-  if ON_CPU:  # XLA:CPU runs the square int8 dot on YNN, and refuses a matrix-vector product (M = 1).
+  if ON_CPU:  # XLA:CPU runs the square int8 dot on YNN; a matrix-vector product (M = 1) only from jaxlib 0.12.1.
     assert insp['int8'] == 1 and insp['int8_fast'] == 1
     m1 = data['groups'][2]['results']['int8 -> int32']['info']['inspect']
-    assert m1['int8_fast'] == 0 and m1['int8_gemm_slow'] == 0  # M = 1 is not a GEMM: no warning for it
+    assert m1['int8_fast'] == int(xla_cpu.ONE_ROW_INT8_DOT_FAST)
+    assert m1['int8_gemm_slow'] == 0  # M = 1 is not a GEMM: no warning for it
   assert data['timing'] == {'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'}
   assert data['config']['small_m'] == [1]
   md = (tmp_path / 'bench.md').read_text()
@@ -141,7 +143,8 @@ def test_train_matmul_keeps_all_three_int8_matmuls_fast(tmp_path):
   if ON_CPU:
     assert res['int8 x3']['info']['matmuls_by_scope'] == {'fwd': 'int8 fast', 'dlhs': 'int8 fast', 'drhs': 'int8 fast'}
     assert res['int8 x3']['info']['inspect']['int8_fast'] == 3
-    assert res['int8 x3, naive drhs']['info']['matmuls_by_scope']['drhs'] == 'int8 SLOW'
+    naive = 'int8 fast' if xla_cpu.TRANSPOSED_INT8_DOT_FAST else 'int8 SLOW'  # tests/xla_cpu.py
+    assert res['int8 x3, naive drhs']['info']['matmuls_by_scope']['drhs'] == naive
   (t,) = data['targets']
   assert t['variant'] == 'int8 x3' and t['max_ratio'] == 0.35
   assert not any('off XLA:CPU' in w for w in data['warnings'])  # the contrast's slow drhs does not warn

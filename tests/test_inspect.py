@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import xla_cpu
 from jax import lax
 
 from qjax import hlo as qi
@@ -50,13 +51,18 @@ def test_int8_dot_is_counted_and_fast():
 
 
 @on_cpu
-def test_weight_gradient_form_is_widened_off_the_fast_kernel():
-  """s8 x^T . g written with contraction dim 0 on both sides: XLA:CPU up-casts it to s32 x s32."""
+def test_weight_gradient_form_by_jaxlib_version():
+  """s8 x^T . g written with contraction dim 0 on both sides: XLA:CPU of jaxlib 0.12.0.x up-casts it to s32 x s32;
+  jaxlib 0.12.1 runs it on YNN (tests/xla_cpu.py)."""
   x, g = jnp.ones((256, 128), jnp.int8), jnp.ones((256, 64), jnp.int8)
   f = lambda a, b: lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.int32)
   rep = ops.inspect_matmuls(f, x, g)
   assert rep.lowered_int8 == 1
   (m,) = rep.compiled
+  if xla_cpu.TRANSPOSED_INT8_DOT_FAST:
+    assert m.fast and not m.widened and m.signature == 's8 x s8 -> s32'
+    assert rep.n_int8 == rep.n_int8_fast == 1 and rep.n_widened == rep.n_int8_slow == 0
+    return
   assert m.widened and m.signature == 's32<-s8 x s32<-s8 -> s32' and not m.fast
   assert m.category == 'int' and m.source_category == 'int8'
   assert rep.n_int8 == 0 and rep.n_int8_widened == rep.n_int8_slow == rep.n_widened == 1

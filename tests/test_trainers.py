@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import xla_cpu
 
 from experiments import models
 from experiments.config import cli
@@ -22,5 +23,7 @@ def test_init_compiled_at_O1_gives_the_same_bits_as_the_default_level(monkeypatc
   leaves = lambda t: [np.asarray(a) for a in jax.tree.leaves(t)]
   assert len(leaves(ours)) == 10
   assert all(np.array_equal(a, b) for a, b in zip(leaves(ours), leaves(default), strict=True))
-  # The check can fail: at -O0 the kernels' initial values differ from the default's (by an ulp).
-  assert not all(np.array_equal(a, b) for a, b in zip(leaves(o0), leaves(default), strict=True))
+  # The check can fail: with jaxlib 0.12.0.x the kernels' initial values at -O0 differ from the default's (by an
+  # ulp); jaxlib 0.12.1's -O0 gives the same bits (tests/xla_cpu.py).
+  same_at_o0 = all(np.array_equal(a, b) for a, b in zip(leaves(o0), leaves(default), strict=True))
+  assert same_at_o0 != xla_cpu.LLVM_O0_CHANGES_INIT_BITS
