@@ -503,6 +503,8 @@ def test_two_processes_on_loopback_form_one_run(tmp_path):
                             env={**os.environ, 'JAX_NUM_CPU_DEVICES': '1'}) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+  # conftest sets a persistent compilation cache, which such a run turns off, and says so.
+  assert all('persistent compilation cache' in o[1] and 'is off in this 2-process' in o[1] for o in outs)
   single = run_cli([*COMMON, f'--workdir={tmp_path / "single"}'], env={'JAX_NUM_CPU_DEVICES': '2'})
   assert single.returncode == 0, single.stderr
   a, b = read_json(str(tmp_path / 'single/result.json')), read_json(str(work / 'result.json'))

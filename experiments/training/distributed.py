@@ -11,6 +11,7 @@ JAX_PROCESS_ID; Slurm and similar launchers are detected by JAX itself).
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -38,6 +39,10 @@ def initialize(flags: dict[str, str]) -> None:
     # No persistent compilation cache for CPU processes that share collectives: with jaxlib 0.12.1 a two-process
     # run on loopback whose program came from the cache ($JAX_COMPILATION_CACHE_DIR, one dir or one per process)
     # hung in its first all-reduce (the evaluation), and finished without the cache. jaxlib 0.12.0.1 did not hang.
+    cache_dir = jax.config.jax_compilation_cache_dir or os.environ.get('JAX_COMPILATION_CACHE_DIR')
+    if cache_dir:
+      print(f'note: the persistent compilation cache ({cache_dir}) is off in this {jax.process_count()}-process '
+            'CPU run (a cached program can hang its collectives)', file=sys.stderr)
     jax.config.update('jax_enable_compilation_cache', False)
 
 
