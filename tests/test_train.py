@@ -252,6 +252,35 @@ def test_learned_act_quantizers_initialise_on_the_activations_training_sees():
   assert state['vars']['batch_stats']['bn']['var'] == pytest.approx(stats['bn']['var'])  # running stats kept
 
 
+@pytest.mark.parametrize('estimator', ['ste', 'lsq'])
+def test_init_runs_the_training_mode_forward_only_for_learned_quantizer_params(monkeypatch, estimator):
+  """PTQ and a plain-STE QAT have no learned quantizer params: their init skips the training-mode forward (a
+  whole compiled program per run) and keeps the model's own params; an LSQ step is still created there."""
+  from experiments import models  # noqa: PLC0415
+  from experiments.config import quant as quant_config  # noqa: PLC0415
+  from experiments.training import trainers  # noqa: PLC0415
+  c = config_cli.load_file(os.path.join(ROOT, 'configs/fmnist_cnn.py:runlocal'))  # LeNet-5: a Linen model
+  c.mode, c.quant.weight.estimator, c.quant.act.estimator = 'qat', estimator, estimator
+  md = models.build(c.model)
+  x = jax.random.normal(jax.random.key(1), (8, 28, 28))  # (batch, H, W): LeNet-5 adds the feature axis
+  v = md.module.init(jax.random.key(0), x, train=False)
+  calls = []
+  real = trainers.LinenTrainer._params_as_in_training
+  monkeypatch.setattr(trainers.LinenTrainer, '_params_as_in_training',
+                      lambda self, *a: calls.append(1) or real(self, *a))
+  for float_pure in (None, {'params': v['params'], 'vars': {}}):
+    tr = trainers.make(md, train.make_optimizer(c)[0], quant_config.build_rules(c.quant))
+    assert tr.q.rules.learns == (estimator == 'lsq')
+    params = tr.init(jax.random.key(0), x, float_pure)['params']
+    extra = jax.tree.structure(params) != jax.tree.structure(v['params'])
+    assert extra == (estimator == 'lsq')  # LSQ: a step per quantized operand
+    # What the training-mode forward gives (and init kept before it skipped that forward), bit for bit.
+    old = real(tr, jax.random.key(0), x, None if float_pure is None else {'params': float_pure['params']})
+    assert jax.tree.structure(params) == jax.tree.structure(old)
+    assert all(jax.tree.leaves(jax.tree.map(jnp.array_equal, params, old)))
+  assert len(calls) == (2 if estimator == 'lsq' else 0)
+
+
 def test_quantized_training_runs_int8_in_all_three_matmuls(tmp_path):
   from experiments import models  # noqa: PLC0415
   from experiments.config import quant as quant_config  # noqa: PLC0415

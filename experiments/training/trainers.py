@@ -112,7 +112,7 @@ class LinenTrainer:
       variables = dict(jit_once(create)(float_vars, x, rng)[1])
     else:
       variables = float_vars
-    if self.q is not None:
+    if self.q is not None and self.q.rules.learns:  # else the params are the model's own, in either mode
       variables['params'] = self._params_as_in_training(rng, x, float_vars if float_pure is not None else None)
     params = variables.pop('params')
     state = {'params': params, 'opt': self.tx.init(params), 'vars': dict(variables)}

@@ -300,6 +300,13 @@ class RuleSet:
     return any(r.needs_rng for r in self.rules)
 
   @property
+  def learns(self) -> bool:
+    """Some rule quantizes with learned quantizer params (an LSQ step, a PACT clip, ...): the model then has
+    'params' that the unquantized model lacks. Gradients have none (a grad spec with a learned estimator is
+    refused)."""
+    return any(s is not None and s.learned for r in self.rules if not r.keep_float for s in (r.weight, r.act))
+
+  @property
   def needs_probe(self) -> bool:
     """A rule asks for first_last_8bit or act_signedness='auto' and no probe has run yet (module docstring).
     `needs_data`: the probe must run on real inputs (for the activations' minima), not only be traced."""
