@@ -256,6 +256,8 @@ def _attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=Tru
   """
   fr = hooks.current()
   rule = None if fr is None else fr.session.ruleset.peek(fr.path, 'einsum')
+  if rule is not None and rule.keep_float:
+    _keep_attention_float(fr, rule)
   if rule is None or rule.keep_float or kwargs:
     return nnx.dot_product_attention(query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
                                      dropout_rng=dropout_rng, dropout_rate=dropout_rate,
@@ -271,6 +273,20 @@ def _attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=Tru
     out = jnp.einsum('...hgqk,...kh1d->...qhgd', weights, jnp.expand_dims(value, -2), precision=precision)
     return out.reshape(out.shape[:-3] + (q_heads, out.shape[-1]))
   return jnp.einsum('...hqk,...khd->...qhd', weights, value, precision=precision)
+
+
+def _keep_attention_float(fr, rule) -> None:
+  """A keep_float rule decides this module's einsums: the attention runs as the model wrote it (the fused kernel,
+  bit for bit the float model's), and the rule is used like one that leaves hooked ops in float: marked as
+  matched (no 'matched no op' warning) and its two einsums listed as float in the report."""
+  rs = fr.session.ruleset
+  rs.find(fr.path, 'einsum')
+  if fr.session.phase == 'capture':  # as Session.run_op: a capture run records no decisions
+    return
+  for _ in range(2):  # softmax(q . k^T) and weights . v
+    index = fr.counters.get('einsum', 0)
+    fr.counters['einsum'] = index + 1
+    rs.record(fr.path, 'einsum', index, rule, (), None)
 
 
 class QuantizedNnx:
