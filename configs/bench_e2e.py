@@ -27,8 +27,11 @@ Targets (time ratios to float): QAT int8 forward <= 0.75x, QAT fake-quant <= 1.1
 Expected (Intel Xeon with VNNI, 2026-12-05): matmul shares of 54-99% of the float programs (39% for the
 char-LM's page-faulting forward at 256 sequences), bare int8 kernels at 0.11-0.22x on the models' own shapes
 (0.51x at LeNet-5's batch 1, 2.2x for the MLP's single row), bounds of 0.12x (MLP serving) to 0.57x. On an
-AVX2-only AMD Zen 3 (2026-12-06): bare int8 kernels at 0.20-0.87x, bounds of 0.36x to 0.90x, the MLP's one-row
-serving at 0.66-0.73x and its int8 training step at 0.83x (91% of its bound's saving).
+AVX2-only AMD Zen 3 (2026-12-06, jax 0.12.0.1): bare int8 kernels at 0.20-0.87x, bounds of 0.36x to 0.90x, the
+MLP's one-row serving at 0.66-0.73x and its int8 training step at 0.83x (91% of its bound's saving); on jax
+0.12.1 (two runs): bare int8 kernels at 0.16-0.89x, the MLP's one-row serving at 0.38-0.41x (float's matrix-vector
+product is slower there), its int8 training step at 0.87-0.92x, the char-LM's serving at 1 and 8 sequences
+slower than float (1.08-1.23x).
 Takes ~15 min (one model: --config.models="('char_lm',)").
 """
 
