@@ -124,6 +124,20 @@ def test_annotate_bound_and_kept_by_hand():
   slower['meta']['bare'].update(dots=1, convs=0)
   table = markdown.bare_markdown([main, slower])  # says why there is no share, not 'nan%'
   assert 'q 0.60x (bound >= 1x, no saving to keep)' in table and 'nan' not in table, table
+  # The matmuls replayed alone took longer than the whole float program (share 2.4 / 2 = 120%): the bound
+  # (1 - 1.2 + 1.2 * 0.25 = 0.1) and the share of its saving (0.4 / 0.9 = 44%) say nothing, and the table says so.
+  over = _group('g bare', {kernels.FLOAT: 2.4, kernels.INT8: 0.6}, BARE_ROLES, kernels.FLOAT,
+                {'bare': {'of': 'g', 'dots': 1, 'convs': 0}})
+  kernels.annotate([main, over])
+  assert over['meta']['bare']['bound'] == pytest.approx(0.1)
+  assert over['meta']['bare']['kept']['q'] == pytest.approx(0.4 / 0.9)  # kept in the JSON as computed
+  row = [line for line in markdown.bare_markdown([main, over]).splitlines() if line.startswith('| g |')]
+  assert len(row) == 1 and '| 120% |' in row[0], row
+  assert '0.10x (says nothing: share over 100%)' in row[0] and 'q 0.60x (matmul share over 100%: no bound)' in row[0]
+  assert '44%' not in row[0]
+  assert '(says nothing' not in markdown.bare_markdown([main, bare])  # a share of 80% is a bound
+  # Rounding does not hide which side of 100% a share is on.
+  assert [markdown.fmt_share(s) for s in (1.0038, 0.9975, 1.0, 1.2, 0.8)] == ['100.4%', '99.8%', '100%', '120%', '80%']
   orphan = _group('o bare', {kernels.FLOAT: 1.0, kernels.INT8: 0.2}, BARE_ROLES, kernels.FLOAT, {'bare': {'of': 'x'}})
   kernels.annotate([orphan])  # the group it measures is not in the run: nothing to relate it to
   assert 'bound' not in orphan['meta']['bare']

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from experiments import timing
 from experiments.bench import harness as bench
 from experiments.bench import kernels
-from experiments.bench.markdown import fmt_ratio, result_markdown
+from experiments.bench.markdown import fmt_ratio, fmt_share, result_markdown
 from experiments.config import cli as config_cli
 from experiments.fileio import write_json_atomic
 from experiments.review.tensorboard import SummaryWriter
@@ -211,7 +211,8 @@ def run_grouped(suite: GroupedSuite, config, workdir: str | None = None, *, info
     bare = g['meta'].get('bare') or {}
     echo(f"{suite.name} / {g['name']}: " + ', '.join(
         f"{n} {fmt_ratio(r['ratio'])}" for n, r in g['results'].items() if n != g['baseline'])
-        + (f"; bound {fmt_ratio(bare['bound'])} (matmuls {bare['share']:.0%} of float, bare int8 kernel "
+        + (f"; bound {fmt_ratio(bare['bound'])}{' (says nothing)' if bare['share'] > 1.0 else ''} "
+           f"(matmuls {fmt_share(bare['share'])} of float, bare int8 kernel "
            f"{fmt_ratio(bare['kernel'])} as {kernels.LAYOUT[bare['kernel_form']]})" if 'bound' in bare else ''))
     if workdir:  # A run stopped later (time limit, lost machine) still leaves the groups measured so far.
       write_json_atomic(os.path.join(workdir, 'bench.partial.json'),

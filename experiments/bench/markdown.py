@@ -60,9 +60,22 @@ def summary_markdown(groups: list[dict[str, Any]]) -> str:
   return timing.format_rows(['group', 'baseline median'] + names, rows)
 
 
-def _kept(k: float) -> str:
-  # nan: the int8 GEMMs alone were no faster than float, so the bound leaves no saving to keep a share of.
+def _kept(k: float, share: float) -> str:
+  # A share over 100%: the matmuls replayed alone took longer than the whole float program (kernels' docstring),
+  # so the bound, and a share of its saving, say nothing. nan: the int8 GEMMs alone were no faster than float,
+  # so the bound leaves no saving to keep a share of.
+  if share > 1.0:
+    return 'matmul share over 100%: no bound'
   return 'bound >= 1x, no saving to keep' if math.isnan(k) else f'{k:.0%}'
+
+
+def fmt_share(share: float) -> str:
+  """The matmul share as a percentage; one decimal where rounding would hide which side of 100% it is on."""
+  return f'{share:.1%}' if round(share * 100) == 100 and share != 1.0 else f'{share:.0%}'
+
+
+def _bound(bare: dict[str, Any]) -> str:
+  return fmt_ratio(bare['bound']) + (' (says nothing: share over 100%)' if bare['share'] > 1.0 else '')
 
 
 def _form(bare: dict[str, Any]) -> str:
@@ -80,9 +93,10 @@ def bare_markdown(groups: list[dict[str, Any]]) -> str:
     bare = g['meta'].get('bare') or {}
     if 'bound' not in bare:
       continue
-    kept = '; '.join(f'{n} {fmt_ratio(r)} ({_kept(bare["kept"][n])})' for n, r in bare['quantized'].items())
-    rows.append([bare['of'], f"{bare['dots']} + {bare['convs']}", f"{bare['share']:.0%}",
-                 f"{fmt_ratio(bare['kernel'])} ({_form(bare)})", fmt_ratio(bare['bound']), kept])
+    kept = '; '.join(f'{n} {fmt_ratio(r)} ({_kept(bare["kept"][n], bare["share"])})'
+                     for n, r in bare['quantized'].items())
+    rows.append([bare['of'], f"{bare['dots']} + {bare['convs']}", fmt_share(bare['share']),
+                 f"{fmt_ratio(bare['kernel'])} ({_form(bare)})", _bound(bare), kept])
   if not rows:
     return ''
   return timing.format_rows(['group', 'dots + convs', 'matmul share of float', 'bare int8 kernel', 'bound',
@@ -101,11 +115,11 @@ def result_markdown(result: dict[str, Any]) -> str:
     lines += ['The float program\'s matmuls alone, as written and as int8 GEMMs (experiments/bench/kernels.py): '
               'bound = 1 - share + share x kernel, the time ratio if only the matmuls got faster:', '', bare, '']
   if result['targets']:
-    bounds = {g['meta']['bare']['of']: g['meta']['bare'].get('bound') for g in result['groups']
-              if g['meta'].get('bare')}
+    bounds = {g['meta']['bare']['of']: g['meta']['bare'] for g in result['groups']
+              if 'bound' in (g['meta'].get('bare') or {})}
     rows = [[t['group'], t['variant'], t['text'], f"<= {t['max_ratio']:.3g}x", fmt_ratio(t['ratio']),
              'met' if t['met'] else 'NOT met',
-             '' if bounds.get(t['group']) is None else fmt_ratio(bounds[t['group']])] for t in result['targets']]
+             '' if t['group'] not in bounds else _bound(bounds[t['group']])] for t in result['targets']]
     lines += ['Targets:', '', timing.format_rows(['group', 'variant', 'target', 'max time ratio', 'measured', '',
                                                   'bound'], rows), '']
   flagged = [f for f in result['flags'] if f['role'] == 'quantized']
