@@ -245,6 +245,34 @@ def test_unsigned_symmetric_grid_warns_once_naming_the_op():
   assert 'dot_general fwd.lhs' in msgs[0] and "'uint8'" in msgs[0] and 'negative' in msgs[0]
 
 
+def test_unsigned_check_is_no_effect_and_calls_the_host_only_for_negatives(monkeypatch):
+  """The compiled check carries no effect (an effect takes a jitted function off JAX's fast dispatch path, even in
+  a branch never taken), calls the host only when a negative value arrives (also under vmap), and leaves the
+  result bit-equal to the same op without the check."""
+  dg._WARNED.clear()
+  calls = []
+  host = dg._report_negatives
+  monkeypatch.setattr(dg, '_report_negatives', lambda *a: (calls.append(a[-1]), host(*a))[1])
+  u = QuantSpec('uint8')
+  cfg = DotConfig(fwd=MatmulConfig(u, QuantSpec('int8'), 'real'))
+  op = lambda x, w: ops.dot_general(x, w, DIMS, config=cfg, lhs_params={'scale': jnp.float32(2.0 ** -6)})
+  assert not jax.make_jaxpr(op)(X, W).effects
+  f = jax.jit(op)
+  pos = jnp.abs(X)
+  with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter('always')
+    y = f(pos, W)
+    assert not calls and not rec
+    f(X, W).block_until_ready()
+    assert len(calls) == 1 and bool(np.all(calls[0]))
+    assert len([r for r in rec if 'unsigned' in str(r.message)]) == 1
+    dg._WARNED.clear()
+    jax.jit(jax.vmap(op, in_axes=(0, None)))(jnp.stack([pos, X]), W).block_until_ready()
+    assert len(calls) == 2 and np.asarray(calls[1]).tolist() == [False, True]
+  monkeypatch.setattr(dg, 'warn_if_clipping_negatives', lambda *a: None)
+  np.testing.assert_array_equal(y, jax.jit(lambda x, w: op(x, w))(pos, W))  # a new function: traced again
+
+
 def test_signed_and_pact_grids_do_not_warn():
   dg._WARNED.clear()
   p = QuantSpec('uint4', estimator='pact')
