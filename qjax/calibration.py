@@ -228,7 +228,7 @@ def calibrate(x: jax.Array, spec: QuantSpec, *, poison: bool = False) -> tuple[j
   if isinstance(fmt, formats.IntFormat) and fmt.binary:
     # A group of zeros keeps scale 0 (its least-squares scale): it dequantizes to exactly 0, not to +-1.
     xf = x.astype(jnp.float32)
-    mean = gran.reduce(jnp.abs(xf if poison else _finite(xf)), sshape, jnp.mean)
+    mean = gran.reduce(jnp.abs(xf), sshape, jnp.mean) if poison else gran.finite_mean_abs(xf, sshape)
     return jnp.where(jnp.isfinite(mean), mean, jnp.nan if poison else 1.0), None
   if spec.calibration == 'mse':
     scale, zero_point = mse_search(x, spec, sshape)

@@ -184,8 +184,9 @@ def lsq(x, scale, noise=None, *, fmt):
 
 
 def lsq_init(x, sshape, fmt):
-  """LSQ's initial step s0 = 2 * mean|x| / sqrt(Q_P) per scale group."""
-  mean = gran.reduce(jnp.abs(x.astype(jnp.float32)), tuple(sshape), jnp.mean)
+  """LSQ's initial step s0 = 2 * mean|x| / sqrt(Q_P) per scale group, the mean over finite elements (an inf
+  would make the step inf and every output NaN); 1 for a group of zeros or of no finite element."""
+  mean = gran.finite_mean_abs(x, tuple(sshape))
   return jnp.where(mean > 0, mean * (2.0 / math.sqrt(formats.grid_max(fmt))), 1.0)
 
 

@@ -280,7 +280,8 @@ def element_format(fmt: Format) -> IntFormat | FloatFormat | CodebookFormat:
 def to_grid(y: jax.Array, fmt: Format, noise: jax.Array | None = None) -> jax.Array:
   """Maps scaled values y = x / scale + zero_point onto the format's grid; returns qvalue in its container.
 
-  int: clip(round(y), qmin, qmax) as int8/uint8 (binary: sign, 0 -> +1; NaN -> 0).
+  int: clip(round(y), qmin, qmax) as int8/uint8 (binary: sign, 0 -> +1, stochastic: +1 with probability
+  clip((1 + y) / 2, 0, 1); NaN -> 0).
   float: saturating cast to the float8/float4 dtype.  codebook: index of the nearest level (uint8).
   `noise` (U[0,1) draws, see `uniform_noise`) switches to stochastic rounding.
   """
@@ -305,8 +306,12 @@ def grid_values(y: jax.Array, fmt: Format, noise: jax.Array | None = None) -> ja
   if not isinstance(efmt, IntFormat):
     return from_grid(to_grid(y, fmt, noise), fmt)
   y = y.astype(jnp.float32)
-  if efmt.binary:
+  if efmt.binary and noise is None:
     q = jnp.where(y >= 0, 1.0, -1.0)
+  elif efmt.binary:
+    # Stochastic binarization (BinaryConnect, Courbariaux et al. 2015): +1 with probability clip((1 + y) / 2,
+    # 0, 1), so E[q] = y on [-1, 1]. floor((1 + y) / 2 + u) is 1 with that probability where it is in [0, 1).
+    q = jnp.clip(2.0 * jnp.floor((1.0 + y) * 0.5 + noise) - 1.0, -1.0, 1.0)
   else:
     q = jnp.clip(round_to_grid(y, noise), efmt.qmin, efmt.qmax)  # +-inf land on the edges.
   return jnp.where(jnp.isnan(y) | (q == 0), 0.0, q)  # NaN -> 0, -0.0 -> +0.0.
@@ -328,6 +333,20 @@ def grid_max(fmt: Format) -> float:
   if isinstance(fmt, FloatFormat):
     return fmt.max
   return max(abs(v) for v in fmt.levels)
+
+
+def end_half_steps(fmt: Format) -> tuple[float, float]:
+  """Half the grid's step at its (lowest, highest) end, in grid units: how far beyond an end a value still rounds
+  onto it with no more error than rounding gives inside the grid (ints 0.5; floats half the top binade's step;
+  codebooks half the gap between the two end levels)."""
+  fmt = element_format(fmt)
+  if isinstance(fmt, IntFormat):
+    return 0.5, 0.5
+  if isinstance(fmt, FloatFormat):
+    half = 2.0 ** (fmt.emax - fmt.mantissa_bits - 1)
+    return half, half
+  lv = fmt.levels
+  return (lv[1] - lv[0]) / 2, (lv[-1] - lv[-2]) / 2
 
 
 def grid_range(fmt: Format) -> tuple[float, float]:

@@ -63,6 +63,15 @@ def reduce(x: jax.Array, sshape: tuple[int, ...], fn) -> jax.Array:
   return fn(group_view(x, sshape), axis=shared_axes(x.ndim), keepdims=True).reshape(sshape)
 
 
+def finite_mean_abs(x: jax.Array, sshape: tuple[int, ...]) -> jax.Array:
+  """mean |x| per scale group over its finite elements (NaN and +-inf neither add to the sum nor to the count);
+  NaN for a group with no finite element."""
+  x = x.astype(jnp.float32)
+  finite = jnp.isfinite(x)
+  total = reduce(jnp.where(finite, jnp.abs(x), 0.0), sshape, jnp.sum)
+  return total / reduce(finite.astype(jnp.float32), sshape, jnp.sum)
+
+
 def expand(scale: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Broadcasts a scale-shaped array to `shape` (each scale repeated over its group)."""
   scale = jnp.asarray(scale)

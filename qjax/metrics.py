@@ -28,8 +28,10 @@ def fake_quant_with(x, spec: QuantSpec, params: dict | None) -> jax.Array:
 
 
 def clip_fraction(x: jax.Array, spec: QuantSpec, params: dict | None = None) -> jax.Array:
-  """Fraction of finite elements of x beyond the representable range [(lo - z) s, (hi - z) s] of the grid the
-  method uses for x under params (`Method.grid`: learned, static, or calibrated)."""
+  """Fraction of finite elements of x that the grid clips: beyond its representable range [(lo - z) s,
+  (hi - z) s] by more than half the grid's end step (`formats.end_half_steps`: 0.5 units for ints, 16 for fp8
+  e4m3, 0.14 for NF4), so farther from the end point than rounding inside the grid would leave them. The grid is
+  the one the method uses for x under params (`Method.grid`: learned, static, or calibrated)."""
   x = x.astype(jnp.float32)
   method = spec.method
   scale, zp = method.grid(x, spec, method.prepare(x, spec, params))
@@ -37,7 +39,8 @@ def clip_fraction(x: jax.Array, spec: QuantSpec, params: dict | None = None) -> 
   s = gran.expand(jnp.broadcast_to(jnp.asarray(scale, jnp.float32), sshape), x.shape)
   z = 0.0 if zp is None else gran.expand(jnp.broadcast_to(jnp.asarray(zp, jnp.float32), sshape), x.shape)
   lo, hi = formats.grid_range(spec.fmt)
+  below, above = formats.end_half_steps(spec.fmt)
   y = x / s + z
   finite = jnp.isfinite(x)
-  out = finite & ((y < lo - 0.5) | (y > hi + 0.5))
+  out = finite & ((y < lo - below) | (y > hi + above))
   return jnp.sum(out) / jnp.maximum(jnp.sum(finite), 1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import qjax
-from qjax import calibration, ops
+from qjax import calibration, metrics, ops
 from qjax.ops.config import DotConfig, MatmulConfig
 from qjax.quantizers import dequantize, fake_quant, quantize
 from qjax.spec import QuantSpec
@@ -320,3 +320,61 @@ def test_absmax_half_step_real_equals_fake():
        for m in ('fake', 'real')}
   np.testing.assert_array_equal(y['fake'], y['real'])
   assert qjax.QuantSpec.from_dict(s.to_dict()) == s
+
+
+# ------------------------------------------------------------- non-finite values in mean-based statistics
+
+
+def test_int1_scale_is_the_mean_over_finite_values():
+  """XNOR-Net's scale mean|x| over the values actually quantized: a NaN or inf is neither summed nor counted."""
+  spec = QuantSpec(format='int1')
+  x = jnp.float32([1.0, -3.0, jnp.nan, jnp.inf, -jnp.inf])
+  np.testing.assert_array_equal(calibration.calibrate(x, spec)[0], [2.0])
+  np.testing.assert_array_equal(fake_quant(x, spec), [2.0, -2.0, np.nan, np.inf, -np.inf])
+  only_bad = jnp.float32([jnp.nan, jnp.inf])
+  np.testing.assert_array_equal(calibration.calibrate(only_bad, spec)[0], [1.0])  # no finite value: neutral
+  assert np.isnan(calibration.calibrate(x, spec, poison=True)[0][0])
+
+
+def test_lsq_init_ignores_non_finite_values():
+  """s0 = 2 mean|x| / sqrt(Q_P) over the finite elements: one inf used to make s0 inf and every output NaN."""
+  spec = QuantSpec(format='int4', estimator='lsq')
+  x = jnp.float32([1.0, -1.0, 0.5, 1.5, jnp.inf, jnp.nan])
+  s0 = qjax.init_params(x, spec)['scale']
+  np.testing.assert_allclose(s0, [2.0 * 1.0 / np.sqrt(7.0)], rtol=1e-6)
+  y = fake_quant(x, spec, qjax.init_params(x, spec))
+  assert np.all(np.isfinite(y[:4])) and y[4] == np.inf and np.isnan(y[5])
+
+
+# ------------------------------------------------------------------------- stochastic binarization
+
+
+def test_int1_stochastic_rounding_is_binaryconnect():
+  """+1 with probability clip((1 + y) / 2, 0, 1): at y = 0.2 exactly when u >= 0.4; unbiased on [-1, 1]."""
+  fmt = QuantSpec(format='int1').fmt
+  y = jnp.full((7,), 0.2, jnp.float32)
+  u = jnp.float32([0.0, 0.39, 0.3999999, 0.4, 0.41, 0.9, 0.99999994])
+  np.testing.assert_array_equal(qjax.formats.grid_values(y, fmt, u), [-1, -1, -1, 1, 1, 1, 1])
+  edges = jnp.float32([-1.0, 1.0, -1.5, 1.5, 0.0])
+  np.testing.assert_array_equal(qjax.formats.grid_values(edges, fmt, jnp.zeros(5)), [-1, 1, -1, 1, -1])
+  np.testing.assert_array_equal(qjax.formats.grid_values(edges, fmt, jnp.full(5, 0.99999994)), [-1, 1, -1, 1, 1])
+  one = {'scale': jnp.float32(1.0)}
+  spec = QuantSpec(format='int1', rounding='stochastic')
+  for v in (0.2, -0.7):
+    out = fake_quant(jnp.full((100_000,), v, jnp.float32), spec, one, key=jax.random.key(0))
+    assert abs(float(out.mean()) - v) < 0.015  # 0.015 is > 4 standard errors (sqrt(1 - v^2) / 316)
+
+
+# ------------------------------------------------------------------------------------ clip_fraction
+
+
+@pytest.mark.parametrize('fmt, inside, beyond', [
+    ('int8', [127.49, -128.49], [127.51, -128.51]),
+    ('fp8_e4m3', [463.0, -463.0], [465.0, -465.0]),  # top binade step 32: half a step 16 beyond 448
+    ('nf4', [1.13, -1.15], [1.15, -1.16]),  # half NF4's end gaps: (1 - 0.7230) / 2, (1 - 0.6962) / 2
+])
+def test_clip_fraction_counts_values_beyond_half_the_end_step(fmt, inside, beyond):
+  one = {'scale': jnp.float32(1.0)}
+  spec = QuantSpec(format=fmt)
+  x = jnp.float32(inside + beyond + [0.1, 0.2, 0.3, jnp.nan])
+  np.testing.assert_allclose(metrics.clip_fraction(x, spec, one), 2 / 7)
