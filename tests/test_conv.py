@@ -124,13 +124,18 @@ def test_real_equals_fake_one_zero_point(zero_point_side):
     np.testing.assert_array_equal(np.asarray(p), np.asarray(q), err_msg=name)
 
 
-def test_real_equals_fake_uint8_and_per_tensor():
-  """uint8 operands move into int8 containers with a zero point of -128; per-tensor scales."""
-  x, w, ct, kw = operands('nhwc_groups_valid', seed=2)
+@pytest.mark.parametrize('case', ['nhwc_groups_valid', 'nhwc_same', 'nchw_strided_dilated'])
+@pytest.mark.parametrize('granularity', ['per_tensor', 'per_channel'])
+@pytest.mark.parametrize('mode', ['real', 'auto'])
+def test_real_equals_fake_uint8(case, granularity, mode):
+  """uint8 operands move into int8 containers with a zero point of -128. Ungrouped convs of few features take
+  the patch route on CPU, whose int8 kernel gradient has no zero-point term: it once used the shifted uint8
+  values as they were (a kernel gradient off by more than its own size)."""
+  x, w, ct, kw = operands(case, seed=2)
   x = jnp.abs(x)
-  u = spec('uint8', granularity='per_tensor')
-  s = spec('int8', granularity='per_tensor')
-  cfg = DotConfig(fwd=MatmulConfig(u, s, 'real'), dlhs=MatmulConfig(s, s, 'real'), drhs=MatmulConfig(u, s, 'real'))
+  u = spec('uint8', granularity=granularity)
+  s = spec('int8', granularity=granularity)
+  cfg = DotConfig(fwd=MatmulConfig(u, s, mode), dlhs=MatmulConfig(s, s, mode), drhs=MatmulConfig(u, s, mode))
   fake_cfg = DotConfig(fwd=MatmulConfig(u, s, 'fake'), dlhs=MatmulConfig(s, s, 'fake'),
                        drhs=MatmulConfig(u, s, 'fake'))
   for p, q in zip(grads(fake_cfg, x, w, ct, kw), grads(cfg, x, w, ct, kw), strict=True):

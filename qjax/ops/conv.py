@@ -58,7 +58,7 @@ import numpy as np
 from jax import lax
 from jax.experimental.layout import Layout, with_layout_constraint
 
-from qjax import quantizers
+from qjax import formats, quantizers
 from qjax.ops import conv_gemm
 from qjax.ops.config import DotConfig, MatmulConfig
 from qjax.ops.dot_general import (
@@ -442,12 +442,21 @@ def qconv(a, b, cp: ConvParams, mcfg: MatmulConfig, *, where: str, a_qparams=Non
 
 def _kernel_grad_by_patches(mcfg: MatmulConfig, aspec, bspec, fwd: ConvParams, lhs_shape, kernel_shape) -> bool:
   """The kernel gradient runs as patches^T . g when the forward conv takes the patches route on this backend
-  and both operands are symmetric integers (zero points would need in-bounds tap counts per row)."""
+  and both operands are symmetric integers without a zero point in real execution (zero points would need
+  in-bounds tap counts per row): not uint8, which real execution shifts into int8 with zero point -128."""
   if native_kind(aspec) != 'int' or native_kind(bspec) != 'int' or jax.default_backend() != 'cpu':
     return False
   if aspec.scheme != 'symmetric' or bspec.scheme != 'symmetric' or not conv_gemm.supported(fwd, lhs_shape):
     return False
+  if any(_shifted_to_int8(s) for s in (aspec, bspec)):
+    return False
   return mcfg.mode != 'fake' and cpu_int_route(mcfg.mode, fwd, lhs_shape, kernel_shape) == 'gemm'
+
+
+def _shifted_to_int8(spec: QuantSpec) -> bool:
+  """uint8 grids run as int8 with a zero point of -128 (`qjax.ops.dot_general`'s signed container)."""
+  fmt = formats.element_format(spec.fmt)
+  return isinstance(fmt, formats.IntFormat) and not fmt.signed and fmt.bits == 8
 
 
 # A float kernel gradient (drhs without quantization: a QAT step's float backward) is, by JAX's transpose rule, a
