@@ -52,6 +52,33 @@ def test_linen_capture_matches_brute_force_sums():
                              rtol=1e-4, atol=1e-5)
 
 
+class EinsumPermuted(nn.Module):
+  """A kernel (j, i, k) contracted with an activation (b, i, j): the contracting letters in different orders."""
+  subscripts: str = 'bij,jik->bk'
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param('w', nn.initializers.normal(1.0), (3, 2, 4))
+    return jnp.einsum(self.subscripts, x, w)
+
+
+@pytest.mark.parametrize('subscripts', ['bij,jik->bk', '...ij,jik->...k'])
+def test_einsum_capture_features_follow_the_weights_contracting_axes(subscripts):
+  """Feature f of the captured rows is the f-th entry of the weight's contracting axes (in site.contracting
+  order) flattened row-major: rows . flat kernel is the einsum. The rhs axes were once listed in the weight's own
+  order (j, i) against the activation's (i, j)."""
+  net = EinsumPermuted(subscripts)
+  qm = quantize_linen(net, RULES)
+  xs = [jax.random.normal(jax.random.key(i), (5, 2, 3)) for i in range(2)]
+  v = qm.init(jax.random.key(1), xs[0])
+  (site, st), = capture.capture_linen(qm, v, xs, stats=('sample',), max_sample=10_000).values()
+  assert (site.weight_side, site.contracting, site.features) == ('rhs', (1, 0), 6)
+  w = np.asarray(v['params']['w'], np.float64)
+  flat = np.transpose(w, site.contracting + (2,)).reshape(site.features, -1)
+  y = np.concatenate([np.asarray(net.apply({'params': v['params']}, x), np.float64) for x in xs])
+  np.testing.assert_allclose(np.asarray(st.sample, np.float64) @ flat, y, rtol=1e-5, atol=1e-5)
+
+
 class ZThenA(nn.Module):
   @nn.compact
   def __call__(self, x):

@@ -443,23 +443,24 @@ def _why(x) -> str:
 def _einsum_reduced(subscripts: str, lnd: int, rnd: int):
   """(reduced axes of lhs, of rhs), (contracting axes of lhs, of rhs) of a two-operand einsum: reduced are the
   axes whose letter is not in the output or is shared by both operands (batch); contracting those not in the
-  output. Ellipses count as batch."""
-  ins, _, out = subscripts.replace(' ', '').partition('->')
+  output, paired as `lax.dot_general` pairs them (the rhs axis i carries the letter of the lhs axis i). Ellipses
+  count as batch, aligned from the right as broadcasting aligns them; an implicit output (no '->') keeps them."""
+  ins, arrow, out = subscripts.replace(' ', '').partition('->')
   a, b = ins.split(',')
-  if not _:
+  if not arrow:
     letters = [c for c in a + b if c != '.']
-    out = ''.join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    out = ('...' if '...' in a + b else '') + ''.join(sorted(c for c in set(letters) if letters.count(c) == 1))
 
-  def expand(s, nd):
-    if '...' not in s:
-      return s
-    n = nd - len(s.replace('...', ''))
-    return s.replace('...', ''.join(chr(0x100 + i) for i in range(n)))
-  a, b = expand(a, lnd), expand(b, rnd)
-  out = expand(out, max(lnd, rnd)) if '...' in out else out
+  def n_ell(s, nd):
+    return nd - len(s.replace('...', '')) if '...' in s else 0
+  m = max(n_ell(a, lnd), n_ell(b, rnd))
+
+  def expand(s, n):  # the last n of the m broadcast dims
+    return s.replace('...', ''.join(chr(0x100 + m - n + i) for i in range(n)))
+  a, b, out = expand(a, n_ell(a, lnd)), expand(b, n_ell(b, rnd)), expand(out, m)
   red = lambda s, o: tuple(i for i, c in enumerate(s) if c not in out or c in o)
-  con = lambda s, o: tuple(i for i, c in enumerate(s) if c not in out and c in o)
-  return (red(a, b), red(b, a)), (con(a, b), con(b, a))
+  lc = tuple(i for i, c in enumerate(a) if c not in out and c in b)
+  return (red(a, b), red(b, a)), (lc, tuple(b.index(a[i]) for i in lc))
 
 
 def call_signature(*parts):
