@@ -697,3 +697,16 @@ def test_blocked_float_route_gives_the_same_output_with_and_without_differentiat
                   small_m=0)
   f = lambda x, w: ops.dot_general(x, w, dims, config=cfg)
   np.testing.assert_array_equal(jax.jit(f)(x, w), jax.jit(lambda x, w: jax.vjp(f, x, w)[0])(x, w))
+
+
+def test_precision_reaches_the_float_and_fake_quant_matmuls():
+  """lax precision (TF32 / bf16 passes on GPU and TPU) was dropped; it now reaches every matmul that runs in
+  float or fake quant, forward and backward, and the unquantized op."""
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
+  dims = (((1,), (0,)), ((), ()))
+  s = QuantSpec('int8')
+  for cfg in (DotConfig(), DotConfig(fwd=MatmulConfig(s, s, 'fake'))):
+    loss = lambda x, w, cfg=cfg: ops.dot_general(x, w, dims, lax.Precision.HIGHEST, config=cfg).sum()
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+    dots = re.findall(r'stablehlo\.dot_general.*', text)
+    assert len(dots) == 3 and all('HIGHEST' in d for d in dots), dots  # forward, dlhs, drhs

@@ -447,17 +447,20 @@ def _blocked_float_dot(a, b, kb: int):
 
 
 def matmul(a, b, dims: Dims, mcfg: MatmulConfig, *, where: str, small_m: int = 0, a_qparams=None,
-           b_qparams=None, key=None, out_dtype=None, row_major_lhs: bool = False, float_dtype=jnp.float32):
+           b_qparams=None, key=None, out_dtype=None, row_major_lhs: bool = False, float_dtype=jnp.float32,
+           precision=None):
   """One quantized matmul dot_general(a, b, dims) under `mcfg`; returns out_dtype (default a's dtype).
 
   A matmul left in float (both specs None) runs in `float_dtype`: the op's own compute dtype, so that the float
-  backward of a bfloat16 model runs in bfloat16 as the unquantized model's does (accumulating in f32)."""
+  backward of a bfloat16 model runs in bfloat16 as the unquantized model's does (accumulating in f32). The float
+  and fake-quant matmuls take the caller's `precision` (what lax.dot_general's precision selects on GPU / TPU:
+  TF32 or bf16 passes for f32 operands); low-precision ones choose their own."""
   out_dtype = out_dtype or jnp.result_type(a.dtype, b.dtype)
   (lc, rc), (lb, rb) = dims
   lspec = resolve_spec(mcfg.lhs, a.shape, lc, lb, f'{where}.lhs')
   rspec = resolve_spec(mcfg.rhs, b.shape, rc, rb, f'{where}.rhs')
   if lspec is None and rspec is None:
-    return lax.dot_general(a.astype(float_dtype), b.astype(float_dtype), dims,
+    return lax.dot_general(a.astype(float_dtype), b.astype(float_dtype), dims, precision=precision,
                            preferred_element_type=jnp.float32).astype(out_dtype)
   ka, kb = (None, None) if key is None else jax.random.split(key)
   mode = choose_mode(mcfg, lspec, rspec, a.shape, dims, small_m, where)
@@ -472,7 +475,7 @@ def matmul(a, b, dims: Dims, mcfg: MatmulConfig, *, where: str, small_m: int = 0
         src = fq(b, rspec, b_qparams, kb)
       return _blocked_float_dot(ah, src, block).astype(out_dtype)
     bh = fq(b, rspec, b_qparams, kb)
-    return lax.dot_general(ah, bh, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+    return lax.dot_general(ah, bh, dims, precision=precision, preferred_element_type=jnp.float32).astype(out_dtype)
   group = _group_size(lspec, rspec, where)
   lq = quantize_operand(a, lspec, a_qparams, ka)
   rq = quantize_operand(b, rspec, b_qparams, kb)
@@ -539,13 +542,15 @@ class _Static:
   out_dtype: object
   float_dtype: object = jnp.float32  # dtype of matmuls left in float (the operands' own: bf16 models stay bf16)
   direct: tuple[bool, bool] = (False, False)  # (lhs, rhs) qparams carry quantize(x) (`_fq_operand`), not a QArray's
+  precision: object = None  # the caller's lax precision, for the matmuls that run in float (fake or unquantized)
 
 
 def _qdot_forward(lhs_hat, rhs_hat, lqp, rqp, static: _Static):
   cfg = static.config
   with jax.named_scope('fwd'):  # names the matmul in HLO metadata (qjax.ops.inspect_matmuls shows it)
     return matmul(lhs_hat, rhs_hat, static.dims, cfg.fwd, where='fwd', small_m=cfg.small_m, a_qparams=lqp,
-                  b_qparams=rqp, out_dtype=static.out_dtype, float_dtype=static.float_dtype)
+                  b_qparams=rqp, out_dtype=static.out_dtype, float_dtype=static.float_dtype,
+                  precision=static.precision)
 
 
 def _qdot_primal(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
@@ -585,11 +590,11 @@ def _qdot_bwd(static: _Static, res, g):
   d1, perm1 = dlhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
   with jax.named_scope('dlhs'):
     dlhs = matmul(g, rhs_hat, d1, cfg.dlhs, where='dlhs', small_m=cfg.small_m, key=k1, out_dtype=lhs_hat.dtype,
-                  float_dtype=static.float_dtype)
+                  float_dtype=static.float_dtype, precision=static.precision)
   d2, perm2 = drhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
   with jax.named_scope('drhs'):
     drhs = matmul(lhs_hat, g, d2, cfg.drhs, where='drhs', small_m=cfg.small_m, key=k2, out_dtype=rhs_hat.dtype,
-                  row_major_lhs=cfg.drhs_row_major, float_dtype=static.float_dtype)
+                  row_major_lhs=cfg.drhs_row_major, float_dtype=static.float_dtype, precision=static.precision)
   return jnp.transpose(dlhs, perm1), jnp.transpose(drhs, perm2), zero_cotangent(lqp), zero_cotangent(rqp), None
 
 
@@ -792,7 +797,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   """Quantized `lax.dot_general`: same arguments plus `config` (see qjax.ops.config).
 
   Args:
-    lhs, rhs, dimension_numbers, precision, preferred_element_type: as `jax.lax.dot_general`.
+    lhs, rhs, dimension_numbers, precision, preferred_element_type: as `jax.lax.dot_general` (precision
+      applies to the matmuls that run in float or fake quant; the integer and fp8 ones choose their own).
     out_sharding: accepted for signature compatibility (Flax passes it); the output sharding follows XLA.
     config: the DotConfig of the forward and both gradient matmuls.
     lhs_params, rhs_params: quantizer parameters of the forward operands, the mapping their method declares
@@ -805,19 +811,20 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     lhs . rhs in `preferred_element_type` (default: the operands' result type), with
     out ~ dequantize(q_lhs) . dequantize(q_rhs).
   """
-  del precision, out_sharding
+  del out_sharding
   dims = canonical_dims(dimension_numbers)
   out_dtype = preferred_element_type or operand_result_type(lhs, rhs)
   (lc, rc), (lb, rb) = dims
   if not check_operands('dot_general', lhs, rhs, config):
-    return lax.dot_general(lhs, rhs, dims, preferred_element_type=preferred_element_type)
+    return lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=preferred_element_type)
   lspec = resolve_spec(config.fwd.lhs, lhs.shape, lc, lb, 'fwd.lhs')
   rspec = resolve_spec(config.fwd.rhs, rhs.shape, rc, rb, 'fwd.rhs')
   lhs_hat, rhs_hat, lqp, rqp, cfg, bwd_key = quantize_forward(config, lhs, rhs, lspec, rspec, lhs_params, rhs_params,
                                                               key)
   in_dtype = operand_result_type(lhs, rhs)
   float_dtype = in_dtype if in_dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
-  static = _Static(dims, cfg, jnp.dtype(out_dtype), jnp.dtype(float_dtype), direct_flags(lhs, rhs, lqp, rqp))
+  static = _Static(dims, cfg, jnp.dtype(out_dtype), jnp.dtype(float_dtype), direct_flags(lhs, rhs, lqp, rqp),
+                   precision)
   out = _qdot(lhs_hat, rhs_hat, lqp, rqp, bwd_key, static)
   return out.astype(out_dtype)
 
