@@ -10,12 +10,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 from flax import nnx
 from flax_common import A8, W8
 
 from qjax import QuantSpec, quantizers
-from qjax.flax import QuantRule, RuleError, RuleSet, quantize_linen, quantize_nnx
+from qjax.flax import (
+  QuantRule,
+  RuleError,
+  RuleSet,
+  ServingWeight,
+  convert_linen,
+  convert_nnx,
+  quantize_linen,
+  quantize_nnx,
+)
 
 
 class TwoDense(nn.Module):
@@ -384,3 +394,97 @@ def test_auto_signedness_inside_jit_asks_for_a_concrete_prepare_first():
   assert _act_formats(qm.rules) == {'body': 'int4', 'head': 'uint4'}
   with pytest.raises(ValueError, match="method='run' is not one of init, apply"):
     qm.prepare('run', jax.random.key(1), X)
+
+
+# ------------------------------------------------------------------------------ ConvTranspose (lax.conv_transpose)
+
+
+class LUp(nn.Module):
+  padding: object = 'SAME'
+  transpose_kernel: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.ConvTranspose(5, (3, 3), strides=(2, 2), padding=self.padding, transpose_kernel=self.transpose_kernel,
+                            use_bias=False, name='up')(x)
+
+
+class NUp(nnx.Module):
+  def __init__(self, rngs):
+    self.up = nnx.ConvTranspose(3, 5, (3, 3), strides=(2, 2), padding='SAME', use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    return self.up(x)
+
+
+CT_RULES = [{'module_path': '.*', 'weight': {'format': 'int8', 'granularity': 'per_channel'},
+             'act': {'format': 'int8'}}]
+IMG = jax.random.normal(jax.random.key(3), (2, 6, 5, 3))
+
+
+def _ct_reference(x, w, padding):
+  """The float conv_transpose of the fake-quantized operands (activation per tensor, kernel per output feature)."""
+  return jax.lax.conv_transpose(quantizers.fake_quant(x, QuantSpec('int8')),
+                                quantizers.fake_quant(w, QuantSpec('int8', 'per_channel', axis=-1)), (2, 2), padding,
+                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('padding', ['SAME', 'VALID', ((1, 2), (0, 1))])
+def test_linen_conv_transpose_is_quantized_as_the_conv_it_computes(padding):
+  """Flax's ConvTranspose calls lax.conv_transpose, inside which JAX calls its own conv: the rules once never
+  saw it (the layer stayed float, unreported). It now runs as that conv, quantized, and the report says so."""
+  qm = quantize_linen(LUp(padding), CT_RULES)
+  with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter('always')
+    v = qm.init(jax.random.key(1), IMG)
+    y = jax.jit(qm.apply)(v, IMG)
+  assert not _messages(rec)
+  want = _ct_reference(IMG, v['params']['up']['kernel'], padding)
+  assert y.shape == want.shape
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(y - LUp(padding).apply({'params': v['params']}, IMG)))) > 1e-3  # not float
+  line, = [ln for ln in qm.report().splitlines() if ln.startswith('up ')]
+  assert 'conv' in line and 'int8/channel' in line and '(via conv_transpose)' in line
+
+
+def test_linen_conv_transpose_gradients_flow_to_the_kernel():
+  qm = quantize_linen(LUp(), CT_RULES)
+  v = qm.init(jax.random.key(1), IMG)
+  g = jax.grad(lambda p: jnp.sum(qm.apply({**v, 'params': p}, IMG) ** 2))(v['params'])['up']['kernel']
+  w = v['params']['up']['kernel']
+  ref = jax.grad(lambda k: jnp.sum(_ct_reference(IMG, k, 'SAME') ** 2))(w)  # STE: d fake_quant(w) / dw = 1
+  np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_transpose_with_a_flipped_kernel_is_listed_as_not_reachable():
+  qm = quantize_linen(LUp(transpose_kernel=True), CT_RULES)
+  with warnings.catch_warnings(record=True):
+    warnings.simplefilter('always')
+    v = qm.init(jax.random.key(1), IMG)
+    y = qm.apply(v, IMG)
+  assert jnp.array_equal(y, LUp(transpose_kernel=True).apply({'params': v['params']}, IMG))
+  assert re.search(r'^up\s+conv_transpose\s+not quantized, not reachable: .*transpose_kernel=True',
+                   qm.report(), re.M)
+
+
+def test_nnx_conv_transpose_is_quantized():
+  model = NUp(nnx.Rngs(0))
+  w = model.up.kernel.get_value()
+  want = _ct_reference(IMG, w, 'SAME')
+  quantize_nnx(model, CT_RULES, IMG)
+  y = model(IMG)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_transpose_serves_int8_weights_equal_to_qat_bit_for_bit():
+  qm = quantize_linen(LUp(), CT_RULES)
+  v = qm.init(jax.random.key(1), IMG)
+  sv = convert_linen(qm, v, IMG)
+  assert isinstance(sv['params']['up']['kernel'], ServingWeight)
+  assert jnp.array_equal(jax.jit(qm.serving().apply)(sv, IMG), jax.jit(qm.apply)(v, IMG))
+  model = NUp(nnx.Rngs(0))
+  quantize_nnx(model, CT_RULES, IMG)
+  want = model(IMG)
+  convert_nnx(model, IMG)
+  assert isinstance(model.up.kernel.get_value(), ServingWeight)
+  assert jnp.array_equal(model(IMG), want)

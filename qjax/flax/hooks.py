@@ -1,6 +1,7 @@
 """Op hooks: a model's matmuls and convs reach qjax while a quantized model runs, on that thread only.
 
 While any quantized model runs, `jax.lax.dot_general`, `jax.lax.dot`, `jax.lax.conv_general_dilated`,
+`jax.lax.conv_transpose` (Flax's ConvTranspose; run as the conv it computes),
 `jax.numpy.einsum`, `jax.numpy.matmul`, `jax.numpy.dot`, `jax.numpy.tensordot`, `jax.numpy.inner`,
 `jax.numpy.vdot` (listed as not reachable: it flattens its operands) and the `@` operator
 (`jax._src.numpy.tensor_contractions.matmul`, which `Array.__matmul__` looks up at call time) are replaced by
@@ -20,6 +21,7 @@ import sys
 import threading
 from typing import Any
 
+import jax
 import jax.lax as lax_mod
 import jax.numpy as jnp_mod
 
@@ -234,6 +236,45 @@ def vdot_hook(a, b, *, precision=None, preferred_element_type=None, **kw):
   return fr.session.unreachable(fr, 'vdot', a, b, orig, 'it flattens both operands into one vector dot')
 
 
+def _conv_transpose_args(lhs, rhs, call):
+  """The conv_general_dilated arguments (strides, padding, dilations, dimension numbers, groups, precision,
+  preferred type) that `call(lhs, rhs)`, a jax.lax.conv_transpose, computes, read from its jaxpr (JAX's own
+  padding arithmetic, whatever its version); None unless that jaxpr is exactly one conv of the two operands as
+  they are (transpose_kernel=True flips and swaps the kernel first)."""
+  with inside_op():
+    closed = jax.make_jaxpr(call)(jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
+                                  jax.ShapeDtypeStruct(rhs.shape, rhs.dtype))
+  eqns, jaxpr = closed.jaxpr.eqns, closed.jaxpr
+  if len(eqns) != 1 or eqns[0].primitive.name != 'conv_general_dilated':
+    return None
+  e = eqns[0]
+  if list(e.invars) != list(jaxpr.invars) or list(e.outvars) != list(jaxpr.outvars):
+    return None
+  p = e.params
+  return (p['window_strides'], p['padding'], p['lhs_dilation'], p['rhs_dilation'], p['dimension_numbers'],
+          p['feature_group_count'], p['batch_group_count'], p['precision'], p['preferred_element_type'])
+
+
+def conv_transpose_hook(lhs, rhs, strides, padding, rhs_dilation=None, dimension_numbers=None,
+                        transpose_kernel=False, precision=None, preferred_element_type=None, **kw):
+  """jax.lax.conv_transpose (Flax's ConvTranspose): caught at its entry, since inside it JAX calls its own conv,
+  and run as the conv it computes (the input dilated by the strides, unit window strides)."""
+  call = lambda a, b: ORIG['conv_transpose'](a, b, strides, padding, rhs_dilation=rhs_dilation,
+                                             dimension_numbers=dimension_numbers, transpose_kernel=transpose_kernel,
+                                             precision=precision, preferred_element_type=preferred_element_type,
+                                             **kw)
+  orig = lambda: call(lhs, rhs)
+  fr = _model_frame()
+  if fr is None or not (hasattr(lhs, 'ndim') and hasattr(rhs, 'ndim')):
+    return orig()
+  args = _conv_transpose_args(lhs, rhs, call)
+  if args is None:
+    why = ('transpose_kernel=True flips the kernel (lax.rev), which qjax does not trace back to its param'
+           if transpose_kernel else 'it is not one conv of its operands')
+    return fr.session.unreachable(fr, 'conv_transpose', lhs, rhs, orig, why)
+  return fr.session.conv(fr, lhs, rhs, args, orig, via='conv_transpose')
+
+
 def _operator_matmul_hook(a, b, *, precision=None, preferred_element_type=None, **kw):
   return matmul_hook(a, b, precision=precision, preferred_element_type=preferred_element_type, **kw)
 
@@ -241,6 +282,7 @@ def _operator_matmul_hook(a, b, *, precision=None, preferred_element_type=None, 
 def _targets():
   return [(lax_mod, 'dot_general', 'dot_general', dot_general_hook),
           (lax_mod, 'conv_general_dilated', 'conv_general_dilated', conv_hook),
+          (lax_mod, 'conv_transpose', 'conv_transpose', conv_transpose_hook),
           (lax_mod, 'dot', 'lax_dot', lax_dot_hook),
           (jnp_mod, 'einsum', 'einsum', einsum_hook),
           (jnp_mod, 'matmul', 'matmul', matmul_hook),

@@ -241,7 +241,7 @@ class Session:
     return self.run_op(fr, 'dot_general', lhs, rhs, orig, q, (tuple(lc) + tuple(lb), tuple(rc) + tuple(rb)),
                        (tuple(lc), tuple(rc)), via)
 
-  def conv(self, fr, lhs, rhs, args, orig):
+  def conv(self, fr, lhs, rhs, args, orig, via: str = ''):
 
     def q(lhs, rhs, cfg, lp, rp, key):
       return q_conv(lhs, rhs, *args, config=cfg, lhs_params=lp, rhs_params=rp, key=key)
@@ -249,7 +249,7 @@ class Session:
     lhs_red = tuple(dn.lhs_spec[1:])              # input features and spatial axes
     rhs_red = tuple(dn.rhs_spec[1:])              # the kernel's input-feature and spatial axes
     return self.run_op(fr, 'conv', lhs, rhs, orig, q, (lhs_red, rhs_red),
-                       ((dn.lhs_spec[1],), (dn.rhs_spec[1],)), window=args)
+                       ((dn.lhs_spec[1],), (dn.rhs_spec[1],)), via, window=args)
 
   def einsum(self, fr, subscripts, lhs, rhs, preferred_element_type, orig):
 
