@@ -269,6 +269,12 @@ def test_unsigned_check_is_no_effect_and_calls_the_host_only_for_negatives(monke
     dg._WARNED.clear()
     jax.jit(jax.vmap(op, in_axes=(0, None)))(jnp.stack([pos, X]), W).block_until_ready()
     assert len(calls) == 2 and np.asarray(calls[1]).tolist() == [False, True]
+  fake = DotConfig(fwd=MatmulConfig(u, QuantSpec('int8'), 'fake'))
+  dg._WARNED.clear()
+  with warnings.catch_warnings(record=True) as rec:  # a fake-mode matmul reads x_hat, which carries the check
+    warnings.simplefilter('always')
+    jax.jit(lambda x, w: ops.dot_general(x, w, DIMS, config=fake))(X, W).block_until_ready()
+    assert len(calls) == 3 and len([r for r in rec if 'unsigned' in str(r.message)]) == 1
   monkeypatch.setattr(dg, 'warn_if_clipping_negatives', lambda *a: None)
   np.testing.assert_array_equal(y, jax.jit(lambda x, w: op(x, w))(pos, W))  # a new function: traced again
 

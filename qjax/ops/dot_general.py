@@ -726,13 +726,12 @@ def _fq_operand(x, spec: QuantSpec | None, params, key, where: str):
 
 
 def _with_check(x_hat, qp, zero):
-  """Adds the sign check's zero (`warn_if_clipping_negatives`) to what the op computes with, so that its
-  callback is not dead code: the grid's scale where the matmul may run on it, else x_hat."""
+  """Takes the sign check's +0.0 (`warn_if_clipping_negatives`) off what the op computes with, so that its
+  callback is not dead code: x_hat, read by fake-mode matmuls and the backward, and the grid's scale, read by
+  real ones (x - 0.0 is x bit for bit, -0.0 included; x + 0.0 would turn -0.0 into +0.0)."""
   if zero is None:
     return x_hat, qp
-  if qp is None:
-    return x_hat + zero, qp
-  return x_hat, dataclasses.replace(qp, scale=qp.scale + zero)
+  return x_hat - zero, None if qp is None else dataclasses.replace(qp, scale=qp.scale - zero)
 
 
 _WARNED: set = set()
@@ -756,11 +755,10 @@ def warn_if_clipping_negatives(x, spec: QuantSpec, where: str):
   """Warns once per op operand when a symmetric unsigned grid (uint formats, scheme='symmetric'; not a method
   that clips its input itself, like PACT, whose clip at 0 is its ReLU) meets negative values.
 
-  A concrete x is checked now (returns None). For a traced x this returns an f32 zero that the caller must add
-  to what the op computes with (its scale): the zero comes from a host callback that runs only when a negative
-  value actually arrives (`lax.cond` on the predicate), so a non-negative input never calls the host, and a
-  program that drops the operand (the fake-quant path of a real matmul) drops the check with it. Returns None
-  when no check applies.
+  A concrete x is checked now (returns None). For a traced x this returns an f32 zero that the caller must take
+  into what the op computes with (`_with_check`): the zero comes from a host callback that runs only when a
+  negative value actually arrives (`lax.cond` on the predicate), so a non-negative input never calls the host.
+  Returns None when no check applies.
 
   Why a `pure_callback` whose result is used, not a `jax.debug.callback`: a debug callback is an effect, and any
   effect takes a jitted function off JAX's C++ dispatch path, even in a branch never taken. A 4-layer MLP's uint8
