@@ -177,6 +177,6 @@ def _int_axis(a, axis) -> int:
 
 def int_spec(bits: int, **kwargs) -> QuantSpec:
   """Shorthand: a signed integer spec of `bits` bits (ValueError outside 1..8)."""
-  if not isinstance(bits, int) or not 1 <= bits <= 8:
+  if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:  # True is an int in Python
     raise ValueError(f'bits must be an integer in 1..8, got {bits!r}')
   return QuantSpec(format=f'int{bits}', **kwargs)

@@ -282,7 +282,7 @@ def test_bad_bits(name):
     QuantSpec(format=name)
 
 
-@pytest.mark.parametrize('bits', [0, 9, -1, 2.5])
+@pytest.mark.parametrize('bits', [0, 9, -1, 2.5, True])
 def test_int_spec_bad_bits(bits):
   with pytest.raises(ValueError, match=r'bits must be an integer in 1\.\.8'):
     int_spec(bits)
