@@ -144,6 +144,23 @@ def test_cli_subprocess(root):
   assert 'ptq gptq: 2 layers' in p.stdout
 
 
+@pytest.mark.parametrize('method, key, value, message', [
+    ('rotation', 'kind', 'hadamardd', r"config\.ptq\.rotation\.kind='hadamardd' is not one of .*mean 'hadamard'"),
+    ('gptq', 'block_size', 0, r'config\.ptq\.gptq\.block_size must be >= 1, got 0'),
+    ('awq', 'n_grid', 0, r'config\.ptq\.awq\.n_grid must be >= 1, got 0'),
+    ('smoothquant', 'alpha', 1.5, r'config\.ptq\.smoothquant\.alpha must be in \[0\.0, 1\.0\], got 1\.5'),
+    ('adaround', 'beta_range', (2.0, 20.0), r'config\.ptq\.adaround\.beta_range must be \(start, end\)'),
+])
+def test_a_ptq_parameter_value_is_refused_before_anything_runs(method, key, value, message):
+  """Parameter values were checked only by the method itself, after the float model had trained: a traceback
+  (for gptq.block_size=0 a ZeroDivisionError). validate() now refuses them, naming the key."""
+  c = config_cli.load_file(os.path.join(ROOT, 'configs/fmnist_mlp.py:runlocal'))
+  c.mode, c.ptq.method = 'ptq', method
+  c.ptq[method][key] = value
+  with pytest.raises(config_cli.ConfigError, match=message):
+    train.validate(c)
+
+
 def test_config_errors_name_the_nearest_method():
   c = config_cli.load_file(os.path.join(ROOT, 'configs/fmnist_mlp.py:runlocal'))
   c.mode = 'ptq'

@@ -39,8 +39,8 @@ def methods(ptq) -> list[tuple[str, dict[str, Any]]]:
       registry.get(n)
       given = ptq[n].to_dict() if n in ptq and isinstance(ptq[n], ml_collections.ConfigDict) else {}
       out.append((n, registry.params(n, given)))
-    except ValueError as e:
-      raise ValueError(f'config.ptq.method: {e}') from None
+    except ValueError as e:  # a parameter's value ('<method>.<key> must ...') or the method and its names
+      raise ValueError(f'config.ptq.{e}' if str(e).startswith(f'{n}.') else f'config.ptq.method: {e}') from None
   if ptq.get('sequential', False) and names == ['rtn']:
     raise ValueError("config.ptq.sequential=True has no effect with config.ptq.method='rtn' (round-to-nearest reads "
                      "no calibration inputs of its own); give a method that does, e.g. 'gptq', or drop it")

@@ -119,6 +119,18 @@ def _run(layer: L.Layer, **kw) -> L.Layer:
   return layer.replace(q=res.q)
 
 
+def _check_params(p) -> None:
+  registry.at_least('adaround', 'iters', p['iters'], 1)
+  registry.at_least('adaround', 'batch_size', p['batch_size'], 1)
+  registry.at_least('adaround', 'reg_weight', p['reg_weight'], 0.0)
+  registry.within('adaround', 'warmup', p['warmup'], 0.0, 1.0)
+  if not p['lr'] > 0:
+    raise ValueError(f'adaround.lr must be > 0, got {p["lr"]!r}')
+  b = tuple(p['beta_range'])
+  if len(b) != 2 or not b[0] >= b[1] > 0:
+    raise ValueError(f'adaround.beta_range must be (start, end) with start >= end > 0 (annealed down), got {b!r}')
+
+
 registry.register(registry.PTQMethod('adaround', _run, {
     'iters': 10000, 'batch_size': 32, 'lr': 1e-3, 'reg_weight': 0.01, 'warmup': 0.2, 'beta_range': (20.0, 2.0),
-    'seed': 0}, rounds=True))
+    'seed': 0}, rounds=True, check=_check_params))

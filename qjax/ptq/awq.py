@@ -117,5 +117,11 @@ def _run(layer: L.Layer, *, n_grid: int, clip: bool, n_clip: int, max_shrink: fl
                        notes=layer.notes + (('awq_alpha', res.alpha),))
 
 
+def _check_params(p) -> None:
+  registry.at_least('awq', 'n_grid', p['n_grid'], 1)
+  registry.at_least('awq', 'n_clip', p['n_clip'], 1)
+  registry.within('awq', 'max_shrink', p['max_shrink'], 0.0, 1.0)
+
+
 registry.register(registry.PTQMethod('awq', _run, {'n_grid': 20, 'clip': True, 'n_clip': 20, 'max_shrink': 0.5},
-                                     changes_input=True, rounds=True))
+                                     changes_input=True, rounds=True, check=_check_params))

@@ -208,5 +208,10 @@ def _run(layer, *, block_size: int, damp: float, act_order: bool, static_groups:
   return layer.replace(q=res.q, notes=layer.notes + (('gptq_damp', res.damp),))
 
 
+def _check_params(p) -> None:
+  registry.at_least('gptq', 'block_size', p['block_size'], 1)
+  registry.at_least('gptq', 'damp', p['damp'], 0.0)
+
+
 registry.register(registry.PTQMethod('gptq', _run, {'block_size': 128, 'damp': 0.01, 'act_order': False,
-                                                    'static_groups': False}, rounds=True))
+                                                    'static_groups': False}, rounds=True, check=_check_params))

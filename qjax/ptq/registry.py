@@ -19,12 +19,15 @@ _METHODS: dict[str, PTQMethod] = {}
 class PTQMethod:
   """name: the config name; run(layer, **params) -> Layer; defaults: every parameter with its default;
   changes_input: it adds an online input transform (rotation or per-channel scale), so the statistics later
-  methods see are of the transformed input; rounds: it decides the integer weights (layer.q)."""
+  methods see are of the transformed input; rounds: it decides the integer weights (layer.q); check(params)
+  raises ValueError for a parameter value the method cannot run with (no data needed), so that a run can refuse
+  it before it trains or calibrates anything."""
   name: str
   run: Callable[..., Any]
   defaults: Mapping[str, Any]
   changes_input: bool = False
   rounds: bool = False
+  check: Callable[[Mapping[str, Any]], None] | None = None
 
 
 def register(method: PTQMethod) -> PTQMethod:
@@ -52,11 +55,27 @@ def get(name: str) -> PTQMethod:
 
 
 def params(name: str, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """The method's defaults overridden by `given`; ValueError for a parameter the method does not have."""
+  """The method's defaults overridden by `given`; ValueError for a parameter the method does not have, or (its
+  `check`) a value it cannot run with, as '<method>.<parameter> ...'."""
   m = get(name)
   given = dict(given or {})
   unknown = sorted(set(given) - set(m.defaults))
   if unknown:
     raise ValueError(f'PTQ method {name!r} has no parameter {unknown[0]!r}{_near(unknown[0], m.defaults)}; its '
                      f'parameters: {", ".join(m.defaults) or "none"}')
-  return {**m.defaults, **given}
+  out = {**m.defaults, **given}
+  if m.check is not None:
+    m.check(out)
+  return out
+
+
+def at_least(name: str, key: str, value, low) -> None:
+  """ValueError '<name>.<key> must be >= low' unless it is."""
+  if not value >= low:
+    raise ValueError(f'{name}.{key} must be >= {low}, got {value!r}')
+
+
+def within(name: str, key: str, value, low, high) -> None:
+  """ValueError '<name>.<key> must be in [low, high]' unless it is."""
+  if not low <= value <= high:
+    raise ValueError(f'{name}.{key} must be in [{low}, {high}], got {value!r}')

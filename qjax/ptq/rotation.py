@@ -10,6 +10,7 @@ matrix with the signs of R's diagonal fixed, so it is Haar-distributed) for any 
 
 from __future__ import annotations
 
+import difflib
 from typing import NamedTuple
 
 import numpy as np
@@ -74,4 +75,12 @@ def _run(layer: L.Layer, *, kind: str, seed: int) -> L.Layer:
                        stats=L.transform_stats(layer.stats, rotation=res.rotation))
 
 
-registry.register(registry.PTQMethod('rotation', _run, {'kind': 'auto', 'seed': 0}, changes_input=True))
+def _check_params(p) -> None:
+  if p['kind'] not in KINDS:
+    near = difflib.get_close_matches(str(p['kind']), KINDS, n=1)
+    raise ValueError(f'rotation.kind={p["kind"]!r} is not one of {", ".join(KINDS)}'
+                     + (f' (did you mean {near[0]!r}?)' if near else ''))
+
+
+registry.register(registry.PTQMethod('rotation', _run, {'kind': 'auto', 'seed': 0}, changes_input=True,
+                                     check=_check_params))

@@ -64,4 +64,8 @@ def _run(layer: L.Layer, *, alpha: float) -> L.Layer:
   return layer.replace(w=res.w[0].astype(np.float32), scale=scale, stats=L.transform_stats(layer.stats, scale=s))
 
 
-registry.register(registry.PTQMethod('smoothquant', _run, {'alpha': 0.5}, changes_input=True))
+def _check_params(p) -> None:
+  registry.within('smoothquant', 'alpha', p['alpha'], 0.0, 1.0)
+
+
+registry.register(registry.PTQMethod('smoothquant', _run, {'alpha': 0.5}, changes_input=True, check=_check_params))
