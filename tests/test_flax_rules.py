@@ -488,3 +488,22 @@ def test_conv_transpose_serves_int8_weights_equal_to_qat_bit_for_bit():
   convert_nnx(model, IMG)
   assert isinstance(model.up.kernel.get_value(), ServingWeight)
   assert jnp.array_equal(model(IMG), want)
+
+
+def test_report_lists_a_weights_batch_axes_among_its_channel_axes():
+  """A per-channel weight scale keeps every axis the op does not contract, batch axes included (one scale per
+  head below); the report once left the batch axes out."""
+  class Heads(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      w = self.param('w', nn.initializers.normal(1.0), (2, 3, 4))  # (heads, d, k)
+      return jnp.einsum('bhd,hdk->bhk', x, w)
+
+  qm = quantize_linen(Heads(), CT_RULES)
+  x = jax.random.normal(jax.random.key(0), (5, 2, 3))
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    v = qm.init(jax.random.key(1), x)
+  assert 'rhs=param w (channel axes (0, 2))' in qm.report()
+  served = convert_linen(qm, v, x)
+  assert served['params']['w'].to_qarray().scale.shape == (2, 1, 4)  # the axes the report names

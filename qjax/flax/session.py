@@ -237,9 +237,10 @@ class Session:
     def q(lhs, rhs, cfg, lp, rp, key):
       return q_dot_general(lhs, rhs, dims, precision, preferred_element_type, config=cfg, lhs_params=lp,
                            rhs_params=rp, key=key)
-    (lc, rc), (lb, rb) = dims
-    return self.run_op(fr, 'dot_general', lhs, rhs, orig, q, (tuple(lc) + tuple(lb), tuple(rc) + tuple(rb)),
-                       (tuple(lc), tuple(rc)), via)
+    (lc, rc), _ = dims
+    # A per-channel scale reduces the contracting axes only: it keeps one scale per batch index too
+    # (qjax.ops.dot_general.resolve_spec), so the report lists batch axes among a weight's channel axes.
+    return self.run_op(fr, 'dot_general', lhs, rhs, orig, q, (tuple(lc), tuple(rc)), (tuple(lc), tuple(rc)), via)
 
   def conv(self, fr, lhs, rhs, args, orig, via: str = ''):
 
@@ -267,8 +268,8 @@ class Session:
 
   def run_op(self, fr, op: str, lhs, rhs, orig, q, reduced=((), ()), contracting=((), ()), via: str = '',
              window=None):
-    """One hooked op. reduced: per operand the axes its per-channel scale reduces (contracting and batch axes
-    for matmuls; features and window for convs); contracting: the contracting axes (for capture); window: a
+    """One hooked op. reduced: per operand the axes its per-channel scale reduces (the contracting axes for
+    matmuls; features and window for convs); contracting: the contracting axes (for capture); window: a
     conv's arguments after its operands (strides, padding, dilations, dimension numbers, groups: for capture's
     im2col patches)."""
     index = fr.counters.get(op, 0)
@@ -442,8 +443,9 @@ def _why(x) -> str:
 
 def _einsum_reduced(subscripts: str, lnd: int, rnd: int):
   """(reduced axes of lhs, of rhs), (contracting axes of lhs, of rhs) of a two-operand einsum: reduced are the
-  axes whose letter is not in the output or is shared by both operands (batch); contracting those not in the
-  output, paired as `lax.dot_general` pairs them (the rhs axis i carries the letter of the lhs axis i). Ellipses
+  axes whose letter is not in the output (what a per-channel scale reduces: batch letters keep a scale each, as
+  in `qjax.ops.dot_general.resolve_spec`); contracting those not in the output and in both operands, paired as
+  `lax.dot_general` pairs them (the rhs axis i carries the letter of the lhs axis i). Ellipses
   count as batch, aligned from the right as broadcasting aligns them; an implicit output (no '->') keeps them."""
   ins, arrow, out = subscripts.replace(' ', '').partition('->')
   a, b = ins.split(',')
@@ -458,9 +460,9 @@ def _einsum_reduced(subscripts: str, lnd: int, rnd: int):
   def expand(s, n):  # the last n of the m broadcast dims
     return s.replace('...', ''.join(chr(0x100 + m - n + i) for i in range(n)))
   a, b, out = expand(a, n_ell(a, lnd)), expand(b, n_ell(b, rnd)), expand(out, m)
-  red = lambda s, o: tuple(i for i, c in enumerate(s) if c not in out or c in o)
+  red = lambda s: tuple(i for i, c in enumerate(s) if c not in out)
   lc = tuple(i for i, c in enumerate(a) if c not in out and c in b)
-  return (red(a, b), red(b, a)), (lc, tuple(b.index(a[i]) for i in lc))
+  return (red(a), red(b)), (lc, tuple(b.index(a[i]) for i in lc))
 
 
 def call_signature(*parts):
