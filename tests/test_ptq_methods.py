@@ -271,6 +271,12 @@ def test_wrong_orders_are_clear_errors():
     pipeline.run(lay, ['smoothquant', 'rotation'])
   with pytest.raises(ValueError, match='before a rounding method'):
     pipeline.run(lay, ['gptq', 'smoothquant'])
+  # Bias correction computed for RTN's kernel and served with GPTQ's or AdaRound's: refused, not silently worse.
+  for rounding in ('gptq', 'adaround'):
+    with pytest.raises(ValueError, match=f'bias_correction must come after {rounding}'):
+      pipeline.run(lay, ['bias_correction', rounding])
+  with pytest.raises(ValueError, match=r'before a rounding method or bias correction \(here bias_correction\)'):
+    pipeline.run(lay, ['bias_correction', 'awq'])
 
 
 def test_statistics_merge_equals_one_pass():

@@ -150,13 +150,17 @@ def test_cli_subprocess(root):
     ('awq', 'n_grid', 0, r'config\.ptq\.awq\.n_grid must be >= 1, got 0'),
     ('smoothquant', 'alpha', 1.5, r'config\.ptq\.smoothquant\.alpha must be in \[0\.0, 1\.0\], got 1\.5'),
     ('adaround', 'beta_range', (2.0, 20.0), r'config\.ptq\.adaround\.beta_range must be \(start, end\)'),
+    ('bias_correction,gptq', None, None, r"config\.ptq\.method='bias_correction,gptq': bias_correction must come "
+                                         'after gptq'),
 ])
 def test_a_ptq_parameter_value_is_refused_before_anything_runs(method, key, value, message):
   """Parameter values were checked only by the method itself, after the float model had trained: a traceback
-  (for gptq.block_size=0 a ZeroDivisionError). validate() now refuses them, naming the key."""
+  (for gptq.block_size=0 a ZeroDivisionError). validate() now refuses them, naming the key; and an order that
+  does not compose (bias correction before a rounding method was accepted and served a worse bias)."""
   c = config_cli.load_file(os.path.join(ROOT, 'configs/fmnist_mlp.py:runlocal'))
   c.mode, c.ptq.method = 'ptq', method
-  c.ptq[method][key] = value
+  if key is not None:
+    c.ptq[method][key] = value
   with pytest.raises(config_cli.ConfigError, match=message):
     train.validate(c)
 
@@ -419,3 +423,15 @@ def test_match_pairs_kernels_with_their_one_captured_op_and_says_why_not():
                      'tied': 'its op runs in module head',
                      'twice': '2 ops use this kernel (dot_general0, dot_general1)',
                      'gone': 'no quantized op with this kernel as its weight operand was captured'}
+
+
+def test_gptq_gives_a_first_conv_kept_at_8_bits_its_8_bit_grid(tmp_path):
+  """The runner asked the rules for a kernel's spec as if its op were a dot_general. A conv that is the model's
+  first or last op (kept at 8 bits, recorded per op) then got the int4 spec, and serving, which holds it at 8
+  bits, refused the int4 kernel GPTQ had made."""
+  work = tmp_path / 'cnn'
+  assert train.main(['--config=configs/fmnist_cnn.py:runlocal', '--config.mode=ptq', f'--workdir={work}',
+                     '--config.ptq.method=gptq', '--config.quant.weight.format=int4',
+                     '--config.quant.first_last_8bit=True', '--config.quant_summaries=False']) == 0
+  layers = json.load(open(work / 'result.json'))['train']['ptq']['layers']
+  assert {'conv1', 'conv2', 'head'} <= set(layers) and 'gptq_damp' in layers['conv1']['notes']

@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from qjax.ptq import registry
+from qjax.ptq import pipeline, registry
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -41,6 +41,10 @@ def methods(ptq) -> list[tuple[str, dict[str, Any]]]:
       out.append((n, registry.params(n, given)))
     except ValueError as e:  # a parameter's value ('<method>.<key> must ...') or the method and its names
       raise ValueError(f'config.ptq.{e}' if str(e).startswith(f'{n}.') else f'config.ptq.method: {e}') from None
+  try:
+    pipeline.check_order(names)
+  except ValueError as e:
+    raise ValueError(f'config.ptq.method={m!r}: {e}') from None
   if ptq.get('sequential', False) and names == ['rtn']:
     raise ValueError("config.ptq.sequential=True has no effect with config.ptq.method='rtn' (round-to-nearest reads "
                      "no calibration inputs of its own); give a method that does, e.g. 'gptq', or drop it")

@@ -60,11 +60,15 @@ from qjax.ptq import online, registry
 
 
 def _weight_spec(tr, state, path):
+  """The weight spec the rules give the op at `path`, asked by the op the model ran there (a conv, an einsum
+  or a dot_general, as recorded): rules may be limited by op name, and a first or last op kept at 8 bits is
+  recorded per op. Asking as 'dot_general' gave a first conv the low-bit spec, which its serving then refused."""
   rs = tr.ruleset(state)
-  rule = rs.peek(path, 'dot_general')
+  op = next((o for (p, o, _) in rs.matches if p == path), 'dot_general')
+  rule = rs.peek(path, op)
   if rule is None or rule.keep_float or rule.weight is None:
     return None
-  return rs.effective(path, 'dot_general', 0, rule).weight
+  return rs.effective(path, op, 0, rule).weight
 
 
 def targets(tr, state):
