@@ -657,3 +657,19 @@ def test_init_from_a_quantized_run_is_refused_naming_its_mode(tmp_path, mode):
   cfg = mlp_config(init_from=src)
   with pytest.raises(train.RunError, match=f"mode='{mode}' run; init_from takes the weights of a float run"):
     train.load_float_state(cfg, str(tmp_path / 'run'), None, None, print)
+
+
+def test_a_workdir_another_run_holds_is_refused(tmp_path, capsys):
+  """A lone `experiments.train` took no claim: two on one workdir both trained, writing the same checkpoints and
+  result. The second is now refused, naming the holder, and the workdir is left as it was."""
+  from experiments.fileio import Claim
+  work = tmp_path / 'held'
+  claim = Claim.acquire(str(work))  # another run (here this process, through its own lock) holds it
+  try:
+    rc = train.main(['--config=configs/fmnist_mlp.py:runlocal', f'--workdir={work}'])
+  finally:
+    claim.release()
+  assert rc == 3
+  err = capsys.readouterr().err
+  assert f'is being run by pid {os.getpid()} on {socket.gethostname()}' in err
+  assert sorted(os.listdir(work)) == ['.claim']

@@ -507,6 +507,14 @@ def main(argv: list[str]) -> int:
   validate(config)
   workdir = config_cli.writable_dir(workdir, 'workdir')
   distributed.initialize(flags)
+  # One run per workdir, as sweep trials claim theirs: a second `experiments.train` on the same workdir would
+  # write the same checkpoints and result. Only the first process of a multi-process run claims it (the others
+  # share its workdir).
+  claim = fileio.Claim.acquire(workdir) if jax.process_index() == 0 else None
+  if claim is None and jax.process_index() == 0:
+    print(f'error: --workdir={workdir} is being run by {fileio.Claim.holder(workdir)}; wait for that run to end '
+          '(rerunning then resumes or keeps its result), or give another --workdir', file=sys.stderr)
+    return 3
   signal.signal(signal.SIGTERM, _raise_interrupt)  # a scheduler's stop: checkpoint, then exit, as for Ctrl-C
   try:
     train_and_evaluate(config, workdir)
@@ -521,6 +529,9 @@ def main(argv: list[str]) -> int:
     print(f'error: {config_cli.os_error_text(e)}; {saved(workdir)}; rerun the same command to resume once that is '
           'fixed', file=sys.stderr)
     return 1
+  finally:
+    if claim is not None:
+      claim.release()
   return 0
 
 
