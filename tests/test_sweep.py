@@ -190,6 +190,17 @@ def test_dry_run_and_index(fake_cfg, tmp_path, monkeypatch):
     _sweep([f'--config={fake_cfg}', f'--root={root}', '--workres=2'])
 
 
+@pytest.mark.parametrize('flag', ['dry_run', 'retry_failed', 'rerun_changed', 'adopt_new_keys'])
+def test_a_switch_with_a_value_that_is_not_true_or_false_is_refused_before_any_trial(fake_cfg, tmp_path, flag):
+  """--dry_run=ture used to read as false and run the real sweep."""
+  root = str(tmp_path / 'root')
+  with pytest.raises(config_cli.ConfigError, match=f'--{flag}=ture: expected true or false'):
+    _sweep([f'--config={fake_cfg}', f'--root={root}', f'--{flag}=ture', '--trial_fn=test_sweep:fake_trial'])
+  assert not os.path.exists(root)
+  rc, out = _sweep([f'--config={fake_cfg}', f'--root={root}', '--dry_run=yes'])
+  assert rc == 0 and len(out) == 4 and not os.path.exists(root)
+
+
 def test_only_selects_trials_and_what_they_start_from(fake_cfg, tmp_path):
   module, arg = config_cli.load_module(os.path.join(REPO, 'configs/quickstart.py'))
   trials = sweeps.expand(module, arg, '/tmp/qs')

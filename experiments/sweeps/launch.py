@@ -361,8 +361,21 @@ def _count(flags: dict[str, str], name: str) -> int | None:
   return n
 
 
-def _truthy(v: str | None) -> bool:
-  return (v or 'false').lower() in ('1', 'true', 'yes')
+BOOL_FLAGS = ('dry_run', 'retry_failed', 'rerun_changed', 'adopt_new_keys')
+_TRUE, _FALSE = ('1', 'true', 'yes'), ('0', 'false', 'no')
+
+
+def _truthy(flags: dict[str, str], name: str) -> bool:
+  """A switch (--dry_run, --dry_run=false); any other value is a ConfigError, so --dry_run=ture never runs the
+  real sweep."""
+  value = flags.get(name)
+  if value is None:
+    return False
+  if value.lower() in _TRUE:
+    return True
+  if value.lower() in _FALSE:
+    return False
+  raise config_cli.ConfigError(f'--{name}={value}: expected true or false (or --{name} alone for true)')
 
 
 def run_sweep(argv: list[str], out=print, *, validate=None, report=None) -> int:
@@ -376,6 +389,7 @@ def run_sweep(argv: list[str], out=print, *, validate=None, report=None) -> int:
     out(config_cli.help_text(__doc__, {}, argv))
     return 0
   flags, cli = _parse(argv)
+  switches = {name: _truthy(flags, name) for name in BOOL_FLAGS}
   module, arg = config_cli.load_module(flags['config'])
   root = os.path.abspath(flags['root'])
   try:
@@ -391,7 +405,7 @@ def run_sweep(argv: list[str], out=print, *, validate=None, report=None) -> int:
   if flags.get('only') is not None and not flags['only']:
     raise config_cli.ConfigError('--only= needs a regular expression over trial names (see --dry_run)')
   selected = {t.index for t in select(trials, flags['only'])} if flags.get('only') else None
-  if _truthy(flags.get('dry_run')):
+  if switches['dry_run']:
     changed = changed_trials(trials, trials, root)
     for t in trials:
       if selected is not None and t.index not in selected:
@@ -409,18 +423,18 @@ def run_sweep(argv: list[str], out=print, *, validate=None, report=None) -> int:
     raise config_cli.ConfigError(f'--start_method={start_method}: expected forkserver or spawn (fork can deadlock '
                                 'a process that has started JAX)')
   trial_fn = flags.get('trial_fn', DEFAULT_TRIAL_FN)
-  retry = _truthy(flags.get('retry_failed'))
+  retry = switches['retry_failed']
   _count(flags, 'workers')
   if trial_fn == DEFAULT_TRIAL_FN and validate is not None:
     validate_trials(trials, validate)
   config_cli.writable_dir(root, 'root')
   chosen = trials if index is None else [trials[index]]
-  if _truthy(flags.get('adopt_new_keys')):
+  if switches['adopt_new_keys']:
     adopted = adopt_new_keys(chosen, root, [k for k, _ in cli])
     if adopted:
       out(f'adopted the new config keys into {len(adopted)} stored run(s) (see <trial>/adopted_keys.json)')
   changed = changed_trials(trials, chosen, root)
-  if changed and not _truthy(flags.get('rerun_changed')):
+  if changed and not switches['rerun_changed']:
     raise config_cli.ConfigError(_changed_message(changed, root, new_keys(chosen, root, [k for k, _ in cli])))
   for dest in replace_changed(root, list(changed)):
     out(f'moved {os.path.basename(dest)} (a run of an earlier config) to {os.path.dirname(dest)}/; it runs again')
