@@ -382,6 +382,27 @@ def test_ptq_table_from_result_files(tmp_path):
   assert t.index('| rtn |') < t.index('| gptq')
 
 
+def test_ptq_table_leaves_out_qat_trials_and_its_command_line_errors_are_one_line(tmp_path, capsys):
+  """A QAT trial (no train.ptq) used to be a second 'rtn' seed beside the PTQ run; a missing root, a traceback."""
+  from experiments.review import ptq_table  # noqa: PLC0415
+
+  quant = {'weight': {'format': 'int4', 'granularity': 'per_channel', 'group_size': 0}, 'act': {'format': ''}}
+  for name, mode, acc, seed in (('float', 'float', 0.91, 0), ('ptq', 'ptq', 0.80, 0), ('qat', 'qat', 0.89, 1)):
+    os.makedirs(tmp_path / name)
+    json.dump({'mode': mode, 'config': {'quant': quant, 'seed': seed}, 'metrics': {'eval/accuracy': acc},
+               'serving_bytes': 300, 'train': {}}, open(tmp_path / name / 'result.json', 'w'))
+  _, rows = ptq_table.rows(str(tmp_path))
+  assert [r[:3] for r in rows] == [('rtn', 'W4', 0.80)]
+  assert '| rtn | 0.8000 / 300 / 0.0 |' in ptq_table.table(str(tmp_path))
+  assert ptq_table.main([str(tmp_path / 'nope')]) == 2
+  assert capsys.readouterr().err.startswith('error: no such sweep root: ')
+  assert ptq_table.main([str(tmp_path), '--metric=eval/acc']) == 2
+  assert "did you mean 'eval/accuracy'?" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    ptq_table.main(['--help'])
+  assert e.value.code == 0 and 'usage:' in capsys.readouterr().out
+
+
 def test_char_lm_every_projection_including_attention(root):
   """NNX char-LM: q/k/v (3-D kernels) and the attention output (contracting heads x head_dim) are solved too;
   the output projection gets no online input op (its input is (heads, head_dim))."""

@@ -30,6 +30,13 @@ class ConfigError(ValueError):
   """A config file or override that cannot be applied; the message says why and what would work."""
 
 
+def did_you_mean(name: Any, choices, *, fmt: str = '{!r}') -> str:
+  """'; did you mean 'x'?' naming the choice nearest `name`, or '' when none is near: the suggestion every
+  user-error message of the experiments layer gives."""
+  near = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+  return f'; did you mean {fmt.format(near[0])}?' if near else ''
+
+
 def load_module(spec: str):
   """Imports the config file of 'path.py[:arg]'; returns (module, arg or None)."""
   path, _, arg = spec.partition(':')

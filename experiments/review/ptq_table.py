@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 from experiments import fileio
+from experiments.config import cli as config_cli
 
 
 def setting(quant) -> str:
@@ -23,7 +24,11 @@ def setting(quant) -> str:
 
 
 def rows(root: str, metric: str = 'eval/accuracy'):
-  """([float results], [(method, setting, metric, serving bytes, method seconds, seed)]) of the trials."""
+  """([float results], [(method, setting, metric, serving bytes, method seconds, seed)]) of the trials.
+
+  Only PTQ trials are rows: a QAT trial has no train.ptq entry and would read as 'rtn', its accuracy averaged
+  with the PTQ run's as another seed.
+  """
   floats, out = [], []
   for name in sorted(os.listdir(root)):
     if not os.path.isfile(os.path.join(root, name, 'result.json')):
@@ -35,6 +40,11 @@ def rows(root: str, metric: str = 'eval/accuracy'):
     if r['mode'] == 'float':
       floats.append(r)
       continue
+    if r['mode'] != 'ptq':
+      continue
+    if metric not in r['metrics']:
+      raise config_cli.ConfigError(f'--metric={metric}: trial {name} has no such metric'
+                                   f'{config_cli.did_you_mean(metric, r["metrics"])} (has: {", ".join(r["metrics"])})')
     info = r.get('train', {}).get('ptq')
     method = '+'.join(m[0] for m in info['methods']) if info else c.get('ptq', {}).get('method', 'rtn')
     if info and any(m[0] == 'gptq' and m[1].get('act_order') for m in info['methods']):
@@ -78,15 +88,21 @@ def table(root: str, metric: str = 'eval/accuracy') -> str:
   return '\n'.join(lines)
 
 
-def main(argv: list[str]) -> int:
-  args = [a for a in argv if not a.startswith('--')]
-  metric = next((a.split('=', 1)[1] for a in argv if a.startswith('--metric=')), 'eval/accuracy')
-  if len(args) != 1:
-    print(__doc__, file=sys.stderr)
-    return 2
-  print(table(args[0], metric))
+def main(argv: list[str] | None = None) -> int:
+  """The command line; a mistake (no such root, an unknown --metric) is one `error:` line (config_cli.main_guard)."""
+  return config_cli.main_guard(_main, argv=argv)
+
+
+def _main(argv: list[str]) -> int:
+  parser = config_cli.ArgParser(prog='python -m experiments.review.ptq_table', description=__doc__.split('\n')[0])
+  parser.add_argument('root', help='the PTQ sweep root (e.g. runs/results_ptq_fmnist)')
+  parser.add_argument('--metric', default='eval/accuracy', help='the result metric to tabulate (default: %(default)s)')
+  args = parser.parse_args(argv)
+  if not os.path.isdir(args.root):
+    raise config_cli.ConfigError(f'no such sweep root: {os.path.abspath(args.root)}')
+  print(table(args.root, args.metric))
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(main())
