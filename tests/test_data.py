@@ -22,6 +22,7 @@ import pytest
 
 from experiments.data import datasets, files, sources
 from experiments.data import restricted_pickle as _pickle
+from experiments.data.files import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 FULL_CACHE = files.cache_dir()  # the real cache, read (never written) by the optional full-data test
@@ -91,8 +92,16 @@ def test_fixture_switches_agree(monkeypatch):
     np.testing.assert_array_equal(x[1], y[1])
   assert list(datasets.load_shakespeare()) == list(files.FIXTURE_PLAYS)
   monkeypatch.setenv('QJAX_DATA_SOURCE', 'bogus')
-  with pytest.raises(ValueError, match='QJAX_DATA_SOURCE'):
+  with pytest.raises(DataError, match='QJAX_DATA_SOURCE'):
     datasets.load_images('mnist', 'test')
+
+
+def test_a_typo_in_qjax_data_source_is_a_data_error_naming_the_nearest(monkeypatch):
+  """It was a plain ValueError: a traceback from every command instead of one `error:` line."""
+  monkeypatch.setenv('QJAX_DATA_SOURCE', 'fixture')
+  with pytest.raises(DataError, match=r"QJAX_DATA_SOURCE='fixture' is not one of 'full', 'fixtures'; did you mean "
+                                      r"'fixtures'\?"):
+    datasets.load_shakespeare()
 
 
 def test_fashion_and_mnist_fixtures_differ():

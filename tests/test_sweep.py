@@ -201,6 +201,14 @@ def test_a_switch_with_a_value_that_is_not_true_or_false_is_refused_before_any_t
   assert rc == 0 and len(out) == 4 and not os.path.exists(root)
 
 
+def test_a_dataset_typo_fails_the_sweep_before_any_trial(tmp_path):
+  """The runner's validate() checks config.dataset, so the sweep's pre-trial check catches it too."""
+  root = str(tmp_path / 'root')
+  with pytest.raises(config_cli.ConfigError, match=r"^trial .*: config.dataset='fmnist' is not one of"):
+    _sweep([f'--config={REPO}/configs/quickstart.py:runlocal', f'--root={root}', '--config.dataset=fmnist'])
+  assert not os.path.exists(root)
+
+
 def test_only_selects_trials_and_what_they_start_from(fake_cfg, tmp_path):
   module, arg = config_cli.load_module(os.path.join(REPO, 'configs/quickstart.py'))
   trials = sweeps.expand(module, arg, '/tmp/qs')

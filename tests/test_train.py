@@ -107,6 +107,26 @@ def test_cli_rejects_a_config_arg_typo_before_running(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize('arg, message', [
+    ('--config.dataset=fmnist', "config.dataset='fmnist' is not one of fashion_mnist, mnist, shakespeare; did you "
+                                "mean 'mnist'?"),
+    ('--config.data_source=fixture', "config.data_source='fixture' is not one of auto, fixtures; did you mean "
+                                     "'fixtures'?"),
+])
+def test_a_dataset_or_data_source_typo_is_refused_before_anything_runs(tmp_path, arg, message):
+  """'fmnist' was a traceback once the data loaded; data_source='fixture' silently loaded the full dataset."""
+  with pytest.raises(config_cli.ConfigError) as e:
+    train.main(['--config=configs/fmnist_mlp.py:runlocal', f'--workdir={tmp_path / "w"}', arg])
+  assert str(e.value) == message
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_a_qjax_data_source_typo_is_refused_by_validate(monkeypatch):
+  monkeypatch.setenv('QJAX_DATA_SOURCE', 'fixture')
+  with pytest.raises(config_cli.ConfigError, match="QJAX_DATA_SOURCE='fixture'.*did you mean 'fixtures'"):
+    train.validate(mlp_config())
+
+
 def test_bad_quant_field_names_the_config_key():
   c = mlp_config(mode='qat')
   config_cli.set_key(c, 'quant.weight.format', 'int9')

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import fileio
+from experiments.config import cli as config_cli
 from experiments.data.files import (
   DATASETS,
   FIXTURE_PLAYS,
@@ -52,15 +53,23 @@ from experiments.data.sources import (
 # Loaders
 
 
+SOURCE_ENV = 'QJAX_DATA_SOURCE'
+
+
+def env_source() -> str:
+  """$QJAX_DATA_SOURCE ('full' or 'fixtures'), '' when unset. Another value is a DataError (one `error:` line from
+  the commands), never a fallback to the full data."""
+  env = os.environ.get(SOURCE_ENV, '').strip().lower()
+  if env and env not in ('full', 'fixtures'):
+    raise DataError(f"{SOURCE_ENV}={env!r} is not one of 'full', 'fixtures'"
+                    f"{config_cli.did_you_mean(env, ('full', 'fixtures'))}")
+  return env
+
+
 def _resolve_source(fixtures: bool, source: str) -> str:
   if source not in ('full', 'fixtures'):
     raise ValueError(f"unknown source {source!r}; allowed: 'full', 'fixtures'")
-  env = os.environ.get('QJAX_DATA_SOURCE', '').strip().lower()
-  if env:
-    if env not in ('full', 'fixtures'):
-      raise ValueError(f"QJAX_DATA_SOURCE={env!r} is not one of 'full', 'fixtures'")
-    return env
-  return 'fixtures' if fixtures else source
+  return env_source() or ('fixtures' if fixtures else source)
 
 
 def _read_dataset_files(name: str, fnames: Sequence[str], source: str, *, verbose: bool) -> dict[str, bytes]:

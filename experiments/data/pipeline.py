@@ -15,6 +15,8 @@ import numpy as np
 from experiments.data import datasets
 from experiments.data.files import DATASETS, IMAGE_DATASETS
 
+SOURCES = ('auto', 'fixtures')  # config.data_source: the cache/fetch chain, or the committed fixtures
+
 
 @dataclasses.dataclass
 class Dataset:

@@ -42,7 +42,9 @@ from experiments import fileio, models, version
 from experiments.config import cli as config_cli
 from experiments.config import ptq as ptq_config
 from experiments.config import quant as quant_config
+from experiments.data import datasets
 from experiments.data import pipeline as input_pipeline
+from experiments.data.files import DATASETS, DataError
 from experiments.fileio import write_json_atomic
 from experiments.review.tensorboard import SummaryWriter
 from experiments.training import checkpoints as ckpt_lib
@@ -226,6 +228,7 @@ def validate(config):
     models.build(config.model)  # the name and the model's own fields (LeNet5's activation); no params made
   except ValueError as e:
     raise config_cli.ConfigError(f'config.model: {e}') from None
+  _check_data(config)
   if config.mode == 'float':
     return None, tx, sched
   quant = config.quant
@@ -237,6 +240,22 @@ def validate(config):
       ptq_config.methods(config.ptq)  # the method list and its options, checked before anything runs
     return quant_config.build_rules(quant, ptq=config.mode == 'ptq'), tx, sched
   except ValueError as e:
+    raise config_cli.ConfigError(str(e)) from None
+
+
+def _check_data(config) -> None:
+  """The dataset, its source and $QJAX_DATA_SOURCE, checked before any trial starts: 'fmnist' would fail only once
+  the data load, and data_source='fixture' would silently load the full dataset."""
+  if config.dataset not in DATASETS:
+    raise config_cli.ConfigError(f'config.dataset={config.dataset!r} is not one of {", ".join(DATASETS)}'
+                                 f'{config_cli.did_you_mean(config.dataset, DATASETS)}')
+  if config.data_source not in input_pipeline.SOURCES:
+    raise config_cli.ConfigError(f'config.data_source={config.data_source!r} is not one of '
+                                 f'{", ".join(input_pipeline.SOURCES)}'
+                                 f'{config_cli.did_you_mean(config.data_source, input_pipeline.SOURCES)}')
+  try:
+    datasets.env_source()
+  except DataError as e:
     raise config_cli.ConfigError(str(e)) from None
 
 
