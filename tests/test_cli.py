@@ -64,6 +64,15 @@ def test_user_errors_of_every_command_are_one_line(tmp_path):
   assert not os.path.exists(tmp_path / 'w') and not os.path.exists(tmp_path / 'r')  # refused before any work
 
 
+def test_a_config_that_is_not_a_python_file_is_one_line(tmp_path):
+  """--config=README.md was an AttributeError traceback (importlib has no loader for it)."""
+  with pytest.raises(config_cli.ConfigError, match=r'^--config=README.md: README.md is not a Python config file'):
+    train.main(['--config=README.md', f'--workdir={tmp_path}/w'])
+  with pytest.raises(config_cli.ConfigError, match='is not a Python config file'):
+    sweep_cmd.run_sweep(['--config=README.md:runlocal', f'--root={tmp_path}/r'])
+  assert not os.listdir(tmp_path)
+
+
 def test_a_rule_that_cannot_apply_to_the_model_is_one_line(tmp_path):
   """What the rules can only find out from the model's shapes (here a weight grouping that convolutions do not
   support) is a user's mistake too: one line naming the rule, the module and the op (qjax.flax.RuleError)."""

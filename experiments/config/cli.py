@@ -44,6 +44,8 @@ def load_module(spec: str):
     raise ConfigError(f'--config={spec}: no such file {path!r}')
   name = 'qjax_config_' + os.path.splitext(os.path.basename(path))[0]
   mod_spec = importlib.util.spec_from_file_location(name, path)
+  if mod_spec is None:  # not a .py file: importlib finds no loader for it
+    raise ConfigError(f'--config={spec}: {path} is not a Python config file (like configs/<name>.py)')
   module = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
