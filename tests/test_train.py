@@ -121,6 +121,15 @@ def test_a_dataset_or_data_source_typo_is_refused_before_anything_runs(tmp_path,
   assert not os.path.exists(tmp_path / 'w')
 
 
+@pytest.mark.parametrize('key', ['batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps',
+                                 'checkpoint_every_steps'])
+def test_a_batch_size_or_step_interval_of_zero_is_refused_naming_the_key(tmp_path, key):
+  """Each divides a step count: 0 was a ZeroDivisionError traceback after the data had loaded."""
+  with pytest.raises(config_cli.ConfigError, match=f'^config.{key}=0 must be >= 1$'):
+    train.main(['--config=configs/fmnist_mlp.py:runlocal', f'--workdir={tmp_path / "w"}', f'--config.{key}=0'])
+  assert not os.path.exists(tmp_path / 'w')
+
+
 def test_a_qjax_data_source_typo_is_refused_by_validate(monkeypatch):
   monkeypatch.setenv('QJAX_DATA_SOURCE', 'fixture')
   with pytest.raises(config_cli.ConfigError, match="QJAX_DATA_SOURCE='fixture'.*did you mean 'fixtures'"):

@@ -54,6 +54,7 @@ from experiments.training.progress import Progress
 from qjax.flax import labels as qflax_labels
 
 MODES = ('float', 'qat', 'ptq', 'quantized_training')
+POSITIVE_KEYS = ('batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps')
 
 
 class RunError(RuntimeError):
@@ -229,6 +230,9 @@ def validate(config):
   except ValueError as e:
     raise config_cli.ConfigError(f'config.model: {e}') from None
   _check_data(config)
+  for key in POSITIVE_KEYS:  # each divides a step count: 0 would be a ZeroDivisionError mid-run
+    if not config[key] >= 1:
+      raise config_cli.ConfigError(f'config.{key}={config[key]!r} must be >= 1')
   if config.mode == 'float':
     return None, tx, sched
   quant = config.quant
