@@ -180,6 +180,15 @@ def test_help_of_every_command_lists_its_flags():
       assert flag in r.stdout, (module, flag, r.stdout)
 
 
+def test_list_config_without_a_config_file_exits_2():
+  """It printed its error line but exited 0."""
+  r = cli('train', '--list_config')
+  assert_one_error_line(r, 'error: --list_config needs --config=<file>')
+  assert r.returncode == 2 and r.stdout == ''
+  with pytest.raises(config_cli.ConfigError, match='--list_config needs --config'):
+    sweep_cmd.run_sweep(['--list_config'], out=lambda s: None)
+
+
 def test_config_help_lists_every_key_with_value_and_comment():
   r = cli('train', '--config=configs/fmnist_cnn.py', '--config.quant.act.format=int4', '--help')
   assert r.returncode == 0 and '--workdir' in r.stdout

@@ -234,8 +234,10 @@ def help_text(doc: str, flags: dict[str, str], argv: list[str]) -> str:
       f'  --{name:<22s} {what}' for name, what in {**flags, **COMMON_FLAGS}.items()]
   spec = next((a.partition('=')[2] for a in argv if a.startswith('--config=')), None)
   if spec is None:
-    lines.append('' if lines else 'error: --list_config needs --config=<file>')
-    lines.append('--config=<file> --help (or --list_config) lists every key of that config with its value.')
+    if not lines:  # --list_config alone: a mistake, so exit 2 like any other
+      raise ConfigError('--list_config needs --config=<file>; --config=<file> --list_config lists every key of that '
+                        'config with its value')
+    lines += ['', '--config=<file> --help (or --list_config) lists every key of that config with its value.']
     return '\n'.join(lines)
   config, _ = parse_argv([a for a in argv if a.startswith('--config')])
   module, _ = load_module(spec)
