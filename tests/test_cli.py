@@ -73,6 +73,14 @@ def test_a_config_that_is_not_a_python_file_is_one_line(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize('port', ['99999', '-5'])
+def test_a_board_port_out_of_range_is_one_line(tmp_path, capsys, port):
+  """It was an OverflowError traceback from TensorBoard's server."""
+  from experiments.review import board  # noqa: PLC0415
+  assert board.main([str(tmp_path), f'--port={port}']) == 2
+  assert capsys.readouterr().err == f'error: --port={port}: expected 0..65535 (0 takes a free port)\n'
+
+
 def test_a_rule_that_cannot_apply_to_the_model_is_one_line(tmp_path):
   """What the rules can only find out from the model's shapes (here a weight grouping that convolutions do not
   support) is a user's mistake too: one line naming the rule, the module and the op (qjax.flax.RuleError)."""

@@ -92,6 +92,8 @@ def _main(argv: list[str]) -> int:
   )
   parser.add_argument('--reload_interval', type=float, default=5.0, help='seconds between logdir rescans')
   args = parser.parse_args(argv)
+  if not 0 <= args.port <= 65535:  # TensorBoard would fail with an OverflowError traceback
+    raise config_cli.ConfigError(f'--port={args.port}: expected 0..65535 (0 takes a free port)')
   if not os.path.isdir(args.logdir):
     raise config_cli.ConfigError(f'no such logdir: {os.path.abspath(args.logdir)} (a sweep root or a run directory)')
   try:
