@@ -380,6 +380,16 @@ def test_shapes_and_tags():
   assert groups.sanitize_tag('serving int8 W, small_m=0') == 'serving_int8_W_small_m=0'
 
 
+def test_an_unknown_suite_names_the_nearest_and_lists_every_suite():
+  """In a fresh process no suite had been imported yet, so the error said 'known: ' and listed none."""
+  r = subprocess.run([sys.executable, '-m', 'experiments.bench', '--config=configs/bench_fake_quant.py:runlocal',
+                      '--config.suite=fake_quantt'], cwd=REPO, capture_output=True, text=True,
+                     env={**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'})
+  assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+  assert ("error: config.suite='fake_quantt' is not one of the benchmark suites conv, e2e, fake_quant, gpu, memory, "
+          "qmatmul, raw_dot, train_matmul; did you mean 'fake_quant'?") in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_configs(name):
   mod, _ = config_cli.load_module(CONFIGS[name])

@@ -24,9 +24,11 @@ ratio, ratio_min}}, meta, warnings}.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
+import pkgutil
 import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -58,7 +60,7 @@ def register(name: str):
 
 def get_suite(name: str, module: str | None = None) -> Callable[[Any], Suite]:
   """The suite function registered as `name`, importing `module` (default experiments.bench.<name>) first if
-  needed; ValueError naming the known suites otherwise."""
+  needed; a ConfigError naming the nearest and every known suite otherwise."""
   if name not in SUITES:
     mod = module or f'experiments.bench.{name}'
     try:
@@ -67,9 +69,21 @@ def get_suite(name: str, module: str | None = None) -> Callable[[Any], Suite]:
       if e.name != mod:  # The module exists but one of its imports does not: show that.
         raise
   if name not in SUITES:
-    raise ValueError(f'config.suite={name!r} is not a registered benchmark suite; known: '
-                     f'{", ".join(sorted(SUITES))} (or add experiments/bench/{name}.py with @bench.register)')
+    _import_suites()
+  if name not in SUITES:
+    raise config_cli.ConfigError(f'config.suite={name!r} is not one of the benchmark suites {", ".join(sorted(SUITES))}'
+                                 f'{config_cli.did_you_mean(name, SUITES)} (a new suite: experiments/bench/{name}.py '
+                                 'with @bench.register)')
   return SUITES[name]
+
+
+def _import_suites() -> None:
+  """Imports every module of experiments/bench, so that the suites they register on import can be listed (an
+  unknown config.suite listed none: only the suites imported so far were registered)."""
+  for m in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
+    if not m.name.startswith('_'):
+      with contextlib.suppress(ImportError):  # a suite whose optional dependency is missing is not listed
+        importlib.import_module(f'experiments.bench.{m.name}')
 
 
 def run(config, workdir: str | None = None, *, echo: Callable[[str], Any] = print) -> dict[str, Any]:
