@@ -78,6 +78,15 @@ def test_a_config_without_a_peer_section_is_a_clear_error():
     peer_ptq.main(['--config=configs/fmnist_cnn.py:runlocal', '--workdir=/tmp/never-written'])
 
 
+def test_an_unknown_metric_is_refused_before_anything_runs(tmp_path):
+  """It was a KeyError once the float model and the first PTQ row had run."""
+  with pytest.raises(config_cli.ConfigError, match=r"^config.peer.metric='eval/acc' is not one of eval/accuracy, "
+                                                  r"eval/loss; did you mean 'eval/accuracy'\?$"):
+    peer_ptq.main(['--config=configs/peer_ptq_fmnist.py:runlocal', f'--workdir={tmp_path / "w"}',
+                   '--config.peer.metric=eval/acc'])
+  assert not (tmp_path / 'w').exists()
+
+
 def test_rows_of_another_config_are_never_reused(tmp_path):
   (tmp_path / 'peer_ptq.json').write_text('{"config": {"seed": 7}, "peer": {}, "rows": []}')
   config = config_cli.load_file('configs/peer_ptq_fmnist.py:runlocal')

@@ -43,6 +43,7 @@ from experiments.training import trainers
 QWIX_GRID = 'absmax_half_step'
 GRID_NAMES = {'absmax': '(absmax / qmax)', 'absmax_half_step': '(absmax / (qmax + 1/2))'}
 
+METRICS = ('eval/accuracy', 'eval/loss')  # what both sides report: the runner's result and _evaluate
 FLAGS = {'workdir': '=<dir>: where the float run, the qjax runs and the table go (rerunning resumes)'}
 
 
@@ -109,9 +110,17 @@ def _evaluate(data, config, task: str, apply) -> dict[str, float]:
   return trainers.evaluate(data, config, sums)
 
 
+def check_metric(metric: str) -> None:
+  """config.peer.metric must be one both tools' evaluations give: any other was a KeyError after every run."""
+  if metric not in METRICS:
+    raise config_cli.ConfigError(f'config.peer.metric={metric!r} is not one of {", ".join(METRICS)}'
+                                 f'{config_cli.did_you_mean(metric, METRICS)}')
+
+
 def run_study(config, workdir: str, log=print) -> list[dict]:
   """Every (seed, method, bits) row of config.peer, for both tools; returns the rows (also in peer_ptq.json)."""
   p = config.peer
+  check_metric(p.metric)
   seeds = tuple(p.get('seeds', (config.seed,)))
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -253,6 +262,7 @@ def main(argv: list[str]) -> int:
   if 'peer' not in config:
     raise config_cli.ConfigError('the config has no `peer` section (methods, bits, metric, qwix_layers): use '
                                 'configs/peer_ptq_fmnist.py or a config like it')
+  check_metric(config.peer.metric)
   workdir = config_cli.writable_dir(flags['workdir'], 'workdir')
   run_study(config, workdir)
   return 0
