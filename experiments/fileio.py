@@ -103,6 +103,20 @@ def read_result(workdir: str) -> dict | None:
   return None
 
 
+def run_status(workdir: str) -> str:
+  """'done' (a valid result.json), 'failed' (error.json), 'interrupted' (checkpoints, no result) or 'pending'.
+
+  The one classification the sweep (--dry_run, reruns) and the report share, so both call a run the same.
+  """
+  if read_result(workdir) is not None:
+    return 'done'
+  if os.path.exists(os.path.join(workdir, 'error.json')):
+    return 'failed'
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return 'interrupted'
+  return 'pending'
+
+
 # ------------------------------------------------------------------------------------------------ claims
 
 

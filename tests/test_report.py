@@ -135,6 +135,18 @@ def test_report_files_and_tensorboard(root):
   assert len(events) == 2 and events[0].endswith(('.hparams_experiment', '.report'))
 
 
+def test_an_interrupted_trial_is_interrupted_as_the_sweep_calls_it(root):
+  """Checkpoints and no result: `sweep --dry_run` said interrupted, the report said not run."""
+  workdir = os.path.join(root, 'mode=qat,bits=w2,seed=0')
+  os.makedirs(os.path.join(workdir, 'checkpoints', '10'))
+  trials, _ = results.load_trials(root)
+  assert [t['status'] for t in trials] == ['done'] * 6 + ['failed', 'interrupted']
+  assert fileio.run_status(workdir) == 'interrupted'  # what the sweep's trial_status returns
+  md = open(report.write_report(root)['report']).read()
+  assert '8 trials: 6 finished, 1 failed, 0 running, 1 interrupted, 0 not run.' in md
+  assert '## Not finished' in md and 'rerunning the sweep command resumes them' in md
+
+
 def test_latency_front_uses_the_ratio_to_float_and_keeps_collapsed_trials_off(tmp_path):
   root = str(tmp_path)
   # Absolute times come from different moments (the float trial ran on a busy machine): only ratios compare.

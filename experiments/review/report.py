@@ -69,12 +69,13 @@ def _write_csv(path: str, configs: list[Config], metric: str) -> None:
 
 def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str, higher: bool,
               plots: dict[str, str], manifest: dict, study: tuple[str, str]) -> str:
-  counts = {s: sum(t['status'] == s for t in trials) for s in ('done', 'failed', 'running', 'not run')}
+  counts = {s: sum(t['status'] == s for t in trials) for s in ('done', 'failed', 'running', 'interrupted', 'not run')}
   m = metric.split('/')[-1]
   keys = list(dict.fromkeys(k for c in configs for k in c.values))
   lines = [f'# Sweep report: {root}', '',
            f'Config `{manifest.get("config", "?")}`; {len(trials)} trials: {counts["done"]} finished, '
-           f'{counts["failed"]} failed, {counts["running"]} running, {counts["not run"]} not run. '
+           f'{counts["failed"]} failed, {counts["running"]} running, {counts["interrupted"]} interrupted, '
+           f'{counts["not run"]} not run. '
            f'Written {time.strftime("%Y-%m-%d %H:%M:%S")} by `python -m experiments.report {root}`.', '',
            f'## Results (one row per configuration; mean ± std over seeds; {"higher" if higher else "lower"} '
            f'{m} is better)', '',
@@ -116,12 +117,15 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
   if failed:
     lines += ['## Failed trials', '']
     for t in failed:
-      msg = f'{t["error"].get("type")}: {t["error"].get("message", "")}'.splitlines()[0][:300]
+      error = t['error'] if isinstance(t['error'], dict) else {}  # an unreadable error.json is still a failure
+      msg = f'{error.get("type")}: {error.get("message", "")}'.splitlines()[0][:300]
       lines.append(f'- `{t["name"]}`: {msg} (`{t["name"]}/error.json`, log `{t["name"]}/train.log`)')
     lines += ['', 'Rerun them with the sweep command plus `--retry_failed`.', '']
-  pending = [t['name'] for t in trials if t['status'] in ('running', 'not run')]
+  pending = [t['name'] for t in trials if t['status'] in ('running', 'interrupted', 'not run')]
   if pending:
     lines += ['## Not finished', '', ', '.join(f'`{n}`' for n in pending), '']
+    if counts['interrupted']:
+      lines += ['Interrupted trials keep their checkpoints: rerunning the sweep command resumes them.', '']
   lines += [
       '## Columns', '',
       f'- `{m}`: the trained model evaluated as it trained (QAT: fake-quantized); `served {m}`: the model '

@@ -48,7 +48,9 @@ def load_trials(root: str) -> tuple[list[dict], dict]:
     result = fileio.read_result(workdir)
     config = (result or {}).get('config') or fileio.read_json(os.path.join(workdir, 'config.json'))
     error = fileio.read_json(os.path.join(workdir, 'error.json'))
-    status = 'done' if result else 'failed' if error else 'running' if _held(workdir) else 'not run'
+    status = fileio.run_status(workdir)  # as the sweep calls it; a run in progress in another process: running
+    if status in ('interrupted', 'pending'):
+      status = 'running' if _held(workdir) else 'not run' if status == 'pending' else status
     trials.append({'name': t['name'], 'index': t.get('index', 0), 'labels': _ordered(t['name'], t.get('labels')),
                    'config': config,
                    'result': result, 'error': error, 'status': status})

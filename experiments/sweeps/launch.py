@@ -78,14 +78,8 @@ class Plan:
 
 
 def trial_status(root: str, trial: sweeps.Trial) -> str:
-  workdir = trial.workdir(root)
-  if fileio.read_result(workdir) is not None:
-    return 'done'
-  if os.path.exists(os.path.join(workdir, 'error.json')):
-    return 'failed'
-  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    return 'interrupted'
-  return 'pending'
+  """done, failed, interrupted or pending (fileio.run_status, which the report uses too)."""
+  return fileio.run_status(trial.workdir(root))
 
 
 def select(trials: list[sweeps.Trial], only: str) -> list[sweeps.Trial]:
