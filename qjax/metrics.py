@@ -18,7 +18,7 @@ def sqnr_db(x: jax.Array, x_hat: jax.Array) -> jax.Array:
   x, x_hat = x.astype(jnp.float32), x_hat.astype(jnp.float32)
   signal = jnp.sum(jnp.square(x))
   noise = jnp.sum(jnp.square(x - x_hat))
-  return 10.0 * jnp.log10(signal / noise)
+  return jnp.where(noise == 0, jnp.inf, 10.0 * jnp.log10(signal / noise))  # exact, an all-zero x too (not 0 / 0)
 
 
 def fake_quant_with(x, spec: QuantSpec, params: dict | None) -> jax.Array:

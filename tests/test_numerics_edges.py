@@ -384,3 +384,9 @@ def test_clip_fraction_counts_values_beyond_half_the_end_step(fmt, inside, beyon
   spec = QuantSpec(format=fmt)
   x = jnp.float32(inside + beyond + [0.1, 0.2, 0.3, jnp.nan])
   np.testing.assert_allclose(metrics.clip_fraction(x, spec, one), 2 / 7)
+
+
+def test_sqnr_is_inf_when_exact_also_for_zeros():
+  z = jnp.zeros(8)
+  assert float(metrics.sqnr_db(z, z)) == np.inf and float(metrics.sqnr_db(X, X)) == np.inf
+  np.testing.assert_allclose(metrics.sqnr_db(jnp.ones(4), jnp.ones(4) * 1.1), 20.0, rtol=1e-5)  # 10 log10(1 / 0.01)

@@ -10,9 +10,9 @@ the picked scales are never worse than RTN on those rows. The optional clip sear
 shrinks each grid's range by r in {1 - j / n_clip : j < max_shrink n_clip}, per scale group (output column, or
 group of input rows and output column), keeping the r with the least output error of that group.
 
-The scales x / s are folded into the producing op where the model has one (`smoothquant.fold_into_producer`),
-else kept as an explicit online multiply; the kernel handed on is diag(s) . w, whose float output with the
-input transform equals the original's.
+The scales x / s can be folded into the producing op where the model has one (`smoothquant.fold_into_producer`);
+the experiments' runner keeps them as an explicit online multiply. The kernel handed on is diag(s) . w, whose
+float output with the input transform equals the original's.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@
 max|W_j| is over every consumer of the same input (q, k and v together), so pass all their kernels. For a
 convolution's im2col kernel (`tied` = its input channels) both maxima run over the window's positions too, and
 s is one scale per input channel, repeated over the positions. The
-division x / s is folded into the producing op where the model has one (a LayerNorm's scale and bias, a
-previous Dense's output columns: `fold_into_producer`), else kept as an explicit online multiply. With alpha =
+division x / s can be folded into the producing op where the model has one (a LayerNorm's scale and bias, a
+previous Dense's output columns: `fold_into_producer`); the experiments' runner keeps it as an explicit online
+multiply. With alpha =
 0.5, max|X'_j| = max|W'_j| = sqrt(max|X_j| max|W_j|): the two ranges meet.
 """
 
