@@ -41,9 +41,10 @@ def names() -> tuple[str, ...]:
   return tuple(_METHODS)
 
 
-def _near(name, choices) -> str:
-  near = difflib.get_close_matches(str(name), tuple(choices), n=1)
-  return f' (did you mean {near[0]!r}?)' if near else ''
+def near(name, choices) -> str:
+  """' (did you mean 'x'?)' naming the choice nearest `name`, or ''."""
+  close = difflib.get_close_matches(str(name), tuple(choices), n=1)
+  return f' (did you mean {close[0]!r}?)' if close else ''
 
 
 def get(name: str) -> PTQMethod:
@@ -51,7 +52,7 @@ def get(name: str) -> PTQMethod:
   try:
     return _METHODS[name]
   except (KeyError, TypeError):
-    raise ValueError(f'PTQ method {name!r} is not one of {", ".join(_METHODS)}{_near(name, _METHODS)}') from None
+    raise ValueError(f'PTQ method {name!r} is not one of {", ".join(_METHODS)}{near(name, _METHODS)}') from None
 
 
 def params(name: str, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -61,7 +62,7 @@ def params(name: str, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
   given = dict(given or {})
   unknown = sorted(set(given) - set(m.defaults))
   if unknown:
-    raise ValueError(f'PTQ method {name!r} has no parameter {unknown[0]!r}{_near(unknown[0], m.defaults)}; its '
+    raise ValueError(f'PTQ method {name!r} has no parameter {unknown[0]!r}{near(unknown[0], m.defaults)}; its '
                      f'parameters: {", ".join(m.defaults) or "none"}')
   out = {**m.defaults, **given}
   if m.check is not None:

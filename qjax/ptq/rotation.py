@@ -10,7 +10,6 @@ matrix with the signs of R's diagonal fixed, so it is Haar-distributed) for any 
 
 from __future__ import annotations
 
-import difflib
 from typing import NamedTuple
 
 import numpy as np
@@ -77,9 +76,7 @@ def _run(layer: L.Layer, *, kind: str, seed: int) -> L.Layer:
 
 def _check_params(p) -> None:
   if p['kind'] not in KINDS:
-    near = difflib.get_close_matches(str(p['kind']), KINDS, n=1)
-    raise ValueError(f'rotation.kind={p["kind"]!r} is not one of {", ".join(KINDS)}'
-                     + (f' (did you mean {near[0]!r}?)' if near else ''))
+    raise ValueError(f'rotation.kind={p["kind"]!r} is not one of {", ".join(KINDS)}{registry.near(p["kind"], KINDS)}')
 
 
 registry.register(registry.PTQMethod('rotation', _run, {'kind': 'auto', 'seed': 0}, changes_input=True,
