@@ -121,12 +121,21 @@ def test_a_dataset_or_data_source_typo_is_refused_before_anything_runs(tmp_path,
   assert not os.path.exists(tmp_path / 'w')
 
 
-@pytest.mark.parametrize('key', ['batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps',
-                                 'checkpoint_every_steps'])
-def test_a_batch_size_or_step_interval_of_zero_is_refused_naming_the_key(tmp_path, key):
-  """Each divides a step count: 0 was a ZeroDivisionError traceback after the data had loaded."""
+@pytest.mark.parametrize('key', ['num_train_steps', 'batch_size', 'eval_batch_size', 'log_every_steps',
+                                 'eval_every_steps', 'checkpoint_every_steps'])
+def test_a_step_count_batch_size_or_step_interval_of_zero_is_refused_naming_the_key(tmp_path, key):
+  """Each interval divides a step count: 0 was a ZeroDivisionError traceback after the data had loaded. Zero
+  training steps wrote a finished result.json for the untrained model."""
   with pytest.raises(config_cli.ConfigError, match=f'^config.{key}=0 must be >= 1$'):
     train.main(['--config=configs/fmnist_mlp.py:runlocal', f'--workdir={tmp_path / "w"}', f'--config.{key}=0'])
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_a_negative_pretrain_step_count_is_refused(tmp_path):
+  """It silently meant num_train_steps (as 0 does on purpose)."""
+  with pytest.raises(config_cli.ConfigError, match=r'^config.pretrain_steps=-5 must be >= 0 \(0: num_train_steps\)$'):
+    train.main(['--config=configs/fmnist_mlp.py:runlocal', f'--workdir={tmp_path / "w"}', '--config.mode=ptq',
+                '--config.pretrain_steps=-5'])
   assert not os.path.exists(tmp_path / 'w')
 
 

@@ -54,7 +54,10 @@ from experiments.training.progress import Progress
 from qjax.flax import labels as qflax_labels
 
 MODES = ('float', 'qat', 'ptq', 'quantized_training')
-POSITIVE_KEYS = ('batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps')
+# Each divides a step count (0 would be a ZeroDivisionError mid-run), or, num_train_steps, is the run: 0 steps
+# wrote a finished result.json for an untrained model (a float baseline at chance accuracy).
+POSITIVE_KEYS = ('num_train_steps', 'batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps',
+                 'checkpoint_every_steps')
 
 
 class RunError(RuntimeError):
@@ -230,9 +233,12 @@ def validate(config):
   except ValueError as e:
     raise config_cli.ConfigError(f'config.model: {e}') from None
   _check_data(config)
-  for key in POSITIVE_KEYS:  # each divides a step count: 0 would be a ZeroDivisionError mid-run
+  for key in POSITIVE_KEYS:
     if not config[key] >= 1:
       raise config_cli.ConfigError(f'config.{key}={config[key]!r} must be >= 1')
+  if not config.pretrain_steps >= 0:  # 0 means num_train_steps; a negative count meant it silently too
+    raise config_cli.ConfigError(f'config.pretrain_steps={config.pretrain_steps!r} must be >= 0 (0: '
+                                 'num_train_steps)')
   if config.mode == 'float':
     return None, tx, sched
   quant = config.quant
