@@ -277,6 +277,11 @@ def test_wrong_orders_are_clear_errors():
       pipeline.run(lay, ['bias_correction', rounding])
   with pytest.raises(ValueError, match=r'before a rounding method or bias correction \(here bias_correction\)'):
     pipeline.run(lay, ['bias_correction', 'awq'])
+  # A second rounding method silently discarded the first's integers (GPTQ's, then AdaRound's from scratch).
+  for first, second in (('gptq', 'adaround'), ('rtn', 'gptq'), ('adaround', 'gptq'), ('gptq', 'gptq')):
+    with pytest.raises(ValueError, match=f'^{first} and {second} both choose the integer weights'):
+      pipeline.run(lay, [first, second])
+  pipeline.check_order(['rotation', 'awq', 'gptq', 'bias_correction'])  # AWQ's scaling stays under GPTQ's rounding
 
 
 def test_statistics_merge_equals_one_pass():

@@ -15,7 +15,8 @@ from qjax.ptq import registry
 
 def check_order(names: Sequence[str]) -> None:
   """ValueError unless the methods come in an order that composes (the module docstring): a rotation first, a
-  scaling (SmoothQuant, AWQ) before any method that sets the integer weights, and bias correction after every
+  scaling (SmoothQuant, AWQ) before any method that sets the integer weights, at most one rounding method besides
+  AWQ (whose scaling a later GPTQ or AdaRound keeps), and bias correction after every
   rounding method, whose kernel its bias must match (Nagel et al. 2019: b' = b + E[x] (W - W_hat) for the W_hat
   served; computed for RTN's W_hat and served with GPTQ's, it doubled the output shift instead of removing it)."""
   for i, name in enumerate(names):
@@ -26,6 +27,10 @@ def check_order(names: Sequence[str]) -> None:
     if m.changes_input and sets_q:
       raise ValueError(f'{name} changes the float kernel and its input; it must come before a rounding method or '
                        f'bias correction (here {sets_q[0]})')
+    earlier = [b for b in before if registry.get(b).rounds and not registry.get(b).changes_input]
+    if m.rounds and earlier:  # AWQ's rounding may be replaced: its scaling (changes_input) is what stays
+      raise ValueError(f'{earlier[0]} and {name} both choose the integer weights, and {name} would silently '
+                       f'replace what {earlier[0]} chose; keep one of them')
     if m.rounds and 'bias_correction' in before:
       raise ValueError(f'bias_correction must come after {name}: it corrects the bias for the kernel the '
                        'rounding method chooses')
