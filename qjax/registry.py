@@ -34,6 +34,11 @@ def get(name: str):
   try:
     return _METHODS[name]
   except (KeyError, TypeError):
-    near = difflib.get_close_matches(str(name), tuple(_METHODS), n=1)
-    hint = f' (did you mean {near[0]!r}?)' if near else ''
-    raise ValueError(f'estimator={name!r} is not one of {", ".join(_METHODS)}{hint}') from None
+    raise ValueError(f'estimator={name!r} is not one of {", ".join(_METHODS)}{near(name, _METHODS)}') from None
+
+
+def near(name: Any, choices) -> str:
+  """' (did you mean 'x'?)' naming the choice nearest `name`, or '' when none is near: the hint of every
+  invalid-choice error in qjax."""
+  close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+  return f' (did you mean {close[0]!r}?)' if close else ''

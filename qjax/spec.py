@@ -7,7 +7,6 @@ holds only names and numbers so that configs and sweeps can carry it and results
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from typing import Any
 
@@ -25,9 +24,7 @@ def check_choice(field: str, value: Any, allowed: tuple[str, ...], where: str = 
   """Raises ValueError naming the field, the allowed values and the closest match."""
   if value in allowed:
     return
-  near = difflib.get_close_matches(str(value), allowed, n=1)
-  hint = f' (did you mean {near[0]!r}?)' if near else ''
-  raise ValueError(f'{where}{field}={value!r} is not one of {", ".join(allowed)}{hint}')
+  raise ValueError(f'{where}{field}={value!r} is not one of {", ".join(allowed)}{registry.near(value, allowed)}')
 
 
 @dataclasses.dataclass(frozen=True)

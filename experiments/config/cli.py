@@ -74,9 +74,7 @@ def config_args(arg: str | None, **known: Any) -> dict[str, Any]:
   for part in filter(None, (p.strip() for p in (arg or '').split(','))):
     name, eq, value = part.partition('=')
     if name not in known:
-      near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-      hint = f'; did you mean {near[0]!r}?' if near else ''
-      raise ConfigError(f'unknown config arg {part!r}{hint} (known: {usage or "none"})')
+      raise ConfigError(f'unknown config arg {part!r}{did_you_mean(name, known)} (known: {usage or "none"})')
     if isinstance(known[name], bool):
       if eq:
         raise ConfigError(f'config arg {name!r} takes no value (known: {usage})')
@@ -137,9 +135,7 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   node = config
   for i, p in enumerate(parts):
     if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-      near = difflib.get_close_matches(key, valid_keys(config), n=1, cutoff=0.5)
-      hint = f'; did you mean {near[0]!r}?' if near else ''
-      raise ConfigError(f'unknown config key {key!r}{hint}')
+      raise ConfigError(f'unknown config key {key!r}{did_you_mean(key, valid_keys(config))}')
     if i < len(parts) - 1:
       node = node[p]
   current = node[parts[-1]]
@@ -152,10 +148,9 @@ def check_flags(flags, known: tuple[str, ...]) -> None:
   """Rejects a runner flag not in `known`, naming the nearest known one."""
   for name in flags:
     if name not in known:
-      near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-      hint = f'; did you mean --{near[0]}?' if near else ''
       names = [k for k in known if k != 'config']
-      raise ConfigError(f'unknown flag --{name}{hint} (known: --config, --config.<key>'
+      raise ConfigError(f'unknown flag --{name}{did_you_mean(name, known, fmt="--{}")} (known: --config, '
+                        '--config.<key>'
                         + ''.join(f', --{k}' for k in names) + ')')
 
 

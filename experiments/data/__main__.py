@@ -10,7 +10,6 @@ Command line (run from the repository root)::
 
 from __future__ import annotations
 
-import difflib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,9 +75,8 @@ def _main(argv: Sequence[str]) -> int:
   names = list(DATASETS) if 'all' in args.names else args.names
   for n in names:
     if n not in DATASETS:
-      near = difflib.get_close_matches(n, list(DATASETS), n=1)
-      hint = f'did you mean {near[0]!r}? ' if near else ''
-      parser.error(f'unknown dataset name {n!r}; {hint}allowed names: {", ".join(DATASETS)}, all')
+      parser.error(f'unknown dataset name {n!r}{config_cli.did_you_mean(n, DATASETS)} (allowed names: '
+                   f'{", ".join(DATASETS)}, all)')
   kinds = [k.strip() for k in args.sources.split(',') if k.strip()]
   bad = [k for k in kinds if k not in SOURCE_KINDS]
   if bad:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -224,9 +223,8 @@ def validate(config):
   rules (QuantSpec fields); returns (rules or None, optimizer, schedule). A mistake is a ConfigError naming the key.
   """
   if config.mode not in MODES:
-    near = difflib.get_close_matches(str(config.mode), MODES, n=1)
-    hint = f'; did you mean {near[0]!r}?' if near else ''
-    raise config_cli.ConfigError(f'config.mode={config.mode!r} is not one of {", ".join(MODES)}{hint}')
+    raise config_cli.ConfigError(f'config.mode={config.mode!r} is not one of {", ".join(MODES)}'
+                                 f'{config_cli.did_you_mean(config.mode, MODES)}')
   tx, sched = make_optimizer(config)
   try:
     models.build(config.model)  # the name and the model's own fields (LeNet5's activation); no params made

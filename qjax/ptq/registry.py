@@ -8,9 +8,10 @@ modules, one line each. Adding a method touches its own file and that one line.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from qjax import registry as qjax_registry
 
 _METHODS: dict[str, PTQMethod] = {}
 
@@ -41,10 +42,7 @@ def names() -> tuple[str, ...]:
   return tuple(_METHODS)
 
 
-def near(name, choices) -> str:
-  """' (did you mean 'x'?)' naming the choice nearest `name`, or ''."""
-  close = difflib.get_close_matches(str(name), tuple(choices), n=1)
-  return f' (did you mean {close[0]!r}?)' if close else ''
+near = qjax_registry.near  # ' (did you mean 'x'?)' naming the choice nearest `name`, or ''
 
 
 def get(name: str) -> PTQMethod:
