@@ -104,17 +104,25 @@ def read_result(workdir: str) -> dict | None:
 
 
 def run_status(workdir: str) -> str:
-  """'done' (a valid result.json), 'failed' (error.json), 'interrupted' (checkpoints, no result) or 'pending'.
+  """'done' (a valid result.json), 'failed' (error.json), 'interrupted' (a checkpoint, no result) or 'pending'.
 
-  The one classification the sweep (--dry_run, reruns) and the report share, so both call a run the same.
+  The one classification the sweep (--dry_run, reruns) and the report share, so both call a run the same. A run
+  stopped before its first checkpoint (an empty checkpoints/ directory) is 'pending': a rerun starts it afresh.
   """
   if read_result(workdir) is not None:
     return 'done'
   if os.path.exists(os.path.join(workdir, 'error.json')):
     return 'failed'
-  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if checkpoint_steps(workdir):
     return 'interrupted'
   return 'pending'
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints saved in <workdir>/checkpoints (orbax names each step's directory by its
+  number), ascending; [] when there are none."""
+  ckpts = os.path.join(workdir, 'checkpoints')
+  return sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
 
 
 # ------------------------------------------------------------------------------------------------ claims
@@ -132,17 +140,26 @@ class Claim:
   def __init__(self, fd: int, path: str):
     self.fd, self.path = fd, path
 
+  # A lock held for less than this is a probe (`is_held`: the report asking whether a run is in progress), not a
+  # run: acquire(wait=False) tries again until then, so that a report never turns a starting run away.
+  PROBE_S = 0.5
+
   @classmethod
   def acquire(cls, workdir: str, wait: bool = False) -> Claim | None:
     """The claim of `workdir`; None if another process holds it, or with `wait`, once that process is done."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, '.claim')
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-      os.close(fd)
-      return None
+    deadline = time.monotonic() + cls.PROBE_S
+    while True:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        break
+      except BlockingIOError:
+        if time.monotonic() >= deadline:
+          os.close(fd)
+          return None
+        time.sleep(0.02)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f'{os.getpid()} {socket.gethostname()} {time.time():.0f}\n'.encode(), 0)
     return cls(fd, path)
@@ -158,11 +175,20 @@ class Claim:
 
   @staticmethod
   def is_held(workdir: str) -> bool:
-    claim = Claim.acquire(workdir)
-    if claim is None:
+    """Whether a process holds the claim now. A probe: it takes the lock for an instant and writes nothing (a run
+    starting meanwhile waits it out, see PROBE_S)."""
+    try:
+      fd = os.open(os.path.join(workdir, '.claim'), os.O_RDONLY)
+    except FileNotFoundError:
+      return False
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      return False
+    except BlockingIOError:
       return True
-    claim.release()
-    return False
+    finally:
+      os.close(fd)
 
   def release(self) -> None:
     if self.fd is not None:

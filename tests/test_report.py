@@ -138,6 +138,10 @@ def test_report_files_and_tensorboard(root):
 def test_an_interrupted_trial_is_interrupted_as_the_sweep_calls_it(root):
   """Checkpoints and no result: `sweep --dry_run` said interrupted, the report said not run."""
   workdir = os.path.join(root, 'mode=qat,bits=w2,seed=0')
+  # Stopped before its first checkpoint (orbax makes the directory first): a rerun starts afresh, as the runner
+  # says ('no checkpoint was saved yet'), so it is not run, not interrupted.
+  os.makedirs(os.path.join(workdir, 'checkpoints', '10.orbax-checkpoint-tmp-1'))
+  assert fileio.run_status(workdir) == 'pending'
   os.makedirs(os.path.join(workdir, 'checkpoints', '10'))
   trials, _ = results.load_trials(root)
   assert [t['status'] for t in trials] == ['done'] * 6 + ['failed', 'interrupted']

@@ -501,6 +501,27 @@ def test_claims_exclude_other_processes_and_die_with_them(tmp_path):
   claim.release()
 
 
+def test_a_report_probing_the_claim_never_turns_a_starting_run_away(tmp_path):
+  """`Claim.is_held` (the report's "running?") takes the lock for an instant; a run whose acquire fell in that
+  instant was refused as if another run held its workdir."""
+  import fcntl
+  import threading
+  workdir = str(tmp_path / 'trial')
+  os.makedirs(workdir)
+  probe = os.open(os.path.join(workdir, '.claim'), os.O_RDONLY | os.O_CREAT)
+  fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a probe in flight (a slow one: 0.1 s)
+  threading.Timer(0.1, lambda: fcntl.flock(probe, fcntl.LOCK_UN)).start()
+  try:
+    claim = Claim.acquire(workdir)
+    assert claim is not None and f'pid {os.getpid()}' in Claim.holder(workdir)
+    assert Claim.is_held(workdir) and f'pid {os.getpid()}' in Claim.holder(workdir)  # the probe wrote nothing
+    claim.release()
+  finally:
+    os.close(probe)
+  assert not Claim.is_held(workdir)
+  assert not Claim.is_held(str(tmp_path / 'x')) and not os.path.exists(tmp_path / 'x')  # the probe makes nothing
+
+
 def test_a_waiting_claim_blocks_until_the_holder_is_done(tmp_path):
   """What a trial waiting for its trial_ref, or a PTQ run waiting for its shared float model, relies on."""
   workdir = str(tmp_path / 'float')

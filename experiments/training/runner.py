@@ -117,8 +117,7 @@ def _check_workdir(config_dict: dict, workdir: str) -> dict | None:
     raise RunError(f'{workdir} holds a finished run with a different config; it is kept as is. '
                    'Use another --workdir (or delete that directory) to run this config.')
   prior = fileio.read_json(os.path.join(workdir, 'config.json'))
-  has_ckpt = os.path.isdir(os.path.join(workdir, 'checkpoints')) and os.listdir(os.path.join(workdir, 'checkpoints'))
-  if prior is not None and prior != config_dict and has_ckpt:
+  if prior is not None and prior != config_dict and fileio.checkpoint_steps(workdir):
     changed = config_cli.changed_keys(prior, config_dict)
     raise RunError(f'{workdir} holds checkpoints of a run with a different config (changed: {", ".join(changed)}); '
                    'resuming would mix the two. Use another --workdir.')
@@ -570,8 +569,7 @@ def saved(workdir: str) -> str:
   """What a stopped run left in `workdir`, in words: its finished result, or its last checkpoint."""
   if fileio.read_result(workdir) is not None:
     return f'the finished result is kept in {workdir}/result.json'
-  ckpts = os.path.join(workdir, 'checkpoints')
-  steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+  steps = fileio.checkpoint_steps(workdir)
   if steps:
-    return f'checkpoints up to step {max(steps)} are kept in {ckpts}'
+    return f'checkpoints up to step {steps[-1]} are kept in {os.path.join(workdir, "checkpoints")}'
   return f'no checkpoint was saved yet in {workdir}'
