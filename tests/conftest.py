@@ -31,3 +31,11 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 # without it. Measured on the 2-core Xeon, consecutive full runs (-n 2): 22 min 02 s -> 13 min 43 s.
 if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+
+# Start XLA's CPU backend now, under the flags above. XLA reads XLA_FLAGS once per process, when the backend starts:
+# a test that patches XLA_FLAGS to check a warning (tests/test_timing.py turns YNNPACK fusions off) set them for
+# every later test of its pytest worker whenever it happened to start the backend there, and the int8 inspection
+# tests of tests/test_bench.py then failed (found running test_timing.py and test_bench.py in one worker).
+import jax  # noqa: E402
+
+jax.devices()
