@@ -71,7 +71,7 @@ def _check_input(x, spec: QuantSpec, what: str = 'x'):
 
 def quantize(x: jax.Array, spec: QuantSpec, params: Mapping[str, jax.Array] | None = None,
              key: jax.Array | None = None, *, scale: jax.Array | None = None,
-             zero_point: jax.Array | None = None) -> QArray:
+             zero_point: jax.Array | None = None, poison: bool = False) -> QArray:
   """Quantizes x: qvalue = to_grid(x / scale + zero_point), so that x ~ (qvalue - zero_point) * scale.
 
   Args:
@@ -81,6 +81,9 @@ def quantize(x: jax.Array, spec: QuantSpec, params: Mapping[str, jax.Array] | No
       {'scale', 'zero_point'}): the grid is then the method's (`Method.grid`); None: the spec's calibration.
     key: PRNG key, required when spec.rounding == 'stochastic'.
     scale, zero_point: an explicit grid (static ranges), whatever the method.
+    poison: a scale group holding a NaN or +-inf gets scale NaN, so that its dequantized values are NaN as
+      fake_quant's are (the qvalues alone cannot hold a NaN: grid rounding sends NaN to 0, inf to the end). How a
+      weight is stored for serving (`qjax.flax.serving`): a diverged checkpoint must not serve finite numbers.
   Returns:
     QArray with the format's container dtype.
   """
@@ -111,6 +114,8 @@ def quantize(x: jax.Array, spec: QuantSpec, params: Mapping[str, jax.Array] | No
   noise = formats.uniform_noise(key, x.shape, spec.rounding)
   y = estimators.grid_units(x, scale, zero_point)  # The same y as fake_quant's, eagerly and under jit.
   qvalue = formats.to_grid(y, spec.fmt, noise)
+  if poison:  # sum(x - x) is NaN exactly where the group holds a NaN or an inf
+    scale = jnp.where(jnp.isnan(gran.reduce(x - x, sshape, jnp.sum)), jnp.nan, scale)
   return QArray(qvalue, scale, zero_point, spec.format, spec.codebook)
 
 

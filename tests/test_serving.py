@@ -337,3 +337,31 @@ def test_sub_byte_weights_pack_at_their_width_and_serve_exactly(fmt, rows):
   sw = sv['params']['fc']['kernel']
   assert sw.packed and sw.qvalue.dtype == jnp.uint8 and sw.qvalue.shape == (rows, 32)
   np.testing.assert_array_equal(np.asarray(qm.serving().apply(sv, x)), np.asarray(qm.apply(v, x)))
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize('fmt', ['int8', 'int4'])
+def test_a_non_finite_weight_serves_nan_as_the_eval_forward_does(bad, fmt):
+  """Grid rounding sends NaN to 0 and inf to the end of the grid: a diverged checkpoint served finite numbers
+  (0.46 where evaluation gave NaN). The weight's scale group is served with scale NaN instead."""
+  qm = quantize_linen(nn.Dense(4), [{'module_path': '.*', 'weight': {'format': fmt, 'granularity': 'per_channel'},
+                                     'act': {'format': 'int8'}}])
+  x = jnp.ones((2, 8))
+  v = qm.init(jax.random.key(1), x)
+  v['params']['kernel'] = v['params']['kernel'].at[3, 1].set(bad)
+  evaluated = np.asarray(qm.apply(v, x))
+  served = np.asarray(qm.serving().apply(convert_linen(qm, v, x), x))
+  assert np.isnan(evaluated[:, 1]).all() and np.isnan(served[:, 1]).all()  # the channel holding it
+  np.testing.assert_allclose(np.delete(served, 1, axis=1), np.delete(evaluated, 1, axis=1), rtol=1e-6)
+
+
+def test_a_codebook_weight_serves_its_levels():
+  """ServingWeight dropped the codebook: conversion succeeded and the first served forward raised."""
+  levels = (-1.0, -0.25, 0.0, 0.5, 1.0)
+  rule = {'module_path': '.*', 'weight': dict(format='codebook', codebook=levels), 'act': None}
+  qm = quantize_linen(nn.Dense(4), [rule])
+  x = jax.random.normal(jax.random.key(0), (3, 8))
+  v = qm.init(jax.random.key(1), x)
+  served_vars = convert_linen(qm, v, x)
+  assert served_vars['params']['kernel'].codebook == levels
+  np.testing.assert_allclose(qm.serving().apply(served_vars, x), qm.apply(v, x), rtol=1e-6, atol=1e-6)

@@ -50,6 +50,7 @@ class ServingWeight:
   # .weight_as_lhs). qvalue (and pack_axis) are then in the stored order; shape, scale and zero_point
   # stay in the weight's own layout.
   transposed: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  codebook: tuple[float, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))  # its levels
 
   def partition_specs(self) -> ServingWeight:
     """A ServingWeight of PartitionSpecs (for jax.device_put / jit shardings) from the float weight's sharding
@@ -100,16 +101,17 @@ class ServingWeight:
     v = jnp.transpose(q.qvalue) if transpose else q.qvalue
     stored_names = None if names is None else (tuple(names)[::-1] if transpose else tuple(names))
     if not pack:
-      return cls(v, q.scale, q.zero_point, q.format, shape, False, names, 0, transpose)
+      return cls(v, q.scale, q.zero_point, q.format, shape, False, names, 0, transpose, q.codebook)
     bits = packing.width(q.fmt)
     axis = packing.best_axis(v.shape, bits, tuple(i for i in range(v.ndim)
                                                   if not stored_names or stored_names[i] is None))
-    return cls(packing.pack(v, bits, axis), q.scale, q.zero_point, q.format, shape, True, names, axis, transpose)
+    return cls(packing.pack(v, bits, axis), q.scale, q.zero_point, q.format, shape, True, names, axis, transpose,
+               q.codebook)
 
   def to_qarray(self) -> quantizers.QArray:
     """The weight's QArray in its own layout (a transposed view of the stored values when `transposed`)."""
     stored = self.shape[::-1] if self.transposed else self.shape
-    bits = packing.width(formats.parse_format(self.format)) if self.packed else None
+    bits = packing.width(formats.parse_format(self.format, self.codebook)) if self.packed else None
     q = packing.unpack(self.qvalue, bits, stored, self.pack_axis) if self.packed else self.qvalue
     if self.packed and jax.default_backend() == 'cpu':
       # The unpacked int8 kernel is materialised once, row-major: left to layout assignment, the unpacking's
@@ -117,8 +119,9 @@ class ServingWeight:
       # forward ran 8x slower than float at batch 500); dots and 1x1 convs kept their int8 kernel either way.
       q = with_layout_constraint(lax.optimization_barrier(q), Layout(major_to_minor=tuple(range(q.ndim))))
     if self.transposed:
-      return quantizers.QArray(jnp.transpose(q), self.scale, self.zero_point, self.format, minor_dim=0)
-    return quantizers.QArray(q, self.scale, self.zero_point, self.format)
+      return quantizers.QArray(jnp.transpose(q), self.scale, self.zero_point, self.format, self.codebook,
+                               minor_dim=0)
+    return quantizers.QArray(q, self.scale, self.zero_point, self.format, self.codebook)
 
 
 def contracts_dim0(q: quantizers.QArray) -> bool:
@@ -201,7 +204,8 @@ def quantize_uses(records, problems: dict, stored_shape=None) -> list:
       problems[i] = f'it reaches the op through {r.origin.describe()}, which cannot be undone to store it'
     else:
       try:
-        out[i] = provenance.backward(r.origin, quantizers.quantize(r.x, r.spec, dict(r.state) or None))
+        q = quantizers.quantize(r.x, r.spec, dict(r.state) or None, poison=True)  # NaN / inf serve NaN
+        out[i] = provenance.backward(r.origin, q)
       except ValueError as e:
         problems[i] = str(e)
   return out
