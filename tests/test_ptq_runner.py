@@ -421,6 +421,9 @@ def test_char_lm_every_projection_including_attention(root):
   float_loss = json.load(open(float_dir / 'result.json'))['metrics']['eval/loss']
   assert r['metrics']['eval/loss'] == r['serving_metrics']['eval/loss'] < float_loss + 0.5
   assert r['metrics']['eval/bits_per_char'] == pytest.approx(r['metrics']['eval/loss'] / np.log(2))
+  # The served model's bits per character, which the LM reports rank (QAT's served metrics come from the same
+  # serving evaluation): they were missing, and the reports' served column read n/a.
+  assert r['serving_metrics']['eval/bits_per_char'] == r['metrics']['eval/bits_per_char']
 
 
 def test_match_pairs_kernels_with_their_one_captured_op_and_says_why_not():

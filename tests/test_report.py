@@ -210,6 +210,57 @@ def test_each_model_is_compared_with_its_own_float_run():
   assert cs[3].vs_float == (pytest.approx(-0.03), '')
 
 
+def test_collapse_is_judged_against_each_models_own_float_run():
+  """A small model 0.01 below its own float (0.45) was 'far below float' against the big model's 0.95, and so was
+  kept off every front."""
+  def cfg(model, mode, acc):
+    return results.Config(label=f'{model},{mode}', values={'model': model, 'mode': mode}, trials=[], seeds=1,
+                          metric=(acc, 0.0), serving_metric=(float('nan'), float('nan')), loss=(0.0, 0.0),
+                          weight_bits=8, serving_bytes=1.0, train_step_ms=1.0, latency_ms=1.0, int8_matmuls='',
+                          wall_time_s=1.0, mode=mode)
+  cs = [cfg('big', 'float', 0.95), cfg('small', 'float', 0.45), cfg('small', 'qat', 0.44), cfg('big', 'ptq', 0.40)]
+  results.mark_far_below_float(cs, higher=True)
+  assert [c.far_below_float for c in cs] == [False, False, False, True]
+
+
+def _lm_result(bpc, served_loss):
+  """As the runner wrote an LM's result before it added served bits per character: loss and accuracy only."""
+  return {'metrics': {'eval/loss': bpc * math.log(2), 'eval/accuracy': 0.5, 'eval/bits_per_char': bpc},
+          'serving_metrics': {'eval/loss': served_loss, 'eval/accuracy': 0.5}, 'serving_bytes': 1000}
+
+
+def test_an_lm_is_ranked_by_its_served_bits_per_char_and_a_diverged_seed_keeps_it_off_the_fronts(tmp_path):
+  root = str(tmp_path)
+  listed = []
+  runs = {('float', 'w32'): [(2.0, None), (2.1, None)],
+          ('qat', 'int4'): [(2.06, 2.5), (2.06, 2.5)],  # fake-quant 2.06 bits/char, served 2.5 nats = 3.61 bits
+          ('qat', 'int3'): [(2.2, 1.5), (2.2, 1.5)],    # served 2.16 bits/char: cheaper and better than int4
+          ('ptq', 'int2'): [(2.2, 1.5), (2.3, 1.6), (float('nan'), float('nan'))]}
+  for (mode, fmt), seeds in runs.items():
+    for seed, (bpc, served) in enumerate(seeds):
+      r = _lm_result(bpc, served)
+      if served is None:
+        del r['serving_metrics']
+      name = f'mode={mode},w={fmt},seed={seed}'
+      listed.append(_trial(root, name, {'mode': mode, 'w': fmt, 'seed': str(seed)}, _config(mode, fmt, seed), r))
+  fileio.write_json_atomic(os.path.join(root, 'sweep.json'), {'config': 'configs/hand.py', 'trials': listed})
+  configs, metric, higher = results.summarize(results.load_trials(root)[0])
+  assert (metric, higher) == ('eval/bits_per_char', False)
+  by = {c.label: c for c in configs}
+  assert by['mode=qat,w=int4'].score == pytest.approx(2.5 / math.log(2))  # the served model, not the fake-quant
+  assert by['mode=qat,w=int3'].score == pytest.approx(1.5 / math.log(2))
+  assert not by['mode=qat,w=int4'].front['weight_bits'] and by['mode=qat,w=int3'].front['weight_bits']
+  ptq = by['mode=ptq,w=int2']
+  assert ptq.nonfinite == 1 and ptq.seeds == 3 and math.isnan(ptq.score) and math.isnan(ptq.vs_float[0])
+  assert not any(ptq.front.values())
+  md = open(report.write_report(root)['report']).read()
+  row = next(line for line in md.splitlines() if line.startswith('| ptq | int2 '))
+  assert '| 3 (1 non-finite) |' in row and row.endswith('| none: non-finite |')
+  assert '`mode=ptq,w=int2` (1 of 3 seeds)' in md
+  csv_row = next(r for r in csv.DictReader(open(os.path.join(root, 'results.csv'))) if r['w'] == 'int2')
+  assert csv_row['nonfinite_seeds'] == '1'
+
+
 def _study_root(root, bits_settings, accs):
   """An estimator x bits study over seeds 0-2 with float baselines at 3000 and 4000 steps; `accs[(est, bits)]` are
   the three seeds' accuracies."""

@@ -51,19 +51,18 @@ from experiments.review.study_plot import plot_study
 def _write_csv(path: str, configs: list[Config], metric: str) -> None:
   keys = list(dict.fromkeys(k for c in configs for k in c.values))
   m = metric.split('/')[-1]
-  cols = keys + ['seeds', 'weight_bits', f'{m}_mean', f'{m}_std', f'serving_{m}_mean', f'serving_{m}_std',
-                 f'{m}_minus_float', 'significance', 'loss_mean', 'loss_std', 'serving_bytes', 'train_step_ms',
-                 'latency_ms', 'latency_vs_float',
-                 'int8_matmuls', 'wall_time_s', 'far_below_float', 'front_weight_bits', 'front_serving_bytes',
-                 'front_latency_ratio', 'trials']
+  cols = keys + ['seeds', 'nonfinite_seeds', 'weight_bits', f'{m}_mean', f'{m}_std', f'serving_{m}_mean',
+                 f'serving_{m}_std', f'{m}_minus_float', 'significance', 'loss_mean', 'loss_std', 'serving_bytes',
+                 'train_step_ms', 'latency_ms', 'latency_vs_float', 'int8_matmuls', 'wall_time_s', 'far_below_float',
+                 'front_weight_bits', 'front_serving_bytes', 'front_latency_ratio', 'trials']
   f = io.StringIO(newline='')
   w = csv.writer(f)
   w.writerow(cols)
   for c in configs:
     w.writerow([c.values.get(k, '') for k in keys] + [
-        c.seeds, c.weight_bits, *c.metric, *c.serving_metric, *c.vs_float, *c.loss, c.serving_bytes, c.train_step_ms,
-        c.latency_ms, c.latency_ratio, c.int8_matmuls, c.wall_time_s, c.far_below_float, c.front['weight_bits'],
-        c.front['serving_bytes'], c.front['latency_ratio'], ' '.join(c.trials)])
+        c.seeds, c.nonfinite, c.weight_bits, *c.metric, *c.serving_metric, *c.vs_float, *c.loss, c.serving_bytes,
+        c.train_step_ms, c.latency_ms, c.latency_ratio, c.int8_matmuls, c.wall_time_s, c.far_below_float,
+        c.front['weight_bits'], c.front['serving_bytes'], c.front['latency_ratio'], ' '.join(c.trials)])
   fileio.write_atomic(path, f.getvalue())
 
 
@@ -90,8 +89,11 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
     fronts = ', '.join(a.replace('_', ' ') for a, _ in PLOT_AXES if c.front[a]) or ''
     if c.far_below_float:
       fronts = 'none: far below float'
+    if c.nonfinite:
+      fronts = 'none: non-finite'
     row = [c.values.get(k, '') for k in keys] + [
-        str(c.seeds), fmt_num(c.weight_bits), fmt_pm(c.metric), fmt_pm(c.serving_metric), fmt_delta(c.vs_float),
+        str(c.seeds) + (f' ({c.nonfinite} non-finite)' if c.nonfinite else ''), fmt_num(c.weight_bits),
+        fmt_pm(c.metric), fmt_pm(c.serving_metric), fmt_delta(c.vs_float),
         fmt_pm(c.loss),
         fmt_num(c.serving_bytes, '{:,.0f}'), fmt_num(c.train_step_ms, '{:.1f}'), fmt_num(c.latency_ms, '{:.3f}'),
         fmt_num(c.latency_ratio, '{:.2f}x'), c.int8_matmuls, fronts]
@@ -113,6 +115,11 @@ def _markdown(root: str, trials: list[dict], configs: list[Config], metric: str,
   if collapsed:
     lines += [f'Kept off the fronts, {m} far below the float model\'s (under {FAR_BELOW_FLOAT:g}x of it, or a loss '
               f'over {1 / FAR_BELOW_FLOAT:g}x): ' + ', '.join(f'`{c.label}`' for c in collapsed) + '.', '']
+  diverged = [c for c in configs if c.nonfinite]
+  if diverged:
+    lines += [f'Kept off the fronts, a non-finite {m} (NaN or inf) in some seed, so that the mean of the others '
+              'does not pass a diverged configuration off as working (the table\'s means are over the finite seeds): '
+              + ', '.join(f'`{c.label}` ({c.nonfinite} of {c.seeds} seeds)' for c in diverged) + '.', '']
   failed = [t for t in trials if t['status'] == 'failed']
   if failed:
     lines += ['## Failed trials', '']

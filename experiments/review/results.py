@@ -130,7 +130,9 @@ def _metric_name(results: list[dict]) -> tuple[str, bool]:
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
-  xs = [x for x in xs if x is not None and not math.isnan(x)]
+  """Mean and sample std (ddof 1) of the values present (None: a result without the metric; NaN: not measured).
+  A non-finite value of the metric a configuration is ranked by is counted apart (`Config.nonfinite`)."""
+  xs = [x for x in xs if x is not None and math.isfinite(x)]
   if not xs:
     return float('nan'), float('nan')
   m = sum(xs) / len(xs)
@@ -159,6 +161,7 @@ class Config:
   far_below_float: bool = False
   front: dict[str, bool] = dataclasses.field(default_factory=dict)
   vs_float: tuple[float, str] = (float('nan'), '')  # (score - float's score, significance; see compare_to_float)
+  nonfinite: int = 0  # seeds whose ranked metric (served, else eval) is NaN or inf: a diverged run
 
   @property
   def score_spread(self) -> float:
@@ -167,11 +170,30 @@ class Config:
 
   @property
   def score(self) -> float:
-    """What the fronts rank: the served model's metric when the run converted one, else the eval metric."""
+    """What the fronts rank: the served model's metric when the run converted one, else the eval metric. NaN
+    (off every front, no difference from float) when a seed's is non-finite: the mean of the other seeds would
+    pass a diverged configuration off as a working one."""
+    if self.nonfinite:
+      return float('nan')
     return self.serving_metric[0] if not math.isnan(self.serving_metric[0]) else self.metric[0]
 
   def cost(self, axis: str) -> float:
     return getattr(self, axis)
+
+
+def served_metric(result: dict, metric: str) -> float | None:
+  """The served model's `metric` in a result (None when it has none). Bits per character are derived from the
+  served loss (nats) where the result lacks them: the runner wrote only loss and accuracy there before."""
+  sm = result.get('serving_metrics') or {}
+  if metric in sm:
+    return sm[metric]
+  if metric == 'eval/bits_per_char' and sm.get('eval/loss') is not None:
+    return sm['eval/loss'] / math.log(2)
+  return None
+
+
+def _nonfinite(xs: list[float | None]) -> int:
+  return sum(x is not None and not math.isfinite(x) for x in xs)
 
 
 def summarize(trials: list[dict]) -> tuple[list[Config], str, bool]:
@@ -190,11 +212,13 @@ def summarize(trials: list[dict]) -> tuple[list[Config], str, bool]:
     step_ms = [r['train']['step_time_ms'] if r.get('train', {}).get('step_time_ms')
                else 1000.0 / r['train']['steps_per_sec'] for r in rs if (r.get('train') or {}).get('steps_per_sec')]
     mm = rs[0].get('matmuls') or {}
+    evals = [get_path(r, 'metrics', {}).get(metric) for r in rs]
+    served = [served_metric(r, metric) for r in rs]
+    ranked = served if any(v is not None for v in served) else evals
     configs.append(Config(
         label=','.join(f'{k}={v}' for k, v in values.items()) or 'default', values=values,
         trials=[t['name'] for t in ts], seeds=len(ts),
-        metric=_mean_std([get_path(r, 'metrics', {}).get(metric) for r in rs]),
-        serving_metric=_mean_std([(r.get('serving_metrics') or {}).get(metric, float('nan')) for r in rs]),
+        metric=_mean_std(evals), serving_metric=_mean_std(served), nonfinite=_nonfinite(ranked),
         loss=_mean_std([get_path(r, 'metrics', {}).get('eval/loss') for r in rs]),
         weight_bits=weight_bits(rs[0].get('config') or ts[0]['config']),
         serving_bytes=float(rs[0].get('serving_bytes', float('nan'))),
@@ -217,13 +241,17 @@ def summarize(trials: list[dict]) -> tuple[list[Config], str, bool]:
 def mark_far_below_float(configs: list[Config], higher: bool) -> None:
   """Marks the configurations whose score is far from the float model's (FAR_BELOW_FLOAT): e.g. PTQ W2A2 at
   chance accuracy, which would otherwise sit on every front as the cheapest point."""
-  floats = [c.score for c in configs if c.mode == 'float' and not math.isnan(c.score)]
+  floats = [c for c in configs if c.mode == 'float' and not math.isnan(c.score)]
   if not floats:
     return
-  best = max(floats) if higher else min(floats)
+  best = (max if higher else min)(f.score for f in floats)
   for c in configs:
     if c.mode != 'float' and not math.isnan(c.score):
-      c.far_below_float = c.score < FAR_BELOW_FLOAT * best if higher else c.score > best / FAR_BELOW_FLOAT
+      # Its own float configuration (a sweep over models: the small model's float, not the big one's); the best
+      # float where that is ambiguous.
+      ref = float_reference(c, floats)
+      f = best if ref is None else ref.score
+      c.far_below_float = c.score < FAR_BELOW_FLOAT * f if higher else c.score > f / FAR_BELOW_FLOAT
 
 
 def significance(delta: float, seeds: tuple[int, int], spreads: tuple[float, float]) -> str:

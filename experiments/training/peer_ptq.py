@@ -107,7 +107,7 @@ def _evaluate(data, config, task: str, apply) -> dict[str, float]:
   def sums(x, y, w):
     _, ce, hits = trainers.loss_fn(apply(jnp.asarray(x)), jnp.asarray(y), task)
     return {'loss': jnp.sum(ce * w), 'correct': jnp.sum(hits * w), 'count': jnp.sum(w)}
-  return trainers.evaluate(data, config, sums)
+  return trainers.evaluate(data, config, sums, task)
 
 
 def check_metric(metric: str) -> None:

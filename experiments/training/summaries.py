@@ -289,4 +289,4 @@ def _eval_fwd(run, jfwd, args) -> dict[str, float]:
   def batch_sums(x, y, w):
     _, ce, hits = trainers.loss_fn(jfwd(*args, jnp.asarray(x)), jnp.asarray(y), run.md.task)
     return {'loss': jnp.sum(ce * w), 'correct': jnp.sum(hits * w), 'count': np.sum(w)}
-  return trainers.evaluate(run.data, run.config, batch_sums)
+  return trainers.evaluate(run.data, run.config, batch_sums, run.md.task)

@@ -14,6 +14,7 @@ as it was. `to_pure(state)` is the plain dict orbax checkpoints.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -41,11 +42,13 @@ def loss_fn(logits, y, task: str):
   return ce.mean(), ce, hits
 
 
-def evaluate(data, config, batch_sums: Callable[[Any, Any, Any], Mapping[str, Any]]) -> dict[str, float]:
-  """Mean eval loss and accuracy over the eval split: `batch_sums(x, y, w)` gives one batch's weighted sums
-  {'loss', 'correct', 'count'} (an `eval_step`, or a serving forward's), added up in float over
-  `input_pipeline.eval_batches(data, config.eval_batch_size, config.eval_examples)`. The one eval loop the training
-  run and the serving summary share, so both read the same examples and divide the same way.
+def evaluate(data, config, batch_sums: Callable[[Any, Any, Any], Mapping[str, Any]],
+             task: str = 'classify') -> dict[str, float]:
+  """Mean eval loss and accuracy over the eval split (and for task 'lm' bits per character, loss / ln 2: the LM
+  reports' headline metric, for the trained and the served model alike): `batch_sums(x, y, w)` gives one batch's
+  weighted sums {'loss', 'correct', 'count'} (an `eval_step`, or a serving forward's), added up in float over
+  `input_pipeline.eval_batches(data, config.eval_batch_size, config.eval_examples)`. The one eval loop the
+  training run and the serving summary share, so both read the same examples and divide the same way.
   """
   sums = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
   for x, y, w in input_pipeline.eval_batches(data, config.eval_batch_size, config.eval_examples):
@@ -53,7 +56,10 @@ def evaluate(data, config, batch_sums: Callable[[Any, Any, Any], Mapping[str, An
     for k in sums:
       sums[k] += float(out[k])
   n = max(sums['count'], 1.0)
-  return {'eval/loss': sums['loss'] / n, 'eval/accuracy': sums['correct'] / n}
+  out = {'eval/loss': sums['loss'] / n, 'eval/accuracy': sums['correct'] / n}
+  if task == 'lm':
+    out['eval/bits_per_char'] = out['eval/loss'] / math.log(2)
+  return out
 
 
 def jit_once(fn):
