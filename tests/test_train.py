@@ -490,6 +490,15 @@ def test_an_interrupt_mid_training_checkpoints_the_last_finished_step_and_the_re
   lines = []
   result = train.train_and_evaluate(c, str(tmp_path), log=lines.append)
   assert result['train']['resumed_from'] == 7 and any('from step 7' in str(line) for line in lines)
+  # TensorBoard's HParams dashboard calls the finished run a success: the interrupted segment ended its session
+  # as a failure, and TensorBoard keeps the first end it reads.
+  from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+  from tensorboard.plugins.hparams import api_pb2
+  from tensorboard.plugins.hparams import metadata as hm
+  acc = pea.EventAccumulator(str(tmp_path), size_guidance={pea.TENSORS: 0})
+  acc.Reload()
+  content = acc.PluginTagToContent(hm.PLUGIN_NAME)
+  assert hm.parse_session_end_info_plugin_data(content[hm.SESSION_END_INFO_TAG]).status == api_pb2.STATUS_SUCCESS
 
 
 def test_sigterm_to_a_sweep_checkpoints_its_running_trial(tmp_path):

@@ -182,6 +182,12 @@ class SummaryWriter:
     self._wrote_session_start = True
     return name
 
+  def continue_session(self) -> None:
+    """This run's HParams session was started by an earlier writer in the same logdir (a resumed run whose
+    first segment called `hparams()`): `close()` ends it. Writing the start again would be ignored (TensorBoard
+    keeps the first summary of a tag), and without an end the finished run would show as running."""
+    self._wrote_session_start = True
+
   def flush(self) -> None:
     self._writer.flush()
 

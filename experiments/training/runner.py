@@ -211,9 +211,8 @@ class Run:
   def evaluate(self, state, eval_step) -> dict[str, float]:
     metrics = trainers.evaluate(
         self.data, self.config,
-        lambda x, y, w: eval_step(state, *(distributed.shard_batch(self.mesh, a) for a in (x, y, w))))
-    if self.md.task == 'lm':
-      metrics['eval/bits_per_char'] = metrics['eval/loss'] / math.log(2)
+        lambda x, y, w: eval_step(state, *(distributed.shard_batch(self.mesh, a) for a in (x, y, w))),
+        self.md.task)
     return metrics
 
 
@@ -322,6 +321,11 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
     if 'serving_error' in result:
       warnings.append(f'not served: {result["serving_error"]}')
     result['warnings'] = warnings
+  except KeyboardInterrupt:
+    # Interrupted (Ctrl-C, or the sweep's SIGTERM): no session end, since the rerun resumes the run and ends
+    # the session then; TensorBoard keeps the first end it finds, and 'failure' would stay when the run finished.
+    writer.close(status=None)
+    raise
   except BaseException:
     writer.close(status='failure')
     raise
@@ -341,6 +345,8 @@ def _train(run: Run, state, sched):
     pure = mgr.restore(start, run.trainer.to_pure(state))
     state = distributed.place_state(run.mesh, run.trainer.from_pure(state, pure), c.mesh)
     run.log(f'resuming {run.workdir} from step {start}')
+    if jax.process_index() == 0 and run.write_hparams:
+      run.writer.continue_session()  # its first segment started it
   elif jax.process_index() == 0 and run.write_hparams:
     run.writer.hparams(summaries.hparams_of(c), group_name=run.group_name)
   train_step = jax.jit(run.trainer.train_step, donate_argnums=0)
@@ -480,8 +486,6 @@ def _finish(run: Run, state, train_info, rules, t_start) -> dict[str, Any]:
   if 'ptq' in train_info:  # a PTQ method's integer kernels exist only in the serving model: evaluate that
     serving = summaries.serving_summary(run, state, rules)
     metrics = dict(serving['serving_metrics'])
-    if run.md.task == 'lm':
-      metrics['eval/bits_per_char'] = metrics['eval/loss'] / math.log(2)
   else:
     metrics = run.evaluate(state, jax.jit(run.trainer.eval_step))
     serving = summaries.serving_summary(run, state, rules)
