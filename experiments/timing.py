@@ -238,11 +238,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def _fmt_time(s: float) -> str:
-  if s >= 1:
-    return f'{s:.3g} s'
-  if s >= 1e-3:
-    return f'{s * 1e3:.3g} ms'
-  return f'{s * 1e6:.3g} us'
+  """Three significant digits in s, ms or us, chosen after rounding (0.9996 s is '1 s', not '1e+03 ms')."""
+  for unit, scale in (('us', 1e6), ('ms', 1e3)):
+    if float(f'{s * scale:.3g}') < 1000:
+      return f'{s * scale:.3g} {unit}'
+  return f'{s:.3g} s'
 
 
 def markdown_table(stats: dict[str, Stats], baseline: str | None = None) -> str:

@@ -362,3 +362,9 @@ def test_code_version_names_the_checkout_commit_and_nothing_outside_a_checkout(t
   assert version.code_version(str(tmp_path)) == {}  # not a git checkout: nothing claimed
   table = timing.machine_table({**timing.machine_info(), 'code': {'commit': 'a' * 40, 'dirty': True}})
   assert '| code | aaaaaaaaaaaa (with local changes) |' in table
+
+
+def test_times_switch_unit_after_rounding():
+  """0.9996 s printed as '1e+03 ms' in every bench table."""
+  assert [timing._fmt_time(s) for s in (0.9996, 0.0009996, 0.0009994, 1.5, 0.0123, 2.5e-6)] == [
+      '1 s', '1 ms', '999 us', '1.5 s', '12.3 ms', '2.5 us']
