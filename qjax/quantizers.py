@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax import calibration, estimators, formats, methods, registered  # noqa: F401 (registered: the methods)
 from qjax import granularity as gran
@@ -101,6 +102,7 @@ def quantize(x: jax.Array, spec: QuantSpec, params: Mapping[str, jax.Array] | No
       raise ValueError('a zero_point needs a scale too')
     if spec.scheme == 'asymmetric' and zero_point is None:
       raise ValueError('scheme="asymmetric" with an explicit scale needs zero_point too')
+    _check_zero_point(zero_point, spec)
   elif params:
     params = method.prepare(x, spec, params)
     scale, zero_point = method.grid(x, spec, params)
@@ -117,6 +119,19 @@ def quantize(x: jax.Array, spec: QuantSpec, params: Mapping[str, jax.Array] | No
   if poison:  # sum(x - x) is NaN exactly where the group holds a NaN or an inf
     scale = jnp.where(jnp.isnan(gran.reduce(x - x, sshape, jnp.sum)), jnp.nan, scale)
   return QArray(qvalue, scale, zero_point, spec.format, spec.codebook)
+
+
+def _check_zero_point(zero_point, spec: QuantSpec) -> None:
+  """An explicit (concrete) zero point must lie on the grid, as calibrated ones are clipped to: one outside sent
+  every element to the end of the grid (zero_point=1000 on int8 dequantized all of x to (127 - 1000) * scale)."""
+  if zero_point is None or isinstance(zero_point, jax.core.Tracer):
+    return
+  fmt = spec.fmt
+  zp = np.round(np.asarray(zero_point, np.float64))
+  lo, hi = getattr(fmt, 'qmin', None), getattr(fmt, 'qmax', None)
+  if lo is not None and zp.size and (zp.min() < lo or zp.max() > hi):
+    raise ValueError(f'zero_point must lie on the grid of format={spec.format!r}, [{lo}, {hi}]; got values in '
+                     f'[{zp.min():g}, {zp.max():g}]')
 
 
 def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:

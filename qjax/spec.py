@@ -51,7 +51,7 @@ class QuantSpec:
 
   Specs that would be accepted but mean nothing raise ValueError at construction, naming the reason: a
   group_size with per_tensor / per_channel, a codebook with another format, levels outside [-1, 1], a
-  non-integer axis, a non-finite or negative ewgs_delta.
+  non-integer axis, per_channel with no axis, a non-finite or negative ewgs_delta.
   """
   format: str = 'int8'
   granularity: str = 'per_tensor'
@@ -101,6 +101,9 @@ class QuantSpec:
     if self.group_size and self.granularity != 'per_group':
       raise ValueError(f'group_size={self.group_size} only applies to granularity="per_group"; with '
                        f'granularity={self.granularity!r} it would be ignored (drop it, or use per_group)')
+    if self.granularity == 'per_channel' and self.axis == ():
+      raise ValueError('granularity="per_channel" needs at least one channel axis, got axis=() (that is one '
+                       'scale for the whole tensor: say granularity="per_tensor")')
     if self.granularity == 'per_group':
       if self.group_size < 1:
         raise ValueError(f'granularity="per_group" needs group_size >= 1, got group_size={self.group_size}')

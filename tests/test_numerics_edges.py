@@ -205,6 +205,7 @@ def test_int1_all_zero_group_lets_gradients_flow(estimator):
     (dict(format='codebook', codebook=(-2.0, 0.0, 1.0)), r'within \[-1, 1\].*-2.0'),
     (dict(granularity='per_channel', axis=1.5), 'axis must be an integer'),
     (dict(granularity='per_channel', axis=(0, 1.0)), 'axis must be an integer'),
+    (dict(granularity='per_channel', axis=()), 'needs at least one channel axis'),  # silently per-tensor before
     (dict(ewgs_delta=float('nan')), 'ewgs_delta must be a finite number >= 0'),
     (dict(calibration='absmax_half_step', format='int8n'), 'needs scheme="symmetric" and one of int2..int8'),
     (dict(calibration='absmax_half_step', format='uint8'), 'absmax_half_step'),
@@ -218,6 +219,7 @@ def test_meaningless_specs_are_rejected(kwargs, match):
 def test_meaningful_specs_still_accepted():
   QuantSpec(format='codebook', codebook=(-1.0, -0.25, 0.5, 1.0))
   QuantSpec(granularity='per_channel', axis=np.int64(1))
+  QuantSpec(granularity='per_channel', axis=(0, 1))
   QuantSpec(granularity='per_group', group_size=16)
   QuantSpec(format='mxfp4')  # MX formats set their own group
   QuantSpec(ewgs_delta=0.0)

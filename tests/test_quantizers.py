@@ -434,3 +434,19 @@ def test_init_params():
   p = init_params(x, QuantSpec(format='uint4', scheme='asymmetric', calibration='minmax', estimator='lsq_plus'))
   np.testing.assert_allclose(p['scale'], [[7.0 / 15]], rtol=1e-6)
   np.testing.assert_allclose(p['offset'], [[-round(4.0 / (7.0 / 15)) * 7.0 / 15]], rtol=1e-6)
+
+
+@pytest.mark.parametrize('fmt, zp, ok', [('int8', 1000, False), ('int8', -129, False), ('int8', -128, True),
+                                         ('int8', 127, True), ('uint4', -1, False), ('uint4', 15, True),
+                                         ('uint4', 16, False)])
+def test_an_explicit_zero_point_off_the_grid_is_refused(fmt, zp, ok):
+  """Calibrated zero points are clipped to the grid; an explicit one was not, and zero_point=1000 on int8 sent
+  every element to the end of the grid ((127 - 1000) * scale)."""
+  spec = QuantSpec(format=fmt, scheme='asymmetric', calibration='minmax')
+  x = jnp.linspace(-0.05, 0.05, 8)
+  if ok:
+    q = quantize(x, spec, scale=0.01, zero_point=zp)
+    assert int(q.zero_point.max()) == zp
+  else:
+    with pytest.raises(ValueError, match=f'zero_point must lie on the grid of format={fmt!r}'):
+      quantize(x, spec, scale=0.01, zero_point=zp)
