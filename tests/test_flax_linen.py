@@ -334,3 +334,29 @@ def test_sharding_annotations_carry_over_to_scales(weight):
     assert sspec[name]['kernel'].qvalue == stored and sspec[name]['kernel'].scale == scale_spec
     assert sw.partition_specs().scale == scale_spec and sw.partition_specs().qvalue == stored
   assert jnp.array_equal(jax.jit(qm.serving().apply)(sv, x), jax.jit(qm.apply)(v, x))
+
+
+def test_static_ranges_average_the_calibration_batches_and_restart_clears_the_init_batch():
+  """An EMA at 0.99 over N calibration batches weighed the first 0.99^(N-1) (86% of 16): the range was one
+  batch's. The first 1 / (1 - decay) batches are now averaged, and `restart_ranges` drops the ranges measured
+  before (PTQ restarts them after SmoothQuant, AWQ or a rotation changed the layers' inputs)."""
+  from qjax.flax.session import restart_ranges
+  qm = quantize_linen(nn.Dense(4), [{'module_path': '.*', 'weight': W8, 'act': {'format': 'int8'},
+                                     'act_static': True}])
+  x0 = 100.0 * normal(0, (16, 8))  # the init batch: a range far from the calibration batches'
+  batches = [normal(i, (16, 8)) * (1.0 + i) for i in range(1, 5)]
+  scale = lambda x: float(calibration.calibrate(x, QuantSpec('int8'))[0].reshape(()))
+  v = qm.init(jax.random.key(0), x0)
+
+  def calibrate(v):
+    for x in batches:
+      _, upd = qm.apply(v, x, mutable=['qjax_stats'])
+      v = {**v, **upd}
+    return v['qjax_stats']['dot_general0_lhs_scale'].reshape(()), v['qjax_stats']['dot_general0_lhs_count']
+  kept, n = calibrate(v)
+  assert float(n) == 5 and float(kept) == pytest.approx(np.mean([scale(x) for x in [x0, *batches]]), rel=1e-6)
+  restarted = restart_ranges(v)
+  assert float(restarted['qjax_stats']['dot_general0_lhs_count']) == 0.0
+  assert np.array_equal(restarted['params']['kernel'], v['params']['kernel'])  # nothing else touched
+  fresh, n = calibrate(restarted)
+  assert float(n) == 4 and float(fresh) == pytest.approx(np.mean([scale(x) for x in batches]), rel=1e-6)

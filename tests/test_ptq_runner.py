@@ -43,13 +43,13 @@ def rtn(root):
 
 
 @pytest.mark.parametrize('method,extra', [
-    # AWQ is a weight-only method (W4A16 in the paper): its scales enlarge rarely-active inputs, which a
-    # per-tensor int8 activation grid then pays for (measured: accuracy 0.54 against RTN's 0.68 here).
-    ('gptq', ()), ('awq', ('--config.quant.act.format=',)), ('smoothquant', ()), ('rotation', ()),
+    # AWQ with int8 and int4 activations: the activation ranges were measured on the model before AWQ scaled its
+    # layers' inputs, and served so (accuracy 0.62 and 0.10 against RTN's 0.68; now 0.70 and 0.66).
+    ('gptq', ()), ('awq', ()), ('awq', ('--config.quant.act.format=int4',)), ('smoothquant', ()), ('rotation', ()),
     ('adaround', ('--config.ptq.adaround.iters=200',)), ('bias_correction', ()),
     ('rotation,smoothquant,gptq,bias_correction', ())])
 def test_each_method_runs_in_the_runner(root, rtn, method, extra):
-  r = run(root, method.replace(',', '+'), method, extra)
+  r = run(root, method.replace(',', '+') + ''.join(extra).replace('--config.quant.act.format=', '_a'), method, extra)
   info = r['train']['ptq']
   assert [m[0] for m in info['methods']] == method.split(',')
   assert set(info['layers']) == {'hidden/0', 'head'} and info['skipped'] == []
@@ -61,10 +61,8 @@ def test_each_method_runs_in_the_runner(root, rtn, method, extra):
       assert m['rel_output_mse'] <= m['rtn_rel_output_mse'] * (1 + 1e-4)
   if method in ('smoothquant', 'rotation', 'rotation,smoothquant,gptq,bias_correction'):
     assert info['online_ops'] == ['head', 'hidden/0']
-  for m in info['layers'].values():  # int8 per-tensor activations add error; awq's run keeps them float
-    assert ('act_rel_output_mse' in m) == (method != 'awq')
-    if method != 'awq':
-      assert m['act_rel_output_mse'] > 0 and np.isfinite(m['act_rel_output_mse'])
+  for m in info['layers'].values():  # per-tensor activations add error, on ranges of the model as served
+    assert 0 < m['act_rel_output_mse'] < (0.02 if extra else 0.01)  # AWQ's head: 0.096 and 1.0 on stale ranges
 
 
 def test_sequential_calibrates_each_layer_on_the_quantized_predecessors(root, monkeypatch):

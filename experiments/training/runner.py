@@ -51,6 +51,7 @@ from experiments.training import distributed, summaries, trainers
 from experiments.training import ptq as ptq_runner
 from experiments.training.progress import Progress
 from qjax.flax import labels as qflax_labels
+from qjax.flax.session import restart_ranges
 
 MODES = ('float', 'qat', 'ptq', 'quantized_training')
 # Each divides a step count (0 would be a ZeroDivisionError mid-run), or, num_train_steps, is the run: 0 steps
@@ -469,8 +470,11 @@ class LossWatch:
 
 
 def _calibrate(run: Run, state):
-  """PTQ: range statistics from calibration batches (no parameter changes)."""
+  """PTQ: range statistics from calibration batches (no parameter changes): the mean over the batches of the
+  model as served, so ranges measured before (the init batch, or the model before SmoothQuant, AWQ or a rotation
+  changed its layers' inputs) start over."""
   c = run.config
+  state = restart_ranges(state)
   step_fn = jax.jit(run.trainer.calibrate_step)
   for i in range(c.quant.calibration_batches):
     x, _ = run.batch(i)

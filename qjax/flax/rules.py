@@ -62,7 +62,7 @@ class QuantRule:
     mode: 'auto' | 'real' | 'fake' for the forward matmul; bwd_mode for the two gradient matmuls.
     act_static: static-range activations: keep an EMA of the activation range in a statistics collection
       (updated in training mode only) and quantize with it in evaluation and serving.
-    ema_decay: decay of that EMA.
+    ema_decay: decay of that EMA (the running mean of the first 1 / (1 - ema_decay) batches, then the EMA).
     delayed_scaling: > 0 keeps an amax history of this length per forward operand and scales with its
       maximum (fp8 delayed scaling, as in Transformer Engine); the current amax is rolled in after use.
     keep_float: leave matched ops unquantized (a rule that excludes, e.g., the first and last layers).

@@ -45,6 +45,19 @@ def is_quantizer_name(name: str) -> bool:
   return _STATE_NAME.match(name) is not None
 
 
+def restart_ranges(tree):
+  """`tree` (variables, a trainer's state, an nnx.State) with every static activation range's batch count set to
+  0, so that the next batch run in training mode (a calibration step) initialises the range and the batches after
+  it average in (`act_static`; see `Session._ema`). PTQ calibrates so after its methods have changed the model:
+  SmoothQuant, AWQ and rotations change what each layer's input is, and ranges measured before them (at init)
+  served a LeNet-5 at chance accuracy with AWQ and int4 activations."""
+  def restart(path, leaf):
+    names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+    name = next((n for n in reversed(names) if isinstance(n, str) and n != 'value'), '')
+    return jnp.zeros_like(leaf) if name.endswith('_count') and is_quantizer_name(name) else leaf
+  return jax.tree_util.tree_map_with_path(restart, tree)
+
+
 @dataclasses.dataclass
 class Record:
   """One forward operand of a quantized op, seen in 'record' mode (PTQ conversion, layer statistics)."""
@@ -402,7 +415,11 @@ class Session:
     ema_s = fr.state.stat(fr, f'{prefix}_scale', lambda: scale)
     ema_z = fr.state.stat(fr, f'{prefix}_zero_point', lambda: zp)
     if fr.state.training(fr):
-      d = jnp.where(count.get() > 0, rule.ema_decay, 0.0)  # the first batch initialises the average
+      # The first batch initialises the average; the mean of the first n batches follows, until their window
+      # fills (n = 1 / (1 - decay): 100 at 0.99), then the EMA. Without the mean, N calibration batches weighed
+      # the first one 0.99^(N-1) (86% of 16) and the range was that batch's.
+      n = count.get()
+      d = jnp.where(n > 0, jnp.minimum(rule.ema_decay, n / (n + 1)), 0.0)
       ema_s.set(d * ema_s.get() + (1 - d) * scale)
       ema_z.set(d * ema_z.get() + (1 - d) * zp)
       count.set(count.get() + 1)
