@@ -5,7 +5,8 @@ r"""The report of a sweep root: a table per configuration, Pareto fronts, and th
 reads every trial's result.json (and config.json, error.json) under the root and writes
 
   results.csv          one row per configuration (seeds grouped): swept values, metric mean and std over
-                       seeds, serving bytes, training step time, inference latency, int8 matmuls, Pareto flags
+                       seeds, serving bytes, training step time, inference latency, int8 matmuls, Pareto flags,
+                       seeds whose ranked metric is NaN / inf (such a configuration stays off the fronts)
   report.md            the same table, the Pareto fronts, failed trials, notes on each column
   pareto_<x>.png       accuracy (or -bits/char) against weight bits, serving bytes and inference latency as a
                        ratio to the float model timed side by side, the front highlighted, points labelled;
@@ -51,18 +52,18 @@ from experiments.review.study_plot import plot_study
 def _write_csv(path: str, configs: list[Config], metric: str) -> None:
   keys = list(dict.fromkeys(k for c in configs for k in c.values))
   m = metric.split('/')[-1]
-  cols = keys + ['seeds', 'nonfinite_seeds', 'weight_bits', f'{m}_mean', f'{m}_std', f'serving_{m}_mean',
+  cols = keys + ['seeds', 'weight_bits', f'{m}_mean', f'{m}_std', f'serving_{m}_mean',
                  f'serving_{m}_std', f'{m}_minus_float', 'significance', 'loss_mean', 'loss_std', 'serving_bytes',
                  'train_step_ms', 'latency_ms', 'latency_vs_float', 'int8_matmuls', 'wall_time_s', 'far_below_float',
-                 'front_weight_bits', 'front_serving_bytes', 'front_latency_ratio', 'trials']
+                 'front_weight_bits', 'front_serving_bytes', 'front_latency_ratio', 'trials', 'nonfinite_seeds']
   f = io.StringIO(newline='')
   w = csv.writer(f)
   w.writerow(cols)
   for c in configs:
     w.writerow([c.values.get(k, '') for k in keys] + [
-        c.seeds, c.nonfinite, c.weight_bits, *c.metric, *c.serving_metric, *c.vs_float, *c.loss, c.serving_bytes,
+        c.seeds, c.weight_bits, *c.metric, *c.serving_metric, *c.vs_float, *c.loss, c.serving_bytes,
         c.train_step_ms, c.latency_ms, c.latency_ratio, c.int8_matmuls, c.wall_time_s, c.far_below_float,
-        c.front['weight_bits'], c.front['serving_bytes'], c.front['latency_ratio'], ' '.join(c.trials)])
+        c.front['weight_bits'], c.front['serving_bytes'], c.front['latency_ratio'], ' '.join(c.trials), c.nonfinite])
   fileio.write_atomic(path, f.getvalue())
 
 
