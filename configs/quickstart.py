@@ -17,10 +17,11 @@ Args (`configs/quickstart.py:ARGS`, comma-separated): `seeds=N` repeats every co
 
 What it reaches (1000 steps of batch 128, about 2 epochs; test accuracy on all 10k test images), measured on
 2026-12-07 with `seeds=3` (mean ± std over 3 seeds; the report marks differences within the seed spread n.s.;
-AMD EPYC Zen 3, jax 0.12.1, commit f2e7eed):
+AMD EPYC Zen 3, jax 0.12.1; float and QAT at commit f2e7eed, PTQ at 82f693b, whose activation ranges are the
+mean over the calibration batches):
 
-  float 88.0 ± 0.3% | W8A8 QAT 88.0 ± 0.3%, PTQ 88.0 ± 0.4% | W4A4 QAT 88.0 ± 0.5%, PTQ 87.4 ± 0.6% |
-  W2A2 QAT 86.9 ± 0.1%, PTQ 54.5 ± 9.5%
+  float 88.0 ± 0.3% | W8A8 QAT 88.0 ± 0.3%, PTQ 87.9 ± 0.3% | W4A4 QAT 88.0 ± 0.5%, PTQ 87.4 ± 0.4% |
+  W2A2 QAT 86.9 ± 0.1%, PTQ 51.9 ± 14.2%
 
 (2026-12-04, on an Intel Xeon before the absmax scale was rounded up to keep the largest element on the grid:
 float 88.0 ± 0.3%, W4A4 QAT 87.9 ± 0.6%, W2A2 QAT 87.0 ± 0.2%, PTQ 54.9 ± 11.5%.)
@@ -31,7 +32,7 @@ PTQ 85.8%; W2A2 QAT 82.7%, PTQ 10.5%, against float 88.3%.)
 How long: on a 2-core Intel Xeon (AVX-512 VNNI, AMX), from a fresh clone with warm dataset and pip caches and
 `.ci/run` running on the same cores, README command 1 took 4 min 53 s in all (2026-12-04). That run, one seed:
 float 88.3%, W2A2 QAT 87.1%, PTQ 41.7% (seed 0 of the 2026-12-04 runs; seed 0 of the 2026-12-07 runs: float
-88.3%, W2A2 QAT 86.9%, PTQ 43.7%); W2A2 serves in 18,018 bytes (2-bit weights packed) against W4A4's 33,138
+88.3%, W2A2 QAT 86.9%, PTQ 35.5%); W2A2 serves in 18,018 bytes (2-bit weights packed) against W4A4's 33,138
 (2026-12-07).
 """
 
