@@ -501,6 +501,26 @@ def test_an_interrupt_mid_training_checkpoints_the_last_finished_step_and_the_re
   assert hm.parse_session_end_info_plugin_data(content[hm.SESSION_END_INFO_TAG]).status == api_pb2.STATUS_SUCCESS
 
 
+def test_a_run_stopped_after_its_last_checkpoint_reports_its_logged_final_loss(tmp_path, monkeypatch):
+  """Stopped in _finish (after the final checkpoint, before result.json), the rerun ran no step and wrote
+  final_train_loss NaN and 0 steps/s."""
+  c = mlp_config()
+  finish, calls = train._finish, []
+
+  def stop_once(*a, **k):
+    calls.append(1)
+    if len(calls) == 1:
+      raise KeyboardInterrupt
+    return finish(*a, **k)
+  monkeypatch.setattr(train, '_finish', stop_once)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(c, str(tmp_path / 'a'), log=lambda *_: None)
+  resumed = train.train_and_evaluate(c, str(tmp_path / 'a'), log=lambda *_: None)['train']
+  whole = train.train_and_evaluate(c, str(tmp_path / 'b'), log=lambda *_: None)['train']
+  assert resumed['resumed_from'] == 10 and resumed['steps_per_sec'] is None and resumed['step_time_ms'] is None
+  assert resumed['final_train_loss'] == pytest.approx(whole['final_train_loss'], rel=1e-6)
+
+
 def test_sigterm_to_a_sweep_checkpoints_its_running_trial(tmp_path):
   """The sweep stops its workers with SIGTERM: the running trial saves its last step before the worker dies."""
   root = tmp_path / 'root'

@@ -45,7 +45,7 @@ from experiments.data import datasets
 from experiments.data import pipeline as input_pipeline
 from experiments.data.files import DATASETS, DataError
 from experiments.fileio import write_json_atomic
-from experiments.review.tensorboard import SummaryWriter
+from experiments.review.tensorboard import SummaryWriter, read_scalars
 from experiments.training import checkpoints as ckpt_lib
 from experiments.training import distributed, summaries, trainers
 from experiments.training import ptq as ptq_runner
@@ -392,9 +392,15 @@ def _train(run: Run, state, sched):
   progress.close()
   elapsed = time.time() - t0
   steady = step_times[1:] or step_times  # the first timed step may include compilation
+  if start >= total and jax.process_index() == 0:
+    # Resumed from the final checkpoint (stopped after it, before result.json): this segment ran no step. The
+    # loss is the last one the run logged, and its speed unknown (None), rather than NaN and 0 steps/s.
+    run.writer.flush()
+    logged = read_scalars(run.workdir).get('train/loss') or [(0, float('nan'))]
+    loss = logged[-1][1]
   # steps: the run's total (a resumed run included); steps_per_sec: of this process's segment, which it timed.
   return state, {'steps': total, 'resumed_from': start,
-                 'steps_per_sec': (total - start) / elapsed if elapsed > 0 else 0.0,
+                 'steps_per_sec': (total - start) / elapsed if elapsed > 0 and total > start else None,
                  'final_train_loss': loss, 'step_time_ms': 1e3 * float(np.median(steady)) if steady else None,
                  'warnings': watch.finish(loss)}
 
