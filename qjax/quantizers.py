@@ -89,6 +89,7 @@ def quantize(x: jax.Array, spec: QuantSpec, params: Mapping[str, jax.Array] | No
     QArray with the format's container dtype.
   """
   _check_input(x, spec)
+  x_given = x  # what poison looks at: quantize_input may clip an inf onto the grid (PACT)
   method = spec.method
   if not method.integer_grid and scale is None and zero_point is None:
     # With or without params: calibrating x onto an integer grid would not be what the method computes.
@@ -117,7 +118,7 @@ def quantize(x: jax.Array, spec: QuantSpec, params: Mapping[str, jax.Array] | No
   y = estimators.grid_units(x, scale, zero_point)  # The same y as fake_quant's, eagerly and under jit.
   qvalue = formats.to_grid(y, spec.fmt, noise)
   if poison:  # sum(x - x) is NaN exactly where the group holds a NaN or an inf
-    scale = jnp.where(jnp.isnan(gran.reduce(x - x, sshape, jnp.sum)), jnp.nan, scale)
+    scale = jnp.where(jnp.isnan(gran.reduce(x_given - x_given, sshape, jnp.sum)), jnp.nan, scale)
   return QArray(qvalue, scale, zero_point, spec.format, spec.codebook)
 
 

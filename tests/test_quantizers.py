@@ -450,3 +450,17 @@ def test_an_explicit_zero_point_off_the_grid_is_refused(fmt, zp, ok):
   else:
     with pytest.raises(ValueError, match=f'zero_point must lie on the grid of format={fmt!r}'):
       quantize(x, spec, scale=0.01, zero_point=zp)
+
+
+@pytest.mark.parametrize('spec, params', [(QuantSpec('int8', 'per_channel', axis=0), None),
+                                          (QuantSpec('int8', estimator='pact'), {'alpha': jnp.array(1.5)})])
+def test_poison_marks_the_groups_holding_a_nan_or_inf(spec, params):
+  """Grid rounding sends NaN to 0 and inf to the end of the grid; poison=True serves those groups with scale NaN.
+  PACT's input clip turned the inf into its clip value first, and the group was served finite."""
+  x = jnp.array([[1.0, jnp.inf, -2.0], [0.5, 0.25, -1.0], [jnp.nan, 0.0, 1.0]])
+  if params:  # the inf alone (a NaN stays NaN through the clip)
+    x = x.at[2, 0].set(0.0)
+  q = quantize(x, spec, params, poison=True)
+  expect = [True, False, True] if spec.granularity == 'per_channel' else [True]
+  assert np.isnan(np.asarray(q.scale)).reshape(-1).tolist() == expect
+  assert np.isfinite(np.asarray(quantize(x, spec, params).scale)).all()  # without poison: as before
