@@ -57,7 +57,9 @@ GPU_ALIGN = {'int8': 4, 'fp8': 16}
 _MATMUL_TARGET = re.compile(r'gemm|matmul', re.I)
 _CONV_TARGET = re.compile(r'conv', re.I)
 _MATMUL_PRIMITIVES = ('dot_general', 'conv_general_dilated', 'dot', 'convolution')
-_PASS_THROUGH = ('bitcast', 'copy', 'transpose', 'reshape', 'broadcast', 'bitcast-convert')
+# Not 'bitcast-convert': it reinterprets bits (qjax.ops.conv_gemm moves int8 patches as uint32 words), so the
+# operand runs in its result type whatever came before it.
+_PASS_THROUGH = ('bitcast', 'copy', 'transpose', 'reshape', 'broadcast')
 
 
 # ------------------------------------------------------------------------------------------------ dtypes

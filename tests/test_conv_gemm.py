@@ -33,6 +33,11 @@ CASES = {  # lhs shape, rhs shape, strides, padding, lhs dilation, rhs dilation,
     'two_stage_lhs_dilated_negative_pad': ((2, 7, 8, 2), (5, 2, 2, 3), (1, 2), [(2, 1), (1, -1)], (2, 1), None,
                                            NHWC),
     'two_stage_nchw': ((3, 2, 9, 7), (4, 2, 5, 5), (1, 1), 'SAME', None, None, ('NCHW', 'OIHW', 'NCHW')),
+    # 16 and more int8 features: the patches move uint32 words (as_words), whatever the layout and padding
+    'words_strided': ((3, 9, 8, 16), (3, 3, 16, 5), (1, 2), 'SAME', None, None, NHWC),
+    'words_nchw_lhs_dilated_negative_pad': ((2, 20, 7, 6), (3, 20, 3, 3), (1, 1), [(2, 1), (1, -1)], (2, 2),
+                                            None, ('NCHW', 'OIHW', 'NCHW')),
+    'two_stage_words_rhs_dilated': ((2, 11, 10, 32), (5, 5, 32, 3), (1, 1), 'VALID', None, (1, 2), NHWC),
 }
 
 
@@ -51,6 +56,44 @@ def test_two_stage_patches_equal_one_stage(name, monkeypatch):
   one = cg.patches(x, cp, k_sp)
   np.testing.assert_array_equal(two, one)
   np.testing.assert_array_equal(one, cg.patches(x, cp, k_sp, two_stage=True))
+
+
+@pytest.mark.parametrize('dtype, features, packed', [
+    (jnp.int8, 16, True), (jnp.uint8, 20, True), (jnp.bfloat16, 8, True), (jnp.int8, 12, False),
+    (jnp.int8, 6, False), (jnp.bfloat16, 6, False), (jnp.float32, 16, False)])
+def test_as_words_round_trips_the_bytes(dtype, features, packed):
+  """Features that fill at least MIN_WORDS 4-byte words travel as uint32 words, each holding its 4 bytes in
+  order (little-endian), and come back bit for bit; others (12 int8 features: 3 words) stay as they are."""
+  rng = np.random.default_rng(3)
+  raw = rng.integers(0, 256, (2, 3, features * np.dtype(dtype).itemsize), np.uint8)
+  x = jnp.asarray(raw.view(np.dtype(dtype)))
+  w, words = cg.as_words(x)
+  assert words == packed
+  if not packed:
+    assert w is x
+    return
+  assert w.dtype == jnp.uint32 and w.shape == (2, 3, raw.shape[-1] // 4)
+  np.testing.assert_array_equal(np.asarray(w), raw.reshape(2, 3, -1, 4).astype(np.uint32) @ (256 ** np.arange(4)))
+  back = cg.from_words(w, x.dtype)
+  assert back.dtype == x.dtype and back.shape == x.shape
+  np.testing.assert_array_equal(np.asarray(back).view(np.uint8), raw)
+
+
+@pytest.mark.parametrize('two_stage', [False, True])
+@pytest.mark.parametrize('name', ['words_strided', 'words_nchw_lhs_dilated_negative_pad',
+                                  'two_stage_words_rhs_dilated'])
+def test_word_patches_equal_element_patches(name, two_stage, monkeypatch):
+  """Patches built from uint32 words are the int8 ones, byte for byte, in (i, j, c) order."""
+  ls, rs, strides, padding, lhs_d, rhs_d, dn = CASES[name]
+  cp = conv.conv_params(ls, rs, strides, padding, lhs_d, rhs_d, dn)
+  x = cg.to_nhwc(jnp.asarray(np.random.default_rng(0).integers(-128, 128, ls), jnp.int8), cp.dnums.lhs_spec)
+  k_sp = tuple(rs[d] for d in cp.dnums.rhs_spec[2:])
+  assert cg.as_words(x)[1]
+  words = jax.jit(lambda x: cg.patches(x, cp, k_sp, two_stage))(x)
+  monkeypatch.setattr(cg, 'as_words', lambda x: (x, False))
+  elements = jax.jit(lambda x: cg.patches(x, cp, k_sp, two_stage))(x)
+  assert words.dtype == elements.dtype == jnp.int8
+  np.testing.assert_array_equal(words, elements)
 
 
 def test_two_stage_conv_of_a_3x3_kernel_is_exact():
