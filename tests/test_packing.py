@@ -73,3 +73,37 @@ def test_widths():
   assert packing.width(formats.parse_format('uint4')) is None
   with pytest.raises(ValueError, match=r'2\.\.4 bits, got bits=5'):
     packing.pack(jnp.zeros(4, jnp.int8), 5)
+
+
+@pytest.mark.parametrize('bits', [2, 3, 4])
+def test_pack_refuses_values_its_bits_cannot_hold(bits):
+  """One step past either edge of the signed range would wrap to another value: a ValueError names the range.
+  Traced values (inside jit) cannot be checked and are packed as given."""
+  lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+  for bad in (lo - 1, hi + 1):
+    with pytest.raises(ValueError, match=rf'holds values in \[{lo}, {hi}\], got values in'):
+      packing.pack(jnp.array([0, bad, 1], jnp.int8), bits)
+  packing.pack(jnp.array([lo, hi], jnp.int8), bits)  # the edges themselves pack
+  with pytest.raises(ValueError, match='takes integer values'):
+    packing.pack(jnp.array([0.5, 1.0]), bits)
+  with pytest.raises(ValueError, match='axis=2 is out of range'):
+    packing.pack(jnp.zeros((3, 4), jnp.int8), bits, axis=2)
+
+
+def test_unpack_refuses_a_shape_the_array_does_not_pack():
+  """unpack to a smaller or larger shape, or along the wrong axis, names the packed shape it expected (before:
+  rows silently dropped, or a reshape error)."""
+  p = packing.pack(jnp.zeros((8, 3), jnp.int8), 4)                  # (4, 3)
+  for shape, axis in (((6, 3), 0), ((10, 3), 0), ((8, 4), 0), ((8, 3), 1)):
+    with pytest.raises(ValueError, match=r'packed along axis .* are an array of shape .*, got \(4, 3\)'):
+      packing.unpack(p, 4, shape, axis)
+  np.testing.assert_array_equal(packing.unpack(p, 4, (7, 3)), np.zeros((7, 3)))  # 7 rows also pack into 4
+
+
+@pytest.mark.parametrize('shape, axis', [((0, 4), 0), ((4, 0), 0), ((4, 0), 1), ((0, 5), 1)])
+def test_zero_size_arrays_round_trip(shape, axis):
+  p = packing.pack(jnp.zeros(shape, jnp.int8), 3, axis)
+  want = tuple(packing.packed_rows(n, 3) if i == axis else n for i, n in enumerate(shape))
+  assert p.shape == want and p.dtype == jnp.uint8
+  q = packing.unpack(p, 3, shape, axis)
+  assert q.shape == shape and q.dtype == jnp.int8
