@@ -83,17 +83,22 @@ def test_as_words_round_trips_the_bytes(dtype, features, packed):
 @pytest.mark.parametrize('name', ['words_strided', 'words_nchw_lhs_dilated_negative_pad',
                                   'two_stage_words_rhs_dilated'])
 def test_word_patches_equal_element_patches(name, two_stage, monkeypatch):
-  """Patches built from uint32 words are the int8 ones, byte for byte, in (i, j, c) order."""
+  """Patches built from uint32 words are the int8 ones, byte for byte, in (i, j, c) order; words=False (the
+  conv suite's comparison) copies elements, as as_words disabled does."""
   ls, rs, strides, padding, lhs_d, rhs_d, dn = CASES[name]
   cp = conv.conv_params(ls, rs, strides, padding, lhs_d, rhs_d, dn)
   x = cg.to_nhwc(jnp.asarray(np.random.default_rng(0).integers(-128, 128, ls), jnp.int8), cp.dnums.lhs_spec)
   k_sp = tuple(rs[d] for d in cp.dnums.rhs_spec[2:])
   assert cg.as_words(x)[1]
   words = jax.jit(lambda x: cg.patches(x, cp, k_sp, two_stage))(x)
+  unpacked = jax.jit(lambda x: cg.patches(x, cp, k_sp, two_stage, words=False))(x)
+  assert 'ui32' in jax.jit(lambda x: cg.patches(x, cp, k_sp, two_stage)).lower(x).as_text()
+  assert 'ui32' not in jax.jit(lambda x: cg.patches(x, cp, k_sp, two_stage, words=False)).lower(x).as_text()
   monkeypatch.setattr(cg, 'as_words', lambda x: (x, False))
   elements = jax.jit(lambda x: cg.patches(x, cp, k_sp, two_stage))(x)
-  assert words.dtype == elements.dtype == jnp.int8
+  assert words.dtype == elements.dtype == unpacked.dtype == jnp.int8
   np.testing.assert_array_equal(words, elements)
+  np.testing.assert_array_equal(unpacked, elements)
 
 
 def test_two_stage_conv_of_a_3x3_kernel_is_exact():

@@ -6,7 +6,8 @@ One group per shape (batch, H=W, C_in -> C_out, k x k, NHWC/HWIO, stride 1), tim
 conv forward of that shape: XLA's int8 conv (s8 x s8 -> s32; up-cast to s32 by XLA:CPU below 17 features),
 qjax.ops.conv_gemm.conv (k*k shifted slices of the padded input, then one int8 matmul, a chunk of examples at a
 time), the same with the whole batch in one chunk (and with config.chunk_examples examples per chunk), with the
-patches built in one stage and in two (k_w shifts, then k_h shifts of those; conv_gemm.patches), and the
+patches copied as int8 elements instead of 4-byte words (shapes of 16 or more features), built in one stage and in
+two (k_w shifts, then k_h shifts of those; conv_gemm.patches), and the
 patch construction of the whole batch alone (what the one-chunk lowering pays before its matmul), and the f32
 kernel gradient (a QAT step's float backward) as XLA's transpose conv and as f32 patches^T . g. The
 measurements behind qjax.ops.conv_gemm.CHUNK_PATCH_BYTES and TWO_STAGE_MIN_TAPS and qjax.ops.conv.cpu_slow_reason
@@ -52,6 +53,9 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
   chunked = {int(n): jax.jit(lambda x, w, n=int(n): conv_gemm.conv(x, w, cp, chunk_bytes=n * per_example))
              for n in config.get('chunk_examples', ()) if 0 < int(n) < b}
   patches = jax.jit(lambda x: conv_gemm.patches(x, cp, (k, k)))
+  # Patches copied as int8 elements where qjax moves 4-byte words (conv_gemm.as_words): what the words save.
+  elements = (jax.jit(lambda x, w: conv_gemm.conv(x, w, cp, words=False)) if conv_gemm.as_words(xq)[1]
+              else None)
   c32 = max(cin, cout, int(config.get('pad_features', 32)))
 
   def padded(x, w):  # channels zero-padded so that XLA:CPU's fast int8 conv applies; output sliced back
@@ -72,6 +76,8 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
       **{f'patches in {n} + int8 dot': Variant(lambda f=f: f(xq, wq), 'reference') for n, f in stages.items()},
       **{f'patches + int8 dot, chunks of {n}': Variant(lambda f=f: f(xq, wq), 'reference')
          for n, f in chunked.items()},
+      **({'patches + int8 dot, int8 elements': Variant(lambda: elements(xq, wq), 'reference')}
+         if elements is not None else {}),
       'patches alone': Variant(lambda: patches(xq), 'reference'),
       f'int8 conv, features padded to {c32}': Variant(lambda: pad_conv(xq, wq), 'reference',
                                                       {'inspect': maybe_inspect(config, pad_conv, xq, wq)}),

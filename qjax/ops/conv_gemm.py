@@ -102,7 +102,7 @@ def from_words(w, dtype) -> jax.Array:
   return x.reshape(*x.shape[:-2], -1)
 
 
-def patches(x, cp, k_sp, two_stage: bool | None = None) -> jax.Array:
+def patches(x, cp, k_sp, two_stage: bool | None = None, words: bool = True) -> jax.Array:
   """(N, OH, OW, k_h * k_w * C) patches of an NHWC array for a conv with params cp and kernel spatial size k_sp,
   in (i, j, c) order along the last dim.
 
@@ -111,15 +111,15 @@ def patches(x, cp, k_sp, two_stage: bool | None = None) -> jax.Array:
   the k_w shifts along W concatenated on features, (N, H', OW, k_w * C) in (j, c) order, then k_h shifts of that
   along H: k_h + k_w slices instead of k_h * k_w. XLA:CPU runs each slice as its own kernel (it does not fuse
   them into the concatenate), which at 25 taps costs more than the small matmul they feed. Either way the
-  slices move whole 4-byte words where a pixel's features fill them (`as_words`): the same bytes, in the same
-  (i, j, c) order."""
+  slices move whole 4-byte words where a pixel's features fill them (`as_words`; words=False copies elements,
+  for the conv suite's comparison): the same bytes, in the same (i, j, c) order."""
   # The barrier materialises x once: without it XLA fuses x's producer (the quantization of a float activation)
   # into each of the k*k slices and recomputes it k*k times.
   x = lax.optimization_barrier(x)
   dtype = x.dtype
-  x, words = as_words(x)
+  x, packed = as_words(x) if words else (x, False)
   p = _patches(x, cp, k_sp, two_stage)
-  return from_words(p, dtype) if words else p
+  return from_words(p, dtype) if packed else p
 
 
 def _patches(x, cp, k_sp, two_stage: bool | None) -> jax.Array:
@@ -196,9 +196,11 @@ def _map_batch(f, x, chunk: int):
   return y.reshape(-1, *y.shape[2:])[:x.shape[0]]
 
 
-def conv(a, b, cp, acc_t=jnp.int32, chunk_bytes: int | None = None, two_stage: bool | None = None) -> jax.Array:
+def conv(a, b, cp, acc_t=jnp.int32, chunk_bytes: int | None = None, two_stage: bool | None = None,
+         words: bool = True) -> jax.Array:
   """cp.conv(a, b, acc_t) (a conv of integer operands in cp's layout) as patches . kernel, one int8 matmul per
-  batch chunk (`batch_chunk`); two_stage picks the patch construction (`patches`; None: by the kernel's taps)."""
+  batch chunk (`batch_chunk`); two_stage and words pick the patch construction (`patches`; two_stage None: by the
+  kernel's taps)."""
   lhs_spec, rhs_spec, out_spec = cp.dnums
   x = to_nhwc(a, lhs_spec)                                     # (N, H, W, C)
   w = jnp.transpose(b, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (KH, KW, C, O)
@@ -206,7 +208,7 @@ def conv(a, b, cp, acc_t=jnp.int32, chunk_bytes: int | None = None, two_stage: b
   wm = w.reshape(-1, w.shape[-1])                              # (KH*KW*C, O)
 
   def chunk_conv(xc):                                          # (n, H, W, C) -> (n, OH, OW, O)
-    p = patches(xc, cp, k_sp, two_stage)                       # (n, OH, OW, KH*KW*C)
+    p = patches(xc, cp, k_sp, two_stage, words)                # (n, OH, OW, KH*KW*C)
     return lax.dot_general(p, wm, (((3,), (0,)), ((), ())), preferred_element_type=acc_t)
   y = _map_batch(chunk_conv, x, batch_chunk(x.shape, x.dtype.itemsize, cp, k_sp, chunk_bytes))
   inv = [0] * 4
