@@ -74,13 +74,15 @@ TWO_STAGE_MIN_TAPS = 10
 # per pixel, a uint32 view of it 4; XLA expands the view into shifts and masks fused into the slices, which cost
 # less than the byte copies. Time ratios to the f32 conv forward, batch 256, NHWC, SAME, patches of 256 KiB per
 # chunk, one pinned core, process clock, AMD EPYC Zen 4 (family 25 model 17, AVX-512 VNNI), jax 0.12.1,
-# 2026-12-07 (ad hoc: a script timing conv_gemm.conv both ways, interleaved; not a repo command):
+# 2026-12-07: the conv suite's 'patches + int8 dot' and its 'int8 elements' variant (`python -m experiments.bench
+# --config=configs/bench_conv.py --config.timing.clock=process`, with a 7x7 64 -> 64 shape added; docs/benchmarks.md):
 #   H, C_in -> C_out, k      int8 elements    uint32 words
-#   28, 4 -> 16, 3x3         0.42x            0.44x
-#   28, 8 -> 16, 3x3         0.53x            0.53x
-#   28, 16 -> 16, 3x3        0.77x-0.80x      0.57x
-#   14, 32 -> 32, 3x3        0.63x            0.50-0.52x    (XLA's own int8 conv: 0.50x)
-# A uint16 view of LeNet-5's 6 features (3 half-words) made its 5x5 conv slower, 0.30-0.35x -> 0.56-0.66x.
+#   28, 16 -> 16, 3x3        0.77x            0.59x
+#   14, 32 -> 32, 3x3        0.63x            0.53x         (XLA's own int8 conv: 0.50x, qjax's route there)
+#   7, 64 -> 64, 3x3         0.46x            0.41x         (XLA's own int8 conv: 0.36x, qjax's route there)
+# Fewer features gained nothing when forced into words (ad hoc, a script bypassing MIN_WORDS, not a repo command):
+# 28, 4 -> 16 0.42x -> 0.44x and 8 -> 16 0.53x -> 0.53x; a uint16 view of LeNet-5's 6 features (3 half-words) made
+# its 5x5 conv slower, 0.30-0.35x -> 0.56-0.66x. Hence whole words, and at least MIN_WORDS of them.
 WORD_BYTES = 4
 MIN_WORDS = 4
 
