@@ -432,3 +432,26 @@ def test_fp8_real_conv():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
   txt = jax.jit(lambda a, b: qc.conv_general_dilated(a, b, config=fp8('real'), **kw)).lower(x, w).as_text()
   assert _lowered_convs(txt) == [('f8E4M3FN', 'f8E4M3FN', 'f32')]
+
+
+@pytest.mark.parametrize('mode', ['real', 'fake'])
+@pytest.mark.parametrize('shapes', [((2, 7, 6, 4), (3, 3, 4, 6)), ((2, 8, 8, 16), (3, 3, 16, 16))])
+def test_kernel_gradient_multiplies_the_forwards_input_on_its_forward_grid(mode, shapes):
+  """The kernel gradient quantizes the input under its forward spec (per tensor): it takes the forward's grid
+  (ops.dot_general.same_grid) and so multiplies x_hat exactly. A static scale of 2^-4 with integers up to 40 would
+  be recalibrated to 40 * 2^-4 / 127 and rounded again. g sits on its per-tensor grid (absmax 127 * 2^-3)."""
+  (ls, rs), kw = shapes, dict(window_strides=(1, 1), padding='SAME', dimension_numbers=NHWC)
+  rng = np.random.default_rng(1)
+  kx, kwt = rng.integers(-40, 41, ls), rng.integers(-40, 41, rs)
+  kx.flat[0], kwt.flat[0] = 40, -40
+  x, w = jnp.asarray(kx * 2.0 ** -4 + 0.01, jnp.float32), jnp.asarray(kwt * 2.0 ** -4, jnp.float32)
+  kg = rng.integers(-127, 128, ls[:3] + rs[3:])
+  kg.flat[5] = 127
+  ct = jnp.asarray(kg * 2.0 ** -3, jnp.float32)
+  t = QuantSpec('int8')
+  params = {'scale': jnp.full((1, 1, 1, 1), 2.0 ** -4)}
+  out, dx, dw = grads(all_three(t, t, mode), x, w, ct, kw, lhs_params=params, rhs_params=params)
+  x_hat, w_hat = jnp.asarray(kx * 2.0 ** -4, jnp.float32), jnp.asarray(kwt * 2.0 ** -4, jnp.float32)
+  f_out, _, f_dw = float_grads(x_hat, w_hat, ct, kw)
+  np.testing.assert_array_equal(out, f_out)
+  np.testing.assert_array_equal(dw, f_dw)

@@ -710,3 +710,41 @@ def test_precision_reaches_the_float_and_fake_quant_matmuls():
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).as_text()
     dots = re.findall(r'stablehlo\.dot_general.*', text)
     assert len(dots) == 3 and all('HIGHEST' in d for d in dots), dots  # forward, dlhs, drhs
+
+
+@pytest.mark.parametrize('mode', ['real', 'fake'])
+def test_backward_multiplies_the_forwards_operands_on_their_forward_grid(mode):
+  """A backward matmul that quantizes an operand under its forward spec takes the forward's grid
+  (ops.dot_general.forward_grid): x_hat and w_hat exactly, not requantized on a recalibrated grid. With static
+  scales of 2^-4 and integers up to 40 (absmax would give the scale 40 * 2^-4 / 127 and round 127 k / 40 again),
+  dw = x_hat^T . g and dx = g . w_hat^T hold exactly; g is on its own per-tensor grid (absmax 127 * 2^-3)."""
+  rng = np.random.default_rng(0)
+  kx, kw = rng.integers(-40, 41, (16, 64)), rng.integers(-40, 41, (64, 24))
+  kx[0, 0], kw[0, 0] = 40, -40
+  x, w = jnp.asarray(kx * 2.0 ** -4 + 0.01, jnp.float32), jnp.asarray(kw * 2.0 ** -4 - 0.01, jnp.float32)
+  kg = rng.integers(-127, 128, (16, 24))
+  kg[3, 5] = 127
+  g = jnp.asarray(kg * 2.0 ** -3, jnp.float32)
+  t = QuantSpec('int8')
+  cfg = DotConfig(MatmulConfig(t, t, mode), MatmulConfig(t, t, mode), MatmulConfig(t, t, mode), small_m=0)
+  params = {'scale': jnp.full((1, 1), 2.0 ** -4)}
+  f = lambda x, w: ops.dot_general(x, w, dn((1,), (0,)), config=cfg, lhs_params=params, rhs_params=params)
+  y, vjp = jax.vjp(jax.jit(f), x, w)
+  dx, dw = vjp(g)
+  x_hat, w_hat = kx * 2.0 ** -4, kw * 2.0 ** -4
+  np.testing.assert_array_equal(y, x_hat @ w_hat)
+  np.testing.assert_array_equal(dw, x_hat.T @ np.asarray(g))
+  np.testing.assert_array_equal(dx, np.asarray(g) @ w_hat.T)
+
+
+def test_backward_recalibrates_where_its_spec_names_another_grid():
+  """Per-channel operands resolve to other scale shapes in the backward (per column of x for dw, per row of w for
+  dx): no forward grid fits, and the backward calibrates its own (forward_grid is None)."""
+  t, c = QuantSpec('int8'), QuantSpec('int8', granularity='per_channel')
+  shape, fwd_sides, dw_sides = (16, 64), ((1,), ()), ((0,), ())
+  qp = dg.grid_of(jnp.ones((1, 1)), None, t)
+  assert dg.forward_grid(qp, t, t, shape, fwd_sides, dw_sides) is qp
+  assert dg.forward_grid(qp, t, t.replace(estimator='clipped_ste'), shape, fwd_sides, dw_sides) is qp
+  assert dg.forward_grid(dg.grid_of(jnp.ones((16, 1)), None, c), c, c, shape, fwd_sides, dw_sides) is None
+  assert dg.forward_grid(qp, t, t.replace(format='int4'), shape, fwd_sides, dw_sides) is None
+  assert dg.forward_grid(None, t, t, shape, fwd_sides, dw_sides) is None

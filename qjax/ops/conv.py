@@ -70,6 +70,7 @@ from qjax.ops.dot_general import (
   operand_result_type,
   quantize_forward,
   quantize_operand,
+  same_grid,
   zero_cotangent,
 )
 from qjax.spec import QuantSpec
@@ -542,8 +543,12 @@ def _qconv_bwd(static: _Static, res, g):
       dlhs = post(qconv(g, rhs_t, p1, cfg.dlhs, where='dlhs', key=k1, out_dtype=lhs_hat.dtype))
     with jax.named_scope('drhs'):
       p2 = drhs_conv(cp, lhs_hat.shape, rhs_hat.shape, g.shape)
-      drhs = qconv(lhs_hat, g, p2, cfg.drhs, where='drhs', key=k2, out_dtype=rhs_hat.dtype, fwd_params=cp,
-                   kernel_shape=rhs_hat.shape)
+      # The input's forward grid where the kernel gradient quantizes it alike (ops.dot_general.forward_grid).
+      lgrid = same_grid(lqp, resolve_conv_spec(cfg.fwd.lhs, lhs_hat.shape, cp.dnums.lhs_spec[0], 'fwd.lhs'),
+                        resolve_conv_spec(cfg.drhs.lhs, lhs_hat.shape, p2.dnums.lhs_spec[0], 'drhs.lhs'),
+                        lhs_hat.shape)
+      drhs = qconv(lhs_hat, g, p2, cfg.drhs, where='drhs', a_qparams=lgrid, key=k2, out_dtype=rhs_hat.dtype,
+                   fwd_params=cp, kernel_shape=rhs_hat.shape)
   return dlhs, drhs, zero_cotangent(lqp), zero_cotangent(rqp), None
 
 
