@@ -176,6 +176,7 @@ def test_hparams_session_start_and_end(tmp_path):
     _content(tmp_path / 'crash', hparams_metadata.SESSION_END_INFO_TAG)
   )
   assert end.status == hparams_summary_v2.api_pb2.STATUS_FAILURE
+  assert len(list((tmp_path / 'crash').glob('*' + tb.FAILED_END_SUFFIX))) == 1
   start = hparams_metadata.parse_session_start_info_plugin_data(
     _content(tmp_path / 'crash', hparams_metadata.SESSION_START_INFO_TAG)
   )
@@ -229,6 +230,16 @@ def sweep(tmp_path_factory):
   groups = {}
   for bits, seed in TRIALS:
     run = f'bits={bits},seed={seed}'
+    if (bits, seed) == (8, 1):  # crashes after its first point, then a rerun resumes it and finishes
+      with pytest.raises(KeyError), tb.SummaryWriter(root / run) as w:
+        groups[run] = w.hparams({'bits': bits, 'scheme': 'symmetric', 'seed': seed})
+        w.scalar('eval/loss', _final_loss(bits, seed) + 2, step=0)
+        raise KeyError('crash')
+      with tb.SummaryWriter(root / run) as w:
+        w.continue_session()
+        for step in (1, 2):
+          w.scalar('eval/loss', _final_loss(bits, seed) + (2 - step), step=step * 10)
+      continue
     with tb.SummaryWriter(root / run) as w:
       groups[run] = w.hparams({'bits': bits, 'scheme': 'symmetric', 'seed': seed})
       for step in range(3):
@@ -351,3 +362,26 @@ def test_board_start_errors(tmp_path):
   with pytest.raises(FileNotFoundError):
     board.start(tmp_path / 'missing')
   assert board.main([str(tmp_path / 'missing')]) == 2
+
+
+@pytest.mark.parametrize('rerun', ['resumed', 'from_scratch'])
+def test_a_rerun_that_succeeds_ends_the_session_as_success(tmp_path, rerun):
+  """TensorBoard keeps the first session end it reads: a crashed run's 'failure' used to outlast the rerun that
+  finished it. The failure now sits in a file of its own, which the rerun drops; the crashed segment's data stays."""
+  hp = {'bits': 4, 'seed': 0}
+  with pytest.raises(ValueError), tb.SummaryWriter(tmp_path) as w:
+    w.hparams(hp)
+    w.scalar('train/loss', 3.0, step=0)
+    raise ValueError('crash')
+  with tb.SummaryWriter(tmp_path) as w:
+    if rerun == 'resumed':
+      w.continue_session()
+    else:
+      w.hparams(hp)
+    w.scalar('train/loss', 1.0, step=10)
+  end = hparams_metadata.parse_session_end_info_plugin_data(
+    _content(tmp_path, hparams_metadata.SESSION_END_INFO_TAG)
+  )
+  assert end.status == hparams_summary_v2.api_pb2.STATUS_SUCCESS
+  assert tb.read_scalars(tmp_path)['train/loss'] == [(0, 3.0), (10, 1.0)]
+  assert not list(tmp_path.glob('*' + tb.FAILED_END_SUFFIX))

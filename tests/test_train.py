@@ -501,6 +501,34 @@ def test_an_interrupt_mid_training_checkpoints_the_last_finished_step_and_the_re
   assert hm.parse_session_end_info_plugin_data(content[hm.SESSION_END_INFO_TAG]).status == api_pb2.STATUS_SUCCESS
 
 
+def test_a_run_that_crashed_and_is_rerun_ends_its_hparams_session_as_a_success(tmp_path, monkeypatch):
+  """A crash ends the HParams session as a failure; the rerun resumes from the checkpoint and finishes, and its
+  'success' is the end TensorBoard reads (it keeps the first: the crash's end sits in a file the rerun drops)."""
+  c = mlp_config(num_train_steps=12, checkpoint_every_steps=5, eval_every_steps=12)
+  batch = train.Run.batch
+
+  def crash_at_7(self, step):
+    if step == 7:
+      raise RuntimeError('disk full')
+    return batch(self, step)
+  monkeypatch.setattr(train.Run, 'batch', crash_at_7)
+  with pytest.raises(RuntimeError, match='disk full'):
+    train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+  from tensorboard.plugins.hparams import api_pb2
+  from tensorboard.plugins.hparams import metadata as hm
+
+  def status():
+    acc = pea.EventAccumulator(str(tmp_path), size_guidance={pea.TENSORS: 0})
+    acc.Reload()
+    return hm.parse_session_end_info_plugin_data(acc.PluginTagToContent(hm.PLUGIN_NAME)[hm.SESSION_END_INFO_TAG]).status
+  assert status() == api_pb2.STATUS_FAILURE
+  monkeypatch.setattr(train.Run, 'batch', batch)
+  result = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None)
+  assert result['train']['resumed_from'] == 5
+  assert status() == api_pb2.STATUS_SUCCESS
+
+
 def test_a_run_stopped_after_its_last_checkpoint_reports_its_logged_final_loss(tmp_path, monkeypatch):
   """Stopped in _finish (after the final checkpoint, before result.json), the rerun ran no step and wrote
   final_train_loss NaN and 0 steps/s."""

@@ -76,6 +76,24 @@ __all__ = [
 ]
 
 
+# The suffix of the event file that holds only a failed run's HParams session end (`SummaryWriter.close`).
+FAILED_END_SUFFIX = '.failed_session_end'
+
+
+def drop_failed_session_end(logdir: str | os.PathLike) -> list[str]:
+  """Removes the failed session ends a crashed run left in `logdir` (its data stays); returns their paths. A
+  rerun calls this before it writes, so that its own end is the one TensorBoard reads (a TensorBoard already
+  running keeps what it loaded until it is restarted)."""
+  logdir = os.fspath(logdir)
+  gone = []
+  if os.path.isdir(logdir):
+    for name in sorted(os.listdir(logdir)):
+      if 'tfevents' in name and name.endswith(FAILED_END_SUFFIX):
+        os.remove(os.path.join(logdir, name))
+        gone.append(os.path.join(logdir, name))
+  return gone
+
+
 class SummaryWriter:
   """Writes TensorBoard summaries for one run (one logdir) with no TensorFlow.
 
@@ -160,6 +178,7 @@ class SummaryWriter:
     if self._wrote_session_start:
       # TensorBoard keeps the first summary of a tag per run; a second one would be ignored.
       raise RuntimeError('hparams() was already called for this run')
+    drop_failed_session_end(self._logdir)  # a rerun from scratch of a run that failed
     exclude = tuple(exclude)
     values = {k: v for k, v in flatten_hparams(hparams).items() if not excluded(k, exclude)}
     name = group_name_for(hparams, exclude) if group_name is None else group_name
@@ -185,7 +204,9 @@ class SummaryWriter:
   def continue_session(self) -> None:
     """This run's HParams session was started by an earlier writer in the same logdir (a resumed run whose
     first segment called `hparams()`): `close()` ends it. Writing the start again would be ignored (TensorBoard
-    keeps the first summary of a tag), and without an end the finished run would show as running."""
+    keeps the first summary of a tag), and without an end the finished run would show as running. A failed
+    segment's end is dropped (`drop_failed_session_end`)."""
+    drop_failed_session_end(self._logdir)
     self._wrote_session_start = True
 
   def flush(self) -> None:
@@ -201,7 +222,15 @@ class SummaryWriter:
     if self._wrote_session_start and status is not None:
       end = hparams_plugin_data_pb2.SessionEndInfo(status=STATUS[status], end_time_secs=time.time())
       data = hparams_plugin_data_pb2.HParamsPluginData(session_end_info=end)
-      self._write([hparams_value(hparams_metadata.SESSION_END_INFO_TAG, data)], 0)
+      value = hparams_value(hparams_metadata.SESSION_END_INFO_TAG, data)
+      if status == 'failure':
+        # In a file of its own, which a rerun drops (`drop_failed_session_end`): TensorBoard keeps the first
+        # session end it reads, so a failure left beside the run's data would outlast a rerun that succeeds.
+        failed = EventFileWriter(self._logdir, filename_suffix=FAILED_END_SUFFIX)
+        failed.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=summary_pb2.Summary(value=[value])))
+        failed.close()
+      else:
+        self._write([value], 0)
     self._closed = True
     self._writer.close()
 
