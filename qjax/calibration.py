@@ -49,15 +49,19 @@ def _finite(x: jax.Array, fill: float = 0.0) -> jax.Array:
 
 # absmax and minmax ignore non-finite values without a masked copy of x. Their statistics are reduced as int32
 # keys of the float bits (monotonic in the value; NaN and +-inf map to the key of +0.0), first over blocks of
-# _BLOCK elements along one long reduced axis (adjacent axes reduced whole count as one: a (batch, seq,
-# features) activation's per-tensor statistic blocks its batch*seq*features elements), then the rest. XLA:CPU
-# fuses the masking into that short first reduction and reads x once, as fast as an unmasked reduction
-# (docs/benchmarks.md, fake_quant). Its fast (YNN) reductions take no compare or select, and a long reduction
-# is split by XLA into reduce-windows that do not fuse their producer, so both plainer forms write a masked copy
-# of x first. A global `lax.cond` (reduce as is, mask only when a statistic is non-finite) is avoided on
-# purpose: its predicate is a cross-device all-reduce when the scale groups are sharded.
+# _BLOCK elements along one long reduced axis, then the rest. XLA:CPU fuses the masking into that short first
+# reduction and reads x once, as fast as an unmasked reduction (docs/benchmarks.md, fake_quant). Its fast
+# (YNN) reductions take no compare or select, and a long reduction is split by XLA into reduce-windows that do
+# not fuse their producer, so both plainer forms write a masked copy of x first. A global `lax.cond` (reduce as
+# is, mask only when a statistic is non-finite) is avoided on purpose: its predicate is a cross-device
+# all-reduce when the scale groups are sharded.
 _BLOCK = 32          # elements per first-stage block
 _BLOCK_MIN = 1024    # axes at least this long are blocked (shorter ones: one plain reduction; x is small)
+# Not blocked on purpose: a run of axes reduced whole with no long axis among them, as in the per-tensor range
+# of a (batch, seq, features) or NHWC activation. Merging the run into one axis and blocking it made the fake
+# quant of a lone (32, 128, 512) tensor 2.4x faster, but in the e2e suite the blocked reduction fused the
+# ResNet's BatchNorm-and-residual producers and ran them slowly: its QAT step went from 1.02x to 1.13-1.26x of
+# float (docs/benchmarks.md, 2026-12-07).
 
 
 def _keys(x: jax.Array, signed: bool, poison: bool = False) -> jax.Array:
@@ -73,34 +77,17 @@ def _from_keys(k: jax.Array, signed: bool) -> jax.Array:
   return jax.lax.bitcast_convert_type(jnp.where(k < 0, k ^ 0x7FFFFFFF, k) if signed else k, jnp.float32)
 
 
-def _merge_whole_runs(shape: tuple[int, ...], sshape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """(shape, sshape) with each run of adjacent axes reduced whole (scale size 1) merged into one axis: a
-  per-tensor statistic of a (batch, seq, features) activation is one axis of batch*seq*features elements, long
-  enough to block, where no single axis of it is."""
-  out, sout = [], []
-  for n, s in zip(shape, sshape, strict=True):
-    if s == 1 and sout and sout[-1] == 1:
-      out[-1] *= n
-    else:
-      out.append(n)
-      sout.append(s)
-  return tuple(out), tuple(sout)
-
-
 def _reduce_keys(k: jax.Array, sshape: tuple[int, ...], fn) -> jax.Array:
   """gran.reduce(k, sshape, fn), in two stages when a reduced axis is long (see the comment above)."""
   # initial=0 (the key of +0.0): every statistic here includes 0, and empty groups reduce to it.
   fn = functools.partial(fn, initial=0)
-  out_shape = tuple(sshape)
-  shape, sshape = _merge_whole_runs(k.shape, out_shape)
-  k = k.reshape(shape)
   cands = [d for d, (n, s) in enumerate(zip(k.shape, sshape, strict=True))
            if n >= _BLOCK_MIN and (n // s) % _BLOCK == 0]
   if cands:
     d = max(cands, key=lambda d: k.shape[d] // sshape[d])
     k = k.reshape(k.shape[:d] + (k.shape[d] // _BLOCK, _BLOCK) + k.shape[d + 1:])
     k = jax.lax.optimization_barrier(fn(k, axis=d + 1))  # keeps XLA from merging the two stages back
-  return gran.reduce(k, sshape, fn).reshape(out_shape)
+  return gran.reduce(k, sshape, fn)
 
 
 def absmax(x: jax.Array, sshape: tuple[int, ...], poison: bool = False) -> jax.Array:
