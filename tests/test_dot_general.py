@@ -748,3 +748,30 @@ def test_backward_recalibrates_where_its_spec_names_another_grid():
   assert dg.forward_grid(dg.grid_of(jnp.ones((16, 1)), None, c), c, c, shape, fwd_sides, dw_sides) is None
   assert dg.forward_grid(qp, t, t.replace(format='int4'), shape, fwd_sides, dw_sides) is None
   assert dg.forward_grid(None, t, t, shape, fwd_sides, dw_sides) is None
+
+
+def _fusion_bodies(hlo: str, out_type: str) -> list[str]:
+  """The fused computations of the entry's fusions whose output type starts with `out_type`."""
+  entry = hlo[hlo.index('ENTRY'):]
+  names = re.findall(rf'= {re.escape(out_type)}[^ ]* fusion\([^\n]*calls=(%[\w.-]+)', entry)
+  bodies = []
+  for name in names:
+    start = hlo.index(f'\n{name} ') + 1
+    bodies.append(hlo[start:hlo.index('\n}', start)])
+  return bodies
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_a_dynamic_scale_is_computed_once_not_per_element(train):
+  """The passes that quantize or fake-quantize an operand read its dynamic scale from a buffer: XLA had fused the
+  scale's arithmetic (the absmax key's bitcast, the nextafter keeping absmax on the grid) into them, and for a
+  per-output-channel weight scale, which varies along the minor dim, recomputed it for every element."""
+  x, w = operand(0, (16, 64), (1,)), operand(1, (64, 48), (0,))
+  cfg = DotConfig(MatmulConfig(QuantSpec('int8'), QuantSpec('int8', granularity='per_channel'), 'real'),
+                  small_m=0)
+  f = lambda x, w: jnp.sum(ops.dot_general(x, w, dn((1,), (0,)), config=cfg) ** 2)
+  hlo = jax.jit(jax.grad(f, (0, 1)) if train else f).lower(x, w).compile().as_text()
+  bodies = _fusion_bodies(hlo, 's8[64,48]') + _fusion_bodies(hlo, 'f32[64,48]')
+  assert _fusion_bodies(hlo, 's8[64,48]'), 'no fusion quantizes w'
+  for body in bodies:
+    assert 'nextafter' not in body and 'bitcast-convert(' not in body, body
