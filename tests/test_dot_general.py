@@ -612,6 +612,17 @@ def test_bad_config_group_size_in_backward_names_drhs_rhs():
     _trace(cfg, grad=True)
 
 
+def test_bad_config_group_size_in_backward_names_drhs_lhs():
+  """A drhs.lhs spec whose group size does not divide lhs's rows: the error names drhs.lhs (forward_grid, which
+  offers the forward's grid to the backward, resolves that spec before the matmul does)."""
+  s = spec('int8', 'per_group', group=16)  # forward: groups of 16 along K = 64; drhs contracts the 16 rows
+  cfg = DotConfig(fwd=MatmulConfig(s, spec('int8')), drhs=MatmulConfig(spec('int8', 'per_group', group=48),
+                                                                       spec('int8')))
+  _trace(cfg)
+  with pytest.raises(ValueError, match=r'drhs\.lhs.*group_size=48'):
+    _trace(cfg, grad=True)
+
+
 def test_bad_config_per_group_with_two_contracting_dims():
   ls, rs, dims = LAYOUTS['two_contract']
   cfg = DotConfig(fwd=MatmulConfig(spec('int8'), spec('int8', 'per_group', group=4)))
@@ -743,11 +754,11 @@ def test_backward_recalibrates_where_its_spec_names_another_grid():
   t, c = QuantSpec('int8'), QuantSpec('int8', granularity='per_channel')
   shape, fwd_sides, dw_sides = (16, 64), ((1,), ()), ((0,), ())
   qp = dg.grid_of(jnp.ones((1, 1)), None, t)
-  assert dg.forward_grid(qp, t, t, shape, fwd_sides, dw_sides) is qp
-  assert dg.forward_grid(qp, t, t.replace(estimator='clipped_ste'), shape, fwd_sides, dw_sides) is qp
-  assert dg.forward_grid(dg.grid_of(jnp.ones((16, 1)), None, c), c, c, shape, fwd_sides, dw_sides) is None
-  assert dg.forward_grid(qp, t, t.replace(format='int4'), shape, fwd_sides, dw_sides) is None
-  assert dg.forward_grid(None, t, t, shape, fwd_sides, dw_sides) is None
+  assert dg.forward_grid(qp, t, t, shape, fwd_sides, dw_sides, 'drhs.lhs') is qp
+  assert dg.forward_grid(qp, t, t.replace(estimator='clipped_ste'), shape, fwd_sides, dw_sides, 'drhs.lhs') is qp
+  assert dg.forward_grid(dg.grid_of(jnp.ones((16, 1)), None, c), c, c, shape, fwd_sides, dw_sides, 'drhs.lhs') is None
+  assert dg.forward_grid(qp, t, t.replace(format='int4'), shape, fwd_sides, dw_sides, 'drhs.lhs') is None
+  assert dg.forward_grid(None, t, t, shape, fwd_sides, dw_sides, 'drhs.lhs') is None
 
 
 def _fusion_bodies(hlo: str, out_type: str) -> list[str]:

@@ -585,10 +585,10 @@ def grid_only(q: quantizers.QArray | None) -> quantizers.QArray | None:
 
 
 def forward_grid(qp: quantizers.QArray | None, fwd_spec: QuantSpec | None, bwd_spec: QuantSpec | None, shape,
-                 fwd_sides, bwd_sides) -> quantizers.QArray | None:
+                 fwd_sides, bwd_sides, where: str) -> quantizers.QArray | None:
   """The forward operand's grid `qp` where a backward matmul quantizes the same x_hat under the same spec (the
   estimator aside, which does not change the grid) with a scale of the same shape, else None. `*_sides` are the
-  operand's (contracting, batch) dims in each matmul.
+  operand's (contracting, batch) dims in each matmul; `where` names the backward operand ('drhs.lhs') in errors.
 
   x_hat lies on that grid exactly, so its integers are x_hat / scale: the backward needs no calibration pass over
   x_hat (a per-tensor activation's absmax in every drhs of int8 training), and it multiplies exactly the x_hat the
@@ -596,8 +596,9 @@ def forward_grid(qp: quantizers.QArray | None, fwd_spec: QuantSpec | None, bwd_s
   static, percentile, delayed or learned scale gave a second grid and a second rounding."""
   if qp is None or fwd_spec is None or bwd_spec is None:
     return None
-  return same_grid(qp, resolve_spec(fwd_spec, shape, *fwd_sides, 'fwd'),
-                   resolve_spec(bwd_spec, shape, *bwd_sides, 'bwd'), shape)
+  side = where.split('.')[-1]
+  return same_grid(qp, resolve_spec(fwd_spec, shape, *fwd_sides, f'fwd.{side}'),
+                   resolve_spec(bwd_spec, shape, *bwd_sides, where), shape)
 
 
 def same_grid(qp: quantizers.QArray | None, fwd: QuantSpec | None, bwd: QuantSpec | None, shape):
@@ -616,12 +617,12 @@ def _qdot_bwd(static: _Static, res, g):
   k1, k2 = (None, None) if key is None else jax.random.split(key)
   d1, perm1 = dlhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
   with jax.named_scope('dlhs'):
-    rgrid = forward_grid(rqp, cfg.fwd.rhs, cfg.dlhs.rhs, rhs_hat.shape, (rc, rb), (d1[0][1], d1[1][1]))
+    rgrid = forward_grid(rqp, cfg.fwd.rhs, cfg.dlhs.rhs, rhs_hat.shape, (rc, rb), (d1[0][1], d1[1][1]), 'dlhs.rhs')
     dlhs = matmul(g, rhs_hat, d1, cfg.dlhs, where='dlhs', small_m=cfg.small_m, key=k1, out_dtype=lhs_hat.dtype,
                   b_qparams=rgrid, float_dtype=static.float_dtype, precision=static.precision)
   d2, perm2 = drhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
   with jax.named_scope('drhs'):
-    lgrid = forward_grid(lqp, cfg.fwd.lhs, cfg.drhs.lhs, lhs_hat.shape, (lc, lb), (d2[0][0], d2[1][0]))
+    lgrid = forward_grid(lqp, cfg.fwd.lhs, cfg.drhs.lhs, lhs_hat.shape, (lc, lb), (d2[0][0], d2[1][0]), 'drhs.lhs')
     drhs = matmul(lhs_hat, g, d2, cfg.drhs, where='drhs', small_m=cfg.small_m, key=k2, out_dtype=rhs_hat.dtype,
                   a_qparams=lgrid, row_major_lhs=cfg.drhs_row_major, float_dtype=static.float_dtype,
                   precision=static.precision)
