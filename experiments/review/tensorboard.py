@@ -12,7 +12,8 @@ Summaries are built from the `tensorboard` package's own protos and plugin metad
   image      images plugin, DT_STRING `[2 + n]` tensor `[width, height, png_0, ..., png_{n-1}]`.
   text       text plugin, DT_STRING rank-0 tensor (markdown).
   hparams    hparams plugin: `Experiment` at the sweep root (`write_hparams_experiment`),
-             `SessionStartInfo` / `SessionEndInfo` in each trial run (`SummaryWriter.hparams`/`close`).
+             `SessionStartInfo` / `SessionEndInfo` in each trial run (`SummaryWriter.hparams`/`close`; a
+             failed end goes in a file of its own, which a rerun drops: `drop_failed_session_end`).
 
 Sweep layout: `tensorboard --logdir <root>` where `<root>` holds the experiment
 summary and one sub-directory (run) per trial. Sessions are grouped by `SessionStartInfo.group_name`;
@@ -30,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -66,7 +68,9 @@ from experiments.review.tb_values import (
 )
 
 __all__ = [
+  'FAILED_END_SUFFIX',
   'SummaryWriter',
+  'drop_failed_session_end',
   'encode_png',
   'group_name_for',
   'histogram_buckets',
@@ -84,13 +88,9 @@ def drop_failed_session_end(logdir: str | os.PathLike) -> list[str]:
   """Removes the failed session ends a crashed run left in `logdir` (its data stays); returns their paths. A
   rerun calls this before it writes, so that its own end is the one TensorBoard reads (a TensorBoard already
   running keeps what it loaded until it is restarted)."""
-  logdir = os.fspath(logdir)
-  gone = []
-  if os.path.isdir(logdir):
-    for name in sorted(os.listdir(logdir)):
-      if 'tfevents' in name and name.endswith(FAILED_END_SUFFIX):
-        os.remove(os.path.join(logdir, name))
-        gone.append(os.path.join(logdir, name))
+  gone = sorted(glob.glob(os.path.join(glob.escape(os.fspath(logdir)), f'events.out.tfevents.*{FAILED_END_SUFFIX}')))
+  for path in gone:
+    os.remove(path)
   return gone
 
 
