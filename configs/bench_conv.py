@@ -16,6 +16,8 @@ slowly, XLA's int8 conv with its output features padded to 17 (on the fast kerne
 int8 features moved as 4-byte words): patches 0.27x, 0.32x, 0.58x and 0.51x (XLA's int8 conv 0.56x, up-cast 4.45x
 and 7.30x, 0.49x); the f32 kernel gradient as patches^T . g 1.36x and 1.34x against XLA's conv 1.12x and 1.27x for
 the 16 -> 16 and 32 -> 32 convs (that route is slower on this CPU).
+The input gradients of the ResNet's stride-2 convs (config.dlhs_shapes; Zen 4, 2026-12-07): XLA's int8 conv
+7.6-12x (up-cast; 0.87x for the 1x1), patches of the dilated g 1.30-3.22x, qjax's sub-pixel patches 0.44-0.58x.
 About 1 minute. `"--config.chunk_examples=(1,2,4,8,16,32)"` adds a variant per chunk size (the figures behind
 qjax.ops.conv_gemm.CHUNK_PATCH_BYTES).
 """
@@ -31,6 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.suite = 'conv'
   c.shapes = ('256x28x1x6x5', '256x14x6x16x5', '256x28x16x16x3', '256x14x32x32x3')
+  # The input gradients of the ResNet's strided convs (forward BATCHxHxC_INxC_OUTxKxSTRIDE, SAME): lhs-dilated
+  # convs, which XLA:CPU up-casts to s32 whatever their features.
+  c.dlhs_shapes = ('256x28x16x32x3x2', '256x28x16x32x1x2', '256x14x32x64x3x2')
   c.pad_features = 32           # the padded variant's feature count (XLA's fast int8 conv needs more than 16)
   c.chunk_examples = ()         # extra variants: the patch lowering with this many examples per chunk, e.g. (1,4,16)
   c.seed = 0
@@ -39,5 +44,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.timing = ml_collections.ConfigDict({'warmup': 2, 'rounds': 7, 'min_time': 0.1, 'clock': 'wall'})
   if a['runlocal']:
     c.shapes = ('4x8x1x6x5', '4x8x6x16x3')
+    c.dlhs_shapes = ('4x9x4x6x3x2',)
     c.timing = ml_collections.ConfigDict({'warmup': 1, 'rounds': 2, 'min_time': 0.001, 'clock': 'wall'})
   return c

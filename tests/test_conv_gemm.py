@@ -38,6 +38,12 @@ CASES = {  # lhs shape, rhs shape, strides, padding, lhs dilation, rhs dilation,
     'words_nchw_lhs_dilated_negative_pad': ((2, 20, 7, 6), (3, 20, 3, 3), (1, 1), [(2, 1), (1, -1)], (2, 2),
                                             None, ('NCHW', 'OIHW', 'NCHW')),
     'two_stage_words_rhs_dilated': ((2, 11, 10, 32), (5, 5, 32, 3), (1, 1), 'VALID', None, (1, 2), NHWC),
+    # lhs-dilated with unit strides (a strided conv's input gradient) runs sub-pixel (conv_gemm.subpixel_plan):
+    # the ResNet's 3x3 stride-2 SAME input gradient, a 1x1 one (half of the phases have no tap), dilation 3 on H
+    # only with a 4x2 kernel and negative padding
+    'sub_pixel_3x3_stride2_dlhs': ((3, 5, 5, 4), (3, 3, 4, 3), (1, 1), [(1, 1), (1, 1)], (2, 2), None, NHWC),
+    'sub_pixel_1x1_stride2_dlhs': ((3, 4, 5, 6), (1, 1, 6, 5), (1, 1), [(0, 1), (0, 1)], (2, 2), None, NHWC),
+    'sub_pixel_d3_asym': ((2, 4, 5, 3), (4, 2, 3, 2), (1, 1), [(2, 3), (0, -1)], (3, 1), None, NHWC),
 }
 
 
@@ -132,11 +138,38 @@ def test_patch_conv_and_kernel_grad_are_exact(name, chunk):
   got = jax.jit(lambda a, b: cg.conv(a, b, cp, chunk_bytes=chunk_bytes))(a, b)
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(got, want)
+  if cg.subpixel_plans(cp, x_shape, k_sp) is not None:  # the patches of the dilated input: exact too
+    np.testing.assert_array_equal(cg.conv(a, b, cp, chunk_bytes=chunk_bytes, subpixel=False), want)
   g = jnp.asarray(rng.integers(-128, 128, want.shape), jnp.int8)
   exact = jax.grad(lambda w: jnp.sum(cp.conv(a.astype(jnp.float32), w, jnp.float32) * g))(b.astype(jnp.float32))
   dw = cg.kernel_grad(a, g, cp, k_sp, chunk_bytes=chunk_bytes)   # (KH, KW, C, O)
   dw = jnp.transpose(dw, np.argsort((*rhs_spec[2:], rhs_spec[1], rhs_spec[0])))
   np.testing.assert_array_equal(dw.astype(jnp.float32), exact)
+
+
+def test_subpixel_plan_by_hand():
+  """A 3x3 stride-2 SAME conv over 9 positions has 5 outputs; its input gradient dilates g (5) by 2 and pads
+  (1, 1): 9 outputs. Position p = 2m reads tap 1 at g[m]; p = 2m + 1 reads tap 0 at g[m] and tap 2 at g[m + 1]:
+  two taps u = 0, 1, the zero tap (index 3) where a phase has none, g padded (0, 1) for m < 5. A 1x1 stride-2
+  VALID conv (28 -> 14): only phase 0 has a tap."""
+  idx, phases, pad, out, m = cg.subpixel_plan(5, 3, 1, 1, 2)
+  np.testing.assert_array_equal(idx, [[1, 0], [3, 2]])
+  assert (phases, pad, out, m) == ((0, 1), (0, 1), 9, 5)
+  idx, phases, pad, out, m = cg.subpixel_plan(14, 1, 0, 1, 2)
+  np.testing.assert_array_equal(idx, [[0]])
+  assert (phases, pad, out, m) == ((0,), (0, 0), 28, 14)
+  assert cg.subpixel_plan(3, 2, -5, 0, 2) is None  # the padding crops everything the taps could read
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU routing')
+def test_strided_conv_input_gradient_runs_sub_pixel():
+  """The input gradient of a 3x3 stride-2 conv (6 -> 4 features, 'auto'): one int8 matmul of g's 2x2 sub-pixel
+  patches (K = 2 * 2 * 4) against the four output phases of the 6 input features (N = 4 * 6), not of the dilated
+  g's 3x3 patches (K = 36, N = 6), three quarters of which are zeros."""
+  xs, ws, st, pad = OP_CASES['strided 6->4']
+  rep = ops.inspect_matmuls(_fwd_bwd(_config('auto'), st, pad), jnp.ones(xs), jnp.ones(ws))
+  dlhs = [m for m in rep.compiled if 'dlhs' in m.op_name]
+  assert [(m.op, m.category, m.fast, m.rhs_shape) for m in dlhs] == [('dot', 'int8', True, (16, 24))], rep.summary()
 
 
 def _config(mode):
@@ -221,7 +254,13 @@ def test_conv_bench_suite_runlocal(tmp_path):
   config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'bench_conv.py')
   assert bench.main([f'--config={config}:runlocal', f'--workdir={tmp_path}']) == 0
   data = json.loads((tmp_path / 'bench.json').read_text())
-  one, six = data['groups']
+  one, six, dlhs = data['groups']
+  assert set(dlhs['results']) == {'f32 input gradient, XLA conv', 'XLA int8 conv (lhs-dilated)',
+                                  'patches of the dilated g + int8 dot', 'sub-pixel patches + int8 dot'}
+  assert dlhs['meta']['sub_pixel_taps'] == [2, 2] and dlhs['meta']['xla_slow_reason']  # 3x3 stride 2
+  for v in ('patches of the dilated g + int8 dot', 'sub-pixel patches + int8 dot'):
+    assert dlhs['results'][v]['info']['inspect']['int8_fast'] == 1
+  assert dlhs['results']['XLA int8 conv (lhs-dilated)']['info']['inspect']['int8_fast'] == 0
   assert set(one['results']) == {'f32 conv', 'XLA int8 conv', 'patches + int8 dot', 'patches + int8 dot, one chunk',
                                  'patches in one stage + int8 dot', 'patches in two stages + int8 dot',
                                  'patches alone', 'int8 conv, features padded to 32',

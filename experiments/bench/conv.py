@@ -12,6 +12,10 @@ patch construction of the whole batch alone (what the one-chunk lowering pays be
 kernel gradient (a QAT step's float backward) as XLA's transpose conv and as f32 patches^T . g. The
 measurements behind qjax.ops.conv_gemm.CHUNK_PATCH_BYTES and TWO_STAGE_MIN_TAPS and qjax.ops.conv.cpu_slow_reason
 come from this suite.
+
+One group per strided conv of config.dlhs_shapes (BATCHxHxC_INxC_OUTxKxSTRIDE, SAME) times its input gradient,
+an lhs-dilated conv, against XLA's f32 transpose conv: XLA's int8 conv, patches of the dilated g, and qjax's
+sub-pixel patches (qjax.ops.conv_gemm.subpixel_plan).
 """
 
 from __future__ import annotations
@@ -104,10 +108,56 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
   return Group(f'conv {b}x{h}x{h} {cin}->{cout} {k}x{k}', variants, 'f32 conv', meta)
 
 
+def parse_dlhs_shape(s: str) -> tuple[int, int, int, int, int, int]:
+  """'256x28x16x32x3x2' -> (batch, H=W, C_in, C_out, k, stride) of the forward conv."""
+  parts = str(s).lower().split('x')
+  if len(parts) != 6 or not all(p.strip().isdigit() for p in parts):
+    raise ValueError(f'input-gradient shape {s!r}: expected BATCHxHxCINxCOUTxKxSTRIDE (the forward conv), '
+                     'like 256x28x16x32x3x2')
+  return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def dlhs_group(config, b: int, h: int, cin: int, cout: int, k: int, s: int) -> Group:
+  """The input gradient of a strided conv (SAME): XLA's f32 transpose conv (what float training runs) against
+  the int8 routes of the same lhs-dilated conv: XLA's int8 conv, patches of the dilated g, and qjax's sub-pixel
+  patches (conv_gemm.subpixel_plan)."""
+  rng = np.random.default_rng(config.get('seed', 0))
+  x_shape, w_shape = (b, h, h, cin), (k, k, cin, cout)
+  w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+  cp = qconv.conv_params(x_shape, w_shape, (s, s), 'SAME', None, None, NHWC)
+  g_shape = jax.eval_shape(lambda x: cp.conv(x, w), jax.ShapeDtypeStruct(x_shape, jnp.float32)).shape
+  g = jnp.asarray(rng.standard_normal(g_shape), jnp.float32)
+  gq = jnp.asarray(rng.integers(-127, 128, g_shape), jnp.int8)
+  wq = jnp.asarray(rng.integers(-127, 128, w_shape), jnp.int8)
+  params, _, _ = qconv.dlhs_conv(cp, x_shape, wq, g_shape)
+  wt = jax.jit(lambda w: qconv.dlhs_conv(cp, x_shape, w, g_shape)[1])(wq)   # the flipped, transposed kernel
+  f32 = jax.jit(lambda g, w: jax.vjp(lambda x: cp.conv(x, w), jnp.zeros(x_shape, jnp.float32))[1](g)[0])
+  i8 = jax.jit(lambda g, w: params.conv(g, w, jnp.int32))
+  dilated = jax.jit(lambda g, w: conv_gemm.conv(g, w, params, subpixel=False))
+  sub = jax.jit(lambda g, w: conv_gemm.conv(g, w, params))
+  variants = {
+      'f32 input gradient, XLA conv': Variant(lambda: f32(g, w), 'baseline'),
+      'XLA int8 conv (lhs-dilated)': Variant(lambda: i8(gq, wt), 'reference',
+                                             {'inspect': maybe_inspect(config, i8, gq, wt)}),
+      'patches of the dilated g + int8 dot': Variant(lambda: dilated(gq, wt), 'reference',
+                                                     {'inspect': maybe_inspect(config, dilated, gq, wt)}),
+      'sub-pixel patches + int8 dot': Variant(lambda: sub(gq, wt), 'reference',
+                                              {'inspect': maybe_inspect(config, sub, gq, wt)}),
+  }
+  plans = conv_gemm.subpixel_plans(params, g_shape, (k, k))
+  meta = {'shape': [b, h, cin, cout, k, s], 'g_shape': list(g_shape),
+          'xla_slow_reason': qconv.cpu_slow_reason(params, g_shape, wt.shape),
+          'sub_pixel_taps': None if plans is None else [int(p[0].shape[0]) for p in plans]}
+  return Group(f'input gradient {b}x{h}x{h} {cin}->{cout} {k}x{k} stride {s}', variants,
+               'f32 input gradient, XLA conv', meta)
+
+
 def conv_suite(config) -> GroupedSuite:
   def groups():
     for s in config.shapes:
       yield conv_group(config, *parse_conv_shape(s))
+    for s in config.get('dlhs_shapes', ()):
+      yield dlhs_group(config, *parse_dlhs_shape(s))
   return GroupedSuite('conv', groups, meta={'layout': 'NHWC/HWIO, stride 1, SAME'})
 
 

@@ -11,7 +11,9 @@ one s8 x s8 -> s32 matmul with K = k_h * k_w * C_in. `x_pad` is x with the conv'
 crops) and its lhs dilation as interior zeros, so the same code computes the forward conv and the input-gradient
 conv of a strided one. The kernel gradient reuses the forward's patches: dw[(i, j, c), o] = patches^T . g, with
 patches^T materialised row-major so that XLA:CPU keeps that matmul on its fast kernel too (as in
-qjax.ops.dot_general's drhs). Integer sums are exact, so each path equals XLA's conv bit for bit.
+qjax.ops.dot_general's drhs). Integer sums are exact, so each path equals XLA's conv bit for bit. The input
+gradient of a strided conv (an lhs-dilated conv) convolves g itself, with the stride's output phases as features
+(`subpixel_plan`), instead of the dilated g whose patches are mostly zeros.
 
 The batch is processed in chunks whose patch matrix stays in cache (CHUNK_PATCH_BYTES): the k*k shifted copies
 of a whole large batch cost as much as the f32 conv itself, those of a few examples at a time almost nothing.
@@ -21,6 +23,8 @@ XLA:CPU's slow int8 conv path itself (40-225x slower than f32, measured).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -198,25 +202,113 @@ def _map_batch(f, x, chunk: int):
   return y.reshape(-1, *y.shape[2:])[:x.shape[0]]
 
 
+# The input gradient of a stride-s conv is a conv over g dilated by s: (s^2 - 1) / s^2 of its patches are the
+# dilation's zeros. The sub-pixel form (`subpixel_plan`) convolves g itself with the s^2 output phases as output
+# features: per output pixel (and per input feature) the patches shrink from k^2 bytes to about ceil(k / s)^2 /
+# s^2, the matmul from k^2 MACs per output feature to about ceil(k / s)^2 (3x3, stride 2: 9x fewer patch bytes,
+# 2.25x fewer MACs). Time ratios to XLA's f32 input gradient (the transpose conv that float training runs), batch
+# 256, SAME, one pinned core, process clock, AMD EPYC Zen 4 (family 25 model 17, AVX-512 VNNI), jax 0.12.1,
+# 2026-12-07 (the conv suite's input-gradient groups: `python -m experiments.bench --config=configs/bench_conv.py
+# --config.timing.clock=process "--config.shapes=()"`, docs/benchmarks.md):
+#   forward conv                   XLA int8 (s32)   dilated-g patches   sub-pixel patches
+#   28, 16 -> 32, 3x3, stride 2    7.59x            1.30x               0.58x
+#   28, 16 -> 32, 1x1, stride 2    0.87x            3.22x               0.44x
+#   14, 32 -> 64, 3x3, stride 2    11.97x           1.42x               0.58x
+# So lhs-dilated convs with unit strides always take the sub-pixel form. (XLA's int8 conv of the sub-pixel conv
+# itself, which has more than 16 features, was no faster than its patches: 7.4-8.0 ms against 7.2 ms and 4.8 ms
+# against 3.9 ms for the two 3x3 shapes; an ad-hoc script, not a repo command.)
+def subpixel_plan(n: int, k: int, lo: int, hi: int, d: int):
+  """One spatial dim of a stride-1, undilated-kernel conv over x dilated by d (d - 1 zeros between elements),
+  padded (lo, hi), as one conv over x itself whose d output phases are output features ("sub-pixel").
+
+  Output position p = d * m + phase sums the taps i with (p + i - lo) % d == 0, which read x[m + u] at
+  u = (phase + i - lo) // d: for each phase, consecutive u. So with U the union of those u, y[d * m + phase] =
+  sum_u x[m + u] * kernel_c[u, phase], kernel_c[u, phase] = w[i] (the tap reading u at that phase, else a zero
+  tap). Phases that no tap reaches (a kernel smaller than d) are zero and left out of the conv. Returns
+  (idx, phases, (lo', hi'), out, m): idx (U, len(phases)) of tap indices (k for the zero tap) for the phases
+  that have taps, the padding of x for the stride-1 conv of U taps, the dilated conv's output size out and the
+  phase conv's m = ceil(out / d); or None when no tap ever reads x (the output is all zero)."""
+  out = _dilate(n, d) + lo + hi - k + 1
+  taps = {((ph + i - lo) // d, ph): i for ph in range(d) for i in range(k) if (ph + i - lo) % d == 0}
+  if out <= 0 or not taps:
+    return None
+  umin = min(u for u, _ in taps)
+  span = max(u for u, _ in taps) - umin + 1
+  phases = sorted({ph for _, ph in taps})
+  idx = np.full((span, len(phases)), k)
+  for (u, ph), i in taps.items():
+    idx[u - umin, phases.index(ph)] = i
+  m = -(-out // d)
+  return idx, tuple(phases), (-umin, m - 1 + span - n + umin), out, m
+
+
+def _interleave(y, axis: int, phases: tuple[int, ...], d: int):
+  """y with len(phases) phases on `axis` -> d phases, the missing ones zero (static slices and zeros,
+  concatenated)."""
+  if len(phases) == d:
+    return y
+  zero = jnp.zeros(y.shape[:axis] + (1,) + y.shape[axis + 1:], y.dtype)
+  parts = [lax.slice_in_dim(y, phases.index(p), phases.index(p) + 1, axis=axis) if p in phases else zero
+           for p in range(d)]
+  return jnp.concatenate(parts, axis=axis)
+
+
+def subpixel_plans(cp, x_shape, k_sp):
+  """The two dims' `subpixel_plan`s for an NHWC input of x_shape when the conv is lhs-dilated with unit strides
+  and rhs dilation (the input gradient of a strided conv), else None."""
+  if all(d == 1 for d in cp.lhs_dilation) or any(s != 1 for s in (*cp.window_strides, *cp.rhs_dilation)):
+    return None
+  plans = [subpixel_plan(n, int(k), lo, hi, d) for n, k, (lo, hi), d in
+           zip(x_shape[1:3], k_sp, cp.padding, cp.lhs_dilation, strict=True)]
+  return None if None in plans else plans
+
+
 def conv(a, b, cp, acc_t=jnp.int32, chunk_bytes: int | None = None, two_stage: bool | None = None,
-         words: bool = True) -> jax.Array:
+         words: bool = True, subpixel: bool = True) -> jax.Array:
   """cp.conv(a, b, acc_t) (a conv of integer operands in cp's layout) as patches . kernel, one int8 matmul per
   batch chunk (`batch_chunk`); two_stage and words pick the patch construction (`patches`; two_stage None: by the
-  kernel's taps)."""
+  kernel's taps). An lhs-dilated conv with unit strides (the input gradient of a strided conv) runs as the conv
+  of x itself with the output phases as features (`subpixel_plan`) unless subpixel=False: the dilated input's
+  patches are mostly zeros."""
   lhs_spec, rhs_spec, out_spec = cp.dnums
   x = to_nhwc(a, lhs_spec)                                     # (N, H, W, C)
   w = jnp.transpose(b, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (KH, KW, C, O)
-  k_sp = w.shape[:2]
-  wm = w.reshape(-1, w.shape[-1])                              # (KH*KW*C, O)
-
-  def chunk_conv(xc):                                          # (n, H, W, C) -> (n, OH, OW, O)
-    p = patches(xc, cp, k_sp, two_stage, words)                # (n, OH, OW, KH*KW*C)
-    return lax.dot_general(p, wm, (((3,), (0,)), ((), ())), preferred_element_type=acc_t)
-  y = _map_batch(chunk_conv, x, batch_chunk(x.shape, x.dtype.itemsize, cp, k_sp, chunk_bytes))
+  plans = subpixel_plans(cp, x.shape, w.shape[:2]) if subpixel else None
+  if plans is None:
+    y = _nhwc_conv(x, w, cp, acc_t, chunk_bytes, two_stage, words)
+  else:
+    (ih, qh, ph, oh, mh), (iw, qw, pw, ow, mw) = plans
+    dh, dw = cp.lhs_dilation
+    c, o = w.shape[2:]
+    wz = jnp.pad(w, ((0, 1), (0, 1), (0, 0), (0, 0)))        # a zero tap at index (KH, KW)
+    wc = wz[ih[:, None, :, None], iw[None, :, None, :]]       # (UH, UW, AH, AW, C, O): the phases with taps
+    ah, aw = wc.shape[2:4]
+    wc = jnp.transpose(wc, (0, 1, 4, 2, 3, 5)).reshape(*wc.shape[:2], c, ah * aw * o)
+    cp1 = dataclasses.replace(cp, window_strides=(1, 1), padding=(ph, pw), lhs_dilation=(1, 1))
+    y = _nhwc_conv(x, wc, cp1, acc_t, chunk_bytes, two_stage, words)  # (N, MH, MW, AH*AW*O)
+    n = y.shape[0]
+    y = jnp.transpose(y.reshape(n, mh, mw, ah, aw, o), (0, 1, 3, 2, 4, 5))  # (N, MH, AH, MW, AW, O)
+    y = _interleave(_interleave(y, 2, qh, dh), 4, qw, dw)     # (N, MH, DH, MW, DW, O)
+    y = y.reshape(n, mh * dh, mw * dw, o)[:, :oh, :ow]        # (N, OH, OW, O)
   inv = [0] * 4
   for pos, d in enumerate((out_spec[0], *out_spec[2:], out_spec[1])):
     inv[d] = pos
   return jnp.transpose(y, inv)
+
+
+def _nhwc_conv(x, w, cp, acc_t, chunk_bytes, two_stage, words) -> jax.Array:
+  """(N, H, W, C) x (KH, KW, C, O) -> (N, OH, OW, O) by patches . kernel a batch chunk at a time (cp: padding,
+  strides and dilations)."""
+  k_sp = w.shape[:2]
+  wm = w.reshape(-1, w.shape[-1])                              # (KH*KW*C, O)
+  if k_sp == (1, 1) and all(v == 1 for v in (*cp.window_strides, *cp.lhs_dilation)) and \
+     all(p == (0, 0) for p in cp.padding):                    # the patches are x itself: one matmul, no copies
+    return lax.dot_general(x, wm, (((3,), (0,)), ((), ())), preferred_element_type=acc_t)
+
+  def chunk_conv(xc):                                          # (n, H, W, C) -> (n, OH, OW, O)
+    p = patches(xc, cp, k_sp, two_stage, words)                # (n, OH, OW, KH*KW*C)
+    return lax.dot_general(p, wm, (((3,), (0,)), ((), ())), preferred_element_type=acc_t)
+  return _map_batch(chunk_conv, x, batch_chunk(x.shape, x.dtype.itemsize, cp, k_sp, chunk_bytes))
 
 
 def kernel_grad(a, g, cp, k_sp, acc_t=jnp.int32, chunk_bytes: int | None = None) -> jax.Array:
