@@ -314,3 +314,15 @@ def test_float_kernel_gradient_runs_as_patches_where_chosen(name):
   rep = ops.inspect_matmuls(lambda x, w, g: jax.vjp(f, x, w)[1](g)[1], x, w, g)
   drhs = [(m.op, m.category) for m in rep.lowered if 'drhs' in m.op_name]
   assert drhs == ([('dot', 'f32')] if patched else [('conv', 'f32')]), rep.summary()
+
+
+def test_conv_suite_shapes_parse_or_name_the_form():
+  from experiments.bench import conv as conv_suite
+  assert conv_suite.parse_conv_shape('256x28x1x6x5') == (256, 28, 1, 6, 5)
+  assert conv_suite.parse_dlhs_shape('4x9x4x6x3x2') == (4, 9, 4, 6, 3, 2)
+  with pytest.raises(ValueError, match='expected BATCHxHxCINxCOUTxK, like'):
+    conv_suite.parse_conv_shape('256x28x1x6x5x2')   # a stride belongs to dlhs_shapes
+  with pytest.raises(ValueError, match=r'expected BATCHxHxCINxCOUTxKxSTRIDE \(the forward conv\)'):
+    conv_suite.parse_dlhs_shape('256x28x16x32x3')
+  with pytest.raises(ValueError, match='conv shape'):
+    conv_suite.parse_conv_shape('256x28x1x6xk')

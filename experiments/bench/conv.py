@@ -32,12 +32,17 @@ from qjax.ops import conv_gemm
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
+def _parse_dims(s: str, n: int, what: str, form: str, example: str) -> tuple[int, ...]:
+  """'256x28x1x6x5' -> (256, 28, 1, 6, 5): n integers joined by 'x', else a ValueError naming the form."""
+  parts = str(s).lower().split('x')
+  if len(parts) != n or not all(p.strip().isdigit() for p in parts):
+    raise ValueError(f'{what} {s!r}: expected {form}, like {example}')
+  return tuple(int(p) for p in parts)
+
+
 def parse_conv_shape(s: str) -> tuple[int, int, int, int, int]:
   """'256x28x1x6x5' -> (batch, H=W, C_in, C_out, k)."""
-  parts = str(s).lower().split('x')
-  if len(parts) != 5 or not all(p.strip().isdigit() for p in parts):
-    raise ValueError(f'conv shape {s!r}: expected BATCHxHxCINxCOUTxK, like 256x28x1x6x5')
-  return tuple(int(p) for p in parts)  # type: ignore[return-value]
+  return _parse_dims(s, 5, 'conv shape', 'BATCHxHxCINxCOUTxK', '256x28x1x6x5')  # type: ignore[return-value]
 
 
 def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
@@ -110,11 +115,8 @@ def conv_group(config, b: int, h: int, cin: int, cout: int, k: int) -> Group:
 
 def parse_dlhs_shape(s: str) -> tuple[int, int, int, int, int, int]:
   """'256x28x16x32x3x2' -> (batch, H=W, C_in, C_out, k, stride) of the forward conv."""
-  parts = str(s).lower().split('x')
-  if len(parts) != 6 or not all(p.strip().isdigit() for p in parts):
-    raise ValueError(f'input-gradient shape {s!r}: expected BATCHxHxCINxCOUTxKxSTRIDE (the forward conv), '
-                     'like 256x28x16x32x3x2')
-  return tuple(int(p) for p in parts)  # type: ignore[return-value]
+  return _parse_dims(s, 6, 'input-gradient shape', 'BATCHxHxCINxCOUTxKxSTRIDE (the forward conv)',  # type: ignore
+                     '256x28x16x32x3x2')
 
 
 def dlhs_group(config, b: int, h: int, cin: int, cout: int, k: int, s: int) -> Group:
@@ -129,8 +131,7 @@ def dlhs_group(config, b: int, h: int, cin: int, cout: int, k: int, s: int) -> G
   g = jnp.asarray(rng.standard_normal(g_shape), jnp.float32)
   gq = jnp.asarray(rng.integers(-127, 128, g_shape), jnp.int8)
   wq = jnp.asarray(rng.integers(-127, 128, w_shape), jnp.int8)
-  params, _, _ = qconv.dlhs_conv(cp, x_shape, wq, g_shape)
-  wt = jax.jit(lambda w: qconv.dlhs_conv(cp, x_shape, w, g_shape)[1])(wq)   # the flipped, transposed kernel
+  params, wt, _ = qconv.dlhs_conv(cp, x_shape, wq, g_shape)   # wt: the flipped, transposed kernel
   f32 = jax.jit(lambda g, w: jax.vjp(lambda x: cp.conv(x, w), jnp.zeros(x_shape, jnp.float32))[1](g)[0])
   i8 = jax.jit(lambda g, w: params.conv(g, w, jnp.int32))
   dilated = jax.jit(lambda g, w: conv_gemm.conv(g, w, params, subpixel=False))
@@ -158,7 +159,8 @@ def conv_suite(config) -> GroupedSuite:
       yield conv_group(config, *parse_conv_shape(s))
     for s in config.get('dlhs_shapes', ()):
       yield dlhs_group(config, *parse_dlhs_shape(s))
-  return GroupedSuite('conv', groups, meta={'layout': 'NHWC/HWIO, stride 1, SAME'})
+  return GroupedSuite('conv', groups, meta={'layout': 'NHWC/HWIO, SAME; forwards at stride 1, input gradients of '
+                                                     'the dlhs_shapes strided convs'})
 
 
 bench.register('conv')(conv_suite)
