@@ -455,3 +455,21 @@ def test_kernel_gradient_multiplies_the_forwards_input_on_its_forward_grid(mode,
   f_out, _, f_dw = float_grads(x_hat, w_hat, ct, kw)
   np.testing.assert_array_equal(out, f_out)
   np.testing.assert_array_equal(dw, f_dw)
+
+
+def test_kernel_gradient_takes_the_forwards_input_integers():
+  """In int8 training the kernel gradient takes the input on its forward grid: the forward quantizes x_hat once for
+  both (ops.dot_general.with_integers), so the backward converts no input-shaped array to int8 and holds the
+  forward's integers (those of quantize(x)) in place of the f32 input."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 16, 24)), jnp.float32)  # g: (2, 8, 8, 24)
+  t = QuantSpec('int8')
+  f = lambda x, w: ops.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC,
+                                            config=all_three(t, t, 'real'))
+  y, vjp = jax.vjp(f, x, w)
+  bwd = str(jax.make_jaxpr(vjp)(jnp.ones_like(y)))
+  assert not re.findall(r'i8\[2,8,8,16\] = convert_element_type', bwd)
+  kept = [a for a in jax.tree.leaves(vjp) if hasattr(a, 'dtype') and a.dtype == jnp.int8]
+  assert [a.shape for a in kept] == [x.shape]
+  np.testing.assert_array_equal(kept[0], quantizers.quantize(x, t).qvalue)

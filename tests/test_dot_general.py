@@ -748,6 +748,34 @@ def test_backward_multiplies_the_forwards_operands_on_their_forward_grid(mode):
   np.testing.assert_array_equal(dx, np.asarray(g) @ w_hat.T)
 
 
+def _int8_conversions(jaxpr, shape) -> int:
+  """How many convert_element_type eqns of a jaxpr's text produce int8 arrays of `shape`."""
+  return len(re.findall(rf'i8\[{",".join(map(str, shape))}\] = convert_element_type', str(jaxpr)))
+
+
+def test_backward_takes_the_forwards_integers_instead_of_requantizing():
+  """In int8 training both backward matmuls take x and w on their forward grids. The forward quantizes x_hat and
+  w_hat once for itself and the backward (ops.dot_general.with_integers): the backward converts only g to int8
+  (once per gradient matmul) and holds the forward's integers, those of quantize(x), in place of x_hat's f32."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.float32)  # (batch, seq, features): XLA reshapes it for the dot
+  w = jnp.asarray(rng.normal(size=(64, 24)), jnp.float32)
+  t = QuantSpec('int8')
+  cfg = DotConfig(MatmulConfig(t, t, 'real'), MatmulConfig(t, t, 'real'), MatmulConfig(t, t, 'real'), small_m=0)
+  y, vjp = jax.vjp(lambda x, w: ops.dot_general(x, w, dn((2,), (0,)), config=cfg), x, w)
+  bwd = jax.make_jaxpr(vjp)(jnp.ones_like(y))
+  assert (_int8_conversions(bwd, x.shape), _int8_conversions(bwd, w.shape), _int8_conversions(bwd, y.shape)) == (
+      0, 0, 2)
+  kept = {a.shape: a for a in jax.tree.leaves(vjp) if hasattr(a, 'dtype') and a.dtype == jnp.int8}
+  assert set(kept) == {x.shape, w.shape}
+  np.testing.assert_array_equal(kept[x.shape], qjax.quantizers.quantize(x, t).qvalue)
+  np.testing.assert_array_equal(kept[w.shape], qjax.quantizers.quantize(w, t).qvalue)
+  # Only the forward's grid is shared: a backward spec naming another grid still quantizes x_hat itself.
+  other = dataclasses.replace(cfg, drhs=MatmulConfig(t.replace(format='int4'), t, 'real'))
+  y, vjp = jax.vjp(lambda x, w: ops.dot_general(x, w, dn((2,), (0,)), config=other), x, w)
+  assert _int8_conversions(jax.make_jaxpr(vjp)(jnp.ones_like(y)), x.shape) == 1
+
+
 def test_backward_recalibrates_where_its_spec_names_another_grid():
   """Per-channel operands resolve to other scale shapes in the backward (per column of x for dw, per row of w for
   dx): no forward grid fits, and the backward calibrates its own (forward_grid is None)."""

@@ -71,6 +71,7 @@ from qjax.ops.dot_general import (
   quantize_forward,
   quantize_operand,
   same_grid,
+  with_integers,
   zero_cotangent,
 )
 from qjax.spec import QuantSpec
@@ -528,7 +529,22 @@ def _qconv_primal(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
 
 def _qconv_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
   lq, rq = for_training(lqp, rqp, static.direct)
-  return _qconv_forward(lhs_hat, rhs_hat, lq, rq, static), (lhs_hat, rhs_hat, grid_only(lqp), grid_only(rqp), key)
+  lres = grid_only(lqp)
+  if lq is not None and lq.qvalue is None and _input_grid(lq, static, lhs_hat.shape) is not None:
+    # The kernel gradient takes the input on its forward grid: quantize it once for both (as qjax.ops.dot_general
+    # does); the backward then holds the int8 input in place of the f32 one.
+    cp = static.params
+    lq = lres = with_integers(lhs_hat, lq, resolve_conv_spec(static.config.fwd.lhs, lhs_hat.shape,
+                                                             cp.dnums.lhs_spec[0], 'fwd.lhs'))
+  return _qconv_forward(lhs_hat, rhs_hat, lq, rq, static), (lhs_hat, rhs_hat, lres, grid_only(rqp), key)
+
+
+def _input_grid(lqp, static: _Static, lhs_shape):
+  """The input's forward grid where the kernel gradient quantizes it alike (ops.dot_general.forward_grid)."""
+  cfg, lhs_spec = static.config, static.params.dnums.lhs_spec
+  # The kernel-gradient conv (drhs_conv) takes the input with batch and features swapped: its "batch" is C.
+  return same_grid(lqp, resolve_conv_spec(cfg.fwd.lhs, lhs_shape, lhs_spec[0], 'fwd.lhs'),
+                   resolve_conv_spec(cfg.drhs.lhs, lhs_shape, lhs_spec[1], 'drhs.lhs'), lhs_shape)
 
 
 def _qconv_bwd(static: _Static, res, g):
@@ -543,10 +559,7 @@ def _qconv_bwd(static: _Static, res, g):
       dlhs = post(qconv(g, rhs_t, p1, cfg.dlhs, where='dlhs', key=k1, out_dtype=lhs_hat.dtype))
     with jax.named_scope('drhs'):
       p2 = drhs_conv(cp, lhs_hat.shape, rhs_hat.shape, g.shape)
-      # The input's forward grid where the kernel gradient quantizes it alike (ops.dot_general.forward_grid).
-      lgrid = same_grid(lqp, resolve_conv_spec(cfg.fwd.lhs, lhs_hat.shape, cp.dnums.lhs_spec[0], 'fwd.lhs'),
-                        resolve_conv_spec(cfg.drhs.lhs, lhs_hat.shape, p2.dnums.lhs_spec[0], 'drhs.lhs'),
-                        lhs_hat.shape)
+      lgrid = _input_grid(lqp, static, lhs_hat.shape)
       drhs = qconv(lhs_hat, g, p2, cfg.drhs, where='drhs', a_qparams=lgrid, key=k2, out_dtype=rhs_hat.dtype,
                    fwd_params=cp, kernel_shape=rhs_hat.shape)
   return dlhs, drhs, zero_cotangent(lqp), zero_cotangent(rqp), None

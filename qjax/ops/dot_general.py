@@ -559,13 +559,50 @@ def _qdot_primal(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
 
 
 def _qdot_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
-  lq, rq = for_training(lqp, rqp, static.direct)
-  return _qdot_forward(lhs_hat, rhs_hat, lq, rq, static), (lhs_hat, rhs_hat, grid_only(lqp), grid_only(rqp), key)
+  (lq, lres), (rq, rres) = _shared_integers(lhs_hat, rhs_hat, *for_training(lqp, rqp, static.direct), static)
+  return _qdot_forward(lhs_hat, rhs_hat, lq, rq, static), (lhs_hat, rhs_hat, lres, rres, key)
+
+
+def _shared_integers(lhs_hat, rhs_hat, lq, rq, static: _Static):
+  """((lq, residual), (rq, residual)): a grid-only operand that a backward matmul takes on its forward grid gets
+  x_hat's integers (`with_integers`) for both; the backward's residual is then that QArray, else the grid alone
+  (`grid_only`: a pre-quantized operand's integers stay with the caller, as before)."""
+  cfg, dims = static.config, static.dims
+  (lc, rc), (lb, rb) = dims
+  d1, _ = dlhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
+  d2, _ = drhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
+  out = []
+  for x, q, fwd, bwd, sides, bwd_sides, where in (
+      (lhs_hat, lq, cfg.fwd.lhs, cfg.drhs.lhs, (lc, lb), (d2[0][0], d2[1][0]), 'drhs.lhs'),
+      (rhs_hat, rq, cfg.fwd.rhs, cfg.dlhs.rhs, (rc, rb), (d1[0][1], d1[1][1]), 'dlhs.rhs')):
+    if q is not None and q.qvalue is None and forward_grid(q, fwd, bwd, x.shape, sides, bwd_sides,
+                                                         where) is not None:
+      q = with_integers(x, q, resolve_spec(fwd, x.shape, *sides, f'fwd.{where[-3:]}'))
+      out.append((q, q))
+    else:
+      out.append((q, grid_only(q)))
+  return tuple(out)
+
+
+def with_integers(x_hat, q: quantizers.QArray, spec: QuantSpec) -> quantizers.QArray:
+  """The grid q with x_hat's integers on it, for the forward's real matmul and a backward one to share.
+
+  Where a backward matmul quantizes x_hat on its forward grid (`forward_grid`), both would requantize x_hat
+  (x_hat / scale, exact); XLA:CPU does not always merge the two passes (its dot canonicalisation reshapes one
+  of them: the char-LM's activations). Quantized once here, the forward and the backward multiply the same
+  int8 array, and the backward holds it in place of the f32 x_hat (dead under jit; an eager `jax.vjp` keeps
+  both). The barrier materialises the integers: else XLA fuses the quantization into each transposing reader
+  again (the attention's q and k are read in two layouts). The char-LM's int8 training step (the e2e suite's
+  programs, one pinned core of a Zen 4, an ad-hoc A/B of thunk-time totals, 2026-12-07): 143-153 ms -> 124-136 ms.
+  """
+  q = quantizers.quantize(x_hat, spec.replace(rounding='nearest'), scale=q.scale, zero_point=q.zero_point)
+  return dataclasses.replace(q, qvalue=lax.optimization_barrier(q.qvalue))
 
 
 def for_training(lqp, rqp, direct: tuple[bool, bool]):
-  """The forward's grids under differentiation: without the qvalues `_fq_operand` took straight from x. x_hat is
-  then materialised for the backward anyway, and requantizing it is cheaper than a second read of x, whose
+  """The forward's grids under differentiation: without the qvalues `_fq_operand` took straight from x. x_hat (or
+  its integers, where a backward matmul shares the forward's grid: `with_integers`) is then materialised for the
+  backward anyway, and requantizing it is cheaper than a second read of x, whose
   producers XLA fuses into every reader (the e2e suite's MLP int8 training step: 0.57x of float this way, 0.69x
   with the direct qvalues in training; docs/benchmarks.md, 2026-12-05 evening). Without differentiation (serving,
   evaluation) x_hat is dead code and the direct qvalues are the cheaper route."""
@@ -580,7 +617,9 @@ def direct_flags(lhs, rhs, lqp, rqp) -> tuple[bool, bool]:
 
 def grid_only(q: quantizers.QArray | None) -> quantizers.QArray | None:
   """q without its qvalue: what the backward keeps of a forward operand's grid (it needs only the scale's shape for
-  a zero cotangent), so that training does not hold an int8 copy of every activation until the backward."""
+  a zero cotangent), so that training does not hold an int8 copy of every activation until the backward. Where
+  a backward matmul takes the operand on its forward grid, it keeps the integers instead, in place of the f32
+  x_hat (`with_integers`)."""
   return None if q is None else dataclasses.replace(q, qvalue=None)
 
 
