@@ -2,7 +2,7 @@ r"""Benchmark: int8 convolutions on XLA:CPU: XLA's int8 conv vs patches + one in
 
 Steady figures (one core; malloc pinned and huge pages, docs/benchmarks.md):
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \
-  MALLOC_ARENA_MAX=1 taskset -c 1 python -m experiments.bench --config=configs/bench_conv.py \
+  MALLOC_MMAP_MAX_=0 MALLOC_ARENA_MAX=1 taskset -c 1 python -m experiments.bench --config=configs/bench_conv.py \
     --workdir=runs/bench/conv --config.timing.clock=process
 Smoke (tests): `:runlocal`.
 

@@ -2,7 +2,7 @@ r"""Benchmark: a training-style matmul (forward + dlhs + drhs) with int8 in all 
 
 Steady figures (one core; malloc pinned and huge pages against page faults; docs/benchmarks.md):
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \
-  MALLOC_ARENA_MAX=1 taskset -c 1 python -m experiments.bench \
+  MALLOC_MMAP_MAX_=0 MALLOC_ARENA_MAX=1 taskset -c 1 python -m experiments.bench \
     --config=configs/bench_train.py --workdir=runs/bench/train_1c
 Both cores: the same without `taskset -c 1`. Loaded machine: add --config.timing.clock=process.
 Smoke (tests): `:runlocal`.

@@ -32,8 +32,8 @@ from experiments import version
 from qjax.ops import cpu
 
 # Environment variables that change malloc's behaviour and therefore page-fault counts and timings.
-MALLOC_ENV = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_ARENA_MAX', 'MALLOC_TOP_PAD_',
-              'GLIBC_TUNABLES')
+MALLOC_ENV = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_ARENA_MAX',
+              'MALLOC_TOP_PAD_', 'GLIBC_TUNABLES')
 YNN_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
 # 'wall': elapsed time. 'process': CPU time of this process (all its threads, user + system, so page faults
 # count): on a machine loaded by other processes it leaves out the time this one waits to be scheduled, and

@@ -181,11 +181,12 @@ def test_xla_flags_warning(flags, expect):
 def test_machine_info(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=')
   monkeypatch.setenv('MALLOC_ARENA_MAX', '1')
+  monkeypatch.setenv('MALLOC_MMAP_MAX_', '0')  # no mmap at all: no call page-faults (docs/benchmarks.md)
   info = timing.machine_info()
   for k in ('date', 'cpu_model', 'cpu_count', 'affinity', 'python', 'jax', 'jaxlib', 'flax', 'device_kind',
             'xla_flags', 'malloc_env', 'warnings'):
     assert k in info
-  assert info['malloc_env'] == {'MALLOC_ARENA_MAX': '1'} or 'MALLOC_ARENA_MAX' in info['malloc_env']
+  assert info['malloc_env']['MALLOC_ARENA_MAX'] == '1' and info['malloc_env']['MALLOC_MMAP_MAX_'] == '0'
   assert sum('8x' in w for w in info['warnings']) == 1  # plus the VNNI warning on CPUs without it
   assert set(info['affinity']) <= set(range(os.cpu_count()))
   json.dumps(info)  # Serialisable as is.

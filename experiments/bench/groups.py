@@ -226,7 +226,7 @@ def run_grouped(suite: GroupedSuite, config, workdir: str | None = None, *, info
                                roles=tuple(config.get('flag_roles', ('quantized',))))
   warnings = list(info.get('warnings', [])) + slow_int8_warnings(groups)
   if not info.get('malloc_env'):
-    warnings.append('malloc settings not pinned: set MALLOC_MMAP_THRESHOLD_=33554432 '
+    warnings.append('malloc settings not pinned: set MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_MMAP_MAX_=0 '
                     'MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1 '
                     '(page faults on fresh outputs: docs/benchmarks.md)')
   result = {
