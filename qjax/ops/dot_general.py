@@ -592,8 +592,9 @@ def with_integers(x_hat, q: quantizers.QArray, spec: QuantSpec) -> quantizers.QA
   of them: the char-LM's activations). Quantized once here, the forward and the backward multiply the same
   int8 array, and the backward holds it in place of the f32 x_hat (dead under jit; an eager `jax.vjp` keeps
   both). The barrier materialises the integers: else XLA fuses the quantization into each transposing reader
-  again (the attention's q and k are read in two layouts). The char-LM's int8 training step (the e2e suite's
-  programs, one pinned core of a Zen 4, an ad-hoc A/B of thunk-time totals, 2026-12-07): 143-153 ms -> 124-136 ms.
+  again (the attention's q and k are read in two layouts). The e2e suite's char-LM int8 training step, one pinned
+  core of a Zen 4 without page faults: 119-120 ms -> 111-113 ms, 0.68-0.70x -> 0.63-0.65x of float
+  (docs/benchmarks.md, 2026-12-07).
   """
   q = quantizers.quantize(x_hat, spec.replace(rounding='nearest'), scale=q.scale, zero_point=q.zero_point)
   return dataclasses.replace(q, qvalue=lax.optimization_barrier(q.qvalue))
@@ -602,10 +603,10 @@ def with_integers(x_hat, q: quantizers.QArray, spec: QuantSpec) -> quantizers.QA
 def for_training(lqp, rqp, direct: tuple[bool, bool]):
   """The forward's grids under differentiation: without the qvalues `_fq_operand` took straight from x. x_hat (or
   its integers, where a backward matmul shares the forward's grid: `with_integers`) is then materialised for the
-  backward anyway, and requantizing it is cheaper than a second read of x, whose
-  producers XLA fuses into every reader (the e2e suite's MLP int8 training step: 0.57x of float this way, 0.69x
-  with the direct qvalues in training; docs/benchmarks.md, 2026-12-05 evening). Without differentiation (serving,
-  evaluation) x_hat is dead code and the direct qvalues are the cheaper route."""
+  backward anyway, and requantizing it is cheaper than a second read of x, whose producers XLA fuses into every
+  reader (the e2e suite's MLP int8 training step: 0.57x of float this way, 0.69x with the direct qvalues in
+  training; docs/benchmarks.md, 2026-12-05 evening). Without differentiation (serving, evaluation) x_hat is dead
+  code and the direct qvalues are the cheaper route."""
   return tuple(grid_only(q) if d else q for q, d in zip((lqp, rqp), direct, strict=True))
 
 
