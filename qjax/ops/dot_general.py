@@ -572,12 +572,12 @@ def _shared_integers(lhs_hat, rhs_hat, lq, rq, static: _Static):
   d1, _ = dlhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
   d2, _ = drhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
   out = []
-  for x, q, fwd, bwd, sides, bwd_sides, where in (
-      (lhs_hat, lq, cfg.fwd.lhs, cfg.drhs.lhs, (lc, lb), (d2[0][0], d2[1][0]), 'drhs.lhs'),
-      (rhs_hat, rq, cfg.fwd.rhs, cfg.dlhs.rhs, (rc, rb), (d1[0][1], d1[1][1]), 'dlhs.rhs')):
+  for x, q, fwd, bwd, sides, bwd_sides, side, where in (
+      (lhs_hat, lq, cfg.fwd.lhs, cfg.drhs.lhs, (lc, lb), (d2[0][0], d2[1][0]), 'lhs', 'drhs.lhs'),
+      (rhs_hat, rq, cfg.fwd.rhs, cfg.dlhs.rhs, (rc, rb), (d1[0][1], d1[1][1]), 'rhs', 'dlhs.rhs')):
     if q is not None and q.qvalue is None and forward_grid(q, fwd, bwd, x.shape, sides, bwd_sides,
                                                          where) is not None:
-      q = with_integers(x, q, resolve_spec(fwd, x.shape, *sides, f'fwd.{where[-3:]}'))
+      q = with_integers(x, q, resolve_spec(fwd, x.shape, *sides, f'fwd.{side}'))
       out.append((q, q))
     else:
       out.append((q, grid_only(q)))
