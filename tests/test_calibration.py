@@ -1,5 +1,8 @@
 """qjax.calibration: each method against numpy on known arrays, mse search, po2 scales, degenerate tensors."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -349,3 +352,42 @@ def test_absmax_and_minmax_of_activations_with_no_long_axis(sshape):
   lo, hi = jax.jit(cal.minmax, static_argnums=1)(jnp.asarray(x), sshape)
   np.testing.assert_array_equal(lo, np.minimum(finite.min(axis=axes, keepdims=True), 0))
   np.testing.assert_array_equal(hi, np.maximum(finite.max(axis=axes, keepdims=True), 0))
+
+
+@pytest.mark.parametrize('poison', [False, True])
+@pytest.mark.parametrize('shape,sshape', [((32, 128, 4, 32), (1, 1, 1, 1)), ((32, 4, 128, 32), (1, 4, 1, 1)),
+                                          ((8, 48, 64), (8, 1, 1)), ((64, 64, 32), (1, 1, 1))])
+def test_merged_trailing_axes_give_numpys_statistics_and_write_no_keys(shape, sshape, poison):
+  """With no long axis, trailing axes reduced whole whose last axis holds whole blocks of 32 are merged into one
+  axis and blocked (`calibration.merged_runs`): numpy's statistics (non-finite values ignored, or with poison a
+  non-finite group statistic), and the compiled program writes no int32 keys at the size of x (XLA:CPU's
+  reduce-windows would read them from a copy)."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=shape).astype(np.float32) * np.exp2(rng.integers(-3, 4, shape[:1] + (1,) * (len(shape) - 1)))
+  x.flat[7], x.flat[x.size // 2 + 3], x.flat[-1] = np.nan, np.inf, -np.inf
+  finite = np.where(np.isfinite(x), x, 0.0)
+  axes = tuple(d for d, s in enumerate(sshape) if s == 1)
+  bad = (~np.isfinite(x)).any(axis=axes, keepdims=True)
+  amax = jax.jit(cal.absmax, static_argnums=(1, 2))(jnp.asarray(x), sshape, poison)
+  want = np.abs(finite).max(axis=axes, keepdims=True)
+  np.testing.assert_array_equal(np.where(bad, 0, amax), np.where(bad, 0, want))
+  assert np.all(np.isfinite(amax) != bad) if poison else np.all(np.isfinite(amax))
+  lo, hi = jax.jit(cal.minmax, static_argnums=(1, 2))(jnp.asarray(x), sshape, poison)
+  ok = ~bad if poison else np.ones_like(bad)
+  np.testing.assert_array_equal(lo[ok], np.minimum(finite.min(axis=axes, keepdims=True), 0)[ok])
+  np.testing.assert_array_equal(hi[ok], np.maximum(finite.max(axis=axes, keepdims=True), 0)[ok])
+  hlo = jax.jit(cal.absmax, static_argnums=(1, 2)).lower(jnp.zeros(shape), sshape, poison).compile().as_text()
+  entry = hlo[hlo.index('ENTRY'):]  # the program's buffers (fused computations' insides are not written)
+  written = [math.prod(map(int, filter(None, d.split(',')))) for d in re.findall(r'= s32\[([\d,]*)\]', entry)]
+  assert written and max(written) <= x.size // 32, f'int32 keys written at x\'s size {x.size}: {written}'
+
+
+def test_merged_runs_only_where_the_last_axis_holds_whole_blocks():
+  """The merge's scope: per-tensor ranges of attention heads and (batch, seq, features) activations merge; the
+  ResNet's 16-feature NHWC activations, per-feature scales and shapes with a long axis keep their axes."""
+  m = cal.merged_runs
+  assert m((32, 128, 4, 32), (1, 1, 1, 1)) == ((524288,), (1,))
+  assert m((32, 4, 128, 32), (1, 4, 1, 1)) == ((32, 4, 4096), (1, 4, 1))
+  assert m((256, 28, 28, 16), (1, 1, 1, 1)) == ((256, 28, 28, 16), (1, 1, 1, 1))  # 16 features: not whole blocks
+  assert m((32, 128, 512), (1, 1, 512)) == ((32, 128, 512), (1, 1, 512))          # per feature: last axis kept
+  assert m((4096, 128), (1, 1)) == ((4096, 128), (1, 1))                          # a long axis: blocked as it is
