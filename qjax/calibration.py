@@ -58,15 +58,15 @@ def _finite(x: jax.Array, fill: float = 0.0) -> jax.Array:
 # all-reduce when the scale groups are sharded.
 _BLOCK = 32          # elements per first-stage block
 _BLOCK_MIN = 1024    # axes at least this long are blocked (shorter ones: one plain reduction; x is small)
-# With no long axis, a run of trailing axes reduced whole (the per-tensor range of a (batch, seq, features)
-# activation) is merged into one axis and blocked, where the last axis holds whole blocks (`merged_runs`). The
-# e2e suite's char-LM int8 training step, in-process A/Bs on one pinned core of a Zen 4: 126.0 -> 118.9 ms and
-# 118.9 -> 112.6 ms; the attention heads' (32, 128, 4, 32) ranges gain most (merging only last axes of 128 or
-# more saved under 1 ms). Commit 176ed27 merged every such run and was reverted: the ResNet's QAT step went 1.02x
-# -> 1.13-1.26x of float, its BatchNorm chains fused into the blocked loop. Its 16-feature stage keeps the
-# one-stage reduction here; the 32- and 64-feature stages merge (the ResNet's steps within noise: docs/benchmarks.md,
-# 2026-12-07, "Per-tensor ranges merged where the last axis holds whole blocks").
-_MERGE_BLOCKS = True
+# With no long axis, a range whose last axis is reduced whole and holds whole blocks of _BLOCK (the per-tensor
+# range of a (batch, seq, features) activation or of attention heads) takes its first stage along that last axis
+# (`last_axis_blocks`): no reshape merges axes, so a sharded activation needs no collective beyond the scale-sized
+# all-reduce (commit 93e3265 merged the axes reduced whole into one instead: same speed, but on a mesh sharding
+# two of them XLA all-gathered the keys, and in Explicit mode merging a sharded inner axis is a type error). The
+# e2e suite's char-LM int8 training step, an in-process A/B on one pinned core of a Zen 4: 117.8 -> 111.2 ms (the
+# merge: 112.0). The ResNet's 16-feature stage keeps the one-stage reduction, its 32- and 64-feature ones block:
+# its int8 training step moved 207.3 -> 210.7 and 216.1 -> 228.5 ms, its QAT step 387.5 -> 378.1 ms
+# (docs/benchmarks.md, 2026-12-07, "Per-tensor ranges blocked along the last axis").
 
 
 def _keys(x: jax.Array, signed: bool, poison: bool = False) -> jax.Array:
@@ -87,31 +87,28 @@ def _long_axes(shape: tuple[int, ...], sshape: tuple[int, ...]) -> list[int]:
   return [d for d, (n, s) in enumerate(zip(shape, sshape, strict=True)) if n >= _BLOCK_MIN and (n // s) % _BLOCK == 0]
 
 
-def merged_runs(shape: tuple[int, ...], sshape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """(shape, sshape) to reduce in their place: with no long axis, a trailing run of axes reduced whole (scale
-  size 1) whose last axis holds whole blocks of _BLOCK becomes one axis (see the comment above); else unchanged.
-  (32, 128, 4, 32) per tensor -> (524288,); (256, 28, 28, 16) per tensor and any per-feature shape: unchanged."""
-  if not _MERGE_BLOCKS or len(shape) < 2 or _long_axes(shape, sshape) or sshape[-1] != 1 or shape[-1] % _BLOCK:
-    return tuple(shape), tuple(sshape)
-  d = len(shape) - 1
-  while d > 0 and sshape[d - 1] == 1:
-    d -= 1
-  return tuple(shape[:d]) + (math.prod(shape[d:]),), tuple(sshape[:d]) + (1,)
+def last_axis_blocks(shape: tuple[int, ...], sshape: tuple[int, ...]) -> bool:
+  """Whether a range over an array of `shape` with scale shape `sshape` takes its first stage in blocks of _BLOCK
+  along the last axis (see the comment above): no long axis, the last axis reduced whole and a multiple of
+  _BLOCK, at least _BLOCK_MIN elements. (32, 128, 4, 32) per tensor: yes; (256, 28, 28, 16) per tensor and any
+  per-feature scale: no."""
+  return (len(shape) > 1 and sshape[-1] == 1 and shape[-1] % _BLOCK == 0 and math.prod(shape) >= _BLOCK_MIN
+          and not _long_axes(shape, sshape))
 
 
 def _reduce_keys(k: jax.Array, sshape: tuple[int, ...], fn) -> jax.Array:
   """gran.reduce(k, sshape, fn), in two stages when a reduced axis is long (see the comment above)."""
   # initial=0 (the key of +0.0): every statistic here includes 0, and empty groups reduce to it.
   fn = functools.partial(fn, initial=0)
-  out_shape = tuple(sshape)
-  shape, sshape = merged_runs(k.shape, out_shape)
-  k = k.reshape(shape)
   cands = _long_axes(k.shape, sshape)
   if cands:
     d = max(cands, key=lambda d: k.shape[d] // sshape[d])
     k = k.reshape(k.shape[:d] + (k.shape[d] // _BLOCK, _BLOCK) + k.shape[d + 1:])
     k = jax.lax.optimization_barrier(fn(k, axis=d + 1))  # keeps XLA from merging the two stages back
-  return gran.reduce(k, sshape, fn).reshape(out_shape)
+  elif last_axis_blocks(k.shape, sshape):
+    k = k.reshape(k.shape[:-1] + (k.shape[-1] // _BLOCK, _BLOCK))  # (..., n / _BLOCK, _BLOCK)
+    k = jax.lax.optimization_barrier(fn(k, axis=-1))               # (..., n / _BLOCK); the scale's last dim is 1
+  return gran.reduce(k, sshape, fn)
 
 
 def absmax(x: jax.Array, sshape: tuple[int, ...], poison: bool = False) -> jax.Array:

@@ -357,10 +357,10 @@ def test_absmax_and_minmax_of_activations_with_no_long_axis(sshape):
 @pytest.mark.parametrize('poison', [False, True])
 @pytest.mark.parametrize('shape,sshape', [((32, 128, 4, 32), (1, 1, 1, 1)), ((32, 4, 128, 32), (1, 4, 1, 1)),
                                           ((8, 48, 64), (8, 1, 1)), ((64, 64, 32), (1, 1, 1))])
-def test_merged_trailing_axes_give_numpys_statistics_and_write_no_keys(shape, sshape, poison):
-  """With no long axis, trailing axes reduced whole whose last axis holds whole blocks of 32 are merged into one
-  axis and blocked (`calibration.merged_runs`): numpy's statistics (non-finite values ignored, or with poison a
-  non-finite group statistic), and the compiled program writes no int32 keys at the size of x (XLA:CPU's
+def test_ranges_blocked_along_the_last_axis_give_numpys_statistics_and_write_no_keys(shape, sshape, poison):
+  """With no long axis, a range whose last axis is reduced whole and holds whole blocks of 32 takes its first
+  stage along that axis (`calibration.last_axis_blocks`): numpy's statistics (non-finite values ignored, or with
+  poison a non-finite group statistic), and the compiled program writes no int32 keys at the size of x (XLA:CPU's
   reduce-windows would read them from a copy)."""
   rng = np.random.default_rng(5)
   x = rng.normal(size=shape).astype(np.float32) * np.exp2(rng.integers(-3, 4, shape[:1] + (1,) * (len(shape) - 1)))
@@ -382,12 +382,12 @@ def test_merged_trailing_axes_give_numpys_statistics_and_write_no_keys(shape, ss
   assert written and max(written) <= x.size // 32, f'int32 keys written at x\'s size {x.size}: {written}'
 
 
-def test_merged_runs_only_where_the_last_axis_holds_whole_blocks():
-  """The merge's scope: per-tensor ranges of attention heads and (batch, seq, features) activations merge; the
-  ResNet's 16-feature NHWC activations, per-feature scales and shapes with a long axis keep their axes."""
-  m = cal.merged_runs
-  assert m((32, 128, 4, 32), (1, 1, 1, 1)) == ((524288,), (1,))
-  assert m((32, 4, 128, 32), (1, 4, 1, 1)) == ((32, 4, 4096), (1, 4, 1))
-  assert m((256, 28, 28, 16), (1, 1, 1, 1)) == ((256, 28, 28, 16), (1, 1, 1, 1))  # 16 features: not whole blocks
-  assert m((32, 128, 512), (1, 1, 512)) == ((32, 128, 512), (1, 1, 512))          # per feature: last axis kept
-  assert m((4096, 128), (1, 1)) == ((4096, 128), (1, 1))                          # a long axis: blocked as it is
+def test_last_axis_blocks_only_where_the_last_axis_holds_whole_blocks():
+  """The first stage's scope: per-tensor ranges of attention heads and (batch, seq, features) activations; not
+  the ResNet's 16-feature NHWC activations, per-feature scales, shapes with a long axis or small arrays."""
+  f = cal.last_axis_blocks
+  assert f((32, 128, 4, 32), (1, 1, 1, 1)) and f((32, 4, 128, 32), (1, 4, 1, 1)) and f((8, 48, 64), (8, 1, 1))
+  assert not f((256, 28, 28, 16), (1, 1, 1, 1))  # 16 features: not whole blocks
+  assert not f((32, 128, 512), (1, 1, 512))      # per feature: the last axis is kept
+  assert not f((4096, 128), (1, 1))              # a long axis: blocked along it instead
+  assert not f((4, 4, 32), (1, 1, 1))            # 1024 elements at least

@@ -17,6 +17,7 @@ count); the child prints its findings as JSON and the tests below assert on them
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def _child():
   from jax.sharding import AxisType, NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from qjax import QuantSpec, ops
+  from qjax import QuantSpec, calibration, ops
   from qjax.ops import DotConfig, MatmulConfig
 
   assert jax.device_count() == 8, jax.devices()
@@ -121,6 +122,14 @@ def _child():
   attempt('explicit_step', step(fwd(cfg)), (x, P('data', None)), (w, P(None, 'model')))
   attempt('explicit_step_float', step(lambda a, b: lax.dot_general(a, b, dn)), (x, P('data', None)),
           (w, P(None, 'model')))
+  # Per-tensor ranges of a (batch, seq, heads, head_dim) activation, whose axes calibration.merged_runs merges
+  # into one before blocking: in Auto mode only scale-sized all-reduces; in Explicit mode (where a reshape may
+  # not merge a sharded axis into a major one) they compile and run.
+  act = jnp.asarray(rng.standard_normal((16, 8, 4, 32)), jnp.float32)
+  ranges = lambda a: (calibration.absmax(a, (1, 1, 1, 1), True), *calibration.minmax(a, (1, 1, 1, 1)))
+  record('ranges_auto', ranges, (sh('data', 'model'),), (sh(), sh(), sh()), act)
+  attempt('ranges_explicit', ranges, (act, P('data', 'model')))
+  attempt('ranges_explicit_inner', ranges, (act, P(None, 'data', 'model')))
   print('RESULT ' + json.dumps(out))
 
 
@@ -240,3 +249,15 @@ def test_explicit_mode_sharded_contraction(res, case):
 
 if __name__ == '__main__' and os.environ.get(CHILD_FLAG):
   _child()
+
+
+def test_per_tensor_ranges_of_sharded_activations(res):
+  """calibration's merged per-tensor ranges: exact, only scale-sized all-reduces (Auto), and in Explicit mode
+  they run whichever axes are sharded (merging a sharded inner axis into a major one would be a type error)."""
+  r = res['ranges_auto']
+  assert r['max_abs_diff'] == 0
+  assert set(_kinds(r)) == {'all-reduce'} and all(
+      math.prod(s) <= 32 for ops in _operands(r, 'all-reduce') for _, s in ops), r['collectives']
+  for case in ('ranges_explicit', 'ranges_explicit_inner'):
+    assert res[case]['ok'], res[case].get('error')
+    assert res[case]['types'] == ['float32[1,1,1,1]'] * 3, res[case]['types']
