@@ -13,7 +13,9 @@ count); the child prints its findings as JSON and the tests below assert on them
     sum, so that reduction is f32;
   - a training step: every reduction the float step does in f32 runs in s32, plus scale-sized reductions;
   - Explicit sharding mode (jax.make_mesh's default): the output-sharded forward works; contraction-sharded
-    matmuls (also the backward of any sharded-batch layer) need out_sharding, which the op drops (xfail).
+    matmuls (also the backward of any sharded-batch layer) need out_sharding, which the op drops (xfail);
+  - per-tensor ranges (calibration) of an activation sharded on two axes: scalar all-reduces only in Auto mode,
+    and they compile in Explicit mode.
 """
 
 import json
@@ -122,9 +124,9 @@ def _child():
   attempt('explicit_step', step(fwd(cfg)), (x, P('data', None)), (w, P(None, 'model')))
   attempt('explicit_step_float', step(lambda a, b: lax.dot_general(a, b, dn)), (x, P('data', None)),
           (w, P(None, 'model')))
-  # Per-tensor ranges of a (batch, seq, heads, head_dim) activation, whose axes calibration.merged_runs merges
-  # into one before blocking: in Auto mode only scale-sized all-reduces; in Explicit mode (where a reshape may
-  # not merge a sharded axis into a major one) they compile and run.
+  # Per-tensor ranges of a (batch, seq, heads, head_dim) activation, whose first stage runs along the last axis
+  # (calibration.last_axis_blocks): in Auto mode only scale-sized all-reduces; in Explicit mode they compile and
+  # run (a reshape merging the sharded axes into one, as commit 93e3265 did, all-gathers or is a type error).
   act = jnp.asarray(rng.standard_normal((16, 8, 4, 32)), jnp.float32)
   ranges = lambda a: (calibration.absmax(a, (1, 1, 1, 1), True), *calibration.minmax(a, (1, 1, 1, 1)))
   record('ranges_auto', ranges, (sh('data', 'model'),), (sh(), sh(), sh()), act)
@@ -247,13 +249,9 @@ def test_explicit_mode_sharded_contraction(res, case):
     pytest.xfail('qjax dot_general ignores out_sharding (Explicit mode, sharded contraction)')
 
 
-if __name__ == '__main__' and os.environ.get(CHILD_FLAG):
-  _child()
-
-
 def test_per_tensor_ranges_of_sharded_activations(res):
-  """calibration's merged per-tensor ranges: exact, only scale-sized all-reduces (Auto), and in Explicit mode
-  they run whichever axes are sharded (merging a sharded inner axis into a major one would be a type error)."""
+  """Per-tensor ranges blocked along the last axis: exact, only scale-sized all-reduces (Auto), and in Explicit
+  mode they run whichever axes are sharded (merging a sharded inner axis into a major one would be a type error)."""
   r = res['ranges_auto']
   assert r['max_abs_diff'] == 0
   assert set(_kinds(r)) == {'all-reduce'} and all(
@@ -261,3 +259,7 @@ def test_per_tensor_ranges_of_sharded_activations(res):
   for case in ('ranges_explicit', 'ranges_explicit_inner'):
     assert res[case]['ok'], res[case].get('error')
     assert res[case]['types'] == ['float32[1,1,1,1]'] * 3, res[case]['types']
+
+
+if __name__ == '__main__' and os.environ.get(CHILD_FLAG):
+  _child()
