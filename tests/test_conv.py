@@ -473,3 +473,7 @@ def test_kernel_gradient_takes_the_forwards_input_integers():
   kept = [a for a in jax.tree.leaves(vjp) if hasattr(a, 'dtype') and a.dtype == jnp.int8]
   assert [a.shape for a in kept] == [x.shape]
   np.testing.assert_array_equal(kept[0], quantizers.quantize(x, t).qvalue)
+  # Those integers are quantize(x) taken straight from x: the compiled step rounds x once (requantizing x_hat
+  # rounded it twice in one pass).
+  hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))).lower(x, w).compile().as_text()
+  assert re.findall(r'= f32\[([\d,]*)\][^ ]* round-nearest-even\(', hlo).count('2,8,8,16') == 1

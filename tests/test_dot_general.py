@@ -776,6 +776,25 @@ def test_backward_takes_the_forwards_integers_instead_of_requantizing():
   assert _int8_conversions(jax.make_jaxpr(vjp)(jnp.ones_like(y)), x.shape) == 1
 
 
+def _rounded_shapes(hlo: str) -> list[str]:
+  """The shapes of a compiled program's f32 round-nearest-even instructions, sorted."""
+  return sorted(re.findall(r'= f32\[([\d,]*)\][^ ]* round-nearest-even\(', hlo))
+
+
+def test_shared_integers_are_the_direct_qvalues_rounded_once():
+  """The integers the forward shares with the backward are quantize(x) taken straight from x: the compiled
+  training step rounds x and w once each (requantizing x_hat fused fake_quant's rounding into the same pass and
+  rounded every element twice), and g once."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(64, 24)), jnp.float32)
+  t = QuantSpec('int8')
+  cfg = DotConfig(MatmulConfig(t, t, 'real'), MatmulConfig(t, t, 'real'), MatmulConfig(t, t, 'real'), small_m=0)
+  f = lambda x, w: jnp.sum(ops.dot_general(x, w, dn((2,), (0,)), config=cfg) ** 2)
+  hlo = jax.jit(jax.grad(f, (0, 1))).lower(x, w).compile().as_text()
+  assert _rounded_shapes(hlo) == ['16,24', '2,8,64', '64,24']
+
+
 def test_backward_recalibrates_where_its_spec_names_another_grid():
   """Per-channel operands resolve to other scale shapes in the backward (per column of x for dw, per row of w for
   dx): no forward grid fits, and the backward calibrates its own (forward_grid is None)."""

@@ -534,7 +534,7 @@ def _qconv_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
     # The kernel gradient takes the input on its forward grid: quantize it once for both (as qjax.ops.dot_general
     # does); the backward then holds the int8 input in place of the f32 one.
     cp = static.params
-    lq = lres = with_integers(lhs_hat, lq, resolve_conv_spec(static.config.fwd.lhs, lhs_hat.shape,
+    lq = lres = with_integers(lhs_hat, lqp, resolve_conv_spec(static.config.fwd.lhs, lhs_hat.shape,
                                                              cp.dnums.lhs_spec[0], 'fwd.lhs'))
   return _qconv_forward(lhs_hat, rhs_hat, lq, rq, static), (lhs_hat, rhs_hat, lres, grid_only(rqp), key)
 

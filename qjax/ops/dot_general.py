@@ -559,25 +559,27 @@ def _qdot_primal(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
 
 
 def _qdot_fwd(lhs_hat, rhs_hat, lqp, rqp, key, static: _Static):
-  (lq, lres), (rq, rres) = _shared_integers(lhs_hat, rhs_hat, *for_training(lqp, rqp, static.direct), static)
+  (lq, lres), (rq, rres) = _shared_integers(lhs_hat, rhs_hat, lqp, rqp, static)
   return _qdot_forward(lhs_hat, rhs_hat, lq, rq, static), (lhs_hat, rhs_hat, lres, rres, key)
 
 
-def _shared_integers(lhs_hat, rhs_hat, lq, rq, static: _Static):
-  """((lq, residual), (rq, residual)): a grid-only operand that a backward matmul takes on its forward grid gets
-  x_hat's integers (`with_integers`) for both; the backward's residual is then that QArray, else the grid alone
-  (`grid_only`: a pre-quantized operand's integers stay with the caller, as before)."""
+def _shared_integers(lhs_hat, rhs_hat, lqp, rqp, static: _Static):
+  """((lq, residual), (rq, residual)): a forward operand that a backward matmul takes on its forward grid gets
+  x_hat's integers (`with_integers`: the direct qvalues where `_fq_operand` took them, else x_hat requantized)
+  for both; the backward's residual is then that QArray, else the grid alone (`grid_only`: a pre-quantized
+  operand's integers stay with the caller, as before)."""
   cfg, dims = static.config, static.dims
   (lc, rc), (lb, rb) = dims
   d1, _ = dlhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
   d2, _ = drhs_dims(dims, lhs_hat.ndim, rhs_hat.ndim)
+  lq, rq = for_training(lqp, rqp, static.direct)
   out = []
-  for x, q, fwd, bwd, sides, bwd_sides, side, where in (
-      (lhs_hat, lq, cfg.fwd.lhs, cfg.drhs.lhs, (lc, lb), (d2[0][0], d2[1][0]), 'lhs', 'drhs.lhs'),
-      (rhs_hat, rq, cfg.fwd.rhs, cfg.dlhs.rhs, (rc, rb), (d1[0][1], d1[1][1]), 'rhs', 'dlhs.rhs')):
+  for x, q, qp, fwd, bwd, sides, bwd_sides, side, where in (
+      (lhs_hat, lq, lqp, cfg.fwd.lhs, cfg.drhs.lhs, (lc, lb), (d2[0][0], d2[1][0]), 'lhs', 'drhs.lhs'),
+      (rhs_hat, rq, rqp, cfg.fwd.rhs, cfg.dlhs.rhs, (rc, rb), (d1[0][1], d1[1][1]), 'rhs', 'dlhs.rhs')):
     if q is not None and q.qvalue is None and forward_grid(q, fwd, bwd, x.shape, sides, bwd_sides,
                                                          where) is not None:
-      q = with_integers(x, q, resolve_spec(fwd, x.shape, *sides, f'fwd.{side}'))
+      q = with_integers(x, qp, resolve_spec(fwd, x.shape, *sides, f'fwd.{side}'))
       out.append((q, q))
     else:
       out.append((q, grid_only(q)))
@@ -591,22 +593,29 @@ def with_integers(x_hat, q: quantizers.QArray, spec: QuantSpec) -> quantizers.QA
   (x_hat / scale, exact); XLA:CPU does not always merge the two passes (its dot canonicalisation reshapes one
   of them: the char-LM's activations). Quantized once here, the forward and the backward multiply the same
   int8 array, and the backward holds it in place of the f32 x_hat (dead under jit; an eager `jax.vjp` keeps
-  both). The barrier materialises the integers: else XLA fuses the quantization into each transposing reader
-  again (the attention's q and k are read in two layouts). The e2e suite's char-LM int8 training step, one pinned
-  core of a Zen 4 without page faults: 119-120 ms -> 111-113 ms, 0.68-0.70x -> 0.63-0.65x of float
-  (docs/benchmarks.md, 2026-12-07).
+  both). The e2e suite's char-LM int8 training step, one pinned core of a Zen 4 without page faults: 119-120 ms
+  -> 111-113 ms, 0.68-0.70x -> 0.63-0.65x of float (docs/benchmarks.md, 2026-12-07).
+
+  Where q already carries the integers taken straight from x (`_fq_operand`'s direct qvalues: nearest rounding
+  on an integer grid) they are x_hat's own, and the pass takes them as they are: requantizing x_hat made XLA fuse
+  fake_quant's rounding into the same pass and round every element twice, and nothing else reads x_hat then. The
+  char-LM's step: 103 ms -> 98 ms in two in-process A/Bs, its 17 forward quantizing passes 10.4 ms -> 4.6 ms in
+  a thunk profile (docs/benchmarks.md, 2026-12-07 evening). The barrier materialises the integers: else XLA
+  fuses the quantization into each transposing reader again (the attention's q and k are read in two layouts).
   """
-  q = quantizers.quantize(x_hat, spec.replace(rounding='nearest'), scale=q.scale, zero_point=q.zero_point)
+  if q.qvalue is None:
+    q = quantizers.quantize(x_hat, spec.replace(rounding='nearest'), scale=q.scale, zero_point=q.zero_point)
   return dataclasses.replace(q, qvalue=lax.optimization_barrier(q.qvalue))
 
 
 def for_training(lqp, rqp, direct: tuple[bool, bool]):
-  """The forward's grids under differentiation: without the qvalues `_fq_operand` took straight from x. x_hat (or
-  its integers, where a backward matmul shares the forward's grid: `with_integers`) is then materialised for the
-  backward anyway, and requantizing it is cheaper than a second read of x, whose producers XLA fuses into every
-  reader (the e2e suite's MLP int8 training step: 0.57x of float this way, 0.69x with the direct qvalues in
-  training; docs/benchmarks.md, 2026-12-05 evening). Without differentiation (serving, evaluation) x_hat is dead
-  code and the direct qvalues are the cheaper route."""
+  """The forward's grids under differentiation: without the qvalues `_fq_operand` took straight from x. Where the
+  backward keeps x_hat (a float backward, or one on another grid), x_hat is materialised for it anyway, and
+  requantizing x_hat is cheaper than a second read of x, whose producers XLA fuses into every reader (the e2e
+  suite's MLP int8 training step: 0.57x of float this way, 0.69x with the direct qvalues in training;
+  docs/benchmarks.md, 2026-12-05 evening). Where a backward matmul shares the forward's grid, the backward holds
+  the integers instead and the direct qvalues serve both (`with_integers`). Without differentiation (serving,
+  evaluation) x_hat is dead code and the direct qvalues are the cheaper route."""
   return tuple(grid_only(q) if d else q for q, d in zip((lqp, rqp), direct, strict=True))
 
 
