@@ -9,6 +9,7 @@ gradients on the shapes where it is chosen (LeNet-5's convs).
 import importlib
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,20 @@ def test_word_patches_equal_element_patches(name, two_stage, monkeypatch):
   assert words.dtype == elements.dtype == unpacked.dtype == jnp.int8
   np.testing.assert_array_equal(words, elements)
   np.testing.assert_array_equal(unpacked, elements)
+
+
+@pytest.mark.parametrize('two_stage', [False, True])
+def test_word_patches_are_concatenated_as_int8(two_stage):
+  """Each word slice is viewed as int8 before the concatenate: no uint32 array of the patch matrix's width is left
+  in the compiled program (viewing the concatenated words was a pass of its own over the whole matrix)."""
+  ls, rs, strides, padding, lhs_d, rhs_d, dn = CASES['words_strided']
+  cp = conv.conv_params(ls, rs, strides, padding, lhs_d, rhs_d, dn)
+  x = jnp.zeros(ls, jnp.int8)
+  k_sp = tuple(rs[d] for d in cp.dnums.rhs_spec[2:])
+  hlo = jax.jit(lambda x: cg.patches(x, cp, k_sp, two_stage)).lower(x).compile().as_text()
+  width = int(np.prod(k_sp)) * ls[-1] // cg.WORD_BYTES  # the patch matrix in words: 36
+  assert 'u32[' in hlo
+  assert not re.search(rf'u32\[[\d,]*,{width}\]', hlo)
 
 
 def test_two_stage_conv_of_a_3x3_kernel_is_exact():

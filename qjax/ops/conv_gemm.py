@@ -87,6 +87,11 @@ TWO_STAGE_MIN_TAPS = 10
 # Fewer features gained nothing when forced into words (ad hoc, a script bypassing MIN_WORDS, not a repo command):
 # 28, 4 -> 16 0.42x -> 0.44x and 8 -> 16 0.53x -> 0.53x; a uint16 view of LeNet-5's 6 features (3 half-words) made
 # its 5x5 conv slower, 0.30-0.35x -> 0.56-0.66x. Hence whole words, and at least MIN_WORDS of them.
+# The words are viewed as int8 again slice by slice, before the concatenate: viewing the concatenated patch matrix
+# was a pass of its own (2.1 ms of each 11.7 ms loop of the ResNet's 16 -> 16 convs in a thunk profile of its PTQ
+# serving at batch 256). In-process A/Bs on the Zen 4 above (ad hoc, 2026-12-07 evening, docs/benchmarks.md): that
+# conv alone 0.57x -> 0.50x of f32, the e2e suite's ResNet PTQ serving at 256 0.633-0.637x -> 0.607-0.611x of
+# float, at 8 0.66x -> 0.60x, its int8 training step 0.543x -> 0.523x.
 WORD_BYTES = 4
 MIN_WORDS = 4
 
@@ -118,17 +123,20 @@ def patches(x, cp, k_sp, two_stage: bool | None = None, words: bool = True) -> j
   along H: k_h + k_w slices instead of k_h * k_w. XLA:CPU runs each slice as its own kernel (it does not fuse
   them into the concatenate), which at 25 taps costs more than the small matmul they feed. Either way the
   slices move whole 4-byte words where a pixel's features fill them (`as_words`; words=False copies elements,
-  for the conv suite's comparison): the same bytes, in the same (i, j, c) order."""
+  for the conv suite's comparison): the same bytes, in the same (i, j, c) order. Each final slice is viewed as
+  int8 again before the concatenate, which XLA fuses into it: viewing the concatenated words instead was a pass of
+  its own over the whole patch matrix (see WORD_BYTES)."""
   # The barrier materialises x once: without it XLA fuses x's producer (the quantization of a float activation)
   # into each of the k*k slices and recomputes it k*k times.
   x = lax.optimization_barrier(x)
   dtype = x.dtype
   x, packed = as_words(x) if words else (x, False)
-  p = _patches(x, cp, k_sp, two_stage)
-  return from_words(p, dtype) if packed else p
+  cols = _patch_slices(x, cp, k_sp, two_stage)
+  return jnp.concatenate([from_words(c, dtype) for c in cols] if packed else cols, axis=-1)
 
 
-def _patches(x, cp, k_sp, two_stage: bool | None) -> jax.Array:
+def _patch_slices(x, cp, k_sp, two_stage: bool | None) -> list[jax.Array]:
+  """The slices whose concatenation on the last dim is the patches (`patches`)."""
   zero = jnp.zeros((), x.dtype)
   spatial = [(lo, hi, ld - 1) for (lo, hi), ld in zip(cp.padding, cp.lhs_dilation, strict=True)]
   pads = [(0, 0, 0), *spatial, (0, 0, 0)]
@@ -138,7 +146,8 @@ def _patches(x, cp, k_sp, two_stage: bool | None) -> jax.Array:
   if two_stage is None:
     two_stage = int(k_sp[0]) * int(k_sp[1]) >= TWO_STAGE_MIN_TAPS
   if two_stage:
-    return _patches_two_stage(xp, cp, k_sp, out_sp)
+    rows = _shifts(xp, 2, k_sp[1], cp.rhs_dilation[1], cp.window_strides[1], out_sp[1])  # (N, H', OW, KW*C)
+    return _shift_list(rows, 1, k_sp[0], cp.rhs_dilation[0], cp.window_strides[0], out_sp[0])  # KH x (N, OH, OW, KW*C)
   cols = []
   for i in range(k_sp[0]):
     for j in range(k_sp[1]):
@@ -146,12 +155,11 @@ def _patches(x, cp, k_sp, two_stage: bool | None) -> jax.Array:
       limit = (xp.shape[0], start[1] + (out_sp[0] - 1) * cp.window_strides[0] + 1,
                start[2] + (out_sp[1] - 1) * cp.window_strides[1] + 1, xp.shape[3])
       cols.append(lax.slice(xp, start, limit, (1, *cp.window_strides, 1)))
-  return jnp.concatenate(cols, axis=-1)
+  return cols
 
 
-def _shifts(x, axis: int, k: int, dilation: int, stride: int, n_out: int) -> jax.Array:
-  """The k shifted (by i * dilation), strided slices of n_out positions of x along `axis`, concatenated on the last
-  (feature) dim in i order."""
+def _shift_list(x, axis: int, k: int, dilation: int, stride: int, n_out: int) -> list[jax.Array]:
+  """The k shifted (by i * dilation), strided slices of n_out positions of x along `axis`, in i order."""
   out = []
   for i in range(k):
     start = [0] * x.ndim
@@ -161,12 +169,13 @@ def _shifts(x, axis: int, k: int, dilation: int, stride: int, n_out: int) -> jax
     limit[axis] = start[axis] + (n_out - 1) * stride + 1
     strides[axis] = stride
     out.append(lax.slice(x, start, limit, strides))
+  return out
+
+
+def _shifts(x, axis: int, k: int, dilation: int, stride: int, n_out: int) -> jax.Array:
+  """`_shift_list` concatenated on the last (feature) dim."""
+  out = _shift_list(x, axis, k, dilation, stride, n_out)
   return out[0] if k == 1 else jnp.concatenate(out, axis=-1)
-
-
-def _patches_two_stage(xp, cp, k_sp, out_sp) -> jax.Array:
-  rows = _shifts(xp, 2, k_sp[1], cp.rhs_dilation[1], cp.window_strides[1], out_sp[1])   # (N, H', OW, KW*C)
-  return _shifts(rows, 1, k_sp[0], cp.rhs_dilation[0], cp.window_strides[0], out_sp[0])  # (N, OH, OW, KH*KW*C)
 
 
 def example_patch_bytes(x_shape, itemsize: int, cp, k_sp) -> int:
