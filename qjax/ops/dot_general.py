@@ -599,9 +599,10 @@ def with_integers(x_hat, q: quantizers.QArray, spec: QuantSpec) -> quantizers.QA
   Where q already carries the integers taken straight from x (`_fq_operand`'s direct qvalues: nearest rounding
   on an integer grid) they are x_hat's own, and the pass takes them as they are: requantizing x_hat made XLA fuse
   fake_quant's rounding into the same pass and round every element twice, and nothing else reads x_hat then. The
-  char-LM's step: 103 ms -> 98 ms in two in-process A/Bs, its 17 forward quantizing passes 10.4 ms -> 4.6 ms in
-  a thunk profile (docs/benchmarks.md, 2026-12-07 evening). The barrier materialises the integers: else XLA
-  fuses the quantization into each transposing reader again (the attention's q and k are read in two layouts).
+  char-LM's step: 103-105 ms -> 98-99 ms in three in-process A/Bs, its 17 forward quantizing passes 10.4 ms
+  -> 4.6 ms in a thunk profile (docs/benchmarks.md, 2026-12-07 evening). The barrier materialises the integers:
+  else XLA fuses the quantization into each transposing reader again (the attention's q and k are read in two
+  layouts).
   """
   if q.qvalue is None:
     q = quantizers.quantize(x_hat, spec.replace(rounding='nearest'), scale=q.scale, zero_point=q.zero_point)
