@@ -122,6 +122,20 @@ def test_word_patches_are_concatenated_as_int8(two_stage):
   assert not re.search(rf'u32\[[\d,]*,{width}\]', hlo)
 
 
+def test_chunk_loop_reads_and_writes_flat_rows():
+  """The batch-chunk loop carries its input and output as one row per chunk (`_map_batch`): (k, c * H * W * C),
+  not stacked (k, c, H, W, C) blocks, whose dynamic slices and updates cost XLA:CPU more. The result stays exact
+  (test_patch_conv_and_kernel_grad_are_exact)."""
+  x, w = jnp.zeros((8, 12, 12, 16), jnp.int8), jnp.zeros((3, 3, 16, 8), jnp.int8)
+  cp = conv.conv_params(x.shape, w.shape, (1, 1), 'SAME', None, None, NHWC)
+  chunk_bytes = 2 * cg.example_patch_bytes(x.shape, 1, cp, (3, 3))  # 2 examples per chunk: 4 chunks
+  hlo = jax.jit(lambda a, b: cg.conv(a, b, cp, chunk_bytes=chunk_bytes)).lower(x, w).compile().as_text()
+  loops = re.findall(r'= \(([^)]*)\) while\(', hlo)
+  assert len(loops) == 1
+  state = loops[0]
+  assert 's32[4,2304]' in state and 's8[4,4608]' in state, state  # 2 * 12 * 12 * 8 outputs, 2 * 12 * 12 * 16 inputs
+
+
 def test_two_stage_conv_of_a_3x3_kernel_is_exact():
   """A 3x3 kernel (one stage by default) with its patches in two stages, strided: XLA's integer conv exactly."""
   cp = conv.conv_params((3, 9, 8, 4), (3, 3, 4, 5), (2, 1), 'SAME', None, None, NHWC)

@@ -204,11 +204,20 @@ def _chunked(x, chunk: int):
 
 def _map_batch(f, x, chunk: int):
   """f over the batch of x in chunks of at most `chunk` examples (a loop in the program, not unrolled; padding
-  examples are dropped from the result): f(x) exactly, for f that maps each example on its own."""
+  examples are dropped from the result): f(x) exactly, for f that maps each example on its own.
+
+  The loop reads and writes each chunk as one flat row: XLA:CPU's dynamic slice and update of a (c, H, W, C) block
+  inside a stacked batch cost more than of a row of the same bytes. In-process A/Bs (ad hoc, one pinned core of a
+  Zen 4, 2026-12-07 evening, docs/benchmarks.md): the ResNet's 28x28 16 -> 16 conv at batch 256 9.7 -> 8.8 ms;
+  the e2e suite's PTQ serving at 256, ResNet 0.614x -> 0.592x and LeNet-5 0.544x -> 0.521x of float; LeNet-5's
+  int8 training step 36.0-37.1 -> 36.8-37.6 ms, a cost within 2%. The kernel gradient's loop (`kernel_grad`) keeps
+  its blocks: read as rows there, LeNet-5's training step took 1.8-2.2 ms longer."""
   if chunk >= x.shape[0]:
     return f(x)
-  y = lax.map(f, _chunked(x, chunk))
-  return y.reshape(-1, *y.shape[2:])[:x.shape[0]]
+  xs = _chunked(x, chunk)                                      # (k, c, ...)
+  out = jax.eval_shape(f, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype)).shape
+  y = lax.map(lambda row: f(row.reshape(xs.shape[1:])).reshape(-1), xs.reshape(xs.shape[0], -1))  # (k, c * ...)
+  return y.reshape(-1, *out[1:])[:x.shape[0]]
 
 
 # The input gradient of a stride-s conv is a conv over g dilated by s: (s^2 - 1) / s^2 of its patches are the
