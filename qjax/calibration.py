@@ -65,7 +65,7 @@ _BLOCK_MIN = 1024    # axes at least this long are blocked (shorter ones: one pl
 # two of them XLA all-gathered the keys, and in Explicit mode merging a sharded inner axis is a type error). The
 # e2e suite's char-LM int8 training step, an in-process A/B on one pinned core of a Zen 4: 117.8 -> 111.2 ms (the
 # merge: 112.0). The ResNet's 16-feature stage keeps the one-stage reduction, its 32- and 64-feature ones block:
-# its int8 training step moved 207.3 -> 210.7 and 216.1 -> 228.5 ms, its QAT step 387.5 -> 378.1 ms
+# its int8 training step moved 207.3 -> 210.7 and 216.1 -> 228.5 ms, its QAT step 0.892x -> 0.870x of float
 # (docs/benchmarks.md, 2026-12-07, "Per-tensor ranges blocked along the last axis").
 
 
