@@ -147,11 +147,23 @@ def test_two_stage_conv_of_a_3x3_kernel_is_exact():
   np.testing.assert_array_equal(cg.conv(a, b, cp, chunk_bytes=1, two_stage=True), want)
 
 
-@pytest.mark.parametrize('chunk', [None, 1, 2])
+def test_batch_chunk_prefers_a_divisor_of_the_batch():
+  """LeNet-5's 28x28 1 -> 6 5x5 SAME conv has 19,600 patch bytes per example: 13 fit in 256 KiB, 8 divide 256.
+  Batch 5 with room for 2 takes 1 (no padding); with room for 3 or 4 it keeps them (1 is less than half: the
+  last chunk is padded); batch 12 with room for 5 takes 4; room for more than the batch takes the batch."""
+  cp = conv.conv_params((256, 28, 28, 1), (5, 5, 1, 6), (1, 1), 'SAME', None, None, NHWC)
+  per = cg.example_patch_bytes((256, 28, 28, 1), 1, cp, (5, 5))
+  assert per == 28 * 28 * 25 and (256 << 10) // per == 13
+  assert cg.batch_chunk((256, 28, 28, 1), 1, cp, (5, 5)) == 8
+  for n, room, want in [(5, 2, 1), (5, 3, 3), (5, 4, 4), (12, 5, 4), (12, 13, 12), (7, 1, 1)]:
+    assert cg.batch_chunk((n, 28, 28, 1), 1, cp, (5, 5), room * per) == want, (n, room)
+
+
+@pytest.mark.parametrize('chunk', [None, 1, 2, 3])
 @pytest.mark.parametrize('name', list(CASES))
 def test_patch_conv_and_kernel_grad_are_exact(name, chunk):
-  """Exact for the whole batch in one chunk and in chunks of 1 and 2 examples (batch 5 in chunks of 2: the last
-  chunk is zero-padded)."""
+  """Exact for the whole batch in one chunk and in chunks of 1, 2 and 3 examples (`batch_chunk` may take a
+  divisor of the batch instead; batch 5 with room for 3: chunks of 3, the last zero-padded)."""
   ls, rs, st, pad, ld, rd, dn = CASES[name]
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.integers(-128, 128, ls), jnp.int8)
@@ -162,7 +174,10 @@ def test_patch_conv_and_kernel_grad_are_exact(name, chunk):
   x_shape = cg.to_nhwc(a, cp.dnums.lhs_spec).shape
   per_example = cg.example_patch_bytes(x_shape, 1, cp, k_sp)
   chunk_bytes = 1 << 40 if chunk is None else chunk * per_example
-  assert cg.batch_chunk(x_shape, 1, cp, k_sp, chunk_bytes) == (x_shape[0] if chunk is None else chunk)
+  used = cg.batch_chunk(x_shape, 1, cp, k_sp, chunk_bytes)
+  assert used == x_shape[0] if chunk is None else used <= chunk
+  if name == 'odd_batch_nchw' and chunk == 3:
+    assert used == 3  # the padded path
   want = cp.conv(a.astype(jnp.int32), b.astype(jnp.int32), jnp.int32)
   got = jax.jit(lambda a, b: cg.conv(a, b, cp, chunk_bytes=chunk_bytes))(a, b)
   assert got.dtype == jnp.int32

@@ -189,9 +189,19 @@ def example_patch_bytes(x_shape, itemsize: int, cp, k_sp) -> int:
 
 def batch_chunk(x_shape, itemsize: int, cp, k_sp, chunk_bytes: int | None = None) -> int:
   """Examples per chunk: as many as keep the chunk's patches within chunk_bytes (default CHUNK_PATCH_BYTES),
-  at least one, at most the batch."""
+  at least one, at most the batch; lowered to the largest divisor of the batch if that is at least half as many.
+
+  Why a divisor: a chunk that does not divide the batch pads the whole input to a multiple of it and slices the
+  whole output back (`_chunked`, `_map_batch`), two copies as large as the batch's input and output. At batch 256
+  LeNet-5's 28x28 1 -> 6 conv took chunks of 12 (8 fit a divisor), and 3 or 6 examples per chunk made the
+  ResNet's serving 15% slower than 2 or 4. In-process A/Bs (ad hoc, one pinned core of a Zen 4, 2026-12-07 night,
+  docs/benchmarks.md), time ratios to float at batch 256: LeNet-5 PTQ serving 0.505x -> 0.438x, int8 training
+  0.544x -> 0.527x; ResNet PTQ serving 0.592x -> 0.577x, int8 training 0.534x -> 0.497x."""
   limit = CHUNK_PATCH_BYTES if chunk_bytes is None else chunk_bytes
-  return int(max(1, min(x_shape[0], limit // max(1, example_patch_bytes(x_shape, itemsize, cp, k_sp)))))
+  n = int(x_shape[0])
+  c = int(max(1, min(n, limit // max(1, example_patch_bytes(x_shape, itemsize, cp, k_sp)))))
+  d = max(d for d in range(1, c + 1) if n % d == 0)
+  return d if 2 * d >= c else c
 
 
 def _chunked(x, chunk: int):
