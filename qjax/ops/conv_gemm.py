@@ -193,7 +193,7 @@ def batch_chunk(x_shape, itemsize: int, cp, k_sp, chunk_bytes: int | None = None
 
   Why a divisor: a chunk that does not divide the batch pads the whole input to a multiple of it and slices the
   whole output back (`_chunked`, `_map_batch`), two copies as large as the batch's input and output. At batch 256
-  LeNet-5's 28x28 1 -> 6 conv took chunks of 12 (8 fit a divisor), and 3 or 6 examples per chunk made the
+  LeNet-5's 28x28 1 -> 6 conv took chunks of 13 (now 8, a divisor), and 3 or 6 examples per chunk made the
   ResNet's serving 15% slower than 2 or 4. In-process A/Bs (ad hoc, one pinned core of a Zen 4, 2026-12-07 night,
   docs/benchmarks.md), time ratios to float at batch 256: LeNet-5 PTQ serving 0.505x -> 0.438x, int8 training
   0.544x -> 0.527x; ResNet PTQ serving 0.592x -> 0.577x, int8 training 0.534x -> 0.497x."""
