@@ -50,23 +50,26 @@ def _finite(x: jax.Array, fill: float = 0.0) -> jax.Array:
 
 # absmax and minmax ignore non-finite values without a masked copy of x. Their statistics are reduced as int32
 # keys of the float bits (monotonic in the value; NaN and +-inf map to the key of +0.0), first over blocks of
-# _BLOCK elements along one long reduced axis, then the rest. XLA:CPU fuses the masking into that short first
-# reduction and reads x once, as fast as an unmasked reduction (docs/benchmarks.md, fake_quant). Its fast
-# (YNN) reductions take no compare or select, and a long reduction is split by XLA into reduce-windows that do
-# not fuse their producer, so both plainer forms write a masked copy of x first. A global `lax.cond` (reduce as
-# is, mask only when a statistic is non-finite) is avoided on purpose: its predicate is a cross-device
-# all-reduce when the scale groups are sharded.
+# _BLOCK elements along one reduced axis (`first_stage_axis`), then the rest. XLA:CPU fuses the masking into that
+# short first reduction and reads x once, as fast as an unmasked reduction (docs/benchmarks.md, fake_quant). Its
+# fast (YNN) reductions take no compare or select, and a long reduction is split by XLA into reduce-windows that
+# do not fuse their producer, so both plainer forms write a masked copy of x first. A global `lax.cond` (reduce as
+# is, mask only when a statistic is non-finite) is avoided on purpose: its predicate is a cross-device all-reduce
+# when the scale groups are sharded.
+#
+# Which axis: a long one (at least _BLOCK_MIN elements, groups of whole blocks; the longest groups) first; else a
+# shorter reduced axis before the last, the one nearest it, whose groups hold whole blocks; else the last axis, reduced
+# whole, if it holds whole blocks. An axis is only ever split into (blocks, _BLOCK), never merged with another, so a
+# sharded activation whose shards hold whole blocks needs no collective beyond the scale-sized all-reduce (commit
+# 93e3265 merged the axes reduced whole into one: on a mesh sharding two of them XLA all-gathered the keys, and in
+# Explicit mode merging a sharded inner axis is a type error). An axis before the last is preferred: its blocks reduce
+# element-wise across whole rows, where blocks of the last axis reduce within each vector (our reading of the times
+# below; the machine code was not read). Each absmax (poison on) jitted alone, the rule before -> this one, one pinned
+# core of a Zen 4 (an ad-hoc script, 2026-12-07 night, docs/benchmarks.md): per tensor (32, 128, 512) 1.52 -> 0.43 ms,
+# (32, 4, 128, 128) 1.71 -> 0.39 ms, the ResNet's (256, 28, 28, 16) 1.58 -> 0.49 ms; per feature (32, 128, 512) 6.49 ->
+# 0.46 ms and (256, 14, 14, 32) 1.69 -> 0.17 ms; a (512, 2048) weight per column 0.33 -> 0.23 ms.
 _BLOCK = 32          # elements per first-stage block
-_BLOCK_MIN = 1024    # axes at least this long are blocked (shorter ones: one plain reduction; x is small)
-# With no long axis, a range whose last axis is reduced whole and holds whole blocks of _BLOCK (the per-tensor
-# range of a (batch, seq, features) activation or of attention heads) takes its first stage along that last axis
-# (`last_axis_blocks`): no reshape merges axes, so a sharded activation needs no collective beyond the scale-sized
-# all-reduce (commit 93e3265 merged the axes reduced whole into one instead: same speed, but on a mesh sharding
-# two of them XLA all-gathered the keys, and in Explicit mode merging a sharded inner axis is a type error). The
-# e2e suite's char-LM int8 training step, an in-process A/B on one pinned core of a Zen 4: 117.8 -> 111.2 ms (the
-# merge: 112.0). The ResNet's 16-feature stage keeps the one-stage reduction, its 32- and 64-feature ones block:
-# its int8 training step moved 207.3 -> 210.7 and 216.1 -> 228.5 ms, its QAT step 0.892x -> 0.870x of float
-# (docs/benchmarks.md, 2026-12-07, "Per-tensor ranges blocked along the last axis").
+_BLOCK_MIN = 1024    # axes at least this long are blocked first; smaller arrays are reduced in one stage
 
 
 def _keys(x: jax.Array, signed: bool, poison: bool = False) -> jax.Array:
@@ -82,32 +85,32 @@ def _from_keys(k: jax.Array, signed: bool) -> jax.Array:
   return jax.lax.bitcast_convert_type(jnp.where(k < 0, k ^ 0x7FFFFFFF, k) if signed else k, jnp.float32)
 
 
-def _long_axes(shape: tuple[int, ...], sshape: tuple[int, ...]) -> list[int]:
-  """The reduced axes long enough to block: at least _BLOCK_MIN elements, groups of whole blocks."""
-  return [d for d, (n, s) in enumerate(zip(shape, sshape, strict=True)) if n >= _BLOCK_MIN and (n // s) % _BLOCK == 0]
-
-
-def last_axis_blocks(shape: tuple[int, ...], sshape: tuple[int, ...]) -> bool:
-  """Whether a range over an array of `shape` with scale shape `sshape` takes its first stage in blocks of _BLOCK
-  along the last axis (see the comment above): no long axis, the last axis reduced whole and a multiple of
-  _BLOCK, at least _BLOCK_MIN elements. (32, 128, 4, 32) per tensor: yes; (256, 28, 28, 16) per tensor and any
-  per-feature scale: no."""
-  return (len(shape) > 1 and sshape[-1] == 1 and shape[-1] % _BLOCK == 0 and math.prod(shape) >= _BLOCK_MIN
-          and not _long_axes(shape, sshape))
+def first_stage_axis(shape: tuple[int, ...], sshape: tuple[int, ...]) -> int | None:
+  """The axis whose blocks of _BLOCK a range over an array of `shape` with scale shape `sshape` reduces first
+  (see the comment above), or None for one stage. (4096, 128) per tensor: 0; (32, 128, 512) per tensor: 1;
+  (256, 28, 28, 16) per tensor: 0 (no other axis holds whole blocks); (8, 48, 64) per row: 2 (the last);
+  (4, 4, 32) per tensor: None (under _BLOCK_MIN elements)."""
+  if math.prod(shape) < _BLOCK_MIN:
+    return None
+  groups = [n // s for n, s in zip(shape, sshape, strict=True)]
+  whole = [d for d, g in enumerate(groups) if g % _BLOCK == 0 and g > 1]
+  long = [d for d in whole if shape[d] >= _BLOCK_MIN]
+  if long:
+    return max(long, key=lambda d: groups[d])
+  inner = [d for d in whole if d < len(shape) - 1]
+  if inner:
+    return inner[-1]
+  return len(shape) - 1 if len(shape) > 1 and sshape[-1] == 1 and shape[-1] % _BLOCK == 0 else None
 
 
 def _reduce_keys(k: jax.Array, sshape: tuple[int, ...], fn) -> jax.Array:
-  """gran.reduce(k, sshape, fn), in two stages when a reduced axis is long (see the comment above)."""
+  """gran.reduce(k, sshape, fn), in two stages where `first_stage_axis` names an axis (see the comment above)."""
   # initial=0 (the key of +0.0): every statistic here includes 0, and empty groups reduce to it.
   fn = functools.partial(fn, initial=0)
-  cands = _long_axes(k.shape, sshape)
-  if cands:
-    d = max(cands, key=lambda d: k.shape[d] // sshape[d])
+  d = first_stage_axis(k.shape, sshape)
+  if d is not None:
     k = k.reshape(k.shape[:d] + (k.shape[d] // _BLOCK, _BLOCK) + k.shape[d + 1:])
     k = jax.lax.optimization_barrier(fn(k, axis=d + 1))  # keeps XLA from merging the two stages back
-  elif last_axis_blocks(k.shape, sshape):
-    k = k.reshape(k.shape[:-1] + (k.shape[-1] // _BLOCK, _BLOCK))  # (..., n / _BLOCK, _BLOCK)
-    k = jax.lax.optimization_barrier(fn(k, axis=-1))               # (..., n / _BLOCK); the scale's last dim is 1
   return gran.reduce(k, sshape, fn)
 
 

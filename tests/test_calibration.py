@@ -356,10 +356,12 @@ def test_absmax_and_minmax_of_activations_with_no_long_axis(sshape):
 
 @pytest.mark.parametrize('poison', [False, True])
 @pytest.mark.parametrize('shape,sshape', [((32, 128, 4, 32), (1, 1, 1, 1)), ((32, 4, 128, 32), (1, 4, 1, 1)),
-                                          ((8, 48, 64), (8, 1, 1)), ((64, 64, 32), (1, 1, 1))])
-def test_ranges_blocked_along_the_last_axis_give_numpys_statistics_and_write_no_keys(shape, sshape, poison):
-  """With no long axis, a range whose last axis is reduced whole and holds whole blocks of 32 takes its first
-  stage along that axis (`calibration.last_axis_blocks`): numpy's statistics (non-finite values ignored, or with
+                                          ((8, 48, 64), (8, 1, 1)), ((64, 64, 32), (1, 1, 1)),
+                                          ((64, 7, 7, 16), (1, 1, 1, 1)), ((8, 64, 96), (1, 1, 96)),
+                                          ((96, 40), (1, 40))])
+def test_blocked_ranges_give_numpys_statistics_and_write_no_keys(shape, sshape, poison):
+  """With no long axis, a range takes its first stage in blocks of 32 along a shorter axis before the last, or
+  along the last axis (`calibration.first_stage_axis`): numpy's statistics (non-finite values ignored, or with
   poison a non-finite group statistic), and the compiled program writes no int32 keys at the size of x (XLA:CPU's
   reduce-windows would read them from a copy)."""
   rng = np.random.default_rng(5)
@@ -382,12 +384,21 @@ def test_ranges_blocked_along_the_last_axis_give_numpys_statistics_and_write_no_
   assert written and max(written) <= x.size // 32, f'int32 keys written at x\'s size {x.size}: {written}'
 
 
-def test_last_axis_blocks_only_where_the_last_axis_holds_whole_blocks():
-  """The first stage's scope: per-tensor ranges of attention heads and (batch, seq, features) activations; not
-  the ResNet's 16-feature NHWC activations, per-feature scales, shapes with a long axis or small arrays."""
-  f = cal.last_axis_blocks
-  assert f((32, 128, 4, 32), (1, 1, 1, 1)) and f((32, 4, 128, 32), (1, 4, 1, 1)) and f((8, 48, 64), (8, 1, 1))
-  assert not f((256, 28, 28, 16), (1, 1, 1, 1))  # 16 features: not whole blocks
-  assert not f((32, 128, 512), (1, 1, 512))      # per feature: the last axis is kept
-  assert not f((4096, 128), (1, 1))              # a long axis: blocked along it instead
-  assert not f((4, 4, 32), (1, 1, 1))            # 1024 elements at least
+def test_first_stage_axis_by_hand():
+  """A long axis first (the longest groups); else the reduced axis before the last nearest it whose groups hold
+  whole blocks of 32; else the last axis if reduced whole in whole blocks; else one stage."""
+  f = cal.first_stage_axis
+  assert f((4096, 128), (1, 1)) == 0              # a long axis
+  assert f((2048, 4096), (1, 1)) == 1             # the longer one
+  assert f((32, 128, 512), (1, 1, 1)) == 1        # seq, the reduced axis nearest the last (not the batch)
+  assert f((32, 128, 512), (1, 1, 512)) == 1      # per feature: the kept last axis is never blocked
+  assert f((32, 128, 4, 32), (1, 1, 1, 1)) == 1   # 4 heads hold no whole block
+  assert f((32, 4, 128, 32), (1, 4, 1, 1)) == 2
+  assert f((256, 28, 28, 16), (1, 1, 1, 1)) == 0  # only the batch holds whole blocks
+  assert f((8, 48, 64), (8, 1, 1)) == 2           # per row: 48 is no whole number of blocks, the last axis is
+  assert f((64, 96), (2, 1)) == 0                 # two groups of 32 rows: one block each
+  assert f((64, 40), (1, 40)) == 0
+  assert f((16, 8, 4, 32), (1, 1, 1, 1)) == 3     # nothing before the last axis holds a block
+  assert f((256, 28, 28, 16), (1, 1, 1, 16)) == 0
+  assert f((3, 3, 16, 16), (1, 1, 1, 16)) is None  # a conv kernel per output feature: no axis holds a block
+  assert f((4, 4, 32), (1, 1, 1)) is None          # 1024 elements at least

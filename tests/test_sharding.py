@@ -125,11 +125,15 @@ def _child():
   attempt('explicit_step_float', step(lambda a, b: lax.dot_general(a, b, dn)), (x, P('data', None)),
           (w, P(None, 'model')))
   # Per-tensor ranges of a (batch, seq, heads, head_dim) activation, whose first stage runs along the last axis
-  # (calibration.last_axis_blocks): in Auto mode only scale-sized all-reduces; in Explicit mode they compile and
-  # run (a reshape merging the sharded axes into one, as commit 93e3265 did, all-gathers or is a type error).
+  # (calibration.first_stage_axis: no other axis holds whole blocks), and of one whose first stage runs along its
+  # sharded seq axis (64 = 2 shards of one block each): in Auto mode only scale-sized all-reduces; in Explicit
+  # mode they compile and run (a reshape merging the sharded axes into one, as commit 93e3265 did, all-gathers or
+  # is a type error).
   act = jnp.asarray(rng.standard_normal((16, 8, 4, 32)), jnp.float32)
   ranges = lambda a: (calibration.absmax(a, (1, 1, 1, 1), True), *calibration.minmax(a, (1, 1, 1, 1)))
   record('ranges_auto', ranges, (sh('data', 'model'),), (sh(), sh(), sh()), act)
+  record('ranges_auto_seq', ranges, (sh('data', 'model'),), (sh(), sh(), sh()),
+         jnp.asarray(rng.standard_normal((16, 64, 4, 32)), jnp.float32))
   attempt('ranges_explicit', ranges, (act, P('data', 'model')))
   attempt('ranges_explicit_inner', ranges, (act, P(None, 'data', 'model')))
   print('RESULT ' + json.dumps(out))
@@ -250,12 +254,14 @@ def test_explicit_mode_sharded_contraction(res, case):
 
 
 def test_per_tensor_ranges_of_sharded_activations(res):
-  """Per-tensor ranges blocked along the last axis: exact, only scale-sized all-reduces (Auto), and in Explicit
-  mode they run whichever axes are sharded (merging a sharded inner axis into a major one would be a type error)."""
-  r = res['ranges_auto']
-  assert r['max_abs_diff'] == 0
-  assert set(_kinds(r)) == {'all-reduce'} and all(
-      math.prod(s) <= 32 for ops in _operands(r, 'all-reduce') for _, s in ops), r['collectives']
+  """Per-tensor ranges blocked along the last axis or along a sharded seq axis: exact, only scale-sized
+  all-reduces (Auto), and in Explicit mode they run whichever axes are sharded (merging a sharded inner axis into a
+  major one would be a type error)."""
+  for case in ('ranges_auto', 'ranges_auto_seq'):
+    r = res[case]
+    assert r['max_abs_diff'] == 0
+    assert set(_kinds(r)) == {'all-reduce'} and all(
+        math.prod(s) <= 32 for ops in _operands(r, 'all-reduce') for _, s in ops), (case, r['collectives'])
   for case in ('ranges_explicit', 'ranges_explicit_inner'):
     assert res[case]['ok'], res[case].get('error')
     assert res[case]['types'] == ['float32[1,1,1,1]'] * 3, res[case]['types']
