@@ -31,10 +31,10 @@ AVX2-only AMD Zen 3 (2026-12-06, jax 0.12.0.1): bare int8 kernels at 0.20-0.87x,
 MLP's one-row serving at 0.66-0.73x and its int8 training step at 0.83x (91% of its bound's saving); on jax
 0.12.1 (two runs): bare int8 kernels at 0.16-0.89x, the MLP's one-row serving at 0.38-0.41x (float's matrix-vector
 product is slower there), its int8 training step at 0.87-0.92x, the char-LM's serving at 1 and 8 sequences
-slower than float (1.08-1.23x). On an AMD Zen 4 with AVX-512 VNNI (jax 0.12.1, 2026-12-07, runs P and T):
-bare int8 kernels at 0.08-0.35x, the MLP's one-row serving at 0.37x, LeNet-5's serving at 0.46-0.76x, the
-ResNet's at 0.56-0.72x, the char-LM's at 0.58-0.75x, int8 training steps at 0.47x (MLP), 0.55x (LeNet-5), 0.50x
-(ResNet) and 0.58x (char-LM).
+slower than float (1.08-1.23x). On an AMD Zen 4 with AVX-512 VNNI (jax 0.12.1, 2026-12-07, run U):
+bare int8 kernels at 0.08-0.36x, the MLP's one-row serving at 0.29x, LeNet-5's serving at 0.47-0.88x, the
+ResNet's at 0.57-0.75x, the char-LM's at 0.59-0.72x, int8 training steps at 0.47x (MLP), 0.55x (LeNet-5), 0.53x
+(ResNet) and 0.59x (char-LM).
 Takes ~15 min (one model: --config.models="('char_lm',)").
 """
 
