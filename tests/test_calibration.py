@@ -395,7 +395,7 @@ def test_first_stage_axis_by_hand():
   assert f((32, 128, 4, 32), (1, 1, 1, 1)) == 1   # 4 heads hold no whole block
   assert f((32, 4, 128, 32), (1, 4, 1, 1)) == 2
   assert f((256, 28, 28, 16), (1, 1, 1, 1)) == 0  # only the batch holds whole blocks
-  assert f((8, 48, 64), (8, 1, 1)) == 2           # per row: 48 is no whole number of blocks, the last axis is
+  assert f((8, 48, 64), (8, 1, 1)) == 2           # per row: 48 holds no whole blocks, so the last axis
   assert f((64, 96), (2, 1)) == 0                 # two groups of 32 rows: one block each
   assert f((64, 40), (1, 40)) == 0
   assert f((16, 8, 4, 32), (1, 1, 1, 1)) == 3     # nothing before the last axis holds a block
