@@ -12,12 +12,13 @@ feature, 4.2-8.1x (up-cast to s32) for 6 and 16 features and 0.43x for 32; the p
 (qjax's route for all but the 32 -> 32 conv), in one chunk 0.24-2.05x; patches in two stages 0.27-0.33x for the
 5x5 kernels (qjax's choice) and 1.40x for the 16 -> 16 3x3 one (one stage: 0.64x). For the convs XLA runs
 slowly, XLA's int8 conv with its output features padded to 17 (on the fast kernel): 2.15x (6 -> 16) and 0.83x
-(16 -> 16), slower than the patches (2026-12-06). On an AMD Zen 4 with VNNI (jax 0.12.1, 2026-12-07, patches of 16+
-int8 features moved as 4-byte words): patches 0.27x, 0.32x, 0.58x and 0.51x (XLA's int8 conv 0.56x, up-cast 4.45x
-and 7.30x, 0.49x); the f32 kernel gradient as patches^T . g 1.36x and 1.34x against XLA's conv 1.12x and 1.27x for
-the 16 -> 16 and 32 -> 32 convs (that route is slower on this CPU).
-The input gradients of the ResNet's stride-2 convs (config.dlhs_shapes; Zen 4, 2026-12-07): XLA's int8 conv
-7.6-12x (up-cast; 0.87x for the 1x1), patches of the dilated g 1.30-3.22x, qjax's sub-pixel patches 0.44-0.58x.
+(16 -> 16), slower than the patches (2026-12-06). On an AMD Zen 4 with VNNI (jax 0.12.1, 2026-12-07 late, commit
+a348258, patches of 16+ int8 features moved as 4-byte words, chunks that divide the batch): patches 0.23x, 0.30x,
+0.48x and 0.40x (XLA's int8 conv 0.56x, up-cast 4.53x and 7.02x, 0.51x); the f32 kernel gradient as
+patches^T . g 1.28x and 1.38x against XLA's conv 1.28x and 1.25x for the 16 -> 16 and 32 -> 32 convs (that route
+is not faster on this CPU).
+The input gradients of the ResNet's stride-2 convs (config.dlhs_shapes; the same run): XLA's int8 conv 5.9-9.8x
+(up-cast; 0.68x for the 1x1), patches of the dilated g 0.91-1.31x, qjax's sub-pixel patches 0.38-0.48x.
 About 1 minute. `"--config.chunk_examples=(1,2,4,8,16,32)"` adds a variant per chunk size (the figures behind
 qjax.ops.conv_gemm.CHUNK_PATCH_BYTES).
 """
