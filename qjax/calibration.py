@@ -58,9 +58,10 @@ def _finite(x: jax.Array, fill: float = 0.0) -> jax.Array:
 # when the scale groups are sharded.
 #
 # Which axis: a long one (at least _BLOCK_MIN elements, groups of whole blocks; the longest groups) first; else a
-# shorter reduced axis before the last, the one nearest it, whose groups hold whole blocks; else the last axis, reduced
-# whole, if it holds whole blocks. An axis is only ever split into (blocks, _BLOCK), never merged with another, so a
-# sharded activation whose shards hold whole blocks needs no collective beyond the scale-sized all-reduce (commit
+# shorter reduced axis before the last, the one nearest it, whose groups hold whole blocks (a leading one, the batch,
+# only where its equal shards over all of the process's devices do: see `first_stage_axis`); else the last axis,
+# reduced whole, if it holds whole blocks. An axis is only ever split into (blocks, _BLOCK), never merged with another,
+# so a sharded activation whose shards hold whole blocks needs no collective beyond the scale-sized all-reduce (commit
 # 93e3265 merged the axes reduced whole into one: on a mesh sharding two of them XLA all-gathered the keys, and in
 # Explicit mode merging a sharded inner axis is a type error). An axis before the last is preferred: its blocks reduce
 # element-wise across whole rows, where blocks of the last axis reduce within each vector (our reading of the times
@@ -85,11 +86,16 @@ def _from_keys(k: jax.Array, signed: bool) -> jax.Array:
   return jax.lax.bitcast_convert_type(jnp.where(k < 0, k ^ 0x7FFFFFFF, k) if signed else k, jnp.float32)
 
 
-def first_stage_axis(shape: tuple[int, ...], sshape: tuple[int, ...]) -> int | None:
+def first_stage_axis(shape: tuple[int, ...], sshape: tuple[int, ...], devices: int | None = None) -> int | None:
   """The axis whose blocks of _BLOCK a range over an array of `shape` with scale shape `sshape` reduces first
   (see the comment above), or None for one stage. (4096, 128) per tensor: 0; (32, 128, 512) per tensor: 1;
   (256, 28, 28, 16) per tensor: 0 (no other axis holds whole blocks); (8, 48, 64) per row: 2 (the last);
-  (4, 4, 32) per tensor: None (under _BLOCK_MIN elements)."""
+  (4, 4, 32) per tensor: None (under _BLOCK_MIN elements).
+
+  A short leading axis is blocked only where it splits into whole blocks on each of `devices` (default: this
+  process's `jax.device_count()`) equal shards: it is the batch, which data parallelism shards over every device,
+  and a block across two shards turns the first stage into an all-reduce of x.size / _BLOCK partial statistics.
+  On 8 devices (256, 28, 28, 16) still blocks its batch (32 per shard); (128, 28, 28, 16) reduces in one stage."""
   if math.prod(shape) < _BLOCK_MIN:
     return None
   groups = [n // s for n, s in zip(shape, sshape, strict=True)]
@@ -97,7 +103,8 @@ def first_stage_axis(shape: tuple[int, ...], sshape: tuple[int, ...]) -> int | N
   long = [d for d in whole if shape[d] >= _BLOCK_MIN]
   if long:
     return max(long, key=lambda d: groups[d])
-  inner = [d for d in whole if d < len(shape) - 1]
+  devices = jax.device_count() if devices is None else devices
+  inner = [d for d in whole if d < len(shape) - 1 and (d > 0 or shape[0] % (_BLOCK * devices) == 0)]
   if inner:
     return inner[-1]
   return len(shape) - 1 if len(shape) > 1 and sshape[-1] == 1 and shape[-1] % _BLOCK == 0 else None

@@ -402,3 +402,10 @@ def test_first_stage_axis_by_hand():
   assert f((256, 28, 28, 16), (1, 1, 1, 16)) == 0
   assert f((3, 3, 16, 16), (1, 1, 1, 16)) is None  # a conv kernel per output feature: no axis holds a block
   assert f((4, 4, 32), (1, 1, 1)) is None          # 1024 elements at least
+  # A short leading axis (the batch) only where each of the devices' shards holds whole blocks.
+  ones = (1, 1, 1, 1)
+  assert f((256, 28, 28, 16), ones, devices=8) == 0 and f((128, 28, 28, 16), ones, devices=4) == 0
+  assert f((128, 28, 28, 16), ones, devices=8) is None and f((96, 14, 14, 16), ones, devices=2) is None
+  assert f((64, 64, 32), (1, 1, 1), devices=8) == 1  # seq, not the batch: its rule is unchanged
+  assert f((64, 32), (1, 1), devices=8) == 1         # the batch left alone, the last axis blocked
+  assert f((4096, 128), (1, 1), devices=256) == 0    # a long axis, as before

@@ -134,6 +134,9 @@ def _child():
   record('ranges_auto', ranges, (sh('data', 'model'),), (sh(), sh(), sh()), act)
   record('ranges_auto_seq', ranges, (sh('data', 'model'),), (sh(), sh(), sh()),
          jnp.asarray(rng.standard_normal((16, 64, 4, 32)), jnp.float32))
+  # An NHWC activation of 16 features whose batch, sharded 4 ways, holds 16 examples per shard: half a block.
+  record('ranges_auto_batch', ranges, (sh('data'),), (sh(), sh(), sh()),
+         jnp.asarray(rng.standard_normal((64, 14, 14, 16)), jnp.float32))
   attempt('ranges_explicit', ranges, (act, P('data', 'model')))
   attempt('ranges_explicit_inner', ranges, (act, P(None, 'data', 'model')))
   print('RESULT ' + json.dumps(out))
@@ -254,10 +257,10 @@ def test_explicit_mode_sharded_contraction(res, case):
 
 
 def test_per_tensor_ranges_of_sharded_activations(res):
-  """Per-tensor ranges blocked along the last axis or along a sharded seq axis: exact, only scale-sized
-  all-reduces (Auto), and in Explicit mode they run whichever axes are sharded (merging a sharded inner axis into a
-  major one would be a type error)."""
-  for case in ('ranges_auto', 'ranges_auto_seq'):
+  """Per-tensor ranges blocked along the last axis or along a sharded seq axis, and of an NHWC activation whose
+  sharded batch splits blocks (one stage): exact, only scale-sized all-reduces (Auto), and in Explicit mode they run
+  whichever axes are sharded (merging a sharded inner axis into a major one would be a type error)."""
+  for case in ('ranges_auto', 'ranges_auto_seq', 'ranges_auto_batch'):
     r = res[case]
     assert r['max_abs_diff'] == 0
     assert set(_kinds(r)) == {'all-reduce'} and all(
