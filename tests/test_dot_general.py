@@ -833,3 +833,45 @@ def test_a_dynamic_scale_is_computed_once_not_per_element(train):
   assert _fusion_bodies(hlo, 's8[64,48]'), 'no fusion quantizes w'
   for body in bodies:
     assert 'nextafter' not in body and 'bitcast-convert(' not in body, body
+
+
+def _po2_grid(rng, shape):
+  """k / 64 with |k| <= 64 and one |k| = 64: with absmax 1 a power-of-two int8 scale is 2^-6, so every value,
+  and a cotangent of 1, lies on its grid exactly."""
+  k = rng.integers(-64, 65, shape).astype(np.float32)
+  k.flat[0] = 64.0
+  return jnp.asarray(k / 64)
+
+
+@pytest.mark.parametrize('mode', ['fake', 'real', 'auto'])
+@pytest.mark.parametrize('ls, rs, dims, perm', [
+    ((8,), (8,), dn((0,), (0,)), (0,)),              # 'i,i->'
+    ((2, 5), (5, 2), dn((0, 1), (1, 0)), (1, 0)),    # 'ij,ji->': w^T is laid out as x
+])
+def test_full_contraction_gradients(mode, ls, rs, dims, perm):
+  """A scalar output (a loss-like 'i,i->'): its cotangent is a scalar, and the gradient matmuls are outer
+  products with it, which failed with 'rank >= 1 to quantize'. On the grid, d(x . w)/dx = w and /dw = x."""
+  s = QuantSpec(format='int8', po2_scale=True)
+  m = MatmulConfig(s, s, mode)
+  cfg = DotConfig(fwd=m, dlhs=m, drhs=m)
+  rng = np.random.default_rng(0)
+  x, w = _po2_grid(rng, ls), _po2_grid(rng, rs)
+  f = lambda x, w: ops.dot_general(x, w, dims, config=cfg)
+  assert f(x, w) == lax.dot_general(x, w, dims)
+  dx, dw = jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
+  np.testing.assert_array_equal(dx, jnp.transpose(w, perm))
+  np.testing.assert_array_equal(dw, jnp.transpose(x, perm))
+
+
+@pytest.mark.parametrize('mode', ['fake', 'real'])
+def test_scalar_operand(mode):
+  """lax.dot_general takes a scalar operand (no dims to contract): a * w, and its gradients sum(g * w), a * g."""
+  s = QuantSpec(format='int8', po2_scale=True)
+  m = MatmulConfig(s, s, mode)
+  cfg = DotConfig(fwd=m, dlhs=m, drhs=m)
+  a, w = jnp.float32(0.5), _po2_grid(np.random.default_rng(1), (3, 4))
+  f = lambda a, w: ops.dot_general(a, w, dn((), ()), config=cfg)
+  np.testing.assert_array_equal(f(a, w), 0.5 * w)
+  da, dw = jax.grad(lambda a, w: jnp.sum(f(a, w)), argnums=(0, 1))(a, w)
+  assert da.shape == () and da == jnp.sum(w)
+  np.testing.assert_array_equal(dw, jnp.full((3, 4), 0.5))

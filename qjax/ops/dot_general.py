@@ -457,6 +457,13 @@ def matmul(a, b, dims: Dims, mcfg: MatmulConfig, *, where: str, small_m: int = 0
   and fake-quant matmuls take the caller's `precision` (what lax.dot_general's precision selects on GPU / TPU:
   TF32 or bf16 passes for f32 operands); low-precision ones choose their own."""
   out_dtype = out_dtype or jnp.result_type(a.dtype, b.dtype)
+  if a.ndim == 0 or b.ndim == 0:
+    # A scalar operand: the cotangent of a full contraction (an einsum 'i,i->' or 'ij,ji->'), whose gradient
+    # matmuls are outer products with it. Quantizers take rank >= 1, so both operands get a trailing size-1 dim
+    # to contract: the product is the same, and a scalar's one scale is its per-tensor scale.
+    a, b, a_qparams, b_qparams = a[..., None], b[..., None], _trailing_one(a_qparams), _trailing_one(b_qparams)
+    (lc, rc), batch = dims
+    dims = ((lc + (a.ndim - 1,), rc + (b.ndim - 1,)), batch)
   (lc, rc), (lb, rb) = dims
   lspec = resolve_spec(mcfg.lhs, a.shape, lc, lb, f'{where}.lhs')
   rspec = resolve_spec(mcfg.rhs, b.shape, rc, rb, f'{where}.rhs')
@@ -490,6 +497,15 @@ def matmul(a, b, dims: Dims, mcfg: MatmulConfig, *, where: str, small_m: int = 0
   kind = native_kind(lspec)
   precision = FP8_PRECISION.get(where) if kind == 'fp8' else None
   return real_dot(lq, rq, dims, kind, group, precision).astype(out_dtype)
+
+
+def _trailing_one(q: quantizers.QArray | None) -> quantizers.QArray | None:
+  """A grid or quantized operand for the operand with a trailing size-1 dim (`matmul`'s scalar case): its
+  qvalue and its keepdims-shaped scale and zero point gain the same dim."""
+  if q is None:
+    return None
+  one = lambda v: None if v is None else jnp.asarray(v)[..., None]
+  return dataclasses.replace(q, qvalue=one(q.qvalue), scale=one(q.scale), zero_point=one(q.zero_point))
 
 
 # ----------------------------------------------------------------------------------- backward dimensions
@@ -903,6 +919,10 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   (lc, rc), (lb, rb) = dims
   if not check_operands('dot_general', lhs, rhs, config):
     return lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=preferred_element_type)
+  if not any(isinstance(x, quantizers.QArray) for x in (lhs, rhs)) and 0 in (lhs.ndim, rhs.ndim):
+    # A scalar operand (lax takes one): both get a trailing size-1 dim to contract, as in `matmul`.
+    return dot_general(lhs[..., None], rhs[..., None], ((lc + (lhs.ndim,), rc + (rhs.ndim,)), (lb, rb)), precision,
+                       preferred_element_type, config=config, lhs_params=lhs_params, rhs_params=rhs_params, key=key)
   lspec = resolve_spec(config.fwd.lhs, lhs.shape, lc, lb, 'fwd.lhs')
   rspec = resolve_spec(config.fwd.rhs, rhs.shape, rc, rb, 'fwd.rhs')
   lhs_hat, rhs_hat, lqp, rqp, cfg, bwd_key = quantize_forward(config, lhs, rhs, lspec, rspec, lhs_params, rhs_params,
