@@ -219,3 +219,21 @@ def test_the_first_eta_excludes_compilation(monkeypatch):
   bar.update(101)
   last = stream.getvalue().splitlines()[-1]
   assert '10.0 steps/s' in last and 'eta 1:29' in last, last
+
+
+def test_a_bit_width_key_points_at_the_format():
+  """'--config.quant.bits=4' suggested 'quant.act' (the nearest key by spelling); qjax sets a bit-width by format."""
+  from configs import quickstart
+  cases = {
+      'quant.weight.bits': ['--config.quant.weight.format=int4'],
+      'quant.wbits': ['--config.quant.weight.format=int4'],
+      'quant.act_bits': ['--config.quant.act.format=int4'],
+      'quant.bit_width': ['--config.quant.act.format=int4', '--config.quant.grad.format=int4',
+                          '--config.quant.weight.format=int4'],
+  }
+  for key, want in cases.items():
+    with pytest.raises(config_cli.ConfigError, match=r'a bit-width is part of the format') as e:
+      config_cli.set_key(quickstart.get_config(), key, '4')
+    assert str(e.value).endswith('set ' + ' or '.join(want)), str(e.value)
+  with pytest.raises(config_cli.ConfigError, match=r"unknown config key 'quant.bitz'; did you mean 'quant.act'\?$"):
+    config_cli.set_key(quickstart.get_config(), 'quant.bitz', '4')  # not a bit-width name: the nearest key

@@ -5,9 +5,10 @@
                                              which rejects an arg the file does not know
     --config.quant.weight.format=int4        override a leaf; the value is parsed to the leaf's type
 
-An unknown key is rejected with the nearest valid key in the message; a value that does not parse to the
-leaf's type names the key and the expected type. Everything else on the command line is returned to the
-runner as its own flags (--workdir=..., --root=...).
+An unknown key is rejected with the nearest valid key in the message (a bit-width key such as 'quant.wbits' with
+the format key that sets it, 'quant.weight.format=int4'); a value that does not parse to the leaf's type names the
+key and the expected type. Everything else on the command line is returned to the runner as its own flags
+(--workdir=..., --root=...).
 """
 
 from __future__ import annotations
@@ -129,13 +130,39 @@ def _parse(value: Any, current: Any, key: str):
   return parsed
 
 
+# 'bits', 'wbits', 'act_bits', 'bit_width', ...: what a researcher types for a bit-width, which qjax sets by format.
+_BITS_KEY = re.compile(r'(w|a|g|weights?|acts?|activations?|grads?|gradients?)?_?n?bits?(_?width)?|bit_?width', re.I)
+
+
+def _bits_hint(key: str, config, value: Any = None) -> str:
+  """'; a bit-width is part of the format ...' naming the format key(s) meant, where `key` asks for a bit-width
+  (its own group's format, else the groups its prefix names: 'wbits' -> weight), else ''."""
+  leaf = key.split('.')[-1]
+  m = _BITS_KEY.fullmatch(leaf)
+  if not m:
+    return ''
+  fmts = [k for k in valid_keys(config) if k.endswith('.format')]
+  parent = key.rpartition('.')[0]
+  if f'{parent}.format' in fmts:
+    fmts = [f'{parent}.format']
+  elif m.group(1):
+    fmts = [k for k in fmts if k.split('.')[-2].startswith(m.group(1)[0].lower())] or fmts
+  if not fmts:
+    return ''
+  fmt = f'int{value}' if str(value) in tuple('12345678') else 'int4'
+  more = ' (or another *.format key)' if len(fmts) > 3 else ''
+  return ('; a bit-width is part of the format (int8, int4, int2, fp8_e4m3, nf4, ...): set '
+          + ' or '.join(f'--config.{k}={fmt}' for k in fmts[:3]) + more)
+
+
 def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   """Sets a dotted key that must exist; the error names the nearest valid key."""
   parts = key.split('.')
   node = config
   for i, p in enumerate(parts):
     if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-      raise ConfigError(f'unknown config key {key!r}{did_you_mean(key, valid_keys(config))}')
+      hint = _bits_hint(key, config, value) or did_you_mean(key, valid_keys(config))
+      raise ConfigError(f'unknown config key {key!r}{hint}')
     if i < len(parts) - 1:
       node = node[p]
   current = node[parts[-1]]
