@@ -720,22 +720,24 @@ def test_a_layer_group_is_kept_float_by_keep_float_or_its_old_name_float():
 
 def test_static_activation_ranges_with_a_per_channel_act_grid_are_refused_naming_the_key():
   """PTQ (and quant.act_static) keeps one range per activation tensor: a per-channel act grid is a ConfigError
-  naming the config key and the rule, raised by validate, before any data loads or model trains (it used to surface
-  as a traceback from inside the first quantized forward, after the float model had trained)."""
+  naming the config key, the rule and the flag that fixes it, raised by validate, before any data loads or model
+  trains (it used to surface as a traceback from inside the first quantized forward, after the float model had
+  trained)."""
   import ml_collections  # noqa: PLC0415
 
   c = mlp_config(mode='ptq')
   c.quant.act.granularity = 'per_channel'
   with pytest.raises(config_cli.ConfigError, match=r"^config.quant \(mode=ptq sets act_static\): rule 'default': "
                      r'act_static keeps one range per tensor; act granularity must be "per_tensor", got '
-                     r"'per_channel'$"):
+                     r"'per_channel'; add --config.quant.act.granularity=per_tensor$"):
     train.validate(c)
   c = mlp_config(mode='qat')
   c.quant.act.granularity = 'per_channel'
   train.validate(c)  # dynamic per-channel activation scales: fine
   c.quant.groups = ml_collections.ConfigDict({'head': {'module_path': 'head', 'act_static': True}})
   with pytest.raises(config_cli.ConfigError, match=r"^config.quant.groups.head: rule 'head': act_static keeps one "
-                     r'range per tensor; act granularity must be "per_tensor", got \'per_channel\'$'):
+                     r'range per tensor; act granularity must be "per_tensor", got \'per_channel\'; add '
+                     r'--config.quant.groups.head.act.granularity=per_tensor$'):
     train.validate(c)
   c.quant.groups.head.act = ml_collections.ConfigDict({'granularity': 'per_tensor'})
   train.validate(c)

@@ -86,7 +86,10 @@ def _rule(where: str, ptq: bool, *args, **kwargs) -> QuantRule:
   try:
     return QuantRule(*args, **kwargs)
   except ValueError as e:
-    raise ValueError(f'config.{where}{" (mode=ptq sets act_static)" if ptq else ""}: {e}') from None
+    fix = ''
+    if 'act granularity must be' in str(e):  # static ranges with a per-token act grid (a QAT config, mode=ptq)
+      fix = f'; add --config.{where}.act.granularity=per_tensor'
+    raise ValueError(f'config.{where}{" (mode=ptq sets act_static)" if ptq else ""}: {e}{fix}') from None
 
 
 def build_rules(quant: ml_collections.ConfigDict, *, ptq: bool = False) -> list[QuantRule]:
