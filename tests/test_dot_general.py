@@ -872,6 +872,7 @@ def test_scalar_operand(mode):
   a, w = jnp.float32(0.5), _po2_grid(np.random.default_rng(1), (3, 4))
   f = lambda a, w: ops.dot_general(a, w, dn((), ()), config=cfg)
   np.testing.assert_array_equal(f(a, w), 0.5 * w)
+  np.testing.assert_array_equal(f(0.5, np.asarray(w)), 0.5 * w)  # a Python float and a NumPy array, as lax takes
   da, dw = jax.grad(lambda a, w: jnp.sum(f(a, w)), argnums=(0, 1))(a, w)
   assert da.shape == () and da == jnp.sum(w)
   np.testing.assert_array_equal(dw, jnp.full((3, 4), 0.5))

@@ -915,6 +915,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   """
   del out_sharding
   dims = canonical_dims(dimension_numbers)
+  # Python scalars and NumPy arrays, as lax.dot_general takes them.
+  lhs, rhs = (x if isinstance(x, quantizers.QArray) else jnp.asarray(x) for x in (lhs, rhs))
   out_dtype = preferred_element_type or operand_result_type(lhs, rhs)
   (lc, rc), (lb, rb) = dims
   if not check_operands('dot_general', lhs, rhs, config):
