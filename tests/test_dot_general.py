@@ -623,11 +623,40 @@ def test_bad_config_group_size_in_backward_names_drhs_lhs():
     _trace(cfg, grad=True)
 
 
-def test_bad_config_per_group_with_two_contracting_dims():
-  ls, rs, dims = LAYOUTS['two_contract']
+@pytest.mark.parametrize('scheme', ['symmetric', 'asymmetric'])
+def test_real_equals_fake_per_group_on_two_contracting_dims(scheme):
+  """Two contracting dims (K = 4 x 8): groups of 4 along the last pair (lhs dim 2, rhs dim 0), the other pair's
+  indices holding their own groups; both gradients per channel. This was refused ('groups along one contracting
+  dim')."""
+  lhs, rhs, ct, dims = data('two_contract', seed=9, block=4)
+  s = spec('int7' if scheme == 'asymmetric' else 'int8', 'per_group', scheme, group=4)  # K * qrange^2 * 16 < 2^24
+  assert_real_equals_fake(lhs, rhs, ct, dims, s, s, spec('int8', 'per_channel', scheme))
+
+
+@pytest.mark.parametrize('mode', ['fake', 'real'])
+def test_per_group_over_heads_and_head_dim_is_the_flattened_contractions(mode):
+  """A DenseGeneral output projection contracts (heads, head_dim): its groups are those of the flattened
+  contraction (heads-major, groups of 16 within each head's 32), so it equals the 2-D op bit for bit."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.uniform(-1, 1, (6, 4, 32)), jnp.float32)             # (batch, heads, head_dim)
+  w = jnp.asarray(rng.uniform(-1, 1, (4, 32, 10)) * np.exp2(rng.integers(-2, 3, (4, 2, 1)).repeat(16, 1)),
+                  jnp.float32)                                                # (heads, head_dim, out)
+  g = spec('int4', 'per_group', group=16)
+  cfg = config(spec('int8', 'per_tensor'), g, mode, spec('int8', 'per_channel'))
+  ct = jnp.asarray(rng.uniform(-1, 1, (6, 10)), jnp.float32)
+  got = fwd_bwd(x, w, ct, dims=dn((1, 2), (0, 1)), cfg=cfg)
+  flat = fwd_bwd(x.reshape(6, 128), w.reshape(128, 10), ct, dims=dn((1,), (0,)), cfg=cfg)
+  np.testing.assert_array_equal(got[0], flat[0])
+  np.testing.assert_array_equal(got[1], flat[1].reshape(6, 4, 32))
+  np.testing.assert_array_equal(got[2], flat[2].reshape(4, 32, 10))
+  assert not np.array_equal(got[0], lax.dot_general(x, w, dn((1, 2), (0, 1))))  # the int4 groups did quantize
+
+
+def test_bad_config_per_group_without_a_contracting_dim():
   cfg = DotConfig(fwd=MatmulConfig(spec('int8'), spec('int8', 'per_group', group=4)))
-  with pytest.raises(ValueError, match=r'fwd\.rhs.*per_group.*contracts dims'):
-    _trace(cfg, ls, rs, dims)
+  with pytest.raises(ValueError, match=r'fwd\.rhs: granularity="per_group" groups along a contracting dim, but '
+                     r'this operand contracts none'):
+    _trace(cfg, (3, 4), (8,), dn((), ()))
 
 
 def test_bad_config_real_mode_with_nf4():

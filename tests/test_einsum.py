@@ -241,11 +241,14 @@ def test_group_size_that_does_not_divide_names_operand_and_field():
     jax.eval_shape(lambda a, b: qe.einsum('bd,df->bf', a, b, config=cfg), jnp.ones((4, 32)), jnp.ones((32, 8)))
 
 
-def test_per_group_on_two_contracting_dims_is_rejected():
+def test_per_group_on_two_contracting_dims_groups_the_flattened_contraction():
+  """'bhd,hdf->bf' groups d (the last contracting index) within each h: the groups of 'bk,kf->bf' over k = (h, d)."""
   g = QuantSpec(format='int4', granularity='per_group', group_size=4)
-  cfg = DotConfig(fwd=MatmulConfig(g, None))
-  with pytest.raises(ValueError, match=r'fwd\.lhs: granularity="per_group" groups along one contracting dim'):
-    qe.einsum('bhd,hdf->bf', jnp.ones((2, 4, 8)), jnp.ones((4, 8, 3)), config=cfg)
+  cfg = DotConfig(fwd=MatmulConfig(g, g, 'real'))
+  x, w = arr(30, (2, 4, 8)), arr(31, (4, 8, 3))
+  got = qe.einsum('bhd,hdf->bf', x, w, config=cfg)
+  np.testing.assert_array_equal(got, qe.einsum('bk,kf->bf', x.reshape(2, 32), w.reshape(32, 3), config=cfg))
+  assert not np.array_equal(got, jnp.einsum('bhd,hdf->bf', x, w))
 
 
 def test_pre_quantized_operand():

@@ -424,6 +424,41 @@ def test_char_lm_every_projection_including_attention(root):
   assert r['serving_metrics']['eval/bits_per_char'] == r['metrics']['eval/bits_per_char']
 
 
+def test_char_lm_per_group_weights_including_the_attention_output(root):
+  """Per-group int4 weights (groups of 16): GPTQ solves the attention output projection too, whose kernel
+  contracts (heads, head_dim) (it was left to RTN: 'per-group weights over several contracting axes'), and the
+  served integer model is the one evaluated."""
+  work = root / 'char_lm_g16'
+  assert train.main(['--config=configs/shakespeare_charlm.py:runlocal', '--config.mode=ptq', f'--workdir={work}',
+                     '--config.ptq.method=gptq', '--config.quant_summaries=False', '--config.quant.weight.format=int4',
+                     '--config.quant.weight.granularity=per_group', '--config.quant.weight.group_size=16',
+                     '--config.quant.act.granularity=per_tensor']) == 0
+  r = json.load(open(work / 'result.json'))
+  info = r['train']['ptq']
+  assert info['skipped'] == [] and {'blocks/0/attn/out', 'blocks/1/attn/out'} <= set(info['layers'])
+  for m in info['layers'].values():
+    assert m['rel_output_mse'] <= m['rtn_rel_output_mse'] * (1 + 1e-4)
+  assert r['metrics'] == r['serving_metrics']
+
+
+def test_a_flattened_kernels_groups_take_the_ops_per_group_layout():
+  """GPTQ's (K, out) result for a (heads, head_dim, out) kernel, groups of 16 rows: reshaped, its scale has the
+  shape the op gives a per-group rhs over (heads, head_dim), and it dequantizes to the flattened kernel's values."""
+  from experiments.training import ptq as ptq_runner  # noqa: PLC0415
+  from qjax import QuantSpec, quantizers  # noqa: PLC0415
+  from qjax import granularity as gran  # noqa: PLC0415
+  dg = importlib.import_module('qjax.ops.dot_general')  # the module (qjax.ops.dot_general is the function)
+
+  w = np.random.default_rng(0).standard_normal((4, 32, 6)).astype(np.float32)
+  spec = QuantSpec(format='int4', granularity='per_group', group_size=16)
+  q2 = quantizers.quantize(jnp.asarray(w.reshape(128, 6)), spec.replace(axis=0))
+  q3 = ptq_runner._reshaped(q2, w.shape, 2)
+  op_spec = dg.resolve_spec(spec, w.shape, (0, 1), (), 'rhs')
+  assert q3.scale.shape == gran.scale_shape(w.shape, op_spec) == (4, 2, 6)
+  np.testing.assert_array_equal(quantizers.dequantize(q3), quantizers.dequantize(q2).reshape(w.shape))
+  np.testing.assert_array_equal(quantizers.dequantize(q3), quantizers.fake_quant(jnp.asarray(w), op_spec))
+
+
 def test_match_pairs_kernels_with_their_one_captured_op_and_says_why_not():
   from experiments.training import ptq as ptq_runner  # noqa: PLC0415
   from qjax.flax.capture import OpSite  # noqa: PLC0415

@@ -125,8 +125,10 @@ def _why_not(site, w, spec) -> str:
             + (f' ({site.conv_features}: {site.note})' if site.note else ''))
   if tuple(site.weight_shape) != tuple(w.shape) or int(np.prod(w.shape[:n_in])) != site.features:
     return f'captured features {site.features} do not match the kernel {tuple(w.shape)}'
-  if n_in > 1 and spec.granularity == 'per_group':
-    return 'per-group weights over several contracting axes'
+  if n_in > 1 and spec.granularity == 'per_group' and w.shape[n_in - 1] % spec.group_size:
+    # The flattened rows' groups would straddle the last contracting axis, where the op groups within it.
+    return (f'groups of {spec.group_size} do not divide the last contracting axis ({w.shape[n_in - 1]}) of a '
+            f'kernel over several')
   return ''
 
 
@@ -303,12 +305,15 @@ def apply(run, state):
 
 def _reshaped(q, shape, n_in: int):
   """A QArray of a flattened (prod(shape[:n_in]), prod(shape[n_in:])) kernel as one of the kernel's own shape:
-  scales (groups or 1, outputs or 1) -> (groups or 1, 1, ..., output shape or 1s), as the ops expect."""
+  scales (groups or 1, outputs or 1) -> (groups or 1, 1, ..., output shape or 1s), as the ops expect. Groups of
+  several contracting axes, (heads, head_dim) say, are those of the flattened rows, each within one index of the
+  leading axes: (heads * head_dim / g, out) -> (heads, head_dim / g, out), the op's per-group scale shape."""
   if len(shape) == 2:
     return q
   g, o = q.scale.shape
   out = tuple(shape[n_in:]) if o > 1 else (1,) * (len(shape) - n_in)
-  sshape = (g,) + (1,) * (n_in - 1) + out
+  lead = int(np.prod(shape[:n_in - 1]))
+  sshape = ((g,) + (1,) * (n_in - 1) if g == 1 or n_in == 1 else tuple(shape[:n_in - 1]) + (g // lead,)) + out
   return qjax.quantizers.QArray(q.qvalue.reshape(shape), q.scale.reshape(sshape),
                                 None if q.zero_point is None else q.zero_point.reshape(sshape), q.format, q.codebook)
 

@@ -57,7 +57,10 @@ def free_dims(ndim: int, contracting, batch) -> tuple[int, ...]:
 
 def resolve_spec(spec: QuantSpec | None, shape, contracting, batch, where: str) -> QuantSpec | None:
   """Makes an op-relative spec concrete for one operand (see qjax.ops.config): per_channel keeps every
-  non-contracted dim, per_group groups along the (single) contracting dim."""
+  non-contracted dim, per_group groups along the last contracting dim of the dimension numbers (both operands
+  group the same pair). With several contracting dims, as a DenseGeneral over (heads, head_dim) has, each index of
+  the others holds its own groups: the groups of `group_size` consecutive elements of the flattened contraction,
+  where the grouped dim is the minor one and `group_size` divides it."""
   if spec is None:
     return None
   ndim = len(shape)
@@ -65,10 +68,10 @@ def resolve_spec(spec: QuantSpec | None, shape, contracting, batch, where: str) 
     axes = tuple(d for d in range(ndim) if d not in contracting)
     spec = spec.replace(axis=axes) if axes else spec.replace(granularity='per_tensor')
   elif spec.granularity == 'per_group':
-    if len(contracting) != 1:
-      raise ValueError(f'{where}: granularity="per_group" groups along one contracting dim, but this operand '
-                       f'contracts dims {tuple(contracting)} (shape {tuple(shape)})')
-    spec = spec.replace(axis=contracting[0])
+    if not contracting:
+      raise ValueError(f'{where}: granularity="per_group" groups along a contracting dim, but this operand '
+                       f'contracts none (shape {tuple(shape)})')
+    spec = spec.replace(axis=contracting[-1])
   try:
     gran.scale_shape(tuple(shape), spec)
   except ValueError as e:
@@ -175,16 +178,18 @@ def _to_out(a, ndim, contracting, batch, side: str, n_other_free: int):
 
 
 def _group(q: quantizers.QArray, dims_side, g: int):
-  """Splits the contracting dim k into (K/g, g): the group index becomes a batch dim (appended last)."""
-  (c,), batch = dims_side
+  """Splits the last contracting dim c into (C/g, g), contracted along g: the group index, and every other
+  contracting dim (whose indices hold groups of their own), become batch dims, appended after the batch dims."""
+  *others, c = dims_side[0]
+  batch = dims_side[1]
   shape = q.qvalue.shape
   new_shape = shape[:c] + (shape[c] // g, g) + shape[c + 1:]
   remap = lambda d: d if d < c else d + 1
-  s_groups = q.scale.shape[c]  # K/g (per_group) or 1 (shared along K)
+  s_groups = q.scale.shape[c]  # C/g (per_group) or 1 (shared along C)
   sshape = q.scale.shape[:c] + (s_groups, 1) + q.scale.shape[c + 1:]
   zp = None if q.zero_point is None else q.zero_point.reshape(sshape)
   newq = dataclasses.replace(q, qvalue=q.qvalue.reshape(new_shape), scale=q.scale.reshape(sshape), zero_point=zp)
-  return newq, ((c + 1,), tuple(remap(b) for b in batch) + (c,))
+  return newq, ((c + 1,), tuple(remap(b) for b in batch) + tuple(remap(d) for d in others) + (c,))
 
 
 # cuBLAS(Lt) runs int8 GEMMs only when the matrices' leading dims are multiples of 4, and fp8 ones at multiples of
@@ -340,6 +345,7 @@ def real_dot(lq: quantizers.QArray, rq: quantizers.QArray, dims: Dims, kind: str
              precision=None) -> jax.Array:
   """Low-precision dot_general of two quantized operands, rescaled to f32 in the output layout."""
   (lc, rc), (lb, rb) = dims
+  n_groups = len(lc) if group else 0  # batch dims the grouping appends, summed out after the rescale
   if group:
     lq, (lc, lb) = _group(lq, (lc, lb), group)
     rq, (rc, rb) = _group(rq, (rc, rb), group)
@@ -362,8 +368,8 @@ def real_dot(lq: quantizers.QArray, rq: quantizers.QArray, dims: Dims, kind: str
       k = math.prod(lq.qvalue.shape[d] for d in lc)
       acc = acc + k * lout(lq.zero_point) * rout(rq.zero_point)
   out = acc.astype(jnp.float32) * lout(lq.scale) * rout(rq.scale)
-  if group:
-    out = jnp.sum(out, axis=len(lb) - 1)  # The group batch dim was appended after the original batch dims.
+  if group:  # The group dims were appended after the original batch dims.
+    out = jnp.sum(out, axis=tuple(range(len(lb) - n_groups, len(lb))))
   return out
 
 

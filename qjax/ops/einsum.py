@@ -11,8 +11,9 @@ The subscripts are parsed (explicit '->' or implicit output, '...' expanded from
      are the free dims of their operand, and one `dot_general` with these dimension numbers runs under `config`;
   3. its output (batch..., lhs free..., rhs free...) is transposed into the requested output order.
 Granularity follows dot_general: 'per_channel' means one scale per non-contracted index of each operand (per
-batch and free index), 'per_group' groups along the single contracting dim. lhs_params / rhs_params are shaped
-for the operands as they enter dot_general (the operands themselves unless step 1 changed them).
+batch and free index), 'per_group' groups along the last contracting index ('bhd,hdf->bf': d, within each h).
+lhs_params / rhs_params are shaped for the operands as they enter dot_general (the operands themselves unless
+step 1 changed them).
 
 Flax hooks (flax 0.12): `nnx.Einsum(einsum_op=...)` calls `einsum_op(einsum_str, inputs, kernel,
 precision=..., out_sharding=..., [preferred_element_type=...])`, which `make_einsum` fits. `linen.Einsum` has no
