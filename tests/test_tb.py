@@ -385,3 +385,19 @@ def test_a_rerun_that_succeeds_ends_the_session_as_success(tmp_path, rerun):
   assert end.status == hparams_summary_v2.api_pb2.STATUS_SUCCESS
   assert tb.read_scalars(tmp_path)['train/loss'] == [(0, 3.0), (10, 1.0)]
   assert not list(tmp_path.glob('*' + tb.FAILED_END_SUFFIX))
+
+
+def test_a_second_writer_of_the_same_second_sorts_after_the_first(tmp_path, monkeypatch):
+  """Event file names start with the creation second, then host, pid and a per-process counter, which sorts as
+  text: in one second, counter 10 sorted before 9, and a resumed run's points were read before the crashed
+  segment's (a flaky test in CI). A writer now waits for a second of its own."""
+  from tensorboard.summary.writer import event_file_writer  # noqa: PLC0415
+
+  monkeypatch.setattr(event_file_writer, '_global_uid', event_file_writer.AtomicCounter(9))
+  time.sleep(1 - time.time() % 1)  # both writers would open in one second
+  with tb.SummaryWriter(tmp_path) as w:
+    w.scalar('train/loss', 3.0, step=0)
+  with tb.SummaryWriter(tmp_path) as w:
+    w.scalar('train/loss', 1.0, step=10)
+  assert tb.read_scalars(tmp_path)['train/loss'] == [(0, 3.0), (10, 1.0)]
+  assert [n.split('.')[-1] for n in sorted(os.listdir(tmp_path))] == ['9', '10']

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -94,6 +95,18 @@ def drop_failed_session_end(logdir: str | os.PathLike) -> list[str]:
   return gone
 
 
+def wait_for_a_later_second(logdir: str | os.PathLike) -> None:
+  """Sleeps until the clock's second is past the creation second of every event file in `logdir`. TensorBoard
+  reads a run's files in name order, and a name is the creation second, host, pid and a per-process counter: two
+  files of one second sort by pid or by the counter as text ('10' before '9'), so a resumed run's points could be
+  read before those of the segment it resumes. At most a second, and only where a file of this second exists."""
+  if not os.path.isdir(logdir):
+    return
+  stamps = [int(m.group(1)) for name in os.listdir(logdir) if (m := re.match(r'events\.out\.tfevents\.(\d+)\.', name))]
+  while stamps and time.time() < max(stamps) + 1:
+    time.sleep(max(stamps) + 1 - time.time())
+
+
 class SummaryWriter:
   """Writes TensorBoard summaries for one run (one logdir) with no TensorFlow.
 
@@ -111,6 +124,7 @@ class SummaryWriter:
     filename_suffix: str = '',
   ):
     self._logdir = os.fspath(logdir)
+    wait_for_a_later_second(self._logdir)
     self._writer = EventFileWriter(
       self._logdir, max_queue_size=max_queue, flush_secs=flush_secs, filename_suffix=filename_suffix
     )
