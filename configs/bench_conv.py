@@ -19,6 +19,8 @@ patches^T . g 1.28x and 1.38x against XLA's conv 1.28x and 1.25x for the 16 -> 1
 is not faster on this CPU).
 The input gradients of the ResNet's stride-2 convs (config.dlhs_shapes; the same run): XLA's int8 conv 5.9-9.8x
 (up-cast; 0.68x for the 1x1), patches of the dilated g 0.91-1.31x, qjax's sub-pixel patches 0.38-0.48x.
+Pixel pairs as features (Zen 4, 2026-12-08): 0.42x for 6 -> 16 and 0.65x for 16 -> 16, against the patches' 0.30x
+and 0.49x in the same run.
 About 1 minute. `"--config.chunk_examples=(1,2,4,8,16,32)"` adds a variant per chunk size (the figures behind
 qjax.ops.conv_gemm.CHUNK_PATCH_BYTES).
 """

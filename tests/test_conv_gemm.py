@@ -322,10 +322,25 @@ def test_conv_bench_suite_runlocal(tmp_path):
   assert gemm['int8'] == gemm['int8_fast'] == 1
   # XLA's slow int8 conv (6 -> 16 features) has a variant with its output padded to 17 features, which XLA runs
   # on the fast kernel; the one-input-feature conv, already fast, has none.
-  assert set(six['results']) - set(one['results']) == {'int8 conv, output features padded to 17'}
-  padded = six['results']['int8 conv, output features padded to 17']['info']['inspect']
-  assert padded['int8'] == padded['int8_fast'] == 1
+  assert set(six['results']) - set(one['results']) == {'int8 conv, output features padded to 17',
+                                                         'int8 conv of pixel pairs'}
+  for v in ('int8 conv, output features padded to 17', 'int8 conv of pixel pairs'):  # 6 -> 16 as pairs: 12 -> 32
+    padded = six['results'][v]['info']['inspect']
+    assert padded['int8'] == padded['int8_fast'] == 1, v
   assert six['results']['XLA int8 conv']['info']['inspect']['int8_fast'] == 0
+
+
+@pytest.mark.parametrize('k, c, o', [(3, 16, 16), (5, 6, 16), (1, 3, 5)])
+def test_the_bench_pixel_pair_conv_is_the_conv(k, c, o):
+  """The conv suite's pixel-pair formulation (experiments.bench.conv.pair_kernel) equals XLA's int32 conv."""
+  from experiments.bench import conv as bench_conv
+  rng = np.random.default_rng(k)
+  x = jnp.asarray(rng.integers(-127, 128, (2, 6, 8, c)), jnp.int8)
+  w = rng.integers(-127, 128, (k, k, c, o)).astype(np.int8)
+  wp, pad_w = bench_conv.pair_kernel(w)
+  cp = conv.conv_params(x.shape, w.shape, (1, 1), 'SAME', None, None, NHWC)
+  got = bench_conv.pair_conv(x, jnp.asarray(wp), pad_w, k)
+  np.testing.assert_array_equal(got, cp.conv(x, jnp.asarray(w), jnp.int32))
 
 
 FLOAT_KG_CASES = {  # input, kernel, strides, padding, dimension numbers, patch route expected
