@@ -99,12 +99,14 @@ def wait_for_a_later_second(logdir: str | os.PathLike) -> None:
   """Sleeps until the clock's second is past the creation second of every event file in `logdir`. TensorBoard
   reads a run's files in name order, and a name is the creation second, host, pid and a per-process counter: two
   files of one second sort by pid or by the counter as text ('10' before '9'), so a resumed run's points could be
-  read before those of the segment it resumes. At most a second, and only where a file of this second exists."""
+  read before those of the segment it resumes. At most a second, and only where a file of this second exists: a
+  file stamped later (copied from a machine whose clock runs ahead) is not waited for."""
   if not os.path.isdir(logdir):
     return
   stamps = [int(m.group(1)) for name in os.listdir(logdir) if (m := re.match(r'events\.out\.tfevents\.(\d+)\.', name))]
-  while stamps and time.time() < max(stamps) + 1:
-    time.sleep(max(stamps) + 1 - time.time())
+  now = int(time.time())
+  if now in stamps:
+    time.sleep(max(0.0, now + 1 - time.time()))
 
 
 class SummaryWriter:
