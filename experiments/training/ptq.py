@@ -127,8 +127,8 @@ def _why_not(site, w, spec) -> str:
     return f'captured features {site.features} do not match the kernel {tuple(w.shape)}'
   if n_in > 1 and spec.granularity == 'per_group' and w.shape[n_in - 1] % spec.group_size:
     # The flattened rows' groups would straddle the last contracting axis, where the op groups within it.
-    return (f'groups of {spec.group_size} do not divide the last contracting axis ({w.shape[n_in - 1]}) of a '
-            f'kernel over several')
+    return (f'groups of {spec.group_size} do not divide the last of its contracting axes ({w.shape[n_in - 1]} '
+            'long)')
   return ''
 
 
