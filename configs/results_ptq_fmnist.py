@@ -17,6 +17,9 @@ calibration batch is non-negative) for rtn, smoothquant, and smoothquant then gp
 on LeNet-5 also W8A4 (4-bit per-tensor activations, where round-to-nearest activations do lose accuracy).
 No group columns here: LeNet-5's dense fan-ins (400, 120, 84) take no group of 64 or 128, and qjax's quantized
 convolutions have per-channel or per-tensor scales only (their contraction mixes channels and window).
+On the ResNet also BatchNorm folding (config.ptq.fold_batchnorm, qjax.ptq.batchnorm): rtn and gptq on folded
+and unfolded convs, with per-channel and per-tensor int8 and int4 weights (`--only='fold=|method=(rtn|gptq),w=int4$'`
+runs those alone, with the unfolded per-channel int4 trials they compare with).
 `:runlocal` shrinks it to a smoke test on the fixtures. `:model=resnet` runs the same on configs/fmnist_resnet.py
 (its 4000 float steps; its stem and head stay float, as that config keeps them). `seeds=N` repeats every trial over
 N seeds (each seed trains its own float model); the table gives mean +- std.
@@ -81,12 +84,24 @@ def get_sweep(arg=None):
   bits8 = {f'w{b}a8': {'quant.weight.format': f'int{b}', 'quant.act.format': 'int8'} for b in (8, 4)}
   if a['model'] == 'cnn':  # 4-bit per-tensor activations: where round-to-nearest activations lose accuracy
     bits8['w8a4'] = {'quant.weight.format': 'int8', 'quant.act.format': 'int4'}
-  sweep = sweeps.chain(
+  parts = [
       sweeps.axis('mode', {'float': {'mode': 'float'}}),
       sweeps.product(sweeps.axis('mode', {'ptq': ptq}), sweeps.axis('method', METHODS),
                      sweeps.axis('quant.weight.format', ['int4', 'int3', 'int2'], name='w')),
       sweeps.product(sweeps.axis('mode', {'ptq': ptq}), sweeps.axis('method', act8), sweeps.axis('bits', bits8)),
-  )
+  ]
+  if a['model'] == 'resnet':  # BatchNorm folded into the convs before PTQ, with per-channel and per-tensor weights
+    w = lambda granularity, formats: sweeps.product(
+        sweeps.axis('quant.weight.granularity', [granularity], name='wg'),
+        sweeps.axis('quant.weight.format', formats, name='w'))
+    parts.append(sweeps.product(
+        sweeps.axis('mode', {'ptq': ptq}), sweeps.axis('method', {k: METHODS[k] for k in ('rtn', 'gptq')}),
+        sweeps.chain(  # unfolded per-channel int4: the method x w trials above
+            sweeps.product(sweeps.axis('fold', {'folded': {'ptq.fold_batchnorm': True}}),
+                           sweeps.chain(w('per_channel', ['int8', 'int4']), w('per_tensor', ['int8', 'int4']))),
+            sweeps.product(sweeps.axis('fold', {'unfolded': {}}),
+                           sweeps.chain(w('per_channel', ['int8']), w('per_tensor', ['int8', 'int4']))))))
+  sweep = sweeps.chain(*parts)
   if a['seeds'] > 1:  # each seed: its own float model (init and data order), its PTQ runs from it
     sweep = sweeps.product(sweep, sweeps.axis('seed', list(range(a['seeds']))))
   return sweep

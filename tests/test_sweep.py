@@ -780,14 +780,22 @@ def test_the_swish_estimator_study_builds_swish_lenets_and_a_bad_activation_fail
 
 def test_the_resnet_ptq_results_config_builds_its_last_trial_from_the_resnet_float_trial(tmp_path):
   """configs/results_ptq_fmnist.py:model=resnet is the CNN's sweep on the ResNet (whose PTQ runs end to end in
-  tests/test_ptq_runner.py): its last trial validates and starts from the ResNet's float trial."""
+  tests/test_ptq_runner.py): its last trial with activations validates and starts from the ResNet's float trial;
+  so do its BatchNorm-folding trials, 8 folded and 6 unfolded (the unfolded per-channel int4 ones are the method x
+  w trials)."""
   from experiments.training import runner  # noqa: PLC0415
   trials = sweeps.expand(*config_cli.load_module(os.path.join(REPO, 'configs/results_ptq_fmnist.py:model=resnet,'
                                                                      'runlocal')), str(tmp_path))
-  last = trials[-1]
+  last = [t for t in trials if t.config.quant.act.format == 'int8'][-1]
   runner.validate(last.config)
-  assert last.config.mode == 'ptq' and last.config.model.name == 'resnet' and last.config.quant.act.format == 'int8'
+  assert last.config.mode == 'ptq' and last.config.model.name == 'resnet'
   assert [trials[d].config.mode for d in last.deps] == ['float'] and trials[last.deps[0]].config.model.name == 'resnet'
+  fold = [t for t in trials if 'fold' in t.labels]
+  assert len(fold) == 14 and sum(t.config.ptq.fold_batchnorm for t in fold) == 8
+  assert {(t.config.quant.weight.granularity, t.config.quant.weight.format) for t in fold} == {
+      (g, f) for g in ('per_channel', 'per_tensor') for f in ('int8', 'int4')}
+  runner.validate(fold[-1].config)
+  assert [trials[d].config.mode for d in fold[-1].deps] == ['float']
 
 
 def test_the_resnet_estimator_study_keeps_stem_and_head_float_and_names_the_models_on_a_typo(tmp_path):

@@ -18,6 +18,10 @@ def default_config() -> ml_collections.ConfigDict:
   # inputs of the model whose earlier layers already hold the methods' quantized kernels (GPTQ's protocol; one
   # capture pass per layer).
   c.sequential = False
+  # True: every BatchNorm that normalises a Flax Dense / Conv's output is folded into that layer's kernel and
+  # bias before anything is quantized (qjax.ptq.batchnorm), so the weights rounded are the ones a deployed model
+  # multiplies by. Applies with any method, round-to-nearest included.
+  c.fold_batchnorm = False
   for name in registry.names():
     d = registry.get(name).defaults
     if d:
@@ -66,6 +70,10 @@ def unused(config, keys) -> str | None:
 
 def active(config) -> bool:
   return config.mode == 'ptq' and [n for n, _ in methods(config.ptq)] != ['rtn']
+
+
+def folds_batchnorm(config) -> bool:
+  return config.mode == 'ptq' and 'ptq' in config and bool(config.ptq.get('fold_batchnorm', False))
 
 
 # ----------------------------------------------------------------------------------------------- targets

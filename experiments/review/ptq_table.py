@@ -16,11 +16,12 @@ from experiments.config import cli as config_cli
 
 
 def setting(quant) -> str:
-  """A trial's quantization in a few characters: 'W4', 'W3 g64' (groups of 64), 'W8A8'."""
+  """A trial's quantization in a few characters: 'W4' (per-channel weights), 'W3 g64' (groups of 64), 'W8A8',
+  'W4 per-tensor'."""
   w, a = quant['weight'], quant['act']
   bits = lambda f: ''.join(ch for ch in f if ch.isdigit())
   out = f'W{bits(w["format"])}' + (f'A{bits(a["format"])}' if a['format'] else '')
-  return out + (f' g{w["group_size"]}' if w['granularity'] == 'per_group' else '')
+  return out + {'per_group': f' g{w["group_size"]}', 'per_tensor': ' per-tensor'}.get(w['granularity'], '')
 
 
 def rows(root: str, metric: str = 'eval/accuracy'):
@@ -53,6 +54,8 @@ def rows(root: str, metric: str = 'eval/accuracy'):
       method += ' (empirical)'
     if info and info.get('sequential'):
       method += ', sequential'
+    if c.get('ptq', {}).get('fold_batchnorm'):
+      method += ', BatchNorm folded'
     out.append((method, setting(c['quant']), r['metrics'][metric], r.get('serving_bytes'),
                 info['wall_time_sec'] if info else 0.0, c.get('seed', 0)))
   return floats, out

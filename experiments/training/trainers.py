@@ -30,7 +30,7 @@ from experiments.models import ModelDef
 from qjax import flax as qflax
 from qjax.flax import QuantizedLinen, capture, convert_linen, convert_nnx
 from qjax.flax.intercept import STATS, ServingWeight
-from qjax.ptq import online
+from qjax.ptq import batchnorm, online
 
 
 def loss_fn(logits, y, task: str):
@@ -243,6 +243,13 @@ class LinenTrainer:
       self.q.reprobe('apply', {'params': params, **state['vars']}, jnp.asarray(probe_x), train=False)
     return {**state, 'params': params}
 
+  def fold_batchnorm(self, pure, x):
+    """(a float run's state (`to_pure`) with its BatchNorms folded into their layers, qjax.ptq.batchnorm's
+    Folding), checked on the model inputs x in evaluation mode."""
+    variables, folding = batchnorm.fold_linen(self.md.module, {'params': pure['params'], **pure['vars']},
+                                              jnp.asarray(x), train=False)
+    return {**pure, 'params': variables.pop('params'), 'vars': {**pure['vars'], **variables}}, folding
+
   def ptq_serve(self, served, qs) -> None:
     """Puts the methods' integer kernels ({path: QArray in the kernel's shape}) into the serving variables
     (`convert`), in place: the format and packing the conversion chose."""
@@ -405,6 +412,16 @@ class NnxTrainer:
     if probe_x is not None and state.quantized is not None:  # as quantize_nnx probed it at init
       qflax.reprobe_nnx(model, jnp.asarray(probe_x))
     return state.replace((model, opt))
+
+  def fold_batchnorm(self, pure, x):
+    """(a float run's pure state with its BatchNorms folded into their layers, qjax.ptq.batchnorm's Folding),
+    checked on the model inputs x in evaluation mode."""
+    graphdef, st = nnx.split(self.md.make(nnx.Rngs(0)))
+    nnx.replace_by_pure_dict(st, _overlay(nnx.to_pure_dict(st), pure[0]))
+    model = nnx.merge(graphdef, st)
+    model.eval()
+    folding = batchnorm.fold_nnx(model, jnp.asarray(x))
+    return {**pure, 0: _overlay(pure[0], nnx.to_pure_dict(nnx.state(model)))}, folding
 
   def ptq_serve(self, served, qs) -> None:
     """Puts the methods' integer kernels ({path: QArray in the kernel's shape}) into the converted model
