@@ -24,7 +24,8 @@ pairs with a layer when its input is the very array the layer returned in that c
 axis that normalises with its running averages in that call. A layer output that something else also reads (a
 residual from the conv's raw output) is invisible to module calls, so `fold_linen` / `fold_nnx` run the model on
 the given inputs before and after and keep only the folds that leave its output unchanged (relative L2 error
-at most `tol`); the others are listed in `Folding.skipped` with the reason.
+at most `tol`: by default 1e-4, or 3e-2 where a folded kernel or the output is a 16-bit float, whose rounding
+alone moves the output by about 1e-3); the others are listed in `Folding.skipped` with the reason.
 """
 
 from __future__ import annotations
@@ -240,9 +241,16 @@ def _rel_error(y, y0) -> float:
   return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
 
 
-def _fold_checked(pairs, skipped, get, put, forward, tol: float) -> Folding:
+def _default_tol(arrays, y) -> float:
+  """1e-4, or 3e-2 where a kernel or an output leaf is a float of fewer than 32 bits (module docstring)."""
+  dtypes = [np.asarray(a).dtype for a in arrays] + [jnp.asarray(b).dtype for b in jax.tree.leaves(y)]
+  narrow = any(jnp.issubdtype(d, jnp.floating) and jnp.finfo(d).bits < 32 for d in dtypes)
+  return 3e-2 if narrow else 1e-4
+
+
+def _fold_checked(pairs, skipped, get, put, forward, tol: float | None) -> Folding:
   """Folds `pairs` through get(path, name) / put(path, name, array) (get: None where absent), keeping the folds
-  that leave forward()'s output within `tol` (relative L2) of the unfolded model's."""
+  that leave forward()'s output within `tol` (relative L2; None: `_default_tol`) of the unfolded model's."""
   skipped = dict(skipped)
   original, folded = {}, {}
   for p in pairs:
@@ -263,14 +271,16 @@ def _fold_checked(pairs, skipped, get, put, forward, tol: float) -> Folding:
   if not original:
     return Folding({}, skipped)
   y0 = forward()
+  tol = _default_tol([original[p][0] for p in original], y0) if tol is None else tol
   kept = list(original)
   err = _rel_error(use(kept), y0)
   if err > tol:  # some layer output is read besides its BatchNorm: find which folds change the model
     alone = {p: _rel_error(use([p]), y0) for p in original}
     for p, e in alone.items():
       if e > tol:
-        skipped[p.norm] = (f'folding it changed the model\'s output by {e:.2g} (relative): {p.layer}\'s output is '
-                           'also read besides the BatchNorm')
+        skipped[p.norm] = (f'folding it changed the model\'s output by {e:.2g} (relative, above tol={tol:.2g}): '
+                           f'{p.layer}\'s output is also read besides the BatchNorm, or the model rounds more coarsely '
+                           'than tol allows')
     kept = [p for p in original if alone[p] <= tol]
     err = _rel_error(use(kept), y0) if kept else 0.0
     if err > tol:
@@ -291,7 +301,7 @@ def _plain(tree):
   return {k: _plain(v) for k, v in tree.items()} if hasattr(tree, 'items') else tree
 
 
-def fold_linen(module: nn.Module, variables, *args, tol: float = 1e-4, **kwargs):
+def fold_linen(module: nn.Module, variables, *args, tol: float | None = None, **kwargs):
   """(variables with every foldable BatchNorm folded into its layer, Folding) of a Linen module applied as
   module.apply(variables, *args, **kwargs) in evaluation mode; `args` are the inputs the folds are checked on
   (a batch or a few examples). The given variables are not changed."""
@@ -312,7 +322,7 @@ def fold_linen(module: nn.Module, variables, *args, tol: float = 1e-4, **kwargs)
   return new, folding
 
 
-def fold_nnx(model: nnx.Module, *args, tol: float = 1e-4, **kwargs) -> Folding:
+def fold_nnx(model: nnx.Module, *args, tol: float | None = None, **kwargs) -> Folding:
   """Folds every foldable BatchNorm of an NNX model (in evaluation mode: model.eval()) into its layer, in place;
   `args` (and kwargs) are a call's inputs, on which the folds are checked."""
   pairs, skipped = pairs_nnx(model, *args, **kwargs)
