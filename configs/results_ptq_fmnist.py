@@ -18,8 +18,10 @@ on LeNet-5 also W8A4 (4-bit per-tensor activations, where round-to-nearest activ
 No group columns here: LeNet-5's dense fan-ins (400, 120, 84) take no group of 64 or 128, and qjax's quantized
 convolutions have per-channel or per-tensor scales only (their contraction mixes channels and window).
 On the ResNet also BatchNorm folding (config.ptq.fold_batchnorm, qjax.ptq.batchnorm): rtn and gptq on folded
-and unfolded convs, with per-channel and per-tensor int8 and int4 weights (`--only='fold=|method=(rtn|gptq),w=int4$'`
-runs those alone, with the unfolded per-channel int4 trials they compare with).
+and unfolded convs, with per-channel and per-tensor int8 and int4 weights, and per-tensor after folding and
+cross-layer equalization (config.ptq.equalize, qjax.ptq.equalization); `--only='fold=|method=(rtn|gptq),w=int4$'`
+runs those alone, with the unfolded per-channel int4 trials they compare with. On LeNet-5 rtn and gptq with
+per-tensor int8 and int4 weights, with and without equalization (`--only='equalize='`).
 `:runlocal` shrinks it to a smoke test on the fixtures. `:model=resnet` runs the same on configs/fmnist_resnet.py
 (its 4000 float steps; its stem and head stay float, as that config keeps them). `seeds=N` repeats every trial over
 N seeds (each seed trains its own float model); the table gives mean +- std.
@@ -90,17 +92,27 @@ def get_sweep(arg=None):
                      sweeps.axis('quant.weight.format', ['int4', 'int3', 'int2'], name='w')),
       sweeps.product(sweeps.axis('mode', {'ptq': ptq}), sweeps.axis('method', act8), sweeps.axis('bits', bits8)),
   ]
+  w = lambda granularity, formats: sweeps.product(
+      sweeps.axis('quant.weight.granularity', [granularity], name='wg'),
+      sweeps.axis('quant.weight.format', formats, name='w'))
+  rtn_gptq = sweeps.axis('method', {k: METHODS[k] for k in ('rtn', 'gptq')})
+  fold, equalize = {'ptq.fold_batchnorm': True}, {'ptq.equalize': True}
   if a['model'] == 'resnet':  # BatchNorm folded into the convs before PTQ, with per-channel and per-tensor weights
-    w = lambda granularity, formats: sweeps.product(
-        sweeps.axis('quant.weight.granularity', [granularity], name='wg'),
-        sweeps.axis('quant.weight.format', formats, name='w'))
     parts.append(sweeps.product(
-        sweeps.axis('mode', {'ptq': ptq}), sweeps.axis('method', {k: METHODS[k] for k in ('rtn', 'gptq')}),
+        sweeps.axis('mode', {'ptq': ptq}), rtn_gptq,
         sweeps.chain(  # unfolded per-channel int4: the method x w trials above
-            sweeps.product(sweeps.axis('fold', {'folded': {'ptq.fold_batchnorm': True}}),
+            sweeps.product(sweeps.axis('fold', {'folded': fold}),
                            sweeps.chain(w('per_channel', ['int8', 'int4']), w('per_tensor', ['int8', 'int4']))),
             sweeps.product(sweeps.axis('fold', {'unfolded': {}}),
-                           sweeps.chain(w('per_channel', ['int8']), w('per_tensor', ['int8', 'int4']))))))
+                           sweeps.chain(w('per_channel', ['int8']), w('per_tensor', ['int8', 'int4']))),
+            # then cross-layer equalization of the conv pairs inside the blocks, for per-tensor weights
+            sweeps.product(sweeps.axis('fold', {'folded+equalized': {**fold, **equalize}}),
+                           w('per_tensor', ['int8', 'int4'])))))
+  else:  # cross-layer equalization for per-tensor weights (LeNet-5 has no BatchNorm)
+    parts.append(sweeps.product(
+        sweeps.axis('mode', {'ptq': ptq}), rtn_gptq,
+        sweeps.axis('equalize', {'equalized': equalize, 'not_equalized': {}}),
+        w('per_tensor', ['int8', 'int4'])))
   sweep = sweeps.chain(*parts)
   if a['seeds'] > 1:  # each seed: its own float model (init and data order), its PTQ runs from it
     sweep = sweeps.product(sweep, sweeps.axis('seed', list(range(a['seeds']))))

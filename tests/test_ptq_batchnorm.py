@@ -202,8 +202,8 @@ def test_the_nnx_trainer_folds_a_float_runs_state():
   model, opt = state.merge()
   _nnx_random_stats(model)
   pure = tr.to_pure(state.replace((model, opt)))
-  folded, folding = tr.fold_batchnorm(pure, x)
-  assert folding.folded == {'bn': 'conv', 'bn2': 'lin'}
+  folded, info = tr.ptq_prepare(pure, x, fold=True)
+  assert list(info) == ['batchnorm_folding'] and info['batchnorm_folding'].folded == {'bn': 'conv', 'bn2': 'lin'}
   fresh = tr.init(jax.random.key(5), x, folded)   # a PTQ run's model, loaded from the folded state
   m0, m1 = tr.module(tr.init(jax.random.key(5), x, pure)), tr.module(fresh)
   m0.eval()
@@ -237,16 +237,18 @@ def test_the_runner_folds_the_resnets_batchnorms_before_ptq(tmp_path):
 
 
 def test_the_ptq_table_labels_folded_and_per_tensor_trials(tmp_path):
-  def trial(name, fold, granularity):
+  def trial(name, fold, granularity, equalize=False):
     (tmp_path / name).mkdir()
     quant = {'weight': {'format': 'int4', 'granularity': granularity, 'group_size': 0}, 'act': {'format': ''}}
+    ptq = {'method': 'rtn', 'fold_batchnorm': fold, 'equalize': equalize}
     json.dump({'mode': 'ptq', 'metrics': {'eval/accuracy': .5}, 'serving_bytes': 1,
-               'config': {'quant': quant, 'ptq': {'method': 'rtn', 'fold_batchnorm': fold}, 'seed': 0}},
-              open(tmp_path / name / 'result.json', 'w'))
+               'config': {'quant': quant, 'ptq': ptq, 'seed': 0}}, open(tmp_path / name / 'result.json', 'w'))
   trial('a', False, 'per_channel')
   trial('b', True, 'per_tensor')
+  trial('c', True, 'per_tensor', True)
   _, rows = ptq_table.rows(str(tmp_path))
-  assert [r[:2] for r in rows] == [('rtn', 'W4'), ('rtn, BatchNorm folded', 'W4 per-tensor')]
+  assert [r[:2] for r in rows] == [('rtn', 'W4'), ('rtn, BatchNorm folded', 'W4 per-tensor'),
+                                   ('rtn, BatchNorm folded, equalized', 'W4 per-tensor')]
 
 
 class Bf16(nn.Module):

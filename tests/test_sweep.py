@@ -781,8 +781,8 @@ def test_the_swish_estimator_study_builds_swish_lenets_and_a_bad_activation_fail
 def test_the_resnet_ptq_results_config_builds_its_last_trial_from_the_resnet_float_trial(tmp_path):
   """configs/results_ptq_fmnist.py:model=resnet is the CNN's sweep on the ResNet (whose PTQ runs end to end in
   tests/test_ptq_runner.py): its last trial with activations validates and starts from the ResNet's float trial;
-  so do its BatchNorm-folding trials, 8 folded and 6 unfolded (the unfolded per-channel int4 ones are the method x
-  w trials)."""
+  so do its BatchNorm-folding trials, 8 folded, 6 unfolded (the unfolded per-channel int4 ones are the method x
+  w trials) and 4 folded and equalized."""
   from experiments.training import runner  # noqa: PLC0415
   trials = sweeps.expand(*config_cli.load_module(os.path.join(REPO, 'configs/results_ptq_fmnist.py:model=resnet,'
                                                                      'runlocal')), str(tmp_path))
@@ -791,7 +791,8 @@ def test_the_resnet_ptq_results_config_builds_its_last_trial_from_the_resnet_flo
   assert last.config.mode == 'ptq' and last.config.model.name == 'resnet'
   assert [trials[d].config.mode for d in last.deps] == ['float'] and trials[last.deps[0]].config.model.name == 'resnet'
   fold = [t for t in trials if 'fold' in t.labels]
-  assert len(fold) == 14 and sum(t.config.ptq.fold_batchnorm for t in fold) == 8
+  assert len(fold) == 18 and sum(t.config.ptq.fold_batchnorm for t in fold) == 12
+  assert sum(t.config.ptq.equalize for t in fold) == 4
   assert {(t.config.quant.weight.granularity, t.config.quant.weight.format) for t in fold} == {
       (g, f) for g in ('per_channel', 'per_tensor') for f in ('int8', 'int4')}
   runner.validate(fold[-1].config)

@@ -22,6 +22,10 @@ def default_config() -> ml_collections.ConfigDict:
   # bias before anything is quantized (qjax.ptq.batchnorm), so the weights rounded are the ones a deployed model
   # multiplies by. Applies with any method, round-to-nearest included.
   c.fold_batchnorm = False
+  # True: consecutive layers joined by a positively homogeneous op (ReLU, pooling) get their channels rescaled so
+  # that each channel's weight range is the same in both (cross-layer equalization, qjax.ptq.equalization; after
+  # folding when both are set). For per-tensor weight grids.
+  c.equalize = False
   for name in registry.names():
     d = registry.get(name).defaults
     if d:
@@ -72,8 +76,10 @@ def active(config) -> bool:
   return config.mode == 'ptq' and [n for n, _ in methods(config.ptq)] != ['rtn']
 
 
-def folds_batchnorm(config) -> bool:
-  return config.mode == 'ptq' and 'ptq' in config and bool(config.ptq.get('fold_batchnorm', False))
+def prepares(config) -> bool:
+  """Whether a PTQ run changes the float model before quantizing it (BatchNorm folding, equalization)."""
+  return config.mode == 'ptq' and 'ptq' in config and (config.ptq.get('fold_batchnorm', False)
+                                                       or config.ptq.get('equalize', False))
 
 
 # ----------------------------------------------------------------------------------------------- targets

@@ -56,6 +56,8 @@ def rows(root: str, metric: str = 'eval/accuracy'):
       method += ', sequential'
     if c.get('ptq', {}).get('fold_batchnorm'):
       method += ', BatchNorm folded'
+    if c.get('ptq', {}).get('equalize'):
+      method += ', equalized'
     out.append((method, setting(c['quant']), r['metrics'][metric], r.get('serving_bytes'),
                 info['wall_time_sec'] if info else 0.0, c.get('seed', 0)))
   return floats, out

@@ -5,8 +5,9 @@ quantizes whose op contracts its leading axes (below).
                              several applied in order: 'smoothquant,gptq' (or a tuple of names)
     config.ptq.<method>.<p>  each method's parameters, with its paper's defaults (qjax.ptq.registry)
     config.ptq.max_sample    calibration rows kept per layer for AWQ / AdaRound (the sums are over all rows)
-    config.ptq.fold_batchnorm  fold each BatchNorm into the Dense / Conv before it first (qjax.ptq.batchnorm;
-                             the runner does it on the float state it loads, before quantizing, with any method)
+    config.ptq.fold_batchnorm  fold each BatchNorm into the Dense / Conv before it first (qjax.ptq.batchnorm)
+    config.ptq.equalize      then equalize consecutive layers' channel ranges (qjax.ptq.equalization)
+                             (both on the float state the run loads, before quantizing, with any method, RTN too)
 
 A PTQ run with a method: (1) `gather_stats` takes each quantized op's calibration statistics through the public
 Flax capture API (qjax.flax.capture, via `trainer.capture`: capture_linen / capture_nnx) on

@@ -302,12 +302,15 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
   float_pure = None
   if mode == 'ptq' or config.init_from:
     float_pure = load_float_state(config, workdir, trainers.make(md, tx), sample_x, log)
-  folding = None
-  if ptq_config.folds_batchnorm(config):  # before quantizing: every later step sees the folded weights
-    float_pure, folding = trainers.make(md, tx).fold_batchnorm(float_pure, sample_x)
-    log(f'BatchNorm folded into the layer before it: {len(folding.folded)} of '
-        f'{len(folding.folded) + len(folding.skipped)}'
-        + ''.join(f'\n  not folded: {n} ({why})' for n, why in folding.skipped.items()))
+  prepared = {}
+  if mode == 'ptq' and ptq_config.prepares(config):  # before quantizing: every later step sees the new weights
+    float_pure, prepared = trainers.make(md, tx).ptq_prepare(
+        float_pure, sample_x, config.ptq.get('fold_batchnorm', False), config.ptq.get('equalize', False))
+    for step, what in prepared.items():
+      done = what.folded if step == 'batchnorm_folding' else what.equalized
+      log(f'{step.replace("_", " ")}: {len(done)} of {len(done) + len(what.skipped)}'
+          + ''.join(f'\n  not {"folded" if step == "batchnorm_folding" else "equalized"}: {n} ({why})'
+                    for n, why in what.skipped.items()))
   trainer = trainers.make(md, tx, rules)
   state = trainer.init(jax.random.key(config.seed), jnp.asarray(sample_x), float_pure)
   state = distributed.place_state(mesh, state, config.mesh)
@@ -316,8 +319,7 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
   try:
     if mode == 'ptq':
       train_info = {'steps': 0, 'steps_per_sec': 0.0}
-      if folding is not None:
-        train_info['batchnorm_folding'] = folding._asdict()
+      train_info.update({step: what._asdict() for step, what in prepared.items()})
       if 'ptq' in config and ptq_config.active(config):
         state, train_info['ptq'] = ptq_runner.apply(run, state)
       state = _calibrate(run, state)

@@ -30,7 +30,7 @@ from experiments.models import ModelDef
 from qjax import flax as qflax
 from qjax.flax import QuantizedLinen, capture, convert_linen, convert_nnx
 from qjax.flax.intercept import STATS, ServingWeight
-from qjax.ptq import batchnorm, online
+from qjax.ptq import batchnorm, equalization, online
 
 
 def loss_fn(logits, y, task: str):
@@ -243,12 +243,18 @@ class LinenTrainer:
       self.q.reprobe('apply', {'params': params, **state['vars']}, jnp.asarray(probe_x), train=False)
     return {**state, 'params': params}
 
-  def fold_batchnorm(self, pure, x):
-    """(a float run's state (`to_pure`) with its BatchNorms folded into their layers, qjax.ptq.batchnorm's
-    Folding), checked on the model inputs x in evaluation mode."""
-    variables, folding = batchnorm.fold_linen(self.md.module, {'params': pure['params'], **pure['vars']},
-                                              jnp.asarray(x), train=False)
-    return {**pure, 'params': variables.pop('params'), 'vars': {**pure['vars'], **variables}}, folding
+  def ptq_prepare(self, pure, x, fold: bool = False, equalize: bool = False):
+    """(a float run's state (`to_pure`) with its BatchNorms folded into their layers (qjax.ptq.batchnorm) and then
+    consecutive layers equalized (qjax.ptq.equalization), {'batchnorm_folding': Folding, 'equalization':
+    Equalization} of the steps asked), each checked on the model inputs x in evaluation mode."""
+    variables, info = {'params': pure['params'], **pure['vars']}, {}
+    if fold:
+      variables, info['batchnorm_folding'] = batchnorm.fold_linen(self.md.module, variables, jnp.asarray(x),
+                                                                  train=False)
+    if equalize:
+      variables, info['equalization'] = equalization.equalize_linen(self.md.module, variables, jnp.asarray(x),
+                                                                    train=False)
+    return {**pure, 'params': variables.pop('params'), 'vars': {**pure['vars'], **variables}}, info
 
   def ptq_serve(self, served, qs) -> None:
     """Puts the methods' integer kernels ({path: QArray in the kernel's shape}) into the serving variables
@@ -413,15 +419,19 @@ class NnxTrainer:
       qflax.reprobe_nnx(model, jnp.asarray(probe_x))
     return state.replace((model, opt))
 
-  def fold_batchnorm(self, pure, x):
-    """(a float run's pure state with its BatchNorms folded into their layers, qjax.ptq.batchnorm's Folding),
-    checked on the model inputs x in evaluation mode."""
+  def ptq_prepare(self, pure, x, fold: bool = False, equalize: bool = False):
+    """(a float run's pure state with its BatchNorms folded into their layers and then consecutive layers
+    equalized, {step: what it did}): as the Linen trainer's."""
     graphdef, st = nnx.split(self.md.make(nnx.Rngs(0)))
     nnx.replace_by_pure_dict(st, _overlay(nnx.to_pure_dict(st), pure[0]))
     model = nnx.merge(graphdef, st)
     model.eval()
-    folding = batchnorm.fold_nnx(model, jnp.asarray(x))
-    return {**pure, 0: _overlay(pure[0], nnx.to_pure_dict(nnx.state(model)))}, folding
+    info = {}
+    if fold:
+      info['batchnorm_folding'] = batchnorm.fold_nnx(model, jnp.asarray(x))
+    if equalize:
+      info['equalization'] = equalization.equalize_nnx(model, jnp.asarray(x))
+    return {**pure, 0: _overlay(pure[0], nnx.to_pure_dict(nnx.state(model)))}, info
 
   def ptq_serve(self, served, qs) -> None:
     """Puts the methods' integer kernels ({path: QArray in the kernel's shape}) into the converted model

@@ -9,8 +9,9 @@ by its config name in `qjax.ptq.registry` (its module imported below):
   adaround         Nagel et al. 2020: learned up/down rounding (rectified sigmoid, annealed regulariser)
   bias_correction  Nagel et al. 2019: b += E[x] (w - w_hat)
 
-Before any of them, `qjax.ptq.batchnorm` can fold a model's evaluation-mode BatchNorms into the Dense / Conv layers
-whose outputs they normalise (a transform of the float model, not a per-layer method).
+Before any of them, two transforms of the float model (not per-layer methods): `qjax.ptq.batchnorm` folds its
+evaluation-mode BatchNorms into the Dense / Conv layers whose outputs they normalise, and `qjax.ptq.equalization`
+balances the channel ranges of consecutive layers (cross-layer equalization, Nagel et al. 2019).
 """
 
 # Importing a method's module registers it: a new method adds its name here.

@@ -123,18 +123,18 @@ class _Recorder:
   """Module calls as they happen: layer outputs by identity, BatchNorm inputs, call counts per path."""
 
   def __init__(self):
-    self.outputs, self.norms, self.calls = [], [], {}
+    self.layers, self.norms, self.calls = [], [], {}
 
-  def layer(self, path, out):
+  def layer(self, path, module, x, out):
     self.calls[path] = self.calls.get(path, 0) + 1
-    self.outputs.append((path, out))
+    self.layers.append((path, module, x, out))
 
   def norm(self, path, module, x, use_running_average):
     self.calls[path] = self.calls.get(path, 0) + 1
     self.norms.append((path, module, x, use_running_average))
 
   def pairs(self) -> tuple[list[Pair], dict[str, str]]:
-    src = {path: next((p for p, out in self.outputs if out is x), None) for path, _, x, _ in self.norms}
+    src = {path: next((p for p, _, _, out in self.layers if out is x), None) for path, _, x, _ in self.norms}
     feeds = {}  # layer path -> the BatchNorms its output feeds
     for path, s in src.items():
       if s is not None:
@@ -161,6 +161,11 @@ def _path(parts) -> str:
 def pairs_linen(module: nn.Module, variables, *args, **kwargs) -> tuple[list[Pair], dict[str, str]]:
   """([Pair], {norm path: why not}) of a Linen module applied as module.apply(variables, *args, **kwargs)
   (traced, not run)."""
+  return record_linen(module, variables, *args, **kwargs).pairs()
+
+
+def record_linen(module: nn.Module, variables, *args, **kwargs) -> _Recorder:
+  """The Flax layers' and BatchNorms' calls of module.apply(variables, *args, **kwargs), traced."""
   rec = _Recorder()
 
   def interceptor(next_fun, a, k, context):
@@ -172,14 +177,14 @@ def pairs_linen(module: nn.Module, variables, *args, **kwargs) -> tuple[list[Pai
       rec.norm(_path(m.path), m, a[0], ura)
     out = next_fun(*a, **k)
     if type(m) in LAYERS:
-      rec.layer(_path(m.path), out)
+      rec.layer(_path(m.path), m, a[0], out)
     return out
 
   def run(v, *a):
     with nn.intercept_methods(interceptor):
       return module.apply(v, *a, **{'mutable': True, **kwargs})  # training mode updates statistics
   jax.eval_shape(run, variables, *args)
-  return rec.pairs()
+  return rec
 
 
 _RECORDING: dict[type, type] = {}
@@ -192,8 +197,8 @@ def _recording_class(base: type, rec_of) -> type:
       if rec is not None and base in NORMS and a:
         rec.norm(self._fold_path, self, a[0], k.get('use_running_average', a[1] if len(a) > 1 else None))
       out = base.__call__(self, *a, **k)
-      if rec is not None and base in LAYERS:
-        rec.layer(self._fold_path, out)
+      if rec is not None and base in LAYERS and a:
+        rec.layer(self._fold_path, self, a[0], out)
       return out
     _RECORDING[base] = type(base.__name__, (base,), {'__call__': call, '__module__': base.__module__,
                                                      '__qualname__': base.__qualname__})
@@ -206,6 +211,11 @@ _ACTIVE: list = []  # the recorder of the pairs_nnx call in progress
 def pairs_nnx(model: nnx.Module, *args, **kwargs) -> tuple[list[Pair], dict[str, str]]:
   """([Pair], {norm path: why not}) of an NNX model called as model(*args, **kwargs) (traced, not run; put it in
   evaluation mode first: model.eval())."""
+  return record_nnx(model, *args, **kwargs).pairs()
+
+
+def record_nnx(model: nnx.Module, *args, **kwargs) -> _Recorder:
+  """The Flax layers' and BatchNorms' calls of model(*args, **kwargs), traced on a copy."""
   rec = _Recorder()
   swapped = []
   for p, m in nnx.iter_modules(model):
@@ -221,7 +231,7 @@ def pairs_nnx(model: nnx.Module, *args, **kwargs) -> tuple[list[Pair], dict[str,
     for m, cls in swapped:
       m.__class__ = cls
       object.__delattr__(m, '_fold_path')
-  return rec.pairs()
+  return rec
 
 
 # ------------------------------------------------------------------------------------------------- folding
@@ -248,46 +258,69 @@ def _default_tol(arrays, y) -> float:
   return 3e-2 if narrow else 1e-4
 
 
-def _fold_checked(pairs, skipped, get, put, forward, tol: float | None) -> Folding:
-  """Folds `pairs` through get(path, name) / put(path, name, array) (get: None where absent), keeping the folds
-  that leave forward()'s output within `tol` (relative L2; None: `_default_tol`) of the unfolded model's."""
+class Access(NamedTuple):
+  """A model's variables as get(path, name) -> array or None, put(path, name, array), forward() -> output."""
+  get: Any
+  put: Any
+  forward: Any
+
+
+def checked(candidates, changes, access: Access, why, tol: float | None):
+  """(kept, {candidate: why not}, rel_error): the candidates whose changes leave the model's output within `tol`
+  (relative L2; None: `_default_tol`). changes(subset) -> {(path, name): new array} for a list of candidates,
+  computed from the arrays access.get gives (always the unchanged model's when it is called);
+  each is tried with all the others first, then alone where the whole set fails; why(candidate, err, tol) says
+  why one is dropped. The model is left with the kept candidates' changes."""
+  touched = {k for c in candidates for k in changes([c])}
+  original = {k: access.get(*k) for k in touched}
+
+  def use(subset):
+    for k, old in original.items():  # changes() reads the model's arrays: from the unchanged model
+      access.put(*k, old)
+    new = changes(subset)
+    for k, a in new.items():
+      access.put(*k, a)
+    return access.forward()
+
+  if not candidates:
+    return [], {}, 0.0
+  y0 = access.forward()
+  tol = _default_tol([original[k] for k in touched if k[1] == 'kernel'], y0) if tol is None else tol
+  kept, skipped = list(candidates), {}
+  err = _rel_error(use(kept), y0)
+  if err > tol:  # find which candidates change the model
+    alone = {c: _rel_error(use([c]), y0) for c in candidates}
+    skipped = {c: why(c, e, tol) for c, e in alone.items() if e > tol}
+    kept = [c for c in candidates if alone[c] <= tol]
+    err = _rel_error(use(kept), y0) if kept else 0.0
+    if err > tol:
+      skipped.update({c: f'together the changes moved the model\'s output by {err:.2g} (relative); none kept'
+                      for c in kept})
+      kept, err = [], 0.0
+    if not kept:
+      use([])
+  return kept, skipped, err
+
+
+def _fold_checked(pairs, skipped, access: Access, tol: float | None) -> Folding:
+  """Folds `pairs`, keeping the folds that leave the model's output within `tol` (`checked`)."""
   skipped = dict(skipped)
-  original, folded = {}, {}
+  folded = {}
   for p in pairs:
-    arrays = tuple(get(getattr(p, who), name) for who, name in _SLOTS)
     try:
-      folded[p] = fold(*arrays, p.epsilon)
-      original[p] = arrays
+      folded[p] = fold(*(access.get(getattr(p, who), name) for who, name in _SLOTS), p.epsilon)
     except ValueError as e:
       skipped[p.norm] = str(e)
 
-  def use(kept):
-    for p in original:
-      for (who, name), old, new in zip(_SLOTS, original[p], folded[p], strict=True):
-        if old is not None:
-          put(getattr(p, who), name, new if p in kept else old)
-    return forward()
+  def changes(subset):
+    return {(getattr(p, who), name): a for p in subset
+            for (who, name), a in zip(_SLOTS, folded[p], strict=True) if a is not None}
 
-  if not original:
-    return Folding({}, skipped)
-  y0 = forward()
-  tol = _default_tol([original[p][0] for p in original], y0) if tol is None else tol
-  kept = list(original)
-  err = _rel_error(use(kept), y0)
-  if err > tol:  # some layer output is read besides its BatchNorm: find which folds change the model
-    alone = {p: _rel_error(use([p]), y0) for p in original}
-    for p, e in alone.items():
-      if e > tol:
-        skipped[p.norm] = (f'folding it changed the model\'s output by {e:.2g} (relative, above tol={tol:.2g}): '
-                           f'{p.layer}\'s output is also read besides the BatchNorm, or the model rounds more coarsely '
-                           'than tol allows')
-    kept = [p for p in original if alone[p] <= tol]
-    err = _rel_error(use(kept), y0) if kept else 0.0
-    if err > tol:
-      for p in kept:
-        skipped[p.norm] = f'the folds together changed the model\'s output by {err:.2g} (relative); none kept'
-      kept, err = [], 0.0
-      use(kept)
+  def why(p, e, tol):
+    return (f'folding it changed the model\'s output by {e:.2g} (relative, above tol={tol:.2g}): {p.layer}\'s '
+            'output is also read besides the BatchNorm, or the model rounds more coarsely than tol allows')
+  kept, dropped, err = checked(list(folded), changes, access, why, tol)
+  skipped.update({p.norm: w for p, w in dropped.items()})
   return Folding({p.norm: p.layer for p in kept}, dict(sorted(skipped.items())), err)
 
 
@@ -301,11 +334,8 @@ def _plain(tree):
   return {k: _plain(v) for k, v in tree.items()} if hasattr(tree, 'items') else tree
 
 
-def fold_linen(module: nn.Module, variables, *args, tol: float | None = None, **kwargs):
-  """(variables with every foldable BatchNorm folded into its layer, Folding) of a Linen module applied as
-  module.apply(variables, *args, **kwargs) in evaluation mode; `args` are the inputs the folds are checked on
-  (a batch or a few examples). The given variables are not changed."""
-  pairs, skipped = pairs_linen(module, variables, *args, **kwargs)
+def linen_access(module: nn.Module, variables, *args, **kwargs) -> tuple[dict, Access]:
+  """(a copy of `variables` as plain dicts, its Access): module.apply(copy, *args, **kwargs) as forward."""
   new = jax.tree.map(lambda a: a, _plain(variables))
   coll = lambda name: 'batch_stats' if name in ('mean', 'var') else 'params'
 
@@ -318,14 +348,11 @@ def fold_linen(module: nn.Module, variables, *args, tol: float | None = None, **
     node[name] = jnp.asarray(a, node[name].dtype)
 
   run = jax.jit(lambda v, *a: module.apply(v, *a, **kwargs))
-  folding = _fold_checked(pairs, skipped, get, put, lambda: run(new, *args), tol)
-  return new, folding
+  return new, Access(get, put, lambda: run(new, *args))
 
 
-def fold_nnx(model: nnx.Module, *args, tol: float | None = None, **kwargs) -> Folding:
-  """Folds every foldable BatchNorm of an NNX model (in evaluation mode: model.eval()) into its layer, in place;
-  `args` (and kwargs) are a call's inputs, on which the folds are checked."""
-  pairs, skipped = pairs_nnx(model, *args, **kwargs)
+def nnx_access(model: nnx.Module, *args, **kwargs) -> Access:
+  """The model's own variables (put changes them in place); model(*args, **kwargs) as forward."""
   modules = {_path(p): m for p, m in nnx.iter_modules(model)}
 
   def get(path, name):
@@ -338,4 +365,20 @@ def fold_nnx(model: nnx.Module, *args, tol: float | None = None, **kwargs) -> Fo
 
   graphdef, _ = nnx.split(model)
   run = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a, **kwargs))
-  return _fold_checked(pairs, skipped, get, put, lambda: run(nnx.state(model), *args), tol)
+  return Access(get, put, lambda: run(nnx.state(model), *args))
+
+
+def fold_linen(module: nn.Module, variables, *args, tol: float | None = None, **kwargs):
+  """(variables with every foldable BatchNorm folded into its layer, Folding) of a Linen module applied as
+  module.apply(variables, *args, **kwargs) in evaluation mode; `args` are the inputs the folds are checked on
+  (a batch or a few examples). The given variables are not changed."""
+  pairs, skipped = pairs_linen(module, variables, *args, **kwargs)
+  new, access = linen_access(module, variables, *args, **kwargs)
+  return new, _fold_checked(pairs, skipped, access, tol)
+
+
+def fold_nnx(model: nnx.Module, *args, tol: float | None = None, **kwargs) -> Folding:
+  """Folds every foldable BatchNorm of an NNX model (in evaluation mode: model.eval()) into its layer, in place;
+  `args` (and kwargs) are a call's inputs, on which the folds are checked."""
+  pairs, skipped = pairs_nnx(model, *args, **kwargs)
+  return _fold_checked(pairs, skipped, nnx_access(model, *args, **kwargs), tol)
