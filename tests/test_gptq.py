@@ -38,18 +38,20 @@ def out_err(x, w, w_hat):
   return float(jnp.sum((x @ (w - w_hat)) ** 2))
 
 
+@pytest.mark.parametrize('granularity', ['per_channel', 'per_tensor'])
 @pytest.mark.parametrize('scheme', ['symmetric', 'asymmetric'])
 @pytest.mark.parametrize('block_size', [8, 64])
-def test_gptq_equals_the_paper_loop(scheme, block_size):
+def test_gptq_equals_the_paper_loop(scheme, block_size, granularity):
   x, w = layer(0)
-  spec = QuantSpec('int4', granularity='per_channel', scheme=scheme,
+  spec = QuantSpec('int4', granularity=granularity, scheme=scheme,
                    calibration='minmax' if scheme == 'asymmetric' else 'absmax')
   h = hessian(x)
   res = gptq(w, h, spec, block_size=block_size)
-  scale, zp = calibration.calibrate(w, spec.replace(axis=1))
+  scale, zp = calibration.calibrate(w, spec.replace(axis=1) if granularity == 'per_channel' else spec)
+  assert scale.shape == ((1, 24) if granularity == 'per_channel' else (1, 1))
   want = reference_gptq(w, h, scale, zp, spec.fmt.qmin, spec.fmt.qmax)
   got = np.asarray(res.w_hat, np.float64)
-  step = np.asarray(scale, np.float64).reshape(1, -1)
+  step = np.broadcast_to(np.asarray(scale, np.float64).reshape(1, -1), (1, w.shape[1]))
   differ = np.abs(got - want) > 1e-4 * step
   # Blocked (f32) and sequential (f64) sums differ in the last bits, which can flip a rounding tie: at most a
   # few elements, each by exactly one grid step.
@@ -58,7 +60,9 @@ def test_gptq_equals_the_paper_loop(scheme, block_size):
   np.testing.assert_array_equal(np.asarray(res.q.scale), np.asarray(scale))
 
 
-@pytest.mark.parametrize('kw', [dict(), dict(act_order=True),
+@pytest.mark.parametrize('kw', [dict(), dict(act_order=True), dict(spec=QuantSpec('int4')),
+                                dict(spec=QuantSpec('int3', scheme='asymmetric', calibration='minmax'),
+                                     act_order=True),
                                 dict(spec=QuantSpec('int3', granularity='per_group', group_size=16)),
                                 dict(spec=QuantSpec('int3', granularity='per_group', group_size=16), act_order=True),
                                 dict(spec=QuantSpec('int2', granularity='per_group', group_size=32),
@@ -69,13 +73,14 @@ def test_gptq_beats_round_to_nearest_and_stays_on_its_grid(kw, seed):
   spec = kw.pop('spec', QuantSpec('int4', granularity='per_channel'))
   x, w = layer(seed)
   res = gptq(w, hessian(x), spec, block_size=16, **kw)
-  kernel_spec = spec.replace(axis=1) if spec.granularity == 'per_channel' else spec.replace(axis=0)
+  kernel_spec = {'per_channel': spec.replace(axis=1), 'per_group': spec.replace(axis=0)}.get(spec.granularity, spec)
   rtn = quantizers.dequantize(quantizers.quantize(w, kernel_spec))
   assert out_err(x, w, res.w_hat) < out_err(x, w, rtn)
   q = np.asarray(res.q.qvalue)
   assert q.min() >= spec.fmt.qmin and q.max() <= spec.fmt.qmax
   np.testing.assert_array_equal(np.asarray(quantizers.dequantize(res.q)), np.asarray(res.w_hat))
-  assert res.q.scale.shape == (1, 24) if spec.granularity == 'per_channel' else (64 // spec.group_size, 24)
+  assert res.q.scale.shape == {'per_channel': (1, 24), 'per_tensor': (1, 1)}.get(spec.granularity,
+                                                                                 (64 // max(spec.group_size, 1), 24))
 
 
 def test_dead_inputs_quantize_to_zero():
@@ -97,8 +102,6 @@ def test_rejects_specs_it_cannot_serve():
   x, w = layer(4)
   with pytest.raises(ValueError, match='integer format'):
     gptq(w, hessian(x), QuantSpec('fp8_e4m3'))
-  with pytest.raises(ValueError, match='per output channel or per group'):
-    gptq(w, hessian(x), QuantSpec('int4'))
 
 
 @pytest.mark.parametrize('bits', range(2, 9))

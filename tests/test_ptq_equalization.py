@@ -101,13 +101,15 @@ def test_equalize_nnx_brings_a_chain_to_its_fixed_point_in_place():
 
 
 def test_the_runner_equalizes_lenet5_and_the_folded_resnet(tmp_path):
-  """LeNet-5: conv1 -> conv2 (ReLU and max pooling between), fc1 -> fc2 -> head; conv2 -> fc1 reads a flattened
-  map (400 features of 16 channels), which is skipped with its reason. The ResNet after folding: the conv pair
-  inside each block (a residual reads the others)."""
+  """LeNet-5 (then GPTQ on per-tensor grids): conv1 -> conv2 (ReLU and max pooling between), fc1 -> fc2 -> head;
+  conv2 -> fc1 reads a flattened map (400 features of 16 channels), which is skipped with its reason. The ResNet
+  after folding: the conv pair inside each block (a residual reads the others)."""
   common = ['--config.mode=ptq', '--config.quant_summaries=False', '--config.quant.weight.granularity=per_tensor',
             '--config.ptq.equalize=True']
-  assert train.main(['--config=configs/fmnist_cnn.py:runlocal', *common, f'--workdir={tmp_path / "lenet"}']) == 0
+  assert train.main(['--config=configs/fmnist_cnn.py:runlocal', *common, '--config.ptq.method=gptq',
+                     f'--workdir={tmp_path / "lenet"}']) == 0   # GPTQ on per-tensor grids
   r = json.load(open(tmp_path / 'lenet' / 'result.json'))
+  assert len(r['train']['ptq']['layers']) == 5
   e = r['train']['equalization']
   assert e['equalized'] == ['conv1 -> conv2', 'fc1 -> fc2', 'fc2 -> head']
   assert e['skipped'] == {'conv2 -> fc1': 'conv2 writes 16 channels, fc1 reads 400'}

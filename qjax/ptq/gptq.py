@@ -74,9 +74,6 @@ def _check(w, spec: QuantSpec, block_size: int):
     raise ValueError(f'GPTQ needs an integer format, got {spec.format!r}')
   if not 2 <= spec.fmt.bits <= 8:
     raise ValueError(f'GPTQ quantizes to 2..8 bits, got {spec.format!r} ({spec.fmt.bits} bits)')
-  if spec.granularity not in ('per_channel', 'per_group'):
-    raise ValueError(f'GPTQ grids are per output channel or per group along the input; got '
-                     f'granularity={spec.granularity!r}')
   if spec.granularity == 'per_group' and (block_size % spec.group_size and spec.group_size % block_size):
     raise ValueError(f'GPTQ: block_size={block_size} and group_size={spec.group_size} must divide one another')
 
@@ -93,8 +90,9 @@ def gptq(w: jax.Array, h: jax.Array, spec: QuantSpec, *, block_size: int = 128, 
   Args:
     w: the float kernel, contraction over axis 0 (flax's Dense layout).
     h: 2/n x^T x of calibration inputs.
-    spec: an integer QuantSpec: granularity 'per_channel' (one scale per output column) or 'per_group' (groups of
-      group_size along the input axis); symmetric or asymmetric; its calibration fits each grid.
+    spec: an integer QuantSpec: granularity 'per_channel' (one scale per output column), 'per_group' (groups of
+      group_size along the input axis) or 'per_tensor' (one grid, fitted on the whole kernel before the loop);
+      symmetric or asymmetric; its calibration fits each grid.
     block_size: rows per lazy batch update (128 in the paper).
     damp: dampening, as a fraction of mean(diag h).
     act_order: process rows by decreasing h_ii (implies static groups).
@@ -102,7 +100,8 @@ def gptq(w: jax.Array, h: jax.Array, spec: QuantSpec, *, block_size: int = 128, 
   """
   _check(w, spec, block_size)
   n_in, n_out = w.shape
-  spec = spec.replace(axis=1) if spec.granularity == 'per_channel' else spec.replace(axis=0)
+  spec = {'per_channel': lambda: spec.replace(axis=1), 'per_group': lambda: spec.replace(axis=0)}.get(
+      spec.granularity, lambda: spec)()
   g = spec.group_size if spec.granularity == 'per_group' else 0
   h = np.array(h, np.float64)
   w = np.array(w, np.float32)
@@ -123,8 +122,9 @@ def gptq(w: jax.Array, h: jax.Array, spec: QuantSpec, *, block_size: int = 128, 
   if not g or static:
     s, z = _grid(jnp.asarray(w), spec)
     rows = perm // g if g else np.zeros(n_in, int)
-    row_s = np.pad(np.asarray(s)[rows], ((0, pad), (0, 0)), constant_values=1.0)
-    row_z = None if z is None else np.pad(np.asarray(z)[rows], ((0, pad), (0, 0)))
+    by_row = lambda a: np.broadcast_to(np.asarray(a)[rows], (n_in, n_out))  # a per-tensor grid: every column
+    row_s = np.pad(by_row(s), ((0, pad), (0, 0)), constant_values=1.0)
+    row_z = None if z is None else np.pad(by_row(z), ((0, pad), (0, 0)))
   else:
     row_s = row_z = None
   q_rows, _, rs, rz = _gptq_loop(jnp.asarray(wp), jnp.asarray(up, jnp.float32), spec, bsz, g,
@@ -195,9 +195,6 @@ def _gptq_loop(w, u, spec: QuantSpec, bsz: int, g: int, row_s, row_z):
 
 
 def _run(layer, *, block_size: int, damp: float, act_order: bool, static_groups: bool):
-  if layer.spec.granularity == 'per_tensor':
-    raise ValueError('GPTQ fits one grid per output channel or group; the weight granularity is per_tensor '
-                     '(use per_channel or per_group)')
   try:
     res = gptq(L.as_array(layer.w), layer.stats.hessian, layer.spec, block_size=block_size, damp=damp,
                act_order=act_order, static_groups=static_groups)
