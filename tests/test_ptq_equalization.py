@@ -22,6 +22,7 @@ def test_scales_balance_each_channels_ranges_against_hand_derived_values():
   np.testing.assert_array_equal(s, [.5, 2., 1.])       # sqrt(r_a / r_b); a dead channel keeps 1
   np.testing.assert_array_equal(w_a / s, [[2., -2., 0.], [1., 1., 0.]])
   np.testing.assert_array_equal(w_b * s[:, None], [[2., .5], [-2., .5], [3., 1.]])   # both ranges sqrt(r_a r_b) = 2
+  assert E.precision(w_a) == (1 + 4 + 0) / 3 / 4 and E.precision(w_a / s) == (2 + 2 + 0) / 3 / 2
   conv_b = np.zeros((3, 3, 3, 2))                      # HWIO: input channels on axis -2
   conv_b[1, 2, :, 0] = [4., -1., 3.]
   np.testing.assert_array_equal(E.scales(w_a, conv_b), [.5, 2., 1.])
@@ -68,7 +69,9 @@ def test_equalize_linen_keeps_the_output_and_says_why_not():
   p = new['params']
   for a, b in (('c1', 'c2'), ('d2', 'd3'), ('d3', 'd4')):   # every kept link at its fixed point
     np.testing.assert_allclose(E.scales(np.asarray(p[a]['kernel']), np.asarray(p[b]['kernel'])), 1., rtol=1e-5)
-    assert e.ranges[f'{a} -> {b}'][0] > 1.5 and abs(e.ranges[f'{a} -> {b}'][1] - 1.) < 1e-4
+  assert set(e.precision) == {'c1', 'c2', 'd2', 'd3', 'd4'}
+  assert e.precision['c1'][0] == E.precision(folded['params']['c1']['kernel'])
+  assert e.precision['c1'][1] == E.precision(p['c1']['kernel']) and e.precision['c1'][1] > e.precision['c1'][0]
   # the folded BatchNorm's shift follows c1's output: divided by the same scales as c1's kernel
   s = np.max(np.abs(folded['params']['c1']['kernel']), axis=(0, 1, 2)) / np.max(np.abs(p['c1']['kernel']),
                                                                                   axis=(0, 1, 2))

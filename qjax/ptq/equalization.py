@@ -1,6 +1,7 @@
 """Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and Bias
 Correction", sec. 4.1): rescale the channels between two consecutive layers so that each channel's weight range
-is the same in both, which a per-tensor weight grid then resolves evenly. Data-free: it reads only the weights.
+is the same in both, which a per-tensor weight grid then resolves evenly. Data-free: the scales come from the
+weights alone (only the check below runs the model).
 
 Layer a's output channel c feeds layer b's input channel c through a positively homogeneous function f
 (ReLU, max or average pooling, or nothing), f(y / s) = f(y) / s for s > 0. So for any s_c > 0
@@ -11,8 +12,10 @@ computes the same function. With r_a[c] = max |W_a[..., c]| and r_b[c] = max |W_
 
     s_c = sqrt(r_a[c] / r_b[c])          gives both layers the range sqrt(r_a[c] r_b[c]) in channel c,
 
-which maximises the product of the channels' precisions (the paper's eq. 9). A layer in a chain (a -> b -> c) is
-rescaled on both sides, so the pairs are equalized in turn until the scales stop moving (`iters` sweeps at most).
+which maximises the sum over channels of the product of their precisions r[c] / max_c r (the paper's eq. 9;
+`precision` reports the mean of each kernel's, over its output channels, before and after). A layer in a chain
+(a -> b -> c) is rescaled on both sides, so the pairs are equalized in turn until the scales stop moving (`iters`
+sweeps at most).
 When a's BatchNorm has been folded (qjax.ptq.batchnorm: it keeps only a shift beta'), that shift is divided by
 s_c too; a BatchNorm that still normalises a's output (not folded) is in the way, and the pair is skipped.
 
@@ -21,6 +24,8 @@ once, where b reads as many channels (its input's and its kernel's axis -2; no f
 Whether f in between is positively homogeneous, and whether a's output reaches b alone (a residual that adds it
 elsewhere breaks the invariance), is not visible from module calls: as with folding, each pair is checked by
 running the model before and after (`batchnorm.checked`), and the pairs that change its output are left out.
+The check is on the inputs given, not a proof: an op that is nearly linear on them (a GELU whose inputs are far
+from 0) passes it.
 """
 
 from __future__ import annotations
@@ -44,11 +49,11 @@ class Link(NamedTuple):
 
 class Equalization(NamedTuple):
   """equalized: ['a -> b'] of the kept pairs; skipped {'a -> b': why not}; rel_error: the change of the model's
-  output on the checked inputs; ranges: {'a -> b': (max over channels of the range ratio r_a / r_b before, after)}."""
+  output on the checked inputs; precision: {layer: (before, after)} of each equalized layer's `precision`."""
   equalized: list
   skipped: dict
   rel_error: float = 0.0
-  ranges: dict = {}
+  precision: dict = {}
 
 
 def _name(link: Link) -> str:
@@ -104,10 +109,11 @@ def links(rec, get) -> tuple[list[Link], dict[str, str]]:
   return out, skipped
 
 
-def _ratio(w_a, w_b) -> float:
-  """max over channels of r_a / r_b divided by its min: 1 when every channel is balanced alike."""
-  s2 = scales(np.asarray(w_a, np.float64), np.asarray(w_b, np.float64)) ** 2
-  return float(np.max(s2) / max(float(np.min(s2)), 1e-300))
+def precision(w) -> float:
+  """The mean over a kernel's output channels (last axis) of max |w[..., c]| / max |w|: the fraction of a
+  per-tensor grid that an average channel uses (the paper's per-channel precision, averaged)."""
+  r = np.max(np.abs(np.asarray(w, np.float64).reshape(-1, w.shape[-1])), axis=0)
+  return float(np.mean(r) / max(float(np.max(r)), 1e-300))
 
 
 def _equalize(links_, get, iters: int, sweeps_tol: float = 1e-7) -> dict:
@@ -133,17 +139,19 @@ def _equalize(links_, get, iters: int, sweeps_tol: float = 1e-7) -> dict:
 
 def _run(rec, access: bn.Access, iters: int, tol: float | None) -> Equalization:
   candidates, skipped = links(rec, access.get)
-  ratios = lambda: {_name(lk): _ratio(access.get(lk.a, 'kernel'), access.get(lk.b, 'kernel')) for lk in candidates}
-  before = ratios()
+  layers = list(dict.fromkeys(p for lk in candidates for p in (lk.a, lk.b)))
+  precisions = lambda: {p: precision(access.get(p, 'kernel')) for p in layers}
+  before = precisions()
 
   def why(link, e, tol):
     return (f'equalizing it changed the model\'s output by {e:.2g} (relative, above tol={tol:.2g}): what lies '
             f'between {link.a} and {link.b} is not positively homogeneous, or {link.a}\'s output is read elsewhere')
   kept, dropped, err = bn.checked(candidates, lambda subset: _equalize(subset, access.get, iters), access, why, tol)
-  after = ratios()
+  after = precisions()
   skipped.update({_name(lk): w for lk, w in dropped.items()})
-  names = [_name(lk) for lk in kept]
-  return Equalization(names, dict(sorted(skipped.items())), err, {k: (before[k], after[k]) for k in names})
+  changed = dict.fromkeys(p for lk in kept for p in (lk.a, lk.b))
+  return Equalization([_name(lk) for lk in kept], dict(sorted(skipped.items())), err,
+                      {p: (before[p], after[p]) for p in changed})
 
 
 def equalize_linen(module: nn.Module, variables, *args, iters: int = 100, tol: float | None = None, **kwargs):
