@@ -371,7 +371,8 @@ def nnx_access(model: nnx.Module, *args, **kwargs) -> Access:
 def fold_linen(module: nn.Module, variables, *args, tol: float | None = None, **kwargs):
   """(variables with every foldable BatchNorm folded into its layer, Folding) of a Linen module applied as
   module.apply(variables, *args, **kwargs) in evaluation mode; `args` are the inputs the folds are checked on
-  (a batch or a few examples). The given variables are not changed."""
+  (arrays: a batch or a few examples; flags such as train=False go in kwargs, which are not traced). The given
+  variables are not changed."""
   pairs, skipped = pairs_linen(module, variables, *args, **kwargs)
   new, access = linen_access(module, variables, *args, **kwargs)
   return new, _fold_checked(pairs, skipped, access, tol)
