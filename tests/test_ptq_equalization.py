@@ -103,22 +103,23 @@ def test_equalize_nnx_brings_a_chain_to_its_fixed_point_in_place():
   np.testing.assert_allclose(E.scales(k[1], k[2]), 1., rtol=1e-5)
 
 
-def test_the_runner_equalizes_lenet5_and_the_folded_resnet(tmp_path):
+def test_the_runner_equalizes_lenet5_and_the_folded_resnet(tmp_path, capsys):
   """LeNet-5 (then GPTQ on per-tensor grids): conv1 -> conv2 (ReLU and max pooling between), fc1 -> fc2 -> head;
   conv2 -> fc1 reads a flattened map (400 features of 16 channels), which is skipped with its reason. The ResNet
   after folding: the conv pair inside each block (a residual reads the others)."""
   common = ['--config.mode=ptq', '--config.quant_summaries=False', '--config.quant.weight.granularity=per_tensor',
             '--config.ptq.equalize=True']
   assert train.main(['--config=configs/fmnist_cnn.py:runlocal', *common, '--config.ptq.method=gptq',
-                     f'--workdir={tmp_path / "lenet"}']) == 0   # GPTQ on per-tensor grids
+                     '--config.ptq.fold_batchnorm=True', f'--workdir={tmp_path / "lenet"}']) == 0   # per-tensor GPTQ
+  assert 'batchnorm folding: the model has no BatchNorm' in capsys.readouterr().out
   r = json.load(open(tmp_path / 'lenet' / 'result.json'))
+  assert r['train']['batchnorm_folding'] == {'folded': {}, 'skipped': {}, 'rel_error': 0.0}
   assert len(r['train']['ptq']['layers']) == 5
   e = r['train']['equalization']
   assert e['equalized'] == ['conv1 -> conv2', 'fc1 -> fc2', 'fc2 -> head']
   assert e['skipped'] == {'conv2 -> fc1': 'conv2 writes 16 channels, fc1 reads 400'}
   assert r['metrics']['eval/accuracy'] == r['serving_metrics']['eval/accuracy']   # the integer model evaluated
   assert abs(r['metrics']['eval/loss'] - r['serving_metrics']['eval/loss']) < 1e-5 * r['metrics']['eval/loss']
-  assert 'batchnorm_folding' not in r['train']
   assert train.main(['--config=configs/fmnist_resnet.py:runlocal', *common, '--config.ptq.fold_batchnorm=True',
                      f'--workdir={tmp_path / "resnet"}']) == 0
   r = json.load(open(tmp_path / 'resnet' / 'result.json'))

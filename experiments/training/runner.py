@@ -307,10 +307,14 @@ def train_and_evaluate(config, workdir: str, *, log=print, write_hparams: bool =
     float_pure, prepared = trainers.make(md, tx).ptq_prepare(
         float_pure, sample_x, config.ptq.get('fold_batchnorm', False), config.ptq.get('equalize', False))
     for step, what in prepared.items():
-      done = what.folded if step == 'batchnorm_folding' else what.equalized
+      fold = step == 'batchnorm_folding'
+      done = what.folded if fold else what.equalized
+      if not done and not what.skipped:
+        log(f'{step.replace("_", " ")}: ' + ('the model has no BatchNorm' if fold else
+                                            'the model has no two consecutive Flax Dense / Conv layers'))
+        continue
       log(f'{step.replace("_", " ")}: {len(done)} of {len(done) + len(what.skipped)}'
-          + ''.join(f'\n  not {"folded" if step == "batchnorm_folding" else "equalized"}: {n} ({why})'
-                    for n, why in what.skipped.items()))
+          + ''.join(f'\n  not {"folded" if fold else "equalized"}: {n} ({why})' for n, why in what.skipped.items()))
   trainer = trainers.make(md, tx, rules)
   state = trainer.init(jax.random.key(config.seed), jnp.asarray(sample_x), float_pure)
   state = distributed.place_state(mesh, state, config.mesh)
