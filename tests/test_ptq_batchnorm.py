@@ -185,7 +185,7 @@ def test_fold_nnx_in_place_keeps_the_output_and_restores_the_classes():
   assert folding.folded == {'bn': 'conv', 'bn2': 'lin'}
   assert "raw's output is also read besides the BatchNorm" in folding.skipped['bn3']
   np.testing.assert_allclose(model(x), y0, rtol=1e-4, atol=1e-5)
-  assert type(model.conv) is nnx.Conv and type(model.bn) is nnx.BatchNorm and not hasattr(model.conv, '_fold_path')
+  assert type(model.conv) is nnx.Conv and type(model.bn) is nnx.BatchNorm and not hasattr(model.conv, '_qjax_call_path')
   assert not np.allclose(model.lin.bias.get_value(), lin_b)  # bn2 has no bias: its shift moved into lin's
   np.testing.assert_array_equal(model.bn.mean.get_value(), np.zeros(4))
   model.train()

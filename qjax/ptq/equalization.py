@@ -19,11 +19,11 @@ sweeps at most).
 When a's BatchNorm has been folded (qjax.ptq.batchnorm: it keeps only a shift beta'), that shift is divided by
 s_c too; a BatchNorm that still normalises a's output (not folded) is in the way, and the pair is skipped.
 
-Which layers pair: consecutive Flax Dense / Conv calls (qjax.ptq.batchnorm's module-call recording), each called
+Which layers pair: consecutive Flax Dense / Conv calls (qjax.ptq.calls' recording), each called
 once, where b reads as many channels (its input's and its kernel's axis -2; no feature groups) as a writes.
 Whether f in between is positively homogeneous, and whether a's output reaches b alone (a residual that adds it
 elsewhere breaks the invariance), is not visible from module calls: as with folding, each pair is checked by
-running the model before and after (`batchnorm.checked`), and the pairs that change its output are left out.
+running the model before and after (`calls.checked`), and the pairs that change its output are left out.
 The check is on the inputs given, not a proof: an op that is nearly linear on them (a GELU whose inputs are far
 from 0) passes it.
 """
@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from qjax.ptq import batchnorm as bn
+from qjax.ptq import calls
 
 
 class Link(NamedTuple):
@@ -78,12 +79,12 @@ def _identity_norm(get, path: str, eps: float) -> bool:
 
 
 def links(rec, get) -> tuple[list[Link], dict[str, str]]:
-  """([Link], {'a -> b': why not}) from a module-call recording (batchnorm.record_linen / record_nnx)."""
-  pairs, _ = rec.pairs()
+  """([Link], {'a -> b': why not}) from a recording (calls.record_linen / record_nnx)."""
+  pairs, _ = bn.pairs(rec)
   norm_of = {p.layer: p for p in pairs}
   fed = {}  # layer path -> the BatchNorms reading its output, paired or not
   for path, _, x, _ in rec.norms:
-    src = next((p for p, _, _, out in rec.layers if out is x), None)
+    src = rec.source(x)
     if src is not None:
       fed.setdefault(src, []).append(path)
   out, skipped = [], {}
@@ -137,7 +138,7 @@ def _equalize(links_, get, iters: int, sweeps_tol: float = 1e-7) -> dict:
   return arrays
 
 
-def _run(rec, access: bn.Access, iters: int, tol: float | None) -> Equalization:
+def _run(rec, access: calls.Access, iters: int, tol: float | None) -> Equalization:
   candidates, skipped = links(rec, access.get)
   layers = list(dict.fromkeys(p for lk in candidates for p in (lk.a, lk.b)))
   precisions = lambda: {p: precision(access.get(p, 'kernel')) for p in layers}
@@ -146,7 +147,7 @@ def _run(rec, access: bn.Access, iters: int, tol: float | None) -> Equalization:
   def why(link, e, tol):
     return (f'equalizing it changed the model\'s output by {e:.2g} (relative, above tol={tol:.2g}): what lies '
             f'between {link.a} and {link.b} is not positively homogeneous, or {link.a}\'s output is read elsewhere')
-  kept, dropped, err = bn.checked(candidates, lambda subset: _equalize(subset, access.get, iters), access, why, tol)
+  kept, dropped, err = calls.checked(candidates, lambda subset: _equalize(subset, access.get, iters), access, why, tol)
   after = precisions()
   skipped.update({_name(lk): w for lk, w in dropped.items()})
   changed = dict.fromkeys(p for lk in kept for p in (lk.a, lk.b))
@@ -158,13 +159,13 @@ def equalize_linen(module: nn.Module, variables, *args, iters: int = 100, tol: f
   """(variables with consecutive layers equalized, Equalization) of a Linen module applied as
   module.apply(variables, *args, **kwargs) in evaluation mode; `args`: inputs the changes are checked on. The
   given variables are not changed. Fold BatchNorms first (qjax.ptq.batchnorm.fold_linen)."""
-  rec = bn.record_linen(module, variables, *args, **kwargs)
-  new, access = bn.linen_access(module, variables, *args, **kwargs)
+  rec = calls.record_linen(module, variables, *args, **kwargs)
+  new, access = calls.linen_access(module, variables, *args, **kwargs)
   return new, _run(rec, access, iters, tol)
 
 
 def equalize_nnx(model: nnx.Module, *args, iters: int = 100, tol: float | None = None, **kwargs) -> Equalization:
   """Equalizes consecutive layers of an NNX model (in evaluation mode) in place; `args`: a call's inputs, on
   which the changes are checked. Fold BatchNorms first (qjax.ptq.batchnorm.fold_nnx)."""
-  rec = bn.record_nnx(model, *args, **kwargs)
-  return _run(rec, bn.nnx_access(model, *args, **kwargs), iters, tol)
+  rec = calls.record_nnx(model, *args, **kwargs)
+  return _run(rec, calls.nnx_access(model, *args, **kwargs), iters, tol)
