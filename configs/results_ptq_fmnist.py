@@ -19,8 +19,9 @@ No group columns here: LeNet-5's dense fan-ins (400, 120, 84) take no group of 6
 convolutions have per-channel or per-tensor scales only (their contraction mixes channels and window).
 On the ResNet also BatchNorm folding (config.ptq.fold_batchnorm, qjax.ptq.batchnorm): rtn and gptq on folded
 and unfolded convs, with per-channel and per-tensor int8 and int4 weights, and per-tensor after folding and
-cross-layer equalization (config.ptq.equalize, qjax.ptq.equalization); `--only='fold=|method=(rtn|gptq),w=int4$'`
-runs those alone, with the unfolded per-channel int4 trials they compare with. On LeNet-5 rtn and gptq with
+cross-layer equalization (config.ptq.equalize, qjax.ptq.equalization);
+`--only='fold=|method=(rtn|gptq),w=int4(,seed|$)'` runs those alone, with the unfolded per-channel int4 trials
+they compare with. On LeNet-5 rtn and gptq with
 per-tensor int8 and int4 weights, with and without equalization (`--only='equalize='`).
 `:runlocal` shrinks it to a smoke test on the fixtures. `:model=resnet` runs the same on configs/fmnist_resnet.py
 (its 4000 float steps; its stem and head stay float, as that config keeps them). `seeds=N` repeats every trial over
