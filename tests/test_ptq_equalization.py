@@ -79,6 +79,30 @@ def test_equalize_linen_keeps_the_output_and_says_why_not():
   np.testing.assert_array_equal(p['c3']['kernel'], folded['params']['c3']['kernel'])   # skipped: untouched
 
 
+class Flat(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    y = nn.max_pool(nn.relu(nn.Conv(4, (3, 3), name='conv')(x)), (2, 2), (2, 2))    # (batch, 3, 3, 4)
+    y = y.reshape(y.shape[0], -1)                                                     # (batch, 36): channels fastest
+    return nn.Dense(5, name='dense')(y)
+
+
+def test_a_conv_map_flattened_into_a_dense_is_equalized_per_channel_over_its_rows():
+  x = jax.random.normal(jax.random.key(1), (8, 6, 6, 3))
+  m = Flat()
+  v = m.init(jax.random.key(0), x)
+  v['params']['conv']['kernel'] = v['params']['conv']['kernel'] * jnp.array([.1, 1., 10., 3.])   # uneven channels
+  new, e = E.equalize_linen(m, v, x)
+  assert e.equalized == ['conv -> dense'] and e.skipped == {}
+  np.testing.assert_allclose(m.apply(new, x), m.apply(v, x), rtol=1e-4, atol=1e-5)
+  w_a, w_b = np.asarray(new['params']['conv']['kernel']), np.asarray(new['params']['dense']['kernel'])
+  r_a = np.max(np.abs(w_a), axis=(0, 1, 2))
+  r_b = np.max(np.abs(w_b.reshape(9, 4, 5)), axis=(0, 2))    # row i reads channel i mod 4
+  np.testing.assert_allclose(r_a, r_b, rtol=1e-5)
+  s = np.max(np.abs(np.asarray(v['params']['conv']['kernel'])), axis=(0, 1, 2)) / r_a
+  np.testing.assert_allclose(w_b, np.asarray(v['params']['dense']['kernel']) * np.tile(s, 9)[:, None], rtol=1e-5)
+
+
 class Chain(nnx.Module):
   def __init__(self, rngs):
     self.l1, self.l2, self.l3 = (nnx.Linear(4, 6, rngs=rngs), nnx.Linear(6, 5, rngs=rngs),
@@ -104,9 +128,9 @@ def test_equalize_nnx_brings_a_chain_to_its_fixed_point_in_place():
 
 
 def test_the_runner_equalizes_lenet5_and_the_folded_resnet(tmp_path, capsys):
-  """LeNet-5 (then GPTQ on per-tensor grids): conv1 -> conv2 (ReLU and max pooling between), fc1 -> fc2 -> head;
-  conv2 -> fc1 reads a flattened map (400 features of 16 channels), which is skipped with its reason. The ResNet
-  after folding: the conv pair inside each block (a residual reads the others)."""
+  """LeNet-5 (then GPTQ on per-tensor grids): conv1 -> conv2 (ReLU and max pooling between), conv2 -> fc1 (fc1
+  reads conv2's pooled map flattened: 400 rows of 16 channels), fc1 -> fc2 -> head. The ResNet after folding: the
+  conv pair inside each block (a residual reads the others)."""
   common = ['--config.mode=ptq', '--config.quant_summaries=False', '--config.quant.weight.granularity=per_tensor',
             '--config.ptq.equalize=True']
   assert train.main(['--config=configs/fmnist_cnn.py:runlocal', *common, '--config.ptq.method=gptq',
@@ -116,8 +140,7 @@ def test_the_runner_equalizes_lenet5_and_the_folded_resnet(tmp_path, capsys):
   assert r['train']['batchnorm_folding'] == {'folded': {}, 'skipped': {}, 'rel_error': 0.0}
   assert len(r['train']['ptq']['layers']) == 5
   e = r['train']['equalization']
-  assert e['equalized'] == ['conv1 -> conv2', 'fc1 -> fc2', 'fc2 -> head']
-  assert e['skipped'] == {'conv2 -> fc1': 'conv2 writes 16 channels, fc1 reads 400'}
+  assert e['equalized'] == ['conv1 -> conv2', 'conv2 -> fc1', 'fc1 -> fc2', 'fc2 -> head'] and e['skipped'] == {}
   assert r['metrics']['eval/accuracy'] == r['serving_metrics']['eval/accuracy']   # the integer model evaluated
   assert abs(r['metrics']['eval/loss'] - r['serving_metrics']['eval/loss']) < 1e-5 * r['metrics']['eval/loss']
   assert train.main(['--config=configs/fmnist_resnet.py:runlocal', *common, '--config.ptq.fold_batchnorm=True',

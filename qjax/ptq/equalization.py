@@ -20,7 +20,9 @@ When a's BatchNorm has been folded (qjax.ptq.batchnorm: it keeps only a shift be
 s_c too; a BatchNorm that still normalises a's output (not folded) is in the way, and the pair is skipped.
 
 Which layers pair: consecutive Flax Dense / Conv calls (qjax.ptq.calls' recording), each called
-once, where b reads as many channels (its input's and its kernel's axis -2; no feature groups) as a writes.
+once, where b reads as many channels (its input's and its kernel's axis -2; no feature groups) as a writes, or
+is a Dense reading a's map flattened (K = k C rows, the channels fastest as NHWC flattens them: row i reads
+channel i mod C, so its scale is s[i mod C]).
 Whether f in between is positively homogeneous, and whether a's output reaches b alone (a residual that adds it
 elsewhere breaks the invariance), is not visible from module calls: as with folding, each pair is checked by
 running the model before and after (`calls.checked`), and the pairs that change its output are left out.
@@ -70,6 +72,12 @@ def scales(w_a, w_b) -> np.ndarray:
   return np.where(ok, np.sqrt(np.where(ok, r_a, 1.0) / np.where(ok, r_b, 1.0)), 1.0)
 
 
+def _by_channel(w_b, c: int):
+  """b's kernel as (..., C, out): as it is, or, for a Dense kernel whose K = k C rows read a map of C channels
+  flattened with the channels fastest (NHWC), as (k, C, out)."""
+  return w_b if w_b.shape[-2] == c else w_b.reshape(-1, c, w_b.shape[-1])
+
+
 def _identity_norm(get, path: str, eps: float) -> bool:
   """Whether the BatchNorm at `path` is folded (qjax.ptq.batchnorm.fold): scale 1 (or none), mean 0,
   var + eps == 1."""
@@ -98,8 +106,9 @@ def links(rec, get) -> tuple[list[Link], dict[str, str]]:
            f'{pb} has feature groups' if getattr(mb, 'feature_group_count', 1) != 1 else
            f'{pb} has a {wb.ndim}-D kernel with its input channels not on axis -2'
            if wb.ndim < 2 or (wb.ndim > 2 and not isinstance(mb, (nn.Conv, nnx.Conv))) else
-           f'{pa} writes {c} channels, {pb} reads {xb.shape[-1]}' if xb.shape[-1] != c or wb.shape[-2] != c
-           or wa.shape[-1] != c else '')
+           f'{pa} writes {c} channels, {pb} reads {xb.shape[-1]}' if wa.shape[-1] != c or not (
+               (xb.shape[-1] == c and wb.shape[-2] == c) or (wb.ndim == 2 and xb.shape[-1] == wb.shape[0]
+                                                            and wb.shape[0] % c == 0)) else '')
     if not why and pa in fed and (pa not in norm_of or not _identity_norm(get, norm_of[pa].norm,
                                                                           norm_of[pa].epsilon)):
       why = f'a BatchNorm normalises {pa}\'s output ({", ".join(fed[pa])}): fold it first'
@@ -126,10 +135,11 @@ def _equalize(links_, get, iters: int, sweeps_tol: float = 1e-7) -> dict:
     moved = 0.0
     for lk in links_:
       w_a, w_b = (np.asarray(val(lk.a, 'kernel'), np.float64), np.asarray(val(lk.b, 'kernel'), np.float64))
-      s = scales(w_a, w_b)                                                       # (C,)
+      w_bc = _by_channel(w_b, w_a.shape[-1])                                     # (..., C, out)
+      s = scales(w_a, w_bc)                                                      # (C,)
       moved = max(moved, float(np.max(np.abs(s - 1.0))))
       arrays[(lk.a, 'kernel')] = w_a / s
-      arrays[(lk.b, 'kernel')] = w_b * s[:, None]
+      arrays[(lk.b, 'kernel')] = (w_bc * s[:, None]).reshape(w_b.shape)
       for path, name in ((lk.a, 'bias'), (lk.norm, 'bias')):
         if path and val(path, name) is not None:
           arrays[(path, name)] = np.asarray(val(path, name), np.float64) / s
